@@ -1,0 +1,16 @@
+export {
+  STUB_DEFAULT_PRICE,
+  STUB_PRICES,
+  parseStubConfig,
+  startStubUpstream,
+  stubCost,
+  stubPrice,
+} from './stub-upstream.js';
+export type {
+  StubConfig,
+  StubFaults,
+  StubPrice,
+  StubRequestRecord,
+  StubUpstream,
+  StubUpstreamOptions,
+} from './stub-upstream.js';

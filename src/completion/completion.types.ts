@@ -1,0 +1,49 @@
+import type { ChatCompletion, ChatCompletionRequest } from '../../libs/openai-contract/src/index.js';
+import type { Principal } from '../identity/principal.js';
+import type { ResolvedRoute } from '../routing/routing-table.js';
+
+export type Door = 'chat' | 'complete' | 'job';
+export type CacheStatus = 'hit' | 'miss' | 'bypass';
+
+/** Everything the pipeline needs about one call, whichever door it came through. */
+export interface CompletionCall {
+  principal: Principal;
+  requestId: string;
+  /** The OpenAI body as sent by the client (validated at the edge). */
+  body: ChatCompletionRequest;
+  taskType: string | undefined;
+  door: Door;
+  /** Aborted when the client goes away. */
+  signal: AbortSignal;
+  cacheControl: { read: boolean; write: boolean; ttlSeconds: number | undefined };
+}
+
+export interface CompletionMeta {
+  model: string;
+  route: ResolvedRoute;
+  cache: CacheStatus;
+  upstreamMock: boolean;
+  /** Extra response headers from pipeline stages (rate-limit trio, …). */
+  headers: Record<string, string>;
+}
+
+export interface JsonOutcome {
+  completion: ChatCompletion;
+  /** The response body to send as is (upstream bytes, or the cached copy). */
+  raw: string;
+  costNanos: bigint;
+  meta: CompletionMeta;
+}
+
+/**
+ * Where a stream goes. `open` sends the status and headers: the first byte. After it, no retry
+ * or fallback is possible and a failure is reported in-band as an SSE error event.
+ */
+export interface StreamSink {
+  open(meta: CompletionMeta): void;
+  event(payload: string): void;
+  /** Ends the stream with `data: [DONE]`. */
+  close(): void;
+  /** True once the client went away. */
+  readonly closed: boolean;
+}

@@ -1,0 +1,118 @@
+import { errorEnvelope, type ErrorEnvelope } from '../../libs/openai-contract/src/index.js';
+
+/**
+ * The gateway's one error vocabulary. Services throw `GatewayError(code, …)`; the global filter
+ * renders it as the OpenAI envelope with the status and type from this table, so a status can
+ * never drift from its code. `satisfies` makes the compiler insist every code has a row.
+ */
+export type ErrorCode =
+  | 'invalid_value'
+  | 'missing_field'
+  | 'invalid_json'
+  | 'unknown_task_type'
+  | 'model_not_found'
+  | 'model_not_allowed'
+  | 'invalid_api_key'
+  | 'budget_exceeded'
+  | 'forbidden'
+  | 'not_found'
+  | 'conflict'
+  | 'request_in_progress'
+  | 'payload_too_large'
+  | 'unsupported_media_type'
+  | 'idempotency_key_reused'
+  | 'rate_limit_exceeded'
+  | 'upstream_error'
+  | 'upstream_auth'
+  | 'upstream_insufficient_credits'
+  | 'upstream_rate_limited'
+  | 'upstream_bad_response'
+  | 'upstream_timeout'
+  | 'queue_full'
+  | 'unavailable'
+  | 'internal_error';
+
+export type ErrorType =
+  | 'invalid_request_error'
+  | 'authentication_error'
+  | 'insufficient_quota'
+  | 'permission_error'
+  | 'not_found_error'
+  | 'conflict_error'
+  | 'rate_limit_error'
+  | 'upstream_error'
+  | 'overloaded_error'
+  | 'api_error';
+
+export const ERROR_TABLE = {
+  invalid_value: { status: 400, type: 'invalid_request_error' },
+  missing_field: { status: 400, type: 'invalid_request_error' },
+  invalid_json: { status: 400, type: 'invalid_request_error' },
+  unknown_task_type: { status: 400, type: 'invalid_request_error' },
+  model_not_found: { status: 400, type: 'invalid_request_error' },
+  model_not_allowed: { status: 400, type: 'invalid_request_error' },
+  invalid_api_key: { status: 401, type: 'authentication_error' },
+  budget_exceeded: { status: 402, type: 'insufficient_quota' },
+  forbidden: { status: 403, type: 'permission_error' },
+  not_found: { status: 404, type: 'not_found_error' },
+  conflict: { status: 409, type: 'conflict_error' },
+  request_in_progress: { status: 409, type: 'conflict_error' },
+  payload_too_large: { status: 413, type: 'invalid_request_error' },
+  unsupported_media_type: { status: 415, type: 'invalid_request_error' },
+  idempotency_key_reused: { status: 422, type: 'invalid_request_error' },
+  rate_limit_exceeded: { status: 429, type: 'rate_limit_error' },
+  upstream_error: { status: 502, type: 'upstream_error' },
+  upstream_auth: { status: 502, type: 'upstream_error' },
+  upstream_insufficient_credits: { status: 502, type: 'upstream_error' },
+  upstream_rate_limited: { status: 502, type: 'upstream_error' },
+  upstream_bad_response: { status: 502, type: 'upstream_error' },
+  upstream_timeout: { status: 504, type: 'upstream_error' },
+  queue_full: { status: 503, type: 'overloaded_error' },
+  unavailable: { status: 503, type: 'overloaded_error' },
+  internal_error: { status: 500, type: 'api_error' },
+} as const satisfies Record<ErrorCode, { status: number; type: ErrorType }>;
+
+export interface GatewayErrorOptions {
+  param?: string | null;
+  /** Response headers that belong to this error (retry-after on 429, …). */
+  headers?: Record<string, string>;
+  cause?: unknown;
+  /** Extra fields rendered inside `error` (e.g. `resets_at` on budget_exceeded). */
+  details?: Record<string, unknown>;
+}
+
+export class GatewayError extends Error {
+  readonly param: string | null;
+  readonly headers: Record<string, string> | undefined;
+  readonly details: Record<string, unknown> | undefined;
+
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    options: GatewayErrorOptions = {},
+  ) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'GatewayError';
+    this.param = options.param ?? null;
+    this.headers = options.headers;
+    this.details = options.details;
+  }
+
+  get status(): number {
+    return ERROR_TABLE[this.code].status;
+  }
+
+  get type(): ErrorType {
+    return ERROR_TABLE[this.code].type;
+  }
+
+  toEnvelope(): ErrorEnvelope {
+    const envelope = errorEnvelope(this.message, this.type, this.code, this.param);
+    if (this.details) Object.assign(envelope.error, this.details);
+    return envelope;
+  }
+}
+
+export function isGatewayError(value: unknown): value is GatewayError {
+  return value instanceof GatewayError;
+}

@@ -1,0 +1,84 @@
+import { type ArgumentsHost, Catch, type ExceptionFilter, HttpException } from '@nestjs/common';
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { Logger } from 'pino';
+import { GatewayError, isGatewayError } from './errors.js';
+
+/**
+ * Maps anything thrown anywhere (our GatewayError, Nest's HttpExceptions such as the route 404,
+ * Fastify's body-parser errors) onto the one OpenAI error envelope. Unknown errors become a
+ * 500 whose message says nothing about internals; the detail goes to the log only.
+ */
+export function toGatewayError(error: unknown): GatewayError {
+  if (isGatewayError(error)) return error;
+  if (error instanceof HttpException) {
+    return fromStatus(error.getStatus(), error.message, error);
+  }
+  if (typeof error === 'object' && error !== null) {
+    const e = error as { statusCode?: unknown; code?: unknown; message?: unknown };
+    const status = typeof e.statusCode === 'number' ? e.statusCode : undefined;
+    const code = typeof e.code === 'string' ? e.code : '';
+    if (code === 'FST_ERR_CTP_BODY_TOO_LARGE' || status === 413) {
+      return new GatewayError('payload_too_large', 'Request body is larger than this gateway accepts.', { cause: error });
+    }
+    if (code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE' || status === 415) {
+      return new GatewayError('unsupported_media_type', 'Content-Type must be application/json.', { cause: error });
+    }
+    if (error instanceof SyntaxError || code === 'FST_ERR_CTP_EMPTY_JSON_BODY' || code === 'FST_ERR_CTP_INVALID_JSON_BODY') {
+      return new GatewayError('invalid_json', 'Request body is not valid JSON.', { cause: error });
+    }
+    if (status !== undefined && status >= 400 && status < 500) {
+      return fromStatus(status, typeof e.message === 'string' ? e.message : 'Bad request.', error);
+    }
+  }
+  return new GatewayError('internal_error', 'The gateway hit an internal error. The request id identifies it in the logs.', { cause: error });
+}
+
+function fromStatus(status: number, message: string, cause: unknown): GatewayError {
+  switch (status) {
+    case 404:
+      return new GatewayError('not_found', message.startsWith('Cannot ') ? `Unknown route: ${message.slice(7)}` : message, { cause });
+    case 413:
+      return new GatewayError('payload_too_large', 'Request body is larger than this gateway accepts.', { cause });
+    case 401:
+      return new GatewayError('invalid_api_key', message, { cause });
+    case 403:
+      return new GatewayError('forbidden', message, { cause });
+    case 409:
+      return new GatewayError('conflict', message, { cause });
+    case 429:
+      return new GatewayError('rate_limit_exceeded', message, { cause });
+    case 503:
+      return new GatewayError('unavailable', message, { cause });
+    case 400:
+      // Nest wraps Fastify's JSON parser failure in a BadRequestException.
+      return /JSON/.test(message)
+        ? new GatewayError('invalid_json', 'Request body is not valid JSON.', { cause })
+        : new GatewayError('invalid_value', message, { cause });
+    default:
+      return status >= 400 && status < 500
+        ? new GatewayError('invalid_value', message, { cause })
+        : new GatewayError('internal_error', 'The gateway hit an internal error. The request id identifies it in the logs.', { cause });
+  }
+}
+
+export function sendError(reply: FastifyReply, request: FastifyRequest, error: unknown, logger: Logger): void {
+  const gatewayError = toGatewayError(error);
+  if (gatewayError.status >= 500) {
+    // Log the cause's message and stack, never request headers or bodies (they hold keys and prompts).
+    const cause = gatewayError.cause instanceof Error ? gatewayError.cause : undefined;
+    logger.error({ reqId: request.id, code: gatewayError.code, err: cause ? { message: cause.message, stack: cause.stack } : undefined }, gatewayError.message);
+  }
+  if (reply.sent || reply.raw.headersSent) return;
+  if (gatewayError.headers) void reply.headers(gatewayError.headers);
+  void reply.status(gatewayError.status).header('content-type', 'application/json; charset=utf-8').send(gatewayError.toEnvelope());
+}
+
+@Catch()
+export class OpenAiErrorFilter implements ExceptionFilter {
+  constructor(private readonly logger: Logger) {}
+
+  catch(exception: unknown, host: ArgumentsHost): void {
+    const http = host.switchToHttp();
+    sendError(http.getResponse<FastifyReply>(), http.getRequest<FastifyRequest>(), exception, this.logger);
+  }
+}

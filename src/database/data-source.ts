@@ -1,0 +1,84 @@
+import type { PGlite } from '@electric-sql/pglite';
+import pg from 'pg';
+import { DataSource, type DataSourceOptions, type MixedList, type EntitySchema } from 'typeorm';
+import type { DatabaseConfig } from '../config/config.js';
+import { createPglitePgDriver, openPglite } from './pglite/index.js';
+
+// pg returns int8 as string by default (TypeORM expects that for bigint columns); keep it so on
+// both drivers, and let money code turn strings into BigInt explicitly.
+
+export interface DatabaseContent {
+  // eslint-disable-next-line @typescript-eslint/no-unsafe-function-type -- TypeORM's own entity list type
+  entities: MixedList<Function | string | EntitySchema>;
+  // eslint-disable-next-line @typescript-eslint/no-unsafe-function-type -- TypeORM's own migration list type
+  migrations: MixedList<Function | string>;
+}
+
+/** A TypeORM DataSource plus whatever must be closed after it (the embedded database). */
+export interface OpenedDatabase {
+  dataSource: DataSource;
+  kind: DatabaseConfig['driver'];
+  close(): Promise<void>;
+}
+
+export type DatabaseTarget = DatabaseConfig | { driver: 'pglite'; dataDir: string; template?: Blob };
+
+/**
+ * Opens the database and brings its schema up to date. Migrations only, never `synchronize`:
+ * the same SQL runs on PGlite and PostgreSQL, so what a developer sees is what production gets.
+ */
+export async function openDatabase(target: DatabaseTarget, content: DatabaseContent, poolSize = 10): Promise<OpenedDatabase> {
+  const common = {
+    type: 'postgres' as const,
+    entities: content.entities,
+    migrations: content.migrations,
+    synchronize: false,
+    migrationsRun: false,
+    logging: false,
+  };
+  let pglite: PGlite | undefined;
+  let options: DataSourceOptions;
+  if (target.driver === 'postgres') {
+    options = { ...common, url: target.url, driver: pg, extra: { max: poolSize, connectionTimeoutMillis: 5000, statement_timeout: 30_000 } };
+  } else {
+    pglite = await openPglite({ dataDir: target.dataDir, loadDataDir: 'template' in target ? target.template : undefined });
+    options = { ...common, driver: createPglitePgDriver(pglite), database: 'postgres' };
+  }
+  const dataSource = new DataSource(options);
+  try {
+    await dataSource.initialize();
+    await migrate(dataSource, target.driver);
+  } catch (error) {
+    if (dataSource.isInitialized) await dataSource.destroy();
+    await pglite?.close();
+    throw error;
+  }
+  return {
+    dataSource,
+    kind: target.driver,
+    async close() {
+      if (dataSource.isInitialized) await dataSource.destroy();
+      await pglite?.close();
+    },
+  };
+}
+
+// Any constant shared by all instances; two replicas starting together must not both migrate.
+const MIGRATION_LOCK = 7_337_001;
+
+async function migrate(dataSource: DataSource, kind: DatabaseConfig['driver']): Promise<void> {
+  if (kind === 'pglite') {
+    // One process owns an embedded database, and its single session cannot hold a lock while
+    // the migration runner asks for the session again.
+    await dataSource.runMigrations({ transaction: 'each' });
+    return;
+  }
+  const runner = dataSource.createQueryRunner();
+  try {
+    await runner.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK]);
+    await dataSource.runMigrations({ transaction: 'each' });
+  } finally {
+    await runner.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK]).catch(() => undefined);
+    await runner.release();
+  }
+}

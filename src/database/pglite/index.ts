@@ -1,0 +1,2 @@
+export * from './pglite-pg-driver.js';
+export * from './pglite-database.js';

@@ -1,0 +1,119 @@
+import 'reflect-metadata';
+import { NestFactory } from '@nestjs/core';
+import { FastifyAdapter, type NestFastifyApplication } from '@nestjs/platform-fastify';
+import { DocumentBuilder, SwaggerModule } from '@nestjs/swagger';
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { Logger } from 'pino';
+import { AppModule, DATABASE_CONTENT } from './app.module.js';
+import { type AppConfig, describeConfig } from './config/config.js';
+import type { Clock } from './core/clock.js';
+import { OpenAiErrorFilter, sendError } from './core/http-errors.js';
+import { createLogger, PinoNestLogger } from './core/logger.js';
+import { requestIdFor } from './core/request-id.js';
+import { type DatabaseTarget, openDatabase } from './database/data-source.js';
+import { IdentityBootstrapService } from './identity/identity-bootstrap.service.js';
+
+export interface GatewayOptions {
+  logger?: Logger;
+  clock?: Clock;
+  /** Tests: open the embedded database from a prepared, migrated template instead of initdb. */
+  databaseTarget?: DatabaseTarget;
+  /** false: build the app without listening (tests that use inject). Default true. */
+  listen?: boolean;
+}
+
+export interface Gateway {
+  app: NestFastifyApplication;
+  config: AppConfig;
+  /** Base URL when listening, e.g. http://127.0.0.1:8080 */
+  url: string;
+  /** The admin key generated on this start, if one was (never logged). */
+  generatedAdminKey: string | undefined;
+  close(): Promise<void>;
+}
+
+/**
+ * Builds and starts the HTTP gateway. Shared by main.ts and every e2e test, so tests run the
+ * production wiring: the same module graph, hooks, filter and body limits.
+ */
+export async function createGateway(config: AppConfig, options: GatewayOptions = {}): Promise<Gateway> {
+  const logger = options.logger ?? createLogger(config.logLevel);
+  const started = performance.now();
+  logger.info({ context: 'Gateway', config: describeConfig(config) }, 'starting');
+  const database = await openDatabase(options.databaseTarget ?? config.database, DATABASE_CONTENT);
+
+  const adapter = new FastifyAdapter({
+    bodyLimit: config.bodyLimitBytes,
+    logger: false,
+    requestIdHeader: false,
+    genReqId: requestIdFor,
+    // Keep-alive longer than typical load balancer idle timeouts (60 s) to avoid reset races.
+    keepAliveTimeout: 65_000,
+  });
+  let app: NestFastifyApplication;
+  try {
+    app = await NestFactory.create<NestFastifyApplication>(AppModule.forRoot({ config, logger, database, clock: options.clock }), adapter, {
+      logger: new PinoNestLogger(logger),
+      abortOnError: false,
+    });
+  } catch (error) {
+    await database.close();
+    throw error;
+  }
+  app.useGlobalFilters(new OpenAiErrorFilter(logger));
+  app.enableShutdownHooks();
+
+  const fastify = app.getHttpAdapter().getInstance();
+  // Hooks instead of interceptors: an rxjs chain per request costs more than Nest and Fastify
+  // together (PERFORMANCE.md).
+  fastify.addHook('onRequest', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
+    void reply.header('x-request-id', request.id);
+    done();
+  });
+  fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
+    logger.info(
+      { reqId: request.id, method: request.method, url: request.url.split('?')[0], status: reply.statusCode, ms: Math.round(reply.elapsedTime), key: request.principal?.keyPrefix },
+      'request',
+    );
+    done();
+  });
+  // Errors raised by Fastify before a Nest handler runs (body parser: bad JSON, too large).
+  fastify.setErrorHandler((error: unknown, request: FastifyRequest, reply: FastifyReply) => sendError(reply, request, error, logger));
+
+  const document = SwaggerModule.createDocument(
+    app,
+    new DocumentBuilder()
+      .setTitle('Gatehouse')
+      .setDescription('OpenAI-compatible LLM gateway: routing, budgets, cache, rate limits. Contract: API.md.')
+      .setVersion('0.1.0')
+      .addBearerAuth()
+      .build(),
+  );
+  SwaggerModule.setup('docs', app, document, { jsonDocumentUrl: 'docs/openapi.json' });
+
+  let url = '';
+  try {
+    if (options.listen === false) {
+      await app.init();
+    } else {
+      await app.listen(config.port, config.host);
+      const address = app.getHttpServer().address();
+      const port = typeof address === 'object' && address ? address.port : config.port;
+      url = `http://127.0.0.1:${port}`;
+    }
+  } catch (error) {
+    await app.close();
+    throw error;
+  }
+  const generatedAdminKey = app.get(IdentityBootstrapService).generatedAdminKey;
+  logger.info({ context: 'Gateway', url, ms: Math.round(performance.now() - started) }, 'ready');
+  return {
+    app,
+    config,
+    url,
+    generatedAdminKey,
+    close: async () => {
+      await app.close();
+    },
+  };
+}

@@ -1,0 +1,71 @@
+import { Controller, Get, HttpException, Res } from '@nestjs/common';
+import { ApiTags } from '@nestjs/swagger';
+import { HealthCheckService, HealthIndicatorService, type HealthIndicatorResult } from '@nestjs/terminus';
+import type { FastifyReply } from 'fastify';
+import { Database } from '../database/database.module.js';
+import { UpstreamInfo } from '../upstream/llm-client.js';
+import { ReadinessRegistry } from './readiness.js';
+
+const CHECK_TIMEOUT_MS = 2000;
+
+/**
+ * Kubernetes probes in the terminus format. Liveness checks nothing shared (a database outage
+ * must not restart every pod); readiness checks what serving needs and never calls a model.
+ */
+@ApiTags('operations')
+@Controller('health')
+export class HealthController {
+  constructor(
+    private readonly health: HealthCheckService,
+    private readonly indicators: HealthIndicatorService,
+    private readonly database: Database,
+    private readonly upstream: UpstreamInfo,
+    private readonly registry: ReadinessRegistry,
+  ) {}
+
+  @Get('live')
+  async live(@Res() reply: FastifyReply): Promise<void> {
+    await this.respond(reply, () => this.health.check([]));
+  }
+
+  @Get('ready')
+  async ready(@Res() reply: FastifyReply): Promise<void> {
+    await this.respond(reply, () =>
+      this.health.check([
+        () =>
+          this.indicators
+            .check('database')
+            .attempt(async ({ signal }) => {
+              await Promise.race([this.database.dataSource.query('SELECT 1'), aborted(signal)]);
+              return { driver: this.database.kind };
+            })
+            .withTimeout(CHECK_TIMEOUT_MS),
+        () => this.indicators.check('upstream').up({ mode: this.upstream.mock ? 'mock' : 'live', calls_model: false }),
+        ...[...this.registry.checks].map(([name, check]) => async (): Promise<HealthIndicatorResult> => {
+          const session = this.indicators.check(name);
+          try {
+            const report = await check();
+            return report.state === 'up' ? session.up(report.details ?? {}) : report.state === 'degraded' ? session.degraded(report.details ?? {}) : session.down(report.details ?? {});
+          } catch (error) {
+            return session.down({ message: (error as Error).message });
+          }
+        }),
+      ]),
+    );
+  }
+
+  private async respond(reply: FastifyReply, run: () => Promise<unknown>): Promise<void> {
+    try {
+      await reply.status(200).send(await run());
+    } catch (error) {
+      // Terminus signals "not ready" by throwing 503 with its report; keep its format (not the
+      // OpenAI envelope) because probes and dashboards read it.
+      if (error instanceof HttpException) await reply.status(error.getStatus()).send(error.getResponse());
+      else throw error;
+    }
+  }
+}
+
+function aborted(signal: AbortSignal): Promise<never> {
+  return new Promise((_, reject) => signal.addEventListener('abort', () => reject(new Error('timed out')), { once: true }));
+}

@@ -1,0 +1,59 @@
+import { applyDecorators, type CanActivate, createParamDecorator, type ExecutionContext, Injectable, UseGuards } from '@nestjs/common';
+import { ApiBearerAuth } from '@nestjs/swagger';
+import type { FastifyRequest } from 'fastify';
+import { GatewayError } from '../core/errors.js';
+import { IdentityService } from './identity.service.js';
+import type { Principal } from './principal.js';
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    principal?: Principal;
+  }
+}
+
+export function presentedKey(request: FastifyRequest): string | undefined {
+  const authorization = request.headers.authorization;
+  if (typeof authorization === 'string') {
+    const match = /^Bearer\s+(\S+)\s*$/i.exec(authorization);
+    if (match?.[1]) return match[1];
+  }
+  const apiKey = request.headers['x-api-key'];
+  return typeof apiKey === 'string' && apiKey.length > 0 ? apiKey : undefined;
+}
+
+@Injectable()
+export class ApiKeyGuard implements CanActivate {
+  constructor(private readonly identity: IdentityService) {}
+
+  async canActivate(context: ExecutionContext): Promise<boolean> {
+    const request = context.switchToHttp().getRequest<FastifyRequest>();
+    const key = presentedKey(request);
+    if (key === undefined) {
+      throw new GatewayError('invalid_api_key', 'Missing API key. Send it as "Authorization: Bearer <key>" or "x-api-key".');
+    }
+    request.principal = await this.identity.authenticate(key);
+    return true;
+  }
+}
+
+@Injectable()
+export class AdminGuard implements CanActivate {
+  canActivate(context: ExecutionContext): boolean {
+    const principal = context.switchToHttp().getRequest<FastifyRequest>().principal;
+    if (principal?.role !== 'admin') throw new GatewayError('forbidden', 'This route needs an admin key.');
+    return true;
+  }
+}
+
+/** Class-level: every route of a /v1 controller needs a valid key. */
+export const Authenticated = (): ClassDecorator & MethodDecorator => applyDecorators(ApiBearerAuth(), UseGuards(ApiKeyGuard));
+
+/** Class-level: every route of an admin controller needs an admin key. */
+export const AdminOnly = (): ClassDecorator & MethodDecorator => applyDecorators(ApiBearerAuth(), UseGuards(ApiKeyGuard, AdminGuard));
+
+export const CurrentPrincipal = createParamDecorator((_data: unknown, context: ExecutionContext): Principal => {
+  const principal = context.switchToHttp().getRequest<FastifyRequest>().principal;
+  // The guard ran first; reaching here without a principal is a wiring bug, not a client error.
+  if (!principal) throw new Error('CurrentPrincipal used on a route without @Authenticated()/@AdminOnly()');
+  return principal;
+});

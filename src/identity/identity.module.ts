@@ -1,0 +1,17 @@
+import { Module } from '@nestjs/common';
+import { IdentityAdminController } from './admin/identity-admin.controller.js';
+import { AdminGuard, ApiKeyGuard } from './auth.guard.js';
+import { IdentityBootstrapService } from './identity-bootstrap.service.js';
+import { IdentityService } from './identity.service.js';
+import { ApiKeyEntity, DepartmentEntity, UserEntity } from './identity.entities.js';
+import { Identity1764400000000 } from './migrations/1764400000000-identity.js';
+
+export const IDENTITY_ENTITIES = [DepartmentEntity, UserEntity, ApiKeyEntity];
+export const IDENTITY_MIGRATIONS = [Identity1764400000000];
+
+@Module({
+  controllers: [IdentityAdminController],
+  providers: [IdentityService, IdentityBootstrapService, ApiKeyGuard, AdminGuard],
+  exports: [IdentityService, IdentityBootstrapService, ApiKeyGuard, AdminGuard],
+})
+export class IdentityModule {}

@@ -1,0 +1,211 @@
+import { Injectable } from '@nestjs/common';
+import { DataSource, IsNull, type Repository } from 'typeorm';
+import { AppConfig } from '../config/config.js';
+import { Clock } from '../core/clock.js';
+import { GatewayError } from '../core/errors.js';
+import { generateApiKey, hashApiKey, keyPrefix } from './api-key.js';
+import { ApiKeyEntity, type CacheScope, DepartmentEntity, UserEntity, type UserRole } from './identity.entities.js';
+import type { Principal } from './principal.js';
+
+interface CachedKey {
+  principal: Principal | null;
+  until: number;
+}
+
+const MAX_CACHED_KEYS = 50_000;
+
+/**
+ * Departments, users and keys, and the per-request key → principal lookup.
+ *
+ * The lookup is cached in memory for `auth.keyCacheMs` (≤ 2 s, the revocation promise in
+ * API.md): one database round trip per key per second instead of one per request. Unknown keys
+ * are cached too, so a client hammering with a bad key cannot hammer the database.
+ */
+@Injectable()
+export class IdentityService {
+  private readonly departments: Repository<DepartmentEntity>;
+  private readonly users: Repository<UserEntity>;
+  private readonly keys: Repository<ApiKeyEntity>;
+  private readonly cache = new Map<string, CachedKey>();
+
+  constructor(
+    private readonly dataSource: DataSource,
+    private readonly config: AppConfig,
+    private readonly clock: Clock,
+  ) {
+    this.departments = dataSource.getRepository(DepartmentEntity);
+    this.users = dataSource.getRepository(UserEntity);
+    this.keys = dataSource.getRepository(ApiKeyEntity);
+  }
+
+  /** Resolves a presented key; throws 401 for unknown/revoked/expired, 503 when the database is down. */
+  async authenticate(key: string): Promise<Principal> {
+    const keyHash = hashApiKey(key);
+    const now = this.clock.nowMs();
+    let entry = this.cache.get(keyHash);
+    if (entry === undefined || entry.until <= now) {
+      entry = { principal: await this.lookup(keyHash), until: now + this.config.auth.keyCacheMs };
+      if (this.cache.size >= MAX_CACHED_KEYS) this.cache.clear();
+      this.cache.set(keyHash, entry);
+    }
+    const principal = entry.principal;
+    if (principal === null) throw new GatewayError('invalid_api_key', 'Invalid API key provided.');
+    if (principal.expiresAt !== undefined && principal.expiresAt <= now) throw new GatewayError('invalid_api_key', 'This API key has expired.');
+    return principal;
+  }
+
+  private async lookup(keyHash: string): Promise<Principal | null> {
+    let rows: Array<{ id: string; prefix: string; user_id: string; department_id: string; role: UserRole; cache_scope: CacheScope; expires_at: Date | null }>;
+    try {
+      rows = await this.dataSource.query(
+        `SELECT k.id, k.prefix, k.user_id, u.department_id, u.role, d.cache_scope, k.expires_at
+           FROM api_keys k JOIN users u ON u.id = k.user_id JOIN departments d ON d.id = u.department_id
+          WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND u.disabled_at IS NULL AND d.disabled_at IS NULL`,
+        [keyHash],
+      );
+    } catch (cause) {
+      // Fail closed but honestly: the key may be fine, the database is not.
+      throw new GatewayError('unavailable', 'The gateway cannot verify API keys right now (database unavailable).', { cause });
+    }
+    const row = rows[0];
+    if (!row) return null;
+    return {
+      keyId: row.id,
+      keyPrefix: row.prefix,
+      userId: row.user_id,
+      departmentId: row.department_id,
+      role: row.role,
+      cacheScope: row.cache_scope,
+      expiresAt: row.expires_at ? new Date(row.expires_at).getTime() : undefined,
+    };
+  }
+
+  /** Local revocations take effect at once; other instances drop their copy within keyCacheMs. */
+  forgetCachedKeys(): void {
+    this.cache.clear();
+  }
+
+  // ---- departments ----
+
+  async createDepartment(name: string): Promise<DepartmentEntity> {
+    const existing = await this.departments.createQueryBuilder('d').where('lower(d.name) = lower(:name)', { name }).getOne();
+    if (existing) throw new GatewayError('conflict', `A department named '${name}' already exists.`, { param: 'name' });
+    try {
+      return await this.departments.save(this.departments.create({ name }));
+    } catch (cause) {
+      throw uniqueViolation(cause) ? new GatewayError('conflict', `A department named '${name}' already exists.`, { param: 'name', cause }) : cause;
+    }
+  }
+
+  listDepartments(): Promise<DepartmentEntity[]> {
+    return this.departments.find({ order: { createdAt: 'ASC' } });
+  }
+
+  async getDepartment(id: string): Promise<DepartmentEntity> {
+    const department = await this.departments.findOneBy({ id });
+    if (!department) throw new GatewayError('not_found', `No department with id '${id}'.`);
+    return department;
+  }
+
+  async updateDepartment(id: string, changes: { cacheScope?: CacheScope; name?: string }): Promise<DepartmentEntity> {
+    const department = await this.getDepartment(id);
+    if (changes.cacheScope !== undefined) department.cacheScope = changes.cacheScope;
+    if (changes.name !== undefined) department.name = changes.name;
+    const saved = await this.departments.save(department);
+    this.forgetCachedKeys();
+    return saved;
+  }
+
+  async disableDepartment(id: string): Promise<DepartmentEntity> {
+    const department = await this.getDepartment(id);
+    department.disabledAt ??= this.clock.now();
+    const saved = await this.departments.save(department);
+    this.forgetCachedKeys();
+    return saved;
+  }
+
+  // ---- users ----
+
+  async createUser(input: { name: string; departmentId: string; role: UserRole }): Promise<UserEntity> {
+    const department = await this.departments.findOneBy({ id: input.departmentId });
+    if (!department) throw new GatewayError('not_found', `No department with id '${input.departmentId}'.`, { param: 'department_id' });
+    return this.users.save(this.users.create(input));
+  }
+
+  listUsers(departmentId?: string): Promise<UserEntity[]> {
+    return this.users.find({ where: departmentId ? { departmentId } : {}, order: { createdAt: 'ASC' } });
+  }
+
+  async getUser(id: string): Promise<UserEntity> {
+    const user = await this.users.findOneBy({ id });
+    if (!user) throw new GatewayError('not_found', `No user with id '${id}'.`);
+    return user;
+  }
+
+  async disableUser(id: string): Promise<UserEntity> {
+    const user = await this.getUser(id);
+    user.disabledAt ??= this.clock.now();
+    const saved = await this.users.save(user);
+    this.forgetCachedKeys();
+    return saved;
+  }
+
+  // ---- keys ----
+
+  /** Returns the secret once; only its hash is stored. */
+  async createKey(input: { userId: string; name?: string; expiresAt?: Date }): Promise<{ entity: ApiKeyEntity; key: string }> {
+    const user = await this.users.findOneBy({ id: input.userId });
+    if (!user) throw new GatewayError('not_found', `No user with id '${input.userId}'.`, { param: 'user_id' });
+    if (input.expiresAt && input.expiresAt.getTime() <= this.clock.nowMs()) {
+      throw new GatewayError('invalid_value', "'expires_at' must be in the future.", { param: 'expires_at' });
+    }
+    const key = generateApiKey();
+    const entity = await this.keys.save(
+      this.keys.create({ userId: user.id, name: input.name ?? null, prefix: keyPrefix(key), keyHash: hashApiKey(key), expiresAt: input.expiresAt ?? null }),
+    );
+    return { entity, key };
+  }
+
+  listKeys(userId?: string): Promise<ApiKeyEntity[]> {
+    return this.keys.find({ where: userId ? { userId } : {}, order: { createdAt: 'ASC' } });
+  }
+
+  async revokeKey(id: string): Promise<ApiKeyEntity> {
+    const key = await this.keys.findOneBy({ id });
+    if (!key) throw new GatewayError('not_found', `No key with id '${id}'.`);
+    key.revokedAt ??= this.clock.now();
+    const saved = await this.keys.save(key);
+    this.forgetCachedKeys();
+    return saved;
+  }
+
+  /** Stores a key whose secret came from outside (ADMIN_API_KEY); idempotent across instances. */
+  async ensureKey(userId: string, key: string, name: string): Promise<void> {
+    await this.dataSource.query(
+      `INSERT INTO api_keys (user_id, name, prefix, key_hash) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING`,
+      [userId, name, keyPrefix(key), hashApiKey(key)],
+    );
+  }
+
+  async hasActiveAdminKey(): Promise<boolean> {
+    const rows: unknown[] = await this.dataSource.query(
+      `SELECT 1 FROM api_keys k JOIN users u ON u.id = k.user_id
+        WHERE u.role = 'admin' AND k.revoked_at IS NULL AND u.disabled_at IS NULL
+          AND (k.expires_at IS NULL OR k.expires_at > now()) LIMIT 1`,
+    );
+    return rows.length > 0;
+  }
+
+  /** The built-in admin user that owns bootstrap keys; created once, shared by all instances. */
+  async ensureBootstrapAdmin(): Promise<UserEntity> {
+    await this.dataSource.query(`INSERT INTO departments (name) VALUES ('gatehouse-admins') ON CONFLICT DO NOTHING`);
+    const [department] = (await this.dataSource.query(`SELECT id FROM departments WHERE lower(name) = 'gatehouse-admins'`)) as Array<{ id: string }>;
+    if (!department) throw new Error('bootstrap department missing after insert');
+    const existing = await this.users.findOne({ where: { departmentId: department.id, name: 'bootstrap-admin', disabledAt: IsNull() } });
+    return existing ?? (await this.users.save(this.users.create({ name: 'bootstrap-admin', departmentId: department.id, role: 'admin' })));
+  }
+}
+
+function uniqueViolation(error: unknown): boolean {
+  return typeof error === 'object' && error !== null && (error as { code?: unknown }).code === '23505';
+}

@@ -1,0 +1,32 @@
+import { Body, Controller, Headers, HttpCode, Post, Req, Res } from '@nestjs/common';
+import { ApiBody, ApiHeader, ApiOperation, ApiTags } from '@nestjs/swagger';
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import { CompletionService } from '../completion/completion.service.js';
+import { Authenticated } from '../identity/auth.guard.js';
+import { parseChatRequest, parseTaskType } from './chat-request.js';
+import { ChatCompletionRequestDto } from './openai-api.dto.js';
+import { callFromRequest, metaHeaders, ReplyStreamSink } from './http-call.js';
+
+@ApiTags('v1')
+@Authenticated()
+@Controller('v1/chat')
+export class ChatCompletionsController {
+  constructor(private readonly completions: CompletionService) {}
+
+  @Post('completions')
+  @HttpCode(200)
+  @ApiOperation({ summary: 'OpenAI Chat Completions (JSON or SSE), routed, cached and budgeted' })
+  @ApiBody({ type: ChatCompletionRequestDto })
+  @ApiHeader({ name: 'x-task-type', required: false, description: 'routing table key; same as body task_type' })
+  async create(@Req() request: FastifyRequest, @Res() reply: FastifyReply, @Body() raw: unknown, @Headers('x-task-type') taskHeader?: string): Promise<void> {
+    const body = parseChatRequest(raw);
+    const taskType = body.task_type !== undefined ? (body.task_type as string) : taskHeader !== undefined ? parseTaskType(taskHeader, 'x-task-type') : undefined;
+    const call = callFromRequest(request, reply, body, taskType, 'chat');
+    if (body.stream === true) {
+      await this.completions.stream(call, new ReplyStreamSink(reply));
+      return;
+    }
+    const outcome = await this.completions.complete(call);
+    await reply.status(200).headers(metaHeaders(outcome.meta, outcome.costNanos)).header('content-type', 'application/json; charset=utf-8').send(outcome.raw);
+  }
+}

@@ -1,0 +1,64 @@
+import type { ChatCompletionRequest } from '../../libs/openai-contract/src/index.js';
+import { GatewayError } from '../core/errors.js';
+import { asBody } from '../core/validate.js';
+
+const TASK_TYPE = /^[a-z0-9][a-z0-9_.-]{0,63}$/i;
+
+/**
+ * Checks the fields the gateway itself reads, naming the first one that is wrong, and passes
+ * every other field through untouched (new OpenAI parameters must keep working).
+ */
+export function parseChatRequest(raw: unknown): ChatCompletionRequest {
+  const body = asBody(raw);
+  const messages = body.messages;
+  if (messages === undefined || messages === null) throw new GatewayError('missing_field', "Missing required parameter: 'messages'.", { param: 'messages' });
+  if (!Array.isArray(messages) || messages.length === 0) {
+    throw new GatewayError('invalid_value', "'messages' must be a non-empty array of message objects.", { param: 'messages' });
+  }
+  messages.forEach((m: unknown, i) => {
+    if (typeof m !== 'object' || m === null || Array.isArray(m)) {
+      throw new GatewayError('invalid_value', `'messages[${i}]' must be an object.`, { param: `messages[${i}]` });
+    }
+    const role = (m as { role?: unknown }).role;
+    if (typeof role !== 'string' || role === '') {
+      throw new GatewayError('invalid_value', `'messages[${i}].role' must be a string.`, { param: `messages[${i}].role` });
+    }
+  });
+  optionalType(body, 'model', 'string');
+  if (typeof body.model === 'string' && (body.model.length === 0 || body.model.length > 200)) {
+    throw new GatewayError('invalid_value', "'model' must be a model id or 'auto'.", { param: 'model' });
+  }
+  optionalType(body, 'stream', 'boolean');
+  for (const field of ['max_tokens', 'max_completion_tokens'] as const) {
+    const v = body[field];
+    if (v !== undefined && v !== null && (typeof v !== 'number' || !Number.isInteger(v) || v < 1)) {
+      throw new GatewayError('invalid_value', `'${field}' must be a positive integer.`, { param: field });
+    }
+  }
+  for (const field of ['temperature', 'top_p'] as const) optionalType(body, field, 'number');
+  if (body.n !== undefined && body.n !== null && (typeof body.n !== 'number' || !Number.isInteger(body.n) || body.n < 1 || body.n > 16)) {
+    throw new GatewayError('invalid_value', "'n' must be an integer from 1 to 16.", { param: 'n' });
+  }
+  if (body.stream_options !== undefined && body.stream_options !== null) asBody(body.stream_options, "'stream_options'");
+  if (body.task_type !== undefined) parseTaskType(body.task_type, 'task_type');
+  if (body.models !== undefined) {
+    if (!Array.isArray(body.models) || body.models.length === 0 || body.models.length > 10 || !body.models.every((m) => typeof m === 'string' && m.length > 0 && m.length <= 200)) {
+      throw new GatewayError('invalid_value', "'models' must be a list of 1 to 10 model ids.", { param: 'models' });
+    }
+  }
+  return body as ChatCompletionRequest;
+}
+
+export function parseTaskType(value: unknown, param: string): string {
+  if (typeof value !== 'string' || !TASK_TYPE.test(value)) {
+    throw new GatewayError('invalid_value', `'${param}' must be a task type name such as 'code' or 'general'.`, { param });
+  }
+  return value;
+}
+
+function optionalType(body: Record<string, unknown>, field: string, type: 'string' | 'number' | 'boolean'): void {
+  const v = body[field];
+  if (v !== undefined && v !== null && typeof v !== type) {
+    throw new GatewayError('invalid_value', `Invalid type for '${field}': expected a ${type}.`, { param: field });
+  }
+}

@@ -1,0 +1,87 @@
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { CompletionCall, CompletionMeta, Door, StreamSink } from '../completion/completion.types.js';
+import type { ChatCompletionRequest } from '../../libs/openai-contract/src/index.js';
+import { formatUsd } from '../../libs/money/src/index.js';
+import { routeHeader } from '../routing/routing-table.js';
+import { GatewayError } from '../core/errors.js';
+
+/** Builds the pipeline's view of an HTTP request: principal, abort signal, cache directives. */
+export function callFromRequest(request: FastifyRequest, reply: FastifyReply, body: ChatCompletionRequest, taskType: string | undefined, door: Door): CompletionCall {
+  const principal = request.principal;
+  if (!principal) throw new Error('completion route without authentication');
+  const controller = new AbortController();
+  // 'close' on the response fires on completion too; only an unfinished response means the client left.
+  reply.raw.once('close', () => {
+    if (!reply.raw.writableFinished) controller.abort();
+  });
+  const cacheControl = String(request.headers['cache-control'] ?? '').toLowerCase();
+  const ttlHeader = request.headers['x-gateway-cache-ttl'];
+  let ttlSeconds: number | undefined;
+  if (typeof ttlHeader === 'string') {
+    ttlSeconds = Number(ttlHeader);
+    if (!Number.isInteger(ttlSeconds) || ttlSeconds < 0 || ttlSeconds > 30 * 86400) {
+      throw new GatewayError('invalid_value', "'x-gateway-cache-ttl' must be a whole number of seconds.", { param: 'x-gateway-cache-ttl' });
+    }
+  }
+  return {
+    principal,
+    requestId: request.id,
+    body,
+    taskType,
+    door,
+    signal: controller.signal,
+    cacheControl: { read: !cacheControl.includes('no-cache'), write: !cacheControl.includes('no-store'), ttlSeconds },
+  };
+}
+
+export function metaHeaders(meta: CompletionMeta, costNanos?: bigint): Record<string, string> {
+  const headers: Record<string, string> = {
+    'x-gateway-model': meta.model,
+    'x-gateway-cache': meta.cache,
+    'x-gateway-route': routeHeader(meta.route),
+    ...meta.headers,
+  };
+  if (costNanos !== undefined) headers['x-gateway-cost-usd'] = formatUsd(costNanos);
+  if (meta.upstreamMock) headers['x-gateway-upstream'] = 'mock';
+  return headers;
+}
+
+/** SSE straight onto the raw socket: each event is one write, no buffering, no timers. */
+export class ReplyStreamSink implements StreamSink {
+  private ended = false;
+  private gone = false;
+
+  constructor(private readonly reply: FastifyReply) {
+    reply.raw.once('close', () => {
+      if (!this.ended) this.gone = true;
+    });
+  }
+
+  get closed(): boolean {
+    return this.gone || this.reply.raw.destroyed;
+  }
+
+  open(meta: CompletionMeta): void {
+    const raw = this.reply.raw;
+    // Headers set earlier on the Fastify reply (x-request-id, rate-limit trio) go out with ours.
+    const carried = this.reply.getHeaders() as Record<string, string>;
+    raw.writeHead(200, {
+      ...carried,
+      'content-type': 'text/event-stream; charset=utf-8',
+      'cache-control': 'no-cache',
+      connection: 'keep-alive',
+      'x-accel-buffering': 'no',
+      ...metaHeaders(meta),
+    });
+    raw.flushHeaders();
+  }
+
+  event(payload: string): void {
+    if (!this.closed) this.reply.raw.write(`data: ${payload}\n\n`);
+  }
+
+  close(): void {
+    this.ended = true;
+    if (!this.reply.raw.destroyed) this.reply.raw.end('data: [DONE]\n\n');
+  }
+}

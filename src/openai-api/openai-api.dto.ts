@@ -1,0 +1,32 @@
+import { ApiProperty, ApiPropertyOptional } from '@nestjs/swagger';
+
+/** Documentation of the body; any other OpenAI parameter is passed through untouched. */
+export class ChatMessageDto {
+  @ApiProperty({ example: 'user' }) role!: string;
+  @ApiProperty({ example: 'Say hello', description: 'string or content parts' }) content!: unknown;
+}
+
+export class ChatCompletionRequestDto {
+  @ApiPropertyOptional({ example: 'auto', description: "a model id, or 'auto'/absent to let the routing table decide" }) model?: string;
+  @ApiProperty({ type: [ChatMessageDto] }) messages!: ChatMessageDto[];
+  @ApiPropertyOptional({ example: 'code', description: 'routing table key (gateway extension)' }) task_type?: string;
+  @ApiPropertyOptional({ type: [String], description: 'explicit fallback models (OpenRouter style)' }) models?: string[];
+  @ApiPropertyOptional() stream?: boolean;
+  @ApiPropertyOptional({ example: 256 }) max_tokens?: number;
+  @ApiPropertyOptional({ example: 0 }) temperature?: number;
+}
+
+export class CompleteRequestDto {
+  @ApiProperty({ example: 'Summarise the plot of Hamlet in one line.' }) prompt!: string;
+  @ApiPropertyOptional({ example: 'general' }) task_type?: string;
+  @ApiPropertyOptional({ example: 1024 }) max_tokens?: number;
+  @ApiPropertyOptional({ example: 'auto' }) model?: string;
+}
+
+export class CompleteResponseDto {
+  @ApiProperty() content!: string;
+  @ApiProperty() model!: string;
+  @ApiProperty({ description: 'total tokens' }) tokens!: number;
+  @ApiProperty({ example: 0.000123 }) cost_usd!: number;
+  @ApiProperty() cached!: boolean;
+}

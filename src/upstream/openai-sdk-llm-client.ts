@@ -1,0 +1,91 @@
+import OpenAI from 'openai';
+import type { ChatCompletion } from '../../libs/openai-contract/src/index.js';
+import { abortFailure, LlmClient, parseRetryAfter, type UpstreamCall, type UpstreamEvents, type UpstreamJsonResult, UpstreamFailure } from './llm-client.js';
+
+export interface SdkClientOptions {
+  baseUrl: string;
+  apiKey: string;
+  timeoutMs: number;
+  extraHeaders: Record<string, string>;
+}
+
+/**
+ * The reference driver on the official `openai` SDK (UPSTREAM_DRIVER=sdk). Correct and well
+ * known, but 4-7x the CPU of the undici driver per call (PERFORMANCE.md), so not the default.
+ * Retries are the gateway's job (one policy for both drivers), so the SDK's own are off.
+ */
+export class OpenAiSdkLlmClient extends LlmClient {
+  private readonly client: OpenAI;
+
+  constructor(options: SdkClientOptions) {
+    super();
+    this.client = new OpenAI({
+      apiKey: options.apiKey,
+      baseURL: options.baseUrl,
+      timeout: options.timeoutMs,
+      maxRetries: 0,
+      defaultHeaders: options.extraHeaders,
+    });
+  }
+
+  async complete(call: UpstreamCall): Promise<UpstreamJsonResult> {
+    try {
+      const params = { ...call.body, stream: false } as unknown as OpenAI.Chat.ChatCompletionCreateParamsNonStreaming;
+      const completion = (await this.client.chat.completions.create(params, { signal: call.signal, headers: { 'x-request-id': call.requestId } })) as unknown as ChatCompletion;
+      if (typeof completion !== 'object' || completion === null || !Array.isArray(completion.choices)) {
+        throw new UpstreamFailure('bad_response', 'upstream answered 200 without choices');
+      }
+      return { completion, raw: JSON.stringify(completion) };
+    } catch (error) {
+      throw toFailure(error, call.signal);
+    }
+  }
+
+  async stream(call: UpstreamCall): Promise<UpstreamEvents> {
+    let stream: AsyncIterable<unknown>;
+    try {
+      const params = { ...call.body, stream: true } as unknown as OpenAI.Chat.ChatCompletionCreateParamsStreaming;
+      stream = await this.client.chat.completions.create(params, { signal: call.signal, headers: { 'x-request-id': call.requestId } });
+    } catch (error) {
+      throw toFailure(error, call.signal);
+    }
+    return events(stream, call.signal);
+  }
+
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
+async function* events(stream: AsyncIterable<unknown>, signal: AbortSignal): AsyncGenerator<string> {
+  let sawFinish = false;
+  try {
+    for await (const chunk of stream) {
+      const choices = (chunk as { choices?: Array<{ finish_reason?: unknown }> }).choices;
+      if (choices?.some((c) => c.finish_reason)) sawFinish = true;
+      yield JSON.stringify(chunk);
+    }
+  } catch (error) {
+    throw toFailure(error, signal);
+  }
+  // The SDK ends a `for await` silently on abort, and hides whether [DONE] arrived: an aborted
+  // signal or a stream without a finish_reason is a cut, never a complete answer.
+  if (signal.aborted) throw abortFailure(signal);
+  if (!sawFinish) throw new UpstreamFailure('cut', 'upstream stream ended before it finished');
+}
+
+function toFailure(error: unknown, signal: AbortSignal): UpstreamFailure {
+  if (error instanceof UpstreamFailure) return error;
+  if (signal.aborted) return abortFailure(signal);
+  if (error instanceof OpenAI.APIConnectionTimeoutError) return new UpstreamFailure('timeout', 'upstream did not answer in time');
+  if (error instanceof OpenAI.APIUserAbortError) return abortFailure(signal);
+  if (error instanceof OpenAI.APIConnectionError) return new UpstreamFailure('connection', `upstream connection failed: ${error.message}`);
+  if (error instanceof OpenAI.APIError && typeof error.status === 'number') {
+    const body = error.error as { message?: unknown; code?: unknown } | undefined;
+    const message = typeof body?.message === 'string' ? body.message : `upstream answered HTTP ${error.status}`;
+    const code = typeof body?.code === 'string' ? body.code : undefined;
+    return new UpstreamFailure('http', message.slice(0, 500), error.status, error.headers ? parseRetryAfter(error.headers) : undefined, code);
+  }
+  if (error instanceof SyntaxError) return new UpstreamFailure('bad_response', 'upstream sent a body that is not JSON');
+  return new UpstreamFailure('connection', `upstream call failed: ${(error as Error).message}`);
+}

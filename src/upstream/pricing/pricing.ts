@@ -1,0 +1,41 @@
+import { parseUsd, tokensCost, type Nanos } from '../../../libs/money/src/index.js';
+import type { Usage } from '../../../libs/openai-contract/src/index.js';
+import staticPrices from './static-prices.json' with { type: 'json' };
+
+export interface ModelPrice {
+  /** USD per token as a decimal string, exactly as published. */
+  prompt: string;
+  completion: string;
+}
+
+export type CostSource = 'upstream' | 'pricing_table' | 'unpriced' | 'none';
+
+export interface Cost {
+  nanos: Nanos;
+  source: CostSource;
+}
+
+export function loadStaticPrices(): Record<string, ModelPrice> {
+  const raw = staticPrices as Record<string, unknown>;
+  const prices: Record<string, ModelPrice> = {};
+  for (const [model, value] of Object.entries(raw)) {
+    if (model.startsWith('_')) continue;
+    prices[model] = value as ModelPrice;
+  }
+  return prices;
+}
+
+/**
+ * Cost of one upstream attempt (API.md "Decisions"): the upstream's reported `usage.cost` when
+ * present (converted once, rounded to the nano), else tokens × the price table, else 0 with the
+ * source saying so, so reports can show what was not priced.
+ */
+export function costOf(usage: Usage | undefined, price: ModelPrice | undefined): Cost {
+  if (!usage) return { nanos: 0n, source: 'none' };
+  if (usage.cost !== undefined) {
+    const nanos = parseUsd(usage.cost);
+    if (nanos !== undefined && nanos >= 0n) return { nanos, source: 'upstream' };
+  }
+  if (!price) return { nanos: 0n, source: 'unpriced' };
+  return { nanos: tokensCost(usage.prompt_tokens, price.prompt) + tokensCost(usage.completion_tokens, price.completion), source: 'pricing_table' };
+}
