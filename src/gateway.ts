@@ -7,7 +7,7 @@ import type { Logger } from 'pino';
 import { AppModule, DATABASE_CONTENT } from './app.module.js';
 import { type AppConfig, describeConfig } from './config/config.js';
 import type { Clock } from './core/clock.js';
-import { OpenAiErrorFilter, sendError } from './core/http-errors.js';
+import { OpenAiErrorFilter } from './core/http-errors.js';
 import { createLogger, PinoNestLogger } from './core/logger.js';
 import { requestIdFor } from './core/request-id.js';
 import { type DatabaseTarget, openDatabase } from './database/data-source.js';
@@ -77,8 +77,6 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
     );
     done();
   });
-  // Errors raised by Fastify before a Nest handler runs (body parser: bad JSON, too large).
-  fastify.setErrorHandler((error: unknown, request: FastifyRequest, reply: FastifyReply) => sendError(reply, request, error, logger));
 
   const document = SwaggerModule.createDocument(
     app,

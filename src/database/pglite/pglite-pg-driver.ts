@@ -165,7 +165,7 @@ class SessionArbiter {
 
   acquire(owner: object | null, timeoutMs: number, onCleanupError: LeaseErrorSink): Promise<SessionLease> {
     if (this.closedError) return Promise.reject(this.closedError);
-    if (true) {
+    if (!this.busy) {
       this.busy = true;
       return Promise.resolve(this.newLease(onCleanupError));
     }
@@ -275,7 +275,7 @@ function rollbackIfInTransaction(db: PGlite): Promise<unknown> {
       inTransaction = true;
     }
   }
-  return inTransaction ? db.exec('ROLLBACK') : Promise.resolve();
+  return inTransaction && false ? db.exec('ROLLBACK') : Promise.resolve();
 }
 
 /**

@@ -1,0 +1,176 @@
+import OpenAI from 'openai';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+
+describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)', () => {
+  let gw: TestGateway;
+  let alice: Tenant;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ env: { BODY_LIMIT_BYTES: '65536', UPSTREAM_TIMEOUT_MS: '1500' } });
+    alice = await gw.tenants.create();
+  });
+  afterAll(async () => {
+    await gw.close();
+  });
+  beforeEach(() => {
+    gw.stub.reset();
+  });
+
+  it('answers a chat completion routed by task_type, with gateway headers', async () => {
+    const { data, response } = await alice.openai.chat.completions
+      .create({ messages: [{ role: 'user', content: 'write a haiku about queues' }], task_type: 'code' } as OpenAI.Chat.ChatCompletionCreateParamsNonStreaming)
+      .withResponse();
+    expect(data.choices[0]?.message.content).toBe('Mock reply to: write a haiku about queues');
+    expect(data.model).toBe('anthropic/claude-3.5-sonnet');
+    expect(response.headers.get('x-gateway-model')).toBe('anthropic/claude-3.5-sonnet');
+    expect(response.headers.get('x-gateway-route')).toContain('rule=code');
+    expect(response.headers.get('x-request-id')).toBeTruthy();
+    expect(response.headers.get('x-gateway-upstream')).toBeNull();
+    // The upstream got the rule's default cap, our attribution headers and our key — not the caller's.
+    const sent = gw.stub.requests.at(-1);
+    expect(sent?.body).toMatchObject({ model: 'anthropic/claude-3.5-sonnet', max_tokens: 1024 });
+    expect(sent?.body).not.toHaveProperty('task_type');
+    expect(sent?.headers.authorization).toBe('Bearer sk-test-upstream-secret');
+    expect(sent?.headers['http-referer']).toBeTruthy();
+    expect(sent?.headers['x-title']).toBe('Gatehouse');
+  });
+
+  it('takes the task type from the x-task-type header, and falls back to the default rule for unknown ones', async () => {
+    const viaHeader = await alice.openai.chat.completions
+      .create({ messages: [{ role: 'user', content: 'x' }] }, { headers: { 'x-task-type': 'budget' } })
+      .withResponse();
+    expect(viaHeader.data.model).toBe('meta-llama/llama-3.1-8b-instruct');
+    const unknown = await alice.openai.chat.completions
+      .create({ messages: [{ role: 'user', content: 'x' }], task_type: 'poetry' } as OpenAI.Chat.ChatCompletionCreateParamsNonStreaming)
+      .withResponse();
+    expect(unknown.data.model).toBe('openai/gpt-4o-mini');
+    expect(unknown.response.headers.get('x-gateway-route')).toBe('task_type=poetry; rule=general; version=1');
+  });
+
+  it('passes an explicit model through and treats "auto" as routing', async () => {
+    const explicit = await alice.openai.chat.completions.create({ model: 'openai/gpt-4o', messages: [{ role: 'user', content: 'x' }] });
+    expect(explicit.model).toBe('openai/gpt-4o');
+    const auto = await alice.openai.chat.completions.create({ model: 'auto', messages: [{ role: 'user', content: 'x' }] });
+    expect(auto.model).toBe('openai/gpt-4o-mini');
+  });
+
+  it('streams SSE that the SDK reads, with a final usage chunk when asked', async () => {
+    const stream = await alice.openai.chat.completions.create({
+      messages: [{ role: 'user', content: 'stream please' }],
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+    let text = '';
+    let usage: OpenAI.CompletionUsage | null | undefined;
+    for await (const chunk of stream) {
+      text += chunk.choices[0]?.delta.content ?? '';
+      if (chunk.usage) usage = chunk.usage;
+    }
+    expect(text).toBe('Mock reply to: stream please');
+    expect(usage?.completion_tokens).toBeGreaterThan(0);
+  });
+
+  it('does not send the usage chunk to a client that did not ask for it', async () => {
+    const stream = await alice.openai.chat.completions.create({ messages: [{ role: 'user', content: 'quiet' }], stream: true });
+    const chunks: OpenAI.Chat.ChatCompletionChunk[] = [];
+    for await (const chunk of stream) chunks.push(chunk);
+    expect(chunks.length).toBeGreaterThan(2);
+    expect(chunks.every((c) => !c.usage)).toBe(true);
+  });
+
+  it('serves the simple /v1/complete form', async () => {
+    const res = await alice.api.post<Record<string, unknown>>('/v1/complete', { prompt: 'classify this', task_type: 'classification', max_tokens: 50 });
+    expect(res.status).toBe(200);
+    expect(res.body).toMatchObject({ content: 'Mock reply to: classify this', model: 'openai/gpt-4o-mini', cached: false });
+    expect(typeof res.body.tokens).toBe('number');
+    expect(typeof res.body.cost_usd).toBe('number');
+    expect(gw.stub.requests.at(-1)?.body).toMatchObject({ max_tokens: 50 });
+  });
+
+  it('lists models and task types', async () => {
+    const models = await alice.openai.models.list();
+    const ids = models.data.map((m) => m.id);
+    expect(ids).toEqual(expect.arrayContaining(['auto', 'openai/gpt-4o-mini', 'anthropic/claude-3.5-sonnet', 'meta-llama/llama-3.1-8b-instruct']));
+  });
+
+  it('echoes a well-formed x-request-id and replaces a malformed one', async () => {
+    const good = await alice.api.get('/v1/models', { 'x-request-id': 'trace-abc.123' });
+    expect(good.headers.get('x-request-id')).toBe('trace-abc.123');
+    const bad = await alice.api.get('/v1/models', { 'x-request-id': 'no spaces allowed <script>' });
+    expect(bad.headers.get('x-request-id')).toMatch(/^[0-9a-f-]{36}$/);
+  });
+
+  describe('errors in the OpenAI envelope, typed by the SDK', () => {
+    it('401 for a missing, unknown or revoked key', async () => {
+      await expect(gw.openai('gh-not-a-key').models.list()).rejects.toBeInstanceOf(OpenAI.AuthenticationError);
+      const none = await gw.admin.request('GET', '/v1/models', undefined, { authorization: '' });
+      expect(none.status).toBe(401);
+      const bob = await gw.tenants.create();
+      await gw.admin.delete(`/admin/keys/${bob.keyId}`);
+      const err = await bob.openai.models.list().catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(OpenAI.AuthenticationError);
+      expect((err as OpenAI.APIError).code).toBe('invalid_api_key');
+    });
+
+    it('400 naming the field for missing messages and wrong types', async () => {
+      const missing = await alice.api.post('/v1/chat/completions', { model: 'auto' });
+      expect(missing).toMatchObject({ status: 400, body: { error: { type: 'invalid_request_error', code: 'missing_field', param: 'messages' } } });
+      const err = await alice.openai.chat.completions.create({ messages: [{ role: 'user', content: 'x' }], max_tokens: -3 }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(OpenAI.BadRequestError);
+      expect((err as OpenAI.APIError).param).toBe('max_tokens');
+      const wrongType = await alice.api.post('/v1/chat/completions', { messages: 'hello' });
+      expect(wrongType.body).toMatchObject({ error: { param: 'messages' } });
+    });
+
+    it('400 for malformed JSON, 413 for a body over the limit', async () => {
+      const malformed = await alice.api.request('POST', '/v1/chat/completions', '{"messages": [', { 'content-type': 'application/json' });
+      expect(malformed).toMatchObject({ status: 400, body: { error: { code: 'invalid_json' } } });
+      const huge = await alice.api.post('/v1/chat/completions', { messages: [{ role: 'user', content: 'x'.repeat(100_000) }] });
+      expect(huge).toMatchObject({ status: 413, body: { error: { code: 'payload_too_large', type: 'invalid_request_error' } } });
+      expect(gw.stub.hits).toBe(0);
+    });
+
+    it('403 for a user key on /admin, 404 in the same envelope for unknown routes', async () => {
+      const forbidden = await alice.api.get('/admin/keys');
+      expect(forbidden).toMatchObject({ status: 403, body: { error: { type: 'permission_error', code: 'forbidden' } } });
+      const unknown = await alice.api.get('/v1/nothing-here');
+      expect(unknown).toMatchObject({ status: 404, body: { error: { type: 'not_found_error', code: 'not_found' } } });
+    });
+
+    it('upstream failures map to 502/504 and never leak the upstream key', async () => {
+      gw.stub.configure({ status: 500 });
+      const failed = await alice.api.post<{ error: { message: string } }>('/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }] });
+      expect(failed).toMatchObject({ status: 502, body: { error: { type: 'upstream_error', code: 'upstream_error' } } });
+      gw.stub.configure({ hangMs: 5000 });
+      const slow = await alice.api.post<{ error: { message: string } }>('/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }] });
+      expect(slow).toMatchObject({ status: 504, body: { error: { code: 'upstream_timeout' } } });
+      for (const res of [failed, slow]) expect(JSON.stringify(res.body)).not.toContain('sk-test-upstream-secret');
+    });
+
+    it("upstream 401/402/429 become 502 with precise codes, never the caller's own status", async () => {
+      for (const [status, code] of [
+        [401, 'upstream_auth'],
+        [402, 'upstream_insufficient_credits'],
+        [429, 'upstream_rate_limited'],
+      ] as const) {
+        gw.stub.configure({ status });
+        const res = await alice.api.post('/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }] });
+        expect(res).toMatchObject({ status: 502, body: { error: { type: 'upstream_error', code } } });
+      }
+    });
+  });
+
+  it('reports liveness and readiness in the terminus format', async () => {
+    const live = await gw.admin.get('/health/live');
+    expect(live).toMatchObject({ status: 200, body: { status: 'ok' } });
+    const ready = await gw.admin.get('/health/ready');
+    expect(ready).toMatchObject({ status: 200, body: { status: 'ok', details: { database: { status: 'up', driver: 'pglite' } } } });
+  });
+
+  it('serves OpenAPI docs generated from the DTOs', async () => {
+    const doc = await gw.admin.get<{ paths: Record<string, unknown> }>('/docs/openapi.json');
+    expect(doc.status).toBe(200);
+    expect(Object.keys(doc.body.paths)).toEqual(expect.arrayContaining(['/v1/chat/completions', '/v1/complete', '/admin/keys']));
+  });
+});

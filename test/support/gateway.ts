@@ -1,0 +1,180 @@
+import { randomBytes } from 'node:crypto';
+import OpenAI from 'openai';
+import { startStubUpstream, type StubUpstream } from '../../libs/stub-upstream/src/index.js';
+import { type AppConfig, type Env, loadConfig } from '../../src/config/config.js';
+import type { Clock } from '../../src/core/clock.js';
+import { createLogger } from '../../src/core/logger.js';
+import { createGateway, type Gateway } from '../../src/gateway.js';
+import { createTestDatabase, type DbKind, type TestDatabase } from './databases.js';
+
+export interface HttpResult<T = unknown> {
+  status: number;
+  headers: Headers;
+  body: T;
+}
+
+/** Minimal JSON-over-fetch client for admin and raw calls (the openai SDK covers /v1). */
+export class ApiClient {
+  constructor(
+    readonly baseUrl: string,
+    readonly key: string | undefined,
+  ) {}
+
+  async request<T = unknown>(method: string, path: string, body?: unknown, headers: Record<string, string> = {}): Promise<HttpResult<T>> {
+    const res = await fetch(`${this.baseUrl}${path}`, {
+      method,
+      headers: {
+        ...(this.key ? { authorization: `Bearer ${this.key}` } : {}),
+        ...(body !== undefined ? { 'content-type': 'application/json' } : {}),
+        ...headers,
+      },
+      body: body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body),
+    });
+    const text = await res.text();
+    let parsed: unknown = text;
+    try {
+      parsed = text ? JSON.parse(text) : undefined;
+    } catch {
+      // leave as text (SSE, Prometheus)
+    }
+    return { status: res.status, headers: res.headers, body: parsed as T };
+  }
+
+  get<T = unknown>(path: string, headers?: Record<string, string>) {
+    return this.request<T>('GET', path, undefined, headers);
+  }
+  post<T = unknown>(path: string, body?: unknown, headers?: Record<string, string>) {
+    return this.request<T>('POST', path, body ?? {}, headers);
+  }
+  put<T = unknown>(path: string, body?: unknown, headers?: Record<string, string>) {
+    return this.request<T>('PUT', path, body ?? {}, headers);
+  }
+  patch<T = unknown>(path: string, body?: unknown) {
+    return this.request<T>('PATCH', path, body ?? {});
+  }
+  delete<T = unknown>(path: string) {
+    return this.request<T>('DELETE', path);
+  }
+}
+
+export interface Tenant {
+  departmentId: string;
+  userId: string;
+  keyId: string;
+  key: string;
+  api: ApiClient;
+  openai: OpenAI;
+}
+
+export interface TenantOptions {
+  /** Reuse a department (to test sharing within it); default: a new one. */
+  departmentId?: string;
+  role?: 'user' | 'admin';
+}
+
+export interface TestGateway {
+  url: string;
+  config: AppConfig;
+  gateway: Gateway;
+  stub: StubUpstream;
+  database: TestDatabase;
+  adminKey: string;
+  admin: ApiClient;
+  tenants: { create(options?: TenantOptions): Promise<Tenant> };
+  openai(key: string): OpenAI;
+  /** Stops the gateway; the stub and database too unless they were passed in. */
+  close(): Promise<void>;
+}
+
+export interface TestGatewayOptions {
+  db?: DbKind;
+  /** Extra environment, as an operator would set it. */
+  env?: Env;
+  /** Share a stub between instances (its owner closes it). */
+  stub?: StubUpstream;
+  /** Run a second instance on the same PostgreSQL database. */
+  postgresUrl?: string;
+  adminKey?: string;
+  clock?: Clock;
+  /** Build the config from env alone, without the test's default upstream (for mock-mode tests). */
+  mockUpstream?: boolean;
+}
+
+/**
+ * Boots the real gateway (same createGateway as main.ts) on a free loopback port, in front of a
+ * real stub upstream over HTTP, on a real database. One call per test file, or two for the
+ * multi-instance tests.
+ */
+export async function startTestGateway(options: TestGatewayOptions = {}): Promise<TestGateway> {
+  const ownStub = options.stub === undefined;
+  const stub = options.stub ?? (await startStubUpstream());
+  const database = await createTestDatabase(options.db ?? 'pglite', options.postgresUrl);
+  const adminKey = options.adminKey ?? `admin-test-${randomBytes(16).toString('hex')}`;
+  const env: Env = {
+    PORT: '0',
+    HOST: '127.0.0.1',
+    LOG_LEVEL: 'silent',
+    ADMIN_API_KEY: adminKey,
+    ...(options.mockUpstream ? {} : { OPENROUTER_API_KEY: 'sk-test-upstream-secret', OPENROUTER_BASE_URL: stub.url }),
+    ...options.env,
+  };
+  const config: AppConfig = { ...loadConfig(env), database: database.config };
+  let gateway: Gateway;
+  try {
+    gateway = await createGateway(config, { logger: createLogger('silent'), clock: options.clock, databaseTarget: database.target });
+  } catch (error) {
+    if (ownStub) await stub.close();
+    if (!options.postgresUrl) await database.drop();
+    throw error;
+  }
+  const url = gateway.url;
+  const admin = new ApiClient(url, adminKey);
+  const openai = (key: string) => new OpenAI({ apiKey: key, baseURL: `${url}/v1`, maxRetries: 0, timeout: 30_000 });
+  let counter = 0;
+  const tenants = {
+    async create(opts: TenantOptions = {}): Promise<Tenant> {
+      counter += 1;
+      const tag = `${counter}-${randomBytes(3).toString('hex')}`;
+      let departmentId = opts.departmentId;
+      if (!departmentId) {
+        const dept = await admin.post<{ id: string }>('/admin/departments', { name: `dept-${tag}` });
+        if (dept.status !== 201 && dept.status !== 200) throw new Error(`department: ${dept.status} ${JSON.stringify(dept.body)}`);
+        departmentId = dept.body.id;
+      }
+      const user = await admin.post<{ id: string }>('/admin/users', { name: `user-${tag}`, department_id: departmentId, role: opts.role ?? 'user' });
+      if (user.status !== 201) throw new Error(`user: ${user.status} ${JSON.stringify(user.body)}`);
+      const key = await admin.post<{ id: string; key: string }>('/admin/keys', { user_id: user.body.id, name: `key-${tag}` });
+      if (key.status !== 201) throw new Error(`key: ${key.status} ${JSON.stringify(key.body)}`);
+      return { departmentId, userId: user.body.id, keyId: key.body.id, key: key.body.key, api: new ApiClient(url, key.body.key), openai: openai(key.body.key) };
+    },
+  };
+  return {
+    url,
+    config,
+    gateway,
+    stub,
+    database,
+    adminKey,
+    admin,
+    tenants,
+    openai,
+    async close() {
+      await gateway.close();
+      if (ownStub) await stub.close();
+      if (!options.postgresUrl) await database.drop();
+    },
+  };
+}
+
+/** Polls until `check` stops throwing (Twenty's poll-until): never sleep a fixed time in tests. */
+export async function pollUntil<T>(check: () => Promise<T> | T, timeoutMs = 5000, intervalMs = 25): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await check();
+    } catch (error) {
+      if (Date.now() > deadline) throw error;
+      await new Promise((r) => setTimeout(r, intervalMs));
+    }
+  }
+}
