@@ -19,7 +19,7 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
 
   it('answers a chat completion routed by task_type, with gateway headers', async () => {
     const { data, response } = await alice.openai.chat.completions
-      .create({ messages: [{ role: 'user', content: 'write a haiku about queues' }], task_type: 'code' } as OpenAI.Chat.ChatCompletionCreateParamsNonStreaming)
+      .create({ model: 'auto', messages: [{ role: 'user', content: 'write a haiku about queues' }], task_type: 'code' } as unknown as OpenAI.Chat.ChatCompletionCreateParamsNonStreaming)
       .withResponse();
     expect(data.choices[0]?.message.content).toBe('Mock reply to: write a haiku about queues');
     expect(data.model).toBe('anthropic/claude-3.5-sonnet');
@@ -38,11 +38,11 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
 
   it('takes the task type from the x-task-type header, and falls back to the default rule for unknown ones', async () => {
     const viaHeader = await alice.openai.chat.completions
-      .create({ messages: [{ role: 'user', content: 'x' }] }, { headers: { 'x-task-type': 'budget' } })
+      .create({ model: 'auto', messages: [{ role: 'user', content: 'x' }] }, { headers: { 'x-task-type': 'budget' } })
       .withResponse();
     expect(viaHeader.data.model).toBe('meta-llama/llama-3.1-8b-instruct');
     const unknown = await alice.openai.chat.completions
-      .create({ messages: [{ role: 'user', content: 'x' }], task_type: 'poetry' } as OpenAI.Chat.ChatCompletionCreateParamsNonStreaming)
+      .create({ model: 'auto', messages: [{ role: 'user', content: 'x' }], task_type: 'poetry' } as unknown as OpenAI.Chat.ChatCompletionCreateParamsNonStreaming)
       .withResponse();
     expect(unknown.data.model).toBe('openai/gpt-4o-mini');
     expect(unknown.response.headers.get('x-gateway-route')).toBe('task_type=poetry; rule=general; version=1');
@@ -57,6 +57,7 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
 
   it('streams SSE that the SDK reads, with a final usage chunk when asked', async () => {
     const stream = await alice.openai.chat.completions.create({
+      model: 'auto',
       messages: [{ role: 'user', content: 'stream please' }],
       stream: true,
       stream_options: { include_usage: true },
@@ -72,7 +73,7 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
   });
 
   it('does not send the usage chunk to a client that did not ask for it', async () => {
-    const stream = await alice.openai.chat.completions.create({ messages: [{ role: 'user', content: 'quiet' }], stream: true });
+    const stream = await alice.openai.chat.completions.create({ model: 'auto', messages: [{ role: 'user', content: 'quiet' }], stream: true });
     const chunks: OpenAI.Chat.ChatCompletionChunk[] = [];
     for await (const chunk of stream) chunks.push(chunk);
     expect(chunks.length).toBeGreaterThan(2);
@@ -110,15 +111,15 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
       await gw.admin.delete(`/admin/keys/${bob.keyId}`);
       const err = await bob.openai.models.list().catch((e: unknown) => e);
       expect(err).toBeInstanceOf(OpenAI.AuthenticationError);
-      expect((err as OpenAI.APIError).code).toBe('invalid_api_key');
+      expect((err as InstanceType<typeof OpenAI.APIError>).code).toBe('invalid_api_key');
     });
 
     it('400 naming the field for missing messages and wrong types', async () => {
       const missing = await alice.api.post('/v1/chat/completions', { model: 'auto' });
       expect(missing).toMatchObject({ status: 400, body: { error: { type: 'invalid_request_error', code: 'missing_field', param: 'messages' } } });
-      const err = await alice.openai.chat.completions.create({ messages: [{ role: 'user', content: 'x' }], max_tokens: -3 }).catch((e: unknown) => e);
+      const err = await alice.openai.chat.completions.create({ model: 'auto', messages: [{ role: 'user', content: 'x' }], max_tokens: -3 }).catch((e: unknown) => e);
       expect(err).toBeInstanceOf(OpenAI.BadRequestError);
-      expect((err as OpenAI.APIError).param).toBe('max_tokens');
+      expect((err as InstanceType<typeof OpenAI.APIError>).param).toBe('max_tokens');
       const wrongType = await alice.api.post('/v1/chat/completions', { messages: 'hello' });
       expect(wrongType.body).toMatchObject({ error: { param: 'messages' } });
     });
