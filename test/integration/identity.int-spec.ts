@@ -1,0 +1,101 @@
+import { DataSource } from 'typeorm';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { DB_KINDS } from '../support/databases.js';
+import { startTestGateway, type TestGateway } from '../support/gateway.js';
+
+interface KeyView {
+  id: string;
+  key?: string;
+  prefix: string;
+  user_id: string;
+  revoked_at: string | null;
+  key_hash?: string;
+}
+
+describe.each(DB_KINDS)('identity on %s', (db) => {
+  let gw: TestGateway;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ db });
+  });
+  afterAll(async () => {
+    await gw.close();
+  });
+
+  it('creates departments, users and keys; the key is shown once and stored only as a hash', async () => {
+    const dept = await gw.admin.post<{ id: string; name: string }>('/admin/departments', { name: 'Research' });
+    expect(dept.status).toBe(201);
+    expect(dept.body).toMatchObject({ name: 'Research', id: expect.stringMatching(/^[0-9a-f-]{36}$/) });
+
+    const user = await gw.admin.post<{ id: string }>('/admin/users', { name: 'alice', department_id: dept.body.id, role: 'user' });
+    expect(user).toMatchObject({ status: 201, body: { name: 'alice', department_id: dept.body.id, role: 'user' } });
+
+    const key = await gw.admin.post<KeyView>('/admin/keys', { user_id: user.body.id, name: 'laptop' });
+    expect(key.status).toBe(201);
+    expect(key.body.key).toMatch(/^gh-/);
+    expect(key.body.key?.startsWith(key.body.prefix)).toBe(true);
+
+    const listed = await gw.admin.get<{ data: KeyView[] }>(`/admin/keys?user_id=${user.body.id}`);
+    expect(listed.body.data).toHaveLength(1);
+    expect(listed.body.data[0]).not.toHaveProperty('key');
+    expect(listed.body.data[0]).not.toHaveProperty('key_hash');
+
+    // What the database holds is a sha256, never the key.
+    const rows = (await gw.gateway.app.get(DataSource).query('SELECT key_hash FROM api_keys WHERE id = $1', [key.body.id])) as Array<{ key_hash: string }>;
+    expect(rows[0]?.key_hash).toMatch(/^[0-9a-f]{64}$/);
+    expect(rows[0]?.key_hash).not.toContain(key.body.key);
+
+    const me = await fetch(`${gw.url}/v1/models`, { headers: { authorization: `Bearer ${key.body.key}` } });
+    expect(me.status).toBe(200);
+  });
+
+  it('rejects duplicates, unknown references and bad input with the field named', async () => {
+    await gw.admin.post('/admin/departments', { name: 'Sales' });
+    const dup = await gw.admin.post('/admin/departments', { name: 'sales' });
+    expect(dup).toMatchObject({ status: 409, body: { error: { type: 'conflict_error', code: 'conflict', param: 'name' } } });
+
+    const noDept = await gw.admin.post('/admin/users', { name: 'x', department_id: '00000000-0000-4000-8000-000000000000', role: 'user' });
+    expect(noDept).toMatchObject({ status: 404, body: { error: { code: 'not_found', param: 'department_id' } } });
+
+    const badRole = await gw.admin.post('/admin/users', { name: 'x', department_id: '00000000-0000-4000-8000-000000000000', role: 'root' });
+    expect(badRole).toMatchObject({ status: 400, body: { error: { param: 'role' } } });
+
+    const missing = await gw.admin.post('/admin/keys', {});
+    expect(missing).toMatchObject({ status: 400, body: { error: { code: 'missing_field', param: 'user_id' } } });
+
+    const unknownKey = await gw.admin.delete('/admin/keys/not-a-uuid');
+    expect(unknownKey).toMatchObject({ status: 404, body: { error: { type: 'not_found_error' } } });
+  });
+
+  it('revoking a key, disabling a user or a department locks their keys out at once on this instance', async () => {
+    const a = await gw.tenants.create();
+    const b = await gw.tenants.create();
+    const c = await gw.tenants.create();
+    for (const t of [a, b, c]) expect((await t.api.get('/v1/models')).status).toBe(200);
+
+    expect((await gw.admin.delete(`/admin/keys/${a.keyId}`)).status).toBe(200);
+    expect((await gw.admin.delete(`/admin/users/${b.userId}`)).status).toBe(200);
+    expect((await gw.admin.delete(`/admin/departments/${c.departmentId}`)).status).toBe(200);
+    for (const t of [a, b, c]) {
+      const res = await t.api.get('/v1/models');
+      expect(res).toMatchObject({ status: 401, body: { error: { code: 'invalid_api_key' } } });
+    }
+  });
+
+  it('honours key expiry', async () => {
+    const t = await gw.tenants.create();
+    const past = await gw.admin.post('/admin/keys', { user_id: t.userId, expires_at: '2001-01-01T00:00:00Z' });
+    expect(past).toMatchObject({ status: 400, body: { error: { param: 'expires_at' } } });
+    const soon = await gw.admin.post<KeyView>('/admin/keys', { user_id: t.userId, expires_at: new Date(Date.now() + 60_000).toISOString() });
+    expect(soon.status).toBe(201);
+    const res = await fetch(`${gw.url}/v1/models`, { headers: { 'x-api-key': soon.body.key ?? '' } });
+    expect(res.status).toBe(200);
+  });
+
+  it('an admin user created through the API can use /admin; a user cannot', async () => {
+    const admin = await gw.tenants.create({ role: 'admin' });
+    expect((await admin.api.get('/admin/users')).status).toBe(200);
+    const user = await gw.tenants.create();
+    expect((await user.api.get('/admin/users')).status).toBe(403);
+  });
+});
