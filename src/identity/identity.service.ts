@@ -199,7 +199,7 @@ export class IdentityService {
   /** The built-in admin user that owns bootstrap keys; created once, shared by all instances. */
   async ensureBootstrapAdmin(): Promise<UserEntity> {
     await this.dataSource.query(`INSERT INTO departments (name) VALUES ('gatehouse-admins') ON CONFLICT DO NOTHING`);
-    const [department] = (await this.dataSource.query(`SELECT id FROM departments WHERE lower(name) = 'gatehouse-admins'`)) as Array<{ id: string }>;
+    const [department] = await this.dataSource.query<Array<{ id: string }>>(`SELECT id FROM departments WHERE lower(name) = 'gatehouse-admins'`);
     if (!department) throw new Error('bootstrap department missing after insert');
     const existing = await this.users.findOne({ where: { departmentId: department.id, name: 'bootstrap-admin', disabledAt: IsNull() } });
     return existing ?? (await this.users.save(this.users.create({ name: 'bootstrap-admin', departmentId: department.id, role: 'admin' })));

@@ -67,7 +67,7 @@ export class RoutingService implements OnModuleInit, OnApplicationShutdown {
 
   private async pollOnce(): Promise<void> {
     try {
-      const [row] = (await this.dataSource.query('SELECT max(version) AS version FROM routing_versions')) as Array<{ version: number | null }>;
+      const [row] = await this.dataSource.query<Array<{ version: number | null }>>('SELECT max(version) AS version FROM routing_versions');
       if (row?.version != null && Number(row.version) !== this.current.version) await this.reload();
     } catch (error) {
       // Keep serving the table we have; the database being briefly away must not stop routing.
@@ -76,15 +76,15 @@ export class RoutingService implements OnModuleInit, OnApplicationShutdown {
   }
 
   private async reload(): Promise<void> {
-    const [row] = (await this.dataSource.query(
+    const [row] = await this.dataSource.query<VersionRow[]>(
       'SELECT version, body, created_at, created_by, comment FROM routing_versions ORDER BY version DESC LIMIT 1',
-    )) as VersionRow[];
+    );
     if (!row) throw new Error('routing_versions is empty after seeding');
     this.current = toTable(row);
   }
 
   async versions(): Promise<RoutingTable[]> {
-    const rows = (await this.dataSource.query('SELECT version, body, created_at, created_by, comment FROM routing_versions ORDER BY version DESC')) as VersionRow[];
+    const rows = await this.dataSource.query<VersionRow[]>('SELECT version, body, created_at, created_by, comment FROM routing_versions ORDER BY version DESC');
     return rows.map(toTable);
   }
 

@@ -84,7 +84,7 @@ function toFailure(error: unknown, signal: AbortSignal): UpstreamFailure {
     const body = error.error as { message?: unknown; code?: unknown } | undefined;
     const message = typeof body?.message === 'string' ? body.message : `upstream answered HTTP ${error.status}`;
     const code = typeof body?.code === 'string' ? body.code : undefined;
-    return new UpstreamFailure('http', message.slice(0, 500), error.status, error.headers ? parseRetryAfter(error.headers) : undefined, code);
+    return new UpstreamFailure('http', message.slice(0, 500), error.status, error.headers ? parseRetryAfter(error.headers as Headers) : undefined, code);
   }
   if (error instanceof SyntaxError) return new UpstreamFailure('bad_response', 'upstream sent a body that is not JSON');
   return new UpstreamFailure('connection', `upstream call failed: ${(error as Error).message}`);
