@@ -35,6 +35,9 @@ export async function openDatabase(target: DatabaseTarget, content: DatabaseCont
     synchronize: false,
     migrationsRun: false,
     logging: false,
+    // gen_random_uuid() is built into PostgreSQL 13+ and PGlite; never CREATE EXTENSION.
+    uuidExtension: 'pgcrypto' as const,
+    installExtensions: false,
   };
   let pglite: PGlite | undefined;
   let options: DataSourceOptions;

@@ -1,14 +1,18 @@
 /**
  * Opening PGlite instances, and migrated templates so tests skip initdb.
  *
- * Timings measured on the dev container (Node 24, PGlite 0.5.17, 2 runs each, cold process):
- * - first start in `memory://` (runs initdb):                      ~3.3–3.8 s
- * - first start on an empty directory (initdb, then copy to disk): ~3.5 s
- * - reopen an existing directory (no initdb):                      ~0.35 s
- * - `dumpPgliteTemplate` (CHECKPOINT + uncompressed tar, ~40 MB):  ~0.15 s  (gzip: ~0.75 s, ~4.5 MB)
- * - `openPglite({ dataDir: 'memory://', loadDataDir: template })`: ~0.35–0.45 s (gzip: ~0.5–0.65 s)
- * So a test suite should create and migrate one template, then load it per test file: about ten
- * times cheaper than initdb, and the migrations have already run.
+ * Timings measured in the dev container (2 vCPUs, Node 24, PGlite 0.5.17; ranges over several
+ * runs, the high ends while other jobs shared the machine):
+ * - first start in `memory://` (runs initdb):                         2.7–4.9 s
+ * - first start on an empty directory (initdb, then copied to disk):  2.7–4.0 s
+ * - reopen an existing directory (no initdb):                         0.23–0.35 s
+ * - `dumpPgliteTemplate` (CHECKPOINT + tar; 20 tables):   'none' 0.13–0.18 s, 41 MB
+ *                                                         'gzip' 0.67–0.77 s, 4.7 MB
+ * - `openPglite({ dataDir: 'memory://', loadDataDir })`:  'none' 0.33–0.63 s
+ *                                                         'gzip' 0.48–0.70 s
+ * - then `new DataSource(...).initialize()` on it:                    < 10 ms
+ * So a test run should initdb + migrate once, dump, and load the template per test file: 5–10×
+ * cheaper than initdb, and the migrations have already run.
  */
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';

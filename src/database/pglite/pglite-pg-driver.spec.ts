@@ -1,4 +1,4 @@
-import { PGlite } from '@electric-sql/pglite';
+import type { PGlite } from '@electric-sql/pglite';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openPglite, dumpPgliteTemplate } from './pglite-database.js';
@@ -176,7 +176,9 @@ describe('value types match pg defaults', () => {
     const driver = createPglitePgDriver(db);
     // TypeORM only sets parseInt8 through an *own* setter.
     expect(Object.getOwnPropertyDescriptor(driver.defaults, 'parseInt8')?.set).toBeTypeOf('function');
+    expect(driver.defaults.parseInt8).toBe(false);
     driver.defaults.parseInt8 = true;
+    expect(driver.defaults.parseInt8).toBe(true);
     driver.types.setTypeParser(1700, (value) => Number(value));
     const other = new driver.Pool();
     try {

@@ -87,17 +87,19 @@ export interface PglitePoolConfig {
 export interface PglitePgDriverOptions {
   /**
    * How long `pool.connect()` waits for the session when the pool config sets no
-   * `connectionTimeoutMillis`. Default 0 = forever, like pg. Worth setting in development:
-   * with one session, code that holds a query runner (e.g. inside `dataSource.transaction`) and
-   * then queries through *another* runner (a repository not taken from the transaction's
-   * EntityManager) waits for itself forever; a timeout turns that deadlock into an error.
+   * `connectionTimeoutMillis` (TypeORM's `connectTimeoutMS`). Default 30 000; 0 = forever (pg's
+   * default). Not forever by default because of the one-session deadlock: code that holds a
+   * query runner (e.g. inside `dataSource.transaction`) and then queries through *another* runner
+   * (`dataSource.query`, a repository not taken from the transaction's EntityManager) waits for
+   * itself. On PostgreSQL that borrows a second pooled connection and works; here it would hang
+   * forever, so it fails with an explanatory error instead.
    */
   acquireTimeoutMillis?: number;
 }
 
 /** Per-driver `defaults`, shaped like `pg.defaults` where TypeORM and pg users look. */
 export interface PglitePgDefaults {
-  /** Write-only like pg's: true → int8 parsed like int4 (numbers, precision lost beyond 2^53). */
+  /** Like pg's: true → int8 parsed like int4 (numbers, precision lost beyond 2^53). Default false. */
   parseInt8: boolean;
   /** Like pg: send Dates as UTC ("+00:00") instead of local time with offset. */
   parseInputDatesAsUTC: boolean;
@@ -134,7 +136,7 @@ interface Waiter {
 }
 
 /** Exclusive use of the PGlite session until `end()`; `end()` cleans up, then hands it on. */
-export interface SessionLease {
+interface SessionLease {
   readonly db: PGlite;
   /** Rolls back a transaction left open or aborted, then passes the session on. Idempotent. */
   end(): Promise<void>;
@@ -184,8 +186,6 @@ class SessionArbiter {
             ),
           );
         }, timeoutMs);
-        // A waiting caller must not keep the process alive on its own.
-        waiter.timer.unref();
       }
       this.waiters.push(waiter);
     });
@@ -275,7 +275,7 @@ function rollbackIfInTransaction(db: PGlite): Promise<unknown> {
       inTransaction = true;
     }
   }
-  return inTransaction && false ? db.exec('ROLLBACK') : Promise.resolve();
+  return inTransaction ? db.exec('ROLLBACK') : Promise.resolve();
 }
 
 /**
@@ -303,10 +303,11 @@ export async function withPgliteSession<T>(db: PGlite, fn: (db: PGlite) => Promi
 }
 
 /**
- * Closes a PGlite instance once every lease on it has been released (so a runner's ROLLBACK
- * cannot race the shutdown). Anyone still queued, or arriving later, gets an error instead of
- * hanging. Idempotent. Call it after `dataSource.destroy()`; `pool.end()` never closes `db`
- * because the instance belongs to whoever opened it.
+ * Closes a PGlite instance after the current holder of its session (and whoever queued before
+ * this call) is done, so a runner's cleanup ROLLBACK cannot race the shutdown. Callers queued
+ * behind it, or arriving later, get an error instead of hanging. Idempotent. Call it after
+ * `dataSource.destroy()`: `pool.end()` never closes `db`, which belongs to whoever opened it.
+ * (Plain `db.close()` is fine too when nothing can still be running.)
  */
 export async function closePglite(db: PGlite): Promise<void> {
   const arbiter = arbiterFor(db);
@@ -329,10 +330,10 @@ export async function closePglite(db: PGlite): Promise<void> {
 
 const identityParser: PgTypeParser = (value) => value;
 
-/** Wraps whatever `pg.types` (pg-types) returns, which its typings leave as `any`. */
+/** pg-types' parser for an oid (its typings say `any`; at runtime it is always a function). */
 function globalPgTypeParser(oid: number, format: 'text' | 'binary'): PgTypeParser {
   const parser: unknown = pg.types.getTypeParser(oid, format);
-  return typeof parser === 'function' ? (value: string): unknown => (parser as PgTypeParser)(value) : identityParser;
+  return typeof parser === 'function' ? (parser as PgTypeParser) : identityParser;
 }
 
 class PgliteTypeOverrides implements PglitePgTypes {
@@ -353,6 +354,10 @@ class PgliteTypeOverrides implements PglitePgTypes {
 
   reset(oid: number): void {
     this.text.delete(oid);
+  }
+
+  isOverridden(oid: number): boolean {
+    return this.text.has(oid);
   }
 }
 
@@ -377,7 +382,7 @@ function createDefaults(types: PgliteTypeOverrides): PglitePgDefaults {
     },
     get parseInt8(): boolean {
       // pg's is write-only (reads undefined); reporting the state is more useful and harmless.
-      return types.getTypeParser(INT8_OID) !== globalPgTypeParser(INT8_OID, 'text');
+      return types.isOverridden(INT8_OID);
     },
     get parseInputDatesAsUTC(): boolean {
       return parseInputDatesAsUTC;
@@ -842,6 +847,8 @@ export class PglitePool extends EventEmitter {
   }
 }
 
+const DEFAULT_ACQUIRE_TIMEOUT_MS = 30_000;
+
 /**
  * Builds the `driver` module for `new DataSource({ type: 'postgres', driver: createPglitePgDriver(db) })`.
  * Each call gets its own `types`/`defaults` (so TypeORM's `parseInt8` stays local), while the
@@ -855,7 +862,7 @@ export function createPglitePgDriver(db: PGlite, options: PglitePgDriverOptions 
     types,
     defaults: createDefaults(types),
     parserCache: { keyCount: -1, parsers: {} },
-    acquireTimeoutMillis: options.acquireTimeoutMillis ?? 0,
+    acquireTimeoutMillis: options.acquireTimeoutMillis ?? DEFAULT_ACQUIRE_TIMEOUT_MS,
   };
   class Pool extends PglitePool {
     constructor(config?: PglitePoolConfig) {
