@@ -1,9 +1,11 @@
-import { Injectable } from '@nestjs/common';
+import { Inject, Injectable, Optional } from '@nestjs/common';
 import { readUsage, type Usage } from '../../libs/openai-contract/src/index.js';
+import { AppConfig } from '../config/config.js';
 import { GatewayError } from '../core/errors.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
 import { LlmClient, UpstreamFailure, type UpstreamJsonResult } from '../upstream/llm-client.js';
-import { isRetryable, upstreamToGatewayError } from '../upstream/upstream-errors.js';
+import { RetryPolicy, type RetryEnv, SYSTEM_RETRY_ENV } from '../upstream/retry-policy.js';
+import { failureAction, upstreamToGatewayError } from '../upstream/upstream-errors.js';
 import type { CompletionCall } from './completion.types.js';
 import { upstreamBody } from './upstream-body.js';
 
@@ -15,6 +17,17 @@ export interface Attempt {
   failure: string | undefined;
   latencyMs: number;
   usage: Usage | undefined;
+  /**
+   * true when the caller received this attempt's output (the answer, or a stream that broke after
+   * its first byte); the failed tries before it are recorded with false.
+   */
+  counted?: boolean;
+  /** 1 for the first try of a model (or of a native-fallback request), 2 for its first retry, … */
+  try?: number;
+  /** Milliseconds waited (backoff or retry-after) before this attempt. */
+  waitedMs?: number;
+  /** Set on an OpenRouter native-fallback request: the whole chain it carried. */
+  chain?: string[];
 }
 
 export interface OpenedStream {
@@ -25,50 +38,206 @@ export interface OpenedStream {
   startedAt: number;
 }
 
+/** Tests swap randomness and waiting (see retry-policy.spec / upstream-caller.spec). */
+export const RETRY_ENV = Symbol('RETRY_ENV');
+
+/** One unit of the walk: a single model, or (native) the whole chain in one OpenRouter request. */
+interface Plan {
+  model: string;
+  chain: string[] | undefined;
+}
+
+interface Success<T> {
+  value: T;
+  plan: Plan;
+  tryNumber: number;
+  waitedMs: number;
+  startedAt: number;
+}
+
 /**
- * Walks the route's model chain (primary, then fallbacks) until one answers. For streams it
- * stops at the first event: after that, the caller owns the stream and there is no going back.
- * Every attempt is appended to `attempts`, failed or not.
+ * The total deadline of one call. Arming it costs a timer, an AbortController and a listener
+ * (~5 µs; AbortSignal.any alone measured ~11 µs), so the happy path skips it: while the deadline
+ * is at least UPSTREAM_TIMEOUT_MS, the first attempt is already bounded by the client's own
+ * timeouts, and the deadline is armed at the first failure, measured from the call's start.
+ * Disarmed once the answer (or a stream's first event) is in: a stream may then run longer.
+ */
+class Deadline {
+  private controller: AbortController | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private readonly endsAt: number;
+  private passed = false;
+
+  constructor(
+    private readonly callSignal: AbortSignal,
+    private readonly ms: number,
+    eager: boolean,
+  ) {
+    this.endsAt = performance.now() + ms;
+    if (eager) this.arm();
+  }
+
+  /** What the next attempt listens to: the caller's own signal until the deadline is armed. */
+  get signal(): AbortSignal {
+    return this.controller?.signal ?? this.callSignal;
+  }
+
+  /** true once the deadline itself (not the client) ended the call. */
+  get expired(): boolean {
+    return this.passed;
+  }
+
+  arm(): void {
+    if (this.controller) return;
+    const controller = new AbortController();
+    this.controller = controller;
+    const callSignal = this.callSignal;
+    // Kept for the whole call: after a stream's first event, a client leaving must still stop it.
+    if (callSignal.aborted) controller.abort(callSignal.reason);
+    else callSignal.addEventListener('abort', () => controller.abort(callSignal.reason), { once: true });
+    this.timer = setTimeout(
+      () => {
+        this.passed = true;
+        controller.abort(new UpstreamFailure('timeout', `no answer within the ${this.ms} ms upstream deadline`));
+      },
+      Math.max(0, this.endsAt - performance.now()),
+    );
+    this.timer.unref();
+  }
+
+  allows(waitMs: number): boolean {
+    return performance.now() + waitMs < this.endsAt;
+  }
+
+  disarm(): void {
+    if (this.timer) clearTimeout(this.timer);
+  }
+}
+
+/**
+ * Walks the route's model chain until one answers, retrying each model with backoff on
+ * transient failures (upstream-errors.ts decides which), all within one total deadline. With
+ * OpenRouter (or UPSTREAM_NATIVE_FALLBACK=true) the whole chain first goes out as one request
+ * (`models` + `route: "fallback"`) and OpenRouter walks it; if that request fails as a whole,
+ * the gateway walks the chain itself. For streams everything happens before the first event:
+ * after that the caller owns the stream and there is no going back.
+ * Every attempt is appended to `attempts`, failed or not (a successful stream's own attempt is
+ * appended by the pipeline when the stream ends, with its usage).
  */
 @Injectable()
 export class UpstreamCaller {
-  constructor(private readonly llm: LlmClient) {}
+  private readonly policy: RetryPolicy;
+  private readonly env: RetryEnv;
+
+  constructor(
+    private readonly llm: LlmClient,
+    private readonly config: AppConfig,
+    @Optional() @Inject(RETRY_ENV) env?: RetryEnv,
+  ) {
+    this.env = env ?? SYSTEM_RETRY_ENV;
+    this.policy = new RetryPolicy(config.upstream.retry, () => this.env.random());
+  }
 
   async json(call: CompletionCall, route: ResolvedRoute, attempts: Attempt[]): Promise<{ model: string; result: UpstreamJsonResult }> {
-    let last: { failure: UpstreamFailure; model: string } | undefined;
-    for (const model of route.models) {
-      const t0 = performance.now();
-      try {
-        const result = await this.llm.complete({ body: upstreamBody(call, route, model, false), requestId: call.requestId, signal: call.signal });
-        attempts.push({ model, ok: true, status: 200, failure: undefined, latencyMs: performance.now() - t0, usage: readUsage(result.completion) });
-        return { model: result.completion.model || model, result };
-      } catch (error) {
-        const failure = asFailure(error);
-        attempts.push({ model, ok: false, status: failure.status, failure: failure.kind, latencyMs: performance.now() - t0, usage: undefined });
-        last = { failure, model };
-        if (!isRetryable(failure) || call.signal.aborted) break;
-      }
-    }
-    throw finalError(last);
+    const won = await this.walk(call, route, attempts, (plan, signal) =>
+      this.llm.complete({ body: this.body(call, route, plan, false), requestId: call.requestId, signal }),
+    );
+    const result = won.value;
+    const model = result.completion.model || won.plan.model;
+    attempts.push({
+      model,
+      ok: true,
+      status: 200,
+      failure: undefined,
+      latencyMs: performance.now() - won.startedAt,
+      usage: readUsage(result.completion),
+      counted: true,
+      try: won.tryNumber,
+      waitedMs: won.waitedMs,
+      ...(won.plan.chain ? { chain: won.plan.chain } : {}),
+    });
+    return { model, result };
   }
 
   async stream(call: CompletionCall, route: ResolvedRoute, attempts: Attempt[]): Promise<OpenedStream> {
-    let last: { failure: UpstreamFailure; model: string } | undefined;
-    for (const model of route.models) {
-      const t0 = performance.now();
-      try {
-        const events = await this.llm.stream({ body: upstreamBody(call, route, model, true), requestId: call.requestId, signal: call.signal });
-        const iterator = events[Symbol.asyncIterator]();
-        const first = await iterator.next();
-        return { model, iterator, first, startedAt: t0 };
-      } catch (error) {
-        const failure = asFailure(error);
-        attempts.push({ model, ok: false, status: failure.status, failure: failure.kind, latencyMs: performance.now() - t0, usage: undefined });
-        last = { failure, model };
-        if (!isRetryable(failure) || call.signal.aborted) break;
-      }
+    const won = await this.walk(call, route, attempts, async (plan, signal) => {
+      const events = await this.llm.stream({ body: this.body(call, route, plan, true), requestId: call.requestId, signal });
+      const iterator = events[Symbol.asyncIterator]();
+      // The first event is read inside the walk: a stream that dies before it is still retryable.
+      const first = await iterator.next();
+      return { iterator, first };
+    });
+    const { iterator, first } = won.value;
+    const model = won.plan.chain && !first.done ? (modelOfChunk(first.value) ?? won.plan.model) : won.plan.model;
+    return { model, iterator, first, startedAt: won.startedAt };
+  }
+
+  private body(call: CompletionCall, route: ResolvedRoute, plan: Plan, stream: boolean): Record<string, unknown> {
+    const body = upstreamBody(call, route, plan.model, stream);
+    if (plan.chain) {
+      body.models = plan.chain;
+      body.route = 'fallback';
     }
-    throw finalError(last);
+    return body;
+  }
+
+  private plans(route: ResolvedRoute): Plan[] {
+    const single = route.models.map((model) => ({ model, chain: undefined }));
+    if (!this.config.upstream.nativeFallback || route.models.length < 2) return single;
+    return [{ model: route.models[0], chain: route.models }, ...single];
+  }
+
+  private async walk<T>(
+    call: CompletionCall,
+    route: ResolvedRoute,
+    attempts: Attempt[],
+    once: (plan: Plan, signal: AbortSignal) => Promise<T>,
+  ): Promise<Success<T>> {
+    const { deadlineMs } = this.config.upstream.retry;
+    const deadline = new Deadline(call.signal, deadlineMs, deadlineMs < this.config.upstream.timeoutMs);
+    let last: { failure: UpstreamFailure; plan: Plan } | undefined;
+    let tries = 0;
+    try {
+      chain: for (const plan of this.plans(route)) {
+        let waitedMs = 0;
+        for (let tryNumber = 1; ; tryNumber++) {
+          if (deadline.signal.aborted || !deadline.allows(0)) break chain;
+          const startedAt = performance.now();
+          tries++;
+          try {
+            const value = await once(plan, deadline.signal);
+            return { value, plan, tryNumber, waitedMs, startedAt };
+          } catch (error) {
+            const failure = asFailure(error);
+            deadline.arm();
+            attempts.push({
+              model: plan.model,
+              ok: false,
+              status: failure.status,
+              failure: failure.kind,
+              latencyMs: performance.now() - startedAt,
+              usage: undefined,
+              counted: false,
+              try: tryNumber,
+              waitedMs,
+              ...(plan.chain ? { chain: plan.chain } : {}),
+            });
+            last = { failure, plan };
+            const action = failureAction(failure);
+            if (action === 'stop' || deadline.signal.aborted) break chain;
+            if (action === 'next_model') continue chain;
+            const delay = this.policy.delayBeforeRetry(tryNumber, failure);
+            // A wait that would overrun the deadline is better spent on the next model.
+            if (delay === undefined || !deadline.allows(delay)) continue chain;
+            if (delay > 0 && !(await this.env.sleep(delay, deadline.signal))) break chain;
+            waitedMs = delay;
+          }
+        }
+      }
+    } finally {
+      deadline.disarm();
+    }
+    throw finalError(last, route, tries, deadline.expired, call.signal.aborted);
   }
 }
 
@@ -77,6 +246,28 @@ export function asFailure(error: unknown): UpstreamFailure {
   return new UpstreamFailure('connection', error instanceof Error ? error.message : 'unknown upstream error');
 }
 
-function finalError(last: { failure: UpstreamFailure; model: string } | undefined): GatewayError {
-  return last ? upstreamToGatewayError(last.failure, last.model) : new GatewayError('upstream_error', 'No model to call.');
+function modelOfChunk(payload: string): string | undefined {
+  try {
+    const model = (JSON.parse(payload) as { model?: unknown }).model;
+    return typeof model === 'string' && model !== '' ? model : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The last cause decides the answer: it is the most recent word from the upstream. */
+function finalError(
+  last: { failure: UpstreamFailure; plan: Plan } | undefined,
+  route: ResolvedRoute,
+  tries: number,
+  deadlineExpired: boolean,
+  cancelled: boolean,
+): GatewayError {
+  if (!last) {
+    if (cancelled) return new GatewayError('upstream_error', 'The request was cancelled before the upstream answered.');
+    if (deadlineExpired) return new GatewayError('upstream_timeout', 'The upstream did not answer within the deadline.');
+    return new GatewayError('upstream_error', 'No model to call.');
+  }
+  const callerNamedModel = route.explicitModel && last.plan.model === route.models[0] && !last.plan.chain;
+  return upstreamToGatewayError(last.failure, last.plan.chain ? last.plan.chain.join(' → ') : last.plan.model, { callerNamedModel, attempts: tries });
 }

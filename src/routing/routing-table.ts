@@ -1,10 +1,35 @@
 /** The routing table as admins see it (API.md) and as every instance holds it in memory. */
+
+/** Response cache policy of a rule; the cache stage reads it from `ResolvedRoute.cache`. */
+export interface RuleCachePolicy {
+  enabled: boolean;
+  /** Seconds a cached answer lives; absent = the gateway's CACHE_TTL_SECONDS. */
+  ttl_seconds?: number;
+}
+
 export interface RoutingRule {
   task_type: string;
   model: string;
+  /** Tried in order after `model`, before the first byte reaches the client. */
   fallbacks: string[];
-  /** Cap on max_tokens and the value sent when the request names none. */
+  /** Cap on max_tokens: a larger request is lowered to it. Absent = DEFAULT_MAX_TOKENS. */
   max_tokens?: number;
+  /** Sent (and reserved for) when the request names no max_tokens. Absent = the cap. */
+  default_max_tokens?: number;
+  cache?: RuleCachePolicy;
+  /** true = a department may replace model, fallbacks, caps or cache policy for this task type. */
+  department_overridable?: boolean;
+}
+
+/** One department's replacement for parts of one overridable rule; absent fields inherit. */
+export interface DepartmentOverride {
+  department_id: string;
+  task_type: string;
+  model?: string;
+  fallbacks?: string[];
+  max_tokens?: number;
+  default_max_tokens?: number;
+  cache?: RuleCachePolicy;
 }
 
 export interface RoutingTableBody {
@@ -12,14 +37,27 @@ export interface RoutingTableBody {
   rules: RoutingRule[];
   /** When set, users may name only these models explicitly (and `auto`). */
   allowed_models?: string[] | null;
+  /**
+   * Kept inside the versioned table on purpose: a department's change gets a version, an author
+   * and a rollback like any other change, and reaches every instance by the same poll.
+   */
+  department_overrides?: DepartmentOverride[];
 }
 
 export interface RoutingTable extends RoutingTableBody {
   version: number;
   updated_at: string;
+  /** The admin user id that made this version (`system` for the seed). */
   updated_by: string;
   comment?: string | null;
+  /** The version this one replaced (null for the seed). */
+  based_on?: number | null;
+  /** Set when this version is a rollback: the version whose table it restored. */
+  restored_from?: number | null;
 }
+
+/** Task type names, shared by the request edge and table validation. */
+export const TASK_TYPE_PATTERN = /^[a-z0-9][a-z0-9_.-]{0,63}$/i;
 
 /** The reference table of API.md, seeded as version 1 on a first start. */
 export const SEED_ROUTING_TABLE: RoutingTableBody = {
@@ -47,8 +85,15 @@ export interface ResolvedRoute {
   maxTokens: number;
   /** true when the caller named a concrete model instead of `auto`. */
   explicitModel: boolean;
+  /** The rule's cap on max_tokens (maxTokens never exceeds it). */
+  maxTokensCap?: number;
+  /** The rule's cache policy; undefined = the rule sets none and the cache's defaults apply. */
+  cache?: { enabled: boolean; ttlSeconds?: number };
+  /** Set when a department override shaped this route. */
+  overrideDepartmentId?: string;
 }
 
 export function routeHeader(route: ResolvedRoute): string {
-  return `task_type=${route.requestedTaskType}; rule=${route.ruleTaskType}; version=${route.version}`;
+  const base = `task_type=${route.requestedTaskType}; rule=${route.ruleTaskType}; version=${route.version}`;
+  return route.overrideDepartmentId === undefined ? base : `${base}; override=department`;
 }

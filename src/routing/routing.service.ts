@@ -1,50 +1,46 @@
 import { Injectable, type OnApplicationShutdown, type OnModuleInit } from '@nestjs/common';
-import { DataSource } from 'typeorm';
 import { AppConfig } from '../config/config.js';
 import { GatewayError } from '../core/errors.js';
 import { AppLogger } from '../core/logger.js';
-import { type ResolvedRoute, type RoutingTable, type RoutingTableBody, SEED_ROUTING_TABLE } from './routing-table.js';
+import { IdentityService } from '../identity/identity.service.js';
+import { type CompiledTable, compileTable, resolveRoute, type RouteRequest } from './routing-resolver.js';
+import { type DepartmentOverride, type ResolvedRoute, type RoutingTable, type RoutingTableBody, SEED_ROUTING_TABLE } from './routing-table.js';
+import { invalidTable as invalid, parseOverrides, type RoutingProblem } from './routing-validation.js';
+import { RoutingVersionsRepository } from './routing-versions.repository.js';
 
-interface VersionRow {
-  version: number;
-  body: RoutingTableBody;
-  created_at: Date;
-  created_by: string;
+export type { RouteRequest } from './routing-resolver.js';
+
+export interface TableChange {
+  basedOn: number;
+  author: string;
   comment: string | null;
 }
 
-export interface RouteRequest {
-  taskType?: string;
-  /** `auto`/undefined = let the table decide. */
-  model?: string;
-  /** OpenRouter-style explicit fallback list. */
-  models?: string[];
-  maxTokens?: number;
-}
-
 /**
- * Holds the current routing table in memory (no database read per request) and notices a new
- * version within `routing.refreshMs` by polling one indexed `max(version)`: cheap, and it works
- * the same on PGlite and PostgreSQL with no extra connection held open for LISTEN.
+ * Holds the current routing table in memory, compiled for lookups (no database read per
+ * request), and notices a version written by any instance within `routing.refreshMs` by polling
+ * one index-only `max(version)`: cheap, the same on PGlite and PostgreSQL, and it needs no
+ * connection held open for LISTEN. A request resolves once and keeps its `ResolvedRoute`, so a
+ * change never reaches a request already in flight.
  */
 @Injectable()
 export class RoutingService implements OnModuleInit, OnApplicationShutdown {
-  private current!: RoutingTable;
+  private current!: CompiledTable;
   private timer: NodeJS.Timeout | undefined;
   private refreshing: Promise<void> | undefined;
 
   constructor(
-    private readonly dataSource: DataSource,
+    private readonly versions: RoutingVersionsRepository,
+    private readonly identity: IdentityService,
     private readonly config: AppConfig,
     private readonly appLogger: AppLogger,
   ) {}
 
   async onModuleInit(): Promise<void> {
-    await this.dataSource.query(
-      `INSERT INTO routing_versions (version, body, created_by, comment) VALUES (1, $1, 'system', 'seed: reference table') ON CONFLICT DO NOTHING`,
-      [JSON.stringify(SEED_ROUTING_TABLE)],
-    );
-    await this.reload();
+    await this.versions.seed(SEED_ROUTING_TABLE);
+    const latest = await this.versions.latest();
+    if (!latest) throw new Error('routing_versions is empty after seeding');
+    this.install(latest);
     this.timer = setInterval(() => void this.refresh(), this.config.routing.refreshMs);
     this.timer.unref();
   }
@@ -54,7 +50,7 @@ export class RoutingService implements OnModuleInit, OnApplicationShutdown {
   }
 
   table(): RoutingTable {
-    return this.current;
+    return this.current.table;
   }
 
   /** Checks for a newer version now; safe to call concurrently (one query in flight). */
@@ -67,51 +63,150 @@ export class RoutingService implements OnModuleInit, OnApplicationShutdown {
 
   private async pollOnce(): Promise<void> {
     try {
-      const [row] = await this.dataSource.query<Array<{ version: number | null }>>('SELECT max(version) AS version FROM routing_versions');
-      if (row?.version != null && Number(row.version) !== this.current.version) await this.reload();
+      const version = await this.versions.latestVersion();
+      if (version !== null && version > this.current.table.version) {
+        const latest = await this.versions.latest();
+        if (latest) this.install(latest);
+      }
     } catch (error) {
       // Keep serving the table we have; the database being briefly away must not stop routing.
       this.appLogger.logger.warn({ context: 'Routing', err: (error as Error).message }, 'routing refresh failed; keeping current table');
     }
   }
 
-  private async reload(): Promise<void> {
-    const [row] = await this.dataSource.query<VersionRow[]>(
-      'SELECT version, body, created_at, created_by, comment FROM routing_versions ORDER BY version DESC LIMIT 1',
-    );
-    if (!row) throw new Error('routing_versions is empty after seeding');
-    this.current = toTable(row);
+  /** Versions only grow, so an older snapshot (a slow poll racing a local write) never wins. */
+  private install(table: RoutingTable): void {
+    if (this.current && table.version <= this.current.table.version) return;
+    this.current = compileTable(table, this.config.routing.defaultMaxTokens);
+    this.appLogger.logger.info({ context: 'Routing', version: table.version, by: table.updated_by }, 'routing table installed');
   }
 
-  async versions(): Promise<RoutingTable[]> {
-    const rows = await this.dataSource.query<VersionRow[]>('SELECT version, body, created_at, created_by, comment FROM routing_versions ORDER BY version DESC');
-    return rows.map(toTable);
+  /** The decision for one request, from the in-memory snapshot. */
+  resolve(request: RouteRequest, compiled: CompiledTable = this.current): ResolvedRoute {
+    return resolveRoute(compiled, request);
   }
 
-  /** Pure decision from a snapshot: the same function serves requests and the dry-run endpoint. */
-  resolve(request: RouteRequest, table: RoutingTable = this.current): ResolvedRoute {
-    const requestedTaskType = request.taskType ?? table.default_task_type;
-    const rule = table.rules.find((r) => r.task_type === requestedTaskType) ?? table.rules.find((r) => r.task_type === table.default_task_type);
-    if (!rule) throw new GatewayError('internal_error', 'The routing table has no default rule.');
-    const explicitModel = request.model !== undefined && request.model !== 'auto';
-    if (explicitModel && table.allowed_models && !table.allowed_models.includes(request.model as string)) {
-      throw new GatewayError('model_not_allowed', `Model '${request.model}' is not allowed here; use 'auto' or one of: ${table.allowed_models.join(', ')}.`, { param: 'model' });
+  /** Dry run (`POST /admin/routing/resolve`): the same `resolve`, on the snapshot requests use now. */
+  async dryRun(request: RouteRequest & { userId?: string }, version?: number): Promise<{ route: ResolvedRoute; table: RoutingTable }> {
+    let departmentId = request.departmentId;
+    if (request.userId !== undefined) {
+      const user = await this.identity.getUser(request.userId);
+      if (departmentId !== undefined && departmentId !== user.departmentId) {
+        throw new GatewayError('invalid_value', `User ${user.id} belongs to department ${user.departmentId}, not ${departmentId}.`, { param: 'department_id' });
+      }
+      departmentId = user.departmentId;
     }
-    const primary = explicitModel ? (request.model as string) : rule.model;
-    const fallbacks = request.models ?? rule.fallbacks;
-    const models = [...new Set([primary, ...fallbacks])];
-    const cap = rule.max_tokens ?? this.config.routing.defaultMaxTokens;
-    const maxTokens = request.maxTokens === undefined ? cap : Math.min(request.maxTokens, cap);
-    return { requestedTaskType, ruleTaskType: rule.task_type, version: table.version, models, maxTokens, explicitModel };
+    let compiled = this.current;
+    if (version !== undefined && version !== compiled.table.version) {
+      const table = await this.versions.get(version);
+      if (!table) throw new GatewayError('not_found', `No routing table version ${version}.`);
+      compiled = compileTable(table, this.config.routing.defaultMaxTokens);
+    }
+    return { route: this.resolve({ ...request, departmentId }, compiled), table: compiled.table };
+  }
+
+  async listVersions(limit: number, before?: number): Promise<RoutingTable[]> {
+    return this.versions.list(limit, before);
+  }
+
+  async getVersion(version: number): Promise<RoutingTable> {
+    const table = await this.versions.get(version);
+    if (!table) throw new GatewayError('not_found', `No routing table version ${version}.`);
+    return table;
+  }
+
+  /** `PUT /admin/routing`: a whole new table (already validated at the edge), 409 when stale. */
+  async update(body: RoutingTableBody, change: TableChange): Promise<RoutingTable> {
+    await this.checkDepartments(body.department_overrides ?? [], 'department_overrides');
+    return this.append(body, change);
+  }
+
+  /** `PUT /admin/routing/departments/{id}`: replaces one department's overrides, as a new version. */
+  async setDepartmentOverrides(departmentId: string, raw: unknown, change: TableChange): Promise<RoutingTable> {
+    await this.identity.getDepartment(departmentId);
+    const base = await this.versions.get(change.basedOn);
+    const latest = await this.versions.latestVersion();
+    if (!base || latest !== change.basedOn) throw stale(change.basedOn, latest);
+    const withDepartment = Array.isArray(raw) ? raw.map((o: unknown) => withDepartmentId(o, departmentId)) : raw;
+    const { overrides, problems } = parseOverrides(withDepartment, base.rules, 'overrides');
+    for (const [i, o] of overrides.entries()) {
+      if (o.department_id !== departmentId) problems.push({ param: `overrides[${i}].department_id`, message: 'must be the department in the path' });
+    }
+    if (problems.length > 0) throw invalid(problems);
+    const others = (base.department_overrides ?? []).filter((o) => o.department_id !== departmentId);
+    return this.append({ ...bodyOf(base), department_overrides: [...others, ...overrides] }, change);
+  }
+
+  departmentOverrides(departmentId: string): DepartmentOverride[] {
+    return (this.current.table.department_overrides ?? []).filter((o) => o.department_id === departmentId);
+  }
+
+  /**
+   * `POST /admin/routing/rollback/{version}`: the old table becomes a new version, so history is
+   * never rewritten. Without `basedOn` it applies on top of whatever is latest.
+   */
+  async rollback(target: number, change: Omit<TableChange, 'basedOn'> & { basedOn?: number }): Promise<RoutingTable> {
+    const old = await this.versions.get(target);
+    if (!old) throw new GatewayError('not_found', `No routing table version ${target}.`);
+    const comment = change.comment ?? `rollback to version ${target}`;
+    if (change.basedOn !== undefined) return this.append(bodyOf(old), { ...change, basedOn: change.basedOn, comment }, target);
+    // Racing another writer is fine here (the caller asked for "this table now"), so retry on a lost race.
+    for (let tries = 0; tries < 5; tries++) {
+      const latest = await this.versions.latestVersion();
+      const written = await this.versions.append({ basedOn: latest ?? 0, body: bodyOf(old), author: change.author, comment, restoredFrom: target });
+      if (written) {
+        this.install(written);
+        return written;
+      }
+    }
+    throw new GatewayError('conflict', 'The routing table kept changing during the rollback; try again.');
+  }
+
+  private async append(body: RoutingTableBody, change: TableChange, restoredFrom?: number): Promise<RoutingTable> {
+    const written = await this.versions.append({ basedOn: change.basedOn, body, author: change.author, comment: change.comment, restoredFrom });
+    if (!written) throw stale(change.basedOn, await this.versions.latestVersion());
+    // This instance serves the new table at once; the others pick it up on their next poll.
+    this.install(written);
+    return written;
+  }
+
+  /** Overrides must name departments that exist (checked here: validation itself is pure). */
+  private async checkDepartments(overrides: DepartmentOverride[], at: string): Promise<void> {
+    const problems: RoutingProblem[] = [];
+    const checked = new Map<string, boolean>();
+    for (const [i, o] of overrides.entries()) {
+      let exists = checked.get(o.department_id);
+      if (exists === undefined) {
+        exists = await this.identity.getDepartment(o.department_id).then(
+          () => true,
+          (error: unknown) => {
+            if (error instanceof GatewayError && error.code === 'not_found') return false;
+            throw error;
+          },
+        );
+        checked.set(o.department_id, exists);
+      }
+      if (!exists) problems.push({ param: `${at}[${i}].department_id`, message: `no department with id '${o.department_id}'` });
+    }
+    if (problems.length > 0) throw invalid(problems);
   }
 }
 
-function toTable(row: VersionRow): RoutingTable {
-  return {
-    version: Number(row.version),
-    ...row.body,
-    updated_at: new Date(row.created_at).toISOString(),
-    updated_by: row.created_by,
-    comment: row.comment,
-  };
+function bodyOf(table: RoutingTable): RoutingTableBody {
+  const body: RoutingTableBody = { default_task_type: table.default_task_type, rules: table.rules, allowed_models: table.allowed_models ?? null };
+  if (table.department_overrides && table.department_overrides.length > 0) body.department_overrides = table.department_overrides;
+  return body;
+}
+
+function withDepartmentId(o: unknown, departmentId: string): unknown {
+  if (typeof o !== 'object' || o === null || Array.isArray(o) || 'department_id' in o) return o;
+  return { department_id: departmentId, ...o };
+}
+
+function stale(basedOn: number, latest: number | null): GatewayError {
+  return new GatewayError(
+    'conflict',
+    `The routing table changed since version ${basedOn} (the latest is ${latest ?? 'unknown'}): reload it, reapply your change and send the new version.`,
+    { param: 'version', details: { current_version: latest } },
+  );
 }

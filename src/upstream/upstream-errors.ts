@@ -1,19 +1,48 @@
 import { GatewayError } from '../core/errors.js';
 import type { UpstreamFailure } from './llm-client.js';
 
-/** Failures worth another attempt or the next model in the chain (issue #4's retry policy). */
-export function isRetryable(failure: UpstreamFailure): boolean {
+/**
+ * What a failed attempt allows next (issue #4's retry policy, as data):
+ *  - `retry`: the same model again after a backoff (then the next model once its tries are spent);
+ *  - `next_model`: no point asking this model again, but another one may answer;
+ *  - `stop`: every model would fail the same way (our key, our credit, the caller's own request).
+ */
+export type FailureAction = 'retry' | 'next_model' | 'stop';
+
+/** Transient by nature: overload, rate limits, gateway hiccups, request timeouts. 529 = "overloaded". */
+const RETRY_STATUSES: ReadonlySet<number> = new Set([408, 429, 500, 502, 503, 504, 529]);
+/** A model the upstream does not know (or that is gone) says nothing about the next one. */
+const NEXT_MODEL_STATUSES: ReadonlySet<number> = new Set([404, 410]);
+
+export function failureAction(failure: UpstreamFailure): FailureAction {
   switch (failure.kind) {
     case 'timeout':
     case 'connection':
     case 'bad_response':
     case 'cut':
-      return true;
+      return 'retry';
     case 'aborted':
-      return false;
-    case 'http':
-      return failure.status === 429 || failure.status === 408 || (failure.status !== undefined && failure.status >= 500);
+      return 'stop';
+    case 'http': {
+      const status = failure.status ?? 502;
+      if (RETRY_STATUSES.has(status)) return 'retry';
+      if (NEXT_MODEL_STATUSES.has(status) || status >= 500) return 'next_model';
+      // 400/401/402/403/413/422 and the rest of 4xx: the request or our account, not the model.
+      return 'stop';
+    }
   }
+}
+
+/** Kept for callers that only ask "may another attempt help?". */
+export function isRetryable(failure: UpstreamFailure): boolean {
+  return failureAction(failure) !== 'stop';
+}
+
+export interface ErrorContext {
+  /** true when the caller named this model; an unknown model is then the caller's 400, else ours. */
+  callerNamedModel?: boolean;
+  /** Appended to the message: how many attempts were made. */
+  attempts?: number;
 }
 
 /**
@@ -21,17 +50,18 @@ export function isRetryable(failure: UpstreamFailure): boolean {
  * being rejected, out of credit or rate limited is a 502 with a precise code, never 401/402/429.
  * A 4xx about the request itself is the caller's to fix and keeps its 400.
  */
-export function upstreamToGatewayError(failure: UpstreamFailure, model: string): GatewayError {
+export function upstreamToGatewayError(failure: UpstreamFailure, model: string, context: ErrorContext = {}): GatewayError {
   const where = `upstream (${model})`;
+  const tail = context.attempts !== undefined && context.attempts > 1 ? ` (${context.attempts} attempts)` : '';
   switch (failure.kind) {
     case 'timeout':
-      return new GatewayError('upstream_timeout', `The ${where} did not answer in time.`);
+      return new GatewayError('upstream_timeout', `The ${where} did not answer in time${tail}.`);
     case 'connection':
-      return new GatewayError('upstream_error', `Could not reach the ${where}.`);
+      return new GatewayError('upstream_error', `Could not reach the ${where}${tail}.`);
     case 'bad_response':
-      return new GatewayError('upstream_bad_response', `The ${where} sent a malformed response.`);
+      return new GatewayError('upstream_bad_response', `The ${where} sent a malformed response${tail}.`);
     case 'cut':
-      return new GatewayError('upstream_error', `The ${where} stream broke off before it finished.`);
+      return new GatewayError('upstream_error', `The ${where} stream broke off before it finished${tail}.`);
     case 'aborted':
       return new GatewayError('upstream_error', 'The request was cancelled before the upstream answered.');
     case 'http':
@@ -40,10 +70,16 @@ export function upstreamToGatewayError(failure: UpstreamFailure, model: string):
   const status = failure.status ?? 502;
   if (status === 401 || status === 403) return new GatewayError('upstream_auth', `The ${where} rejected the gateway's credentials.`);
   if (status === 402) return new GatewayError('upstream_insufficient_credits', `The ${where} reports insufficient credits.`);
-  if (status === 429) return new GatewayError('upstream_rate_limited', `The ${where} is rate limiting the gateway; try again later.`);
-  if (status === 404) return new GatewayError('model_not_found', `The ${where} does not know this model: ${failure.message}`, { param: 'model' });
+  if (status === 429) return new GatewayError('upstream_rate_limited', `The ${where} is rate limiting the gateway; try again later${tail}.`);
+  if (status === 404 || status === 410) {
+    // Only the caller's own choice of model is the caller's mistake; a model the routing table
+    // chose is the gateway's configuration problem.
+    if (context.callerNamedModel === true)
+      return new GatewayError('model_not_found', `The ${where} does not know this model: ${failure.message}`, { param: 'model' });
+    return new GatewayError('upstream_error', `The ${where} does not know the model the routing table chose: ${failure.message}`);
+  }
   if (status === 400 || status === 413 || status === 422) {
     return new GatewayError(status === 413 ? 'payload_too_large' : 'invalid_value', `The ${where} rejected the request: ${failure.message}`);
   }
-  return new GatewayError('upstream_error', `The ${where} failed with HTTP ${status}.`);
+  return new GatewayError('upstream_error', `The ${where} failed with HTTP ${status}${tail}.`);
 }

@@ -1,7 +1,26 @@
-import { Controller, Get } from '@nestjs/common';
-import { ApiTags } from '@nestjs/swagger';
-import { AdminOnly } from '../../identity/auth.guard.js';
+import { Body, Controller, Get, HttpCode, Param, Post, Put, Query } from '@nestjs/common';
+import { ApiBody, ApiOkResponse, ApiOperation, ApiQuery, ApiTags } from '@nestjs/swagger';
+import { GatewayError } from '../../core/errors.js';
+import { pathUuid } from '../../core/validate.js';
+import { AdminOnly, CurrentPrincipal } from '../../identity/auth.guard.js';
+import type { Principal } from '../../identity/principal.js';
 import { RoutingService } from '../routing.service.js';
+import {
+  DepartmentOverridesDto,
+  ResolvedRouteDto,
+  ResolveRequestDto,
+  resolvedView,
+  RollbackDto,
+  RoutingTableDto,
+  RoutingVersionListDto,
+  UpdateRoutingTableDto,
+} from './routing-admin.dto.js';
+
+function pathVersion(raw: string): number {
+  const n = Number(raw);
+  if (!/^\d{1,9}$/.test(raw) || n < 1) throw new GatewayError('not_found', `No routing table version '${raw.slice(0, 32)}'.`);
+  return n;
+}
 
 @ApiTags('admin: routing')
 @AdminOnly()
@@ -10,12 +29,78 @@ export class RoutingAdminController {
   constructor(private readonly routing: RoutingService) {}
 
   @Get()
-  current() {
+  @ApiOperation({ summary: 'The routing table this instance serves, with its version (checks for a newer one first)' })
+  @ApiOkResponse({ type: RoutingTableDto })
+  async current() {
+    await this.routing.refresh();
     return this.routing.table();
   }
 
+  @Put()
+  @ApiOperation({ summary: 'Replace the whole table as a new version; 409 conflict when `version` is not the latest; 400 lists every problem' })
+  @ApiBody({ type: UpdateRoutingTableDto })
+  @ApiOkResponse({ type: RoutingTableDto })
+  async update(@CurrentPrincipal() admin: Principal, @Body() body: unknown) {
+    const { basedOn, comment, body: table } = UpdateRoutingTableDto.parse(body);
+    return this.routing.update(table, { basedOn, comment, author: admin.userId });
+  }
+
   @Get('versions')
-  async versions() {
-    return { object: 'list', data: await this.routing.versions() };
+  @ApiOperation({ summary: 'Versions, newest first, with author and comment' })
+  @ApiQuery({ name: 'limit', required: false, description: '1-500, default 50' })
+  @ApiQuery({ name: 'before', required: false, description: 'only versions older than this one (paging)' })
+  @ApiOkResponse({ type: RoutingVersionListDto })
+  async versions(@Query('limit') limit?: string, @Query('before') before?: string) {
+    const n = limit === undefined || limit === '' ? 50 : Number(limit);
+    if (!Number.isInteger(n) || n < 1 || n > 500) throw new GatewayError('invalid_value', "'limit' must be an integer from 1 to 500.", { param: 'limit' });
+    const b = before === undefined || before === '' ? undefined : Number(before);
+    if (b !== undefined && (!Number.isInteger(b) || b < 1)) throw new GatewayError('invalid_value', "'before' must be a version number.", { param: 'before' });
+    return { object: 'list', data: await this.routing.listVersions(n, b) };
+  }
+
+  @Get('versions/:version')
+  @ApiOperation({ summary: 'One version of the table' })
+  @ApiOkResponse({ type: RoutingTableDto })
+  version(@Param('version') version: string) {
+    return this.routing.getVersion(pathVersion(version));
+  }
+
+  @Post('rollback/:version')
+  @ApiOperation({ summary: 'Restore an earlier version as a new version (history is never rewritten)' })
+  @ApiBody({ type: RollbackDto, required: false })
+  @ApiOkResponse({ type: RoutingTableDto })
+  rollback(@CurrentPrincipal() admin: Principal, @Param('version') version: string, @Body() body: unknown) {
+    const target = pathVersion(version);
+    const { basedOn, comment } = RollbackDto.parse(body);
+    return this.routing.rollback(target, { basedOn, comment, author: admin.userId });
+  }
+
+  @Post('resolve')
+  @HttpCode(200)
+  @ApiOperation({ summary: 'Dry run: the model, fallbacks, caps and cache policy a request would get, from the very resolver requests use; calls no model' })
+  @ApiBody({ type: ResolveRequestDto })
+  @ApiOkResponse({ type: ResolvedRouteDto })
+  async resolve(@Body() body: unknown) {
+    const { version, ...request } = ResolveRequestDto.parse(body);
+    const { route } = await this.routing.dryRun(request, version);
+    return resolvedView(route);
+  }
+
+  @Get('departments/:id')
+  @ApiOperation({ summary: "A department's overrides in the current table" })
+  departmentOverrides(@Param('id') id: string) {
+    const departmentId = pathUuid(id, 'department');
+    const table = this.routing.table();
+    return { department_id: departmentId, version: table.version, overrides: this.routing.departmentOverrides(departmentId) };
+  }
+
+  @Put('departments/:id')
+  @ApiOperation({ summary: "Replace one department's overrides (of rules with department_overridable) as a new table version; 409 when stale" })
+  @ApiBody({ type: DepartmentOverridesDto })
+  @ApiOkResponse({ type: RoutingTableDto })
+  setDepartmentOverrides(@CurrentPrincipal() admin: Principal, @Param('id') id: string, @Body() body: unknown) {
+    const departmentId = pathUuid(id, 'department');
+    const { basedOn, comment, overrides } = DepartmentOverridesDto.parse(body);
+    return this.routing.setDepartmentOverrides(departmentId, overrides, { basedOn, comment, author: admin.userId });
   }
 }

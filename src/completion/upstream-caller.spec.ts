@@ -1,0 +1,324 @@
+import { describe, expect, it, vi } from 'vitest';
+import type { ChatCompletion } from '../../libs/openai-contract/src/index.js';
+import { loadConfig } from '../config/config.js';
+import { GatewayError } from '../core/errors.js';
+import type { ResolvedRoute } from '../routing/routing-table.js';
+import { abortFailure, LlmClient, type UpstreamCall, type UpstreamEvents, type UpstreamJsonResult, UpstreamFailure } from '../upstream/llm-client.js';
+import type { RetryEnv } from '../upstream/retry-policy.js';
+import type { CompletionCall } from './completion.types.js';
+import { type Attempt, UpstreamCaller } from './upstream-caller.js';
+
+type Reply = 'ok' | 'hang' | UpstreamFailure | { streamCutAfter: number };
+
+/** An LlmClient that answers from a script: per model, a queue of replies (the last one repeats). */
+class ScriptedLlm extends LlmClient {
+  readonly calls: UpstreamCall[] = [];
+  constructor(private readonly script: Record<string, Reply[]>) {
+    super();
+  }
+
+  private next(call: UpstreamCall): { model: string; reply: Reply } {
+    this.calls.push(call);
+    const chain = Array.isArray(call.body.models) ? (call.body.models as string[]) : [call.body.model as string];
+    // Native fallback: like OpenRouter, the first model of the chain that is not failing answers.
+    let reply: Reply = new UpstreamFailure('http', 'no script', 500);
+    let model = chain[0];
+    for (const m of chain) {
+      const queue = this.script[m] ?? ['ok'];
+      reply = (queue.length > 1 ? queue.shift() : queue[0]) as Reply;
+      model = m;
+      if (!(reply instanceof UpstreamFailure)) break;
+    }
+    return { model, reply };
+  }
+
+  async complete(call: UpstreamCall): Promise<UpstreamJsonResult> {
+    const { model, reply } = this.next(call);
+    if (reply instanceof UpstreamFailure) throw reply;
+    if (reply === 'hang') return hang(call.signal);
+    const completion = {
+      id: 'c1',
+      object: 'chat.completion',
+      created: 1,
+      model,
+      choices: [{ index: 0, message: { role: 'assistant', content: 'hi' }, finish_reason: 'stop' }],
+      usage: { prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 },
+    } as unknown as ChatCompletion;
+    return { completion, raw: JSON.stringify(completion) };
+  }
+
+  async stream(call: UpstreamCall): Promise<UpstreamEvents> {
+    const { model, reply } = this.next(call);
+    if (reply instanceof UpstreamFailure) throw reply;
+    if (reply === 'hang') return hang(call.signal);
+    const cutAfter = reply === 'ok' ? Infinity : reply.streamCutAfter;
+    return (async function* () {
+      for (let i = 0; i < 3; i++) {
+        // A real relay awaits the socket between events.
+        await Promise.resolve();
+        if (i >= cutAfter) throw new UpstreamFailure('cut', 'cut');
+        yield JSON.stringify({ model, choices: [{ index: 0, delta: { content: `w${i}` } }] });
+      }
+    })();
+  }
+
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
+function hang(signal: AbortSignal): Promise<never> {
+  return new Promise((_, reject) => signal.addEventListener('abort', () => reject(abortFailure(signal)), { once: true }));
+}
+
+/** Random fixed at 0.5 and sleeping that only records: no test waits for real backoff. */
+function fakeEnv(): RetryEnv & { slept: number[] } {
+  const slept: number[] = [];
+  return { slept, random: () => 0.5, sleep: (ms, signal) => (slept.push(ms), Promise.resolve(!signal.aborted)) };
+}
+
+function caller(llm: LlmClient, env: RetryEnv, extra: Record<string, string> = {}) {
+  const config = loadConfig({
+    OPENROUTER_BASE_URL: 'http://127.0.0.1:1/v1',
+    UPSTREAM_RETRY_BASE_MS: '100',
+    UPSTREAM_RETRY_MAX_DELAY_MS: '1000',
+    UPSTREAM_RETRY_AFTER_MAX_MS: '2000',
+    ...extra,
+  });
+  return new UpstreamCaller(llm, config, env);
+}
+
+function call(signal = new AbortController().signal, model?: string): CompletionCall {
+  return {
+    principal: { keyId: 'k', keyPrefix: 'gh_x', userId: 'u', departmentId: 'd', role: 'user', cacheScope: 'user', expiresAt: undefined },
+    requestId: 'req-1',
+    body: { messages: [{ role: 'user', content: 'x' }], ...(model ? { model } : {}) },
+    taskType: undefined,
+    door: 'chat',
+    signal,
+    cacheControl: { read: true, write: true, ttlSeconds: undefined },
+  };
+}
+
+function route(models: string[], explicitModel = false): ResolvedRoute {
+  return { requestedTaskType: 'code', ruleTaskType: 'code', version: 1, models, maxTokens: 64, explicitModel };
+}
+
+const PRIMARY = 'anthropic/claude-3.5-sonnet';
+const FALLBACK = 'openai/gpt-4o-mini';
+const http = (status: number, retryAfterMs?: number) => new UpstreamFailure('http', `HTTP ${status}`, status, retryAfterMs);
+
+async function failure(p: Promise<unknown>): Promise<GatewayError> {
+  const e = await p.then(
+    () => undefined,
+    (error: unknown) => error,
+  );
+  expect(e).toBeInstanceOf(GatewayError);
+  return e as GatewayError;
+}
+
+const summary = (attempts: Attempt[]) => attempts.map((a) => `${a.model}#${a.try}:${a.ok ? 'ok' : (a.status ?? a.failure)}${a.counted ? ':counted' : ''}`);
+
+describe('UpstreamCaller: retries, backoff and fallbacks', () => {
+  it('retries the primary with backoff, then falls back; every attempt is recorded', async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: [http(503)] });
+    const env = fakeEnv();
+    const attempts: Attempt[] = [];
+    const { model } = await caller(llm, env).json(call(), route([PRIMARY, FALLBACK]), attempts);
+    expect(model).toBe(FALLBACK);
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:503`, `${PRIMARY}#2:503`, `${FALLBACK}#1:ok:counted`]);
+    expect(env.slept).toEqual([50]); // full jitter: 0.5 × base 100
+    expect(attempts[1]?.waitedMs).toBe(50);
+    expect(llm.calls.map((c) => c.body.model)).toEqual([PRIMARY, PRIMARY, FALLBACK]);
+  });
+
+  it('recovers on the same model when a retry succeeds', async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: [new UpstreamFailure('connection', 'reset'), 'ok'] });
+    const attempts: Attempt[] = [];
+    const { model } = await caller(llm, fakeEnv()).json(call(), route([PRIMARY, FALLBACK]), attempts);
+    expect(model).toBe(PRIMARY);
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:connection`, `${PRIMARY}#2:ok:counted`]);
+  });
+
+  it('honours retry-after, and skips to the next model when it asks for more than the cap', async () => {
+    const env = fakeEnv();
+    const waited = new ScriptedLlm({ [PRIMARY]: [http(429, 1000), 'ok'] });
+    await caller(waited, env).json(call(), route([PRIMARY, FALLBACK]), []);
+    expect(env.slept).toEqual([1000]);
+    expect(waited.calls.map((c) => c.body.model)).toEqual([PRIMARY, PRIMARY]);
+
+    const tooLong = new ScriptedLlm({ [PRIMARY]: [http(429, 60_000), 'ok'] });
+    const env2 = fakeEnv();
+    const { model } = await caller(tooLong, env2).json(call(), route([PRIMARY, FALLBACK]), []);
+    expect(model).toBe(FALLBACK);
+    expect(env2.slept).toEqual([]);
+  });
+
+  it.each([400, 401, 402, 403, 413, 422])('never retries or falls back on HTTP %i', async (status) => {
+    const llm = new ScriptedLlm({ [PRIMARY]: [http(status)] });
+    const env = fakeEnv();
+    const attempts: Attempt[] = [];
+    await failure(caller(llm, env).json(call(), route([PRIMARY, FALLBACK]), attempts));
+    expect(llm.calls).toHaveLength(1);
+    expect(env.slept).toEqual([]);
+  });
+
+  it("maps what survives: our key and credit problems are 502s, the caller's request stays a 400", async () => {
+    const codes: Record<number, string> = {};
+    for (const status of [400, 401, 402, 413, 429]) {
+      const e = await failure(caller(new ScriptedLlm({ [PRIMARY]: [http(status)] }), fakeEnv()).json(call(), route([PRIMARY]), []));
+      codes[status] = `${e.status} ${e.code}`;
+    }
+    expect(codes).toEqual({
+      400: '400 invalid_value',
+      401: '502 upstream_auth',
+      402: '502 upstream_insufficient_credits',
+      413: '413 payload_too_large',
+      429: '502 upstream_rate_limited',
+    });
+  });
+
+  it("moves past an unknown model without retrying it; the table's unknown model is a 502, the caller's a 400", async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: [http(404)] });
+    const attempts: Attempt[] = [];
+    expect((await caller(llm, fakeEnv()).json(call(), route([PRIMARY, FALLBACK]), attempts)).model).toBe(FALLBACK);
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:404`, `${FALLBACK}#1:ok:counted`]);
+
+    const tableChose = await failure(caller(new ScriptedLlm({ [PRIMARY]: [http(404)] }), fakeEnv()).json(call(), route([PRIMARY]), []));
+    expect(tableChose).toMatchObject({ status: 502, code: 'upstream_error' });
+    const callerNamed = await failure(
+      caller(new ScriptedLlm({ 'x/unknown': [http(404)] }), fakeEnv()).json(call(undefined, 'x/unknown'), route(['x/unknown'], true), []),
+    );
+    expect(callerNamed).toMatchObject({ status: 400, code: 'model_not_found', param: 'model' });
+  });
+
+  it('answers with the last cause when every model fails', async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: [http(503)], [FALLBACK]: [http(500)] });
+    const attempts: Attempt[] = [];
+    const e = await failure(caller(llm, fakeEnv()).json(call(), route([PRIMARY, FALLBACK]), attempts));
+    expect(e).toMatchObject({ status: 502, code: 'upstream_error' });
+    expect(e.message).toBe(`The upstream (${FALLBACK}) failed with HTTP 500 (4 attempts).`);
+    expect(attempts).toHaveLength(4);
+    expect(attempts.every((a) => a.counted === false)).toBe(true);
+  });
+
+  it('bounds everything by the total deadline', async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: ['hang'] });
+    const attempts: Attempt[] = [];
+    const e = await failure(caller(llm, fakeEnv(), { UPSTREAM_DEADLINE_MS: '100' }).json(call(), route([PRIMARY, FALLBACK]), attempts));
+    expect(e).toMatchObject({ status: 504, code: 'upstream_timeout' });
+    // The deadline ends the walk: no retry, no fallback after it.
+    expect(llm.calls).toHaveLength(1);
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:timeout`]);
+  });
+
+  it('arms the deadline at the first failure when the attempt timeout already bounds the first try, counting from the start', async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: [http(503), 'hang'] });
+    const attempts: Attempt[] = [];
+    const config = { UPSTREAM_TIMEOUT_MS: '100', UPSTREAM_DEADLINE_MS: '150' };
+    const e = await failure(caller(llm, fakeEnv(), config).json(call(), route([PRIMARY, FALLBACK]), attempts));
+    expect(e).toMatchObject({ status: 504, code: 'upstream_timeout' });
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:503`, `${PRIMARY}#2:timeout`]);
+    // The happy path got the caller's own signal: no timer, no extra AbortController.
+    const ok = new ScriptedLlm({});
+    const signal = new AbortController().signal;
+    await caller(ok, fakeEnv(), config).json(call(signal), route([PRIMARY]), []);
+    expect(ok.calls[0]?.signal).toBe(signal);
+  });
+
+  it('stops at once when the client goes away during a backoff', async () => {
+    const controller = new AbortController();
+    const env: RetryEnv = {
+      random: () => 0.5,
+      sleep: () => {
+        controller.abort();
+        return Promise.resolve(false);
+      },
+    };
+    const llm = new ScriptedLlm({ [PRIMARY]: [http(503)] });
+    await failure(caller(llm, env).json(call(controller.signal), route([PRIMARY, FALLBACK]), []));
+    expect(llm.calls).toHaveLength(1);
+  });
+
+  it('bounds tries per model by UPSTREAM_RETRY_ATTEMPTS', async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: [http(503)], [FALLBACK]: [http(503)] });
+    const env = fakeEnv();
+    await failure(caller(llm, env, { UPSTREAM_RETRY_ATTEMPTS: '3' }).json(call(), route([PRIMARY, FALLBACK]), []));
+    expect(llm.calls.map((c) => c.body.model)).toEqual([PRIMARY, PRIMARY, PRIMARY, FALLBACK, FALLBACK, FALLBACK]);
+    expect(env.slept).toEqual([50, 100, 50, 100]);
+  });
+});
+
+describe('UpstreamCaller: OpenRouter native fallback', () => {
+  const native = { UPSTREAM_NATIVE_FALLBACK: 'true' };
+
+  it('sends the chain once as models + route: "fallback" and reports the model that answered', async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: [http(503)] });
+    const attempts: Attempt[] = [];
+    const { model } = await caller(llm, fakeEnv(), native).json(call(), route([PRIMARY, FALLBACK]), attempts);
+    expect(model).toBe(FALLBACK);
+    expect(llm.calls).toHaveLength(1);
+    expect(llm.calls[0]?.body).toMatchObject({ model: PRIMARY, models: [PRIMARY, FALLBACK], route: 'fallback' });
+    expect(attempts).toEqual([expect.objectContaining({ model: FALLBACK, ok: true, counted: true, chain: [PRIMARY, FALLBACK] })]);
+  });
+
+  it('walks the chain itself when the native request fails as a whole', async () => {
+    // Each model fails once: inside the native request, then answers when asked on its own.
+    const llm = new ScriptedLlm({ [PRIMARY]: [http(503), 'ok'], [FALLBACK]: [http(503), 'ok'] });
+    const attempts: Attempt[] = [];
+    const { model } = await caller(llm, fakeEnv(), { ...native, UPSTREAM_RETRY_ATTEMPTS: '1' }).json(call(), route([PRIMARY, FALLBACK]), attempts);
+    expect(model).toBe(PRIMARY);
+    expect(llm.calls.map((c) => ('models' in c.body ? 'native' : c.body.model))).toEqual(['native', PRIMARY]);
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:503`, `${PRIMARY}#1:ok:counted`]);
+    expect(attempts[0]?.chain).toEqual([PRIMARY, FALLBACK]);
+  });
+
+  it('sends a single model plainly', async () => {
+    const llm = new ScriptedLlm({});
+    await caller(llm, fakeEnv(), native).json(call(), route([FALLBACK]), []);
+    expect(llm.calls[0]?.body).not.toHaveProperty('models');
+    expect(llm.calls[0]?.body).not.toHaveProperty('route');
+  });
+
+  it("takes a native stream's model from its first event", async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: [http(503)] });
+    const opened = await caller(llm, fakeEnv(), native).stream(call(), route([PRIMARY, FALLBACK]), []);
+    expect(opened.model).toBe(FALLBACK);
+  });
+});
+
+describe('UpstreamCaller: streams retry only before the first event', () => {
+  it('retries a stream that breaks before its first event, and hands over the first event read', async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: [{ streamCutAfter: 0 }, 'ok'] });
+    const attempts: Attempt[] = [];
+    const opened = await caller(llm, fakeEnv()).stream(call(), route([PRIMARY, FALLBACK]), attempts);
+    expect(opened.model).toBe(PRIMARY);
+    expect(opened.first.done).toBe(false);
+    expect(JSON.parse(opened.first.value as string)).toMatchObject({ choices: [{ delta: { content: 'w0' } }] });
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:cut`]);
+    expect(llm.calls).toHaveLength(2);
+  });
+
+  it('leaves a failure after the first event to the pipeline (no second call)', async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: [{ streamCutAfter: 2 }, 'ok'] });
+    const opened = await caller(llm, fakeEnv()).stream(call(), route([PRIMARY, FALLBACK]), []);
+    await opened.iterator.next();
+    await expect(opened.iterator.next()).rejects.toMatchObject({ kind: 'cut' });
+    expect(llm.calls).toHaveLength(1);
+  });
+
+  it('does not let the deadline cut a stream that already started', async () => {
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout'] });
+    try {
+      const llm = new ScriptedLlm({});
+      const opened = await caller(llm, fakeEnv(), { UPSTREAM_DEADLINE_MS: '100' }).stream(call(), route([PRIMARY]), []);
+      vi.advanceTimersByTime(10_000);
+      expect(llm.calls[0]?.signal.aborted).toBe(false);
+      const rest: string[] = [];
+      for (let next = await opened.iterator.next(); !next.done; next = await opened.iterator.next()) rest.push(next.value);
+      expect(rest).toHaveLength(2);
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+});

@@ -1,0 +1,209 @@
+import OpenAI from 'openai';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+
+const SONNET = 'anthropic/claude-3.5-sonnet';
+const MINI = 'openai/gpt-4o-mini';
+
+interface ErrorBody {
+  error: { message: string; type: string; code: string };
+}
+
+/** Retry delays kept small so the suite stays quick; the retry-after cap still allows 1 s. */
+const FAST_RETRIES = { UPSTREAM_RETRY_BASE_MS: '10', UPSTREAM_RETRY_MAX_DELAY_MS: '40', UPSTREAM_RETRY_AFTER_MAX_MS: '2000', UPSTREAM_RETRY_ATTEMPTS: '2' };
+
+/** A prompt no other test sends: every call here must reach the upstream, never the response cache. */
+let prompts = 0;
+const unique = (text: string) => `${text} #${++prompts}`;
+
+/** Reads a whole SSE response as its `data:` payloads. */
+async function sse(gw: TestGateway, key: string, body: Record<string, unknown>): Promise<{ status: number; headers: Headers; events: string[] }> {
+  const res = await fetch(`${gw.url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ messages: [{ role: 'user', content: unique('one two three four five six seven') }], stream: true, ...body }),
+  });
+  const text = await res.text();
+  const events = text
+    .split('\n\n')
+    .filter((block) => block.startsWith('data: '))
+    .map((block) => block.slice('data: '.length));
+  return { status: res.status, headers: res.headers, events };
+}
+
+describe('fallbacks and retries against the stub upstream (gateway walks the chain)', () => {
+  let gw: TestGateway;
+  let alice: Tenant;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ env: FAST_RETRIES });
+    alice = await gw.tenants.create();
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+  beforeEach(() => {
+    gw.stub.reset();
+  });
+
+  const code = (extra: Record<string, unknown> = {}) =>
+    alice.api.post<{ model: string; choices: unknown[] } & ErrorBody>('/v1/chat/completions', {
+      messages: [{ role: 'user', content: unique('fix my bug') }],
+      task_type: 'code',
+      ...extra,
+    });
+  const sentModels = () => gw.stub.requests.map((r) => (r.body as { model: string }).model);
+
+  it('primary 503 → the fallback answers, and the response says which model did', async () => {
+    gw.stub.configure({ models: { [SONNET]: { status: 503 } } });
+    const { data, response } = await alice.openai.chat.completions
+      .create({
+        model: 'auto',
+        messages: [{ role: 'user', content: unique('fix my bug') }],
+        task_type: 'code',
+      } as unknown as OpenAI.Chat.ChatCompletionCreateParamsNonStreaming)
+      .withResponse();
+    expect(data.model).toBe(MINI);
+    expect(response.headers.get('x-gateway-model')).toBe(MINI);
+    expect(data.choices[0]?.message.content).toMatch(/^Mock reply to: fix my bug #\d+$/);
+    // The primary was tried twice (UPSTREAM_RETRY_ATTEMPTS=2: 503 is transient), then the fallback once.
+    expect(sentModels()).toEqual([SONNET, SONNET, MINI]);
+  });
+
+  it('every model failing → 502 carrying the last cause', async () => {
+    gw.stub.configure({ models: { [SONNET]: { status: 503 }, [MINI]: { status: 500 } } });
+    const res = await code();
+    expect(res.status).toBe(502);
+    expect(res.body.error).toMatchObject({ type: 'upstream_error', code: 'upstream_error' });
+    expect(res.body.error.message).toContain(`upstream (${MINI}) failed with HTTP 500`);
+    expect(sentModels()).toEqual([SONNET, SONNET, MINI, MINI]);
+    expect(JSON.stringify(res.body)).not.toContain('sk-test-upstream-secret');
+  });
+
+  it('429 with retry-after: 1 → waits for it, retries, and succeeds', async () => {
+    gw.stub.configure({ status: 429, retryAfterSeconds: 1, failTimes: 1 });
+    const res = await alice.api.post<{ model: string }>('/v1/chat/completions', { messages: [{ role: 'user', content: unique('hi') }] });
+    expect(res.status).toBe(200);
+    expect(res.body.model).toBe(MINI);
+    expect(gw.stub.hits).toBe(2);
+    const [first, second] = gw.stub.requests;
+    // The retry went out no earlier than the upstream asked (1 s; timer slack tolerated).
+    expect((second?.at ?? 0) - (first?.at ?? 0)).toBeGreaterThanOrEqual(950);
+  });
+
+  it("upstream 401/402/429 that survive retries are 502s with precise codes; 400 is the caller's, never retried", async () => {
+    for (const [status, code, hits] of [
+      [401, 'upstream_auth', 1],
+      [402, 'upstream_insufficient_credits', 1],
+      [429, 'upstream_rate_limited', 2],
+    ] as const) {
+      gw.stub.reset();
+      gw.stub.configure({ status });
+      const res = await alice.api.post<ErrorBody>('/v1/chat/completions', { messages: [{ role: 'user', content: unique('x') }] });
+      expect(res).toMatchObject({ status: 502, body: { error: { type: 'upstream_error', code } } });
+      expect(gw.stub.hits).toBe(hits);
+    }
+    gw.stub.reset();
+    gw.stub.configure({ models: { [SONNET]: { status: 400 } } });
+    const bad = await code();
+    expect(bad).toMatchObject({ status: 400, body: { error: { type: 'invalid_request_error', code: 'invalid_value' } } });
+    // Neither retried nor sent to the fallback: another model would refuse the same request.
+    expect(sentModels()).toEqual([SONNET]);
+  });
+
+  it('a stream whose primary fails before the first byte falls back, invisibly to the client', async () => {
+    gw.stub.configure({ models: { [SONNET]: { status: 503 } } });
+    const { status, headers, events } = await sse(gw, alice.key, { task_type: 'code' });
+    expect(status).toBe(200);
+    expect(headers.get('x-gateway-model')).toBe(MINI);
+    expect(events.at(-1)).toBe('[DONE]');
+    const text = events
+      .slice(0, -1)
+      .map((e) => (JSON.parse(e) as { choices: Array<{ delta: { content?: string } }> }).choices[0]?.delta.content ?? '')
+      .join('');
+    expect(text).toMatch(/^Mock reply to: one two three four five six seven #\d+$/);
+    expect(events.some((e) => e.includes('"error"'))).toBe(false);
+  });
+
+  it('a stream cut after 3 chunks ends with an SSE error event and [DONE], and is not retried after the first byte', async () => {
+    gw.stub.configure({ cutAfterChunks: 3 });
+    const { status, events } = await sse(gw, alice.key, { task_type: 'code' });
+    expect(status).toBe(200);
+    expect(events).toHaveLength(5);
+    const [, , , errorEvent, done] = events;
+    expect(events.slice(0, 3).every((e) => (JSON.parse(e) as { object?: string }).object === 'chat.completion.chunk')).toBe(true);
+    expect(JSON.parse(errorEvent)).toMatchObject({ error: { type: 'upstream_error', code: 'upstream_error' } });
+    expect(done).toBe('[DONE]');
+    expect(gw.stub.hits).toBe(1);
+  });
+
+  it('the SDK reports a stream cut mid-way as an error, never as a whole answer', async () => {
+    gw.stub.configure({ cutAfterChunks: 3 });
+    const stream = await alice.openai.chat.completions.create({
+      model: 'auto',
+      messages: [{ role: 'user', content: unique('one two three four five') }],
+      stream: true,
+    });
+    const consume = async () => {
+      for await (const chunk of stream) void chunk;
+    };
+    await expect(consume()).rejects.toBeInstanceOf(OpenAI.APIError);
+    expect(gw.stub.hits).toBe(1);
+  });
+});
+
+describe('OpenRouter native fallback and the total deadline', () => {
+  let gw: TestGateway;
+  let bob: Tenant;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({
+      env: { ...FAST_RETRIES, UPSTREAM_NATIVE_FALLBACK: 'true', UPSTREAM_RETRY_ATTEMPTS: '1', UPSTREAM_DEADLINE_MS: '800', UPSTREAM_TIMEOUT_MS: '5000' },
+    });
+    bob = await gw.tenants.create();
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+  beforeEach(() => {
+    gw.stub.reset();
+  });
+
+  const code = () =>
+    bob.api.post<{ model: string } & ErrorBody>('/v1/chat/completions', { messages: [{ role: 'user', content: unique('x') }], task_type: 'code' });
+
+  it('sends the chain once as models + route: "fallback"; OpenRouter\'s pick is the answering model', async () => {
+    gw.stub.configure({ models: { [SONNET]: { status: 503 } } });
+    const res = await code();
+    expect(res.status).toBe(200);
+    expect(res.body.model).toBe(MINI);
+    expect(res.headers.get('x-gateway-model')).toBe(MINI);
+    expect(gw.stub.hits).toBe(1);
+    expect(gw.stub.requests[0]?.body).toMatchObject({ model: SONNET, models: [SONNET, MINI], route: 'fallback' });
+  });
+
+  it('walks the chain itself when the native request fails as a whole', async () => {
+    // Both models fail once (inside the native request), then answer when asked one by one.
+    gw.stub.configure({ models: { [SONNET]: { status: 503, failTimes: 1 }, [MINI]: { status: 503, failTimes: 1 } } });
+    const res = await code();
+    expect(res.status).toBe(200);
+    expect(res.body.model).toBe(SONNET);
+    expect(gw.stub.requests.map((r) => ('models' in (r.body as object) ? 'native' : (r.body as { model: string }).model))).toEqual(['native', SONNET]);
+  });
+
+  it('streams through native fallback with the answering model in the header', async () => {
+    gw.stub.configure({ models: { [SONNET]: { status: 503 } } });
+    const { status, headers, events } = await sse(gw, bob.key, { task_type: 'code' });
+    expect(status).toBe(200);
+    expect(headers.get('x-gateway-model')).toBe(MINI);
+    expect(events.at(-1)).toBe('[DONE]');
+    expect(gw.stub.hits).toBe(1);
+  });
+
+  it('gives up at the total deadline even when one attempt may take longer (504)', async () => {
+    gw.stub.configure({ hangMs: 10_000 });
+    const res = await code();
+    expect(res).toMatchObject({ status: 504, body: { error: { type: 'upstream_error', code: 'upstream_timeout' } } });
+    expect(gw.stub.hits).toBe(1);
+  });
+});
