@@ -8,7 +8,14 @@ export interface ModelPrice {
   completion: string;
 }
 
-export type CostSource = 'upstream' | 'pricing_table' | 'unpriced' | 'none';
+/**
+ * Where a charged amount came from, recorded on every ledger row: `upstream` (its `usage.cost`),
+ * `pricing_table` (tokens × a known price), `fallback_price` (tokens × the configured price for
+ * models nobody priced), `estimate` (a stream cut before the upstream reported usage: charged
+ * for the characters produced), `cache` (a cache hit, free), `none` (a failed attempt without
+ * usage, free), `unpriced` (no price at all; only when no fallback is given).
+ */
+export type CostSource = 'upstream' | 'pricing_table' | 'fallback_price' | 'estimate' | 'cache' | 'unpriced' | 'none';
 
 export interface Cost {
   nanos: Nanos;

@@ -1,0 +1,35 @@
+import { describe, expect, it } from 'vitest';
+import { ConfigError, loadConfig } from '../config/config.js';
+
+describe('budget and pricing configuration', () => {
+  it('has bounded defaults: a 10-minute request deadline and a conservative price for unpriced models', () => {
+    const config = loadConfig({});
+    expect(config.budget).toEqual({ reservationTtlMs: 600_000, sweepIntervalMs: 60_000 });
+    expect(config.pricing).toEqual({ refreshMs: 3_600_000, fallbackPrompt: '0.000015', fallbackCompletion: '0.000075' });
+  });
+
+  it('reads the variables and names every bad one at once', () => {
+    const config = loadConfig({ BUDGET_RESERVATION_TTL_MS: '900000', PRICING_FALLBACK_COMPLETION_USD: '0.0001' });
+    expect(config.budget.reservationTtlMs).toBe(900_000);
+    expect(config.pricing.fallbackCompletion).toBe('0.0001');
+    const error = (() => {
+      try {
+        loadConfig({ PRICING_FALLBACK_PROMPT_USD: '-1', PRICING_FALLBACK_COMPLETION_USD: 'cheap', BUDGET_SWEEP_INTERVAL_MS: '0' });
+      } catch (e) {
+        return e;
+      }
+      return undefined;
+    })();
+    expect(error).toBeInstanceOf(ConfigError);
+    const problems = (error as ConfigError).problems.join('\n');
+    expect(problems).toContain('PRICING_FALLBACK_PROMPT_USD');
+    expect(problems).toContain('PRICING_FALLBACK_COMPLETION_USD');
+    expect(problems).toContain('BUDGET_SWEEP_INTERVAL_MS');
+  });
+
+  it('refuses a reservation deadline shorter than the upstream deadline (the sweeper would free money still in use)', () => {
+    expect(() => loadConfig({ BUDGET_RESERVATION_TTL_MS: '60000', UPSTREAM_DEADLINE_MS: '120000' })).toThrow(
+      /BUDGET_RESERVATION_TTL_MS .* UPSTREAM_DEADLINE_MS/,
+    );
+  });
+});

@@ -1,0 +1,101 @@
+import { Injectable } from '@nestjs/common';
+import { DataSource } from 'typeorm';
+import { type Nanos, toUsdNumber } from '../../libs/money/src/index.js';
+import { Clock } from '../core/clock.js';
+import { GatewayError } from '../core/errors.js';
+import type { BudgetRow, BudgetScope, BudgetView } from './budget.types.js';
+import { type BudgetPeriod, currentPeriodStart, nextReset, periodStarts } from './periods.js';
+
+const SCOPE_TABLE: Record<BudgetScope, { table: string; ledgerColumn: string }> = {
+  user: { table: 'users', ledgerColumn: 'user_id' },
+  department: { table: 'departments', ledgerColumn: 'department_id' },
+};
+
+const BUDGET_COLUMNS = 'scope, scope_id, limit_nanos, period, period_start, spent_nanos, reserved_nanos';
+
+/** Setting and reading budgets (the admin API and /v1/usage); the hot path is BudgetService. */
+@Injectable()
+export class BudgetSettingsService {
+  constructor(
+    private readonly dataSource: DataSource,
+    private readonly clock: Clock,
+  ) {}
+
+  /**
+   * Creates or replaces a budget. A new budget (or a new period) starts with what the ledger
+   * already holds for the current period, so `spent` always equals the ledger's sum for the
+   * period, and a budget set at noon counts the morning's spend. Changing only the limit keeps
+   * `spent`, `reserved` and the period as they are. A `total` budget counts from now.
+   */
+  async set(scope: BudgetScope, id: string, limitNanos: Nanos, period: BudgetPeriod): Promise<BudgetView> {
+    await this.assertExists(scope, id);
+    const now = this.clock.now();
+    const start = period === 'total' ? now : currentPeriodStart(period, periodStarts(now), now);
+    const { ledgerColumn } = SCOPE_TABLE[scope];
+    const rows = await this.dataSource.query<BudgetRow[]>(
+      `INSERT INTO budgets AS b (scope, scope_id, limit_nanos, period, period_start, spent_nanos, reserved_nanos, created_at, updated_at)
+       VALUES ($1, $2::uuid, $3::bigint, $4, $5::timestamptz,
+               (SELECT COALESCE(sum(cost_nanos), 0)::bigint FROM usage_ledger WHERE ${ledgerColumn} = $2::uuid AND created_at >= $5::timestamptz),
+               0, $6::timestamptz, $6::timestamptz)
+       ON CONFLICT (scope, scope_id) DO UPDATE SET
+         limit_nanos = EXCLUDED.limit_nanos,
+         period = EXCLUDED.period,
+         period_start = CASE WHEN b.period = EXCLUDED.period THEN b.period_start ELSE EXCLUDED.period_start END,
+         spent_nanos = CASE WHEN b.period = EXCLUDED.period THEN b.spent_nanos ELSE EXCLUDED.spent_nanos END,
+         updated_at = EXCLUDED.updated_at
+       RETURNING ${BUDGET_COLUMNS}`,
+      [scope, id, limitNanos.toString(), period, start.toISOString(), now.toISOString()],
+    );
+    const row = rows[0];
+    if (!row) throw new Error('budget upsert returned no row');
+    return this.view(row);
+  }
+
+  /** The budget of a user or department, or null when it has none (unlimited). 404 if unknown. */
+  async get(scope: BudgetScope, id: string): Promise<BudgetView | null> {
+    await this.assertExists(scope, id);
+    return this.find(scope, id);
+  }
+
+  async find(scope: BudgetScope, id: string): Promise<BudgetView | null> {
+    const rows = await this.dataSource.query<BudgetRow[]>(`SELECT ${BUDGET_COLUMNS} FROM budgets WHERE scope = $1 AND scope_id = $2::uuid`, [scope, id]);
+    return rows[0] ? this.view(rows[0]) : null;
+  }
+
+  /** Removes a budget: the scope becomes unlimited (its ledger rows stay). */
+  async remove(scope: BudgetScope, id: string): Promise<void> {
+    await this.assertExists(scope, id);
+    const result = await this.dataSource.query<unknown[]>(`DELETE FROM budgets WHERE scope = $1 AND scope_id = $2::uuid RETURNING scope`, [scope, id]);
+    const deleted = Array.isArray(result[0]) ? (result[0] as unknown[]).length : result.length;
+    if (deleted === 0) throw new GatewayError('not_found', `The ${scope} '${id}' has no budget.`);
+  }
+
+  /** The current period's numbers, rolled over on read when the stored period has ended. */
+  view(row: BudgetRow): BudgetView {
+    const now = this.clock.now();
+    const stored = new Date(row.period_start);
+    const current = currentPeriodStart(row.period, periodStarts(now), stored);
+    const rolled = stored.getTime() < current.getTime();
+    const start = rolled ? current : stored;
+    const limit = BigInt(row.limit_nanos);
+    const spent = rolled ? 0n : BigInt(row.spent_nanos);
+    const reserved = BigInt(row.reserved_nanos);
+    const remaining = limit - spent - reserved;
+    return {
+      scope: row.scope,
+      id: row.scope_id,
+      limit_usd: toUsdNumber(limit),
+      period: row.period,
+      spent_usd: toUsdNumber(spent),
+      reserved_usd: toUsdNumber(reserved),
+      remaining_usd: toUsdNumber(remaining > 0n ? remaining : 0n),
+      period_start: start.toISOString(),
+      resets_at: nextReset(row.period, start)?.toISOString() ?? null,
+    };
+  }
+
+  private async assertExists(scope: BudgetScope, id: string): Promise<void> {
+    const rows = await this.dataSource.query<unknown[]>(`SELECT 1 FROM ${SCOPE_TABLE[scope].table} WHERE id = $1::uuid`, [id]);
+    if (rows.length === 0) throw new GatewayError('not_found', `No ${scope} with id '${id}'.`);
+  }
+}

@@ -1,0 +1,78 @@
+import type { Nanos } from '../../libs/money/src/index.js';
+import type { ChatCompletionRequest, Usage } from '../../libs/openai-contract/src/index.js';
+import type { Principal } from '../identity/principal.js';
+import type { BudgetPeriod } from './periods.js';
+
+export type BudgetScope = 'user' | 'department';
+export const BUDGET_SCOPES: readonly BudgetScope[] = ['user', 'department'];
+
+/** What the budget needs to know about a call (a `CompletionCall` fits as is). */
+export interface BudgetedCall {
+  principal: Principal;
+  requestId: string;
+  door: string;
+  body: ChatCompletionRequest;
+}
+
+/** The routing decision the worst case is computed from (a `ResolvedRoute` fits as is). */
+export interface BudgetedRoute {
+  models: readonly string[];
+  maxTokens: number;
+  ruleTaskType: string;
+}
+
+/** An amount held on the user's and the department's budgets until `settle`. */
+export interface Reservation {
+  readonly id: string;
+  readonly requestId: string;
+  readonly principal: Principal;
+  readonly door: string;
+  readonly taskType: string;
+  readonly cache: string | null;
+  /** Worst case reserved on each scope that has a budget (0 when neither has one). */
+  readonly amountNanos: Nanos;
+  /** The prompt estimate, reused to charge a stream cut before the upstream reported usage. */
+  readonly promptTokens: number;
+}
+
+/** One upstream attempt as the ledger charges it (the pipeline's `Attempt` fits as is). */
+export interface ChargedAttempt {
+  model: string;
+  ok: boolean;
+  status: number | undefined;
+  failure: string | undefined;
+  usage: Usage | undefined;
+}
+
+export interface SettleOptions {
+  /**
+   * The last attempt delivered output (a JSON answer, or a stream that opened): when it has no
+   * usage (a cut stream, an upstream that reports none), it is charged for these characters.
+   */
+  producedChars?: number;
+}
+
+/** A budget as stored. bigint columns arrive from pg as strings. */
+export interface BudgetRow {
+  scope: BudgetScope;
+  scope_id: string;
+  limit_nanos: string;
+  period: BudgetPeriod;
+  period_start: Date | string;
+  spent_nanos: string;
+  reserved_nanos: string;
+}
+
+/** API.md's budget view, for the current period. */
+export interface BudgetView {
+  scope: BudgetScope;
+  id: string;
+  limit_usd: number;
+  period: BudgetPeriod;
+  spent_usd: number;
+  reserved_usd: number;
+  remaining_usd: number;
+  period_start: string;
+  /** Gateway extension: when the period rolls over (null for `total`). */
+  resets_at: string | null;
+}

@@ -1,0 +1,111 @@
+import { Injectable } from '@nestjs/common';
+import { DataSource } from 'typeorm';
+import { toUsdNumber } from '../../libs/money/src/index.js';
+import { Clock } from '../core/clock.js';
+import { GatewayError } from '../core/errors.js';
+import type { Principal } from '../identity/principal.js';
+import { BudgetSettingsService } from './budget-settings.service.js';
+import type { BudgetView } from './budget.types.js';
+import { periodStarts } from './periods.js';
+
+export const SPEND_GROUPS = ['user', 'department', 'model'] as const;
+export type SpendGroup = (typeof SPEND_GROUPS)[number];
+
+export interface SpendWindow {
+  from: Date | undefined;
+  to: Date | undefined;
+}
+
+interface SpendRow {
+  key: string;
+  name: string | null;
+  requests: string | number;
+  attempts: string | number;
+  prompt_tokens: string | number;
+  completion_tokens: string | number;
+  cost_nanos: string;
+}
+
+export interface SpendLine {
+  requests: number;
+  attempts: number;
+  prompt_tokens: number;
+  completion_tokens: number;
+  cost_usd: number;
+}
+
+// Column and display name per grouping; fixed strings, never user input, in the SQL.
+const GROUPS: Record<SpendGroup, { column: string; field: string; nameJoin: string; name: string }> = {
+  user: { column: 'l.user_id::text', field: 'user_id', nameJoin: 'LEFT JOIN users n ON n.id = l.user_id', name: 'n.name' },
+  department: { column: 'l.department_id::text', field: 'department_id', nameJoin: 'LEFT JOIN departments n ON n.id = l.department_id', name: 'n.name' },
+  model: { column: 'l.model', field: 'model', nameJoin: '', name: 'NULL::text' },
+};
+
+/** Spend reports read from the ledger: `GET /admin/spend` and each caller's `GET /v1/usage`. */
+@Injectable()
+export class SpendService {
+  constructor(
+    private readonly dataSource: DataSource,
+    private readonly clock: Clock,
+    private readonly budgets: BudgetSettingsService,
+  ) {}
+
+  /** Company-wide spend grouped by user, department or model; the window defaults to this UTC month. */
+  async report(groupBy: SpendGroup, window: SpendWindow) {
+    const { from, to } = this.window(window, null);
+    const g = GROUPS[groupBy];
+    const rows = await this.query(g, '', [], from, to);
+    let total = 0n;
+    const data = rows.map((row) => {
+      total += BigInt(row.cost_nanos);
+      return { [g.field]: row.key, ...(groupBy === 'model' ? {} : { name: row.name }), ...line(row) };
+    });
+    return { object: 'list', group_by: groupBy, from: from.toISOString(), to: to?.toISOString() ?? null, data, total_cost_usd: toUsdNumber(total) };
+  }
+
+  /**
+   * The caller's own budgets and spend per model. The window defaults to the user's current
+   * budget period (or this UTC month when the user has no budget).
+   */
+  async usage(principal: Principal, window: SpendWindow) {
+    const [user, department] = await Promise.all([this.budgets.find('user', principal.userId), this.budgets.find('department', principal.departmentId)]);
+    const { from, to } = this.window(window, user);
+    const rows = await this.query(GROUPS.model, 'AND l.user_id = $3::uuid', [principal.userId], from, to);
+    let total = 0n;
+    const spend = rows.map((row) => {
+      total += BigInt(row.cost_nanos);
+      return { model: row.key, ...line(row) };
+    });
+    return { object: 'gateway.usage', user, department, from: from.toISOString(), to: to?.toISOString() ?? null, spend, total_cost_usd: toUsdNumber(total) };
+  }
+
+  private window(window: SpendWindow, budget: BudgetView | null): { from: Date; to: Date | undefined } {
+    const from = window.from ?? (budget ? new Date(budget.period_start) : periodStarts(this.clock.now()).month);
+    if (window.to && window.to.getTime() <= from.getTime()) throw new GatewayError('invalid_value', "'to' must be later than 'from'.", { param: 'to' });
+    return { from, to: window.to };
+  }
+
+  private async query(g: (typeof GROUPS)[SpendGroup], extraWhere: string, extraParams: unknown[], from: Date, to: Date | undefined): Promise<SpendRow[]> {
+    return await this.dataSource.query<SpendRow[]>(
+      `SELECT ${g.column} AS key, ${g.name} AS name,
+              count(DISTINCT l.request_id) AS requests, count(*) AS attempts,
+              COALESCE(sum(l.prompt_tokens), 0) AS prompt_tokens, COALESCE(sum(l.completion_tokens), 0) AS completion_tokens,
+              COALESCE(sum(l.cost_nanos), 0)::bigint AS cost_nanos
+         FROM usage_ledger l ${g.nameJoin}
+        WHERE l.created_at >= $1::timestamptz AND ($2::timestamptz IS NULL OR l.created_at < $2::timestamptz) ${extraWhere}
+        GROUP BY 1, 2
+        ORDER BY sum(l.cost_nanos) DESC, 1`,
+      [from.toISOString(), to?.toISOString() ?? null, ...extraParams],
+    );
+  }
+}
+
+function line(row: SpendRow): SpendLine {
+  return {
+    requests: Number(row.requests),
+    attempts: Number(row.attempts),
+    prompt_tokens: Number(row.prompt_tokens),
+    completion_tokens: Number(row.completion_tokens),
+    cost_usd: toUsdNumber(BigInt(row.cost_nanos)),
+  };
+}

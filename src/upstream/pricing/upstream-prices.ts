@@ -1,0 +1,49 @@
+import type { ModelPrice } from './pricing.js';
+
+/** A per-token USD price as OpenRouter prints it: a plain non-negative decimal ("0.00000015"). */
+const DECIMAL_PRICE = /^\d+(\.\d+)?$/;
+
+export function isDecimalPrice(value: unknown): value is string {
+  return typeof value === 'string' && DECIMAL_PRICE.test(value.trim());
+}
+
+/**
+ * Reads the prices out of an OpenRouter-style `GET /models` body:
+ * `{ data: [ { id, pricing: { prompt: "0.00000015", completion: "0.0000006" } } ] }`.
+ * Entries without both prices, or with OpenRouter's "-1" (price decided per request, e.g.
+ * `openrouter/auto`), are skipped: the static table or the fallback price covers them.
+ */
+export function parseModelsPrices(body: unknown): Map<string, ModelPrice> {
+  const prices = new Map<string, ModelPrice>();
+  const data = typeof body === 'object' && body !== null ? (body as { data?: unknown }).data : undefined;
+  if (!Array.isArray(data)) return prices;
+  for (const entry of data) {
+    if (typeof entry !== 'object' || entry === null) continue;
+    const { id, pricing } = entry as { id?: unknown; pricing?: unknown };
+    if (typeof id !== 'string' || id === '' || typeof pricing !== 'object' || pricing === null) continue;
+    const { prompt, completion } = pricing as { prompt?: unknown; completion?: unknown };
+    if (!isDecimalPrice(prompt) || !isDecimalPrice(completion)) continue;
+    prices.set(id, { prompt: prompt.trim(), completion: completion.trim() });
+  }
+  return prices;
+}
+
+export interface UpstreamPriceSource {
+  baseUrl: string;
+  apiKey: string;
+  timeoutMs: number;
+  headers?: Record<string, string>;
+}
+
+/** One `GET {base}/models`. Throws on any failure; the caller keeps the prices it has. */
+export async function fetchUpstreamPrices(source: UpstreamPriceSource): Promise<Map<string, ModelPrice>> {
+  const response = await fetch(`${source.baseUrl}/models`, {
+    headers: { accept: 'application/json', authorization: `Bearer ${source.apiKey}`, ...source.headers },
+    signal: AbortSignal.timeout(source.timeoutMs),
+  });
+  if (!response.ok) {
+    await response.body?.cancel();
+    throw new Error(`GET /models answered HTTP ${response.status}`);
+  }
+  return parseModelsPrices(await response.json());
+}

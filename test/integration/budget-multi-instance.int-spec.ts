@@ -1,0 +1,64 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { formatUsd } from '../../libs/money/src/index.js';
+import { ApiClient, startTestGateway, type TestGateway } from '../support/gateway.js';
+import { ledgerSum, storedBudget, worstCaseNanos } from './budget-support.js';
+
+// Two gateway instances on one PostgreSQL database, like two replicas behind a load balancer:
+// the budget lives in the database, so together they still cannot overspend it.
+
+const MODEL = 'openai/gpt-4o-mini';
+const MAX_TOKENS = 100;
+const BODY = { messages: [{ role: 'user', content: 'hi' }] };
+const FRESH = { 'cache-control': 'no-cache, no-store' };
+
+describe('budgets across two instances sharing one PostgreSQL', () => {
+  let first: TestGateway;
+  let second: TestGateway;
+
+  beforeAll(async () => {
+    first = await startTestGateway({ db: 'postgres' });
+    second = await startTestGateway({ db: 'postgres', postgresUrl: first.database.url, stub: first.stub });
+  });
+  afterAll(async () => {
+    await second?.close();
+    await first?.close();
+  });
+
+  it('serves at most what the budget covers when 50 requests race across both instances', async () => {
+    first.stub.configure({ completionTokens: MAX_TOKENS });
+    const worst = worstCaseNanos(first, BODY, [MODEL], MAX_TOKENS);
+    const limit = (worst * 11n) / 2n; // room for 5 worst cases, not 6
+    const t = await first.tenants.create({ userBudgetUsd: formatUsd(limit), departmentBudgetUsd: formatUsd(limit * 2n), period: 'total' });
+    const viaFirst = t.api;
+    const viaSecond = new ApiClient(second.url, t.key);
+
+    const results = await Promise.all(
+      Array.from({ length: 50 }, (_, i) =>
+        (i % 2 === 0 ? viaFirst : viaSecond).post('/v1/chat/completions', { ...BODY, model: MODEL, max_tokens: MAX_TOKENS }, FRESH),
+      ),
+    );
+
+    const served = results.filter((r) => r.status === 200).length;
+    const servedBySecond = results.filter((r, i) => i % 2 === 1 && r.status === 200).length;
+    expect(served).toBe(5);
+    expect(results.filter((r) => r.status === 402)).toHaveLength(45);
+    expect(first.stub.hits).toBe(5);
+    const user = await storedBudget(first, 'user', t.userId);
+    const department = await storedBudget(first, 'department', t.departmentId);
+    expect(user.reserved).toBe(0n);
+    expect(department.reserved).toBe(0n);
+    expect(user.spent).toBeLessThanOrEqual(user.limit);
+    expect(user.spent).toBe(await ledgerSum(first, 'user', t.userId, user.periodStart));
+    expect(department.spent).toBe(user.spent);
+    // Both instances see the same budget.
+    const seen = await Promise.all([
+      first.admin.get<{ spent_usd: number }>(`/admin/budgets/users/${t.userId}`),
+      second.admin.get<{ spent_usd: number }>(`/admin/budgets/users/${t.userId}`),
+    ]);
+    expect(seen[0].body.spent_usd).toBe(seen[1].body.spent_usd);
+
+    console.info(
+      `[budget concurrency] two instances on postgres: fired 50 (25 each), served ${served} (${servedBySecond} by the second), spent $${formatUsd(user.spent)} of limit $${formatUsd(user.limit)} (worst case per request $${formatUsd(worst)})`,
+    );
+  });
+});

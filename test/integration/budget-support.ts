@@ -1,0 +1,71 @@
+import { DataSource } from 'typeorm';
+import { BudgetService } from '../../src/budget/budget.service.js';
+import type { TestGateway } from '../support/gateway.js';
+
+/** Reads budgets and the ledger straight from the database the gateway uses (PGlite or PostgreSQL). */
+export function dataSourceOf(gw: TestGateway): DataSource {
+  return gw.gateway.app.get(DataSource);
+}
+
+export interface StoredBudget {
+  limit: bigint;
+  spent: bigint;
+  reserved: bigint;
+  periodStart: Date;
+}
+
+export async function storedBudget(gw: TestGateway, scope: 'user' | 'department', id: string): Promise<StoredBudget> {
+  const rows = await dataSourceOf(gw).query<
+    Array<{
+      limit_nanos: string;
+      spent_nanos: string;
+      reserved_nanos: string;
+      period_start: Date | string;
+    }>
+  >('SELECT limit_nanos, spent_nanos, reserved_nanos, period_start FROM budgets WHERE scope = $1 AND scope_id = $2', [scope, id]);
+  const row = rows[0];
+  if (!row) throw new Error(`no ${scope} budget for ${id}`);
+  return { limit: BigInt(row.limit_nanos), spent: BigInt(row.spent_nanos), reserved: BigInt(row.reserved_nanos), periodStart: new Date(row.period_start) };
+}
+
+export interface LedgerRow {
+  request_id: string;
+  attempt: number;
+  key_id: string | null;
+  user_id: string;
+  department_id: string;
+  model: string;
+  prompt_tokens: number;
+  completion_tokens: number;
+  cost_nanos: string;
+  cost_source: string;
+  status: number | null;
+  outcome: string;
+  cache: string | null;
+  task_type: string | null;
+  door: string;
+  created_at: Date;
+}
+
+export async function ledgerRows(gw: TestGateway, scope: 'user' | 'department', id: string): Promise<LedgerRow[]> {
+  const column = scope === 'user' ? 'user_id' : 'department_id';
+  const rows = await dataSourceOf(gw).query<LedgerRow[]>(`SELECT * FROM usage_ledger WHERE ${column} = $1 ORDER BY id`, [id]);
+  return rows.map((r) => ({ ...r, attempt: Number(r.attempt), prompt_tokens: Number(r.prompt_tokens), completion_tokens: Number(r.completion_tokens) }));
+}
+
+/** Σ cost of the ledger rows of a scope since `from` (the budget's period start), exactly, as bigint. */
+export async function ledgerSum(gw: TestGateway, scope: 'user' | 'department', id: string, from = new Date(0)): Promise<bigint> {
+  const column = scope === 'user' ? 'user_id' : 'department_id';
+  const [row] = await dataSourceOf(gw).query<Array<{ total: string }>>(
+    `SELECT COALESCE(sum(cost_nanos), 0)::bigint AS total FROM usage_ledger WHERE ${column} = $1 AND created_at >= $2`,
+    [id, from.toISOString()],
+  );
+  return BigInt(row?.total ?? '0');
+}
+
+/** The worst case the gateway reserves for `body` on a route of `models` capped at `maxTokens` (what "a budget that covers N" means). */
+export function worstCaseNanos(gw: TestGateway, body: { messages: Array<{ role: string; content: string }> }, models: string[], maxTokens: number): bigint {
+  const principal = { keyId: 'k', keyPrefix: 'k', userId: 'u', departmentId: 'd', role: 'user' as const, cacheScope: 'user' as const, expiresAt: undefined };
+  return gw.gateway.app.get(BudgetService).worstCase({ principal, requestId: 'estimate', door: 'chat', body }, { models, maxTokens, ruleTaskType: 'general' })
+    .amountNanos;
+}
