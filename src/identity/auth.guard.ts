@@ -1,4 +1,4 @@
-import { applyDecorators, type CanActivate, createParamDecorator, type ExecutionContext, Injectable, UseGuards } from '@nestjs/common';
+import { applyDecorators, type CanActivate, createParamDecorator, type ExecutionContext, Inject, Injectable, Optional, UseGuards } from '@nestjs/common';
 import { ApiBearerAuth } from '@nestjs/swagger';
 import type { FastifyRequest } from 'fastify';
 import { GatewayError } from '../core/errors.js';
@@ -45,11 +45,29 @@ export class AdminGuard implements CanActivate {
   }
 }
 
-/** Class-level: every route of a /v1 controller needs a valid key. */
-export const Authenticated = (): ClassDecorator & MethodDecorator => applyDecorators(ApiBearerAuth(), UseGuards(ApiKeyGuard));
+/**
+ * What runs right after the key is known on every authenticated route: the rate limiter, bound
+ * by RateLimitModule. A port, so identity imports no feature and the two decorators below cover
+ * every /v1 and /admin controller, including those other features add.
+ */
+export abstract class AdmissionGuard implements CanActivate {
+  abstract canActivate(context: ExecutionContext): Promise<boolean>;
+}
 
-/** Class-level: every route of an admin controller needs an admin key. */
-export const AdminOnly = (): ClassDecorator & MethodDecorator => applyDecorators(ApiBearerAuth(), UseGuards(ApiKeyGuard, AdminGuard));
+@Injectable()
+export class AdmissionStep implements CanActivate {
+  constructor(@Optional() @Inject(AdmissionGuard) private readonly admission: AdmissionGuard | null) {}
+
+  canActivate(context: ExecutionContext): boolean | Promise<boolean> {
+    return this.admission ? this.admission.canActivate(context) : true;
+  }
+}
+
+/** Class-level: every route of a /v1 controller needs a valid key (then passes the rate limiter). */
+export const Authenticated = (): ClassDecorator & MethodDecorator => applyDecorators(ApiBearerAuth(), UseGuards(ApiKeyGuard, AdmissionStep));
+
+/** Class-level: every route of an admin controller needs an admin key (then passes the admin rate limit). */
+export const AdminOnly = (): ClassDecorator & MethodDecorator => applyDecorators(ApiBearerAuth(), UseGuards(ApiKeyGuard, AdminGuard, AdmissionStep));
 
 export const CurrentPrincipal = createParamDecorator((_data: unknown, context: ExecutionContext): Principal => {
   const principal = context.switchToHttp().getRequest<FastifyRequest>().principal;

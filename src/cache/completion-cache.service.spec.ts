@@ -1,0 +1,93 @@
+import { describe, expect, it } from 'vitest';
+import type { ChatCompletion } from '../../libs/openai-contract/src/index.js';
+import type { CompletionCall } from '../completion/completion.types.js';
+import type { AppConfig } from '../config/config.js';
+import { SystemClock } from '../core/clock.js';
+import { createLogger } from '../core/logger.js';
+import type { ResolvedRoute } from '../routing/routing-table.js';
+import { CompletionCache } from './completion-cache.service.js';
+import { MemoryResponseCache } from './memory-response-cache.js';
+import type { CacheLookup } from './response-cache.js';
+
+const route: ResolvedRoute = { requestedTaskType: 'general', ruleTaskType: 'general', version: 1, models: ['m'], maxTokens: 10, explicitModel: false };
+const answer: ChatCompletion = {
+  id: 'c',
+  object: 'chat.completion',
+  created: 1,
+  model: 'm',
+  choices: [{ index: 0, message: { role: 'assistant', content: 'hi' }, finish_reason: 'stop' }],
+};
+
+function setup(waitMs = 5000, store = new MemoryResponseCache(new SystemClock(), 100, 100_000)) {
+  const config = { cache: { defaultTtlSeconds: 60, waitMs } } as unknown as AppConfig;
+  const cache = new CompletionCache(store, config, { logger: createLogger('silent') });
+  const call = (signal = new AbortController().signal): CompletionCall => ({
+    principal: { keyId: 'k', keyPrefix: 'p', userId: 'u', departmentId: 'd', role: 'user', cacheScope: 'user', expiresAt: undefined },
+    requestId: 'r',
+    body: { messages: [{ role: 'user', content: 'same' }] },
+    taskType: undefined,
+    door: 'chat',
+    signal,
+    cacheControl: { read: true, write: true, ttlSeconds: undefined },
+  });
+  return { cache, call, store };
+}
+
+describe('CompletionCache singleflight (in process)', () => {
+  it('makes followers wait for the leader and hands them its answer', async () => {
+    const { cache, call } = setup();
+    const leader = await cache.open(call(), route);
+    expect(leader.status).toBe('miss');
+    const followers = Array.from({ length: 5 }, () => cache.open(call(), route));
+    expect(cache.inFlight).toBe(1);
+    await leader.fill(JSON.stringify(answer), answer);
+    const tickets = await Promise.all(followers);
+    expect(tickets.map((t) => t.status)).toEqual(Array(5).fill('hit'));
+    expect(tickets[0]?.hit?.completion.choices[0]?.message.content).toBe('hi');
+    expect(cache.inFlight).toBe(0);
+  });
+
+  it('lets followers go on alone when the leader fails, and one of them stores the answer', async () => {
+    const { cache, call } = setup();
+    const leader = await cache.open(call(), route);
+    const followers = Array.from({ length: 3 }, () => cache.open(call(), route));
+    leader.abandon();
+    const tickets = await Promise.all(followers);
+    expect(tickets.map((t) => t.status)).toEqual(['miss', 'miss', 'miss']);
+    await tickets[0]?.fill(JSON.stringify(answer), answer);
+    expect((await cache.open(call(), route)).status).toBe('hit');
+  });
+
+  it('bounds the wait: a follower of a slow leader calls the upstream itself', async () => {
+    const { cache, call } = setup(50);
+    const leader = await cache.open(call(), route);
+    const follower = await cache.open(call(), route);
+    expect(follower.status).toBe('miss');
+    expect(follower.hit).toBeUndefined();
+    leader.abandon();
+  });
+
+  it('stops waiting when the follower’s client goes away', async () => {
+    const { cache, call } = setup();
+    const leader = await cache.open(call(), route);
+    const gone = new AbortController();
+    const pending = cache.open(call(gone.signal), route);
+    gone.abort();
+    expect((await pending).hit).toBeUndefined();
+    leader.abandon();
+  });
+
+  it('bypasses, never fails, when the store throws', async () => {
+    const broken = new MemoryResponseCache(new SystemClock(), 10, 1000);
+    broken.lookup = (): Promise<CacheLookup> => Promise.reject(new Error('store down'));
+    const { cache, call } = setup(5000, broken);
+    expect((await cache.open(call(), route)).status).toBe('bypass');
+  });
+
+  it('does not cache a stream that cannot be replayed', async () => {
+    const { cache, call } = setup();
+    const leader = await cache.open(call(), route);
+    await leader.fillFromStream([JSON.stringify({ id: 'c', choices: [{ index: 0, delta: { content: 'cut' }, finish_reason: null }] })]);
+    expect((await cache.open(call(), route)).status).toBe('miss');
+  });
+});

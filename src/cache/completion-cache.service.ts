@@ -1,0 +1,236 @@
+import { Injectable } from '@nestjs/common';
+import type { Logger } from 'pino';
+import type { ChatCompletion } from '../../libs/openai-contract/src/index.js';
+import type { CacheStatus, CompletionCall } from '../completion/completion.types.js';
+import { AppConfig } from '../config/config.js';
+import { GatewayError } from '../core/errors.js';
+import { AppLogger } from '../core/logger.js';
+import type { ResolvedRoute } from '../routing/routing-table.js';
+import { type CachePlan, cachePlan } from './cache-key.js';
+import { type CacheFilter, ResponseCache, type CacheTags } from './response-cache.js';
+import { assembleCompletion } from './stream-replay.js';
+
+export interface CachedAnswer {
+  completion: ChatCompletion;
+  /** The stored body, sent as is to JSON callers. */
+  raw: string;
+}
+
+/**
+ * What the pipeline holds between the cache read and the cache write. `fill`/`fillFromStream`
+ * after a complete answer, `abandon` after anything else (error, cut stream, client gone):
+ * exactly one of them, so the fill lock is released and waiters go ahead. None of them throws.
+ */
+export interface CacheTicket {
+  readonly status: CacheStatus;
+  /** Set on a hit: answer from here, at no cost, without calling the upstream. */
+  readonly hit: CachedAnswer | undefined;
+  fill(raw: string, completion: ChatCompletion): Promise<void>;
+  fillFromStream(payloads: readonly string[]): Promise<void>;
+  abandon(): void;
+}
+
+/** The in-process half of singleflight: every identical request of this instance awaits one promise. */
+class Flight {
+  /** The stored body, or undefined when the leader gave up without an answer. */
+  readonly done: Promise<string | undefined>;
+  settle!: (body: string | undefined) => void;
+  constructor() {
+    this.done = new Promise((resolve) => {
+      this.settle = resolve;
+    });
+  }
+}
+
+const POLL_FIRST_MS = 10;
+const POLL_MAX_MS = 100;
+
+const BYPASS: CacheTicket = {
+  status: 'bypass',
+  hit: undefined,
+  fill: () => Promise.resolve(),
+  fillFromStream: () => Promise.resolve(),
+  abandon: () => undefined,
+};
+
+/**
+ * The cache stage of the pipeline: decides whether a call may use the cache, reads it, and makes
+ * N identical concurrent misses cost one upstream call (singleflight). Within an instance the
+ * followers await the leader's promise; across instances the store's fill lock (Redis SET NX PX
+ * with a random token) elects one leader and the others poll until its answer lands, the lock
+ * disappears (leader failed: try to lead) or their bounded wait runs out (call the upstream
+ * themselves). A store that fails makes the call a bypass; it never fails the request.
+ */
+@Injectable()
+export class CompletionCache {
+  private readonly flights = new Map<string, Flight>();
+  private readonly logger: Logger;
+  private readonly ttlSeconds: number;
+  private readonly waitMs: number;
+
+  constructor(
+    private readonly store: ResponseCache,
+    config: AppConfig,
+    appLogger: AppLogger,
+  ) {
+    this.logger = appLogger.logger.child({ context: 'Cache' });
+    this.ttlSeconds = config.cache.defaultTtlSeconds;
+    this.waitMs = config.cache.waitMs;
+  }
+
+  /** Identical requests currently waiting on a leader in this instance (for tests and metrics). */
+  get inFlight(): number {
+    return this.flights.size;
+  }
+
+  async open(call: CompletionCall, route: ResolvedRoute): Promise<CacheTicket> {
+    const plan = cachePlan(call, route, this.ttlSeconds);
+    if (typeof plan === 'string' || !this.store.available()) return BYPASS;
+    const tags: CacheTags = { userId: call.principal.userId, departmentId: call.principal.departmentId, models: route.models };
+    try {
+      if (!plan.read) return this.miss(plan, tags, undefined);
+      if (!plan.write) {
+        const found = await this.store.lookup(plan.key, 0);
+        return found.kind === 'hit' ? this.hit(found.body, plan, tags) : { ...BYPASS, status: 'miss' };
+      }
+      return await this.singleflight(plan, tags, call.signal);
+    } catch (error) {
+      this.logger.debug({ reqId: call.requestId, err: (error as Error).message }, 'cache read failed; bypassing');
+      return BYPASS;
+    }
+  }
+
+  /** Admin invalidation; unlike the request path, an unreachable store is an error here. */
+  async invalidate(filter: CacheFilter): Promise<number> {
+    const unavailable = (cause?: unknown) => new GatewayError('unavailable', 'The cache store is unreachable; nothing was deleted.', { cause });
+    if (!this.store.available()) throw unavailable();
+    try {
+      return await this.store.invalidate(filter);
+    } catch (cause) {
+      throw unavailable(cause);
+    }
+  }
+
+  private async singleflight(plan: CachePlan, tags: CacheTags, signal: AbortSignal): Promise<CacheTicket> {
+    const deadline = Date.now() + this.waitMs;
+    const existing = this.flights.get(plan.key);
+    if (existing) {
+      const body = await waitFor(existing.done, deadline, signal);
+      // The leader failed, or is taking too long: go on alone (and still store what we get).
+      return typeof body === 'string' ? this.hit(body, plan, tags) : this.miss(plan, tags, undefined);
+    }
+    const flight = new Flight();
+    this.flights.set(plan.key, flight);
+    const finish = (body: string | undefined) => {
+      if (this.flights.get(plan.key) === flight) this.flights.delete(plan.key);
+      flight.settle(body);
+    };
+    try {
+      for (;;) {
+        const found = await this.store.lookup(plan.key, this.waitMs);
+        if (found.kind === 'hit') {
+          finish(found.body);
+          return this.hit(found.body, plan, tags);
+        }
+        if (found.kind === 'lead') return this.miss(plan, tags, { flight: finish, token: found.token });
+        if (found.kind === 'miss') return this.miss(plan, tags, { flight: finish, token: undefined });
+        // Another instance is filling this key.
+        const outcome = await this.poll(plan.key, deadline, signal);
+        if (outcome === 'free') continue;
+        if (outcome === 'timeout' || outcome === 'aborted') return this.miss(plan, tags, { flight: finish, token: undefined });
+        finish(outcome.body);
+        return this.hit(outcome.body, plan, tags);
+      }
+    } catch (error) {
+      finish(undefined);
+      throw error;
+    }
+  }
+
+  private async poll(key: string, deadline: number, signal: AbortSignal): Promise<{ body: string } | 'free' | 'timeout' | 'aborted'> {
+    let delay = POLL_FIRST_MS;
+    for (;;) {
+      const left = deadline - Date.now();
+      if (left <= 0) return 'timeout';
+      const slept = await waitFor(sleep(Math.min(delay, left)), deadline, signal);
+      if (slept === 'aborted') return 'aborted';
+      const seen = await this.store.peek(key);
+      if (seen.kind === 'hit') return { body: seen.body };
+      if (seen.kind === 'free') return 'free';
+      delay = Math.min(delay * 2, POLL_MAX_MS);
+    }
+  }
+
+  private hit(body: string, plan: CachePlan, tags: CacheTags): CacheTicket {
+    let completion: ChatCompletion;
+    try {
+      completion = JSON.parse(body) as ChatCompletion;
+    } catch {
+      // A corrupt entry is a miss that overwrites it.
+      return this.miss(plan, tags, undefined);
+    }
+    return { ...BYPASS, status: 'hit', hit: { completion, raw: body } };
+  }
+
+  /**
+   * A miss that will call the upstream. `lead` is set for the singleflight leader: its fill or
+   * abandon settles the local followers and frees the lock for other instances.
+   */
+  private miss(plan: CachePlan, tags: CacheTags, lead: { flight: (body: string | undefined) => void; token: string | undefined } | undefined): CacheTicket {
+    let settled = false;
+    const abandon = () => {
+      if (settled) return;
+      settled = true;
+      lead?.flight(undefined);
+      if (lead?.token !== undefined) {
+        this.store.release(plan.key, lead.token).catch((error: unknown) => this.logger.debug({ err: (error as Error).message }, 'cache lock release failed'));
+      }
+    };
+    const fill = async (raw: string, completion: ChatCompletion) => {
+      if (settled) return;
+      if (!plan.write || !Array.isArray(completion.choices) || completion.choices.length === 0) return abandon();
+      settled = true;
+      lead?.flight(raw);
+      const models = completion.model && !tags.models.includes(completion.model) ? [...tags.models, completion.model] : tags.models;
+      try {
+        await this.store.store(plan.key, raw, plan.ttlMs, { ...tags, models }, lead?.token);
+      } catch (error) {
+        this.logger.debug({ err: (error as Error).message }, 'cache write failed');
+      }
+    };
+    return {
+      status: 'miss',
+      hit: undefined,
+      fill,
+      fillFromStream: (payloads) => {
+        const completion = assembleCompletion(payloads);
+        if (!completion) {
+          abandon();
+          return Promise.resolve();
+        }
+        return fill(JSON.stringify(completion), completion);
+      },
+      abandon,
+    };
+  }
+}
+
+/** Resolves with the promise's value, or 'timeout' at the deadline, or 'aborted' when the client leaves. */
+function waitFor<T>(promise: Promise<T>, deadline: number, signal: AbortSignal): Promise<T | 'timeout' | 'aborted'> {
+  if (signal.aborted) return Promise.resolve('aborted');
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => done('timeout'), Math.max(0, deadline - Date.now()));
+    const onAbort = () => done('aborted');
+    signal.addEventListener('abort', onAbort, { once: true });
+    function done(value: T | 'timeout' | 'aborted') {
+      clearTimeout(timer);
+      signal.removeEventListener('abort', onAbort);
+      resolve(value);
+    }
+    promise.then(done, () => done('timeout'));
+  });
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}

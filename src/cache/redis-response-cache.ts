@@ -1,0 +1,172 @@
+import { randomUUID } from 'node:crypto';
+import type { Redis } from 'ioredis';
+import type { Logger } from 'pino';
+import type { StoreDriver } from '../config/config.js';
+import { FallbackState } from '../redis/fallback-state.js';
+import { LuaScript } from '../redis/lua-script.js';
+import { type CacheFilter, type CacheLookup, type CachePeek, ResponseCache, type CacheTags } from './response-cache.js';
+
+// Entry or lock in one round trip. Returns {1, body} hit, {0} miss, {2} lead, {3} wait.
+const LOOKUP = new LuaScript(
+  `local v = redis.call('GET', KEYS[1])
+if v then return {1, v} end
+if ARGV[1] == '0' then return {0} end
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[1]) then return {2} end
+return {3}`,
+  'cache-lookup',
+);
+
+// Returns {1, body} when the answer landed, {3} while the lock is held, {4} when it is gone.
+const PEEK = new LuaScript(
+  `local v = redis.call('GET', KEYS[1])
+if v then return {1, v} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {3} end
+return {4}`,
+  'cache-peek',
+);
+
+// Entry, tag index and (when the token still holds it) lock release, atomically. A tag set lives
+// as long as its longest-lived member; members that expired meanwhile are harmless on delete.
+const STORE = new LuaScript(
+  `redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local ttl = tonumber(ARGV[2])
+for i = 3, #KEYS do
+  redis.call('SADD', KEYS[i], KEYS[1])
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return 1`,
+  'cache-store',
+);
+
+// Compare-and-delete: a leader whose lock expired must not free the lock of the one after it.
+const RELEASE = new LuaScript(
+  `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0`,
+  'cache-release',
+);
+
+const DELETE_BATCH = 500;
+
+/**
+ * The shared cache of every instance. Keys: `<prefix>cache:e:<hash>` (entry),
+ * `cache:l:<hash>` (singleflight fill lock, with a random token), `cache:t:{u|d|m}:<id>`
+ * (sets of entry keys by user, department and model, for `DELETE /admin/cache`).
+ * While the connection is not ready, `available()` is false and callers bypass the cache.
+ */
+export class RedisResponseCache extends ResponseCache {
+  readonly driver: StoreDriver = 'redis';
+  private readonly state: FallbackState;
+  private readonly ns: string;
+
+  constructor(
+    private readonly client: Redis,
+    keyPrefix: string,
+    logger: Logger,
+  ) {
+    super();
+    this.ns = `${keyPrefix}cache:`;
+    this.state = new FallbackState(logger, { degraded: 'Redis unavailable: response cache bypassed', recovered: 'Redis back: response cache in use again' });
+  }
+
+  async lookup(key: string, lockMs: number): Promise<CacheLookup> {
+    const token = lockMs > 0 ? randomUUID() : '';
+    const reply = await this.guard(LOOKUP.run(this.client, [this.entryKey(key), this.lockKey(key)], [Math.max(0, Math.ceil(lockMs)), token]));
+    const [code, body] = reply as [number, string | undefined];
+    switch (code) {
+      case 1:
+        return { kind: 'hit', body: body ?? '' };
+      case 2:
+        return { kind: 'lead', token };
+      case 3:
+        return { kind: 'wait' };
+      default:
+        return { kind: 'miss' };
+    }
+  }
+
+  async peek(key: string): Promise<CachePeek> {
+    const [code, body] = (await this.guard(PEEK.run(this.client, [this.entryKey(key), this.lockKey(key)], []))) as [number, string | undefined];
+    if (code === 1) return { kind: 'hit', body: body ?? '' };
+    return code === 3 ? { kind: 'wait' } : { kind: 'free' };
+  }
+
+  async store(key: string, body: string, ttlMs: number, tags: CacheTags, token?: string): Promise<void> {
+    if (ttlMs <= 0) {
+      if (token !== undefined) await this.release(key, token);
+      return;
+    }
+    const tagKeys = [this.tagKey('u', tags.userId), this.tagKey('d', tags.departmentId), ...tags.models.map((m) => this.tagKey('m', m))];
+    await this.guard(STORE.run(this.client, [this.entryKey(key), this.lockKey(key), ...tagKeys], [body, Math.ceil(ttlMs), token ?? '']));
+  }
+
+  async release(key: string, token: string): Promise<boolean> {
+    return (await this.guard(RELEASE.run(this.client, [this.lockKey(key)], [token]))) === 1;
+  }
+
+  async invalidate(filter: CacheFilter): Promise<number> {
+    const sets: string[] = [];
+    if (filter.userId !== undefined) sets.push(this.tagKey('u', filter.userId));
+    if (filter.departmentId !== undefined) sets.push(this.tagKey('d', filter.departmentId));
+    if (filter.model !== undefined) sets.push(this.tagKey('m', filter.model));
+    if (sets.length === 0) return this.guard(this.deleteAll());
+    const members = await this.guard(sets.length === 1 ? this.client.smembers(sets[0]) : this.client.sinter(...sets));
+    let deleted = 0;
+    for (let i = 0; i < members.length; i += DELETE_BATCH) {
+      const batch = members.slice(i, i + DELETE_BATCH);
+      deleted += await this.guard(this.client.unlink(...batch));
+      for (const set of sets) await this.guard(this.client.srem(set, ...batch));
+    }
+    return deleted;
+  }
+
+  available(): boolean {
+    const ready = this.client.status === 'ready';
+    if (!ready) this.state.fail(`connection ${this.client.status}`);
+    return ready;
+  }
+
+  describe(): { state: 'up' | 'degraded'; details: Record<string, unknown> } {
+    if (this.client.status !== 'ready') return { state: 'degraded', details: { driver: 'redis', mode: 'bypassed', ...this.state.describe() } };
+    // Connected again: the next request uses the cache, so say so now rather than after it.
+    this.state.ok();
+    return { state: 'up', details: { driver: 'redis' } };
+  }
+
+  private async deleteAll(): Promise<number> {
+    let cursor = '0';
+    let deleted = 0;
+    const entryPrefix = `${this.ns}e:`;
+    do {
+      const [next, keys] = await this.client.scan(cursor, 'MATCH', `${this.ns}*`, 'COUNT', 1000);
+      cursor = next;
+      if (keys.length > 0) {
+        await this.client.unlink(...keys);
+        deleted += keys.filter((k) => k.startsWith(entryPrefix)).length;
+      }
+    } while (cursor !== '0');
+    return deleted;
+  }
+
+  /** Records the outcome so the outage and the recovery are each logged once. */
+  private async guard<T>(command: Promise<T>): Promise<T> {
+    try {
+      const result = await command;
+      this.state.ok();
+      return result;
+    } catch (error) {
+      this.state.fail((error as Error).message);
+      throw error;
+    }
+  }
+
+  private entryKey(key: string): string {
+    return `${this.ns}e:${key}`;
+  }
+  private lockKey(key: string): string {
+    return `${this.ns}l:${key}`;
+  }
+  private tagKey(kind: 'u' | 'd' | 'm', id: string): string {
+    return `${this.ns}t:${kind}:${id}`;
+  }
+}

@@ -1,0 +1,59 @@
+import type { StoreDriver } from '../config/config.js';
+
+/** Who wrote an entry and which models it came from: what `DELETE /admin/cache` filters on. */
+export interface CacheTags {
+  userId: string;
+  departmentId: string;
+  /** The resolved chain and the model that answered (deduplicated). */
+  models: string[];
+}
+
+/** AND of the given fields; an empty filter means everything. */
+export interface CacheFilter {
+  userId?: string;
+  departmentId?: string;
+  model?: string;
+}
+
+/**
+ * `lookup` in one round trip: the entry, or (when asked to) the fill lock for this key.
+ * - `hit`: the stored body.
+ * - `lead`: no entry, and this caller now holds the lock with `token`: it calls the upstream.
+ * - `wait`: no entry, someone else holds the lock: poll `peek` for their answer.
+ * - `miss`: no entry, and no lock was asked for.
+ */
+export type CacheLookup = { kind: 'hit'; body: string } | { kind: 'lead'; token: string } | { kind: 'wait' } | { kind: 'miss' };
+
+/** For waiters: the answer has landed, the leader is still at work, or the lock is gone without an answer. */
+export type CachePeek = { kind: 'hit'; body: string } | { kind: 'wait' } | { kind: 'free' };
+
+/**
+ * The response cache port. Drivers: `MemoryResponseCache` (one instance; LRU bounded by entries
+ * and bytes) and `RedisResponseCache` (shared by every instance). Both pass the contract suite in
+ * ./testing. Entries are the final chat.completion JSON as a string; keys are opaque (see
+ * cache-key.ts). Every method may throw when the store is unreachable; CompletionCache turns
+ * that into a bypass, never into a failed request.
+ */
+export abstract class ResponseCache {
+  abstract readonly driver: StoreDriver;
+
+  /** `lockMs` > 0 asks for the fill lock on a miss (singleflight across instances). */
+  abstract lookup(key: string, lockMs: number): Promise<CacheLookup>;
+
+  abstract peek(key: string): Promise<CachePeek>;
+
+  /** Stores the entry for `ttlMs` and, when `token` holds the lock, releases it in the same step. */
+  abstract store(key: string, body: string, ttlMs: number, tags: CacheTags, token?: string): Promise<void>;
+
+  /** Releases the lock only if `token` still holds it (a slow leader must not free a successor's lock). */
+  abstract release(key: string, token: string): Promise<boolean>;
+
+  /** Deletes the matching entries; returns how many were deleted. */
+  abstract invalidate(filter: CacheFilter): Promise<number>;
+
+  /** True while the store answers; false makes every request bypass the cache. */
+  abstract available(): boolean;
+
+  /** For /health/ready. */
+  abstract describe(): { state: 'up' | 'degraded'; details: Record<string, unknown> };
+}

@@ -1,0 +1,61 @@
+import { describe, expect, it } from 'vitest';
+import { assembleCompletion, replayChunks } from './stream-replay.js';
+
+const chunk = (delta: Record<string, unknown>, finish: string | null = null, extra: Record<string, unknown> = {}) =>
+  JSON.stringify({ id: 'c1', object: 'chat.completion.chunk', created: 1, model: 'm', choices: [{ index: 0, delta, finish_reason: finish }], ...extra });
+const usage = JSON.stringify({
+  id: 'c1',
+  object: 'chat.completion.chunk',
+  created: 1,
+  model: 'm',
+  choices: [],
+  usage: { prompt_tokens: 2, completion_tokens: 3, total_tokens: 5 },
+});
+
+describe('assembleCompletion', () => {
+  it('turns a finished stream into the completion it amounts to', () => {
+    const completion = assembleCompletion([
+      chunk({ role: 'assistant', content: '' }),
+      chunk({ content: 'Hel' }),
+      chunk({ content: 'lo' }),
+      chunk({}, 'stop'),
+      usage,
+    ]);
+    expect(completion).toEqual({
+      id: 'c1',
+      object: 'chat.completion',
+      created: 1,
+      model: 'm',
+      choices: [{ index: 0, message: { role: 'assistant', content: 'Hello' }, finish_reason: 'stop', logprobs: null }],
+      usage: { prompt_tokens: 2, completion_tokens: 3, total_tokens: 5 },
+    });
+  });
+
+  it.each([
+    ['an error event', [chunk({ content: 'a' }), JSON.stringify({ error: { message: 'cut' } })]],
+    ['tool calls', [chunk({ tool_calls: [{ index: 0, id: 't' }] }), chunk({}, 'tool_calls')]],
+    ['no finish_reason (cut)', [chunk({ content: 'a' })]],
+    ['broken JSON', ['{nope']],
+    ['nothing', []],
+  ])('refuses %s', (_name, payloads) => {
+    expect(assembleCompletion(payloads)).toBeUndefined();
+  });
+});
+
+describe('replayChunks', () => {
+  const completion = assembleCompletion([chunk({ role: 'assistant', content: 'Hi there' }), chunk({}, 'stop'), usage]);
+
+  it('replays role, text and finish, and the usage chunk only when asked', () => {
+    if (!completion) throw new Error('fixture');
+    const quiet = replayChunks(completion, false).map(
+      (p) => JSON.parse(p) as { choices: Array<{ delta: Record<string, unknown>; finish_reason: string | null }>; usage?: unknown },
+    );
+    expect(quiet.map((c) => c.choices[0]?.delta)).toEqual([{ role: 'assistant', content: '' }, { content: 'Hi there' }, {}]);
+    expect(quiet.at(-1)?.choices[0]?.finish_reason).toBe('stop');
+    expect(quiet.every((c) => c.usage === undefined)).toBe(true);
+    const loud = replayChunks(completion, true).map((p) => JSON.parse(p) as { choices: unknown[]; usage?: unknown });
+    expect(loud.at(-1)).toMatchObject({ choices: [], usage: { total_tokens: 5 } });
+    // Round trip: what a replay sends assembles back to the same completion.
+    expect(assembleCompletion(replayChunks(completion, true))).toEqual(completion);
+  });
+});

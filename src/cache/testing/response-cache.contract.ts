@@ -1,0 +1,142 @@
+import { randomUUID } from 'node:crypto';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import type { ResponseCache, CacheTags } from '../response-cache.js';
+
+export interface CacheUnderTest {
+  cache: ResponseCache;
+  close(): Promise<void>;
+}
+
+/**
+ * The behaviour every ResponseCache driver must have. Run by test/integration against the
+ * memory driver and the real Redis (each test on its own key prefix). Time is real: expiry is
+ * checked with short TTLs and polling, never a fixed sleep.
+ */
+export function responseCacheContract(name: string, make: () => Promise<CacheUnderTest>, more: { second?: () => Promise<CacheUnderTest> } = {}): void {
+  describe(`ResponseCache contract: ${name}`, () => {
+    let subject: CacheUnderTest;
+    let cache: ResponseCache;
+    const tags = (over: Partial<CacheTags> = {}): CacheTags => ({ userId: randomUUID(), departmentId: randomUUID(), models: ['openai/gpt-4o-mini'], ...over });
+
+    beforeEach(async () => {
+      subject = await make();
+      cache = subject.cache;
+    });
+    afterEach(async () => {
+      await subject.close();
+    });
+
+    it('misses, stores, then hits with the exact body (unicode included)', async () => {
+      expect(await cache.lookup('k1', 0)).toEqual({ kind: 'miss' });
+      const body = JSON.stringify({ id: 'c1', choices: [{ message: { content: 'héllo → 世界 🎉' } }] });
+      await cache.store('k1', body, 60_000, tags());
+      expect(await cache.lookup('k1', 0)).toEqual({ kind: 'hit', body });
+      expect(await cache.lookup('k1', 5000)).toEqual({ kind: 'hit', body });
+      expect(await cache.peek('k1')).toEqual({ kind: 'hit', body });
+    });
+
+    it('elects exactly one leader among concurrent lookups; the others wait until it stores', async () => {
+      const results = await Promise.all(Array.from({ length: 20 }, () => cache.lookup('k2', 5000)));
+      const leaders = results.filter((r) => r.kind === 'lead');
+      expect(leaders).toHaveLength(1);
+      expect(results.filter((r) => r.kind === 'wait')).toHaveLength(19);
+      expect(await cache.peek('k2')).toEqual({ kind: 'wait' });
+      const token = (leaders[0] as { token: string }).token;
+      await cache.store('k2', '{"ok":true}', 60_000, tags(), token);
+      expect(await cache.peek('k2')).toEqual({ kind: 'hit', body: '{"ok":true}' });
+    });
+
+    it('releases a lock only for the token that holds it (compare-and-delete)', async () => {
+      const lead = await cache.lookup('k3', 5000);
+      expect(lead.kind).toBe('lead');
+      expect(await cache.release('k3', 'not-the-token')).toBe(false);
+      expect(await cache.peek('k3')).toEqual({ kind: 'wait' });
+      expect(await cache.release('k3', (lead as { token: string }).token)).toBe(true);
+      expect(await cache.peek('k3')).toEqual({ kind: 'free' });
+      expect((await cache.lookup('k3', 5000)).kind).toBe('lead');
+    });
+
+    it("a leader whose lock expired cannot free its successor's lock", async () => {
+      const first = await cache.lookup('k4', 150);
+      expect(first.kind).toBe('lead');
+      const second = await pollFor(async () => {
+        const r = await cache.lookup('k4', 5000);
+        if (r.kind !== 'lead') throw new Error(`still ${r.kind}`);
+        return r;
+      });
+      expect(await cache.release('k4', (first as { token: string }).token)).toBe(false);
+      // A late store by the first leader keeps its answer but leaves the successor's lock alone.
+      await cache.store('k4', '{"late":1}', 60_000, tags(), (first as { token: string }).token);
+      expect(await cache.release('k4', second.token)).toBe(true);
+    });
+
+    it('expires entries after their TTL', async () => {
+      await cache.store('k5', '{"short":1}', 200, tags());
+      expect((await cache.lookup('k5', 0)).kind).toBe('hit');
+      await pollFor(async () => {
+        const r = await cache.lookup('k5', 0);
+        if (r.kind !== 'miss') throw new Error('not expired yet');
+      });
+    });
+
+    it('invalidates by user, department, model (combinable), and everything', async () => {
+      const alice = tags({ userId: randomUUID(), departmentId: 'd-1' });
+      const bob = { ...tags(), userId: randomUUID(), departmentId: alice.departmentId, models: ['anthropic/claude-3.5-sonnet', 'openai/gpt-4o-mini'] };
+      const carol = tags();
+      await cache.store('a1', '{"a":1}', 60_000, alice);
+      await cache.store('a2', '{"a":2}', 60_000, { ...alice, models: ['meta-llama/llama-3.1-8b-instruct'] });
+      await cache.store('b1', '{"b":1}', 60_000, bob);
+      await cache.store('c1', '{"c":1}', 60_000, carol);
+
+      expect(await cache.invalidate({ userId: alice.userId, model: 'meta-llama/llama-3.1-8b-instruct' })).toBe(1);
+      expect((await cache.lookup('a2', 0)).kind).toBe('miss');
+      expect((await cache.lookup('a1', 0)).kind).toBe('hit');
+
+      expect(await cache.invalidate({ model: 'anthropic/claude-3.5-sonnet' })).toBe(1);
+      expect((await cache.lookup('b1', 0)).kind).toBe('miss');
+
+      await cache.store('b1', '{"b":1}', 60_000, bob);
+      expect(await cache.invalidate({ departmentId: alice.departmentId })).toBe(2);
+      expect((await cache.lookup('a1', 0)).kind).toBe('miss');
+      expect((await cache.lookup('c1', 0)).kind).toBe('hit');
+
+      expect(await cache.invalidate({ userId: randomUUID() })).toBe(0);
+      expect(await cache.invalidate({})).toBe(1);
+      expect((await cache.lookup('c1', 0)).kind).toBe('miss');
+    });
+
+    it('reports itself available and up', () => {
+      expect(cache.available()).toBe(true);
+      expect(cache.describe().state).toBe('up');
+    });
+
+    if (more.second) {
+      const makeSecond = more.second;
+      it('shares entries and locks with another instance on the same store', async () => {
+        const other = await makeSecond();
+        try {
+          const [a, b] = await Promise.all([cache.lookup('x1', 5000), other.cache.lookup('x1', 5000)]);
+          expect([a.kind, b.kind].sort()).toEqual(['lead', 'wait']);
+          const leader = a.kind === 'lead' ? { c: cache, t: a.token } : { c: other.cache, t: (b as { token: string }).token };
+          await leader.c.store('x1', '{"shared":true}', 60_000, tags(), leader.t);
+          expect(await other.cache.peek('x1')).toEqual({ kind: 'hit', body: '{"shared":true}' });
+          expect(await cache.peek('x1')).toEqual({ kind: 'hit', body: '{"shared":true}' });
+        } finally {
+          await other.close();
+        }
+      });
+    }
+  });
+}
+
+async function pollFor<T>(check: () => Promise<T>, timeoutMs = 5000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await check();
+    } catch (error) {
+      if (Date.now() > deadline) throw error;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+}

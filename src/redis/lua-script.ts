@@ -1,0 +1,27 @@
+import { hash } from 'node:crypto';
+import type { Redis } from 'ioredis';
+
+/**
+ * A Lua script run by EVALSHA, falling back to EVAL once when the server does not know it yet
+ * (first use, or after a Redis restart). Each script is one atomic round trip: that is how the
+ * rate limiter and the cache avoid read-then-write races between instances.
+ */
+export class LuaScript {
+  readonly sha: string;
+
+  constructor(
+    readonly source: string,
+    readonly name: string,
+  ) {
+    this.sha = hash('sha1', source, 'hex');
+  }
+
+  async run(client: Redis, keys: readonly string[], args: ReadonlyArray<string | number>): Promise<unknown> {
+    try {
+      return await client.evalsha(this.sha, keys.length, ...keys, ...args);
+    } catch (error) {
+      if (!(error instanceof Error) || !error.message.startsWith('NOSCRIPT')) throw error;
+      return client.eval(this.source, keys.length, ...keys, ...args);
+    }
+  }
+}

@@ -1,0 +1,161 @@
+import { randomBytes } from 'node:crypto';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { ApiClient, type HttpResult, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+import { REDIS_URL } from '../support/databases.js';
+import { startRedisProxy, type TcpProxy, uniqueRedisPrefix } from '../support/redis.js';
+
+type Completion = { id: string; choices: Array<{ message: { content: string } }> };
+const prompt = (tag: string) => `${tag} ${randomBytes(4).toString('hex')}`;
+const ask = (client: ApiClient, content: string, headers: Record<string, string> = {}) =>
+  client.post<Completion>('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content }] }, headers);
+const cacheOf = (res: HttpResult) => res.headers.get('x-gateway-cache');
+
+describe('response cache on Redis, shared by two instances', () => {
+  let a: TestGateway;
+  let b: TestGateway;
+  let alice: Tenant;
+  let aliceOnB: ApiClient;
+
+  beforeAll(async () => {
+    const env = { REDIS_URL, REDIS_KEY_PREFIX: uniqueRedisPrefix('cache-e2e') };
+    a = await startTestGateway({ db: 'postgres', env });
+    b = await startTestGateway({ db: 'postgres', postgresUrl: a.database.url, stub: a.stub, adminKey: a.adminKey, env });
+    alice = await a.tenants.create();
+    aliceOnB = new ApiClient(b.url, alice.key);
+  });
+  afterAll(async () => {
+    await a?.admin.delete('/admin/cache');
+    await b?.close();
+    await a?.close();
+  });
+  beforeEach(() => {
+    a.stub.reset();
+  });
+
+  it('serves 20 identical concurrent misses spread over both instances with one upstream call', async () => {
+    a.stub.configure({ latencyMs: 300 });
+    const content = prompt('stampede-2');
+    const results = await Promise.all(Array.from({ length: 20 }, (_, i) => ask(i % 2 === 0 ? alice.api : aliceOnB, content)));
+    expect(results.map((r) => r.status)).toEqual(Array(20).fill(200));
+    expect(a.stub.hits).toBe(1);
+    const statuses = results.map(cacheOf);
+    expect(statuses.filter((s) => s === 'miss')).toHaveLength(1);
+    expect(statuses.filter((s) => s === 'hit')).toHaveLength(19);
+    expect(new Set(results.map((r) => r.body.id)).size).toBe(1);
+  });
+
+  it('answers on one instance what the other cached, and keeps tenants apart there too', async () => {
+    const content = prompt('shared');
+    const first = await ask(alice.api, content);
+    expect(cacheOf(first)).toBe('miss');
+    const second = await ask(aliceOnB, content);
+    expect(cacheOf(second)).toBe('hit');
+    expect(second.body.id).toBe(first.body.id);
+    const bob = await a.tenants.create();
+    expect(cacheOf(await ask(new ApiClient(b.url, bob.key), content))).toBe('miss');
+    expect(a.stub.hits).toBe(2);
+  });
+
+  it('replays on one instance, as SSE, a stream the other cached', async () => {
+    const content = prompt('stream-2');
+    const live = await alice.openai.chat.completions.create({ model: 'auto', messages: [{ role: 'user', content }], stream: true });
+    let liveText = '';
+    for await (const chunk of live) liveText += chunk.choices[0]?.delta.content ?? '';
+    const onB = b.openai(alice.key);
+    const { data, response } = await onB.chat.completions.create({ model: 'auto', messages: [{ role: 'user', content }], stream: true }).withResponse();
+    expect(response.headers.get('x-gateway-cache')).toBe('hit');
+    let replayed = '';
+    for await (const chunk of data) replayed += chunk.choices[0]?.delta.content ?? '';
+    expect(replayed).toBe(liveText);
+    expect(a.stub.hits).toBe(1);
+  });
+
+  it('deletes on one instance what the other cached', async () => {
+    const content = prompt('delete-2');
+    await ask(alice.api, content);
+    const deleted = await b.admin.delete(`/admin/cache?user_id=${alice.userId}`);
+    expect(deleted.status).toBe(200);
+    expect((deleted.body as { deleted: number }).deleted).toBeGreaterThanOrEqual(1);
+    expect(cacheOf(await ask(alice.api, content))).toBe('miss');
+  });
+
+  it('reports Redis, cache and rate limits up in /health/ready', async () => {
+    const ready = await b.admin.get('/health/ready');
+    expect(ready).toMatchObject({
+      status: 200,
+      body: { status: 'ok', details: { redis: { status: 'up' }, cache: { status: 'up', driver: 'redis' }, rate_limit: { status: 'up', driver: 'redis' } } },
+    });
+  });
+});
+
+describe('when Redis goes away and comes back', () => {
+  let gw: TestGateway;
+  let proxy: TcpProxy;
+  let alice: Tenant;
+
+  beforeAll(async () => {
+    proxy = await startRedisProxy();
+    gw = await startTestGateway({ env: { REDIS_URL: proxy.url, REDIS_KEY_PREFIX: uniqueRedisPrefix('outage') } });
+    alice = await gw.tenants.create();
+  });
+  afterAll(async () => {
+    await gw?.close();
+    await proxy?.stop();
+  });
+
+  it('keeps serving (cache bypassed, per-instance rate limits), says degraded, and recovers', async () => {
+    const content = prompt('outage');
+    expect(cacheOf(await ask(alice.api, content))).toBe('miss');
+    expect(cacheOf(await ask(alice.api, content))).toBe('hit');
+
+    await proxy.stop();
+    const during = await ask(alice.api, content);
+    expect(during.status).toBe(200);
+    expect(cacheOf(during)).toBe('bypass');
+    expect(during.headers.get('x-ratelimit-remaining-requests')).not.toBeNull();
+    const degraded = await gw.admin.get<{ status: string; details: Record<string, { status: string }> }>('/health/ready');
+    expect(degraded.status).toBe(200);
+    expect(degraded.body.status).toBe('degraded');
+    expect(degraded.body.details).toMatchObject({
+      redis: { status: 'degraded' },
+      cache: { status: 'degraded' },
+      rate_limit: { status: 'degraded' },
+      database: { status: 'up' },
+    });
+    // Every request of the outage still answers, none waits for Redis.
+    const burst = await Promise.all(Array.from({ length: 10 }, () => ask(alice.api, prompt('during'))));
+    expect(burst.map((r) => r.status)).toEqual(Array(10).fill(200));
+
+    await proxy.start();
+    await pollUntil(
+      async () => {
+        const ready = await gw.admin.get<{ status: string }>('/health/ready');
+        expect(ready.body.status).toBe('ok');
+      },
+      15_000,
+      100,
+    );
+    expect(cacheOf(await ask(alice.api, content))).toBe('hit');
+    const again = prompt('after');
+    expect(cacheOf(await ask(alice.api, again))).toBe('miss');
+    expect(cacheOf(await ask(alice.api, again))).toBe('hit');
+  });
+
+  it('starts, and serves, with no Redis at all', async () => {
+    const dead = await startTestGateway({ env: { REDIS_URL: 'redis://127.0.0.1:1', REDIS_KEY_PREFIX: uniqueRedisPrefix('dead') } });
+    try {
+      const bob = await dead.tenants.create();
+      const res = await ask(bob.api, prompt('dead'));
+      expect(res.status).toBe(200);
+      expect(cacheOf(res)).toBe('bypass');
+      expect(res.headers.get('x-ratelimit-limit-requests')).toBe('600');
+      const ready = await dead.admin.get('/health/ready');
+      expect(ready).toMatchObject({
+        status: 200,
+        body: { status: 'degraded', details: { redis: { status: 'degraded' }, rate_limit: { status: 'degraded' } } },
+      });
+    } finally {
+      await dead.close();
+    }
+  });
+});

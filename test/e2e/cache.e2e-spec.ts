@@ -1,0 +1,246 @@
+import { randomBytes } from 'node:crypto';
+import OpenAI from 'openai';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { type HttpResult, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+
+type Completion = { id: string; model: string; choices: Array<{ message: { content: string } }> };
+
+/** A prompt no other test uses, so each test starts from an empty cache for it. */
+const prompt = (tag: string) => `${tag} ${randomBytes(4).toString('hex')}`;
+const ask = (tenant: Tenant, content: string, extra: Record<string, unknown> = {}, headers: Record<string, string> = {}) =>
+  tenant.api.post<Completion>('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content }], ...extra }, headers);
+const cacheOf = (res: HttpResult) => res.headers.get('x-gateway-cache');
+
+describe('response cache (memory driver, one instance)', () => {
+  let gw: TestGateway;
+  let alice: Tenant;
+
+  beforeAll(async () => {
+    gw = await startTestGateway();
+    alice = await gw.tenants.create();
+  });
+  afterAll(async () => {
+    await gw.close();
+  });
+  beforeEach(() => {
+    gw.stub.reset();
+  });
+
+  it('serves 20 identical concurrent misses with one upstream call (singleflight)', async () => {
+    gw.stub.configure({ latencyMs: 300 });
+    const content = prompt('stampede');
+    const results = await Promise.all(Array.from({ length: 20 }, () => ask(alice, content)));
+    expect(results.map((r) => r.status)).toEqual(Array(20).fill(200));
+    expect(gw.stub.hits).toBe(1);
+    const statuses = results.map(cacheOf);
+    expect(statuses.filter((s) => s === 'miss')).toHaveLength(1);
+    expect(statuses.filter((s) => s === 'hit')).toHaveLength(19);
+    // Everyone got the one answer, and only the caller that paid for it was charged.
+    expect(new Set(results.map((r) => r.body.id)).size).toBe(1);
+    for (const r of results.filter((x) => cacheOf(x) === 'hit')) expect(r.headers.get('x-gateway-cost-usd')).toBe('0');
+  });
+
+  it("never gives one user another user's answer, unless their department shares", async () => {
+    const sharing = await gw.tenants.create();
+    const patched = await gw.admin.patch(`/admin/departments/${sharing.departmentId}`, { cache_scope: 'department' });
+    expect(patched).toMatchObject({ status: 200, body: { cache_scope: 'department' } });
+    const colleague = await gw.tenants.create({ departmentId: sharing.departmentId });
+    const outsider = await gw.tenants.create();
+    const content = prompt('scoped');
+
+    const first = await ask(sharing, content);
+    expect(cacheOf(first)).toBe('miss');
+    const other = await ask(outsider, content);
+    expect(cacheOf(other)).toBe('miss');
+    expect(other.body.id).not.toBe(first.body.id);
+    const shared = await ask(colleague, content);
+    expect(cacheOf(shared)).toBe('hit');
+    expect(shared.body.id).toBe(first.body.id);
+    expect(gw.stub.hits).toBe(2);
+
+    // Default scope (per user): two users of one department do not share.
+    const own = await gw.tenants.create();
+    const ownColleague = await gw.tenants.create({ departmentId: own.departmentId });
+    const content2 = prompt('per-user');
+    expect(cacheOf(await ask(own, content2))).toBe('miss');
+    expect(cacheOf(await ask(ownColleague, content2))).toBe('miss');
+    expect(cacheOf(await ask(own, content2))).toBe('hit');
+  });
+
+  it('replays a cached answer as SSE the openai SDK reads, and caches a completed stream for JSON callers', async () => {
+    const content = prompt('replay');
+    const json = await ask(alice, content);
+    expect(cacheOf(json)).toBe('miss');
+
+    const { data: stream, response } = await alice.openai.chat.completions
+      .create({ model: 'auto', messages: [{ role: 'user', content }], stream: true, stream_options: { include_usage: true } })
+      .withResponse();
+    expect(response.headers.get('x-gateway-cache')).toBe('hit');
+    expect(response.headers.get('content-type')).toContain('text/event-stream');
+    let text = '';
+    let usage: OpenAI.CompletionUsage | null | undefined;
+    let finish: string | null | undefined;
+    for await (const chunk of stream) {
+      text += chunk.choices[0]?.delta.content ?? '';
+      finish = chunk.choices[0]?.finish_reason ?? finish;
+      if (chunk.usage) usage = chunk.usage;
+    }
+    expect(text).toBe(json.body.choices[0]?.message.content);
+    expect(finish).toBe('stop');
+    expect(usage?.completion_tokens).toBeGreaterThan(0);
+
+    // A stream first: stored once complete, then served to JSON and stream callers alike.
+    const content2 = prompt('stream-first');
+    const live = await alice.openai.chat.completions.create({ model: 'auto', messages: [{ role: 'user', content: content2 }], stream: true });
+    let liveText = '';
+    for await (const chunk of live) liveText += chunk.choices[0]?.delta.content ?? '';
+    const after = await ask(alice, content2);
+    expect(cacheOf(after)).toBe('hit');
+    expect(after.body.choices[0]?.message.content).toBe(liveText);
+    const quiet = await alice.openai.chat.completions.create({ model: 'auto', messages: [{ role: 'user', content: content2 }], stream: true });
+    const chunks: OpenAI.Chat.ChatCompletionChunk[] = [];
+    for await (const chunk of quiet) chunks.push(chunk);
+    expect(chunks.map((c) => c.choices[0]?.delta.content ?? '').join('')).toBe(liveText);
+    expect(chunks.every((c) => !c.usage)).toBe(true);
+    expect(gw.stub.hits).toBe(2);
+  });
+
+  it('honours cache-control: no-store (no write) and no-cache (no read)', async () => {
+    const content = prompt('no-store');
+    expect(cacheOf(await ask(alice, content, {}, { 'cache-control': 'no-store' }))).toBe('miss');
+    expect(cacheOf(await ask(alice, content))).toBe('miss');
+    expect(gw.stub.hits).toBe(2);
+    expect(cacheOf(await ask(alice, content))).toBe('hit');
+    expect(cacheOf(await ask(alice, content, {}, { 'cache-control': 'no-store' }))).toBe('hit');
+    expect(gw.stub.hits).toBe(2);
+
+    const fresh = await ask(alice, content, {}, { 'cache-control': 'no-cache' });
+    expect(cacheOf(fresh)).toBe('miss');
+    expect(gw.stub.hits).toBe(3);
+    expect(cacheOf(await ask(alice, content, {}, { 'cache-control': 'no-cache, no-store' }))).toBe('bypass');
+    expect(gw.stub.hits).toBe(4);
+  });
+
+  it('expires an entry after the x-gateway-cache-ttl the caller asked for', async () => {
+    const content = prompt('ttl');
+    const ttl = { 'x-gateway-cache-ttl': '1' };
+    expect(cacheOf(await ask(alice, content, {}, ttl))).toBe('miss');
+    expect(cacheOf(await ask(alice, content, {}, ttl))).toBe('hit');
+    await pollUntil(
+      async () => {
+        expect(cacheOf(await ask(alice, content, {}, ttl))).toBe('miss');
+      },
+      5000,
+      200,
+    );
+    expect(gw.stub.hits).toBe(2);
+    // A TTL of 0 means "do not store".
+    const content2 = prompt('ttl0');
+    await ask(alice, content2, {}, { 'x-gateway-cache-ttl': '0' });
+    expect(cacheOf(await ask(alice, content2))).toBe('miss');
+  });
+
+  it('bypasses non-deterministic requests (temperature > 0, n > 1, tools)', async () => {
+    const content = prompt('bypass');
+    const cases: Array<Record<string, unknown>> = [
+      { temperature: 0.7 },
+      { n: 2 },
+      { tools: [{ type: 'function', function: { name: 'send_mail', parameters: { type: 'object', properties: {} } } }] },
+    ];
+    for (const extra of cases) {
+      expect(cacheOf(await ask(alice, content, extra))).toBe('bypass');
+      expect(cacheOf(await ask(alice, content, extra))).toBe('bypass');
+    }
+    expect(gw.stub.hits).toBe(6);
+    // temperature 0 is deterministic, and a different entry from "absent".
+    expect(cacheOf(await ask(alice, content, { temperature: 0 }))).toBe('miss');
+    expect(cacheOf(await ask(alice, content, { temperature: 0 }))).toBe('hit');
+    expect(cacheOf(await ask(alice, content))).toBe('miss');
+  });
+
+  it('never caches errors or cut streams', async () => {
+    const content = prompt('errors');
+    gw.stub.configure({ status: 500 });
+    expect((await ask(alice, content)).status).toBe(502);
+    gw.stub.reset();
+    const ok = await ask(alice, content);
+    expect(ok.status).toBe(200);
+    expect(cacheOf(ok)).toBe('miss');
+
+    const content2 = prompt('cut');
+    gw.stub.configure({ cutAfterChunks: 3 });
+    const cut = await alice.api.post<string>('/v1/chat/completions', { model: 'auto', stream: true, messages: [{ role: 'user', content: content2 }] });
+    expect(cut.body).toContain('"error"');
+    gw.stub.reset();
+    expect(cacheOf(await ask(alice, content2))).toBe('miss');
+  });
+
+  it('keys on everything that changes the answer, and not on what does not', async () => {
+    const content = prompt('key');
+    expect(cacheOf(await ask(alice, content))).toBe('miss');
+    // Same answer: labels and the stream flag do not matter; the routed model is the same.
+    expect(cacheOf(await ask(alice, content, { user: 'end-user-42', model: 'openai/gpt-4o-mini' }))).toBe('hit');
+    // Different answer: another model chain, another cap, another response_format.
+    expect(cacheOf(await ask(alice, content, { task_type: 'code' }))).toBe('miss');
+    expect(cacheOf(await ask(alice, content, { max_tokens: 3 }))).toBe('miss');
+    expect(cacheOf(await ask(alice, content, { response_format: { type: 'json_object' } }))).toBe('miss');
+  });
+
+  it('marks /v1/complete hits as cached and free', async () => {
+    const p = prompt('simple');
+    const first = await alice.api.post<{ cached: boolean; cost_usd: number; content: string }>('/v1/complete', { prompt: p });
+    expect(first.body).toMatchObject({ cached: false });
+    expect(first.body.cost_usd).toBeGreaterThan(0);
+    const second = await alice.api.post<{ cached: boolean; cost_usd: number; content: string }>('/v1/complete', { prompt: p });
+    expect(second.body).toMatchObject({ cached: true, cost_usd: 0, content: first.body.content });
+    expect(second.headers.get('x-gateway-cost-usd')).toBe('0');
+  });
+
+  describe('DELETE /admin/cache', () => {
+    it('deletes by user, model, department, or everything', async () => {
+      expect((await gw.admin.delete('/admin/cache')).status).toBe(200);
+      const bob = await gw.tenants.create();
+      const p1 = prompt('inv1');
+      const p2 = prompt('inv2');
+      const p3 = prompt('inv3');
+      await ask(alice, p1);
+      await ask(alice, p2, { task_type: 'code' });
+      await ask(bob, p3);
+
+      const byModel = await gw.admin.delete(`/admin/cache?model=${encodeURIComponent('anthropic/claude-3.5-sonnet')}`);
+      expect(byModel).toMatchObject({ status: 200, body: { object: 'cache.invalidation', deleted: 1, model: 'anthropic/claude-3.5-sonnet' } });
+      expect(cacheOf(await ask(alice, p2, { task_type: 'code' }))).toBe('miss');
+      expect(cacheOf(await ask(alice, p1))).toBe('hit');
+
+      const byUser = await gw.admin.delete(`/admin/cache?user_id=${alice.userId}`);
+      expect(byUser.status).toBe(200);
+      expect((byUser.body as { deleted: number }).deleted).toBeGreaterThanOrEqual(2);
+      expect(cacheOf(await ask(alice, p1))).toBe('miss');
+      expect(cacheOf(await ask(bob, p3))).toBe('hit');
+
+      const byDepartment = await gw.admin.delete(`/admin/cache?department_id=${bob.departmentId}`);
+      expect(byDepartment).toMatchObject({ status: 200, body: { deleted: 1, department_id: bob.departmentId } });
+      expect(cacheOf(await ask(bob, p3))).toBe('miss');
+
+      const all = await gw.admin.delete('/admin/cache');
+      expect((all.body as { deleted: number }).deleted).toBeGreaterThanOrEqual(2);
+      expect(cacheOf(await ask(alice, p1))).toBe('miss');
+      expect(cacheOf(await ask(bob, p3))).toBe('miss');
+    });
+
+    it('rejects bad filters and non-admin keys', async () => {
+      const bad = await gw.admin.delete('/admin/cache?user_id=not-a-uuid');
+      expect(bad).toMatchObject({ status: 400, body: { error: { type: 'invalid_request_error', code: 'invalid_value', param: 'user_id' } } });
+      const forbidden = await alice.api.delete('/admin/cache');
+      expect(forbidden).toMatchObject({ status: 403, body: { error: { code: 'forbidden' } } });
+    });
+  });
+
+  it('reports the cache in /health/ready', async () => {
+    const ready = await gw.admin.get('/health/ready');
+    expect(ready).toMatchObject({
+      status: 200,
+      body: { details: { cache: { status: 'up', driver: 'memory' }, rate_limit: { status: 'up', driver: 'memory' } } },
+    });
+  });
+});

@@ -1,0 +1,84 @@
+import { randomBytes } from 'node:crypto';
+import { type AddressInfo, connect, createServer, type Server, type Socket } from 'node:net';
+import type { AppConfig } from '../../src/config/config.js';
+import { createLogger } from '../../src/core/logger.js';
+import { ReadinessRegistry } from '../../src/health/readiness.js';
+import { RedisConnections, whenReady } from '../../src/redis/redis-connections.js';
+import { REDIS_URL } from './databases.js';
+
+/** A key prefix no other test (or test run) uses, so tests can share the machine's Redis. */
+export function uniqueRedisPrefix(tag = 't'): string {
+  return `gh-test:${tag}:${process.pid}:${randomBytes(4).toString('hex')}:`;
+}
+
+/** RedisConnections as the app builds it, outside Nest, with its shared client ready. */
+export async function openTestRedis(prefix: string, url = REDIS_URL): Promise<RedisConnections> {
+  const config = { redisUrl: url, redisKeyPrefix: prefix } as unknown as AppConfig;
+  const connections = new RedisConnections(config, { logger: createLogger('silent') }, new ReadinessRegistry());
+  await whenReady(connections.shared(), 5000);
+  return connections;
+}
+
+/** Deletes every key under a test prefix. */
+export async function dropRedisPrefix(connections: RedisConnections): Promise<void> {
+  const client = connections.shared();
+  let cursor = '0';
+  do {
+    const [next, keys] = await client.scan(cursor, 'MATCH', `${connections.keyPrefix}*`, 'COUNT', 1000);
+    cursor = next;
+    if (keys.length > 0) await client.unlink(...keys);
+  } while (cursor !== '0');
+}
+
+export interface TcpProxy {
+  readonly url: string;
+  /** Drops every connection and stops listening: to the gateway, Redis is gone. */
+  stop(): Promise<void>;
+  /** Listens again on the same port: Redis is back. */
+  start(): Promise<void>;
+}
+
+/** A loopback TCP relay to the test Redis, to take Redis away from a running gateway and back. */
+export async function startRedisProxy(target = REDIS_URL): Promise<TcpProxy> {
+  const { hostname, port: targetPort } = new URL(target);
+  const sockets = new Set<Socket>();
+  let server: Server | undefined;
+  let port = 0;
+  const listen = () =>
+    new Promise<void>((resolve, reject) => {
+      const s = createServer((client) => {
+        const upstream = connect(Number(targetPort || 6379), hostname);
+        sockets.add(client);
+        sockets.add(upstream);
+        const drop = () => {
+          client.destroy();
+          upstream.destroy();
+          sockets.delete(client);
+          sockets.delete(upstream);
+        };
+        client.on('error', drop).on('close', drop);
+        upstream.on('error', drop).on('close', drop);
+        client.pipe(upstream).pipe(client);
+      });
+      s.once('error', reject);
+      s.listen(port, '127.0.0.1', () => {
+        port = (s.address() as AddressInfo).port;
+        server = s;
+        resolve();
+      });
+    });
+  await listen();
+  return {
+    get url() {
+      return `redis://127.0.0.1:${port}`;
+    },
+    async stop() {
+      const s = server;
+      server = undefined;
+      for (const socket of sockets) socket.destroy();
+      sockets.clear();
+      if (s) await new Promise<void>((resolve) => s.close(() => resolve()));
+    },
+    start: listen,
+  };
+}
