@@ -3,6 +3,8 @@ import { ApiBody, ApiHeader, ApiOperation, ApiTags } from '@nestjs/swagger';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { CompletionService } from '../completion/completion.service.js';
 import { Authenticated } from '../identity/auth.guard.js';
+import { JobsService } from '../jobs/jobs.service.js';
+import { submitAsync, wantsAsync } from './async-submit.js';
 import { parseChatRequest, parseTaskType } from './chat-request.js';
 import { ChatCompletionRequestDto } from './openai-api.dto.js';
 import { callFromRequest, metaHeaders, ReplyStreamSink } from './http-call.js';
@@ -11,17 +13,24 @@ import { callFromRequest, metaHeaders, ReplyStreamSink } from './http-call.js';
 @Authenticated()
 @Controller('v1/chat')
 export class ChatCompletionsController {
-  constructor(private readonly completions: CompletionService) {}
+  constructor(
+    private readonly completions: CompletionService,
+    private readonly jobs: JobsService,
+  ) {}
 
   @Post('completions')
   @HttpCode(200)
   @ApiOperation({ summary: 'OpenAI Chat Completions (JSON or SSE), routed, cached and budgeted' })
   @ApiBody({ type: ChatCompletionRequestDto })
   @ApiHeader({ name: 'x-task-type', required: false, description: 'routing table key; same as body task_type' })
+  @ApiHeader({ name: 'prefer', required: false, description: "'respond-async': answer 202 with a job to poll at /v1/jobs/{id} (not with stream: true)" })
+  @ApiHeader({ name: 'idempotency-key', required: false, description: 'with respond-async: a retried submit returns the same job; another body → 422' })
   async create(@Req() request: FastifyRequest, @Res() reply: FastifyReply, @Body() raw: unknown, @Headers('x-task-type') taskHeader?: string): Promise<void> {
     const body = parseChatRequest(raw);
     const taskType = body.task_type !== undefined ? (body.task_type as string) : taskHeader !== undefined ? parseTaskType(taskHeader, 'x-task-type') : undefined;
     const call = callFromRequest(request, reply, body, taskType, 'chat');
+    // prefer: respond-async → 202 and a job; the job later runs this same pipeline.
+    if (wantsAsync(request)) return submitAsync(this.jobs, request, reply, call, 'chat', raw);
     if (body.stream === true) {
       await this.completions.stream(call, new ReplyStreamSink(reply));
       return;

@@ -1,5 +1,5 @@
 import { Body, Controller, HttpCode, Post, Req, Res } from '@nestjs/common';
-import { ApiBody, ApiOkResponse, ApiOperation, ApiTags } from '@nestjs/swagger';
+import { ApiBody, ApiHeader, ApiOkResponse, ApiOperation, ApiTags } from '@nestjs/swagger';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { toUsdNumber } from '../../libs/money/src/index.js';
 import type { ChatCompletionRequest } from '../../libs/openai-contract/src/index.js';
@@ -7,6 +7,8 @@ import { CompletionService } from '../completion/completion.service.js';
 import { GatewayError } from '../core/errors.js';
 import { asBody, optionalNumber, optionalString } from '../core/validate.js';
 import { Authenticated } from '../identity/auth.guard.js';
+import { JobsService } from '../jobs/jobs.service.js';
+import { submitAsync, wantsAsync } from './async-submit.js';
 import { parseTaskType } from './chat-request.js';
 import { callFromRequest, metaHeaders } from './http-call.js';
 import { CompleteRequestDto, CompleteResponseDto } from './openai-api.dto.js';
@@ -18,12 +20,17 @@ const MAX_PROMPT_CHARS = 1_000_000;
 @Authenticated()
 @Controller('v1')
 export class CompleteController {
-  constructor(private readonly completions: CompletionService) {}
+  constructor(
+    private readonly completions: CompletionService,
+    private readonly jobs: JobsService,
+  ) {}
 
   @Post('complete')
   @HttpCode(200)
   @ApiOperation({ summary: 'Simple completion: prompt → content, model, tokens, cost' })
   @ApiBody({ type: CompleteRequestDto })
+  @ApiHeader({ name: 'prefer', required: false, description: "'respond-async': answer 202 with a job to poll at /v1/jobs/{id}" })
+  @ApiHeader({ name: 'idempotency-key', required: false, description: 'with respond-async: a retried submit returns the same job; another body → 422' })
   @ApiOkResponse({ type: CompleteResponseDto })
   async complete(@Req() request: FastifyRequest, @Res() reply: FastifyReply, @Body() raw: unknown): Promise<void> {
     const body = asBody(raw);
@@ -40,7 +47,10 @@ export class CompleteController {
     if (model !== undefined) chat.model = model;
     if (typeof body.temperature === 'number') chat.temperature = body.temperature;
 
-    const outcome = await this.completions.complete(callFromRequest(request, reply, chat, taskType, 'complete'));
+    const call = callFromRequest(request, reply, chat, taskType, 'complete');
+    // Async: the job's result is the chat completion (API.md "Async"), like the chat door's.
+    if (wantsAsync(request)) return submitAsync(this.jobs, request, reply, call, 'complete', raw);
+    const outcome = await this.completions.complete(call);
     const content = outcome.completion.choices[0]?.message.content ?? '';
     await reply
       .status(200)

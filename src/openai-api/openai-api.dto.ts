@@ -14,6 +14,8 @@ export class ChatCompletionRequestDto {
   @ApiPropertyOptional() stream?: boolean;
   @ApiPropertyOptional({ example: 256 }) max_tokens?: number;
   @ApiPropertyOptional({ example: 0 }) temperature?: number;
+  @ApiPropertyOptional({ description: 'with prefer: respond-async: the finished job is POSTed here, signed (x-gatehouse-signature: sha256=HMAC of the body)' })
+  callback_url?: string;
 }
 
 export class CompleteRequestDto {
@@ -21,6 +23,7 @@ export class CompleteRequestDto {
   @ApiPropertyOptional({ example: 'general' }) task_type?: string;
   @ApiPropertyOptional({ example: 1024 }) max_tokens?: number;
   @ApiPropertyOptional({ example: 'auto' }) model?: string;
+  @ApiPropertyOptional({ description: 'with prefer: respond-async: the finished job is POSTed here, signed' }) callback_url?: string;
 }
 
 export class CompleteResponseDto {

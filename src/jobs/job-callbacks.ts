@@ -1,0 +1,90 @@
+import { createHmac } from 'node:crypto';
+import { Injectable } from '@nestjs/common';
+import type { Logger } from 'pino';
+import { AppConfig } from '../config/config.js';
+import { AppLogger } from '../core/logger.js';
+import { type JobRecord, jobView } from './job.types.js';
+
+export const SIGNATURE_HEADER = 'x-gatehouse-signature';
+const DELIVERY_TIMEOUT_MS = 10_000;
+const DELIVERY_TRIES = 3;
+const RETRY_BASE_MS = 1_000;
+const SHUTDOWN_WAIT_MS = 5_000;
+
+/** `sha256=<hex>` of the exact body bytes, GitHub-webhook style: receivers verify before parsing. */
+export function signCallback(secret: string, body: string): string {
+  return `sha256=${createHmac('sha256', secret).update(body).digest('hex')}`;
+}
+
+/**
+ * POSTs a finished job to its `callback_url`, signed with JOBS_CALLBACK_SECRET. Off the worker's
+ * path (a slow receiver must not hold a job slot), a few tries on network errors and 5xx, then
+ * given up with a log line: the job itself is already final and readable with GET /v1/jobs/{id}.
+ */
+@Injectable()
+export class JobCallbacks {
+  private readonly logger: Logger;
+  private readonly inFlight = new Set<Promise<void>>();
+
+  constructor(
+    private readonly config: AppConfig,
+    appLogger: AppLogger,
+  ) {
+    this.logger = appLogger.logger.child({ context: 'JobCallbacks' });
+  }
+
+  notify(job: JobRecord): void {
+    if (!job.callbackUrl) return;
+    const secret = this.config.jobs.callbackSecret;
+    if (!secret) {
+      this.logger.warn({ jobId: job.id }, 'job has a callback_url but JOBS_CALLBACK_SECRET is no longer set; not delivered');
+      return;
+    }
+    const delivery = this.deliver(job.callbackUrl, job, secret).finally(() => this.inFlight.delete(delivery));
+    this.inFlight.add(delivery);
+  }
+
+  /** Shutdown: give deliveries under way a moment to land. */
+  async drain(): Promise<void> {
+    if (this.inFlight.size === 0) return;
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([Promise.allSettled([...this.inFlight]), new Promise((resolve) => (timer = setTimeout(resolve, SHUTDOWN_WAIT_MS)))]);
+    clearTimeout(timer);
+  }
+
+  private async deliver(url: string, job: JobRecord, secret: string): Promise<void> {
+    const body = JSON.stringify(jobView(job));
+    const headers = {
+      'content-type': 'application/json',
+      'user-agent': 'gatehouse-jobs',
+      [SIGNATURE_HEADER]: signCallback(secret, body),
+      'x-gatehouse-job-id': job.id,
+    };
+    let last = '';
+    for (let tryNo = 1; tryNo <= DELIVERY_TRIES; tryNo += 1) {
+      try {
+        // No redirects: a signed body must go only where the submitter said.
+        const res = await fetch(url, { method: 'POST', headers, body, redirect: 'manual', signal: AbortSignal.timeout(DELIVERY_TIMEOUT_MS) });
+        await res.body?.cancel();
+        if (res.status < 500) {
+          if (res.status >= 300) this.logger.warn({ jobId: job.id, status: res.status }, 'callback receiver refused the delivery');
+          return;
+        }
+        last = `HTTP ${res.status}`;
+      } catch (error) {
+        last = (error as Error).message;
+      }
+      if (tryNo < DELIVERY_TRIES) await new Promise((resolve) => setTimeout(resolve, RETRY_BASE_MS * 2 ** (tryNo - 1)));
+    }
+    // The URL is the submitter's own; its host is enough to find the problem, its path may carry tokens.
+    this.logger.warn({ jobId: job.id, host: safeHost(url), err: last }, 'callback delivery failed after retries');
+  }
+}
+
+function safeHost(url: string): string {
+  try {
+    return new URL(url).host;
+  } catch {
+    return 'invalid';
+  }
+}

@@ -1,0 +1,51 @@
+import { describe, expect, it } from 'vitest';
+import { ConfigError, loadConfig } from '../config/config.js';
+
+const problemsOf = (env: Record<string, string>): string[] => {
+  try {
+    loadConfig(env);
+    return [];
+  } catch (error) {
+    if (error instanceof ConfigError) return error.problems;
+    throw error;
+  }
+};
+
+describe('job queue configuration', () => {
+  it('uses the inline queue without Redis and BullMQ with it, with the documented defaults', () => {
+    expect(loadConfig({}).jobs).toEqual({
+      driver: 'inline',
+      concurrency: 8,
+      maxQueued: 1000,
+      maxAttempts: 3,
+      backoffMs: 2000,
+      backoffMaxMs: 60_000,
+      callbackSecret: undefined,
+    });
+    expect(loadConfig({ REDIS_URL: 'redis://127.0.0.1:6379' }).jobs.driver).toBe('bullmq');
+    expect(loadConfig({ REDIS_URL: 'redis://127.0.0.1:6379', JOBS_DRIVER: 'inline' }).jobs.driver).toBe('inline');
+  });
+
+  it('refuses GATEHOUSE_ROLE=worker (and api) without the shared queue, saying why', () => {
+    const [problem] = problemsOf({ GATEHOUSE_ROLE: 'worker' });
+    expect(problem).toContain('GATEHOUSE_ROLE=worker needs the shared BullMQ queue');
+    expect(problem).toContain('REDIS_URL');
+    expect(problemsOf({ GATEHOUSE_ROLE: 'api' })[0]).toContain('GATEHOUSE_ROLE=api needs the shared BullMQ queue');
+    expect(problemsOf({ GATEHOUSE_ROLE: 'worker', REDIS_URL: 'redis://127.0.0.1:6379', JOBS_DRIVER: 'inline' })).toHaveLength(1);
+    expect(problemsOf({ GATEHOUSE_ROLE: 'worker', REDIS_URL: 'redis://127.0.0.1:6379' })).toEqual([]);
+    expect(problemsOf({ GATEHOUSE_ROLE: 'all' })).toEqual([]);
+  });
+
+  it('lists every bad jobs variable at once', () => {
+    const problems = problemsOf({ JOBS_DRIVER: 'kafka', JOBS_MAX_QUEUED: '0', JOBS_MAX_ATTEMPTS: 'x', JOBS_CALLBACK_SECRET: 'short' });
+    expect(problems).toEqual(
+      expect.arrayContaining([
+        expect.stringContaining('JOBS_DRIVER must be one of inline, bullmq'),
+        expect.stringContaining('JOBS_MAX_QUEUED'),
+        expect.stringContaining('JOBS_MAX_ATTEMPTS'),
+        expect.stringContaining('JOBS_CALLBACK_SECRET'),
+      ]),
+    );
+    expect(problemsOf({ JOBS_DRIVER: 'bullmq' })).toEqual(['JOBS_DRIVER=bullmq needs REDIS_URL']);
+  });
+});

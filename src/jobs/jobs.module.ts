@@ -1,0 +1,73 @@
+import { type DynamicModule, Module, type Provider } from '@nestjs/common';
+import { CompletionModule } from '../completion/completion.module.js';
+import type { AppConfig } from '../config/config.js';
+import { AppLogger } from '../core/logger.js';
+import { IdentityModule } from '../identity/identity.module.js';
+import { QueueAdminController } from './admin/queue-admin.controller.js';
+import { BullmqJobQueue } from './bullmq-job-queue.js';
+import { InlineJobQueue } from './inline-job-queue.js';
+import { JobCallbacks } from './job-callbacks.js';
+import { exponentialBackoff, JobQueue, type JobQueueOptions } from './job-queue.js';
+import { JobProcessor } from './job.processor.js';
+import { JobsRuntime } from './jobs-runtime.js';
+import { JobsRepository } from './jobs.repository.js';
+import { JobsService } from './jobs.service.js';
+import { Jobs1764400005000 } from './migrations/1764400005000-jobs.js';
+
+export const JOBS_MIGRATIONS = [Jobs1764400005000];
+
+/** BullMQ queue name; the prefix (from REDIS_KEY_PREFIX) keeps deployments sharing a Redis apart. */
+export const JOBS_QUEUE_NAME = 'jobs';
+
+// The processor ends a job (completed, failed or dead-lettered) within JOBS_MAX_ATTEMPTS tries;
+// these extra tries are only for failures of the bookkeeping itself (the database away).
+const BOOKKEEPING_TRIES = 3;
+
+/**
+ * Async jobs: the queue driver is picked here from config (inline = in-process, the embedded
+ * default; bullmq = Redis) and nothing of the other is constructed: no Redis connection exists
+ * in inline mode. Global so the /v1 doors reach JobsService without knowing this module's options.
+ */
+@Module({})
+export class JobsModule {
+  static forRoot(config: AppConfig): DynamicModule {
+    return {
+      module: JobsModule,
+      global: true,
+      imports: [CompletionModule, IdentityModule],
+      controllers: [QueueAdminController],
+      providers: [queueProvider(config), JobsRepository, JobsService, JobProcessor, JobCallbacks, JobsRuntime],
+      exports: [JobsService],
+    };
+  }
+}
+
+function queueProvider(config: AppConfig): Provider {
+  const { jobs } = config;
+  const options: JobQueueOptions = {
+    concurrency: jobs.concurrency,
+    maxQueued: jobs.maxQueued,
+    maxTries: jobs.maxAttempts + BOOKKEEPING_TRIES,
+    backoff: exponentialBackoff(jobs.backoffMs, jobs.backoffMaxMs),
+  };
+  switch (jobs.driver) {
+    case 'inline':
+      return { provide: JobQueue, useFactory: () => new InlineJobQueue(options) };
+    case 'bullmq': {
+      const redisUrl = config.redisUrl;
+      if (!redisUrl) throw new Error('JOBS_DRIVER=bullmq needs REDIS_URL');
+      return {
+        provide: JobQueue,
+        useFactory: (appLogger: AppLogger) =>
+          new BullmqJobQueue({
+            ...options,
+            redisUrl,
+            prefix: `${config.redisKeyPrefix}bull`,
+            queueName: JOBS_QUEUE_NAME,
+            logger: appLogger.logger.child({ context: 'Jobs' }),
+          }),
+        inject: [AppLogger],
+      };
+    }
+  }
+}

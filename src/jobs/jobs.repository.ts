@@ -1,0 +1,243 @@
+import { Injectable } from '@nestjs/common';
+import { DataSource } from 'typeorm';
+import type { ErrorBody } from '../../libs/openai-contract/src/index.js';
+import type { CacheScope, UserRole } from '../identity/identity.entities.js';
+import type { JobRecord, JobStatus, NewJob } from './job.types.js';
+
+type Row = Record<string, unknown>;
+
+/** The current state of the key a job was submitted with; null when it no longer authenticates. */
+export interface KeyState {
+  prefix: string;
+  role: UserRole;
+  cacheScope: CacheScope;
+  expiresAt: Date | null;
+}
+
+export interface StatusCounts {
+  queued: number;
+  running: number;
+  completed: number;
+  failed: number;
+  dead_lettered: number;
+}
+
+// Transitions only ever move forward from the states named in each WHERE, so a repeated
+// delivery or a late writer can never turn a finished job back into an unfinished one.
+const UNFINISHED = `status IN ('queued', 'running')`;
+
+/** Job records in SQL that runs unchanged on PostgreSQL and PGlite. */
+@Injectable()
+export class JobsRepository {
+  constructor(private readonly db: DataSource) {}
+
+  /**
+   * Inserts a job, or returns the one this user already submitted with the same idempotency
+   * key (`created: false`); the unique index settles concurrent submits of one key.
+   */
+  async insert(job: NewJob, now: Date): Promise<{ job: JobRecord; created: boolean }> {
+    for (let round = 0; round < 3; round += 1) {
+      const inserted = await this.db.query<Row[]>(
+        `INSERT INTO jobs (user_id, department_id, key_id, door, request_body, task_type, cache_control, request_id,
+                           idempotency_key, body_hash, callback_url, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb, $8, $9, $10, $11, $12, $12)
+         ON CONFLICT (user_id, idempotency_key) DO NOTHING
+         RETURNING *`,
+        [
+          job.principal.userId,
+          job.principal.departmentId,
+          job.principal.keyId,
+          job.door,
+          JSON.stringify(job.body),
+          job.taskType ?? null,
+          JSON.stringify(job.cacheControl),
+          job.requestId,
+          job.idempotencyKey ?? null,
+          job.bodyHash,
+          job.callbackUrl ?? null,
+          now,
+        ],
+      );
+      if (inserted[0]) return { job: toRecord(inserted[0]), created: true };
+      const existing = await this.db.query<Row[]>(`SELECT * FROM jobs WHERE user_id = $1 AND idempotency_key = $2`, [job.principal.userId, job.idempotencyKey]);
+      // Gone again: its submit was refused (queue full or away) and removed; insert afresh.
+      if (existing[0]) return { job: toRecord(existing[0]), created: false };
+    }
+    throw new Error('idempotent job insert kept racing with deletes');
+  }
+
+  /** Undoes an insert whose submit the queue refused, so the 503 leaves nothing behind. */
+  async remove(id: string): Promise<void> {
+    await this.db.query(`DELETE FROM jobs WHERE id = $1 AND status = 'queued' AND attempts = 0`, [id]);
+  }
+
+  async find(id: string): Promise<JobRecord | undefined> {
+    const rows = await this.db.query<Row[]>(`SELECT * FROM jobs WHERE id = $1`, [id]);
+    return rows[0] ? toRecord(rows[0]) : undefined;
+  }
+
+  /** One try begins: counted, marked running, and the submitting key's current state read in the same round trip. */
+  async start(id: string, now: Date): Promise<{ job: JobRecord; key: KeyState | null } | undefined> {
+    const rows = await this.db.query<Row[]>(
+      `WITH started AS (
+         UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, $2), updated_at = $2
+          WHERE id = $1 AND ${UNFINISHED}
+          RETURNING *)
+       SELECT s.*, k.prefix AS key_prefix, k.role AS key_role, k.cache_scope AS key_cache_scope, k.expires_at AS key_expires_at
+         FROM started s
+         LEFT JOIN (SELECT ak.id, ak.prefix, u.role, d.cache_scope, ak.expires_at
+                      FROM api_keys ak JOIN users u ON u.id = ak.user_id JOIN departments d ON d.id = u.department_id
+                     WHERE ak.revoked_at IS NULL AND u.disabled_at IS NULL AND d.disabled_at IS NULL) k
+           ON k.id = s.key_id`,
+      [id, now],
+    );
+    const row = rows[0];
+    if (!row) return undefined;
+    const key: KeyState | null =
+      typeof row.key_prefix === 'string'
+        ? { prefix: row.key_prefix, role: row.key_role as UserRole, cacheScope: row.key_cache_scope as CacheScope, expiresAt: toDateOrNull(row.key_expires_at) }
+        : null;
+    return { job: toRecord(row), key };
+  }
+
+  /** Back to queued after a transient failure, keeping the last error visible while it waits. */
+  async retryLater(id: string, error: ErrorBody | null, now: Date): Promise<void> {
+    await this.db.query(`UPDATE jobs SET status = 'queued', error = $2::jsonb, updated_at = $3 WHERE id = $1 AND status = 'running'`, [
+      id,
+      error === null ? null : JSON.stringify(error),
+      now,
+    ]);
+  }
+
+  async complete(id: string, outcome: { result: unknown; model: string; costNanos: bigint }, now: Date): Promise<JobRecord | undefined> {
+    const rows = await this.changed(
+      `UPDATE jobs SET status = 'completed', result = $2::jsonb, error = NULL, model = $3, cost_nanos = $4, completed_at = $5, updated_at = $5
+        WHERE id = $1 AND status = 'running'
+        RETURNING *`,
+      [id, JSON.stringify(outcome.result), outcome.model, outcome.costNanos.toString(), now],
+    );
+    return rows[0] ? toRecord(rows[0]) : undefined;
+  }
+
+  async fail(id: string, error: ErrorBody, deadLettered: boolean, now: Date): Promise<JobRecord | undefined> {
+    const rows = await this.changed(
+      `UPDATE jobs SET status = 'failed', error = $2::jsonb, dead_lettered = $3, completed_at = $4, updated_at = $4
+        WHERE id = $1 AND ${UNFINISHED}
+        RETURNING *`,
+      [id, JSON.stringify(error), deadLettered, now],
+    );
+    return rows[0] ? toRecord(rows[0]) : undefined;
+  }
+
+  async counts(): Promise<StatusCounts> {
+    const rows = await this.db.query<Array<{ status: JobStatus; dead_lettered: boolean; n: string | number }>>(
+      `SELECT status, dead_lettered, count(*) AS n FROM jobs GROUP BY status, dead_lettered`,
+    );
+    const counts: StatusCounts = { queued: 0, running: 0, completed: 0, failed: 0, dead_lettered: 0 };
+    for (const row of rows) {
+      counts[row.status] += Number(row.n);
+      if (row.dead_lettered) counts.dead_lettered += Number(row.n);
+    }
+    return counts;
+  }
+
+  async listDead(limit: number, before: { completedAt: Date; id: string } | undefined): Promise<JobRecord[]> {
+    const rows = before
+      ? await this.db.query<Row[]>(`SELECT * FROM jobs WHERE dead_lettered AND (completed_at, id) < ($2, $3) ORDER BY completed_at DESC, id DESC LIMIT $1`, [
+          limit,
+          before.completedAt,
+          before.id,
+        ])
+      : await this.db.query<Row[]>(`SELECT * FROM jobs WHERE dead_lettered ORDER BY completed_at DESC, id DESC LIMIT $1`, [limit]);
+    return rows.map(toRecord);
+  }
+
+  async findDead(id: string): Promise<JobRecord | undefined> {
+    const rows = await this.db.query<Row[]>(`SELECT * FROM jobs WHERE id = $1 AND dead_lettered`, [id]);
+    return rows[0] ? toRecord(rows[0]) : undefined;
+  }
+
+  /** An admin retry: out of the dead-letter queue, with a fresh set of tries. */
+  async resetDead(id: string, now: Date): Promise<JobRecord | undefined> {
+    const rows = await this.changed(
+      `UPDATE jobs SET status = 'queued', dead_lettered = false, attempts = 0, error = NULL, result = NULL,
+                       started_at = NULL, completed_at = NULL, updated_at = $2
+        WHERE id = $1 AND dead_lettered
+        RETURNING *`,
+      [id, now],
+    );
+    return rows[0] ? toRecord(rows[0]) : undefined;
+  }
+
+  /** Puts a dead job back as it was when its retry could not be queued. */
+  async restoreDead(job: JobRecord): Promise<void> {
+    await this.db.query(
+      `UPDATE jobs SET status = 'failed', dead_lettered = true, attempts = $2, error = $3::jsonb, started_at = $4, completed_at = $5, updated_at = $5
+        WHERE id = $1 AND status = 'queued' AND attempts = 0`,
+      [job.id, job.attempts, job.error === null ? null : JSON.stringify(job.error), job.startedAt, job.completedAt],
+    );
+  }
+
+  /** Removes a job from the dead-letter queue; its record stays, failed, for its submitter to read. */
+  async discardDead(id: string, now: Date): Promise<boolean> {
+    const rows = await this.changed(`UPDATE jobs SET dead_lettered = false, updated_at = $2 WHERE id = $1 AND dead_lettered RETURNING id`, [id, now]);
+    return rows.length > 0;
+  }
+
+  /**
+   * The rows an `UPDATE … RETURNING` changed. Wrapped in a CTE because TypeORM's postgres driver
+   * answers a bare UPDATE with `[rows, rowCount]` instead of the rows.
+   */
+  private changed(updateReturning: string, parameters: unknown[]): Promise<Row[]> {
+    return this.db.query<Row[]>(`WITH changed AS (${updateReturning}) SELECT * FROM changed`, parameters);
+  }
+
+  /** Unfinished jobs nobody touched since `before`: candidates for a (harmless, idempotent) requeue. */
+  async unfinishedSince(before: Date, limit: number): Promise<string[]> {
+    const rows = await this.db.query<Array<{ id: string }>>(`SELECT id FROM jobs WHERE ${UNFINISHED} AND updated_at <= $1 ORDER BY updated_at LIMIT $2`, [
+      before,
+      limit,
+    ]);
+    return rows.map((r) => r.id);
+  }
+}
+
+function toRecord(row: Row): JobRecord {
+  return {
+    id: row.id as string,
+    userId: row.user_id as string,
+    departmentId: row.department_id as string,
+    keyId: row.key_id as string,
+    status: row.status as JobStatus,
+    door: row.door as JobRecord['door'],
+    requestBody: json(row.request_body) as JobRecord['requestBody'],
+    taskType: (row.task_type as string | null) ?? null,
+    cacheControl: json(row.cache_control) as JobRecord['cacheControl'],
+    requestId: row.request_id as string,
+    result: json(row.result) ?? null,
+    error: (json(row.error) as ErrorBody | null) ?? null,
+    model: (row.model as string | null) ?? null,
+    costNanos: row.cost_nanos === null || row.cost_nanos === undefined ? null : BigInt(row.cost_nanos as string),
+    attempts: Number(row.attempts),
+    deadLettered: row.dead_lettered === true,
+    idempotencyKey: (row.idempotency_key as string | null) ?? null,
+    bodyHash: row.body_hash as string,
+    callbackUrl: (row.callback_url as string | null) ?? null,
+    createdAt: toDate(row.created_at),
+    startedAt: toDateOrNull(row.started_at),
+    completedAt: toDateOrNull(row.completed_at),
+  };
+}
+
+// pg parses jsonb already; a driver that hands back the text of an object is tolerated.
+function json(value: unknown): unknown {
+  return typeof value === 'string' && /^\s*[{[]/.test(value) ? (JSON.parse(value) as unknown) : value;
+}
+
+function toDate(value: unknown): Date {
+  return value instanceof Date ? value : new Date(value as string);
+}
+
+function toDateOrNull(value: unknown): Date | null {
+  return value === null || value === undefined ? null : toDate(value);
+}

@@ -1,0 +1,124 @@
+import { Injectable } from '@nestjs/common';
+import { AppConfig } from '../config/config.js';
+import { Clock } from '../core/clock.js';
+import { GatewayError } from '../core/errors.js';
+import type { Principal } from '../identity/principal.js';
+import { JobQueue, type QueueCounts } from './job-queue.js';
+import type { JobRecord, NewJob } from './job.types.js';
+import { JobsRepository, type StatusCounts } from './jobs.repository.js';
+
+export interface QueueStats {
+  object: 'gateway.queue';
+  driver: JobQueue['driver'];
+  /** Whether this instance runs jobs (roles worker and all) or only accepts them (api). */
+  processing: boolean;
+  max_queued: number;
+  max_attempts: number;
+  /** Job records by state, from the database (all instances); `failed` includes `dead_lettered`. */
+  counts: StatusCounts;
+  /** What the queue itself holds right now; null when it cannot be reached. */
+  broker: QueueCounts | null;
+}
+
+/** Accepts async requests and answers for them: the only way into the queue for doors and admins. */
+@Injectable()
+export class JobsService {
+  constructor(
+    private readonly repo: JobsRepository,
+    private readonly queue: JobQueue,
+    private readonly config: AppConfig,
+    private readonly clock: Clock,
+  ) {}
+
+  /**
+   * A new job (`created: true`), or the one this user already submitted with the same
+   * idempotency key and body. The record is written before the job is queued, so a worker never
+   * sees an id without its record; a submit the queue refuses removes its record again.
+   */
+  async submit(input: NewJob): Promise<{ job: JobRecord; created: boolean }> {
+    if (input.callbackUrl !== undefined && !this.config.jobs.callbackSecret) {
+      throw new GatewayError('invalid_value', "'callback_url' is not available: this gateway has no JOBS_CALLBACK_SECRET to sign callbacks with.", {
+        param: 'callback_url',
+      });
+    }
+    // Refuse before writing anything when the queue surely cannot take it (full, or Redis away).
+    // A repeat of an idempotent submit is answered from its record even then.
+    if (input.idempotencyKey === undefined) this.queue.assertAccepting();
+    const { job, created } = await this.repo.insert(input, this.clock.now());
+    if (!created) {
+      if (job.bodyHash !== input.bodyHash) {
+        throw new GatewayError('idempotency_key_reused', 'This idempotency-key was already used with a different request; use a new key for a new request.', {
+          param: 'idempotency-key',
+        });
+      }
+      return { job, created };
+    }
+    try {
+      await this.queue.submit(job.id);
+    } catch (error) {
+      await this.repo.remove(job.id).catch(() => undefined);
+      throw error;
+    }
+    return { job, created };
+  }
+
+  /** Only its submitter or an admin may read a job; anyone else learns nothing, not even that it exists. */
+  async get(id: string, reader: Principal): Promise<JobRecord> {
+    const job = await this.repo.find(id);
+    if (!job || (reader.role !== 'admin' && job.userId !== reader.userId)) throw notFound(id);
+    return job;
+  }
+
+  async stats(): Promise<QueueStats> {
+    const [counts, broker] = await Promise.all([this.repo.counts(), this.queue.counts().catch(() => null)]);
+    return {
+      object: 'gateway.queue',
+      driver: this.queue.driver,
+      processing: this.config.role !== 'api',
+      max_queued: this.config.jobs.maxQueued,
+      max_attempts: this.config.jobs.maxAttempts,
+      counts,
+      broker,
+    };
+  }
+
+  /** Newest first; `before` is the id of the last job of the previous page. */
+  async listDead(limit: number, before: string | undefined): Promise<{ jobs: JobRecord[]; hasMore: boolean }> {
+    let cursor: { completedAt: Date; id: string } | undefined;
+    if (before !== undefined) {
+      const last = await this.repo.findDead(before);
+      if (!last?.completedAt) throw new GatewayError('invalid_value', `'before' must be the id of a dead-lettered job.`, { param: 'before' });
+      cursor = { completedAt: last.completedAt, id: last.id };
+    }
+    const jobs = await this.repo.listDead(limit + 1, cursor);
+    return { jobs: jobs.slice(0, limit), hasMore: jobs.length > limit };
+  }
+
+  /** Out of the dead-letter queue and queued again, with a fresh set of tries. */
+  async retryDead(id: string): Promise<JobRecord> {
+    const dead = await this.repo.findDead(id);
+    if (!dead) throw deadNotFound(id);
+    const reset = await this.repo.resetDead(id, this.clock.now());
+    if (!reset) throw deadNotFound(id);
+    try {
+      await this.queue.requeue(id);
+    } catch (error) {
+      // The queue is away: leave the job where the admin found it, so the answer (503) is the truth.
+      await this.repo.restoreDead(dead);
+      throw error;
+    }
+    return reset;
+  }
+
+  async discardDead(id: string): Promise<void> {
+    if (!(await this.repo.discardDead(id, this.clock.now()))) throw deadNotFound(id);
+  }
+}
+
+function notFound(id: string): GatewayError {
+  return new GatewayError('not_found', `No job with id '${id}'.`);
+}
+
+function deadNotFound(id: string): GatewayError {
+  return new GatewayError('not_found', `No dead-lettered job with id '${id}'.`);
+}

@@ -1,0 +1,83 @@
+import { hash } from 'node:crypto';
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { CompletionCall } from '../completion/completion.types.js';
+import { GatewayError } from '../core/errors.js';
+import { asBody } from '../core/validate.js';
+import { type JobDoor, jobView } from '../jobs/job.types.js';
+import type { JobsService } from '../jobs/jobs.service.js';
+
+const MAX_IDEMPOTENCY_KEY = 255;
+const MAX_CALLBACK_URL = 2048;
+const PRINTABLE = /^[\x21-\x7e]+$/;
+
+/** `prefer: respond-async` (RFC 7240), among other preferences and in any case. */
+export function wantsAsync(request: FastifyRequest): boolean {
+  const prefer = request.headers.prefer;
+  if (prefer === undefined) return false;
+  return (Array.isArray(prefer) ? prefer : [prefer]).some((value) =>
+    value.split(',').some((preference) => (preference.split(';')[0] ?? '').trim().toLowerCase() === 'respond-async'),
+  );
+}
+
+export function parseIdempotencyKey(value: string | string[] | undefined): string | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== 'string' || value.length === 0 || value.length > MAX_IDEMPOTENCY_KEY || !PRINTABLE.test(value)) {
+    throw new GatewayError('invalid_value', `'idempotency-key' must be 1 to ${MAX_IDEMPOTENCY_KEY} printable characters without spaces.`, {
+      param: 'idempotency-key',
+    });
+  }
+  return value;
+}
+
+export function parseCallbackUrl(value: unknown): string | undefined {
+  if (value === undefined || value === null) return undefined;
+  const invalid = () => new GatewayError('invalid_value', "'callback_url' must be an absolute http(s) URL.", { param: 'callback_url' });
+  if (typeof value !== 'string' || value.length > MAX_CALLBACK_URL) throw invalid();
+  let url: URL;
+  try {
+    url = new URL(value);
+  } catch {
+    throw invalid();
+  }
+  if ((url.protocol !== 'http:' && url.protocol !== 'https:') || url.username || url.password) throw invalid();
+  return url.toString();
+}
+
+/** What makes two submits "the same request" for an idempotency key: door, task type and the body as sent. */
+export function submissionHash(door: JobDoor, taskType: string | undefined, raw: unknown): string {
+  return hash('sha256', JSON.stringify([door, taskType ?? null, raw]), 'hex');
+}
+
+/**
+ * The async branch of a completion door: the request, validated exactly as a sync one, becomes
+ * a job; the answer is 202 with where to poll. A repeat with the same idempotency-key gets the
+ * same job (marked `idempotent-replayed`).
+ */
+export async function submitAsync(
+  jobs: JobsService,
+  request: FastifyRequest,
+  reply: FastifyReply,
+  call: CompletionCall,
+  door: JobDoor,
+  raw: unknown,
+): Promise<void> {
+  if (call.body.stream === true) {
+    throw new GatewayError('invalid_value', "'stream: true' cannot be combined with 'prefer: respond-async': a job's result is one JSON completion.", {
+      param: 'stream',
+    });
+  }
+  const { job, created } = await jobs.submit({
+    principal: call.principal,
+    door,
+    body: call.body,
+    taskType: call.taskType,
+    cacheControl: call.cacheControl,
+    requestId: call.requestId,
+    idempotencyKey: parseIdempotencyKey(request.headers['idempotency-key']),
+    bodyHash: submissionHash(door, call.taskType, raw),
+    callbackUrl: parseCallbackUrl(asBody(raw).callback_url),
+  });
+  void reply.status(202).header('location', `/v1/jobs/${job.id}`).header('preference-applied', 'respond-async');
+  if (!created) void reply.header('idempotent-replayed', 'true');
+  await reply.send(jobView(job));
+}

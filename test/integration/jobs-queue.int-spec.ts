@@ -1,0 +1,77 @@
+import { Redis } from 'ioredis';
+import { describe, expect, it } from 'vitest';
+import { createLogger } from '../../src/core/logger.js';
+import { BullmqJobQueue } from '../../src/jobs/bullmq-job-queue.js';
+import { InlineJobQueue } from '../../src/jobs/inline-job-queue.js';
+import { exponentialBackoff } from '../../src/jobs/job-queue.js';
+import { jobQueueContract } from '../../src/jobs/testing/job-queue.contract.js';
+import { REDIS_URL } from '../support/databases.js';
+import { uniqueRedisPrefix } from '../support/redis.js';
+
+jobQueueContract('inline', (options) => {
+  const queue = new InlineJobQueue(options);
+  return Promise.resolve({ queue, cleanup: () => queue.close() });
+});
+
+/** Removes every key under a prefix (the queue's own connection is closed by then). */
+async function dropKeys(prefix: string): Promise<void> {
+  const redis = new Redis(REDIS_URL);
+  try {
+    let cursor = '0';
+    do {
+      const [next, keys] = await redis.scan(cursor, 'MATCH', `${prefix}*`, 'COUNT', 1000);
+      cursor = next;
+      if (keys.length > 0) await redis.unlink(...keys);
+    } while (cursor !== '0');
+  } finally {
+    redis.disconnect();
+  }
+}
+
+// The real Redis on this machine; each queue gets its own prefix and queue name.
+jobQueueContract('bullmq', async (options) => {
+  const prefix = `${uniqueRedisPrefix('jobs')}bull`;
+  const queue = new BullmqJobQueue({ ...options, redisUrl: REDIS_URL, prefix, queueName: 'contract', logger: createLogger('silent') });
+  await queue.ready();
+  return {
+    queue,
+    cleanup: async () => {
+      await queue.close();
+      await dropKeys(prefix);
+    },
+  };
+});
+
+describe('BullmqJobQueue without Redis', () => {
+  it('refuses submits at once with 503 unavailable, says degraded in readiness, and closes without hanging', async () => {
+    // Port 1: nothing listens there, the connection is refused over and over.
+    const queue = new BullmqJobQueue({
+      redisUrl: 'redis://127.0.0.1:1',
+      prefix: uniqueRedisPrefix('jobs-down'),
+      queueName: 'down',
+      logger: createLogger('silent'),
+      concurrency: 1,
+      maxQueued: 10,
+      maxTries: 3,
+      backoff: () => 10,
+    });
+    try {
+      expect(() => queue.assertAccepting()).toThrow(expect.objectContaining({ code: 'unavailable', status: 503 }));
+      await expect(queue.submit('00000000-0000-4000-8000-000000000001')).rejects.toMatchObject({ code: 'unavailable' });
+      await expect(queue.requeue('00000000-0000-4000-8000-000000000001')).rejects.toMatchObject({ code: 'unavailable' });
+      expect(await queue.health()).toMatchObject({ state: 'degraded', details: { driver: 'bullmq', redis: 'unreachable' } });
+      queue.start({ run: () => Promise.resolve(), abandon: () => Promise.resolve() });
+    } finally {
+      await queue.close();
+    }
+  });
+});
+
+describe('exponentialBackoff', () => {
+  it('doubles from the base up to the cap, with jitter in the upper half', () => {
+    const low = exponentialBackoff(100, 1000, () => 0);
+    const high = exponentialBackoff(100, 1000, () => 1);
+    expect([1, 2, 3, 4, 5, 6].map(low)).toEqual([50, 100, 200, 400, 500, 500]);
+    expect([1, 2, 3, 4, 5, 6].map(high)).toEqual([100, 200, 400, 800, 1000, 1000]);
+  });
+});

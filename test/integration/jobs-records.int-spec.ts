@@ -1,0 +1,128 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { DATABASE_CONTENT } from '../../src/app.module.js';
+import { type OpenedDatabase, openDatabase } from '../../src/database/data-source.js';
+import type { Principal } from '../../src/identity/principal.js';
+import type { NewJob } from '../../src/jobs/job.types.js';
+import { JobsRepository } from '../../src/jobs/jobs.repository.js';
+import { createPostgresDatabase, DB_KINDS, pgliteTarget } from '../support/databases.js';
+
+const now = () => new Date();
+
+describe.each(DB_KINDS)('job records on %s', (kind) => {
+  let db: OpenedDatabase;
+  let drop: (() => Promise<void>) | undefined;
+  let repo: JobsRepository;
+  let principal: Principal;
+
+  beforeAll(async () => {
+    if (kind === 'postgres') {
+      const pg = await createPostgresDatabase();
+      drop = () => pg.drop();
+      db = await openDatabase({ driver: 'postgres', url: pg.url }, DATABASE_CONTENT);
+    } else {
+      db = await openDatabase(await pgliteTarget(), DATABASE_CONTENT);
+    }
+    repo = new JobsRepository(db.dataSource);
+    const [dept] = await db.dataSource.query<Array<{ id: string }>>(`INSERT INTO departments (name) VALUES ('jobs-dept') RETURNING id`);
+    const [user] = await db.dataSource.query<Array<{ id: string }>>(
+      `INSERT INTO users (name, department_id, role) VALUES ('jobs-user', $1, 'user') RETURNING id`,
+      [dept?.id],
+    );
+    const [key] = await db.dataSource.query<Array<{ id: string }>>(
+      `INSERT INTO api_keys (user_id, prefix, key_hash) VALUES ($1, 'gh-jobs', 'hash-jobs') RETURNING id`,
+      [user?.id],
+    );
+    principal = { keyId: key.id, keyPrefix: 'gh-jobs', userId: user.id, departmentId: dept.id, role: 'user', cacheScope: 'user', expiresAt: undefined };
+  });
+  afterAll(async () => {
+    await db?.close();
+    await drop?.();
+  });
+
+  const newJob = (overrides: Partial<NewJob> = {}): NewJob => ({
+    principal,
+    door: 'chat',
+    body: { messages: [{ role: 'user', content: 'hi' }] },
+    taskType: undefined,
+    cacheControl: { read: true, write: true, ttlSeconds: undefined },
+    requestId: 'req-1',
+    idempotencyKey: undefined,
+    bodyHash: 'hash-a',
+    callbackUrl: undefined,
+    ...overrides,
+  });
+
+  it('creates exactly one job for 20 concurrent submits with one idempotency key', async () => {
+    const results = await Promise.all(Array.from({ length: 20 }, () => repo.insert(newJob({ idempotencyKey: 'same-key' }), now())));
+    expect(results.filter((r) => r.created)).toHaveLength(1);
+    expect(new Set(results.map((r) => r.job.id)).size).toBe(1);
+    const [row] = await db.dataSource.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM jobs WHERE idempotency_key = 'same-key'`);
+    expect(Number(row?.n)).toBe(1);
+  });
+
+  it('moves a job forward only: tries are counted, and a finished job never changes again', async () => {
+    const { job } = await repo.insert(newJob(), now());
+    expect(job).toMatchObject({ status: 'queued', attempts: 0, deadLettered: false, result: null, error: null });
+
+    const first = await repo.start(job.id, now());
+    expect(first?.job).toMatchObject({ status: 'running', attempts: 1 });
+    expect(first?.key).toMatchObject({ prefix: 'gh-jobs', role: 'user', cacheScope: 'user', expiresAt: null });
+    await repo.retryLater(job.id, { message: 'upstream 503', type: 'upstream_error', code: 'upstream_error', param: null }, now());
+    expect(await repo.find(job.id)).toMatchObject({ status: 'queued', attempts: 1, error: { code: 'upstream_error' } });
+
+    expect((await repo.start(job.id, now()))?.job.attempts).toBe(2);
+    const done = await repo.complete(job.id, { result: { object: 'chat.completion', id: 'c1' }, model: 'm', costNanos: 1234n }, now());
+    expect(done).toMatchObject({ status: 'completed', attempts: 2, result: { id: 'c1' }, error: null, model: 'm', costNanos: 1234n });
+    expect(done?.completedAt).toBeInstanceOf(Date);
+
+    // A repeated delivery of the finished job: nothing starts, nothing is overwritten.
+    expect(await repo.start(job.id, now())).toBeUndefined();
+    expect(await repo.fail(job.id, { message: 'late', type: 'api_error', code: 'internal_error', param: null }, true, now())).toBeUndefined();
+    expect(await repo.find(job.id)).toMatchObject({ status: 'completed', attempts: 2, deadLettered: false });
+  });
+
+  it('keeps the dead-letter state: listed, reset for an admin retry, restored when the retry cannot be queued, discarded', async () => {
+    const { job } = await repo.insert(newJob(), now());
+    await repo.start(job.id, now());
+    const dead = await repo.fail(job.id, { message: 'upstream 500', type: 'upstream_error', code: 'upstream_error', param: null }, true, now());
+    expect(dead).toMatchObject({ status: 'failed', deadLettered: true });
+    expect((await repo.listDead(50, undefined)).map((j) => j.id)).toContain(job.id);
+    expect((await repo.counts()).dead_lettered).toBeGreaterThanOrEqual(1);
+
+    const reset = await repo.resetDead(job.id, now());
+    expect(reset).toMatchObject({ status: 'queued', attempts: 0, deadLettered: false, error: null, completedAt: null });
+    await repo.restoreDead(dead!);
+    expect(await repo.find(job.id)).toMatchObject({ status: 'failed', deadLettered: true, attempts: 1, error: { code: 'upstream_error' } });
+
+    expect(await repo.discardDead(job.id, now())).toBe(true);
+    expect(await repo.discardDead(job.id, now())).toBe(false);
+    expect(await repo.find(job.id)).toMatchObject({ status: 'failed', deadLettered: false });
+    expect(await repo.resetDead(job.id, now())).toBeUndefined();
+  });
+
+  it('reads the submitting key afresh on every try: a revoked key comes back as null', async () => {
+    const { job } = await repo.insert(newJob(), now());
+    await db.dataSource.query(`UPDATE api_keys SET revoked_at = now() WHERE id = $1`, [principal.keyId]);
+    try {
+      const started = await repo.start(job.id, now());
+      expect(started?.job.status).toBe('running');
+      expect(started?.key).toBeNull();
+    } finally {
+      await db.dataSource.query(`UPDATE api_keys SET revoked_at = NULL WHERE id = $1`, [principal.keyId]);
+    }
+  });
+
+  it('finds unfinished jobs untouched since a moment, for the recovery sweep', async () => {
+    const { job } = await repo.insert(newJob(), new Date(Date.now() - 60_000));
+    const stale = await repo.unfinishedSince(new Date(Date.now() - 30_000), 1000);
+    expect(stale).toContain(job.id);
+    await repo.start(job.id, now());
+    expect(await repo.unfinishedSince(new Date(Date.now() - 30_000), 1000)).not.toContain(job.id);
+    // A refused submit leaves nothing; a started job is never removed that way.
+    const { job: refused } = await repo.insert(newJob(), now());
+    await repo.remove(refused.id);
+    expect(await repo.find(refused.id)).toBeUndefined();
+    await repo.remove(job.id);
+    expect(await repo.find(job.id)).toBeDefined();
+  });
+});
