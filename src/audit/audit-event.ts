@@ -1,0 +1,139 @@
+import { hash } from 'node:crypto';
+import { isUuid } from '../core/validate.js';
+
+export type JsonValue = string | number | boolean | null | JsonValue[] | { [key: string]: JsonValue };
+export type JsonObject = { [key: string]: JsonValue };
+
+/** One audit row as it is hashed and stored (seq, prev_hash and hash are added by the writer). */
+export interface AuditEvent {
+  readonly id: string;
+  readonly at: Date;
+  readonly actorUserId: string | null;
+  readonly actorKeyId: string | null;
+  readonly actorRole: string | null;
+  readonly action: string;
+  readonly targetType: string | null;
+  readonly targetId: string | null;
+  readonly requestId: string | null;
+  readonly status: number | null;
+  readonly details: JsonObject;
+}
+
+/** A stored row, as read back for queries and verification. */
+export interface StoredAuditEvent extends AuditEvent {
+  readonly seq: string;
+  readonly prevHash: string;
+  readonly hash: string;
+}
+
+/** The chain's anchor: the prev_hash of the very first event. */
+export const GENESIS_HASH = '0'.repeat(64);
+
+const MAX_TEXT = 200;
+const MAX_STRING = 500;
+const MAX_DEPTH = 6;
+const MAX_ITEMS = 50;
+
+/**
+ * Makes any value safe to store as jsonb and to hash the same way before and after the round
+ * trip: PostgreSQL rejects NUL and lone surrogates (one such event would wedge every retry of its
+ * batch), bigint has no JSON form, and jsonb normalises nothing else that JSON.stringify emits.
+ */
+export function toJson(value: unknown, depth = 0): JsonValue {
+  if (value === null || value === undefined) return null;
+  switch (typeof value) {
+    case 'string':
+      return cleanString(value, MAX_STRING);
+    case 'number':
+      return Number.isFinite(value) ? value : null;
+    case 'boolean':
+      return value;
+    case 'bigint':
+      return value.toString();
+    case 'object': {
+      if (value instanceof Date) return Number.isNaN(value.getTime()) ? null : value.toISOString();
+      if (depth >= MAX_DEPTH) return '[truncated]';
+      if (Array.isArray(value)) {
+        const items = value.slice(0, MAX_ITEMS).map((item: unknown) => toJson(item, depth + 1));
+        if (value.length > MAX_ITEMS) items.push(`[${value.length - MAX_ITEMS} more]`);
+        return items;
+      }
+      const out: JsonObject = {};
+      let count = 0;
+      for (const [key, item] of Object.entries(value)) {
+        if (item === undefined || typeof item === 'function' || typeof item === 'symbol') continue;
+        if (++count > MAX_ITEMS) {
+          out['[truncated]'] = true;
+          break;
+        }
+        out[cleanString(key, MAX_TEXT)] = toJson(item, depth + 1);
+      }
+      return out;
+    }
+    case 'undefined':
+    case 'function':
+    case 'symbol':
+      return null;
+  }
+  return null;
+}
+
+// NUL (PostgreSQL text rejects it) and lone surrogates (jsonb rejects their \u escapes).
+// eslint-disable-next-line no-control-regex -- NUL is exactly what has to go
+const UNSTORABLE = /\u0000|[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g;
+
+// eslint-disable-next-line no-control-regex -- see UNSTORABLE
+const SUSPECT = /[\u0000\uD800-\uDFFF]/;
+
+export function cleanString(value: string, max: number): string {
+  // Nearly every string is plain: one cheap scan, and the replace only when something is there.
+  const clean = SUSPECT.test(value) ? value.replace(UNSTORABLE, (c) => (c === '\u0000' ? '' : '\uFFFD')) : value;
+  if (clean.length <= max) return clean;
+  // Never cut a surrogate pair in half: that would bring back the lone surrogate removed above.
+  const end = /[\uD800-\uDBFF]/.test(clean.charAt(max - 1)) ? max - 1 : max;
+  return `${clean.slice(0, end)}…`;
+}
+
+/** For text columns: null stays null, anything else becomes a short clean string. */
+export function textColumn(value: string | number | null | undefined): string | null {
+  if (value === null || value === undefined || value === '') return null;
+  return cleanString(String(value), MAX_TEXT);
+}
+
+/** uuid columns accept only uuids; anything else would fail the whole batch's INSERT. */
+export function uuidColumn(value: unknown): string | null {
+  return typeof value === 'string' && isUuid(value) ? value.toLowerCase() : null;
+}
+
+export function statusColumn(value: unknown): number | null {
+  return typeof value === 'number' && Number.isInteger(value) && value >= 0 && value <= 999 ? value : null;
+}
+
+/** JSON with object keys sorted at every level and no whitespace: one text per event, forever. */
+export function canonicalJson(value: JsonValue): string {
+  if (value === null || typeof value !== 'object') return JSON.stringify(value);
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(',')}]`;
+  const keys = Object.keys(value).sort();
+  return `{${keys.map((key) => `${JSON.stringify(key)}:${canonicalJson(value[key] ?? null)}`).join(',')}}`;
+}
+
+/** What the hash covers: every column except seq (the chain itself fixes the order). */
+export function canonicalEvent(event: AuditEvent): string {
+  return canonicalJson({
+    id: event.id,
+    at: event.at.toISOString(),
+    actor_user_id: event.actorUserId,
+    actor_key_id: event.actorKeyId,
+    actor_role: event.actorRole,
+    action: event.action,
+    target_type: event.targetType,
+    target_id: event.targetId,
+    request_id: event.requestId,
+    status: event.status,
+    details: event.details,
+  });
+}
+
+export function chainHash(prevHash: string, event: AuditEvent): string {
+  return hash('sha256', prevHash + canonicalEvent(event), 'hex');
+}

@@ -1,0 +1,142 @@
+import { Injectable, type OnModuleInit } from '@nestjs/common';
+import { HttpAdapterHost } from '@nestjs/core';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { AppConfig } from '../config/config.js';
+import { keyPrefix } from '../identity/api-key.js';
+import { presentedKey } from '../identity/auth.guard.js';
+import { AuditService } from './audit.service.js';
+import { redactedSummary, redactText } from './redact.js';
+
+const READ_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
+// Response fields worth keeping from a successful change: what was created or which version it
+// became. A whitelist, so a created key's secret (`key`) can never be picked up.
+const RESULT_FIELDS = ['id', 'prefix', 'version'] as const;
+const MAX_PARSED_PAYLOAD = 64 * 1024;
+
+const outcomes = new WeakMap<FastifyRequest, Record<string, unknown>>();
+
+/**
+ * Records admin changes without touching any admin controller: every non-GET request under
+ * /admin (failed ones included: they matter for security review), and every 401/403 there.
+ * Fastify hooks rather than a Nest interceptor, which would cost an rxjs chain on every request
+ * (PERFORMANCE.md); for /v1 traffic the hooks cost one string comparison.
+ */
+@Injectable()
+export class AuditHttpHook implements OnModuleInit {
+  constructor(
+    private readonly adapterHost: HttpAdapterHost,
+    private readonly config: AppConfig,
+    private readonly audit: AuditService,
+  ) {}
+
+  onModuleInit(): void {
+    // A worker has no HTTP server (and may be built as a plain application context).
+    if (this.config.role === 'worker') return;
+    const adapter = this.adapterHost.httpAdapter as HttpAdapterHost['httpAdapter'] | undefined;
+    const fastify = adapter?.getInstance<FastifyInstance>();
+    if (typeof fastify?.addHook !== 'function') return;
+
+    fastify.addHook('onSend', (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void) => {
+      if (isAdminPath(request)) outcomes.set(request, readOutcome(reply.statusCode, payload));
+      done(null, payload);
+    });
+    fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
+      const status = reply.statusCode;
+      if (isAdminPath(request) && (!READ_METHODS.has(request.method) || status === 401 || status === 403)) this.recordAdmin(request, status);
+      done();
+    });
+  }
+
+  private recordAdmin(request: FastifyRequest, status: number): void {
+    const pattern = request.routeOptions.url ?? pathOf(request);
+    const params = stringRecord(request.params);
+    const outcome = outcomes.get(request) ?? {};
+    const result = outcome.result as Record<string, unknown> | undefined;
+    const details: Record<string, unknown> = {
+      ip: request.ip,
+      user_agent: typeof request.headers['user-agent'] === 'string' ? redactText(request.headers['user-agent']) : undefined,
+      params: Object.keys(params).length > 0 ? redactedSummary(params) : undefined,
+      query: hasKeys(request.query) ? redactedSummary(request.query) : undefined,
+      body: READ_METHODS.has(request.method) || request.body === undefined ? undefined : redactedSummary(request.body),
+      ...outcome,
+    };
+    if (!request.principal) {
+      // Never the key: its prefix only, enough to tell which credential was tried.
+      const key = presentedKey(request);
+      details.key_prefix = key === undefined ? null : keyPrefix(key);
+      if (status === 401) details.auth = key === undefined ? 'missing_key' : 'invalid_key';
+    } else if (status === 403) {
+      details.auth = 'forbidden';
+    }
+    this.audit.record({
+      principal: request.principal,
+      action: `${request.method} ${redactText(pattern)}`,
+      targetType: targetTypeOf(pattern),
+      targetId: params.id ?? Object.values(params)[0] ?? scalar(result?.id) ?? scalar(result?.version) ?? null,
+      requestId: request.id,
+      status,
+      details,
+    });
+  }
+}
+
+function isAdminPath(request: FastifyRequest): boolean {
+  const url = request.url;
+  return url.startsWith('/admin') && (url.length === 6 || url[6] === '/' || url[6] === '?');
+}
+
+function pathOf(request: FastifyRequest): string {
+  const q = request.url.indexOf('?');
+  return q === -1 ? request.url : request.url.slice(0, q);
+}
+
+/** `/admin/keys/:id` → `keys`; `/admin/rate-limits/:scope/:id` → `rate-limits`. */
+function targetTypeOf(pattern: string): string | null {
+  const segment = pattern.split('/')[2];
+  return segment && !segment.startsWith(':') ? segment : null;
+}
+
+/** Error code and message of a failure, or the whitelisted identifiers of what a change produced. */
+function readOutcome(status: number, payload: unknown): Record<string, unknown> {
+  if (typeof payload !== 'string' || payload.length === 0 || payload.length > MAX_PARSED_PAYLOAD) return {};
+  let body: unknown;
+  try {
+    body = JSON.parse(payload);
+  } catch {
+    return {};
+  }
+  if (typeof body !== 'object' || body === null) return {};
+  if (status >= 400) {
+    const error = (body as { error?: Record<string, unknown> }).error;
+    if (typeof error !== 'object' || error === null) return {};
+    return {
+      error: {
+        code: scalar(error.code) ?? null,
+        type: scalar(error.type) ?? null,
+        param: scalar(error.param) ?? null,
+        message: typeof error.message === 'string' ? redactText(error.message) : null,
+      },
+    };
+  }
+  const picked: Record<string, unknown> = {};
+  for (const field of RESULT_FIELDS) {
+    const value = scalar((body as Record<string, unknown>)[field]);
+    if (value !== undefined) picked[field] = value;
+  }
+  return Object.keys(picked).length > 0 ? { result: picked } : {};
+}
+
+function scalar(value: unknown): string | undefined {
+  return typeof value === 'string' || typeof value === 'number' ? String(value) : undefined;
+}
+
+function stringRecord(value: unknown): Record<string, string> {
+  const out: Record<string, string> = {};
+  if (typeof value !== 'object' || value === null) return out;
+  for (const [k, v] of Object.entries(value)) if (typeof v === 'string') out[k] = redactText(v);
+  return out;
+}
+
+function hasKeys(value: unknown): boolean {
+  return typeof value === 'object' && value !== null && Object.keys(value).length > 0;
+}

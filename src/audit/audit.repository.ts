@@ -1,0 +1,243 @@
+import { Injectable } from '@nestjs/common';
+import { DataSource, type EntityManager } from 'typeorm';
+import { type AuditEvent, chainHash, GENESIS_HASH, type JsonObject, type StoredAuditEvent } from './audit-event.js';
+
+export interface AuditQuery {
+  /** A user id or key id (uuid), or a key prefix (authentication failures have only that). */
+  actor?: string;
+  /** Exact action, or a prefix when it ends with `*` (`POST /admin/keys*`). */
+  action?: string;
+  from?: Date;
+  to?: Date;
+  /** Only events with seq below this (keyset pagination, newest first). */
+  beforeSeq?: string;
+  limit: number;
+}
+
+export interface AuditVerifyRange {
+  fromSeq?: string;
+  toSeq?: string;
+  from?: Date;
+  to?: Date;
+}
+
+export interface AuditVerifyResult {
+  ok: boolean;
+  checked: number;
+  /** seq of the first event whose link or hash does not recompute; null when the chain holds. */
+  first_break: number | null;
+  /** The chain head when verification started: record it elsewhere to detect a rewritten chain later. */
+  head: { seq: number; hash: string };
+}
+
+interface Row {
+  seq: string;
+  id: string;
+  at: Date | string;
+  actor_user_id: string | null;
+  actor_key_id: string | null;
+  actor_role: string | null;
+  action: string;
+  target_type: string | null;
+  target_id: string | null;
+  request_id: string | null;
+  status: number | null;
+  details: JsonObject | null;
+  prev_hash: string;
+  hash: string;
+}
+
+const COLUMNS = 'seq, id, at, actor_user_id, actor_key_id, actor_role, action, target_type, target_id, request_id, status, details, prev_hash, hash';
+const VERIFY_PAGE = 2000;
+
+// One statement for the whole batch: 13 array parameters whatever the batch size (no 65k
+// parameter limit, one parse), rows inserted in array order so seq follows the chain.
+const INSERT_BATCH = `INSERT INTO audit_events (id, at, actor_user_id, actor_key_id, actor_role, action, target_type, target_id, request_id, status, details, prev_hash, hash)
+  SELECT u.id, u.at, u.actor_user_id, u.actor_key_id, u.actor_role, u.action, u.target_type, u.target_id, u.request_id, u.status, u.details, u.prev_hash, u.hash
+    FROM unnest($1::uuid[], $2::timestamptz[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::int[], $11::jsonb[], $12::text[], $13::text[])
+         WITH ORDINALITY AS u(id, at, actor_user_id, actor_key_id, actor_role, action, target_type, target_id, request_id, status, details, prev_hash, hash, ord)
+   ORDER BY u.ord
+  RETURNING seq, hash`;
+
+/** The audit table's SQL: chained batch appends, filtered reads, chain verification. */
+@Injectable()
+export class AuditRepository {
+  constructor(private readonly dataSource: DataSource) {}
+
+  /**
+   * Appends `events` as one transaction: lock the chain head, hash each event onto it, one
+   * multi-row INSERT, move the head. Writers on other instances wait on the head's row lock, so
+   * the chain stays linear across the fleet (and on PGlite the lock is simply uncontended).
+   * `skipExisting`: after an ambiguous failure (the COMMIT may have landed), events already
+   * stored are left out instead of failing the batch on their unique id.
+   */
+  async append(events: readonly AuditEvent[], skipExisting: boolean): Promise<number> {
+    if (events.length === 0) return 0;
+    return this.dataSource.transaction(async (manager) => {
+      const head = await lockHead(manager);
+      let batch = events;
+      if (skipExisting) {
+        const stored = await manager.query<Array<{ id: string }>>('SELECT id FROM audit_events WHERE id = ANY($1::uuid[])', [events.map((e) => e.id)]);
+        const storedIds = new Set(stored.map((r) => r.id));
+        batch = events.filter((e) => !storedIds.has(e.id));
+        if (batch.length === 0) return 0;
+      }
+      let prev = head.hash;
+      const prevHashes: string[] = [];
+      const hashes: string[] = [];
+      for (const event of batch) {
+        prevHashes.push(prev);
+        prev = chainHash(prev, event);
+        hashes.push(prev);
+      }
+      const inserted = await manager.query<Array<{ seq: string; hash: string }>>(INSERT_BATCH, [
+        batch.map((e) => e.id),
+        batch.map((e) => e.at.toISOString()),
+        batch.map((e) => e.actorUserId),
+        batch.map((e) => e.actorKeyId),
+        batch.map((e) => e.actorRole),
+        batch.map((e) => e.action),
+        batch.map((e) => e.targetType),
+        batch.map((e) => e.targetId),
+        batch.map((e) => e.requestId),
+        batch.map((e) => e.status),
+        batch.map((e) => JSON.stringify(e.details)),
+        prevHashes,
+        hashes,
+      ]);
+      inserted.sort((a, b) => compareSeq(a.seq, b.seq));
+      // Cheap insurance for the ordering assumption above: a chain stored out of order would
+      // report as broken forever, so refuse to commit one.
+      if (inserted.length !== hashes.length || inserted.some((row, i) => row.hash !== hashes[i])) {
+        throw new Error('audit batch stored out of chain order; rolled back');
+      }
+      const last = inserted.at(-1);
+      if (last) await manager.query('UPDATE audit_chain_head SET seq = $1, hash = $2 WHERE id = 1', [last.seq, last.hash]);
+      return batch.length;
+    });
+  }
+
+  async list(query: AuditQuery): Promise<{ events: StoredAuditEvent[]; nextCursor: string | null }> {
+    const where: string[] = [];
+    const params: unknown[] = [];
+    const param = (value: unknown): string => {
+      params.push(value);
+      return `$${params.length}`;
+    };
+    if (query.actor !== undefined) {
+      if (/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(query.actor)) {
+        const p = param(query.actor.toLowerCase());
+        where.push(`(actor_user_id = ${p}::uuid OR actor_key_id = ${p}::uuid)`);
+      } else {
+        where.push(`details->>'key_prefix' = ${param(query.actor)}`);
+      }
+    }
+    if (query.action !== undefined) {
+      if (query.action.endsWith('*')) {
+        const prefix = query.action.slice(0, -1);
+        where.push(`left(action, ${param(prefix.length)}) = ${param(prefix)}`);
+      } else {
+        where.push(`action = ${param(query.action)}`);
+      }
+    }
+    if (query.from !== undefined) where.push(`at >= ${param(query.from.toISOString())}`);
+    if (query.to !== undefined) where.push(`at < ${param(query.to.toISOString())}`);
+    if (query.beforeSeq !== undefined) where.push(`seq < ${param(query.beforeSeq)}::bigint`);
+    const sql = `SELECT ${COLUMNS} FROM audit_events ${where.length ? `WHERE ${where.join(' AND ')}` : ''} ORDER BY seq DESC LIMIT ${param(query.limit + 1)}`;
+    const rows = await this.dataSource.query<Row[]>(sql, params);
+    const more = rows.length > query.limit;
+    const events = rows.slice(0, query.limit).map(fromRow);
+    return { events, nextCursor: more ? (events.at(-1)?.seq ?? null) : null };
+  }
+
+  /**
+   * Recomputes the chain over a seq range (dates are turned into the seq range they cover).
+   * Reads the head first: every row at or below it was committed with it, so concurrent writers
+   * never make a healthy chain look broken. Without an upper bound, the last row must also be the
+   * one the head names, which catches a deleted tail.
+   */
+  async verify(range: AuditVerifyRange): Promise<AuditVerifyResult> {
+    const headRows = await this.dataSource.query<Array<{ seq: string; hash: string }>>('SELECT seq, hash FROM audit_chain_head WHERE id = 1');
+    const head = headRows[0] ?? { seq: '0', hash: GENESIS_HASH };
+    const headView = { seq: Number(head.seq), hash: head.hash };
+    let lower = range.fromSeq ?? '1';
+    let upper = head.seq;
+    if (range.toSeq !== undefined && compareSeq(range.toSeq, upper) < 0) upper = range.toSeq;
+    if (range.from !== undefined) {
+      const [row] = await this.dataSource.query<Array<{ seq: string | null }>>('SELECT min(seq) AS seq FROM audit_events WHERE at >= $1', [
+        range.from.toISOString(),
+      ]);
+      if (row?.seq == null) return { ok: true, checked: 0, first_break: null, head: headView };
+      if (compareSeq(row.seq, lower) > 0) lower = row.seq;
+    }
+    if (range.to !== undefined) {
+      const [row] = await this.dataSource.query<Array<{ seq: string | null }>>('SELECT max(seq) AS seq FROM audit_events WHERE at < $1', [
+        range.to.toISOString(),
+      ]);
+      if (row?.seq == null) return { ok: true, checked: 0, first_break: null, head: headView };
+      if (compareSeq(row.seq, upper) < 0) upper = row.seq;
+    }
+    const openEnded = range.toSeq === undefined && range.to === undefined;
+
+    const [anchor] = await this.dataSource.query<Array<{ hash: string }>>('SELECT hash FROM audit_events WHERE seq < $1::bigint ORDER BY seq DESC LIMIT 1', [
+      lower,
+    ]);
+    let expectedPrev = anchor?.hash ?? GENESIS_HASH;
+    let checked = 0;
+    let lastSeq: string | undefined;
+    let after = (BigInt(lower) - 1n).toString();
+    for (;;) {
+      const rows = await this.dataSource.query<Row[]>(
+        `SELECT ${COLUMNS} FROM audit_events WHERE seq > $1::bigint AND seq <= $2::bigint ORDER BY seq LIMIT ${VERIFY_PAGE}`,
+        [after, upper],
+      );
+      for (const row of rows) {
+        checked += 1;
+        const event = fromRow(row);
+        if (event.prevHash !== expectedPrev || chainHash(event.prevHash, event) !== event.hash) {
+          return { ok: false, checked, first_break: Number(event.seq), head: headView };
+        }
+        expectedPrev = event.hash;
+        lastSeq = event.seq;
+      }
+      if (rows.length < VERIFY_PAGE) break;
+      after = rows.at(-1)?.seq ?? upper;
+    }
+    if (openEnded && head.seq !== '0' && compareSeq(lower, head.seq) <= 0 && (lastSeq !== head.seq || expectedPrev !== head.hash)) {
+      return { ok: false, checked, first_break: Number(head.seq), head: headView };
+    }
+    return { ok: true, checked, first_break: null, head: headView };
+  }
+}
+
+async function lockHead(manager: EntityManager): Promise<{ seq: string; hash: string }> {
+  const rows = await manager.query<Array<{ seq: string; hash: string }>>('SELECT seq, hash FROM audit_chain_head WHERE id = 1 FOR UPDATE');
+  const head = rows[0];
+  if (!head) throw new Error('audit_chain_head is missing its row (migration AuditEvents1764400004000 not applied?)');
+  return head;
+}
+
+function compareSeq(a: string, b: string): number {
+  const x = BigInt(a);
+  const y = BigInt(b);
+  return x < y ? -1 : x > y ? 1 : 0;
+}
+
+function fromRow(row: Row): StoredAuditEvent {
+  return {
+    seq: String(row.seq),
+    id: row.id,
+    at: row.at instanceof Date ? row.at : new Date(row.at),
+    actorUserId: row.actor_user_id,
+    actorKeyId: row.actor_key_id,
+    actorRole: row.actor_role,
+    action: row.action,
+    targetType: row.target_type,
+    targetId: row.target_id,
+    requestId: row.request_id,
+    status: row.status === null ? null : Number(row.status),
+    details: row.details ?? {},
+    prevHash: row.prev_hash,
+    hash: row.hash,
+  };
+}

@@ -1,0 +1,356 @@
+import { randomUUID } from 'node:crypto';
+import { type BeforeApplicationShutdown, Injectable, type OnApplicationShutdown, type OnModuleInit, Optional } from '@nestjs/common';
+import type { Logger } from 'pino';
+import { Clock } from '../core/clock.js';
+import { ERROR_TABLE } from '../core/errors.js';
+import { AppLogger } from '../core/logger.js';
+import { ReadinessRegistry, type ReadinessReport } from '../health/readiness.js';
+import type { Principal } from '../identity/principal.js';
+import { type AuditEvent, cleanString, statusColumn, type StoredAuditEvent, textColumn, toJson, uuidColumn } from './audit-event.js';
+import { type AuditQuery, AuditRepository, type AuditVerifyRange, type AuditVerifyResult } from './audit.repository.js';
+
+/** Writer tuning; AuditModule fills it from AppConfig, integration tests pass their own. */
+export abstract class AuditOptions {
+  /** A flush starts at least this often while events wait. */
+  declare readonly flushMs: number;
+  /** Events per INSERT (one transaction); a full buffer flushes at once. */
+  declare readonly batchSize: number;
+  /** Events kept in memory while the database is unreachable; beyond it new events are counted and dropped. */
+  declare readonly maxBuffered: number;
+  /** Longest wait between failed flushes. */
+  declare readonly maxBackoffMs: number;
+}
+
+/**
+ * What a caller knows about an event; ids, time and clean-up are the service's job. `details` is
+ * read when its batch is written, so hand over a fresh object and do not change it afterwards.
+ */
+export interface AuditRecord {
+  principal?: Principal;
+  action: string;
+  targetType?: string | null;
+  targetId?: string | null;
+  requestId?: string | null;
+  status?: number | null;
+  details?: Record<string, unknown>;
+}
+
+// Structural views of the pipeline's types: audit is a feature and does not import completion/.
+export interface CompletionAuditCall {
+  readonly requestId: string;
+  readonly principal: Principal;
+  readonly door: string;
+  /** The OpenAI body; only its `user` label (the end user, never an identity) is kept. */
+  readonly body?: object;
+}
+export interface CompletionAuditRoute {
+  readonly requestedTaskType: string;
+  readonly ruleTaskType: string;
+  readonly version: number;
+}
+export interface CompletionAuditMeta {
+  readonly model: string;
+  readonly cache: string;
+}
+export interface CompletionAuditAttempt {
+  readonly model: string;
+  readonly ok: boolean;
+  readonly status: number | undefined;
+  readonly failure: string | undefined;
+  readonly latencyMs: number;
+  readonly usage?: { readonly prompt_tokens?: number; readonly completion_tokens?: number } | undefined;
+}
+
+export interface AuditStats {
+  buffered: number;
+  written: number;
+  dropped: number;
+  failing: boolean;
+  lastError: string | undefined;
+}
+
+interface Pending {
+  readonly id: string;
+  readonly at: Date;
+  readonly input: AuditRecord;
+  event: AuditEvent | undefined;
+}
+
+const SHUTDOWN_ATTEMPTS = 3;
+const LOUD_LOG_INTERVAL_MS = 10_000;
+
+/**
+ * Append-only audit trail, kept off the request path: `record*()` only pushes onto an in-memory
+ * buffer; a writer flushes it in batches (one chained multi-row INSERT per flush) every
+ * `flushMs` or as soon as `batchSize` events wait, and drains it on shutdown.
+ *
+ * A database outage never fails or slows a request: flushes retry with exponential backoff while
+ * the buffer holds up to `maxBuffered` events; past that, events are counted as dropped, logged
+ * loudly, and the gap itself is written into the chain once the database is back.
+ */
+@Injectable()
+export class AuditService implements OnModuleInit, BeforeApplicationShutdown, OnApplicationShutdown {
+  private readonly logger: Logger;
+  private buffer: Pending[] = [];
+  private running: Promise<void> | undefined;
+  private scheduled = false;
+  private timer: NodeJS.Timeout | undefined;
+  private failures = 0;
+  private nextAttemptAt = 0;
+  private lastError: string | undefined;
+  private readonly lastLoudLogAt = new Map<string, number>();
+  /** The last failure may have happened after COMMIT: the next flush skips ids already stored. */
+  private ambiguous = false;
+  private written = 0;
+  private dropped = 0;
+  private droppedSinceLastWrite = 0;
+  private droppedFrom: Date | undefined;
+  private droppedUntil: Date | undefined;
+
+  constructor(
+    private readonly repository: AuditRepository,
+    private readonly clock: Clock,
+    appLogger: AppLogger,
+    private readonly options: AuditOptions,
+    @Optional() private readonly readiness?: ReadinessRegistry,
+  ) {
+    this.logger = appLogger.logger.child({ context: 'Audit' });
+  }
+
+  onModuleInit(): void {
+    this.readiness?.register('audit', () => Promise.resolve(this.report()));
+    this.start();
+  }
+
+  /** Nest runs this before the HTTP server closes: flush everything recorded so far. */
+  async beforeApplicationShutdown(): Promise<void> {
+    await this.drainForShutdown();
+  }
+
+  /** And this after it closed: requests that finished while it closed recorded events too. */
+  async onApplicationShutdown(): Promise<void> {
+    this.stop();
+    await this.drainForShutdown();
+  }
+
+  start(): void {
+    if (this.timer) return;
+    this.timer = setInterval(() => this.tick(), this.options.flushMs);
+    // The timer alone must never keep a process alive; shutdown drains explicitly.
+    this.timer.unref();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
+  }
+
+  /** Buffers one event. Never throws and never waits: audit must not fail or slow a request. */
+  record(input: AuditRecord): void {
+    // Id and time now; clean-up and hashing later, in the writer, off the request path.
+    this.push({ id: randomUUID(), at: this.clock.now(), input, event: undefined });
+  }
+
+  /** One event per completion request, whichever door it came through (called once by the pipeline). */
+  recordCompletion(
+    call: CompletionAuditCall,
+    route: CompletionAuditRoute,
+    meta: CompletionAuditMeta | undefined,
+    attempts: readonly CompletionAuditAttempt[],
+    outcome: string,
+    costNanos?: bigint,
+  ): void {
+    const last = attempts.at(-1);
+    const endUser = call.body && 'user' in call.body ? call.body.user : undefined;
+    this.record({
+      principal: call.principal,
+      action: 'completion',
+      targetType: 'model',
+      targetId: meta?.model ?? last?.model ?? null,
+      requestId: call.requestId,
+      // Once a stream has started the client got a 200, whatever happened after it.
+      status: meta !== undefined ? 200 : Object.hasOwn(ERROR_TABLE, outcome) ? ERROR_TABLE[outcome as keyof typeof ERROR_TABLE].status : null,
+      details: {
+        door: call.door,
+        task_type: route.requestedTaskType,
+        rule: route.ruleTaskType,
+        routing_version: route.version,
+        model: meta?.model ?? null,
+        cache: meta?.cache ?? null,
+        attempts: attempts.map((a) => ({ model: a.model, ok: a.ok, status: a.status ?? null, failure: a.failure ?? null, ms: Math.round(a.latencyMs) })),
+        prompt_tokens: last?.usage?.prompt_tokens ?? null,
+        completion_tokens: last?.usage?.completion_tokens ?? null,
+        outcome,
+        cost_nanos: costNanos === undefined ? null : costNanos.toString(),
+        end_user: typeof endUser === 'string' ? endUser : undefined,
+      },
+    });
+  }
+
+  /** Writes everything buffered now (tests, shutdown). Resolves false if the database refused. */
+  async flush(): Promise<boolean> {
+    while (this.running) await this.running;
+    if (this.buffer.length === 0 && this.droppedSinceLastWrite === 0) return true;
+    this.nextAttemptAt = 0;
+    await this.runDrain();
+    return this.buffer.length === 0 && this.failures === 0;
+  }
+
+  /** Admin query: newest first, keyset-paginated on seq. */
+  list(query: AuditQuery): Promise<{ events: StoredAuditEvent[]; nextCursor: string | null }> {
+    return this.repository.list(query);
+  }
+
+  /** Recomputes the hash chain over a range; events still buffered are not in it yet. */
+  verify(range: AuditVerifyRange): Promise<AuditVerifyResult> {
+    return this.repository.verify(range);
+  }
+
+  stats(): AuditStats {
+    return { buffered: this.buffer.length, written: this.written, dropped: this.dropped, failing: this.failures > 0, lastError: this.lastError };
+  }
+
+  report(): ReadinessReport {
+    const details: Record<string, unknown> = {
+      buffered: this.buffer.length,
+      max_buffered: this.options.maxBuffered,
+      written: this.written,
+      dropped: this.dropped,
+    };
+    if (this.failures === 0) return { state: 'up', details };
+    return { state: 'degraded', details: { ...details, failing: true, consecutive_failures: this.failures, last_error: this.lastError } };
+  }
+
+  /** Built once per event, so a retried batch hashes exactly what the failed attempt hashed. */
+  private materialize(pending: Pending): AuditEvent {
+    if (pending.event) return pending.event;
+    try {
+      pending.event = this.toEvent(pending);
+    } catch (error) {
+      // A record whose details cannot be read still leaves its trace rather than wedging the batch.
+      pending.event = this.toEvent({ ...pending, input: { ...pending.input, details: { audit_error: cleanString(String(error), 200) } } });
+    }
+    return pending.event;
+  }
+
+  private toEvent({ id, at, input }: Pending): AuditEvent {
+    const p = input.principal;
+    const details = toJson({ ...(input.details ?? {}), ...(p ? { key_prefix: p.keyPrefix, department_id: p.departmentId } : {}) });
+    return {
+      id,
+      at,
+      actorUserId: uuidColumn(p?.userId),
+      actorKeyId: uuidColumn(p?.keyId),
+      actorRole: textColumn(p?.role),
+      action: cleanString(input.action, 200),
+      targetType: textColumn(input.targetType),
+      targetId: textColumn(input.targetId),
+      requestId: textColumn(input.requestId),
+      status: statusColumn(input.status),
+      details: details !== null && typeof details === 'object' && !Array.isArray(details) ? details : {},
+    };
+  }
+
+  private push(event: Pending): void {
+    if (this.buffer.length >= this.options.maxBuffered) {
+      this.dropped += 1;
+      this.droppedSinceLastWrite += 1;
+      this.droppedFrom ??= event.at;
+      this.droppedUntil = event.at;
+      this.loud('dropped', () =>
+        this.logger.error(
+          { dropped: this.dropped, buffered: this.buffer.length, lastError: this.lastError },
+          'AUDIT EVENTS DROPPED: the audit buffer is full because the database keeps refusing writes',
+        ),
+      );
+      return;
+    }
+    this.buffer.push(event);
+    if (this.buffer.length >= this.options.batchSize && !this.running && !this.scheduled && Date.now() >= this.nextAttemptAt) {
+      // Deferred: even the synchronous start of a transaction does not belong on the request path.
+      this.scheduled = true;
+      setImmediate(() => {
+        this.scheduled = false;
+        void this.runDrain();
+      });
+    }
+  }
+
+  private tick(): void {
+    if (this.running || (this.buffer.length === 0 && this.droppedSinceLastWrite === 0) || Date.now() < this.nextAttemptAt) return;
+    void this.runDrain();
+  }
+
+  private runDrain(): Promise<void> {
+    this.running ??= this.drain().finally(() => {
+      this.running = undefined;
+    });
+    return this.running;
+  }
+
+  /** Writes batch after batch until the buffer is empty or the database fails. */
+  private async drain(): Promise<void> {
+    for (;;) {
+      if (this.droppedSinceLastWrite > 0 && this.buffer.length < this.options.maxBuffered) this.recordGap();
+      const batch = this.buffer.slice(0, this.options.batchSize).map((pending) => this.materialize(pending));
+      if (batch.length === 0) return;
+      try {
+        await this.repository.append(batch, this.ambiguous);
+      } catch (error) {
+        this.failed(error);
+        return;
+      }
+      // Events stay in the buffer until stored: new ones were only appended behind them.
+      this.buffer.splice(0, batch.length);
+      this.written += batch.length;
+      if (this.failures > 0) this.logger.warn({ failures: this.failures, buffered: this.buffer.length }, 'audit writes recovered');
+      this.failures = 0;
+      this.ambiguous = false;
+      this.lastError = undefined;
+      this.nextAttemptAt = 0;
+    }
+  }
+
+  /** The chain records its own gap, so a reviewer sees that events are missing and when. */
+  private recordGap(): void {
+    const count = this.droppedSinceLastWrite;
+    const details = {
+      count,
+      first_dropped_at: this.droppedFrom?.toISOString(),
+      last_dropped_at: this.droppedUntil?.toISOString(),
+      reason: 'buffer full while the database refused writes',
+    };
+    this.droppedSinceLastWrite = 0;
+    this.droppedFrom = undefined;
+    this.droppedUntil = undefined;
+    this.buffer.push({ id: randomUUID(), at: this.clock.now(), input: { action: 'audit.events_dropped', targetType: 'audit', details }, event: undefined });
+  }
+
+  private failed(error: unknown): void {
+    this.failures += 1;
+    this.ambiguous = true;
+    this.lastError = cleanString(error instanceof Error ? error.message : String(error), 200);
+    const backoff = Math.min(this.options.maxBackoffMs, this.options.flushMs * 2 ** Math.min(this.failures, 20));
+    // Jitter: instances that lost the database together should not all come back at once.
+    this.nextAttemptAt = Date.now() + backoff / 2 + Math.random() * (backoff / 2);
+    const entry = { err: this.lastError, failures: this.failures, buffered: this.buffer.length, retryInMs: Math.round(this.nextAttemptAt - Date.now()) };
+    if (this.failures === 1) this.logger.error(entry, 'audit flush failed; events kept in memory and retried');
+    else this.loud('failing', () => this.logger.error(entry, 'audit flush still failing'));
+  }
+
+  private async drainForShutdown(): Promise<void> {
+    for (let attempt = 1; attempt <= SHUTDOWN_ATTEMPTS; attempt += 1) {
+      if (await this.flush()) return;
+      if (attempt < SHUTDOWN_ATTEMPTS) await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
+    }
+    this.logger.error({ lost: this.buffer.length, lastError: this.lastError }, 'AUDIT EVENTS LOST: shutting down with events the database would not take');
+  }
+
+  /** Loud but bounded: one line per kind per interval, not one per request. */
+  private loud(kind: string, log: () => void): void {
+    const now = Date.now();
+    if (now - (this.lastLoudLogAt.get(kind) ?? 0) < LOUD_LOG_INTERVAL_MS) return;
+    this.lastLoudLogAt.set(kind, now);
+    log();
+  }
+}

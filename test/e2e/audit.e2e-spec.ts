@@ -1,0 +1,305 @@
+import type OpenAI from 'openai';
+import { DataSource } from 'typeorm';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { DATABASE_CONTENT } from '../../src/app.module.js';
+import type { AuditEventDto, AuditListDto, AuditVerifyDto } from '../../src/audit/admin/audit-admin.dto.js';
+import { AuditRepository } from '../../src/audit/audit.repository.js';
+import { AuditService } from '../../src/audit/audit.service.js';
+import { openDatabase } from '../../src/database/data-source.js';
+import { hashApiKey } from '../../src/identity/api-key.js';
+import { createPostgresDatabase } from '../support/databases.js';
+import { ApiClient, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+
+const UPSTREAM_SECRET = 'sk-test-upstream-secret';
+const FAST = { AUDIT_FLUSH_MS: '20', UPSTREAM_RETRY_BASE_MS: '5', UPSTREAM_RETRY_MAX_DELAY_MS: '10', UPSTREAM_RETRY_ATTEMPTS: '1' };
+
+interface ErrorBody {
+  error: { code: string; param: string | null; type: string };
+}
+
+async function auditEvents(gw: TestGateway, query: Record<string, string>): Promise<AuditEventDto[]> {
+  const res = await gw.admin.get<AuditListDto>(`/admin/audit?${new URLSearchParams({ limit: '500', ...query }).toString()}`);
+  expect(res.status).toBe(200);
+  return res.body.data;
+}
+
+/** Events are written by the batched writer shortly after the response: poll for them. */
+function eventually(gw: TestGateway, query: Record<string, string>, match: (e: AuditEventDto) => boolean): Promise<AuditEventDto> {
+  return pollUntil(async () => {
+    const found = (await auditEvents(gw, query)).find(match);
+    if (!found) throw new Error(`no audit event for ${JSON.stringify(query)} yet`);
+    return found;
+  });
+}
+
+describe('audit trail over HTTP (PGlite)', () => {
+  let gw: TestGateway;
+  let alice: Tenant;
+  let adminIds: { userId: string; keyId: string };
+  const secrets: string[] = [UPSTREAM_SECRET];
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ env: FAST });
+    alice = await gw.tenants.create();
+    secrets.push(gw.adminKey, alice.key);
+    const [row] = await gw.gateway.app
+      .get(DataSource)
+      .query<Array<{ id: string; user_id: string }>>('SELECT id, user_id FROM api_keys WHERE key_hash = $1', [hashApiKey(gw.adminKey)]);
+    adminIds = { userId: row.user_id, keyId: row.id };
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+  beforeEach(() => {
+    gw.stub.reset();
+  });
+
+  it('records admin changes: actor, route pattern, target, status, redacted body, and a created key by id and prefix only', async () => {
+    const created = await eventually(gw, { action: 'POST /admin/keys' }, (e) => e.target_id === alice.keyId);
+    expect(created).toMatchObject({
+      actor_user_id: adminIds.userId,
+      actor_key_id: adminIds.keyId,
+      actor_role: 'admin',
+      target_type: 'keys',
+      status: 201,
+      details: { body: { user_id: alice.userId }, result: { id: alice.keyId, prefix: alice.key.slice(0, 10) } },
+    });
+    expect(created.request_id).toBeTruthy();
+    expect(JSON.stringify(created)).not.toContain(alice.key);
+
+    const renamed = await gw.admin.patch(`/admin/departments/${alice.departmentId}`, { name: `renamed-${alice.departmentId}` });
+    expect(renamed.status).toBe(200);
+    const patch = await eventually(gw, { action: 'PATCH /admin/departments/:id' }, (e) => e.target_id === alice.departmentId);
+    expect(patch).toMatchObject({ status: 200, target_type: 'departments', details: { body: { name: `renamed-${alice.departmentId}` } } });
+
+    const spare = await gw.admin.post<{ id: string; key: string }>('/admin/keys', {
+      user_id: alice.userId,
+      name: 'spare',
+      key: 'gh-chosen-by-the-caller-0123456789',
+    });
+    secrets.push(spare.body.key, 'gh-chosen-by-the-caller-0123456789');
+    const revoke = await gw.admin.delete(`/admin/keys/${spare.body.id}`);
+    expect(revoke.status).toBe(200);
+    const revoked = await eventually(gw, { action: 'DELETE /admin/keys/:id' }, (e) => e.target_id === spare.body.id);
+    expect(revoked).toMatchObject({ status: 200, actor_user_id: adminIds.userId });
+    const spareCreated = await eventually(gw, { action: 'POST /admin/keys' }, (e) => e.target_id === spare.body.id);
+    expect(spareCreated.details.body).toMatchObject({ name: 'spare', key: '[redacted]' });
+  });
+
+  it('records failed admin attempts and authentication failures on /admin (key prefix only), but not reads', async () => {
+    const bad = await gw.admin.post<ErrorBody>('/admin/users', { name: 'mallory', department_id: alice.departmentId, role: 'root' });
+    expect(bad.status).toBe(400);
+    const failed = await eventually(gw, { action: 'POST /admin/users' }, (e) => e.status === 400);
+    expect(failed).toMatchObject({
+      actor_user_id: adminIds.userId,
+      details: { body: { name: 'mallory', role: 'root' }, error: { code: 'invalid_value', param: 'role' } },
+    });
+
+    const forgedKey = 'gh-forged0000000000000000000000000000000000';
+    secrets.push(forgedKey);
+    const forged = new ApiClient(gw.url, forgedKey);
+    expect((await forged.get('/admin/audit')).status).toBe(401);
+    const unauthenticated = await eventually(gw, { action: 'GET /admin/audit' }, (e) => e.status === 401);
+    expect(unauthenticated).toMatchObject({ actor_user_id: null, actor_key_id: null, details: { key_prefix: forgedKey.slice(0, 10), auth: 'invalid_key' } });
+    expect((await eventually(gw, { actor: forgedKey.slice(0, 10) }, () => true)).status).toBe(401);
+
+    expect((await new ApiClient(gw.url, undefined).post('/admin/departments', { name: 'nokey' })).status).toBe(401);
+    const missing = await eventually(gw, { action: 'POST /admin/departments' }, (e) => e.status === 401);
+    expect(missing.details).toMatchObject({ key_prefix: null, auth: 'missing_key' });
+
+    expect((await alice.api.post('/admin/departments', { name: 'not-allowed' })).status).toBe(403);
+    const forbidden = await eventually(gw, { action: 'POST /admin/departments' }, (e) => e.status === 403);
+    expect(forbidden).toMatchObject({ actor_user_id: alice.userId, actor_key_id: alice.keyId, actor_role: 'user', details: { auth: 'forbidden' } });
+
+    // Probing for admin routes that do not exist is recorded under the path that was tried.
+    expect((await new ApiClient(gw.url, undefined).post('/admin/backdoor?x=1', {})).status).toBe(404);
+    const probe = await eventually(gw, { action: 'POST /admin/backdoor' }, () => true);
+    expect(probe).toMatchObject({ status: 404, actor_user_id: null, target_type: 'backdoor', details: { query: { x: '1' }, key_prefix: null } });
+
+    // Successful reads are not changes: nothing recorded for them.
+    expect((await gw.admin.get('/admin/departments')).status).toBe(200);
+    await eventually(gw, { action: 'POST /admin/departments' }, (e) => e.status === 403);
+    expect(await auditEvents(gw, { action: 'GET /admin/departments' })).toEqual([]);
+  });
+
+  it('records every completion request: door, route, routing version, model, cache, attempts, outcome', async () => {
+    const { response } = await alice.openai.chat.completions
+      .create({
+        model: 'auto',
+        messages: [{ role: 'user', content: 'audit me' }],
+        user: 'end-user-42',
+        task_type: 'code',
+      } as unknown as OpenAI.Chat.ChatCompletionCreateParamsNonStreaming)
+      .withResponse();
+    const requestId = response.headers.get('x-request-id')!;
+    const ok = await eventually(gw, { action: 'completion' }, (e) => e.request_id === requestId);
+    expect(ok).toMatchObject({
+      actor_user_id: alice.userId,
+      actor_key_id: alice.keyId,
+      actor_role: 'user',
+      target_type: 'model',
+      target_id: 'anthropic/claude-3.5-sonnet',
+      status: 200,
+      details: {
+        door: 'chat',
+        task_type: 'code',
+        rule: 'code',
+        routing_version: expect.any(Number),
+        model: 'anthropic/claude-3.5-sonnet',
+        cache: expect.stringMatching(/^(hit|miss|bypass)$/),
+        attempts: [expect.objectContaining({ model: 'anthropic/claude-3.5-sonnet', ok: true, status: 200 })],
+        outcome: 'ok',
+        end_user: 'end-user-42',
+        key_prefix: alice.key.slice(0, 10),
+        department_id: alice.departmentId,
+      },
+    });
+    expect(ok.details).toHaveProperty('cost_nanos');
+
+    const stream = await fetch(`${gw.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'auto', messages: [{ role: 'user', content: 'stream audit' }], stream: true }),
+    });
+    await stream.text();
+    const streamed = await eventually(gw, { action: 'completion' }, (e) => e.request_id === stream.headers.get('x-request-id'));
+    expect(streamed).toMatchObject({ status: 200, details: { door: 'chat', outcome: 'ok', model: 'openai/gpt-4o-mini' } });
+
+    const simple = await alice.api.post('/v1/complete', { prompt: 'simple audit' });
+    expect(simple.status).toBe(200);
+    const viaComplete = await eventually(gw, { action: 'completion' }, (e) => e.request_id === simple.headers.get('x-request-id'));
+    expect(viaComplete.details).toMatchObject({ door: 'complete', outcome: 'ok' });
+
+    gw.stub.configure({ status: 500 });
+    const failed = await alice.api.post<ErrorBody>('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: 'fail' }] });
+    expect(failed.status).toBe(502);
+    const failure = await eventually(gw, { action: 'completion' }, (e) => e.request_id === failed.headers.get('x-request-id'));
+    expect(failure).toMatchObject({ status: 502, details: { model: null, outcome: failed.body.error.code } });
+    expect((failure.details.attempts as Array<{ ok: boolean }>).every((a) => !a.ok)).toBe(true);
+  });
+
+  it('pages newest first with next_cursor, filters, and names a bad query parameter', async () => {
+    const all = await auditEvents(gw, {});
+    expect(all.length).toBeGreaterThan(5);
+    expect(all.map((e) => e.seq)).toEqual([...all.map((e) => e.seq)].sort((a, b) => b - a));
+
+    const walked: number[] = [];
+    let cursor: string | null = null;
+    do {
+      const page: { status: number; body: AuditListDto } = await gw.admin.get<AuditListDto>(`/admin/audit?limit=2${cursor ? `&cursor=${cursor}` : ''}`);
+      expect(page.status).toBe(200);
+      expect(page.body.data.length).toBeLessThanOrEqual(2);
+      walked.push(...page.body.data.map((e) => e.seq));
+      cursor = page.body.next_cursor;
+    } while (cursor);
+    // Events stored meanwhile sit above the first page; of the rest, none is skipped or repeated.
+    expect(walked.filter((s) => s <= all[0].seq)).toEqual(all.map((e) => e.seq));
+
+    const mine = await auditEvents(gw, { actor: alice.userId });
+    expect(mine.length).toBeGreaterThan(0);
+    expect(mine.every((e) => e.actor_user_id === alice.userId)).toBe(true);
+    const adminChanges = await auditEvents(gw, { action: 'POST /admin/*' });
+    expect(adminChanges.length).toBeGreaterThan(0);
+    expect(adminChanges.every((e) => e.action.startsWith('POST /admin/'))).toBe(true);
+    const oldest = all.at(-1)!;
+    const window = await auditEvents(gw, { from: oldest.at, to: new Date(Date.parse(oldest.at) + 1).toISOString() });
+    expect(window.map((e) => e.seq)).toContain(oldest.seq);
+    expect(await auditEvents(gw, { from: new Date(Date.now() + 3_600_000).toISOString() })).toEqual([]);
+
+    for (const [query, param] of [
+      ['limit=0', 'limit'],
+      ['limit=501', 'limit'],
+      ['limit=abc', 'limit'],
+      ['cursor=abc', 'cursor'],
+      ['from=yesterday', 'from'],
+      ['from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z', 'from'],
+      ['actor=not%20a%20key', 'actor'],
+      ['limit=1&limit=2', 'limit'],
+    ] as const) {
+      const res = await gw.admin.get<ErrorBody>(`/admin/audit?${query}`);
+      expect(res.status, query).toBe(400);
+      expect(res.body.error, query).toMatchObject({ type: 'invalid_request_error', code: 'invalid_value', param });
+    }
+    expect((await alice.api.get<ErrorBody>('/admin/audit')).body.error.code).toBe('forbidden');
+    expect((await gw.admin.get<ErrorBody>('/admin/audit/verify?from=soon')).body.error.param).toBe('from');
+  });
+
+  it('reports the audit buffer in /health/ready', async () => {
+    const ready = await gw.admin.get<{ status: string; details: Record<string, { status: string; buffered: number; dropped: number }> }>('/health/ready');
+    expect(ready.status).toBe(200);
+    expect(ready.body.details.audit).toMatchObject({ status: 'up', buffered: expect.any(Number), dropped: 0 });
+  });
+
+  it('never stores a key, the admin key or the upstream key in any audit row', async () => {
+    // Everything recorded so far is stored first.
+    const expected = (await auditEvents(gw, {})).length;
+    await pollUntil(async () =>
+      expect((await gw.admin.get<{ details: { audit: { buffered: number } } }>('/health/ready')).body.details.audit.buffered).toBe(0),
+    );
+    const rows = await gw.gateway.app.get(DataSource).query<Array<{ text: string }>>('SELECT a::text AS text FROM audit_events a');
+    expect(rows.length).toBeGreaterThanOrEqual(expected);
+    for (const secret of secrets) {
+      const leaks = rows.filter((r) => r.text.includes(secret));
+      expect(leaks, `a secret starting ${secret.slice(0, 6)} leaked into the audit trail`).toEqual([]);
+    }
+  });
+
+  it('verifies the chain, and pins a tampered row by its seq', async () => {
+    const clean = await gw.admin.get<AuditVerifyDto>('/admin/audit/verify');
+    expect(clean.status).toBe(200);
+    expect(clean.body).toMatchObject({ ok: true, first_break: null });
+    expect(clean.body.checked).toBeGreaterThan(5);
+
+    const [victim] = await auditEvents(gw, { action: 'POST /admin/keys', limit: '1' });
+    const ds = gw.gateway.app.get(DataSource);
+    await ds.query('ALTER TABLE audit_events DISABLE TRIGGER audit_events_no_update');
+    await ds.query(`UPDATE audit_events SET details = jsonb_set(details, '{status_note}', '"nothing to see"') WHERE seq = $1`, [victim.seq]);
+    await ds.query('ALTER TABLE audit_events ENABLE TRIGGER audit_events_no_update');
+
+    const broken = await gw.admin.get<AuditVerifyDto>('/admin/audit/verify');
+    expect(broken.body).toMatchObject({ ok: false, first_break: victim.seq });
+    const before = await gw.admin.get<AuditVerifyDto>(`/admin/audit/verify?to=${victim.seq - 1}`);
+    expect(before.body).toMatchObject({ ok: true, first_break: null });
+  });
+});
+
+describe('audit on a graceful stop (PostgreSQL)', () => {
+  it('flushes every buffered event before the database closes', async () => {
+    const pgdb = await createPostgresDatabase();
+    try {
+      // A flush interval far beyond the test: only the shutdown flush can write these.
+      const gw = await startTestGateway({ db: 'postgres', postgresUrl: pgdb.url, env: { ...FAST, AUDIT_FLUSH_MS: '60000' } });
+      const bob = await gw.tenants.create();
+      await bob.openai.chat.completions.create({ model: 'auto', messages: [{ role: 'user', content: 'before stop' }] });
+      await pollUntil(async () =>
+        expect((await gw.admin.get<{ details: { audit: { buffered: number } } }>('/health/ready')).body.details.audit.buffered).toBe(4),
+      );
+      // A request that finishes while the server drains records after the first shutdown flush:
+      // the second one (onApplicationShutdown) must still run before the database closes.
+      const audit = gw.gateway.app.get(AuditService);
+      const firstFlush = audit.beforeApplicationShutdown.bind(audit);
+      audit.beforeApplicationShutdown = async () => {
+        await firstFlush();
+        audit.record({ action: 'late', status: 200, details: {} });
+      };
+      await gw.close();
+
+      const db = await openDatabase({ driver: 'postgres', url: pgdb.url }, DATABASE_CONTENT);
+      try {
+        const rows = await db.dataSource.query<Array<{ action: string; status: number }>>('SELECT action, status FROM audit_events ORDER BY seq');
+        expect(rows).toEqual([
+          { action: 'POST /admin/departments', status: 201 },
+          { action: 'POST /admin/users', status: 201 },
+          { action: 'POST /admin/keys', status: 201 },
+          { action: 'completion', status: 200 },
+          { action: 'late', status: 200 },
+        ]);
+        expect(await new AuditRepository(db.dataSource).verify({})).toMatchObject({ ok: true, checked: 5 });
+      } finally {
+        await db.close();
+      }
+    } finally {
+      await pgdb.drop();
+    }
+  });
+});
