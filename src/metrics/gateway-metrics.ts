@@ -1,0 +1,196 @@
+import { Injectable } from '@nestjs/common';
+import { type Attributes, context, type Histogram, SpanStatusCode, type Tracer, trace } from '@opentelemetry/api';
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import { MetricService } from 'nestjs-otel';
+import type { CompletionCall, CompletionMeta } from '../completion/completion.types.js';
+import type { Attempt } from '../completion/upstream-caller.js';
+import { ERROR_TABLE } from '../core/errors.js';
+import type { ResolvedRoute } from '../routing/routing-table.js';
+import { CounterCells } from './counter-cells.js';
+import { Telemetry } from './telemetry.js';
+
+/** Why a caller was turned away, by the status only that refusal uses (ERROR_TABLE). */
+const REJECTIONS: Readonly<Record<number, string>> = { 401: 'auth', 402: 'budget', 403: 'forbidden', 429: 'rate_limit' };
+
+const UPSTREAM_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120];
+const HTTP_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120];
+
+/** The gateway's instruments; one set per process, like the OpenTelemetry meter they live in. */
+interface Instruments {
+  readonly requests: CounterCells;
+  readonly rejected: CounterCells;
+  readonly tokens: CounterCells;
+  readonly costNanos: CounterCells;
+  readonly streams: { open: number };
+  readonly upstreamDuration: Histogram;
+  readonly httpDuration: Histogram;
+}
+
+const SLOT = Symbol.for('gatehouse.metrics.instruments');
+type Slot = { [SLOT]?: Instruments };
+
+/**
+ * What the gateway records, with instruments created once up front so the hot path only adds
+ * numbers: counters are `CounterCells` read at scrape time, the two latency histograms are
+ * OpenTelemetry histograms (the only synchronous OTel calls per request: one per HTTP response,
+ * one per upstream attempt). Spans are made only when a tracer exists (OTEL_EXPORTER_OTLP_ENDPOINT).
+ */
+@Injectable()
+export class GatewayMetrics {
+  private readonly i: Instruments;
+  private readonly tracer: Tracer | undefined;
+
+  constructor(metricService: MetricService, telemetry: Telemetry) {
+    this.i = instruments(metricService);
+    this.tracer = telemetry.tracer;
+  }
+
+  /** One finished pipeline call (from CompletionService.logDone): answer, refusal or failure. */
+  completion(
+    call: CompletionCall,
+    route: ResolvedRoute,
+    meta: CompletionMeta | undefined,
+    attempts: readonly Attempt[],
+    started: number,
+    outcome: string,
+    costNanos: bigint,
+  ): void {
+    const model = meta?.model ?? attempts.at(-1)?.model ?? route.models[0] ?? 'none';
+    // Once a stream is open its status is 200 whatever happens next; the outcome tells the rest.
+    const status = meta !== undefined ? 200 : statusOf(outcome);
+    this.i.requests.add([call.door, String(status), model, meta?.cache ?? 'none', outcome], 1);
+    for (const attempt of attempts) {
+      this.i.upstreamDuration.record(attempt.latencyMs / 1000, { model: attempt.model, outcome: attemptOutcome(attempt) });
+      if (attempt.usage) {
+        this.i.tokens.add([attempt.model, 'prompt'], attempt.usage.prompt_tokens);
+        this.i.tokens.add([attempt.model, 'completion'], attempt.usage.completion_tokens);
+      }
+    }
+    if (costNanos > 0n) this.i.costNanos.add([model], Number(costNanos));
+    if (this.tracer) this.completionSpan(this.tracer, call, route, meta, attempts, started, outcome, model, status);
+  }
+
+  /** Every HTTP response (Fastify onResponse): duration by route, and refusals by reason. */
+  httpResponse(request: FastifyRequest, reply: FastifyReply): void {
+    const status = reply.statusCode;
+    this.i.httpDuration.record(reply.elapsedTime / 1000, { method: request.method, route: request.routeOptions.url ?? 'unmatched', status: String(status) });
+    const reason = REJECTIONS[status];
+    if (reason !== undefined) this.i.rejected.add([reason], 1);
+  }
+
+  streamOpened(): void {
+    this.i.streams.open += 1;
+  }
+
+  streamClosed(): void {
+    this.i.streams.open -= 1;
+  }
+
+  /**
+   * Spans after the fact, from what the pipeline measured: no span object exists while the call
+   * runs. The parent is the HTTP request's span (active through the preHandler hook). Attempts
+   * are laid out backwards from the end: each one's duration is exact, the gaps are the waits.
+   */
+  private completionSpan(
+    tracer: Tracer,
+    call: CompletionCall,
+    route: ResolvedRoute,
+    meta: CompletionMeta | undefined,
+    attempts: readonly Attempt[],
+    started: number,
+    outcome: string,
+    model: string,
+    status: number,
+  ): void {
+    const attributes: Attributes = {
+      'gatehouse.request_id': call.requestId,
+      'gatehouse.door': call.door,
+      'gatehouse.outcome': outcome,
+      'gatehouse.cache': meta?.cache ?? 'none',
+      'gatehouse.routing_version': route.version,
+      'gatehouse.task_type': route.ruleTaskType,
+      'gatehouse.department_id': call.principal.departmentId,
+      'gatehouse.user_id': call.principal.userId,
+      'gen_ai.response.model': model,
+      'http.response.status_code': status,
+    };
+    const last = attempts.at(-1);
+    if (last?.usage) {
+      attributes['gen_ai.usage.input_tokens'] = last.usage.prompt_tokens;
+      attributes['gen_ai.usage.output_tokens'] = last.usage.completion_tokens;
+    }
+    const span = tracer.startSpan('gatehouse.completion', { startTime: started, attributes });
+    const parent = trace.setSpan(context.active(), span);
+    let end = performance.now();
+    for (let n = attempts.length - 1; n >= 0; n--) {
+      const attempt = attempts[n];
+      if (attempt === undefined) continue;
+      const start = Math.max(started, end - attempt.latencyMs);
+      const child = tracer.startSpan(
+        'gatehouse.upstream_attempt',
+        {
+          startTime: start,
+          attributes: { 'gen_ai.request.model': attempt.model, 'gatehouse.outcome': attemptOutcome(attempt), 'gatehouse.try': attempt.try ?? 1 },
+        },
+        parent,
+      );
+      if (!attempt.ok) child.setStatus({ code: SpanStatusCode.ERROR, message: attemptOutcome(attempt) });
+      child.end(end);
+      end = start - (attempt.waitedMs ?? 0);
+    }
+    if (outcome !== 'ok') span.setStatus({ code: SpanStatusCode.ERROR, message: outcome });
+    span.end();
+  }
+}
+
+function statusOf(outcome: string): number {
+  return outcome in ERROR_TABLE ? ERROR_TABLE[outcome as keyof typeof ERROR_TABLE].status : 500;
+}
+
+function attemptOutcome(attempt: Attempt): string {
+  if (attempt.ok) return 'ok';
+  if (attempt.failure === 'http' && attempt.status !== undefined) return `http_${attempt.status}`;
+  return attempt.failure ?? 'failed';
+}
+
+function instruments(metricService: MetricService): Instruments {
+  const holder = globalThis as Slot;
+  const existing = holder[SLOT];
+  if (existing) return existing;
+  const created: Instruments = {
+    requests: new CounterCells(['door', 'status', 'model', 'cache', 'outcome']),
+    rejected: new CounterCells(['reason']),
+    tokens: new CounterCells(['model', 'type']),
+    costNanos: new CounterCells(['model']),
+    streams: { open: 0 },
+    upstreamDuration: metricService.getHistogram('gatehouse_upstream_attempt_duration_seconds', {
+      description: 'Upstream attempts by model and outcome (ok, timeout, connection, http_<status>, …); a stream attempt lasts until the stream ends',
+      unit: 's',
+      advice: { explicitBucketBoundaries: UPSTREAM_BUCKETS_S },
+    }),
+    httpDuration: metricService.getHistogram('gatehouse_http_request_duration_seconds', {
+      description: 'HTTP requests by method, route pattern and status; a stream lasts until its last byte',
+      unit: 's',
+      advice: { explicitBucketBoundaries: HTTP_BUCKETS_S },
+    }),
+  };
+  metricService
+    .getObservableCounter('gatehouse_requests_total', { description: 'Completion calls by door, status, model, cache result and outcome' })
+    .addCallback((result) => created.requests.observe(result));
+  metricService
+    .getObservableCounter('gatehouse_rejected_requests_total', {
+      description: 'Requests refused before any model was called, by reason (auth, budget, forbidden, rate_limit)',
+    })
+    .addCallback((result) => created.rejected.observe(result));
+  metricService
+    .getObservableCounter('gatehouse_tokens_total', { description: 'Tokens the upstream reported, by model and type (prompt, completion)' })
+    .addCallback((result) => created.tokens.observe(result));
+  metricService
+    .getObservableCounter('gatehouse_cost_usd_total', { description: 'Cost charged, in USD (summed exactly in integer nano-dollars, exported as a double)' })
+    .addCallback((result) => created.costNanos.observe(result, 1e9));
+  metricService
+    .getObservableUpDownCounter('gatehouse_streams_in_flight', { description: 'SSE streams open to clients right now' })
+    .addCallback((result) => result.observe(created.streams.open));
+  holder[SLOT] = created;
+  return created;
+}

@@ -1,0 +1,115 @@
+import { afterEach, describe, expect, it } from 'vitest';
+import { pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+
+/** An SSE response read as it arrives, so a test can act while the stream is still going. */
+interface OpenStream {
+  frames: string[];
+  ended: boolean;
+  done: Promise<string>;
+}
+
+async function openStream(gw: TestGateway, tenant: Tenant, content: string): Promise<OpenStream> {
+  const res = await fetch(`${gw.url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${tenant.key}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'auto', stream: true, messages: [{ role: 'user', content }] }),
+  });
+  expect(res.status).toBe(200);
+  if (!res.body) throw new Error('no body');
+  const reader: ReadableStreamDefaultReader<Uint8Array> = res.body.getReader();
+  const stream: OpenStream = { frames: [], ended: false, done: Promise.resolve('') };
+  const decoder = new TextDecoder();
+  stream.done = (async () => {
+    let text = '';
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      text += decoder.decode(value, { stream: true });
+      stream.frames = text.split('\n\n').filter((f) => f.startsWith('data: '));
+    }
+    stream.ended = true;
+    return text;
+  })();
+  return stream;
+}
+
+function contentOf(frames: string[]): string {
+  return frames
+    .filter((f) => f !== 'data: [DONE]')
+    .map((f) => JSON.parse(f.slice('data: '.length)) as { choices?: Array<{ delta?: { content?: string } }> })
+    .map((c) => c.choices?.[0]?.delta?.content ?? '')
+    .join('');
+}
+
+describe('graceful shutdown (SIGTERM path: app.close())', () => {
+  let gw: TestGateway | undefined;
+
+  /** The app is closed by the test itself; the stub and the database are cleaned up here. */
+  afterEach(async () => {
+    if (!gw) return;
+    await gw.stub.close();
+    await gw.database.drop();
+    gw = undefined;
+  });
+
+  it('turns readiness 503 at once, lets an in-flight stream finish with [DONE], then stops listening', async () => {
+    gw = await startTestGateway({ env: { SHUTDOWN_DRAIN_MS: '30000' } });
+    const alice = await gw.tenants.create();
+    expect((await fetch(`${gw.url}/health/ready`)).status).toBe(200);
+    gw.stub.configure({ chunkDelayMs: 150, completionTokens: 20 });
+    const stream = await openStream(gw, alice, 'a slow answer');
+    await pollUntil(() => expect(stream.frames.length).toBeGreaterThan(0));
+
+    const closing = gw.gateway.close();
+    const ready = await pollUntil(async () => {
+      const res = await fetch(`${gw?.url}/health/ready`);
+      expect(res.status).toBe(503);
+      return (await res.json()) as { status: string; error?: Record<string, unknown>; details: Record<string, { status: string; draining?: boolean }> };
+    });
+    // The load balancer sees "not ready" while the stream is still being served.
+    expect(stream.ended).toBe(false);
+    expect(ready.details.shutdown).toMatchObject({ status: 'down', draining: true });
+
+    const text = await stream.done;
+    expect(text.trimEnd().endsWith('data: [DONE]')).toBe(true);
+    expect(text).not.toContain('"error"');
+    expect(contentOf(stream.frames).split(' ')).toHaveLength(20);
+    await closing;
+    await expect(fetch(`${gw.url}/health/live`)).rejects.toThrow();
+  });
+
+  it('lets an in-flight JSON request finish during the drain', async () => {
+    gw = await startTestGateway({ env: { SHUTDOWN_DRAIN_MS: '30000' } });
+    const bob = await gw.tenants.create();
+    gw.stub.configure({ latencyMs: 1500 });
+    const pending = bob.api.post<{ choices: Array<{ message: { content: string } }> }>('/v1/chat/completions', {
+      model: 'auto',
+      messages: [{ role: 'user', content: 'take your time' }],
+    });
+    const stub = gw.stub;
+    await pollUntil(() => expect(stub.hits).toBe(1));
+
+    const closing = gw.gateway.close();
+    await pollUntil(async () => expect((await fetch(`${gw?.url}/health/ready`)).status).toBe(503));
+    const res = await pending;
+    expect(res.status).toBe(200);
+    expect(res.body.choices[0]?.message.content).toBe('Mock reply to: take your time');
+    await closing;
+  });
+
+  it('ends a stream that outlives SHUTDOWN_DRAIN_MS with an SSE error event, then [DONE]', async () => {
+    gw = await startTestGateway({ env: { SHUTDOWN_DRAIN_MS: '200' } });
+    const carol = await gw.tenants.create();
+    gw.stub.configure({ chunkDelayMs: 10_000, completionTokens: 5 });
+    const stream = await openStream(gw, carol, 'never finishes in time');
+    await pollUntil(() => expect(stream.frames.length).toBeGreaterThan(0));
+
+    await gw.gateway.close();
+    await stream.done;
+    const last = stream.frames.at(-1);
+    const error = JSON.parse(stream.frames.at(-2)?.slice('data: '.length) ?? '{}') as { error?: { code: string; type: string; message: string } };
+    expect(last).toBe('data: [DONE]');
+    expect(error.error).toMatchObject({ code: 'unavailable', type: 'overloaded_error' });
+    expect(error.error?.message).toMatch(/shutting down/);
+  });
+});
