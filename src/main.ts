@@ -1,5 +1,5 @@
 import { ConfigError, loadConfig } from './config/config.js';
-import { createGateway } from './gateway.js';
+import { createGateway, createWorker } from './gateway.js';
 
 // The only place that reads process.env: loadConfig validates it all at once.
 async function main(): Promise<void> {
@@ -13,7 +13,9 @@ async function main(): Promise<void> {
     }
     throw error;
   }
-  await createGateway(config);
+  // worker: no HTTP server, only the job queue (loadConfig refuses it without the shared queue).
+  if (config.role === 'worker') await createWorker(config);
+  else await createGateway(config);
 }
 
 main().catch((error: unknown) => {

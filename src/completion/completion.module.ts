@@ -1,10 +1,11 @@
 import { Module } from '@nestjs/common';
+import { BudgetModule } from '../budget/budget.module.js';
 import { RoutingModule } from '../routing/routing.module.js';
 import { CompletionService } from './completion.service.js';
 import { UpstreamCaller } from './upstream-caller.js';
 
 @Module({
-  imports: [RoutingModule],
+  imports: [RoutingModule, BudgetModule],
   providers: [CompletionService, UpstreamCaller],
   exports: [CompletionService],
 })

@@ -1,12 +1,19 @@
 import { Injectable } from '@nestjs/common';
 import type { Logger } from 'pino';
-import { errorEnvelope } from '../../libs/openai-contract/src/index.js';
+import { errorEnvelope, readUsage } from '../../libs/openai-contract/src/index.js';
+import { AuditService } from '../audit/audit.service.js';
+import { BudgetService } from '../budget/budget.service.js';
+import { type CachedAnswer, CompletionCache } from '../cache/completion-cache.service.js';
+import { replayChunks } from '../cache/stream-replay.js';
 import { AppLogger } from '../core/logger.js';
+import { ShutdownService } from '../lifecycle/shutdown.service.js';
+import { GatewayMetrics } from '../metrics/gateway-metrics.js';
+import { RateLimiter } from '../rate-limit/rate-limiter.service.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
 import { RoutingService } from '../routing/routing.service.js';
 import { UpstreamInfo } from '../upstream/llm-client.js';
 import { upstreamToGatewayError } from '../upstream/upstream-errors.js';
-import type { CompletionCall, CompletionMeta, JsonOutcome, StreamSink } from './completion.types.js';
+import type { CacheStatus, CompletionCall, CompletionMeta, JsonOutcome, StreamSink } from './completion.types.js';
 import { StreamTracker } from './stream-tracker.js';
 import { requestedMaxTokens } from './upstream-body.js';
 import { asFailure, type Attempt, UpstreamCaller } from './upstream-caller.js';
@@ -28,6 +35,12 @@ export class CompletionService {
     private readonly routing: RoutingService,
     private readonly upstream: UpstreamCaller,
     private readonly upstreamInfo: UpstreamInfo,
+    private readonly budget: BudgetService,
+    private readonly cache: CompletionCache,
+    private readonly rateLimiter: RateLimiter,
+    private readonly audit: AuditService,
+    private readonly metrics: GatewayMetrics,
+    private readonly shutdown: ShutdownService,
     appLogger: AppLogger,
   ) {
     this.logger = appLogger.logger.child({ context: 'Completion' });
@@ -39,22 +52,39 @@ export class CompletionService {
       model: call.body.model,
       models: Array.isArray(call.body.models) ? (call.body.models as string[]) : undefined,
       maxTokens: requestedMaxTokens(call),
+      departmentId: call.principal.departmentId,
     });
   }
 
   async complete(call: CompletionCall): Promise<JsonOutcome> {
     const started = performance.now();
     const route = this.resolve(call);
+    // Cache: a hit answers here, free; an identical request in flight is waited for (singleflight).
+    const cached = await this.cache.open(call, route);
+    if (cached.hit) return this.answerFromCache(call, route, cached.hit, started);
     const attempts: Attempt[] = [];
+    // Budget: worst case held on user and department right before the upstream (402/503 here).
+    const reservation = await this.budget.reserve(call, route, cached.status).catch((error: unknown) => {
+      cached.abandon();
+      throw error;
+    });
+    let answer;
     try {
-      const { model, result } = await this.upstream.json(call, route, attempts);
-      const meta = this.meta(route, model);
-      this.logDone(call, route, meta, attempts, started, 'ok');
-      return { completion: result.completion, raw: result.raw, costNanos: 0n, meta };
+      answer = await this.upstream.json(call, route, attempts);
     } catch (error) {
+      cached.abandon();
+      await this.budget.settle(reservation, attempts);
       this.logDone(call, route, undefined, attempts, started, errorCode(error));
       throw error;
     }
+    const { model, result } = answer;
+    const producedChars = result.completion.choices.reduce((n, c) => n + (typeof c.message?.content === 'string' ? c.message.content.length : 0), 0);
+    const costNanos = await this.budget.settle(reservation, attempts, { producedChars });
+    await cached.fill(result.raw, result.completion);
+    this.rateLimiter.recordTokens(call.principal, tokensUsed(attempts));
+    const meta = this.meta(route, model, cached.status);
+    this.logDone(call, route, meta, attempts, started, 'ok', costNanos);
+    return { completion: result.completion, raw: result.raw, costNanos, meta };
   }
 
   /**
@@ -63,19 +93,30 @@ export class CompletionService {
    */
   async stream(call: CompletionCall, sink: StreamSink): Promise<void> {
     const started = performance.now();
+    // A stream still open when the shutdown drain's deadline passes is ended in-band (its signal fires).
+    call = this.shutdown.drainable(call);
     const route = this.resolve(call);
+    const cached = await this.cache.open(call, route);
+    if (cached.hit) return this.replayFromCache(call, route, cached.hit, sink, started);
     const attempts: Attempt[] = [];
+    const reservation = await this.budget.reserve(call, route, cached.status).catch((error: unknown) => {
+      cached.abandon();
+      throw error;
+    });
     let opened;
     try {
       opened = await this.upstream.stream(call, route, attempts);
     } catch (error) {
+      cached.abandon();
+      await this.budget.settle(reservation, attempts);
       this.logDone(call, route, undefined, attempts, started, errorCode(error));
       throw error;
     }
 
     // First byte: from here on the client owns a stream and there is no going back.
-    const meta = this.meta(route, opened.model);
+    const meta = this.meta(route, opened.model, cached.status);
     sink.open(meta);
+    this.metrics.streamOpened();
     const clientWantsUsage = call.body.stream_options?.include_usage === true;
     const tracker = new StreamTracker();
     let outcome = 'ok';
@@ -96,11 +137,12 @@ export class CompletionService {
       const failure = asFailure(error);
       outcome = failure.kind;
       if (!sink.closed) {
-        const mapped = upstreamToGatewayError(failure, opened.model);
+        const mapped = this.shutdown.streamEndedError() ?? upstreamToGatewayError(failure, opened.model);
         sink.event(JSON.stringify(errorEnvelope(mapped.message, mapped.type, mapped.code)));
         sink.close();
       }
     }
+    this.metrics.streamClosed();
     attempts.push({
       model: tracker.model ?? opened.model,
       ok: outcome === 'ok',
@@ -108,15 +150,44 @@ export class CompletionService {
       failure: outcome === 'ok' ? undefined : outcome,
       latencyMs: performance.now() - opened.startedAt,
       usage: tracker.usage,
+      // Its bytes reached the caller even when the stream broke later (charged for what was produced).
+      counted: true,
     });
-    this.logDone(call, route, meta, attempts, started, outcome);
+    // Ended, cut or abandoned: charged for what was produced (usage if reported, else an estimate).
+    const costNanos = await this.budget.settle(reservation, attempts, { producedChars: tracker.contentChars });
+    // Only a stream that completed is cached (as the assembled completion); a cut one never.
+    if (outcome === 'ok') await cached.fillFromStream(tracker.payloads);
+    else cached.abandon();
+    this.rateLimiter.recordTokens(call.principal, tokensUsed(attempts));
+    this.logDone(call, route, meta, attempts, started, outcome, costNanos);
   }
 
-  private meta(route: ResolvedRoute, model: string): CompletionMeta {
-    return { model, route, cache: 'bypass', upstreamMock: this.upstreamInfo.mock, headers: {} };
+  /** A cache hit: no upstream call, no reservation; charged 0 and recorded as such in the ledger. */
+  private async answerFromCache(call: CompletionCall, route: ResolvedRoute, hit: CachedAnswer, started: number): Promise<JsonOutcome> {
+    const meta = this.meta(route, hit.completion.model, 'hit');
+    await this.budget.recordCacheHit(call, route, meta.model, readUsage(hit.completion));
+    this.logDone(call, route, meta, [], started, 'ok');
+    return { completion: hit.completion, raw: hit.raw, costNanos: 0n, meta };
   }
 
-  private logDone(call: CompletionCall, route: ResolvedRoute, meta: CompletionMeta | undefined, attempts: Attempt[], started: number, outcome: string): void {
+  /** A cached answer replayed as the SSE a live stream would send. */
+  private async replayFromCache(call: CompletionCall, route: ResolvedRoute, hit: CachedAnswer, sink: StreamSink, started: number): Promise<void> {
+    const meta = this.meta(route, hit.completion.model, 'hit');
+    await this.budget.recordCacheHit(call, route, meta.model, readUsage(hit.completion));
+    sink.open(meta);
+    for (const payload of replayChunks(hit.completion, call.body.stream_options?.include_usage === true)) sink.event(payload);
+    sink.close();
+    this.logDone(call, route, meta, [], started, 'ok');
+  }
+
+  private meta(route: ResolvedRoute, model: string, cache: CacheStatus): CompletionMeta {
+    return { model, route, cache, upstreamMock: this.upstreamInfo.mock, headers: {} };
+  }
+
+  private logDone(call: CompletionCall, route: ResolvedRoute, meta: CompletionMeta | undefined, attempts: Attempt[], started: number, outcome: string, costNanos = 0n): void {
+    this.metrics.completion(call, route, meta, attempts, started, outcome, costNanos);
+    // Buffered only: the batched audit writer stores it off the request path.
+    this.audit.recordCompletion(call, route, meta, attempts, outcome);
     const last = attempts.at(-1);
     this.logger.info(
       {
@@ -139,6 +210,13 @@ export class CompletionService {
       'completion',
     );
   }
+}
+
+/** Tokens the upstream reported for this call (token rate limits count them after the answer). */
+function tokensUsed(attempts: readonly Attempt[]): number {
+  let total = 0;
+  for (const a of attempts) total += a.usage?.total_tokens ?? 0;
+  return total;
 }
 
 function errorCode(error: unknown): string {

@@ -21,7 +21,19 @@ export abstract class AppConfig {
   declare readonly logLevel: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
   declare readonly database: DatabaseConfig;
   declare readonly redisUrl: string | undefined;
+  /** Prepended to every Redis key the gateway writes, so deployments (and tests) can share one Redis. */
+  declare readonly redisKeyPrefix: string;
   declare readonly adminApiKey: string | undefined;
+  declare readonly telemetry: {
+    /** OTLP/HTTP base URL for traces; unset = no tracer at all (no spans, no cost). */
+    readonly otlpEndpoint: string | undefined;
+    /** When set, GET /metrics wants `Authorization: Bearer <token>`; unset = open (keep it off the public ingress). */
+    readonly metricsToken: string | undefined;
+  };
+  declare readonly shutdown: {
+    /** After SIGTERM: how long in-flight requests and streams may run before they are ended. */
+    readonly drainMs: number;
+  };
   declare readonly upstream: {
     readonly driver: UpstreamDriver;
     /** true when no OPENROUTER_API_KEY is set: the built-in mock answers, marked in every response. */
@@ -33,6 +45,10 @@ export abstract class AppConfig {
     /** OpenRouter attribution headers (HTTP-Referer / X-Title). */
     readonly referer: string;
     readonly title: string;
+    /** Retries and backoff around every upstream call (issue #4); see UpstreamCaller. */
+    readonly retry: UpstreamRetryConfig;
+    /** Send the whole chain as OpenRouter `models` + `route: "fallback"` in one request. */
+    readonly nativeFallback: boolean;
   };
   declare readonly routing: {
     /** How often each instance checks for a new routing version; changes must land within 2 s. */
@@ -44,14 +60,74 @@ export abstract class AppConfig {
     /** How long a resolved key stays cached in memory; revocation must land within 2 s. */
     readonly keyCacheMs: number;
   };
-  declare readonly cache: { readonly driver: StoreDriver; readonly defaultTtlSeconds: number; readonly maxEntries: number; readonly maxBytes: number };
+  declare readonly budget: {
+    /** A reservation older than this was left by a crashed instance and is released by the sweeper. */
+    readonly reservationTtlMs: number;
+    readonly sweepIntervalMs: number;
+  };
+  declare readonly pricing: {
+    /** How often the upstream's /models prices are fetched again. */
+    readonly refreshMs: number;
+    /** USD per token (decimal strings) for a model no table prices, so a reservation is always bounded. */
+    readonly fallbackPrompt: string;
+    readonly fallbackCompletion: string;
+  };
+  declare readonly cache: {
+    readonly driver: StoreDriver;
+    readonly defaultTtlSeconds: number;
+    readonly maxEntries: number;
+    readonly maxBytes: number;
+    /** Singleflight: how long identical requests wait for the first one's answer (and its fill lock's lifetime). */
+    readonly waitMs: number;
+  };
+  declare readonly audit: {
+    /** The audit writer flushes at least this often while events wait. */
+    readonly flushMs: number;
+    /** Events per batched INSERT; a full batch flushes at once. */
+    readonly batchSize: number;
+    /** Events held in memory while the database refuses writes; beyond it they are counted and dropped. */
+    readonly maxBuffered: number;
+  };
   declare readonly rateLimit: {
     readonly driver: StoreDriver;
     readonly keyRpm: number;
     readonly userRpm: number;
     readonly departmentRpm: number;
     readonly adminRpm: number;
+    /** Tokens per minute; undefined = no token limit unless an admin override sets one. */
+    readonly keyTpm: number | undefined;
+    readonly userTpm: number | undefined;
+    readonly departmentTpm: number | undefined;
   };
+  declare readonly jobs: {
+    /** inline: in-process (embedded default, one instance); bullmq: Redis, shared by api and worker processes. */
+    readonly driver: JobsDriver;
+    /** Jobs one process runs at once. */
+    readonly concurrency: number;
+    /** Backpressure: submits beyond this many queued + running jobs get 503 queue_full. */
+    readonly maxQueued: number;
+    /** Tries of a job that fails transiently (5xx, 429), the first included; then it is dead-lettered. */
+    readonly maxAttempts: number;
+    /** Exponential backoff between tries: base * 2^(try-1), capped. */
+    readonly backoffMs: number;
+    readonly backoffMaxMs: number;
+    /** HMAC-SHA256 secret for `callback_url` deliveries; unset = callbacks are refused at submit. */
+    readonly callbackSecret: string | undefined;
+  };
+}
+
+export type JobsDriver = 'inline' | 'bullmq';
+
+export interface UpstreamRetryConfig {
+  /** Tries of one model (or one native-fallback request), the first included. */
+  readonly attemptsPerModel: number;
+  /** Full-jitter backoff: a random wait in [0, min(maxDelayMs, baseDelayMs * 2^retry)). */
+  readonly baseDelayMs: number;
+  readonly maxDelayMs: number;
+  /** An upstream retry-after longer than this is not waited for: the next model is tried instead. */
+  readonly retryAfterCapMs: number;
+  /** Whole chain, all attempts and waits included, until the answer (or the first stream event). */
+  readonly deadlineMs: number;
 }
 
 export class ConfigError extends Error {
@@ -68,29 +144,58 @@ export const CONFIG_VARIABLES = {
   DATA_DIR: { sensitive: false, help: 'embedded database folder (default ./data)' },
   DATABASE_URL: { sensitive: true, help: 'postgres://… for production; unset = embedded PGlite' },
   REDIS_URL: { sensitive: true, help: 'redis://…; unset = in-memory drivers (one instance only)' },
+  REDIS_KEY_PREFIX: { sensitive: false, help: 'prefix of every Redis key (default gatehouse:)' },
   OPENROUTER_API_KEY: { sensitive: true, help: 'upstream key; unset = built-in mock upstream' },
   OPENROUTER_BASE_URL: { sensitive: false, help: 'any OpenAI-compatible base URL' },
   UPSTREAM_DRIVER: { sensitive: false, help: 'undici (default, lean) | sdk (the official openai SDK)' },
   UPSTREAM_TIMEOUT_MS: { sensitive: false, help: 'per-attempt upstream timeout (default 60000)' },
   UPSTREAM_CONNECTIONS: { sensitive: false, help: 'keep-alive connections to the upstream (default 128)' },
+  UPSTREAM_RETRY_ATTEMPTS: { sensitive: false, help: 'tries per model, the first included (default 2)' },
+  UPSTREAM_RETRY_BASE_MS: { sensitive: false, help: 'backoff base for full-jitter retries (default 250)' },
+  UPSTREAM_RETRY_MAX_DELAY_MS: { sensitive: false, help: 'largest backoff between retries (default 4000)' },
+  UPSTREAM_RETRY_AFTER_MAX_MS: { sensitive: false, help: 'longest upstream retry-after honoured; longer ones skip to the next model (default 10000)' },
+  UPSTREAM_DEADLINE_MS: { sensitive: false, help: 'total time for all attempts of one call (default 120000)' },
+  UPSTREAM_NATIVE_FALLBACK: { sensitive: false, help: 'true | false: send fallbacks as OpenRouter models[] (default: true when the base URL host is openrouter.ai)' },
   APP_URL: { sensitive: false, help: 'HTTP-Referer sent to OpenRouter' },
   APP_TITLE: { sensitive: false, help: 'X-Title sent to OpenRouter (default Gatehouse)' },
   ADMIN_API_KEY: { sensitive: true, help: 'bootstrap admin key' },
   GATEHOUSE_ROLE: { sensitive: false, help: 'api | worker | all (default all)' },
   BODY_LIMIT_BYTES: { sensitive: false, help: 'largest accepted request body (default 4194304)' },
   LOG_LEVEL: { sensitive: false, help: 'fatal|error|warn|info|debug|trace|silent (default info)' },
+  OTEL_EXPORTER_OTLP_ENDPOINT: { sensitive: true, help: 'OTLP/HTTP collector base URL (…/v1/traces is appended); unset = tracing off' },
+  METRICS_TOKEN: { sensitive: true, help: 'bearer token GET /metrics requires; unset = /metrics is open (never expose it publicly)' },
+  SHUTDOWN_DRAIN_MS: { sensitive: false, help: 'after SIGTERM, how long in-flight requests and streams may finish (default 25000)' },
   ROUTING_REFRESH_MS: { sensitive: false, help: 'routing version poll interval (default 1000)' },
   DEFAULT_MAX_TOKENS: { sensitive: false, help: 'cap when neither request nor rule sets one (default 1024)' },
   KEY_CACHE_MS: { sensitive: false, help: 'API key cache lifetime (default 1000)' },
+  BUDGET_RESERVATION_TTL_MS: { sensitive: false, help: 'request deadline: older budget reservations are released by the sweeper (default 600000)' },
+  BUDGET_SWEEP_INTERVAL_MS: { sensitive: false, help: 'how often orphaned budget reservations are swept (default 60000)' },
+  PRICING_REFRESH_MS: { sensitive: false, help: "how often prices are re-read from the upstream's /models (default 3600000)" },
+  PRICING_FALLBACK_PROMPT_USD: { sensitive: false, help: 'USD per prompt token for unpriced models (default 0.000015)' },
+  PRICING_FALLBACK_COMPLETION_USD: { sensitive: false, help: 'USD per completion token for unpriced models (default 0.000075)' },
   CACHE_DRIVER: { sensitive: false, help: 'memory | redis (default: redis when REDIS_URL is set)' },
   CACHE_TTL_SECONDS: { sensitive: false, help: 'default response cache TTL (default 300)' },
   CACHE_MAX_ENTRIES: { sensitive: false, help: 'memory cache entry bound (default 10000)' },
   CACHE_MAX_BYTES: { sensitive: false, help: 'memory cache size bound (default 67108864)' },
+  CACHE_WAIT_MS: { sensitive: false, help: 'how long identical concurrent requests wait for the first answer (default 15000)' },
   RATE_LIMIT_DRIVER: { sensitive: false, help: 'memory | redis (default: redis when REDIS_URL is set)' },
   RATE_LIMIT_KEY_RPM: { sensitive: false, help: 'requests per minute per key (default 600)' },
   RATE_LIMIT_USER_RPM: { sensitive: false, help: 'requests per minute per user (default 1200)' },
   RATE_LIMIT_DEPARTMENT_RPM: { sensitive: false, help: 'requests per minute per department (default 6000)' },
   RATE_LIMIT_ADMIN_RPM: { sensitive: false, help: 'admin API requests per minute per key (default 300)' },
+  RATE_LIMIT_KEY_TPM: { sensitive: false, help: 'tokens per minute per key (default: none)' },
+  RATE_LIMIT_USER_TPM: { sensitive: false, help: 'tokens per minute per user (default: none)' },
+  RATE_LIMIT_DEPARTMENT_TPM: { sensitive: false, help: 'tokens per minute per department (default: none)' },
+  AUDIT_FLUSH_MS: { sensitive: false, help: 'audit events are written in batches at least this often (default 250)' },
+  AUDIT_BATCH_SIZE: { sensitive: false, help: 'audit events per batched INSERT (default 500)' },
+  AUDIT_MAX_BUFFERED: { sensitive: false, help: 'audit events kept in memory while the database is down (default 100000)' },
+  JOBS_DRIVER: { sensitive: false, help: 'inline | bullmq (default: bullmq when REDIS_URL is set)' },
+  JOBS_CONCURRENCY: { sensitive: false, help: 'async jobs one process runs at once (default 8)' },
+  JOBS_MAX_QUEUED: { sensitive: false, help: 'queued + running jobs before submits get 503 queue_full (default 1000)' },
+  JOBS_MAX_ATTEMPTS: { sensitive: false, help: 'tries of a transiently failing job before it is dead-lettered (default 3)' },
+  JOBS_BACKOFF_MS: { sensitive: false, help: 'base of the exponential backoff between job tries (default 2000)' },
+  JOBS_BACKOFF_MAX_MS: { sensitive: false, help: 'largest wait between job tries (default 60000)' },
+  JOBS_CALLBACK_SECRET: { sensitive: true, help: 'HMAC-SHA256 secret signing callback_url deliveries; unset = callbacks refused' },
 } as const;
 
 export type ConfigVariable = keyof typeof CONFIG_VARIABLES;
@@ -123,6 +228,12 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
     }
     return v as T;
   }
+  const usdPerToken = (name: ConfigVariable, fallback: string): string => {
+    const v = str(name);
+    if (v === undefined) return fallback;
+    if (!/^\d+(\.\d+)?$/.test(v)) problems.push(`${name} must be a non-negative decimal USD amount per token, got "${v}"`);
+    return v;
+  };
   const url = (name: ConfigVariable, protocols: string[]): string | undefined => {
     const v = str(name);
     if (v === undefined) return undefined;
@@ -146,9 +257,21 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
   for (const [name, driver] of [['CACHE_DRIVER', cacheDriver], ['RATE_LIMIT_DRIVER', rateLimitDriver]] as const) {
     if (driver === 'redis' && !redisUrl) problems.push(`${name}=redis needs REDIS_URL`);
   }
+  const nativeFallback = oneOf('UPSTREAM_NATIVE_FALLBACK', ['true', 'false', 'auto'] as const, 'auto');
   const role = oneOf('GATEHOUSE_ROLE', ['api', 'worker', 'all'] as const, 'all');
+  const jobsDriver = oneOf('JOBS_DRIVER', ['inline', 'bullmq'] as const, redisUrl ? 'bullmq' : 'inline');
+  if (jobsDriver === 'bullmq' && !redisUrl) problems.push('JOBS_DRIVER=bullmq needs REDIS_URL');
+  // api and worker are separate processes: only a queue in Redis can connect them. An in-process
+  // queue would leave an api instance's jobs unprocessed forever, and a worker with nothing to do.
+  if (role !== 'all' && jobsDriver !== 'bullmq') {
+    problems.push(`GATEHOUSE_ROLE=${role} needs the shared BullMQ queue: set REDIS_URL (the embedded in-memory queue cannot be shared between processes), or use GATEHOUSE_ROLE=all`);
+  }
+  const jobsCallbackSecret = str('JOBS_CALLBACK_SECRET');
+  if (jobsCallbackSecret !== undefined && jobsCallbackSecret.length < 16) problems.push('JOBS_CALLBACK_SECRET must be at least 16 characters');
   const adminApiKey = str('ADMIN_API_KEY');
   if (adminApiKey !== undefined && adminApiKey.length < 16) problems.push('ADMIN_API_KEY must be at least 16 characters');
+  const metricsToken = str('METRICS_TOKEN');
+  if (metricsToken !== undefined && metricsToken.length < 16) problems.push('METRICS_TOKEN must be at least 16 characters');
 
   const config: AppConfig = {
     role,
@@ -158,7 +281,10 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
     logLevel: oneOf('LOG_LEVEL', LOG_LEVELS, 'info'),
     database: databaseUrl ? { driver: 'postgres', url: databaseUrl } : { driver: 'pglite', dataDir: resolve(cwd, str('DATA_DIR') ?? './data') },
     redisUrl,
+    redisKeyPrefix: str('REDIS_KEY_PREFIX') ?? 'gatehouse:',
     adminApiKey,
+    telemetry: { otlpEndpoint: url('OTEL_EXPORTER_OTLP_ENDPOINT', ['http:', 'https:'])?.replace(/\/+$/, ''), metricsToken },
+    shutdown: { drainMs: int('SHUTDOWN_DRAIN_MS', 25_000, 0, 600_000) },
     upstream: {
       driver: oneOf('UPSTREAM_DRIVER', ['undici', 'sdk'] as const, 'undici'),
       mock: apiKey === undefined,
@@ -168,17 +294,40 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
       connections: int('UPSTREAM_CONNECTIONS', 128, 1, 10_000),
       referer: str('APP_URL') ?? 'https://github.com/gatehouse/gatehouse',
       title: str('APP_TITLE') ?? 'Gatehouse',
+      retry: {
+        attemptsPerModel: int('UPSTREAM_RETRY_ATTEMPTS', 2, 1, 10),
+        baseDelayMs: int('UPSTREAM_RETRY_BASE_MS', 250, 0, 60_000),
+        maxDelayMs: int('UPSTREAM_RETRY_MAX_DELAY_MS', 4000, 0, 600_000),
+        retryAfterCapMs: int('UPSTREAM_RETRY_AFTER_MAX_MS', 10_000, 0, 600_000),
+        deadlineMs: int('UPSTREAM_DEADLINE_MS', 120_000, 100, 3_600_000),
+      },
+      nativeFallback: nativeFallback === 'auto' ? isOpenRouter(baseUrl) : nativeFallback === 'true',
     },
     routing: {
       refreshMs: int('ROUTING_REFRESH_MS', 1000, 50, 2000),
       defaultMaxTokens: int('DEFAULT_MAX_TOKENS', 1024, 1, 1_000_000),
     },
     auth: { keyCacheMs: int('KEY_CACHE_MS', 1000, 0, 2000) },
+    budget: {
+      reservationTtlMs: int('BUDGET_RESERVATION_TTL_MS', 600_000, 1000, 86_400_000),
+      sweepIntervalMs: int('BUDGET_SWEEP_INTERVAL_MS', 60_000, 100, 3_600_000),
+    },
+    pricing: {
+      refreshMs: int('PRICING_REFRESH_MS', 3_600_000, 1000, 7 * 86_400_000),
+      fallbackPrompt: usdPerToken('PRICING_FALLBACK_PROMPT_USD', '0.000015'),
+      fallbackCompletion: usdPerToken('PRICING_FALLBACK_COMPLETION_USD', '0.000075'),
+    },
     cache: {
       driver: cacheDriver,
       defaultTtlSeconds: int('CACHE_TTL_SECONDS', 300, 1, 30 * 86400),
       maxEntries: int('CACHE_MAX_ENTRIES', 10_000, 1, 10_000_000),
       maxBytes: int('CACHE_MAX_BYTES', 64 * 1024 * 1024, 1024, 16 * 1024 * 1024 * 1024),
+      waitMs: int('CACHE_WAIT_MS', 15_000, 0, 600_000),
+    },
+    audit: {
+      flushMs: int('AUDIT_FLUSH_MS', 250, 5, 60_000),
+      batchSize: int('AUDIT_BATCH_SIZE', 500, 1, 10_000),
+      maxBuffered: int('AUDIT_MAX_BUFFERED', 100_000, 10, 10_000_000),
     },
     rateLimit: {
       driver: rateLimitDriver,
@@ -186,10 +335,36 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
       userRpm: int('RATE_LIMIT_USER_RPM', 1200, 1, 10_000_000),
       departmentRpm: int('RATE_LIMIT_DEPARTMENT_RPM', 6000, 1, 10_000_000),
       adminRpm: int('RATE_LIMIT_ADMIN_RPM', 300, 1, 10_000_000),
+      keyTpm: str('RATE_LIMIT_KEY_TPM') === undefined ? undefined : int('RATE_LIMIT_KEY_TPM', 0, 1, 1_000_000_000),
+      userTpm: str('RATE_LIMIT_USER_TPM') === undefined ? undefined : int('RATE_LIMIT_USER_TPM', 0, 1, 1_000_000_000),
+      departmentTpm: str('RATE_LIMIT_DEPARTMENT_TPM') === undefined ? undefined : int('RATE_LIMIT_DEPARTMENT_TPM', 0, 1, 1_000_000_000),
+    },
+    jobs: {
+      driver: jobsDriver,
+      concurrency: int('JOBS_CONCURRENCY', 8, 1, 1000),
+      maxQueued: int('JOBS_MAX_QUEUED', 1000, 1, 10_000_000),
+      maxAttempts: int('JOBS_MAX_ATTEMPTS', 3, 1, 100),
+      backoffMs: int('JOBS_BACKOFF_MS', 2000, 1, 3_600_000),
+      backoffMaxMs: int('JOBS_BACKOFF_MAX_MS', 60_000, 1, 86_400_000),
+      callbackSecret: jobsCallbackSecret,
     },
   };
+  // A reservation swept while its request may still be running would let that budget overspend.
+  if (config.budget.reservationTtlMs <= config.upstream.retry.deadlineMs) {
+    problems.push(`BUDGET_RESERVATION_TTL_MS (${config.budget.reservationTtlMs}) must be longer than UPSTREAM_DEADLINE_MS (${config.upstream.retry.deadlineMs})`);
+  }
   if (problems.length > 0) throw new ConfigError(problems);
   return config;
+}
+
+/** OpenRouter walks a `models` list itself; other OpenAI-compatible upstreams would reject it. */
+function isOpenRouter(baseUrl: string): boolean {
+  try {
+    const host = new URL(baseUrl).hostname;
+    return host === 'openrouter.ai' || host.endsWith('.openrouter.ai');
+  } catch {
+    return false;
+  }
 }
 
 /** The configuration as it may be logged: secrets reduced to "set"/"unset". */
@@ -200,8 +375,13 @@ export function describeConfig(config: AppConfig): Record<string, unknown> {
     database: config.database.driver === 'postgres' ? 'postgres (DATABASE_URL set)' : `pglite (${config.database.dataDir})`,
     redis: config.redisUrl ? 'set' : 'unset (in-memory drivers)',
     upstream: config.upstream.mock ? 'MOCK (no OPENROUTER_API_KEY)' : `${config.upstream.baseUrl} via ${config.upstream.driver}`,
+    upstreamRetry: { ...config.upstream.retry, nativeFallback: config.upstream.nativeFallback },
     cache: config.cache.driver,
     rateLimit: config.rateLimit.driver,
     adminApiKey: config.adminApiKey ? 'set' : 'unset',
+    tracing: config.telemetry.otlpEndpoint ? 'otlp (OTEL_EXPORTER_OTLP_ENDPOINT set)' : 'off',
+    metricsToken: config.telemetry.metricsToken ? 'set' : 'unset (/metrics open)',
+    shutdownDrainMs: config.shutdown.drainMs,
+    jobs: { ...config.jobs, callbackSecret: config.jobs.callbackSecret ? 'set' : 'unset' },
   };
 }

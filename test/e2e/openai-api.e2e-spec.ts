@@ -140,11 +140,13 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
     });
 
     it('upstream failures map to 502/504 and never leak the upstream key', async () => {
+      // no-cache: 'x' was answered (and cached) by an earlier test; this one needs the upstream.
+      const fresh = { 'cache-control': 'no-cache' };
       gw.stub.configure({ status: 500 });
-      const failed = await alice.api.post<{ error: { message: string } }>('/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }] });
+      const failed = await alice.api.post<{ error: { message: string } }>('/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }] }, fresh);
       expect(failed).toMatchObject({ status: 502, body: { error: { type: 'upstream_error', code: 'upstream_error' } } });
       gw.stub.configure({ hangMs: 5000 });
-      const slow = await alice.api.post<{ error: { message: string } }>('/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }] });
+      const slow = await alice.api.post<{ error: { message: string } }>('/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }] }, fresh);
       expect(slow).toMatchObject({ status: 504, body: { error: { code: 'upstream_timeout' } } });
       for (const res of [failed, slow]) expect(JSON.stringify(res.body)).not.toContain('sk-test-upstream-secret');
     });
@@ -156,7 +158,7 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
         [429, 'upstream_rate_limited'],
       ] as const) {
         gw.stub.configure({ status });
-        const res = await alice.api.post('/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }] });
+        const res = await alice.api.post('/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }] }, { 'cache-control': 'no-cache' });
         expect(res).toMatchObject({ status: 502, body: { error: { type: 'upstream_error', code } } });
       }
     });

@@ -70,6 +70,10 @@ export interface TenantOptions {
   /** Reuse a department (to test sharing within it); default: a new one. */
   departmentId?: string;
   role?: 'user' | 'admin';
+  /** Budgets set through the admin API right after creation (USD per `period`, default monthly). */
+  userBudgetUsd?: number | string;
+  departmentBudgetUsd?: number | string;
+  period?: 'daily' | 'weekly' | 'monthly' | 'total';
 }
 
 export interface TestGateway {
@@ -145,6 +149,15 @@ export async function startTestGateway(options: TestGatewayOptions = {}): Promis
       if (user.status !== 201) throw new Error(`user: ${user.status} ${JSON.stringify(user.body)}`);
       const key = await admin.post<{ id: string; key: string }>('/admin/keys', { user_id: user.body.id, name: `key-${tag}` });
       if (key.status !== 201) throw new Error(`key: ${key.status} ${JSON.stringify(key.body)}`);
+      const budgets = [
+        ['users', user.body.id, opts.userBudgetUsd],
+        ['departments', departmentId, opts.departmentBudgetUsd],
+      ] as const;
+      for (const [segment, id, limit] of budgets) {
+        if (limit === undefined) continue;
+        const set = await admin.put(`/admin/budgets/${segment}/${id}`, { limit_usd: limit, period: opts.period ?? 'monthly' });
+        if (set.status !== 200) throw new Error(`budget: ${set.status} ${JSON.stringify(set.body)}`);
+      }
       return { departmentId, userId: user.body.id, keyId: key.body.id, key: key.body.key, api: new ApiClient(url, key.body.key), openai: openai(key.body.key) };
     },
   };
