@@ -1,4 +1,5 @@
 import 'reflect-metadata';
+import type { INestApplicationContext } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
 import { FastifyAdapter, type NestFastifyApplication } from '@nestjs/platform-fastify';
 import { DocumentBuilder, SwaggerModule } from '@nestjs/swagger';
@@ -12,6 +13,10 @@ import { createLogger, PinoNestLogger } from './core/logger.js';
 import { requestIdFor } from './core/request-id.js';
 import { type DatabaseTarget, openDatabase } from './database/data-source.js';
 import { IdentityBootstrapService } from './identity/identity-bootstrap.service.js';
+import { ShutdownService } from './lifecycle/shutdown.service.js';
+import { GatewayMetrics } from './metrics/gateway-metrics.js';
+import { installHttpTracing } from './metrics/http-tracing.js';
+import { startOpenTelemetry, Telemetry } from './metrics/telemetry.js';
 
 export interface GatewayOptions {
   logger?: Logger;
@@ -40,6 +45,8 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   const logger = options.logger ?? createLogger(config.logLevel);
   const started = performance.now();
   logger.info({ context: 'Gateway', config: describeConfig(config) }, 'starting');
+  // OpenTelemetry before the app: the instruments the modules create bind to this SDK's meter.
+  startOpenTelemetry(logger);
   const database = await openDatabase(options.databaseTarget ?? config.database, DATABASE_CONTENT);
 
   const adapter = new FastifyAdapter({
@@ -64,10 +71,14 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   app.enableShutdownHooks();
 
   const fastify = app.getHttpAdapter().getInstance();
+  const metrics = app.get(GatewayMetrics);
+  const shutdown = app.get(ShutdownService);
+  const telemetry = app.get(Telemetry);
   // Hooks instead of interceptors: an rxjs chain per request costs more than Nest and Fastify
   // together (PERFORMANCE.md).
   fastify.addHook('onRequest', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
     void reply.header('x-request-id', request.id);
+    shutdown.track(reply);
     done();
   });
   fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
@@ -75,8 +86,10 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
       { reqId: request.id, method: request.method, url: request.url.split('?')[0], status: reply.statusCode, ms: Math.round(reply.elapsedTime), key: request.principal?.keyPrefix },
       'request',
     );
+    metrics.httpResponse(request, reply);
     done();
   });
+  if (telemetry.tracer) installHttpTracing(fastify, telemetry.tracer);
 
   const document = SwaggerModule.createDocument(
     app,
@@ -114,4 +127,35 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
       await app.close();
     },
   };
+}
+
+export interface WorkerProcess {
+  app: INestApplicationContext;
+  config: AppConfig;
+  close(): Promise<void>;
+}
+
+/**
+ * GATEHOUSE_ROLE=worker: the same module graph with no HTTP server at all; it only processes the
+ * shared (BullMQ) job queue, so workers scale apart from API instances. Shared by main.ts and tests.
+ */
+export async function createWorker(config: AppConfig, options: Omit<GatewayOptions, 'listen'> = {}): Promise<WorkerProcess> {
+  const logger = options.logger ?? createLogger(config.logLevel);
+  const started = performance.now();
+  logger.info({ context: 'Worker', config: describeConfig(config) }, 'starting');
+  startOpenTelemetry(logger);
+  const database = await openDatabase(options.databaseTarget ?? config.database, DATABASE_CONTENT);
+  let app: INestApplicationContext;
+  try {
+    app = await NestFactory.createApplicationContext(AppModule.forRoot({ config, logger, database, clock: options.clock }), {
+      logger: new PinoNestLogger(logger),
+      abortOnError: false,
+    });
+  } catch (error) {
+    await database.close();
+    throw error;
+  }
+  app.enableShutdownHooks();
+  logger.info({ context: 'Worker', ms: Math.round(performance.now() - started) }, 'ready: processing jobs (no HTTP server)');
+  return { app, config, close: () => app.close() };
 }

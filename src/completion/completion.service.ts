@@ -187,7 +187,7 @@ export class CompletionService {
   private logDone(call: CompletionCall, route: ResolvedRoute, meta: CompletionMeta | undefined, attempts: Attempt[], started: number, outcome: string, costNanos = 0n): void {
     this.metrics.completion(call, route, meta, attempts, started, outcome, costNanos);
     // Buffered only: the batched audit writer stores it off the request path.
-    this.audit.recordCompletion(call, route, meta, attempts, outcome);
+    this.audit.recordCompletion(call, route, meta, attempts, outcome, costNanos);
     const last = attempts.at(-1);
     this.logger.info(
       {

@@ -46,10 +46,18 @@ export function metaHeaders(meta: CompletionMeta, costNanos?: bigint): Record<st
   return headers;
 }
 
-/** SSE straight onto the raw socket: each event is one write, no buffering, no timers. */
+/**
+ * SSE straight onto the raw socket, no timers. Events that arrive together (one upstream read
+ * usually carries several) leave as one chunk at the end of the current tick instead of one
+ * chunk each: nothing waits for a later event, but a 15-event stream costs one chunked write
+ * instead of fifteen (3 iovecs each, every string encoded separately by writev). The headers
+ * go out with the first batch.
+ */
 export class ReplyStreamSink implements StreamSink {
   private ended = false;
   private gone = false;
+  /** Frames written during this tick, not sent yet; undefined when no flush is scheduled. */
+  private pending: string | undefined;
 
   constructor(private readonly reply: FastifyReply) {
     reply.raw.once('close', () => {
@@ -73,15 +81,40 @@ export class ReplyStreamSink implements StreamSink {
       'x-accel-buffering': 'no',
       ...metaHeaders(meta),
     });
-    raw.flushHeaders();
+    // Sent at the end of this tick, with the first events if they come in it, alone if not.
+    this.queue('');
   }
 
   event(payload: string): void {
-    if (!this.closed) this.reply.raw.write(`data: ${payload}\n\n`);
+    if (!this.closed) this.queue(`data: ${payload}\n\n`);
   }
 
   close(): void {
     this.ended = true;
-    if (!this.reply.raw.destroyed) this.reply.raw.end('data: [DONE]\n\n');
+    const rest = this.pending ?? '';
+    this.pending = undefined;
+    if (!this.reply.raw.destroyed) this.reply.raw.end(`${rest}data: [DONE]\n\n`);
   }
+
+  private queue(frame: string): void {
+    if (this.pending === undefined) {
+      this.pending = frame;
+      process.nextTick(flushSink, this);
+    } else {
+      this.pending += frame;
+    }
+  }
+
+  /** @internal end of the tick: one write for everything queued in it. */
+  flush(): void {
+    const batch = this.pending;
+    this.pending = undefined;
+    if (batch === undefined || this.closed || this.reply.raw.writableEnded) return;
+    if (batch === '') this.reply.raw.flushHeaders();
+    else this.reply.raw.write(batch);
+  }
+}
+
+function flushSink(sink: ReplyStreamSink): void {
+  sink.flush();
 }

@@ -69,6 +69,8 @@ describe('graceful shutdown (SIGTERM path: app.close())', () => {
     // The load balancer sees "not ready" while the stream is still being served.
     expect(stream.ended).toBe(false);
     expect(ready.details.shutdown).toMatchObject({ status: 'down', draining: true });
+    // Still alive while draining: a failing liveness probe would get the pod killed mid-drain.
+    expect((await fetch(`${gw.url}/health/live`)).status).toBe(200);
 
     const text = await stream.done;
     expect(text.trimEnd().endsWith('data: [DONE]')).toBe(true);
