@@ -41,7 +41,7 @@ describe.each(DB_KINDS)('identity on %s', (db) => {
     expect(listed.body.data[0]).not.toHaveProperty('key_hash');
 
     // What the database holds is a sha256, never the key.
-    const rows = (await gw.gateway.app.get(DataSource).query('SELECT key_hash FROM api_keys WHERE id = $1', [key.body.id])) as Array<{ key_hash: string }>;
+    const rows = await gw.gateway.app.get(DataSource).query<Array<{ key_hash: string }>>('SELECT key_hash FROM api_keys WHERE id = $1', [key.body.id]);
     expect(rows[0]?.key_hash).toMatch(/^[0-9a-f]{64}$/);
     expect(rows[0]?.key_hash).not.toContain(key.body.key);
 

@@ -109,12 +109,12 @@ describe('TypeORM on PGlite', () => {
     const txids = await Promise.all(
       Array.from({ length: 50 }, (_, i) =>
         ds.transaction(async (manager) => {
-          const [{ txid: before }] = (await manager.query('SELECT txid_current()::text AS txid')) as [{ txid: string }];
+          const [{ txid: before }] = await manager.query<[{ txid: string }]>('SELECT txid_current()::text AS txid');
           await manager.insert(ItemSchema, { label: `concurrent-${i}` });
           // Give the other 49 a chance to run in between: they must wait for the session instead.
           await new Promise((resolve) => setTimeout(resolve, i % 3));
           await manager.query('UPDATE counters SET n = n + 1 WHERE id = 1');
-          const [{ txid: after }] = (await manager.query('SELECT txid_current()::text AS txid')) as [{ txid: string }];
+          const [{ txid: after }] = await manager.query<[{ txid: string }]>('SELECT txid_current()::text AS txid');
           expect(after).toBe(before);
           return before;
         }),
@@ -122,9 +122,9 @@ describe('TypeORM on PGlite', () => {
     );
     // Interleaved on one session, they would all have shared a single transaction.
     expect(new Set(txids).size).toBe(50);
-    const [{ count }] = (await ds.query(`SELECT count(*)::int AS count FROM items WHERE label LIKE 'concurrent-%'`)) as [{ count: number }];
+    const [{ count }] = await ds.query<[{ count: number }]>(`SELECT count(*)::int AS count FROM items WHERE label LIKE 'concurrent-%'`);
     expect(count).toBe(50);
-    const [{ n }] = (await ds.query('SELECT n FROM counters WHERE id = 1')) as [{ n: number }];
+    const [{ n }] = await ds.query<[{ n: number }]>('SELECT n FROM counters WHERE id = 1');
     expect(n).toBe(50);
   });
 
@@ -141,10 +141,10 @@ describe('TypeORM on PGlite', () => {
       ),
     );
     expect(results.filter((result) => result.status === 'rejected')).toHaveLength(10);
-    const labels = ((await ds.query(`SELECT label FROM items WHERE label LIKE 'mixed-%'`)) as { label: string }[]).map((row) => row.label);
+    const labels = (await ds.query<{ label: string }[]>(`SELECT label FROM items WHERE label LIKE 'mixed-%'`)).map((row) => row.label);
     expect(labels).toHaveLength(40);
     expect(labels.filter((label) => Number(label.slice('mixed-'.length)) % 5 === 4)).toEqual([]);
-    const [{ n }] = (await ds.query('SELECT n FROM counters WHERE id = 1')) as [{ n: number }];
+    const [{ n }] = await ds.query<[{ n: number }]>('SELECT n FROM counters WHERE id = 1');
     expect(n).toBe(40);
   });
 
@@ -168,7 +168,7 @@ describe('TypeORM on PGlite', () => {
     await ds.transaction(async (manager) => {
       await manager.insert(ItemSchema, { label: 'after-failure' });
     });
-    const labels = ((await ds.query(`SELECT label FROM items WHERE label IN ('doomed', 'abandoned', 'after-failure')`)) as { label: string }[]).map(
+    const labels = (await ds.query<{ label: string }[]>(`SELECT label FROM items WHERE label IN ('doomed', 'abandoned', 'after-failure')`)).map(
       (row) => row.label,
     );
     expect(labels).toEqual(['after-failure']);
@@ -180,16 +180,16 @@ describe('TypeORM on PGlite', () => {
       Array.from({ length: 50 }, () =>
         ds.transaction(async (manager) => {
           // TypeORM returns [rows, affectedCount] for UPDATE on the postgres driver (pg and PGlite alike).
-          const [rows] = (await manager.query(
+          const [rows] = await manager.query<[{ spent: string }[], number]>(
             'UPDATE budgets SET spent = spent + $1 WHERE id = 1 AND spent + $1 <= "limit" RETURNING spent',
             ['10'],
-          )) as [{ spent: string }[], number];
+          );
           return rows.length === 1;
         }),
       ),
     );
     expect(outcomes.filter(Boolean)).toHaveLength(23);
-    const [{ spent }] = (await ds.query('SELECT spent FROM budgets WHERE id = 1')) as [{ spent: string }];
+    const [{ spent }] = await ds.query<[{ spent: string }]>('SELECT spent FROM budgets WHERE id = 1');
     expect(spent).toBe('230');
   });
 
@@ -212,7 +212,7 @@ describe('TypeORM on PGlite', () => {
     expect(item.id).toMatch(/^[0-9a-f-]{36}$/);
     expect(item.createdAt).toBeInstanceOf(Date);
 
-    const [raw] = (await ds.query('SELECT $1::bigint + 1 AS next, count(*) AS n FROM samples', [big])) as [{ next: string; n: string }];
+    const [raw] = await ds.query<[{ next: string; n: string }]>('SELECT $1::bigint + 1 AS next, count(*) AS n FROM samples', [big]);
     expect(raw).toEqual({ next: (BigInt(big) + 1n).toString(), n: '1' });
   });
 

@@ -57,13 +57,13 @@ export async function pgliteTarget(): Promise<DatabaseTarget> {
 
 export async function createTestDatabase(kind: DbKind, sharedPostgresUrl?: string): Promise<TestDatabase> {
   if (kind === 'pglite') {
-    return { kind, config: { driver: 'pglite', dataDir: 'memory://' }, target: await pgliteTarget(), url: undefined, drop: async () => undefined };
+    return { kind, config: { driver: 'pglite', dataDir: 'memory://' }, target: await pgliteTarget(), url: undefined, drop: () => Promise.resolve() };
   }
   if (sharedPostgresUrl) {
     const config: DatabaseConfig = { driver: 'postgres', url: sharedPostgresUrl };
-    return { kind, config, target: config, url: sharedPostgresUrl, drop: async () => undefined };
+    return { kind, config, target: config, url: sharedPostgresUrl, drop: () => Promise.resolve() };
   }
   const db = await createPostgresDatabase();
   const config: DatabaseConfig = { driver: 'postgres', url: db.url };
-  return { kind, config, target: config, url: db.url, drop: db.drop };
+  return { kind, config, target: config, url: db.url, drop: () => db.drop() };
 }

@@ -52,7 +52,7 @@ async function json<T>(res: Response): Promise<T> {
 
 /** Reads an SSE body frame by frame; `ended` is false when the connection broke mid-stream. */
 async function readSse(res: Response): Promise<{ frames: string[]; ended: boolean }> {
-  const reader = res.body?.getReader();
+  const reader: ReadableStreamDefaultReader<Uint8Array> | undefined = res.body?.getReader();
   if (!reader) throw new Error('no body');
   const decoder = new TextDecoder();
   let buffered = '';

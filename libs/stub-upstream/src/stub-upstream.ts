@@ -400,12 +400,12 @@ function fitWords(pieces: string[], n: number): string[] {
   } else {
     out = pieces.slice();
     const last = out.length - 1;
-    if (last >= 0 && !isSpace((out[last] as string).charCodeAt((out[last] as string).length - 1))) out[last] += ' ';
-    for (let i = 0; out.length < n; i++) out.push(FILLER[i % FILLER.length] as string);
+    if (last >= 0 && !isSpace(out[last].charCodeAt(out[last].length - 1))) out[last] += ' ';
+    for (let i = 0; out.length < n; i++) out.push(FILLER[i % FILLER.length]);
   }
   // A cut or padded reply should not end in dangling whitespace.
   const last = out.length - 1;
-  if (last >= 0) out[last] = (out[last] as string).trimEnd();
+  if (last >= 0) out[last] = out[last].trimEnd();
   return out;
 }
 
@@ -752,11 +752,11 @@ class StubUpstreamServer implements StubUpstream {
     // Walk the candidates like OpenRouter's fallback routing: the first model without an
     // active status fault answers; if every one fails, the last one's error is returned.
     const { candidates } = chat;
-    let model = candidates[0] as string;
+    let model = candidates[0];
     let faults = this.faultsFor(model);
     let errorStatus = this.activeStatus(model, faults);
     for (let i = 1; errorStatus !== 0 && i < candidates.length; i++) {
-      model = candidates[i] as string;
+      model = candidates[i];
       faults = this.faultsFor(model);
       errorStatus = this.activeStatus(model, faults);
     }
@@ -871,7 +871,7 @@ class StubUpstreamServer implements StubUpstream {
   /** Writes frame `i`, then schedules the next one `delay` ms later (chunkDelayMs path only). */
   private streamStep(res: ServerResponse, frames: string[], i: number, cut: number | undefined, delay: number): void {
     if (res.destroyed) return;
-    const frame = frames[i] as string;
+    const frame = frames[i];
     if (cut !== undefined && i + 1 >= cut) {
       cutAfter(res, frame);
       return;

@@ -98,6 +98,7 @@ function lockDataDir(dir: string): () => void {
       throw new Error(
         `PGlite data directory ${dir} is in use by process ${owner} (lock file ${lockPath}). ` +
           'An embedded database belongs to one process; use PostgreSQL to share it.',
+        { cause: error },
       );
     }
     writeFileSync(lockPath, String(process.pid));

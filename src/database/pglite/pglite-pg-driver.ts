@@ -407,12 +407,14 @@ function prepareValue(value: unknown, datesAsUtc: boolean, seen: unknown[] = [])
     return prepareObject(value, datesAsUtc, seen);
   }
   // number, bigint, boolean, string, symbol...: pg calls `toString()` too.
+  // eslint-disable-next-line @typescript-eslint/no-base-to-string -- objects returned above; TS only narrows `unknown` to `{}`, but only primitives and functions get here
   return String(value);
 }
 
 function prepareObject(value: object, datesAsUtc: boolean, seen: unknown[]): PreparedValue {
   const toPostgres: unknown = (value as { toPostgres?: unknown }).toPostgres;
   if (typeof toPostgres === 'function') {
+    // eslint-disable-next-line @typescript-eslint/no-base-to-string -- same message as pg, which stringifies the object the same way
     if (seen.includes(value)) throw new Error(`circular reference detected while preparing "${String(value)}" for query`);
     seen.push(value);
     const prepare = (inner: unknown): PreparedValue => prepareValue(inner, datesAsUtc);
