@@ -1,0 +1,224 @@
+/**
+ * Turns measured runs into the figures the targets are stated in: rounds pooled per target and
+ * case, then ratios against the floor proxy and latency added over the upstream called directly,
+ * all from the same run (the machine is noisy; only same-run ratios mean anything).
+ */
+import type { PayloadKind } from './load.js';
+import type { CacheCase, MeasuredRun } from './measure.js';
+import { type LatencySummary, median, pool, ratio, summarize } from './stats.js';
+
+export const DIRECT = 'direct';
+export const FLOOR = 'floor';
+
+export interface Aggregate {
+  target: string;
+  kind: PayloadKind;
+  connections: number;
+  cache: CacheCase;
+  rounds: number;
+  requests: number;
+  rps: number;
+  latencyMs: LatencySummary;
+  ttfbMs: LatencySummary | undefined;
+  cpuUsPerRequest: number | undefined;
+  /** CPU/request ÷ the floor's (same kind and connections), pooled over rounds. */
+  cpuRatioToFloor: number;
+  /** The same ratio taken per round, then the median: a check that pooling hides no outlier. */
+  cpuRatioToFloorMedianOfRounds: number;
+  addedP50Ms: number;
+  addedP99Ms: number;
+  addedTtfbP50Ms: number;
+  rssMaxMb: number | undefined;
+  hitRatio: number;
+  errors: number;
+}
+
+const keyOf = (target: string, kind: string, connections: number, cache: string): string => `${target}|${kind}|${connections}|${cache}`;
+
+export function aggregate(runs: readonly MeasuredRun[]): Aggregate[] {
+  const groups = new Map<string, MeasuredRun[]>();
+  for (const run of runs) {
+    const r = run.record;
+    const key = keyOf(r.target, r.kind, r.connections, r.cache);
+    const list = groups.get(key) ?? [];
+    list.push(run);
+    groups.set(key, list);
+  }
+  const base = new Map<string, Omit<Aggregate, 'cpuRatioToFloor' | 'cpuRatioToFloorMedianOfRounds' | 'addedP50Ms' | 'addedP99Ms' | 'addedTtfbP50Ms'>>();
+  for (const [key, list] of groups) {
+    const first = list[0]?.record;
+    if (!first) continue;
+    const requests = list.reduce((s, r) => s + r.record.requests, 0);
+    const elapsedMs = list.reduce((s, r) => s + r.record.elapsedMs, 0);
+    const cpuKnown = list.every((r) => r.record.cpuSeconds !== undefined);
+    const cpuSeconds = list.reduce((s, r) => s + (r.record.cpuSeconds ?? 0), 0);
+    const rss = list.map((r) => r.record.rssMaxMb).filter((v): v is number => v !== undefined);
+    base.set(key, {
+      target: first.target,
+      kind: first.kind,
+      connections: first.connections,
+      cache: first.cache,
+      rounds: list.length,
+      requests,
+      rps: elapsedMs > 0 ? requests / (elapsedMs / 1000) : 0,
+      latencyMs: summarize(pool(list.map((r) => r.latencyMs))),
+      ttfbMs: first.kind === 'sse' ? summarize(pool(list.map((r) => r.ttfbMs))) : undefined,
+      cpuUsPerRequest: cpuKnown && requests > 0 ? (cpuSeconds * 1e6) / requests : undefined,
+      rssMaxMb: rss.length > 0 ? Math.max(...rss) : undefined,
+      hitRatio: requests > 0 ? list.reduce((s, r) => s + r.record.cacheHits, 0) / requests : 0,
+      errors: list.reduce((s, r) => s + r.record.errors, 0),
+    });
+  }
+  const roundCpu = new Map<string, number>();
+  for (const run of runs) {
+    const r = run.record;
+    if (r.cpuUsPerRequest !== undefined) roundCpu.set(`${keyOf(r.target, r.kind, r.connections, r.cache)}|${r.round}`, r.cpuUsPerRequest);
+  }
+  const out: Aggregate[] = [];
+  for (const a of base.values()) {
+    // The floor and the upstream have no cache: their miss runs are the reference for both cases.
+    const floor = base.get(keyOf(FLOOR, a.kind, a.connections, 'miss'));
+    const direct = base.get(keyOf(DIRECT, a.kind, a.connections, 'miss'));
+    const perRound: number[] = [];
+    for (const run of groups.get(keyOf(a.target, a.kind, a.connections, a.cache)) ?? []) {
+      const mine = run.record.cpuUsPerRequest;
+      const floorRound = roundCpu.get(`${keyOf(FLOOR, a.kind, a.connections, 'miss')}|${run.record.round}`);
+      perRound.push(ratio(mine, floorRound));
+    }
+    out.push({
+      ...a,
+      cpuRatioToFloor: ratio(a.cpuUsPerRequest, floor?.cpuUsPerRequest),
+      cpuRatioToFloorMedianOfRounds: median(perRound),
+      addedP50Ms: direct ? a.latencyMs.p50 - direct.latencyMs.p50 : Number.NaN,
+      addedP99Ms: direct ? a.latencyMs.p99 - direct.latencyMs.p99 : Number.NaN,
+      addedTtfbP50Ms: direct?.ttfbMs && a.ttfbMs ? a.ttfbMs.p50 - direct.ttfbMs.p50 : Number.NaN,
+    });
+  }
+  const order = (t: string): number => (t === DIRECT ? 0 : t === FLOOR ? 1 : 2);
+  return out.sort(
+    (x, y) =>
+      order(x.target) - order(y.target) ||
+      x.target.localeCompare(y.target) ||
+      x.kind.localeCompare(y.kind) ||
+      y.cache.localeCompare(x.cache) ||
+      x.connections - y.connections,
+  );
+}
+
+export interface Check {
+  what: string;
+  limit: string;
+  measured: string;
+  /** undefined: not measurable in this run (e.g. no cache yet). */
+  pass: boolean | undefined;
+}
+
+export const TARGETS = { cpuRatio: 2.5, cacheHitCpuRatio: 1.3, addedP50Ms: 0.5, addedTtfbMs: 1, rssMb: 200 } as const;
+
+const fmt = (n: number | undefined, digits = 2): string => (n === undefined || !Number.isFinite(n) ? 'n/a' : n.toFixed(digits));
+
+/** The issue's targets, checked for one gateway target (production, embedded or a variant). */
+export function checkTargets(aggregates: readonly Aggregate[], target: string): Check[] {
+  const mine = aggregates.filter((a) => a.target === target);
+  const pick = (kind: PayloadKind, cache: CacheCase): Aggregate[] =>
+    mine.filter((a) => a.kind === kind && a.cache === cache).sort((x, y) => x.connections - y.connections);
+  const checks: Check[] = [];
+  for (const kind of ['json', 'sse'] as const) {
+    const rows = pick(kind, 'miss');
+    if (rows.length === 0) continue;
+    const worst = Math.max(...rows.map((r) => r.cpuRatioToFloor));
+    checks.push({
+      what: `CPU/request ÷ floor, full pipeline, ${kind.toUpperCase()} (cache miss)`,
+      limit: `≤ ${TARGETS.cpuRatio}×`,
+      measured: rows.map((r) => `×${r.connections}: ${fmt(r.cpuRatioToFloor)}`).join(' · '),
+      pass: Number.isFinite(worst) ? worst <= TARGETS.cpuRatio : undefined,
+    });
+  }
+  for (const kind of ['json', 'sse'] as const) {
+    const rows = pick(kind, 'hit');
+    if (rows.length === 0) continue;
+    const active = rows.some((r) => r.hitRatio > 0);
+    const worst = Math.max(...rows.map((r) => r.cpuRatioToFloor));
+    checks.push({
+      what: `CPU/request ÷ floor, cache hit, ${kind.toUpperCase()}`,
+      limit: `≤ ${TARGETS.cacheHitCpuRatio}×`,
+      measured: active
+        ? rows.map((r) => `×${r.connections}: ${fmt(r.cpuRatioToFloor)} (hits ${(100 * r.hitRatio).toFixed(0)}%)`).join(' · ')
+        : 'cache not active (no `x-gateway-cache: hit`)',
+      pass: active ? worst <= TARGETS.cacheHitCpuRatio : undefined,
+    });
+  }
+  const json1 = mine.find((a) => a.kind === 'json' && a.cache === 'miss' && a.connections === 1);
+  if (json1) {
+    checks.push({
+      what: 'p50 latency added at 1 connection, JSON (vs direct)',
+      limit: `≤ ${TARGETS.addedP50Ms} ms`,
+      measured: `+${fmt(json1.addedP50Ms, 3)} ms (p99 +${fmt(json1.addedP99Ms, 3)} ms)`,
+      pass: Number.isFinite(json1.addedP50Ms) ? json1.addedP50Ms <= TARGETS.addedP50Ms : undefined,
+    });
+  }
+  const sse1 = mine.find((a) => a.kind === 'sse' && a.cache === 'miss' && a.connections === 1);
+  if (sse1) {
+    checks.push({
+      what: 'SSE time to first byte added at 1 connection, p50 (vs direct)',
+      limit: `≤ ${TARGETS.addedTtfbMs} ms`,
+      measured: `+${fmt(sse1.addedTtfbP50Ms, 3)} ms`,
+      pass: Number.isFinite(sse1.addedTtfbP50Ms) ? sse1.addedTtfbP50Ms <= TARGETS.addedTtfbMs : undefined,
+    });
+  }
+  const rss = mine.map((a) => a.rssMaxMb).filter((v): v is number => v !== undefined);
+  if (rss.length > 0) {
+    const max = Math.max(...rss);
+    const at = mine.find((a) => a.rssMaxMb === max);
+    checks.push({
+      what: 'RSS under load (largest sample)',
+      limit: `≤ ${TARGETS.rssMb} MB`,
+      measured: `${max.toFixed(0)} MB${at ? ` (${at.kind} ×${at.connections} ${at.cache})` : ''}`,
+      pass: max <= TARGETS.rssMb,
+    });
+  }
+  return checks;
+}
+
+export function checksMarkdown(checks: readonly Check[]): string {
+  const mark = (p: boolean | undefined): string => (p === undefined ? '—' : p ? 'pass' : '**MISS**');
+  return ['| target | limit | measured | |', '|---|---|---|---|', ...checks.map((c) => `| ${c.what} | ${c.limit} | ${c.measured} | ${mark(c.pass)} |`)].join(
+    '\n',
+  );
+}
+
+export function aggregatesMarkdown(aggregates: readonly Aggregate[]): string {
+  const header =
+    '| target | case | req/s | p50 ms | p99 ms | +p50 ms | +p99 ms | TTFB p50 ms | +TTFB ms | CPU µs/req | ÷ floor | RSS MB | cache hits |\n' +
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|';
+  const rows = aggregates.map((a) => {
+    const isRef = a.target === DIRECT;
+    const hits =
+      a.target === DIRECT || a.target === FLOOR ? '' : a.cache === 'hit' && a.hitRatio === 0 ? 'cache not active' : `${(100 * a.hitRatio).toFixed(0)}%`;
+    return [
+      a.target,
+      `${a.kind} ×${a.connections} ${a.cache}`,
+      a.rps.toFixed(0),
+      fmt(a.latencyMs.p50, 3),
+      fmt(a.latencyMs.p99, 3),
+      isRef ? '' : fmt(a.addedP50Ms, 3),
+      isRef ? '' : fmt(a.addedP99Ms, 3),
+      a.ttfbMs ? fmt(a.ttfbMs.p50, 3) : '',
+      a.ttfbMs && !isRef ? fmt(a.addedTtfbP50Ms, 3) : '',
+      fmt(a.cpuUsPerRequest, 0),
+      a.target === FLOOR || isRef ? '' : fmt(a.cpuRatioToFloor),
+      fmt(a.rssMaxMb, 0),
+      hits,
+    ].join(' | ');
+  });
+  return [header, ...rows.map((r) => `| ${r} |`)].join('\n');
+}
+
+/** Replaces the generated section of BENCHMARKS.md (between markers), leaving the prose alone. */
+export function replaceSection(document: string, section: string, start = '<!-- bench:latest:start -->', end = '<!-- bench:latest:end -->'): string {
+  const block = `${start}\n${section.trim()}\n${end}`;
+  const from = document.indexOf(start);
+  const to = document.indexOf(end);
+  if (from === -1 || to === -1 || to < from) return `${document.trimEnd()}\n\n${block}\n`;
+  return `${document.slice(0, from)}${block}${document.slice(to + end.length)}`;
+}
