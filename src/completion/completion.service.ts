@@ -3,7 +3,8 @@ import type { Logger } from 'pino';
 import { errorEnvelope, readUsage } from '../../libs/openai-contract/src/index.js';
 import { AuditService } from '../audit/audit.service.js';
 import { BudgetService } from '../budget/budget.service.js';
-import { type CachedAnswer, CompletionCache } from '../cache/completion-cache.service.js';
+import type { Reservation } from '../budget/budget.types.js';
+import { type CachedAnswer, type CacheTicket, CompletionCache } from '../cache/completion-cache.service.js';
 import { replayChunks } from '../cache/stream-replay.js';
 import { AppLogger } from '../core/logger.js';
 import { ShutdownService } from '../lifecycle/shutdown.service.js';
@@ -63,21 +64,8 @@ export class CompletionService {
     const cached = await this.cache.open(call, route);
     if (cached.hit) return this.answerFromCache(call, route, cached.hit, started);
     const attempts: Attempt[] = [];
-    // Budget: worst case held on user and department right before the upstream (402/503 here).
-    const reservation = await this.budget.reserve(call, route, cached.status).catch((error: unknown) => {
-      cached.abandon();
-      throw error;
-    });
-    let answer;
-    try {
-      answer = await this.upstream.json(call, route, attempts);
-    } catch (error) {
-      cached.abandon();
-      await this.budget.settle(reservation, attempts);
-      this.logDone(call, route, undefined, attempts, started, errorCode(error));
-      throw error;
-    }
-    const { model, result } = answer;
+    const { reservation, value } = await this.reserveAndCall(call, route, cached, attempts, started, () => this.upstream.json(call, route, attempts));
+    const { model, result } = value;
     const producedChars = result.completion.choices.reduce((n, c) => n + (typeof c.message?.content === 'string' ? c.message.content.length : 0), 0);
     const costNanos = await this.budget.settle(reservation, attempts, { producedChars });
     await cached.fill(result.raw, result.completion);
@@ -99,19 +87,7 @@ export class CompletionService {
     const cached = await this.cache.open(call, route);
     if (cached.hit) return this.replayFromCache(call, route, cached.hit, sink, started);
     const attempts: Attempt[] = [];
-    const reservation = await this.budget.reserve(call, route, cached.status).catch((error: unknown) => {
-      cached.abandon();
-      throw error;
-    });
-    let opened;
-    try {
-      opened = await this.upstream.stream(call, route, attempts);
-    } catch (error) {
-      cached.abandon();
-      await this.budget.settle(reservation, attempts);
-      this.logDone(call, route, undefined, attempts, started, errorCode(error));
-      throw error;
-    }
+    const { reservation, value: opened } = await this.reserveAndCall(call, route, cached, attempts, started, () => this.upstream.stream(call, route, attempts));
 
     // First byte: from here on the client owns a stream and there is no going back.
     const meta = this.meta(route, opened.model, cached.status);
@@ -162,6 +138,33 @@ export class CompletionService {
     this.logDone(call, route, meta, attempts, started, outcome, costNanos);
   }
 
+  /**
+   * Budget: the worst case is held on user and department right before the upstream (402/503
+   * here). If no attempt succeeds, the reservation is settled for what the attempts cost, the
+   * singleflight slot is released for waiters, and the failure is logged before it propagates.
+   */
+  private async reserveAndCall<T>(
+    call: CompletionCall,
+    route: ResolvedRoute,
+    cached: CacheTicket,
+    attempts: Attempt[],
+    started: number,
+    upstreamCall: () => Promise<T>,
+  ): Promise<{ reservation: Reservation; value: T }> {
+    const reservation = await this.budget.reserve(call, route, cached.status).catch((error: unknown) => {
+      cached.abandon();
+      throw error;
+    });
+    try {
+      return { reservation, value: await upstreamCall() };
+    } catch (error) {
+      cached.abandon();
+      await this.budget.settle(reservation, attempts);
+      this.logDone(call, route, undefined, attempts, started, errorCode(error));
+      throw error;
+    }
+  }
+
   /** A cache hit: no upstream call, no reservation; charged 0 and recorded as such in the ledger. */
   private async answerFromCache(call: CompletionCall, route: ResolvedRoute, hit: CachedAnswer, started: number): Promise<JsonOutcome> {
     const meta = this.meta(route, hit.completion.model, 'hit');
@@ -184,7 +187,15 @@ export class CompletionService {
     return { model, route, cache, upstreamMock: this.upstreamInfo.mock, headers: {} };
   }
 
-  private logDone(call: CompletionCall, route: ResolvedRoute, meta: CompletionMeta | undefined, attempts: Attempt[], started: number, outcome: string, costNanos = 0n): void {
+  private logDone(
+    call: CompletionCall,
+    route: ResolvedRoute,
+    meta: CompletionMeta | undefined,
+    attempts: Attempt[],
+    started: number,
+    outcome: string,
+    costNanos = 0n,
+  ): void {
     this.metrics.completion(call, route, meta, attempts, started, outcome, costNanos);
     // Buffered only: the batched audit writer stores it off the request path.
     this.audit.recordCompletion(call, route, meta, attempts, outcome, costNanos);
