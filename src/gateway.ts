@@ -83,7 +83,7 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   });
   fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
     logger.info(
-      { reqId: request.id, method: request.method, url: request.url.split('?')[0], status: reply.statusCode, ms: Math.round(reply.elapsedTime), key: request.principal?.keyPrefix },
+      { reqId: request.id, method: request.method, url: request.url.split('?')[0], status: reply.statusCode, ms: Math.round(reply.elapsedTime), keyPrefix: request.principal?.keyPrefix },
       'request',
     );
     metrics.httpResponse(request, reply);

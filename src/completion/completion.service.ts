@@ -206,7 +206,7 @@ export class CompletionService {
         door: call.door,
         user: call.principal.userId,
         department: call.principal.departmentId,
-        key: call.principal.keyPrefix,
+        keyPrefix: call.principal.keyPrefix,
         task: route.requestedTaskType,
         rule: route.ruleTaskType,
         routingVersion: route.version,
