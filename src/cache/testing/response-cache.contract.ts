@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import { pollUntil } from '../../core/testing/poll-until.js';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import type { ResponseCache, CacheTags } from '../response-cache.js';
 
@@ -59,7 +60,7 @@ export function responseCacheContract(name: string, make: () => Promise<CacheUnd
     it("a leader whose lock expired cannot free its successor's lock", async () => {
       const first = await cache.lookup('k4', 150);
       expect(first.kind).toBe('lead');
-      const second = await pollFor(async () => {
+      const second = await pollUntil(async () => {
         const r = await cache.lookup('k4', 5000);
         if (r.kind !== 'lead') throw new Error(`still ${r.kind}`);
         return r;
@@ -73,7 +74,7 @@ export function responseCacheContract(name: string, make: () => Promise<CacheUnd
     it('expires entries after their TTL', async () => {
       await cache.store('k5', '{"short":1}', 200, tags());
       expect((await cache.lookup('k5', 0)).kind).toBe('hit');
-      await pollFor(async () => {
+      await pollUntil(async () => {
         const r = await cache.lookup('k5', 0);
         if (r.kind !== 'miss') throw new Error('not expired yet');
       });
@@ -127,16 +128,4 @@ export function responseCacheContract(name: string, make: () => Promise<CacheUnd
       });
     }
   });
-}
-
-async function pollFor<T>(check: () => Promise<T>, timeoutMs = 5000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      return await check();
-    } catch (error) {
-      if (Date.now() > deadline) throw error;
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  }
 }
