@@ -61,7 +61,7 @@ export class CompletionService {
     const started = performance.now();
     const route = this.resolve(call);
     // Cache: a hit answers here, free; an identical request in flight is waited for (singleflight).
-    const cached = await this.cache.open(call, route);
+    const cached = await this.admitAndOpen(call, route);
     if (cached.hit) return this.answerFromCache(call, route, cached.hit, started);
     const attempts: Attempt[] = [];
     const { reservation, value } = await this.reserveAndCall(call, route, cached, attempts, started, () => this.upstream.json(call, route, attempts));
@@ -84,7 +84,7 @@ export class CompletionService {
     // A stream still open when the shutdown drain's deadline passes is ended in-band (its signal fires).
     call = this.shutdown.drainable(call);
     const route = this.resolve(call);
-    const cached = await this.cache.open(call, route);
+    const cached = await this.admitAndOpen(call, route);
     if (cached.hit) return this.replayFromCache(call, route, cached.hit, sink, started);
     const attempts: Attempt[] = [];
     const { reservation, value: opened } = await this.reserveAndCall(call, route, cached, attempts, started, () => this.upstream.stream(call, route, attempts));
@@ -136,6 +136,30 @@ export class CompletionService {
     else cached.abandon();
     this.rateLimiter.recordTokens(call.principal, tokensUsed(attempts));
     this.logDone(call, route, meta, attempts, started, outcome, costNanos);
+  }
+
+  /**
+   * The door's rate-limit verdict (when it is still in flight) and the cache lookup are issued
+   * in the same event-loop turn, so on Redis both leave in one write. Nothing takes effect before
+   * the verdict: a refused call releases what the lookup took (a singleflight slot) and throws
+   * the 429; a hit is only answered once the call was admitted.
+   */
+  private async admitAndOpen(call: CompletionCall, route: ResolvedRoute): Promise<CacheTicket> {
+    const opening = this.cache.open(call, route);
+    if (call.admission) {
+      // Handled here at once: the lookup may settle while the verdict is still on its way.
+      opening.catch(() => undefined);
+      try {
+        await call.admission;
+      } catch (error) {
+        void opening.then(
+          (ticket) => ticket.abandon(),
+          () => undefined,
+        );
+        throw error;
+      }
+    }
+    return opening;
   }
 
   /**

@@ -16,6 +16,11 @@ export interface CompletionCall {
   /** Aborted when the client goes away. */
   signal: AbortSignal;
   cacheControl: { read: boolean; write: boolean; ttlSeconds: number | undefined };
+  /**
+   * The door's rate-limit verdict when it is still in flight (HTTP doors defer it, see
+   * `DeferredAdmission`): the pipeline awaits it before anything has an effect. Rejects with 429.
+   */
+  admission?: Promise<void>;
 }
 
 export interface CompletionMeta {

@@ -1,4 +1,14 @@
-import { applyDecorators, type CanActivate, createParamDecorator, type ExecutionContext, Inject, Injectable, Optional, UseGuards } from '@nestjs/common';
+import {
+  applyDecorators,
+  type CanActivate,
+  createParamDecorator,
+  type ExecutionContext,
+  Inject,
+  Injectable,
+  Optional,
+  SetMetadata,
+  UseGuards,
+} from '@nestjs/common';
 import { ApiBearerAuth } from '@nestjs/swagger';
 import type { FastifyRequest } from 'fastify';
 import { GatewayError } from '../core/errors.js';
@@ -8,6 +18,12 @@ import type { Principal } from './principal.js';
 declare module 'fastify' {
   interface FastifyRequest {
     principal?: Principal;
+    /**
+     * The admission verdict (rate limits) of a route marked `@DeferredAdmission()`, still in
+     * flight: rejects with the 429. Whoever handles such a route must await it before anything
+     * has an effect, and before rendering any other error (see `admitted` in openai-api).
+     */
+    admission?: Promise<void>;
   }
 }
 
@@ -62,6 +78,15 @@ export class AdmissionStep implements CanActivate {
     return this.admission ? this.admission.canActivate(context) : true;
   }
 }
+
+export const DEFERRED_ADMISSION = 'gatehouse:deferredAdmission';
+
+/**
+ * On a completion door: the admission check is started by the guard but awaited by the pipeline
+ * (`request.admission`), so its Redis command and the cache lookup leave in one write (ioredis
+ * auto-pipelining batches the commands of one event-loop turn) instead of two round trips in a row.
+ */
+export const DeferredAdmission = (): MethodDecorator => SetMetadata(DEFERRED_ADMISSION, true);
 
 /** Class-level: every route of a /v1 controller needs a valid key (then passes the rate limiter). */
 export const Authenticated = (): ClassDecorator & MethodDecorator => applyDecorators(ApiBearerAuth(), UseGuards(ApiKeyGuard, AdmissionStep));

@@ -66,6 +66,8 @@ export async function submitAsync(
       param: 'stream',
     });
   }
+  // A deferred rate-limit verdict must be in before the job exists.
+  await call.admission;
   const { job, created } = await jobs.submit({
     principal: call.principal,
     door,

@@ -2,12 +2,12 @@ import { Body, Controller, Headers, HttpCode, Post, Req, Res } from '@nestjs/com
 import { ApiBody, ApiHeader, ApiOperation, ApiTags } from '@nestjs/swagger';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { CompletionService } from '../completion/completion.service.js';
-import { Authenticated } from '../identity/auth.guard.js';
+import { Authenticated, DeferredAdmission } from '../identity/auth.guard.js';
 import { JobsService } from '../jobs/jobs.service.js';
 import { submitAsync, wantsAsync } from './async-submit.js';
 import { parseChatRequest, parseTaskType } from './chat-request.js';
 import { ChatCompletionRequestDto } from './openai-api.dto.js';
-import { callFromRequest, metaHeaders, ReplyStreamSink } from './http-call.js';
+import { admitted, callFromRequest, metaHeaders, ReplyStreamSink } from './http-call.js';
 
 @ApiTags('v1')
 @Authenticated()
@@ -25,7 +25,12 @@ export class ChatCompletionsController {
   @ApiHeader({ name: 'x-task-type', required: false, description: 'routing table key; same as body task_type' })
   @ApiHeader({ name: 'prefer', required: false, description: "'respond-async': answer 202 with a job to poll at /v1/jobs/{id} (not with stream: true)" })
   @ApiHeader({ name: 'idempotency-key', required: false, description: 'with respond-async: a retried submit returns the same job; another body → 422' })
-  async create(@Req() request: FastifyRequest, @Res() reply: FastifyReply, @Body() raw: unknown, @Headers('x-task-type') taskHeader?: string): Promise<void> {
+  @DeferredAdmission()
+  create(@Req() request: FastifyRequest, @Res() reply: FastifyReply, @Body() raw: unknown, @Headers('x-task-type') taskHeader?: string): Promise<void> {
+    return admitted(request, () => this.handle(request, reply, raw, taskHeader));
+  }
+
+  private async handle(request: FastifyRequest, reply: FastifyReply, raw: unknown, taskHeader: string | undefined): Promise<void> {
     const body = parseChatRequest(raw);
     const taskType = body.task_type !== undefined ? (body.task_type as string) : taskHeader !== undefined ? parseTaskType(taskHeader, 'x-task-type') : undefined;
     const call = callFromRequest(request, reply, body, taskType, 'chat');

@@ -6,11 +6,11 @@ import type { ChatCompletionRequest } from '../../libs/openai-contract/src/index
 import { CompletionService } from '../completion/completion.service.js';
 import { GatewayError } from '../core/errors.js';
 import { asBody, optionalNumber, optionalString } from '../core/validate.js';
-import { Authenticated } from '../identity/auth.guard.js';
+import { Authenticated, DeferredAdmission } from '../identity/auth.guard.js';
 import { JobsService } from '../jobs/jobs.service.js';
 import { submitAsync, wantsAsync } from './async-submit.js';
 import { parseTaskType } from './chat-request.js';
-import { callFromRequest, metaHeaders } from './http-call.js';
+import { admitted, callFromRequest, metaHeaders } from './http-call.js';
 import { CompleteRequestDto, CompleteResponseDto } from './openai-api.dto.js';
 
 const MAX_PROMPT_CHARS = 1_000_000;
@@ -32,7 +32,12 @@ export class CompleteController {
   @ApiHeader({ name: 'prefer', required: false, description: "'respond-async': answer 202 with a job to poll at /v1/jobs/{id}" })
   @ApiHeader({ name: 'idempotency-key', required: false, description: 'with respond-async: a retried submit returns the same job; another body → 422' })
   @ApiOkResponse({ type: CompleteResponseDto })
-  async complete(@Req() request: FastifyRequest, @Res() reply: FastifyReply, @Body() raw: unknown): Promise<void> {
+  @DeferredAdmission()
+  complete(@Req() request: FastifyRequest, @Res() reply: FastifyReply, @Body() raw: unknown): Promise<void> {
+    return admitted(request, () => this.handle(request, reply, raw));
+  }
+
+  private async handle(request: FastifyRequest, reply: FastifyReply, raw: unknown): Promise<void> {
     const body = asBody(raw);
     const prompt = body.prompt;
     if (prompt === undefined || prompt === null) throw new GatewayError('missing_field', "Missing required parameter: 'prompt'.", { param: 'prompt' });

@@ -31,7 +31,22 @@ export function callFromRequest(request: FastifyRequest, reply: FastifyReply, bo
     door,
     signal: controller.signal,
     cacheControl: { read: !cacheControl.includes('no-cache'), write: !cacheControl.includes('no-store'), ttlSeconds },
+    admission: request.admission,
   };
+}
+
+/**
+ * Runs a `@DeferredAdmission()` door. Any error it throws (a 400 before the pipeline ran, say)
+ * is rendered only after the admission verdict is in: a caller over its limit gets the 429, and
+ * every answer carries the rate-limit headers, exactly as if the guard had awaited the check.
+ */
+export async function admitted(request: FastifyRequest, work: () => Promise<void>): Promise<void> {
+  try {
+    await work();
+  } catch (error) {
+    await request.admission;
+    throw error;
+  }
 }
 
 export function metaHeaders(meta: CompletionMeta, costNanos?: bigint): Record<string, string> {

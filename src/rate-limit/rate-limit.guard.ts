@@ -9,7 +9,7 @@ import {
   type ThrottlerStorage,
 } from '@nestjs/throttler';
 import type { FastifyReply, FastifyRequest } from 'fastify';
-import type { AdmissionGuard } from '../identity/auth.guard.js';
+import { type AdmissionGuard, DEFERRED_ADMISSION } from '../identity/auth.guard.js';
 import { RateLimiter } from './rate-limiter.service.js';
 
 /**
@@ -36,10 +36,21 @@ export class RateLimitGuard extends ThrottlerGuard implements AdmissionGuard {
     const principal = request.principal;
     // The key guard ran first; without a principal this route was wired wrongly.
     if (!principal) throw new Error('rate limit guard reached without an authenticated principal');
-    const admission = await this.limiter.admit(principal, isAdminRoute(request) ? 'admin' : 'api');
-    // Set on the reply now, so they go out with the answer, an error, or a stream's first bytes.
-    void http.getResponse<FastifyReply>().headers(admission.headers);
-    if (admission.error) throw admission.error;
+    const reply = http.getResponse<FastifyReply>();
+    const verdict = this.limiter.admit(principal, isAdminRoute(request) ? 'admin' : 'api').then((admission) => {
+      // Set on the reply now, so they go out with the answer, an error, or a stream's first bytes.
+      void reply.headers(admission.headers);
+      if (admission.error) throw admission.error;
+    });
+    if (!this.reflector.get<boolean | undefined>(DEFERRED_ADMISSION, context.getHandler())) {
+      await verdict;
+      return true;
+    }
+    // Deferred: the pipeline awaits it together with its cache lookup. The no-op handler only
+    // keeps a refusal from counting as unhandled before the pipeline gets to it; awaiting
+    // `request.admission` still throws the 429.
+    verdict.catch(() => undefined);
+    request.admission = verdict;
     return true;
   }
 }

@@ -70,6 +70,35 @@ describe('rate limits (memory driver, one instance)', () => {
     expect(gw.stub.hits).toBe(hitsBefore);
   });
 
+  it('refuses at every completion door once over the limit: stream, /v1/complete, async, a cached answer and a bad body all get the 429', async () => {
+    const dave = await gw.tenants.create();
+    await gw.admin.put(`/admin/rate-limits/keys/${dave.keyId}`, { requests_per_minute: 2 });
+    const cached = { model: 'auto', temperature: 0, messages: [{ role: 'user', content: prompt() }] };
+    expect((await dave.api.post('/v1/chat/completions', cached)).headers.get('x-gateway-cache')).toBe('miss');
+    const hit = await dave.api.post('/v1/chat/completions', cached);
+    expect(hit.headers.get('x-gateway-cache')).toBe('hit');
+    expect(trio(hit).remaining).toBe('0');
+    const hitsBefore = gw.stub.hits;
+    const jobsBefore = await gw.admin.get<{ counts: Record<string, number> }>('/admin/queue');
+
+    const refusals = [
+      await dave.api.post('/v1/chat/completions', cached),
+      await dave.api.post('/v1/chat/completions', { ...cached, stream: true }),
+      await dave.api.post('/v1/complete', { prompt: prompt() }),
+      await dave.api.post('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: prompt() }] }, { prefer: 'respond-async' }),
+      await dave.api.post('/v1/chat/completions', { model: 'auto', messages: 'not a list' }),
+    ];
+    for (const refused of refusals) {
+      expect(refused).toMatchObject({ status: 429, body: { error: { code: 'rate_limit_exceeded', param: 'key' } } });
+      expect(Number(refused.headers.get('retry-after'))).toBeGreaterThan(0);
+      expect(trio(refused)).toMatchObject({ limit: '2', remaining: '0' });
+      expect(refused.headers.get('x-gateway-cache')).toBeNull();
+    }
+    expect(gw.stub.hits).toBe(hitsBefore);
+    // No job was created for the refused async submit.
+    expect((await gw.admin.get<{ counts: Record<string, number> }>('/admin/queue')).body.counts).toEqual(jobsBefore.body.counts);
+  });
+
   it('limits a user across keys, and a department across users', async () => {
     const carol = await gw.tenants.create();
     const secondKey = await gw.admin.post<{ key: string }>('/admin/keys', { user_id: carol.userId });
