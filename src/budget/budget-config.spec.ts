@@ -4,17 +4,29 @@ import { ConfigError, loadConfig } from '../config/config.js';
 describe('budget and pricing configuration', () => {
   it('has bounded defaults: a 10-minute request deadline and a conservative price for unpriced models', () => {
     const config = loadConfig({});
-    expect(config.budget).toEqual({ reservationTtlMs: 600_000, sweepIntervalMs: 60_000 });
+    expect(config.budget).toEqual({ reservationTtlMs: 600_000, sweepIntervalMs: 60_000, flushMs: 20, flushBatch: 500, poolSize: 8 });
     expect(config.pricing).toEqual({ refreshMs: 3_600_000, fallbackPrompt: '0.000015', fallbackCompletion: '0.000075' });
   });
 
   it('reads the variables and names every bad one at once', () => {
-    const config = loadConfig({ BUDGET_RESERVATION_TTL_MS: '900000', PRICING_FALLBACK_COMPLETION_USD: '0.0001' });
-    expect(config.budget.reservationTtlMs).toBe(900_000);
+    const config = loadConfig({
+      BUDGET_RESERVATION_TTL_MS: '900000',
+      PRICING_FALLBACK_COMPLETION_USD: '0.0001',
+      BUDGET_FLUSH_MS: '50',
+      BUDGET_FLUSH_BATCH: '100',
+      BUDGET_POOL_SIZE: '4',
+    });
+    expect(config.budget).toMatchObject({ reservationTtlMs: 900_000, flushMs: 50, flushBatch: 100, poolSize: 4 });
     expect(config.pricing.fallbackCompletion).toBe('0.0001');
     const error = (() => {
       try {
-        loadConfig({ PRICING_FALLBACK_PROMPT_USD: '-1', PRICING_FALLBACK_COMPLETION_USD: 'cheap', BUDGET_SWEEP_INTERVAL_MS: '0' });
+        loadConfig({
+          PRICING_FALLBACK_PROMPT_USD: '-1',
+          PRICING_FALLBACK_COMPLETION_USD: 'cheap',
+          BUDGET_SWEEP_INTERVAL_MS: '0',
+          BUDGET_FLUSH_MS: '0',
+          BUDGET_POOL_SIZE: 'many',
+        });
       } catch (e) {
         return e;
       }
@@ -25,6 +37,8 @@ describe('budget and pricing configuration', () => {
     expect(problems).toContain('PRICING_FALLBACK_PROMPT_USD');
     expect(problems).toContain('PRICING_FALLBACK_COMPLETION_USD');
     expect(problems).toContain('BUDGET_SWEEP_INTERVAL_MS');
+    expect(problems).toContain('BUDGET_FLUSH_MS');
+    expect(problems).toContain('BUDGET_POOL_SIZE');
   });
 
   it('refuses a reservation deadline shorter than the upstream deadline (the sweeper would free money still in use)', () => {

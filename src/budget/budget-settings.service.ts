@@ -3,6 +3,7 @@ import { DataSource } from 'typeorm';
 import { type Nanos, toUsdNumber } from '../../libs/money/src/index.js';
 import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
+import { BudgetWriter } from './budget-writer.js';
 import type { BudgetRow, BudgetScope, BudgetView } from './budget.types.js';
 import { type BudgetPeriod, currentPeriodStart, nextReset, periodStarts } from './periods.js';
 
@@ -13,12 +14,17 @@ const SCOPE_TABLE: Record<BudgetScope, { table: string; ledgerColumn: string }> 
 
 const BUDGET_COLUMNS = 'scope, scope_id, limit_nanos, period, period_start, spent_nanos, reserved_nanos';
 
-/** Setting and reading budgets (the admin API and /v1/usage); the hot path is BudgetService. */
+/**
+ * Setting and reading budgets (the admin API and /v1/usage); the hot path is BudgetService.
+ * Every view first stores this instance's queued settles, so a caller reads its own finished
+ * requests right after their responses (other instances' land within their BUDGET_FLUSH_MS).
+ */
 @Injectable()
 export class BudgetSettingsService {
   constructor(
     private readonly dataSource: DataSource,
     private readonly clock: Clock,
+    private readonly writer: BudgetWriter,
   ) {}
 
   /**
@@ -29,6 +35,7 @@ export class BudgetSettingsService {
    */
   async set(scope: BudgetScope, id: string, limitNanos: Nanos, period: BudgetPeriod): Promise<BudgetView> {
     await this.assertExists(scope, id);
+    await this.writer.flush();
     const now = this.clock.now();
     const start = period === 'total' ? now : currentPeriodStart(period, periodStarts(now), now);
     const { ledgerColumn } = SCOPE_TABLE[scope];
@@ -58,6 +65,7 @@ export class BudgetSettingsService {
   }
 
   async find(scope: BudgetScope, id: string): Promise<BudgetView | null> {
+    await this.writer.flush();
     const rows = await this.dataSource.query<BudgetRow[]>(`SELECT ${BUDGET_COLUMNS} FROM budgets WHERE scope = $1 AND scope_id = $2::uuid`, [scope, id]);
     return rows[0] ? this.view(rows[0]) : null;
   }

@@ -1,6 +1,7 @@
 /**
- * The budget's hot-path statements. Each is ONE statement (one round trip, its own implicit
- * transaction) on PostgreSQL and PGlite alike.
+ * The budget's statements. Each is ONE statement (one round trip, its own implicit transaction)
+ * on PostgreSQL and PGlite alike. Only RESERVE_SQL runs on the request path; FLUSH_SQL stores the
+ * settles and cache-hit ledger rows of many requests at once, off it (see budget-writer.ts).
  *
  * Concurrency: every statement that changes budgets first locks the rows it touches with
  * `SELECT … ORDER BY scope, scope_id FOR UPDATE` ('department' sorts before 'user'), so all of
@@ -69,48 +70,77 @@ SELECT v.ok, s.scope, s.limit_nanos, s.period, s.period_start, s.spent_nanos, s.
   FROM verdict v LEFT JOIN state s ON true`;
 
 /**
- * Settle (and release, which is a settle of what failed attempts cost): deletes the
- * reservation, takes back what it held, adds the actual cost to `spent` (rolling the period
- * over if it ended meanwhile), and writes one ledger row per upstream attempt. The cost added to
- * `spent` is summed from the very rows inserted, so spent == Σ ledger holds by construction.
- * If the sweeper released the reservation first, nothing is taken back twice: the DELETE finds
- * no row and only the cost is added.
+ * Flush: stores a batch of settles and cache-hit ledger rows, one statement for the whole batch.
+ * It deletes the batch's reservations, takes back what they held, adds the summed cost of the
+ * ledger rows to `spent` per budget (rolling a period over if it ended meanwhile), and inserts
+ * all ledger rows.
  *
- * $1 reservation id, $2 user_id, $3 department_id, $4 now, $5 day, $6 week, $7 month,
- * $8 request id, $9 key id, $10 cache status, $11 task type, $12 door, $13 attempts (jsonb array).
+ * - `spent == Σ ledger` by construction: the cost added is summed from the rows this statement
+ *   actually inserted (RETURNING), and only from rows dated inside the budget's current period
+ *   (a settle queued before midnight and written after it belongs to yesterday, which no longer
+ *   counts).
+ * - Idempotent: a retried batch (its first attempt may have committed before the error reached
+ *   us) inserts nothing twice (`ON CONFLICT (charge_id, attempt) DO NOTHING`) and so charges
+ *   nothing twice; its reservations are gone, so nothing is taken back twice either.
+ * - A reservation the sweeper released first is not released again: the DELETE finds no row and
+ *   only the cost is added.
+ * - Only budgets with something to change are locked, in the one global order
+ *   (`ORDER BY scope, scope_id FOR UPDATE`); the sort consumes the DELETE and INSERT first, so
+ *   no budget lock is held while waiting on anything else. Cache hits (cost 0, no reservation)
+ *   lock nothing.
+ *
+ * $1 now, $2 day start, $3 week start, $4 month start, $5 reservation ids (jsonb array),
+ * $6 ledger rows (jsonb array of objects with the columns below; bigints as strings).
  */
-export const SETTLE_SQL = `
-WITH attempts AS MATERIALIZED (
-  SELECT * FROM jsonb_to_recordset($13::jsonb)
-    AS x(attempt smallint, model text, prompt_tokens integer, completion_tokens integer, cost_nanos bigint, cost_source text, status integer, outcome text)
+export const FLUSH_SQL = `
+WITH entries AS MATERIALIZED (
+  SELECT * FROM jsonb_to_recordset($6::jsonb)
+    AS x(charge_id uuid, request_id text, attempt smallint, key_id text, user_id uuid, department_id uuid, model text,
+         prompt_tokens integer, completion_tokens integer, cost_nanos bigint, cost_source text, status integer, outcome text,
+         cache text, task_type text, door text, created_at timestamptz)
+), ledger AS (
+  INSERT INTO usage_ledger (charge_id, request_id, attempt, key_id, user_id, department_id, model, prompt_tokens, completion_tokens,
+                            cost_nanos, cost_source, status, outcome, cache, task_type, door, created_at)
+  SELECT charge_id, request_id, attempt, key_id, user_id, department_id, model, prompt_tokens, completion_tokens,
+         cost_nanos, cost_source, status, outcome, cache, task_type, door, created_at
+    FROM entries
+  ON CONFLICT (charge_id, attempt) DO NOTHING
+  RETURNING user_id, department_id, cost_nanos, created_at
 ), released AS (
-  DELETE FROM budget_reservations WHERE id = $1::uuid RETURNING user_nanos, department_nanos
+  DELETE FROM budget_reservations
+   WHERE id IN (SELECT value::uuid FROM jsonb_array_elements_text($5::jsonb))
+  RETURNING user_id, department_id, user_nanos, department_nanos
+), moves AS MATERIALIZED (
+  SELECT 'user'::text AS scope, user_id AS scope_id, cost_nanos AS cost, created_at, 0::bigint AS freed FROM ledger WHERE cost_nanos > 0
+  UNION ALL
+  SELECT 'department'::text, department_id, cost_nanos, created_at, 0::bigint FROM ledger WHERE cost_nanos > 0
+  UNION ALL
+  SELECT 'user'::text, user_id, 0::bigint, NULL::timestamptz, user_nanos FROM released WHERE user_nanos > 0
+  UNION ALL
+  SELECT 'department'::text, department_id, 0::bigint, NULL::timestamptz, department_nanos FROM released WHERE department_nanos > 0
 ), locked AS MATERIALIZED (
-  SELECT scope, scope_id, ${currentStart('$5', '$6', '$7')} AS current_start
-    FROM budgets
-   WHERE (scope = 'user' AND scope_id = $2::uuid) OR (scope = 'department' AND scope_id = $3::uuid)
-   ORDER BY scope, scope_id
-     FOR UPDATE
+  SELECT b.scope, b.scope_id, GREATEST(b.period_start, ${currentStart('$2', '$3', '$4')}) AS start
+    FROM budgets b
+   WHERE (b.scope, b.scope_id) IN (SELECT scope, scope_id FROM moves)
+   ORDER BY b.scope, b.scope_id
+     FOR UPDATE OF b
+), amounts AS MATERIALIZED (
+  SELECT l.scope, l.scope_id, l.start,
+         COALESCE(sum(m.cost) FILTER (WHERE m.created_at >= l.start), 0)::bigint AS cost,
+         COALESCE(sum(m.freed), 0)::bigint AS freed
+    FROM locked l JOIN moves m ON m.scope = l.scope AND m.scope_id = l.scope_id
+   GROUP BY l.scope, l.scope_id, l.start
 ), charged AS (
   UPDATE budgets b
-     SET spent_nanos = CASE WHEN b.period_start < l.current_start THEN 0::bigint ELSE b.spent_nanos END
-                       + (SELECT COALESCE(sum(cost_nanos), 0)::bigint FROM attempts),
-         period_start = GREATEST(b.period_start, l.current_start),
-         reserved_nanos = GREATEST(0::bigint, b.reserved_nanos
-                       - COALESCE((SELECT CASE b.scope WHEN 'user' THEN r.user_nanos ELSE r.department_nanos END FROM released r), 0::bigint)),
-         updated_at = $4::timestamptz
-    FROM locked l
-   WHERE b.scope = l.scope AND b.scope_id = l.scope_id
+     SET spent_nanos = CASE WHEN b.period_start < a.start THEN 0::bigint ELSE b.spent_nanos END + a.cost,
+         period_start = a.start,
+         reserved_nanos = GREATEST(0::bigint, b.reserved_nanos - a.freed),
+         updated_at = $1::timestamptz
+    FROM amounts a
+   WHERE b.scope = a.scope AND b.scope_id = a.scope_id
   RETURNING b.scope
-), ledger AS (
-  INSERT INTO usage_ledger (request_id, attempt, key_id, user_id, department_id, model, prompt_tokens, completion_tokens,
-                            cost_nanos, cost_source, status, outcome, cache, task_type, door, created_at)
-  SELECT $8, a.attempt, $9, $2::uuid, $3::uuid, a.model, a.prompt_tokens, a.completion_tokens,
-         a.cost_nanos, a.cost_source, a.status, a.outcome, $10, $11, $12, $4::timestamptz
-    FROM attempts a
-  RETURNING 1
 )
-SELECT (SELECT count(*) FROM released) AS released, (SELECT count(*) FROM charged) AS charged, (SELECT count(*) FROM ledger) AS recorded`;
+SELECT (SELECT count(*) FROM ledger) AS recorded, (SELECT count(*) FROM released) AS released, (SELECT count(*) FROM charged) AS charged`;
 
 /**
  * Sweep: releases reservations older than the request deadline, left by an instance that died
@@ -138,9 +168,3 @@ WITH released AS (
   RETURNING b.scope
 )
 SELECT (SELECT count(*) FROM released) AS released, (SELECT count(*) FROM freed) AS budgets`;
-
-/** A cache hit: one free ledger row, no budget change. */
-export const CACHE_HIT_SQL = `
-INSERT INTO usage_ledger (request_id, attempt, key_id, user_id, department_id, model, prompt_tokens, completion_tokens,
-                          cost_nanos, cost_source, status, outcome, cache, task_type, door, created_at)
-VALUES ($1, 0, $2, $3::uuid, $4::uuid, $5, $6, $7, 0, 'cache', 200, 'ok', 'hit', $8, $9, $10::timestamptz)`;

@@ -1,7 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { Injectable } from '@nestjs/common';
 import type { Logger } from 'pino';
-import { DataSource } from 'typeorm';
 import { formatUsd, type Nanos, tokensCost } from '../../libs/money/src/index.js';
 import type { Usage } from '../../libs/openai-contract/src/index.js';
 import { Clock } from '../core/clock.js';
@@ -9,7 +8,9 @@ import { GatewayError } from '../core/errors.js';
 import { AppLogger } from '../core/logger.js';
 import { costOf, type CostSource } from '../upstream/pricing/pricing.js';
 import { PricingService } from '../upstream/pricing/pricing.service.js';
-import { CACHE_HIT_SQL, RESERVE_SQL, SETTLE_SQL } from './budget-sql.js';
+import { BudgetDatabase, type BudgetStatement } from './budget-database.js';
+import { RESERVE_SQL } from './budget-sql.js';
+import { BudgetWriter, type LedgerEntry } from './budget-writer.js';
 import type { BudgetedCall, BudgetedRoute, BudgetScope, ChargedAttempt, Reservation, SettleOptions } from './budget.types.js';
 import { estimatePromptTokens, producedTokens, reservedCompletionTokens } from './estimate.js';
 import { type BudgetPeriod, nextReset, periodStarts } from './periods.js';
@@ -22,11 +23,11 @@ interface ReserveRow {
   period_start: Date | string | null;
   spent_nanos: string | null;
   reserved_nanos: string | null;
+  recorded: string | number;
 }
 
-/** One ledger line as the settle statement reads it (jsonb: bigints travel as strings). */
-interface LedgerLine {
-  attempt: number;
+/** What one attempt costs, as its ledger row will say. */
+interface AttemptCharge {
   model: string;
   prompt_tokens: number;
   completion_tokens: number;
@@ -37,20 +38,23 @@ interface LedgerLine {
 }
 
 const MAX_INT = 2_147_483_647;
+const RESERVE: BudgetStatement = { name: 'gatehouse_budget_reserve', text: RESERVE_SQL };
 
 /**
  * The budget stages of the pipeline: reserve the worst case before the upstream call, settle
  * the actual cost after it (or release on failure), and the ledger row of a cache hit.
  *
- * Round trips per request: reserve = 1 statement, settle = 1 statement (see budget-sql.ts), so
- * a budgeted request adds exactly two database round trips, whether or not budgets are set.
+ * Round trips on the request path: reserve = 1 statement (see budget-sql.ts), whether or not
+ * budgets are set. Settles and cache-hit rows are only queued here; BudgetWriter stores many of
+ * them with one statement, off the request path.
  */
 @Injectable()
 export class BudgetService {
   private readonly logger: Logger;
 
   constructor(
-    private readonly dataSource: DataSource,
+    private readonly database: BudgetDatabase,
+    private readonly writer: BudgetWriter,
     private readonly pricing: PricingService,
     private readonly clock: Clock,
     appLogger: AppLogger,
@@ -78,16 +82,104 @@ export class BudgetService {
    * Holds the worst case on the caller's user and department budgets in one atomic statement.
    * Throws 402 `budget_exceeded` naming the scope that cannot cover it, or 503 `unavailable`
    * when the database cannot be asked: budgets fail closed, never into a free call.
+   *
+   * A refusal while settles of this user or department still wait in this instance's writer is
+   * checked once more after storing them: their reservations still hold each finished request's
+   * worst case, which must not refuse a caller whose own earlier requests are long done.
    */
   async reserve(call: BudgetedCall, route: BudgetedRoute, cache: string | null = null): Promise<Reservation> {
     const { amountNanos, promptTokens } = this.worstCase(call, route);
+    const { principal } = call;
+    this.writer.assertAccepting();
+    const id = randomUUID();
+    let rows = await this.tryReserve(call, amountNanos, id);
+    if (!rows[0]?.ok && this.writer.holdsPendingFor(principal.userId, principal.departmentId)) {
+      await this.writer.flush();
+      // The refused attempt recorded nothing, so the id is still free.
+      rows = await this.tryReserve(call, amountNanos, id);
+    }
+    const first = rows[0];
+    if (!first) throw new GatewayError('unavailable', 'Budgets cannot be checked right now.');
+    if (!first.ok) throw refusal(rows, amountNanos);
+    const held = Number(first.recorded) > 0;
+    return { id, requestId: call.requestId, principal, door: call.door, taskType: route.ruleTaskType, cache, amountNanos, promptTokens, held };
+  }
+
+  /**
+   * Charges what the attempts cost, releases the rest of the reservation and writes one ledger
+   * row per attempt. A release after a failure is the same call: failed attempts without usage
+   * cost 0. Returns the total charged. Call it once per reservation.
+   *
+   * Synchronous: the charge is queued for BudgetWriter, which stores it within BUDGET_FLUSH_MS
+   * (one statement for many requests, retried while the database is away), so it never fails
+   * or slows a delivered answer. Until then the reservation keeps holding the worst case.
+   */
+  settle(reservation: Reservation, attempts: readonly ChargedAttempt[], options: SettleOptions = {}): Nanos {
+    const { principal } = reservation;
+    const createdAt = this.clock.now().toISOString();
+    let total = 0n;
+    const rows = attempts.map((attempt, index): LedgerEntry => {
+      const charge = this.charge(attempt, index === attempts.length - 1 ? options.producedChars : undefined, reservation);
+      total += BigInt(charge.cost_nanos);
+      return {
+        ...charge,
+        charge_id: reservation.id,
+        request_id: reservation.requestId,
+        attempt: index,
+        key_id: principal.keyId,
+        user_id: principal.userId,
+        department_id: principal.departmentId,
+        cache: reservation.cache,
+        task_type: reservation.taskType,
+        door: reservation.door,
+        created_at: createdAt,
+      };
+    });
+    const release = reservation.held === false ? undefined : { id: reservation.id, userId: principal.userId, departmentId: principal.departmentId };
+    this.writer.enqueue({ release, rows });
+    return total;
+  }
+
+  /** A cache hit is free but still a ledger row, so usage reports count every answer. Queued like a settle. */
+  recordCacheHit(call: BudgetedCall, route: Pick<BudgetedRoute, 'ruleTaskType'>, model: string, usage?: Usage): void {
+    const { principal } = call;
+    this.writer.enqueue({
+      release: undefined,
+      rows: [
+        {
+          charge_id: randomUUID(),
+          request_id: call.requestId,
+          attempt: 0,
+          key_id: principal.keyId,
+          user_id: principal.userId,
+          department_id: principal.departmentId,
+          model,
+          prompt_tokens: tokenCount(usage?.prompt_tokens),
+          completion_tokens: tokenCount(usage?.completion_tokens),
+          cost_nanos: '0',
+          cost_source: 'cache',
+          status: 200,
+          outcome: 'ok',
+          cache: 'hit',
+          task_type: route.ruleTaskType,
+          door: call.door,
+          created_at: this.clock.now().toISOString(),
+        },
+      ],
+    });
+  }
+
+  /** Stores this instance's queued settles and ledger rows now (views, tests); false if the database refused. */
+  flush(): Promise<boolean> {
+    return this.writer.flush();
+  }
+
+  private async tryReserve(call: BudgetedCall, amountNanos: Nanos, id: string): Promise<ReserveRow[]> {
     const now = this.clock.now();
     const starts = periodStarts(now);
-    const id = randomUUID();
     const { principal } = call;
-    let rows: ReserveRow[];
     try {
-      rows = await this.dataSource.query<ReserveRow[]>(RESERVE_SQL, [
+      return await this.database.hold<ReserveRow>(RESERVE, [
         principal.userId,
         principal.departmentId,
         amountNanos.toString(),
@@ -102,77 +194,11 @@ export class BudgetService {
       this.logger.error({ reqId: call.requestId, err: (cause as Error).message }, 'budget reserve failed; refusing the request');
       throw new GatewayError('unavailable', 'Budgets cannot be checked right now (database unavailable), so the request was not sent upstream.', { cause });
     }
-    const first = rows[0];
-    if (!first) throw new GatewayError('unavailable', 'Budgets cannot be checked right now.');
-    if (!first.ok) throw refusal(rows, amountNanos);
-    return { id, requestId: call.requestId, principal, door: call.door, taskType: route.ruleTaskType, cache, amountNanos, promptTokens };
   }
 
-  /**
-   * Charges what the attempts cost, releases the rest of the reservation and writes one ledger
-   * row per attempt, in one statement. A release after a failure is the same call: failed
-   * attempts without usage cost 0. Returns the total charged.
-   *
-   * Never throws: the upstream has answered (and billed) by now, so a database failure here must
-   * not turn a delivered answer into an error. It is logged loudly; the reservation then stays
-   * held until the sweeper releases it, so the budget errs on the side of refusing.
-   */
-  async settle(reservation: Reservation, attempts: readonly ChargedAttempt[], options: SettleOptions = {}): Promise<Nanos> {
-    const lines = attempts.map((attempt, index) => this.charge(attempt, index, index === attempts.length - 1 ? options.producedChars : undefined, reservation));
-    let total = 0n;
-    for (const line of lines) total += BigInt(line.cost_nanos);
-    const now = this.clock.now();
-    const starts = periodStarts(now);
-    const { principal } = reservation;
-    try {
-      await this.dataSource.query(SETTLE_SQL, [
-        reservation.id,
-        principal.userId,
-        principal.departmentId,
-        now.toISOString(),
-        starts.day.toISOString(),
-        starts.week.toISOString(),
-        starts.month.toISOString(),
-        reservation.requestId,
-        principal.keyId,
-        reservation.cache,
-        reservation.taskType,
-        reservation.door,
-        JSON.stringify(lines),
-      ]);
-    } catch (error) {
-      this.logger.error(
-        { reqId: reservation.requestId, user: principal.userId, costUsd: formatUsd(total), attempts: lines.length, err: (error as Error).message },
-        'budget settle failed: cost not recorded; the reservation stays held until the sweeper releases it',
-      );
-    }
-    return total;
-  }
-
-  /** A cache hit is free but still a ledger row, so usage reports count every answer. */
-  async recordCacheHit(call: BudgetedCall, route: Pick<BudgetedRoute, 'ruleTaskType'>, model: string, usage?: Usage): Promise<void> {
-    const { principal } = call;
-    try {
-      await this.dataSource.query(CACHE_HIT_SQL, [
-        call.requestId,
-        principal.keyId,
-        principal.userId,
-        principal.departmentId,
-        model,
-        tokenCount(usage?.prompt_tokens),
-        tokenCount(usage?.completion_tokens),
-        route.ruleTaskType,
-        call.door,
-        this.clock.now().toISOString(),
-      ]);
-    } catch (error) {
-      this.logger.error({ reqId: call.requestId, err: (error as Error).message }, 'ledger row for a cache hit not written');
-    }
-  }
-
-  private charge(attempt: ChargedAttempt, index: number, producedChars: number | undefined, reservation: Reservation): LedgerLine {
+  private charge(attempt: ChargedAttempt, producedChars: number | undefined, reservation: Reservation): AttemptCharge {
     const price = this.pricing.priceOf(attempt.model);
-    const base = { attempt: index, model: attempt.model, status: attempt.status ?? null, outcome: attempt.ok ? 'ok' : (attempt.failure ?? 'failed') };
+    const base = { model: attempt.model, status: attempt.status ?? null, outcome: attempt.ok ? 'ok' : (attempt.failure ?? 'failed') };
     if (attempt.usage) {
       const cost = costOf(attempt.usage, price);
       const source: CostSource = cost.source === 'pricing_table' && price.source === 'fallback' ? 'fallback_price' : cost.source;

@@ -33,6 +33,8 @@ export interface Reservation {
   readonly amountNanos: Nanos;
   /** The prompt estimate, reused to charge a stream cut before the upstream reported usage. */
   readonly promptTokens: number;
+  /** false when no budget row was touched (no scope has a budget, or a free call): settle then has nothing to release. */
+  readonly held?: boolean;
 }
 
 /** One upstream attempt as the ledger charges it (the pipeline's `Attempt` fits as is). */

@@ -64,6 +64,12 @@ export abstract class AppConfig {
     /** A reservation older than this was left by a crashed instance and is released by the sweeper. */
     readonly reservationTtlMs: number;
     readonly sweepIntervalMs: number;
+    /** Settles and cache-hit ledger rows wait at most this long before the batch writer stores them. */
+    readonly flushMs: number;
+    /** Entries per batched settle statement; this many waiting flush at once. */
+    readonly flushBatch: number;
+    /** PostgreSQL connections of the reservation pool (the request path's one budget statement). */
+    readonly poolSize: number;
   };
   declare readonly pricing: {
     /** How often the upstream's /models prices are fetched again. */
@@ -170,6 +176,9 @@ export const CONFIG_VARIABLES = {
   KEY_CACHE_MS: { sensitive: false, help: 'API key cache lifetime (default 1000)' },
   BUDGET_RESERVATION_TTL_MS: { sensitive: false, help: 'request deadline: older budget reservations are released by the sweeper (default 600000)' },
   BUDGET_SWEEP_INTERVAL_MS: { sensitive: false, help: 'how often orphaned budget reservations are swept (default 60000)' },
+  BUDGET_FLUSH_MS: { sensitive: false, help: 'settles and cache-hit ledger rows are written in batches at least this often (default 20)' },
+  BUDGET_FLUSH_BATCH: { sensitive: false, help: 'settles and ledger rows per batched statement; this many waiting are written at once (default 500)' },
+  BUDGET_POOL_SIZE: { sensitive: false, help: 'PostgreSQL connections for budget reservations (default 8)' },
   PRICING_REFRESH_MS: { sensitive: false, help: "how often prices are re-read from the upstream's /models (default 3600000)" },
   PRICING_FALLBACK_PROMPT_USD: { sensitive: false, help: 'USD per prompt token for unpriced models (default 0.000015)' },
   PRICING_FALLBACK_COMPLETION_USD: { sensitive: false, help: 'USD per completion token for unpriced models (default 0.000075)' },
@@ -311,6 +320,9 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
     budget: {
       reservationTtlMs: int('BUDGET_RESERVATION_TTL_MS', 600_000, 1000, 86_400_000),
       sweepIntervalMs: int('BUDGET_SWEEP_INTERVAL_MS', 60_000, 100, 3_600_000),
+      flushMs: int('BUDGET_FLUSH_MS', 20, 1, 60_000),
+      flushBatch: int('BUDGET_FLUSH_BATCH', 500, 1, 10_000),
+      poolSize: int('BUDGET_POOL_SIZE', 8, 1, 100),
     },
     pricing: {
       refreshMs: int('PRICING_REFRESH_MS', 3_600_000, 1000, 7 * 86_400_000),

@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { formatUsd } from '../../libs/money/src/index.js';
-import { ApiClient, startTestGateway, type TestGateway } from '../support/gateway.js';
+import { ApiClient, pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
 import { ledgerSum, storedBudget, worstCaseNanos } from './budget-support.js';
 
 // Two gateway instances on one PostgreSQL database, like two replicas behind a load balancer:
@@ -43,12 +43,18 @@ describe('budgets across two instances sharing one PostgreSQL', () => {
     expect(served).toBe(5);
     expect(results.filter((r) => r.status === 402)).toHaveLength(45);
     expect(first.stub.hits).toBe(5);
-    const user = await storedBudget(first, 'user', t.userId);
-    const department = await storedBudget(first, 'department', t.departmentId);
-    expect(user.reserved).toBe(0n);
-    expect(department.reserved).toBe(0n);
+    // Each instance stores its own settles within BUDGET_FLUSH_MS: read once both have.
+    const { user, department } = await pollUntil(async () => {
+      const stored = {
+        user: await storedBudget(first, 'user', t.userId, { flush: false }),
+        department: await storedBudget(first, 'department', t.departmentId, { flush: false }),
+      };
+      expect(stored.user.reserved).toBe(0n);
+      expect(stored.department.reserved).toBe(0n);
+      return stored;
+    });
     expect(user.spent).toBeLessThanOrEqual(user.limit);
-    expect(user.spent).toBe(await ledgerSum(first, 'user', t.userId, user.periodStart));
+    expect(user.spent).toBe(await ledgerSum(first, 'user', t.userId, user.periodStart, { flush: false }));
     expect(department.spent).toBe(user.spent);
     // Both instances see the same budget.
     const seen = await Promise.all([

@@ -7,6 +7,21 @@ export function dataSourceOf(gw: TestGateway): DataSource {
   return gw.gateway.app.get(DataSource);
 }
 
+/** How a helper reads: after storing this instance's queued settles (what its budget views do), or as the database holds it now. */
+export interface ReadOptions {
+  /** Default true. false: read what is stored now (other instances, or the writer's own timer, still on the way). */
+  flush?: boolean;
+}
+
+/** Stores the settles and cache-hit ledger rows this instance has queued; fails the test if the database refused. */
+export async function flushBudgets(gw: TestGateway): Promise<void> {
+  if (!(await gw.gateway.app.get(BudgetService).flush())) throw new Error('budget flush failed');
+}
+
+async function before(gw: TestGateway, options: ReadOptions): Promise<void> {
+  if (options.flush !== false) await flushBudgets(gw);
+}
+
 export interface StoredBudget {
   limit: bigint;
   spent: bigint;
@@ -14,7 +29,8 @@ export interface StoredBudget {
   periodStart: Date;
 }
 
-export async function storedBudget(gw: TestGateway, scope: 'user' | 'department', id: string): Promise<StoredBudget> {
+export async function storedBudget(gw: TestGateway, scope: 'user' | 'department', id: string, options: ReadOptions = {}): Promise<StoredBudget> {
+  await before(gw, options);
   const rows = await dataSourceOf(gw).query<
     Array<{
       limit_nanos: string;
@@ -29,6 +45,7 @@ export async function storedBudget(gw: TestGateway, scope: 'user' | 'department'
 }
 
 export interface LedgerRow {
+  charge_id: string | null;
   request_id: string;
   attempt: number;
   key_id: string | null;
@@ -47,14 +64,16 @@ export interface LedgerRow {
   created_at: Date;
 }
 
-export async function ledgerRows(gw: TestGateway, scope: 'user' | 'department', id: string): Promise<LedgerRow[]> {
+export async function ledgerRows(gw: TestGateway, scope: 'user' | 'department', id: string, options: ReadOptions = {}): Promise<LedgerRow[]> {
+  await before(gw, options);
   const column = scope === 'user' ? 'user_id' : 'department_id';
   const rows = await dataSourceOf(gw).query<LedgerRow[]>(`SELECT * FROM usage_ledger WHERE ${column} = $1 ORDER BY id`, [id]);
   return rows.map((r) => ({ ...r, attempt: Number(r.attempt), prompt_tokens: Number(r.prompt_tokens), completion_tokens: Number(r.completion_tokens) }));
 }
 
 /** Σ cost of the ledger rows of a scope since `from` (the budget's period start), exactly, as bigint. */
-export async function ledgerSum(gw: TestGateway, scope: 'user' | 'department', id: string, from = new Date(0)): Promise<bigint> {
+export async function ledgerSum(gw: TestGateway, scope: 'user' | 'department', id: string, from = new Date(0), options: ReadOptions = {}): Promise<bigint> {
+  await before(gw, options);
   const column = scope === 'user' ? 'user_id' : 'department_id';
   const [row] = await dataSourceOf(gw).query<Array<{ total: string }>>(
     `SELECT COALESCE(sum(cost_nanos), 0)::bigint AS total FROM usage_ledger WHERE ${column} = $1 AND created_at >= $2`,

@@ -3,17 +3,20 @@ import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { formatUsd, parseUsd } from '../../libs/money/src/index.js';
 import { stubCost } from '../../libs/stub-upstream/src/index.js';
-import { RESERVE_SQL, SETTLE_SQL } from '../../src/budget/budget-sql.js';
+import { type BudgetStatement, BudgetDatabase } from '../../src/budget/budget-database.js';
+import { FLUSH_SQL, RESERVE_SQL } from '../../src/budget/budget-sql.js';
 import { BudgetSweeper } from '../../src/budget/budget-sweeper.service.js';
 import { BudgetService } from '../../src/budget/budget.service.js';
 import { ManualClock } from '../../src/core/clock.js';
 import type { Principal } from '../../src/identity/principal.js';
 import { DB_KINDS, PG_ADMIN_URL } from '../support/databases.js';
 import { pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
-import { dataSourceOf, ledgerRows, ledgerSum, storedBudget, worstCaseNanos } from './budget-support.js';
+import { dataSourceOf, flushBudgets, ledgerRows, ledgerSum, storedBudget, worstCaseNanos } from './budget-support.js';
 
 // Reservation, settlement, rollover and the sweeper against each real database, through the
 // real HTTP gateway and the stub upstream. Time is a ManualClock: the SQL takes "now" from it.
+// Settles are stored by the batch writer after the response: the budget-support readers store
+// this instance's queued ones first, as the budget views do.
 
 const MODEL = 'openai/gpt-4o-mini';
 const MAX_TOKENS = 100;
@@ -102,7 +105,7 @@ describe.each(DB_KINDS)('budgets on %s', (db) => {
     expect((await storedBudget(gw, 'department', t.departmentId)).reserved).toBe(3n * worst);
 
     // Releasing them (failed attempts, no usage) gives everything back and charges nothing.
-    await Promise.all(granted.map((o) => budget.settle(o.value, [{ model: MODEL, ok: false, status: 503, failure: 'http', usage: undefined }])));
+    for (const o of granted) budget.settle(o.value, [{ model: MODEL, ok: false, status: 503, failure: 'http', usage: undefined }]);
     const user = await storedBudget(gw, 'user', t.userId);
     expect(user.reserved).toBe(0n);
     expect(user.spent).toBe(0n);
@@ -112,36 +115,25 @@ describe.each(DB_KINDS)('budgets on %s', (db) => {
     expect(rows.every((r) => r.cost_nanos === '0' && r.cost_source === 'none' && r.outcome === 'http' && r.status === 503)).toBe(true);
   });
 
-  it('adds two database round trips per request: one to reserve, one to settle (fallback attempts included), one to refuse', async () => {
-    const t = await gw.tenants.create({ userBudgetUsd: 1, departmentBudgetUsd: 1 });
-    const ds = dataSourceOf(gw);
-    const budgetStatements: string[] = [];
-    const query = ds.query.bind(ds);
-    const spy = vi.spyOn(ds, 'query').mockImplementation((...args: Parameters<typeof query>) => {
-      const sql = args[0];
-      if (/budgets|budget_reservations|usage_ledger/.test(sql))
-        budgetStatements.push(sql === RESERVE_SQL ? 'reserve' : sql === SETTLE_SQL ? 'settle' : sql.slice(0, 40));
-      // Every argument passes through: a query runner given as the third one must be kept.
-      return query(...args);
+  it('stores the settles of 40 parallel requests off the request path, in batches on its own timer: spent == Σ ledger, nothing left reserved', async () => {
+    const t = await gw.tenants.create({ userBudgetUsd: 1, departmentBudgetUsd: 1, period: 'daily' });
+    const results = await Promise.all(Array.from({ length: 40 }, () => t.api.post('/v1/chat/completions', REQUEST, FRESH)));
+    expect(results.map((r) => r.status)).toEqual(Array(40).fill(200));
+    const charged = results.reduce((sum, r) => sum + (parseUsd(r.headers.get('x-gateway-cost-usd') ?? 'x') ?? -1n), 0n);
+    expect(charged).toBeGreaterThan(0n);
+
+    // Nothing asks for a flush here: the writer's timer (BUDGET_FLUSH_MS) stores them by itself.
+    const user = await pollUntil(async () => {
+      const stored = await storedBudget(gw, 'user', t.userId, { flush: false });
+      expect(stored.reserved).toBe(0n);
+      expect(stored.spent).toBe(charged);
+      return stored;
     });
-    try {
-      expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
-      expect(budgetStatements).toEqual(['reserve', 'settle']);
-
-      budgetStatements.length = 0;
-      gw.stub.configure({ models: { [MODEL]: { status: 503, failTimes: 1 } } });
-      expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
-      expect(gw.stub.hits).toBeGreaterThanOrEqual(2);
-      expect(budgetStatements).toEqual(['reserve', 'settle']);
-
-      budgetStatements.length = 0;
-      await gw.admin.put(`/admin/budgets/users/${t.userId}`, { limit_usd: 0, period: 'daily' });
-      budgetStatements.length = 0;
-      expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(402);
-      expect(budgetStatements).toEqual(['reserve']);
-    } finally {
-      spy.mockRestore();
-    }
+    expect(await storedBudget(gw, 'department', t.departmentId, { flush: false })).toMatchObject({ spent: charged, reserved: 0n });
+    expect(await ledgerSum(gw, 'user', t.userId, user.periodStart, { flush: false })).toBe(charged);
+    const rows = await ledgerRows(gw, 'user', t.userId, { flush: false });
+    expect(rows).toHaveLength(40);
+    expect(new Set(rows.map((r) => r.charge_id)).size).toBe(40);
   });
 
   it('refuses when the department cannot cover the request though the user can, naming the department', async () => {
@@ -270,7 +262,7 @@ describe.each(DB_KINDS)('budgets on %s', (db) => {
     expect((await storedBudget(gw, 'user', t.userId)).reserved).toBe(0n);
     // …and a settle arriving after the sweep charges the cost without releasing twice.
     const usage = { prompt_tokens: 1, completion_tokens: 10, total_tokens: 11, cost: 0.000001 };
-    const cost = await budget.settle(reservation, [{ model: MODEL, ok: true, status: 200, failure: undefined, usage }]);
+    const cost = budget.settle(reservation, [{ model: MODEL, ok: true, status: 200, failure: undefined, usage }]);
     expect(cost).toBe(1000n);
     const after = await storedBudget(gw, 'user', t.userId);
     expect(after.reserved).toBe(0n);
@@ -279,15 +271,14 @@ describe.each(DB_KINDS)('budgets on %s', (db) => {
 
   it('writes a free ledger row for a cache hit', async () => {
     const t = await gw.tenants.create({ userBudgetUsd: 1 });
-    await gw.gateway.app
-      .get(BudgetService)
-      .recordCacheHit({ principal: principalOf(t), requestId: 'cached-1', door: 'chat', body: BODY }, { ruleTaskType: 'general' }, MODEL, {
-        prompt_tokens: 3,
-        completion_tokens: 5,
-        total_tokens: 8,
-      });
+    const budget = gw.gateway.app.get(BudgetService);
+    const call = { principal: principalOf(t), requestId: 'cached-1', door: 'chat', body: BODY };
+    budget.recordCacheHit(call, { ruleTaskType: 'general' }, MODEL, { prompt_tokens: 3, completion_tokens: 5, total_tokens: 8 });
+    // A second hit under the same request id (a caller reusing x-request-id) is a distinct row, not a duplicate.
+    budget.recordCacheHit(call, { ruleTaskType: 'general' }, MODEL);
     const rows = await ledgerRows(gw, 'user', t.userId);
-    expect(rows).toHaveLength(1);
+    expect(rows).toHaveLength(2);
+    expect(rows[0]?.charge_id).not.toBe(rows[1]?.charge_id);
     expect(rows[0]).toMatchObject({
       request_id: 'cached-1',
       cost_nanos: '0',
@@ -301,8 +292,194 @@ describe.each(DB_KINDS)('budgets on %s', (db) => {
   });
 });
 
-// Only PostgreSQL can be "unreachable" while the gateway runs; the embedded database lives in-process.
-describe('budgets on postgres, database down', () => {
+/**
+ * Records every budget statement an instance sends, in order: reservations (the hold pool),
+ * batched writes (the writer), and anything else touching the budget tables on the DataSource.
+ * On PGlite the first two run on the DataSource too; they are counted once, by their own name.
+ */
+function recordBudgetStatements(gw: TestGateway): { statements: string[]; restore(): void } {
+  const database = gw.gateway.app.get(BudgetDatabase);
+  const ds = dataSourceOf(gw);
+  const statements: string[] = [];
+  const hold = database.hold.bind(database);
+  const write = database.write.bind(database);
+  const query = ds.query.bind(ds);
+  const spies = [
+    vi.spyOn(database, 'hold').mockImplementation((statement: BudgetStatement, params: readonly unknown[]) => {
+      statements.push('reserve');
+      return hold(statement, params);
+    }),
+    vi.spyOn(database, 'write').mockImplementation((statement: BudgetStatement, params: readonly unknown[]) => {
+      statements.push('flush');
+      return write(statement, params);
+    }),
+    vi.spyOn(ds, 'query').mockImplementation((...args: Parameters<typeof query>) => {
+      const sql = args[0];
+      if (sql !== RESERVE_SQL && sql !== FLUSH_SQL && /budgets|budget_reservations|usage_ledger/.test(sql)) statements.push(sql.slice(0, 40));
+      // Every argument passes through: a query runner given as the third one must be kept.
+      return query(...args);
+    }),
+  ];
+  return { statements, restore: () => spies.forEach((spy) => spy.mockRestore()) };
+}
+
+function costHeader(res: { headers: Headers }): bigint {
+  return parseUsd(res.headers.get('x-gateway-cost-usd') ?? 'x') ?? -1n;
+}
+
+// The writer's timer never fires during these tests: what is stored is what a request, a view or
+// the test itself stored, so the statements each step sends are exactly countable.
+describe.each(DB_KINDS)('budget writes on %s, flushed on demand only (BUDGET_FLUSH_MS=60000)', (db) => {
+  let gw: TestGateway;
+  let worst: bigint;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ db, env: { BUDGET_FLUSH_MS: '60000' } });
+    worst = worstCaseNanos(gw, BODY, [MODEL], MAX_TOKENS);
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+  beforeEach(() => {
+    gw.stub.reset();
+  });
+
+  it('adds ONE database round trip per request on the request path (reserve); settles and cache-hit rows are stored by one statement per batch', async () => {
+    const t = await gw.tenants.create({ userBudgetUsd: 1, departmentBudgetUsd: 1 });
+    const recorder = recordBudgetStatements(gw);
+    const { statements } = recorder;
+    try {
+      expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
+      expect(statements).toEqual(['reserve']);
+
+      // Fallback attempts included: still one reservation, and nothing else before the answer.
+      gw.stub.configure({ models: { [MODEL]: { status: 503, failTimes: 1 } } });
+      expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
+      expect(gw.stub.hits).toBeGreaterThanOrEqual(2);
+      expect(statements).toEqual(['reserve', 'reserve']);
+
+      // A cache hit: no statement at all (its free ledger row is queued like a settle).
+      gw.stub.reset();
+      const cacheable = { ...REQUEST, messages: [{ role: 'user', content: `cache me ${randomUUID()}` }] };
+      expect((await t.api.post('/v1/chat/completions', cacheable)).status).toBe(200);
+      await pollUntil(async () => {
+        const before = statements.length;
+        const res = await t.api.post('/v1/chat/completions', cacheable);
+        expect(res.headers.get('x-gateway-cache')).toBe('hit');
+        expect(statements).toHaveLength(before);
+      });
+      expect(statements.every((s) => s === 'reserve')).toBe(true);
+
+      // Everything queued so far (settles with their fallback attempts, the hit) in ONE statement.
+      statements.length = 0;
+      await flushBudgets(gw);
+      expect(statements).toEqual(['flush']);
+      const user = await storedBudget(gw, 'user', t.userId);
+      expect(user.reserved).toBe(0n);
+      expect(user.spent).toBeGreaterThan(0n);
+      expect(user.spent).toBe(await ledgerSum(gw, 'user', t.userId, user.periodStart));
+      const rows = await ledgerRows(gw, 'user', t.userId);
+      expect(rows.filter((r) => r.cache === 'hit')).toHaveLength(1);
+      expect(rows.filter((r) => r.outcome !== 'ok')).toHaveLength(1);
+
+      // A refusal with nothing of this caller waiting to be stored: the one reservation statement.
+      await gw.admin.put(`/admin/budgets/users/${t.userId}`, { limit_usd: 0, period: 'daily' });
+      statements.length = 0;
+      expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(402);
+      expect(statements).toEqual(['reserve']);
+    } finally {
+      recorder.restore();
+    }
+  });
+
+  it("does not refuse a sequential caller because of its own finished requests: a refusal stores the caller's queued settles and asks once more", async () => {
+    // Each answer costs a small part of its worst case; the budget holds one and a half worst cases.
+    gw.stub.configure({ completionTokens: 5 });
+    const t = await gw.tenants.create({ userBudgetUsd: formatUsd((worst * 3n) / 2n), period: 'daily' });
+    const recorder = recordBudgetStatements(gw);
+    const results = [];
+    try {
+      for (let i = 0; i < 4; i += 1) results.push(await t.api.post<ErrorBody>('/v1/chat/completions', REQUEST, FRESH));
+    } finally {
+      recorder.restore();
+    }
+    expect(results.map((r) => r.status)).toEqual([200, 200, 200, 200]);
+    // Each later request was refused by the unsettled hold of the one before, stored it, and got its reservation.
+    expect(recorder.statements).toEqual(['reserve', 'reserve', 'flush', 'reserve', 'reserve', 'flush', 'reserve', 'reserve', 'flush', 'reserve']);
+    const user = await storedBudget(gw, 'user', t.userId);
+    expect(user.reserved).toBe(0n);
+    expect(user.spent).toBe(results.reduce((sum, r) => sum + costHeader(r), 0n));
+    expect(user.spent).toBe(await ledgerSum(gw, 'user', t.userId, user.periodStart));
+  });
+
+  it('retries a failed flush without charging twice, also when the failed attempt had committed (ON CONFLICT)', async () => {
+    const t = await gw.tenants.create({ userBudgetUsd: 1, departmentBudgetUsd: 1 });
+    const budget = gw.gateway.app.get(BudgetService);
+    const database = gw.gateway.app.get(BudgetDatabase);
+    const write = database.write.bind(database);
+    const spy = vi.spyOn(database, 'write');
+    try {
+      const first = await t.api.post('/v1/chat/completions', REQUEST, FRESH);
+      const second = await t.api.post('/v1/chat/completions', REQUEST, FRESH);
+      // Stored and committed, but the answer never arrives (the connection dropped after COMMIT).
+      spy.mockImplementationOnce(async (statement: BudgetStatement, params: readonly unknown[]) => {
+        await write(statement, params);
+        throw new Error('connection terminated after commit');
+      });
+      expect(await budget.flush()).toBe(false);
+      expect(await ledgerRows(gw, 'user', t.userId, { flush: false })).toHaveLength(2);
+
+      const third = await t.api.post('/v1/chat/completions', REQUEST, FRESH);
+      // Refused before anything was stored.
+      spy.mockImplementationOnce(() => Promise.reject(new Error('connection refused')));
+      expect(await budget.flush()).toBe(false);
+      // The retry carries all three: the first two are already there and are neither inserted nor charged again.
+      expect(await budget.flush()).toBe(true);
+
+      const rows = await ledgerRows(gw, 'user', t.userId);
+      expect(rows).toHaveLength(3);
+      expect(new Set(rows.map((r) => r.charge_id)).size).toBe(3);
+      const paid = [first, second, third].reduce((sum, r) => sum + costHeader(r), 0n);
+      for (const [scope, id] of [
+        ['user', t.userId],
+        ['department', t.departmentId],
+      ] as const) {
+        const stored = await storedBudget(gw, scope, id);
+        expect(stored.reserved).toBe(0n);
+        expect(stored.spent).toBe(paid);
+        expect(stored.spent).toBe(await ledgerSum(gw, scope, id, stored.periodStart));
+      }
+    } finally {
+      spy.mockRestore();
+    }
+  });
+
+  it('sets aside the one charge the database rejects for its content, and stores the rest of its batch', async () => {
+    const t = await gw.tenants.create({ userBudgetUsd: 1 });
+    const budget = gw.gateway.app.get(BudgetService);
+    const route = { models: [MODEL], maxTokens: MAX_TOKENS, ruleTaskType: 'general' };
+    const call = (requestId: string) => ({ principal: principalOf(t), requestId, door: 'chat', body: BODY });
+    const usage = (cost: number) => ({ prompt_tokens: 1, completion_tokens: 10, total_tokens: 11, cost });
+    const good = [await budget.reserve(call('good-1'), route), await budget.reserve(call('good-2'), route)];
+    const bad = await budget.reserve(call('absurd'), route);
+    budget.settle(good[0], [{ model: MODEL, ok: true, status: 200, failure: undefined, usage: usage(0.000001) }]);
+    // Ten trillion dollars: beyond bigint nano-dollars, so PostgreSQL refuses the row.
+    budget.settle(bad, [{ model: MODEL, ok: true, status: 200, failure: undefined, usage: usage(1e13) }]);
+    budget.settle(good[1], [{ model: MODEL, ok: true, status: 200, failure: undefined, usage: usage(0.000002) }]);
+
+    expect(await budget.flush()).toBe(true);
+    const rows = await ledgerRows(gw, 'user', t.userId);
+    expect(rows.map((r) => r.request_id)).toEqual(['good-1', 'good-2']);
+    const stored = await storedBudget(gw, 'user', t.userId);
+    expect(stored.spent).toBe(3000n);
+    // The rejected charge's reservation stays held until the sweeper releases it: never a free call.
+    expect(stored.reserved).toBe(bad.amountNanos);
+  });
+});
+
+// Only PostgreSQL has connections of its own to configure, or to lose while the gateway runs; the
+// embedded database lives in-process.
+describe('budgets on postgres: connections and outages', () => {
   let gw: TestGateway;
   const clock = new ManualClock(Date.parse(WEDNESDAY_NOON));
 
@@ -313,11 +490,22 @@ describe('budgets on postgres, database down', () => {
     await gw?.close();
   });
 
+  it('commits reservations asynchronously and the money synchronously, each on its own pool', async () => {
+    const database = gw.gateway.app.get(BudgetDatabase);
+    const show = { name: 'test_show_synchronous_commit', text: 'SHOW synchronous_commit' };
+    expect(await database.hold(show, [])).toEqual([{ synchronous_commit: 'off' }]);
+    // The writer keeps whatever the server is configured for (on, remote_apply…), as the rest of the gateway does.
+    const configured = await dataSourceOf(gw).query<Array<{ synchronous_commit: string }>>('SHOW synchronous_commit');
+    expect(configured[0]?.synchronous_commit).not.toBe('off');
+    expect(await database.write(show, [])).toEqual(configured);
+  });
+
   it('fails closed: with the database unreachable a request gets 503 and never reaches the upstream', async () => {
     const t = await gw.tenants.create({ userBudgetUsd: 1 });
     // Authenticated once: the key stays cached (the ManualClock does not move), so only the
     // budget stage needs the database below.
-    expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
+    const served = [await t.api.post('/v1/chat/completions', REQUEST, FRESH)];
+    expect(served[0]?.status).toBe(200);
     const name = new URL(gw.database.url ?? '').pathname.slice(1);
     const admin = new pg.Client({ connectionString: PG_ADMIN_URL });
     await admin.connect();
@@ -334,6 +522,116 @@ describe('budgets on postgres, database down', () => {
       await admin.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`);
       await admin.end();
     }
-    await pollUntil(async () => expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200), 10_000, 100);
+    served.push(
+      await pollUntil(
+        async () => {
+          const res = await t.api.post('/v1/chat/completions', REQUEST, FRESH);
+          expect(res.status).toBe(200);
+          return res;
+        },
+        10_000,
+        100,
+      ),
+    );
+    const user = await storedBudget(gw, 'user', t.userId);
+    expect(user.reserved).toBe(0n);
+    expect(user.spent).toBe(served.reduce((sum, r) => sum + costHeader(r), 0n));
+    expect(await ledgerRows(gw, 'user', t.userId)).toHaveLength(2);
+  });
+
+  it('keeps answering while the ledger is locked, and stores the settles once it is free again, after its writer connection was killed', async () => {
+    const t = await gw.tenants.create({ userBudgetUsd: 1, departmentBudgetUsd: 1 });
+    const name = new URL(gw.database.url ?? '').pathname.slice(1);
+    const admin = new pg.Client({ connectionString: gw.database.url });
+    await admin.connect();
+    const served = [];
+    try {
+      await admin.query('BEGIN');
+      await admin.query('LOCK TABLE usage_ledger IN ACCESS EXCLUSIVE MODE');
+      // The reservation does not touch the ledger; the settle waits behind the lock, off the request path.
+      for (let i = 0; i < 3; i += 1) served.push(await t.api.post('/v1/chat/completions', REQUEST, FRESH));
+      expect(served.map((r) => r.status)).toEqual([200, 200, 200]);
+      // The writer's flush is stuck on the lock: end its connection, so that flush fails and is retried.
+      const [stuck] = await pollUntil(async () => {
+        const rows = (
+          await admin.query<{ pid: number }>(
+            `SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'gatehouse-budget-write' AND wait_event_type = 'Lock'`,
+            [name],
+          )
+        ).rows;
+        expect(rows).toHaveLength(1);
+        return rows;
+      });
+      await admin.query('SELECT pg_terminate_backend($1)', [stuck?.pid]);
+      expect((await storedBudget(gw, 'user', t.userId, { flush: false })).reserved).toBe(3n * worstCaseNanos(gw, BODY, [MODEL], MAX_TOKENS));
+    } finally {
+      await admin.query('ROLLBACK');
+      await admin.end();
+    }
+    const paid = served.reduce((sum, r) => sum + costHeader(r), 0n);
+    const user = await pollUntil(async () => {
+      const stored = await storedBudget(gw, 'user', t.userId, { flush: false });
+      expect(stored.reserved).toBe(0n);
+      return stored;
+    });
+    expect(user.spent).toBe(paid);
+    expect(await ledgerRows(gw, 'user', t.userId)).toHaveLength(3);
+    expect((await storedBudget(gw, 'department', t.departmentId)).spent).toBe(paid);
+  });
+});
+
+describe('budget writes on shutdown (postgres)', () => {
+  it('stores every queued settle and ledger row when the gateway closes, a stream that finished during the drain included', async () => {
+    // Only shutdown can store anything here: the writer's timer would take a minute.
+    const gw = await startTestGateway({ db: 'postgres', env: { BUDGET_FLUSH_MS: '60000', SHUTDOWN_DRAIN_MS: '30000' } });
+    try {
+      const t = await gw.tenants.create({ userBudgetUsd: 1, departmentBudgetUsd: 1 });
+      const paid: bigint[] = [];
+      for (let i = 0; i < 3; i += 1) {
+        const res = await t.api.post('/v1/chat/completions', REQUEST, FRESH);
+        expect(res.status).toBe(200);
+        paid.push(costHeader(res));
+      }
+      const cacheable = { ...REQUEST, messages: [{ role: 'user', content: `cache me ${randomUUID()}` }] };
+      expect((await t.api.post('/v1/chat/completions', cacheable)).status).toBe(200);
+      await pollUntil(async () => expect((await t.api.post('/v1/chat/completions', cacheable)).headers.get('x-gateway-cache')).toBe('hit'));
+      gw.stub.configure({ chunkDelayMs: 100, completionTokens: 5 });
+      const stream = await fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${t.key}`, 'content-type': 'application/json', ...FRESH },
+        body: JSON.stringify({ ...REQUEST, stream: true, stream_options: { include_usage: true } }),
+      });
+      expect(stream.status).toBe(200);
+
+      const closing = gw.gateway.close();
+      const text = await stream.text();
+      expect(text.trimEnd().endsWith('data: [DONE]')).toBe(true);
+      await closing;
+
+      const client = new pg.Client({ connectionString: gw.database.url });
+      await client.connect();
+      try {
+        const ledger = await client.query<{ cache: string | null; cost_nanos: string }>(`SELECT cache, cost_nanos FROM usage_ledger WHERE user_id = $1`, [
+          t.userId,
+        ]);
+        // Three JSON answers, the miss that filled the cache, its hit(s), and the stream.
+        expect(ledger.rows.length).toBeGreaterThanOrEqual(6);
+        expect(ledger.rows.filter((r) => r.cache === 'hit').length).toBeGreaterThanOrEqual(1);
+        const sum = ledger.rows.reduce((n, r) => n + BigInt(r.cost_nanos), 0n);
+        const budget = await client.query<{ spent_nanos: string; reserved_nanos: string }>(
+          `SELECT spent_nanos, reserved_nanos FROM budgets WHERE scope = 'user' AND scope_id = $1`,
+          [t.userId],
+        );
+        expect(budget.rows[0]).toEqual({ spent_nanos: sum.toString(), reserved_nanos: '0' });
+        expect(sum).toBeGreaterThan(paid.reduce((n, c) => n + c, 0n));
+        const reservations = await client.query(`SELECT 1 FROM budget_reservations WHERE user_id = $1`, [t.userId]);
+        expect(reservations.rows).toHaveLength(0);
+      } finally {
+        await client.end();
+      }
+    } finally {
+      await gw.stub.close();
+      await gw.database.drop();
+    }
   });
 });
