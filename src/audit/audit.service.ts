@@ -6,7 +6,17 @@ import { ERROR_TABLE } from '../core/errors.js';
 import { AppLogger } from '../core/logger.js';
 import { ReadinessRegistry, type ReadinessReport } from '../health/readiness.js';
 import type { Principal } from '../identity/principal.js';
-import { type AuditEvent, cleanString, statusColumn, type StoredAuditEvent, textColumn, toJson, uuidColumn } from './audit-event.js';
+import {
+  type AuditEvent,
+  cleanString,
+  type JsonObject,
+  type JsonValue,
+  statusColumn,
+  type StoredAuditEvent,
+  textColumn,
+  toJson,
+  uuidColumn,
+} from './audit-event.js';
 import { type AuditQuery, AuditRepository, type AuditVerifyRange, type AuditVerifyResult } from './audit.repository.js';
 
 /** Writer tuning; AuditModule fills it from AppConfig, integration tests pass their own. */
@@ -73,6 +83,8 @@ interface Pending {
   readonly id: string;
   readonly at: Date;
   readonly input: AuditRecord;
+  /** Details already in stored form (built by recordCompletion): used as they are, not sanitised again. */
+  readonly storable?: JsonObject;
   event: AuditEvent | undefined;
 }
 
@@ -162,29 +174,68 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
   ): void {
     const last = attempts.at(-1);
     const endUser = call.body && 'user' in call.body ? call.body.user : undefined;
-    this.record({
-      principal: call.principal,
+    const principal = call.principal;
+    // The details record() would hold, in the form toJson would give them at the flush, built
+    // here from fields of known types: no walk over the whole object, and keys in canonical order
+    // so the hash needs no sort. Every string is still cleaned (the caller supplies end_user,
+    // the task type and model names).
+    const attemptsJson = attemptsDetail(attempts);
+    const cache = toJson(meta?.cache, 1);
+    const completionTokens = toJson(last?.usage?.completion_tokens, 1);
+    const cost = costNanos === undefined ? null : costNanos.toString();
+    const departmentId = toJson(principal.departmentId, 1);
+    const door = toJson(call.door, 1);
+    const keyPrefix = toJson(principal.keyPrefix, 1);
+    const model = toJson(meta?.model, 1);
+    const outcomeJson = toJson(outcome, 1);
+    const promptTokens = toJson(last?.usage?.prompt_tokens, 1);
+    const version = toJson(route.version, 1);
+    const rule = toJson(route.ruleTaskType, 1);
+    const taskType = toJson(route.requestedTaskType, 1);
+    // Two literals rather than a key added later: one shape each, and end_user absent (not null) without a label.
+    const details: JsonObject =
+      typeof endUser === 'string'
+        ? {
+            attempts: attemptsJson,
+            cache,
+            completion_tokens: completionTokens,
+            cost_nanos: cost,
+            department_id: departmentId,
+            door,
+            end_user: toJson(endUser, 1),
+            key_prefix: keyPrefix,
+            model,
+            outcome: outcomeJson,
+            prompt_tokens: promptTokens,
+            routing_version: version,
+            rule,
+            task_type: taskType,
+          }
+        : {
+            attempts: attemptsJson,
+            cache,
+            completion_tokens: completionTokens,
+            cost_nanos: cost,
+            department_id: departmentId,
+            door,
+            key_prefix: keyPrefix,
+            model,
+            outcome: outcomeJson,
+            prompt_tokens: promptTokens,
+            routing_version: version,
+            rule,
+            task_type: taskType,
+          };
+    const input: AuditRecord = {
+      principal,
       action: 'completion',
       targetType: 'model',
       targetId: meta?.model ?? last?.model ?? null,
       requestId: call.requestId,
       // Once a stream has started the client got a 200, whatever happened after it.
       status: meta !== undefined ? 200 : Object.hasOwn(ERROR_TABLE, outcome) ? ERROR_TABLE[outcome as keyof typeof ERROR_TABLE].status : null,
-      details: {
-        door: call.door,
-        task_type: route.requestedTaskType,
-        rule: route.ruleTaskType,
-        routing_version: route.version,
-        model: meta?.model ?? null,
-        cache: meta?.cache ?? null,
-        attempts: attempts.map((a) => ({ model: a.model, ok: a.ok, status: a.status ?? null, failure: a.failure ?? null, ms: Math.round(a.latencyMs) })),
-        prompt_tokens: last?.usage?.prompt_tokens ?? null,
-        completion_tokens: last?.usage?.completion_tokens ?? null,
-        outcome,
-        cost_nanos: costNanos === undefined ? null : costNanos.toString(),
-        end_user: typeof endUser === 'string' ? endUser : undefined,
-      },
-    });
+    };
+    this.push({ id: randomUUID(), at: this.clock.now(), input, storable: details, event: undefined });
   }
 
   /** Writes everything buffered now (tests, shutdown). Resolves false if the database refused. */
@@ -233,9 +284,9 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
     return pending.event;
   }
 
-  private toEvent({ id, at, input }: Pending): AuditEvent {
+  private toEvent({ id, at, input, storable }: Pending): AuditEvent {
     const p = input.principal;
-    const details = toJson({ ...(input.details ?? {}), ...(p ? { key_prefix: p.keyPrefix, department_id: p.departmentId } : {}) });
+    const details = storable ?? toJson({ ...(input.details ?? {}), ...(p ? { key_prefix: p.keyPrefix, department_id: p.departmentId } : {}) });
     return {
       id,
       at,
@@ -353,4 +404,22 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
     this.lastLoudLogAt.set(kind, now);
     log();
   }
+}
+
+/** The attempts as toJson stores them (at most 50, then a count), keys in canonical order. */
+function attemptsDetail(attempts: readonly CompletionAuditAttempt[]): JsonValue[] {
+  const out: JsonValue[] = [];
+  const n = Math.min(attempts.length, 50);
+  for (let i = 0; i < n; i++) {
+    const a = attempts[i];
+    out.push({
+      failure: toJson(a.failure, 3),
+      model: toJson(a.model, 3),
+      ms: toJson(Math.round(a.latencyMs), 3),
+      ok: toJson(a.ok, 3),
+      status: toJson(a.status, 3),
+    });
+  }
+  if (attempts.length > 50) out.push(`[${attempts.length - 50} more]`);
+  return out;
 }

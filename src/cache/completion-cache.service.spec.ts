@@ -7,6 +7,7 @@ import { createLogger } from '../core/logger.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
 import { CompletionCache } from './completion-cache.service.js';
 import { MemoryResponseCache } from './memory-response-cache.js';
+import { assembleCompletion } from './stream-replay.js';
 import type { CacheLookup } from './response-cache.js';
 
 const route: ResolvedRoute = { requestedTaskType: 'general', ruleTaskType: 'general', version: 1, models: ['m'], maxTokens: 10, explicitModel: false };
@@ -87,7 +88,28 @@ describe('CompletionCache singleflight (in process)', () => {
   it('does not cache a stream that cannot be replayed', async () => {
     const { cache, call } = setup();
     const leader = await cache.open(call(), route);
-    await leader.fillFromStream([JSON.stringify({ id: 'c', choices: [{ index: 0, delta: { content: 'cut' }, finish_reason: null }] })]);
+    expect(leader.fills).toBe(true);
+    await leader.fillFromStream(assembleCompletion([JSON.stringify({ id: 'c', choices: [{ index: 0, delta: { content: 'cut' }, finish_reason: null }] })]));
     expect((await cache.open(call(), route)).status).toBe('miss');
+  });
+
+  it('stores a finished stream as the completion it amounts to, served to JSON callers as is', async () => {
+    const { cache, call } = setup();
+    const leader = await cache.open(call(), route);
+    const chunk = (delta: object, finish: string | null) =>
+      JSON.stringify({ id: 'c', object: 'chat.completion.chunk', created: 1, model: 'm', choices: [{ index: 0, delta, finish_reason: finish }] });
+    await leader.fillFromStream(assembleCompletion([chunk({ role: 'assistant', content: 'h' }, null), chunk({ content: 'i' }, null), chunk({}, 'stop')]));
+    const hit = await cache.open(call(), route);
+    expect(hit.hit?.completion.choices[0]?.message).toEqual({ role: 'assistant', content: 'hi' });
+    expect(JSON.parse(hit.hit?.raw ?? '')).toEqual(hit.hit?.completion);
+  });
+
+  it('asks for no stream assembly when nothing will be stored', async () => {
+    const { cache, call } = setup();
+    const noStore = await cache.open({ ...call(), cacheControl: { read: true, write: false, ttlSeconds: undefined } }, route);
+    expect(noStore.fills).toBe(false);
+    const tools = await cache.open({ ...call(), body: { messages: [{ role: 'user', content: 'x' }], tools: [{ type: 'function' }] } }, route);
+    expect(tools.status).toBe('bypass');
+    expect(tools.fills).toBe(false);
   });
 });

@@ -8,7 +8,6 @@ import { AppLogger } from '../core/logger.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
 import { type CachePlan, cachePlan } from './cache-key.js';
 import { type CacheFilter, ResponseCache, type CacheTags } from './response-cache.js';
-import { assembleCompletion } from './stream-replay.js';
 
 export interface CachedAnswer {
   completion: ChatCompletion;
@@ -25,8 +24,14 @@ export interface CacheTicket {
   readonly status: CacheStatus;
   /** Set on a hit: answer from here, at no cost, without calling the upstream. */
   readonly hit: CachedAnswer | undefined;
+  /** true when `fill`/`fillFromStream` would store the answer: only then is a stream assembled. */
+  readonly fills: boolean;
   fill(raw: string, completion: ChatCompletion): Promise<void>;
-  fillFromStream(payloads: readonly string[]): Promise<void>;
+  /**
+   * A finished stream's answer as StreamAssembler built it from the events the pipeline parsed
+   * anyway; undefined when the stream cannot be replayed (then it is `abandon`).
+   */
+  fillFromStream(completion: ChatCompletion | undefined): Promise<void>;
   abandon(): void;
 }
 
@@ -48,6 +53,7 @@ const POLL_MAX_MS = 100;
 const BYPASS: CacheTicket = {
   status: 'bypass',
   hit: undefined,
+  fills: false,
   fill: () => Promise.resolve(),
   fillFromStream: () => Promise.resolve(),
   abandon: () => undefined,
@@ -201,9 +207,9 @@ export class CompletionCache {
     return {
       status: 'miss',
       hit: undefined,
+      fills: plan.write,
       fill,
-      fillFromStream: (payloads) => {
-        const completion = assembleCompletion(payloads);
+      fillFromStream: (completion) => {
         if (!completion) {
           abandon();
           return Promise.resolve();

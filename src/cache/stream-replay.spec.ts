@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { assembleCompletion, replayChunks } from './stream-replay.js';
+import { assembleCompletion, replayChunks, StreamAssembler } from './stream-replay.js';
 
 const chunk = (delta: Record<string, unknown>, finish: string | null = null, extra: Record<string, unknown> = {}) =>
   JSON.stringify({ id: 'c1', object: 'chat.completion.chunk', created: 1, model: 'm', choices: [{ index: 0, delta, finish_reason: finish }], ...extra });
@@ -39,6 +39,65 @@ describe('assembleCompletion', () => {
     ['nothing', []],
   ])('refuses %s', (_name, payloads) => {
     expect(assembleCompletion(payloads)).toBeUndefined();
+  });
+});
+
+describe('StreamAssembler', () => {
+  it('assembles several choices, in index order, with refusal and reasoning, keeping extra fields of the first chunk', () => {
+    const assembler = new StreamAssembler();
+    const parts = [
+      {
+        id: 'c2',
+        object: 'chat.completion.chunk',
+        created: 5,
+        model: 'm',
+        system_fingerprint: 'fp',
+        choices: [{ index: 1, delta: { role: 'assistant', reasoning: 'think' } }],
+      },
+      { id: 'c2', choices: [{ index: 0, delta: { content: 'A', tool_calls: [] }, logprobs: null }] },
+      {
+        id: 'c2',
+        choices: [
+          { index: 1, delta: { refusal: 'no', content: null } },
+          { index: 0, delta: { content: 'B' }, finish_reason: 'stop' },
+        ],
+      },
+      { id: 'c2', choices: [{ index: 1, delta: {}, finish_reason: 'content_filter' }] },
+    ];
+    for (const part of parts) expect(assembler.add(part)).toBe(true);
+    expect(assembler.result()).toEqual({
+      system_fingerprint: 'fp',
+      id: 'c2',
+      object: 'chat.completion',
+      created: 5,
+      model: 'm',
+      choices: [
+        { index: 0, message: { role: 'assistant', content: 'AB' }, finish_reason: 'stop', logprobs: null },
+        { index: 1, message: { role: 'assistant', content: null, refusal: 'no', reasoning: 'think' }, finish_reason: 'content_filter', logprobs: null },
+      ],
+    });
+    expect(assembler.result()).toEqual(assembleCompletion(parts.map((p) => JSON.stringify(p))));
+  });
+
+  it.each([
+    ['logprobs', { choices: [{ index: 0, delta: { content: 'a' }, logprobs: { content: [] } }] }],
+    ['a choice without index', { choices: [{ delta: { content: 'a' } }] }],
+    ['a role that is not text', { choices: [{ index: 0, delta: { role: 1 } }] }],
+    ['a chunk that is not an object', null],
+  ])('refuses %s for good, whatever follows', (_name, bad) => {
+    const assembler = new StreamAssembler();
+    expect(assembler.add({ id: 'c', choices: [{ index: 0, delta: { content: 'a' } }] })).toBe(true);
+    expect(assembler.add(bad)).toBe(false);
+    expect(assembler.replayable).toBe(false);
+    expect(assembler.add({ id: 'c', choices: [{ index: 0, delta: {}, finish_reason: 'stop' }] })).toBe(false);
+    expect(assembler.result()).toBeUndefined();
+  });
+
+  it('refuses a stream with an event that was not JSON', () => {
+    const assembler = new StreamAssembler();
+    assembler.add({ id: 'c', choices: [{ index: 0, delta: { content: 'a' }, finish_reason: 'stop' }] });
+    assembler.refuse();
+    expect(assembler.result()).toBeUndefined();
   });
 });
 

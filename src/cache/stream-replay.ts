@@ -2,17 +2,114 @@ import { type ChatCompletion, type ChatCompletionChunk, isRecord } from '../../l
 
 // Delta fields a cached stream may carry. Anything else (tool_calls, function_call, audio, …)
 // makes the stream uncacheable rather than half-cached.
-const TEXT_FIELDS = ['content', 'refusal', 'reasoning'] as const;
+type TextField = 'content' | 'refusal' | 'reasoning';
+
+// Keys of the first chunk that the completion sets itself rather than copying.
+const OWN_KEYS = new Set(['object', 'choices', 'usage', 'id', 'created', 'model']);
+
+interface ChoiceState {
+  role: string;
+  content: string | undefined;
+  refusal: string | undefined;
+  reasoning: string | undefined;
+  finish: string | null;
+}
 
 /**
- * Builds the chat.completion a finished stream amounts to, so a stream and a JSON request share
- * one cache entry. Returns undefined for anything that cannot be replayed faithfully (error
- * events, tool calls, logprobs, unparseable chunks, no finish_reason).
+ * Builds, chunk by chunk, the chat.completion a finished stream amounts to, so a stream and a
+ * JSON request share one cache entry. Fed the chunks the pipeline already parsed (StreamTracker),
+ * so no event is parsed twice. Once a chunk cannot be replayed faithfully (error events, tool
+ * calls, logprobs, unparseable chunks) the stream is refused for good and later chunks are ignored.
  */
+export class StreamAssembler {
+  private head: Record<string, unknown> | undefined;
+  private usage: unknown;
+  private readonly choices = new Map<number, ChoiceState>();
+  private refused = false;
+
+  /** false once the stream cannot be replayed; feeding it more is then pointless. */
+  get replayable(): boolean {
+    return !this.refused;
+  }
+
+  /** An event that is not JSON: such a stream is never cached. */
+  refuse(): void {
+    this.refused = true;
+  }
+
+  /** Takes one parsed chunk; returns `replayable`. */
+  add(chunk: unknown): boolean {
+    if (this.refused) return false;
+    if (!isRecord(chunk) || 'error' in chunk || !Array.isArray(chunk.choices)) return this.fail();
+    this.head ??= chunk;
+    if (isRecord(chunk.usage)) this.usage = chunk.usage;
+    for (const raw of chunk.choices as unknown[]) {
+      if (!isRecord(raw) || typeof raw.index !== 'number') return this.fail();
+      if (raw.logprobs !== undefined && raw.logprobs !== null) return this.fail();
+      let choice = this.choices.get(raw.index);
+      if (choice === undefined) {
+        choice = { role: 'assistant', content: undefined, refusal: undefined, reasoning: undefined, finish: null };
+        this.choices.set(raw.index, choice);
+      }
+      const delta = raw.delta;
+      if (delta !== undefined && delta !== null) {
+        if (!isRecord(delta)) return this.fail();
+        for (const field of Object.keys(delta)) {
+          const value = delta[field];
+          if (value === null || value === undefined) continue;
+          if (field === 'role') {
+            if (typeof value !== 'string') return this.fail();
+            choice.role = value;
+          } else if (typeof value === 'string' && (field === 'content' || field === 'refusal' || field === 'reasoning')) {
+            const f: TextField = field;
+            choice[f] = (choice[f] ?? '') + value;
+          } else if (!(Array.isArray(value) && value.length === 0)) {
+            return this.fail();
+          }
+        }
+      }
+      if (typeof raw.finish_reason === 'string') choice.finish = raw.finish_reason;
+    }
+    return true;
+  }
+
+  /** The completion, or undefined when the stream cannot be replayed or did not finish every choice. */
+  result(): ChatCompletion | undefined {
+    const head = this.head;
+    if (this.refused || head === undefined || this.choices.size === 0) return undefined;
+    const extras: Record<string, unknown> = {};
+    for (const k of Object.keys(head)) if (!OWN_KEYS.has(k)) extras[k] = head[k];
+    const indices = [...this.choices.keys()].sort((a, b) => a - b);
+    const choices: ChatCompletion['choices'] = [];
+    for (const index of indices) {
+      const c = this.choices.get(index) as ChoiceState;
+      if (c.finish === null) return undefined;
+      const message: ChatCompletion['choices'][number]['message'] = { role: c.role, content: c.content ?? null };
+      if (c.refusal !== undefined) message.refusal = c.refusal;
+      if (c.reasoning !== undefined) message.reasoning = c.reasoning;
+      choices.push({ index, message, finish_reason: c.finish, logprobs: null });
+    }
+    const completion: ChatCompletion = {
+      ...extras,
+      id: typeof head.id === 'string' ? head.id : 'chatcmpl-cached',
+      object: 'chat.completion',
+      created: typeof head.created === 'number' ? head.created : 0,
+      model: typeof head.model === 'string' ? head.model : '',
+      choices,
+    };
+    if (this.usage !== undefined) completion.usage = this.usage as ChatCompletion['usage'];
+    return completion;
+  }
+
+  private fail(): false {
+    this.refused = true;
+    return false;
+  }
+}
+
+/** {@link StreamAssembler} over SSE payloads not parsed yet (tests, and callers without a tracker). */
 export function assembleCompletion(payloads: readonly string[]): ChatCompletion | undefined {
-  let head: Record<string, unknown> | undefined;
-  let usage: unknown;
-  const choices = new Map<number, { role: string; text: Partial<Record<(typeof TEXT_FIELDS)[number], string>>; finish: string | null }>();
+  const assembler = new StreamAssembler();
   for (const payload of payloads) {
     let chunk: unknown;
     try {
@@ -20,59 +117,9 @@ export function assembleCompletion(payloads: readonly string[]): ChatCompletion 
     } catch {
       return undefined;
     }
-    if (!isRecord(chunk) || 'error' in chunk || !Array.isArray(chunk.choices)) return undefined;
-    head ??= chunk;
-    if (isRecord(chunk.usage)) usage = chunk.usage;
-    for (const raw of chunk.choices as unknown[]) {
-      if (!isRecord(raw) || typeof raw.index !== 'number') return undefined;
-      if (raw.logprobs !== undefined && raw.logprobs !== null) return undefined;
-      const choice = choices.get(raw.index) ?? { role: 'assistant', text: {}, finish: null };
-      choices.set(raw.index, choice);
-      const delta = raw.delta;
-      if (delta !== undefined && delta !== null) {
-        if (!isRecord(delta)) return undefined;
-        for (const [field, value] of Object.entries(delta)) {
-          if (value === null || value === undefined) continue;
-          if (field === 'role') {
-            if (typeof value !== 'string') return undefined;
-            choice.role = value;
-          } else if ((TEXT_FIELDS as readonly string[]).includes(field) && typeof value === 'string') {
-            const f = field as (typeof TEXT_FIELDS)[number];
-            choice.text[f] = (choice.text[f] ?? '') + value;
-          } else if (!(Array.isArray(value) && value.length === 0)) {
-            return undefined;
-          }
-        }
-      }
-      if (typeof raw.finish_reason === 'string') choice.finish = raw.finish_reason;
-    }
+    if (!assembler.add(chunk)) return undefined;
   }
-  if (head === undefined || choices.size === 0) return undefined;
-  const extras: Record<string, unknown> = {};
-  for (const [k, v] of Object.entries(head)) if (!['object', 'choices', 'usage', 'id', 'created', 'model'].includes(k)) extras[k] = v;
-  const completion: ChatCompletion = {
-    ...extras,
-    id: typeof head.id === 'string' ? head.id : 'chatcmpl-cached',
-    object: 'chat.completion',
-    created: typeof head.created === 'number' ? head.created : 0,
-    model: typeof head.model === 'string' ? head.model : '',
-    choices: [...choices.entries()]
-      .sort(([a], [b]) => a - b)
-      .map(([index, c]) => ({
-        index,
-        message: {
-          role: c.role,
-          content: c.text.content ?? null,
-          ...(c.text.refusal !== undefined ? { refusal: c.text.refusal } : {}),
-          ...(c.text.reasoning !== undefined ? { reasoning: c.text.reasoning } : {}),
-        },
-        finish_reason: c.finish,
-        logprobs: null,
-      })),
-  };
-  if (completion.choices.some((c) => c.finish_reason === null)) return undefined;
-  if (usage !== undefined) completion.usage = usage as ChatCompletion['usage'];
-  return completion;
+  return assembler.result();
 }
 
 /**

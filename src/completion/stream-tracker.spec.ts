@@ -1,0 +1,202 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { readUsage, SseParser, type Usage } from '../../libs/openai-contract/src/index.js';
+import { startStubUpstream, type StubUpstream } from '../../libs/stub-upstream/src/index.js';
+import { assembleCompletion } from '../cache/stream-replay.js';
+import { mayCarryUsage, StreamTracker } from './stream-tracker.js';
+
+/** What the tracker must agree with: every event parsed, the last model and usage win. */
+function reference(payloads: readonly string[]) {
+  let model: string | undefined;
+  let usage: Usage | undefined;
+  let contentChars = 0;
+  const usageOnly: boolean[] = [];
+  for (const payload of payloads) {
+    let chunk: { model?: unknown; choices?: unknown; usage?: unknown } | null;
+    try {
+      chunk = JSON.parse(payload) as typeof chunk;
+    } catch {
+      usageOnly.push(false);
+      continue;
+    }
+    if (typeof chunk !== 'object' || chunk === null) {
+      usageOnly.push(false);
+      continue;
+    }
+    if (typeof chunk.model === 'string') model = chunk.model;
+    if (Array.isArray(chunk.choices)) {
+      for (const choice of chunk.choices as Array<{ delta?: { content?: unknown } } | null>) {
+        const content = choice?.delta?.content;
+        if (typeof content === 'string') contentChars += content.length;
+      }
+    }
+    const found = chunk.usage ? readUsage(chunk) : undefined;
+    if (found) usage = found;
+    usageOnly.push(found !== undefined && Array.isArray(chunk.choices) && chunk.choices.length === 0);
+  }
+  return { model, usage, contentChars, usageOnly };
+}
+
+function track(payloads: readonly string[], assemble: boolean) {
+  const tracker = new StreamTracker(assemble);
+  const usageOnly = payloads.map((p) => tracker.observe(p));
+  return { tracker, view: { model: tracker.model, usage: tracker.usage, contentChars: tracker.contentChars, usageOnly } };
+}
+
+const USAGE = { prompt_tokens: 7, completion_tokens: 3, total_tokens: 10, cost: 0.00001 };
+const chunk = (fields: Record<string, unknown>, delta: Record<string, unknown> | undefined, finish: string | null = null) =>
+  JSON.stringify({
+    id: 'gen-1',
+    provider: 'OpenAI',
+    model: 'openai/gpt-4o-mini',
+    object: 'chat.completion.chunk',
+    created: 1764400000,
+    choices: delta === undefined ? [] : [{ index: 0, delta, finish_reason: finish, native_finish_reason: finish, logprobs: null }],
+    ...fields,
+  });
+const words = ['Hel', 'lo ', 'wörld ', '😀 ', 'say "hi"\n', '\\o/'];
+
+/** The three ways an upstream reports usage on a stream, as OpenRouter and OpenAI send them. */
+const shapes: Record<string, string[]> = {
+  'usage: null in every chunk, then a usage-only chunk': [
+    chunk({ usage: null }, { role: 'assistant', content: '' }),
+    ...words.map((w) => chunk({ usage: null }, { role: 'assistant', content: w, reasoning: null, reasoning_details: [] })),
+    chunk({ usage: null }, { role: 'assistant', content: '' }, 'stop'),
+    chunk({ usage: USAGE }, undefined),
+  ],
+  'usage in the last content chunk': [
+    ...words.map((w) => chunk({}, { content: w })),
+    chunk({ usage: { ...USAGE, cost: '0.00002' } }, { content: '!' }, 'stop'),
+  ],
+  'a separate usage-only chunk after chunks without usage': [
+    chunk({}, { role: 'assistant', content: '' }),
+    ...words.map((w) => chunk({}, { content: w })),
+    chunk({}, {}, 'length'),
+    chunk({ usage: USAGE }, undefined),
+  ],
+};
+
+describe('StreamTracker', () => {
+  for (const [shape, payloads] of Object.entries(shapes)) {
+    describe(shape, () => {
+      it.each([true, false])('reads usage, model, content and the usage-only verdict exactly (assemble=%s)', (assemble) => {
+        const { tracker, view } = track(payloads, assemble);
+        expect(view).toEqual(reference(payloads));
+        expect(view.usage?.total_tokens).toBe(10);
+        expect(view.model).toBe('openai/gpt-4o-mini');
+        expect(view.contentChars).toBe(words.join('').length + (shape.startsWith('usage in the last') ? 1 : 0));
+        // Assembled only when asked to, and then exactly what assembling the raw payloads gives.
+        expect(tracker.completion()).toEqual(assemble ? assembleCompletion(payloads) : undefined);
+      });
+    });
+  }
+
+  it('hands the cache the completion the stream amounts to', () => {
+    const completion = track(shapes['usage: null in every chunk, then a usage-only chunk'] ?? [], true).tracker.completion();
+    expect(completion?.choices).toEqual([{ index: 0, message: { role: 'assistant', content: words.join('') }, finish_reason: 'stop', logprobs: null }]);
+    expect(completion?.usage).toEqual(USAGE);
+    expect(completion?.provider).toBe('OpenAI');
+  });
+
+  it.each([true, false])('counts what a cut stream produced, and offers nothing to cache (assemble=%s)', (assemble) => {
+    const cut = words.map((w) => chunk({}, { content: w }));
+    const { tracker, view } = track(cut, assemble);
+    expect(view).toEqual(reference(cut));
+    expect(view.usage).toBeUndefined();
+    expect(view.contentChars).toBe(words.join('').length);
+    expect(tracker.completion()).toBeUndefined();
+  });
+
+  it.each([true, false])('survives events that are not JSON or not chunks, and never caches such a stream (assemble=%s)', (assemble) => {
+    const payloads = [
+      'not json',
+      'null',
+      '42',
+      '"usage"',
+      '{"choices":[null,{"delta":null},{"delta":{"content":"ok"}}]}',
+      '{"choices":[{"index":0,"delta":{"content":"trunc',
+      ...shapes['a separate usage-only chunk after chunks without usage'],
+    ];
+    const { tracker, view } = track(payloads, assemble);
+    expect(view).toEqual(reference(payloads));
+    expect(view.usage).toEqual(USAGE);
+    expect(tracker.completion()).toBeUndefined();
+  });
+
+  it('counts a long stream exactly while holding only a bounded part of it', () => {
+    const many = Array.from({ length: 2000 }, (_, i) => chunk({ usage: null }, { content: `w${i} ` }));
+    const { view } = track(many, false);
+    expect(view).toEqual(reference(many));
+  });
+
+  it('stops assembling once the stream cannot be replayed, and still reads it exactly', () => {
+    const payloads = [
+      chunk({}, { role: 'assistant', content: 'a' }),
+      chunk({}, { tool_calls: [{ index: 0, id: 't', function: { name: 'f', arguments: '{}' } }] }),
+      chunk({}, { content: 'b' }),
+      chunk({}, {}, 'tool_calls'),
+      chunk({ usage: USAGE }, undefined),
+    ];
+    const { tracker, view } = track(payloads, true);
+    expect(view).toEqual(reference(payloads));
+    expect(tracker.completion()).toBeUndefined();
+  });
+});
+
+describe('mayCarryUsage', () => {
+  it.each([
+    ['{"usage":{"prompt_tokens":1}}', true],
+    ['{"usage" : \n {"prompt_tokens":1}}', true],
+    ['{"a":1,"usage":null}', false],
+    ['{"usage" :\tnull,"b":"usage"}', false],
+    ['{"choices":[{"delta":{"content":"usage"}}]}', false],
+    ['{"x":{"usage":null},"usage":{"total_tokens":2}}', true],
+    ['{"usage":0}', true],
+    ['{"choices":[]}', false],
+    ['{"prompt_usage":{"a":1},"usage":null}', false],
+    ['{"usage":null,"x":{"usage_report":1}}', false],
+  ])('%s → %s', (payload, expected) => {
+    expect(mayCarryUsage(payload)).toBe(expected);
+  });
+});
+
+describe('StreamTracker on the stub upstream', () => {
+  let stub: StubUpstream;
+  beforeAll(async () => {
+    stub = await startStubUpstream({ recordRequests: false });
+  });
+  afterAll(async () => {
+    await stub.close();
+  });
+
+  async function events(body: Record<string, unknown>): Promise<string[]> {
+    const response = await fetch(`${stub.url}/chat/completions`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'openai/gpt-4o-mini', messages: [{ role: 'user', content: 'Stream some words for the tracker' }], stream: true, ...body }),
+    });
+    const parser = new SseParser();
+    const out: string[] = [];
+    try {
+      for await (const bytes of response.body as unknown as AsyncIterable<Uint8Array>) out.push(...parser.push(bytes));
+    } catch {
+      // A cut stream ends with a socket error: what arrived before it is what counts.
+    }
+    return [...out, ...parser.flush()].filter((p) => p !== '[DONE]');
+  }
+
+  it.each([
+    ['with usage', { stream_options: { include_usage: true } }],
+    ['without usage', {}],
+    ['cut after 3 events', { stream_options: { include_usage: true } }, 3],
+  ])('agrees with a full parse of every event (%s)', async (_name, body, cutAfterChunks?: number) => {
+    stub.configure(cutAfterChunks === undefined ? {} : { cutAfterChunks });
+    const payloads = await events(body);
+    expect(payloads.length).toBeGreaterThan(2);
+    for (const assemble of [true, false]) {
+      const { tracker, view } = track(payloads, assemble);
+      expect(view).toEqual(reference(payloads));
+      expect(tracker.completion()).toEqual(assemble ? assembleCompletion(payloads) : undefined);
+    }
+    if (cutAfterChunks === undefined) expect(track(payloads, true).tracker.completion()?.choices[0]?.message.content).toMatch(/^Mock reply to: /);
+  });
+});
