@@ -70,6 +70,21 @@ SELECT v.ok, s.scope, s.limit_nanos, s.period, s.period_start, s.spent_nanos, s.
   FROM verdict v LEFT JOIN state s ON true`;
 
 /**
+ * Reserve for several requests at once (those that reached the budget stage in the same
+ * event-loop turn): one round trip through `gatehouse_reserve_batch` (migration
+ * ReserveBatch1764400002200), which applies RESERVE_SQL's rules item by item in array order.
+ * An admitted item yields one row (`ok`, `recorded`); a refused one a row per budget of its
+ * scopes, as RESERVE_SQL returns them, for the refusal message.
+ *
+ * $1 items (jsonb array of {id, request_id, user_id, department_id, amount}), $2 now, $3 day,
+ * $4 week, $5 month.
+ */
+export const RESERVE_BATCH_SQL = `
+SELECT r_idx AS idx, r_ok AS ok, CASE WHEN r_recorded THEN 1 ELSE 0 END AS recorded, r_scope AS scope, r_limit_nanos AS limit_nanos,
+       r_period AS period, r_period_start AS period_start, r_spent_nanos AS spent_nanos, r_reserved_nanos AS reserved_nanos
+  FROM gatehouse_reserve_batch($1::jsonb, $2::timestamptz, $3::timestamptz, $4::timestamptz, $5::timestamptz)`;
+
+/**
  * Flush: stores a batch of settles and cache-hit ledger rows, one statement for the whole batch.
  * It deletes the batch's reservations, takes back what they held, adds the summed cost of the
  * ledger rows to `spent` per budget (rolling a period over if it ended meanwhile), and inserts

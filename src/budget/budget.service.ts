@@ -9,7 +9,7 @@ import { AppLogger } from '../core/logger.js';
 import { costOf, type CostSource } from '../upstream/pricing/pricing.js';
 import { PricingService } from '../upstream/pricing/pricing.service.js';
 import { BudgetDatabase, type BudgetStatement } from './budget-database.js';
-import { RESERVE_SQL } from './budget-sql.js';
+import { RESERVE_BATCH_SQL, RESERVE_SQL } from './budget-sql.js';
 import { BudgetWriter, type LedgerEntry } from './budget-writer.js';
 import type { BudgetedCall, BudgetedRoute, BudgetScope, ChargedAttempt, Reservation, SettleOptions } from './budget.types.js';
 import { estimatePromptTokens, producedTokens, reservedCompletionTokens } from './estimate.js';
@@ -39,6 +39,16 @@ interface AttemptCharge {
 
 const MAX_INT = 2_147_483_647;
 const RESERVE: BudgetStatement = { name: 'gatehouse_budget_reserve', text: RESERVE_SQL };
+const RESERVE_BATCH: BudgetStatement = { name: 'gatehouse_budget_reserve_batch', text: RESERVE_BATCH_SQL };
+
+/** A reservation waiting for the end of the event-loop turn, to go out with the others of that turn. */
+interface QueuedReserve {
+  call: BudgetedCall;
+  amountNanos: Nanos;
+  id: string;
+  resolve: (rows: ReserveRow[]) => void;
+  reject: (error: unknown) => void;
+}
 
 /**
  * The budget stages of the pipeline: reserve the worst case before the upstream call, settle
@@ -51,6 +61,8 @@ const RESERVE: BudgetStatement = { name: 'gatehouse_budget_reserve', text: RESER
 @Injectable()
 export class BudgetService {
   private readonly logger: Logger;
+  /** Reservations of the current event-loop turn; sent together at its end (setImmediate). */
+  private queued: QueuedReserve[] = [];
 
   constructor(
     private readonly database: BudgetDatabase,
@@ -174,25 +186,67 @@ export class BudgetService {
     return this.writer.flush();
   }
 
-  private async tryReserve(call: BudgetedCall, amountNanos: Nanos, id: string): Promise<ReserveRow[]> {
+  /**
+   * Requests whose cache lookups came back together (one Redis reply under load) reach this
+   * stage in the same event-loop turn: their reservations leave together at the end of the turn,
+   * as one statement (RESERVE_BATCH_SQL) instead of one round trip and one commit each. A turn
+   * with a single reservation (one connection, light load) sends RESERVE_SQL as before, and
+   * waits for nothing: setImmediate runs right after the current I/O callbacks.
+   */
+  private tryReserve(call: BudgetedCall, amountNanos: Nanos, id: string): Promise<ReserveRow[]> {
+    return new Promise<ReserveRow[]>((resolve, reject) => {
+      this.queued.push({ call, amountNanos, id, resolve, reject });
+      if (this.queued.length === 1) setImmediate(() => void this.sendQueued());
+    });
+  }
+
+  private async sendQueued(): Promise<void> {
+    const batch = this.queued;
+    this.queued = [];
     const now = this.clock.now();
     const starts = periodStarts(now);
-    const { principal } = call;
     try {
-      return await this.database.hold<ReserveRow>(RESERVE, [
-        principal.userId,
-        principal.departmentId,
-        amountNanos.toString(),
+      if (batch.length === 1) {
+        const [only] = batch as [QueuedReserve];
+        const { principal } = only.call;
+        only.resolve(
+          await this.database.hold<ReserveRow>(RESERVE, [
+            principal.userId,
+            principal.departmentId,
+            only.amountNanos.toString(),
+            now.toISOString(),
+            starts.day.toISOString(),
+            starts.week.toISOString(),
+            starts.month.toISOString(),
+            only.id,
+            only.call.requestId,
+          ]),
+        );
+        return;
+      }
+      const items = batch.map(({ call, amountNanos, id }) => ({
+        id,
+        request_id: call.requestId,
+        user_id: call.principal.userId,
+        department_id: call.principal.departmentId,
+        amount: amountNanos.toString(),
+      }));
+      const rows = await this.database.hold<ReserveRow & { idx: number }>(RESERVE_BATCH, [
+        JSON.stringify(items),
         now.toISOString(),
         starts.day.toISOString(),
         starts.week.toISOString(),
         starts.month.toISOString(),
-        id,
-        call.requestId,
       ]);
+      const byItem = batch.map((): ReserveRow[] => []);
+      for (const row of rows) byItem[row.idx - 1]?.push(row);
+      batch.forEach((queued, i) => queued.resolve(byItem[i] ?? []));
     } catch (cause) {
-      this.logger.error({ reqId: call.requestId, err: (cause as Error).message }, 'budget reserve failed; refusing the request');
-      throw new GatewayError('unavailable', 'Budgets cannot be checked right now (database unavailable), so the request was not sent upstream.', { cause });
+      this.logger.error({ reservations: batch.length, err: (cause as Error).message }, 'budget reserve failed; refusing the requests');
+      const error = new GatewayError('unavailable', 'Budgets cannot be checked right now (database unavailable), so the request was not sent upstream.', {
+        cause,
+      });
+      for (const queued of batch) queued.reject(error);
     }
   }
 

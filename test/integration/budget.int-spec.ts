@@ -94,7 +94,12 @@ describe.each(DB_KINDS)('budgets on %s', (db) => {
     const t = await gw.tenants.create({ userBudgetUsd: formatUsd(worst * 5n), departmentBudgetUsd: formatUsd(worst * 3n), period: 'daily' });
     const call = (i: number) => ({ principal: principalOf(t), requestId: `race-${i}`, door: 'chat', body: BODY });
 
+    // Reservations made in one event-loop turn leave together: one statement for all 200.
+    const database = gw.gateway.app.get(BudgetDatabase);
+    const sent = vi.spyOn(database, 'hold');
     const outcomes = await Promise.allSettled(Array.from({ length: 200 }, (_, i) => budget.reserve(call(i), route)));
+    expect(sent.mock.calls.map(([statement]) => statement.name)).toEqual(['gatehouse_budget_reserve_batch']);
+    sent.mockRestore();
 
     const granted = outcomes.filter((o) => o.status === 'fulfilled');
     expect(granted).toHaveLength(3);
@@ -189,6 +194,31 @@ describe.each(DB_KINDS)('budgets on %s', (db) => {
     expect(weekly.body.error.resets_at).toBe('2026-01-12T00:00:00.000Z');
     const weeklyView = await gw.admin.get<{ period_start: string }>(`/admin/budgets/users/${w.userId}`);
     expect(weeklyView.body.period_start).toBe('2026-01-05T00:00:00.000Z');
+  });
+
+  it('rolls the period over in a batch of reservations too: after midnight yesterday no longer counts', async () => {
+    gw.stub.configure({ completionTokens: MAX_TOKENS });
+    const t = await gw.tenants.create({ userBudgetUsd: formatUsd((worst * 3n) / 2n), period: 'daily' });
+    expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
+    const budget = gw.gateway.app.get(BudgetService);
+    const route = { models: [MODEL], maxTokens: MAX_TOKENS, ruleTaskType: 'general' };
+    const call = (i: number) => ({ principal: principalOf(t), requestId: `midnight-${i}`, door: 'chat', body: BODY });
+    // Still yesterday: what is spent leaves no room for a worst case.
+    const before = await Promise.allSettled([0, 1, 2].map((i) => budget.reserve(call(i), route)));
+    expect(before.map((o) => o.status)).toEqual(['rejected', 'rejected', 'rejected']);
+
+    clock.set('2026-01-08T00:00:00.000Z');
+    const database = gw.gateway.app.get(BudgetDatabase);
+    const sent = vi.spyOn(database, 'hold');
+    const after = await Promise.allSettled([3, 4, 5].map((i) => budget.reserve(call(i), route)));
+    expect(sent.mock.calls.map(([statement]) => statement.name)).toEqual(['gatehouse_budget_reserve_batch']);
+    sent.mockRestore();
+    // A new day: 1.5 worst cases of room, so exactly one of the three fits.
+    expect(after.map((o) => o.status)).toEqual(['fulfilled', 'rejected', 'rejected']);
+    const today = await storedBudget(gw, 'user', t.userId, { flush: false });
+    expect(today).toMatchObject({ spent: 0n, reserved: worst });
+    expect(today.periodStart.toISOString()).toBe('2026-01-08T00:00:00.000Z');
+    for (const o of after) if (o.status === 'fulfilled') budget.settle(o.value, [{ model: MODEL, ok: false, status: 503, failure: 'http', usage: undefined }]);
   });
 
   it('charges a stream cut mid-way for what it produced, and releases the rest', async () => {
