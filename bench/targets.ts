@@ -132,6 +132,8 @@ export async function startGateway(options: GatewayOptions): Promise<StartedGate
   for (const name of Object.keys(CONFIG_VARIABLES)) delete env[name];
   Object.assign(env, {
     NODE_ENV: 'production',
+    // As `npm start` and the image run it (docs/operations.md "Memory").
+    MALLOC_ARENA_MAX: '2',
     PORT: String(port),
     HOST: '127.0.0.1',
     LOG_LEVEL: 'warn',

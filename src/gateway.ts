@@ -2,7 +2,7 @@ import 'reflect-metadata';
 import type { INestApplicationContext } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
 import { FastifyAdapter, type NestFastifyApplication } from '@nestjs/platform-fastify';
-import { DocumentBuilder, SwaggerModule } from '@nestjs/swagger';
+import { DocumentBuilder, type OpenAPIObject, SwaggerModule } from '@nestjs/swagger';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import { AppModule, DATABASE_CONTENT } from './app.module.js';
@@ -91,15 +91,18 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   });
   if (telemetry.tracer) installHttpTracing(fastify, telemetry.tracer);
 
-  const document = SwaggerModule.createDocument(
-    app,
-    new DocumentBuilder()
-      .setTitle('Gatehouse')
-      .setDescription('OpenAI-compatible LLM gateway: routing, budgets, cache, rate limits. Contract: API.md.')
-      .setVersion('0.1.0')
-      .addBearerAuth()
-      .build(),
-  );
+  // A factory, not a document: Swagger builds it on the first /docs request instead of at every
+  // start, and a process nobody asks for its docs never holds it (docs/operations.md "Memory").
+  const document = (): OpenAPIObject =>
+    SwaggerModule.createDocument(
+      app,
+      new DocumentBuilder()
+        .setTitle('Gatehouse')
+        .setDescription('OpenAI-compatible LLM gateway: routing, budgets, cache, rate limits. Contract: API.md.')
+        .setVersion('0.1.0')
+        .addBearerAuth()
+        .build(),
+    );
   SwaggerModule.setup('docs', app, document, { jsonDocumentUrl: 'docs/openapi.json' });
 
   let url = '';

@@ -2,7 +2,6 @@ import type { PGlite } from '@electric-sql/pglite';
 import pg from 'pg';
 import { DataSource, type DataSourceOptions, type MixedList, type EntitySchema } from 'typeorm';
 import type { DatabaseConfig } from '../config/config.js';
-import { createPglitePgDriver, openPglite } from './pglite/index.js';
 
 // pg returns int8 as string by default (TypeORM expects that for bigint columns); keep it so on
 // both drivers, and let money code turn strings into BigInt explicitly.
@@ -44,6 +43,9 @@ export async function openDatabase(target: DatabaseTarget, content: DatabaseCont
   if (target.driver === 'postgres') {
     options = { ...common, url: target.url, driver: pg, extra: { max: poolSize, connectionTimeoutMillis: 5000, statement_timeout: 30_000 } };
   } else {
+    // PGlite's module is imported only for the embedded database, never on PostgreSQL
+    // (docs/operations.md "Memory").
+    const { createPglitePgDriver, openPglite } = await import('./pglite/index.js');
     pglite = await openPglite({ dataDir: target.dataDir, loadDataDir: 'template' in target ? target.template : undefined });
     options = { ...common, driver: createPglitePgDriver(pglite), database: 'postgres' };
   }

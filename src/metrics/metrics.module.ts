@@ -22,7 +22,7 @@ import { WorkerOpsServer } from './worker-ops-server.js';
     {
       provide: Telemetry,
       // The process's SDK was started by createGateway before the app was built; the tracer is this app's.
-      useFactory: (config: AppConfig, appLogger: AppLogger): Telemetry =>
+      useFactory: (config: AppConfig, appLogger: AppLogger): Promise<Telemetry> =>
         createTelemetry({ role: config.role, otlpEndpoint: config.telemetry.otlpEndpoint, logger: appLogger.logger }),
       inject: [AppConfig, AppLogger],
     },

@@ -1,9 +1,9 @@
-import { type DiagLogger, DiagLogLevel, diag, type Tracer } from '@opentelemetry/api';
+import { context, DiagConsoleLogger, type DiagLogger, DiagLogLevel, diag, metrics, type Tracer } from '@opentelemetry/api';
+import { diagLogLevelFromString, getBooleanFromEnv, getStringFromEnv } from '@opentelemetry/core';
 import { PrometheusExporter } from '@opentelemetry/exporter-prometheus';
-import { OTLPTraceExporter } from '@opentelemetry/exporter-trace-otlp-http';
 import { type Resource, resourceFromAttributes } from '@opentelemetry/resources';
-import { NodeSDK } from '@opentelemetry/sdk-node';
-import { BatchSpanProcessor, TracerProvider } from '@opentelemetry/sdk-trace';
+import { MeterProvider } from '@opentelemetry/sdk-metrics';
+import type { TracerProvider } from '@opentelemetry/sdk-trace';
 import type { Logger } from 'pino';
 
 /**
@@ -21,6 +21,8 @@ export abstract class Telemetry {
 
 interface ProcessTelemetry {
   readonly exporter: PrometheusExporter;
+  /** Whether the AsyncLocalStorage context manager is registered (with the first tracer). */
+  contextManager: boolean;
 }
 
 // The OpenTelemetry API keeps the meter provider in a process global and accepts it only once, so
@@ -30,50 +32,60 @@ const SLOT = Symbol.for('gatehouse.telemetry');
 type Slot = { [SLOT]?: ProcessTelemetry };
 
 /**
- * Starts the OpenTelemetry SDK for the process, before the Nest app is built (idempotent): a
- * MeterProvider read by the Prometheus exporter, and the AsyncLocalStorage context manager spans
- * use to find their parent. No auto-instrumentation: patching http/undici/pg costs on every call
- * (PERFORMANCE.md); the spans worth having are made by hand (GatewayMetrics, http-tracing.ts).
+ * Starts OpenTelemetry metrics for the process, before the Nest app is built (idempotent): a
+ * MeterProvider read by the Prometheus exporter. No auto-instrumentation: patching
+ * http/undici/pg costs on every call (PERFORMANCE.md); the spans worth having are made by hand
+ * (GatewayMetrics, http-tracing.ts).
+ *
+ * The SDK's MeterProvider directly, not `NodeSDK`: NodeSDK imports every exporter it could be
+ * configured with (OTLP over gRPC, protobuf and HTTP for traces, metrics and logs, Zipkin, the
+ * declarative-config parser), ~5 MB of heap kept for the process's life to run metrics only
+ * (docs/operations.md "Memory"). What tracing needs is imported when an endpoint is configured.
  */
 export function startOpenTelemetry(logger: Logger): ProcessTelemetry {
   const holder = globalThis as Slot;
   const existing = holder[SLOT];
   if (existing) return existing;
   diag.setLogger(diagToPino(logger), DiagLogLevel.WARN);
+  // The two standard variables NodeSDK honoured, kept with the same meaning.
+  const logLevel = getStringFromEnv('OTEL_LOG_LEVEL');
+  if (logLevel !== undefined) diag.setLogger(new DiagConsoleLogger(), { logLevel: diagLogLevelFromString(logLevel) });
   const exporter = new PrometheusExporter({ preventServerStart: true, withoutScopeInfo: true });
-  const sdk = new NodeSDK({
-    // Detectors read the environment and the host at start; the attribute worth having is set here.
-    autoDetectResources: false,
-    resource: gatehouseResource(),
-    metricReaders: [exporter],
-    // Empty lists mean "no provider": tracing is per gateway (createTracing), logs go to pino.
-    spanProcessors: [],
-    logRecordProcessors: [],
-    instrumentations: [],
-    textMapPropagator: null,
-  });
-  sdk.start();
-  const created: ProcessTelemetry = { exporter };
+  if (!getBooleanFromEnv('OTEL_SDK_DISABLED')) metrics.setGlobalMeterProvider(new MeterProvider({ resource: gatehouseResource(), readers: [exporter] }));
+  const created: ProcessTelemetry = { exporter, contextManager: false };
   holder[SLOT] = created;
   return created;
 }
 
 /** This gateway's telemetry; its tracer (if any) belongs to it and stops with it. */
-export function createTelemetry(options: { logger: Logger; otlpEndpoint: string | undefined; role: string }): Telemetry {
-  const { exporter } = startOpenTelemetry(options.logger);
-  const provider = options.otlpEndpoint
-    ? new TracerProvider({
-        resource: gatehouseResource().merge(resourceFromAttributes({ 'gatehouse.role': options.role })),
-        spanProcessors: [new BatchSpanProcessor({ exporter: new OTLPTraceExporter({ url: `${options.otlpEndpoint}/v1/traces` }) })],
-      })
-    : undefined;
+export async function createTelemetry(options: { logger: Logger; otlpEndpoint: string | undefined; role: string }): Promise<Telemetry> {
+  const shared = startOpenTelemetry(options.logger);
+  const provider = options.otlpEndpoint ? await createTracerProvider(shared, options.otlpEndpoint, options.role) : undefined;
   return {
-    exporter,
+    exporter: shared.exporter,
     tracer: provider?.getTracer('gatehouse'),
     shutdown: async () => {
       await provider?.shutdown();
     },
   };
+}
+
+async function createTracerProvider(shared: ProcessTelemetry, otlpEndpoint: string, role: string): Promise<TracerProvider> {
+  const [{ AsyncLocalStorageContextManager }, { BatchSpanProcessor, TracerProvider }, { OTLPTraceExporter }] = await Promise.all([
+    import('@opentelemetry/context-async-hooks'),
+    import('@opentelemetry/sdk-trace'),
+    import('@opentelemetry/exporter-trace-otlp-http'),
+  ]);
+  // Spans find their parent through the active context (http-tracing's preHandler makes the request
+  // span active); the API accepts one context manager per process, registered by the first tracer.
+  if (!shared.contextManager) {
+    context.setGlobalContextManager(new AsyncLocalStorageContextManager().enable());
+    shared.contextManager = true;
+  }
+  return new TracerProvider({
+    resource: gatehouseResource().merge(resourceFromAttributes({ 'gatehouse.role': role })),
+    spanProcessors: [new BatchSpanProcessor({ exporter: new OTLPTraceExporter({ url: `${otlpEndpoint}/v1/traces` }) })],
+  });
 }
 
 function gatehouseResource(): Resource {

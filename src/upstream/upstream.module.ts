@@ -1,9 +1,8 @@
 import { type DynamicModule, Inject, Module, type OnApplicationShutdown } from '@nestjs/common';
-import { startStubUpstream, type StubUpstream } from '../../libs/stub-upstream/src/index.js';
+import type { StubUpstream } from '../../libs/stub-upstream/src/index.js';
 import type { AppConfig } from '../config/config.js';
 import { AppLogger } from '../core/logger.js';
 import { LlmClient, UpstreamInfo } from './llm-client.js';
-import { OpenAiSdkLlmClient } from './openai-sdk-llm-client.js';
 import { UndiciLlmClient } from './undici-llm-client.js';
 
 const UPSTREAM_RUNTIME = Symbol('UPSTREAM_RUNTIME');
@@ -24,6 +23,9 @@ async function createRuntime(config: AppConfig, logger: AppLogger['logger']): Pr
   let baseUrl = config.upstream.baseUrl;
   let apiKey = config.upstream.apiKey;
   if (config.upstream.mock) {
+    // Imported only when used, like the SDK driver below: a module loaded is memory kept for the
+    // life of the process (docs/operations.md "Memory").
+    const { startStubUpstream } = await import('../../libs/stub-upstream/src/index.js');
     mockServer = await startStubUpstream({ host: '127.0.0.1', port: 0, recordRequests: false });
     baseUrl = mockServer.url;
     apiKey = 'mock-upstream-no-key';
@@ -39,9 +41,12 @@ async function createRuntime(config: AppConfig, logger: AppLogger['logger']): Pr
     case 'undici':
       client = new UndiciLlmClient({ ...common, connections: config.upstream.connections });
       break;
-    case 'sdk':
+    case 'sdk': {
+      // The openai package alone is ~3.5 MB of live heap; the default driver never needs it.
+      const { OpenAiSdkLlmClient } = await import('./openai-sdk-llm-client.js');
       client = new OpenAiSdkLlmClient(common);
       break;
+    }
   }
   return { client, info: { mock: config.upstream.mock, baseUrl: config.upstream.mock ? 'mock' : baseUrl }, mockServer };
 }

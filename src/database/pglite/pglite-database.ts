@@ -39,10 +39,18 @@ export interface DumpPgliteTemplateOptions {
   compression?: 'none' | 'gzip';
 }
 
+/**
+ * PGlite's own start parameters plus a smaller buffer pool. The data directory's postgresql.conf
+ * (written by initdb) asks for shared_buffers=128MB, which sits in the WASM heap of the gateway's
+ * own process and never shrinks; an embedded database is one developer's, and 16 MB took the
+ * gateway's RSS down by 60-140 MB at the same CPU per request (docs/operations.md "Memory").
+ */
+const START_PARAMS = [...PGlite.defaultStartParams, '-c', 'shared_buffers=16MB'];
+
 /** Opens (or creates) a PGlite database; its owner must close it (see `closePglite`). */
 export async function openPglite(opts: OpenPgliteOptions): Promise<PGlite> {
   if (opts.dataDir.startsWith('memory://')) {
-    return PGlite.create('memory://', opts.loadDataDir ? { loadDataDir: opts.loadDataDir } : {});
+    return PGlite.create('memory://', { startParams: START_PARAMS, ...(opts.loadDataDir ? { loadDataDir: opts.loadDataDir } : {}) });
   }
   const dir = resolve(opts.dataDir.startsWith('file:') ? fileURLToPath(opts.dataDir) : opts.dataDir);
   // PGlite's NodeFS only creates the last path segment itself.
@@ -50,7 +58,7 @@ export async function openPglite(opts: OpenPgliteOptions): Promise<PGlite> {
   const releaseLock = lockDataDir(dir);
   try {
     const hasDatabase = existsSync(join(dir, 'PG_VERSION'));
-    const db = await PGlite.create(dir, opts.loadDataDir && !hasDatabase ? { loadDataDir: opts.loadDataDir } : {});
+    const db = await PGlite.create(dir, { startParams: START_PARAMS, ...(opts.loadDataDir && !hasDatabase ? { loadDataDir: opts.loadDataDir } : {}) });
     holdLockUntilClosed(db, releaseLock);
     return db;
   } catch (error) {
