@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { type BeforeApplicationShutdown, Injectable, type OnApplicationShutdown, type OnModuleInit, Optional } from '@nestjs/common';
 import type { Logger } from 'pino';
+import { BatchWriter } from '../core/batch-writer.js';
 import { Clock } from '../core/clock.js';
 import { ERROR_TABLE } from '../core/errors.js';
 import { AppLogger } from '../core/logger.js';
@@ -88,9 +89,6 @@ interface Pending {
   event: AuditEvent | undefined;
 }
 
-const SHUTDOWN_ATTEMPTS = 3;
-const LOUD_LOG_INTERVAL_MS = 10_000;
-
 /**
  * Append-only audit trail, kept off the request path: `record*()` only pushes onto an in-memory
  * buffer; a writer flushes it in batches (one chained multi-row INSERT per flush) every
@@ -103,14 +101,7 @@ const LOUD_LOG_INTERVAL_MS = 10_000;
 @Injectable()
 export class AuditService implements OnModuleInit, BeforeApplicationShutdown, OnApplicationShutdown {
   private readonly logger: Logger;
-  private buffer: Pending[] = [];
-  private running: Promise<void> | undefined;
-  private scheduled = false;
-  private timer: NodeJS.Timeout | undefined;
-  private failures = 0;
-  private nextAttemptAt = 0;
-  private lastError: string | undefined;
-  private readonly lastLoudLogAt = new Map<string, number>();
+  private readonly writer: BatchWriter<Pending>;
   /** The last failure may have happened after COMMIT: the next flush skips ids already stored. */
   private ambiguous = false;
   private written = 0;
@@ -127,6 +118,26 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
     @Optional() private readonly readiness?: ReadinessRegistry,
   ) {
     this.logger = appLogger.logger.child({ context: 'Audit' });
+    this.writer = new BatchWriter<Pending>({
+      store: (batch) => this.store(batch),
+      batchSize: options.batchSize,
+      flushMs: options.flushMs,
+      maxBackoffMs: options.maxBackoffMs,
+      logger: this.logger,
+      messages: {
+        failed: 'audit flush failed; events kept in memory and retried',
+        stillFailing: 'audit flush still failing',
+        recovered: 'audit writes recovered',
+      },
+      drain: 'all',
+      beforeBatch: () => {
+        if (this.droppedSinceLastWrite > 0 && this.writer.size < this.options.maxBuffered) this.recordGap();
+      },
+      failed: () => {
+        this.ambiguous = true;
+      },
+      describeError: (error) => cleanString(error instanceof Error ? error.message : String(error), 200),
+    });
   }
 
   onModuleInit(): void {
@@ -146,15 +157,11 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
   }
 
   start(): void {
-    if (this.timer) return;
-    this.timer = setInterval(() => this.tick(), this.options.flushMs);
-    // The timer alone must never keep a process alive; shutdown drains explicitly.
-    this.timer.unref();
+    this.writer.start();
   }
 
   stop(): void {
-    if (this.timer) clearInterval(this.timer);
-    this.timer = undefined;
+    this.writer.stop();
   }
 
   /** Buffers one event. Never throws and never waits: audit must not fail or slow a request. */
@@ -240,11 +247,8 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
 
   /** Writes everything buffered now (tests, shutdown). Resolves false if the database refused. */
   async flush(): Promise<boolean> {
-    while (this.running) await this.running;
-    if (this.buffer.length === 0 && this.droppedSinceLastWrite === 0) return true;
-    this.nextAttemptAt = 0;
-    await this.runDrain();
-    return this.buffer.length === 0 && this.failures === 0;
+    // A drain writes until the buffer is empty, so anything left means the database refused.
+    return (await this.writer.flush()) && this.writer.size === 0;
   }
 
   /** Admin query: newest first, keyset-paginated on seq. */
@@ -258,18 +262,11 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
   }
 
   stats(): AuditStats {
-    return { buffered: this.buffer.length, written: this.written, dropped: this.dropped, failing: this.failures > 0, lastError: this.lastError };
+    return { buffered: this.writer.size, written: this.written, dropped: this.dropped, failing: this.writer.failures > 0, lastError: this.writer.lastError };
   }
 
   report(): ReadinessReport {
-    const details: Record<string, unknown> = {
-      buffered: this.buffer.length,
-      max_buffered: this.options.maxBuffered,
-      written: this.written,
-      dropped: this.dropped,
-    };
-    if (this.failures === 0) return { state: 'up', details };
-    return { state: 'degraded', details: { ...details, failing: true, consecutive_failures: this.failures, last_error: this.lastError } };
+    return this.writer.report({ buffered: this.writer.size, max_buffered: this.options.maxBuffered, written: this.written, dropped: this.dropped });
   }
 
   /** Built once per event, so a retried batch hashes exactly what the failed attempt hashed. */
@@ -303,63 +300,31 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
   }
 
   private push(event: Pending): void {
-    if (this.buffer.length >= this.options.maxBuffered) {
+    if (this.writer.size >= this.options.maxBuffered) {
       this.dropped += 1;
       this.droppedSinceLastWrite += 1;
       this.droppedFrom ??= event.at;
       this.droppedUntil = event.at;
-      this.loud('dropped', () =>
+      this.writer.loud('dropped', () =>
         this.logger.error(
-          { dropped: this.dropped, buffered: this.buffer.length, lastError: this.lastError },
+          { dropped: this.dropped, buffered: this.writer.size, lastError: this.writer.lastError },
           'AUDIT EVENTS DROPPED: the audit buffer is full because the database keeps refusing writes',
         ),
       );
       return;
     }
-    this.buffer.push(event);
-    if (this.buffer.length >= this.options.batchSize && !this.running && !this.scheduled && Date.now() >= this.nextAttemptAt) {
-      // Deferred: even the synchronous start of a transaction does not belong on the request path.
-      this.scheduled = true;
-      setImmediate(() => {
-        this.scheduled = false;
-        void this.runDrain();
-      });
-    }
+    this.writer.add(event);
   }
 
-  private tick(): void {
-    if (this.running || (this.buffer.length === 0 && this.droppedSinceLastWrite === 0) || Date.now() < this.nextAttemptAt) return;
-    void this.runDrain();
-  }
-
-  private runDrain(): Promise<void> {
-    this.running ??= this.drain().finally(() => {
-      this.running = undefined;
-    });
-    return this.running;
-  }
-
-  /** Writes batch after batch until the buffer is empty or the database fails. */
-  private async drain(): Promise<void> {
-    for (;;) {
-      if (this.droppedSinceLastWrite > 0 && this.buffer.length < this.options.maxBuffered) this.recordGap();
-      const batch = this.buffer.slice(0, this.options.batchSize).map((pending) => this.materialize(pending));
-      if (batch.length === 0) return;
-      try {
-        await this.repository.append(batch, this.ambiguous);
-      } catch (error) {
-        this.failed(error);
-        return;
-      }
-      // Events stay in the buffer until stored: new ones were only appended behind them.
-      this.buffer.splice(0, batch.length);
-      this.written += batch.length;
-      if (this.failures > 0) this.logger.warn({ failures: this.failures, buffered: this.buffer.length }, 'audit writes recovered');
-      this.failures = 0;
-      this.ambiguous = false;
-      this.lastError = undefined;
-      this.nextAttemptAt = 0;
-    }
+  /** One chained multi-row INSERT; details are materialised once, so a retry hashes what the failed attempt hashed. */
+  private async store(pending: readonly Pending[]): Promise<number> {
+    await this.repository.append(
+      pending.map((p) => this.materialize(p)),
+      this.ambiguous,
+    );
+    this.written += pending.length;
+    this.ambiguous = false;
+    return pending.length;
   }
 
   /** The chain records its own gap, so a reviewer sees that events are missing and when. */
@@ -374,35 +339,12 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
     this.droppedSinceLastWrite = 0;
     this.droppedFrom = undefined;
     this.droppedUntil = undefined;
-    this.buffer.push({ id: randomUUID(), at: this.clock.now(), input: { action: 'audit.events_dropped', targetType: 'audit', details }, event: undefined });
-  }
-
-  private failed(error: unknown): void {
-    this.failures += 1;
-    this.ambiguous = true;
-    this.lastError = cleanString(error instanceof Error ? error.message : String(error), 200);
-    const backoff = Math.min(this.options.maxBackoffMs, this.options.flushMs * 2 ** Math.min(this.failures, 20));
-    // Jitter: instances that lost the database together should not all come back at once.
-    this.nextAttemptAt = Date.now() + backoff / 2 + Math.random() * (backoff / 2);
-    const entry = { err: this.lastError, failures: this.failures, buffered: this.buffer.length, retryInMs: Math.round(this.nextAttemptAt - Date.now()) };
-    if (this.failures === 1) this.logger.error(entry, 'audit flush failed; events kept in memory and retried');
-    else this.loud('failing', () => this.logger.error(entry, 'audit flush still failing'));
+    this.writer.add({ id: randomUUID(), at: this.clock.now(), input: { action: 'audit.events_dropped', targetType: 'audit', details }, event: undefined });
   }
 
   private async drainForShutdown(): Promise<void> {
-    for (let attempt = 1; attempt <= SHUTDOWN_ATTEMPTS; attempt += 1) {
-      if (await this.flush()) return;
-      if (attempt < SHUTDOWN_ATTEMPTS) await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
-    }
-    this.logger.error({ lost: this.buffer.length, lastError: this.lastError }, 'AUDIT EVENTS LOST: shutting down with events the database would not take');
-  }
-
-  /** Loud but bounded: one line per kind per interval, not one per request. */
-  private loud(kind: string, log: () => void): void {
-    const now = Date.now();
-    if (now - (this.lastLoudLogAt.get(kind) ?? 0) < LOUD_LOG_INTERVAL_MS) return;
-    this.lastLoudLogAt.set(kind, now);
-    log();
+    if (await this.writer.drainForShutdown(() => this.flush())) return;
+    this.logger.error({ lost: this.writer.size, lastError: this.writer.lastError }, 'AUDIT EVENTS LOST: shutting down with events the database would not take');
   }
 }
 

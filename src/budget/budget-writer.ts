@@ -2,6 +2,7 @@ import { Injectable, type OnApplicationShutdown, type OnModuleInit, Optional } f
 import type { Logger } from 'pino';
 import { formatUsd } from '../../libs/money/src/index.js';
 import { AppConfig } from '../config/config.js';
+import { BatchWriter } from '../core/batch-writer.js';
 import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
 import { AppLogger } from '../core/logger.js';
@@ -55,16 +56,14 @@ export interface BudgetWriterStats {
 
 /** Beyond this many charges waiting (the database refusing writes for a long time) reservations are refused. */
 export const MAX_BUFFERED = 100_000;
-const SHUTDOWN_ATTEMPTS = 3;
 const MAX_BACKOFF_MS = 5000;
-const LOUD_LOG_INTERVAL_MS = 10_000;
 const FLUSH: BudgetStatement = { name: 'gatehouse_budget_flush', text: FLUSH_SQL };
 
 /**
  * Stores settles and cache-hit ledger rows off the request path: `enqueue()` only pushes onto an
  * in-memory buffer; a writer stores it with ONE statement per batch (FLUSH_SQL) every
- * `BUDGET_FLUSH_MS`, or as soon as `BUDGET_FLUSH_BATCH` charges wait, and drains it on shutdown.
- * Modelled on AuditService.
+ * `BUDGET_FLUSH_MS`, or as soon as `BUDGET_FLUSH_BATCH` charges wait, and drains it on shutdown
+ * (the scheduling, backoff and logging are BatchWriter's, shared with AuditService).
  *
  * Nothing is lost while the database is away: batches are retried with backoff, and a retry
  * cannot charge twice (FLUSH_SQL is idempotent). The buffer is bounded: when it is full,
@@ -79,17 +78,8 @@ const FLUSH: BudgetStatement = { name: 'gatehouse_budget_flush', text: FLUSH_SQL
 @Injectable()
 export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
   private readonly logger: Logger;
-  private buffer: PendingCharge[] = [];
-  private running: Promise<void> | undefined;
-  private scheduled = false;
-  private timer: NodeJS.Timeout | undefined;
-  private failures = 0;
-  private nextAttemptAt = 0;
-  private lastError: string | undefined;
-  private readonly lastLoudLogAt = new Map<string, number>();
-  /** Charges ever accepted, and ever done with (stored or set aside): a flush waits for a count. */
-  private accepted = 0;
-  private done = 0;
+  /** Charges stay in its buffer until stored or set aside; it drains only what waited when the drain started. */
+  private readonly writer: BatchWriter<PendingCharge>;
   private written = 0;
   /** Pending reservations per user / department id: a refused reservation flushes only when it can help. */
   private readonly pendingHolds = new Map<string, number>();
@@ -105,13 +95,28 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
   ) {
     this.logger = appLogger.logger.child({ context: 'BudgetWriter' });
     this.batchLimit = config.budget.flushBatch;
+    this.writer = new BatchWriter<PendingCharge>({
+      store: (batch) => this.store(batch),
+      batchSize: config.budget.flushBatch,
+      flushMs: config.budget.flushMs,
+      maxBackoffMs: MAX_BACKOFF_MS,
+      logger: this.logger,
+      messages: {
+        failed: 'budget flush failed; settles and ledger rows kept in memory and retried',
+        stillFailing: 'budget flush still failing',
+        recovered: 'budget writes recovered',
+      },
+      drain: 'queued',
+      drained: () => {
+        this.batchLimit = this.config.budget.flushBatch;
+      },
+      describeError: errorMessage,
+    });
   }
 
   onModuleInit(): void {
     this.readiness?.register('budget_writer', () => Promise.resolve(this.report()));
-    this.timer = setInterval(() => this.tick(), this.config.budget.flushMs);
-    // The timer alone must never keep a process alive; shutdown drains explicitly.
-    this.timer.unref();
+    this.writer.start();
   }
 
   /**
@@ -120,8 +125,7 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
    * (DatabaseModule is global, shut down after feature modules): every settle is in the buffer.
    */
   async onApplicationShutdown(): Promise<void> {
-    if (this.timer) clearInterval(this.timer);
-    this.timer = undefined;
+    this.writer.stop();
     await this.drainForShutdown();
     await this.database.close();
   }
@@ -129,30 +133,20 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
   /** Buffers a settle or a cache hit. Never throws and never waits. */
   enqueue(charge: PendingCharge): void {
     if (charge.rows.length === 0 && !charge.release) return;
-    this.buffer.push(charge);
-    this.accepted += 1;
     if (charge.release) this.countHold(charge.release, 1);
-    if (!this.timer) {
-      this.loud('late', () => this.logger.error({ buffered: this.buffer.length }, 'budget charge queued after the writer stopped; flushing it now'));
+    this.writer.add(charge);
+    if (!this.writer.started) {
+      this.writer.loud('late', () => this.logger.error({ buffered: this.writer.size }, 'budget charge queued after the writer stopped; flushing it now'));
       void this.flush();
-      return;
-    }
-    if (this.buffer.length >= this.config.budget.flushBatch && !this.running && !this.scheduled && Date.now() >= this.nextAttemptAt) {
-      // Deferred: even the synchronous start of a query does not belong on the request path.
-      this.scheduled = true;
-      setImmediate(() => {
-        this.scheduled = false;
-        void this.runDrain();
-      });
     }
   }
 
   /** Reservations fail closed once the buffer is full: a call whose cost cannot be recorded must not start. */
   assertAccepting(): void {
-    if (this.buffer.length < MAX_BUFFERED) return;
-    this.loud('full', () =>
+    if (this.writer.size < MAX_BUFFERED) return;
+    this.writer.loud('full', () =>
       this.logger.error(
-        { buffered: this.buffer.length, lastError: this.lastError },
+        { buffered: this.writer.size, lastError: this.writer.lastError },
         'BUDGET WRITES BACKED UP: the database keeps refusing settles; new requests are refused until it takes them',
       ),
     );
@@ -169,78 +163,41 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
    * the database refused; never throws. The budget views call it so that one instance answers
    * consistently right after a response.
    */
-  async flush(): Promise<boolean> {
-    const target = this.accepted;
-    let tried = false;
-    while (this.done < target) {
-      if (this.running) {
-        await this.running;
-        continue;
-      }
-      if (tried) return false;
-      tried = true;
-      this.nextAttemptAt = 0;
-      await this.runDrain();
-    }
-    return true;
+  flush(): Promise<boolean> {
+    return this.writer.flush();
   }
 
   stats(): BudgetWriterStats {
-    return { buffered: this.buffer.length, written: this.written, failing: this.failures > 0, lastError: this.lastError };
+    return { buffered: this.writer.size, written: this.written, failing: this.writer.failures > 0, lastError: this.writer.lastError };
   }
 
   report(): ReadinessReport {
-    const details: Record<string, unknown> = { buffered: this.buffer.length, written: this.written };
-    if (this.failures === 0) return { state: 'up', details };
-    return { state: 'degraded', details: { ...details, failing: true, consecutive_failures: this.failures, last_error: this.lastError } };
-  }
-
-  private tick(): void {
-    if (this.running || this.buffer.length === 0 || Date.now() < this.nextAttemptAt) return;
-    void this.runDrain();
-  }
-
-  private runDrain(): Promise<void> {
-    this.running ??= this.drain().finally(() => {
-      this.running = undefined;
-    });
-    return this.running;
+    return this.writer.report({ buffered: this.writer.size, written: this.written });
   }
 
   /**
-   * Stores the charges that were waiting when it started, batch after batch, until they are
-   * stored or the database fails. Later arrivals are the next tick's: a flush() waiting on this
-   * must not wait on traffic that keeps coming.
+   * Stores the front of the batch with ONE statement. A batch the database rejects for its data
+   * is retried in halves (resolving 0: nothing done yet) until the one bad charge is set aside.
    */
-  private async drain(): Promise<void> {
-    let remaining = this.buffer.length;
-    while (remaining > 0) {
-      const batch = this.buffer.slice(0, Math.min(this.batchLimit, remaining));
-      try {
-        await this.store(batch);
-      } catch (error) {
-        if (!isDataError(error)) {
-          this.failed(error);
-          return;
-        }
-        if (batch.length > 1) {
-          this.batchLimit = Math.ceil(batch.length / 2);
-          continue;
-        }
-        this.setAside(batch, error);
-        this.batchLimit = this.config.budget.flushBatch;
+  private async store(batch: readonly PendingCharge[]): Promise<number> {
+    const part = batch.length > this.batchLimit ? batch.slice(0, this.batchLimit) : batch;
+    try {
+      await this.write(part);
+      this.written += part.length;
+    } catch (error) {
+      if (!isDataError(error)) throw error;
+      if (part.length > 1) {
+        this.batchLimit = Math.ceil(part.length / 2);
+        return 0;
       }
-      // Charges stay in the buffer until stored: new ones were only appended behind them.
-      this.buffer.splice(0, batch.length);
-      remaining -= batch.length;
-      this.done += batch.length;
-      for (const charge of batch) if (charge.release) this.countHold(charge.release, -1);
+      this.setAside(part, error);
+      this.batchLimit = this.config.budget.flushBatch;
     }
-    this.batchLimit = this.config.budget.flushBatch;
-    if (this.buffer.length >= this.config.budget.flushBatch && this.timer) setImmediate(() => this.tick());
+    for (const charge of part) if (charge.release) this.countHold(charge.release, -1);
+    return part.length;
   }
 
-  private async store(batch: readonly PendingCharge[]): Promise<void> {
+  private async write(batch: readonly PendingCharge[]): Promise<void> {
     const now = this.clock.now();
     const starts = periodStarts(now);
     const releases: string[] = [];
@@ -257,11 +214,6 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
       JSON.stringify(releases),
       JSON.stringify(rows),
     ]);
-    this.written += batch.length;
-    if (this.failures > 0) this.logger.warn({ failures: this.failures, buffered: this.buffer.length }, 'budget writes recovered');
-    this.failures = 0;
-    this.lastError = undefined;
-    this.nextAttemptAt = 0;
   }
 
   /** One charge the database will not take as it is: kept in the log for reconciliation, not retried forever. */
@@ -283,41 +235,20 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
     }
   }
 
-  private failed(error: unknown): void {
-    this.failures += 1;
-    this.lastError = errorMessage(error);
-    const backoff = Math.min(MAX_BACKOFF_MS, this.config.budget.flushMs * 2 ** Math.min(this.failures, 20));
-    // Jitter: instances that lost the database together should not all come back at once.
-    this.nextAttemptAt = Date.now() + backoff / 2 + Math.random() * (backoff / 2);
-    const entry = { err: this.lastError, failures: this.failures, buffered: this.buffer.length, retryInMs: Math.round(this.nextAttemptAt - Date.now()) };
-    if (this.failures === 1) this.logger.error(entry, 'budget flush failed; settles and ledger rows kept in memory and retried');
-    else this.loud('failing', () => this.logger.error(entry, 'budget flush still failing'));
-  }
-
   private async drainForShutdown(): Promise<void> {
-    for (let attempt = 1; attempt <= SHUTDOWN_ATTEMPTS; attempt += 1) {
-      if (await this.flush()) return;
-      if (attempt < SHUTDOWN_ATTEMPTS) await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
-    }
+    if (await this.writer.drainForShutdown()) return;
+    const buffer = this.writer.buffer;
     let cost = 0n;
-    for (const charge of this.buffer) for (const row of charge.rows) cost += BigInt(row.cost_nanos);
+    for (const charge of buffer) for (const row of charge.rows) cost += BigInt(row.cost_nanos);
     this.logger.error(
       {
-        lost: this.buffer.length,
+        lost: buffer.length,
         costUsd: formatUsd(cost),
-        lastError: this.lastError,
-        requestIds: this.buffer.slice(0, 100).map((c) => c.rows[0]?.request_id),
+        lastError: this.writer.lastError,
+        requestIds: buffer.slice(0, 100).map((c) => c.rows[0]?.request_id),
       },
       'BUDGET CHARGES LOST: shutting down with settles the database would not take; their reservations stay held until the sweeper releases them',
     );
-  }
-
-  /** Loud but bounded: one line per kind per interval, not one per request. */
-  private loud(kind: string, log: () => void): void {
-    const now = Date.now();
-    if (now - (this.lastLoudLogAt.get(kind) ?? 0) < LOUD_LOG_INTERVAL_MS) return;
-    this.lastLoudLogAt.set(kind, now);
-    log();
   }
 }
 

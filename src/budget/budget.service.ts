@@ -26,16 +26,8 @@ interface ReserveRow {
   recorded: string | number;
 }
 
-/** What one attempt costs, as its ledger row will say. */
-interface AttemptCharge {
-  model: string;
-  prompt_tokens: number;
-  completion_tokens: number;
-  cost_nanos: string;
-  cost_source: CostSource;
-  status: number | null;
-  outcome: string;
-}
+/** What one attempt costs: the part of its ledger row the attempt decides. */
+type AttemptCharge = Pick<LedgerEntry, 'model' | 'prompt_tokens' | 'completion_tokens' | 'cost_nanos' | 'cost_source' | 'status' | 'outcome'>;
 
 const MAX_INT = 2_147_483_647;
 const RESERVE: BudgetStatement = { name: 'gatehouse_budget_reserve', text: RESERVE_SQL };

@@ -1,0 +1,198 @@
+import type { Logger } from 'pino';
+import type { ReadinessReport } from '../health/readiness.js';
+
+export interface BatchWriterOptions<T> {
+  /**
+   * Stores the front of the buffer and resolves with how many of its leading items are done
+   * with (stored, or set aside by the caller); 0 means "try again at once with what is left"
+   * (the caller changed how much it takes). Throwing counts as a failed flush: every item stays
+   * buffered and is retried after a backoff.
+   */
+  store(batch: readonly T[]): Promise<number>;
+  /** Items per store() call; a buffer this full starts a drain at once. */
+  batchSize: number;
+  /** A drain starts at least this often while items wait (and the timer runs). */
+  flushMs: number;
+  /** Longest wait between failed flushes. */
+  maxBackoffMs: number;
+  logger: Logger;
+  messages: { failed: string; stillFailing: string; recovered: string };
+  /**
+   * 'all': a drain writes until the buffer is empty. 'queued': only what waited when it started,
+   * so that a flush() waiting on it does not wait on traffic that keeps coming.
+   */
+  drain: 'all' | 'queued';
+  /** Runs before each batch is taken (may add() items). */
+  beforeBatch?: () => void;
+  /** Runs when a drain got through everything it meant to write. */
+  drained?: () => void;
+  /** Runs on each failed flush, before it is logged. */
+  failed?: (error: unknown) => void;
+  /** The error as readiness and logs show it. */
+  describeError?: (error: unknown) => string;
+}
+
+const SHUTDOWN_ATTEMPTS = 3;
+const LOUD_LOG_INTERVAL_MS = 10_000;
+
+/**
+ * The machinery behind a writer that keeps rows off the request path: an in-memory buffer
+ * stored in batches by one drain at a time (on a timer, or at once when a batch is full), with
+ * exponential backoff plus jitter while the database refuses, rate-limited loud logs, a
+ * readiness report and a drain on shutdown. What is stored, and how, stays with its owner.
+ */
+export class BatchWriter<T> {
+  /** Items stay here until done with: new ones are only appended behind them. */
+  readonly buffer: T[] = [];
+  private running: Promise<void> | undefined;
+  private scheduled = false;
+  private timer: NodeJS.Timeout | undefined;
+  private failureCount = 0;
+  private nextAttemptAt = 0;
+  private error: string | undefined;
+  private readonly lastLoudLogAt = new Map<string, number>();
+  /** Items ever added, and ever done with: a flush waits for a count. */
+  private added = 0;
+  private done = 0;
+
+  constructor(private readonly options: BatchWriterOptions<T>) {}
+
+  get size(): number {
+    return this.buffer.length;
+  }
+
+  /** Consecutive failed flushes; 0 once a store succeeds. */
+  get failures(): number {
+    return this.failureCount;
+  }
+
+  get lastError(): string | undefined {
+    return this.error;
+  }
+
+  get started(): boolean {
+    return this.timer !== undefined;
+  }
+
+  start(): void {
+    if (this.timer) return;
+    this.timer = setInterval(() => this.tick(), this.options.flushMs);
+    // The timer alone must never keep a process alive; shutdown drains explicitly.
+    this.timer.unref();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
+  }
+
+  /** Buffers one item. Never throws and never waits: a full batch is stored on a later turn. */
+  add(item: T): void {
+    this.buffer.push(item);
+    this.added += 1;
+    if (this.buffer.length >= this.options.batchSize && !this.running && !this.scheduled && Date.now() >= this.nextAttemptAt) {
+      // Deferred: even the synchronous start of a query does not belong on the request path.
+      this.scheduled = true;
+      setImmediate(() => {
+        this.scheduled = false;
+        // A flush that failed meanwhile set a backoff; the timer picks the batch up after it.
+        if (Date.now() >= this.nextAttemptAt) void this.runDrain();
+      });
+    }
+  }
+
+  /**
+   * Stores everything added before this call (later items may ride along), ignoring the backoff
+   * once. Resolves false if the database refused; never throws.
+   */
+  async flush(): Promise<boolean> {
+    const target = this.added;
+    let tried = false;
+    while (this.done < target) {
+      if (this.running) {
+        await this.running;
+        continue;
+      }
+      if (tried) return false;
+      tried = true;
+      this.nextAttemptAt = 0;
+      await this.runDrain();
+    }
+    return true;
+  }
+
+  /** A few flushes a little apart; false if the last still failed (the owner logs what is lost). */
+  async drainForShutdown(flush: () => Promise<boolean> = () => this.flush()): Promise<boolean> {
+    for (let attempt = 1; attempt <= SHUTDOWN_ATTEMPTS; attempt += 1) {
+      if (await flush()) return true;
+      if (attempt < SHUTDOWN_ATTEMPTS) await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
+    }
+    return false;
+  }
+
+  report(details: Record<string, unknown>): ReadinessReport {
+    if (this.failureCount === 0) return { state: 'up', details };
+    return { state: 'degraded', details: { ...details, failing: true, consecutive_failures: this.failureCount, last_error: this.error } };
+  }
+
+  /** Loud but bounded: one line per kind per interval, not one per request. */
+  loud(kind: string, log: () => void): void {
+    const now = Date.now();
+    if (now - (this.lastLoudLogAt.get(kind) ?? 0) < LOUD_LOG_INTERVAL_MS) return;
+    this.lastLoudLogAt.set(kind, now);
+    log();
+  }
+
+  private tick(): void {
+    if (this.running || this.buffer.length === 0 || Date.now() < this.nextAttemptAt) return;
+    void this.runDrain();
+  }
+
+  private runDrain(): Promise<void> {
+    // Started a microtask later so that `running` is already set when beforeBatch add()s.
+    this.running ??= Promise.resolve()
+      .then(() => this.drain())
+      .finally(() => {
+        this.running = undefined;
+      });
+    return this.running;
+  }
+
+  private async drain(): Promise<void> {
+    let remaining = this.options.drain === 'queued' ? this.buffer.length : Infinity;
+    while (remaining > 0) {
+      this.options.beforeBatch?.();
+      const batch = this.buffer.slice(0, Math.min(this.options.batchSize, remaining));
+      if (batch.length === 0) break;
+      let stored: number;
+      try {
+        stored = await this.options.store(batch);
+      } catch (error) {
+        this.failed(error);
+        return;
+      }
+      this.buffer.splice(0, stored);
+      remaining -= stored;
+      this.done += stored;
+      if (this.failureCount > 0) this.options.logger.warn({ failures: this.failureCount, buffered: this.buffer.length }, this.options.messages.recovered);
+      this.failureCount = 0;
+      this.error = undefined;
+      this.nextAttemptAt = 0;
+    }
+    this.options.drained?.();
+    // What arrived during a 'queued' drain is the next one's; a full batch should not wait for the timer.
+    if (this.options.drain === 'queued' && this.buffer.length >= this.options.batchSize && this.timer) setImmediate(() => this.tick());
+  }
+
+  private failed(error: unknown): void {
+    this.failureCount += 1;
+    this.error = this.options.describeError ? this.options.describeError(error) : (error instanceof Error ? error.message : String(error)).slice(0, 200);
+    this.options.failed?.(error);
+    const backoff = Math.min(this.options.maxBackoffMs, this.options.flushMs * 2 ** Math.min(this.failureCount, 20));
+    // Jitter: instances that lost the database together should not all come back at once.
+    this.nextAttemptAt = Date.now() + backoff / 2 + Math.random() * (backoff / 2);
+    const entry = { err: this.error, failures: this.failureCount, buffered: this.buffer.length, retryInMs: Math.round(this.nextAttemptAt - Date.now()) };
+    if (this.failureCount === 1) this.options.logger.error(entry, this.options.messages.failed);
+    else this.loud('failing', () => this.options.logger.error(entry, this.options.messages.stillFailing));
+  }
+}
