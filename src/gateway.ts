@@ -82,10 +82,13 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
     done();
   });
   fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
-    logger.info(
-      { reqId: request.id, method: request.method, url: request.url.split('?')[0], status: reply.statusCode, ms: Math.round(reply.elapsedTime), keyPrefix: request.principal?.keyPrefix },
-      'request',
-    );
+    // The guard skips building the object at LOG_LEVEL=warn and above (the hook runs on every response).
+    if (logger.isLevelEnabled('info')) {
+      logger.info(
+        { reqId: request.id, method: request.method, url: request.url.split('?')[0], status: reply.statusCode, ms: Math.round(reply.elapsedTime), keyPrefix: request.principal?.keyPrefix },
+        'request',
+      );
+    }
     metrics.httpResponse(request, reply);
     done();
   });
