@@ -3,13 +3,13 @@
  * a keep-alive agent to the upstream, request and response piped through untouched (no parsing).
  * The gateway's CPU per request is reported as a multiple of this.
  */
-import { Agent, createServer, type IncomingHttpHeaders, request, type Server } from 'node:http';
+import { Agent, createServer, type IncomingHttpHeaders, request, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 
 // Connection-level headers belong to each hop, not to the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'transfer-encoding', 'proxy-connection', 'upgrade', 'te', 'trailer']);
 
-function endToEnd(headers: IncomingHttpHeaders): IncomingHttpHeaders {
+export function endToEnd(headers: IncomingHttpHeaders): IncomingHttpHeaders {
   const out: IncomingHttpHeaders = {};
   for (const name in headers) if (!HOP_BY_HOP.has(name)) out[name] = headers[name];
   return out;
@@ -22,9 +22,14 @@ export interface FloorProxy {
   close(): Promise<void>;
 }
 
+/** The upstream side of both floors: one keep-alive pool, as any production proxy would keep. */
+export function upstreamAgent(): Agent {
+  return new Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 30_000 });
+}
+
 export async function startFloorProxy(upstreamOrigin: string, port = 0, host = '127.0.0.1'): Promise<FloorProxy> {
   const upstream = new URL(upstreamOrigin);
-  const agent = new Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 30_000 });
+  const agent = upstreamAgent();
   const server = createServer({ keepAliveTimeout: 65_000 }, (req, res) => {
     const outgoing = request(
       { host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers: endToEnd(req.headers), agent },
@@ -33,15 +38,21 @@ export async function startFloorProxy(upstreamOrigin: string, port = 0, host = '
         answer.pipe(res);
       },
     );
-    outgoing.on('error', (error) => {
-      if (res.headersSent) res.destroy(error);
-      else
-        res
-          .writeHead(502, { 'content-type': 'application/json' })
-          .end(JSON.stringify({ error: { message: `floor proxy: ${error.message}`, type: 'upstream_error' } }));
-    });
+    outgoing.on('error', (error) => upstreamFailed(res, error, 'floor proxy'));
     req.pipe(outgoing);
   });
+  return listenProxy(server, agent, port, host);
+}
+
+/** The upstream could not be reached: a 502 if nothing was sent yet, else the answer is cut. */
+export function upstreamFailed(res: ServerResponse, error: Error, who: string): void {
+  if (res.headersSent) res.destroy(error);
+  else
+    res.writeHead(502, { 'content-type': 'application/json' }).end(JSON.stringify({ error: { message: `${who}: ${error.message}`, type: 'upstream_error' } }));
+}
+
+/** Binds `server` and returns the handle both floors hand out (close also drops the upstream pool). */
+export async function listenProxy(server: Server, agent: Agent, port: number, host: string): Promise<FloorProxy> {
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(port, host, () => resolve());

@@ -3,6 +3,7 @@ import type { AddressInfo } from 'node:net';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { startStubUpstream, type StubUpstream } from '../libs/stub-upstream/src/index.js';
 import { startFloorProxy } from './floor-proxy.js';
+import { startParseFloorProxy } from './parse-floor-proxy.js';
 import { bodyFactory, checkResponse, runLoad } from './load.js';
 import { type BenchCase, BenchFailure, type BenchTarget, measureCase, type StubCounter, type Timing } from './measure.js';
 
@@ -95,6 +96,20 @@ describe('measureCase against the real stub', () => {
       expect(run.record.rssMaxMb).toBeGreaterThan(0);
     } finally {
       await floor.close();
+    }
+  });
+
+  it.each(['json', 'sse'] as const)('passes %s through the parse floor proxy, every request reaching the stub once', async (kind) => {
+    const parseFloor = await startParseFloorProxy(new URL(stub.url).origin);
+    try {
+      const run = await measure(
+        { name: 'parse floor', endpoint: `${parseFloor.url}/v1/chat/completions`, headers: {}, model: MODEL, pid: process.pid },
+        { kind, connections: 2, cache: 'miss' },
+      );
+      expect(run.record.stubHits).toBe(24);
+      expect(parseFloor.totalTokens).toBeGreaterThan(0);
+    } finally {
+      await parseFloor.close();
     }
   });
 });

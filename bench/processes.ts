@@ -1,5 +1,5 @@
 /**
- * Child processes of the benchmark: the stub upstream, the floor proxy, the gateways and the
+ * Child processes of the benchmark: the stub upstream, the floor proxies, the gateways and the
  * load generator each run in their own node process (node itself, never npm, so the pid whose
  * CPU is read is the process that serves).
  */
@@ -15,6 +15,7 @@ export const ENTRY = {
   gateway: fileURLToPath(new URL('../src/main.js', import.meta.url)),
   profiledGateway: fileURLToPath(new URL('./profiled-gateway.js', import.meta.url)),
   floor: fileURLToPath(new URL('./floor-proxy-main.js', import.meta.url)),
+  parseFloor: fileURLToPath(new URL('./parse-floor-proxy-main.js', import.meta.url)),
   loadWorker: fileURLToPath(new URL('./load-worker.js', import.meta.url)),
 };
 

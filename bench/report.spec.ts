@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { MeasuredRun, RunRecord } from './measure.js';
-import { aggregate, checkTargets, replaceSection } from './report.js';
+import { aggregate, aggregatesMarkdown, checkTargets, replaceSection } from './report.js';
 import { summarize } from './stats.js';
 
 function run(target: string, over: Partial<RunRecord> & { latency: number[]; round?: number }): MeasuredRun {
@@ -85,6 +85,75 @@ describe('aggregate', () => {
     expect(checks.find((c) => c.what.startsWith('CPU/request ÷ floor, full pipeline, JSON'))?.pass).toBe(false);
     expect(checks.find((c) => c.what.startsWith('p50 latency added'))?.pass).toBe(false);
     expect(checks.find((c) => c.what.startsWith('RSS'))?.pass).toBe(false);
+  });
+});
+
+describe('the parse floor as a second CPU reference', () => {
+  const hit = (kind: 'json' | 'sse', connections: number, cpuUsPerRequest: number, round = 1) =>
+    run('gateway', { kind, connections, cache: 'hit', latency: [0.2], cpuSeconds: cpuUsPerRequest / 1e4, cpuUsPerRequest, cacheHits: 100, hitRatio: 1, round });
+  const ref = (target: string, kind: 'json' | 'sse', connections: number, cpuUsPerRequest: number, round = 1) =>
+    run(target, { kind, connections, latency: [0.3], cpuSeconds: cpuUsPerRequest / 1e4, cpuUsPerRequest, round });
+  const runs = [
+    run('direct', { latency: [0.1] }),
+    ref('floor', 'json', 1, 100),
+    ref('parse floor', 'json', 1, 150),
+    ref('parse floor', 'json', 1, 250, 2),
+    hit('json', 1, 150),
+    hit('json', 1, 250, 2),
+    ref('floor', 'sse', 16, 100),
+    ref('parse floor', 'sse', 16, 100),
+    hit('sse', 16, 140),
+  ];
+  const result = aggregate(runs);
+
+  it('divides a cache hit by the parse floor’s miss runs of the same kind and connections, pooled over rounds', () => {
+    const json = result.find((a) => a.target === 'gateway' && a.kind === 'json');
+    expect(json?.cpuRatioToParseFloor).toBeCloseTo(200 / 200);
+    expect(json?.cpuRatioToFloor).toBeCloseTo(200 / 100);
+    expect(json?.cpuRatioToParseFloorMedianOfRounds).toBeCloseTo(1);
+    expect(result.find((a) => a.target === 'gateway' && a.kind === 'sse')?.cpuRatioToParseFloor).toBeCloseTo(1.4);
+  });
+
+  it('adds issue #6 rows next to the floor rows, which stay as they were', () => {
+    const checks = checkTargets(result, 'gateway');
+    expect(checks.map((c) => c.what)).toEqual([
+      'CPU/request ÷ floor, cache hit, JSON',
+      'CPU/request ÷ floor, cache hit, SSE',
+      'CPU/request ÷ parse floor, cache hit, JSON (issue #6)',
+      'CPU/request ÷ parse floor, cache hit, SSE (issue #6)',
+    ]);
+    const json = checks.find((c) => c.what.startsWith('CPU/request ÷ parse floor, cache hit, JSON'));
+    expect(json).toMatchObject({ limit: '≤ 1.3×', measured: '×1: 1.00 (hits 100%)', pass: true });
+    expect(checks.find((c) => c.what.startsWith('CPU/request ÷ parse floor, cache hit, SSE'))).toMatchObject({
+      measured: '×16: 1.40 (hits 100%)',
+      pass: false,
+    });
+    expect(checks.find((c) => c.what === 'CPU/request ÷ floor, cache hit, JSON')?.pass).toBe(false);
+  });
+
+  it('calls the issue #6 rows not measurable when the run had no parse floor', () => {
+    const checks = checkTargets(aggregate(runs.filter((r) => r.record.target !== 'parse floor')), 'gateway');
+    const row = checks.find((c) => c.what.startsWith('CPU/request ÷ parse floor, cache hit, JSON'));
+    expect(row?.pass).toBeUndefined();
+    expect(row?.measured).toBe('×1: n/a (hits 100%)');
+  });
+
+  it('shows a ÷ parse floor column, blank for the references, and the parse floor’s own cost over the floor', () => {
+    const lines = aggregatesMarkdown(result).split('\n');
+    const header = lines[0].split('|').map((c) => c.trim());
+    const column = header.indexOf('÷ parse floor');
+    expect(column).toBe(header.indexOf('÷ floor') + 1);
+    const cell = (target: string, kase: string, name: string): string | undefined =>
+      lines
+        .find((l) => l.startsWith(`| ${target} | ${kase} |`))
+        ?.split('|')
+        .map((c) => c.trim())[header.indexOf(name)];
+    expect(cell('gateway', 'sse ×16 hit', '÷ parse floor')).toBe('1.40');
+    expect(cell('parse floor', 'json ×1 miss', '÷ parse floor')).toBe('');
+    expect(cell('parse floor', 'json ×1 miss', '÷ floor')).toBe('2.00');
+    expect(cell('floor', 'json ×1 miss', '÷ parse floor')).toBe('');
+    // References first, in the order direct, floor, parse floor.
+    expect(lines.slice(2).map((l) => l.split('|')[1].trim())).toEqual(['direct', 'floor', 'floor', 'parse floor', 'parse floor', 'gateway', 'gateway']);
   });
 });
 

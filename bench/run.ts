@@ -1,13 +1,13 @@
 /**
- * `npm run bench` — the gateway against the floor, in one interleaved run.
+ * `npm run bench` — the gateway against the floors, in one interleaved run.
  *
  *   node dist/bench/run.js [--quick] [--rounds N] [--duration MS] [--warmup MS]
  *                          [--kinds json,sse] [--conns 1,16,64] [--cache miss,hit]
- *                          [--targets direct,floor,gateway,embedded] [--semi-space 16[,0,32]]
+ *                          [--targets direct,floor,parsefloor,gateway,embedded] [--semi-space 16[,0,32]]
  *                          [--variant NAME=DIST_DIR]... [--no-md] [--profile] [--profile-ms MS]
  *
  * Everything runs as its own node process on loopback: the stub upstream (answering at once),
- * the floor proxy, the gateway in production configuration (PostgreSQL + Redis) and, reported
+ * the floor proxy, the parse floor proxy, the gateway in production configuration (PostgreSQL + Redis) and, reported
  * separately, the embedded default (PGlite, in-memory drivers), and the load generator. Rounds
  * are interleaved (every case runs against every target, target order rotating per round) so
  * drift and noise spread evenly. Exit code 1 when any request failed or missed the stub.
@@ -24,7 +24,7 @@ import type { PayloadKind } from './load.js';
 import { LoadWorker, type NodeProcess, withTimeout } from './processes.js';
 import { checkStreamsIncrementally } from './streaming-check.js';
 import { type CpuProfile, profileMarkdown, summarizeProfile } from './profile.js';
-import { aggregate, aggregatesMarkdown, checksMarkdown, checkTargets, DIRECT, FLOOR, replaceSection } from './report.js';
+import { aggregate, aggregatesMarkdown, checksMarkdown, checkTargets, DIRECT, FLOOR, PARSE_FLOOR, REFERENCES, replaceSection } from './report.js';
 import {
   dropBenchDatabase,
   probeCommitLatencyMs,
@@ -105,8 +105,8 @@ function parseOptions(argv: string[]): Options {
   for (const k of kinds) if (k !== 'json' && k !== 'sse') throw new Error(`--kinds: unknown kind ${k}`);
   const caches = list(values.cache, ['miss', 'hit']);
   for (const c of caches) if (c !== 'miss' && c !== 'hit') throw new Error(`--cache: unknown case ${c}`);
-  const targets = list(values.targets, quick ? ['direct', 'floor', 'gateway'] : ['direct', 'floor', 'gateway', 'embedded']);
-  for (const t of targets) if (!['direct', 'floor', 'gateway', 'embedded'].includes(t)) throw new Error(`--targets: unknown target ${t}`);
+  const targets = list(values.targets, quick ? ['direct', 'floor', 'parsefloor', 'gateway'] : ['direct', 'floor', 'parsefloor', 'gateway', 'embedded']);
+  for (const t of targets) if (!['direct', 'floor', 'parsefloor', 'gateway', 'embedded'].includes(t)) throw new Error(`--targets: unknown target ${t}`);
   const conns = list(values.conns, quick ? ['1', '16'] : ['1', '16', '64']).map((c) => int(c, 1, 'conns'));
   const semiSpace = list(values['semi-space'], [String(RECOMMENDED_SEMI_SPACE_MB)]).map((s) => int(s, 0, 'semi-space'));
   return {
@@ -204,6 +204,11 @@ async function main(): Promise<void> {
       const floor = await startFloor(stub.origin);
       fleet.procs.push(floor.proc);
       targets.push({ name: FLOOR, endpoint: `${floor.origin}/v1/chat/completions`, headers: {}, model, pid: floor.proc.pid });
+    }
+    if (options.targets.has('parsefloor') && !options.profile) {
+      const parseFloor = await startFloor(stub.origin, 'parseFloor');
+      fleet.procs.push(parseFloor.proc);
+      targets.push({ name: PARSE_FLOOR, endpoint: `${parseFloor.origin}/v1/chat/completions`, headers: {}, model, pid: parseFloor.proc.pid });
     }
     const tenants: Meta['gateways'] = [];
     let postgres: Meta['postgres'];
@@ -322,14 +327,14 @@ async function main(): Promise<void> {
     const total =
       options.rounds *
       pairs.length *
-      targets.reduce((n, t) => n + (t.name === DIRECT || t.name === FLOOR ? (options.caches.includes('miss') ? 1 : 0) : options.caches.length), 0);
+      targets.reduce((n, t) => n + (REFERENCES.includes(t.name) ? (options.caches.includes('miss') ? 1 : 0) : options.caches.length), 0);
     let done = 0;
     for (let round = 1; round <= options.rounds; round++) {
       // Rotating the order per round keeps "who ran right after a heavy case" from being systematic.
       const order = targets.map((_, i) => targets[(i + round - 1) % targets.length]);
       for (const pair of pairs) {
         for (const target of order) {
-          const isReference = target.name === DIRECT || target.name === FLOOR;
+          const isReference = REFERENCES.includes(target.name);
           for (const cache of options.caches) {
             if (isReference && cache === 'hit') continue;
             const benchCase: BenchCase = { ...pair, cache };
@@ -345,7 +350,7 @@ async function main(): Promise<void> {
             done++;
             const r = run.record;
             process.stderr.write(
-              `[${done}/${total}] round ${round} ${target.name.padEnd(10)} ${caseLabel(benchCase).padEnd(16)} ${r.rps.toFixed(0).padStart(6)} req/s  p50 ${r.latencyMs.p50.toFixed(3)} ms` +
+              `[${done}/${total}] round ${round} ${target.name.padEnd(11)} ${caseLabel(benchCase).padEnd(16)} ${r.rps.toFixed(0).padStart(6)} req/s  p50 ${r.latencyMs.p50.toFixed(3)} ms` +
                 `${r.cpuUsPerRequest !== undefined ? `  cpu ${r.cpuUsPerRequest.toFixed(0)} µs/req` : ''}${r.rssMaxMb !== undefined ? `  rss ${r.rssMaxMb.toFixed(0)} MB` : ''}` +
                 `${cache === 'hit' ? `  hits ${(100 * r.hitRatio).toFixed(0)}%` : ''}\n`,
             );
@@ -356,7 +361,7 @@ async function main(): Promise<void> {
 
     const aggregates = aggregate(runs);
     for (const a of aggregates) await appendFile(jsonl, `${JSON.stringify({ type: 'summary', ...a })}\n`);
-    const gatewayTargets = targets.filter((t) => t.name !== DIRECT && t.name !== FLOOR).map((t) => t.name);
+    const gatewayTargets = targets.filter((t) => !REFERENCES.includes(t.name)).map((t) => t.name);
     const checks = gatewayTargets.map((name) => ({ name, checks: checkTargets(aggregates, name) }));
     for (const { name, checks: list } of checks) await appendFile(jsonl, `${JSON.stringify({ type: 'targets', target: name, checks: list })}\n`);
 

@@ -1,5 +1,5 @@
 /**
- * Starting what the benchmark measures: the stub upstream, the floor proxy and the gateway in
+ * Starting what the benchmark measures: the stub upstream, the floor proxies and the gateway in
  * its production configuration (PostgreSQL + Redis) or its embedded default (PGlite, in-memory
  * drivers), each as its own node process, plus a real department, user, key and budget.
  */
@@ -34,8 +34,9 @@ export async function startStub(): Promise<StartedStub> {
   return { proc, url, origin: new URL(url).origin };
 }
 
-export async function startFloor(stubOrigin: string): Promise<{ proc: NodeProcess; origin: string }> {
-  const proc = spawnNode('floor proxy', ENTRY.floor, ['--upstream', stubOrigin, '--port', '0']);
+/** The floor (`floor`) or the parse floor (`parseFloor`) in front of the stub. */
+export async function startFloor(stubOrigin: string, which: 'floor' | 'parseFloor' = 'floor'): Promise<{ proc: NodeProcess; origin: string }> {
+  const proc = spawnNode(which === 'floor' ? 'floor proxy' : 'parse floor proxy', ENTRY[which], ['--upstream', stubOrigin, '--port', '0']);
   const { url } = await firstJsonLine<Announced>(proc);
   return { proc, origin: url };
 }

@@ -1,0 +1,20 @@
+/**
+ * CLI: the parse floor proxy as its own process.
+ *   node dist/bench/parse-floor-proxy-main.js --upstream http://127.0.0.1:43123 [--port 0]
+ * Prints one JSON line {"url","port"} once listening; SIGTERM closes it.
+ */
+import { parseArgs } from 'node:util';
+import { startParseFloorProxy } from './parse-floor-proxy.js';
+
+const { values } = parseArgs({ options: { upstream: { type: 'string' }, port: { type: 'string' } }, strict: true });
+if (values.upstream === undefined) {
+  process.stderr.write('parse-floor-proxy: --upstream is required\n');
+  process.exit(2);
+}
+const proxy = await startParseFloorProxy(values.upstream, Number(values.port ?? 0));
+process.stdout.write(`${JSON.stringify({ url: proxy.url, port: proxy.port })}\n`);
+const shutdown = (): void => {
+  void proxy.close();
+};
+process.once('SIGTERM', shutdown);
+process.once('SIGINT', shutdown);
