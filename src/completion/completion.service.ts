@@ -228,6 +228,8 @@ export class CompletionService {
     this.metrics.completion(call, route, meta, attempts, started, outcome, costNanos);
     // Buffered only: the batched audit writer stores it off the request path.
     this.audit.recordCompletion(call, route, meta, attempts, outcome, costNanos);
+    // Building the line costs more than the rest of this method: skip it below info.
+    if (!this.logger.isLevelEnabled('info')) return;
     const last = attempts.at(-1);
     this.logger.info(
       {
