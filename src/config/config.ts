@@ -1,4 +1,5 @@
 import { resolve } from 'node:path';
+import { parseAllowedHosts } from '../jobs/callback-policy.js';
 
 /**
  * Typed, validated configuration. `loadConfig(env)` is the only reader of `process.env` in the
@@ -119,6 +120,11 @@ export abstract class AppConfig {
     readonly backoffMaxMs: number;
     /** HMAC-SHA256 secret for `callback_url` deliveries; unset = callbacks are refused at submit. */
     readonly callbackSecret: string | undefined;
+    /**
+     * Where callbacks may go (SSRF guard), normalised: `host`, `*.suffix`, `address/prefix`.
+     * Empty = any public host; otherwise only these (a listed private host or range included).
+     */
+    readonly callbackAllowedHosts: readonly string[];
   };
 }
 
@@ -205,6 +211,10 @@ export const CONFIG_VARIABLES = {
   JOBS_BACKOFF_MS: { sensitive: false, help: 'base of the exponential backoff between job tries (default 2000)' },
   JOBS_BACKOFF_MAX_MS: { sensitive: false, help: 'largest wait between job tries (default 60000)' },
   JOBS_CALLBACK_SECRET: { sensitive: true, help: 'HMAC-SHA256 secret signing callback_url deliveries; unset = callbacks refused' },
+  JOBS_CALLBACK_ALLOWED_HOSTS: {
+    sensitive: false,
+    help: 'comma-separated hosts, *.suffixes and IP CIDRs callback_url may reach (only these); unset = any public host, never private/loopback/link-local',
+  },
 } as const;
 
 export type ConfigVariable = keyof typeof CONFIG_VARIABLES;
@@ -277,6 +287,8 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
   }
   const jobsCallbackSecret = str('JOBS_CALLBACK_SECRET');
   if (jobsCallbackSecret !== undefined && jobsCallbackSecret.length < 16) problems.push('JOBS_CALLBACK_SECRET must be at least 16 characters');
+  const callbackHosts = parseAllowedHosts(str('JOBS_CALLBACK_ALLOWED_HOSTS'));
+  problems.push(...callbackHosts.problems.map((problem) => `JOBS_CALLBACK_ALLOWED_HOSTS: ${problem}`));
   const adminApiKey = str('ADMIN_API_KEY');
   if (adminApiKey !== undefined && adminApiKey.length < 16) problems.push('ADMIN_API_KEY must be at least 16 characters');
   const metricsToken = str('METRICS_TOKEN');
@@ -359,6 +371,7 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
       backoffMs: int('JOBS_BACKOFF_MS', 2000, 1, 3_600_000),
       backoffMaxMs: int('JOBS_BACKOFF_MAX_MS', 60_000, 1, 86_400_000),
       callbackSecret: jobsCallbackSecret,
+      callbackAllowedHosts: callbackHosts.entries,
     },
   };
   // A reservation swept while its request may still be running would let that budget overspend.

@@ -1,8 +1,11 @@
 import { createHmac } from 'node:crypto';
-import { Injectable } from '@nestjs/common';
+import { Injectable, type OnApplicationShutdown } from '@nestjs/common';
 import type { Logger } from 'pino';
+import { type Agent, fetch } from 'undici';
 import { AppConfig } from '../config/config.js';
 import { AppLogger } from '../core/logger.js';
+import { createCallbackAgent, refusedBy } from './callback-agent.js';
+import { CallbackPolicy } from './callback-policy.js';
 import { type JobRecord, jobView } from './job.types.js';
 
 export const SIGNATURE_HEADER = 'x-gatehouse-signature';
@@ -20,17 +23,21 @@ export function signCallback(secret: string, body: string): string {
  * POSTs a finished job to its `callback_url`, signed with JOBS_CALLBACK_SECRET. Off the worker's
  * path (a slow receiver must not hold a job slot), a few tries on network errors and 5xx, then
  * given up with a log line: the job itself is already final and readable with GET /v1/jobs/{id}.
+ * Connections go through the callback policy (JOBS_CALLBACK_ALLOWED_HOSTS, see callback-agent.ts).
  */
 @Injectable()
-export class JobCallbacks {
+export class JobCallbacks implements OnApplicationShutdown {
   private readonly logger: Logger;
   private readonly inFlight = new Set<Promise<void>>();
+  private readonly agent: Agent;
 
   constructor(
     private readonly config: AppConfig,
     appLogger: AppLogger,
+    policy: CallbackPolicy,
   ) {
     this.logger = appLogger.logger.child({ context: 'JobCallbacks' });
+    this.agent = createCallbackAgent(policy);
   }
 
   notify(job: JobRecord): void {
@@ -52,6 +59,11 @@ export class JobCallbacks {
     clearTimeout(timer);
   }
 
+  /** After drain(): whatever is still trying is cut off. */
+  async onApplicationShutdown(): Promise<void> {
+    await this.agent.destroy();
+  }
+
   private async deliver(url: string, job: JobRecord, secret: string): Promise<void> {
     const body = JSON.stringify(jobView(job));
     const headers = {
@@ -64,7 +76,14 @@ export class JobCallbacks {
     for (let tryNo = 1; tryNo <= DELIVERY_TRIES; tryNo += 1) {
       try {
         // No redirects: a signed body must go only where the submitter said.
-        const res = await fetch(url, { method: 'POST', headers, body, redirect: 'manual', signal: AbortSignal.timeout(DELIVERY_TIMEOUT_MS) });
+        const res = await fetch(url, {
+          method: 'POST',
+          headers,
+          body,
+          redirect: 'manual',
+          signal: AbortSignal.timeout(DELIVERY_TIMEOUT_MS),
+          dispatcher: this.agent,
+        });
         await res.body?.cancel();
         if (res.status < 500) {
           if (res.status >= 300) this.logger.warn({ jobId: job.id, status: res.status }, 'callback receiver refused the delivery');
@@ -72,6 +91,12 @@ export class JobCallbacks {
         }
         last = `HTTP ${res.status}`;
       } catch (error) {
+        const refused = refusedBy(error);
+        if (refused) {
+          // The same answer on every try: said once, not retried. No URL path (it may carry tokens).
+          this.logger.warn({ jobId: job.id, host: safeHost(url), reason: refused.message }, 'callback not delivered: host not allowed');
+          return;
+        }
         last = (error as Error).message;
       }
       if (tryNo < DELIVERY_TRIES) await new Promise((resolve) => setTimeout(resolve, RETRY_BASE_MS * 2 ** (tryNo - 1)));

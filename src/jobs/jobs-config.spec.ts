@@ -21,6 +21,7 @@ describe('job queue configuration', () => {
       backoffMs: 2000,
       backoffMaxMs: 60_000,
       callbackSecret: undefined,
+      callbackAllowedHosts: [],
     });
     expect(loadConfig({ REDIS_URL: 'redis://127.0.0.1:6379' }).jobs.driver).toBe('bullmq');
     expect(loadConfig({ REDIS_URL: 'redis://127.0.0.1:6379', JOBS_DRIVER: 'inline' }).jobs.driver).toBe('inline');
@@ -47,5 +48,18 @@ describe('job queue configuration', () => {
       ]),
     );
     expect(problemsOf({ JOBS_DRIVER: 'bullmq' })).toEqual(['JOBS_DRIVER=bullmq needs REDIS_URL']);
+  });
+
+  it('reads JOBS_CALLBACK_ALLOWED_HOSTS as normalised entries and names each bad one', () => {
+    expect(loadConfig({ JOBS_CALLBACK_ALLOWED_HOSTS: 'Hooks.Internal, *.example.com, 127.0.0.1, 10.0.0.0/8' }).jobs.callbackAllowedHosts).toEqual([
+      'hooks.internal',
+      '*.example.com',
+      '127.0.0.1/32',
+      '10.0.0.0/8',
+    ]);
+    expect(problemsOf({ JOBS_CALLBACK_ALLOWED_HOSTS: 'ok.example, https://hooks.example.com/x, 10.0.0.0/40' })).toEqual([
+      expect.stringMatching(/^JOBS_CALLBACK_ALLOWED_HOSTS: "https:\/\/hooks\.example\.com\/x" is not/),
+      expect.stringMatching(/^JOBS_CALLBACK_ALLOWED_HOSTS: "10\.0\.0\.0\/40" is not/),
+    ]);
   });
 });

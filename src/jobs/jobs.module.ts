@@ -5,6 +5,7 @@ import { AppLogger } from '../core/logger.js';
 import { IdentityModule } from '../identity/identity.module.js';
 import { QueueAdminController } from './admin/queue-admin.controller.js';
 import { BullmqJobQueue } from './bullmq-job-queue.js';
+import { CallbackPolicy } from './callback-policy.js';
 import { InlineJobQueue } from './inline-job-queue.js';
 import { JobCallbacks } from './job-callbacks.js';
 import { exponentialBackoff, JobQueue, type JobQueueOptions } from './job-queue.js';
@@ -36,7 +37,10 @@ export class JobsModule {
       global: true,
       imports: [CompletionModule, IdentityModule],
       controllers: [QueueAdminController],
-      providers: [queueProvider(config), JobsRepository, JobsService, JobProcessor, JobCallbacks, JobsRuntime],
+      providers: [
+        queueProvider(config),
+        { provide: CallbackPolicy, useFactory: () => new CallbackPolicy(config.jobs.callbackAllowedHosts) },
+        JobsRepository, JobsService, JobProcessor, JobCallbacks, JobsRuntime],
       exports: [JobsService],
     };
   }

@@ -3,6 +3,7 @@ import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
 import type { Principal } from '../identity/principal.js';
+import { CallbackPolicy } from './callback-policy.js';
 import { JobQueue, type QueueCounts } from './job-queue.js';
 import type { JobRecord, NewJob } from './job.types.js';
 import { JobsRepository, type StatusCounts } from './jobs.repository.js';
@@ -28,6 +29,7 @@ export class JobsService {
     private readonly queue: JobQueue,
     private readonly config: AppConfig,
     private readonly clock: Clock,
+    private readonly callbackPolicy: CallbackPolicy,
   ) {}
 
   /**
@@ -41,6 +43,7 @@ export class JobsService {
         param: 'callback_url',
       });
     }
+    if (input.callbackUrl !== undefined) this.assertCallbackAllowed(input.callbackUrl);
     // Refuse before writing anything when the queue surely cannot take it (full, or Redis away).
     // A repeat of an idempotent submit is answered from its record even then.
     if (input.idempotencyKey === undefined) this.queue.assertAccepting();
@@ -60,6 +63,12 @@ export class JobsService {
       throw error;
     }
     return { job, created };
+  }
+
+  /** SSRF guard at the door: the host only (the path may carry the receiver's token). Where it resolves is checked at delivery. */
+  private assertCallbackAllowed(callbackUrl: string): void {
+    const refusal = this.callbackPolicy.refusal(new URL(callbackUrl).hostname);
+    if (refusal !== undefined) throw new GatewayError('invalid_value', `'callback_url' is not allowed: ${refusal}.`, { param: 'callback_url' });
   }
 
   /** Only its submitter or an admin may read a job; anyone else learns nothing, not even that it exists. */

@@ -1,5 +1,8 @@
 import { ApiProperty, ApiPropertyOptional } from '@nestjs/swagger';
 
+const CALLBACK_HOSTS =
+  'Public hosts only (400 for private, loopback, link-local addresses and names like localhost), unless the operator lists others in JOBS_CALLBACK_ALLOWED_HOSTS.';
+
 /** Documentation of the body; any other OpenAI parameter is passed through untouched. */
 export class ChatMessageDto {
   @ApiProperty({ example: 'user' }) role!: string;
@@ -14,7 +17,9 @@ export class ChatCompletionRequestDto {
   @ApiPropertyOptional() stream?: boolean;
   @ApiPropertyOptional({ example: 256 }) max_tokens?: number;
   @ApiPropertyOptional({ example: 0 }) temperature?: number;
-  @ApiPropertyOptional({ description: 'with prefer: respond-async: the finished job is POSTed here, signed (x-gatehouse-signature: sha256=HMAC of the body)' })
+  @ApiPropertyOptional({
+    description: `with prefer: respond-async: the finished job is POSTed here, signed (x-gatehouse-signature: sha256=HMAC of the body). ${CALLBACK_HOSTS}`,
+  })
   callback_url?: string;
 }
 
@@ -23,7 +28,7 @@ export class CompleteRequestDto {
   @ApiPropertyOptional({ example: 'general' }) task_type?: string;
   @ApiPropertyOptional({ example: 1024 }) max_tokens?: number;
   @ApiPropertyOptional({ example: 'auto' }) model?: string;
-  @ApiPropertyOptional({ description: 'with prefer: respond-async: the finished job is POSTed here, signed' }) callback_url?: string;
+  @ApiPropertyOptional({ description: `with prefer: respond-async: the finished job is POSTed here, signed. ${CALLBACK_HOSTS}` }) callback_url?: string;
 }
 
 export class CompleteResponseDto {

@@ -83,6 +83,8 @@ describe('async jobs on the embedded default (inline queue, PGlite)', () => {
         JOBS_BACKOFF_MS: '20',
         JOBS_BACKOFF_MAX_MS: '100',
         JOBS_CALLBACK_SECRET: CALLBACK_SECRET,
+        // The test receiver listens on loopback, which callbacks may reach only when listed.
+        JOBS_CALLBACK_ALLOWED_HOSTS: '127.0.0.1/32',
       },
     });
     alice = await gw.tenants.create();
@@ -273,6 +275,48 @@ describe('async jobs on the embedded default (inline queue, PGlite)', () => {
     } finally {
       await receiver.close();
     }
+  });
+
+  it('with JOBS_CALLBACK_ALLOWED_HOSTS set, refuses callback hosts it does not list (also public ones and localhost)', async () => {
+    for (const url of ['https://hooks.example.com/x?token=abc', 'http://localhost:9/x', 'http://127.0.0.2:9/x']) {
+      const res = await alice.api.post<{ error: { message: string } }>('/v1/chat/completions', chat('x', { callback_url: url }), ASYNC);
+      expect(res, url).toMatchObject({ status: 400, body: { error: { code: 'invalid_value', param: 'callback_url' } } });
+      expect(res.body.error.message).toContain("is not in the gateway's JOBS_CALLBACK_ALLOWED_HOSTS");
+    }
+    expect(gw.stub.hits).toBe(0);
+  });
+});
+
+describe('callback_url with the default policy (no JOBS_CALLBACK_ALLOWED_HOSTS): public hosts only', () => {
+  let gw: TestGateway;
+  let alice: Tenant;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ env: { ...NO_RATE_LIMITS, JOBS_CALLBACK_SECRET: CALLBACK_SECRET } });
+    alice = await gw.tenants.create();
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+
+  it('refuses cloud metadata, localhost and loopback in any spelling with 400, saying why without echoing the path', async () => {
+    const cases: Array<[string, string]> = [
+      ['http://169.254.169.254/latest/meta-data/iam/security-credentials/?token=s3cret', '169.254.169.254 is a link-local address'],
+      ['http://localhost:8080/hook?token=s3cret', 'localhost is not a public host name'],
+      ['http://[::1]:8080/hook?token=s3cret', '::1 is a loopback address'],
+      ['http://[::ffff:127.0.0.1]/hook?token=s3cret', '::ffff:7f00:1 is a loopback address'],
+      ['http://2130706433/hook?token=s3cret', '127.0.0.1 is a loopback address'],
+      ['http://10.0.0.8/hook?token=s3cret', '10.0.0.8 is a private address'],
+    ];
+    for (const [url, reason] of cases) {
+      const res = await alice.api.post<{ error: { message: string } }>('/v1/chat/completions', chat('x', { callback_url: url }), ASYNC);
+      expect(res, url).toMatchObject({ status: 400, body: { error: { type: 'invalid_request_error', code: 'invalid_value', param: 'callback_url' } } });
+      expect(res.body.error.message).toContain(reason);
+      expect(res.body.error.message).not.toContain('s3cret');
+    }
+    // Nothing was queued or sent upstream for them.
+    expect(gw.stub.hits).toBe(0);
+    expect((await gw.admin.get<{ counts: Record<string, number> }>('/admin/queue')).body.counts).toMatchObject({ queued: 0, running: 0, completed: 0 });
   });
 });
 

@@ -1,0 +1,126 @@
+import type { LookupAddress } from 'node:dns';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import type { Logger } from 'pino';
+import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
+import type { AppConfig } from '../config/config.js';
+import type { AppLogger } from '../core/logger.js';
+import { CallbackPolicy, type Resolver } from './callback-policy.js';
+import { JobCallbacks, SIGNATURE_HEADER } from './job-callbacks.js';
+import type { JobRecord } from './job.types.js';
+
+const SECRET = 'unit-callback-secret-0123456789';
+const config = { jobs: { callbackSecret: SECRET } } as unknown as AppConfig;
+
+function finishedJob(callbackUrl: string): JobRecord {
+  const at = new Date('2026-01-01T00:00:00Z');
+  return {
+    id: '00000000-0000-4000-8000-000000000001',
+    userId: 'u',
+    departmentId: 'd',
+    keyId: 'k',
+    status: 'completed',
+    door: 'chat',
+    requestBody: { model: 'auto', messages: [{ role: 'user', content: 'x' }] },
+    taskType: null,
+    cacheControl: { read: true, write: true, ttlSeconds: undefined },
+    requestId: 'req',
+    result: { object: 'chat.completion' },
+    error: null,
+    model: 'm',
+    costNanos: null,
+    attempts: 1,
+    deadLettered: false,
+    idempotencyKey: null,
+    bodyHash: 'h',
+    callbackUrl,
+    createdAt: at,
+    startedAt: at,
+    completedAt: at,
+  };
+}
+
+/**
+ * Deliveries through the real agent to a receiver on loopback. Names resolve through a fake
+ * resolver, so "a public-looking name that resolves to 127.0.0.1" needs no DNS server.
+ */
+describe('callback delivery through the callback policy', () => {
+  let server: Server;
+  let port: number;
+  const received: Array<{ url: string; signature: string | string[] | undefined }> = [];
+  const lookups: string[] = [];
+  const resolver: Resolver = (hostname, _options, callback) => {
+    lookups.push(hostname);
+    const loopback: LookupAddress[] = [{ address: '127.0.0.1', family: 4 }];
+    callback(null, loopback);
+  };
+  const warn = vi.fn();
+  const logger = { child: () => logger, warn, info: vi.fn(), error: vi.fn(), debug: vi.fn() } as unknown as Logger;
+  const appLogger: AppLogger = { logger };
+
+  beforeAll(async () => {
+    server = createServer((req, res) => {
+      received.push({ url: req.url ?? '', signature: req.headers[SIGNATURE_HEADER] });
+      req.resume();
+      req.on('end', () => res.writeHead(204).end());
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    port = (server.address() as AddressInfo).port;
+  });
+  afterAll(async () => {
+    await new Promise((resolve) => server.close(resolve));
+  });
+  beforeEach(() => {
+    received.length = 0;
+    lookups.length = 0;
+    warn.mockClear();
+  });
+
+  async function deliver(allowedHosts: string[], url: string): Promise<void> {
+    const callbacks = new JobCallbacks(config, appLogger, new CallbackPolicy(allowedHosts, resolver));
+    try {
+      callbacks.notify(finishedJob(url));
+      await callbacks.drain();
+    } finally {
+      await callbacks.onApplicationShutdown();
+    }
+  }
+
+  it('refuses a public-looking name that resolves to loopback: nothing sent, logged once by host, not retried', async () => {
+    const started = Date.now();
+    await deliver([], `http://rebind.example.test:${port}/hook?token=s3cret`);
+    expect(received).toEqual([]);
+    expect(lookups).toEqual(['rebind.example.test']);
+    // A retry would wait a second first.
+    expect(Date.now() - started).toBeLessThan(900);
+    expect(warn).toHaveBeenCalledTimes(1);
+    const [fields, message] = warn.mock.calls[0] as [Record<string, unknown>, string];
+    expect(message).toBe('callback not delivered: host not allowed');
+    expect(fields).toMatchObject({ jobId: '00000000-0000-4000-8000-000000000001', host: `rebind.example.test:${port}` });
+    expect(JSON.stringify(fields)).not.toContain('s3cret');
+    expect(JSON.stringify(fields)).not.toContain('/hook');
+  });
+
+  it('refuses the same name under a *.suffix entry: a wildcard does not vouch for where subdomains resolve', async () => {
+    await deliver(['*.example.test'], `http://rebind.example.test:${port}/hook`);
+    expect(received).toEqual([]);
+    expect(warn).toHaveBeenCalledTimes(1);
+  });
+
+  it('refuses an IP literal the policy no longer allows (a job submitted before the list changed)', async () => {
+    await deliver(['hooks.example.test'], `http://127.0.0.1:${port}/hook`);
+    expect(received).toEqual([]);
+    expect(lookups).toEqual([]);
+    expect(warn).toHaveBeenCalledTimes(1);
+    expect((warn.mock.calls[0] as [Record<string, unknown>])[0]).toMatchObject({ host: `127.0.0.1:${port}` });
+  });
+
+  it('delivers, signed, when the list names the host exactly or covers its address', async () => {
+    await deliver(['rebind.example.test'], `http://rebind.example.test:${port}/by-name`);
+    await deliver(['*.example.test', '127.0.0.0/8'], `http://rebind.example.test:${port}/by-range`);
+    await deliver(['127.0.0.1/32'], `http://127.0.0.1:${port}/literal`);
+    expect(received.map((r) => r.url)).toEqual(['/by-name', '/by-range', '/literal']);
+    for (const r of received) expect(r.signature).toMatch(/^sha256=[0-9a-f]{64}$/);
+    expect(warn).not.toHaveBeenCalled();
+  });
+});
