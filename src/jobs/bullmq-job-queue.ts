@@ -1,16 +1,24 @@
-import { type Job, Queue, Worker } from 'bullmq';
+import { BullRegistrar, InjectQueue, OnWorkerEvent, WorkerHost } from '@nestjs/bullmq';
+import { Inject, Injectable } from '@nestjs/common';
+import type { Job, Queue } from 'bullmq';
 import { Redis } from 'ioredis';
 import type { Logger } from 'pino';
+import { AppLogger } from '../core/logger.js';
 import type { ReadinessReport } from '../health/readiness.js';
-import { delayFor, settlesWithin, type JobHandler, JobQueue, type JobQueueOptions, type QueueCounts, queueFull, queueUnavailable } from './job-queue.js';
+import { settlesWithin, type JobHandler, JobQueue, type JobQueueOptions, type QueueCounts, queueFull, queueUnavailable } from './job-queue.js';
+
+/** BullMQ queue name; the prefix (from REDIS_KEY_PREFIX) keeps deployments sharing a Redis apart. */
+export const JOBS_QUEUE_NAME = 'jobs';
 
 export interface BullmqJobQueueOptions extends JobQueueOptions {
   redisUrl: string;
-  /** BullMQ key prefix; with `queueName` it namespaces every key (deployments and tests share one Redis). */
+  /** BullMQ key prefix; with the queue name it namespaces every key (deployments and tests share one Redis). */
   prefix: string;
-  queueName: string;
-  logger: Logger;
 }
+
+export const BULLMQ_JOB_QUEUE_OPTIONS = Symbol('BULLMQ_JOB_QUEUE_OPTIONS');
+/** The producer connection (an ioredis client) that BullModule.forRootAsync hands to the queue. */
+export const JOBS_PRODUCER_REDIS = Symbol('JOBS_PRODUCER_REDIS');
 
 const DEFAULT_SHUTDOWN_GRACE_MS = 10_000;
 // A submit waits at most this long for Redis before answering 503: an HTTP caller is waiting.
@@ -18,51 +26,115 @@ const REDIS_COMMAND_TIMEOUT_MS = 2_000;
 const READY_WAIT_MS = 5_000;
 // After the grace period running jobs are aborted; this bounds the wait for them to notice.
 const ABORT_WAIT_MS = 2_000;
-const BACKOFF_TYPE = 'gatehouse';
 const JOB_NAME = 'complete';
 // Backlog states that count against the bound (everything not finished).
 const BACKLOG_STATES = ['wait', 'prioritized', 'waiting-children', 'active', 'delayed'] as const;
 
+/** The jobs logger, with one throttle for every job queue connection (producer, queue, worker). */
+@Injectable()
+export class JobsRedisLog {
+  readonly logger: Logger;
+  private lastErrorLog = 0;
+
+  constructor(appLogger: AppLogger) {
+    this.logger = appLogger.logger.child({ context: 'Jobs' });
+  }
+
+  problem(connection: string, error: Error): void {
+    // ioredis reports every failed reconnect; one line per 10 s says the same without a flood.
+    const now = Date.now();
+    if (now - this.lastErrorLog < 10_000) return;
+    this.lastErrorLog = now;
+    this.logger.warn({ connection, err: error.message }, 'job queue Redis connection problem');
+  }
+}
+
 /**
- * The queue in Redis through BullMQ: api instances submit, worker instances (any number) process.
- * BullMQ holds only the job id (its job id is ours, which also makes requeue idempotent); retries
- * use BullMQ's own delayed set with our backoff; finished jobs are removed at once because the
- * database keeps the outcome and the dead-letter state.
- *
- * Connections are its own (BullMQ needs `maxRetriesPerRequest: null`, other Redis users must not
- * get that): one for producing, with the offline queue off so that a submit while Redis is away
- * fails at once with 503 instead of hanging; one more for the worker, created only when
- * processing starts (BullMQ duplicates it for its blocking reads).
+ * The producer connection, ours rather than BullMQ's: BullMQ needs `maxRetriesPerRequest: null`
+ * (other Redis users must not get that), and the offline queue is off so that a submit while
+ * Redis is away fails at once with 503 instead of hanging. Disconnected by BullmqJobQueue.close().
  */
+export function openProducerRedis(options: BullmqJobQueueOptions, log: JobsRedisLog): Redis {
+  const producer = new Redis(options.redisUrl, {
+    maxRetriesPerRequest: null,
+    enableOfflineQueue: false,
+    connectionName: 'gatehouse-jobs-producer',
+    retryStrategy: reconnectDelay,
+  });
+  producer.on('error', (error: Error) => log.problem('producer', error));
+  return producer;
+}
+
+export function reconnectDelay(times: number): number {
+  return Math.min(times * 200, 2_000);
+}
+
+/**
+ * The worker side as @nestjs/bullmq runs it: BullExplorer builds the Worker for this host (its
+ * options come from the `@Processor` metadata, see BullmqJobsModule) and calls `process` for each
+ * job, which hands the job id to the same handler as the inline queue (JobProcessor).
+ */
+@Injectable()
+export class JobsWorkerHost extends WorkerHost {
+  private handler: JobHandler | undefined;
+
+  constructor(private readonly log: JobsRedisLog) {
+    super();
+  }
+
+  /** Set before the worker is registered: no job can arrive without a handler. */
+  attach(handler: JobHandler): void {
+    this.handler = handler;
+  }
+
+  // Three declared parameters: BullMQ passes the abort signal only to a processor whose length is 3.
+  async process(job: Job, _token?: string, signal?: AbortSignal): Promise<void> {
+    if (!this.handler) throw new Error('BullMQ job before JobQueue.start()');
+    await this.handler.run(jobIdOf(job), signal ?? new AbortController().signal);
+  }
+
+  @OnWorkerEvent('failed')
+  onFailed(job: Job | undefined, error: Error): void {
+    // 'failed' fires after every failed try; only the last one (BullMQ's own cap) means it gave up.
+    if (!job || !this.handler || job.attemptsMade < (job.opts.attempts ?? 1)) return;
+    void this.handler.abandon(jobIdOf(job), error).catch((cause: unknown) => {
+      this.log.logger.error({ jobId: job.id, err: (cause as Error).message }, 'could not dead-letter an abandoned job; the sweep will requeue it');
+    });
+  }
+
+  @OnWorkerEvent('error')
+  onError(error: Error): void {
+    this.log.problem('worker', error);
+  }
+}
+
+/**
+ * The queue in Redis through BullMQ, wired by @nestjs/bullmq (BullmqJobsModule): api instances
+ * submit, worker instances (any number) process. BullMQ holds only the job id (its job id is
+ * ours, which also makes requeue idempotent); retries use BullMQ's own delayed set with our
+ * backoff; finished jobs are removed at once because the database keeps the outcome and the
+ * dead-letter state.
+ *
+ * The worker is registered by hand (`manualRegistration`) in start(): it and its connections
+ * exist only in roles that process, and only from the moment processing starts.
+ */
+@Injectable()
 export class BullmqJobQueue extends JobQueue {
   readonly driver = 'bullmq' as const;
 
-  private readonly producer: Redis;
-  private readonly queue: Queue;
-  private workerConnection: Redis | undefined;
-  private worker: Worker | undefined;
-  private lastErrorLog = 0;
+  private processing = false;
+  private registered = false;
 
-  constructor(private readonly options: BullmqJobQueueOptions) {
+  constructor(
+    @InjectQueue(JOBS_QUEUE_NAME) private readonly queue: Queue,
+    @Inject(JOBS_PRODUCER_REDIS) private readonly producer: Redis,
+    @Inject(BULLMQ_JOB_QUEUE_OPTIONS) private readonly options: BullmqJobQueueOptions,
+    private readonly host: JobsWorkerHost,
+    private readonly registrar: BullRegistrar,
+    private readonly log: JobsRedisLog,
+  ) {
     super();
-    this.producer = new Redis(options.redisUrl, {
-      maxRetriesPerRequest: null,
-      enableOfflineQueue: false,
-      connectionName: 'gatehouse-jobs-producer',
-      retryStrategy: reconnectDelay,
-    });
-    this.producer.on('error', (error: Error) => this.logRedisError('producer', error));
-    this.queue = new Queue(options.queueName, {
-      connection: this.producer,
-      prefix: options.prefix,
-      defaultJobOptions: {
-        attempts: options.maxTries,
-        backoff: { type: BACKOFF_TYPE },
-        removeOnComplete: true,
-        removeOnFail: true,
-      },
-    });
-    this.queue.on('error', (error: Error) => this.logRedisError('queue', error));
+    this.queue.on('error', (error: Error) => this.log.problem('queue', error));
   }
 
   assertAccepting(): void {
@@ -99,38 +171,12 @@ export class BullmqJobQueue extends JobQueue {
   }
 
   start(handler: JobHandler): void {
-    if (this.worker) throw new Error('BullmqJobQueue.start() called twice');
-    this.workerConnection = new Redis(this.options.redisUrl, {
-      maxRetriesPerRequest: null,
-      connectionName: 'gatehouse-jobs-worker',
-      retryStrategy: reconnectDelay,
-    });
-    this.workerConnection.on('error', (error: Error) => this.logRedisError('worker', error));
-    const worker = new Worker(
-      this.options.queueName,
-      async (job: Job, _token?: string, signal?: AbortSignal) => {
-        await handler.run(jobIdOf(job), signal ?? new AbortController().signal);
-      },
-      {
-        connection: this.workerConnection,
-        prefix: this.options.prefix,
-        concurrency: this.options.concurrency,
-        settings: { backoffStrategy: (attemptsMade: number, _type?: string, error?: Error) => delayFor(error, attemptsMade, this.options.backoff) },
-      },
-    );
-    worker.on('error', (error: Error) => this.logRedisError('worker', error));
-    worker.on('failed', (job: Job | undefined, error: Error) => {
-      // 'failed' fires after every failed try; only the last one (BullMQ's own cap) means it gave up.
-      if (job && job.attemptsMade >= (job.opts.attempts ?? 1)) {
-        void handler.abandon(jobIdOf(job), error).catch((cause: unknown) => {
-          this.options.logger.error(
-            { context: 'Jobs', jobId: job.id, err: (cause as Error).message },
-            'could not dead-letter an abandoned job; the sweep will requeue it',
-          );
-        });
-      }
-    });
-    this.worker = worker;
+    if (this.registered) throw new Error('BullmqJobQueue.start() called twice');
+    this.registered = true;
+    this.host.attach(handler);
+    // Builds (and runs) the Worker of every @Processor host; ours is the only one.
+    this.registrar.register();
+    this.processing = true;
   }
 
   async counts(): Promise<QueueCounts> {
@@ -142,7 +188,7 @@ export class BullmqJobQueue extends JobQueue {
     try {
       this.assertAccepting();
       const counts = await this.counts();
-      return { state: 'up', details: { driver: this.driver, ...counts, processing: this.worker !== undefined } };
+      return { state: 'up', details: { driver: this.driver, ...counts, processing: this.processing } };
     } catch {
       // Degraded, not down: sync traffic does not need the queue (API.md "Decisions").
       return { state: 'degraded', details: { driver: this.driver, redis: 'unreachable', async_submits: 'refused with 503 unavailable' } };
@@ -150,25 +196,27 @@ export class BullmqJobQueue extends JobQueue {
   }
 
   async stop(): Promise<void> {
-    const worker = this.worker;
-    this.worker = undefined;
-    if (worker) {
-      if (this.workerConnection?.status === 'ready') {
-        // Lets running jobs finish; after the grace period they are aborted and BullMQ keeps
-        // them (delayed) for another worker. One that ignores the abort is left behind: its lock
-        // expires and another worker's stalled-job check takes the job over.
-        const closing = worker.close();
-        if (!(await settlesWithin(closing, this.options.shutdownGraceMs ?? DEFAULT_SHUTDOWN_GRACE_MS))) {
-          worker.cancelAllJobs('the worker is shutting down');
-          if (!(await settlesWithin(closing, ABORT_WAIT_MS)))
-            this.options.logger.warn({ context: 'Jobs' }, 'a running job ignored the shutdown; leaving it to the stalled-job check');
+    if (!this.processing) return;
+    this.processing = false;
+    const worker = this.host.worker;
+    // The worker's connections are BullMQ's own; the producer, on the same Redis, says whether it is there.
+    if (this.producer.status === 'ready') {
+      // Lets running jobs finish; after the grace period they are aborted and BullMQ keeps
+      // them (delayed) for another worker. One that ignores the abort is left behind: its
+      // connections are dropped, so its lock expires and another worker's stalled-job check
+      // takes the job over.
+      const closing = worker.close();
+      if (!(await settlesWithin(closing, this.options.shutdownGraceMs ?? DEFAULT_SHUTDOWN_GRACE_MS))) {
+        worker.cancelAllJobs('the worker is shutting down');
+        if (!(await settlesWithin(closing, ABORT_WAIT_MS))) {
+          this.log.logger.warn('a running job ignored the shutdown; leaving it to the stalled-job check');
+          await settlesWithin(worker.disconnect(), ABORT_WAIT_MS);
         }
-      } else {
-        // Redis is away: a graceful close would wait for it forever.
-        await worker.close(true);
       }
+    } else {
+      // Redis is away: a graceful close would wait for it forever.
+      await worker.close(true);
     }
-    this.workerConnection?.disconnect();
   }
 
   async close(): Promise<void> {
@@ -190,23 +238,11 @@ export class BullmqJobQueue extends JobQueue {
       clearTimeout(timer);
     }
   }
-
-  private logRedisError(connection: string, error: Error): void {
-    // ioredis reports every failed reconnect; one line per 10 s says the same without a flood.
-    const now = Date.now();
-    if (now - this.lastErrorLog < 10_000) return;
-    this.lastErrorLog = now;
-    this.options.logger.warn({ context: 'Jobs', connection, err: error.message }, 'job queue Redis connection problem');
-  }
 }
 
 function jobIdOf(job: Job): string {
   if (job.id === undefined) throw new Error('BullMQ job without id');
   return job.id;
-}
-
-function reconnectDelay(times: number): number {
-  return Math.min(times * 200, 2_000);
 }
 
 function sum(counts: Record<string, number>): number {

@@ -1,10 +1,9 @@
 import { type DynamicModule, Module, type Provider } from '@nestjs/common';
 import { CompletionModule } from '../completion/completion.module.js';
 import type { AppConfig } from '../config/config.js';
-import { AppLogger } from '../core/logger.js';
 import { IdentityModule } from '../identity/identity.module.js';
 import { QueueAdminController } from './admin/queue-admin.controller.js';
-import { BullmqJobQueue } from './bullmq-job-queue.js';
+import { BullmqJobsModule } from './bullmq-jobs.module.js';
 import { CallbackPolicy } from './callback-policy.js';
 import { InlineJobQueue } from './inline-job-queue.js';
 import { JobCallbacks } from './job-callbacks.js';
@@ -16,9 +15,6 @@ import { JobsService } from './jobs.service.js';
 import { Jobs1764400005000 } from './migrations/1764400005000-jobs.js';
 
 export const JOBS_MIGRATIONS = [Jobs1764400005000];
-
-/** BullMQ queue name; the prefix (from REDIS_KEY_PREFIX) keeps deployments sharing a Redis apart. */
-export const JOBS_QUEUE_NAME = 'jobs';
 
 // The processor ends a job (completed, failed or dead-lettered) within JOBS_MAX_ATTEMPTS tries;
 // these extra tries are only for failures of the bookkeeping itself (the database away).
@@ -32,21 +28,28 @@ const BOOKKEEPING_TRIES = 3;
 @Module({})
 export class JobsModule {
   static forRoot(config: AppConfig): DynamicModule {
+    const queue = queueDriver(config);
     return {
       module: JobsModule,
       global: true,
-      imports: [CompletionModule, IdentityModule],
+      imports: [CompletionModule, IdentityModule, ...queue.imports],
       controllers: [QueueAdminController],
       providers: [
-        queueProvider(config),
+        ...queue.providers,
         { provide: CallbackPolicy, useFactory: () => new CallbackPolicy(config.jobs.callbackAllowedHosts) },
-        JobsRepository, JobsService, JobProcessor, JobCallbacks, JobsRuntime],
+        JobsRepository,
+        JobsService,
+        JobProcessor,
+        JobCallbacks,
+        JobsRuntime,
+      ],
       exports: [JobsService],
     };
   }
 }
 
-function queueProvider(config: AppConfig): Provider {
+/** The JobQueue: inline provided here; bullmq from BullmqJobsModule (@nestjs/bullmq), which exports it. */
+function queueDriver(config: AppConfig): { imports: DynamicModule[]; providers: Provider[] } {
   const { jobs } = config;
   const options: JobQueueOptions = {
     concurrency: jobs.concurrency,
@@ -56,22 +59,11 @@ function queueProvider(config: AppConfig): Provider {
   };
   switch (jobs.driver) {
     case 'inline':
-      return { provide: JobQueue, useFactory: () => new InlineJobQueue(options) };
+      return { imports: [], providers: [{ provide: JobQueue, useFactory: () => new InlineJobQueue(options) }] };
     case 'bullmq': {
       const redisUrl = config.redisUrl;
       if (!redisUrl) throw new Error('JOBS_DRIVER=bullmq needs REDIS_URL');
-      return {
-        provide: JobQueue,
-        useFactory: (appLogger: AppLogger) =>
-          new BullmqJobQueue({
-            ...options,
-            redisUrl,
-            prefix: `${config.redisKeyPrefix}bull`,
-            queueName: JOBS_QUEUE_NAME,
-            logger: appLogger.logger.child({ context: 'Jobs' }),
-          }),
-        inject: [AppLogger],
-      };
+      return { imports: [BullmqJobsModule.forRoot({ ...options, redisUrl, prefix: `${config.redisKeyPrefix}bull` })], providers: [] };
     }
   }
 }

@@ -1,9 +1,13 @@
+import { type INestApplicationContext, Module } from '@nestjs/common';
+import { NestFactory } from '@nestjs/core';
 import { Redis } from 'ioredis';
 import { describe, expect, it } from 'vitest';
+import { CoreModule } from '../../src/core/core.module.js';
 import { createLogger } from '../../src/core/logger.js';
-import { BullmqJobQueue } from '../../src/jobs/bullmq-job-queue.js';
+import type { BullmqJobQueueOptions } from '../../src/jobs/bullmq-job-queue.js';
+import { BullmqJobsModule } from '../../src/jobs/bullmq-jobs.module.js';
 import { InlineJobQueue } from '../../src/jobs/inline-job-queue.js';
-import { exponentialBackoff } from '../../src/jobs/job-queue.js';
+import { exponentialBackoff, JobQueue } from '../../src/jobs/job-queue.js';
 import { jobQueueContract } from '../../src/jobs/testing/job-queue.contract.js';
 import { REDIS_URL } from '../support/databases.js';
 import { uniqueRedisPrefix } from '../support/redis.js';
@@ -28,15 +32,34 @@ async function dropKeys(prefix: string): Promise<void> {
   }
 }
 
-// The real Redis on this machine; each queue gets its own prefix and queue name.
+@Module({})
+class BullmqQueueRoot {}
+
+/** The bullmq driver wired as the app wires it (@nestjs/bullmq), in a Nest context of its own. */
+async function openBullmqQueue(options: BullmqJobQueueOptions): Promise<{ queue: JobQueue; close: () => Promise<void> }> {
+  const app: INestApplicationContext = await NestFactory.createApplicationContext(
+    { module: BullmqQueueRoot, imports: [CoreModule.forRoot(createLogger('silent')), BullmqJobsModule.forRoot(options)] },
+    { logger: false },
+  );
+  const queue = app.get(JobQueue);
+  return {
+    queue,
+    close: async () => {
+      await queue.close();
+      await app.close();
+    },
+  };
+}
+
+// The real Redis on this machine; each queue gets its own prefix.
 jobQueueContract('bullmq', async (options) => {
   const prefix = `${uniqueRedisPrefix('jobs')}bull`;
-  const queue = new BullmqJobQueue({ ...options, redisUrl: REDIS_URL, prefix, queueName: 'contract', logger: createLogger('silent') });
+  const { queue, close } = await openBullmqQueue({ ...options, redisUrl: REDIS_URL, prefix });
   await queue.ready();
   return {
     queue,
     cleanup: async () => {
-      await queue.close();
+      await close();
       await dropKeys(prefix);
     },
   };
@@ -45,11 +68,9 @@ jobQueueContract('bullmq', async (options) => {
 describe('BullmqJobQueue without Redis', () => {
   it('refuses submits at once with 503 unavailable, says degraded in readiness, and closes without hanging', async () => {
     // Port 1: nothing listens there, the connection is refused over and over.
-    const queue = new BullmqJobQueue({
+    const { queue, close } = await openBullmqQueue({
       redisUrl: 'redis://127.0.0.1:1',
       prefix: uniqueRedisPrefix('jobs-down'),
-      queueName: 'down',
-      logger: createLogger('silent'),
       concurrency: 1,
       maxQueued: 10,
       maxTries: 3,
@@ -62,7 +83,7 @@ describe('BullmqJobQueue without Redis', () => {
       expect(await queue.health()).toMatchObject({ state: 'degraded', details: { driver: 'bullmq', redis: 'unreachable' } });
       queue.start({ run: () => Promise.resolve(), abandon: () => Promise.resolve() });
     } finally {
-      await queue.close();
+      await close();
     }
   });
 });
