@@ -4,6 +4,7 @@
  *   node dist/bench/run.js [--quick] [--rounds N] [--duration MS] [--warmup MS]
  *                          [--kinds json,sse] [--conns 1,16,64] [--cache miss,hit]
  *                          [--targets direct,floor,parsefloor,gateway,embedded] [--semi-space 16[,0,32]]
+ *                          [--heap-growth 0[,30,50]]
  *                          [--variant NAME=DIST_DIR]... [--no-md] [--profile] [--profile-ms MS]
  *
  * Everything runs as its own node process on loopback: the stub upstream (answering at once),
@@ -33,6 +34,7 @@ import {
   type StartedGateway,
   startFloor,
   startGateway,
+  memoryFlags,
   startStub,
 } from './targets.js';
 
@@ -43,6 +45,15 @@ import {
  * default (BENCHMARKS.md, "Memory").
  */
 export const RECOMMENDED_SEMI_SPACE_MB = 16;
+
+/**
+ * How far V8 lets the old generation grow past what survived the last full GC, in percent
+ * (--heap-growing-percent; 0 = no flag, V8's own factor of up to 4x). `npm start` passes none: 30-50
+ * bounds RSS under load at ~215-220 MB instead of 275-390 MB, but costs 5-25% more CPU per request
+ * (BENCHMARKS.md, docs/operations.md "Memory"), so it is the operator's trade, measured here with
+ * `--heap-growth 0,50`.
+ */
+export const DEFAULT_HEAP_GROWING_PERCENT = 0;
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const RESULTS_DIR = join(ROOT, 'bench', 'results');
@@ -57,6 +68,8 @@ interface Options {
   caches: Array<'miss' | 'hit'>;
   targets: Set<string>;
   semiSpace: number[];
+  /** --heap-growing-percent values; every semi-space value runs with each (0 = V8's default). */
+  heapGrowth: number[];
   writeMarkdown: boolean;
   profile: boolean;
   profileMs: number;
@@ -79,6 +92,7 @@ function parseOptions(argv: string[]): Options {
       cache: { type: 'string' },
       targets: { type: 'string' },
       'semi-space': { type: 'string' },
+      'heap-growth': { type: 'string' },
       'no-md': { type: 'boolean' },
       profile: { type: 'boolean' },
       'profile-ms': { type: 'string' },
@@ -109,6 +123,7 @@ function parseOptions(argv: string[]): Options {
   for (const t of targets) if (!['direct', 'floor', 'parsefloor', 'gateway', 'embedded'].includes(t)) throw new Error(`--targets: unknown target ${t}`);
   const conns = list(values.conns, quick ? ['1', '16'] : ['1', '16', '64']).map((c) => int(c, 1, 'conns'));
   const semiSpace = list(values['semi-space'], [String(RECOMMENDED_SEMI_SPACE_MB)]).map((s) => int(s, 0, 'semi-space'));
+  const heapGrowth = list(values['heap-growth'], [String(DEFAULT_HEAP_GROWING_PERCENT)]).map((s) => int(s, 0, 'heap-growth'));
   return {
     quick,
     rounds: int(values.rounds, quick ? 1 : 3, 'rounds'),
@@ -118,6 +133,7 @@ function parseOptions(argv: string[]): Options {
     caches: caches as Array<'miss' | 'hit'>,
     targets: new Set(targets),
     semiSpace,
+    heapGrowth,
     writeMarkdown: values['no-md'] !== true && !quick,
     profile: values.profile === true,
     profileMs: int(values['profile-ms'], 10_000, 'profile-ms'),
@@ -175,9 +191,16 @@ class Fleet {
   }
 }
 
-function gatewayName(base: string, semi: number, variants: number): string {
-  if (variants === 1) return base;
-  return `${base}/semi${semi === 0 ? '-v8default' : semi}`;
+interface MemoryFlags {
+  semiSpaceMb: number;
+  heapGrowingPercent: number;
+}
+
+function gatewayName(base: string, memory: MemoryFlags, options: Options): string {
+  const parts: string[] = [];
+  if (options.semiSpace.length > 1) parts.push(`semi${memory.semiSpaceMb === 0 ? '-v8default' : memory.semiSpaceMb}`);
+  if (options.heapGrowth.length > 1) parts.push(`hg${memory.heapGrowingPercent === 0 ? '-v8default' : memory.heapGrowingPercent}`);
+  return parts.length === 0 ? base : `${base}/${parts.join('-')}`;
 }
 
 async function main(): Promise<void> {
@@ -234,26 +257,28 @@ async function main(): Promise<void> {
       process.stderr.write(
         `PostgreSQL: synchronous_commit ${options.pgAsyncCommit ? 'off' : 'on'}, one-row INSERT+COMMIT takes ${postgres.commitLatencyMs.toFixed(2)} ms (median)\n`,
       );
+      const defaults: MemoryFlags = { semiSpaceMb: options.semiSpace[0] ?? 0, heapGrowingPercent: options.heapGrowth[0] ?? 0 };
       for (const variant of options.profile ? [] : options.variants) {
-        const semi = options.semiSpace[0] ?? 0;
         process.stderr.write(`starting ${variant.name} (PostgreSQL + Redis, build in ${variant.dist})…\n`);
         const entry = join(variant.dist, 'src', 'main.js');
-        targets.push(
-          await addGateway(await startGateway({ name: variant.name, flavour: 'production', stubUrl: stub.url, databaseUrl, semiSpaceMb: semi, entry })),
-        );
+        targets.push(await addGateway(await startGateway({ name: variant.name, flavour: 'production', stubUrl: stub.url, databaseUrl, ...defaults, entry })));
       }
-      const variants = options.profile ? options.semiSpace.slice(0, 1) : options.targets.has('gateway') ? options.semiSpace : [];
-      for (const semi of variants) {
-        const name = gatewayName('gateway', semi, variants.length);
-        process.stderr.write(`starting ${name} (PostgreSQL + Redis${semi > 0 ? `, --max-semi-space-size=${semi}` : ''})…\n`);
-        targets.push(
-          await addGateway(await startGateway({ name, flavour: 'production', stubUrl: stub.url, databaseUrl, semiSpaceMb: semi, profiled: options.profile })),
-        );
+      const memories: MemoryFlags[] = [];
+      for (const semiSpaceMb of options.semiSpace) for (const heapGrowingPercent of options.heapGrowth) memories.push({ semiSpaceMb, heapGrowingPercent });
+      const variants = options.profile ? memories.slice(0, 1) : options.targets.has('gateway') ? memories : [];
+      for (const memory of variants) {
+        const name = gatewayName('gateway', memory, options);
+        process.stderr.write(`starting ${name} (PostgreSQL + Redis${memoryFlags(memory).map((f) => `, ${f}`).join('')})…\n`);
+        targets.push(await addGateway(await startGateway({ name, flavour: 'production', stubUrl: stub.url, databaseUrl, ...memory, profiled: options.profile })));
       }
     }
     if (options.targets.has('embedded') && !options.profile) {
       process.stderr.write('starting embedded (PGlite, in-memory drivers)…\n');
-      targets.push(await addGateway(await startGateway({ name: 'embedded', flavour: 'embedded', stubUrl: stub.url, semiSpaceMb: options.semiSpace[0] ?? 0 })));
+      targets.push(
+        await addGateway(
+          await startGateway({ name: 'embedded', flavour: 'embedded', stubUrl: stub.url, semiSpaceMb: options.semiSpace[0] ?? 0, heapGrowingPercent: options.heapGrowth[0] ?? 0 }),
+        ),
+      );
     }
     for (const t of tenants) {
       process.stderr.write(`${t.name}: budget stage ${t.budgetActive ? 'active' : `not active (PUT /admin/budgets/users → ${t.budgetStatus})`}\n`);

@@ -101,6 +101,8 @@ export interface GatewayOptions {
   databaseUrl?: string;
   /** V8 young-generation cap in MB (--max-semi-space-size); 0 keeps V8's default. */
   semiSpaceMb: number;
+  /** --heap-growing-percent (old generation growth past the live heap); 0 keeps V8's default. */
+  heapGrowingPercent: number;
   /** Start under the in-process CPU profiler wrapper (IPC-controlled), for --profile. */
   profiled?: boolean;
   /** Another build's main.js (a saved copy of dist/), for before/after comparisons in one run. */
@@ -153,7 +155,7 @@ export async function startGateway(options: GatewayOptions): Promise<StartedGate
     dataDir = await mkdtemp(join(tmpdir(), 'gatehouse-bench-'));
     env.DATA_DIR = dataDir;
   }
-  const nodeFlags = options.semiSpaceMb > 0 ? [`--max-semi-space-size=${options.semiSpaceMb}`] : [];
+  const nodeFlags = memoryFlags(options);
   const proc = spawnNode(options.name, options.profiled ? ENTRY.profiledGateway : (options.entry ?? ENTRY.gateway), [], {
     env,
     nodeFlags,
@@ -171,6 +173,14 @@ export async function startGateway(options: GatewayOptions): Promise<StartedGate
     throw error;
   }
   return { name: options.name, flavour: options.flavour, proc, origin, adminKey, semiSpaceMb: options.semiSpaceMb, nodeFlags, cleanup };
+}
+
+/** The V8 memory flags a gateway runs with, as `npm start` passes them (package.json). */
+export function memoryFlags(memory: { semiSpaceMb: number; heapGrowingPercent: number }): string[] {
+  const flags: string[] = [];
+  if (memory.semiSpaceMb > 0) flags.push(`--max-semi-space-size=${memory.semiSpaceMb}`);
+  if (memory.heapGrowingPercent > 0) flags.push(`--heap-growing-percent=${memory.heapGrowingPercent}`);
+  return flags;
 }
 
 export interface Tenant {
