@@ -53,13 +53,25 @@ const VERIFY_PAGE = 2000;
 // One statement for the whole batch, with the rows as ONE json parameter: no 65k parameter
 // limit, one parse, and the encoding is a single native JSON.stringify (13 array parameters cost
 // pg's per-element escaping in JavaScript, the largest audit item in the profile). Rows are
-// inserted in array order so seq follows the chain.
-const INSERT_BATCH = `INSERT INTO audit_events (id, at, actor_user_id, actor_key_id, actor_role, action, target_type, target_id, request_id, status, details, prev_hash, hash)
-  SELECT (e.v->>'id')::uuid, (e.v->>'at')::timestamptz, (e.v->>'actor_user_id')::uuid, (e.v->>'actor_key_id')::uuid, e.v->>'actor_role', e.v->>'action',
-         e.v->>'target_type', e.v->>'target_id', e.v->>'request_id', (e.v->>'status')::int, e.v->'details', e.v->>'prev_hash', e.v->>'hash'
-    FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, ord)
-   ORDER BY e.ord
-  RETURNING seq, hash`;
+// inserted in array order so seq follows the chain, and the statement checks that itself: it
+// answers one row (how many were stored, how many sit out of chain order, the last seq) instead
+// of RETURNING every row for the client to compare, which had pg parse a result row per event.
+const INSERT_BATCH = `WITH input AS MATERIALIZED (
+  SELECT e.v, e.ord FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(v, ord)
+), ins AS (
+  INSERT INTO audit_events (id, at, actor_user_id, actor_key_id, actor_role, action, target_type, target_id, request_id, status, details, prev_hash, hash)
+  SELECT (v->>'id')::uuid, (v->>'at')::timestamptz, (v->>'actor_user_id')::uuid, (v->>'actor_key_id')::uuid, v->>'actor_role', v->>'action',
+         v->>'target_type', v->>'target_id', v->>'request_id', (v->>'status')::int, v->'details', v->>'prev_hash', v->>'hash'
+    FROM input
+   ORDER BY ord
+  RETURNING seq, hash
+), numbered AS (
+  SELECT seq, hash, row_number() OVER (ORDER BY seq) AS rn FROM ins
+)
+SELECT count(*)::int AS stored,
+       (count(*) FILTER (WHERE i.v->>'hash' IS DISTINCT FROM n.hash))::int AS misplaced,
+       max(n.seq)::text AS last_seq
+  FROM numbered n LEFT JOIN input i ON i.ord = n.rn`;
 
 /** The audit table's SQL: chained batch appends, filtered reads, chain verification. */
 @Injectable()
@@ -106,15 +118,13 @@ export class AuditRepository {
           hash: prev,
         };
       });
-      const inserted = await manager.query<Array<{ seq: string; hash: string }>>(INSERT_BATCH, [JSON.stringify(rows)]);
-      inserted.sort((a, b) => compareSeq(a.seq, b.seq));
+      const [result] = await manager.query<Array<{ stored: number; misplaced: number; last_seq: string | null }>>(INSERT_BATCH, [JSON.stringify(rows)]);
       // Cheap insurance for the ordering assumption above: a chain stored out of order would
       // report as broken forever, so refuse to commit one.
-      if (inserted.length !== hashes.length || inserted.some((row, i) => row.hash !== hashes[i])) {
+      if (!result || result.stored !== hashes.length || result.misplaced !== 0 || result.last_seq === null) {
         throw new Error('audit batch stored out of chain order; rolled back');
       }
-      const last = inserted.at(-1);
-      if (last) await manager.query('UPDATE audit_chain_head SET seq = $1, hash = $2 WHERE id = 1', [last.seq, last.hash]);
+      await manager.query('UPDATE audit_chain_head SET seq = $1, hash = $2 WHERE id = 1', [result.last_seq, prev]);
       return batch.length;
     });
   }
