@@ -15,7 +15,6 @@ export const ENTRY = {
   gateway: fileURLToPath(new URL('../src/main.js', import.meta.url)),
   profiledGateway: fileURLToPath(new URL('./profiled-gateway.js', import.meta.url)),
   floor: fileURLToPath(new URL('./floor-proxy-main.js', import.meta.url)),
-  parseFloor: fileURLToPath(new URL('./parse-floor-proxy-main.js', import.meta.url)),
   loadWorker: fileURLToPath(new URL('./load-worker.js', import.meta.url)),
 };
 

@@ -36,7 +36,8 @@ export async function startStub(): Promise<StartedStub> {
 
 /** The floor (`floor`) or the parse floor (`parseFloor`) in front of the stub. */
 export async function startFloor(stubOrigin: string, which: 'floor' | 'parseFloor' = 'floor'): Promise<{ proc: NodeProcess; origin: string }> {
-  const proc = spawnNode(which === 'floor' ? 'floor proxy' : 'parse floor proxy', ENTRY[which], ['--upstream', stubOrigin, '--port', '0']);
+  const args = ['--upstream', stubOrigin, '--port', '0', ...(which === 'parseFloor' ? ['--parse'] : [])];
+  const proc = spawnNode(which === 'floor' ? 'floor proxy' : 'parse floor proxy', ENTRY.floor, args);
   const { url } = await firstJsonLine<Announced>(proc);
   return { proc, origin: url };
 }
