@@ -7,11 +7,35 @@ import { GatewayError } from './errors.js';
  */
 export type Body = Record<string, unknown>;
 
-export function asBody(value: unknown, what = 'Request body'): Body {
+export function asBody(value: unknown, what = 'Request body', param: string | null = null): Body {
   if (typeof value !== 'object' || value === null || Array.isArray(value)) {
-    throw new GatewayError('invalid_value', `${what} must be a JSON object.`);
+    throw new GatewayError('invalid_value', `${what} must be a JSON object.`, { param });
   }
+  assertNesting(value as Body);
   return value as Body;
+}
+
+/** Far deeper than any real request (a tool's JSON schema nests a few dozen levels at most). */
+export const MAX_NESTING = 100;
+
+/**
+ * JSON.parse takes any depth, but the recursive code after it (JSON.stringify for the cache key
+ * and the upstream body, the token estimate) overflows the stack a few thousand levels down:
+ * refused here, naming the top-level field, instead of a 500 or a bogus upstream failure.
+ * Iterative, so the check itself cannot overflow.
+ */
+function assertNesting(body: Body): void {
+  for (const [field, root] of Object.entries(body)) {
+    if (typeof root !== 'object' || root === null) continue;
+    const stack: Array<[unknown, number]> = [[root, 2]];
+    for (let entry = stack.pop(); entry !== undefined; entry = stack.pop()) {
+      const [value, depth] = entry;
+      if (depth > MAX_NESTING) throw new GatewayError('invalid_value', `'${field}' is nested more than ${MAX_NESTING} levels deep.`, { param: field });
+      for (const child of Array.isArray(value) ? value : Object.values(value as object)) {
+        if (typeof child === 'object' && child !== null) stack.push([child, depth + 1]);
+      }
+    }
+  }
 }
 
 function missing(param: string): GatewayError {

@@ -19,9 +19,13 @@ export function parseChatRequest(raw: unknown): ChatCompletionRequest {
     if (typeof m !== 'object' || m === null || Array.isArray(m)) {
       throw new GatewayError('invalid_value', `'messages[${i}]' must be an object.`, { param: `messages[${i}]` });
     }
-    const role = (m as { role?: unknown }).role;
+    const { role, content } = m as { role?: unknown; content?: unknown };
     if (typeof role !== 'string' || role === '') {
       throw new GatewayError('invalid_value', `'messages[${i}].role' must be a string.`, { param: `messages[${i}].role` });
+    }
+    // Text, a list of parts, or null (an assistant turn that only calls tools).
+    if (content !== undefined && content !== null && typeof content !== 'string' && !Array.isArray(content)) {
+      throw new GatewayError('invalid_value', `'messages[${i}].content' must be a string or an array of content parts.`, { param: `messages[${i}].content` });
     }
   });
   optionalType(body, 'model', 'string');
@@ -39,7 +43,18 @@ export function parseChatRequest(raw: unknown): ChatCompletionRequest {
   if (body.n !== undefined && body.n !== null && (typeof body.n !== 'number' || !Number.isInteger(body.n) || body.n < 1 || body.n > 16)) {
     throw new GatewayError('invalid_value', "'n' must be an integer from 1 to 16.", { param: 'n' });
   }
-  if (body.stream_options !== undefined && body.stream_options !== null) asBody(body.stream_options, "'stream_options'");
+  if (body.stream_options !== undefined && body.stream_options !== null) {
+    optionalType(asBody(body.stream_options, "'stream_options'", 'stream_options'), 'include_usage', 'boolean', 'stream_options.');
+  }
+  // Passed on, but also read here (token estimate, cache bypass, the audit's end-user label).
+  if (body.tools !== undefined && body.tools !== null) {
+    if (!Array.isArray(body.tools)) throw new GatewayError('invalid_value', "'tools' must be an array of tool objects.", { param: 'tools' });
+    body.tools.forEach((tool: unknown, i) => {
+      if (typeof tool !== 'object' || tool === null || Array.isArray(tool)) throw new GatewayError('invalid_value', `'tools[${i}]' must be an object.`, { param: `tools[${i}]` });
+    });
+  }
+  if (body.response_format !== undefined && body.response_format !== null) asBody(body.response_format, "'response_format'", 'response_format');
+  optionalType(body, 'user', 'string');
   if (body.task_type !== undefined) parseTaskType(body.task_type, 'task_type');
   if (body.models !== undefined) {
     if (!Array.isArray(body.models) || body.models.length === 0 || body.models.length > 10 || !body.models.every((m) => typeof m === 'string' && m.length > 0 && m.length <= 200)) {
@@ -56,9 +71,9 @@ export function parseTaskType(value: unknown, param: string): string {
   return value;
 }
 
-function optionalType(body: Record<string, unknown>, field: string, type: 'string' | 'number' | 'boolean'): void {
+function optionalType(body: Record<string, unknown>, field: string, type: 'string' | 'number' | 'boolean', prefix = ''): void {
   const v = body[field];
   if (v !== undefined && v !== null && typeof v !== type) {
-    throw new GatewayError('invalid_value', `Invalid type for '${field}': expected a ${type}.`, { param: field });
+    throw new GatewayError('invalid_value', `Invalid type for '${prefix}${field}': expected a ${type}.`, { param: `${prefix}${field}` });
   }
 }

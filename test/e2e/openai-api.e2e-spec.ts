@@ -1,6 +1,6 @@
 import OpenAI from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+import { pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 
 describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)', () => {
   let gw: TestGateway;
@@ -122,6 +122,63 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
       expect((err as InstanceType<typeof OpenAI.APIError>).param).toBe('max_tokens');
       const wrongType = await alice.api.post('/v1/chat/completions', { messages: 'hello' });
       expect(wrongType.body).toMatchObject({ error: { param: 'messages' } });
+    });
+
+    it('400 naming the field for wrong types of content, tools, response_format, user and stream_options, before the upstream or the budget', async () => {
+      // Requests in the caller's own ledger: a refused call must not appear there.
+      const ledgered = async () => (await alice.api.get<{ spend: Array<{ requests: number }> }>('/v1/usage')).body.spend.reduce((n, s) => n + s.requests, 0);
+      const before = await ledgered();
+      const message = { role: 'user', content: 'typed' };
+      for (const [body, param] of [
+        [{ messages: [{ role: 'user', content: 5 }] }, 'messages[0].content'],
+        [{ messages: [message, { role: 'user', content: { text: 'x' } }] }, 'messages[1].content'],
+        [{ messages: [message], tools: 'search' }, 'tools'],
+        [{ messages: [message], tools: [5] }, 'tools[0]'],
+        [{ messages: [message], response_format: 'json' }, 'response_format'],
+        [{ messages: [message], user: 42 }, 'user'],
+        [{ messages: [message], stream_options: 'usage' }, 'stream_options'],
+        [{ messages: [message], stream: true, stream_options: { include_usage: 'yes' } }, 'stream_options.include_usage'],
+      ] as const) {
+        const res = await alice.api.post('/v1/chat/completions', body, { 'cache-control': 'no-cache' });
+        expect(res, JSON.stringify(body)).toMatchObject({ status: 400, body: { error: { type: 'invalid_request_error', code: 'invalid_value', param } } });
+      }
+      // The forms OpenAI accepts still pass: text, parts, and null content next to tool calls.
+      const parts = await alice.api.post('/v1/chat/completions', {
+        messages: [
+          { role: 'user', content: [{ type: 'text', text: 'parts' }] },
+          { role: 'assistant', content: null, tool_calls: [{ id: 'c1', type: 'function', function: { name: 'f', arguments: '{}' } }] },
+          { role: 'tool', tool_call_id: 'c1', content: 'done' },
+        ],
+        response_format: { type: 'text' },
+        user: 'end-user-7',
+      });
+      expect(parts.status).toBe(200);
+      expect(gw.stub.hits).toBe(1);
+      // Settles are written in batches: wait for the one answered call, and only it, to land.
+      await pollUntil(async () => expect(await ledgered()).toBe(before + 1));
+    });
+
+    it('400, not 500, for a body nested deeper than any real request, on every door, before the upstream', async () => {
+      const deep = (depth: number) => '['.repeat(depth) + ']'.repeat(depth);
+      const raw = (path: string, body: string, headers: Record<string, string> = {}) =>
+        alice.api.request<{ error: { code: string; type: string } }>('POST', path, body, { 'content-type': 'application/json', 'cache-control': 'no-cache', ...headers });
+      for (const [path, body] of [
+        ['/v1/chat/completions', `{"messages":[{"role":"user","content":${deep(5000)}}]}`],
+        ['/v1/chat/completions', `{"messages":[{"role":"user","content":"x"}],"tools":${'{"a":'.repeat(3000)}1${'}'.repeat(3000)}}`],
+        ['/v1/chat/completions', `{"messages":[{"role":"user","content":"x"}],"metadata":${deep(5000)}}`],
+        ['/v1/chat/completions', `{"messages":[{"role":"user","content":"x"}],"stream":true,"metadata":${deep(5000)}}`],
+        ['/v1/complete', `{"prompt":"x","metadata":${deep(5000)}}`],
+      ] as const) {
+        const res = await raw(path, body);
+        expect(res, body.slice(0, 60)).toMatchObject({ status: 400, body: { error: { type: 'invalid_request_error', code: 'invalid_value' } } });
+      }
+      const submitted = await raw('/v1/complete', `{"prompt":"x","metadata":${deep(5000)}}`, { prefer: 'respond-async', 'idempotency-key': 'deep-1' });
+      expect(submitted.status).toBe(400);
+      expect(gw.stub.hits).toBe(0);
+      // A realistic depth (a nested JSON schema in a tool) is fine.
+      const schema = JSON.parse(`${'{"type":"object","properties":{"a":'.repeat(12)}{"type":"string"}${'}}'.repeat(12)}`) as unknown;
+      const ok = await alice.api.post('/v1/chat/completions', { messages: [{ role: 'user', content: 'schema' }], tools: [{ type: 'function', function: { name: 'f', parameters: schema } }] });
+      expect(ok.status).toBe(200);
     });
 
     it('400 for malformed JSON, 413 for a body over the limit', async () => {
