@@ -18,8 +18,11 @@ const outcomes = new WeakMap<FastifyRequest, Record<string, unknown>>();
 /**
  * Records admin changes without touching any admin controller: every non-GET request under
  * /admin (failed ones included: they matter for security review), and every 401/403 there.
- * Fastify hooks rather than a Nest interceptor, which would cost an rxjs chain on every request
- * (PERFORMANCE.md); for /v1 traffic the hooks cost one string comparison.
+ * On /v1 it records what the completion pipeline could not: every error answer the pipeline did
+ * not audit itself (a 401, a 400 before the body became a call, a 413, a 429 on an async submit,
+ * a 404), so every request leaves a row. Fastify hooks rather than a Nest interceptor, which would
+ * cost an rxjs chain on every request (PERFORMANCE.md); for a /v1 answer below 400 the hooks
+ * cost a comparison or two.
  */
 @Injectable()
 export class AuditHttpHook implements OnModuleInit {
@@ -37,13 +40,34 @@ export class AuditHttpHook implements OnModuleInit {
     if (typeof fastify?.addHook !== 'function') return;
 
     fastify.addHook('onSend', (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void) => {
-      if (isAdminPath(request)) outcomes.set(request, readOutcome(reply.statusCode, payload));
+      if (isAdminPath(request) || (reply.statusCode >= 400 && isApiPath(request))) outcomes.set(request, readOutcome(reply.statusCode, payload));
       done(null, payload);
     });
     fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
       const status = reply.statusCode;
-      if (isAdminPath(request) && (!READ_METHODS.has(request.method) || status === 401 || status === 403)) this.recordAdmin(request, status);
+      if (status >= 400 && request.completionCall?.audited !== true && isApiPath(request)) this.recordApiError(request, status);
+      else if (isAdminPath(request) && (!READ_METHODS.has(request.method) || status === 401 || status === 403)) this.recordAdmin(request, status);
       done();
+    });
+  }
+
+  /** A /v1 error answer the pipeline did not audit: who (or which key prefix), what, and the error. */
+  private recordApiError(request: FastifyRequest, status: number): void {
+    const pattern = request.routeOptions.url ?? pathOf(request);
+    const details: Record<string, unknown> = { ...(outcomes.get(request) ?? {}) };
+    if (!request.principal) {
+      const key = presentedKey(request);
+      details.key_prefix = key === undefined ? null : keyPrefix(key);
+      if (status === 401) details.auth = key === undefined ? 'missing_key' : 'invalid_key';
+    }
+    this.audit.record({
+      principal: request.principal,
+      action: `${request.method} ${redactText(pattern)}`,
+      targetType: 'request',
+      targetId: null,
+      requestId: request.id,
+      status,
+      details,
     });
   }
 
@@ -83,6 +107,11 @@ export class AuditHttpHook implements OnModuleInit {
 function isAdminPath(request: FastifyRequest): boolean {
   const url = request.url;
   return url.startsWith('/admin') && (url.length === 6 || url[6] === '/' || url[6] === '?');
+}
+
+function isApiPath(request: FastifyRequest): boolean {
+  const url = request.url;
+  return url.startsWith('/v1') && (url.length === 3 || url[3] === '/' || url[3] === '?');
 }
 
 function pathOf(request: FastifyRequest): string {

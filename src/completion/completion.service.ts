@@ -61,7 +61,7 @@ export class CompletionService {
     const started = performance.now();
     const route = this.resolve(call);
     // Cache: a hit answers here, free; an identical request in flight is waited for (singleflight).
-    const cached = await this.admitAndOpen(call, route);
+    const cached = await this.admitAndOpen(call, route, started);
     if (cached.hit) return this.answerFromCache(call, route, cached.hit, started);
     const attempts: Attempt[] = [];
     const { reservation, value } = await this.reserveAndCall(call, route, cached, attempts, started, () => this.upstream.json(call, route, attempts));
@@ -84,7 +84,7 @@ export class CompletionService {
   async stream(call: CompletionCall, sink: StreamSink): Promise<void> {
     const started = performance.now();
     const route = this.resolve(call);
-    const cached = await this.admitAndOpen(call, route);
+    const cached = await this.admitAndOpen(call, route, started);
     if (cached.hit) return this.replayFromCache(call, route, cached.hit, sink, started);
     // A stream still open when the shutdown drain's deadline passes is ended in-band (its signal
     // fires). A replay ends at once and skips it: the composite signal costs ~2-4 µs per stream.
@@ -149,7 +149,7 @@ export class CompletionService {
    * the verdict: a refused call releases what the lookup took (a singleflight slot) and throws
    * the 429; a hit is only answered once the call was admitted.
    */
-  private async admitAndOpen(call: CompletionCall, route: ResolvedRoute): Promise<CacheTicket> {
+  private async admitAndOpen(call: CompletionCall, route: ResolvedRoute, started: number): Promise<CacheTicket> {
     const opening = this.cache.open(call, route);
     if (call.admission) {
       // Handled here at once: the lookup may settle while the verdict is still on its way.
@@ -161,6 +161,7 @@ export class CompletionService {
           (ticket) => ticket.abandon(),
           () => undefined,
         );
+        this.recordRefusal(call, route, started, error);
         throw error;
       }
     }
@@ -182,6 +183,7 @@ export class CompletionService {
   ): Promise<{ reservation: Reservation; value: T }> {
     const reservation = await this.budget.reserve(call, route, cached.status).catch((error: unknown) => {
       cached.abandon();
+      this.recordRefusal(call, route, started, error);
       throw error;
     });
     try {
@@ -216,6 +218,23 @@ export class CompletionService {
     return { model, route, cache, upstreamMock: this.upstreamInfo.mock, headers: {} };
   }
 
+  /**
+   * A call turned away before the upstream (429 over a rate limit, 402 over a budget, 503 when the
+   * budget cannot be checked): audited like any other outcome, so every request leaves a row.
+   * Not counted in the completion metrics: the HTTP metrics count refusals by reason.
+   */
+  private recordRefusal(call: CompletionCall, route: ResolvedRoute, started: number, error: unknown): void {
+    const outcome = errorCode(error);
+    this.audit.recordCompletion(call, route, undefined, [], outcome);
+    call.audited = true;
+    if (this.logger.isLevelEnabled('info')) {
+      this.logger.info(
+        { reqId: call.requestId, door: call.door, user: call.principal.userId, keyPrefix: call.principal.keyPrefix, ms: Math.round(performance.now() - started), outcome },
+        'completion refused',
+      );
+    }
+  }
+
   private logDone(
     call: CompletionCall,
     route: ResolvedRoute,
@@ -228,6 +247,7 @@ export class CompletionService {
     this.metrics.completion(call, route, meta, attempts, started, outcome, costNanos);
     // Buffered only: the batched audit writer stores it off the request path.
     this.audit.recordCompletion(call, route, meta, attempts, outcome, costNanos);
+    call.audited = true;
     // Building the line costs more than the rest of this method: skip it below info.
     if (!this.logger.isLevelEnabled('info')) return;
     const last = attempts.at(-1);

@@ -21,6 +21,11 @@ export interface CompletionCall {
    * `DeferredAdmission`): the pipeline awaits it before anything has an effect. Rejects with 429.
    */
   admission?: Promise<void>;
+  /**
+   * Set once the pipeline has recorded this call's audit event (answer, failure or refusal), so
+   * an HTTP door's error hook does not record it a second time.
+   */
+  audited?: boolean;
 }
 
 export interface CompletionMeta {

@@ -5,6 +5,13 @@ import { formatUsd } from '../../libs/money/src/index.js';
 import { routeHeader } from '../routing/routing-table.js';
 import { GatewayError } from '../core/errors.js';
 
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** The completion call this request became, once its body was valid (see AuditHttpHook). */
+    completionCall?: CompletionCall;
+  }
+}
+
 /** Builds the pipeline's view of an HTTP request: principal, abort signal, cache directives. */
 export function callFromRequest(request: FastifyRequest, reply: FastifyReply, body: ChatCompletionRequest, taskType: string | undefined, door: Door): CompletionCall {
   const principal = request.principal;
@@ -23,7 +30,7 @@ export function callFromRequest(request: FastifyRequest, reply: FastifyReply, bo
       throw new GatewayError('invalid_value', "'x-gateway-cache-ttl' must be a whole number of seconds.", { param: 'x-gateway-cache-ttl' });
     }
   }
-  return {
+  const call: CompletionCall = {
     principal,
     requestId: request.id,
     body,
@@ -33,6 +40,9 @@ export function callFromRequest(request: FastifyRequest, reply: FastifyReply, bo
     cacheControl: { read: !cacheControl.includes('no-cache'), write: !cacheControl.includes('no-store'), ttlSeconds },
     admission: request.admission,
   };
+  // The audit hook reads `audited` from it: the pipeline records what it answers or refuses.
+  request.completionCall = call;
+  return call;
 }
 
 /**

@@ -178,6 +178,58 @@ describe('audit trail over HTTP (PGlite)', () => {
     expect((failure.details.attempts as Array<{ ok: boolean }>).every((a) => !a.ok)).toBe(true);
   });
 
+  it('records every refused /v1 request once: bad key, bad body, too large, over budget, over the rate limit', async () => {
+    const bob = await gw.tenants.create();
+    secrets.push(bob.key);
+    const ask = (client: ApiClient, body: unknown = { model: 'auto', messages: [{ role: 'user', content: 'refuse me' }] }) =>
+      client.post<ErrorBody>('/v1/chat/completions', body);
+    const rowsFor = async (requestId: string | null): Promise<AuditEventDto[]> => {
+      expect(requestId).toBeTruthy();
+      await eventually(gw, {}, (e) => e.request_id === requestId);
+      return (await auditEvents(gw, {})).filter((e) => e.request_id === requestId);
+    };
+
+    // Before authentication: the key prefix only, never the key.
+    const forgedKey = 'gh-notakey000000000000000000000000000000000';
+    secrets.push(forgedKey);
+    const unknownKey = await ask(new ApiClient(gw.url, forgedKey));
+    expect(unknownKey.status).toBe(401);
+    const [unauthenticated, ...more401] = await rowsFor(unknownKey.headers.get('x-request-id'));
+    expect(more401).toEqual([]);
+    expect(unauthenticated).toMatchObject({
+      action: 'POST /v1/chat/completions',
+      status: 401,
+      actor_user_id: null,
+      details: { key_prefix: forgedKey.slice(0, 10), auth: 'invalid_key', error: { code: 'invalid_api_key' } },
+    });
+
+    // A body the door refuses, and one too large to read.
+    const badBody = await ask(bob.api, { messages: 'not a list' });
+    expect(badBody.status).toBe(400);
+    const [invalid] = await rowsFor(badBody.headers.get('x-request-id'));
+    expect(invalid).toMatchObject({ status: 400, actor_key_id: bob.keyId, details: { error: { code: badBody.body.error.code, param: 'messages' } } });
+    const huge = await ask(bob.api, { model: 'auto', messages: [{ role: 'user', content: 'x'.repeat(5 * 1024 * 1024) }] });
+    expect(huge.status).toBe(413);
+    expect((await rowsFor(huge.headers.get('x-request-id')))[0]).toMatchObject({ status: 413, action: 'POST /v1/chat/completions' });
+
+    // Refused by the pipeline: recorded as a completion with the refusal as its outcome, once.
+    expect((await gw.admin.put(`/admin/budgets/users/${bob.userId}`, { limit_usd: 0.000000001, period: 'total' })).status).toBe(200);
+    const broke = await ask(bob.api);
+    expect(broke.status).toBe(402);
+    const [overBudget, ...more402] = await rowsFor(broke.headers.get('x-request-id'));
+    expect(more402).toEqual([]);
+    expect(overBudget).toMatchObject({ action: 'completion', status: 402, actor_key_id: bob.keyId, details: { outcome: 'budget_exceeded', attempts: [] } });
+    expect(gw.stub.hits).toBe(0);
+
+    expect((await gw.admin.put(`/admin/rate-limits/keys/${bob.keyId}`, { requests_per_minute: 1 })).status).toBe(200);
+    let limited = await ask(bob.api);
+    for (let i = 0; i < 5 && limited.status !== 429; i++) limited = await ask(bob.api);
+    expect(limited.status).toBe(429);
+    const [overLimit, ...more429] = await rowsFor(limited.headers.get('x-request-id'));
+    expect(more429).toEqual([]);
+    expect(overLimit).toMatchObject({ action: 'completion', status: 429, details: { outcome: 'rate_limit_exceeded' } });
+  });
+
   it('pages newest first with next_cursor, filters, and names a bad query parameter', async () => {
     const all = await auditEvents(gw, {});
     expect(all.length).toBeGreaterThan(5);
