@@ -91,6 +91,7 @@ async function* relay(body: Dispatcher.ResponseData['body'], signal: AbortSignal
           drainAfterDone(chunks, body);
           return;
         }
+        if (!looksLikeJsonObject(data)) throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not a JSON object');
         yield data;
       }
     }
@@ -102,10 +103,31 @@ async function* relay(body: Dispatcher.ResponseData['body'], signal: AbortSignal
   }
   for (const data of parser.flush()) {
     if (data === '[DONE]') return;
+    if (!looksLikeJsonObject(data)) throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not a JSON object');
     yield data;
   }
   if (signal.aborted) throw abortFailure(signal);
   throw new UpstreamFailure('cut', 'upstream stream ended before [DONE]');
+}
+
+/**
+ * The cheap half of validating an event: it opens and closes like an object. That catches what
+ * upstreams actually send broken (an event cut off, an HTML or text error page inside a 200
+ * stream) for two character reads, where JSON.parse of every event would cost a parse per chunk
+ * on the hot path; the events the pipeline reads anyway (model, usage) are parsed in full there.
+ * Before the first event the failure is retried or falls back; after it, the client gets an SSE
+ * error event.
+ */
+function looksLikeJsonObject(data: string): boolean {
+  let start = 0;
+  let end = data.length - 1;
+  while (start <= end && isJsonSpace(data.charCodeAt(start))) start += 1;
+  while (end >= start && isJsonSpace(data.charCodeAt(end))) end -= 1;
+  return end > start && data.charCodeAt(start) === 123 /* { */ && data.charCodeAt(end) === 125; /* } */
+}
+
+function isJsonSpace(code: number): boolean {
+  return code === 32 || code === 10 || code === 13 || code === 9;
 }
 
 /** Bytes an upstream may still send after [DONE] before the gateway stops reading. */

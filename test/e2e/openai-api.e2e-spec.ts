@@ -208,6 +208,27 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
       for (const res of [failed, slow]) expect(JSON.stringify(res.body)).not.toContain('sk-test-upstream-secret');
     });
 
+    it('an upstream 200 that is not JSON, as a body or as a stream event, is 502 upstream_bad_response and never relayed or cached', async () => {
+      gw.stub.configure({ malformedJson: true });
+      const body = { messages: [{ role: 'user', content: 'garbled' }] };
+      const json = await alice.api.post('/v1/chat/completions', body);
+      expect(json).toMatchObject({ status: 502, body: { error: { type: 'upstream_error', code: 'upstream_bad_response' } } });
+      const stream = await fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ ...body, stream: true }),
+      });
+      const text = await stream.text();
+      expect(stream.status).toBe(502);
+      expect(JSON.parse(text)).toMatchObject({ error: { code: 'upstream_bad_response' } });
+      expect(text).not.toContain('"content":"Mo');
+      // Nothing was cached from it: the same request answers normally once the upstream is sane.
+      gw.stub.reset();
+      const healthy = await alice.api.post('/v1/chat/completions', body);
+      expect(healthy.status).toBe(200);
+      expect(healthy.headers.get('x-gateway-cache')).toBe('miss');
+    });
+
     it("upstream 401/402/429 become 502 with precise codes, never the caller's own status", async () => {
       for (const [status, code] of [
         [401, 'upstream_auth'],
