@@ -29,16 +29,26 @@ export class OpenAiSdkLlmClient extends LlmClient {
   }
 
   async complete(call: UpstreamCall): Promise<UpstreamJsonResult> {
+    let raw: string;
     try {
-      const params = { ...call.body, stream: false } as unknown as OpenAI.Chat.ChatCompletionCreateParamsNonStreaming;
-      const completion = (await this.client.chat.completions.create(params, { signal: call.signal, headers: { 'x-request-id': call.requestId } })) as unknown as ChatCompletion;
-      if (typeof completion !== 'object' || completion === null || !Array.isArray(completion.choices)) {
-        throw new UpstreamFailure('bad_response', 'upstream answered 200 without choices');
-      }
-      return { completion, raw: JSON.stringify(completion) };
+      // The body goes out as given (no `stream: false` added), and the answer is read as text:
+      // `raw` must be the bytes the upstream sent, not the SDK's parse serialised again.
+      const params = call.body as unknown as OpenAI.Chat.ChatCompletionCreateParamsNonStreaming;
+      const response = await this.client.chat.completions.create(params, { signal: call.signal, headers: { 'x-request-id': call.requestId } }).asResponse();
+      raw = await response.text();
     } catch (error) {
       throw toFailure(error, call.signal);
     }
+    let completion: ChatCompletion;
+    try {
+      completion = JSON.parse(raw) as ChatCompletion;
+    } catch {
+      throw new UpstreamFailure('bad_response', 'upstream answered 200 with a body that is not JSON');
+    }
+    if (typeof completion !== 'object' || completion === null || !Array.isArray(completion.choices)) {
+      throw new UpstreamFailure('bad_response', 'upstream answered 200 without choices');
+    }
+    return { completion, raw };
   }
 
   async stream(call: UpstreamCall): Promise<UpstreamEvents> {
@@ -66,7 +76,9 @@ async function* events(stream: AsyncIterable<unknown>, signal: AbortSignal): Asy
       yield JSON.stringify(chunk);
     }
   } catch (error) {
-    throw toFailure(error, signal);
+    const failure = toFailure(error, signal);
+    // After the 200 the upstream was reachable: losing the connection now is the stream breaking off.
+    throw failure.kind === 'connection' ? new UpstreamFailure('cut', `upstream stream broke off: ${(error as Error).message}`) : failure;
   }
   // The SDK ends a `for await` silently on abort, and hides whether [DONE] arrived: an aborted
   // signal or a stream without a finish_reason is a cut, never a complete answer.

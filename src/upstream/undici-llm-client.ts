@@ -96,7 +96,7 @@ async function* relay(body: Dispatcher.ResponseData['body'], signal: AbortSignal
       }
     }
   } catch (error) {
-    throw toFailure(error, signal);
+    throw streamFailure(error, signal);
   } finally {
     // Stop reading from the upstream when the consumer leaves early (client went away).
     if (!handedOff && !body.destroyed) body.destroy();
@@ -161,6 +161,12 @@ function drainAfterDone(chunks: AsyncIterator<Buffer>, body: Dispatcher.Response
 function httpFailure(status: number, text: string, headers: Dispatcher.ResponseData['headers']): UpstreamFailure {
   const { message, code } = describeUpstreamError(status, text);
   return new UpstreamFailure('http', message, status, parseRetryAfter(headers), code);
+}
+
+/** After the 200 the upstream was reachable: losing the connection now is the stream breaking off. */
+function streamFailure(error: unknown, signal: AbortSignal): UpstreamFailure {
+  const failure = toFailure(error, signal);
+  return failure.kind === 'connection' ? new UpstreamFailure('cut', `upstream stream broke off: ${(error as Error).message}`) : failure;
 }
 
 function toFailure(error: unknown, signal: AbortSignal): UpstreamFailure {
