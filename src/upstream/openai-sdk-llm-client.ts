@@ -45,7 +45,8 @@ export class OpenAiSdkLlmClient extends LlmClient {
     } catch {
       throw new UpstreamFailure('bad_response', 'upstream answered 200 with a body that is not JSON');
     }
-    if (typeof completion !== 'object' || completion === null || !Array.isArray(completion.choices)) {
+    // An empty list is no answer either: it would be relayed (and charged an estimate) as one.
+    if (typeof completion !== 'object' || completion === null || !Array.isArray(completion.choices) || completion.choices.length === 0) {
       throw new UpstreamFailure('bad_response', 'upstream answered 200 without choices');
     }
     return { completion, raw };

@@ -1,3 +1,4 @@
+import { createServer as createHttpServer } from 'node:http';
 import { createServer } from 'node:net';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { startStubUpstream, type StubUpstream } from '../../../libs/stub-upstream/src/index.js';
@@ -132,6 +133,23 @@ export function llmClientContract(name: string, make: LlmClientFactory): void {
         stub.configure({ malformedJson: true });
         const failure = await failureOf(client().complete(call(jsonBody())));
         expect(failure.kind).toBe('bad_response');
+      });
+
+      it('a 200 without an answer (no choices, or an empty list) is bad_response', async () => {
+        // The stub always answers; a tiny upstream of its own sends what a broken one might.
+        for (const answer of ['{"id":"x","object":"chat.completion","choices":[]}', '{"id":"x","object":"chat.completion"}']) {
+          const upstream = createHttpServer((_req, res) => res.writeHead(200, { 'content-type': 'application/json' }).end(answer));
+          await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve));
+          const address = upstream.address();
+          if (address === null || typeof address === 'string') throw new Error('no port');
+          try {
+            const failure = await failureOf(client({ baseUrl: `http://127.0.0.1:${address.port}/v1` }).complete(call(jsonBody())));
+            expect(failure.kind).toBe('bad_response');
+          } finally {
+            upstream.closeAllConnections();
+            await new Promise<void>((resolve) => upstream.close(() => resolve()));
+          }
+        }
       });
     });
 
