@@ -129,7 +129,6 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
         stillFailing: 'audit flush still failing',
         recovered: 'audit writes recovered',
       },
-      drain: 'all',
       beforeBatch: () => {
         if (this.droppedSinceLastWrite > 0 && this.writer.size < this.options.maxBuffered) this.recordGap();
       },

@@ -106,7 +106,6 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
         stillFailing: 'budget flush still failing',
         recovered: 'budget writes recovered',
       },
-      drain: 'queued',
       drained: () => {
         this.batchLimit = this.config.budget.flushBatch;
       },

@@ -26,7 +26,6 @@ function writer(store: (batch: readonly number[]) => Promise<number>, options: P
     maxBackoffMs: 1000,
     logger: createLogger('info', sink),
     messages,
-    drain: 'all',
     ...options,
   });
   return { w, logged: () => lines.map((l) => (JSON.parse(l) as { msg: string }).msg) };
@@ -150,7 +149,31 @@ describe('BatchWriter', () => {
     expect(w.size).toBe(0);
   });
 
-  it("in 'queued' mode a flush waits only for what was queued, not for what keeps arriving", async () => {
+  it('under steady traffic writes one batch per interval, not one tiny batch after another', async () => {
+    const batches: number[][] = [];
+    let next = 0;
+    const { w } = writer(
+      async (batch) => {
+        batches.push([...batch]);
+        // Each store takes 3 ms, and an item arrives every millisecond meanwhile.
+        for (let i = 0; i < 3; i++) {
+          await new Promise((resolve) => setTimeout(resolve, 1));
+          w.add(next++);
+        }
+        return batch.length;
+      },
+      { batchSize: 1000, flushMs: 100 },
+    );
+    w.start();
+    w.add(next++);
+    await vi.advanceTimersByTimeAsync(1000);
+    w.stop();
+    // One store per 100 ms tick (the items of the interval together), not ~330 stores of 3.
+    expect(batches.length).toBeLessThanOrEqual(10);
+    expect(batches.slice(1).every((b) => b.length >= 3)).toBe(true);
+  });
+
+  it('a flush waits only for what was queued, not for what keeps arriving', async () => {
     const stored: number[] = [];
     let next = 100;
     const { w } = writer(
@@ -160,7 +183,7 @@ describe('BatchWriter', () => {
         w.add(next++);
         return Promise.resolve(batch.length);
       },
-      { drain: 'queued', batchSize: 2 },
+      { batchSize: 2 },
     );
     for (let i = 0; i < 4; i++) w.add(i);
     expect(await w.flush()).toBe(true);

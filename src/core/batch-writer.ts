@@ -17,11 +17,6 @@ export interface BatchWriterOptions<T> {
   maxBackoffMs: number;
   logger: Logger;
   messages: { failed: string; stillFailing: string; recovered: string };
-  /**
-   * 'all': a drain writes until the buffer is empty. 'queued': only what waited when it started,
-   * so that a flush() waiting on it does not wait on traffic that keeps coming.
-   */
-  drain: 'all' | 'queued';
   /** Runs before each batch is taken (may add() items). */
   beforeBatch?: () => void;
   /** Runs when a drain got through everything it meant to write. */
@@ -158,8 +153,16 @@ export class BatchWriter<T> {
     return this.running;
   }
 
+  /**
+   * Writes what waited when the drain started, and no more: what arrives meanwhile waits for the
+   * timer (or starts a drain of its own once it fills a batch). Writing "until the buffer is
+   * empty" instead meant, under steady traffic, one tiny transaction after another, each with
+   * the few items that came in during the last one: the audit writer committed every ~3 ms with
+   * 2-3 events (5 round trips each), a fifth of a cache hit's CPU at one connection. It also
+   * keeps a flush() from waiting on traffic that keeps coming.
+   */
   private async drain(): Promise<void> {
-    let remaining = this.options.drain === 'queued' ? this.buffer.length : Infinity;
+    let remaining = this.buffer.length;
     while (remaining > 0) {
       this.options.beforeBatch?.();
       const batch = this.buffer.slice(0, Math.min(this.options.batchSize, remaining));
@@ -180,8 +183,8 @@ export class BatchWriter<T> {
       this.nextAttemptAt = 0;
     }
     this.options.drained?.();
-    // What arrived during a 'queued' drain is the next one's; a full batch should not wait for the timer.
-    if (this.options.drain === 'queued' && this.buffer.length >= this.options.batchSize && this.timer) setImmediate(() => this.tick());
+    // What arrived during the drain is the next one's; a full batch should not wait for the timer.
+    if (this.buffer.length >= this.options.batchSize && this.timer) setImmediate(() => this.tick());
   }
 
   private failed(error: unknown): void {
