@@ -90,3 +90,21 @@ export function abortFailure(signal: AbortSignal): UpstreamFailure {
   if (reason instanceof Error && reason.name === 'TimeoutError') return new UpstreamFailure('timeout', 'upstream did not answer in time');
   return new UpstreamFailure('aborted', 'request aborted');
 }
+
+/**
+ * A 200 JSON body as both drivers hand it to the pipeline: the completion, and the bytes as sent.
+ * Not JSON, no choices, or an empty list (no answer either: it would be relayed, and charged an
+ * estimate, as one) is bad_response, retried or falling back like any failed attempt.
+ */
+export function jsonResult(raw: string): UpstreamJsonResult {
+  let completion: ChatCompletion;
+  try {
+    completion = JSON.parse(raw) as ChatCompletion;
+  } catch {
+    throw new UpstreamFailure('bad_response', 'upstream answered 200 with a body that is not JSON');
+  }
+  if (typeof completion !== 'object' || completion === null || !Array.isArray(completion.choices) || completion.choices.length === 0) {
+    throw new UpstreamFailure('bad_response', 'upstream answered 200 without choices');
+  }
+  return { completion, raw };
+}

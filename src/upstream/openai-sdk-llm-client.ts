@@ -1,6 +1,5 @@
 import OpenAI from 'openai';
-import type { ChatCompletion } from '../../libs/openai-contract/src/index.js';
-import { abortFailure, LlmClient, parseRetryAfter, type UpstreamCall, type UpstreamEvents, type UpstreamJsonResult, UpstreamFailure } from './llm-client.js';
+import { abortFailure, jsonResult, LlmClient, parseRetryAfter, type UpstreamCall, type UpstreamEvents, type UpstreamJsonResult, UpstreamFailure } from './llm-client.js';
 
 export interface SdkClientOptions {
   baseUrl: string;
@@ -39,17 +38,7 @@ export class OpenAiSdkLlmClient extends LlmClient {
     } catch (error) {
       throw toFailure(error, call.signal);
     }
-    let completion: ChatCompletion;
-    try {
-      completion = JSON.parse(raw) as ChatCompletion;
-    } catch {
-      throw new UpstreamFailure('bad_response', 'upstream answered 200 with a body that is not JSON');
-    }
-    // An empty list is no answer either: it would be relayed (and charged an estimate) as one.
-    if (typeof completion !== 'object' || completion === null || !Array.isArray(completion.choices) || completion.choices.length === 0) {
-      throw new UpstreamFailure('bad_response', 'upstream answered 200 without choices');
-    }
-    return { completion, raw };
+    return jsonResult(raw);
   }
 
   async stream(call: UpstreamCall): Promise<UpstreamEvents> {

@@ -1,7 +1,7 @@
 import { Pool, errors as undiciErrors } from 'undici';
 import type { Dispatcher } from 'undici';
-import { type ChatCompletion, SseParser } from '../../libs/openai-contract/src/index.js';
-import { abortFailure, describeUpstreamError, LlmClient, parseRetryAfter, type UpstreamCall, type UpstreamEvents, type UpstreamJsonResult, UpstreamFailure } from './llm-client.js';
+import { SseParser } from '../../libs/openai-contract/src/index.js';
+import { abortFailure, describeUpstreamError, jsonResult, LlmClient, parseRetryAfter, type UpstreamCall, type UpstreamEvents, type UpstreamJsonResult, UpstreamFailure } from './llm-client.js';
 
 export interface UndiciClientOptions {
   baseUrl: string;
@@ -53,17 +53,7 @@ export class UndiciLlmClient extends LlmClient {
       throw toFailure(error, call.signal);
     }
     if (response.statusCode !== 200) throw httpFailure(response.statusCode, raw, response.headers);
-    let completion: ChatCompletion;
-    try {
-      completion = JSON.parse(raw) as ChatCompletion;
-    } catch {
-      throw new UpstreamFailure('bad_response', 'upstream answered 200 with a body that is not JSON');
-    }
-    // An empty list is no answer either: it would be relayed (and charged an estimate) as one.
-    if (typeof completion !== 'object' || completion === null || !Array.isArray(completion.choices) || completion.choices.length === 0) {
-      throw new UpstreamFailure('bad_response', 'upstream answered 200 without choices');
-    }
-    return { completion, raw };
+    return jsonResult(raw);
   }
 
   async stream(call: UpstreamCall): Promise<UpstreamEvents> {
