@@ -15,9 +15,11 @@ export interface SdkClientOptions {
  */
 export class OpenAiSdkLlmClient extends LlmClient {
   private readonly client: OpenAI;
+  private readonly idleMs: number;
 
   constructor(options: SdkClientOptions) {
     super();
+    this.idleMs = options.timeoutMs;
     this.client = new OpenAI({
       apiKey: options.apiKey,
       baseURL: options.baseUrl,
@@ -42,14 +44,14 @@ export class OpenAiSdkLlmClient extends LlmClient {
   }
 
   async stream(call: UpstreamCall): Promise<UpstreamEvents> {
-    let stream: AsyncIterable<unknown>;
+    let stream: SdkStream;
     try {
       const params = { ...call.body, stream: true } as unknown as OpenAI.Chat.ChatCompletionCreateParamsStreaming;
       stream = await this.client.chat.completions.create(params, { signal: call.signal, headers: { 'x-request-id': call.requestId } });
     } catch (error) {
       throw toFailure(error, call.signal);
     }
-    return events(stream, call.signal);
+    return events(stream, call.signal, this.idleMs);
   }
 
   close(): Promise<void> {
@@ -57,21 +59,45 @@ export class OpenAiSdkLlmClient extends LlmClient {
   }
 }
 
-async function* events(stream: AsyncIterable<unknown>, signal: AbortSignal): AsyncGenerator<string> {
+/** The SDK's Stream: iterable, with the AbortController of its own request. */
+type SdkStream = AsyncIterable<unknown> & { controller?: AbortController };
+
+/**
+ * Relays the SDK's parsed chunks. The SDK's `timeout` covers the wait for the headers only; a
+ * stream that goes quiet afterwards would hang until the pipeline's deadline, so a gap longer
+ * than the timeout between two chunks ends it as a timeout (the undici driver's bodyTimeout).
+ */
+async function* events(stream: SdkStream, signal: AbortSignal, idleMs: number): AsyncGenerator<string> {
   let sawFinish = false;
+  let idled = false;
+  let timer: NodeJS.Timeout | undefined;
+  const arm = (): void => {
+    clearTimeout(timer);
+    timer = setTimeout(() => {
+      idled = true;
+      stream.controller?.abort();
+    }, idleMs);
+  };
+  const quiet = (): UpstreamFailure => new UpstreamFailure('timeout', 'upstream stream went quiet');
   try {
+    arm();
     for await (const chunk of stream) {
+      arm();
       const choices = (chunk as { choices?: Array<{ finish_reason?: unknown }> }).choices;
       if (choices?.some((c) => c.finish_reason)) sawFinish = true;
       yield JSON.stringify(chunk);
     }
   } catch (error) {
+    if (idled) throw quiet();
     const failure = toFailure(error, signal);
     // After the 200 the upstream was reachable: losing the connection now is the stream breaking off.
     throw failure.kind === 'connection' ? new UpstreamFailure('cut', `upstream stream broke off: ${(error as Error).message}`) : failure;
+  } finally {
+    clearTimeout(timer);
   }
   // The SDK ends a `for await` silently on abort, and hides whether [DONE] arrived: an aborted
   // signal or a stream without a finish_reason is a cut, never a complete answer.
+  if (idled) throw quiet();
   if (signal.aborted) throw abortFailure(signal);
   if (!sawFinish) throw new UpstreamFailure('cut', 'upstream stream ended before it finished');
 }

@@ -189,6 +189,16 @@ export function llmClientContract(name: string, make: LlmClientFactory): void {
     });
 
     describe('transport', () => {
+      it('a stream that goes quiet after its first events is a timeout, with what came before it yielded', async () => {
+        stub.configure({ chunkDelayMs: 30_000 });
+        const seen: string[] = [];
+        const started = performance.now();
+        const failure = await failureOf(client().stream(call(streamBody())).then((events) => drain(events, seen)));
+        expect(failure.kind).toBe('timeout');
+        expect(seen.length).toBeGreaterThanOrEqual(1);
+        expect(performance.now() - started).toBeLessThan(TIMEOUT_MS + TIMEOUT_SLACK_MS);
+      });
+
       it('a hung upstream is a timeout within the configured timeout (JSON)', async () => {
         stub.configure({ hangMs: 30_000 });
         const started = performance.now();
