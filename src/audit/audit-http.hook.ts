@@ -40,12 +40,12 @@ export class AuditHttpHook implements OnModuleInit {
     if (typeof fastify?.addHook !== 'function') return;
 
     fastify.addHook('onSend', (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void) => {
-      if (isAdminPath(request) || (reply.statusCode >= 400 && isApiPath(request))) outcomes.set(request, readOutcome(reply.statusCode, payload));
+      if (isAdminPath(request) || unauditedApiError(request, reply.statusCode)) outcomes.set(request, readOutcome(reply.statusCode, payload));
       done(null, payload);
     });
     fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
       const status = reply.statusCode;
-      if (status >= 400 && request.completionCall?.audited !== true && isApiPath(request)) this.recordApiError(request, status);
+      if (unauditedApiError(request, status)) this.recordApiError(request, status);
       else if (isAdminPath(request) && (!READ_METHODS.has(request.method) || status === 401 || status === 403)) this.recordAdmin(request, status);
       done();
     });
@@ -107,6 +107,11 @@ export class AuditHttpHook implements OnModuleInit {
 function isAdminPath(request: FastifyRequest): boolean {
   const url = request.url;
   return url.startsWith('/admin') && (url.length === 6 || url[6] === '/' || url[6] === '?');
+}
+
+/** A /v1 error answer the completion pipeline did not audit itself (its payload is read only then). */
+function unauditedApiError(request: FastifyRequest, status: number): boolean {
+  return status >= 400 && request.completionCall?.audited !== true && isApiPath(request);
 }
 
 function isApiPath(request: FastifyRequest): boolean {

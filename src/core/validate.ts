@@ -7,11 +7,18 @@ import { GatewayError } from './errors.js';
  */
 export type Body = Record<string, unknown>;
 
-export function asBody(value: unknown, what = 'Request body', param: string | null = null): Body {
+/** A request body: a JSON object, nested no deeper than MAX_NESTING (checked once, here). */
+export function asBody(value: unknown): Body {
+  const body = asObject(value, 'Request body', null);
+  assertNesting(body);
+  return body;
+}
+
+/** A field inside a body asBody already walked: its depth is checked, only its shape is left. */
+export function asObject(value: unknown, what: string, param: string | null): Body {
   if (typeof value !== 'object' || value === null || Array.isArray(value)) {
     throw new GatewayError('invalid_value', `${what} must be a JSON object.`, { param });
   }
-  assertNesting(value as Body);
   return value as Body;
 }
 

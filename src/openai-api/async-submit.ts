@@ -2,7 +2,6 @@ import { hash } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { CompletionCall } from '../completion/completion.types.js';
 import { GatewayError } from '../core/errors.js';
-import { asBody } from '../core/validate.js';
 import { type JobDoor, jobView } from '../jobs/job.types.js';
 import type { JobsService } from '../jobs/jobs.service.js';
 
@@ -77,7 +76,8 @@ export async function submitAsync(
     requestId: call.requestId,
     idempotencyKey: parseIdempotencyKey(request.headers['idempotency-key']),
     bodyHash: submissionHash(door, call.taskType, raw),
-    callbackUrl: parseCallbackUrl(asBody(raw).callback_url),
+    // `raw` is the body the door already validated (an object, its depth checked).
+    callbackUrl: parseCallbackUrl((raw as Record<string, unknown>).callback_url),
   });
   void reply.status(202).header('location', `/v1/jobs/${job.id}`).header('preference-applied', 'respond-async');
   if (!created) void reply.header('idempotent-replayed', 'true');

@@ -1,6 +1,6 @@
 import type { ChatCompletionRequest } from '../../libs/openai-contract/src/index.js';
 import { GatewayError } from '../core/errors.js';
-import { asBody } from '../core/validate.js';
+import { asBody, asObject } from '../core/validate.js';
 
 const TASK_TYPE = /^[a-z0-9][a-z0-9_.-]{0,63}$/i;
 
@@ -44,7 +44,7 @@ export function parseChatRequest(raw: unknown): ChatCompletionRequest {
     throw new GatewayError('invalid_value', "'n' must be an integer from 1 to 16.", { param: 'n' });
   }
   if (body.stream_options !== undefined && body.stream_options !== null) {
-    optionalType(asBody(body.stream_options, "'stream_options'", 'stream_options'), 'include_usage', 'boolean', 'stream_options.');
+    optionalType(asObject(body.stream_options, "'stream_options'", 'stream_options'), 'include_usage', 'boolean', 'stream_options.');
   }
   // Passed on, but also read here (token estimate, cache bypass, the audit's end-user label).
   if (body.tools !== undefined && body.tools !== null) {
@@ -53,7 +53,7 @@ export function parseChatRequest(raw: unknown): ChatCompletionRequest {
       if (typeof tool !== 'object' || tool === null || Array.isArray(tool)) throw new GatewayError('invalid_value', `'tools[${i}]' must be an object.`, { param: `tools[${i}]` });
     });
   }
-  if (body.response_format !== undefined && body.response_format !== null) asBody(body.response_format, "'response_format'", 'response_format');
+  if (body.response_format !== undefined && body.response_format !== null) asObject(body.response_format, "'response_format'", 'response_format');
   optionalType(body, 'user', 'string');
   if (body.task_type !== undefined) parseTaskType(body.task_type, 'task_type');
   if (body.models !== undefined) {
