@@ -1,3 +1,4 @@
+import { Writable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import { ManualClock } from '../core/clock.js';
 import { ERROR_TABLE } from '../core/errors.js';
@@ -139,5 +140,42 @@ describe('AuditService.recordCompletion', () => {
       expect((text as string).length).toBeLessThanOrEqual(501);
     }
     expect(details.prompt_tokens).toBeNull();
+  });
+});
+
+describe('AuditService shutdown', () => {
+  it('does not report events lost while requests that are still draining keep recording', async () => {
+    const logged: string[] = [];
+    const sink = new Writable({
+      write(chunk: Buffer, _encoding, done) {
+        logged.push(chunk.toString());
+        done();
+      },
+    });
+    const stored: AuditEvent[] = [];
+    const late: { audit?: AuditService } = {};
+    let arrivals = 0;
+    // Every INSERT takes a moment, and requests still finishing record meanwhile, as under load.
+    const repository = {
+      append: async (events: readonly AuditEvent[]) => {
+        await new Promise((resolve) => setTimeout(resolve, 2));
+        if (arrivals < 20) {
+          arrivals += 1;
+          late.audit?.record({ action: 'completion', details: { n: arrivals } });
+        }
+        stored.push(...events);
+        return events.length;
+      },
+    } as unknown as AuditRepository;
+    const options: AuditOptions = { flushMs: 60_000, batchSize: 1000, maxBuffered: 10_000, maxBackoffMs: 1000 };
+    const audit = new AuditService(repository, new ManualClock(), { logger: createLogger('info', sink) }, options);
+    late.audit = audit;
+    audit.record({ action: 'completion', details: { n: 0 } });
+
+    await audit.beforeApplicationShutdown();
+    await audit.onApplicationShutdown();
+
+    expect(logged.filter((line) => line.includes('LOST'))).toEqual([]);
+    expect(stored).toHaveLength(21);
   });
 });

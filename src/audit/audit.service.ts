@@ -144,15 +144,22 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
     this.start();
   }
 
-  /** Nest runs this before the HTTP server closes: flush everything recorded so far. */
+  /**
+   * Nest runs this before the HTTP server closes: flush everything recorded so far. Nothing is
+   * lost yet if the database refuses: onApplicationShutdown tries again.
+   */
   async beforeApplicationShutdown(): Promise<void> {
-    await this.drainForShutdown();
+    if (!(await this.writer.drainForShutdown())) {
+      this.logger.warn({ buffered: this.writer.size, lastError: this.writer.lastError }, 'audit events not stored yet at shutdown; retried after the HTTP server closed');
+    }
   }
 
-  /** And this after it closed: requests that finished while it closed recorded events too. */
+  /** And this after it closed: requests that finished while it closed recorded events too. This is the last chance. */
   async onApplicationShutdown(): Promise<void> {
     this.stop();
-    await this.drainForShutdown();
+    await this.writer.drainForShutdown();
+    if (this.writer.size === 0) return;
+    this.logger.error({ lost: this.writer.size, lastError: this.writer.lastError }, 'AUDIT EVENTS LOST: shutting down with events the database would not take');
   }
 
   start(): void {
@@ -246,8 +253,7 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
 
   /** Writes everything buffered now (tests, shutdown). Resolves false if the database refused. */
   async flush(): Promise<boolean> {
-    // A drain writes until the buffer is empty, so anything left means the database refused.
-    return (await this.writer.flush()) && this.writer.size === 0;
+    return this.writer.flush();
   }
 
   /** Admin query: newest first, keyset-paginated on seq. */
@@ -341,10 +347,6 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
     this.writer.add({ id: randomUUID(), at: this.clock.now(), input: { action: 'audit.events_dropped', targetType: 'audit', details }, event: undefined });
   }
 
-  private async drainForShutdown(): Promise<void> {
-    if (await this.writer.drainForShutdown(() => this.flush())) return;
-    this.logger.error({ lost: this.writer.size, lastError: this.writer.lastError }, 'AUDIT EVENTS LOST: shutting down with events the database would not take');
-  }
 }
 
 /** The attempts as toJson stores them (at most 50, then a count), keys in canonical order. */

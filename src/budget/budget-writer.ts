@@ -235,7 +235,8 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
   }
 
   private async drainForShutdown(): Promise<void> {
-    if (await this.writer.drainForShutdown()) return;
+    await this.writer.drainForShutdown();
+    if (this.writer.size === 0) return;
     const buffer = this.writer.buffer;
     let cost = 0n;
     for (const charge of buffer) for (const row of charge.rows) cost += BigInt(row.cost_nanos);

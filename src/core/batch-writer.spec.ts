@@ -217,6 +217,21 @@ describe('BatchWriter', () => {
     expect(w.failures).toBe(0);
   });
 
+  it('a shutdown drain also stores what requests still finishing add while it flushes', async () => {
+    const stored: number[] = [];
+    let next = 100;
+    const { w } = writer((batch) => {
+      stored.push(...batch);
+      // Each INSERT sees another request finish meanwhile, for a while.
+      if (next < 105) w.add(next++);
+      return Promise.resolve(batch.length);
+    });
+    w.add(1);
+    expect(await w.drainForShutdown()).toBe(true);
+    expect(stored).toEqual([1, 100, 101, 102, 103, 104]);
+    expect(w.size).toBe(0);
+  });
+
   it('gives up a shutdown drain after a few attempts and says so', async () => {
     const { w } = writer(() => Promise.reject(new Error('down')));
     w.add(1);

@@ -28,6 +28,7 @@ export interface BatchWriterOptions<T> {
 }
 
 const SHUTDOWN_ATTEMPTS = 3;
+const SHUTDOWN_ROUNDS = 50;
 const LOUD_LOG_INTERVAL_MS = 10_000;
 
 /**
@@ -116,13 +117,22 @@ export class BatchWriter<T> {
     return true;
   }
 
-  /** A few flushes a little apart; false if the last still failed (the owner logs what is lost). */
-  async drainForShutdown(flush: () => Promise<boolean> = () => this.flush()): Promise<boolean> {
-    for (let attempt = 1; attempt <= SHUTDOWN_ATTEMPTS; attempt += 1) {
-      if (await flush()) return true;
-      if (attempt < SHUTDOWN_ATTEMPTS) await new Promise((resolve) => setTimeout(resolve, 100 * attempt));
+  /**
+   * For shutdown: stores until the buffer is empty. Requests still finishing record more while a
+   * flush runs, so a flush that stored everything before it is followed by another for what came
+   * meanwhile (a bounded number of rounds: under endless traffic the owner's next drain takes the
+   * rest). False only when the database refused a few times, a little apart; whatever is left
+   * then is the owner's to report (`size`).
+   */
+  async drainForShutdown(): Promise<boolean> {
+    let refused = 0;
+    for (let round = 0; round < SHUTDOWN_ROUNDS && this.buffer.length > 0; round += 1) {
+      if (await this.flush()) continue;
+      refused += 1;
+      if (refused >= SHUTDOWN_ATTEMPTS) return false;
+      await new Promise((resolve) => setTimeout(resolve, 100 * refused));
     }
-    return false;
+    return true;
   }
 
   report(details: Record<string, unknown>): ReadinessReport {
