@@ -4,7 +4,7 @@
  *   node dist/bench/run.js [--quick] [--rounds N] [--duration MS] [--warmup MS]
  *                          [--kinds json,sse] [--conns 1,16,64] [--cache miss,hit]
  *                          [--targets direct,floor,parsefloor,gateway,embedded] [--semi-space 16[,0,32]]
- *                          [--heap-growth 0[,30,50]]
+ *                          [--heap-growth 0[,30,50]] [--old-space 0[,256,512]]
  *                          [--variant NAME=DIST_DIR]... [--no-md] [--profile] [--profile-ms MS]
  *
  * Everything runs as its own node process on loopback: the stub upstream (answering at once),
@@ -55,6 +55,13 @@ export const RECOMMENDED_SEMI_SPACE_MB = 16;
  */
 export const DEFAULT_HEAP_GROWING_PERCENT = 0;
 
+/**
+ * --max-old-space-size for the gateway in MB (0 = no flag). Besides the hard cap, V8 derives its
+ * heap growing factor from it: 4x the live heap for caps of 1 GB and more, down to 1.3x at 128 MB.
+ * Measured with `--old-space 0,256,512`.
+ */
+export const DEFAULT_OLD_SPACE_MB = 0;
+
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const RESULTS_DIR = join(ROOT, 'bench', 'results');
 const MARKDOWN = join(ROOT, 'BENCHMARKS.md');
@@ -70,6 +77,8 @@ interface Options {
   semiSpace: number[];
   /** --heap-growing-percent values; every semi-space value runs with each (0 = V8's default). */
   heapGrowth: number[];
+  /** --max-old-space-size values in MB; every semi-space × heap-growth pair runs with each (0 = none). */
+  oldSpace: number[];
   writeMarkdown: boolean;
   profile: boolean;
   profileMs: number;
@@ -93,6 +102,7 @@ function parseOptions(argv: string[]): Options {
       targets: { type: 'string' },
       'semi-space': { type: 'string' },
       'heap-growth': { type: 'string' },
+      'old-space': { type: 'string' },
       'no-md': { type: 'boolean' },
       profile: { type: 'boolean' },
       'profile-ms': { type: 'string' },
@@ -124,6 +134,7 @@ function parseOptions(argv: string[]): Options {
   const conns = list(values.conns, quick ? ['1', '16'] : ['1', '16', '64']).map((c) => int(c, 1, 'conns'));
   const semiSpace = list(values['semi-space'], [String(RECOMMENDED_SEMI_SPACE_MB)]).map((s) => int(s, 0, 'semi-space'));
   const heapGrowth = list(values['heap-growth'], [String(DEFAULT_HEAP_GROWING_PERCENT)]).map((s) => int(s, 0, 'heap-growth'));
+  const oldSpace = list(values['old-space'], [String(DEFAULT_OLD_SPACE_MB)]).map((s) => int(s, 0, 'old-space'));
   return {
     quick,
     rounds: int(values.rounds, quick ? 1 : 3, 'rounds'),
@@ -134,6 +145,7 @@ function parseOptions(argv: string[]): Options {
     targets: new Set(targets),
     semiSpace,
     heapGrowth,
+    oldSpace,
     writeMarkdown: values['no-md'] !== true && !quick,
     profile: values.profile === true,
     profileMs: int(values['profile-ms'], 10_000, 'profile-ms'),
@@ -194,12 +206,14 @@ class Fleet {
 interface MemoryFlags {
   semiSpaceMb: number;
   heapGrowingPercent: number;
+  oldSpaceMb: number;
 }
 
 function gatewayName(base: string, memory: MemoryFlags, options: Options): string {
   const parts: string[] = [];
   if (options.semiSpace.length > 1) parts.push(`semi${memory.semiSpaceMb === 0 ? '-v8default' : memory.semiSpaceMb}`);
   if (options.heapGrowth.length > 1) parts.push(`hg${memory.heapGrowingPercent === 0 ? '-v8default' : memory.heapGrowingPercent}`);
+  if (options.oldSpace.length > 1) parts.push(`old${memory.oldSpaceMb === 0 ? '-v8default' : memory.oldSpaceMb}`);
   return parts.length === 0 ? base : `${base}/${parts.join('-')}`;
 }
 
@@ -257,14 +271,15 @@ async function main(): Promise<void> {
       process.stderr.write(
         `PostgreSQL: synchronous_commit ${options.pgAsyncCommit ? 'off' : 'on'}, one-row INSERT+COMMIT takes ${postgres.commitLatencyMs.toFixed(2)} ms (median)\n`,
       );
-      const defaults: MemoryFlags = { semiSpaceMb: options.semiSpace[0] ?? 0, heapGrowingPercent: options.heapGrowth[0] ?? 0 };
+      const defaults: MemoryFlags = { semiSpaceMb: options.semiSpace[0] ?? 0, heapGrowingPercent: options.heapGrowth[0] ?? 0, oldSpaceMb: options.oldSpace[0] ?? 0 };
       for (const variant of options.profile ? [] : options.variants) {
         process.stderr.write(`starting ${variant.name} (PostgreSQL + Redis, build in ${variant.dist})…\n`);
         const entry = join(variant.dist, 'src', 'main.js');
         targets.push(await addGateway(await startGateway({ name: variant.name, flavour: 'production', stubUrl: stub.url, databaseUrl, ...defaults, entry })));
       }
       const memories: MemoryFlags[] = [];
-      for (const semiSpaceMb of options.semiSpace) for (const heapGrowingPercent of options.heapGrowth) memories.push({ semiSpaceMb, heapGrowingPercent });
+      for (const semiSpaceMb of options.semiSpace)
+        for (const heapGrowingPercent of options.heapGrowth) for (const oldSpaceMb of options.oldSpace) memories.push({ semiSpaceMb, heapGrowingPercent, oldSpaceMb });
       const variants = options.profile ? memories.slice(0, 1) : options.targets.has('gateway') ? memories : [];
       for (const memory of variants) {
         const name = gatewayName('gateway', memory, options);
@@ -276,7 +291,14 @@ async function main(): Promise<void> {
       process.stderr.write('starting embedded (PGlite, in-memory drivers)…\n');
       targets.push(
         await addGateway(
-          await startGateway({ name: 'embedded', flavour: 'embedded', stubUrl: stub.url, semiSpaceMb: options.semiSpace[0] ?? 0, heapGrowingPercent: options.heapGrowth[0] ?? 0 }),
+          await startGateway({
+            name: 'embedded',
+            flavour: 'embedded',
+            stubUrl: stub.url,
+            semiSpaceMb: options.semiSpace[0] ?? 0,
+            heapGrowingPercent: options.heapGrowth[0] ?? 0,
+            oldSpaceMb: options.oldSpace[0] ?? 0,
+          }),
         ),
       );
     }

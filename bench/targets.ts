@@ -104,6 +104,8 @@ export interface GatewayOptions {
   semiSpaceMb: number;
   /** --heap-growing-percent (old generation growth past the live heap); 0 keeps V8's default. */
   heapGrowingPercent: number;
+  /** --max-old-space-size in MB (also lowers V8's heap growing factor); 0 keeps V8's default. */
+  oldSpaceMb: number;
   /** Start under the in-process CPU profiler wrapper (IPC-controlled), for --profile. */
   profiled?: boolean;
   /** Another build's main.js (a saved copy of dist/), for before/after comparisons in one run. */
@@ -177,10 +179,11 @@ export async function startGateway(options: GatewayOptions): Promise<StartedGate
 }
 
 /** The V8 memory flags a gateway runs with, as `npm start` passes them (package.json). */
-export function memoryFlags(memory: { semiSpaceMb: number; heapGrowingPercent: number }): string[] {
+export function memoryFlags(memory: { semiSpaceMb: number; heapGrowingPercent: number; oldSpaceMb: number }): string[] {
   const flags: string[] = [];
   if (memory.semiSpaceMb > 0) flags.push(`--max-semi-space-size=${memory.semiSpaceMb}`);
   if (memory.heapGrowingPercent > 0) flags.push(`--heap-growing-percent=${memory.heapGrowingPercent}`);
+  if (memory.oldSpaceMb > 0) flags.push(`--max-old-space-size=${memory.oldSpaceMb}`);
   return flags;
 }
 
