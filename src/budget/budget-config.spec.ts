@@ -4,7 +4,7 @@ import { ConfigError, loadConfig } from '../config/config.js';
 describe('budget and pricing configuration', () => {
   it('has bounded defaults: a 10-minute request deadline and a conservative price for unpriced models', () => {
     const config = loadConfig({});
-    expect(config.budget).toEqual({ reservationTtlMs: 600_000, sweepIntervalMs: 60_000, flushMs: 20, flushBatch: 500, poolSize: 8 });
+    expect(config.budget).toEqual({ reservationTtlMs: 600_000, sweepIntervalMs: 60_000, flushMs: 20, flushBatch: 500, poolSize: 8, leaseMs: 2000, leaseRequests: 32 });
     expect(config.pricing).toEqual({ refreshMs: 3_600_000, fallbackPrompt: '0.000015', fallbackCompletion: '0.000075' });
   });
 
@@ -15,8 +15,10 @@ describe('budget and pricing configuration', () => {
       BUDGET_FLUSH_MS: '50',
       BUDGET_FLUSH_BATCH: '100',
       BUDGET_POOL_SIZE: '4',
+      BUDGET_LEASE_MS: '0',
+      BUDGET_LEASE_REQUESTS: '8',
     });
-    expect(config.budget).toMatchObject({ reservationTtlMs: 900_000, flushMs: 50, flushBatch: 100, poolSize: 4 });
+    expect(config.budget).toMatchObject({ reservationTtlMs: 900_000, flushMs: 50, flushBatch: 100, poolSize: 4, leaseMs: 0, leaseRequests: 8 });
     expect(config.pricing.fallbackCompletion).toBe('0.0001');
     const error = (() => {
       try {
@@ -26,6 +28,7 @@ describe('budget and pricing configuration', () => {
           BUDGET_SWEEP_INTERVAL_MS: '0',
           BUDGET_FLUSH_MS: '0',
           BUDGET_POOL_SIZE: 'many',
+          BUDGET_LEASE_REQUESTS: '1',
         });
       } catch (e) {
         return e;
@@ -39,6 +42,7 @@ describe('budget and pricing configuration', () => {
     expect(problems).toContain('BUDGET_SWEEP_INTERVAL_MS');
     expect(problems).toContain('BUDGET_FLUSH_MS');
     expect(problems).toContain('BUDGET_POOL_SIZE');
+    expect(problems).toContain('BUDGET_LEASE_REQUESTS');
   });
 
   it('refuses a reservation deadline shorter than the upstream deadline (the sweeper would free money still in use)', () => {

@@ -3,7 +3,7 @@ import { DataSource } from 'typeorm';
 import { type Nanos, toUsdNumber } from '../../libs/money/src/index.js';
 import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
-import { BudgetWriter } from './budget-writer.js';
+import { BudgetService } from './budget.service.js';
 import type { BudgetRow, BudgetScope, BudgetView } from './budget.types.js';
 import { type BudgetPeriod, currentPeriodStart, nextReset, periodStarts } from './periods.js';
 
@@ -24,7 +24,7 @@ export class BudgetSettingsService {
   constructor(
     private readonly dataSource: DataSource,
     private readonly clock: Clock,
-    private readonly writer: BudgetWriter,
+    private readonly budget: BudgetService,
   ) {}
 
   /**
@@ -35,7 +35,7 @@ export class BudgetSettingsService {
    */
   async set(scope: BudgetScope, id: string, limitNanos: Nanos, period: BudgetPeriod): Promise<BudgetView> {
     await this.assertExists(scope, id);
-    await this.writer.flush();
+    await this.budget.flush();
     const now = this.clock.now();
     const start = period === 'total' ? now : currentPeriodStart(period, periodStarts(now), now);
     const { ledgerColumn } = SCOPE_TABLE[scope];
@@ -65,7 +65,7 @@ export class BudgetSettingsService {
   }
 
   async find(scope: BudgetScope, id: string): Promise<BudgetView | null> {
-    await this.writer.flush();
+    await this.budget.flush();
     const rows = await this.dataSource.query<BudgetRow[]>(`SELECT ${BUDGET_COLUMNS} FROM budgets WHERE scope = $1 AND scope_id = $2::uuid`, [scope, id]);
     return rows[0] ? this.view(rows[0]) : null;
   }

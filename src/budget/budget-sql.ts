@@ -106,6 +106,10 @@ SELECT r_idx AS idx, r_ok AS ok, CASE WHEN r_recorded THEN 1 ELSE 0 END AS recor
  *   nothing twice; its reservations are gone, so nothing is taken back twice either.
  * - A reservation the sweeper released first is not released again: the DELETE finds no row and
  *   only the cost is added.
+ * - A draw on a lease (budget-leases.ts) names its lease (`lease_id`): the cost it adds to
+ *   `spent` is taken off what the lease row holds (and off `reserved`), so the database never
+ *   counts a finished draw twice, as spent and as held. A lease released in the same batch is
+ *   not shrunk: its DELETE frees what it still holds.
  * - Only budgets with something to change are locked, in the one global order
  *   (`ORDER BY scope, scope_id FOR UPDATE`); the sort consumes the DELETE and INSERT first, so
  *   no budget lock is held while waiting on anything else. Cache hits (cost 0, no reservation)
@@ -119,7 +123,7 @@ WITH entries AS MATERIALIZED (
   SELECT * FROM jsonb_to_recordset($6::jsonb)
     AS x(charge_id uuid, request_id text, attempt smallint, key_id text, user_id uuid, department_id uuid, model text,
          prompt_tokens integer, completion_tokens integer, cost_nanos bigint, cost_source text, status integer, outcome text,
-         cache text, task_type text, door text, created_at timestamptz)
+         cache text, task_type text, door text, created_at timestamptz, lease_id uuid)
 ), ledger AS (
   INSERT INTO usage_ledger (charge_id, request_id, attempt, key_id, user_id, department_id, model, prompt_tokens, completion_tokens,
                             cost_nanos, cost_source, status, outcome, cache, task_type, door, created_at)
@@ -127,11 +131,27 @@ WITH entries AS MATERIALIZED (
          cost_nanos, cost_source, status, outcome, cache, task_type, door, created_at
     FROM entries
   ON CONFLICT (charge_id, attempt) DO NOTHING
-  RETURNING user_id, department_id, cost_nanos, created_at
+  RETURNING charge_id, attempt, user_id, department_id, cost_nanos, created_at
 ), released AS (
   DELETE FROM budget_reservations
    WHERE id IN (SELECT value::uuid FROM jsonb_array_elements_text($5::jsonb))
   RETURNING user_id, department_id, user_nanos, department_nanos
+), draws AS MATERIALIZED (
+  SELECT e.lease_id, sum(l.cost_nanos)::bigint AS cost
+    FROM ledger l JOIN entries e ON e.charge_id = l.charge_id AND e.attempt = l.attempt
+   WHERE e.lease_id IS NOT NULL AND l.cost_nanos > 0
+     AND e.lease_id NOT IN (SELECT value::uuid FROM jsonb_array_elements_text($5::jsonb))
+   GROUP BY e.lease_id
+), shrink AS MATERIALIZED (
+  SELECT r.id, r.user_id, r.department_id, LEAST(r.user_nanos, d.cost) AS user_nanos, LEAST(r.department_nanos, d.cost) AS department_nanos
+    FROM budget_reservations r JOIN draws d ON r.id = d.lease_id
+     FOR UPDATE OF r
+), shrunk AS (
+  UPDATE budget_reservations r
+     SET user_nanos = r.user_nanos - s.user_nanos, department_nanos = r.department_nanos - s.department_nanos
+    FROM shrink s
+   WHERE r.id = s.id
+  RETURNING r.id
 ), moves AS MATERIALIZED (
   SELECT 'user'::text AS scope, user_id AS scope_id, cost_nanos AS cost, created_at, 0::bigint AS freed FROM ledger WHERE cost_nanos > 0
   UNION ALL
@@ -140,6 +160,10 @@ WITH entries AS MATERIALIZED (
   SELECT 'user'::text, user_id, 0::bigint, NULL::timestamptz, user_nanos FROM released WHERE user_nanos > 0
   UNION ALL
   SELECT 'department'::text, department_id, 0::bigint, NULL::timestamptz, department_nanos FROM released WHERE department_nanos > 0
+  UNION ALL
+  SELECT 'user'::text, user_id, 0::bigint, NULL::timestamptz, user_nanos FROM shrink WHERE user_nanos > 0
+  UNION ALL
+  SELECT 'department'::text, department_id, 0::bigint, NULL::timestamptz, department_nanos FROM shrink WHERE department_nanos > 0
 ), locked AS MATERIALIZED (
   SELECT b.scope, b.scope_id, GREATEST(b.period_start, ${currentStart('$2', '$3', '$4')}) AS start
     FROM budgets b
@@ -162,7 +186,8 @@ WITH entries AS MATERIALIZED (
    WHERE b.scope = a.scope AND b.scope_id = a.scope_id
   RETURNING b.scope
 )
-SELECT (SELECT count(*) FROM ledger) AS recorded, (SELECT count(*) FROM released) AS released, (SELECT count(*) FROM charged) AS charged`;
+SELECT (SELECT count(*) FROM ledger) AS recorded, (SELECT count(*) FROM released) AS released, (SELECT count(*) FROM charged) AS charged,
+       (SELECT count(*) FROM shrunk) AS shrunk`;
 
 /**
  * Sweep: releases reservations older than the request deadline, left by an instance that died

@@ -32,6 +32,8 @@ export interface LedgerEntry {
   door: string;
   /** ISO time of the settle (not of the flush): the period it is charged to. */
   created_at: string;
+  /** The lease a draw's worst case came from: its cost is taken off what the lease row holds. */
+  lease_id?: string;
 }
 
 /** A reservation the flush deletes, giving back what it held. */

@@ -1,14 +1,16 @@
 import { randomUUID } from 'node:crypto';
-import { Injectable } from '@nestjs/common';
+import { type BeforeApplicationShutdown, Injectable } from '@nestjs/common';
 import type { Logger } from 'pino';
 import { formatUsd, type Nanos, tokensCost } from '../../libs/money/src/index.js';
 import type { Usage } from '../../libs/openai-contract/src/index.js';
+import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
 import { AppLogger } from '../core/logger.js';
 import { costOf, type CostSource } from '../upstream/pricing/pricing.js';
 import { PricingService } from '../upstream/pricing/pricing.service.js';
 import { BudgetDatabase, type BudgetStatement } from './budget-database.js';
+import { BudgetLeases, type Lease } from './budget-leases.js';
 import { RESERVE_BATCH_SQL, RESERVE_SQL } from './budget-sql.js';
 import { BudgetWriter, type LedgerEntry } from './budget-writer.js';
 import type { BudgetedCall, BudgetedRoute, BudgetScope, ChargedAttempt, Reservation, SettleOptions } from './budget.types.js';
@@ -33,9 +35,14 @@ const MAX_INT = 2_147_483_647;
 const RESERVE: BudgetStatement = { name: 'gatehouse_budget_reserve', text: RESERVE_SQL };
 const RESERVE_BATCH: BudgetStatement = { name: 'gatehouse_budget_reserve_batch', text: RESERVE_BATCH_SQL };
 
+/** The request id a lease's reservation row carries: it belongs to no single request. */
+const LEASE_REQUEST_ID = 'budget-lease';
+
 /** A reservation waiting for the end of the event-loop turn, to go out with the others of that turn. */
 interface QueuedReserve {
-  call: BudgetedCall;
+  userId: string;
+  departmentId: string;
+  requestId: string;
   amountNanos: Nanos;
   id: string;
   resolve: (rows: ReserveRow[]) => void;
@@ -46,24 +53,41 @@ interface QueuedReserve {
  * The budget stages of the pipeline: reserve the worst case before the upstream call, settle
  * the actual cost after it (or release on failure), and the ledger row of a cache hit.
  *
- * Round trips on the request path: reserve = 1 statement (see budget-sql.ts), whether or not
- * budgets are set. Settles and cache-hit rows are only queued here; BudgetWriter stores many of
- * them with one statement, off the request path.
+ * Round trips on the request path: reserve = at most 1 statement (see budget-sql.ts), whether or
+ * not budgets are set, and none while the pair's lease covers the request (budget-leases.ts).
+ * Settles and cache-hit rows are only queued here; BudgetWriter stores many of them with one
+ * statement, off the request path.
  */
 @Injectable()
-export class BudgetService {
+export class BudgetService implements BeforeApplicationShutdown {
   private readonly logger: Logger;
   /** Reservations of the current event-loop turn; sent together at its end (setImmediate). */
   private queued: QueuedReserve[] = [];
+  private readonly leases: BudgetLeases;
 
   constructor(
     private readonly database: BudgetDatabase,
     private readonly writer: BudgetWriter,
     private readonly pricing: PricingService,
     private readonly clock: Clock,
+    config: AppConfig,
     appLogger: AppLogger,
   ) {
     this.logger = appLogger.logger.child({ context: 'Budget' });
+    this.leases = new BudgetLeases(
+      config.budget.leaseMs,
+      config.budget.leaseRequests,
+      (lease) => this.writer.enqueue({ release: { id: lease.id as string, userId: lease.userId, departmentId: lease.departmentId }, rows: [] }),
+      () => this.clock.now().getTime(),
+    );
+  }
+
+  /**
+   * Shutdown: no new leases, and the held headroom goes back with the writer's last flush (a
+   * lease with requests still in flight is released by its last settle).
+   */
+  beforeApplicationShutdown(): void {
+    this.leases.close();
   }
 
   /**
@@ -94,19 +118,52 @@ export class BudgetService {
   async reserve(call: BudgetedCall, route: BudgetedRoute, cache: string | null = null): Promise<Reservation> {
     const { amountNanos, promptTokens } = this.worstCase(call, route);
     const { principal } = call;
+    const { userId, departmentId } = principal;
     this.writer.assertAccepting();
+    const reservation = { requestId: call.requestId, principal, door: call.door, taskType: route.ruleTaskType, cache, amountNanos, promptTokens };
+    if (amountNanos > 0n) {
+      const lease = await this.leases.drawOrAsk(userId, departmentId, amountNanos, () => this.askLease(userId, departmentId, amountNanos));
+      if (lease) return { ...reservation, id: randomUUID(), held: false, lease };
+    }
     const id = randomUUID();
-    let rows = await this.tryReserve(call, amountNanos, id);
-    if (!rows[0]?.ok && this.writer.holdsPendingFor(principal.userId, principal.departmentId)) {
+    let rows = await this.tryReserve(userId, departmentId, call.requestId, amountNanos, id);
+    // Finished requests still hold their worst case until stored, and idle leases of this instance
+    // hold headroom: give both back and ask once more.
+    if (!rows[0]?.ok && (this.leases.releaseIdleFor(userId, departmentId) || this.writer.holdsPendingFor(userId, departmentId))) {
       await this.writer.flush();
       // The refused attempt recorded nothing, so the id is still free.
-      rows = await this.tryReserve(call, amountNanos, id);
+      rows = await this.tryReserve(userId, departmentId, call.requestId, amountNanos, id);
     }
     const first = rows[0];
     if (!first) throw new GatewayError('unavailable', 'Budgets cannot be checked right now.');
     if (!first.ok) throw refusal(rows, amountNanos);
     const held = Number(first.recorded) > 0;
-    return { id, requestId: call.requestId, principal, door: call.door, taskType: route.ruleTaskType, cache, amountNanos, promptTokens, held };
+    return { ...reservation, id, held };
+  }
+
+  /**
+   * Asks for a lease of `BUDGET_LEASE_REQUESTS` worst cases for this pair; the asking request
+   * draws from what it gets. A refusal is not an error here: the request then reserves exactly
+   * (which also reports a database that cannot be asked).
+   */
+  private async askLease(userId: string, departmentId: string, amountNanos: Nanos): Promise<Lease | undefined> {
+    const size = amountNanos * BigInt(this.leases.requests);
+    const id = randomUUID();
+    let rows: ReserveRow[];
+    try {
+      rows = await this.tryReserve(userId, departmentId, LEASE_REQUEST_ID, size, id);
+    } catch {
+      this.leases.refused(userId, departmentId);
+      return undefined;
+    }
+    const first = rows[0];
+    if (!first?.ok) {
+      this.leases.refused(userId, departmentId);
+      return undefined;
+    }
+    // Granted without a row: neither scope has a budget, any amount fits until the lease ends.
+    const holds = Number(first.recorded) > 0;
+    return this.leases.granted(holds ? id : undefined, userId, departmentId, holds ? size : undefined, amountNanos);
   }
 
   /**
@@ -137,10 +194,13 @@ export class BudgetService {
         task_type: reservation.taskType,
         door: reservation.door,
         created_at: createdAt,
+        lease_id: reservation.lease?.id,
       };
     });
+    // A draw on a lease holds nothing of its own: the lease gives its headroom back when retired.
     const release = reservation.held === false ? undefined : { id: reservation.id, userId: principal.userId, departmentId: principal.departmentId };
     this.writer.enqueue({ release, rows });
+    if (reservation.lease) this.leases.settle(reservation.lease, reservation.amountNanos, total);
     return total;
   }
 
@@ -173,8 +233,13 @@ export class BudgetService {
     });
   }
 
-  /** Stores this instance's queued settles and ledger rows now (views, tests); false if the database refused. */
+  /**
+   * Stores this instance's queued settles and ledger rows now, after giving back the headroom its
+   * idle leases hold, so the numbers read next are exact for this instance (views, tests); false
+   * if the database refused.
+   */
   flush(): Promise<boolean> {
+    this.leases.retireAll();
     return this.writer.flush();
   }
 
@@ -185,9 +250,9 @@ export class BudgetService {
    * with a single reservation (one connection, light load) sends RESERVE_SQL as before, and
    * waits for nothing: setImmediate runs right after the current I/O callbacks.
    */
-  private tryReserve(call: BudgetedCall, amountNanos: Nanos, id: string): Promise<ReserveRow[]> {
+  private tryReserve(userId: string, departmentId: string, requestId: string, amountNanos: Nanos, id: string): Promise<ReserveRow[]> {
     return new Promise<ReserveRow[]>((resolve, reject) => {
-      this.queued.push({ call, amountNanos, id, resolve, reject });
+      this.queued.push({ userId, departmentId, requestId, amountNanos, id, resolve, reject });
       if (this.queued.length === 1) setImmediate(() => void this.sendQueued());
     });
   }
@@ -200,27 +265,26 @@ export class BudgetService {
     try {
       if (batch.length === 1) {
         const [only] = batch as [QueuedReserve];
-        const { principal } = only.call;
         only.resolve(
           await this.database.hold<ReserveRow>(RESERVE, [
-            principal.userId,
-            principal.departmentId,
+            only.userId,
+            only.departmentId,
             only.amountNanos.toString(),
             now.toISOString(),
             starts.day.toISOString(),
             starts.week.toISOString(),
             starts.month.toISOString(),
             only.id,
-            only.call.requestId,
+            only.requestId,
           ]),
         );
         return;
       }
-      const items = batch.map(({ call, amountNanos, id }) => ({
+      const items = batch.map(({ userId, departmentId, requestId, amountNanos, id }) => ({
         id,
-        request_id: call.requestId,
-        user_id: call.principal.userId,
-        department_id: call.principal.departmentId,
+        request_id: requestId,
+        user_id: userId,
+        department_id: departmentId,
         amount: amountNanos.toString(),
       }));
       const rows = await this.database.hold<ReserveRow & { idx: number }>(RESERVE_BATCH, [

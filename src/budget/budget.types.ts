@@ -1,6 +1,7 @@
 import type { Nanos } from '../../libs/money/src/index.js';
 import type { ChatCompletionRequest, Usage } from '../../libs/openai-contract/src/index.js';
 import type { Principal } from '../identity/principal.js';
+import type { Lease } from './budget-leases.js';
 import type { BudgetPeriod } from './periods.js';
 
 export type BudgetScope = 'user' | 'department';
@@ -33,8 +34,10 @@ export interface Reservation {
   readonly amountNanos: Nanos;
   /** The prompt estimate, reused to charge a stream cut before the upstream reported usage. */
   readonly promptTokens: number;
-  /** false when no budget row was touched (no scope has a budget, or a free call): settle then has nothing to release. */
+  /** false when no budget row was touched (no scope has a budget, a free call, a draw on a lease): settle then has nothing to release. */
   readonly held?: boolean;
+  /** Set when the worst case was drawn from this instance's lease instead of reserved in the database. */
+  readonly lease?: Lease;
 }
 
 /** One upstream attempt as the ledger charges it (the pipeline's `Attempt` fits as is). */

@@ -5,7 +5,7 @@ import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
 import type { Principal } from '../identity/principal.js';
 import { BudgetSettingsService } from './budget-settings.service.js';
-import { BudgetWriter } from './budget-writer.js';
+import { BudgetService } from './budget.service.js';
 import type { BudgetView } from './budget.types.js';
 import { periodStarts } from './periods.js';
 
@@ -52,13 +52,13 @@ export class SpendService {
     private readonly dataSource: DataSource,
     private readonly clock: Clock,
     private readonly budgets: BudgetSettingsService,
-    private readonly writer: BudgetWriter,
+    private readonly budget: BudgetService,
   ) {}
 
   /** Company-wide spend grouped by user, department or model; the window defaults to this UTC month. */
   async report(groupBy: SpendGroup, window: SpendWindow) {
     const { from, to } = this.window(window, null);
-    await this.writer.flush();
+    await this.budget.flush();
     const g = GROUPS[groupBy];
     const rows = await this.query(g, '', [], from, to);
     let total = 0n;
@@ -74,7 +74,7 @@ export class SpendService {
    * budget period (or this UTC month when the user has no budget).
    */
   async usage(principal: Principal, window: SpendWindow) {
-    await this.writer.flush();
+    await this.budget.flush();
     const [user, department] = await Promise.all([this.budgets.find('user', principal.userId), this.budgets.find('department', principal.departmentId)]);
     const { from, to } = this.window(window, user);
     const rows = await this.query(GROUPS.model, 'AND l.user_id = $3::uuid', [principal.userId], from, to);

@@ -71,6 +71,10 @@ export abstract class AppConfig {
     readonly flushBatch: number;
     /** PostgreSQL connections of the reservation pool (the request path's one budget statement). */
     readonly poolSize: number;
+    /** Lifetime of a budget lease (headroom held once, drawn on by many requests); 0 = no leases. */
+    readonly leaseMs: number;
+    /** Worst cases a lease holds, of the request that asks for it. */
+    readonly leaseRequests: number;
   };
   declare readonly pricing: {
     /** How often the upstream's /models prices are fetched again. */
@@ -185,6 +189,11 @@ export const CONFIG_VARIABLES = {
   BUDGET_FLUSH_MS: { sensitive: false, help: 'settles and cache-hit ledger rows are written in batches at least this often (default 20)' },
   BUDGET_FLUSH_BATCH: { sensitive: false, help: 'settles and ledger rows per batched statement; this many waiting are written at once (default 500)' },
   BUDGET_POOL_SIZE: { sensitive: false, help: 'PostgreSQL connections for budget reservations (default 8)' },
+  BUDGET_LEASE_MS: {
+    sensitive: false,
+    help: 'how long an instance draws on budget headroom it leased (one statement for many requests); 0 = one reservation statement per request (default 2000)',
+  },
+  BUDGET_LEASE_REQUESTS: { sensitive: false, help: 'a lease holds this many worst cases of the request that asks for it (default 32)' },
   PRICING_REFRESH_MS: { sensitive: false, help: "how often prices are re-read from the upstream's /models (default 3600000)" },
   PRICING_FALLBACK_PROMPT_USD: { sensitive: false, help: 'USD per prompt token for unpriced models (default 0.000015)' },
   PRICING_FALLBACK_COMPLETION_USD: { sensitive: false, help: 'USD per completion token for unpriced models (default 0.000075)' },
@@ -335,6 +344,8 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
       flushMs: int('BUDGET_FLUSH_MS', 20, 1, 60_000),
       flushBatch: int('BUDGET_FLUSH_BATCH', 500, 1, 10_000),
       poolSize: int('BUDGET_POOL_SIZE', 8, 1, 100),
+      leaseMs: int('BUDGET_LEASE_MS', 2000, 0, 60_000),
+      leaseRequests: int('BUDGET_LEASE_REQUESTS', 32, 2, 1000),
     },
     pricing: {
       refreshMs: int('PRICING_REFRESH_MS', 3_600_000, 1000, 7 * 86_400_000),

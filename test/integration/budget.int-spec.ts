@@ -17,6 +17,11 @@ import { dataSourceOf, flushBudgets, ledgerRows, ledgerSum, storedBudget, worstC
 // real HTTP gateway and the stub upstream. Time is a ManualClock: the SQL takes "now" from it.
 // Settles are stored by the batch writer after the response: the budget-support readers store
 // this instance's queued ones first, as the budget views do.
+//
+// These suites pin the exact reservation (one statement per request), which is what every
+// request makes near its limit and with BUDGET_LEASE_MS=0: leases are off here (EXACT) and are
+// tested on their own in budget-leases.int-spec.ts.
+const EXACT = { BUDGET_LEASE_MS: '0' };
 
 const MODEL = 'openai/gpt-4o-mini';
 const MAX_TOKENS = 100;
@@ -41,7 +46,7 @@ describe.each(DB_KINDS)('budgets on %s', (db) => {
   let worst: bigint;
 
   beforeAll(async () => {
-    gw = await startTestGateway({ db, clock });
+    gw = await startTestGateway({ db, clock, env: EXACT });
     worst = worstCaseNanos(gw, BODY, [MODEL], MAX_TOKENS);
   });
   afterAll(async () => {
@@ -364,7 +369,7 @@ describe.each(DB_KINDS)('budget writes on %s, flushed on demand only (BUDGET_FLU
   let worst: bigint;
 
   beforeAll(async () => {
-    gw = await startTestGateway({ db, env: { BUDGET_FLUSH_MS: '60000' } });
+    gw = await startTestGateway({ db, env: { ...EXACT, BUDGET_FLUSH_MS: '60000' } });
     worst = worstCaseNanos(gw, BODY, [MODEL], MAX_TOKENS);
   });
   afterAll(async () => {
@@ -514,7 +519,7 @@ describe('budgets on postgres: connections and outages', () => {
   const clock = new ManualClock(Date.parse(WEDNESDAY_NOON));
 
   beforeAll(async () => {
-    gw = await startTestGateway({ db: 'postgres', clock });
+    gw = await startTestGateway({ db: 'postgres', clock, env: EXACT });
   });
   afterAll(async () => {
     await gw?.close();

@@ -1,0 +1,118 @@
+import { describe, expect, it } from 'vitest';
+import { BudgetLeases, type Lease } from './budget-leases.js';
+
+function leases(leaseMs = 1000) {
+  let now = 0;
+  const released: Lease[] = [];
+  const books = new BudgetLeases(leaseMs, 4, (lease) => released.push(lease), () => now);
+  return {
+    books,
+    released,
+    advance: (ms: number) => {
+      now += ms;
+    },
+  };
+}
+
+/** An ask that gets nothing (the database refused or could not be asked). */
+const noLease = (): Promise<Lease | undefined> => Promise.resolve(undefined);
+
+describe('BudgetLeases', () => {
+  it('draws within the lease size, counting what finished draws were charged, then asks for a new one', async () => {
+    const { books, released } = leases();
+    const lease = books.granted('l1', 'u', 'd', 100n, 30n);
+    expect(await books.drawOrAsk('u', 'd', 30n, noLease)).toBe(lease);
+    books.settle(lease, 30n, 25n); // charged 25, one draw of 30 still in flight
+    expect(await books.drawOrAsk('u', 'd', 45n, noLease)).toBe(lease); // 25 + 30 + 45 = 100
+    let asked = 0;
+    // 25 + 75 = 100 already: nothing more fits, so the pair asks for a fresh lease (here refused).
+    expect(
+      await books.drawOrAsk('u', 'd', 1n, () => {
+        asked += 1;
+        books.refused('u', 'd');
+        return Promise.resolve(undefined);
+      }),
+    ).toBeUndefined();
+    expect(asked).toBe(1);
+    // Retired but still drawn on: released only by its last draw.
+    expect(released).toEqual([]);
+    books.settle(lease, 30n, 30n);
+    books.settle(lease, 45n, 40n);
+    expect(released).toEqual([lease]);
+    expect(lease.charged).toBe(95n);
+  });
+
+  it('makes requests that arrive while a lease is asked for wait for it and draw from it', async () => {
+    const { books } = leases();
+    let asks = 0;
+    let grantIt: () => void = () => undefined;
+    const ask = () => {
+      asks += 1;
+      return new Promise<Lease | undefined>((resolve) => {
+        grantIt = () => resolve(books.granted('l1', 'u', 'd', 100n, 10n));
+      });
+    };
+    const first = books.drawOrAsk('u', 'd', 10n, ask);
+    const second = books.drawOrAsk('u', 'd', 10n, ask);
+    const third = books.drawOrAsk('u', 'd', 95n, ask);
+    grantIt();
+    const lease = await first;
+    expect(await second).toBe(lease);
+    // 10 + 10 + 95 > 100: this one reserves exactly.
+    expect(await third).toBeUndefined();
+    expect(asks).toBe(1);
+    expect(lease?.draws).toBe(2);
+  });
+
+  it('keeps a pair refused a lease on exact reservations until the lease period has passed', async () => {
+    const { books, advance } = leases(1000);
+    let asks = 0;
+    const refuse = () => {
+      asks += 1;
+      books.refused('u', 'd');
+      return Promise.resolve(undefined);
+    };
+    await books.drawOrAsk('u', 'd', 1n, refuse);
+    await books.drawOrAsk('u', 'd', 1n, refuse);
+    expect(asks).toBe(1);
+    advance(1000);
+    await books.drawOrAsk('u', 'd', 1n, refuse);
+    expect(asks).toBe(2);
+  });
+
+  it('stops drawing on an expired lease and releases it once idle', async () => {
+    const { books, released, advance } = leases(1000);
+    const lease = books.granted('l1', 'u', 'd', 100n, 10n);
+    books.settle(lease, 10n, 5n);
+    advance(1000);
+    expect(await books.drawOrAsk('u', 'd', 10n, noLease)).toBeUndefined();
+    expect(released).toEqual([lease]);
+  });
+
+  it('gives back only idle leases of the refused user or department, and everything at shutdown', () => {
+    const { books, released } = leases();
+    const busy = books.granted('busy', 'u1', 'd', 100n, 10n);
+    const idle = books.granted('idle', 'u2', 'd', 100n, 10n);
+    books.settle(idle, 10n, 1n);
+    const elsewhere = books.granted('other', 'u3', 'e', 100n, 10n);
+    books.settle(elsewhere, 10n, 1n);
+    expect(books.releaseIdleFor('u9', 'd')).toBe(true);
+    expect(released).toEqual([idle]);
+    expect(books.releaseIdleFor('u9', 'd')).toBe(false);
+    books.close();
+    expect(released).toEqual([idle, elsewhere]);
+    books.settle(busy, 10n, 2n);
+    expect(released).toEqual([idle, elsewhere, busy]);
+    expect(books.enabled).toBe(false);
+  });
+
+  it('releases no row for an unlimited grant (nothing was held)', async () => {
+    const { books, released } = leases();
+    const lease = books.granted(undefined, 'u', 'd', undefined, 10n);
+    expect(await books.drawOrAsk('u', 'd', 10n ** 15n, noLease)).toBe(lease);
+    books.close();
+    books.settle(lease, 10n, 0n);
+    books.settle(lease, 10n ** 15n, 0n);
+    expect(released).toEqual([]);
+  });
+});

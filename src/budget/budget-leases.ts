@@ -1,0 +1,214 @@
+import type { Nanos } from '../../libs/money/src/index.js';
+
+/**
+ * Budget headroom one instance holds for one user × department pair, drawn on by many requests.
+ *
+ * Why: an exact reservation is a PostgreSQL round trip on every request's path, the largest part
+ * of what a cache miss adds at one connection and the one shared resource every instance of the
+ * fleet contends on. A lease is an ordinary reservation (a `budget_reservations` row, taken by the
+ * same atomic statement under the same all-or-nothing rule) of `BUDGET_LEASE_REQUESTS` worst
+ * cases of the request that asks for it. Requests of the same pair then reserve their worst case
+ * from it in memory, until it is used up or `BUDGET_LEASE_MS` has passed.
+ *
+ * Why it cannot overspend: a draw is granted only while the lease's own size covers the draws in
+ * flight plus what finished draws were charged. A finished draw's cost is added to `spent` (its
+ * ledger rows go through the writer like any settle) while the lease row still holds its whole
+ * size in `reserved`, so until the lease is released the database counts that cost twice: other
+ * requests can be refused a little early, never let through. The lease row is released (the
+ * writer deletes it) once the lease is retired and its last draw has settled; a crashed
+ * instance's lease is released by the sweeper, as any reservation.
+ *
+ * Near the limit there are no leases: a lease of many worst cases does not fit, and that pair
+ * reserves exactly, one statement per request, for the rest of the lease period. A pair with no
+ * budget on either scope gets an "unlimited" grant instead (nothing held, no row).
+ *
+ * What it changes for operators (src/budget/README.md): a budget set or lowered takes effect on
+ * another instance within BUDGET_LEASE_MS; an idle lease of one user can refuse a request of
+ * another user of the same department for that long when the department is nearly spent.
+ */
+export class Lease {
+  /** Draws in flight, and the worst cases they hold. */
+  draws = 0;
+  outstanding: Nanos = 0n;
+  /** What finished draws were charged: in `spent` (or on its way there), no longer free in the lease. */
+  charged: Nanos = 0n;
+  retired = false;
+  released = false;
+
+  constructor(
+    /** Its budget_reservations row; undefined for an unlimited grant (no scope has a budget). */
+    readonly id: string | undefined,
+    readonly userId: string,
+    readonly departmentId: string,
+    /** What the row holds on each scope that has a budget; undefined = unlimited. */
+    readonly size: Nanos | undefined,
+    readonly expiresAt: number,
+  ) {}
+
+  fits(amount: Nanos, now: number): boolean {
+    if (this.retired || now >= this.expiresAt) return false;
+    return this.size === undefined || this.charged + this.outstanding + amount <= this.size;
+  }
+}
+
+const pairKey = (userId: string, departmentId: string): string => `${userId}/${departmentId}`;
+
+/**
+ * This instance's leases, one current lease per pair (retired ones live on until their last draw
+ * settles). BudgetService asks the database; this class only keeps the books.
+ */
+export class BudgetLeases {
+  private readonly current = new Map<string, Lease>();
+  /**
+   * Pairs with a lease request on its way, and its outcome: their other requests wait for it and
+   * draw from it rather than racing it with exact reservations (which, in a burst, would take the
+   * headroom the lease needs and be refused what the lease then holds unused).
+   */
+  private readonly asking = new Map<string, Promise<Lease | undefined>>();
+  /** Pairs refused a lease (near their limit): exact reservations until then. */
+  private readonly exactUntil = new Map<string, number>();
+  private timer: NodeJS.Timeout | undefined;
+  private closed = false;
+
+  constructor(
+    readonly leaseMs: number,
+    /** Worst cases of the asking request a lease holds. */
+    readonly requests: number,
+    /** Gives a retired lease's row back (queued for the budget writer). */
+    private readonly release: (lease: Lease) => void,
+    private readonly now: () => number,
+  ) {}
+
+  get enabled(): boolean {
+    return this.leaseMs > 0 && !this.closed;
+  }
+
+  /** Shutdown: no new leases; the current ones are retired (released now, or by their last draw). */
+  close(): void {
+    this.closed = true;
+    this.retireAll();
+    this.stop();
+  }
+
+  /** Reserves `amount` on the pair's current lease; undefined when it has none that covers it. */
+  draw(userId: string, departmentId: string, amount: Nanos): Lease | undefined {
+    const lease = this.current.get(pairKey(userId, departmentId));
+    if (!lease) return undefined;
+    if (!lease.fits(amount, this.now())) {
+      // Used up or expired: the next request asks for a fresh one.
+      this.retire(lease);
+      return undefined;
+    }
+    lease.draws += 1;
+    lease.outstanding += amount;
+    return lease;
+  }
+
+  /**
+   * A draw of `amount` from a lease for this pair: the current one, or the one being asked for,
+   * or a new one asked for with `ask` (which resolves `granted` or `refused`). Undefined when the
+   * pair reserves exactly: leases off, refused lately, or none covers the amount.
+   */
+  async drawOrAsk(userId: string, departmentId: string, amount: Nanos, ask: () => Promise<Lease | undefined>): Promise<Lease | undefined> {
+    const drawn = this.draw(userId, departmentId, amount);
+    if (drawn || !this.enabled) return drawn;
+    const key = pairKey(userId, departmentId);
+    const pending = this.asking.get(key);
+    if (pending) {
+      await pending;
+      return this.draw(userId, departmentId, amount);
+    }
+    const until = this.exactUntil.get(key);
+    if (until !== undefined) {
+      if (this.now() < until) return undefined;
+      this.exactUntil.delete(key);
+    }
+    const asked = ask().finally(() => this.asking.delete(key));
+    this.asking.set(key, asked);
+    return asked;
+  }
+
+  /** The database granted a lease (`size` undefined: no budget on either scope); the asking request draws `amount` from it. */
+  granted(id: string | undefined, userId: string, departmentId: string, size: Nanos | undefined, amount: Nanos): Lease {
+    const key = pairKey(userId, departmentId);
+    const lease = new Lease(id, userId, departmentId, size, this.now() + this.leaseMs);
+    const previous = this.current.get(key);
+    if (previous) this.retire(previous);
+    this.current.set(key, lease);
+    lease.draws = 1;
+    lease.outstanding = amount;
+    this.startTimer();
+    return lease;
+  }
+
+  /** The lease did not fit (or could not be asked for): this pair reserves exactly for a while. */
+  refused(userId: string, departmentId: string): void {
+    this.exactUntil.set(pairKey(userId, departmentId), this.now() + this.leaseMs);
+    this.startTimer();
+  }
+
+  /** A request that drew `amount` finished, charged `cost`. */
+  settle(lease: Lease, amount: Nanos, cost: Nanos): void {
+    lease.draws -= 1;
+    lease.outstanding -= amount;
+    lease.charged += cost;
+    if (lease.retired) this.releaseIfIdle(lease);
+  }
+
+  /** Retires every lease (budget views, shutdown): idle ones are released at once, the others by their last draw. */
+  retireAll(): void {
+    for (const lease of [...this.current.values()]) this.retire(lease);
+  }
+
+  /**
+   * A reservation on this user or department was refused: gives back the leases on them with
+   * nothing in flight (a lease still drawn on cannot be released, and keeps serving its pair).
+   * True when one was, i.e. storing the writer's queue and asking again can succeed.
+   */
+  releaseIdleFor(userId: string, departmentId: string): boolean {
+    let released = false;
+    for (const lease of [...this.current.values()]) {
+      if (lease.draws > 0 || lease.id === undefined || (lease.userId !== userId && lease.departmentId !== departmentId)) continue;
+      if (this.retire(lease)) released = true;
+    }
+    return released;
+  }
+
+  /** Leases and exact-mode marks this instance keeps (tests, metrics). */
+  get size(): number {
+    return this.current.size;
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
+  }
+
+  private retire(lease: Lease): boolean {
+    lease.retired = true;
+    const key = pairKey(lease.userId, lease.departmentId);
+    if (this.current.get(key) === lease) this.current.delete(key);
+    return this.releaseIfIdle(lease);
+  }
+
+  private releaseIfIdle(lease: Lease): boolean {
+    if (lease.draws > 0 || lease.released || lease.id === undefined) return false;
+    lease.released = true;
+    this.release(lease);
+    return true;
+  }
+
+  /** Expired leases with nothing in flight give their headroom back without waiting for traffic. */
+  private sweep(): void {
+    const now = this.now();
+    for (const lease of [...this.current.values()]) if (now >= lease.expiresAt) this.retire(lease);
+    for (const [key, until] of this.exactUntil) if (now >= until) this.exactUntil.delete(key);
+    if (this.current.size === 0 && this.exactUntil.size === 0) this.stop();
+  }
+
+  private startTimer(): void {
+    if (this.timer) return;
+    this.timer = setInterval(() => this.sweep(), this.leaseMs);
+    this.timer.unref();
+  }
+}

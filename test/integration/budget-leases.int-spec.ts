@@ -1,0 +1,220 @@
+import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
+import { formatUsd, parseUsd } from '../../libs/money/src/index.js';
+import { BudgetDatabase } from '../../src/budget/budget-database.js';
+import { ManualClock } from '../../src/core/clock.js';
+import { DB_KINDS } from '../support/databases.js';
+import { ApiClient, pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
+import { dataSourceOf, flushBudgets, ledgerSum, storedBudget, worstCaseNanos } from './budget-support.js';
+
+// Budget leases (src/budget/budget-leases.ts), on by default: an instance reserves many worst
+// cases of a user × department pair at once and serves the pair's next requests from them
+// without a database round trip, while nothing can overspend and the headroom comes back.
+
+const MODEL = 'openai/gpt-4o-mini';
+const MAX_TOKENS = 100;
+const BODY = { messages: [{ role: 'user', content: 'hi' }] };
+const REQUEST = { ...BODY, model: MODEL, max_tokens: MAX_TOKENS };
+const WEDNESDAY_NOON = '2026-01-07T12:00:00.000Z';
+const FRESH = { 'cache-control': 'no-cache, no-store' };
+/** The defaults: BUDGET_LEASE_MS=2000, BUDGET_LEASE_REQUESTS=32. */
+const LEASE_MS = 2000;
+const LEASE_REQUESTS = 32n;
+
+interface HeldRow {
+  request_id: string;
+  user_nanos: string;
+  department_nanos: string;
+}
+
+async function heldRows(gw: TestGateway, userId: string): Promise<HeldRow[]> {
+  return dataSourceOf(gw).query<HeldRow[]>('SELECT request_id, user_nanos::text, department_nanos::text FROM budget_reservations WHERE user_id = $1', [userId]);
+}
+
+function costOf(res: { headers: Headers }): bigint {
+  const cost = parseUsd(res.headers.get('x-gateway-cost-usd') ?? 'x');
+  if (cost === undefined) throw new Error('no x-gateway-cost-usd');
+  return cost;
+}
+
+describe.each(DB_KINDS)('budget leases on %s', (db) => {
+  let gw: TestGateway;
+  const clock = new ManualClock(Date.parse(WEDNESDAY_NOON));
+  let worst: bigint;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ db, clock });
+    worst = worstCaseNanos(gw, BODY, [MODEL], MAX_TOKENS);
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+  beforeEach(() => {
+    gw.stub.reset();
+    // Every answer uses its whole cap: each costs nearly its worst case.
+    gw.stub.configure({ completionTokens: MAX_TOKENS });
+    clock.set(WEDNESDAY_NOON);
+  });
+
+  it('serves a pair from one lease: one reservation statement for many requests, exact books once it is given back', async () => {
+    const t = await gw.tenants.create({ userBudgetUsd: 1, departmentBudgetUsd: 1, period: 'daily' });
+    const hold = vi.spyOn(gw.gateway.app.get(BudgetDatabase), 'hold');
+    const results = [];
+    try {
+      for (let i = 0; i < 20; i += 1) results.push(await t.api.post('/v1/chat/completions', REQUEST, FRESH));
+      expect(results.map((r) => r.status)).toEqual(Array(20).fill(200));
+      expect(hold).toHaveBeenCalledTimes(1);
+    } finally {
+      hold.mockRestore();
+    }
+    // While it lives the lease is one reservation row. What the finished draws cost moves from
+    // it to `spent` as the writer stores them (its own timer here): never counted twice.
+    const charged = results.reduce((sum, r) => sum + costOf(r), 0n);
+    const left = String(LEASE_REQUESTS * worst - charged);
+    await pollUntil(async () => {
+      expect(await heldRows(gw, t.userId)).toEqual([{ request_id: 'budget-lease', user_nanos: left, department_nanos: left }]);
+      expect(await storedBudget(gw, 'user', t.userId, { flush: false })).toMatchObject({ reserved: LEASE_REQUESTS * worst - charged, spent: charged });
+    });
+
+    // The budget views give the idle lease back before they read: the books are exact.
+    const user = await storedBudget(gw, 'user', t.userId);
+    expect(await heldRows(gw, t.userId)).toEqual([]);
+    expect(user.reserved).toBe(0n);
+    expect(user.spent).toBe(charged);
+    expect(user.spent).toBe(await ledgerSum(gw, 'user', t.userId, user.periodStart));
+    expect((await storedBudget(gw, 'department', t.departmentId)).spent).toBe(charged);
+    expect(gw.stub.hits).toBe(20);
+  });
+
+  it('takes a new lease when one is used up or has expired, and gives the old one back', async () => {
+    const t = await gw.tenants.create({ userBudgetUsd: 1, period: 'daily' });
+    const hold = vi.spyOn(gw.gateway.app.get(BudgetDatabase), 'hold');
+    try {
+      expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
+      clock.advance(LEASE_MS);
+      expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
+      expect(hold).toHaveBeenCalledTimes(2);
+      // Each answer costs nearly a worst case: a lease of 32 covers about 32 of them, then the next is asked for.
+      for (let i = 0; i < 40; i += 1) expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
+      expect(hold).toHaveBeenCalledTimes(3);
+    } finally {
+      hold.mockRestore();
+    }
+    // Without any flush asked for, the writer's timer gives the retired leases back: one row remains, the current lease.
+    await pollUntil(async () => {
+      const rows = await heldRows(gw, t.userId);
+      expect(rows).toHaveLength(1);
+      expect((await storedBudget(gw, 'user', t.userId, { flush: false })).reserved).toBe(BigInt(rows[0]?.user_nanos ?? -1));
+    });
+    const user = await storedBudget(gw, 'user', t.userId);
+    expect(user.reserved).toBe(0n);
+    expect(user.spent).toBe(await ledgerSum(gw, 'user', t.userId, user.periodStart));
+  });
+
+  it('takes no lease near the limit: the pair reserves exactly, and 50 racing requests get exactly what the budget covers', async () => {
+    const limit = (worst * 11n) / 2n; // room for 5 worst cases, far from a lease of 32
+    const t = await gw.tenants.create({ userBudgetUsd: formatUsd(limit), departmentBudgetUsd: 1000, period: 'daily' });
+    const results = await Promise.all(Array.from({ length: 50 }, () => t.api.post('/v1/chat/completions', REQUEST, FRESH)));
+    expect(results.filter((r) => r.status === 200)).toHaveLength(5);
+    expect(results.filter((r) => r.status === 402)).toHaveLength(45);
+    expect(gw.stub.hits).toBe(5);
+    const user = await storedBudget(gw, 'user', t.userId);
+    expect(user.reserved).toBe(0n);
+    expect(user.spent).toBe(await ledgerSum(gw, 'user', t.userId, user.periodStart));
+  });
+
+  it('cannot overspend with a lease in play: 60 racing requests for 40 worst cases', async () => {
+    const limit = (worst * 81n) / 2n;
+    const t = await gw.tenants.create({ userBudgetUsd: formatUsd(limit), departmentBudgetUsd: 1000, period: 'daily' });
+    const results = await Promise.all(Array.from({ length: 60 }, () => t.api.post('/v1/chat/completions', REQUEST, FRESH)));
+    const served = results.filter((r) => r.status === 200);
+    expect(served.length + results.filter((r) => r.status === 402).length).toBe(60);
+    // Waiting for the lease instead of racing it: the burst is served up to the budget (a draw's
+    // headroom above its actual cost comes back to the lease, so a few more may fit).
+    expect(served.length).toBeGreaterThanOrEqual(38);
+    expect(gw.stub.hits).toBe(served.length);
+    const user = await storedBudget(gw, 'user', t.userId);
+    expect(user.spent).toBeLessThanOrEqual(limit);
+    expect(user.spent).toBe(served.reduce((sum, r) => sum + costOf(r), 0n));
+    expect(user.spent).toBe(await ledgerSum(gw, 'user', t.userId, user.periodStart));
+    expect(user.reserved).toBe(0n);
+    console.info(`[budget leases] ${db}: 60 racing for 40 worst cases, served ${served.length}, spent $${formatUsd(user.spent)} of $${formatUsd(limit)}`);
+  });
+
+  it('gives a pair without any budget an unlimited grant (one statement), and a budget set on this instance applies at once', async () => {
+    const t = await gw.tenants.create();
+    const hold = vi.spyOn(gw.gateway.app.get(BudgetDatabase), 'hold');
+    try {
+      for (let i = 0; i < 5; i += 1) expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
+      expect(hold).toHaveBeenCalledTimes(1);
+    } finally {
+      hold.mockRestore();
+    }
+    expect(await heldRows(gw, t.userId)).toEqual([]);
+    expect((await gw.admin.put(`/admin/budgets/users/${t.userId}`, { limit_usd: 0, period: 'daily' })).status).toBe(200);
+    const refused = await t.api.post<{ error: { code: string } }>('/v1/chat/completions', REQUEST, FRESH);
+    expect(refused.status).toBe(402);
+    expect(refused.body.error.code).toBe('budget_exceeded');
+  });
+
+  it("gives back the idle lease of a colleague when the department cannot cover a request otherwise", async () => {
+    // The department covers 40 worst cases; the first user's lease holds 32 of them, idle.
+    const first = await gw.tenants.create({ departmentBudgetUsd: formatUsd(worst * 40n), period: 'daily' });
+    const second = await gw.tenants.create({ departmentId: first.departmentId });
+    expect((await first.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
+    expect((await storedBudget(gw, 'department', first.departmentId, { flush: false })).reserved).toBe(LEASE_REQUESTS * worst);
+    // Ten worst cases: no lease of 320 fits, and the exact reservation only once the idle lease is back.
+    const big = { ...REQUEST, max_tokens: MAX_TOKENS * 10 };
+    const res = await second.api.post('/v1/chat/completions', big, FRESH);
+    expect(res.status).toBe(200);
+    const department = await storedBudget(gw, 'department', first.departmentId);
+    expect(department.reserved).toBe(0n);
+    expect(department.spent).toBe(await ledgerSum(gw, 'department', first.departmentId, department.periodStart));
+  });
+});
+
+describe('budget leases across two instances sharing one PostgreSQL', () => {
+  let first: TestGateway;
+  let second: TestGateway;
+
+  beforeAll(async () => {
+    first = await startTestGateway({ db: 'postgres' });
+    second = await startTestGateway({ db: 'postgres', postgresUrl: first.database.url, stub: first.stub });
+  });
+  afterAll(async () => {
+    await second?.close();
+    await first?.close();
+  });
+
+  it('cannot overspend when both instances hold leases: 100 requests for 40 worst cases, spread over both', async () => {
+    first.stub.configure({ completionTokens: MAX_TOKENS });
+    const worst = worstCaseNanos(first, BODY, [MODEL], MAX_TOKENS);
+    const limit = (worst * 81n) / 2n;
+    const t = await first.tenants.create({ userBudgetUsd: formatUsd(limit), departmentBudgetUsd: 1000, period: 'total' });
+    const viaSecond = new ApiClient(second.url, t.key);
+    const results = await Promise.all(
+      Array.from({ length: 100 }, (_, i) => (i % 2 === 0 ? t.api : viaSecond).post('/v1/chat/completions', REQUEST, FRESH)),
+    );
+    const served = results.filter((r) => r.status === 200);
+    expect(served.length + results.filter((r) => r.status === 402).length).toBe(100);
+    expect(first.stub.hits).toBe(served.length);
+    await flushBudgets(second);
+    const user = await storedBudget(first, 'user', t.userId);
+    expect(user.spent).toBeLessThanOrEqual(limit);
+    expect(user.spent).toBe(served.reduce((sum, r) => sum + costOf(r), 0n));
+    expect(user.spent).toBe(await ledgerSum(first, 'user', t.userId, user.periodStart));
+    expect(user.reserved).toBe(0n);
+    console.info(`[budget leases] two instances: 100 racing for 40 worst cases, served ${served.length}, spent $${formatUsd(user.spent)} of $${formatUsd(limit)}`);
+  });
+
+  it('gives its leases back when it shuts down', async () => {
+    const t = await first.tenants.create({ userBudgetUsd: 1, period: 'total' });
+    const viaSecond = new ApiClient(second.url, t.key);
+    for (let i = 0; i < 3; i += 1) expect((await viaSecond.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
+    expect(await heldRows(first, t.userId)).toHaveLength(1);
+    await second.close();
+    expect(await heldRows(first, t.userId)).toEqual([]);
+    const user = await storedBudget(first, 'user', t.userId, { flush: false });
+    expect(user.reserved).toBe(0n);
+    expect(user.spent).toBe(await ledgerSum(first, 'user', t.userId, user.periodStart, { flush: false }));
+  });
+});
