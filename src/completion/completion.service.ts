@@ -88,7 +88,7 @@ export class CompletionService {
     if (cached.hit) return this.replayFromCache(call, route, cached.hit, sink, started);
     // A stream still open when the shutdown drain's deadline passes is ended in-band (its signal
     // fires). A replay ends at once and skips it: the composite signal costs ~2-4 µs per stream.
-    call = this.shutdown.drainable(call);
+    this.shutdown.drainable(call);
     const attempts: Attempt[] = [];
     const { reservation, value: opened } = await this.reserveAndCall(call, route, cached, attempts, started, () => this.upstream.stream(call, route, attempts));
 

@@ -73,9 +73,12 @@ export class ShutdownService implements OnModuleInit, BeforeApplicationShutdown 
     reply.raw.once('close', this.release);
   }
 
-  /** The call a stream runs with: its signal also fires when the drain deadline passes. */
-  drainable(call: CompletionCall): CompletionCall {
-    return { ...call, signal: AbortSignal.any([call.signal, this.deadline.signal]) };
+  /**
+   * Makes a stream's call also end when the drain deadline passes. The call itself, not a copy:
+   * what the pipeline notes on it (`audited`) must reach the HTTP door's hooks, which hold it.
+   */
+  drainable(call: CompletionCall): void {
+    call.signal = AbortSignal.any([call.signal, this.deadline.signal]);
   }
 
   /** The in-band error for a stream the drain deadline ended; undefined when something else ended it. */

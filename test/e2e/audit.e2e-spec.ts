@@ -230,6 +230,21 @@ describe('audit trail over HTTP (PGlite)', () => {
     expect(overLimit).toMatchObject({ action: 'completion', status: 429, details: { outcome: 'rate_limit_exceeded' } });
   });
 
+  it('records a call the upstream fails once, streamed or not', async () => {
+    gw.stub.configure({ status: 503 });
+    for (const stream of [false, true]) {
+      const res = await alice.api.post<ErrorBody>('/v1/chat/completions', { model: 'auto', stream, messages: [{ role: 'user', content: `fail ${String(stream)}` }] });
+      expect(res.status).toBe(502);
+      const requestId = res.headers.get('x-request-id');
+      await eventually(gw, {}, (e) => e.request_id === requestId);
+      // The writer stores events in order: one written after this call's proves nothing else of it is on its way.
+      const marker = await alice.api.post('/v1/chat/completions', { model: 'auto', messages: 'not a list' });
+      await eventually(gw, {}, (e) => e.request_id === marker.headers.get('x-request-id'));
+      const rows = (await auditEvents(gw, {})).filter((e) => e.request_id === requestId);
+      expect(rows.map((e) => [e.action, e.status])).toEqual([['completion', 502]]);
+    }
+  });
+
   it('pages newest first with next_cursor, filters, and names a bad query parameter', async () => {
     const all = await auditEvents(gw, {});
     expect(all.length).toBeGreaterThan(5);
