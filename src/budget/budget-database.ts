@@ -41,8 +41,19 @@ export class BudgetDatabase {
     this.logger = appLogger.logger.child({ context: 'BudgetDatabase' });
     if (database.kind === 'postgres' && config.database.driver === 'postgres') {
       const common = { connectionString: config.database.url, connectionTimeoutMillis: 5000, statement_timeout: 30_000, idleTimeoutMillis: 60_000 };
-      this.holds = this.pool({ ...common, max: config.budget.poolSize, options: '-c synchronous_commit=off', application_name: 'gatehouse-budget-hold' });
-      this.writes = this.pool({ ...common, max: 1, application_name: 'gatehouse-budget-write' });
+      // query_timeout is the client's own: a server that stops answering (frozen, packets
+      // dropped) cannot enforce statement_timeout. A reservation is on a request's path: it gives
+      // up after DATABASE_REQUEST_TIMEOUT_MS (503, the connection is discarded); the writer, off
+      // the path, a little after the server's own limit, then retries.
+      this.holds = this.pool({
+        ...common,
+        max: config.budget.poolSize,
+        options: '-c synchronous_commit=off',
+        application_name: 'gatehouse-budget-hold',
+        connectionTimeoutMillis: Math.min(common.connectionTimeoutMillis, config.databaseRequestTimeoutMs),
+        query_timeout: config.databaseRequestTimeoutMs,
+      });
+      this.writes = this.pool({ ...common, max: 1, application_name: 'gatehouse-budget-write', query_timeout: 35_000 });
     }
   }
 

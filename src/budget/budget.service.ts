@@ -143,8 +143,8 @@ export class BudgetService implements BeforeApplicationShutdown {
 
   /**
    * Asks for a lease of `BUDGET_LEASE_REQUESTS` worst cases for this pair; the asking request
-   * draws from what it gets. A refusal is not an error here: the request then reserves exactly
-   * (which also reports a database that cannot be asked).
+   * draws from what it gets. A refusal is not an error here: the request then reserves exactly.
+   * A database that cannot be asked is (503), for this request and for those that waited on it.
    */
   private async askLease(userId: string, departmentId: string, amountNanos: Nanos): Promise<Lease | undefined> {
     const size = amountNanos * BigInt(this.leases.requests);
@@ -152,9 +152,10 @@ export class BudgetService implements BeforeApplicationShutdown {
     let rows: ReserveRow[];
     try {
       rows = await this.tryReserve(userId, departmentId, LEASE_REQUEST_ID, size, id);
-    } catch {
+    } catch (error) {
+      // The database cannot be asked: an exact reservation now would only wait as long again.
       this.leases.refused(userId, departmentId);
-      return undefined;
+      throw error;
     }
     const first = rows[0];
     if (!first?.ok) {

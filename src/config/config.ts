@@ -21,6 +21,12 @@ export abstract class AppConfig {
   declare readonly bodyLimitBytes: number;
   declare readonly logLevel: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
   declare readonly database: DatabaseConfig;
+  /**
+   * How long a request waits for a database statement on its path (key lookup, budget
+   * reservation) before it is answered 503: a database that stops answering must not hold
+   * requests for as long as it is stuck.
+   */
+  declare readonly databaseRequestTimeoutMs: number;
   declare readonly redisUrl: string | undefined;
   /** Prepended to every Redis key the gateway writes, so deployments (and tests) can share one Redis. */
   declare readonly redisKeyPrefix: string;
@@ -184,6 +190,10 @@ export const CONFIG_VARIABLES = {
   ROUTING_REFRESH_MS: { sensitive: false, help: 'routing version poll interval (default 1000)' },
   DEFAULT_MAX_TOKENS: { sensitive: false, help: 'cap when neither request nor rule sets one (default 1024)' },
   KEY_CACHE_MS: { sensitive: false, help: 'API key cache lifetime (default 1000)' },
+  DATABASE_REQUEST_TIMEOUT_MS: {
+    sensitive: false,
+    help: 'how long a request waits for the database on its path (key lookup, budget reservation) before 503 unavailable (default 5000)',
+  },
   BUDGET_RESERVATION_TTL_MS: { sensitive: false, help: 'request deadline: older budget reservations are released by the sweeper (default 600000)' },
   BUDGET_SWEEP_INTERVAL_MS: { sensitive: false, help: 'how often orphaned budget reservations are swept (default 60000)' },
   BUDGET_FLUSH_MS: { sensitive: false, help: 'settles and cache-hit ledger rows are written in batches at least this often (default 20)' },
@@ -338,6 +348,7 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
       defaultMaxTokens: int('DEFAULT_MAX_TOKENS', 1024, 1, 1_000_000),
     },
     auth: { keyCacheMs: int('KEY_CACHE_MS', 1000, 0, 2000) },
+    databaseRequestTimeoutMs: int('DATABASE_REQUEST_TIMEOUT_MS', 5000, 100, 600_000),
     budget: {
       reservationTtlMs: int('BUDGET_RESERVATION_TTL_MS', 600_000, 1000, 86_400_000),
       sweepIntervalMs: int('BUDGET_SWEEP_INTERVAL_MS', 60_000, 100, 3_600_000),

@@ -41,7 +41,9 @@ export async function openDatabase(target: DatabaseTarget, content: DatabaseCont
   let pglite: PGlite | undefined;
   let options: DataSourceOptions;
   if (target.driver === 'postgres') {
-    options = { ...common, url: target.url, driver: pg, extra: { max: poolSize, connectionTimeoutMillis: 5000, statement_timeout: 30_000 } };
+    // query_timeout is the client's own limit, for a server that stops answering altogether (it
+    // cannot enforce its statement_timeout then): the connection is freed a little after it.
+    options = { ...common, url: target.url, driver: pg, extra: { max: poolSize, connectionTimeoutMillis: 5000, statement_timeout: 30_000, query_timeout: 35_000 } };
   } else {
     // PGlite's module is imported only for the embedded database, never on PostgreSQL
     // (docs/operations.md "Memory").

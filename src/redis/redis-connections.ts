@@ -2,6 +2,7 @@ import { Injectable, type OnApplicationShutdown, type OnModuleInit } from '@nest
 import { Redis, type RedisOptions } from 'ioredis';
 import type { Logger } from 'pino';
 import { AppConfig } from '../config/config.js';
+import { withTimeout } from '../core/deadline.js';
 import { AppLogger } from '../core/logger.js';
 import { ReadinessRegistry } from '../health/readiness.js';
 
@@ -47,7 +48,7 @@ export class RedisConnections implements OnModuleInit, OnApplicationShutdown {
       if (client.status !== 'ready')
         return { state: 'degraded', details: { connection: client.status, message: 'Redis unreachable; features run on their fallbacks' } };
       try {
-        await withTimeout(client.ping(), PING_TIMEOUT_MS);
+        await withTimeout(client.ping(), PING_TIMEOUT_MS, () => new Error(`Redis did not answer within ${PING_TIMEOUT_MS} ms`));
         return { state: 'up', details: {} };
       } catch (error) {
         return { state: 'degraded', details: { message: (error as Error).message } };
@@ -115,14 +116,6 @@ export class RedisConnections implements OnModuleInit, OnApplicationShutdown {
   }
 }
 
-export function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`Redis did not answer within ${ms} ms`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
 /** Resolves once the client is ready (commands fail until then: there is no offline queue). */
 export function whenReady(client: Redis, timeoutMs: number): Promise<void> {
   if (client.status === 'ready') return Promise.resolve();
@@ -131,5 +124,6 @@ export function whenReady(client: Redis, timeoutMs: number): Promise<void> {
       client.once('ready', () => resolve());
     }),
     timeoutMs,
+    () => new Error(`Redis did not answer within ${timeoutMs} ms`),
   );
 }

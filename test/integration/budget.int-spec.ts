@@ -10,7 +10,8 @@ import { BudgetService } from '../../src/budget/budget.service.js';
 import { ManualClock } from '../../src/core/clock.js';
 import type { Principal } from '../../src/identity/principal.js';
 import { DB_KINDS, PG_ADMIN_URL } from '../support/databases.js';
-import { pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+import { ApiClient, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+import { startTcpProxy, type TcpProxy } from '../support/redis.js';
 import { dataSourceOf, flushBudgets, ledgerRows, ledgerSum, storedBudget, worstCaseNanos } from './budget-support.js';
 
 // Reservation, settlement, rollover and the sweeper against each real database, through the
@@ -668,5 +669,49 @@ describe('budget writes on shutdown (postgres)', () => {
       await gw.stub.close();
       await gw.database.drop();
     }
+  });
+});
+
+describe('a PostgreSQL that stops answering (frozen, not gone)', () => {
+  let owner: TestGateway;
+  let proxy: TcpProxy;
+  let gw: TestGateway;
+
+  beforeAll(async () => {
+    owner = await startTestGateway({ db: 'postgres' });
+    proxy = await startTcpProxy(owner.database.url ?? '');
+    gw = await startTestGateway({ db: 'postgres', postgresUrl: proxy.url, stub: owner.stub, env: { DATABASE_REQUEST_TIMEOUT_MS: '300' } });
+  });
+  afterAll(async () => {
+    proxy?.thaw();
+    await gw?.close();
+    await proxy?.stop();
+    await owner?.close();
+  });
+
+  it('answers 503 within DATABASE_REQUEST_TIMEOUT_MS instead of holding requests, and serves again once it answers', async () => {
+    const known = await owner.tenants.create({ userBudgetUsd: 1 });
+    const viaKnown = new ApiClient(gw.url, known.key);
+    // Authenticated (the key is cached for KEY_CACHE_MS), but nothing reserved: the body is refused after the key check.
+    expect((await viaKnown.post('/v1/chat/completions', { messages: 'not a list' })).status).toBe(400);
+    const unknown = await owner.tenants.create({ userBudgetUsd: 1 });
+    const hits = owner.stub.hits;
+
+    proxy.freeze();
+    try {
+      // A key not cached yet: its lookup waits on the database.
+      const lookup = await new ApiClient(gw.url, unknown.key).post<ErrorBody>('/v1/chat/completions', REQUEST, FRESH);
+      expect(lookup.status).toBe(503);
+      expect(lookup.body.error).toMatchObject({ code: 'unavailable', type: 'overloaded_error' });
+      expect(lookup.body.error.message).toMatch(/API keys/);
+      // A cached key: its budget reservation waits on the database.
+      const reserve = await viaKnown.post<ErrorBody>('/v1/chat/completions', REQUEST, FRESH);
+      expect(reserve.status).toBe(503);
+      expect(reserve.body.error.message).toMatch(/budget/i);
+      expect(owner.stub.hits).toBe(hits);
+    } finally {
+      proxy.thaw();
+    }
+    await pollUntil(async () => expect((await viaKnown.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200), 10_000, 100);
   });
 });

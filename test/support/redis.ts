@@ -31,23 +31,41 @@ export async function dropRedisPrefix(connections: RedisConnections): Promise<vo
 }
 
 export interface TcpProxy {
+  /** The target's URL with the proxy's port in it. */
   readonly url: string;
-  /** Drops every connection and stops listening: to the gateway, Redis is gone. */
+  /** Drops every connection and stops listening: to the gateway, the server is gone. */
   stop(): Promise<void>;
-  /** Listens again on the same port: Redis is back. */
+  /** Listens again on the same port: the server is back. */
   start(): Promise<void>;
+  /** Connections stay open but nothing passes either way: a server that hangs (or a network that drops packets). */
+  freeze(): void;
+  /** What was held back is delivered and traffic flows again. */
+  thaw(): void;
 }
 
 /** A loopback TCP relay to the test Redis, to take Redis away from a running gateway and back. */
-export async function startRedisProxy(target = REDIS_URL): Promise<TcpProxy> {
-  const { hostname, port: targetPort } = new URL(target);
+export function startRedisProxy(target = REDIS_URL): Promise<TcpProxy> {
+  return startTcpProxy(target);
+}
+
+/** A loopback TCP relay to the server of `target` (any URL with host and port). */
+export async function startTcpProxy(target: string): Promise<TcpProxy> {
+  const targetUrl = new URL(target);
+  const defaultPort = targetUrl.protocol.startsWith('redis') ? 6379 : 5432;
   const sockets = new Set<Socket>();
   let server: Server | undefined;
   let port = 0;
+  let frozen = false;
+  const held: Array<[Socket, Buffer]> = [];
+  const relay = (from: Socket, to: Socket) =>
+    from.on('data', (chunk: Buffer) => {
+      if (frozen) held.push([to, chunk]);
+      else to.write(chunk);
+    });
   const listen = () =>
     new Promise<void>((resolve, reject) => {
       const s = createServer((client) => {
-        const upstream = connect(Number(targetPort || 6379), hostname);
+        const upstream = connect(Number(targetUrl.port || defaultPort), targetUrl.hostname);
         sockets.add(client);
         sockets.add(upstream);
         const drop = () => {
@@ -58,7 +76,8 @@ export async function startRedisProxy(target = REDIS_URL): Promise<TcpProxy> {
         };
         client.on('error', drop).on('close', drop);
         upstream.on('error', drop).on('close', drop);
-        client.pipe(upstream).pipe(client);
+        relay(client, upstream);
+        relay(upstream, client);
       });
       s.once('error', reject);
       s.listen(port, '127.0.0.1', () => {
@@ -70,7 +89,10 @@ export async function startRedisProxy(target = REDIS_URL): Promise<TcpProxy> {
   await listen();
   return {
     get url() {
-      return `redis://127.0.0.1:${port}`;
+      const url = new URL(target);
+      url.hostname = '127.0.0.1';
+      url.port = String(port);
+      return url.toString();
     },
     async stop() {
       const s = server;
@@ -80,5 +102,12 @@ export async function startRedisProxy(target = REDIS_URL): Promise<TcpProxy> {
       if (s) await new Promise<void>((resolve) => s.close(() => resolve()));
     },
     start: listen,
+    freeze() {
+      frozen = true;
+    },
+    thaw() {
+      frozen = false;
+      for (const [to, chunk] of held.splice(0)) if (!to.destroyed) to.write(chunk);
+    },
   };
 }

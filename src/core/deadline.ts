@@ -1,0 +1,12 @@
+/**
+ * Rejects with `error()` when `promise` has not settled within `ms`. The work itself goes on (a
+ * query stays on its connection until the driver's own timeout frees it): what this bounds is
+ * how long a caller waits, e.g. a request on a database that has stopped answering.
+ */
+export function withTimeout<T>(promise: Promise<T>, ms: number, error: () => Error = () => new Error(`no answer within ${ms} ms`)): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(error()), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
