@@ -61,12 +61,50 @@ function fromStatus(status: number, message: string, cause: unknown): GatewayErr
   }
 }
 
-export function sendError(reply: FastifyReply, request: FastifyRequest, error: unknown, logger: Logger): void {
+/** One line per error code per this interval for the expected 5xx (a dependency is down or failing). */
+const DEPENDENCY_LOG_INTERVAL_MS = 10_000;
+
+/**
+ * The 5xx that say a dependency is down or failing (503 unavailable, 502/504 from the upstream)
+ * come by the thousand per second during an outage, one per request, all alike: logged once per
+ * code per interval, with how many more there were. Every request still has its audit row and
+ * its metrics; the components that fail log their own transitions. A 500 is a bug: always logged
+ * in full.
+ */
+export class ErrorLogThrottle {
+  private readonly seen = new Map<string, { loggedAt: number; more: number }>();
+
+  constructor(private readonly now: () => number = Date.now) {}
+
+  /** How many like it went unlogged since the last line, or undefined to skip this one. */
+  admit(code: string): number | undefined {
+    const now = this.now();
+    const entry = this.seen.get(code);
+    if (entry && now - entry.loggedAt < DEPENDENCY_LOG_INTERVAL_MS) {
+      entry.more += 1;
+      return undefined;
+    }
+    const more = entry?.more ?? 0;
+    this.seen.set(code, { loggedAt: now, more: 0 });
+    return more;
+  }
+}
+
+const dependencyErrors = new ErrorLogThrottle();
+
+export function sendError(reply: FastifyReply, request: FastifyRequest, error: unknown, logger: Logger, throttle: ErrorLogThrottle = dependencyErrors): void {
   const gatewayError = toGatewayError(error);
   if (gatewayError.status >= 500) {
-    // Log the cause's message and stack, never request headers or bodies (they hold keys and prompts).
+    // Log the cause's message (and for a bug its stack), never request headers or bodies (they hold keys and prompts).
     const cause = gatewayError.cause instanceof Error ? gatewayError.cause : undefined;
-    logger.error({ reqId: request.id, code: gatewayError.code, err: cause ? { message: cause.message, stack: cause.stack } : undefined }, gatewayError.message);
+    if (gatewayError.status === 500) {
+      logger.error({ reqId: request.id, code: gatewayError.code, err: cause ? { message: cause.message, stack: cause.stack } : undefined }, gatewayError.message);
+    } else {
+      const earlier = throttle.admit(gatewayError.code);
+      if (earlier !== undefined) {
+        logger.warn({ reqId: request.id, code: gatewayError.code, status: gatewayError.status, cause: cause?.message, sameSinceLastLine: earlier }, gatewayError.message);
+      }
+    }
   }
   if (reply.sent || reply.raw.headersSent) return;
   if (gatewayError.headers) void reply.headers(gatewayError.headers);

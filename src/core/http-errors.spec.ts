@@ -1,0 +1,61 @@
+import { Writable } from 'node:stream';
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import { describe, expect, it } from 'vitest';
+import { GatewayError } from './errors.js';
+import { ErrorLogThrottle, sendError } from './http-errors.js';
+import { createLogger } from './logger.js';
+
+function capture() {
+  const lines: Array<{ level: string; msg: string; sameSinceLastLine?: number; err?: { stack?: string } }> = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _encoding, done) {
+      lines.push(JSON.parse(chunk.toString()) as (typeof lines)[number]);
+      done();
+    },
+  });
+  return { logger: createLogger('info', sink), lines };
+}
+
+function fakeReply(): { reply: FastifyReply; sent: Array<{ status: number; body: unknown }> } {
+  const sent: Array<{ status: number; body: unknown }> = [];
+  let status = 0;
+  const reply = {
+    sent: false,
+    raw: { headersSent: false },
+    headers: () => reply,
+    header: () => reply,
+    status: (s: number) => ((status = s), reply),
+    send: (body: unknown) => (sent.push({ status, body }), reply),
+  } as unknown as FastifyReply;
+  return { reply, sent };
+}
+
+const request = { id: 'req-1' } as FastifyRequest;
+
+describe('sendError logging', () => {
+  it('logs a dependency outage once per interval with a count, not once per request; every request still gets its answer', () => {
+    const { logger, lines } = capture();
+    let now = 0;
+    const throttle = new ErrorLogThrottle(() => now);
+    const { reply, sent } = fakeReply();
+    const down = () => new GatewayError('unavailable', 'Budgets cannot be checked right now.', { cause: new Error('connect ECONNREFUSED') });
+    for (let i = 0; i < 1000; i++) sendError(reply, request, down(), logger, throttle);
+    now = 10_000;
+    sendError(reply, request, down(), logger, throttle);
+    expect(sent).toHaveLength(1001);
+    expect(sent.every((s) => s.status === 503)).toBe(true);
+    expect(lines.map((l) => [l.level, l.sameSinceLastLine])).toEqual([
+      ['warn', 0],
+      ['warn', 999],
+    ]);
+  });
+
+  it('logs every internal error in full, with its stack', () => {
+    const { logger, lines } = capture();
+    const throttle = new ErrorLogThrottle(() => 0);
+    const { reply } = fakeReply();
+    for (let i = 0; i < 3; i++) sendError(reply, request, new Error('bug'), logger, throttle);
+    expect(lines).toHaveLength(3);
+    expect(lines.every((l) => l.level === 'error' && typeof l.err?.stack === 'string')).toBe(true);
+  });
+});
