@@ -7,6 +7,7 @@ import { ERROR_TABLE } from '../core/errors.js';
 import { AppLogger } from '../core/logger.js';
 import { ReadinessRegistry, type ReadinessReport } from '../health/readiness.js';
 import type { Principal } from '../identity/principal.js';
+import { ShutdownService } from '../lifecycle/shutdown.service.js';
 import {
   type AuditEvent,
   cleanString,
@@ -116,6 +117,7 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
     appLogger: AppLogger,
     private readonly options: AuditOptions,
     @Optional() private readonly readiness?: ReadinessRegistry,
+    @Optional() private readonly shutdown?: ShutdownService,
   ) {
     this.logger = appLogger.logger.child({ context: 'Audit' });
     this.writer = new BatchWriter<Pending>({
@@ -157,7 +159,7 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
   /** And this after it closed: requests that finished while it closed recorded events too. This is the last chance. */
   async onApplicationShutdown(): Promise<void> {
     this.stop();
-    await this.writer.drainForShutdown();
+    await this.writer.drainForShutdown(this.shutdown?.writeDeadline());
     if (this.writer.size === 0) return;
     this.logger.error({ lost: this.writer.size, lastError: this.writer.lastError }, 'AUDIT EVENTS LOST: shutting down with events the database would not take');
   }

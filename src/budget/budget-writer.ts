@@ -7,6 +7,7 @@ import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
 import { AppLogger } from '../core/logger.js';
 import { ReadinessRegistry, type ReadinessReport } from '../health/readiness.js';
+import { ShutdownService } from '../lifecycle/shutdown.service.js';
 import type { CostSource } from '../upstream/pricing/pricing.js';
 import { BudgetDatabase, type BudgetStatement } from './budget-database.js';
 import { FLUSH_SQL } from './budget-sql.js';
@@ -94,6 +95,7 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
     private readonly config: AppConfig,
     appLogger: AppLogger,
     @Optional() private readonly readiness?: ReadinessRegistry,
+    @Optional() private readonly shutdown?: ShutdownService,
   ) {
     this.logger = appLogger.logger.child({ context: 'BudgetWriter' });
     this.batchLimit = config.budget.flushBatch;
@@ -237,7 +239,7 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
   }
 
   private async drainForShutdown(): Promise<void> {
-    await this.writer.drainForShutdown();
+    await this.writer.drainForShutdown(this.shutdown?.writeDeadline());
     if (this.writer.size === 0) return;
     const buffer = this.writer.buffer;
     let cost = 0n;

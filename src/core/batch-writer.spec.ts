@@ -232,6 +232,23 @@ describe('BatchWriter', () => {
     expect(w.size).toBe(0);
   });
 
+  it('keeps a shutdown drain trying until its deadline while the database refuses, and stores once it is back', async () => {
+    let down = true;
+    const stored: number[] = [];
+    const { w } = writer((batch) => {
+      if (down) return Promise.reject(new Error('down'));
+      stored.push(...batch);
+      return Promise.resolve(batch.length);
+    });
+    w.add(1);
+    const drained = w.drainForShutdown(Date.now() + 10_000);
+    await vi.advanceTimersByTimeAsync(4000);
+    down = false;
+    await vi.advanceTimersByTimeAsync(1000);
+    expect(await drained).toBe(true);
+    expect(stored).toEqual([1]);
+  });
+
   it('gives up a shutdown drain after a few attempts and says so', async () => {
     const { w } = writer(() => Promise.reject(new Error('down')));
     w.add(1);

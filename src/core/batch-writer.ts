@@ -28,7 +28,8 @@ export interface BatchWriterOptions<T> {
 }
 
 const SHUTDOWN_ATTEMPTS = 3;
-const SHUTDOWN_ROUNDS = 50;
+const SHUTDOWN_ROUNDS = 200;
+const SHUTDOWN_MAX_WAIT_MS = 1000;
 const LOUD_LOG_INTERVAL_MS = 10_000;
 
 /**
@@ -121,18 +122,21 @@ export class BatchWriter<T> {
    * For shutdown: stores until the buffer is empty. Requests still finishing record more while a
    * flush runs, so a flush that stored everything before it is followed by another for what came
    * meanwhile (a bounded number of rounds: under endless traffic the owner's next drain takes the
-   * rest). False only when the database refused a few times, a little apart; whatever is left
-   * then is the owner's to report (`size`).
+   * rest). A database that refuses is tried at least SHUTDOWN_ATTEMPTS times, a little apart, and
+   * then again until `deadline` (epoch ms): it may be back in a moment, and what is still here
+   * when the process exits is lost. False when it still refused; what is left is the owner's to
+   * report (`size`).
    */
-  async drainForShutdown(): Promise<boolean> {
+  async drainForShutdown(deadline?: number): Promise<boolean> {
     let refused = 0;
     for (let round = 0; round < SHUTDOWN_ROUNDS && this.buffer.length > 0; round += 1) {
       if (await this.flush()) continue;
       refused += 1;
-      if (refused >= SHUTDOWN_ATTEMPTS) return false;
-      await new Promise((resolve) => setTimeout(resolve, 100 * refused));
+      const wait = Math.min(SHUTDOWN_MAX_WAIT_MS, 100 * refused);
+      if (refused >= SHUTDOWN_ATTEMPTS && (deadline === undefined || Date.now() + wait >= deadline)) return false;
+      await new Promise((resolve) => setTimeout(resolve, wait));
     }
-    return true;
+    return this.buffer.length === 0 || refused === 0;
   }
 
   report(details: Record<string, unknown>): ReadinessReport {

@@ -39,6 +39,8 @@ export class ShutdownService implements OnModuleInit, BeforeApplicationShutdown 
   private readonly logger: Logger;
   private inFlight = 0;
   private draining = false;
+  /** Epoch ms of SIGTERM (or app.close()). */
+  private drainStartedAt: number | undefined;
   private readonly deadline = new AbortController();
   private onIdle: (() => void) | undefined;
   private readonly release = (): void => {
@@ -63,6 +65,15 @@ export class ShutdownService implements OnModuleInit, BeforeApplicationShutdown 
 
   get isDraining(): boolean {
     return this.draining;
+  }
+
+  /**
+   * Until when the batched writers' last flush may keep retrying a database that refuses: the
+   * drain's own budget, counted from SIGTERM (the grace period the operator gave the pod covers
+   * it). What they still hold after it is lost, and logged as such.
+   */
+  writeDeadline(): number {
+    return (this.drainStartedAt ?? Date.now()) + this.config.shutdown.drainMs;
   }
 
   /** Fastify onRequest: counts the request until its response closes. */
@@ -91,6 +102,7 @@ export class ShutdownService implements OnModuleInit, BeforeApplicationShutdown 
   async beforeApplicationShutdown(signal?: string): Promise<void> {
     if (this.draining) return;
     this.draining = true;
+    this.drainStartedAt = Date.now();
     const started = performance.now();
     const drainMs = this.config.shutdown.drainMs;
     this.logger.info({ signal, inFlight: this.inFlight, drainMs }, 'draining: readiness is down, in-flight requests may finish');
