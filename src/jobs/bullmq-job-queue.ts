@@ -35,6 +35,8 @@ const BACKLOG_STATES = ['wait', 'prioritized', 'waiting-children', 'active', 'de
 export class JobsRedisLog {
   readonly logger: Logger;
   private lastErrorLog = 0;
+  /** A problem was logged and the producer connection has not been ready since. */
+  private troubled = false;
 
   constructor(appLogger: AppLogger) {
     this.logger = appLogger.logger.child({ context: 'Jobs' });
@@ -43,9 +45,18 @@ export class JobsRedisLog {
   problem(connection: string, error: Error): void {
     // ioredis reports every failed reconnect; one line per 10 s says the same without a flood.
     const now = Date.now();
+    this.troubled = true;
     if (now - this.lastErrorLog < 10_000) return;
     this.lastErrorLog = now;
     this.logger.warn({ connection, err: error.message }, 'job queue Redis connection problem');
+  }
+
+  /** The producer (every submit goes through it) is connected again: say so once per outage. */
+  ready(connection: string): void {
+    if (!this.troubled) return;
+    this.troubled = false;
+    this.lastErrorLog = 0;
+    this.logger.info({ connection }, 'job queue Redis connection back');
   }
 }
 
@@ -62,6 +73,7 @@ export function openProducerRedis(options: BullmqJobQueueOptions, log: JobsRedis
     retryStrategy: reconnectDelay,
   });
   producer.on('error', (error: Error) => log.problem('producer', error));
+  producer.on('ready', () => log.ready('producer'));
   return producer;
 }
 

@@ -37,6 +37,8 @@ export class RedisConnections implements OnModuleInit, OnApplicationShutdown {
   private readonly logger: Logger;
   private readonly opened = new Set<Redis>();
   private sharedClient: Redis | undefined;
+  /** Set when shutdown closes the connections: their 'close' is then not an outage. */
+  private closing = false;
 
   constructor(config: AppConfig, appLogger: AppLogger, readiness: ReadinessRegistry) {
     if (!config.redisUrl) throw new Error('a Redis driver was selected without REDIS_URL');
@@ -87,7 +89,7 @@ export class RedisConnections implements OnModuleInit, OnApplicationShutdown {
       this.logger.info({ connection: name }, 'Redis connected');
     });
     client.on('close', () => {
-      if (connected) this.logger.warn({ connection: name }, 'Redis connection lost; reconnecting');
+      if (connected && !this.closing) this.logger.warn({ connection: name }, 'Redis connection lost; reconnecting');
       connected = false;
     });
     // Without an 'error' listener ioredis would crash the process; one line per outage is enough.
@@ -101,6 +103,7 @@ export class RedisConnections implements OnModuleInit, OnApplicationShutdown {
   }
 
   async onApplicationShutdown(): Promise<void> {
+    this.closing = true;
     await Promise.all(
       [...this.opened].map(async (client) => {
         if (client.status === 'ready') {
