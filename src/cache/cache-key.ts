@@ -25,6 +25,12 @@ const NOT_IN_KEY = new Set([
   'store',
 ]);
 
+/**
+ * Part of every key: bumped when what an entry holds changes (2: a header line before the body,
+ * cache-entry.ts), so instances of different versions never read each other's entries.
+ */
+const CACHE_KEY_VERSION = 'entry-v2';
+
 export type CacheBypassReason = 'disabled_by_client' | 'temperature' | 'n' | 'tools';
 
 export interface CachePlan {
@@ -67,7 +73,7 @@ export function cacheKey(principal: Principal, route: ResolvedRoute, body: ChatC
     .sort();
   const material: Record<string, unknown> = {};
   for (const k of fields) material[k] = body[k];
-  const text = `${cacheScope(principal)}\n${route.models.join('\n')}\n${route.maxTokens}\n${JSON.stringify(material)}`;
+  const text = `${CACHE_KEY_VERSION}\n${cacheScope(principal)}\n${route.models.join('\n')}\n${route.maxTokens}\n${JSON.stringify(material)}`;
   return hash('sha256', text, 'base64url');
 }
 

@@ -6,14 +6,11 @@ import { AppConfig } from '../config/config.js';
 import { GatewayError } from '../core/errors.js';
 import { AppLogger } from '../core/logger.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
+import { type CachedAnswer, decodeCacheEntry, encodeCacheEntry } from './cache-entry.js';
 import { type CachePlan, cachePlan } from './cache-key.js';
 import { type CacheFilter, ResponseCache, type CacheTags } from './response-cache.js';
 
-export interface CachedAnswer {
-  completion: ChatCompletion;
-  /** The stored body, sent as is to JSON callers. */
-  raw: string;
-}
+export type { CachedAnswer } from './cache-entry.js';
 
 /**
  * What the pipeline holds between the cache read and the cache write. `fill`/`fillFromStream`
@@ -37,7 +34,7 @@ export interface CacheTicket {
 
 /** The in-process half of singleflight: every identical request of this instance awaits one promise. */
 class Flight {
-  /** The stored body, or undefined when the leader gave up without an answer. */
+  /** The stored entry, or undefined when the leader gave up without an answer. */
   readonly done: Promise<string | undefined>;
   settle!: (body: string | undefined) => void;
   constructor() {
@@ -167,15 +164,11 @@ export class CompletionCache {
     }
   }
 
-  private hit(body: string, plan: CachePlan, tags: CacheTags): CacheTicket {
-    let completion: ChatCompletion;
-    try {
-      completion = JSON.parse(body) as ChatCompletion;
-    } catch {
-      // A corrupt entry is a miss that overwrites it.
-      return this.miss(plan, tags, undefined);
-    }
-    return { ...BYPASS, status: 'hit', hit: { completion, raw: body } };
+  private hit(entry: string, plan: CachePlan, tags: CacheTags): CacheTicket {
+    const answer = decodeCacheEntry(entry);
+    // A corrupt entry is a miss that overwrites it.
+    if (!answer) return this.miss(plan, tags, undefined);
+    return { ...BYPASS, status: 'hit', hit: answer };
   }
 
   /**
@@ -196,10 +189,11 @@ export class CompletionCache {
       if (settled) return;
       if (!plan.write || !Array.isArray(completion.choices) || completion.choices.length === 0) return abandon();
       settled = true;
-      lead?.flight(raw);
+      const entry = encodeCacheEntry(raw, completion);
+      lead?.flight(entry);
       const models = completion.model && !tags.models.includes(completion.model) ? [...tags.models, completion.model] : tags.models;
       try {
-        await this.store.store(plan.key, raw, plan.ttlMs, { ...tags, models }, lead?.token);
+        await this.store.store(plan.key, entry, plan.ttlMs, { ...tags, models }, lead?.token);
       } catch (error) {
         this.logger.debug({ err: (error as Error).message }, 'cache write failed');
       }

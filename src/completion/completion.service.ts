@@ -1,6 +1,6 @@
 import { Injectable } from '@nestjs/common';
 import type { Logger } from 'pino';
-import { errorEnvelope, readUsage } from '../../libs/openai-contract/src/index.js';
+import { errorEnvelope } from '../../libs/openai-contract/src/index.js';
 import { AuditService } from '../audit/audit.service.js';
 import { BudgetService } from '../budget/budget.service.js';
 import type { Reservation } from '../budget/budget.types.js';
@@ -198,16 +198,24 @@ export class CompletionService {
 
   /** A cache hit: no upstream call, no reservation; charged 0 and recorded as such in the ledger. */
   private answerFromCache(call: CompletionCall, route: ResolvedRoute, hit: CachedAnswer, started: number): JsonOutcome {
-    const meta = this.meta(route, hit.completion.model, 'hit');
-    this.budget.recordCacheHit(call, route, meta.model, readUsage(hit.completion));
+    const meta = this.meta(route, hit.model, 'hit');
+    this.budget.recordCacheHit(call, route, meta.model, hit.usage);
     this.logDone(call, route, meta, [], started, 'ok');
-    return { completion: hit.completion, raw: hit.raw, costNanos: 0n, meta };
+    // The chat door sends `raw`; only /v1/complete and jobs read the parsed completion.
+    return {
+      get completion() {
+        return hit.completion;
+      },
+      raw: hit.raw,
+      costNanos: 0n,
+      meta,
+    };
   }
 
   /** A cached answer replayed as the SSE a live stream would send. */
   private replayFromCache(call: CompletionCall, route: ResolvedRoute, hit: CachedAnswer, sink: StreamSink, started: number): void {
-    const meta = this.meta(route, hit.completion.model, 'hit');
-    this.budget.recordCacheHit(call, route, meta.model, readUsage(hit.completion));
+    const meta = this.meta(route, hit.model, 'hit');
+    this.budget.recordCacheHit(call, route, meta.model, hit.usage);
     sink.open(meta);
     for (const payload of replayChunks(hit.completion, call.body.stream_options?.include_usage === true)) sink.event(payload);
     sink.close();
