@@ -1,3 +1,4 @@
+import type { IncomingHttpHeaders } from 'node:http';
 import { Pool, errors as undiciErrors } from 'undici';
 import type { Dispatcher } from 'undici';
 import { SseParser } from '../../libs/openai-contract/src/index.js';
@@ -28,36 +29,46 @@ export class UndiciLlmClient extends LlmClient {
     this.headers = { 'content-type': 'application/json', authorization: `Bearer ${options.apiKey}`, ...options.extraHeaders };
   }
 
-  private async send(call: UpstreamCall, stream: boolean): Promise<Dispatcher.ResponseData> {
+  private dispatchOptions(call: UpstreamCall, stream: boolean): Dispatcher.DispatchOptions {
+    return {
+      method: 'POST',
+      path: this.path,
+      headers: { ...this.headers, 'x-request-id': call.requestId, accept: stream ? 'text/event-stream' : 'application/json' },
+      body: JSON.stringify(call.body),
+      headersTimeout: this.options.timeoutMs,
+      bodyTimeout: this.options.timeoutMs,
+    };
+  }
+
+  /**
+   * A JSON answer is read whole: through `dispatch` with a handler that keeps the chunks, rather
+   * than `request()`, whose per-call Readable body stream, async-resource scope and text()
+   * consumer were the largest part of what undici cost a cache miss (BENCHMARKS.md, session 4).
+   */
+  async complete(call: UpstreamCall): Promise<UpstreamJsonResult> {
+    let response: BufferedResponse;
     try {
-      return await this.pool.request({
-        method: 'POST',
-        path: this.path,
-        headers: { ...this.headers, 'x-request-id': call.requestId, accept: stream ? 'text/event-stream' : 'application/json' },
-        body: JSON.stringify(call.body),
-        signal: call.signal,
-        headersTimeout: this.options.timeoutMs,
-        bodyTimeout: this.options.timeoutMs,
+      response = await new Promise<BufferedResponse>((resolve, reject) => {
+        if (call.signal.aborted) {
+          reject(call.signal.reason as Error);
+          return;
+        }
+        this.pool.dispatch(this.dispatchOptions(call, false), new BufferingHandler(call.signal, resolve, reject));
       });
     } catch (error) {
       throw toFailure(error, call.signal);
     }
-  }
-
-  async complete(call: UpstreamCall): Promise<UpstreamJsonResult> {
-    const response = await this.send(call, false);
-    let raw: string;
-    try {
-      raw = await response.body.text();
-    } catch (error) {
-      throw toFailure(error, call.signal);
-    }
-    if (response.statusCode !== 200) throw httpFailure(response.statusCode, raw, response.headers);
-    return jsonResult(raw);
+    if (response.statusCode !== 200) throw httpFailure(response.statusCode, response.raw, response.headers);
+    return jsonResult(response.raw);
   }
 
   async stream(call: UpstreamCall): Promise<UpstreamEvents> {
-    const response = await this.send(call, true);
+    let response: Dispatcher.ResponseData;
+    try {
+      response = await this.pool.request({ ...this.dispatchOptions(call, true), signal: call.signal });
+    } catch (error) {
+      throw toFailure(error, call.signal);
+    }
     if (response.statusCode !== 200) {
       const text = await response.body.text().catch(() => '');
       throw httpFailure(response.statusCode, text, response.headers);
@@ -67,6 +78,56 @@ export class UndiciLlmClient extends LlmClient {
 
   async close(): Promise<void> {
     await this.pool.close();
+  }
+}
+
+interface BufferedResponse {
+  statusCode: number;
+  headers: IncomingHttpHeaders;
+  raw: string;
+}
+
+/** Collects one response: status, headers and the body as a string, or the error that ended it. */
+class BufferingHandler implements Dispatcher.DispatchHandler {
+  private statusCode = 0;
+  private headers: IncomingHttpHeaders = {};
+  private readonly chunks: Buffer[] = [];
+  private controller: Dispatcher.DispatchController | undefined;
+  private readonly onAbort = (): void => this.controller?.abort(this.signal.reason as Error);
+
+  constructor(
+    private readonly signal: AbortSignal,
+    private readonly resolve: (response: BufferedResponse) => void,
+    private readonly reject: (error: unknown) => void,
+  ) {
+    signal.addEventListener('abort', this.onAbort, { once: true });
+  }
+
+  onRequestStart(controller: Dispatcher.DispatchController): void {
+    this.controller = controller;
+    if (this.signal.aborted) controller.abort(this.signal.reason as Error);
+  }
+
+  onResponseStart(_controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
+    // 1xx (100-continue, 103 early hints) come before the real answer.
+    if (statusCode < 200) return;
+    this.statusCode = statusCode;
+    this.headers = headers;
+  }
+
+  onResponseData(_controller: Dispatcher.DispatchController, chunk: Buffer): void {
+    this.chunks.push(chunk);
+  }
+
+  onResponseEnd(): void {
+    this.signal.removeEventListener('abort', this.onAbort);
+    const raw = this.chunks.length === 1 ? (this.chunks[0]).toString('utf8') : Buffer.concat(this.chunks).toString('utf8');
+    this.resolve({ statusCode: this.statusCode, headers: this.headers, raw });
+  }
+
+  onResponseError(_controller: Dispatcher.DispatchController, error: Error): void {
+    this.signal.removeEventListener('abort', this.onAbort);
+    this.reject(error);
   }
 }
 
@@ -149,7 +210,7 @@ function drainAfterDone(chunks: AsyncIterator<Buffer>, body: Dispatcher.Response
   })();
 }
 
-function httpFailure(status: number, text: string, headers: Dispatcher.ResponseData['headers']): UpstreamFailure {
+function httpFailure(status: number, text: string, headers: IncomingHttpHeaders): UpstreamFailure {
   const { message, code } = describeUpstreamError(status, text);
   return new UpstreamFailure('http', message, status, parseRetryAfter(headers), code);
 }
