@@ -62,18 +62,22 @@ export class UndiciLlmClient extends LlmClient {
     return jsonResult(response.raw);
   }
 
+  /** Resolves at the response head; the events are parsed and handed on as the bytes arrive. */
   async stream(call: UpstreamCall): Promise<UpstreamEvents> {
-    let response: Dispatcher.ResponseData;
+    if (call.signal.aborted) throw abortFailure(call.signal);
+    const relay = new SseRelay(call.signal);
+    this.pool.dispatch(this.dispatchOptions(call, true), relay);
+    let statusCode: number;
     try {
-      response = await this.pool.request({ ...this.dispatchOptions(call, true), signal: call.signal });
+      statusCode = await relay.head;
     } catch (error) {
       throw toFailure(error, call.signal);
     }
-    if (response.statusCode !== 200) {
-      const text = await response.body.text().catch(() => '');
-      throw httpFailure(response.statusCode, text, response.headers);
+    if (statusCode !== 200) {
+      const text = await relay.text().catch(() => '');
+      throw httpFailure(statusCode, text, relay.headers);
     }
-    return relay(response.body, call.signal);
+    return relay.events();
   }
 
   async close(): Promise<void> {
@@ -131,35 +135,127 @@ class BufferingHandler implements Dispatcher.DispatchHandler {
   }
 }
 
-async function* relay(body: Dispatcher.ResponseData['body'], signal: AbortSignal): AsyncGenerator<string> {
-  const parser = new SseParser();
-  const chunks = body[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
-  let handedOff = false;
-  try {
-    for (let next = await chunks.next(); next.done !== true; next = await chunks.next()) {
-      for (const data of parser.push(next.value)) {
-        if (data === '[DONE]') {
-          handedOff = true;
-          drainAfterDone(chunks, body);
-          return;
+/** Events parsed but not yet taken by the consumer beyond which the upstream is paused. */
+const MAX_QUEUED_EVENTS = 256;
+
+/**
+ * One streamed response through `dispatch`: the head resolves `head`; a 200's body goes through
+ * the SSE parser as it arrives and its events are queued for `events()`, the consumer's pace
+ * (pause/resume past MAX_QUEUED_EVENTS); any other status's body is kept for the error. Why not
+ * `request()`: its Readable body and async iteration cost more than the parsing (see complete()).
+ */
+class SseRelay implements Dispatcher.DispatchHandler {
+  readonly head: Promise<number>;
+  headers: IncomingHttpHeaders = {};
+  private resolveHead!: (statusCode: number) => void;
+  private rejectHead!: (error: unknown) => void;
+  private statusCode = 0;
+  private controller: Dispatcher.DispatchController | undefined;
+  private readonly parser = new SseParser();
+  private readonly queue: string[] = [];
+  private readonly errorBody: Buffer[] = [];
+  private ended = false;
+  private error: Error | undefined;
+  /** The consumer has its [DONE] (or left): later bytes are counted, not parsed. */
+  private finished = false;
+  private bytesAfterDone = 0;
+  private wake: (() => void) | undefined;
+  private readonly onAbort = (): void => this.controller?.abort(this.signal.reason as Error);
+
+  constructor(private readonly signal: AbortSignal) {
+    this.head = new Promise<number>((resolve, reject) => {
+      this.resolveHead = resolve;
+      this.rejectHead = reject;
+    });
+    // Handled here: a head that failed is awaited by stream(), and a later error by events().
+    this.head.catch(() => undefined);
+    signal.addEventListener('abort', this.onAbort, { once: true });
+  }
+
+  onRequestStart(controller: Dispatcher.DispatchController): void {
+    this.controller = controller;
+    if (this.signal.aborted) controller.abort(this.signal.reason as Error);
+  }
+
+  onResponseStart(_controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
+    if (statusCode < 200) return;
+    this.statusCode = statusCode;
+    this.headers = headers;
+    this.resolveHead(statusCode);
+  }
+
+  onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
+    if (this.statusCode !== 200) {
+      this.errorBody.push(chunk);
+      return;
+    }
+    if (this.finished) {
+      // After [DONE]: read on to the end (destroying an unfinished body builds an AbortError and
+      // its stack, and loses the keep-alive connection), but not forever.
+      this.bytesAfterDone += chunk.length;
+      if (this.bytesAfterDone > MAX_BYTES_AFTER_DONE) controller.abort(new Error('upstream kept sending after [DONE]'));
+      return;
+    }
+    for (const data of this.parser.push(chunk)) this.queue.push(data);
+    if (this.queue.length > MAX_QUEUED_EVENTS) controller.pause();
+    this.notify();
+  }
+
+  onResponseEnd(): void {
+    this.signal.removeEventListener('abort', this.onAbort);
+    this.ended = true;
+    if (!this.finished && this.statusCode === 200) for (const data of this.parser.flush()) this.queue.push(data);
+    this.notify();
+  }
+
+  onResponseError(_controller: Dispatcher.DispatchController, error: Error): void {
+    this.signal.removeEventListener('abort', this.onAbort);
+    this.error = error;
+    this.rejectHead(error);
+    this.notify();
+  }
+
+  /** The body of a refused request (for the error it names). */
+  async text(): Promise<string> {
+    while (!this.ended && !this.error) await new Promise<void>((resolve) => (this.wake = resolve));
+    if (this.error) throw this.error;
+    return Buffer.concat(this.errorBody).toString('utf8');
+  }
+
+  async *events(): AsyncGenerator<string> {
+    try {
+      for (;;) {
+        while (this.queue.length > 0) {
+          const data = this.queue.shift() as string;
+          if (data === '[DONE]') {
+            this.finished = true;
+            this.queue.length = 0;
+            return;
+          }
+          if (!looksLikeJsonObject(data)) throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not a JSON object');
+          yield data;
+          if (this.queue.length === 0 && this.controller?.paused) this.controller.resume();
         }
-        if (!looksLikeJsonObject(data)) throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not a JSON object');
-        yield data;
+        if (this.error) throw streamFailure(this.error, this.signal);
+        if (this.ended) break;
+        await new Promise<void>((resolve) => (this.wake = resolve));
+      }
+    } finally {
+      // The consumer left before the end (the client went away, or a bad event): stop reading.
+      if (!this.finished && !this.ended && !this.error) {
+        this.finished = true;
+        this.controller?.abort(new Error('the gateway stopped reading this stream'));
       }
     }
-  } catch (error) {
-    throw streamFailure(error, signal);
-  } finally {
-    // Stop reading from the upstream when the consumer leaves early (client went away).
-    if (!handedOff && !body.destroyed) body.destroy();
+    if (this.signal.aborted) throw abortFailure(this.signal);
+    throw new UpstreamFailure('cut', 'upstream stream ended before [DONE]');
   }
-  for (const data of parser.flush()) {
-    if (data === '[DONE]') return;
-    if (!looksLikeJsonObject(data)) throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not a JSON object');
-    yield data;
+
+  private notify(): void {
+    const wake = this.wake;
+    this.wake = undefined;
+    wake?.();
   }
-  if (signal.aborted) throw abortFailure(signal);
-  throw new UpstreamFailure('cut', 'upstream stream ended before [DONE]');
 }
 
 /**
@@ -184,31 +280,6 @@ function isJsonSpace(code: number): boolean {
 
 /** Bytes an upstream may still send after [DONE] before the gateway stops reading. */
 const MAX_BYTES_AFTER_DONE = 64 * 1024;
-
-/**
- * After [DONE] the client's stream is over, but the upstream body usually has not emitted 'end'
- * yet (its terminator is in the same read). Leaving the loop there destroys an unfinished stream,
- * and Node builds and formats an AbortError stack on every such destroy: about a tenth of the
- * gateway's SSE CPU (BENCHMARKS.md). Reading on to the end costs nothing and keeps the keep-alive
- * connection reusable; it runs detached so the client never waits for it, and bodyTimeout still
- * bounds an upstream that holds the body open.
- */
-function drainAfterDone(chunks: AsyncIterator<Buffer>, body: Dispatcher.ResponseData['body']): void {
-  void (async () => {
-    let extra = 0;
-    try {
-      for (let next = await chunks.next(); next.done !== true; next = await chunks.next()) {
-        extra += next.value.length;
-        if (extra > MAX_BYTES_AFTER_DONE) {
-          body.destroy();
-          return;
-        }
-      }
-    } catch {
-      // The client already has its [DONE]; a late upstream error changes nothing for it.
-    }
-  })();
-}
 
 function httpFailure(status: number, text: string, headers: IncomingHttpHeaders): UpstreamFailure {
   const { message, code } = describeUpstreamError(status, text);
