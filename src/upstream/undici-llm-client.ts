@@ -91,19 +91,18 @@ interface BufferedResponse {
   raw: string;
 }
 
-/** Collects one response: status, headers and the body as a string, or the error that ended it. */
-class BufferingHandler implements Dispatcher.DispatchHandler {
-  private statusCode = 0;
-  private headers: IncomingHttpHeaders = {};
-  private readonly chunks: Buffer[] = [];
-  private controller: Dispatcher.DispatchController | undefined;
+/**
+ * What both handlers share: the caller's signal aborts the request (also before it started),
+ * and the final status and headers are kept (1xx such as 100-continue or 103 come first and
+ * are skipped). `detach()` once the response is over.
+ */
+abstract class SignalledHandler implements Dispatcher.DispatchHandler {
+  statusCode = 0;
+  headers: IncomingHttpHeaders = {};
+  protected controller: Dispatcher.DispatchController | undefined;
   private readonly onAbort = (): void => this.controller?.abort(this.signal.reason as Error);
 
-  constructor(
-    private readonly signal: AbortSignal,
-    private readonly resolve: (response: BufferedResponse) => void,
-    private readonly reject: (error: unknown) => void,
-  ) {
+  constructor(protected readonly signal: AbortSignal) {
     signal.addEventListener('abort', this.onAbort, { once: true });
   }
 
@@ -113,10 +112,30 @@ class BufferingHandler implements Dispatcher.DispatchHandler {
   }
 
   onResponseStart(_controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
-    // 1xx (100-continue, 103 early hints) come before the real answer.
     if (statusCode < 200) return;
     this.statusCode = statusCode;
     this.headers = headers;
+    this.started();
+  }
+
+  /** The final status and headers are in. */
+  protected started(): void {}
+
+  protected detach(): void {
+    this.signal.removeEventListener('abort', this.onAbort);
+  }
+}
+
+/** Collects one response: status, headers and the body as a string, or the error that ended it. */
+class BufferingHandler extends SignalledHandler {
+  private readonly chunks: Buffer[] = [];
+
+  constructor(
+    signal: AbortSignal,
+    private readonly resolve: (response: BufferedResponse) => void,
+    private readonly reject: (error: unknown) => void,
+  ) {
+    super(signal);
   }
 
   onResponseData(_controller: Dispatcher.DispatchController, chunk: Buffer): void {
@@ -124,13 +143,13 @@ class BufferingHandler implements Dispatcher.DispatchHandler {
   }
 
   onResponseEnd(): void {
-    this.signal.removeEventListener('abort', this.onAbort);
+    this.detach();
     const raw = this.chunks.length === 1 ? (this.chunks[0]).toString('utf8') : Buffer.concat(this.chunks).toString('utf8');
     this.resolve({ statusCode: this.statusCode, headers: this.headers, raw });
   }
 
   onResponseError(_controller: Dispatcher.DispatchController, error: Error): void {
-    this.signal.removeEventListener('abort', this.onAbort);
+    this.detach();
     this.reject(error);
   }
 }
@@ -144,13 +163,10 @@ const MAX_QUEUED_EVENTS = 256;
  * (pause/resume past MAX_QUEUED_EVENTS); any other status's body is kept for the error. Why not
  * `request()`: its Readable body and async iteration cost more than the parsing (see complete()).
  */
-class SseRelay implements Dispatcher.DispatchHandler {
+class SseRelay extends SignalledHandler {
   readonly head: Promise<number>;
-  headers: IncomingHttpHeaders = {};
   private resolveHead!: (statusCode: number) => void;
   private rejectHead!: (error: unknown) => void;
-  private statusCode = 0;
-  private controller: Dispatcher.DispatchController | undefined;
   private readonly parser = new SseParser();
   private readonly queue: string[] = [];
   private readonly errorBody: Buffer[] = [];
@@ -160,28 +176,19 @@ class SseRelay implements Dispatcher.DispatchHandler {
   private finished = false;
   private bytesAfterDone = 0;
   private wake: (() => void) | undefined;
-  private readonly onAbort = (): void => this.controller?.abort(this.signal.reason as Error);
 
-  constructor(private readonly signal: AbortSignal) {
+  constructor(signal: AbortSignal) {
+    super(signal);
     this.head = new Promise<number>((resolve, reject) => {
       this.resolveHead = resolve;
       this.rejectHead = reject;
     });
     // Handled here: a head that failed is awaited by stream(), and a later error by events().
     this.head.catch(() => undefined);
-    signal.addEventListener('abort', this.onAbort, { once: true });
   }
 
-  onRequestStart(controller: Dispatcher.DispatchController): void {
-    this.controller = controller;
-    if (this.signal.aborted) controller.abort(this.signal.reason as Error);
-  }
-
-  onResponseStart(_controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
-    if (statusCode < 200) return;
-    this.statusCode = statusCode;
-    this.headers = headers;
-    this.resolveHead(statusCode);
+  protected override started(): void {
+    this.resolveHead(this.statusCode);
   }
 
   onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
@@ -202,14 +209,14 @@ class SseRelay implements Dispatcher.DispatchHandler {
   }
 
   onResponseEnd(): void {
-    this.signal.removeEventListener('abort', this.onAbort);
+    this.detach();
     this.ended = true;
     if (!this.finished && this.statusCode === 200) for (const data of this.parser.flush()) this.queue.push(data);
     this.notify();
   }
 
   onResponseError(_controller: Dispatcher.DispatchController, error: Error): void {
-    this.signal.removeEventListener('abort', this.onAbort);
+    this.detach();
     this.error = error;
     this.rejectHead(error);
     this.notify();
