@@ -1,40 +1,31 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
-import { formatUsd, parseUsd } from '../../libs/money/src/index.js';
+import { formatUsd } from '../../libs/money/src/index.js';
 import { BudgetDatabase } from '../../src/budget/budget-database.js';
 import { ManualClock } from '../../src/core/clock.js';
 import { DB_KINDS } from '../support/databases.js';
-import { ApiClient, pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
-import { dataSourceOf, flushBudgets, ledgerSum, storedBudget, worstCaseNanos } from './budget-support.js';
+import { pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
+import {
+  BODY,
+  costHeader,
+  FRESH,
+  heldRows,
+  ledgerSum,
+  MAX_TOKENS,
+  MODEL,
+  REQUEST,
+  storedBudget,
+  WEDNESDAY_NOON,
+  worstCaseNanos,
+} from './budget-support.js';
 
 // Budget leases (src/budget/budget-leases.ts), on by default: an instance reserves many worst
 // cases of a user × department pair at once and serves the pair's next requests from them
 // without a database round trip, while nothing can overspend and the headroom comes back.
+// Across two instances: budget-multi-instance.int-spec.ts.
 
-const MODEL = 'openai/gpt-4o-mini';
-const MAX_TOKENS = 100;
-const BODY = { messages: [{ role: 'user', content: 'hi' }] };
-const REQUEST = { ...BODY, model: MODEL, max_tokens: MAX_TOKENS };
-const WEDNESDAY_NOON = '2026-01-07T12:00:00.000Z';
-const FRESH = { 'cache-control': 'no-cache, no-store' };
 /** The defaults: BUDGET_LEASE_MS=2000, BUDGET_LEASE_REQUESTS=32. */
 const LEASE_MS = 2000;
 const LEASE_REQUESTS = 32n;
-
-interface HeldRow {
-  request_id: string;
-  user_nanos: string;
-  department_nanos: string;
-}
-
-async function heldRows(gw: TestGateway, userId: string): Promise<HeldRow[]> {
-  return dataSourceOf(gw).query<HeldRow[]>('SELECT request_id, user_nanos::text, department_nanos::text FROM budget_reservations WHERE user_id = $1', [userId]);
-}
-
-function costOf(res: { headers: Headers }): bigint {
-  const cost = parseUsd(res.headers.get('x-gateway-cost-usd') ?? 'x');
-  if (cost === undefined) throw new Error('no x-gateway-cost-usd');
-  return cost;
-}
 
 describe.each(DB_KINDS)('budget leases on %s', (db) => {
   let gw: TestGateway;
@@ -68,7 +59,7 @@ describe.each(DB_KINDS)('budget leases on %s', (db) => {
     }
     // While it lives the lease is one reservation row. What the finished draws cost moves from
     // it to `spent` as the writer stores them (its own timer here): never counted twice.
-    const charged = results.reduce((sum, r) => sum + costOf(r), 0n);
+    const charged = results.reduce((sum, r) => sum + costHeader(r), 0n);
     const left = String(LEASE_REQUESTS * worst - charged);
     await pollUntil(async () => {
       expect(await heldRows(gw, t.userId)).toEqual([{ request_id: 'budget-lease', user_nanos: left, department_nanos: left }]);
@@ -134,7 +125,7 @@ describe.each(DB_KINDS)('budget leases on %s', (db) => {
     expect(gw.stub.hits).toBe(served.length);
     const user = await storedBudget(gw, 'user', t.userId);
     expect(user.spent).toBeLessThanOrEqual(limit);
-    expect(user.spent).toBe(served.reduce((sum, r) => sum + costOf(r), 0n));
+    expect(user.spent).toBe(served.reduce((sum, r) => sum + costHeader(r), 0n));
     expect(user.spent).toBe(await ledgerSum(gw, 'user', t.userId, user.periodStart));
     expect(user.reserved).toBe(0n);
     console.info(`[budget leases] ${db}: 60 racing for 40 worst cases, served ${served.length}, spent $${formatUsd(user.spent)} of $${formatUsd(limit)}`);
@@ -169,52 +160,5 @@ describe.each(DB_KINDS)('budget leases on %s', (db) => {
     const department = await storedBudget(gw, 'department', first.departmentId);
     expect(department.reserved).toBe(0n);
     expect(department.spent).toBe(await ledgerSum(gw, 'department', first.departmentId, department.periodStart));
-  });
-});
-
-describe('budget leases across two instances sharing one PostgreSQL', () => {
-  let first: TestGateway;
-  let second: TestGateway;
-
-  beforeAll(async () => {
-    first = await startTestGateway({ db: 'postgres' });
-    second = await startTestGateway({ db: 'postgres', postgresUrl: first.database.url, stub: first.stub });
-  });
-  afterAll(async () => {
-    await second?.close();
-    await first?.close();
-  });
-
-  it('cannot overspend when both instances hold leases: 100 requests for 40 worst cases, spread over both', async () => {
-    first.stub.configure({ completionTokens: MAX_TOKENS });
-    const worst = worstCaseNanos(first, BODY, [MODEL], MAX_TOKENS);
-    const limit = (worst * 81n) / 2n;
-    const t = await first.tenants.create({ userBudgetUsd: formatUsd(limit), departmentBudgetUsd: 1000, period: 'total' });
-    const viaSecond = new ApiClient(second.url, t.key);
-    const results = await Promise.all(
-      Array.from({ length: 100 }, (_, i) => (i % 2 === 0 ? t.api : viaSecond).post('/v1/chat/completions', REQUEST, FRESH)),
-    );
-    const served = results.filter((r) => r.status === 200);
-    expect(served.length + results.filter((r) => r.status === 402).length).toBe(100);
-    expect(first.stub.hits).toBe(served.length);
-    await flushBudgets(second);
-    const user = await storedBudget(first, 'user', t.userId);
-    expect(user.spent).toBeLessThanOrEqual(limit);
-    expect(user.spent).toBe(served.reduce((sum, r) => sum + costOf(r), 0n));
-    expect(user.spent).toBe(await ledgerSum(first, 'user', t.userId, user.periodStart));
-    expect(user.reserved).toBe(0n);
-    console.info(`[budget leases] two instances: 100 racing for 40 worst cases, served ${served.length}, spent $${formatUsd(user.spent)} of $${formatUsd(limit)}`);
-  });
-
-  it('gives its leases back when it shuts down', async () => {
-    const t = await first.tenants.create({ userBudgetUsd: 1, period: 'total' });
-    const viaSecond = new ApiClient(second.url, t.key);
-    for (let i = 0; i < 3; i += 1) expect((await viaSecond.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
-    expect(await heldRows(first, t.userId)).toHaveLength(1);
-    await second.close();
-    expect(await heldRows(first, t.userId)).toEqual([]);
-    const user = await storedBudget(first, 'user', t.userId, { flush: false });
-    expect(user.reserved).toBe(0n);
-    expect(user.spent).toBe(await ledgerSum(first, 'user', t.userId, user.periodStart, { flush: false }));
   });
 });

@@ -1,15 +1,11 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { formatUsd } from '../../libs/money/src/index.js';
 import { ApiClient, pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
-import { ledgerSum, storedBudget, worstCaseNanos } from './budget-support.js';
+import { BODY, costHeader, flushBudgets, FRESH, heldRows, ledgerSum, MAX_TOKENS, MODEL, REQUEST, storedBudget, worstCaseNanos } from './budget-support.js';
 
 // Two gateway instances on one PostgreSQL database, like two replicas behind a load balancer:
 // the budget lives in the database, so together they still cannot overspend it.
 
-const MODEL = 'openai/gpt-4o-mini';
-const MAX_TOKENS = 100;
-const BODY = { messages: [{ role: 'user', content: 'hi' }] };
-const FRESH = { 'cache-control': 'no-cache, no-store' };
 
 describe('budgets across two instances sharing one PostgreSQL', () => {
   let first: TestGateway;
@@ -66,5 +62,40 @@ describe('budgets across two instances sharing one PostgreSQL', () => {
     console.info(
       `[budget concurrency] two instances on postgres: fired 50 (25 each), served ${served} (${servedBySecond} by the second), spent $${formatUsd(user.spent)} of limit $${formatUsd(user.limit)} (worst case per request $${formatUsd(worst)})`,
     );
+  });
+
+  it('cannot overspend when both instances hold leases: 100 requests for 40 worst cases, spread over both', async () => {
+    first.stub.reset();
+    first.stub.configure({ completionTokens: MAX_TOKENS });
+    const worst = worstCaseNanos(first, BODY, [MODEL], MAX_TOKENS);
+    const limit = (worst * 81n) / 2n;
+    const t = await first.tenants.create({ userBudgetUsd: formatUsd(limit), departmentBudgetUsd: 1000, period: 'total' });
+    const viaSecond = new ApiClient(second.url, t.key);
+    const results = await Promise.all(
+      Array.from({ length: 100 }, (_, i) => (i % 2 === 0 ? t.api : viaSecond).post('/v1/chat/completions', REQUEST, FRESH)),
+    );
+    const served = results.filter((r) => r.status === 200);
+    expect(served.length + results.filter((r) => r.status === 402).length).toBe(100);
+    expect(first.stub.hits).toBe(served.length);
+    await flushBudgets(second);
+    const user = await storedBudget(first, 'user', t.userId);
+    expect(user.spent).toBeLessThanOrEqual(limit);
+    expect(user.spent).toBe(served.reduce((sum, r) => sum + costHeader(r), 0n));
+    expect(user.spent).toBe(await ledgerSum(first, 'user', t.userId, user.periodStart));
+    expect(user.reserved).toBe(0n);
+    console.info(`[budget leases] two instances: 100 racing for 40 worst cases, served ${served.length}, spent $${formatUsd(user.spent)} of $${formatUsd(limit)}`);
+  });
+
+  it('gives its leases back when it shuts down', async () => {
+    const third = await startTestGateway({ db: 'postgres', postgresUrl: first.database.url, stub: first.stub });
+    const t = await first.tenants.create({ userBudgetUsd: 1, period: 'total' });
+    const viaThird = new ApiClient(third.url, t.key);
+    for (let i = 0; i < 3; i += 1) expect((await viaThird.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
+    expect(await heldRows(first, t.userId)).toHaveLength(1);
+    await third.close();
+    expect(await heldRows(first, t.userId)).toEqual([]);
+    const user = await storedBudget(first, 'user', t.userId, { flush: false });
+    expect(user.reserved).toBe(0n);
+    expect(user.spent).toBe(await ledgerSum(first, 'user', t.userId, user.periodStart, { flush: false }));
   });
 });

@@ -1,4 +1,5 @@
 import { DataSource } from 'typeorm';
+import { parseUsd } from '../../libs/money/src/index.js';
 import { BudgetService } from '../../src/budget/budget.service.js';
 import type { TestGateway } from '../support/gateway.js';
 
@@ -87,4 +88,29 @@ export function worstCaseNanos(gw: TestGateway, body: { messages: Array<{ role: 
   const principal = { keyId: 'k', keyPrefix: 'k', userId: 'u', departmentId: 'd', role: 'user' as const, cacheScope: 'user' as const, expiresAt: undefined };
   return gw.gateway.app.get(BudgetService).worstCase({ principal, requestId: 'estimate', door: 'chat', body }, { models, maxTokens, ruleTaskType: 'general' })
     .amountNanos;
+}
+
+/** The request the budget suites send: its worst case is the unit "a budget that covers N requests" is measured in. */
+export const MODEL = 'openai/gpt-4o-mini';
+export const MAX_TOKENS = 100;
+export const BODY = { messages: [{ role: 'user', content: 'hi' }] };
+export const REQUEST = { ...BODY, model: MODEL, max_tokens: MAX_TOKENS };
+export const WEDNESDAY_NOON = '2026-01-07T12:00:00.000Z';
+/** Identical requests would be answered by the response cache (free, no reservation): skip it. */
+export const FRESH = { 'cache-control': 'no-cache, no-store' };
+
+/** What the caller was told it was charged (x-gateway-cost-usd); -1 when the header is missing or malformed. */
+export function costHeader(res: { headers: Headers }): bigint {
+  return parseUsd(res.headers.get('x-gateway-cost-usd') ?? 'x') ?? -1n;
+}
+
+export interface HeldRow {
+  request_id: string;
+  user_nanos: string;
+  department_nanos: string;
+}
+
+/** The reservation rows (requests in flight, budget leases) holding money on a user's budget now. */
+export async function heldRows(gw: TestGateway, userId: string): Promise<HeldRow[]> {
+  return dataSourceOf(gw).query<HeldRow[]>('SELECT request_id, user_nanos::text, department_nanos::text FROM budget_reservations WHERE user_id = $1', [userId]);
 }

@@ -12,7 +12,21 @@ import type { Principal } from '../../src/identity/principal.js';
 import { DB_KINDS, PG_ADMIN_URL } from '../support/databases.js';
 import { ApiClient, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 import { startTcpProxy, type TcpProxy } from '../support/redis.js';
-import { dataSourceOf, flushBudgets, ledgerRows, ledgerSum, storedBudget, worstCaseNanos } from './budget-support.js';
+import {
+  BODY,
+  costHeader,
+  dataSourceOf,
+  flushBudgets,
+  FRESH,
+  ledgerRows,
+  ledgerSum,
+  MAX_TOKENS,
+  MODEL,
+  REQUEST,
+  storedBudget,
+  WEDNESDAY_NOON,
+  worstCaseNanos,
+} from './budget-support.js';
 
 // Reservation, settlement, rollover and the sweeper against each real database, through the
 // real HTTP gateway and the stub upstream. Time is a ManualClock: the SQL takes "now" from it.
@@ -24,13 +38,6 @@ import { dataSourceOf, flushBudgets, ledgerRows, ledgerSum, storedBudget, worstC
 // tested on their own in budget-leases.int-spec.ts.
 const EXACT = { BUDGET_LEASE_MS: '0' };
 
-const MODEL = 'openai/gpt-4o-mini';
-const MAX_TOKENS = 100;
-const BODY = { messages: [{ role: 'user', content: 'hi' }] };
-const REQUEST = { ...BODY, model: MODEL, max_tokens: MAX_TOKENS };
-const WEDNESDAY_NOON = '2026-01-07T12:00:00.000Z';
-/** Identical requests would be answered by the response cache (free, no reservation): skip it. */
-const FRESH = { 'cache-control': 'no-cache, no-store' };
 
 interface ErrorBody {
   error: { code: string; param: string | null; message: string; type: string; resets_at?: string | null };
@@ -357,10 +364,6 @@ function recordBudgetStatements(gw: TestGateway): { statements: string[]; restor
     }),
   ];
   return { statements, restore: () => spies.forEach((spy) => spy.mockRestore()) };
-}
-
-function costHeader(res: { headers: Headers }): bigint {
-  return parseUsd(res.headers.get('x-gateway-cost-usd') ?? 'x') ?? -1n;
 }
 
 // The writer's timer never fires during these tests: what is stored is what a request, a view or
