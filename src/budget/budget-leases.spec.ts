@@ -106,6 +106,14 @@ describe('BudgetLeases', () => {
     expect(books.enabled).toBe(false);
   });
 
+  it('keeps no lease granted after shutdown began: it serves the request that asked, then goes back', () => {
+    const { books, released } = leases();
+    books.close();
+    const late = books.granted('late', 'u', 'd', 100n, 10n);
+    books.settle(late, 10n, 3n);
+    expect(released).toEqual([late]);
+  });
+
   it('releases no row for an unlimited grant (nothing was held)', async () => {
     const { books, released } = leases();
     const lease = books.granted(undefined, 'u', 'd', undefined, 10n);

@@ -132,11 +132,16 @@ export class BudgetLeases {
   granted(id: string | undefined, userId: string, departmentId: string, size: Nanos | undefined, amount: Nanos): Lease {
     const key = pairKey(userId, departmentId);
     const lease = new Lease(id, userId, departmentId, size, this.now() + this.leaseMs);
+    lease.draws = 1;
+    lease.outstanding = amount;
+    if (this.closed) {
+      // Asked for before shutdown began: it serves its asking request, and goes back with its settle.
+      lease.retired = true;
+      return lease;
+    }
     const previous = this.current.get(key);
     if (previous) this.retire(previous);
     this.current.set(key, lease);
-    lease.draws = 1;
-    lease.outstanding = amount;
     this.startTimer();
     return lease;
   }
@@ -172,11 +177,6 @@ export class BudgetLeases {
       if (this.retire(lease)) released = true;
     }
     return released;
-  }
-
-  /** Leases and exact-mode marks this instance keeps (tests, metrics). */
-  get size(): number {
-    return this.current.size;
   }
 
   stop(): void {
