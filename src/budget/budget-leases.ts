@@ -11,12 +11,12 @@ import type { Nanos } from '../../libs/money/src/index.js';
  * from it in memory, until it is used up or `BUDGET_LEASE_MS` has passed.
  *
  * Why it cannot overspend: a draw is granted only while the lease's own size covers the draws in
- * flight plus what finished draws were charged. A finished draw's cost is added to `spent` (its
- * ledger rows go through the writer like any settle) while the lease row still holds its whole
- * size in `reserved`, so until the lease is released the database counts that cost twice: other
- * requests can be refused a little early, never let through. The lease row is released (the
- * writer deletes it) once the lease is retired and its last draw has settled; a crashed
- * instance's lease is released by the sweeper, as any reservation.
+ * flight plus what finished draws were charged. A finished draw's ledger rows go through the
+ * writer like any settle and name the lease: the flush adds their cost to `spent` and takes the
+ * same amount off what the lease row (and `reserved`) holds, so the database never counts it
+ * twice and other instances see exactly what is left. The lease row is released (the writer
+ * deletes it, with what it still holds) once the lease is retired and its last draw has settled;
+ * a crashed instance's lease is released by the sweeper, as any reservation.
  *
  * Near the limit there are no leases: a lease of many worst cases does not fit, and that pair
  * reserves exactly, one statement per request, for the rest of the lease period. A pair with no
