@@ -49,5 +49,8 @@ describe('budget and pricing configuration', () => {
     expect(() => loadConfig({ BUDGET_RESERVATION_TTL_MS: '60000', UPSTREAM_DEADLINE_MS: '120000' })).toThrow(
       /BUDGET_RESERVATION_TTL_MS .* UPSTREAM_DEADLINE_MS/,
     );
+    // A lease is drawn on for BUDGET_LEASE_MS, and its last draw may take a whole deadline after that.
+    expect(() => loadConfig({ BUDGET_RESERVATION_TTL_MS: '125000', UPSTREAM_DEADLINE_MS: '120000', BUDGET_LEASE_MS: '10000' })).toThrow(/BUDGET_LEASE_MS/);
+    expect(loadConfig({ BUDGET_RESERVATION_TTL_MS: '125000', UPSTREAM_DEADLINE_MS: '120000', BUDGET_LEASE_MS: '2000' }).budget.reservationTtlMs).toBe(125_000);
   });
 });

@@ -7,9 +7,9 @@ import { BudgetService } from './budget.service.js';
 import type { BudgetRow, BudgetScope, BudgetView } from './budget.types.js';
 import { type BudgetPeriod, currentPeriodStart, nextReset, periodStarts } from './periods.js';
 
-const SCOPE_TABLE: Record<BudgetScope, { table: string; ledgerColumn: string }> = {
-  user: { table: 'users', ledgerColumn: 'user_id' },
-  department: { table: 'departments', ledgerColumn: 'department_id' },
+const SCOPE_TABLE: Record<BudgetScope, { table: string; ledgerColumn: string; heldColumn: string }> = {
+  user: { table: 'users', ledgerColumn: 'user_id', heldColumn: 'user_nanos' },
+  department: { table: 'departments', ledgerColumn: 'department_id', heldColumn: 'department_nanos' },
 };
 
 const BUDGET_COLUMNS = 'scope, scope_id, limit_nanos, period, period_start, spent_nanos, reserved_nanos';
@@ -38,12 +38,16 @@ export class BudgetSettingsService {
     await this.budget.flush();
     const now = this.clock.now();
     const start = period === 'total' ? now : currentPeriodStart(period, periodStarts(now), now);
-    const { ledgerColumn } = SCOPE_TABLE[scope];
+    const { ledgerColumn, heldColumn } = SCOPE_TABLE[scope];
+    // A new row also starts holding what reservations still hold on this scope (requests in
+    // flight, other instances' leases, taken under a budget removed since): their settles and
+    // releases will take it off this row, which must not under-count it meanwhile.
     const rows = await this.dataSource.query<BudgetRow[]>(
       `INSERT INTO budgets AS b (scope, scope_id, limit_nanos, period, period_start, spent_nanos, reserved_nanos, created_at, updated_at)
        VALUES ($1, $2::uuid, $3::bigint, $4, $5::timestamptz,
                (SELECT COALESCE(sum(cost_nanos), 0)::bigint FROM usage_ledger WHERE ${ledgerColumn} = $2::uuid AND created_at >= $5::timestamptz),
-               0, $6::timestamptz, $6::timestamptz)
+               (SELECT COALESCE(sum(${heldColumn}), 0)::bigint FROM budget_reservations WHERE ${ledgerColumn} = $2::uuid),
+               $6::timestamptz, $6::timestamptz)
        ON CONFLICT (scope, scope_id) DO UPDATE SET
          limit_nanos = EXCLUDED.limit_nanos,
          period = EXCLUDED.period,
@@ -55,6 +59,9 @@ export class BudgetSettingsService {
     );
     const row = rows[0];
     if (!row) throw new Error('budget upsert returned no row');
+    // A request of this scope may have taken a lease under the old limit while the flush above
+    // ran: this instance applies the new budget from now on.
+    this.budget.retireLeases();
     return this.view(row);
   }
 
@@ -76,6 +83,7 @@ export class BudgetSettingsService {
     const result = await this.dataSource.query<unknown[]>(`DELETE FROM budgets WHERE scope = $1 AND scope_id = $2::uuid RETURNING scope`, [scope, id]);
     const deleted = Array.isArray(result[0]) ? (result[0] as unknown[]).length : result.length;
     if (deleted === 0) throw new GatewayError('not_found', `The ${scope} '${id}' has no budget.`);
+    this.budget.retireLeases();
   }
 
   /** The current period's numbers, rolled over on read when the stored period has ended. */

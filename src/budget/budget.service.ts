@@ -244,6 +244,11 @@ export class BudgetService implements BeforeApplicationShutdown {
     return this.writer.flush();
   }
 
+  /** A budget was set or removed: this instance's leases, taken under the old one, serve no new request. */
+  retireLeases(): void {
+    this.leases.retireAll();
+  }
+
   /**
    * Requests whose cache lookups came back together (one Redis reply under load) reach this
    * stage in the same event-loop turn: their reservations leave together at the end of the turn,

@@ -397,8 +397,12 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
     },
   };
   // A reservation swept while its request may still be running would let that budget overspend.
-  if (config.budget.reservationTtlMs <= config.upstream.retry.deadlineMs) {
-    problems.push(`BUDGET_RESERVATION_TTL_MS (${config.budget.reservationTtlMs}) must be longer than UPSTREAM_DEADLINE_MS (${config.upstream.retry.deadlineMs})`);
+  // A lease is drawn on for BUDGET_LEASE_MS, and its last draw may run for a whole deadline after
+  // that: the sweeper must not release it (and the money it holds) before.
+  if (config.budget.reservationTtlMs <= config.upstream.retry.deadlineMs + config.budget.leaseMs) {
+    problems.push(
+      `BUDGET_RESERVATION_TTL_MS (${config.budget.reservationTtlMs}) must be longer than UPSTREAM_DEADLINE_MS (${config.upstream.retry.deadlineMs}) + BUDGET_LEASE_MS (${config.budget.leaseMs})`,
+    );
   }
   if (problems.length > 0) throw new ConfigError(problems);
   return config;

@@ -7,6 +7,7 @@ import { pollUntil, startTestGateway, type TestGateway } from '../support/gatewa
 import {
   BODY,
   costHeader,
+  dataSourceOf,
   FRESH,
   heldRows,
   ledgerSum,
@@ -145,6 +146,31 @@ describe.each(DB_KINDS)('budget leases on %s', (db) => {
     const refused = await t.api.post<{ error: { code: string } }>('/v1/chat/completions', REQUEST, FRESH);
     expect(refused.status).toBe(402);
     expect(refused.body.error.code).toBe('budget_exceeded');
+  });
+
+  it('applies a lowered budget at once on this instance, also to a lease taken while the change was being made', async () => {
+    const t = await gw.tenants.create({ userBudgetUsd: 1, period: 'daily' });
+    expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
+    // While the new limit is being written, a request of the same user takes a lease under the old one.
+    const ds = dataSourceOf(gw);
+    const query = ds.query.bind(ds);
+    let inWindow: number | undefined;
+    const spy = vi.spyOn(ds, 'query').mockImplementation(async (...args: Parameters<typeof query>) => {
+      if (typeof args[0] === 'string' && args[0].trimStart().startsWith('INSERT INTO budgets')) {
+        spy.mockRestore();
+        inWindow = (await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status;
+      }
+      return query(...args);
+    });
+    try {
+      expect((await gw.admin.put(`/admin/budgets/users/${t.userId}`, { limit_usd: 0, period: 'daily' })).status).toBe(200);
+    } finally {
+      spy.mockRestore();
+    }
+    expect(inWindow).toBe(200);
+    const after = await t.api.post<{ error: { code: string } }>('/v1/chat/completions', REQUEST, FRESH);
+    expect(after.status).toBe(402);
+    expect(after.body.error.code).toBe('budget_exceeded');
   });
 
   it("gives back the idle lease of a colleague when the department cannot cover a request otherwise", async () => {

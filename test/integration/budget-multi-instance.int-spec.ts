@@ -86,6 +86,24 @@ describe('budgets across two instances sharing one PostgreSQL', () => {
     console.info(`[budget leases] two instances: 100 racing for 40 worst cases, served ${served.length}, spent $${formatUsd(user.spent)} of $${formatUsd(limit)}`);
   });
 
+  it("keeps counting another instance's lease when a budget is removed and set again", async () => {
+    const t = await first.tenants.create({ userBudgetUsd: 1, period: 'total' });
+    const viaSecond = new ApiClient(second.url, t.key);
+    expect((await viaSecond.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
+    const [lease] = await heldRows(first, t.userId);
+    expect(lease?.request_id).toBe('budget-lease');
+    expect((await first.admin.delete(`/admin/budgets/users/${t.userId}`)).status).toBe(200);
+    expect((await first.admin.put(`/admin/budgets/users/${t.userId}`, { limit_usd: 1, period: 'total' })).status).toBe(200);
+    // The second instance's lease still holds money on this user: the new budget counts it.
+    const [held] = await heldRows(first, t.userId);
+    expect((await storedBudget(first, 'user', t.userId, { flush: false })).reserved).toBe(BigInt(held?.user_nanos ?? -1));
+    // Once it is given back, nothing is left reserved and spent is what the ledger holds.
+    await flushBudgets(second);
+    const user = await storedBudget(first, 'user', t.userId, { flush: false });
+    expect(user.reserved).toBe(0n);
+    expect(await heldRows(first, t.userId)).toEqual([]);
+  });
+
   it('gives its leases back when it shuts down', async () => {
     const third = await startTestGateway({ db: 'postgres', postgresUrl: first.database.url, stub: first.stub });
     const t = await first.tenants.create({ userBudgetUsd: 1, period: 'total' });
