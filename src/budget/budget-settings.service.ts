@@ -39,11 +39,7 @@ export class BudgetSettingsService {
     const now = this.clock.now();
     const start = period === 'total' ? now : currentPeriodStart(period, periodStarts(now), now);
     const { ledgerColumn, heldColumn } = SCOPE_TABLE[scope];
-    // A new row also starts holding what reservations still hold on this scope (requests in
-    // flight, other instances' leases, taken under a budget removed since): their settles and
-    // releases will take it off this row, which must not under-count it meanwhile.
-    const rows = await this.dataSource.query<BudgetRow[]>(
-      `INSERT INTO budgets AS b (scope, scope_id, limit_nanos, period, period_start, spent_nanos, reserved_nanos, created_at, updated_at)
+    const upsert = `INSERT INTO budgets AS b (scope, scope_id, limit_nanos, period, period_start, spent_nanos, reserved_nanos, created_at, updated_at)
        VALUES ($1, $2::uuid, $3::bigint, $4, $5::timestamptz,
                (SELECT COALESCE(sum(cost_nanos), 0)::bigint FROM usage_ledger WHERE ${ledgerColumn} = $2::uuid AND created_at >= $5::timestamptz),
                (SELECT COALESCE(sum(${heldColumn}), 0)::bigint FROM budget_reservations WHERE ${ledgerColumn} = $2::uuid),
@@ -54,9 +50,22 @@ export class BudgetSettingsService {
          period_start = CASE WHEN b.period = EXCLUDED.period THEN b.period_start ELSE EXCLUDED.period_start END,
          spent_nanos = CASE WHEN b.period = EXCLUDED.period THEN b.spent_nanos ELSE EXCLUDED.spent_nanos END,
          updated_at = EXCLUDED.updated_at
-       RETURNING ${BUDGET_COLUMNS}`,
-      [scope, id, limitNanos.toString(), period, start.toISOString(), now.toISOString()],
-    );
+       RETURNING ${BUDGET_COLUMNS}`;
+    const params = [scope, id, limitNanos.toString(), period, start.toISOString(), now.toISOString()];
+    const exists = (await this.dataSource.query<unknown[]>('SELECT 1 FROM budgets WHERE scope = $1 AND scope_id = $2::uuid', [scope, id])).length > 0;
+    // A new row starts holding what reservations still hold on its scope (requests in flight,
+    // other instances' leases taken under a budget removed since): their settles and releases
+    // will take it off this row. No reservation may change between that sum and the new row
+    // becoming visible: a flush that shrank or released one without seeing the row would leave it
+    // counting money no longer held, for good. So the reservations table is locked for those few
+    // milliseconds (reserve and flush wait). Only for a new row, which no reservation statement can
+    // hold a lock on, so the two cannot deadlock; an existing row keeps its `reserved`.
+    const rows = exists
+      ? await this.dataSource.query<BudgetRow[]>(upsert, params)
+      : await this.dataSource.transaction(async (manager) => {
+          await manager.query('LOCK TABLE budget_reservations IN SHARE ROW EXCLUSIVE MODE');
+          return manager.query<BudgetRow[]>(upsert, params);
+        });
     const row = rows[0];
     if (!row) throw new Error('budget upsert returned no row');
     // A request of this scope may have taken a lease under the old limit while the flush above

@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { formatUsd } from '../../libs/money/src/index.js';
 import { ApiClient, pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
-import { BODY, costHeader, flushBudgets, FRESH, heldRows, ledgerSum, MAX_TOKENS, MODEL, REQUEST, storedBudget, worstCaseNanos } from './budget-support.js';
+import { BODY, costHeader, dataSourceOf, flushBudgets, FRESH, heldRows, ledgerSum, MAX_TOKENS, MODEL, REQUEST, storedBudget, worstCaseNanos } from './budget-support.js';
 
 // Two gateway instances on one PostgreSQL database, like two replicas behind a load balancer:
 // the budget lives in the database, so together they still cannot overspend it.
@@ -94,9 +94,18 @@ describe('budgets across two instances sharing one PostgreSQL', () => {
     expect(lease?.request_id).toBe('budget-lease');
     expect((await first.admin.delete(`/admin/budgets/users/${t.userId}`)).status).toBe(200);
     expect((await first.admin.put(`/admin/budgets/users/${t.userId}`, { limit_usd: 1, period: 'total' })).status).toBe(200);
-    // The second instance's lease still holds money on this user: the new budget counts it.
-    const [held] = await heldRows(first, t.userId);
-    expect((await storedBudget(first, 'user', t.userId, { flush: false })).reserved).toBe(BigInt(held?.user_nanos ?? -1));
+    // The second instance's lease still holds money on this user: the new budget counts it, and
+    // keeps counting exactly what it holds while the second instance's writer shrinks it.
+    for (let i = 0; i < 5; i += 1) {
+      const [both] = await dataSourceOf(first).query<Array<{ reserved: string; held: string }>>(
+        `SELECT b.reserved_nanos::text AS reserved, (SELECT COALESCE(sum(user_nanos), 0) FROM budget_reservations WHERE user_id = $1)::text AS held
+           FROM budgets b WHERE b.scope = 'user' AND b.scope_id = $1`,
+        [t.userId],
+      );
+      expect(both?.held).not.toBe('0');
+      expect(both?.reserved).toBe(both?.held);
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
     // Once it is given back, nothing is left reserved and spent is what the ledger holds.
     await flushBudgets(second);
     const user = await storedBudget(first, 'user', t.userId, { flush: false });
