@@ -683,7 +683,8 @@ describe('a PostgreSQL that stops answering (frozen, not gone)', () => {
   beforeAll(async () => {
     owner = await startTestGateway({ db: 'postgres' });
     proxy = await startTcpProxy(owner.database.url ?? '');
-    gw = await startTestGateway({ db: 'postgres', postgresUrl: proxy.url, stub: owner.stub, env: { DATABASE_REQUEST_TIMEOUT_MS: '300' } });
+    // The longest key cache: the cached key must still be cached when its reservation is tried.
+    gw = await startTestGateway({ db: 'postgres', postgresUrl: proxy.url, stub: owner.stub, env: { DATABASE_REQUEST_TIMEOUT_MS: '300', KEY_CACHE_MS: '2000' } });
   });
   afterAll(async () => {
     proxy?.thaw();
@@ -694,23 +695,23 @@ describe('a PostgreSQL that stops answering (frozen, not gone)', () => {
 
   it('answers 503 within DATABASE_REQUEST_TIMEOUT_MS instead of holding requests, and serves again once it answers', async () => {
     const known = await owner.tenants.create({ userBudgetUsd: 1 });
+    const unknown = await owner.tenants.create({ userBudgetUsd: 1 });
     const viaKnown = new ApiClient(gw.url, known.key);
     // Authenticated (the key is cached for KEY_CACHE_MS), but nothing reserved: the body is refused after the key check.
     expect((await viaKnown.post('/v1/chat/completions', { messages: 'not a list' })).status).toBe(400);
-    const unknown = await owner.tenants.create({ userBudgetUsd: 1 });
     const hits = owner.stub.hits;
 
     proxy.freeze();
     try {
+      // A cached key: its budget reservation waits on the database.
+      const reserve = await viaKnown.post<ErrorBody>('/v1/chat/completions', REQUEST, FRESH);
+      expect(reserve.status).toBe(503);
+      expect(reserve.body.error.message).toMatch(/budget/i);
       // A key not cached yet: its lookup waits on the database.
       const lookup = await new ApiClient(gw.url, unknown.key).post<ErrorBody>('/v1/chat/completions', REQUEST, FRESH);
       expect(lookup.status).toBe(503);
       expect(lookup.body.error).toMatchObject({ code: 'unavailable', type: 'overloaded_error' });
       expect(lookup.body.error.message).toMatch(/API keys/);
-      // A cached key: its budget reservation waits on the database.
-      const reserve = await viaKnown.post<ErrorBody>('/v1/chat/completions', REQUEST, FRESH);
-      expect(reserve.status).toBe(503);
-      expect(reserve.body.error.message).toMatch(/budget/i);
       expect(owner.stub.hits).toBe(hits);
     } finally {
       proxy.thaw();
