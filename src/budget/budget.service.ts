@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { type BeforeApplicationShutdown, Injectable } from '@nestjs/common';
+import { type BeforeApplicationShutdown, Injectable, Optional } from '@nestjs/common';
 import type { Logger } from 'pino';
 import { formatUsd, type Nanos, tokensCost } from '../../libs/money/src/index.js';
 import type { Usage } from '../../libs/openai-contract/src/index.js';
@@ -7,6 +7,7 @@ import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
 import { AppLogger } from '../core/logger.js';
+import { GatewayMetrics } from '../metrics/gateway-metrics.js';
 import { costOf, type CostSource } from '../upstream/pricing/pricing.js';
 import { PricingService } from '../upstream/pricing/pricing.service.js';
 import { BudgetDatabase, type BudgetStatement } from './budget-database.js';
@@ -72,6 +73,7 @@ export class BudgetService implements BeforeApplicationShutdown {
     private readonly clock: Clock,
     config: AppConfig,
     appLogger: AppLogger,
+    @Optional() private readonly metrics?: GatewayMetrics,
   ) {
     this.logger = appLogger.logger.child({ context: 'Budget' });
     this.leases = new BudgetLeases(
@@ -123,7 +125,10 @@ export class BudgetService implements BeforeApplicationShutdown {
     const reservation = { requestId: call.requestId, principal, door: call.door, taskType: route.ruleTaskType, cache, amountNanos, promptTokens };
     if (amountNanos > 0n) {
       const lease = await this.leases.drawOrAsk(userId, departmentId, amountNanos, () => this.askLease(userId, departmentId, amountNanos));
-      if (lease) return { ...reservation, id: randomUUID(), held: false, lease };
+      if (lease) {
+        this.metrics?.budgetHold('lease', 'granted');
+        return { ...reservation, id: randomUUID(), held: false, lease };
+      }
     }
     const id = randomUUID();
     let rows = await this.tryReserve(userId, departmentId, call.requestId, amountNanos, id);
@@ -136,6 +141,7 @@ export class BudgetService implements BeforeApplicationShutdown {
     }
     const first = rows[0];
     if (!first) throw new GatewayError('unavailable', 'Budgets cannot be checked right now.');
+    this.metrics?.budgetHold('exact', first.ok ? 'granted' : 'refused');
     if (!first.ok) throw refusal(rows, amountNanos);
     const held = Number(first.recorded) > 0;
     return { ...reservation, id, held };
@@ -158,6 +164,7 @@ export class BudgetService implements BeforeApplicationShutdown {
       throw error;
     }
     const first = rows[0];
+    this.metrics?.budgetHold('lease_request', first?.ok ? 'granted' : 'refused');
     if (!first?.ok) {
       this.leases.refused(userId, departmentId);
       return undefined;

@@ -21,6 +21,7 @@ interface Instruments {
   readonly rejected: CounterCells;
   readonly tokens: CounterCells;
   readonly costNanos: CounterCells;
+  readonly budgetHolds: CounterCells;
   readonly streams: { open: number };
   readonly upstreamDuration: Histogram;
   readonly httpDuration: Histogram;
@@ -80,6 +81,15 @@ export class GatewayMetrics {
 
   streamOpened(): void {
     this.i.streams.open += 1;
+  }
+
+  /**
+   * One budget hold: `lease` (a request served from this instance's lease, no statement),
+   * `exact` (a request's own reservation statement) or `lease_request` (a lease asked for), each
+   * `granted` or `refused`. The share of `exact` says how often requests still pay the round trip.
+   */
+  budgetHold(path: 'lease' | 'exact' | 'lease_request', outcome: 'granted' | 'refused'): void {
+    this.i.budgetHolds.add([path, outcome], 1);
   }
 
   streamClosed(): void {
@@ -162,6 +172,7 @@ function instruments(metricService: MetricService): Instruments {
     rejected: new CounterCells(['reason']),
     tokens: new CounterCells(['model', 'type']),
     costNanos: new CounterCells(['model']),
+    budgetHolds: new CounterCells(['path', 'outcome']),
     streams: { open: 0 },
     upstreamDuration: metricService.getHistogram('gatehouse_upstream_attempt_duration_seconds', {
       description: 'Upstream attempts by model and outcome (ok, timeout, connection, http_<status>, …); a stream attempt lasts until the stream ends',
@@ -188,6 +199,11 @@ function instruments(metricService: MetricService): Instruments {
   metricService
     .getObservableCounter('gatehouse_cost_usd_total', { description: 'Cost charged, in USD (summed exactly in integer nano-dollars, exported as a double)' })
     .addCallback((result) => created.costNanos.observe(result, 1e9));
+  metricService
+    .getObservableCounter('gatehouse_budget_holds_total', {
+      description: 'Budget holds by path (lease: served from a lease, no statement; exact: one statement; lease_request: a lease asked for) and outcome',
+    })
+    .addCallback((result) => created.budgetHolds.observe(result));
   metricService
     .getObservableUpDownCounter('gatehouse_streams_in_flight', { description: 'SSE streams open to clients right now' })
     .addCallback((result) => result.observe(created.streams.open));

@@ -28,6 +28,16 @@ import {
 const LEASE_MS = 2000;
 const LEASE_REQUESTS = 32n;
 
+/** gatehouse_budget_holds_total{outcome="granted"} by path, from /metrics (counters are per process: compare before and after). */
+async function holdsMetric(gw: TestGateway): Promise<{ lease: number; exact: number; leaseRequest: number }> {
+  const text = await (await fetch(`${gw.url}/metrics`)).text();
+  const value = (path: string): number => {
+    const line = text.split('\n').find((l) => l.startsWith('gatehouse_budget_holds_total{') && l.includes(`path="${path}"`) && l.includes('outcome="granted"'));
+    return line === undefined ? 0 : Number(line.slice(line.lastIndexOf(' ') + 1));
+  };
+  return { lease: value('lease'), exact: value('exact'), leaseRequest: value('lease_request') };
+}
+
 describe.each(DB_KINDS)('budget leases on %s', (db) => {
   let gw: TestGateway;
   const clock = new ManualClock(Date.parse(WEDNESDAY_NOON));
@@ -49,6 +59,7 @@ describe.each(DB_KINDS)('budget leases on %s', (db) => {
 
   it('serves a pair from one lease: one reservation statement for many requests, exact books once it is given back', async () => {
     const t = await gw.tenants.create({ userBudgetUsd: 1, departmentBudgetUsd: 1, period: 'daily' });
+    const before = await holdsMetric(gw);
     const hold = vi.spyOn(gw.gateway.app.get(BudgetDatabase), 'hold');
     const results = [];
     try {
@@ -58,6 +69,11 @@ describe.each(DB_KINDS)('budget leases on %s', (db) => {
     } finally {
       hold.mockRestore();
     }
+    // Operators see it in /metrics: 20 holds served from the lease, one lease asked for, no exact statement.
+    const after = await holdsMetric(gw);
+    expect(after.lease - before.lease).toBe(20);
+    expect(after.leaseRequest - before.leaseRequest).toBe(1);
+    expect(after.exact - before.exact).toBe(0);
     // While it lives the lease is one reservation row. What the finished draws cost moves from
     // it to `spent` as the writer stores them (its own timer here): never counted twice.
     const charged = results.reduce((sum, r) => sum + costHeader(r), 0n);
