@@ -1,5 +1,6 @@
 import type { Logger } from 'pino';
 import type { ReadinessReport } from '../health/readiness.js';
+import { LogThrottle } from './log-throttle.js';
 
 export interface BatchWriterOptions<T> {
   /**
@@ -30,7 +31,6 @@ export interface BatchWriterOptions<T> {
 const SHUTDOWN_ATTEMPTS = 3;
 const SHUTDOWN_ROUNDS = 200;
 const SHUTDOWN_MAX_WAIT_MS = 1000;
-const LOUD_LOG_INTERVAL_MS = 10_000;
 
 /**
  * The machinery behind a writer that keeps rows off the request path: an in-memory buffer
@@ -47,7 +47,7 @@ export class BatchWriter<T> {
   private failureCount = 0;
   private nextAttemptAt = 0;
   private error: string | undefined;
-  private readonly lastLoudLogAt = new Map<string, number>();
+  private readonly loudLogs = new LogThrottle();
   /** Items ever added, and ever done with: a flush waits for a count. */
   private added = 0;
   private done = 0;
@@ -146,10 +146,7 @@ export class BatchWriter<T> {
 
   /** Loud but bounded: one line per kind per interval, not one per request. */
   loud(kind: string, log: () => void): void {
-    const now = Date.now();
-    if (now - (this.lastLoudLogAt.get(kind) ?? 0) < LOUD_LOG_INTERVAL_MS) return;
-    this.lastLoudLogAt.set(kind, now);
-    log();
+    if (this.loudLogs.admit(kind) !== undefined) log();
   }
 
   private tick(): void {

@@ -2,7 +2,8 @@ import { Writable } from 'node:stream';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { describe, expect, it } from 'vitest';
 import { GatewayError } from './errors.js';
-import { ErrorLogThrottle, sendError } from './http-errors.js';
+import { sendError } from './http-errors.js';
+import { LogThrottle } from './log-throttle.js';
 import { createLogger } from './logger.js';
 
 function capture() {
@@ -36,7 +37,7 @@ describe('sendError logging', () => {
   it('logs a dependency outage once per interval with a count, not once per request; every request still gets its answer', () => {
     const { logger, lines } = capture();
     let now = 0;
-    const throttle = new ErrorLogThrottle(() => now);
+    const throttle = new LogThrottle(10_000, () => now);
     const { reply, sent } = fakeReply();
     const down = () => new GatewayError('unavailable', 'Budgets cannot be checked right now.', { cause: new Error('connect ECONNREFUSED') });
     for (let i = 0; i < 1000; i++) sendError(reply, request, down(), logger, throttle);
@@ -52,7 +53,7 @@ describe('sendError logging', () => {
 
   it('logs every internal error in full, with its stack', () => {
     const { logger, lines } = capture();
-    const throttle = new ErrorLogThrottle(() => 0);
+    const throttle = new LogThrottle(10_000, () => 0);
     const { reply } = fakeReply();
     for (let i = 0; i < 3; i++) sendError(reply, request, new Error('bug'), logger, throttle);
     expect(lines).toHaveLength(3);

@@ -2,6 +2,7 @@ import { type ArgumentsHost, Catch, type ExceptionFilter, HttpException } from '
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import { GatewayError, isGatewayError } from './errors.js';
+import { LogThrottle } from './log-throttle.js';
 
 /**
  * Maps anything thrown anywhere (our GatewayError, Nest's HttpExceptions such as the route 404,
@@ -61,38 +62,16 @@ function fromStatus(status: number, message: string, cause: unknown): GatewayErr
   }
 }
 
-/** One line per error code per this interval for the expected 5xx (a dependency is down or failing). */
-const DEPENDENCY_LOG_INTERVAL_MS = 10_000;
-
 /**
  * The 5xx that say a dependency is down or failing (503 unavailable, 502/504 from the upstream)
  * come by the thousand per second during an outage, one per request, all alike: logged once per
- * code per interval, with how many more there were. Every request still has its audit row and
- * its metrics; the components that fail log their own transitions. A 500 is a bug: always logged
- * in full.
+ * code per 10 s, with how many more there were. Every request still has its audit row and its
+ * metrics; the components that fail log their own transitions. A 500 is a bug: always logged in
+ * full.
  */
-export class ErrorLogThrottle {
-  private readonly seen = new Map<string, { loggedAt: number; more: number }>();
+const dependencyErrors = new LogThrottle();
 
-  constructor(private readonly now: () => number = Date.now) {}
-
-  /** How many like it went unlogged since the last line, or undefined to skip this one. */
-  admit(code: string): number | undefined {
-    const now = this.now();
-    const entry = this.seen.get(code);
-    if (entry && now - entry.loggedAt < DEPENDENCY_LOG_INTERVAL_MS) {
-      entry.more += 1;
-      return undefined;
-    }
-    const more = entry?.more ?? 0;
-    this.seen.set(code, { loggedAt: now, more: 0 });
-    return more;
-  }
-}
-
-const dependencyErrors = new ErrorLogThrottle();
-
-export function sendError(reply: FastifyReply, request: FastifyRequest, error: unknown, logger: Logger, throttle: ErrorLogThrottle = dependencyErrors): void {
+export function sendError(reply: FastifyReply, request: FastifyRequest, error: unknown, logger: Logger, throttle: LogThrottle = dependencyErrors): void {
   const gatewayError = toGatewayError(error);
   if (gatewayError.status >= 500) {
     // Log the cause's message (and for a bug its stack), never request headers or bodies (they hold keys and prompts).

@@ -3,6 +3,7 @@ import { Inject, Injectable } from '@nestjs/common';
 import type { Job, Queue } from 'bullmq';
 import { Redis } from 'ioredis';
 import type { Logger } from 'pino';
+import { LogThrottle } from '../core/log-throttle.js';
 import { AppLogger } from '../core/logger.js';
 import type { ReadinessReport } from '../health/readiness.js';
 import { settlesWithin, type JobHandler, JobQueue, type JobQueueOptions, type QueueCounts, queueFull, queueUnavailable } from './job-queue.js';
@@ -34,7 +35,8 @@ const BACKLOG_STATES = ['wait', 'prioritized', 'waiting-children', 'active', 'de
 @Injectable()
 export class JobsRedisLog {
   readonly logger: Logger;
-  private lastErrorLog = 0;
+  // ioredis reports every failed reconnect; one line per 10 s says the same without a flood.
+  private readonly problems = new LogThrottle();
   /** A problem was logged and the producer connection has not been ready since. */
   private troubled = false;
 
@@ -43,11 +45,8 @@ export class JobsRedisLog {
   }
 
   problem(connection: string, error: Error): void {
-    // ioredis reports every failed reconnect; one line per 10 s says the same without a flood.
-    const now = Date.now();
     this.troubled = true;
-    if (now - this.lastErrorLog < 10_000) return;
-    this.lastErrorLog = now;
+    if (this.problems.admit('problem') === undefined) return;
     this.logger.warn({ connection, err: error.message }, 'job queue Redis connection problem');
   }
 
@@ -55,7 +54,7 @@ export class JobsRedisLog {
   ready(connection: string): void {
     if (!this.troubled) return;
     this.troubled = false;
-    this.lastErrorLog = 0;
+    this.problems.reset('problem');
     this.logger.info({ connection }, 'job queue Redis connection back');
   }
 }
