@@ -1,9 +1,9 @@
 import { randomUUID } from 'node:crypto';
-import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import type { StoreDriver } from '../config/config.js';
 import { FallbackState } from '../redis/fallback-state.js';
 import { LuaScript } from '../redis/lua-script.js';
+import type { RedisCommands } from '../redis/resp-client.js';
 import { type CacheFilter, type CacheLookup, type CachePeek, ResponseCache, type CacheTags } from './response-cache.js';
 
 // Entry or lock in one round trip. Returns {1, body} hit, {0} miss, {2} lead, {3} wait.
@@ -60,7 +60,7 @@ export class RedisResponseCache extends ResponseCache {
   private readonly ns: string;
 
   constructor(
-    private readonly client: Redis,
+    private readonly client: RedisCommands,
     keyPrefix: string,
     logger: Logger,
   ) {
@@ -110,12 +110,12 @@ export class RedisResponseCache extends ResponseCache {
     if (filter.departmentId !== undefined) sets.push(this.tagKey('d', filter.departmentId));
     if (filter.model !== undefined) sets.push(this.tagKey('m', filter.model));
     if (sets.length === 0) return this.guard(this.deleteAll());
-    const members = await this.guard(sets.length === 1 ? this.client.smembers(sets[0]) : this.client.sinter(...sets));
+    const members = (await this.guard(this.client.call(sets.length === 1 ? 'SMEMBERS' : 'SINTER', ...sets))) as string[];
     let deleted = 0;
     for (let i = 0; i < members.length; i += DELETE_BATCH) {
       const batch = members.slice(i, i + DELETE_BATCH);
-      deleted += await this.guard(this.client.unlink(...batch));
-      for (const set of sets) await this.guard(this.client.srem(set, ...batch));
+      deleted += (await this.guard(this.client.call('UNLINK', ...batch))) as number;
+      for (const set of sets) await this.guard(this.client.call('SREM', set, ...batch));
     }
     return deleted;
   }
@@ -138,10 +138,10 @@ export class RedisResponseCache extends ResponseCache {
     let deleted = 0;
     const entryPrefix = `${this.ns}e:`;
     do {
-      const [next, keys] = await this.client.scan(cursor, 'MATCH', `${this.ns}*`, 'COUNT', 1000);
+      const [next, keys] = (await this.client.call('SCAN', cursor, 'MATCH', `${this.ns}*`, 'COUNT', 1000)) as [string, string[]];
       cursor = next;
       if (keys.length > 0) {
-        await this.client.unlink(...keys);
+        await this.client.call('UNLINK', ...keys);
         deleted += keys.filter((k) => k.startsWith(entryPrefix)).length;
       }
     } while (cursor !== '0');

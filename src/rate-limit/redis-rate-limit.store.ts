@@ -1,8 +1,8 @@
-import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import type { StoreDriver } from '../config/config.js';
 import { FallbackState } from '../redis/fallback-state.js';
 import { LuaScript } from '../redis/lua-script.js';
+import type { RedisCommands } from '../redis/resp-client.js';
 import type { MemoryRateLimitStore } from './memory-rate-limit.store.js';
 import { type Bucket, type HitResult, RateLimitStore } from './rate-limit.store.js';
 
@@ -69,7 +69,7 @@ export class RedisRateLimitStore extends RateLimitStore {
   private readonly ns: string;
 
   constructor(
-    private readonly client: Redis,
+    private readonly client: RedisCommands,
     keyPrefix: string,
     private readonly fallback: MemoryRateLimitStore,
     logger: Logger,

@@ -1,5 +1,5 @@
 import { hash } from 'node:crypto';
-import type { Redis } from 'ioredis';
+import type { RedisCommands } from './resp-client.js';
 
 /**
  * A Lua script run by EVALSHA, falling back to EVAL once when the server does not know it yet
@@ -16,12 +16,12 @@ export class LuaScript {
     this.sha = hash('sha1', source, 'hex');
   }
 
-  async run(client: Redis, keys: readonly string[], args: ReadonlyArray<string | number>): Promise<unknown> {
+  async run(client: RedisCommands, keys: readonly string[], args: ReadonlyArray<string | number>): Promise<unknown> {
     try {
-      return await client.evalsha(this.sha, keys.length, ...keys, ...args);
+      return await client.call('EVALSHA', this.sha, keys.length, ...keys, ...args);
     } catch (error) {
       if (!(error instanceof Error) || !error.message.startsWith('NOSCRIPT')) throw error;
-      return client.eval(this.source, keys.length, ...keys, ...args);
+      return client.call('EVAL', this.source, keys.length, ...keys, ...args);
     }
   }
 }

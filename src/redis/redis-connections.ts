@@ -1,10 +1,10 @@
 import { Injectable, type OnApplicationShutdown, type OnModuleInit } from '@nestjs/common';
-import { Redis, type RedisOptions } from 'ioredis';
 import type { Logger } from 'pino';
 import { AppConfig } from '../config/config.js';
 import { withTimeout } from '../core/deadline.js';
 import { AppLogger } from '../core/logger.js';
 import { ReadinessRegistry } from '../health/readiness.js';
+import { RespClient, type RespClientOptions } from './resp-client.js';
 
 const PING_TIMEOUT_MS = 500;
 const STARTUP_WAIT_MS = 2000;
@@ -12,31 +12,26 @@ const STARTUP_WAIT_MS = 2000;
 /**
  * Options that keep a dead or slow Redis from stalling requests: nothing is queued while
  * disconnected (a command fails at once and the caller falls back), connecting gives up quickly,
- * a command is tried once more at most, and a hung server times a command out.
+ * and a server that stops answering for a second is dropped and reconnected.
  */
-export const FAIL_FAST_OPTIONS: RedisOptions = {
-  enableOfflineQueue: false,
-  connectTimeout: 1000,
-  maxRetriesPerRequest: 1,
-  commandTimeout: 1000,
-  // Commands issued in the same tick go out in one write: fewer syscalls under load.
-  enableAutoPipelining: true,
-  retryStrategy: (times: number) => Math.min(50 * 2 ** Math.min(times, 6), 2000),
+export const FAIL_FAST_OPTIONS: Omit<RespClientOptions, 'name'> = {
+  connectTimeoutMs: 1000,
+  commandTimeoutMs: 1000,
+  retryDelayMs: (times: number) => Math.min(50 * 2 ** Math.min(times, 6), 2000),
 };
 
 /**
- * The one place that opens Redis connections (REDIS_URL), for the Redis drivers only: in memory
- * mode this class is never constructed, so no connection exists. One shared command connection
- * serves every driver; dedicated ones (subscribers, BullMQ) come from `create()`. All are closed
- * on shutdown.
+ * The Redis command connection of the cache and rate-limit drivers (REDIS_URL): in memory mode
+ * this class is never constructed, so no connection exists. One shared connection serves both
+ * drivers; it is the gateway's own lean client (resp-client.ts), not ioredis, because it carries
+ * commands on every request's path. BullMQ opens its own ioredis connections (jobs module).
  */
 @Injectable()
 export class RedisConnections implements OnModuleInit, OnApplicationShutdown {
   readonly keyPrefix: string;
   private readonly url: string;
   private readonly logger: Logger;
-  private readonly opened = new Set<Redis>();
-  private sharedClient: Redis | undefined;
+  private sharedClient: RespClient | undefined;
   /** Set when shutdown closes the connections: their 'close' is then not an outage. */
   private closing = false;
 
@@ -50,7 +45,7 @@ export class RedisConnections implements OnModuleInit, OnApplicationShutdown {
       if (client.status !== 'ready')
         return { state: 'degraded', details: { connection: client.status, message: 'Redis unreachable; features run on their fallbacks' } };
       try {
-        await withTimeout(client.ping(), PING_TIMEOUT_MS, () => new Error(`Redis did not answer within ${PING_TIMEOUT_MS} ms`));
+        await withTimeout(client.call('PING'), PING_TIMEOUT_MS, () => new Error(`Redis did not answer within ${PING_TIMEOUT_MS} ms`));
         return { state: 'up', details: {} };
       } catch (error) {
         return { state: 'degraded', details: { message: (error as Error).message } };
@@ -73,14 +68,13 @@ export class RedisConnections implements OnModuleInit, OnApplicationShutdown {
   }
 
   /** The shared command connection (opened on first use). */
-  shared(): Redis {
-    this.sharedClient ??= this.create('shared');
+  shared(): RespClient {
+    this.sharedClient ??= this.open('shared');
     return this.sharedClient;
   }
 
-  /** A dedicated connection with the fail-fast defaults, overridable (BullMQ needs its own). */
-  create(name: string, overrides: RedisOptions = {}): Redis {
-    const client = new Redis(this.url, { ...FAIL_FAST_OPTIONS, connectionName: `gatehouse-${name}`, ...overrides });
+  private open(name: string): RespClient {
+    const client = new RespClient(this.url, { ...FAIL_FAST_OPTIONS, name: `gatehouse-${name}` });
     let connected = false;
     let errorLogged = false;
     client.on('ready', () => {
@@ -92,35 +86,25 @@ export class RedisConnections implements OnModuleInit, OnApplicationShutdown {
       if (connected && !this.closing) this.logger.warn({ connection: name }, 'Redis connection lost; reconnecting');
       connected = false;
     });
-    // Without an 'error' listener ioredis would crash the process; one line per outage is enough.
+    // One line per outage is enough.
     client.on('error', (error: Error) => {
       if (errorLogged) return;
       errorLogged = true;
       this.logger.warn({ connection: name, err: error.message }, 'Redis error');
     });
-    this.opened.add(client);
     return client;
   }
 
   async onApplicationShutdown(): Promise<void> {
     this.closing = true;
-    await Promise.all(
-      [...this.opened].map(async (client) => {
-        if (client.status === 'ready') {
-          // quit() waits for replies already pending; never let a hung server hold shutdown.
-          await withTimeout(client.quit(), 1000).catch(() => client.disconnect());
-        } else {
-          client.disconnect();
-        }
-      }),
-    );
-    this.opened.clear();
+    // quit() waits for replies already pending, at most a second: a hung server never holds shutdown.
+    await this.sharedClient?.quit(1000);
     this.sharedClient = undefined;
   }
 }
 
 /** Resolves once the client is ready (commands fail until then: there is no offline queue). */
-export function whenReady(client: Redis, timeoutMs: number): Promise<void> {
+export function whenReady(client: RespClient, timeoutMs: number): Promise<void> {
   if (client.status === 'ready') return Promise.resolve();
   return withTimeout(
     new Promise<void>((resolve) => {

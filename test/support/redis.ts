@@ -24,9 +24,9 @@ export async function dropRedisPrefix(connections: RedisConnections): Promise<vo
   const client = connections.shared();
   let cursor = '0';
   do {
-    const [next, keys] = await client.scan(cursor, 'MATCH', `${connections.keyPrefix}*`, 'COUNT', 1000);
+    const [next, keys] = (await client.call('SCAN', cursor, 'MATCH', `${connections.keyPrefix}*`, 'COUNT', 1000)) as [string, string[]];
     cursor = next;
-    if (keys.length > 0) await client.unlink(...keys);
+    if (keys.length > 0) await client.call('UNLINK', ...keys);
   } while (cursor !== '0');
 }
 

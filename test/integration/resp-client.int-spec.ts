@@ -1,0 +1,120 @@
+import { randomBytes } from 'node:crypto';
+import { afterEach, describe, expect, it } from 'vitest';
+import { FAIL_FAST_OPTIONS, whenReady } from '../../src/redis/redis-connections.js';
+import { RespClient } from '../../src/redis/resp-client.js';
+import { RedisReplyError } from '../../src/redis/resp-parser.js';
+import { REDIS_URL } from '../support/databases.js';
+import { startRedisProxy, type TcpProxy } from '../support/redis.js';
+
+// The gateway's own Redis client against the real Redis on this machine (and a TCP relay in front
+// of it to take the server away, or make it hang).
+
+const open: RespClient[] = [];
+const proxies: TcpProxy[] = [];
+afterEach(async () => {
+  for (const client of open.splice(0)) client.disconnect();
+  for (const proxy of proxies.splice(0)) await proxy.stop();
+});
+
+function client(url = REDIS_URL, overrides: Partial<typeof FAIL_FAST_OPTIONS> = {}): RespClient {
+  const c = new RespClient(url, { ...FAIL_FAST_OPTIONS, name: 'gatehouse-test', ...overrides });
+  c.on('error', () => undefined);
+  open.push(c);
+  return c;
+}
+
+const key = () => `gh-test:resp:${process.pid}:${randomBytes(4).toString('hex')}`;
+
+describe('RespClient (real Redis)', () => {
+  it('runs commands and scripts and returns what Redis answered, in order, however many are in flight', async () => {
+    const c = client();
+    await whenReady(c, 5000);
+    const k = key();
+    expect(await c.call('SET', k, 'naïve ✓', 'PX', 60_000)).toBe('OK');
+    expect(await c.call('GET', k)).toBe('naïve ✓');
+    expect(await c.call('GET', `${k}:absent`)).toBeNull();
+    expect(await c.call('EVAL', "return {1, redis.call('GET', KEYS[1]), 7}", 1, k)).toEqual([1, 'naïve ✓', 7]);
+    // 2,000 commands issued in one turn: every reply reaches its own caller.
+    const replies = await Promise.all(Array.from({ length: 2000 }, (_, i) => c.call('INCRBY', `${k}:n`, i === 0 ? 1 : 0).then(() => c.call('ECHO', `r${i}`))));
+    expect(replies).toEqual(Array.from({ length: 2000 }, (_, i) => `r${i}`));
+    await c.call('DEL', k, `${k}:n`);
+  });
+
+  it('carries a large value both ways intact', async () => {
+    const c = client();
+    await whenReady(c, 5000);
+    const k = key();
+    const value = `${'ü'.repeat(400_000)}end`;
+    await c.call('SET', k, value, 'PX', 60_000);
+    expect(await c.call('GET', k)).toBe(value);
+    await c.call('DEL', k);
+  });
+
+  it('fails only the command Redis refused; the next ones on the connection still work', async () => {
+    const c = client();
+    await whenReady(c, 5000);
+    const refused = c.call('EVALSHA', 'f'.repeat(40), 0);
+    const next = c.call('ECHO', 'still here');
+    await expect(refused).rejects.toBeInstanceOf(RedisReplyError);
+    await expect(refused).rejects.toThrow(/^NOSCRIPT/);
+    expect(await next).toBe('still here');
+  });
+
+  it('selects the database named in the URL and names its connection', async () => {
+    const url = new URL(REDIS_URL);
+    url.pathname = '/7';
+    const in7 = client(url.toString());
+    const in0 = client();
+    await Promise.all([whenReady(in7, 5000), whenReady(in0, 5000)]);
+    const k = key();
+    await in7.call('SET', k, 'seven', 'PX', 60_000);
+    expect(await in0.call('GET', k)).toBeNull();
+    expect(await in7.call('GET', k)).toBe('seven');
+    expect(await in7.call('CLIENT', 'GETNAME')).toBe('gatehouse-test');
+    await in7.call('DEL', k);
+  });
+
+  it('refuses commands at once while the server is away, and reconnects by itself when it is back', async () => {
+    const proxy = await startRedisProxy(REDIS_URL);
+    proxies.push(proxy);
+    const c = client(proxy.url, { retryDelayMs: () => 50 });
+    const events: string[] = [];
+    c.on('ready', () => events.push('ready')).on('close', () => events.push('close'));
+    await whenReady(c, 5000);
+    const inFlight = c.call('BLPOP', key(), 5);
+    await proxy.stop();
+    await expect(inFlight).rejects.toThrow(/closed/);
+    const started = performance.now();
+    await expect(c.call('PING')).rejects.toThrow(/Redis connection is (reconnecting|connecting)/);
+    expect(performance.now() - started).toBeLessThan(100);
+    await proxy.start();
+    await whenReady(c, 5000);
+    expect(await c.call('PING')).toBe('PONG');
+    expect(events).toEqual(['ready', 'close', 'ready']);
+  });
+
+  it('gives up on a server that stops answering: pending commands fail, and it is used again once it answers', async () => {
+    const proxy = await startRedisProxy(REDIS_URL);
+    proxies.push(proxy);
+    const c = client(proxy.url, { commandTimeoutMs: 300, connectTimeoutMs: 300, retryDelayMs: () => 50 });
+    await whenReady(c, 5000);
+    proxy.freeze();
+    const hung = c.call('PING');
+    await expect(hung).rejects.toThrow(/did not answer within 300 ms/);
+    // While it still hangs, reconnecting cannot finish the handshake: commands are refused at once.
+    await expect(c.call('PING')).rejects.toThrow(/Redis connection is/);
+    proxy.thaw();
+    await whenReady(c, 5000);
+    expect(await c.call('PING')).toBe('PONG');
+  });
+
+  it('quit waits for the answers already on their way, then stays closed', async () => {
+    const c = client();
+    await whenReady(c, 5000);
+    const pending = c.call('ECHO', 'before quit');
+    await c.quit();
+    expect(await pending).toBe('before quit');
+    expect(c.status).toBe('end');
+    await expect(c.call('PING')).rejects.toThrow(/Redis connection is end/);
+  });
+});
