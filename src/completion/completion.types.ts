@@ -15,6 +15,11 @@ export interface CompletionCall {
   door: Door;
   /** Aborted when the client goes away. */
   signal: AbortSignal;
+  /**
+   * Aborts `signal` from outside, as the client leaving would: the shutdown drain's deadline
+   * ends streams with it. Set by doors that own the signal's controller.
+   */
+  abort?: (reason: unknown) => void;
   cacheControl: { read: boolean; write: boolean; ttlSeconds: number | undefined };
   /**
    * The door's rate-limit verdict when it is still in flight (HTTP doors defer it, see

@@ -42,6 +42,8 @@ export class ShutdownService implements OnModuleInit, BeforeApplicationShutdown 
   /** Epoch ms of SIGTERM (or app.close()). */
   private drainStartedAt: number | undefined;
   private readonly deadline = new AbortController();
+  /** Streams the deadline ends (drainable, not drained yet). */
+  private readonly streams = new Set<CompletionCall>();
   private onIdle: (() => void) | undefined;
   private readonly release = (): void => {
     this.inFlight -= 1;
@@ -85,11 +87,25 @@ export class ShutdownService implements OnModuleInit, BeforeApplicationShutdown 
   }
 
   /**
-   * Makes a stream's call also end when the drain deadline passes. The call itself, not a copy:
-   * what the pipeline notes on it (`audited`) must reach the HTTP door's hooks, which hold it.
+   * Makes a stream's call also end when the drain deadline passes; `drained(call)` when it is
+   * over. The call is kept in a set and aborted through its door's own controller: a composite
+   * `AbortSignal.any` per stream cost ~13 µs of CPU (weak references the GC must sweep), ~3% of
+   * a streamed miss. A call without `abort` (none streams today) gets the composite signal.
+   * The call itself is changed, never a copy: what the pipeline notes on it (`audited`) must
+   * reach the HTTP door's hooks, which hold it.
    */
   drainable(call: CompletionCall): void {
-    call.signal = AbortSignal.any([call.signal, this.deadline.signal]);
+    if (!call.abort) {
+      call.signal = AbortSignal.any([call.signal, this.deadline.signal]);
+    } else if (this.deadline.signal.aborted) {
+      call.abort(this.deadline.signal.reason);
+    } else {
+      this.streams.add(call);
+    }
+  }
+
+  drained(call: CompletionCall): void {
+    this.streams.delete(call);
   }
 
   /** The in-band error for a stream the drain deadline ended; undefined when something else ended it. */
@@ -109,6 +125,7 @@ export class ShutdownService implements OnModuleInit, BeforeApplicationShutdown 
     if (!(await this.idleWithin(drainMs))) {
       this.logger.warn({ inFlight: this.inFlight, drainMs }, 'drain deadline passed: ending the streams still open');
       this.deadline.abort(new ShuttingDown());
+      for (const call of this.streams) call.abort?.(this.deadline.signal.reason);
       if (!(await this.idleWithin(END_GRACE_MS))) {
         this.logger.warn({ inFlight: this.inFlight }, 'closing the connections of requests still running');
         const server = this.adapterHost.httpAdapter?.getHttpServer() as Server | undefined;

@@ -37,6 +37,7 @@ export function callFromRequest(request: FastifyRequest, reply: FastifyReply, bo
     taskType,
     door,
     signal: controller.signal,
+    abort: (reason) => controller.abort(reason),
     cacheControl: { read: !cacheControl.includes('no-cache'), write: !cacheControl.includes('no-store'), ttlSeconds },
     admission: request.admission,
   };
