@@ -1,6 +1,6 @@
 import { EventEmitter } from 'node:events';
-import { connect as netConnect, type Socket } from 'node:net';
-import { connect as tlsConnect } from 'node:tls';
+import { isIP, connect as netConnect, type Socket } from 'node:net';
+import { type ConnectionOptions, connect as tlsConnect } from 'node:tls';
 import { encodeCommand, RedisReplyError, type RespReply, RespReader } from './resp-parser.js';
 
 /**
@@ -23,6 +23,11 @@ export interface RespClientOptions {
   commandTimeoutMs: number;
   /** Wait before reconnect attempt `times` (1, 2, …). */
   retryDelayMs(times: number): number;
+  /**
+   * Extra TLS options for `rediss://`. The gateway passes none: the server's certificate is checked
+   * against the system's CAs and `NODE_EXTRA_CA_CERTS`, as ioredis did. Tests pass their own CA.
+   */
+  tls?: ConnectionOptions;
 }
 
 export type RespStatus = 'connecting' | 'ready' | 'reconnecting' | 'end';
@@ -142,7 +147,9 @@ export class RespClient extends EventEmitter implements RedisCommands {
   };
 
   private open(): void {
-    const socket = this.tls ? tlsConnect({ host: this.host, port: this.port, servername: this.host }) : netConnect({ host: this.host, port: this.port });
+    const socket = this.tls
+      ? tlsConnect({ host: this.host, port: this.port, servername: isIP(this.host) ? undefined : this.host, ...this.options.tls })
+      : netConnect({ host: this.host, port: this.port });
     this.socket = socket;
     socket.setNoDelay(true);
     socket.setKeepAlive(true, 30_000);

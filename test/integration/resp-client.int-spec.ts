@@ -1,5 +1,9 @@
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { type AddressInfo, connect } from 'node:net';
+import { createServer, type Server } from 'node:tls';
 import { afterEach, describe, expect, it } from 'vitest';
+import { pollUntil } from '../../src/core/testing/poll-until.js';
 import { FAIL_FAST_OPTIONS, whenReady } from '../../src/redis/redis-connections.js';
 import { RespClient } from '../../src/redis/resp-client.js';
 import { RedisReplyError } from '../../src/redis/resp-parser.js';
@@ -11,10 +15,30 @@ import { startRedisProxy, type TcpProxy } from '../support/redis.js';
 
 const open: RespClient[] = [];
 const proxies: TcpProxy[] = [];
+const servers: Server[] = [];
 afterEach(async () => {
   for (const client of open.splice(0)) client.disconnect();
   for (const proxy of proxies.splice(0)) await proxy.stop();
+  for (const server of servers.splice(0)) await new Promise((resolve) => server.close(resolve));
 });
+
+// A certificate for 127.0.0.1 made for these tests only (valid until 2126).
+const TLS_CERT = readFileSync(new URL('../fixtures/tls/test-only-cert.pem', import.meta.url));
+const TLS_KEY = readFileSync(new URL('../fixtures/tls/test-only-key.pem', import.meta.url));
+
+/** A TLS front for the test Redis, as a managed Redis with `rediss://` would be. */
+async function startTlsRedis(): Promise<string> {
+  const redis = new URL(REDIS_URL);
+  const server = createServer({ cert: TLS_CERT, key: TLS_KEY }, (socket) => {
+    const upstream = connect(Number(redis.port || 6379), redis.hostname);
+    socket.pipe(upstream).pipe(socket);
+    socket.on('error', () => upstream.destroy());
+    upstream.on('error', () => socket.destroy());
+  });
+  servers.push(server);
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return `rediss://127.0.0.1:${(server.address() as AddressInfo).port}`;
+}
 
 function client(url = REDIS_URL, overrides: Partial<typeof FAIL_FAST_OPTIONS> = {}): RespClient {
   const c = new RespClient(url, { ...FAIL_FAST_OPTIONS, name: 'gatehouse-test', ...overrides });
@@ -106,6 +130,47 @@ describe('RespClient (real Redis)', () => {
     proxy.thaw();
     await whenReady(c, 5000);
     expect(await c.call('PING')).toBe('PONG');
+  });
+
+  it('speaks TLS for rediss:// and checks the server certificate', async () => {
+    const url = await startTlsRedis();
+    const trusted = client(url, { tls: { ca: TLS_CERT } });
+    await whenReady(trusted, 5000);
+    expect(await trusted.call('PING')).toBe('PONG');
+
+    const errors: string[] = [];
+    const untrusted = new RespClient(url, { ...FAIL_FAST_OPTIONS, name: 'gatehouse-test', retryDelayMs: () => 50 });
+    untrusted.on('error', (error: Error) => errors.push(error.message));
+    open.push(untrusted);
+    await pollUntil(() => expect(errors.join()).toMatch(/self-signed certificate/));
+    expect(untrusted.status).not.toBe('ready');
+  });
+
+  it('authenticates with the user and password of the URL, and never gets ready with a wrong one', async () => {
+    const admin = client();
+    await whenReady(admin, 5000);
+    const user = `gh-test-${randomBytes(4).toString('hex')}`;
+    const password = randomBytes(12).toString('hex');
+    await admin.call('ACL', 'SETUSER', user, 'on', `>${password}`, '~*', '&*', '+@all');
+    try {
+      const url = new URL(REDIS_URL);
+      url.username = user;
+      url.password = password;
+      const authed = client(url.toString());
+      await whenReady(authed, 5000);
+      expect(await authed.call('ACL', 'WHOAMI')).toBe(user);
+
+      url.password = 'wrong';
+      const errors: string[] = [];
+      const refused = new RespClient(url.toString(), { ...FAIL_FAST_OPTIONS, name: 'gatehouse-test', retryDelayMs: () => 50 });
+      refused.on('error', (error: Error) => errors.push(error.message));
+      open.push(refused);
+      await pollUntil(() => expect(errors.join()).toMatch(/WRONGPASS/));
+      expect(refused.status).not.toBe('ready');
+      await expect(refused.call('PING')).rejects.toThrow(/Redis connection is/);
+    } finally {
+      await admin.call('ACL', 'DELUSER', user);
+    }
   });
 
   it('quit waits for the answers already on their way, then stays closed', async () => {
