@@ -42,7 +42,7 @@ interface Pending {
  * The gateway's own Redis command connection, for the commands on every request's path (the
  * rate-limit script, the cache lookup and fill). ioredis spends ~10 µs of CPU per command on
  * objects, a per-command timer and a per-tick pipeline; this client writes RESP straight to the
- * socket and resolves replies in order (bench/results, session 5).
+ * socket and resolves replies in order (BENCHMARKS.md, session 5).
  *
  * Semantics are the ones the drivers were built on with ioredis' fail-fast options:
  * - nothing is queued while the connection is down: `call` rejects at once and the caller falls
