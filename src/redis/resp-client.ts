@@ -4,9 +4,8 @@ import { type ConnectionOptions, connect as tlsConnect } from 'node:tls';
 import { encodeCommand, RedisReplyError, type RespReply, RespReader } from './resp-parser.js';
 
 /**
- * What the Redis drivers need of a connection: whether it can take commands now, and a way to
- * send one. Both this module's RespClient and ioredis' `Redis` satisfy it, so the drivers do not
- * care which one they were given.
+ * What the Redis drivers (cache, rate limit, their Lua scripts) need of a connection: whether it
+ * can take commands now, and a way to send one. They depend on this, not on RespClient.
  */
 export interface RedisCommands {
   /** `'ready'` when commands are accepted; anything else and `call` fails at once. */
