@@ -208,5 +208,10 @@ export function canonicalEvent(event: AuditEvent): string {
 }
 
 export function chainHash(prevHash: string, event: AuditEvent): string {
-  return hash('sha256', prevHash + canonicalEvent(event), 'hex');
+  return linkHash(prevHash, canonicalEvent(event));
+}
+
+/** chainHash for an event whose canonical text the caller already has. */
+export function linkHash(prevHash: string, canonical: string): string {
+  return hash('sha256', prevHash + canonical, 'hex');
 }

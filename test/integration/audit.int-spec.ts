@@ -112,6 +112,37 @@ describe.each(DB_KINDS)('audit trail on %s', (kind) => {
     expect(verify.head).toEqual({ seq: Number(newest?.seq), hash: newest?.hash });
   });
 
+  it('stores awkward text exactly as recorded and verifies it: the batch is sent as the canonical text', async () => {
+    const service = await fresh();
+    const awkward = {
+      quote: 'say "hi" \\ back\\slash',
+      control: 'tab\tnew\nline\r\u0001\u001f',
+      unicode: 'é ß 中文 😀 \u2028\u2029',
+      broken: 'lone \uD800 and \uDC00, nul \u0000 here',
+      numbers: [0, -0, 1.5, -2, 1e21, 1e-7, 0.1 + 0.2, Number.MAX_SAFE_INTEGER],
+      nested: { z: [true, false, null, { '': 'empty key', 'k"ey': 1 }], a: {} },
+    };
+    service.record({ principal: admin, action: 'POST /admin/"odd"\\path', targetType: 'key\nline', targetId: 'id "1"', requestId: 'req\u0000x', status: 201, details: awkward });
+    expect(await service.flush()).toBe(true);
+
+    const [stored] = (await service.list({ limit: 1 })).events;
+    expect(stored).toMatchObject({
+      action: 'POST /admin/"odd"\\path',
+      targetType: 'key\nline',
+      targetId: 'id "1"',
+      requestId: 'reqx',
+      status: 201,
+      details: {
+        ...awkward,
+        broken: 'lone \uFFFD and \uFFFD, nul  here',
+        numbers: [0, 0, 1.5, -2, 1e21, 1e-7, 0.1 + 0.2, Number.MAX_SAFE_INTEGER],
+        key_prefix: admin.keyPrefix,
+        department_id: admin.departmentId,
+      },
+    });
+    expect(await service.verify({})).toMatchObject({ ok: true, checked: 1, first_break: null });
+  });
+
   it('flushes on its own once a batch is full or the interval passes', async () => {
     const bySize = await fresh({ batchSize: 10, flushMs: 60_000 });
     recordMany(bySize, 10, 'size');
