@@ -99,16 +99,19 @@ export class AuditRepository {
       // The canonical text each hash covers is also the row's JSON: its keys are the column names
       // (canonicalEvent), and canonicalJson writes valid JSON for every JsonValue. So the batch
       // parameter is those texts with the two chain columns appended, not a second serialisation
-      // of row objects (3% of a cache hit under load, BENCHMARKS.md session 6).
+      // of row objects (BENCHMARKS.md session 6). Joined from pieces, not built with `+=`: pg
+      // measures the parameter with Buffer.byteLength, which is ~30x slower on a rope of
+      // thousands of concatenations than on the flat string join() returns.
       let prev = head.hash;
-      let rows = '[';
+      const pieces: string[] = [];
       for (let i = 0; i < batch.length; i++) {
         const text = canonicalEvent(batch[i] as AuditEvent);
         const prevHash = prev;
         prev = linkHash(prevHash, text);
-        rows += `${i === 0 ? '' : ','}${text.slice(0, -1)},"prev_hash":"${prevHash}","hash":"${prev}"}`;
+        pieces.push(i === 0 ? '[' : ',', text.slice(0, -1), ',"prev_hash":"', prevHash, '","hash":"', prev, '"}');
       }
-      rows += ']';
+      pieces.push(']');
+      const rows = pieces.join('');
       const [result] = await manager.query<Array<{ stored: number; misplaced: number; last_seq: string | null }>>(INSERT_BATCH, [rows]);
       // Cheap insurance for the ordering assumption above: a chain stored out of order would
       // report as broken forever, so refuse to commit one.
