@@ -51,8 +51,8 @@ const COLUMNS = 'seq, id, at, actor_user_id, actor_key_id, actor_role, action, t
 const VERIFY_PAGE = 2000;
 
 // One statement for the whole batch, with the rows as ONE json parameter: no 65k parameter
-// limit, one parse, and no per-element escaping in JavaScript (13 array parameters cost pg's,
-// the largest audit item in the profile; the text is the events' canonical JSON, see append). Rows are
+// limit, one parse, and no per-element escaping in JavaScript (13 array parameters cost pg's, the
+// largest audit item in the profile; the text is the events' canonical JSON, see append). Rows are
 // inserted in array order so seq follows the chain, and the statement checks that itself: it
 // answers one row (how many were stored, how many sit out of chain order, the last seq) instead
 // of RETURNING every row for the client to compare, which had pg parse a result row per event.
@@ -104,8 +104,8 @@ export class AuditRepository {
       // thousands of concatenations than on the flat string join() returns.
       let prev = head.hash;
       const pieces: string[] = [];
-      for (let i = 0; i < batch.length; i++) {
-        const text = canonicalEvent(batch[i] as AuditEvent);
+      for (const [i, event] of batch.entries()) {
+        const text = canonicalEvent(event);
         const prevHash = prev;
         prev = linkHash(prevHash, text);
         pieces.push(i === 0 ? '[' : ',', text.slice(0, -1), ',"prev_hash":"', prevHash, '","hash":"', prev, '"}');
