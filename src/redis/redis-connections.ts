@@ -32,6 +32,7 @@ export class RedisConnections implements OnModuleInit, OnApplicationShutdown {
   private readonly url: string;
   private readonly logger: Logger;
   private sharedClient: RespClient | undefined;
+  private readonly subscribers: RespClient[] = [];
   /** Set when shutdown closes the connections: their 'close' is then not an outage. */
   private closing = false;
 
@@ -73,8 +74,18 @@ export class RedisConnections implements OnModuleInit, OnApplicationShutdown {
     return this.sharedClient;
   }
 
-  private open(name: string): RespClient {
-    const client = new RespClient(this.url, { ...FAIL_FAST_OPTIONS, name: `gatehouse-${name}` });
+  /**
+   * A connection of its own that hears what is published on `channel` (re-subscribed after every
+   * reconnect). Messages sent while it is down are lost: users must treat them as hints.
+   */
+  subscriber(channel: string, onMessage: (payload: string) => void, name: string): RespClient {
+    const client = this.open(name, { channel, onMessage });
+    this.subscribers.push(client);
+    return client;
+  }
+
+  private open(name: string, subscribe?: RespClientOptions['subscribe']): RespClient {
+    const client = new RespClient(this.url, { ...FAIL_FAST_OPTIONS, name: `gatehouse-${name}`, subscribe });
     let connected = false;
     let errorLogged = false;
     client.on('ready', () => {
@@ -100,6 +111,7 @@ export class RedisConnections implements OnModuleInit, OnApplicationShutdown {
     // quit() waits for replies already pending, at most a second: a hung server never holds shutdown.
     await this.sharedClient?.quit(1000);
     this.sharedClient = undefined;
+    for (const client of this.subscribers.splice(0)) client.disconnect();
   }
 }
 

@@ -27,6 +27,12 @@ export interface RespClientOptions {
    * against the system's CAs and `NODE_EXTRA_CA_CERTS`, as ioredis did. Tests pass their own CA.
    */
   tls?: ConnectionOptions;
+  /**
+   * Makes this a subscriber connection: SUBSCRIBE `channel` is part of every (re)connect's
+   * handshake, and each message published there goes to `onMessage`. Such a connection takes no
+   * other commands (Redis allows almost none in subscribed state).
+   */
+  subscribe?: { channel: string; onMessage(payload: string): void };
 }
 
 export type RespStatus = 'connecting' | 'ready' | 'reconnecting' | 'end';
@@ -90,6 +96,7 @@ export class RespClient extends EventEmitter implements RedisCommands {
     if (!Number.isInteger(db) || db < 0) throw new Error('REDIS_URL: the database must be a number');
     if (db !== 0) this.handshake.push(['SELECT', db]);
     this.handshake.push(['CLIENT', 'SETNAME', options.name]);
+    if (options.subscribe) this.handshake.push(['SUBSCRIBE', options.subscribe.channel]);
     this.open();
   }
 
@@ -206,6 +213,11 @@ export class RespClient extends EventEmitter implements RedisCommands {
   }
 
   private readonly onReply = (reply: RespReply): void => {
+    // In subscribed state Redis pushes ["message", channel, payload] with no command pending.
+    if (this.head === this.queue.length && this.options.subscribe && Array.isArray(reply) && reply[0] === 'message') {
+      this.options.subscribe.onMessage(String(reply[2]));
+      return;
+    }
     const pending = this.queue[this.head];
     if (!pending) throw new Error('a Redis reply came for no command');
     this.queue[this.head] = undefined as unknown as Pending;

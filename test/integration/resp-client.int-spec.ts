@@ -173,6 +173,26 @@ describe('RespClient (real Redis)', () => {
     }
   });
 
+  it('as a subscriber, hears what is published on its channel, and subscribes again after a reconnect', async () => {
+    const proxy = await startRedisProxy(REDIS_URL);
+    proxies.push(proxy);
+    const channel = `gh-test:channel:${randomBytes(4).toString('hex')}`;
+    const heard: string[] = [];
+    const ear = client(proxy.url, { retryDelayMs: () => 50, subscribe: { channel, onMessage: (payload) => heard.push(payload) } });
+    const mouth = client();
+    await Promise.all([whenReady(ear, 5000), whenReady(mouth, 5000)]);
+    expect(await mouth.call('PUBLISH', channel, 'one')).toBe(1);
+    await mouth.call('PUBLISH', `${channel}:other`, 'not for us');
+    await pollUntil(() => expect(heard).toEqual(['one']));
+
+    const reconnected = new Promise((resolve) => ear.once('close', () => ear.once('ready', resolve)));
+    await proxy.stop();
+    await proxy.start();
+    await reconnected;
+    expect(await mouth.call('PUBLISH', channel, 'two')).toBe(1);
+    await pollUntil(() => expect(heard).toEqual(['one', 'two']));
+  });
+
   it('quit waits for the answers already on their way, then stays closed', async () => {
     const c = client();
     await whenReady(c, 5000);
