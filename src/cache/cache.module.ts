@@ -45,8 +45,11 @@ export class CacheModule {
         imports.push(RedisModule);
         store = {
           provide: ResponseCache,
-          useFactory: (redis: RedisConnections, logger: AppLogger) =>
-            new RedisResponseCache(redis.shared(), redis.keyPrefix, logger.logger.child({ context: 'Cache' })),
+          useFactory: (redis: RedisConnections, logger: AppLogger) => {
+            const cache = new RedisResponseCache(redis.shared(), redis.keyPrefix, logger.logger.child({ context: 'Cache' }));
+            cache.listenWith(redis.subscriber(cache.landedChannel, (key) => cache.landed(key), 'cache-landed'));
+            return cache;
+          },
           inject: [RedisConnections, AppLogger],
         };
         break;

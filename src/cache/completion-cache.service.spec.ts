@@ -1,11 +1,12 @@
-import { describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import type { ChatCompletion } from '../../libs/openai-contract/src/index.js';
 import type { CompletionCall } from '../completion/completion.types.js';
 import type { AppConfig } from '../config/config.js';
 import { SystemClock } from '../core/clock.js';
 import { createLogger } from '../core/logger.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
-import { CompletionCache } from './completion-cache.service.js';
+import { type CacheTicket, CompletionCache } from './completion-cache.service.js';
+import { encodeCacheEntry } from './cache-entry.js';
 import { MemoryResponseCache } from './memory-response-cache.js';
 import { assembleCompletion } from './stream-replay.js';
 import type { CacheLookup } from './response-cache.js';
@@ -111,5 +112,70 @@ describe('CompletionCache singleflight (in process)', () => {
     const tools = await cache.open({ ...call(), body: { messages: [{ role: 'user', content: 'x' }], tools: [{ type: 'function' }] } }, route);
     expect(tools.status).toBe('bypass');
     expect(tools.fills).toBe(false);
+  });
+});
+
+describe('CompletionCache waiting on another instance', () => {
+  /** A store where another instance holds the fill lock until `land()`; `announce()` is its broadcast. */
+  function elsewhere(announces: boolean) {
+    const store = new MemoryResponseCache(new SystemClock(), 10, 100_000);
+    let landed = false;
+    let peeks = 0;
+    const wakers: Array<() => void> = [];
+    const entry = encodeCacheEntry(JSON.stringify(answer), answer);
+    store.lookup = (): Promise<CacheLookup> => Promise.resolve(landed ? { kind: 'hit', body: entry } : { kind: 'wait' });
+    store.peek = () => {
+      peeks += 1;
+      return Promise.resolve(landed ? { kind: 'hit', body: entry } : { kind: 'wait' });
+    };
+    store.watch = () => {
+      if (!announces) return undefined;
+      let wake = () => undefined as void;
+      const landedPromise = new Promise<void>((resolve) => (wake = resolve));
+      wakers.push(wake);
+      return { landed: landedPromise, cancel: () => undefined };
+    };
+    return {
+      store,
+      peeks: () => peeks,
+      land: () => {
+        landed = true;
+      },
+      announce: () => wakers.splice(0).forEach((wake) => wake()),
+    };
+  }
+
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
+  it('looks again as soon as the fill is announced, not at its next poll', async () => {
+    vi.useFakeTimers();
+    const other = elsewhere(true);
+    const { cache, call } = setup(60_000, other.store);
+    let ticket: CacheTicket | undefined;
+    void cache.open(call(), route).then((t) => (ticket = t));
+    await vi.advanceTimersByTimeAsync(10);
+    expect(other.peeks()).toBe(1);
+    await vi.advanceTimersByTimeAsync(200);
+    expect(other.peeks()).toBe(1); // announced: no short polling meanwhile
+    other.land();
+    other.announce();
+    await vi.advanceTimersByTimeAsync(0);
+    expect(other.peeks()).toBe(2);
+    expect(ticket?.status).toBe('hit');
+  });
+
+  it('polls with a backoff when fills are not announced', async () => {
+    vi.useFakeTimers();
+    const other = elsewhere(false);
+    const { cache, call } = setup(60_000, other.store);
+    let ticket: CacheTicket | undefined;
+    void cache.open(call(), route).then((t) => (ticket = t));
+    await vi.advanceTimersByTimeAsync(210);
+    expect(other.peeks()).toBe(4); // 10, 30, 70, 150 ms
+    other.land();
+    await vi.advanceTimersByTimeAsync(100);
+    expect(ticket?.status).toBe('hit');
   });
 });

@@ -46,6 +46,8 @@ class Flight {
 
 const POLL_FIRST_MS = 10;
 const POLL_MAX_MS = 100;
+/** Between looks while the store announces fills: only a safety net for a lost announcement. */
+const POLL_WATCHED_MS = 500;
 
 const BYPASS: CacheTicket = {
   status: 'bypass',
@@ -60,9 +62,9 @@ const BYPASS: CacheTicket = {
  * The cache stage of the pipeline: decides whether a call may use the cache, reads it, and makes
  * N identical concurrent misses cost one upstream call (singleflight). Within an instance the
  * followers await the leader's promise; across instances the store's fill lock (Redis SET NX PX
- * with a random token) elects one leader and the others poll until its answer lands, the lock
- * disappears (leader failed: try to lead) or their bounded wait runs out (call the upstream
- * themselves). A store that fails makes the call a bypass; it never fails the request.
+ * with a random token) elects one leader and the others wait until its answer lands (announced
+ * on Redis, with polling as the fallback), the lock disappears (leader failed: try to lead) or
+ * their bounded wait runs out (call the upstream themselves). A store that fails makes the call a bypass; it never fails the request.
  */
 @Injectable()
 export class CompletionCache {
@@ -150,17 +152,26 @@ export class CompletionCache {
     }
   }
 
+  /**
+   * Waits for another instance's fill: a look after each sleep, cut short when the fill (or the
+   * leader giving up) is announced on Redis, so the answer is taken when it lands. Announcements
+   * are hints (lost while the subscriber reconnects); the sleeps keep this correct without them.
+   */
   private async poll(key: string, deadline: number, signal: AbortSignal): Promise<{ body: string } | 'free' | 'timeout' | 'aborted'> {
     let delay = POLL_FIRST_MS;
     for (;;) {
       const left = deadline - Date.now();
       if (left <= 0) return 'timeout';
-      const slept = await waitFor(sleep(Math.min(delay, left)), deadline, signal);
+      const watch = this.store.watch(key);
+      const nap = sleep(Math.min(delay, left));
+      const slept = await waitFor(watch ? Promise.race([nap, watch.landed]) : nap, deadline, signal);
+      watch?.cancel();
       if (slept === 'aborted') return 'aborted';
       const seen = await this.store.peek(key);
       if (seen.kind === 'hit') return { body: seen.body };
       if (seen.kind === 'free') return 'free';
-      delay = Math.min(delay * 2, POLL_MAX_MS);
+      // The first look comes soon either way: it catches a fill announced before the watch began.
+      delay = watch ? POLL_WATCHED_MS : Math.min(delay * 2, POLL_MAX_MS);
     }
   }
 

@@ -6,42 +6,56 @@ import { LuaScript } from '../redis/lua-script.js';
 import type { RedisCommands } from '../redis/resp-client.js';
 import { type CacheFilter, type CacheLookup, type CachePeek, ResponseCache, type CacheTags } from './response-cache.js';
 
-// Entry or lock in one round trip. Returns {1, body} hit, {0} miss, {2} lead, {3} wait.
+// Entry or lock in one round trip. Returns {1, body} hit, {0} miss, {2} lead, {3} wait. A
+// caller told to wait leaves a mark (KEYS[3]) so that the fill or release says so on the channel.
 const LOOKUP = new LuaScript(
   `local v = redis.call('GET', KEYS[1])
 if v then return {1, v} end
 if ARGV[1] == '0' then return {0} end
 if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[1]) then return {2} end
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[1])
 return {3}`,
   'cache-lookup',
 );
 
-// Returns {1, body} when the answer landed, {3} while the lock is held, {4} when it is gone.
+// Returns {1, body} when the answer landed, {3} while the lock is held (renewing the waiter's
+// mark for the lock's lifetime: an earlier announcement consumed it), {4} when it is gone.
 const PEEK = new LuaScript(
   `local v = redis.call('GET', KEYS[1])
 if v then return {1, v} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {3} end
+local t = redis.call('PTTL', KEYS[2])
+if t > 0 then
+  redis.call('SET', KEYS[3], '1', 'PX', t)
+  return {3}
+end
 return {4}`,
   'cache-peek',
 );
 
 // Entry, tag index and (when the token still holds it) lock release, atomically. A tag set lives
 // as long as its longest-lived member; members that expired meanwhile are harmless on delete.
+// Instances waiting on this key (their mark, KEYS[3]) hear it on the channel at once.
 const STORE = new LuaScript(
   `redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local ttl = tonumber(ARGV[2])
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   redis.call('SADD', KEYS[i], KEYS[1])
   if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+if redis.call('DEL', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 return 1`,
   'cache-store',
 );
 
 // Compare-and-delete: a leader whose lock expired must not free the lock of the one after it.
+// Waiting instances are told, so that one of them leads at once instead of at its next poll.
 const RELEASE = new LuaScript(
-  `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+  `if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  if redis.call('DEL', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+  return 1
+end
 return 0`,
   'cache-release',
 );
@@ -50,14 +64,22 @@ const DELETE_BATCH = 500;
 
 /**
  * The shared cache of every instance. Keys: `<prefix>cache:e:<hash>` (entry),
- * `cache:l:<hash>` (singleflight fill lock, with a random token), `cache:t:{u|d|m}:<id>`
- * (sets of entry keys by user, department and model, for `DELETE /admin/cache`).
- * While the connection is not ready, `available()` is false and callers bypass the cache.
+ * `cache:l:<hash>` (singleflight fill lock, with a random token), `cache:w:<hash>` (another
+ * instance waits for this fill), `cache:t:{u|d|m}:<id>` (sets of entry keys by user, department
+ * and model, for `DELETE /admin/cache`). A fill or release that finds a waiter publishes the hash
+ * on `<prefix>cache:landed`; `landed()` takes those messages (RedisConnections.subscriber) and
+ * `watch()` hands them to the waiting poll loop. While the connection is not ready, `available()`
+ * is false and callers bypass the cache.
  */
 export class RedisResponseCache extends ResponseCache {
   readonly driver: StoreDriver = 'redis';
   private readonly state: FallbackState;
   private readonly ns: string;
+  /** The channel fills and releases are announced on when another instance waits for them. */
+  readonly landedChannel: string;
+  private readonly watchers = new Map<string, Set<() => void>>();
+  /** The connection that hears the landed channel; without it (or while it is down) nobody is told. */
+  private listener: { readonly status: string } | undefined;
 
   constructor(
     private readonly client: RedisCommands,
@@ -66,12 +88,13 @@ export class RedisResponseCache extends ResponseCache {
   ) {
     super();
     this.ns = `${keyPrefix}cache:`;
+    this.landedChannel = `${this.ns}landed`;
     this.state = new FallbackState(logger, { degraded: 'Redis unavailable: response cache bypassed', recovered: 'Redis back: response cache in use again' });
   }
 
   async lookup(key: string, lockMs: number): Promise<CacheLookup> {
     const token = lockMs > 0 ? randomUUID() : '';
-    const reply = await this.guard(LOOKUP.run(this.client, [this.entryKey(key), this.lockKey(key)], [Math.max(0, Math.ceil(lockMs)), token]));
+    const reply = await this.guard(LOOKUP.run(this.client, [this.entryKey(key), this.lockKey(key), this.waitKey(key)], [Math.max(0, Math.ceil(lockMs)), token]));
     const [code, body] = reply as [number, string | undefined];
     switch (code) {
       case 1:
@@ -86,7 +109,7 @@ export class RedisResponseCache extends ResponseCache {
   }
 
   async peek(key: string): Promise<CachePeek> {
-    const [code, body] = (await this.guard(PEEK.run(this.client, [this.entryKey(key), this.lockKey(key)], []))) as [number, string | undefined];
+    const [code, body] = (await this.guard(PEEK.run(this.client, [this.entryKey(key), this.lockKey(key), this.waitKey(key)], []))) as [number, string | undefined];
     if (code === 1) return { kind: 'hit', body: body ?? '' };
     return code === 3 ? { kind: 'wait' } : { kind: 'free' };
   }
@@ -97,11 +120,40 @@ export class RedisResponseCache extends ResponseCache {
       return;
     }
     const tagKeys = [this.tagKey('u', tags.userId), this.tagKey('d', tags.departmentId), ...tags.models.map((m) => this.tagKey('m', m))];
-    await this.guard(STORE.run(this.client, [this.entryKey(key), this.lockKey(key), ...tagKeys], [body, Math.ceil(ttlMs), token ?? '']));
+    await this.guard(
+      STORE.run(this.client, [this.entryKey(key), this.lockKey(key), this.waitKey(key), ...tagKeys], [body, Math.ceil(ttlMs), token ?? '', this.landedChannel, key]),
+    );
   }
 
   async release(key: string, token: string): Promise<boolean> {
-    return (await this.guard(RELEASE.run(this.client, [this.lockKey(key)], [token]))) === 1;
+    return (await this.guard(RELEASE.run(this.client, [this.lockKey(key), this.waitKey(key)], [token, this.landedChannel, key]))) === 1;
+  }
+
+  /** Hands over the subscriber connection (RedisConnections.subscriber) that calls `landed`. */
+  listenWith(listener: { readonly status: string }): void {
+    this.listener = listener;
+  }
+
+  override watch(key: string): { landed: Promise<void>; cancel(): void } | undefined {
+    if (this.listener?.status !== 'ready') return undefined;
+    let wake: () => void = () => undefined;
+    const landed = new Promise<void>((resolve) => (wake = resolve));
+    let set = this.watchers.get(key);
+    if (!set) this.watchers.set(key, (set = new Set()));
+    set.add(wake);
+    const cancel = () => {
+      set.delete(wake);
+      if (set.size === 0 && this.watchers.get(key) === set) this.watchers.delete(key);
+    };
+    return { landed, cancel };
+  }
+
+  /** A message from the landed channel: wakes whoever in this instance watches that key. */
+  landed(key: string): void {
+    const set = this.watchers.get(key);
+    if (!set) return;
+    this.watchers.delete(key);
+    for (const wake of set) wake();
   }
 
   async invalidate(filter: CacheFilter): Promise<number> {
@@ -165,6 +217,9 @@ export class RedisResponseCache extends ResponseCache {
   }
   private lockKey(key: string): string {
     return `${this.ns}l:${key}`;
+  }
+  private waitKey(key: string): string {
+    return `${this.ns}w:${key}`;
   }
   private tagKey(kind: 'u' | 'd' | 'm', id: string): string {
     return `${this.ns}t:${kind}:${id}`;

@@ -56,4 +56,13 @@ export abstract class ResponseCache {
 
   /** For /health/ready. */
   abstract describe(): { state: 'up' | 'degraded'; details: Record<string, unknown> };
+
+  /**
+   * For a caller told to wait on another instance's fill: `landed` settles when that fill or its
+   * release is announced, a hint to look again now rather than at the next poll. Drivers without
+   * other instances (memory) have nothing to announce. Call `cancel` when done waiting.
+   */
+  watch(_key: string): { landed: Promise<void>; cancel(): void } | undefined {
+    return undefined;
+  }
 }

@@ -1,0 +1,126 @@
+import { afterEach, describe, expect, it } from 'vitest';
+import type { ChatCompletion } from '../../libs/openai-contract/src/index.js';
+import { CompletionCache } from '../../src/cache/completion-cache.service.js';
+import { RedisResponseCache } from '../../src/cache/redis-response-cache.js';
+import type { CompletionCall } from '../../src/completion/completion.types.js';
+import type { AppConfig } from '../../src/config/config.js';
+import { createLogger } from '../../src/core/logger.js';
+import { whenReady } from '../../src/redis/redis-connections.js';
+import type { RedisConnections } from '../../src/redis/redis-connections.js';
+import type { ResolvedRoute } from '../../src/routing/routing-table.js';
+import { pollUntil } from '../support/gateway.js';
+import { dropRedisPrefix, openTestRedis, uniqueRedisPrefix } from '../support/redis.js';
+
+const route: ResolvedRoute = { requestedTaskType: 'general', ruleTaskType: 'general', version: 1, models: ['m'], maxTokens: 10, explicitModel: false };
+const answer: ChatCompletion = {
+  id: 'c-landed',
+  object: 'chat.completion',
+  created: 1,
+  model: 'm',
+  choices: [{ index: 0, message: { role: 'assistant', content: 'landed' }, finish_reason: 'stop' }],
+};
+const call = (): CompletionCall => ({
+  principal: { keyId: 'k', keyPrefix: 'p', userId: 'u', departmentId: 'd', role: 'user', cacheScope: 'user', expiresAt: undefined },
+  requestId: 'r',
+  body: { messages: [{ role: 'user', content: 'the same question on two instances' }] },
+  taskType: undefined,
+  door: 'chat',
+  signal: new AbortController().signal,
+  cacheControl: { read: true, write: true, ttlSeconds: undefined },
+});
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * Two instances as the cache module wires them (each its own connections, one Redis, one key
+ * prefix), and a count of the looks the second one takes at the entry while it waits.
+ */
+describe('singleflight across instances on Redis: waiters are told when the answer lands', () => {
+  const opened: RedisConnections[] = [];
+  afterEach(async () => {
+    if (opened[0]) await dropRedisPrefix(opened[0]);
+    for (const c of opened.splice(0)) await c.onApplicationShutdown();
+  });
+
+  async function instance(prefix: string, announced: boolean) {
+    const connections = await openTestRedis(prefix);
+    opened.push(connections);
+    const store = new RedisResponseCache(connections.shared(), prefix, createLogger('silent'));
+    if (announced) {
+      const listener = connections.subscriber(store.landedChannel, (key) => store.landed(key), 'test-landed');
+      store.listenWith(listener);
+      await whenReady(listener, 5000);
+    }
+    let peeks = 0;
+    const peek = store.peek.bind(store);
+    store.peek = (key) => {
+      peeks += 1;
+      return peek(key);
+    };
+    const config = { cache: { defaultTtlSeconds: 60, waitMs: 5000 } } as unknown as AppConfig;
+    return { cache: new CompletionCache(store, config, { logger: createLogger('silent') }), peeks: () => peeks };
+  }
+
+  it.each([
+    ['with announcements, takes the answer when it lands: one early look and one after', true, 2],
+    ['without them (subscriber down), still gets it by polling, with many more looks', false, 5],
+  ])('%s', async (_name, announced, bound) => {
+    const prefix = uniqueRedisPrefix('landed');
+    const a = await instance(prefix, announced);
+    const b = await instance(prefix, announced);
+    const leader = await a.cache.open(call(), route);
+    expect(leader.status).toBe('miss');
+    const waiting = b.cache.open(call(), route);
+    await sleep(400);
+    await leader.fill(JSON.stringify(answer), answer);
+    const ticket = await waiting;
+    expect(ticket.status).toBe('hit');
+    expect(ticket.hit?.completion.choices[0]?.message.content).toBe('landed');
+    if (announced) expect(b.peeks()).toBeLessThanOrEqual(bound);
+    else expect(b.peeks()).toBeGreaterThanOrEqual(bound);
+  });
+
+  it('announces a fill or a release on the channel only when another instance waits for it', async () => {
+    const prefix = uniqueRedisPrefix('landed');
+    const connections = await openTestRedis(prefix);
+    opened.push(connections);
+    const store = new RedisResponseCache(connections.shared(), prefix, createLogger('silent'));
+    const heard: string[] = [];
+    await whenReady(connections.subscriber(store.landedChannel, (key) => heard.push(key), 'test-ear'), 5000);
+    const tags = { userId: 'u', departmentId: 'd', models: ['m'] };
+
+    // Nobody waits: the fill says nothing.
+    const alone = await store.lookup('k-alone', 5000);
+    if (alone.kind !== 'lead') throw new Error(`expected to lead, got ${alone.kind}`);
+    await store.store('k-alone', 'body', 60_000, tags, alone.token);
+
+    // Someone waits (a second lookup is told to): the fill is announced once, with its key.
+    const lead = await store.lookup('k-waited', 5000);
+    if (lead.kind !== 'lead') throw new Error(`expected to lead, got ${lead.kind}`);
+    expect((await store.lookup('k-waited', 5000)).kind).toBe('wait');
+    await store.store('k-waited', 'body', 60_000, tags, lead.token);
+
+    // A leader that gives up while someone waits is announced too.
+    const quitter = await store.lookup('k-released', 5000);
+    if (quitter.kind !== 'lead') throw new Error(`expected to lead, got ${quitter.kind}`);
+    expect((await store.peek('k-released')).kind).toBe('wait');
+    expect(await store.release('k-released', quitter.token)).toBe(true);
+
+    await pollUntil(() => expect(heard).toEqual(['k-waited', 'k-released']));
+  });
+
+  it('lets a waiter lead at once when the leader gives up', async () => {
+    const prefix = uniqueRedisPrefix('landed');
+    const a = await instance(prefix, true);
+    const b = await instance(prefix, true);
+    const leader = await a.cache.open(call(), route);
+    const waiting = b.cache.open(call(), route);
+    await sleep(400);
+    leader.abandon();
+    const ticket = await waiting;
+    // B now fills for everyone: a miss it leads, after one early look and the announced one.
+    expect(ticket.status).toBe('miss');
+    expect(b.peeks()).toBeLessThanOrEqual(2);
+    await ticket.fill(JSON.stringify(answer), answer);
+    expect((await a.cache.open(call(), route)).status).toBe('hit');
+  });
+});
