@@ -1,37 +1,17 @@
 import { afterEach, describe, expect, it, vi } from 'vitest';
-import type { ChatCompletion } from '../../libs/openai-contract/src/index.js';
-import type { CompletionCall } from '../completion/completion.types.js';
-import type { AppConfig } from '../config/config.js';
 import { SystemClock } from '../core/clock.js';
-import { createLogger } from '../core/logger.js';
-import type { ResolvedRoute } from '../routing/routing-table.js';
-import { type CacheTicket, CompletionCache } from './completion-cache.service.js';
+import type { CacheTicket } from './completion-cache.service.js';
 import { encodeCacheEntry } from './cache-entry.js';
 import { MemoryResponseCache } from './memory-response-cache.js';
 import { assembleCompletion } from './stream-replay.js';
 import type { CacheLookup } from './response-cache.js';
+import { testCall, testCompletion, testCompletionCache, testRoute as route } from './testing/completion-cache.fixtures.js';
 
-const route: ResolvedRoute = { requestedTaskType: 'general', ruleTaskType: 'general', version: 1, models: ['m'], maxTokens: 10, explicitModel: false };
-const answer: ChatCompletion = {
-  id: 'c',
-  object: 'chat.completion',
-  created: 1,
-  model: 'm',
-  choices: [{ index: 0, message: { role: 'assistant', content: 'hi' }, finish_reason: 'stop' }],
-};
+const answer = testCompletion('hi');
 
 function setup(waitMs = 5000, store = new MemoryResponseCache(new SystemClock(), 100, 100_000)) {
-  const config = { cache: { defaultTtlSeconds: 60, waitMs } } as unknown as AppConfig;
-  const cache = new CompletionCache(store, config, { logger: createLogger('silent') });
-  const call = (signal = new AbortController().signal): CompletionCall => ({
-    principal: { keyId: 'k', keyPrefix: 'p', userId: 'u', departmentId: 'd', role: 'user', cacheScope: 'user', expiresAt: undefined },
-    requestId: 'r',
-    body: { messages: [{ role: 'user', content: 'same' }] },
-    taskType: undefined,
-    door: 'chat',
-    signal,
-    cacheControl: { read: true, write: true, ttlSeconds: undefined },
-  });
+  const cache = testCompletionCache(store, waitMs);
+  const call = (signal?: AbortSignal) => testCall('same', signal);
   return { cache, call, store };
 }
 
@@ -149,12 +129,18 @@ describe('CompletionCache waiting on another instance', () => {
     vi.useRealTimers();
   });
 
-  it('looks again as soon as the fill is announced, not at its next poll', async () => {
+  /** Opens a call that finds the other instance filling, on fake timers; `ticket()` once it settles. */
+  function waitOn(other: ReturnType<typeof elsewhere>) {
     vi.useFakeTimers();
-    const other = elsewhere(true);
     const { cache, call } = setup(60_000, other.store);
     let ticket: CacheTicket | undefined;
     void cache.open(call(), route).then((t) => (ticket = t));
+    return () => ticket;
+  }
+
+  it('looks again as soon as the fill is announced, not at its next poll', async () => {
+    const other = elsewhere(true);
+    const ticket = waitOn(other);
     await vi.advanceTimersByTimeAsync(10);
     expect(other.peeks()).toBe(1);
     await vi.advanceTimersByTimeAsync(200);
@@ -163,19 +149,16 @@ describe('CompletionCache waiting on another instance', () => {
     other.announce();
     await vi.advanceTimersByTimeAsync(0);
     expect(other.peeks()).toBe(2);
-    expect(ticket?.status).toBe('hit');
+    expect(ticket()?.status).toBe('hit');
   });
 
   it('polls with a backoff when fills are not announced', async () => {
-    vi.useFakeTimers();
     const other = elsewhere(false);
-    const { cache, call } = setup(60_000, other.store);
-    let ticket: CacheTicket | undefined;
-    void cache.open(call(), route).then((t) => (ticket = t));
+    const ticket = waitOn(other);
     await vi.advanceTimersByTimeAsync(210);
     expect(other.peeks()).toBe(4); // 10, 30, 70, 150 ms
     other.land();
     await vi.advanceTimersByTimeAsync(100);
-    expect(ticket?.status).toBe('hit');
+    expect(ticket()?.status).toBe('hit');
   });
 });

@@ -1,33 +1,14 @@
 import { afterEach, describe, expect, it } from 'vitest';
-import type { ChatCompletion } from '../../libs/openai-contract/src/index.js';
-import { CompletionCache } from '../../src/cache/completion-cache.service.js';
 import { RedisResponseCache } from '../../src/cache/redis-response-cache.js';
-import type { CompletionCall } from '../../src/completion/completion.types.js';
-import type { AppConfig } from '../../src/config/config.js';
+import { testCall, testCompletion, testCompletionCache, testRoute as route } from '../../src/cache/testing/completion-cache.fixtures.js';
 import { createLogger } from '../../src/core/logger.js';
 import { whenReady } from '../../src/redis/redis-connections.js';
 import type { RedisConnections } from '../../src/redis/redis-connections.js';
-import type { ResolvedRoute } from '../../src/routing/routing-table.js';
 import { pollUntil } from '../support/gateway.js';
 import { dropRedisPrefix, openTestRedis, uniqueRedisPrefix } from '../support/redis.js';
 
-const route: ResolvedRoute = { requestedTaskType: 'general', ruleTaskType: 'general', version: 1, models: ['m'], maxTokens: 10, explicitModel: false };
-const answer: ChatCompletion = {
-  id: 'c-landed',
-  object: 'chat.completion',
-  created: 1,
-  model: 'm',
-  choices: [{ index: 0, message: { role: 'assistant', content: 'landed' }, finish_reason: 'stop' }],
-};
-const call = (): CompletionCall => ({
-  principal: { keyId: 'k', keyPrefix: 'p', userId: 'u', departmentId: 'd', role: 'user', cacheScope: 'user', expiresAt: undefined },
-  requestId: 'r',
-  body: { messages: [{ role: 'user', content: 'the same question on two instances' }] },
-  taskType: undefined,
-  door: 'chat',
-  signal: new AbortController().signal,
-  cacheControl: { read: true, write: true, ttlSeconds: undefined },
-});
+const answer = testCompletion('landed');
+const call = () => testCall('the same question on two instances');
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /**
@@ -56,8 +37,7 @@ describe('singleflight across instances on Redis: waiters are told when the answ
       peeks += 1;
       return peek(key);
     };
-    const config = { cache: { defaultTtlSeconds: 60, waitMs: 5000 } } as unknown as AppConfig;
-    return { cache: new CompletionCache(store, config, { logger: createLogger('silent') }), peeks: () => peeks };
+    return { cache: testCompletionCache(store, 5000), peeks: () => peeks };
   }
 
   it.each([
