@@ -4,6 +4,7 @@ import type { StoreDriver } from '../config/config.js';
 import { FallbackState } from '../redis/fallback-state.js';
 import { LuaScript } from '../redis/lua-script.js';
 import type { RedisCommands } from '../redis/resp-client.js';
+import { unlinkMatching } from '../redis/unlink-matching.js';
 import { type CacheFilter, type CacheLookup, type CachePeek, ResponseCache, type CacheTags } from './response-cache.js';
 
 // Entry or lock in one round trip. Returns {1, body} hit, {0} miss, {2} lead, {3} wait. A
@@ -185,19 +186,9 @@ export class RedisResponseCache extends ResponseCache {
     return { state: 'up', details: { driver: 'redis' } };
   }
 
-  private async deleteAll(): Promise<number> {
-    let cursor = '0';
-    let deleted = 0;
+  private deleteAll(): Promise<number> {
     const entryPrefix = `${this.ns}e:`;
-    do {
-      const [next, keys] = (await this.client.call('SCAN', cursor, 'MATCH', `${this.ns}*`, 'COUNT', 1000)) as [string, string[]];
-      cursor = next;
-      if (keys.length > 0) {
-        await this.client.call('UNLINK', ...keys);
-        deleted += keys.filter((k) => k.startsWith(entryPrefix)).length;
-      }
-    } while (cursor !== '0');
-    return deleted;
+    return unlinkMatching(this.client, `${this.ns}*`, (key) => key.startsWith(entryPrefix));
   }
 
   /** Records the outcome so the outage and the recovery are each logged once. */

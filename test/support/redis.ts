@@ -4,6 +4,7 @@ import type { AppConfig } from '../../src/config/config.js';
 import { createLogger } from '../../src/core/logger.js';
 import { ReadinessRegistry } from '../../src/health/readiness.js';
 import { RedisConnections, whenReady } from '../../src/redis/redis-connections.js';
+import { unlinkMatching } from '../../src/redis/unlink-matching.js';
 import { REDIS_URL } from './databases.js';
 
 /** A key prefix no other test (or test run) uses, so tests can share the machine's Redis. */
@@ -21,13 +22,7 @@ export async function openTestRedis(prefix: string, url = REDIS_URL): Promise<Re
 
 /** Deletes every key under a test prefix. */
 export async function dropRedisPrefix(connections: RedisConnections): Promise<void> {
-  const client = connections.shared();
-  let cursor = '0';
-  do {
-    const [next, keys] = (await client.call('SCAN', cursor, 'MATCH', `${connections.keyPrefix}*`, 'COUNT', 1000)) as [string, string[]];
-    cursor = next;
-    if (keys.length > 0) await client.call('UNLINK', ...keys);
-  } while (cursor !== '0');
+  await unlinkMatching(connections.shared(), `${connections.keyPrefix}*`);
 }
 
 export interface TcpProxy {
