@@ -123,12 +123,30 @@ describe('the parse floor as a second CPU reference', () => {
       'CPU/request ÷ parse floor, cache hit, SSE (issue #6)',
     ]);
     const json = checks.find((c) => c.what.startsWith('CPU/request ÷ parse floor, cache hit, JSON'));
-    expect(json).toMatchObject({ limit: '≤ 1.3×', measured: '×1: 1.00 (hits 100%)', pass: true });
+    expect(json).toMatchObject({ limit: '≤ 1.3×', measured: '×1: 1.00 [1.00–1.00] (hits 100%)', pass: true });
     expect(checks.find((c) => c.what.startsWith('CPU/request ÷ parse floor, cache hit, SSE'))).toMatchObject({
       measured: '×16: 1.40 (hits 100%)',
       pass: false,
     });
     expect(checks.find((c) => c.what === 'CPU/request ÷ floor, cache hit, JSON')?.pass).toBe(false);
+  });
+
+  it('shows the spread of the per-round ratios beside the pooled one, and keeps the verdict on the pooled one', () => {
+    // Round 1: 130 ÷ 100 = 1.3; round 2: 240 ÷ 150 = 1.6; pooled 370 ÷ 250 = 1.48.
+    const spreadRuns = [
+      run('direct', { latency: [0.1] }),
+      ref('floor', 'json', 16, 100),
+      ref('floor', 'json', 16, 150, 2),
+      ref('parse floor', 'json', 16, 100),
+      ref('parse floor', 'json', 16, 150, 2),
+      hit('json', 16, 130),
+      hit('json', 16, 240, 2),
+    ];
+    const aggregated = aggregate(spreadRuns).find((a) => a.target === 'gateway');
+    expect(aggregated?.cpuRatioToFloorRange).toEqual({ min: 1.3, max: 1.6 });
+    expect(aggregated?.cpuRatioToFloorMedianOfRounds).toBeCloseTo(1.45);
+    const row = checkTargets(aggregate(spreadRuns), 'gateway').find((c) => c.what === 'CPU/request ÷ floor, cache hit, JSON');
+    expect(row).toMatchObject({ measured: '×16: 1.48 [1.30–1.60] (hits 100%)', pass: false });
   });
 
   it('calls the issue #6 rows not measurable when the run had no parse floor', () => {

@@ -29,15 +29,23 @@ export interface Aggregate {
   cpuRatioToFloor: number;
   /** The same ratio taken per round, then the median: a check that pooling hides no outlier. */
   cpuRatioToFloorMedianOfRounds: number;
+  /** The smallest and largest per-round ratio: how far one round of this machine moves it. */
+  cpuRatioToFloorRange: RoundRange | undefined;
   /** CPU/request ÷ the parse floor's (same kind and connections), pooled over rounds. */
   cpuRatioToParseFloor: number;
   cpuRatioToParseFloorMedianOfRounds: number;
+  cpuRatioToParseFloorRange: RoundRange | undefined;
   addedP50Ms: number;
   addedP99Ms: number;
   addedTtfbP50Ms: number;
   rssMaxMb: number | undefined;
   hitRatio: number;
   errors: number;
+}
+
+export interface RoundRange {
+  min: number;
+  max: number;
 }
 
 const keyOf = (target: string, kind: string, connections: number, cache: string): string => `${target}|${kind}|${connections}|${cache}`;
@@ -85,14 +93,17 @@ export function aggregate(runs: readonly MeasuredRun[]): Aggregate[] {
   const out: Aggregate[] = [];
   for (const a of base.values()) {
     // The floors and the upstream have no cache: their miss runs are the reference for both cases.
-    const cpuRatios = (reference: string): { pooled: number; medianOfRounds: number } => {
+    const cpuRatios = (reference: string): { pooled: number; medianOfRounds: number; range: RoundRange | undefined } => {
       const perRound: number[] = [];
       for (const run of groups.get(keyOf(a.target, a.kind, a.connections, a.cache)) ?? []) {
         const referenceRound = roundCpu.get(`${keyOf(reference, a.kind, a.connections, 'miss')}|${run.record.round}`);
         perRound.push(ratio(run.record.cpuUsPerRequest, referenceRound));
       }
       const pooled = base.get(keyOf(reference, a.kind, a.connections, 'miss'))?.cpuUsPerRequest;
-      return { pooled: ratio(a.cpuUsPerRequest, pooled), medianOfRounds: median(perRound) };
+      const finite = perRound.filter((r) => Number.isFinite(r));
+      // Only a spread of two or more rounds says anything about the noise.
+      const range = finite.length >= 2 ? { min: Math.min(...finite), max: Math.max(...finite) } : undefined;
+      return { pooled: ratio(a.cpuUsPerRequest, pooled), medianOfRounds: median(perRound), range };
     };
     const floor = cpuRatios(FLOOR);
     const parseFloor = cpuRatios(PARSE_FLOOR);
@@ -101,8 +112,10 @@ export function aggregate(runs: readonly MeasuredRun[]): Aggregate[] {
       ...a,
       cpuRatioToFloor: floor.pooled,
       cpuRatioToFloorMedianOfRounds: floor.medianOfRounds,
+      cpuRatioToFloorRange: floor.range,
       cpuRatioToParseFloor: parseFloor.pooled,
       cpuRatioToParseFloorMedianOfRounds: parseFloor.medianOfRounds,
+      cpuRatioToParseFloorRange: parseFloor.range,
       addedP50Ms: direct ? a.latencyMs.p50 - direct.latencyMs.p50 : Number.NaN,
       addedP99Ms: direct ? a.latencyMs.p99 - direct.latencyMs.p99 : Number.NaN,
       addedTtfbP50Ms: direct?.ttfbMs && a.ttfbMs ? a.ttfbMs.p50 - direct.ttfbMs.p50 : Number.NaN,
@@ -131,6 +144,12 @@ export const TARGETS = { cpuRatio: 2.5, cacheHitCpuRatio: 1.3, addedP50Ms: 0.5, 
 
 const fmt = (n: number | undefined, digits = 2): string => (n === undefined || !Number.isFinite(n) ? 'n/a' : n.toFixed(digits));
 
+/**
+ * The per-round spread beside a pooled ratio. The verdict stays on the pooled figure; the spread
+ * shows whether one round of this noisy machine would have said otherwise.
+ */
+const spread = (range: RoundRange | undefined): string => (range ? ` [${fmt(range.min)}–${fmt(range.max)}]` : '');
+
 /** The issue's targets, checked for one gateway target (production, embedded or a variant). */
 export function checkTargets(aggregates: readonly Aggregate[], target: string): Check[] {
   const mine = aggregates.filter((a) => a.target === target);
@@ -144,13 +163,13 @@ export function checkTargets(aggregates: readonly Aggregate[], target: string): 
     checks.push({
       what: `CPU/request ÷ floor, full pipeline, ${kind.toUpperCase()} (cache miss)`,
       limit: `≤ ${TARGETS.cpuRatio}×`,
-      measured: rows.map((r) => `×${r.connections}: ${fmt(r.cpuRatioToFloor)}`).join(' · '),
+      measured: rows.map((r) => `×${r.connections}: ${fmt(r.cpuRatioToFloor)}${spread(r.cpuRatioToFloorRange)}`).join(' · '),
       pass: Number.isFinite(worst) ? worst <= TARGETS.cpuRatio : undefined,
     });
   }
   // Issue #7 states the hit target against the floor, issue #6 against the parse floor (a proxy
   // that parses and reads usage); the same rows, two references.
-  const hitChecks = (reference: string, ratioOf: (r: Aggregate) => number, suffix: string): void => {
+  const hitChecks = (reference: string, ratioOf: (r: Aggregate) => number, rangeOf: (r: Aggregate) => RoundRange | undefined, suffix: string): void => {
     for (const kind of ['json', 'sse'] as const) {
       const rows = pick(kind, 'hit');
       if (rows.length === 0) continue;
@@ -160,15 +179,15 @@ export function checkTargets(aggregates: readonly Aggregate[], target: string): 
         what: `CPU/request ÷ ${reference}, cache hit, ${kind.toUpperCase()}${suffix}`,
         limit: `≤ ${TARGETS.cacheHitCpuRatio}×`,
         measured: active
-          ? rows.map((r) => `×${r.connections}: ${fmt(ratioOf(r))} (hits ${(100 * r.hitRatio).toFixed(0)}%)`).join(' · ')
+          ? rows.map((r) => `×${r.connections}: ${fmt(ratioOf(r))}${spread(rangeOf(r))} (hits ${(100 * r.hitRatio).toFixed(0)}%)`).join(' · ')
           : 'cache not active (no `x-gateway-cache: hit`)',
         // Not measurable (rather than missed) when the run had no such reference (--targets without it).
         pass: active && Number.isFinite(worst) ? worst <= TARGETS.cacheHitCpuRatio : undefined,
       });
     }
   };
-  hitChecks('floor', (r) => r.cpuRatioToFloor, '');
-  hitChecks('parse floor', (r) => r.cpuRatioToParseFloor, ' (issue #6)');
+  hitChecks('floor', (r) => r.cpuRatioToFloor, (r) => r.cpuRatioToFloorRange, '');
+  hitChecks('parse floor', (r) => r.cpuRatioToParseFloor, (r) => r.cpuRatioToParseFloorRange, ' (issue #6)');
   const json1 = mine.find((a) => a.kind === 'json' && a.cache === 'miss' && a.connections === 1);
   if (json1) {
     checks.push({
