@@ -24,6 +24,10 @@ export const JOBS_PRODUCER_REDIS = Symbol('JOBS_PRODUCER_REDIS');
 const DEFAULT_SHUTDOWN_GRACE_MS = 10_000;
 // A submit waits at most this long for Redis before answering 503: an HTTP caller is waiting.
 const REDIS_COMMAND_TIMEOUT_MS = 2_000;
+// Readiness gives Redis less: a kubelet waits 1 s for a probe by default, and a Redis that holds
+// the connection open without answering must read as degraded, not as a probe that timed out (on
+// every pod at once, while sync traffic does not need the queue).
+const HEALTH_TIMEOUT_MS = 500;
 const READY_WAIT_MS = 5_000;
 // After the grace period running jobs are aborted; this bounds the wait for them to notice.
 const ABORT_WAIT_MS = 2_000;
@@ -190,19 +194,21 @@ export class BullmqJobQueue extends JobQueue {
     this.processing = true;
   }
 
-  async counts(): Promise<QueueCounts> {
-    const c = await this.redis(() => this.queue.getJobCounts(...BACKLOG_STATES));
+  async counts(timeoutMs = REDIS_COMMAND_TIMEOUT_MS): Promise<QueueCounts> {
+    const c = await this.redis(() => this.queue.getJobCounts(...BACKLOG_STATES), timeoutMs);
     return { waiting: (c.wait ?? 0) + (c.prioritized ?? 0) + (c['waiting-children'] ?? 0), active: c.active ?? 0, delayed: c.delayed ?? 0 };
   }
 
   async health(): Promise<ReadinessReport> {
     try {
       this.assertAccepting();
-      const counts = await this.counts();
+      const counts = await this.counts(HEALTH_TIMEOUT_MS);
       return { state: 'up', details: { driver: this.driver, ...counts, processing: this.processing } };
     } catch {
-      // Degraded, not down: sync traffic does not need the queue (API.md "Decisions").
-      return { state: 'degraded', details: { driver: this.driver, redis: 'unreachable', async_submits: 'refused with 503 unavailable' } };
+      // Degraded, not down: sync traffic does not need the queue (API.md "Decisions"). Connected
+      // but silent (a frozen server, a dropped network) is told apart from not connected.
+      const redis = this.producer.status === 'ready' ? `no answer within ${HEALTH_TIMEOUT_MS} ms` : 'unreachable';
+      return { state: 'degraded', details: { driver: this.driver, redis, async_submits: 'refused with 503 unavailable' } };
     }
   }
 
@@ -236,10 +242,10 @@ export class BullmqJobQueue extends JobQueue {
     this.producer.disconnect();
   }
 
-  private async redis<T>(command: () => Promise<T>): Promise<T> {
+  private async redis<T>(command: () => Promise<T>, timeoutMs = REDIS_COMMAND_TIMEOUT_MS): Promise<T> {
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`Redis did not answer within ${REDIS_COMMAND_TIMEOUT_MS} ms`)), REDIS_COMMAND_TIMEOUT_MS);
+      timer = setTimeout(() => reject(new Error(`Redis did not answer within ${timeoutMs} ms`)), timeoutMs);
     });
     try {
       return await Promise.race([command(), timeout]);

@@ -10,7 +10,7 @@ import { InlineJobQueue } from '../../src/jobs/inline-job-queue.js';
 import { exponentialBackoff, JobQueue } from '../../src/jobs/job-queue.js';
 import { jobQueueContract } from '../../src/jobs/testing/job-queue.contract.js';
 import { REDIS_URL } from '../support/databases.js';
-import { uniqueRedisPrefix } from '../support/redis.js';
+import { startRedisProxy, uniqueRedisPrefix } from '../support/redis.js';
 
 jobQueueContract('inline', (options) => {
   const queue = new InlineJobQueue(options);
@@ -84,6 +84,29 @@ describe('BullmqJobQueue without Redis', () => {
       queue.start({ run: () => Promise.resolve(), abandon: () => Promise.resolve() });
     } finally {
       await close();
+    }
+  });
+});
+
+describe('BullmqJobQueue with a Redis that stops answering', () => {
+  it('says degraded within a kubelet probe’s default 1 s timeout while Redis holds the connection without answering, and up once it answers again', async () => {
+    const proxy = await startRedisProxy();
+    const prefix = uniqueRedisPrefix('jobs-frozen');
+    const { queue, close } = await openBullmqQueue({ redisUrl: proxy.url, prefix, concurrency: 1, maxQueued: 10, maxTries: 3, backoff: () => 10 });
+    try {
+      await queue.ready();
+      expect(await queue.health()).toMatchObject({ state: 'up' });
+      proxy.freeze();
+      // The probe's side of it: an answer after 1 s is no answer (Kubernetes' timeoutSeconds default).
+      const probe = await Promise.race([queue.health(), new Promise<'probe timed out'>((resolve) => setTimeout(() => resolve('probe timed out'), 1000))]);
+      expect(probe).toMatchObject({ state: 'degraded', details: { driver: 'bullmq', redis: 'no answer within 500 ms' } });
+      proxy.thaw();
+      expect(await queue.health()).toMatchObject({ state: 'up' });
+    } finally {
+      proxy.thaw();
+      await close();
+      await proxy.stop();
+      await dropKeys(prefix);
     }
   });
 });
