@@ -204,10 +204,11 @@ export class BullmqJobQueue extends JobQueue {
       this.assertAccepting();
       const counts = await this.counts(HEALTH_TIMEOUT_MS);
       return { state: 'up', details: { driver: this.driver, ...counts, processing: this.processing } };
-    } catch {
+    } catch (error) {
       // Degraded, not down: sync traffic does not need the queue (API.md "Decisions"). Connected
-      // but silent (a frozen server, a dropped network) is told apart from not connected.
-      const redis = this.producer.status === 'ready' ? `no answer within ${HEALTH_TIMEOUT_MS} ms` : 'unreachable';
+      // but failing (a frozen server, a dropped network, an error reply) says why.
+      const cause = (error as { cause?: unknown }).cause;
+      const redis = this.producer.status === 'ready' && cause instanceof Error ? cause.message.slice(0, 200) : 'unreachable';
       return { state: 'degraded', details: { driver: this.driver, redis, async_submits: 'refused with 503 unavailable' } };
     }
   }

@@ -98,8 +98,13 @@ describe('BullmqJobQueue with a Redis that stops answering', () => {
       expect(await queue.health()).toMatchObject({ state: 'up' });
       proxy.freeze();
       // The probe's side of it: an answer after 1 s is no answer (Kubernetes' timeoutSeconds default).
-      const probe = await Promise.race([queue.health(), new Promise<'probe timed out'>((resolve) => setTimeout(() => resolve('probe timed out'), 1000))]);
-      expect(probe).toMatchObject({ state: 'degraded', details: { driver: 'bullmq', redis: 'no answer within 500 ms' } });
+      let timer: NodeJS.Timeout | undefined;
+      const probeTimeout = new Promise<'probe timed out'>((resolve) => {
+        timer = setTimeout(() => resolve('probe timed out'), 1000);
+      });
+      const probe = await Promise.race([queue.health(), probeTimeout]);
+      clearTimeout(timer);
+      expect(probe).toMatchObject({ state: 'degraded', details: { driver: 'bullmq', redis: 'Redis did not answer within 500 ms' } });
       proxy.thaw();
       expect(await queue.health()).toMatchObject({ state: 'up' });
     } finally {
