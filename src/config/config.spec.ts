@@ -35,6 +35,32 @@ describe('loadConfig', () => {
     expect(String((error as Error).message)).not.toContain('hunter2');
   });
 
+  it('refuses upstream header values an HTTP request cannot carry, naming the variable and never the key', () => {
+    const problemsOf = (env: Record<string, string>): string[] => {
+      try {
+        loadConfig(env);
+        return [];
+      } catch (e) {
+        return (e as ConfigError).problems;
+      }
+    };
+    // A key pasted with a typographic quote, or with a space inside it.
+    expect(problemsOf({ OPENROUTER_API_KEY: 'sk-or-v1-abc’def' })).toEqual([
+      'OPENROUTER_API_KEY contains characters an HTTP header cannot carry (printable ASCII without spaces only)',
+    ]);
+    expect(problemsOf({ OPENROUTER_API_KEY: 'sk-or-v1 secret' }).join('\n')).not.toContain('secret');
+    expect(problemsOf({ OPENROUTER_API_KEY: 'sk-or-v1 secret' })).toHaveLength(1);
+    expect(problemsOf({ APP_TITLE: 'Gatehouse – Acme' })).toEqual([
+      'APP_TITLE contains characters an HTTP header cannot carry (printable ASCII and Latin-1 only)',
+    ]);
+    expect(problemsOf({ APP_URL: 'https://acme.example/\nX-Injected: 1' })).toHaveLength(1);
+    // Latin-1 is what a header may carry: accepted as it is.
+    expect(loadConfig({ APP_TITLE: 'Gatehouse Café', OPENROUTER_API_KEY: 'sk-or-v1-0123abcdef' }).upstream).toMatchObject({
+      title: 'Gatehouse Café',
+      apiKey: 'sk-or-v1-0123abcdef',
+    });
+  });
+
   it('describes itself without secrets', () => {
     const c = loadConfig({ OPENROUTER_API_KEY: 'sk-or-secret', ADMIN_API_KEY: 'admin-key-0123456789', DATABASE_URL: 'postgres://u:pw@h/db' });
     expect(JSON.stringify(describeConfig(c))).not.toMatch(/sk-or-secret|admin-key|pw@/);

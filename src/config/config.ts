@@ -240,6 +240,10 @@ export type ConfigVariable = keyof typeof CONFIG_VARIABLES;
 export type Env = Partial<Record<string, string | undefined>>;
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+/** What undici (and Node's http) accept in a header value: tab, visible ASCII and space, Latin-1. */
+const HEADER_TEXT = /^[\t\x20-\x7e\x80-\xff]*$/;
+/** An API key is a token: visible ASCII, no spaces. */
+const HEADER_TOKEN = /^[\x21-\x7e]+$/;
 
 export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
   const problems: string[] = [];
@@ -285,9 +289,21 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
     return v;
   };
 
+  // Values sent as upstream request headers. A character an HTTP header cannot carry (a pasted
+  // typographic dash or quote, a line break inside the value) would otherwise fail every call as
+  // an "upstream connection" error; refusing to start names the variable instead.
+  const headerValue = (name: ConfigVariable, token: boolean): string | undefined => {
+    const v = str(name);
+    if (v !== undefined && !(token ? HEADER_TOKEN : HEADER_TEXT).test(v)) {
+      // Never echo the value: the API key is a secret.
+      problems.push(`${name} contains characters an HTTP header cannot carry (${token ? 'printable ASCII without spaces' : 'printable ASCII and Latin-1'} only)`);
+    }
+    return v;
+  };
+
   const databaseUrl = url('DATABASE_URL', ['postgres:', 'postgresql:']);
   const redisUrl = url('REDIS_URL', ['redis:', 'rediss:']);
-  const apiKey = str('OPENROUTER_API_KEY');
+  const apiKey = headerValue('OPENROUTER_API_KEY', true);
   const baseUrl = (url('OPENROUTER_BASE_URL', ['http:', 'https:']) ?? 'https://openrouter.ai/api/v1').replace(/\/+$/, '');
   const storeDefault: StoreDriver = redisUrl ? 'redis' : 'memory';
   const cacheDriver = oneOf('CACHE_DRIVER', ['memory', 'redis'] as const, storeDefault);
@@ -332,8 +348,8 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
       apiKey,
       timeoutMs: int('UPSTREAM_TIMEOUT_MS', 60_000, 100, 3_600_000),
       connections: int('UPSTREAM_CONNECTIONS', 128, 1, 10_000),
-      referer: str('APP_URL') ?? 'https://github.com/gatehouse/gatehouse',
-      title: str('APP_TITLE') ?? 'Gatehouse',
+      referer: headerValue('APP_URL', false) ?? 'https://github.com/gatehouse/gatehouse',
+      title: headerValue('APP_TITLE', false) ?? 'Gatehouse',
       retry: {
         attemptsPerModel: int('UPSTREAM_RETRY_ATTEMPTS', 2, 1, 10),
         baseDelayMs: int('UPSTREAM_RETRY_BASE_MS', 250, 0, 60_000),
