@@ -3,6 +3,7 @@ import { Inject, Injectable } from '@nestjs/common';
 import type { Job, Queue } from 'bullmq';
 import { Redis } from 'ioredis';
 import type { Logger } from 'pino';
+import { withTimeout } from '../core/deadline.js';
 import { LogThrottle } from '../core/log-throttle.js';
 import { AppLogger } from '../core/logger.js';
 import type { ReadinessReport } from '../health/readiness.js';
@@ -244,16 +245,10 @@ export class BullmqJobQueue extends JobQueue {
   }
 
   private async redis<T>(command: () => Promise<T>, timeoutMs = REDIS_COMMAND_TIMEOUT_MS): Promise<T> {
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`Redis did not answer within ${timeoutMs} ms`)), timeoutMs);
-    });
     try {
-      return await Promise.race([command(), timeout]);
+      return await withTimeout(command(), timeoutMs, () => new Error(`Redis did not answer within ${timeoutMs} ms`));
     } catch (error) {
       throw queueUnavailable(error);
-    } finally {
-      clearTimeout(timer);
     }
   }
 }
