@@ -68,12 +68,14 @@ export class CompletionService {
     const { model, result } = value;
     const producedChars = result.completion.choices.reduce((n, c) => n + (typeof c.message?.content === 'string' ? c.message.content.length : 0), 0);
     const costNanos = this.budget.settle(reservation, attempts, { producedChars });
-    // Not awaited: the followers are released synchronously inside fill, and the store write
-    // (which never throws) must not sit between the upstream's answer and the caller.
-    void cached.fill(result.raw, result.completion);
-    this.rateLimiter.recordTokens(call.principal, tokensUsed(attempts));
     const meta = this.meta(route, model, cached.status);
-    this.logDone(call, route, meta, attempts, started, 'ok', costNanos);
+    // The cost header needs the settlement; the rest waits until the caller has its answer.
+    this.afterReply(call, () => {
+      // Not awaited: it never throws, and the local followers are released synchronously inside.
+      void cached.fill(result.raw, result.completion);
+      this.rateLimiter.recordTokens(call.principal, tokensUsed(attempts));
+      this.logDone(call, route, meta, attempts, started, 'ok', costNanos);
+    });
     return { completion: result.completion, raw: result.raw, costNanos, meta };
   }
 
@@ -207,8 +209,10 @@ export class CompletionService {
   /** A cache hit: no upstream call, no reservation; charged 0 and recorded as such in the ledger. */
   private answerFromCache(call: CompletionCall, route: ResolvedRoute, hit: CachedAnswer, started: number): JsonOutcome {
     const meta = this.meta(route, hit.model, 'hit');
-    this.budget.recordCacheHit(call, route, meta.model, hit.usage);
-    this.logDone(call, route, meta, [], started, 'ok');
+    this.afterReply(call, () => {
+      this.budget.recordCacheHit(call, route, meta.model, hit.usage);
+      this.logDone(call, route, meta, [], started, 'ok');
+    });
     // The chat door sends `raw`; only /v1/complete and jobs read the parsed completion.
     return {
       get completion() {
@@ -228,6 +232,27 @@ export class CompletionService {
     for (const payload of replayChunks(hit.completion, call.body.stream_options?.include_usage === true)) sink.event(payload);
     sink.close();
     this.logDone(call, route, meta, [], started, 'ok');
+  }
+
+  /**
+   * Runs a JSON answer's bookkeeping (cache fill, token count, ledger row, audit event, metrics,
+   * log line) after the door has written the answer: the door sends it in this call's promise
+   * continuation, and setImmediate runs only after the turn's continuations, so at one
+   * connection the caller no longer waits ~40 µs for records it never sees. Still before the
+   * next request is read (the check phase comes before the next poll), so a Redis fill leaves
+   * ahead of the next lookup on the same connection. Nothing is lost at shutdown either: the
+   * drain and the writers' last flush take many turns after this one.
+   */
+  private afterReply(call: CompletionCall, work: () => void): void {
+    // The audit hook must see it even if the door's reply goes out first and fails.
+    call.audited = true;
+    setImmediate(() => {
+      try {
+        work();
+      } catch (error) {
+        this.logger.error({ reqId: call.requestId, err: (error as Error).message }, 'recording a completion failed');
+      }
+    });
   }
 
   private meta(route: ResolvedRoute, model: string, cache: CacheStatus): CompletionMeta {
