@@ -1,4 +1,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
+import { DATABASE_CONTENT } from '../../src/app.module.js';
+import { openDatabase } from '../../src/database/data-source.js';
+import { createPostgresDatabase } from '../support/databases.js';
 import { pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 
 /** An SSE response read as it arrives, so a test can act while the stream is still going. */
@@ -80,23 +83,46 @@ describe('graceful shutdown (SIGTERM path: app.close())', () => {
     await expect(fetch(`${gw.url}/health/live`)).rejects.toThrow();
   });
 
-  it('lets an in-flight JSON request finish during the drain', async () => {
-    gw = await startTestGateway({ env: { SHUTDOWN_DRAIN_MS: '30000' } });
-    const bob = await gw.tenants.create();
-    gw.stub.configure({ latencyMs: 1500 });
-    const pending = bob.api.post<{ choices: Array<{ message: { content: string } }> }>('/v1/chat/completions', {
-      model: 'auto',
-      messages: [{ role: 'user', content: 'take your time' }],
-    });
-    const stub = gw.stub;
-    await pollUntil(() => expect(stub.hits).toBe(1));
+  it('lets an in-flight JSON request finish during the drain, and stores its ledger row and audit event before the database closes', async () => {
+    const pgdb = await createPostgresDatabase();
+    try {
+      // Flush intervals far beyond the test: only the shutdown flushes can store this request's
+      // records, which the pipeline writes after the answer has gone out.
+      gw = await startTestGateway({
+        db: 'postgres',
+        postgresUrl: pgdb.url,
+        env: { SHUTDOWN_DRAIN_MS: '30000', AUDIT_FLUSH_MS: '60000', BUDGET_FLUSH_MS: '60000' },
+      });
+      const bob = await gw.tenants.create();
+      gw.stub.configure({ latencyMs: 1500 });
+      const pending = bob.api.post<{ choices: Array<{ message: { content: string } }> }>('/v1/chat/completions', {
+        model: 'auto',
+        messages: [{ role: 'user', content: 'take your time' }],
+      });
+      const stub = gw.stub;
+      await pollUntil(() => expect(stub.hits).toBe(1));
 
-    const closing = gw.gateway.close();
-    await pollUntil(async () => expect((await fetch(`${gw?.url}/health/ready`)).status).toBe(503));
-    const res = await pending;
-    expect(res.status).toBe(200);
-    expect(res.body.choices[0]?.message.content).toBe('Mock reply to: take your time');
-    await closing;
+      const closing = gw.gateway.close();
+      await pollUntil(async () => expect((await fetch(`${gw?.url}/health/ready`)).status).toBe(503));
+      const res = await pending;
+      expect(res.status).toBe(200);
+      expect(res.body.choices[0]?.message.content).toBe('Mock reply to: take your time');
+      const requestId = res.headers.get('x-request-id');
+      expect(requestId).toBeTruthy();
+      await closing;
+
+      const db = await openDatabase({ driver: 'postgres', url: pgdb.url }, DATABASE_CONTENT);
+      try {
+        const ledger = await db.dataSource.query<Array<{ user_id: string; cache: string | null }>>('SELECT user_id, cache FROM usage_ledger WHERE request_id = $1', [requestId]);
+        expect(ledger).toEqual([{ user_id: bob.userId, cache: 'miss' }]);
+        const audit = await db.dataSource.query<Array<{ action: string; status: number }>>('SELECT action, status FROM audit_events WHERE request_id = $1', [requestId]);
+        expect(audit).toEqual([{ action: 'completion', status: 200 }]);
+      } finally {
+        await db.close();
+      }
+    } finally {
+      await pgdb.drop();
+    }
   });
 
   it('ends a stream that outlives SHUTDOWN_DRAIN_MS with an SSE error event, then [DONE]', async () => {
