@@ -121,8 +121,10 @@ export class RedisResponseCache extends ResponseCache {
       return;
     }
     const tagKeys = [this.tagKey('u', tags.userId), this.tagKey('d', tags.departmentId), ...tags.models.map((m) => this.tagKey('m', m))];
+    // Nobody reads the reply, and a fill never fails a request: where the connection can skip
+    // it, Redis sends none, which spares the gateway a wakeup per miss (BENCHMARKS.md, session 8).
     await this.guard(
-      STORE.run(this.client, [this.entryKey(key), this.lockKey(key), this.waitKey(key), ...tagKeys], [body, Math.ceil(ttlMs), token ?? '', this.landedChannel, key]),
+      STORE.fire(this.client, [this.entryKey(key), this.lockKey(key), this.waitKey(key), ...tagKeys], [body, Math.ceil(ttlMs), token ?? '', this.landedChannel, key]),
     );
   }
 

@@ -16,6 +16,19 @@ export class LuaScript {
     this.sha = hash('sha1', source, 'hex');
   }
 
+  /**
+   * Runs the script when nobody needs its reply: without one where the connection can skip it
+   * (EVAL with the source, since a skipped EVALSHA after a SCRIPT FLUSH would fail unseen),
+   * else as `run`. Resolves once sent (or answered); rejects only when it could not be sent.
+   */
+  async fire(client: RedisCommands, keys: readonly string[], args: ReadonlyArray<string | number>): Promise<void> {
+    if (client.fire && client.skipsReplies) {
+      client.fire('EVAL', this.source, keys.length, ...keys, ...args);
+      return;
+    }
+    await this.run(client, keys, args);
+  }
+
   async run(client: RedisCommands, keys: readonly string[], args: ReadonlyArray<string | number>): Promise<unknown> {
     try {
       return await client.call('EVALSHA', this.sha, keys.length, ...keys, ...args);

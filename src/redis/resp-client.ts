@@ -11,7 +11,22 @@ export interface RedisCommands {
   /** `'ready'` when commands are accepted; anything else and `call` fails at once. */
   readonly status: string;
   call(command: string, ...args: Array<string | number>): Promise<unknown>;
+  /**
+   * True while `fire` sends without a reply: the server honoured CLIENT REPLY SKIP when this
+   * connection was opened (a proxy in front of Redis may not).
+   */
+  readonly skipsReplies?: boolean;
+  /**
+   * Sends a command whose outcome nobody waits for, preceded by CLIENT REPLY SKIP: no reply to
+   * parse, and no wakeup for it. Only while `skipsReplies`; throws when the connection is down.
+   * Errors are never seen, so only commands that cannot fail for a reason worth knowing belong
+   * here (a cache fill; not EVALSHA, which a SCRIPT FLUSH would fail unseen).
+   */
+  fire?(command: string, ...args: Array<string | number>): void;
 }
+
+/** What the probe echoes after a skipped ECHO: the only reply a server that honours SKIP sends. */
+const SKIP_PROBE = 'gatehouse:reply-skip-probe';
 
 export interface RespClientOptions {
   /** CLIENT SETNAME, to tell the gateway's connections apart in `CLIENT LIST`. */
@@ -78,6 +93,8 @@ export class RespClient extends EventEmitter implements RedisCommands {
   private readonly port: number;
   private readonly tls: boolean;
   private readonly handshake: Array<Array<string | number>>;
+  /** Learnt at each handshake; 'no' once a server did not honour SKIP, for good (no probe loop). */
+  private skipSupport: 'unknown' | 'yes' | 'no' = 'unknown';
 
   constructor(
     url: string,
@@ -102,6 +119,15 @@ export class RespClient extends EventEmitter implements RedisCommands {
 
   get status(): RespStatus {
     return this.state;
+  }
+
+  get skipsReplies(): boolean {
+    return this.state === 'ready' && this.skipSupport === 'yes';
+  }
+
+  fire(command: string, ...args: Array<string | number>): void {
+    if (!this.skipsReplies) throw new Error(`Redis connection is ${this.state}${this.state === 'ready' ? ' and does not skip replies' : ''}`);
+    this.write(encodeCommand(['CLIENT', 'REPLY', 'SKIP']) + encodeCommand([command, ...args]));
   }
 
   call(command: string, ...args: Array<string | number>): Promise<unknown> {
@@ -132,7 +158,14 @@ export class RespClient extends EventEmitter implements RedisCommands {
   }
 
   private send(args: Array<string | number>): Promise<unknown> {
-    this.out += encodeCommand(args);
+    this.write(encodeCommand(args));
+    return new Promise((resolve, reject) => {
+      this.queue.push({ resolve, reject, sentAt: performance.now() });
+    });
+  }
+
+  private write(encoded: string): void {
+    this.out += encoded;
     if (!this.flushScheduled) {
       this.flushScheduled = true;
       // setImmediate, not nextTick: runs after the turn's promise continuations, so the rate-limit
@@ -140,8 +173,27 @@ export class RespClient extends EventEmitter implements RedisCommands {
       // poll phase) share one write.
       setImmediate(this.flush);
     }
-    return new Promise((resolve, reject) => {
-      this.queue.push({ resolve, reject, sentAt: performance.now() });
+  }
+
+  /**
+   * Part of the handshake: a skipped ECHO, then one whose reply is awaited. A server that honours
+   * CLIENT REPLY SKIP answers only the second; any other first reply (an error for an unknown
+   * subcommand, the skipped ECHO's own, an OK) means it does not, and the connection is rebuilt
+   * without the probe, since the replies still on their way can no longer be matched to commands.
+   */
+  private probeSkip(): Promise<unknown> {
+    this.out += encodeCommand(['CLIENT', 'REPLY', 'SKIP']) + encodeCommand(['ECHO', `${SKIP_PROBE}:skipped`]);
+    return this.send(['ECHO', SKIP_PROBE]).then(
+      (reply) => {
+        if (reply !== SKIP_PROBE) throw new Error('Redis did not honour CLIENT REPLY SKIP; reconnecting without it');
+        this.skipSupport = 'yes';
+      },
+      (error: Error) => {
+        throw new Error(`Redis refused CLIENT REPLY SKIP (${error.message}); reconnecting without it`);
+      },
+    ).catch((error: unknown) => {
+      this.skipSupport = 'no';
+      throw error;
     });
   }
 
@@ -167,6 +219,8 @@ export class RespClient extends EventEmitter implements RedisCommands {
       // The handshake goes first on the new connection: AUTH, SELECT and SETNAME replies are
       // checked before anything else is accepted.
       const replies = this.handshake.map((command) => this.send(command));
+      // A subscriber connection takes no other commands, and never needs to skip a reply.
+      if (!this.options.subscribe && this.skipSupport !== 'no') replies.push(this.probeSkip());
       Promise.all(replies).then(
         () => {
           clearTimeout(connectTimer);

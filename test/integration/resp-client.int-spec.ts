@@ -1,10 +1,11 @@
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { type AddressInfo, connect } from 'node:net';
+import { type AddressInfo, connect, createServer as createNetServer, type Server as NetServer } from 'node:net';
 import { createServer, type Server } from 'node:tls';
 import { afterEach, describe, expect, it } from 'vitest';
 import { pollUntil } from '../../src/core/testing/poll-until.js';
 import { FAIL_FAST_OPTIONS, whenReady } from '../../src/redis/redis-connections.js';
+import { LuaScript } from '../../src/redis/lua-script.js';
 import { RespClient } from '../../src/redis/resp-client.js';
 import { RedisReplyError } from '../../src/redis/resp-parser.js';
 import { REDIS_URL } from '../support/databases.js';
@@ -16,10 +17,12 @@ import { startRedisProxy, type TcpProxy } from '../support/redis.js';
 const open: RespClient[] = [];
 const proxies: TcpProxy[] = [];
 const servers: Server[] = [];
+const netServers: NetServer[] = [];
 afterEach(async () => {
   for (const client of open.splice(0)) client.disconnect();
   for (const proxy of proxies.splice(0)) await proxy.stop();
   for (const server of servers.splice(0)) await new Promise((resolve) => server.close(resolve));
+  for (const server of netServers.splice(0)) await new Promise((resolve) => server.close(resolve));
 });
 
 // A certificate for 127.0.0.1 made for these tests only (valid until 2126).
@@ -38,6 +41,28 @@ async function startTlsRedis(): Promise<string> {
   servers.push(server);
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   return `rediss://127.0.0.1:${(server.address() as AddressInfo).port}`;
+}
+
+/**
+ * A relay in front of the test Redis that counts the bytes Redis sends back, and can rewrite what
+ * the client sends (as a proxy that speaks RESP but handles some commands its own way would).
+ */
+async function startCountingRelay(rewrite: (fromClient: string) => string = (text) => text): Promise<{ url: string; received(): number; reset(): void }> {
+  const redis = new URL(REDIS_URL);
+  let received = 0;
+  const server = createNetServer((socket) => {
+    const upstream = connect(Number(redis.port || 6379), redis.hostname);
+    socket.on('data', (chunk: Buffer) => upstream.write(rewrite(chunk.toString('latin1')), 'latin1'));
+    upstream.on('data', (chunk: Buffer) => {
+      received += chunk.length;
+      socket.write(chunk);
+    });
+    socket.on('error', () => upstream.destroy()).on('close', () => upstream.destroy());
+    upstream.on('error', () => socket.destroy()).on('close', () => socket.destroy());
+  });
+  netServers.push(server);
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return { url: `redis://127.0.0.1:${(server.address() as AddressInfo).port}`, received: () => received, reset: () => (received = 0) };
 }
 
 function client(url = REDIS_URL, overrides: Partial<typeof FAIL_FAST_OPTIONS> = {}): RespClient {
@@ -191,6 +216,67 @@ describe('RespClient (real Redis)', () => {
     await reconnected;
     expect(await mouth.call('PUBLISH', channel, 'two')).toBe(1);
     await pollUntil(() => expect(heard).toEqual(['one', 'two']));
+  });
+
+  it('fires a command without a reply: Redis runs it and sends nothing back, and every later reply still reaches its own caller', async () => {
+    const relay = await startCountingRelay();
+    const c = client(relay.url);
+    await whenReady(c, 5000);
+    expect(c.skipsReplies).toBe(true);
+    const k = key();
+    relay.reset();
+    c.fire('SET', k, 'v', 'PX', 60_000);
+    expect(await c.call('GET', k)).toBe('v');
+    // Only GET's reply ("$1\r\nv\r\n") came back, not SET's "+OK\r\n".
+    expect(relay.received()).toBe(7);
+    // Fired and awaited commands interleaved in one turn stay matched.
+    const replies = await Promise.all(
+      Array.from({ length: 500 }, (_, i) => {
+        c.fire('SET', `${k}:${i}`, `v${i}`, 'PX', 60_000);
+        return c.call('GET', `${k}:${i}`);
+      }),
+    );
+    expect(replies).toEqual(Array.from({ length: 500 }, (_, i) => `v${i}`));
+    // A script fired this way runs too (EVAL with its source, never an EVALSHA that could fail unseen).
+    const script = new LuaScript("redis.call('SET', KEYS[1], ARGV[1], 'PX', 60000) return 1", `test-fire-${randomBytes(3).toString('hex')}`);
+    await script.fire(c, [`${k}:script`], ['ran']);
+    expect(await c.call('GET', `${k}:script`)).toBe('ran');
+    await c.call('DEL', k, `${k}:script`, ...Array.from({ length: 500 }, (_, i) => `${k}:${i}`));
+  });
+
+  it('skips no reply where CLIENT REPLY is not allowed (an ACL), and still runs fired scripts, as ordinary commands', async () => {
+    const admin = client();
+    await whenReady(admin, 5000);
+    const user = `gh-test-${randomBytes(4).toString('hex')}`;
+    const password = randomBytes(12).toString('hex');
+    await admin.call('ACL', 'SETUSER', user, 'on', `>${password}`, '~*', '&*', '+@all', '-client|reply');
+    try {
+      const url = new URL(REDIS_URL);
+      url.username = user;
+      url.password = password;
+      const c = client(url.toString(), { retryDelayMs: () => 20 });
+      await whenReady(c, 5000);
+      expect(c.skipsReplies).toBe(false);
+      expect(() => c.fire('PING')).toThrow(/does not skip replies/);
+      const k = key();
+      const script = new LuaScript("redis.call('SET', KEYS[1], ARGV[1], 'PX', 60000) return 1", `test-acl-${randomBytes(3).toString('hex')}`);
+      await script.fire(c, [k], ['ran']);
+      expect(await c.call('GET', k)).toBe('ran');
+      expect(await c.call('ECHO', 'in step')).toBe('in step');
+      await c.call('DEL', k);
+    } finally {
+      await admin.call('ACL', 'DELUSER', user);
+    }
+  });
+
+  it('behind a proxy that answers CLIENT REPLY SKIP instead of honouring it, reconnects without skipping and keeps replies matched', async () => {
+    // The proxy turns SKIP into ON: Redis answers it (+OK) and the ECHO after it.
+    const relay = await startCountingRelay((text) => text.replace('$5\r\nREPLY\r\n$4\r\nSKIP\r\n', '$5\r\nREPLY\r\n$2\r\nON\r\n'));
+    const c = client(relay.url, { retryDelayMs: () => 20 });
+    await whenReady(c, 5000);
+    expect(c.skipsReplies).toBe(false);
+    const replies = await Promise.all(Array.from({ length: 50 }, (_, i) => c.call('ECHO', `r${i}`)));
+    expect(replies).toEqual(Array.from({ length: 50 }, (_, i) => `r${i}`));
   });
 
   it('quit waits for the answers already on their way, then stays closed', async () => {
