@@ -185,16 +185,21 @@ export class RespClient extends EventEmitter implements RedisCommands {
     this.out += encodeCommand(['CLIENT', 'REPLY', 'SKIP']) + encodeCommand(['ECHO', `${SKIP_PROBE}:skipped`]);
     return this.send(['ECHO', SKIP_PROBE]).then(
       (reply) => {
-        if (reply !== SKIP_PROBE) throw new Error('Redis did not honour CLIENT REPLY SKIP; reconnecting without it');
-        this.skipSupport = 'yes';
+        if (reply === SKIP_PROBE) {
+          this.skipSupport = 'yes';
+          return;
+        }
+        this.skipSupport = 'no';
+        throw new Error('Redis did not honour CLIENT REPLY SKIP; reconnecting without it');
       },
       (error: Error) => {
+        // Only the server's own answer says anything about SKIP; a connection that dropped
+        // during the handshake does not, and the next one probes again.
+        if (!(error instanceof RedisReplyError)) throw error;
+        this.skipSupport = 'no';
         throw new Error(`Redis refused CLIENT REPLY SKIP (${error.message}); reconnecting without it`);
       },
-    ).catch((error: unknown) => {
-      this.skipSupport = 'no';
-      throw error;
-    });
+    );
   }
 
   private readonly flush = (): void => {

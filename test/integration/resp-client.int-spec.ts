@@ -279,6 +279,21 @@ describe('RespClient (real Redis)', () => {
     expect(replies).toEqual(Array.from({ length: 50 }, (_, i) => `r${i}`));
   });
 
+  it('probes again after a connection lost during its handshake: only an answer from Redis turns skipping off', async () => {
+    const proxy = await startRedisProxy(REDIS_URL);
+    proxies.push(proxy);
+    proxy.freeze();
+    const c = client(proxy.url, { retryDelayMs: () => 20 });
+    // The handshake (and the probe in it) is held by the frozen relay, then the relay goes away.
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    expect(c.status).toBe('connecting');
+    await proxy.stop();
+    proxy.thaw();
+    await proxy.start();
+    await whenReady(c, 5000);
+    expect(c.skipsReplies).toBe(true);
+  });
+
   it('quit waits for the answers already on their way, then stays closed', async () => {
     const c = client();
     await whenReady(c, 5000);
