@@ -209,10 +209,10 @@ export class CompletionService {
   /** A cache hit: no upstream call, no reservation; charged 0 and recorded as such in the ledger. */
   private answerFromCache(call: CompletionCall, route: ResolvedRoute, hit: CachedAnswer, started: number): JsonOutcome {
     const meta = this.meta(route, hit.model, 'hit');
-    this.afterReply(call, () => {
-      this.budget.recordCacheHit(call, route, meta.model, hit.usage);
-      this.logDone(call, route, meta, [], started, 'ok');
-    });
+    // Recorded before the answer, unlike a miss: deferred, the hit cost 14% more CPU at 16
+    // connections (paired over 6 rounds, every round dearer) and answered no sooner at one.
+    this.budget.recordCacheHit(call, route, meta.model, hit.usage);
+    this.logDone(call, route, meta, [], started, 'ok');
     // The chat door sends `raw`; only /v1/complete and jobs read the parsed completion.
     return {
       get completion() {
@@ -235,10 +235,10 @@ export class CompletionService {
   }
 
   /**
-   * Runs a JSON answer's bookkeeping (cache fill, token count, ledger row, audit event, metrics,
+   * Runs a JSON miss's bookkeeping (cache fill, token count, ledger row, audit event, metrics,
    * log line) after the door has written the answer: the door sends it in this call's promise
    * continuation, and setImmediate runs only after the turn's continuations, so at one
-   * connection the caller no longer waits ~40 µs for records it never sees. Still before the
+   * connection the caller no longer waits for records it never sees. Still before the
    * next request is read (the check phase comes before the next poll), so a Redis fill leaves
    * ahead of the next lookup on the same connection. Nothing is lost at shutdown either: the
    * drain and the writers' last flush take many turns after this one.
