@@ -19,7 +19,8 @@ export class LuaScript {
   /**
    * Runs the script when nobody needs its reply: without one where the connection can skip it
    * (EVAL with the source, since a skipped EVALSHA after a SCRIPT FLUSH would fail unseen),
-   * else as `run`. Resolves once sent (or answered); rejects only when it could not be sent.
+   * else as `run`. Resolves once sent (or, without skipping, answered); rejects when it could not
+   * be sent, or when Redis refused it and said so (only without skipping).
    */
   async fire(client: RedisCommands, keys: readonly string[], args: ReadonlyArray<string | number>): Promise<void> {
     if (client.fire && client.skipsReplies) {

@@ -68,6 +68,8 @@ interface Pending {
  * - nothing is queued while the connection is down: `call` rejects at once and the caller falls
  *   back (cache bypassed, per-instance rate limits);
  * - commands issued in the same event-loop turn leave in one write (auto-pipelining);
+ * - (not in ioredis) `fire` sends a command Redis is told not to answer (CLIENT REPLY SKIP), for
+ *   work nobody waits on, where the handshake found the server honours it;
  * - reconnects run in the background with a growing delay;
  * - a server that stops answering is treated as gone: when the oldest command has waited longer
  *   than `commandTimeoutMs`, every pending command fails and the connection is rebuilt. A command
