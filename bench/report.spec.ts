@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { MeasuredRun, RunRecord } from './measure.js';
-import { aggregate, aggregatesMarkdown, checkTargets, replaceSection } from './report.js';
+import { aggregate, aggregatesMarkdown, checkTargets, pairedByRound, pairedMarkdown, replaceSection } from './report.js';
 import { summarize } from './stats.js';
 
 function run(target: string, over: Partial<RunRecord> & { latency: number[]; round?: number }): MeasuredRun {
@@ -172,6 +172,43 @@ describe('the parse floor as a second CPU reference', () => {
     expect(cell('floor', 'json ×1 miss', '÷ parse floor')).toBe('');
     // References first, in the order direct, floor, parse floor.
     expect(lines.slice(2).map((l) => l.split('|')[1].trim())).toEqual(['direct', 'floor', 'floor', 'parse floor', 'parse floor', 'gateway', 'gateway']);
+  });
+});
+
+describe('pairedByRound', () => {
+  // Round 2 is ten times slower for both builds: pooled, it alone would decide the comparison;
+  // paired, it is one round of three, each against its own round of the baseline.
+  const runs = [
+    run('before', { latency: [0.5], cpuUsPerRequest: 100, round: 1 }),
+    run('after', { latency: [0.4], cpuUsPerRequest: 90, round: 1 }),
+    run('before', { latency: [1.5], cpuUsPerRequest: 1000, round: 2 }),
+    run('after', { latency: [1.3], cpuUsPerRequest: 900, round: 2 }),
+    run('before', { latency: [0.6], cpuUsPerRequest: 100, round: 3 }),
+    run('after', { latency: [0.6], cpuUsPerRequest: 50, round: 3 }),
+    // A case the baseline did not run in this round: nothing to pair it with.
+    run('after', { cache: 'hit', latency: [0.2], cpuUsPerRequest: 40, round: 1 }),
+    run('before', { cache: 'hit', latency: [0.2], cpuUsPerRequest: 40, round: 2 }),
+  ];
+
+  it('pairs each round with the same round of the baseline: median ratio and p50 difference, with their spread', () => {
+    const [miss, ...rest] = pairedByRound(runs, 'after', 'before');
+    expect(rest).toEqual([]);
+    expect(miss).toMatchObject({ kind: 'json', connections: 1, cache: 'miss', rounds: 3 });
+    expect(miss?.cpuRatio).toBeCloseTo(0.9);
+    expect(miss?.cpuRatioRange?.min).toBeCloseTo(0.5);
+    expect(miss?.cpuRatioRange?.max).toBeCloseTo(0.9);
+    expect(miss?.p50DeltaMs).toBeCloseTo(-0.1);
+    expect(miss?.p50DeltaRange?.min).toBeCloseTo(-0.2);
+    expect(miss?.p50DeltaRange?.max).toBeCloseTo(0);
+  });
+
+  it('renders one row per case, p50 in signed µs', () => {
+    const table = pairedMarkdown(pairedByRound(runs, 'after', 'before'), 'after', 'before');
+    expect(table.split('\n')).toEqual([
+      '| case | rounds | CPU/request, `after` ÷ `before` | p50, `after` − `before`, µs |',
+      '|---|---:|---:|---:|',
+      '| json ×1 miss | 3 | 0.90 [0.50–0.90] | −100 [−200..+0] |',
+    ]);
   });
 });
 

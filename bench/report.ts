@@ -132,6 +132,71 @@ export function aggregate(runs: readonly MeasuredRun[]): Aggregate[] {
   );
 }
 
+/** One case of `candidate` against `baseline`, round by round. */
+export interface PairedCase {
+  kind: PayloadKind;
+  connections: number;
+  cache: CacheCase;
+  /** Rounds in which both were measured. */
+  rounds: number;
+  /** Median over those rounds of candidate CPU/request ÷ baseline CPU/request, and their spread. */
+  cpuRatio: number;
+  cpuRatioRange: RoundRange | undefined;
+  /** Median over those rounds of candidate p50 − baseline p50, in ms, and their spread. */
+  p50DeltaMs: number;
+  p50DeltaRange: RoundRange | undefined;
+}
+
+/**
+ * `candidate` against `baseline` (a build saved with `--variant`, say), pairing each round's
+ * figures with the same round's: a round measures both within seconds of each other, while this
+ * machine's state moves between rounds by more than most changes are worth. This is how a
+ * before/after is read; pooled figures of the two are not.
+ */
+export function pairedByRound(runs: readonly MeasuredRun[], candidate: string, baseline: string): PairedCase[] {
+  const byRound = new Map<string, MeasuredRun['record']>();
+  for (const { record: r } of runs) if (r.target === baseline) byRound.set(`${keyOf(baseline, r.kind, r.connections, r.cache)}|${r.round}`, r);
+  const cases = new Map<string, { kind: PayloadKind; connections: number; cache: CacheCase; cpu: number[]; p50: number[] }>();
+  for (const { record: r } of runs) {
+    if (r.target !== candidate) continue;
+    const base = byRound.get(`${keyOf(baseline, r.kind, r.connections, r.cache)}|${r.round}`);
+    if (!base) continue;
+    const key = keyOf('', r.kind, r.connections, r.cache);
+    const entry = cases.get(key) ?? { kind: r.kind, connections: r.connections, cache: r.cache, cpu: [], p50: [] };
+    entry.cpu.push(ratio(r.cpuUsPerRequest, base.cpuUsPerRequest));
+    entry.p50.push(r.latencyMs.p50 - base.latencyMs.p50);
+    cases.set(key, entry);
+  }
+  const rangeOf = (values: number[]): RoundRange | undefined => {
+    const finite = values.filter((v) => Number.isFinite(v));
+    return finite.length >= 2 ? { min: Math.min(...finite), max: Math.max(...finite) } : undefined;
+  };
+  return [...cases.values()]
+    .map((c) => ({
+      kind: c.kind,
+      connections: c.connections,
+      cache: c.cache,
+      rounds: c.cpu.length,
+      cpuRatio: median(c.cpu),
+      cpuRatioRange: rangeOf(c.cpu),
+      p50DeltaMs: median(c.p50),
+      p50DeltaRange: rangeOf(c.p50),
+    }))
+    .sort((x, y) => x.kind.localeCompare(y.kind) || y.cache.localeCompare(x.cache) || x.connections - y.connections);
+}
+
+export function pairedMarkdown(cases: readonly PairedCase[], candidate: string, baseline: string): string {
+  const signed = (ms: number): string => `${ms >= 0 ? '+' : '−'}${Math.abs(ms * 1000).toFixed(0)}`;
+  return [
+    `| case | rounds | CPU/request, \`${candidate}\` ÷ \`${baseline}\` | p50, \`${candidate}\` − \`${baseline}\`, µs |`,
+    '|---|---:|---:|---:|',
+    ...cases.map(
+      (c) =>
+        `| ${c.kind} ×${c.connections} ${c.cache} | ${c.rounds} | ${fmt(c.cpuRatio)}${spread(c.cpuRatioRange)} | ${signed(c.p50DeltaMs)}${c.p50DeltaRange ? ` [${signed(c.p50DeltaRange.min)}..${signed(c.p50DeltaRange.max)}]` : ''} |`,
+    ),
+  ].join('\n');
+}
+
 export interface Check {
   what: string;
   limit: string;

@@ -25,7 +25,19 @@ import type { PayloadKind } from './load.js';
 import { LoadWorker, type NodeProcess, withTimeout } from './processes.js';
 import { checkStreamsIncrementally } from './streaming-check.js';
 import { type CpuProfile, profileMarkdown, summarizeProfile } from './profile.js';
-import { aggregate, aggregatesMarkdown, checksMarkdown, checkTargets, DIRECT, FLOOR, PARSE_FLOOR, REFERENCES, replaceSection } from './report.js';
+import {
+  aggregate,
+  aggregatesMarkdown,
+  checksMarkdown,
+  checkTargets,
+  DIRECT,
+  FLOOR,
+  PARSE_FLOOR,
+  pairedByRound,
+  pairedMarkdown,
+  REFERENCES,
+  replaceSection,
+} from './report.js';
 import {
   dropBenchDatabase,
   probeCommitLatencyMs,
@@ -411,8 +423,13 @@ async function main(): Promise<void> {
     const gatewayTargets = targets.filter((t) => !REFERENCES.includes(t.name)).map((t) => t.name);
     const checks = gatewayTargets.map((name) => ({ name, checks: checkTargets(aggregates, name) }));
     for (const { name, checks: list } of checks) await appendFile(jsonl, `${JSON.stringify({ type: 'targets', target: name, checks: list })}\n`);
+    // This build against each saved build, round by round: the before/after of a change.
+    const paired = gatewayTargets.includes('gateway')
+      ? options.variants.map((v) => ({ candidate: 'gateway', baseline: v.name, cases: pairedByRound(runs, 'gateway', v.name) }))
+      : [];
+    for (const p of paired) await appendFile(jsonl, `${JSON.stringify({ type: 'paired', ...p })}\n`);
 
-    const section = renderSection(meta, options, aggregates, checks, trips, jsonl);
+    const section = renderSection(meta, options, aggregates, checks, paired, trips, jsonl);
     process.stdout.write(`\n${section}\n`);
     if (options.writeMarkdown) {
       const current = await readFile(MARKDOWN, 'utf8').catch(() => '# Benchmarks\n');
@@ -446,6 +463,7 @@ function renderSection(
   options: Options,
   aggregates: ReturnType<typeof aggregate>,
   checks: Array<{ name: string; checks: ReturnType<typeof checkTargets> }>,
+  paired: ReadonlyArray<{ candidate: string; baseline: string; cases: ReturnType<typeof pairedByRound> }>,
   trips: readonly RoundTrips[],
   jsonl: string,
 ): string {
@@ -472,6 +490,17 @@ function renderSection(
   ];
   for (const { name, checks: list } of checks) {
     lines.push(`#### Targets: \`${name}\``, '', checksMarkdown(list), '');
+  }
+  for (const { candidate, baseline, cases } of paired) {
+    if (cases.length === 0) continue;
+    lines.push(
+      `#### Paired per round: \`${candidate}\` against \`${baseline}\``,
+      '',
+      'Median over the rounds of each round\'s ratio or difference, the spread in brackets. Read a before/after here, not from the pooled figures.',
+      '',
+      pairedMarkdown(cases, candidate, baseline),
+      '',
+    );
   }
   lines.push('#### Per case', '', aggregatesMarkdown(aggregates), '');
   if (trips.length > 0) {
