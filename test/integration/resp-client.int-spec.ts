@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { type AddressInfo, connect, createServer as createNetServer, type Server as NetServer } from 'node:net';
+import { type AddressInfo, connect } from 'node:net';
 import { createServer, type Server } from 'node:tls';
 import { afterEach, describe, expect, it } from 'vitest';
 import { pollUntil } from '../../src/core/testing/poll-until.js';
@@ -17,12 +17,10 @@ import { startRedisProxy, type TcpProxy } from '../support/redis.js';
 const open: RespClient[] = [];
 const proxies: TcpProxy[] = [];
 const servers: Server[] = [];
-const netServers: NetServer[] = [];
 afterEach(async () => {
   for (const client of open.splice(0)) client.disconnect();
   for (const proxy of proxies.splice(0)) await proxy.stop();
   for (const server of servers.splice(0)) await new Promise((resolve) => server.close(resolve));
-  for (const server of netServers.splice(0)) await new Promise((resolve) => server.close(resolve));
 });
 
 // A certificate for 127.0.0.1 made for these tests only (valid until 2126).
@@ -41,28 +39,6 @@ async function startTlsRedis(): Promise<string> {
   servers.push(server);
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   return `rediss://127.0.0.1:${(server.address() as AddressInfo).port}`;
-}
-
-/**
- * A relay in front of the test Redis that counts the bytes Redis sends back, and can rewrite what
- * the client sends (as a proxy that speaks RESP but handles some commands its own way would).
- */
-async function startCountingRelay(rewrite: (fromClient: string) => string = (text) => text): Promise<{ url: string; received(): number; reset(): void }> {
-  const redis = new URL(REDIS_URL);
-  let received = 0;
-  const server = createNetServer((socket) => {
-    const upstream = connect(Number(redis.port || 6379), redis.hostname);
-    socket.on('data', (chunk: Buffer) => upstream.write(rewrite(chunk.toString('latin1')), 'latin1'));
-    upstream.on('data', (chunk: Buffer) => {
-      received += chunk.length;
-      socket.write(chunk);
-    });
-    socket.on('error', () => upstream.destroy()).on('close', () => upstream.destroy());
-    upstream.on('error', () => socket.destroy()).on('close', () => socket.destroy());
-  });
-  netServers.push(server);
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  return { url: `redis://127.0.0.1:${(server.address() as AddressInfo).port}`, received: () => received, reset: () => (received = 0) };
 }
 
 function client(url = REDIS_URL, overrides: Partial<typeof FAIL_FAST_OPTIONS> = {}): RespClient {
@@ -219,12 +195,13 @@ describe('RespClient (real Redis)', () => {
   });
 
   it('fires a command without a reply: Redis runs it and sends nothing back, and every later reply still reaches its own caller', async () => {
-    const relay = await startCountingRelay();
+    const relay = await startRedisProxy(REDIS_URL);
+    proxies.push(relay);
     const c = client(relay.url);
     await whenReady(c, 5000);
     expect(c.skipsReplies).toBe(true);
     const k = key();
-    relay.reset();
+    relay.resetReceived();
     c.fire('SET', k, 'v', 'PX', 60_000);
     expect(await c.call('GET', k)).toBe('v');
     // Only GET's reply ("$1\r\nv\r\n") came back, not SET's "+OK\r\n".
@@ -271,7 +248,10 @@ describe('RespClient (real Redis)', () => {
 
   it('behind a proxy that answers CLIENT REPLY SKIP instead of honouring it, reconnects without skipping and keeps replies matched', async () => {
     // The proxy turns SKIP into ON: Redis answers it (+OK) and the ECHO after it.
-    const relay = await startCountingRelay((text) => text.replace('$5\r\nREPLY\r\n$4\r\nSKIP\r\n', '$5\r\nREPLY\r\n$2\r\nON\r\n'));
+    const relay = await startRedisProxy(REDIS_URL, {
+      rewriteFromClient: (text) => text.replace('$5\r\nREPLY\r\n$4\r\nSKIP\r\n', '$5\r\nREPLY\r\n$2\r\nON\r\n'),
+    });
+    proxies.push(relay);
     const c = client(relay.url, { retryDelayMs: () => 20 });
     await whenReady(c, 5000);
     expect(c.skipsReplies).toBe(false);

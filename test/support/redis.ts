@@ -36,15 +36,26 @@ export interface TcpProxy {
   freeze(): void;
   /** What was held back is delivered and traffic flows again. */
   thaw(): void;
+  /** Bytes the server sent to the relay since it started (or since `resetReceived`). */
+  received(): number;
+  resetReceived(): void;
+}
+
+export interface TcpProxyOptions {
+  /**
+   * Rewrites what clients send before it reaches the server (a proxy that speaks the protocol but
+   * handles some commands its own way). Applied per chunk, as latin1 text.
+   */
+  rewriteFromClient?: (text: string) => string;
 }
 
 /** A loopback TCP relay to the test Redis, to take Redis away from a running gateway and back. */
-export function startRedisProxy(target = REDIS_URL): Promise<TcpProxy> {
-  return startTcpProxy(target);
+export function startRedisProxy(target = REDIS_URL, options: TcpProxyOptions = {}): Promise<TcpProxy> {
+  return startTcpProxy(target, options);
 }
 
 /** A loopback TCP relay to the server of `target` (any URL with host and port). */
-export async function startTcpProxy(target: string): Promise<TcpProxy> {
+export async function startTcpProxy(target: string, options: TcpProxyOptions = {}): Promise<TcpProxy> {
   const targetUrl = new URL(target);
   const defaultPort = targetUrl.protocol.startsWith('redis') ? 6379 : 5432;
   const sockets = new Set<Socket>();
@@ -52,11 +63,19 @@ export async function startTcpProxy(target: string): Promise<TcpProxy> {
   let port = 0;
   let frozen = false;
   const held: Array<[Socket, Buffer]> = [];
-  const relay = (from: Socket, to: Socket) =>
-    from.on('data', (chunk: Buffer) => {
+  let received = 0;
+  const relay = (from: Socket, to: Socket, transform: (chunk: Buffer) => Buffer = (chunk) => chunk) =>
+    from.on('data', (raw: Buffer) => {
+      const chunk = transform(raw);
       if (frozen) held.push([to, chunk]);
       else to.write(chunk);
     });
+  const rewrite = options.rewriteFromClient;
+  const fromClient = rewrite ? (chunk: Buffer) => Buffer.from(rewrite(chunk.toString('latin1')), 'latin1') : undefined;
+  const fromServer = (chunk: Buffer) => {
+    received += chunk.length;
+    return chunk;
+  };
   const listen = () =>
     new Promise<void>((resolve, reject) => {
       const s = createServer((client) => {
@@ -71,8 +90,8 @@ export async function startTcpProxy(target: string): Promise<TcpProxy> {
         };
         client.on('error', drop).on('close', drop);
         upstream.on('error', drop).on('close', drop);
-        relay(client, upstream);
-        relay(upstream, client);
+        relay(client, upstream, fromClient);
+        relay(upstream, client, fromServer);
       });
       s.once('error', reject);
       s.listen(port, '127.0.0.1', () => {
@@ -103,6 +122,10 @@ export async function startTcpProxy(target: string): Promise<TcpProxy> {
     thaw() {
       frozen = false;
       for (const [to, chunk] of held.splice(0)) if (!to.destroyed) to.write(chunk);
+    },
+    received: () => received,
+    resetReceived() {
+      received = 0;
     },
   };
 }
