@@ -50,6 +50,12 @@ export interface RoundRange {
 
 const keyOf = (target: string, kind: string, connections: number, cache: string): string => `${target}|${kind}|${connections}|${cache}`;
 
+/** The smallest and largest of per-round figures; only two rounds or more say anything about the noise. */
+function roundRange(perRound: readonly number[]): RoundRange | undefined {
+  const finite = perRound.filter((v) => Number.isFinite(v));
+  return finite.length >= 2 ? { min: Math.min(...finite), max: Math.max(...finite) } : undefined;
+}
+
 export function aggregate(runs: readonly MeasuredRun[]): Aggregate[] {
   const groups = new Map<string, MeasuredRun[]>();
   for (const run of runs) {
@@ -100,10 +106,7 @@ export function aggregate(runs: readonly MeasuredRun[]): Aggregate[] {
         perRound.push(ratio(run.record.cpuUsPerRequest, referenceRound));
       }
       const pooled = base.get(keyOf(reference, a.kind, a.connections, 'miss'))?.cpuUsPerRequest;
-      const finite = perRound.filter((r) => Number.isFinite(r));
-      // Only a spread of two or more rounds says anything about the noise.
-      const range = finite.length >= 2 ? { min: Math.min(...finite), max: Math.max(...finite) } : undefined;
-      return { pooled: ratio(a.cpuUsPerRequest, pooled), medianOfRounds: median(perRound), range };
+      return { pooled: ratio(a.cpuUsPerRequest, pooled), medianOfRounds: median(perRound), range: roundRange(perRound) };
     };
     const floor = cpuRatios(FLOOR);
     const parseFloor = cpuRatios(PARSE_FLOOR);
@@ -167,10 +170,6 @@ export function pairedByRound(runs: readonly MeasuredRun[], candidate: string, b
     entry.p50.push(r.latencyMs.p50 - base.latencyMs.p50);
     cases.set(key, entry);
   }
-  const rangeOf = (values: number[]): RoundRange | undefined => {
-    const finite = values.filter((v) => Number.isFinite(v));
-    return finite.length >= 2 ? { min: Math.min(...finite), max: Math.max(...finite) } : undefined;
-  };
   return [...cases.values()]
     .map((c) => ({
       kind: c.kind,
@@ -178,9 +177,9 @@ export function pairedByRound(runs: readonly MeasuredRun[], candidate: string, b
       cache: c.cache,
       rounds: c.cpu.length,
       cpuRatio: median(c.cpu),
-      cpuRatioRange: rangeOf(c.cpu),
+      cpuRatioRange: roundRange(c.cpu),
       p50DeltaMs: median(c.p50),
-      p50DeltaRange: rangeOf(c.p50),
+      p50DeltaRange: roundRange(c.p50),
     }))
     .sort((x, y) => x.kind.localeCompare(y.kind) || y.cache.localeCompare(x.cache) || x.connections - y.connections);
 }
