@@ -27,6 +27,8 @@ export interface RedisCommands {
 
 /** What the probe echoes after a skipped ECHO: the only reply a server that honours SKIP sends. */
 const SKIP_PROBE = 'gatehouse:reply-skip-probe';
+/** Tells Redis not to answer the command after it; encoded once, it precedes every fired command. */
+const SKIP_NEXT_REPLY = encodeCommand(['CLIENT', 'REPLY', 'SKIP']);
 
 export interface RespClientOptions {
   /** CLIENT SETNAME, to tell the gateway's connections apart in `CLIENT LIST`. */
@@ -129,7 +131,7 @@ export class RespClient extends EventEmitter implements RedisCommands {
 
   fire(command: string, ...args: Array<string | number>): void {
     if (!this.skipsReplies) throw new Error(`Redis connection is ${this.state}${this.state === 'ready' ? ' and does not skip replies' : ''}`);
-    this.write(encodeCommand(['CLIENT', 'REPLY', 'SKIP']) + encodeCommand([command, ...args]));
+    this.write(SKIP_NEXT_REPLY + encodeCommand([command, ...args]));
   }
 
   call(command: string, ...args: Array<string | number>): Promise<unknown> {
@@ -184,7 +186,7 @@ export class RespClient extends EventEmitter implements RedisCommands {
    * without the probe, since the replies still on their way can no longer be matched to commands.
    */
   private probeSkip(): Promise<unknown> {
-    this.out += encodeCommand(['CLIENT', 'REPLY', 'SKIP']) + encodeCommand(['ECHO', `${SKIP_PROBE}:skipped`]);
+    this.out += SKIP_NEXT_REPLY + encodeCommand(['ECHO', `${SKIP_PROBE}:skipped`]);
     return this.send(['ECHO', SKIP_PROBE]).then(
       (reply) => {
         if (reply === SKIP_PROBE) {
