@@ -64,7 +64,8 @@ const BYPASS: CacheTicket = {
  * followers await the leader's promise; across instances the store's fill lock (Redis SET NX PX
  * with a random token) elects one leader and the others wait until its answer lands (announced
  * on Redis, with polling as the fallback), the lock disappears (leader failed: try to lead) or
- * their bounded wait runs out (call the upstream themselves). A store that fails makes the call a bypass; it never fails the request.
+ * their bounded wait runs out (call the upstream themselves). A store that fails makes the call a
+ * bypass; it never fails the request.
  */
 @Injectable()
 export class CompletionCache {
