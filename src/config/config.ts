@@ -115,6 +115,12 @@ export abstract class AppConfig {
     readonly keyTpm: number | undefined;
     readonly userTpm: number | undefined;
     readonly departmentTpm: number | undefined;
+    /**
+     * Share of a request limit, in percent, that one instance may count ahead in Redis and then
+     * admit from locally (at most LEASE_MAX requests); 0 = every request asks Redis. Limits whose
+     * share is under two requests are never leased.
+     */
+    readonly leasePercent: number;
   };
   declare readonly jobs: {
     /** inline: in-process (embedded default, one instance); bullmq: Redis, shared by api and worker processes. */
@@ -220,6 +226,7 @@ export const CONFIG_VARIABLES = {
   RATE_LIMIT_KEY_TPM: { sensitive: false, help: 'tokens per minute per key (default: none)' },
   RATE_LIMIT_USER_TPM: { sensitive: false, help: 'tokens per minute per user (default: none)' },
   RATE_LIMIT_DEPARTMENT_TPM: { sensitive: false, help: 'tokens per minute per department (default: none)' },
+  RATE_LIMIT_LEASE_PERCENT: { sensitive: false, help: 'share of a request limit one instance may take ahead from Redis, 0-50 (default 2; 0 = ask Redis on every request)' },
   AUDIT_FLUSH_MS: { sensitive: false, help: 'audit events are written in batches at least this often (default 250)' },
   AUDIT_BATCH_SIZE: { sensitive: false, help: 'audit events per batched INSERT (default 500)' },
   AUDIT_MAX_BUFFERED: { sensitive: false, help: 'audit events kept in memory while the database is down (default 100000)' },
@@ -400,6 +407,7 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
       keyTpm: str('RATE_LIMIT_KEY_TPM') === undefined ? undefined : int('RATE_LIMIT_KEY_TPM', 0, 1, 1_000_000_000),
       userTpm: str('RATE_LIMIT_USER_TPM') === undefined ? undefined : int('RATE_LIMIT_USER_TPM', 0, 1, 1_000_000_000),
       departmentTpm: str('RATE_LIMIT_DEPARTMENT_TPM') === undefined ? undefined : int('RATE_LIMIT_DEPARTMENT_TPM', 0, 1, 1_000_000_000),
+      leasePercent: int('RATE_LIMIT_LEASE_PERCENT', 2, 0, 50),
     },
     jobs: {
       driver: jobsDriver,

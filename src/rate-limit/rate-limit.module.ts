@@ -49,7 +49,13 @@ class RateLimitStoreModule {
             {
               provide: RateLimitStore,
               useFactory: (redis: RedisConnections, clock: Clock, logger: AppLogger) =>
-                new RedisRateLimitStore(redis.shared(), redis.keyPrefix, new MemoryRateLimitStore(clock), logger.logger.child({ context: 'RateLimit' })),
+                new RedisRateLimitStore(
+                  redis.shared(),
+                  redis.keyPrefix,
+                  new MemoryRateLimitStore(clock),
+                  logger.logger.child({ context: 'RateLimit' }),
+                  config.rateLimit.leasePercent > 0 ? { percent: config.rateLimit.leasePercent, clock } : undefined,
+                ),
               inject: [RedisConnections, Clock, AppLogger],
             },
           ],
