@@ -9,7 +9,7 @@ import { RedisModule } from '../redis/redis.module.js';
 import { CacheAdminController } from './admin/cache-admin.controller.js';
 import { CompletionCache } from './completion-cache.service.js';
 import { MemoryResponseCache } from './memory-response-cache.js';
-import { RedisResponseCache } from './redis-response-cache.js';
+import { nearOptions, RedisResponseCache } from './redis-response-cache.js';
 import { ResponseCache } from './response-cache.js';
 
 class CacheReadiness implements OnModuleInit {
@@ -45,12 +45,12 @@ export class CacheModule {
         imports.push(RedisModule);
         store = {
           provide: ResponseCache,
-          useFactory: (redis: RedisConnections, logger: AppLogger) => {
-            const cache = new RedisResponseCache(redis.shared(), redis.keyPrefix, logger.logger.child({ context: 'Cache' }));
+          useFactory: (redis: RedisConnections, logger: AppLogger, clock: Clock) => {
+            const cache = new RedisResponseCache(redis.shared(), redis.keyPrefix, logger.logger.child({ context: 'Cache' }), nearOptions(clock, config.cache));
             cache.listenWith(redis.subscriber(cache.landedChannel, (key) => cache.landed(key), 'cache-landed'));
             return cache;
           },
-          inject: [RedisConnections, AppLogger],
+          inject: [RedisConnections, AppLogger, Clock],
         };
         break;
       default:

@@ -1,17 +1,18 @@
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
 import type { StoreDriver } from '../config/config.js';
+import type { Clock } from '../core/clock.js';
 import { FallbackState } from '../redis/fallback-state.js';
 import { LuaScript } from '../redis/lua-script.js';
 import type { RedisCommands } from '../redis/resp-client.js';
 import { unlinkMatching } from '../redis/unlink-matching.js';
 import { type CacheFilter, type CacheLookup, type CachePeek, ResponseCache, type CacheTags } from './response-cache.js';
 
-// Entry or lock in one round trip. Returns {1, body} hit, {0} miss, {2} lead, {3} wait. A
+// Entry or lock in one round trip. Returns {1, body, pttl} hit, {0} miss, {2} lead, {3} wait. A
 // caller told to wait leaves a mark (KEYS[3]) so that the fill or release says so on the channel.
 const LOOKUP = new LuaScript(
   `local v = redis.call('GET', KEYS[1])
-if v then return {1, v} end
+if v then return {1, v, redis.call('PTTL', KEYS[1])} end
 if ARGV[1] == '0' then return {0} end
 if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[1]) then return {2} end
 redis.call('SET', KEYS[3], '1', 'PX', ARGV[1])
@@ -63,6 +64,37 @@ return 0`,
 
 const DELETE_BATCH = 500;
 
+/** The subscriber connection as the cache sees it: its state, and (a RespClient) its events. */
+export interface NearListener {
+  readonly status: string;
+  on?(event: 'ready' | 'close', listener: () => void): unknown;
+}
+
+/**
+ * Published on the landed channel after a delete: every instance drops its near copies. Cache
+ * keys are hex digests, so no landed key can be mistaken for it.
+ */
+export const NEAR_FLUSH = '*flush';
+
+/** What one instance keeps near, whatever CACHE_MAX_ENTRIES and CACHE_MAX_BYTES allow the memory driver. */
+const NEAR_MAX_ENTRIES = 1000;
+const NEAR_MAX_CHARS = 16 * 1024 * 1024;
+
+export interface NearOptions {
+  readonly clock: Clock;
+  /** How long a near copy answers without asking Redis (capped by the entry's own TTL). */
+  readonly maxAgeMs: number;
+  readonly maxEntries: number;
+  /** Total length of the near bodies, in characters. */
+  readonly maxChars: number;
+}
+
+/** The near copies' bounds for a configuration: the memory driver's, capped at NEAR_MAX_*. */
+export function nearOptions(clock: Clock, cache: { nearMs: number; maxEntries: number; maxBytes: number }): NearOptions | undefined {
+  if (cache.nearMs <= 0) return undefined;
+  return { clock, maxAgeMs: cache.nearMs, maxEntries: Math.min(cache.maxEntries, NEAR_MAX_ENTRIES), maxChars: Math.min(cache.maxBytes, NEAR_MAX_CHARS) };
+}
+
 /**
  * The shared cache of every instance. Keys: `<prefix>cache:e:<hash>` (entry),
  * `cache:l:<hash>` (singleflight fill lock, with a random token), `cache:w:<hash>` (another
@@ -71,6 +103,13 @@ const DELETE_BATCH = 500;
  * on `<prefix>cache:landed`; `landed()` takes those messages (RedisConnections.subscriber) and
  * `watch()` hands them to the waiting poll loop. While the connection is not ready, `available()`
  * is false and callers bypass the cache.
+ *
+ * **Near copies** (`near`): an entry this instance read or wrote is kept in its memory too, for
+ * at most `maxAgeMs` and never past the entry's TTL, and a lookup answers from it without a round
+ * trip. A delete (`DELETE /admin/cache`) drops them everywhere: the instance that deletes
+ * publishes NEAR_FLUSH, and every instance, itself included, drops all its copies when it hears
+ * it. Copies are only used while the subscriber connection is up, and dropped whenever it goes
+ * down or comes back, because a delete published meanwhile was not heard.
  */
 export class RedisResponseCache extends ResponseCache {
   readonly driver: StoreDriver = 'redis';
@@ -80,12 +119,16 @@ export class RedisResponseCache extends ResponseCache {
   readonly landedChannel: string;
   private readonly watchers = new Map<string, Set<() => void>>();
   /** The connection that hears the landed channel; without it (or while it is down) nobody is told. */
-  private listener: { readonly status: string } | undefined;
+  private listener: NearListener | undefined;
+  /** key → near copy; a Map keeps insertion order, so the oldest copy goes first. */
+  private readonly nearCopies = new Map<string, { body: string; until: number }>();
+  private nearChars = 0;
 
   constructor(
     private readonly client: RedisCommands,
     keyPrefix: string,
     logger: Logger,
+    private readonly near: NearOptions | undefined = undefined,
   ) {
     super();
     this.ns = `${keyPrefix}cache:`;
@@ -93,12 +136,24 @@ export class RedisResponseCache extends ResponseCache {
     this.state = new FallbackState(logger, { degraded: 'Redis unavailable: response cache bypassed', recovered: 'Redis back: response cache in use again' });
   }
 
-  async lookup(key: string, lockMs: number): Promise<CacheLookup> {
+  lookup(key: string, lockMs: number): Promise<CacheLookup> {
+    if (this.near && this.listener?.status === 'ready') {
+      const copy = this.nearCopies.get(key);
+      if (copy !== undefined) {
+        if (copy.until > this.near.clock.nowMs()) return Promise.resolve({ kind: 'hit', body: copy.body });
+        this.dropNear(key);
+      }
+    }
+    return this.lookupRemote(key, lockMs);
+  }
+
+  private async lookupRemote(key: string, lockMs: number): Promise<CacheLookup> {
     const token = lockMs > 0 ? randomUUID() : '';
     const reply = await this.guard(LOOKUP.run(this.client, [this.entryKey(key), this.lockKey(key), this.waitKey(key)], [Math.max(0, Math.ceil(lockMs)), token]));
-    const [code, body] = reply as [number, string | undefined];
+    const [code, body, ttl] = reply as [number, string | undefined, number | undefined];
     switch (code) {
       case 1:
+        this.keepNear(key, body ?? '', Number(ttl));
         return { kind: 'hit', body: body ?? '' };
       case 2:
         return { kind: 'lead', token };
@@ -121,6 +176,7 @@ export class RedisResponseCache extends ResponseCache {
       return;
     }
     const tagKeys = [this.tagKey('u', tags.userId), this.tagKey('d', tags.departmentId), ...tags.models.map((m) => this.tagKey('m', m))];
+    this.keepNear(key, body, ttlMs);
     // Nobody reads the reply, and a fill never fails a request: where the connection can skip
     // it, Redis sends none, which spares the gateway a wakeup per miss (BENCHMARKS.md, session 8).
     await this.guard(
@@ -133,8 +189,11 @@ export class RedisResponseCache extends ResponseCache {
   }
 
   /** Hands over the subscriber connection (RedisConnections.subscriber) that calls `landed`. */
-  listenWith(listener: { readonly status: string }): void {
+  listenWith(listener: NearListener): void {
     this.listener = listener;
+    // A delete published while it was down went unheard: the near copies may be stale.
+    listener.on?.('close', () => this.clearNear());
+    listener.on?.('ready', () => this.clearNear());
   }
 
   override watch(key: string): { landed: Promise<void>; cancel(): void } | undefined {
@@ -153,6 +212,10 @@ export class RedisResponseCache extends ResponseCache {
 
   /** A message from the landed channel: wakes whoever in this instance watches that key. */
   landed(key: string): void {
+    if (key === NEAR_FLUSH) {
+      this.clearNear();
+      return;
+    }
     const set = this.watchers.get(key);
     if (!set) return;
     this.watchers.delete(key);
@@ -160,6 +223,15 @@ export class RedisResponseCache extends ResponseCache {
   }
 
   async invalidate(filter: CacheFilter): Promise<number> {
+    // Near copies carry no tags, so a delete of any kind drops them all, here and (published
+    // once the entries are gone from Redis) on every other instance.
+    this.clearNear();
+    const deleted = await this.deleteMatching(filter);
+    if (this.near) await this.guard(this.client.call('PUBLISH', this.landedChannel, NEAR_FLUSH));
+    return deleted;
+  }
+
+  private async deleteMatching(filter: CacheFilter): Promise<number> {
     const sets: string[] = [];
     if (filter.userId !== undefined) sets.push(this.tagKey('u', filter.userId));
     if (filter.departmentId !== undefined) sets.push(this.tagKey('d', filter.departmentId));
@@ -203,6 +275,31 @@ export class RedisResponseCache extends ResponseCache {
       this.state.fail((error as Error).message);
       throw error;
     }
+  }
+
+  private keepNear(key: string, body: string, ttlMs: number): void {
+    const near = this.near;
+    if (!near || this.listener?.status !== 'ready' || !(ttlMs > 0) || body.length > near.maxChars) return;
+    this.dropNear(key);
+    this.nearCopies.set(key, { body, until: near.clock.nowMs() + Math.min(ttlMs, near.maxAgeMs) });
+    this.nearChars += body.length;
+    while (this.nearCopies.size > near.maxEntries || this.nearChars > near.maxChars) {
+      const oldest = this.nearCopies.keys().next();
+      if (oldest.done) break;
+      this.dropNear(oldest.value);
+    }
+  }
+
+  private dropNear(key: string): void {
+    const copy = this.nearCopies.get(key);
+    if (copy === undefined) return;
+    this.nearCopies.delete(key);
+    this.nearChars -= copy.body.length;
+  }
+
+  private clearNear(): void {
+    this.nearCopies.clear();
+    this.nearChars = 0;
   }
 
   private entryKey(key: string): string {

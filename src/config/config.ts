@@ -96,6 +96,11 @@ export abstract class AppConfig {
     readonly maxBytes: number;
     /** Singleflight: how long identical requests wait for the first one's answer (and its fill lock's lifetime). */
     readonly waitMs: number;
+    /**
+     * Redis driver: how long an instance may answer a hit from its own near copy of an entry it
+     * read or wrote, without asking Redis (0 = always ask). Deletes reach every instance at once.
+     */
+    readonly nearMs: number;
   };
   declare readonly audit: {
     /** The audit writer flushes at least this often while events wait. */
@@ -226,6 +231,7 @@ export const CONFIG_VARIABLES = {
   RATE_LIMIT_KEY_TPM: { sensitive: false, help: 'tokens per minute per key (default: none)' },
   RATE_LIMIT_USER_TPM: { sensitive: false, help: 'tokens per minute per user (default: none)' },
   RATE_LIMIT_DEPARTMENT_TPM: { sensitive: false, help: 'tokens per minute per department (default: none)' },
+  CACHE_NEAR_SECONDS: { sensitive: false, help: 'Redis cache: seconds an instance answers a hit from its near copy without asking Redis (default 10; 0 = always ask)' },
   RATE_LIMIT_LEASE_PERCENT: { sensitive: false, help: 'share of a request limit one instance may take ahead from Redis, 0-50 (default 2; 0 = ask Redis on every request)' },
   AUDIT_FLUSH_MS: { sensitive: false, help: 'audit events are written in batches at least this often (default 250)' },
   AUDIT_BATCH_SIZE: { sensitive: false, help: 'audit events per batched INSERT (default 500)' },
@@ -392,6 +398,7 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
       maxEntries: int('CACHE_MAX_ENTRIES', 10_000, 1, 10_000_000),
       maxBytes: int('CACHE_MAX_BYTES', 64 * 1024 * 1024, 1024, 16 * 1024 * 1024 * 1024),
       waitMs: int('CACHE_WAIT_MS', 15_000, 0, 600_000),
+      nearMs: int('CACHE_NEAR_SECONDS', 10, 0, 3600) * 1000,
     },
     audit: {
       flushMs: int('AUDIT_FLUSH_MS', 250, 5, 60_000),
