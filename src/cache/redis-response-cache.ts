@@ -176,12 +176,13 @@ export class RedisResponseCache extends ResponseCache {
       return;
     }
     const tagKeys = [this.tagKey('u', tags.userId), this.tagKey('d', tags.departmentId), ...tags.models.map((m) => this.tagKey('m', m))];
-    this.keepNear(key, body, ttlMs);
     // Nobody reads the reply, and a fill never fails a request: where the connection can skip
     // it, Redis sends none, which spares the gateway a wakeup per miss (BENCHMARKS.md, session 8).
     await this.guard(
       STORE.fire(this.client, [this.entryKey(key), this.lockKey(key), this.waitKey(key), ...tagKeys], [body, Math.ceil(ttlMs), token ?? '', this.landedChannel, key]),
     );
+    // Only what was sent to Redis: a copy of a fill that failed would answer what nobody else can.
+    this.keepNear(key, body, ttlMs);
   }
 
   async release(key: string, token: string): Promise<boolean> {
@@ -257,7 +258,9 @@ export class RedisResponseCache extends ResponseCache {
     if (this.client.status !== 'ready') return { state: 'degraded', details: { driver: 'redis', mode: 'bypassed', ...this.state.describe() } };
     // Connected again: the next request uses the cache, so say so now rather than after it.
     this.state.ok();
-    return { state: 'up', details: { driver: 'redis' } };
+    // How many entries answer here without a round trip, or why none do.
+    const near = !this.near ? 'off' : this.listener?.status === 'ready' ? this.nearCopies.size : 'unused while the subscriber is down';
+    return { state: 'up', details: { driver: 'redis', near_copies: near } };
   }
 
   private deleteAll(): Promise<number> {

@@ -262,7 +262,7 @@ export class RedisRateLimitStore extends RateLimitStore {
       return { state: 'degraded', details: { driver: 'redis', mode: 'per-instance memory counters', ...this.state.describe() } };
     // Connected again: the next request uses Redis, so say so now rather than after it.
     this.state.ok();
-    return { state: 'up', details: { driver: 'redis' } };
+    return { state: 'up', details: { driver: 'redis', lease_percent: this.lease?.percent ?? 0, leased_counters: this.leases.size } };
   }
 }
 

@@ -80,11 +80,18 @@ describe('response cache on Redis, shared by two instances', () => {
   });
 
   it('reports Redis, cache and rate limits up in /health/ready', async () => {
+    // B reads an entry A filled: it keeps a near copy, and leases of Alice's counters.
+    const content = prompt('health');
+    await ask(alice.api, content);
+    expect(cacheOf(await ask(aliceOnB, content))).toBe('hit');
     const ready = await b.admin.get('/health/ready');
     expect(ready).toMatchObject({
       status: 200,
-      body: { status: 'ok', details: { redis: { status: 'up' }, cache: { status: 'up', driver: 'redis' }, rate_limit: { status: 'up', driver: 'redis' } } },
+      body: { status: 'ok', details: { redis: { status: 'up' }, cache: { status: 'up', driver: 'redis' }, rate_limit: { status: 'up', driver: 'redis', lease_percent: 2 } } },
     });
+    const details = (ready.body as { details: { cache: { near_copies: unknown }; rate_limit: { leased_counters: unknown } } }).details;
+    expect(details.cache.near_copies).toBeGreaterThan(0);
+    expect(details.rate_limit.leased_counters).toBeGreaterThan(0);
   });
 });
 
