@@ -98,7 +98,8 @@ export abstract class AppConfig {
     readonly waitMs: number;
     /**
      * Redis driver: how long an instance may answer a hit from its own near copy of an entry it
-     * read or wrote, without asking Redis (0 = always ask). Deletes reach every instance at once.
+     * read or wrote, without asking Redis (0 = always ask). A delete drops the copies of every
+     * instance when its flush message arrives, a few milliseconds after the delete answered.
      */
     readonly nearMs: number;
   };
