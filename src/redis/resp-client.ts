@@ -186,7 +186,7 @@ export class RespClient extends EventEmitter implements RedisCommands {
    * without the probe, since the replies still on their way can no longer be matched to commands.
    */
   private probeSkip(): Promise<unknown> {
-    this.out += SKIP_NEXT_REPLY + encodeCommand(['ECHO', `${SKIP_PROBE}:skipped`]);
+    this.write(SKIP_NEXT_REPLY + encodeCommand(['ECHO', `${SKIP_PROBE}:skipped`]));
     return this.send(['ECHO', SKIP_PROBE]).then(
       (reply) => {
         if (reply === SKIP_PROBE) {
