@@ -137,10 +137,11 @@ export class RedisResponseCache extends ResponseCache {
   }
 
   lookup(key: string, lockMs: number): Promise<CacheLookup> {
-    if (this.near && this.listener?.status === 'ready') {
+    const near = this.nearInUse();
+    if (near) {
       const copy = this.nearCopies.get(key);
       if (copy !== undefined) {
-        if (copy.until > this.near.clock.nowMs()) return Promise.resolve({ kind: 'hit', body: copy.body });
+        if (copy.until > near.clock.nowMs()) return Promise.resolve({ kind: 'hit', body: copy.body });
         this.dropNear(key);
       }
     }
@@ -259,7 +260,7 @@ export class RedisResponseCache extends ResponseCache {
     // Connected again: the next request uses the cache, so say so now rather than after it.
     this.state.ok();
     // How many entries answer here without a round trip, or why none do.
-    const near = !this.near ? 'off' : this.listener?.status === 'ready' ? this.nearCopies.size : 'unused while the subscriber is down';
+    const near = !this.near ? 'off' : this.nearInUse() ? this.nearCopies.size : 'unused while the subscriber is down';
     return { state: 'up', details: { driver: 'redis', near_copies: near } };
   }
 
@@ -280,9 +281,14 @@ export class RedisResponseCache extends ResponseCache {
     }
   }
 
+  /** The near options while copies may be used: configured, and the delete flushes can be heard. */
+  private nearInUse(): NearOptions | undefined {
+    return this.listener?.status === 'ready' ? this.near : undefined;
+  }
+
   private keepNear(key: string, body: string, ttlMs: number): void {
-    const near = this.near;
-    if (!near || this.listener?.status !== 'ready' || !(ttlMs > 0) || body.length > near.maxChars) return;
+    const near = this.nearInUse();
+    if (!near || !(ttlMs > 0) || body.length > near.maxChars) return;
     this.dropNear(key);
     this.nearCopies.set(key, { body, until: near.clock.nowMs() + Math.min(ttlMs, near.maxAgeMs) });
     this.nearChars += body.length;
