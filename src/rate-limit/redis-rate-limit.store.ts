@@ -169,12 +169,12 @@ export class RedisRateLimitStore extends RateLimitStore {
         args,
       );
     } catch (error) {
-      for (const key of asked) this.asking.delete(key);
       this.dropLeases();
       this.state.fail((error as Error).message);
       return this.fallback.hit(buckets);
+    } finally {
+      for (const key of asked) this.asking.delete(key);
     }
-    for (const key of asked) this.asking.delete(key);
     this.state.ok();
     const flat = reply as number[];
     const allowed = flat[0] === 1;
