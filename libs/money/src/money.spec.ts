@@ -42,4 +42,15 @@ describe('money', () => {
     expect(tokensCost(1, '0.00000000002')).toBe(0n);
     expect(tokensCost(100, '0.00000000002')).toBe(2n);
   });
+
+  it('prices the same way when a price comes again (parsed once), and refuses a bad price every time', () => {
+    for (let i = 0; i < 3; i++) {
+      expect(tokensCost(1000, '0.00000015')).toBe(150_000n);
+      expect(tokensCost(7, '0.00000015')).toBe(1050n);
+      expect(() => tokensCost(1, 'free')).toThrow(RangeError);
+    }
+    // Past the bound the parsed prices are dropped, not the answers.
+    for (let i = 1; i <= 1100; i++) expect(tokensCost(1000, formatUsd(BigInt(i)))).toBe(BigInt(i) * 1000n);
+    expect(tokensCost(1000, '0.00000015')).toBe(150_000n);
+  });
 });

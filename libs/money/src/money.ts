@@ -62,12 +62,31 @@ export function toUsdNumber(nanos: Nanos): number {
 
 /** Cost of `tokens` at a per-token price given in nano-dollars with fractional part (price may be < 1 nano). */
 export function tokensCost(tokens: number, pricePerTokenUsd: string | number): Nanos {
-  // Price per million tokens in nanos keeps sub-nano per-token prices exact: 0.15e-6 USD/token = 150 nanos/token.
-  const perMillion = parseUsd(typeof pricePerTokenUsd === 'number' ? pricePerTokenUsd * 1e6 : scaleDecimal(pricePerTokenUsd, 6));
-  if (perMillion === undefined) throw new RangeError(`invalid price ${String(pricePerTokenUsd)}`);
-  const total = perMillion * BigInt(tokens);
+  const total = perMillionNanos(pricePerTokenUsd) * BigInt(tokens);
   // Round half up to the nearest nano.
   return (total + 500_000n) / 1_000_000n;
+}
+
+/**
+ * Prices parsed once: every request prices its reservation and its settle (four calls), and the
+ * prices are the few strings of the pricing table. Bounded anyway, since admins can set prices.
+ */
+const PARSED_PRICES = new Map<string, Nanos>();
+const PARSED_PRICES_MAX = 1024;
+
+/** A per-token price as nanos per million tokens: sub-nano per-token prices stay exact (0.15e-6 USD/token = 150). */
+function perMillionNanos(pricePerTokenUsd: string | number): Nanos {
+  if (typeof pricePerTokenUsd === 'string') {
+    const known = PARSED_PRICES.get(pricePerTokenUsd);
+    if (known !== undefined) return known;
+  }
+  const perMillion = parseUsd(typeof pricePerTokenUsd === 'number' ? pricePerTokenUsd * 1e6 : scaleDecimal(pricePerTokenUsd, 6));
+  if (perMillion === undefined) throw new RangeError(`invalid price ${String(pricePerTokenUsd)}`);
+  if (typeof pricePerTokenUsd === 'string') {
+    if (PARSED_PRICES.size >= PARSED_PRICES_MAX) PARSED_PRICES.clear();
+    PARSED_PRICES.set(pricePerTokenUsd, perMillion);
+  }
+  return perMillion;
 }
 
 function scaleDecimal(text: string, exp: number): string {
