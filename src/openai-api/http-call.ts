@@ -78,12 +78,18 @@ export function metaHeaders(meta: CompletionMeta, costNanos?: bigint): Record<st
  * chunk each: nothing waits for a later event, but a 15-event stream costs one chunked write
  * instead of fifteen (3 iovecs each, every string encoded separately by writev). The headers
  * go out with the first batch.
+ *
+ * A stream that ends in the tick it opened in (every cache replay; an upstream whose whole answer
+ * came in one read) is one response of known length: headers and body leave in one plain write
+ * with `content-length`, as a JSON answer does, instead of a chunked `writev` of four pieces.
  */
 export class ReplyStreamSink implements StreamSink {
   private ended = false;
   private gone = false;
   /** Frames written during this tick, not sent yet; undefined when no flush is scheduled. */
   private pending: string | undefined;
+  /** Set by `open` until the headers are written: with the first flush, or with the whole body. */
+  private head: Record<string, string | number | string[]> | undefined;
 
   constructor(private readonly reply: FastifyReply) {
     reply.raw.once('close', () => {
@@ -96,17 +102,16 @@ export class ReplyStreamSink implements StreamSink {
   }
 
   open(meta: CompletionMeta): void {
-    const raw = this.reply.raw;
     // Headers set earlier on the Fastify reply (x-request-id, rate-limit trio) go out with ours.
-    const carried = this.reply.getHeaders() as Record<string, string>;
-    raw.writeHead(200, {
+    const carried = this.reply.getHeaders() as Record<string, string | number | string[]>;
+    this.head = {
       ...carried,
       'content-type': 'text/event-stream; charset=utf-8',
       'cache-control': 'no-cache',
       connection: 'keep-alive',
       'x-accel-buffering': 'no',
       ...metaHeaders(meta),
-    });
+    };
     // Sent at the end of this tick, with the first events if they come in it, alone if not.
     this.queue('');
   }
@@ -117,9 +122,15 @@ export class ReplyStreamSink implements StreamSink {
 
   close(): void {
     this.ended = true;
-    const rest = this.pending ?? '';
+    const body = `${this.pending ?? ''}data: [DONE]\n\n`;
     this.pending = undefined;
-    if (!this.reply.raw.destroyed) this.reply.raw.end(`${rest}data: [DONE]\n\n`);
+    const raw = this.reply.raw;
+    if (raw.destroyed) return;
+    if (this.head !== undefined) {
+      raw.writeHead(200, { ...this.head, 'content-length': Buffer.byteLength(body) });
+      this.head = undefined;
+    }
+    raw.end(body);
   }
 
   private queue(frame: string): void {
@@ -135,9 +146,15 @@ export class ReplyStreamSink implements StreamSink {
   flush(): void {
     const batch = this.pending;
     this.pending = undefined;
-    if (batch === undefined || this.closed || this.reply.raw.writableEnded) return;
-    if (batch === '') this.reply.raw.flushHeaders();
-    else this.reply.raw.write(batch);
+    const raw = this.reply.raw;
+    if (batch === undefined || this.closed || raw.writableEnded) return;
+    if (this.head !== undefined) {
+      // Length unknown: the stream goes on after this tick, chunked.
+      raw.writeHead(200, this.head);
+      this.head = undefined;
+    }
+    if (batch === '') raw.flushHeaders();
+    else raw.write(batch);
   }
 }
 

@@ -80,6 +80,44 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
     expect(chunks.every((c) => !c.usage)).toBe(true);
   });
 
+  it('relays a live stream as its events arrive (chunked), and sends a stream that is complete at once as one response of known length', async () => {
+    // Live: the stub pauses between events, so the first body bytes must reach the client while
+    // the upstream is still producing; the length is unknown, so the response is chunked.
+    gw.stub.configure({ chunkDelayMs: 100 });
+    const content = `relay ${Date.now()}`;
+    const live = await fetch(`${gw.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'auto', stream: true, messages: [{ role: 'user', content }] }),
+    });
+    expect(live.status).toBe(200);
+    expect(live.headers.get('transfer-encoding')).toBe('chunked');
+    expect(live.headers.get('content-length')).toBeNull();
+    const reader = (live.body as ReadableStream<Uint8Array>).getReader();
+    const decoder = new TextDecoder();
+    const first = await reader.read();
+    const firstText = decoder.decode(first.value);
+    expect(firstText).toContain('data: {');
+    expect(firstText).not.toContain('[DONE]');
+    let rest = '';
+    for (let next = await reader.read(); !next.done; next = await reader.read()) rest += decoder.decode(next.value, { stream: true });
+    expect(`${firstText}${rest}`.endsWith('data: [DONE]\n\n')).toBe(true);
+
+    // The same request again is a cache hit: the whole stream exists at once, and goes out with
+    // its length, in one piece, as a JSON answer does. The SDK reads it as any stream.
+    gw.stub.reset();
+    const replay = await alice.api.post<string>('/v1/chat/completions', { model: 'auto', stream: true, messages: [{ role: 'user', content }] });
+    expect(replay.headers.get('x-gateway-cache')).toBe('hit');
+    expect(replay.headers.get('transfer-encoding')).toBeNull();
+    expect(Number(replay.headers.get('content-length'))).toBe(Buffer.byteLength(replay.body));
+    expect(replay.body.endsWith('data: [DONE]\n\n')).toBe(true);
+    const viaSdk = await alice.openai.chat.completions.create({ model: 'auto', stream: true, messages: [{ role: 'user', content }] });
+    let text = '';
+    for await (const chunk of viaSdk) text += chunk.choices[0]?.delta.content ?? '';
+    expect(text).toBe(`Mock reply to: ${content}`);
+    expect(gw.stub.hits).toBe(0);
+  });
+
   it('serves the simple /v1/complete form', async () => {
     const res = await alice.api.post<Record<string, unknown>>('/v1/complete', { prompt: 'classify this', task_type: 'classification', max_tokens: 50 });
     expect(res.status).toBe(200);
