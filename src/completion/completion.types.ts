@@ -51,8 +51,10 @@ export interface JsonOutcome {
 }
 
 /**
- * Where a stream goes. `open` sends the status and headers: the first byte. After it, no retry
- * or fallback is possible and a failure is reported in-band as an SSE error event.
+ * Where a stream goes. `open` commits the status and headers (the HTTP sink sends them at the end
+ * of the tick, with the first events, or with the whole body when the stream ends in that tick).
+ * After it, no retry or fallback is possible and a failure is reported in-band as an SSE error
+ * event.
  */
 export interface StreamSink {
   open(meta: CompletionMeta): void;
