@@ -1,37 +1,31 @@
 import { randomUUID } from 'node:crypto';
 import type { StoreDriver } from '../config/config.js';
 import type { Clock } from '../core/clock.js';
+import { ExpiringEntries } from './expiring-entries.js';
 import { type CacheFilter, type CacheLookup, type CachePeek, ResponseCache, type CacheTags } from './response-cache.js';
 
-interface Entry {
-  body: string;
-  bytes: number;
-  expiresAt: number;
-  tags: CacheTags;
-}
-
 /**
- * One instance's cache: a Map used as an LRU (a read moves the entry to the end; eviction takes
- * from the front), bounded by entry count and by the UTF-8 size of the stored bodies. Expired
- * entries are dropped when met. Locks exist too, so the driver behaves like the Redis one in the
+ * One instance's cache: an LRU (a read moves the entry to the end; eviction takes from the
+ * front), bounded by entry count and by the UTF-8 size of the stored bodies. Expired entries are
+ * dropped when met. Locks exist too, so the driver behaves like the Redis one in the
  * contract suite, although in-process singleflight already coalesces callers of one instance.
  */
 export class MemoryResponseCache extends ResponseCache {
   readonly driver: StoreDriver = 'memory';
-  private readonly entries = new Map<string, Entry>();
+  private readonly entries: ExpiringEntries<{ body: string; tags: CacheTags }>;
   private readonly locks = new Map<string, { token: string; until: number }>();
-  private bytes = 0;
 
   constructor(
     private readonly clock: Clock,
-    private readonly maxEntries: number,
-    private readonly maxBytes: number,
+    maxEntries: number,
+    maxBytes: number,
   ) {
     super();
+    this.entries = new ExpiringEntries(maxEntries, maxBytes);
   }
 
   get size(): { entries: number; bytes: number } {
-    return { entries: this.entries.size, bytes: this.bytes };
+    return { entries: this.entries.size, bytes: this.entries.weight };
   }
 
   lookup(key: string, lockMs: number): Promise<CacheLookup> {
@@ -55,17 +49,8 @@ export class MemoryResponseCache extends ResponseCache {
 
   store(key: string, body: string, ttlMs: number, tags: CacheTags, token?: string): Promise<void> {
     if (token !== undefined) this.releaseNow(key, token);
-    const bytes = Buffer.byteLength(body);
-    // One answer larger than the whole cache is simply not kept.
-    if (bytes > this.maxBytes || ttlMs <= 0) return Promise.resolve();
-    this.remove(key);
-    this.entries.set(key, { body, bytes, expiresAt: this.clock.nowMs() + ttlMs, tags });
-    this.bytes += bytes;
-    while (this.entries.size > this.maxEntries || this.bytes > this.maxBytes) {
-      const oldest = this.entries.keys().next();
-      if (oldest.done) break;
-      this.remove(oldest.value);
-    }
+    // One answer larger than the whole cache is simply not kept (ExpiringEntries.set).
+    if (ttlMs > 0) this.entries.set(key, { body, tags }, Buffer.byteLength(body), this.clock.nowMs() + ttlMs);
     return Promise.resolve();
   }
 
@@ -77,7 +62,7 @@ export class MemoryResponseCache extends ResponseCache {
     let deleted = 0;
     for (const [key, entry] of this.entries) {
       if (matches(entry.tags, filter)) {
-        this.remove(key);
+        this.entries.delete(key);
         deleted += 1;
       }
     }
@@ -89,27 +74,12 @@ export class MemoryResponseCache extends ResponseCache {
   }
 
   describe(): { state: 'up'; details: Record<string, unknown> } {
-    return { state: 'up', details: { driver: 'memory', entries: this.entries.size, bytes: this.bytes } };
+    return { state: 'up', details: { driver: 'memory', entries: this.entries.size, bytes: this.entries.weight } };
   }
 
+  /** A read makes the entry the most recently used: the memory driver evicts least recently used first. */
   private read(key: string): string | undefined {
-    const entry = this.entries.get(key);
-    if (entry === undefined) return undefined;
-    if (entry.expiresAt <= this.clock.nowMs()) {
-      this.remove(key);
-      return undefined;
-    }
-    // Most recently used goes to the end of the Map's order.
-    this.entries.delete(key);
-    this.entries.set(key, entry);
-    return entry.body;
-  }
-
-  private remove(key: string): void {
-    const entry = this.entries.get(key);
-    if (entry === undefined) return;
-    this.entries.delete(key);
-    this.bytes -= entry.bytes;
+    return this.entries.get(key, this.clock.nowMs(), true)?.body;
   }
 
   private releaseNow(key: string, token: string): boolean {

@@ -6,6 +6,7 @@ import { FallbackState } from '../redis/fallback-state.js';
 import { LuaScript } from '../redis/lua-script.js';
 import type { RedisCommands } from '../redis/resp-client.js';
 import { unlinkMatching } from '../redis/unlink-matching.js';
+import { ExpiringEntries } from './expiring-entries.js';
 import { type CacheFilter, type CacheLookup, type CachePeek, ResponseCache, type CacheTags } from './response-cache.js';
 
 // Entry or lock in one round trip. Returns {1, body, pttl} hit, {0} miss, {2} lead, {3} wait. A
@@ -120,9 +121,8 @@ export class RedisResponseCache extends ResponseCache {
   private readonly watchers = new Map<string, Set<() => void>>();
   /** The connection that hears the landed channel; without it (or while it is down) nobody is told. */
   private listener: NearListener | undefined;
-  /** key → near copy; a Map keeps insertion order, so the oldest copy goes first. */
-  private readonly nearCopies = new Map<string, { body: string; until: number }>();
-  private nearChars = 0;
+  /** key → near copy body, bounded by count and characters; the oldest copy goes first. */
+  private readonly nearCopies: ExpiringEntries<string> | undefined;
 
   constructor(
     private readonly client: RedisCommands,
@@ -134,17 +134,13 @@ export class RedisResponseCache extends ResponseCache {
     this.ns = `${keyPrefix}cache:`;
     this.landedChannel = `${this.ns}landed`;
     this.state = new FallbackState(logger, { degraded: 'Redis unavailable: response cache bypassed', recovered: 'Redis back: response cache in use again' });
+    this.nearCopies = near ? new ExpiringEntries(near.maxEntries, near.maxChars) : undefined;
   }
 
   lookup(key: string, lockMs: number): Promise<CacheLookup> {
     const near = this.nearInUse();
-    if (near) {
-      const copy = this.nearCopies.get(key);
-      if (copy !== undefined) {
-        if (copy.until > near.clock.nowMs()) return Promise.resolve({ kind: 'hit', body: copy.body });
-        this.dropNear(key);
-      }
-    }
+    const body = near ? this.nearCopies?.get(key, near.clock.nowMs()) : undefined;
+    if (body !== undefined) return Promise.resolve({ kind: 'hit', body });
     return this.lookupRemote(key, lockMs);
   }
 
@@ -260,7 +256,7 @@ export class RedisResponseCache extends ResponseCache {
     // Connected again: the next request uses the cache, so say so now rather than after it.
     this.state.ok();
     // How many entries answer here without a round trip, or why none do.
-    const near = !this.near ? 'off' : this.nearInUse() ? this.nearCopies.size : 'unused while the subscriber is down';
+    const near = !this.nearCopies ? 'off' : this.nearInUse() ? this.nearCopies.size : 'unused while the subscriber is down';
     return { state: 'up', details: { driver: 'redis', near_copies: near } };
   }
 
@@ -286,29 +282,14 @@ export class RedisResponseCache extends ResponseCache {
     return this.listener?.status === 'ready' ? this.near : undefined;
   }
 
+  /** Read order does not matter here: a copy lives at most `maxAgeMs`, so the oldest goes first. */
   private keepNear(key: string, body: string, ttlMs: number): void {
     const near = this.nearInUse();
-    if (!near || !(ttlMs > 0) || body.length > near.maxChars) return;
-    this.dropNear(key);
-    this.nearCopies.set(key, { body, until: near.clock.nowMs() + Math.min(ttlMs, near.maxAgeMs) });
-    this.nearChars += body.length;
-    while (this.nearCopies.size > near.maxEntries || this.nearChars > near.maxChars) {
-      const oldest = this.nearCopies.keys().next();
-      if (oldest.done) break;
-      this.dropNear(oldest.value);
-    }
-  }
-
-  private dropNear(key: string): void {
-    const copy = this.nearCopies.get(key);
-    if (copy === undefined) return;
-    this.nearCopies.delete(key);
-    this.nearChars -= copy.body.length;
+    if (near && ttlMs > 0) this.nearCopies?.set(key, body, body.length, near.clock.nowMs() + Math.min(ttlMs, near.maxAgeMs));
   }
 
   private clearNear(): void {
-    this.nearCopies.clear();
-    this.nearChars = 0;
+    this.nearCopies?.clear();
   }
 
   private entryKey(key: string): string {
