@@ -118,10 +118,15 @@ export function responseCacheContract(name: string, make: () => Promise<CacheUnd
         try {
           const [a, b] = await Promise.all([cache.lookup('x1', 5000), other.cache.lookup('x1', 5000)]);
           expect([a.kind, b.kind].sort()).toEqual(['lead', 'wait']);
-          const leader = a.kind === 'lead' ? { c: cache, t: a.token } : { c: other.cache, t: (b as { token: string }).token };
+          const [leader, follower] = a.kind === 'lead' ? [{ c: cache, t: a.token }, other.cache] : [{ c: other.cache, t: (b as { token: string }).token }, cache];
+          // Until the fill lands the other instance is told to wait, never that the key is free.
+          expect(await follower.peek('x1')).toEqual({ kind: 'wait' });
           await leader.c.store('x1', '{"shared":true}', 60_000, tags(), leader.t);
-          expect(await other.cache.peek('x1')).toEqual({ kind: 'hit', body: '{"shared":true}' });
-          expect(await cache.peek('x1')).toEqual({ kind: 'hit', body: '{"shared":true}' });
+          // A fill may be sent without waiting for Redis's reply, so store() resolving does not
+          // mean it has run. The leader's next command on the same connection runs after it;
+          // from then on every instance sees the entry (a real waiter hears it land instead).
+          expect(await leader.c.peek('x1')).toEqual({ kind: 'hit', body: '{"shared":true}' });
+          expect(await follower.peek('x1')).toEqual({ kind: 'hit', body: '{"shared":true}' });
         } finally {
           await other.close();
         }
