@@ -5,7 +5,7 @@ import { createLogger } from '../../src/core/logger.js';
 import { type RedisConnections, whenReady } from '../../src/redis/redis-connections.js';
 import { REDIS_URL } from '../support/databases.js';
 import { pollUntil } from '../support/gateway.js';
-import { dropRedisPrefix, openTestRedis, startRedisProxy, type TcpProxy, uniqueRedisPrefix } from '../support/redis.js';
+import { dropRedisPrefix, openTestRedis, sentCommandsRan, startRedisProxy, type TcpProxy, uniqueRedisPrefix } from '../support/redis.js';
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 const tags = { userId: 'user-1', departmentId: 'dept-1', models: ['model-1'] };
@@ -51,6 +51,7 @@ describe('RedisResponseCache near copies (real Redis)', () => {
     const a = await instance(prefix, { maxAgeMs: 400 });
     const b = await instance(prefix, { maxAgeMs: 400 });
     await a.store.store('k1', 'body-1', 60_000, tags);
+    await sentCommandsRan(a.connections);
     // B reads it from Redis once, and keeps it near.
     expect(await b.store.lookup('k1', 0)).toEqual({ kind: 'hit', body: 'body-1' });
     await dropBehindTheBack(prefix, 'k1');
@@ -76,6 +77,7 @@ describe('RedisResponseCache near copies (real Redis)', () => {
     const a = await instance(prefix);
     const b = await instance(prefix);
     await a.store.store('k2', 'body-2', 60_000, tags);
+    await sentCommandsRan(a.connections);
     expect(await b.store.lookup('k2', 0)).toEqual({ kind: 'hit', body: 'body-2' });
     expect(await a.store.invalidate({ userId: 'user-1' })).toBe(1);
     // Both copies live for 10 s; B drops its own once it hears of the delete.
@@ -90,8 +92,8 @@ describe('RedisResponseCache near copies (real Redis)', () => {
     const a = await instance(prefix, { url: proxy.url });
     const direct = await instance(prefix);
     await a.store.store('k3', 'body-3', 60_000, tags);
-    // The fill is sent without a reply: wait until Redis has it.
-    await pollUntil(async () => expect(await direct.store.peek('k3')).toEqual({ kind: 'hit', body: 'body-3' }), 2000, 10);
+    await sentCommandsRan(a.connections);
+    expect(await direct.store.peek('k3')).toEqual({ kind: 'hit', body: 'body-3' });
     await proxy.stop();
     await pollUntil(() => expect(a.listener.status).not.toBe('ready'), 5000, 10);
     // Deleted while this instance could not hear it.

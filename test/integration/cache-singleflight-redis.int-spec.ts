@@ -5,7 +5,7 @@ import { createLogger } from '../../src/core/logger.js';
 import { whenReady } from '../../src/redis/redis-connections.js';
 import type { RedisConnections } from '../../src/redis/redis-connections.js';
 import { pollUntil } from '../support/gateway.js';
-import { dropRedisPrefix, openTestRedis, uniqueRedisPrefix } from '../support/redis.js';
+import { dropRedisPrefix, openTestRedis, sentCommandsRan, uniqueRedisPrefix } from '../support/redis.js';
 
 const answer = testCompletion('landed');
 const call = () => testCall('the same question on two instances');
@@ -37,7 +37,7 @@ describe('singleflight across instances on Redis: waiters are told when the answ
       peeks += 1;
       return peek(key);
     };
-    return { cache: testCompletionCache(store, 5000), peeks: () => peeks };
+    return { cache: testCompletionCache(store, 5000), peeks: () => peeks, connections };
   }
 
   it.each([
@@ -101,6 +101,7 @@ describe('singleflight across instances on Redis: waiters are told when the answ
     expect(ticket.status).toBe('miss');
     expect(b.peeks()).toBeLessThanOrEqual(2);
     await ticket.fill(JSON.stringify(answer), answer);
+    await sentCommandsRan(b.connections);
     expect((await a.cache.open(call(), route)).status).toBe('hit');
   });
 });

@@ -20,6 +20,15 @@ export async function openTestRedis(prefix: string, url = REDIS_URL): Promise<Re
   return connections;
 }
 
+/**
+ * Resolves once Redis has run every command this instance sent before. A cache fill goes out
+ * without waiting for a reply (RespClient.fire), so `store()` resolving does not mean another
+ * connection can read it yet; Redis answers this connection's PING only after the fill ran.
+ */
+export async function sentCommandsRan(connections: RedisConnections): Promise<void> {
+  await connections.shared().call('PING');
+}
+
 /** Deletes every key under a test prefix. */
 export async function dropRedisPrefix(connections: RedisConnections): Promise<void> {
   await unlinkMatching(connections.shared(), `${connections.keyPrefix}*`);
