@@ -10,6 +10,13 @@ import { dropRedisPrefix, openTestRedis, sentCommandsRan, uniqueRedisPrefix } fr
 const answer = testCompletion('landed');
 const call = () => testCall('the same question on two instances');
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+/**
+ * How long the leader works before it fills or gives up. A waiter looks after 10 ms, then naps
+ * up to 500 ms unless the channel wakes it, or (unannounced) looks at ~10/30/70/150/250 ms. So the
+ * fill must land inside that nap (510 ms; a loaded machine fires timers late) and after the
+ * fourth unannounced look: 300 ms leaves ~200 ms of slack one way and ~150 ms the other.
+ */
+const LEADER_WORKS_MS = 300;
 
 /**
  * Two instances as the cache module wires them (each its own connections, one Redis, one key
@@ -37,7 +44,16 @@ describe('singleflight across instances on Redis: waiters are told when the answ
       peeks += 1;
       return peek(key);
     };
-    return { cache: testCompletionCache(store, 5000), peeks: () => peeks, connections };
+    // A wake is an announcement that cut a nap short. Without it the waiter still gets the
+    // answer, one nap later and with the same number of looks, so the looks alone cannot tell.
+    let wakes = 0;
+    const watch = store.watch.bind(store);
+    store.watch = (key) => {
+      const watching = watch(key);
+      void watching?.landed.then(() => (wakes += 1));
+      return watching;
+    };
+    return { cache: testCompletionCache(store, 5000), peeks: () => peeks, wakes: () => wakes, connections };
   }
 
   it.each([
@@ -50,13 +66,14 @@ describe('singleflight across instances on Redis: waiters are told when the answ
     const leader = await a.cache.open(call(), route);
     expect(leader.status).toBe('miss');
     const waiting = b.cache.open(call(), route);
-    await sleep(400);
+    await sleep(LEADER_WORKS_MS);
     await leader.fill(JSON.stringify(answer), answer);
     const ticket = await waiting;
     expect(ticket.status).toBe('hit');
     expect(ticket.hit?.completion.choices[0]?.message.content).toBe('landed');
     if (announced) expect(b.peeks()).toBeLessThanOrEqual(bound);
     else expect(b.peeks()).toBeGreaterThanOrEqual(bound);
+    expect(b.wakes()).toBe(announced ? 1 : 0);
   });
 
   it('announces a fill or a release on the channel only when another instance waits for it', async () => {
@@ -94,12 +111,13 @@ describe('singleflight across instances on Redis: waiters are told when the answ
     const b = await instance(prefix, true);
     const leader = await a.cache.open(call(), route);
     const waiting = b.cache.open(call(), route);
-    await sleep(400);
+    await sleep(LEADER_WORKS_MS);
     leader.abandon();
     const ticket = await waiting;
     // B now fills for everyone: a miss it leads, after one early look and the announced one.
     expect(ticket.status).toBe('miss');
     expect(b.peeks()).toBeLessThanOrEqual(2);
+    expect(b.wakes()).toBe(1);
     await ticket.fill(JSON.stringify(answer), answer);
     await sentCommandsRan(b.connections);
     expect((await a.cache.open(call(), route)).status).toBe('hit');
