@@ -126,10 +126,7 @@ export class ReplyStreamSink implements StreamSink {
     this.pending = undefined;
     const raw = this.reply.raw;
     if (raw.destroyed) return;
-    if (this.head !== undefined) {
-      raw.writeHead(200, { ...this.head, 'content-length': Buffer.byteLength(body) });
-      this.head = undefined;
-    }
+    this.writeHead(Buffer.byteLength(body));
     raw.end(body);
   }
 
@@ -148,13 +145,17 @@ export class ReplyStreamSink implements StreamSink {
     this.pending = undefined;
     const raw = this.reply.raw;
     if (batch === undefined || this.closed || raw.writableEnded) return;
-    if (this.head !== undefined) {
-      // Length unknown: the stream goes on after this tick, chunked.
-      raw.writeHead(200, this.head);
-      this.head = undefined;
-    }
+    // Length unknown: the stream goes on after this tick, chunked.
+    this.writeHead();
     if (batch === '') raw.flushHeaders();
     else raw.write(batch);
+  }
+
+  /** Writes the headers `open` holds, once: with the body's length when the whole stream is known. */
+  private writeHead(contentLength?: number): void {
+    if (this.head === undefined) return;
+    this.reply.raw.writeHead(200, contentLength === undefined ? this.head : { ...this.head, 'content-length': contentLength });
+    this.head = undefined;
   }
 }
 
