@@ -42,7 +42,12 @@ export abstract class ResponseCache {
 
   abstract peek(key: string): Promise<CachePeek>;
 
-  /** Stores the entry for `ttlMs` and, when `token` holds the lock, releases it in the same step. */
+  /**
+   * Stores the entry for `ttlMs` and, when `token` holds the lock, releases it in the same step.
+   * Resolving means the fill was sent, not that another instance can read it yet: the Redis
+   * driver sends it without waiting for the reply. Until it lands, others are told to wait
+   * (`peek`), and `watch` tells them when it has.
+   */
   abstract store(key: string, body: string, ttlMs: number, tags: CacheTags, token?: string): Promise<void>;
 
   /** Releases the lock only if `token` still holds it (a slow leader must not free a successor's lock). */
