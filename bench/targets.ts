@@ -110,6 +110,8 @@ export interface GatewayOptions {
   profiled?: boolean;
   /** Another build's main.js (a saved copy of dist/), for before/after comparisons in one run. */
   entry?: string;
+  /** Settings on top of the bench's own (a test's Redis key prefix, say). */
+  env?: NodeJS.ProcessEnv;
 }
 
 export interface StartedGateway {
@@ -158,6 +160,7 @@ export async function startGateway(options: GatewayOptions): Promise<StartedGate
     dataDir = await mkdtemp(join(tmpdir(), 'gatehouse-bench-'));
     env.DATA_DIR = dataDir;
   }
+  Object.assign(env, options.env);
   const nodeFlags = memoryFlags(options);
   const proc = spawnNode(options.name, options.profiled ? ENTRY.profiledGateway : (options.entry ?? ENTRY.gateway), [], {
     env,
