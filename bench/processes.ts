@@ -12,7 +12,8 @@ import type { LoadReplyMessage, LoadRequestMessage } from './load-worker.js';
 /** Paths of the compiled entry points, relative to this file in dist/bench. */
 export const ENTRY = {
   stub: fileURLToPath(new URL('../libs/stub-upstream/src/main.js', import.meta.url)),
-  gateway: fileURLToPath(new URL('../src/main.js', import.meta.url)),
+  // What `npm start` runs: the bundle scripts/bundle.mjs makes of dist/src (see there for why).
+  gateway: fileURLToPath(new URL('../bundle/main.js', import.meta.url)),
   profiledGateway: fileURLToPath(new URL('./profiled-gateway.js', import.meta.url)),
   floor: fileURLToPath(new URL('./floor-proxy-main.js', import.meta.url)),
   loadWorker: fileURLToPath(new URL('./load-worker.js', import.meta.url)),

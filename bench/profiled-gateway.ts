@@ -3,6 +3,10 @@
  * over IPC so the profile covers exactly the load window, not start-up and migrations.
  *
  *   parent → { profile: 'start', intervalUs } … { profile: 'stop', path } → parent gets { profiled: path }
+ *
+ * It runs dist/src, the modules the bundle `npm start` runs is made of: the same code, but each
+ * frame keeps its own file, which is what the summary attributes areas and packages by. Bundled,
+ * every frame would sit in dist/bundle/main.js.
  */
 import { writeFile } from 'node:fs/promises';
 import { Session } from 'node:inspector/promises';

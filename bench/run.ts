@@ -15,6 +15,7 @@
  * See BENCHMARKS.md for what the columns mean.
  */
 import { execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { mkdir, readFile, appendFile, writeFile } from 'node:fs/promises';
 import { cpus, loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -286,7 +287,9 @@ async function main(): Promise<void> {
       const defaults: MemoryFlags = { semiSpaceMb: options.semiSpace[0] ?? 0, heapGrowingPercent: options.heapGrowth[0] ?? 0, oldSpaceMb: options.oldSpace[0] ?? 0 };
       for (const variant of options.profile ? [] : options.variants) {
         process.stderr.write(`starting ${variant.name} (PostgreSQL + Redis, build in ${variant.dist})…\n`);
-        const entry = join(variant.dist, 'src', 'main.js');
+        // A copy of dist/ made since the bundle exists runs its bundle, as `npm start` would; an older one its src.
+        const bundled = join(variant.dist, 'bundle', 'main.js');
+        const entry = existsSync(bundled) ? bundled : join(variant.dist, 'src', 'main.js');
         targets.push(await addGateway(await startGateway({ name: variant.name, flavour: 'production', stubUrl: stub.url, databaseUrl, ...defaults, entry })));
       }
       const memories: MemoryFlags[] = [];
