@@ -4,8 +4,9 @@
  * the node_modules it loads into dist/bundle/: what `npm start` and the image run.
  *
  * Why: run module by module, Node's loaders keep ~3,300 files' worth of source text and module
- * records alive. Bundled, the same code leaves a 33 MB heap after start instead of 55 MB, and the
- * peak RSS under load is ~12% lower at the same CPU (BENCHMARKS.md, session 12).
+ * records alive. Bundled, the same code leaves 29 MB of heap after start instead of 51.5 MB, idles
+ * at 128 MB of RSS instead of 157-164 and is ready in half the time, at the same CPU per request.
+ * The peak under load did not move: V8 lets a smaller heap grow further (BENCHMARKS.md, session 12).
  *
  * Deliberately not minified: identifiers and lines stay readable in stack traces, and minifying
  * saved only 2 MB more. No `keepNames` either: it wraps every named closure in a call that sets
@@ -92,8 +93,11 @@ async function checkOwnClassNames(metafile) {
     const parts = (await readFile(join(root, output), 'utf8')).split(/^\/\/ (\S+)$/m);
     for (let i = 1; i < parts.length; i += 2) sections.set(parts[i], (sections.get(parts[i]) ?? '') + parts[i + 1]);
   }
+  const own = Object.keys(metafile.inputs).filter((p) => /^dist\/(src|libs)\//.test(p));
+  // Without the markers (a minified build, another esbuild) this check would pass having read nothing.
+  if (!own.some((path) => sections.has(path))) throw new Error('no `// <path>` module markers in the bundle: cannot check class names');
   const renamed = [];
-  for (const path of Object.keys(metafile.inputs).filter((p) => /^dist\/(src|libs)\//.test(p))) {
+  for (const path of own) {
     const emitted = sections.get(path);
     if (emitted === undefined) continue;
     const source = await readFile(join(root, path), 'utf8');
