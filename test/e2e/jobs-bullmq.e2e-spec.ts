@@ -4,14 +4,7 @@ import { createLogger } from '../../src/core/logger.js';
 import { createWorker, type WorkerProcess } from '../../src/gateway.js';
 import { REDIS_URL } from '../support/databases.js';
 import { type ApiClient, type HttpResult, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
-import { dropRedisPrefix, openTestRedis, startRedisProxy, type TcpProxy, uniqueRedisPrefix } from '../support/redis.js';
-
-/** Removes what the test left in the shared Redis (BullMQ's meta keys and event stream, cache, counters). */
-async function dropKeys(prefix: string): Promise<void> {
-  const redis = await openTestRedis(prefix);
-  await dropRedisPrefix(redis);
-  await redis.onApplicationShutdown();
-}
+import { dropRedisKeys, startRedisProxy, type TcpProxy, uniqueRedisPrefix } from '../support/redis.js';
 
 interface JobBody {
   id: string;
@@ -89,7 +82,7 @@ describe('async jobs on BullMQ: an api instance and a separate worker sharing Re
   afterAll(async () => {
     await worker?.close();
     await api?.close();
-    await dropKeys(env.REDIS_KEY_PREFIX as string);
+    await dropRedisKeys(env.REDIS_KEY_PREFIX as string);
   });
 
   it('accepts jobs on the api instance without processing them, up to the bound, then answers 503 queue_full', async () => {
@@ -175,7 +168,7 @@ describe('async jobs when Redis goes away (BullMQ, role all)', () => {
     await proxy?.start().catch(() => undefined);
     await gw?.close();
     await proxy?.stop();
-    await dropKeys(prefix);
+    await dropRedisKeys(prefix);
   });
 
   it('refuses async submits with 503 unavailable while sync requests still work, says so in readiness, and recovers', async () => {

@@ -5,7 +5,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStubUpstream, type StubUpstream } from '../../libs/stub-upstream/src/index.js';
 import { provisionTenant, type StartedGateway, startGateway } from '../../bench/targets.js';
 import { createPostgresDatabase, REDIS_URL } from '../support/databases.js';
-import { dropRedisPrefix, openTestRedis, uniqueRedisPrefix } from '../support/redis.js';
+import { pollUntil } from '../support/gateway.js';
+import { dropRedisKeys, uniqueRedisPrefix } from '../support/redis.js';
 
 /**
  * The artifact that ships: `npm start` and the image run dist/bundle/main.js (scripts/bundle.mjs),
@@ -97,9 +98,7 @@ describe('the shipped build (dist/bundle/main.js) as its own process', () => {
       await gateway?.cleanup();
       await stub?.close();
       await database?.drop();
-      const redis = await openTestRedis(prefix);
-      await dropRedisPrefix(redis);
-      await redis.onApplicationShutdown();
+      await dropRedisKeys(prefix);
     });
 
     it('serves a provisioned key through the upstream, caches in Redis, streams, and reports itself ready', async () => {
@@ -142,11 +141,16 @@ describe('the shipped build (dist/bundle/main.js) as its own process', () => {
       });
       expect(submit.status).toBe(202);
       const { id } = (await submit.json()) as { id: string };
-      let job: { status: string; result: { choices: Array<{ message: { content: string } }> } | null } = { status: 'queued', result: null };
-      for (let i = 0; i < 200 && job.status !== 'completed' && job.status !== 'failed'; i++) {
-        await new Promise((resolve) => setTimeout(resolve, 50));
-        job = (await (await fetch(`${started.origin}/v1/jobs/${id}`, { headers })).json()) as typeof job;
-      }
+      type Job = { status: string; result: { choices: Array<{ message: { content: string } }> } | null };
+      const job = await pollUntil(
+        async () => {
+          const polled = (await (await fetch(`${started.origin}/v1/jobs/${id}`, { headers })).json()) as Job;
+          expect(['completed', 'failed']).toContain(polled.status);
+          return polled;
+        },
+        10_000,
+        50,
+      );
       expect(job.status).toBe('completed');
       expect(job.result?.choices[0]?.message.content).toContain('async shipped');
     });

@@ -34,6 +34,16 @@ export async function dropRedisPrefix(connections: RedisConnections): Promise<vo
   await unlinkMatching(connections.shared(), `${connections.keyPrefix}*`);
 }
 
+/**
+ * Removes what a gateway left in the shared Redis under `prefix` (BullMQ's meta keys and event
+ * stream, cache, counters), through connections of its own: the gateway may already be gone.
+ */
+export async function dropRedisKeys(prefix: string): Promise<void> {
+  const redis = await openTestRedis(prefix);
+  await dropRedisPrefix(redis);
+  await redis.onApplicationShutdown();
+}
+
 export interface TcpProxy {
   /** The target's URL with the proxy's port in it. */
   readonly url: string;
