@@ -71,14 +71,16 @@ const result = await esbuild.build({
   logLevel: 'warning',
 });
 
-await checkOwnClassNames(result.metafile);
-await asciiOnly(result.metafile);
+// Read once for both steps below; only asciiOnly writes back.
+const outputs = new Map();
+for (const path of Object.keys(result.metafile.outputs).filter((p) => p.endsWith('.js'))) outputs.set(path, await readFile(join(root, path), 'utf8'));
+await checkOwnClassNames(result.metafile, outputs);
+await asciiOnly(outputs);
 await writeFile(join(outdir, 'meta.json'), JSON.stringify(result.metafile));
-const code = Object.entries(result.metafile.outputs).filter(([path]) => path.endsWith('.js'));
-const bytes = code.reduce((n, [, o]) => n + o.bytes, 0);
+const bytes = [...outputs.keys()].reduce((n, path) => n + result.metafile.outputs[path].bytes, 0);
 const inputs = Object.keys(result.metafile.inputs).length;
 process.stdout.write(
-  `bundle: ${inputs} modules → ${relative(root, outdir)}/main.js (${(bytes / 1048576).toFixed(1)} MB of code in ${code.length} files)` +
+  `bundle: ${inputs} modules → ${relative(root, outdir)}/main.js (${(bytes / 1048576).toFixed(1)} MB of code in ${outputs.size} files)` +
     (missing.size > 0 ? `; left to run time (not installed): ${[...missing].sort().join(', ')}` : '') +
     '\n',
 );
@@ -87,10 +89,10 @@ process.stdout.write(
  * Fails when esbuild renamed a class the gateway declares (see the header). Unminified output
  * marks each module's code with a `// <path>` line, so each class is looked for in its own module.
  */
-async function checkOwnClassNames(metafile) {
+async function checkOwnClassNames(metafile, outputs) {
   const sections = new Map();
-  for (const output of Object.keys(metafile.outputs).filter((p) => p.endsWith('.js'))) {
-    const parts = (await readFile(join(root, output), 'utf8')).split(/^\/\/ (\S+)$/m);
+  for (const text of outputs.values()) {
+    const parts = text.split(/^\/\/ (\S+)$/m);
     for (let i = 1; i < parts.length; i += 2) sections.set(parts[i], (sections.get(parts[i]) ?? '') + parts[i + 1]);
   }
   const own = Object.keys(metafile.inputs).filter((p) => /^dist\/(src|libs)\//.test(p));
@@ -119,10 +121,9 @@ async function checkOwnClassNames(metafile) {
  * are comments and regular expression literals, where `\uXXXX` means the same. A source map
  * column after such a character on its line moves by a few places.
  */
-async function asciiOnly(metafile) {
-  for (const output of Object.keys(metafile.outputs).filter((p) => p.endsWith('.js'))) {
+async function asciiOnly(outputs) {
+  for (const [output, text] of outputs) {
     const path = join(root, output);
-    const text = await readFile(path, 'utf8');
     const escaped = text.replace(/[^\x00-\x7f]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
     if (escaped !== text) await writeFile(path, escaped);
   }
