@@ -1,4 +1,5 @@
 import { type ChatCompletion, readUsage, type Usage } from '../../libs/openai-contract/src/index.js';
+import { replayChunks } from './stream-replay.js';
 
 /**
  * A stored answer: one header line with what every hit needs (the model that answered and its
@@ -15,9 +16,16 @@ export function encodeCacheEntry(raw: string, completion: ChatCompletion): strin
   return `${JSON.stringify([typeof completion.model === 'string' ? completion.model : '', readUsage(completion) ?? null])}\n${raw}`;
 }
 
-/** A cached answer: the body as stored, and the completion parsed only when someone asks. */
+/**
+ * A cached answer: the body as stored, and what a hit derives from it (the parsed completion, a
+ * stream replay's payloads) made only when someone asks, then kept. CompletionCache hands the
+ * same answer to every hit on an unchanged entry, so those are made once per entry, not per hit;
+ * the parsed completion is frozen because it is shared.
+ */
 export class CachedAnswer {
   private parsed: ChatCompletion | undefined;
+  private replayQuiet: readonly string[] | undefined;
+  private replayWithUsage: readonly string[] | undefined;
 
   constructor(
     /** The stored body, sent as is to JSON callers. */
@@ -27,9 +35,23 @@ export class CachedAnswer {
   ) {}
 
   get completion(): ChatCompletion {
-    this.parsed ??= JSON.parse(this.raw) as ChatCompletion;
+    this.parsed ??= deepFreeze(JSON.parse(this.raw) as ChatCompletion);
     return this.parsed;
   }
+
+  /** The SSE payloads that replay this answer (replayChunks), with the usage chunk or without. */
+  replay(includeUsage: boolean): readonly string[] {
+    if (includeUsage) return (this.replayWithUsage ??= replayChunks(this.completion, true));
+    return (this.replayQuiet ??= replayChunks(this.completion, false));
+  }
+}
+
+function deepFreeze<T>(value: T): T {
+  if (typeof value === 'object' && value !== null && !Object.isFrozen(value)) {
+    for (const inner of Object.values(value)) deepFreeze(inner);
+    Object.freeze(value);
+  }
+  return value;
 }
 
 /** undefined for an entry that is not one (corrupt, or written by something else): a miss that overwrites it. */

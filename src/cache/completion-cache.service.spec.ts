@@ -85,6 +85,48 @@ describe('CompletionCache singleflight (in process)', () => {
     expect(JSON.parse(hit.hit?.raw ?? '')).toEqual(hit.hit?.completion);
   });
 
+  it('answers from the entry as it is now, not from an answer decoded for the same key before', async () => {
+    const { cache, call, store } = setup();
+    const first = await cache.open(call(), route);
+    await first.fill(JSON.stringify(answer), answer);
+    const hot = await cache.open(call(), route);
+    expect(hot.hit?.replay(false).join('')).toContain('"hi"');
+    // Gone from the store behind this instance's back (TTL, another instance's delete), then refilled.
+    await store.invalidate({});
+    const again = await cache.open(call(), route);
+    expect(again.status).toBe('miss');
+    const changed = testCompletion('bye');
+    await again.fill(JSON.stringify(changed), changed);
+    const hit = await cache.open(call(), route);
+    expect(JSON.parse(hit.hit?.raw ?? '')).toEqual(changed);
+    expect(hit.hit?.completion.choices[0]?.message.content).toBe('bye');
+    expect(hit.hit?.replay(false).join('')).toContain('"bye"');
+    expect(hit.hit?.replay(false).join('')).not.toContain('"hi"');
+  });
+
+  it('replays a hot entry with or without the usage chunk, as each caller asks', async () => {
+    const { cache, call } = setup();
+    const withUsage = { ...answer, usage: { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3 } };
+    const leader = await cache.open(call(), route);
+    await leader.fill(JSON.stringify(withUsage), withUsage);
+    const usageOf = (payloads: readonly string[] | undefined) => (payloads ?? []).map((p) => (JSON.parse(p) as { usage?: unknown }).usage).filter(Boolean);
+    expect(usageOf((await cache.open(call(), route)).hit?.replay(true))).toEqual([withUsage.usage]);
+    expect(usageOf((await cache.open(call(), route)).hit?.replay(false))).toEqual([]);
+    expect(usageOf((await cache.open(call(), route)).hit?.replay(true))).toEqual([withUsage.usage]);
+  });
+
+  it('keeps one hit from changing the answer the next hit gets', async () => {
+    const { cache, call } = setup();
+    const leader = await cache.open(call(), route);
+    await leader.fill(JSON.stringify(answer), answer);
+    const first = await cache.open(call(), route);
+    const message = first.hit?.completion.choices[0]?.message as { content: string };
+    expect(() => {
+      message.content = 'tampered';
+    }).toThrow(TypeError);
+    expect((await cache.open(call(), route)).hit?.completion.choices[0]?.message.content).toBe('hi');
+  });
+
   it('asks for no stream assembly when nothing will be stored', async () => {
     const { cache, call } = setup();
     const noStore = await cache.open({ ...call(), cacheControl: { read: true, write: false, ttlSeconds: undefined } }, route);

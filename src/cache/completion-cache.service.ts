@@ -8,6 +8,7 @@ import { AppLogger } from '../core/logger.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
 import { type CachedAnswer, decodeCacheEntry, encodeCacheEntry } from './cache-entry.js';
 import { type CachePlan, cachePlan } from './cache-key.js';
+import { ExpiringEntries } from './expiring-entries.js';
 import { type CacheFilter, ResponseCache, type CacheTags } from './response-cache.js';
 
 export type { CachedAnswer } from './cache-entry.js';
@@ -48,6 +49,12 @@ const POLL_FIRST_MS = 10;
 const POLL_MAX_MS = 100;
 /** Between looks while the store announces fills: only a safety net for a lost announcement. */
 const POLL_WATCHED_MS = 500;
+/**
+ * Bounds of the decoded answers kept for hot entries (entries, and characters of their stored
+ * text; what is kept is about three times that: the body, its parse and a replay).
+ */
+const DECODED_MAX_ENTRIES = 256;
+const DECODED_MAX_CHARS = 1024 * 1024;
 
 const BYPASS: CacheTicket = {
   status: 'bypass',
@@ -70,6 +77,14 @@ const BYPASS: CacheTicket = {
 @Injectable()
 export class CompletionCache {
   private readonly flights = new Map<string, Flight>();
+  /**
+   * The answer last decoded for each key, with the entry text it came from. A hit on a hot entry
+   * (the store hands back the same text: the near copy, or the memory driver's string) reuses it,
+   * with its parsed completion and rendered replay, instead of decoding, parsing and rendering
+   * again on every hit. Oldest first out; nothing to expire, since an answer is only reused for
+   * the very text it was decoded from.
+   */
+  private readonly decoded = new ExpiringEntries<{ entry: string; answer: CachedAnswer }>(DECODED_MAX_ENTRIES, DECODED_MAX_CHARS);
   private readonly logger: Logger;
   private readonly ttlSeconds: number;
   private readonly waitMs: number;
@@ -110,6 +125,8 @@ export class CompletionCache {
   async invalidate(filter: CacheFilter): Promise<number> {
     const unavailable = (cause?: unknown) => new GatewayError('unavailable', 'The cache store is unreachable; nothing was deleted.', { cause });
     if (!this.store.available()) throw unavailable();
+    // Not needed for correctness (a changed entry is decoded anew); the memory is.
+    this.decoded.clear();
     try {
       return await this.store.invalidate(filter);
     } catch (cause) {
@@ -177,10 +194,19 @@ export class CompletionCache {
   }
 
   private hit(entry: string, plan: CachePlan, tags: CacheTags): CacheTicket {
-    const answer = decodeCacheEntry(entry);
+    const answer = this.decode(plan.key, entry);
     // A corrupt entry is a miss that overwrites it.
     if (!answer) return this.miss(plan, tags, undefined);
     return { ...BYPASS, status: 'hit', hit: answer };
+  }
+
+  private decode(key: string, entry: string): CachedAnswer | undefined {
+    const known = this.decoded.get(key, 0);
+    // Usually the same string object (a pointer compare); a remote read compares the text.
+    if (known !== undefined && known.entry === entry) return known.answer;
+    const answer = decodeCacheEntry(entry);
+    if (answer !== undefined) this.decoded.set(key, { entry, answer }, entry.length, Number.POSITIVE_INFINITY);
+    return answer;
   }
 
   /**

@@ -5,7 +5,6 @@ import { AuditService } from '../audit/audit.service.js';
 import { BudgetService } from '../budget/budget.service.js';
 import type { Reservation } from '../budget/budget.types.js';
 import { type CachedAnswer, type CacheTicket, CompletionCache } from '../cache/completion-cache.service.js';
-import { replayChunks } from '../cache/stream-replay.js';
 import { AppLogger } from '../core/logger.js';
 import { ShutdownService } from '../lifecycle/shutdown.service.js';
 import { GatewayMetrics } from '../metrics/gateway-metrics.js';
@@ -229,7 +228,7 @@ export class CompletionService {
     const meta = this.meta(route, hit.model, 'hit');
     this.budget.recordCacheHit(call, route, meta.model, hit.usage);
     sink.open(meta);
-    for (const payload of replayChunks(hit.completion, call.body.stream_options?.include_usage === true)) sink.event(payload);
+    for (const payload of hit.replay(call.body.stream_options?.include_usage === true)) sink.event(payload);
     sink.close();
     this.logDone(call, route, meta, [], started, 'ok');
   }
