@@ -34,4 +34,12 @@ describe('cache entries', () => {
     expect(decodeCacheEntry('["m", null\n{}')).toBeUndefined();
     expect(decodeCacheEntry('["m",null]\n')).toBeUndefined();
   });
+
+  it('reads an answer however deeply the upstream nested it, and hands it out read-only', () => {
+    const raw = `{"id":"c1","object":"chat.completion","created":1,"model":"m","extra":${'['.repeat(100_000)}${']'.repeat(100_000)},"choices":[{"index":0,"message":{"role":"assistant","content":"deep"},"finish_reason":"stop"}]}`;
+    const answer = decodeCacheEntry(encodeCacheEntry(raw, JSON.parse(raw) as ChatCompletion));
+    expect(answer?.completion.choices[0]?.message.content).toBe('deep');
+    expect(Object.isFrozen(answer?.completion.choices[0]?.message)).toBe(true);
+    expect(answer?.replay(false).join('')).toContain('"deep"');
+  });
 });
