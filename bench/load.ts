@@ -10,7 +10,7 @@
  */
 import { performance } from 'node:perf_hooks';
 import { Client } from 'undici';
-import { type CpuTicks, cpuSecondsBetween, clockTicksPerSecond, readCpuTicks, readMemory } from './proc.js';
+import { type CpuTicks, cpuSecondsBetween, clockTicksPerSecond, readCpuTicks, readMemory, systemSecondsBetween } from './proc.js';
 import { type SocketSends, sendsBetween, snapshotSends } from './roundtrips.js';
 
 export type PayloadKind = 'json' | 'sse';
@@ -61,8 +61,9 @@ export interface LoadResult {
     /** SSE only: time to the first body byte (ms). */
     ttfbMs: number[];
   };
-  /** CPU of targetPid during the measured window. */
+  /** CPU of targetPid during the measured window, and the part of it spent in the kernel. */
   cpuSeconds: number | undefined;
+  cpuSystemSeconds: number | undefined;
   /** Largest RSS of targetPid sampled during the measured window, and its lifetime peak at the end. */
   rssMaxKb: number | undefined;
   rssHwmKb: number | undefined;
@@ -115,6 +116,7 @@ export async function runLoad(spec: LoadSpec): Promise<LoadResult> {
     cacheHitsTotal: 0,
     measured: { requests: 0, elapsedMs: 0, cacheHits: 0, latencyMs: [], ttfbMs: [] },
     cpuSeconds: undefined,
+    cpuSystemSeconds: undefined,
     rssMaxKb: undefined,
     rssHwmKb: undefined,
     sampleHeaders: {},
@@ -171,6 +173,7 @@ export async function runLoad(spec: LoadSpec): Promise<LoadResult> {
         return;
       }
       result.cpuSeconds = cpuSecondsBetween(cpuStart, cpuEnd, ticksPerSecond);
+      result.cpuSystemSeconds = systemSecondsBetween(cpuStart, cpuEnd, ticksPerSecond);
       if (sendsStart !== undefined) {
         // Read before the clients close: their server-side sockets vanish from ss afterwards.
         const end = snapshotSends(spec.targetPid);

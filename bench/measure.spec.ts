@@ -93,6 +93,8 @@ describe('measureCase against the real stub', () => {
       );
       expect(run.record.stubHits).toBe(24);
       expect(run.record.cpuSeconds).toBeGreaterThanOrEqual(0);
+      expect(run.record.cpuSystemSeconds).toBeGreaterThanOrEqual(0);
+      expect(run.record.cpuSystemSeconds).toBeLessThanOrEqual(run.record.cpuSeconds ?? 0);
       expect(run.record.rssMaxMb).toBeGreaterThan(0);
     } finally {
       await floor.close();

@@ -79,6 +79,8 @@ export interface RunRecord {
   latencyMs: LatencySummary;
   ttfbMs: LatencySummary | undefined;
   cpuSeconds: number | undefined;
+  /** The part of cpuSeconds spent in the kernel; absent in results written before it was recorded. */
+  cpuSystemSeconds?: number;
   cpuUsPerRequest: number | undefined;
   rssMaxMb: number | undefined;
   rssHwmMb: number | undefined;
@@ -170,6 +172,7 @@ function toRecord(input: MeasureInput, result: LoadResult, stubHits: number): Ru
     latencyMs: summarize(measured.latencyMs),
     ttfbMs: input.benchCase.kind === 'sse' ? summarize(measured.ttfbMs) : undefined,
     cpuSeconds: result.cpuSeconds,
+    cpuSystemSeconds: result.cpuSystemSeconds,
     cpuUsPerRequest: result.cpuSeconds === undefined ? undefined : (result.cpuSeconds * 1e6) / requests,
     rssMaxMb: mb(result.rssMaxKb),
     rssHwmMb: mb(result.rssHwmKb),

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { clockTicksPerSecond, cpuSecondsBetween, parseProcStat, parseStatusKb, readCpuTicks, readMemory } from './proc.js';
+import { clockTicksPerSecond, cpuSecondsBetween, parseProcStat, parseStatusKb, readCpuTicks, readMemory, systemSecondsBetween } from './proc.js';
 
 // A real /proc/<pid>/stat line of a node process (utime 1234, stime 56).
 const NODE_STAT =
@@ -28,6 +28,16 @@ describe('cpuSecondsBetween', () => {
 
   it('refuses readings that go backwards (another process, or a restart)', () => {
     expect(() => cpuSecondsBetween({ utime: 100, stime: 10 }, { utime: 50, stime: 10 }, 100)).toThrow(/backwards/);
+  });
+});
+
+describe('systemSecondsBetween', () => {
+  it('counts only the system ticks', () => {
+    expect(systemSecondsBetween({ utime: 100, stime: 10 }, { utime: 250, stime: 40 }, 100)).toBe(0.3);
+  });
+
+  it('refuses readings that go backwards', () => {
+    expect(() => systemSecondsBetween({ utime: 100, stime: 10 }, { utime: 150, stime: 5 }, 100)).toThrow(/backwards/);
   });
 });
 

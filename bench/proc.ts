@@ -40,6 +40,17 @@ export function cpuSecondsBetween(before: CpuTicks, after: CpuTicks, ticksPerSec
   return ticks / ticksPerSecond;
 }
 
+/**
+ * Seconds of that CPU spent in the kernel (system calls, and the loopback TCP work they do for the
+ * peer). A CPU profile cannot tell this: its samples are taken on a wall-clock timer, so a frame
+ * that makes a system call is also charged with the time the thread sat descheduled in it.
+ */
+export function systemSecondsBetween(before: CpuTicks, after: CpuTicks, ticksPerSecond: number): number {
+  const ticks = after.stime - before.stime;
+  if (ticks < 0) throw new Error('CPU ticks went backwards: the two readings are not of the same process');
+  return ticks / ticksPerSecond;
+}
+
 /** A `kB` field of `/proc/<pid>/status` (VmRSS, VmHWM, …), in kilobytes; undefined when absent. */
 export function parseStatusKb(status: string, field: string): number | undefined {
   const match = new RegExp(`^${field}:\\s+(\\d+)\\s+kB`, 'm').exec(status);

@@ -25,6 +25,8 @@ export interface Aggregate {
   latencyMs: LatencySummary;
   ttfbMs: LatencySummary | undefined;
   cpuUsPerRequest: number | undefined;
+  /** Share of the process's CPU spent in the kernel, pooled over rounds (undefined when not recorded). */
+  cpuKernelShare: number | undefined;
   /** CPU/request ÷ the floor's (same kind and connections), pooled over rounds. */
   cpuRatioToFloor: number;
   /** The same ratio taken per round, then the median: a check that pooling hides no outlier. */
@@ -74,6 +76,8 @@ export function aggregate(runs: readonly MeasuredRun[]): Aggregate[] {
     const elapsedMs = list.reduce((s, r) => s + r.record.elapsedMs, 0);
     const cpuKnown = list.every((r) => r.record.cpuSeconds !== undefined);
     const cpuSeconds = list.reduce((s, r) => s + (r.record.cpuSeconds ?? 0), 0);
+    const systemKnown = cpuKnown && list.every((r) => r.record.cpuSystemSeconds !== undefined);
+    const systemSeconds = list.reduce((s, r) => s + (r.record.cpuSystemSeconds ?? 0), 0);
     const rss = list.map((r) => r.record.rssMaxMb).filter((v): v is number => v !== undefined);
     base.set(key, {
       target: first.target,
@@ -86,6 +90,7 @@ export function aggregate(runs: readonly MeasuredRun[]): Aggregate[] {
       latencyMs: summarize(pool(list.map((r) => r.latencyMs))),
       ttfbMs: first.kind === 'sse' ? summarize(pool(list.map((r) => r.ttfbMs))) : undefined,
       cpuUsPerRequest: cpuKnown && requests > 0 ? (cpuSeconds * 1e6) / requests : undefined,
+      cpuKernelShare: systemKnown && cpuSeconds > 0 ? systemSeconds / cpuSeconds : undefined,
       rssMaxMb: rss.length > 0 ? Math.max(...rss) : undefined,
       hitRatio: requests > 0 ? list.reduce((s, r) => s + r.record.cacheHits, 0) / requests : 0,
       errors: list.reduce((s, r) => s + r.record.errors, 0),
@@ -293,8 +298,8 @@ export function checksMarkdown(checks: readonly Check[]): string {
 
 export function aggregatesMarkdown(aggregates: readonly Aggregate[]): string {
   const header =
-    '| target | case | req/s | p50 ms | p99 ms | +p50 ms | +p99 ms | TTFB p50 ms | +TTFB ms | CPU µs/req | ÷ floor | ÷ parse floor | RSS MB | cache hits |\n' +
-    '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|';
+    '| target | case | req/s | p50 ms | p99 ms | +p50 ms | +p99 ms | TTFB p50 ms | +TTFB ms | CPU µs/req | in kernel | ÷ floor | ÷ parse floor | RSS MB | cache hits |\n' +
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|';
   const rows = aggregates.map((a) => {
     const isRef = a.target === DIRECT;
     const hits = REFERENCES.includes(a.target) ? '' : a.cache === 'hit' && a.hitRatio === 0 ? 'cache not active' : `${(100 * a.hitRatio).toFixed(0)}%`;
@@ -309,6 +314,7 @@ export function aggregatesMarkdown(aggregates: readonly Aggregate[]): string {
       a.ttfbMs ? fmt(a.ttfbMs.p50, 3) : '',
       a.ttfbMs && !isRef ? fmt(a.addedTtfbP50Ms, 3) : '',
       fmt(a.cpuUsPerRequest, 0),
+      a.cpuKernelShare === undefined ? '' : `${(100 * a.cpuKernelShare).toFixed(0)}%`,
       a.target === FLOOR || isRef ? '' : fmt(a.cpuRatioToFloor),
       REFERENCES.includes(a.target) ? '' : fmt(a.cpuRatioToParseFloor),
       fmt(a.rssMaxMb, 0),

@@ -413,7 +413,8 @@ async function main(): Promise<void> {
             const r = run.record;
             process.stderr.write(
               `[${done}/${total}] round ${round} ${target.name.padEnd(11)} ${caseLabel(benchCase).padEnd(16)} ${r.rps.toFixed(0).padStart(6)} req/s  p50 ${r.latencyMs.p50.toFixed(3)} ms` +
-                `${r.cpuUsPerRequest !== undefined ? `  cpu ${r.cpuUsPerRequest.toFixed(0)} µs/req` : ''}${r.rssMaxMb !== undefined ? `  rss ${r.rssMaxMb.toFixed(0)} MB` : ''}` +
+                `${r.cpuUsPerRequest !== undefined ? `  cpu ${r.cpuUsPerRequest.toFixed(0)} µs/req` : ''}` +
+                `${r.cpuSeconds && r.cpuSystemSeconds !== undefined ? ` (${((100 * r.cpuSystemSeconds) / r.cpuSeconds).toFixed(0)}% kernel)` : ''}${r.rssMaxMb !== undefined ? `  rss ${r.rssMaxMb.toFixed(0)} MB` : ''}` +
                 `${cache === 'hit' ? `  hits ${(100 * r.hitRatio).toFixed(0)}%` : ''}\n`,
             );
           }
