@@ -58,14 +58,15 @@ describe('aggregate', () => {
 
   it('reports the kernel’s share of the CPU pooled over rounds, weighted by each round’s CPU, and only when every round recorded it', () => {
     const split = aggregate([
-      run('floor', { latency: [0.3], cpuSeconds: 0.01, cpuUsPerRequest: 100 }),
+      run('floor', { latency: [0.3], cpuSeconds: 0.01, cpuSystemSeconds: 0.002, cpuUsPerRequest: 100 }),
+      run('floor', { latency: [0.3], cpuSeconds: 0.01, cpuUsPerRequest: 100, round: 2 }),
       run('gateway', { latency: [0.5], cpuSeconds: 0.02, cpuSystemSeconds: 0.002, cpuUsPerRequest: 200 }),
       run('gateway', { latency: [0.5], cpuSeconds: 0.06, cpuSystemSeconds: 0.018, cpuUsPerRequest: 600, round: 2 }),
     ]);
     const pooled = split.find((a) => a.target === 'gateway');
     expect(pooled?.cpuKernelShare).toBeCloseTo(0.25);
     expect(aggregatesMarkdown(split)).toMatch(/\| 400 \| 25% \| 4\.00 \|/);
-    // A run of results written before the split was recorded says nothing, rather than 0%.
+    // A round from results written before the split was recorded: the pooled share would be a guess.
     expect(split.find((a) => a.target === 'floor')?.cpuKernelShare).toBeUndefined();
   });
 
