@@ -35,9 +35,7 @@ export function parseProcStat(line: string): CpuTicks {
 
 /** CPU seconds spent between two readings of the same process. */
 export function cpuSecondsBetween(before: CpuTicks, after: CpuTicks, ticksPerSecond: number): number {
-  const ticks = after.utime + after.stime - (before.utime + before.stime);
-  if (ticks < 0) throw new Error('CPU ticks went backwards: the two readings are not of the same process');
-  return ticks / ticksPerSecond;
+  return ticksBetween(before.utime + before.stime, after.utime + after.stime) / ticksPerSecond;
 }
 
 /**
@@ -46,9 +44,12 @@ export function cpuSecondsBetween(before: CpuTicks, after: CpuTicks, ticksPerSec
  * that makes a system call is also charged with the time the thread sat descheduled in it.
  */
 export function systemSecondsBetween(before: CpuTicks, after: CpuTicks, ticksPerSecond: number): number {
-  const ticks = after.stime - before.stime;
-  if (ticks < 0) throw new Error('CPU ticks went backwards: the two readings are not of the same process');
-  return ticks / ticksPerSecond;
+  return ticksBetween(before.stime, after.stime) / ticksPerSecond;
+}
+
+function ticksBetween(before: number, after: number): number {
+  if (after < before) throw new Error('CPU ticks went backwards: the two readings are not of the same process');
+  return after - before;
 }
 
 /** A `kB` field of `/proc/<pid>/status` (VmRSS, VmHWM, …), in kilobytes; undefined when absent. */
