@@ -123,12 +123,12 @@ WITH entries AS MATERIALIZED (
   SELECT * FROM jsonb_to_recordset($6::jsonb)
     AS x(charge_id uuid, request_id text, attempt smallint, key_id text, user_id uuid, department_id uuid, model text,
          prompt_tokens integer, completion_tokens integer, cost_nanos bigint, cost_source text, status integer, outcome text,
-         cache text, task_type text, door text, created_at timestamptz, lease_id uuid)
+         cache text, task_type text, door text, created_at timestamptz, lease_id uuid, cache_hits integer)
 ), ledger AS (
   INSERT INTO usage_ledger (charge_id, request_id, attempt, key_id, user_id, department_id, model, prompt_tokens, completion_tokens,
-                            cost_nanos, cost_source, status, outcome, cache, task_type, door, created_at)
+                            cost_nanos, cost_source, status, outcome, cache, task_type, door, created_at, cache_hits)
   SELECT charge_id, request_id, attempt, key_id, user_id, department_id, model, prompt_tokens, completion_tokens,
-         cost_nanos, cost_source, status, outcome, cache, task_type, door, created_at
+         cost_nanos, cost_source, status, outcome, cache, task_type, door, created_at, cache_hits
     FROM entries
   ON CONFLICT (charge_id, attempt) DO NOTHING
   RETURNING charge_id, attempt, user_id, department_id, cost_nanos, created_at

@@ -212,32 +212,20 @@ export class BudgetService implements BeforeApplicationShutdown {
     return total;
   }
 
-  /** A cache hit is free but still a ledger row, so usage reports count every answer. Queued like a settle. */
+  /** A cache hit is free but still counted in the ledger, so usage reports count every answer (BudgetWriter.recordCacheHit). */
   recordCacheHit(call: BudgetedCall, route: Pick<BudgetedRoute, 'ruleTaskType'>, model: string, usage?: Usage): void {
     const { principal } = call;
-    this.writer.enqueue({
-      release: undefined,
-      rows: [
-        {
-          charge_id: randomUUID(),
-          request_id: call.requestId,
-          attempt: 0,
-          key_id: principal.keyId,
-          user_id: principal.userId,
-          department_id: principal.departmentId,
-          model,
-          prompt_tokens: tokenCount(usage?.prompt_tokens),
-          completion_tokens: tokenCount(usage?.completion_tokens),
-          cost_nanos: '0',
-          cost_source: 'cache',
-          status: 200,
-          outcome: 'ok',
-          cache: 'hit',
-          task_type: route.ruleTaskType,
-          door: call.door,
-          created_at: this.clock.now().toISOString(),
-        },
-      ],
+    this.writer.recordCacheHit({
+      requestId: call.requestId,
+      keyId: principal.keyId,
+      userId: principal.userId,
+      departmentId: principal.departmentId,
+      model,
+      taskType: route.ruleTaskType,
+      door: call.door,
+      promptTokens: tokenCount(usage?.prompt_tokens),
+      completionTokens: tokenCount(usage?.completion_tokens),
+      at: this.clock.now(),
     });
   }
 

@@ -95,7 +95,8 @@ export class SpendService {
   private async query(g: (typeof GROUPS)[SpendGroup], extraWhere: string, extraParams: unknown[], from: Date, to: Date | undefined): Promise<SpendRow[]> {
     return await this.dataSource.query<SpendRow[]>(
       `SELECT ${g.column} AS key, ${g.name} AS name,
-              count(DISTINCT l.request_id) AS requests, count(*) AS attempts,
+              count(DISTINCT l.request_id) FILTER (WHERE l.cache_hits IS NULL) + COALESCE(sum(l.cache_hits), 0) AS requests,
+              count(*) FILTER (WHERE l.cache_hits IS NULL) + COALESCE(sum(l.cache_hits), 0) AS attempts,
               COALESCE(sum(l.prompt_tokens), 0) AS prompt_tokens, COALESCE(sum(l.completion_tokens), 0) AS completion_tokens,
               COALESCE(sum(l.cost_nanos), 0)::bigint AS cost_nanos
          FROM usage_ledger l ${g.nameJoin}

@@ -63,6 +63,8 @@ export interface LedgerRow {
   task_type: string | null;
   door: string;
   created_at: Date;
+  /** How many cache hits the row counts; null on a charged call's row. */
+  cache_hits: number | null;
 }
 
 export async function ledgerRows(gw: TestGateway, scope: 'user' | 'department', id: string, options: ReadOptions = {}): Promise<LedgerRow[]> {

@@ -312,25 +312,47 @@ describe.each(DB_KINDS)('budgets on %s', (db) => {
     expect(after.spent).toBe(await ledgerSum(gw, 'user', t.userId, after.periodStart));
   });
 
-  it('writes a free ledger row for a cache hit', async () => {
+  it('counts cache hits into free ledger rows, one per key, model, task type, door and second, and reports every hit as a request', async () => {
     const t = await gw.tenants.create({ userBudgetUsd: 1 });
     const budget = gw.gateway.app.get(BudgetService);
-    const call = { principal: principalOf(t), requestId: 'cached-1', door: 'chat', body: BODY };
-    budget.recordCacheHit(call, { ruleTaskType: 'general' }, MODEL, { prompt_tokens: 3, completion_tokens: 5, total_tokens: 8 });
-    // A second hit under the same request id (a caller reusing x-request-id) is a distinct row, not a duplicate.
-    budget.recordCacheHit(call, { ruleTaskType: 'general' }, MODEL);
+    const call = (requestId: string, door = 'chat') => ({ principal: principalOf(t), requestId, door, body: BODY });
+    const general = { ruleTaskType: 'general' };
+    budget.recordCacheHit(call('cached-1'), general, MODEL, { prompt_tokens: 3, completion_tokens: 5, total_tokens: 8 });
+    // The same request id again (a caller reusing x-request-id) is one more hit, not a duplicate.
+    budget.recordCacheHit(call('cached-1'), general, MODEL);
+    budget.recordCacheHit(call('cached-2'), general, MODEL, { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3 });
+    budget.recordCacheHit(call('other-model'), general, 'anthropic/claude-3.5-haiku', { prompt_tokens: 7, completion_tokens: 7, total_tokens: 14 });
+    budget.recordCacheHit(call('other-door', 'complete'), general, MODEL);
+    budget.recordCacheHit(call('other-task'), { ruleTaskType: 'code' }, MODEL);
+    clock.advance(1000);
+    budget.recordCacheHit(call('next-second'), general, MODEL, { prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 });
+
     const rows = await ledgerRows(gw, 'user', t.userId);
-    expect(rows).toHaveLength(2);
-    expect(rows[0]?.charge_id).not.toBe(rows[1]?.charge_id);
-    expect(rows[0]).toMatchObject({
-      request_id: 'cached-1',
-      cost_nanos: '0',
-      cost_source: 'cache',
-      cache: 'hit',
-      outcome: 'ok',
-      prompt_tokens: 3,
-      completion_tokens: 5,
-    });
+    const summary = rows.map((r) => [r.request_id, r.model, r.door, r.task_type, r.cache_hits, r.prompt_tokens, r.completion_tokens]);
+    expect(summary).toEqual([
+      ['cached-1', MODEL, 'chat', 'general', 3, 4, 7],
+      ['other-model', 'anthropic/claude-3.5-haiku', 'chat', 'general', 1, 7, 7],
+      ['other-door', MODEL, 'complete', 'general', 1, 0, 0],
+      ['other-task', MODEL, 'chat', 'code', 1, 0, 0],
+      ['next-second', MODEL, 'chat', 'general', 1, 1, 1],
+    ]);
+    for (const row of rows) expect(row).toMatchObject({ cost_nanos: '0', cost_source: 'cache', cache: 'hit', outcome: 'ok', status: 200, key_id: t.keyId });
+    expect(new Set(rows.map((r) => r.charge_id)).size).toBe(rows.length);
+    expect(rows[4]?.created_at.getTime()).toBe(Date.parse(WEDNESDAY_NOON) + 1000);
+
+    // A row the flush stored counts no more: the next hit of that second opens a row of its own.
+    budget.recordCacheHit(call('after-flush'), general, MODEL);
+    const later = await ledgerRows(gw, 'user', t.userId);
+    expect(later.slice(0, 5)).toEqual(rows);
+    expect(later[5]).toMatchObject({ request_id: 'after-flush', cache_hits: 1 });
+
+    // The reports count every hit as a request (and an attempt), whichever row it is counted in.
+    const usage = await t.api.get<{ spend: Array<{ model: string; requests: number; attempts: number; prompt_tokens: number; cost_usd: number }> }>('/v1/usage');
+    expect(usage.status).toBe(200);
+    expect(usage.body.spend).toEqual([
+      { model: 'anthropic/claude-3.5-haiku', requests: 1, attempts: 1, prompt_tokens: 7, completion_tokens: 7, cost_usd: 0 },
+      { model: MODEL, requests: 7, attempts: 7, prompt_tokens: 5, completion_tokens: 8, cost_usd: 0 },
+    ]);
     expect((await storedBudget(gw, 'user', t.userId)).spent).toBe(0n);
   });
 });
@@ -488,6 +510,41 @@ describe.each(DB_KINDS)('budget writes on %s, flushed on demand only (BUDGET_FLU
         expect(stored.spent).toBe(paid);
         expect(stored.spent).toBe(await ledgerSum(gw, scope, id, stored.periodStart));
       }
+    } finally {
+      spy.mockRestore();
+    }
+  });
+
+  it('counts no cache hit twice when a flush that committed is retried, and loses none counted meanwhile', async () => {
+    const t = await gw.tenants.create();
+    const budget = gw.gateway.app.get(BudgetService);
+    const database = gw.gateway.app.get(BudgetDatabase);
+    const write = database.write.bind(database);
+    const spy = vi.spyOn(database, 'write');
+    const hit = () =>
+      budget.recordCacheHit({ principal: principalOf(t), requestId: randomUUID(), door: 'chat', body: BODY }, { ruleTaskType: 'general' }, MODEL, {
+        prompt_tokens: 2,
+        completion_tokens: 3,
+        total_tokens: 5,
+      });
+    try {
+      hit();
+      hit();
+      spy.mockImplementationOnce(async (statement: BudgetStatement, params: readonly unknown[]) => {
+        await write(statement, params);
+        throw new Error('connection terminated after commit');
+      });
+      expect(await budget.flush()).toBe(false);
+      // Counted while the stored row waits for its retry: they must not be folded into it.
+      hit();
+      hit();
+      hit();
+      expect(await budget.flush()).toBe(true);
+
+      const rows = await ledgerRows(gw, 'user', t.userId);
+      expect(rows.reduce((n, r) => n + (r.cache_hits ?? 0), 0)).toBe(5);
+      expect(rows.reduce((n, r) => n + r.prompt_tokens, 0)).toBe(10);
+      expect(rows.reduce((n, r) => n + r.completion_tokens, 0)).toBe(15);
     } finally {
       spy.mockRestore();
     }
