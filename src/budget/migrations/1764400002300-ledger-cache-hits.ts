@@ -7,8 +7,8 @@ import type { MigrationInterface, QueryRunner } from 'typeorm';
  * usage reports count: requests and tokens. Rows of charged calls leave it NULL; so do the
  * one-per-hit rows written before this migration, which the reports still count one by one.
  *
- * Why: a hit's own row was ~10% of the CPU the gateway spends on a hit under load, more in
- * PostgreSQL, and most of the ledger's growth when the cache works (BENCHMARKS.md, session 15).
+ * Why: a hit's own row was 7-9% of the CPU the gateway spends on a hit at 16 connections
+ * (BENCHMARKS.md, session 15), and most of the ledger's growth when the cache works.
  * Each hit keeps its own row in the audit trail, with its request id.
  */
 export class LedgerCacheHits1764400002300 implements MigrationInterface {
