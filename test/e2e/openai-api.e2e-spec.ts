@@ -72,6 +72,27 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
     expect(usage?.completion_tokens).toBeGreaterThan(0);
   });
 
+  it('sends a JSON answer in one response of known length, with the request id, the rate-limit and the gateway headers', async () => {
+    const content = `length ${Date.now()}`;
+    const res = await fetch(`${gw.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json', 'x-request-id': 'json-answer-1' },
+      body: JSON.stringify({ model: 'auto', messages: [{ role: 'user', content }] }),
+    });
+    const body = await res.text();
+    expect(res.status).toBe(200);
+    expect(res.headers.get('content-type')).toBe('application/json; charset=utf-8');
+    expect(Number(res.headers.get('content-length'))).toBe(Buffer.byteLength(body));
+    expect(res.headers.get('transfer-encoding')).toBeNull();
+    // Set on the Fastify reply before the pipeline ran (request id hook, rate-limit guard): carried into the answer.
+    expect(res.headers.get('x-request-id')).toBe('json-answer-1');
+    expect(Number(res.headers.get('x-ratelimit-limit-requests'))).toBeGreaterThan(0);
+    expect(res.headers.get('x-ratelimit-remaining-requests')).toMatch(/^\d+$/);
+    expect(res.headers.get('x-gateway-cache')).toBe('miss');
+    expect(res.headers.get('x-gateway-cost-usd')).toMatch(/^\d+(\.\d+)?$/);
+    expect((JSON.parse(body) as OpenAI.Chat.ChatCompletion).choices[0]?.message.content).toBe(`Mock reply to: ${content}`);
+  });
+
   it('does not send the usage chunk to a client that did not ask for it', async () => {
     const stream = await alice.openai.chat.completions.create({ model: 'auto', messages: [{ role: 'user', content: 'quiet' }], stream: true });
     const chunks: OpenAI.Chat.ChatCompletionChunk[] = [];
