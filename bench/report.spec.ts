@@ -214,14 +214,31 @@ describe('pairedByRound', () => {
     expect(miss?.p50DeltaMs).toBeCloseTo(-0.1);
     expect(miss?.p50DeltaRange?.min).toBeCloseTo(-0.2);
     expect(miss?.p50DeltaRange?.max).toBeCloseTo(0);
+    // Cheaper in all three rounds: a fair coin does that (or its mirror) in 2 of 8 tosses of three.
+    expect(miss).toMatchObject({ cpuCheaperRounds: 3, cpuDearerRounds: 0 });
+    expect(miss?.cpuSignP).toBeCloseTo(0.25);
+  });
+
+  it('counts a round of equal CPU neither as lower nor as higher', () => {
+    const [only] = pairedByRound(
+      [
+        run('before', { latency: [0.5], cpuUsPerRequest: 100, round: 1 }),
+        run('after', { latency: [0.5], cpuUsPerRequest: 100, round: 1 }),
+        run('before', { latency: [0.5], cpuUsPerRequest: 100, round: 2 }),
+        run('after', { latency: [0.5], cpuUsPerRequest: 120, round: 2 }),
+      ],
+      'after',
+      'before',
+    );
+    expect(only).toMatchObject({ rounds: 2, cpuCheaperRounds: 0, cpuDearerRounds: 1, cpuSignP: 1 });
   });
 
   it('renders one row per case, p50 in signed µs', () => {
     const table = pairedMarkdown(pairedByRound(runs, 'after', 'before'), 'after', 'before');
     expect(table.split('\n')).toEqual([
-      '| case | rounds | CPU/request, `after` ÷ `before` | p50, `after` − `before`, µs |',
-      '|---|---:|---:|---:|',
-      '| json ×1 miss | 3 | 0.90 [0.50–0.90] | −100 [−200..+0] |',
+      '| case | rounds | CPU/request, `after` ÷ `before` | CPU lower / higher in (sign test p) | p50, `after` − `before`, µs |',
+      '|---|---:|---:|---:|---:|',
+      '| json ×1 miss | 3 | 0.90 [0.50–0.90] | 3 / 0 (0.25) | −100 [−200..+0] |',
     ]);
   });
 });

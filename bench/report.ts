@@ -6,7 +6,7 @@
  */
 import type { PayloadKind } from './load.js';
 import type { CacheCase, MeasuredRun } from './measure.js';
-import { type LatencySummary, median, pool, ratio, summarize } from './stats.js';
+import { type LatencySummary, median, pool, ratio, signTestP, summarize } from './stats.js';
 
 export const DIRECT = 'direct';
 export const FLOOR = 'floor';
@@ -153,6 +153,11 @@ export interface PairedCase {
   /** Median over those rounds of candidate p50 − baseline p50, in ms, and their spread. */
   p50DeltaMs: number;
   p50DeltaRange: RoundRange | undefined;
+  /** Rounds in which the candidate spent less CPU per request than the baseline, and more. Equal rounds count for neither. */
+  cpuCheaperRounds: number;
+  cpuDearerRounds: number;
+  /** The sign test's two-sided p for that split (stats.ts `signTestP`). */
+  cpuSignP: number;
 }
 
 /**
@@ -176,27 +181,34 @@ export function pairedByRound(runs: readonly MeasuredRun[], candidate: string, b
     cases.set(key, entry);
   }
   return [...cases.values()]
-    .map((c) => ({
-      kind: c.kind,
-      connections: c.connections,
-      cache: c.cache,
-      rounds: c.cpu.length,
-      cpuRatio: median(c.cpu),
-      cpuRatioRange: roundRange(c.cpu),
-      p50DeltaMs: median(c.p50),
-      p50DeltaRange: roundRange(c.p50),
-    }))
+    .map((c) => {
+      const cheaper = c.cpu.filter((r) => r < 1).length;
+      const dearer = c.cpu.filter((r) => r > 1).length;
+      return {
+        kind: c.kind,
+        connections: c.connections,
+        cache: c.cache,
+        rounds: c.cpu.length,
+        cpuRatio: median(c.cpu),
+        cpuRatioRange: roundRange(c.cpu),
+        p50DeltaMs: median(c.p50),
+        p50DeltaRange: roundRange(c.p50),
+        cpuCheaperRounds: cheaper,
+        cpuDearerRounds: dearer,
+        cpuSignP: signTestP(cheaper, cheaper + dearer),
+      };
+    })
     .sort((x, y) => x.kind.localeCompare(y.kind) || y.cache.localeCompare(x.cache) || x.connections - y.connections);
 }
 
 export function pairedMarkdown(cases: readonly PairedCase[], candidate: string, baseline: string): string {
   const signed = (ms: number): string => `${ms >= 0 ? '+' : '−'}${Math.abs(ms * 1000).toFixed(0)}`;
   return [
-    `| case | rounds | CPU/request, \`${candidate}\` ÷ \`${baseline}\` | p50, \`${candidate}\` − \`${baseline}\`, µs |`,
-    '|---|---:|---:|---:|',
+    `| case | rounds | CPU/request, \`${candidate}\` ÷ \`${baseline}\` | CPU lower / higher in (sign test p) | p50, \`${candidate}\` − \`${baseline}\`, µs |`,
+    '|---|---:|---:|---:|---:|',
     ...cases.map(
       (c) =>
-        `| ${c.kind} ×${c.connections} ${c.cache} | ${c.rounds} | ${fmt(c.cpuRatio)}${spread(c.cpuRatioRange)} | ${signed(c.p50DeltaMs)}${c.p50DeltaRange ? ` [${signed(c.p50DeltaRange.min)}..${signed(c.p50DeltaRange.max)}]` : ''} |`,
+        `| ${c.kind} ×${c.connections} ${c.cache} | ${c.rounds} | ${fmt(c.cpuRatio)}${spread(c.cpuRatioRange)} | ${c.cpuCheaperRounds} / ${c.cpuDearerRounds} (${fmt(c.cpuSignP)}) | ${signed(c.p50DeltaMs)}${c.p50DeltaRange ? ` [${signed(c.p50DeltaRange.min)}..${signed(c.p50DeltaRange.max)}]` : ''} |`,
     ),
   ].join('\n');
 }

@@ -500,7 +500,7 @@ function renderSection(
     lines.push(
       `#### Paired per round: \`${candidate}\` against \`${baseline}\``,
       '',
-      'Median over the rounds of each round\'s ratio or difference, the spread in brackets. Read a before/after here, not from the pooled figures.',
+      'Median over the rounds of each round\'s ratio or difference, the spread in brackets; the rounds in which CPU was lower and higher, with the sign test\'s two-sided p. Read a before/after here, not from the pooled figures.',
       '',
       pairedMarkdown(cases, candidate, baseline),
       '',

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { median, percentileSorted, pool, ratio, summarize } from './stats.js';
+import { median, percentileSorted, pool, ratio, signTestP, summarize } from './stats.js';
 
 describe('percentileSorted (nearest rank)', () => {
   const ten = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
@@ -68,5 +68,25 @@ describe('pool, ratio, median', () => {
     expect(median([4, 1, 3, 2])).toBe(2.5);
     expect(median([Number.NaN, 5])).toBe(5);
     expect(median([])).toBeNaN();
+  });
+});
+
+describe('signTestP (two-sided exact sign test)', () => {
+  it('gives the chance of a split at least this uneven from fair coin tosses', () => {
+    expect(signTestP(6, 6)).toBeCloseTo(2 / 64, 12);
+    expect(signTestP(0, 6)).toBeCloseTo(2 / 64, 12);
+    expect(signTestP(5, 6)).toBeCloseTo((2 * 7) / 64, 12);
+    expect(signTestP(1, 10)).toBeCloseTo((2 * 11) / 1024, 12);
+  });
+
+  it('is 1 for an even split, and for no decided round at all', () => {
+    expect(signTestP(3, 6)).toBe(1);
+    expect(signTestP(0, 0)).toBe(1);
+  });
+
+  it('refuses counts that cannot be a split', () => {
+    expect(() => signTestP(4, 3)).toThrow(RangeError);
+    expect(() => signTestP(-1, 3)).toThrow(RangeError);
+    expect(() => signTestP(1.5, 3)).toThrow(RangeError);
   });
 });

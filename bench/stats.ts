@@ -67,3 +67,22 @@ export function median(values: readonly number[]): number {
   const mid = finite.length >> 1;
   return finite.length % 2 === 1 ? finite[mid] : (finite[mid - 1] + finite[mid]) / 2;
 }
+
+/**
+ * Two-sided exact sign test: the chance that `n` fair coin tosses split at least as unevenly as
+ * `k` against `n − k`. Read beside a paired comparison: with each round a toss of which build was
+ * cheaper, a small value says the direction is not the noise of a few rounds. With 6 rounds even
+ * 6 of 6 gives 0.031, and 5 of 6 0.22: a quick run rarely decides a change of a few per cent.
+ * 1 when `n` is 0.
+ */
+export function signTestP(k: number, n: number): number {
+  if (!Number.isInteger(k) || !Number.isInteger(n) || k < 0 || n < 0 || k > n) throw new RangeError(`signTestP: need 0 <= k <= n, got k=${k}, n=${n}`);
+  const tail = Math.min(k, n - k);
+  let coefficient = 1;
+  let sum = 0;
+  for (let i = 0; i <= tail; i++) {
+    sum += coefficient;
+    coefficient = (coefficient * (n - i)) / (i + 1);
+  }
+  return Math.min(1, (2 * sum) / 2 ** n);
+}
