@@ -281,7 +281,7 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
     for (const charge of batch) {
       if (charge.release) releases.push(charge.release.id);
       // Serialised below: from here on this count is what the database gets, on every retry.
-      if (charge.hitGroup !== undefined) this.closeHits(charge);
+      this.closeHits(charge);
       rows.push(...charge.rows);
     }
     await this.database.write(FLUSH, [
@@ -294,6 +294,7 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
     ]);
   }
 
+  /** Stops a count of cache hits from counting more (a charge that is no open count is left as it is). */
   private closeHits(charge: PendingCharge): void {
     if (charge.hitGroup === undefined) return;
     if (this.openHits.get(charge.hitGroup)?.charge === charge) this.openHits.delete(charge.hitGroup);
