@@ -9,7 +9,7 @@ import { AppModule, DATABASE_CONTENT } from './app.module.js';
 import { type AppConfig, describeConfig } from './config/config.js';
 import type { Clock } from './core/clock.js';
 import { OpenAiErrorFilter } from './core/http-errors.js';
-import { createLogger, PinoNestLogger } from './core/logger.js';
+import { createLogger, PinoNestLogger, requestLineLogger } from './core/logger.js';
 import { requestIdFor } from './core/request-id.js';
 import { type DatabaseTarget, openDatabase } from './database/data-source.js';
 import { IdentityBootstrapService } from './identity/identity-bootstrap.service.js';
@@ -36,6 +36,13 @@ export interface Gateway {
   generatedAdminKey: string | undefined;
   close(): Promise<void>;
 }
+
+/**
+ * After a signal's shutdown the process ends through process.exit (status 0) rather than Nest's
+ * default of raising the signal again: only an exit runs the 'exit' handlers that write out the
+ * log lines still buffered (core/logger.ts), such as the shutdown's own "drained".
+ */
+const SHUTDOWN_HOOKS = { useProcessExit: true };
 
 /**
  * Builds and starts the HTTP gateway. Shared by main.ts and every e2e test, so tests run the
@@ -68,7 +75,7 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
     throw error;
   }
   app.useGlobalFilters(new OpenAiErrorFilter(logger));
-  app.enableShutdownHooks();
+  app.enableShutdownHooks([], SHUTDOWN_HOOKS);
 
   const fastify = app.getHttpAdapter().getInstance();
   const metrics = app.get(GatewayMetrics);
@@ -81,10 +88,11 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
     shutdown.track(reply);
     done();
   });
+  const access = requestLineLogger(logger);
   fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
     // The guard skips building the object at LOG_LEVEL=warn and above (the hook runs on every response).
-    if (logger.isLevelEnabled('info')) {
-      logger.info(
+    if (access.isLevelEnabled('info')) {
+      access.info(
         { reqId: request.id, method: request.method, url: request.url.split('?')[0], status: reply.statusCode, ms: Math.round(reply.elapsedTime), keyPrefix: request.principal?.keyPrefix },
         'request',
       );
@@ -161,7 +169,7 @@ export async function createWorker(config: AppConfig, options: Omit<GatewayOptio
     await database.close();
     throw error;
   }
-  app.enableShutdownHooks();
+  app.enableShutdownHooks([], SHUTDOWN_HOOKS);
   logger.info({ context: 'Worker', ms: Math.round(performance.now() - started) }, 'ready: processing jobs (no HTTP server)');
   return { app, config, close: () => app.close() };
 }

@@ -5,7 +5,7 @@ import { AuditService } from '../audit/audit.service.js';
 import { BudgetService } from '../budget/budget.service.js';
 import type { Reservation } from '../budget/budget.types.js';
 import { type CachedAnswer, type CacheTicket, CompletionCache } from '../cache/completion-cache.service.js';
-import { AppLogger } from '../core/logger.js';
+import { AppLogger, requestLineLogger } from '../core/logger.js';
 import { ShutdownService } from '../lifecycle/shutdown.service.js';
 import { GatewayMetrics } from '../metrics/gateway-metrics.js';
 import { RateLimiter } from '../rate-limit/rate-limiter.service.js';
@@ -30,6 +30,8 @@ import { asFailure, type Attempt, UpstreamCaller } from './upstream-caller.js';
 @Injectable()
 export class CompletionService {
   private readonly logger: Logger;
+  /** The per-request lines: fields the gateway picks itself (requestLineLogger). */
+  private readonly lines: Logger;
 
   constructor(
     private readonly routing: RoutingService,
@@ -44,6 +46,7 @@ export class CompletionService {
     appLogger: AppLogger,
   ) {
     this.logger = appLogger.logger.child({ context: 'Completion' });
+    this.lines = requestLineLogger(appLogger.logger, { context: 'Completion' });
   }
 
   resolve(call: CompletionCall): ResolvedRoute {
@@ -267,8 +270,8 @@ export class CompletionService {
     const outcome = errorCode(error);
     this.audit.recordCompletion(call, route, undefined, [], outcome);
     call.audited = true;
-    if (this.logger.isLevelEnabled('info')) {
-      this.logger.info(
+    if (this.lines.isLevelEnabled('info')) {
+      this.lines.info(
         {
           reqId: call.requestId,
           door: call.door,
@@ -296,9 +299,9 @@ export class CompletionService {
     this.audit.recordCompletion(call, route, meta, attempts, outcome, costNanos);
     call.audited = true;
     // Building the line costs more than the rest of this method: skip it below info.
-    if (!this.logger.isLevelEnabled('info')) return;
+    if (!this.lines.isLevelEnabled('info')) return;
     const last = attempts.at(-1);
-    this.logger.info(
+    this.lines.info(
       {
         reqId: call.requestId,
         door: call.door,

@@ -1,3 +1,4 @@
+import { writeSync } from 'node:fs';
 import type { LoggerService } from '@nestjs/common';
 import { pino, type Logger } from 'pino';
 
@@ -6,7 +7,7 @@ import { pino, type Logger } from 'pino';
  * first is that no code path hands a key, an Authorization header or an upstream key to the
  * logger at all (config is logged through describeConfig, errors through their message only).
  */
-export const REDACT_PATHS = [
+const EXACT_PATHS = [
   'authorization',
   'apiKey',
   'key',
@@ -14,14 +15,24 @@ export const REDACT_PATHS = [
   'headers["x-api-key"]',
   'req.headers.authorization',
   'req.headers["x-api-key"]',
-  '*.authorization',
-  '*.apiKey',
-  '*.api_key',
-  '*.key',
-  '*.password',
 ];
 
-export function createLogger(level: string, destination?: NodeJS.WritableStream): Logger {
+/**
+ * One level down, under any key. These are what redaction costs: with them a line took about
+ * twice the CPU of the same line without (13 µs more for a request's two lines on this VM;
+ * BENCHMARKS.md, session 16), while the exact paths cost nothing measurable.
+ */
+const WILDCARD_PATHS = ['*.authorization', '*.apiKey', '*.api_key', '*.key', '*.password'];
+
+export const REDACT_PATHS = [...EXACT_PATHS, ...WILDCARD_PATHS];
+
+/** Lines are handed to stdout once this many characters are waiting… */
+const LOG_BUFFER_CHARS = 4096;
+/** …or at the latest this long after the first of them was logged. */
+const LOG_FLUSH_MS = 200;
+const STDOUT = 1;
+
+export function createLogger(level: string, destination?: pino.DestinationStream): Logger {
   return pino(
     {
       level,
@@ -30,8 +41,81 @@ export function createLogger(level: string, destination?: NodeJS.WritableStream)
       timestamp: pino.stdTimeFunctions.isoTime,
       formatters: { level: (label) => ({ level: label }) },
     },
-    destination ?? pino.destination({ sync: false }),
+    destination ?? bufferedStdout(),
   );
+}
+
+/**
+ * stdout, written in batches (batchedDestination). Handed to pino's async destination line by
+ * line, every request's lines took a write on libuv's thread pool of their own: at one connection
+ * a cache hit at LOG_LEVEL=info cost 1.8× the CPU of the same hit at warn (BENCHMARKS.md,
+ * session 16). On exit (a graceful shutdown ends in process.exit for this, or a crash that reaches
+ * process exit) what still waits is written synchronously, after what pino's destination holds;
+ * a SIGKILL (an OOM kill, say) loses at most LOG_FLUSH_MS of lines.
+ */
+function bufferedStdout(): pino.DestinationStream {
+  const out = pino.destination({ dest: STDOUT, sync: false });
+  const batched = batchedDestination(out);
+  process.once('exit', () => {
+    const rest = batched.take();
+    if (rest.length === 0) return;
+    try {
+      out.flushSync();
+      writeSync(STDOUT, rest);
+    } catch {
+      // stdout is gone (EPIPE): nobody is left to read the lines.
+    }
+  });
+  return batched;
+}
+
+export interface BatchedDestination extends pino.DestinationStream {
+  /** Hands what waits to `out` now. */
+  flush(cb?: () => void): void;
+  /** What waits, taken out of the batch (for a synchronous write at exit). */
+  take(): string;
+}
+
+/**
+ * Lines wait until `maxChars` of them are buffered or `flushMs` passed since the first of them,
+ * then go to `out` in one write. The timer is armed by a waiting line, so nothing runs while idle.
+ */
+export function batchedDestination(out: pino.DestinationStream, flushMs = LOG_FLUSH_MS, maxChars = LOG_BUFFER_CHARS): BatchedDestination {
+  let waiting = '';
+  let timer: NodeJS.Timeout | undefined;
+  const take = (): string => {
+    if (timer !== undefined) clearTimeout(timer);
+    timer = undefined;
+    const batch = waiting;
+    waiting = '';
+    return batch;
+  };
+  const flush = (): void => {
+    const batch = take();
+    if (batch.length > 0) out.write(batch);
+  };
+  return {
+    write(line: string): void {
+      waiting += line;
+      if (waiting.length >= maxChars) flush();
+      else timer ??= setTimeout(flush, flushMs).unref();
+    },
+    flush(cb?: () => void): void {
+      flush();
+      cb?.();
+    },
+    take,
+  };
+}
+
+/**
+ * For the lines every request writes (the access line, the completion line): a child that keeps
+ * the exact paths but not the wildcard ones. Their fields are ids, key prefixes, models, counts
+ * and timings that the gateway picks itself, never a caller's object, so the wildcards had
+ * nothing to find there; test/e2e/logs.e2e-spec.ts checks that no key reaches the log.
+ */
+export function requestLineLogger(logger: Logger, bindings: Record<string, unknown> = {}): Logger {
+  return logger.child(bindings, { redact: { paths: EXACT_PATHS, censor: '[redacted]' } });
 }
 
 /** Lets Nest's own messages (module init, route map) flow into the same JSON log. */

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import OpenAI from 'openai';
+import type { Logger } from 'pino';
 import { startStubUpstream, type StubUpstream } from '../../libs/stub-upstream/src/index.js';
 import { type AppConfig, type Env, loadConfig } from '../../src/config/config.js';
 import type { Clock } from '../../src/core/clock.js';
@@ -102,6 +103,8 @@ export interface TestGatewayOptions {
   clock?: Clock;
   /** Build the config from env alone, without the test's default upstream (for mock-mode tests). */
   mockUpstream?: boolean;
+  /** Where the gateway logs (default: nowhere). */
+  logger?: Logger;
 }
 
 /**
@@ -125,7 +128,7 @@ export async function startTestGateway(options: TestGatewayOptions = {}): Promis
   const config: AppConfig = { ...loadConfig(env), database: database.config };
   let gateway: Gateway;
   try {
-    gateway = await createGateway(config, { logger: createLogger('silent'), clock: options.clock, databaseTarget: database.target });
+    gateway = await createGateway(config, { logger: options.logger ?? createLogger('silent'), clock: options.clock, databaseTarget: database.target });
   } catch (error) {
     if (ownStub) await stub.close();
     if (!options.postgresUrl) await database.drop();
