@@ -90,8 +90,10 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   });
   const access = requestLineLogger(logger);
   fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
-    // The guard skips building the object at LOG_LEVEL=warn and above (the hook runs on every response).
-    if (access.isLevelEnabled('info')) {
+    // One line per request: a call the completion pipeline took over has its own line (with the
+    // status), so this one is only for the rest. The level check skips building the object at
+    // LOG_LEVEL=warn and above (the hook runs on every response).
+    if (request.completionCall?.audited !== true && access.isLevelEnabled('info')) {
       access.info(
         { reqId: request.id, method: request.method, url: request.url.split('?')[0], status: reply.statusCode, ms: Math.round(reply.elapsedTime), keyPrefix: request.principal?.keyPrefix },
         'request',

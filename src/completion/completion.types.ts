@@ -27,8 +27,9 @@ export interface CompletionCall {
    */
   admission?: Promise<void>;
   /**
-   * Set once the pipeline has recorded this call's audit event (answer, failure or refusal), so
-   * an HTTP door's error hook does not record it a second time.
+   * Set once the pipeline has taken over recording this call: its audit event and its log line
+   * (answer, failure or refusal), written now or, for a stream, when it ends. An HTTP door's
+   * hooks then write neither a second time: the audit hook's error row, the access log line.
    */
   audited?: boolean;
 }
