@@ -474,7 +474,7 @@ function renderSection(
   const stage = (g: Meta['gateways'][number]): string => {
     const hits = aggregates.filter((a) => a.target === g.name && a.cache === 'hit');
     const cache = hits.length === 0 ? 'not measured' : hits.some((a) => a.hitRatio > 0) ? 'active' : 'not active';
-    return `\`${g.name}\` (${g.flavour === 'production' ? 'PostgreSQL + Redis' : 'PGlite, in-memory drivers'}${g.nodeFlags.length ? `, \`${g.nodeFlags.join(' ')}\`` : ''}): budget ${g.budgetActive ? 'active' : 'not active'}, cache ${cache}`;
+    return `\`${g.name}\` (${g.flavour === 'production' ? 'PostgreSQL + Redis' : 'PGlite, in-memory drivers'}${g.nodeFlags.length ? `, \`${g.nodeFlags.join(' ')}\`` : ''}): budget ${g.budgetActive ? 'active' : 'not active'}, cache ${cache}, logs at \`info\` (the default; stdout read by the bench)`;
   };
   const lines = [
     `### Latest ${meta.mode} run`,

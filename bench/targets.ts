@@ -144,7 +144,8 @@ export async function startGateway(options: GatewayOptions): Promise<StartedGate
     MALLOC_ARENA_MAX: '2',
     PORT: String(port),
     HOST: '127.0.0.1',
-    LOG_LEVEL: 'warn',
+    // No LOG_LEVEL: the default (info) writes two lines per request, and production pays for
+    // them. Until session 16 the bench ran at warn, which left them out (BENCHMARKS.md).
     ADMIN_API_KEY: adminKey,
     OPENROUTER_API_KEY: 'bench',
     OPENROUTER_BASE_URL: options.stubUrl,
