@@ -27,7 +27,7 @@ const WILDCARD_PATHS = ['*.authorization', '*.apiKey', '*.api_key', '*.key', '*.
 export const REDACT_PATHS = [...EXACT_PATHS, ...WILDCARD_PATHS];
 
 /** Lines are handed to stdout once this many characters are waiting… */
-const LOG_BUFFER_CHARS = 4096;
+const LOG_BUFFER_CHARS = 16 * 1024;
 /** …or at the latest this long after the first of them was logged. */
 const LOG_FLUSH_MS = 200;
 const STDOUT = 1;
