@@ -48,7 +48,7 @@ export function createLogger(level: string, destination?: pino.DestinationStream
 /**
  * stdout, written in batches (batchedDestination). Handed to pino's async destination line by
  * line, every request's lines took a write on libuv's thread pool of their own: at one connection
- * a cache hit at LOG_LEVEL=info cost 1.8× the CPU of the same hit at warn (BENCHMARKS.md,
+ * a cache hit at LOG_LEVEL=info cost 1.9× the CPU of the same hit at warn (BENCHMARKS.md,
  * session 16). On exit (a graceful shutdown ends in process.exit for this, or a crash that reaches
  * process exit) what still waits is written synchronously, after what pino's destination holds;
  * a SIGKILL (an OOM kill, say) loses at most LOG_FLUSH_MS of lines.
