@@ -3,7 +3,7 @@ import { type BeforeApplicationShutdown, Injectable, type OnApplicationShutdown,
 import type { Logger } from 'pino';
 import { BatchWriter } from '../core/batch-writer.js';
 import { Clock } from '../core/clock.js';
-import { ERROR_TABLE } from '../core/errors.js';
+import { statusOfCode } from '../core/errors.js';
 import { AppLogger } from '../core/logger.js';
 import { ReadinessRegistry, type ReadinessReport } from '../health/readiness.js';
 import type { Principal } from '../identity/principal.js';
@@ -248,7 +248,7 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
       targetId: meta?.model ?? last?.model ?? null,
       requestId: call.requestId,
       // Once a stream has started the client got a 200, whatever happened after it.
-      status: meta !== undefined ? 200 : Object.hasOwn(ERROR_TABLE, outcome) ? ERROR_TABLE[outcome as keyof typeof ERROR_TABLE].status : null,
+      status: meta !== undefined ? 200 : (statusOfCode(outcome) ?? null),
     };
     this.push({ id: randomUUID(), at: this.clock.now(), input, storable: details, event: undefined });
   }

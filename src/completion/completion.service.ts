@@ -5,7 +5,7 @@ import { AuditService } from '../audit/audit.service.js';
 import { BudgetService } from '../budget/budget.service.js';
 import type { Reservation } from '../budget/budget.types.js';
 import { type CachedAnswer, type CacheTicket, CompletionCache } from '../cache/completion-cache.service.js';
-import { ERROR_TABLE } from '../core/errors.js';
+import { statusOfCode } from '../core/errors.js';
 import { AppLogger, requestLineLogger } from '../core/logger.js';
 import { ShutdownService } from '../lifecycle/shutdown.service.js';
 import { GatewayMetrics } from '../metrics/gateway-metrics.js';
@@ -279,7 +279,7 @@ export class CompletionService {
         {
           reqId: call.requestId,
           door: call.door,
-          status: statusOf(outcome),
+          status: statusOfCode(outcome) ?? 500,
           user: call.principal.userId,
           keyPrefix: call.principal.keyPrefix,
           ms: Math.round(performance.now() - started),
@@ -311,7 +311,7 @@ export class CompletionService {
         reqId: call.requestId,
         door: call.door,
         // Answered (JSON or a stream that opened): 200, however the stream ended.
-        status: meta === undefined ? statusOf(outcome) : 200,
+        status: meta === undefined ? (statusOfCode(outcome) ?? 500) : 200,
         user: call.principal.userId,
         department: call.principal.departmentId,
         keyPrefix: call.principal.keyPrefix,
@@ -336,11 +336,6 @@ function tokensUsed(attempts: readonly Attempt[]): number {
   let total = 0;
   for (const a of attempts) total += a.usage?.total_tokens ?? 0;
   return total;
-}
-
-/** The HTTP status a failure's code is answered with (ERROR_TABLE); 500 for anything else. */
-function statusOf(code: string): number {
-  return (ERROR_TABLE as Record<string, { status: number } | undefined>)[code]?.status ?? 500;
 }
 
 function errorCode(error: unknown): string {

@@ -116,3 +116,11 @@ export class GatewayError extends Error {
 export function isGatewayError(value: unknown): value is GatewayError {
   return value instanceof GatewayError;
 }
+
+/**
+ * The HTTP status an error code is answered with, for a code seen only as a string (an outcome
+ * in a log line, an audit row, a metric); undefined for an outcome that is no error code.
+ */
+export function statusOfCode(code: string): number | undefined {
+  return Object.hasOwn(ERROR_TABLE, code) ? ERROR_TABLE[code as ErrorCode].status : undefined;
+}

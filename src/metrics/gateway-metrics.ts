@@ -4,7 +4,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 import { MetricService } from 'nestjs-otel';
 import type { CompletionCall, CompletionMeta } from '../completion/completion.types.js';
 import type { Attempt } from '../completion/upstream-caller.js';
-import { ERROR_TABLE } from '../core/errors.js';
+import { statusOfCode } from '../core/errors.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
 import { CounterCells } from './counter-cells.js';
 import { Telemetry } from './telemetry.js';
@@ -154,7 +154,7 @@ export class GatewayMetrics {
 }
 
 function statusOf(outcome: string): number {
-  return outcome in ERROR_TABLE ? ERROR_TABLE[outcome as keyof typeof ERROR_TABLE].status : 500;
+  return statusOfCode(outcome) ?? 500;
 }
 
 function attemptOutcome(attempt: Attempt): string {
