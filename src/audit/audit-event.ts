@@ -1,4 +1,5 @@
 import { hash } from 'node:crypto';
+import { isoTime } from '../core/iso-time.js';
 import { isUuid } from '../core/validate.js';
 
 export type JsonValue = string | number | boolean | null | JsonValue[] | { [key: string]: JsonValue };
@@ -197,7 +198,7 @@ export function canonicalEvent(event: AuditEvent): string {
     `,"actor_key_id":${canonicalJson(event.actorKeyId ?? null)}` +
     `,"actor_role":${canonicalJson(event.actorRole ?? null)}` +
     `,"actor_user_id":${canonicalJson(event.actorUserId ?? null)}` +
-    `,"at":${canonicalJson(event.at.toISOString())}` +
+    `,"at":${canonicalJson(isoTime(event.at.getTime()))}` +
     `,"details":${canonicalJson(event.details ?? null)}` +
     `,"id":${canonicalJson(event.id ?? null)}` +
     `,"request_id":${canonicalJson(event.requestId ?? null)}` +

@@ -6,6 +6,7 @@ import { AppConfig } from '../config/config.js';
 import { BatchWriter } from '../core/batch-writer.js';
 import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
+import { isoTime } from '../core/iso-time.js';
 import { AppLogger } from '../core/logger.js';
 import { ReadinessRegistry, type ReadinessReport } from '../health/readiness.js';
 import { ShutdownService } from '../lifecycle/shutdown.service.js';
@@ -209,7 +210,7 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
       cache: 'hit',
       task_type: hit.taskType,
       door: hit.door,
-      created_at: hit.at.toISOString(),
+      created_at: isoTime(hit.at.getTime()),
       cache_hits: 1,
     };
     const charge: PendingCharge = { release: undefined, rows: [row], hitGroup: group };

@@ -6,6 +6,7 @@ import type { Usage } from '../../libs/openai-contract/src/index.js';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
+import { isoTime } from '../core/iso-time.js';
 import { AppLogger } from '../core/logger.js';
 import { GatewayMetrics } from '../metrics/gateway-metrics.js';
 import { costOf, type CostSource } from '../upstream/pricing/pricing.js';
@@ -185,7 +186,7 @@ export class BudgetService implements BeforeApplicationShutdown {
    */
   settle(reservation: Reservation, attempts: readonly ChargedAttempt[], options: SettleOptions = {}): Nanos {
     const { principal } = reservation;
-    const createdAt = this.clock.now().toISOString();
+    const createdAt = isoTime(this.clock.nowMs());
     let total = 0n;
     const rows = attempts.map((attempt, index): LedgerEntry => {
       const charge = this.charge(attempt, index === attempts.length - 1 ? options.producedChars : undefined, reservation);

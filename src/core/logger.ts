@@ -1,6 +1,7 @@
 import { writeSync } from 'node:fs';
 import type { LoggerService } from '@nestjs/common';
 import { pino, type Logger } from 'pino';
+import { isoTime } from './iso-time.js';
 
 /**
  * Structured JSON logs (pino). Secrets are redacted by path as a second line of defence; the
@@ -38,7 +39,8 @@ export function createLogger(level: string, destination?: pino.DestinationStream
       level,
       base: { service: 'gatehouse' },
       redact: { paths: REDACT_PATHS, censor: '[redacted]' },
-      timestamp: pino.stdTimeFunctions.isoTime,
+      // pino's isoTime, without a Date per line (iso-time.ts).
+      timestamp: () => `,"time":"${isoTime(Date.now())}"`,
       formatters: { level: (label) => ({ level: label }) },
     },
     destination ?? bufferedStdout(),
