@@ -1,5 +1,5 @@
 import { Injectable } from '@nestjs/common';
-import { type Attributes, context, type Histogram, SpanStatusCode, type Tracer, trace } from '@opentelemetry/api';
+import { type Attributes, context, SpanStatusCode, type Tracer, trace } from '@opentelemetry/api';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { MetricService } from 'nestjs-otel';
 import type { CompletionCall, CompletionMeta } from '../completion/completion.types.js';
@@ -7,6 +7,7 @@ import type { Attempt } from '../completion/upstream-caller.js';
 import { statusOfCode } from '../core/errors.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
 import { CounterCells } from './counter-cells.js';
+import { type HistogramCells, localMetrics } from './histogram-cells.js';
 import { Telemetry } from './telemetry.js';
 
 /** Why a caller was turned away, by the status only that refusal uses (ERROR_TABLE). */
@@ -23,8 +24,8 @@ interface Instruments {
   readonly costNanos: CounterCells;
   readonly budgetHolds: CounterCells;
   readonly streams: { open: number };
-  readonly upstreamDuration: Histogram;
-  readonly httpDuration: Histogram;
+  readonly upstreamDuration: HistogramCells;
+  readonly httpDuration: HistogramCells;
 }
 
 const SLOT = Symbol.for('gatehouse.metrics.instruments');
@@ -32,9 +33,9 @@ type Slot = { [SLOT]?: Instruments };
 
 /**
  * What the gateway records, with instruments created once up front so the hot path only adds
- * numbers: counters are `CounterCells` read at scrape time, the two latency histograms are
- * OpenTelemetry histograms (the only synchronous OTel calls per request: one per HTTP response,
- * one per upstream attempt). Spans are made only when a tracer exists (OTEL_EXPORTER_OTLP_ENDPOINT).
+ * numbers: counters are `CounterCells` read at scrape time, the two latency histograms
+ * `HistogramCells` the exporter reads as a metric producer; no OpenTelemetry call is made per
+ * request. Spans are made only when a tracer exists (OTEL_EXPORTER_OTLP_ENDPOINT).
  */
 @Injectable()
 export class GatewayMetrics {
@@ -61,7 +62,7 @@ export class GatewayMetrics {
     const status = meta !== undefined ? 200 : statusOf(outcome);
     this.i.requests.add([call.door, String(status), model, meta?.cache ?? 'none', outcome], 1);
     for (const attempt of attempts) {
-      this.i.upstreamDuration.record(attempt.latencyMs / 1000, { model: attempt.model, outcome: attemptOutcome(attempt) });
+      this.i.upstreamDuration.record([attempt.model, attemptOutcome(attempt)], attempt.latencyMs / 1000);
       if (attempt.usage) {
         this.i.tokens.add([attempt.model, 'prompt'], attempt.usage.prompt_tokens);
         this.i.tokens.add([attempt.model, 'completion'], attempt.usage.completion_tokens);
@@ -74,7 +75,7 @@ export class GatewayMetrics {
   /** Every HTTP response (Fastify onResponse): duration by route, and refusals by reason. */
   httpResponse(request: FastifyRequest, reply: FastifyReply): void {
     const status = reply.statusCode;
-    this.i.httpDuration.record(reply.elapsedTime / 1000, { method: request.method, route: request.routeOptions.url ?? 'unmatched', status: String(status) });
+    this.i.httpDuration.record([request.method, request.routeOptions.url ?? 'unmatched', String(status)], reply.elapsedTime / 1000);
     const reason = REJECTIONS[status];
     if (reason !== undefined) this.i.rejected.add([reason], 1);
   }
@@ -174,15 +175,19 @@ function instruments(metricService: MetricService): Instruments {
     costNanos: new CounterCells(['model']),
     budgetHolds: new CounterCells(['path', 'outcome']),
     streams: { open: 0 },
-    upstreamDuration: metricService.getHistogram('gatehouse_upstream_attempt_duration_seconds', {
+    upstreamDuration: localMetrics().histogram({
+      name: 'gatehouse_upstream_attempt_duration_seconds',
       description: 'Upstream attempts by model and outcome (ok, timeout, connection, http_<status>, …); a stream attempt lasts until the stream ends',
       unit: 's',
-      advice: { explicitBucketBoundaries: UPSTREAM_BUCKETS_S },
+      boundaries: UPSTREAM_BUCKETS_S,
+      labels: ['model', 'outcome'],
     }),
-    httpDuration: metricService.getHistogram('gatehouse_http_request_duration_seconds', {
+    httpDuration: localMetrics().histogram({
+      name: 'gatehouse_http_request_duration_seconds',
       description: 'HTTP requests by method, route pattern and status; a stream lasts until its last byte',
       unit: 's',
-      advice: { explicitBucketBoundaries: HTTP_BUCKETS_S },
+      boundaries: HTTP_BUCKETS_S,
+      labels: ['method', 'route', 'status'],
     }),
   };
   metricService

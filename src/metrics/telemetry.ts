@@ -5,6 +5,7 @@ import { type Resource, resourceFromAttributes } from '@opentelemetry/resources'
 import { MeterProvider } from '@opentelemetry/sdk-metrics';
 import type { TracerProvider } from '@opentelemetry/sdk-trace';
 import type { Logger } from 'pino';
+import { localMetrics } from './histogram-cells.js';
 
 /**
  * One gateway's telemetry: the process's Prometheus exporter (GET /metrics asks it; it never opens
@@ -50,7 +51,8 @@ export function startOpenTelemetry(logger: Logger): ProcessTelemetry {
   // The two standard variables NodeSDK honoured, kept with the same meaning.
   const logLevel = getStringFromEnv('OTEL_LOG_LEVEL');
   if (logLevel !== undefined) diag.setLogger(new DiagConsoleLogger(), { logLevel: diagLogLevelFromString(logLevel) });
-  const exporter = new PrometheusExporter({ preventServerStart: true, withoutScopeInfo: true });
+  // The latency histograms are the gateway's own (histogram-cells.ts), reported alongside the SDK's.
+  const exporter = new PrometheusExporter({ preventServerStart: true, withoutScopeInfo: true, metricProducers: [localMetrics()] });
   if (!getBooleanFromEnv('OTEL_SDK_DISABLED')) metrics.setGlobalMeterProvider(new MeterProvider({ resource: gatehouseResource(), readers: [exporter] }));
   const created: ProcessTelemetry = { exporter, contextManager: false };
   holder[SLOT] = created;
