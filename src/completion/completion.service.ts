@@ -5,7 +5,6 @@ import { AuditService } from '../audit/audit.service.js';
 import { BudgetService } from '../budget/budget.service.js';
 import type { Reservation } from '../budget/budget.types.js';
 import { type CachedAnswer, type CacheTicket, CompletionCache } from '../cache/completion-cache.service.js';
-import { statusOfCode } from '../core/errors.js';
 import { AppLogger, requestLineLogger } from '../core/logger.js';
 import { ShutdownService } from '../lifecycle/shutdown.service.js';
 import { GatewayMetrics } from '../metrics/gateway-metrics.js';
@@ -14,7 +13,7 @@ import type { ResolvedRoute } from '../routing/routing-table.js';
 import { RoutingService } from '../routing/routing.service.js';
 import { UpstreamInfo } from '../upstream/llm-client.js';
 import { upstreamToGatewayError } from '../upstream/upstream-errors.js';
-import type { CacheStatus, CompletionCall, CompletionMeta, JsonOutcome, StreamSink } from './completion.types.js';
+import { answeredStatus, type CacheStatus, type CompletionCall, type CompletionMeta, type JsonOutcome, type StreamSink } from './completion.types.js';
 import { StreamTracker } from './stream-tracker.js';
 import { requestedMaxTokens } from './upstream-body.js';
 import { asFailure, type Attempt, UpstreamCaller } from './upstream-caller.js';
@@ -279,7 +278,7 @@ export class CompletionService {
         {
           reqId: call.requestId,
           door: call.door,
-          status: statusOfCode(outcome) ?? 500,
+          status: answeredStatus(undefined, outcome),
           user: call.principal.userId,
           keyPrefix: call.principal.keyPrefix,
           ms: Math.round(performance.now() - started),
@@ -310,8 +309,7 @@ export class CompletionService {
       {
         reqId: call.requestId,
         door: call.door,
-        // Answered (JSON or a stream that opened): 200, however the stream ended.
-        status: meta === undefined ? (statusOfCode(outcome) ?? 500) : 200,
+        status: answeredStatus(meta, outcome),
         user: call.principal.userId,
         department: call.principal.departmentId,
         keyPrefix: call.principal.keyPrefix,

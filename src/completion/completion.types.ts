@@ -1,4 +1,5 @@
 import type { ChatCompletion, ChatCompletionRequest } from '../../libs/openai-contract/src/index.js';
+import { statusOfCode } from '../core/errors.js';
 import type { Principal } from '../identity/principal.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
 
@@ -64,4 +65,13 @@ export interface StreamSink {
   close(): void;
   /** True once the client went away. */
   readonly closed: boolean;
+}
+
+/**
+ * The status a pipeline call was answered with, as its log line and its metrics report it: 200 once
+ * a JSON answer or a stream went out (however the stream ended), else its error code's, 500 for an
+ * outcome that is no error code. (The audit row keeps null for the last: a column, not a guess.)
+ */
+export function answeredStatus(meta: CompletionMeta | undefined, outcome: string): number {
+  return meta !== undefined ? 200 : (statusOfCode(outcome) ?? 500);
 }

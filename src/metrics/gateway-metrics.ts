@@ -2,9 +2,8 @@ import { Injectable } from '@nestjs/common';
 import { type Attributes, context, SpanStatusCode, type Tracer, trace } from '@opentelemetry/api';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { MetricService } from 'nestjs-otel';
-import type { CompletionCall, CompletionMeta } from '../completion/completion.types.js';
+import { answeredStatus, type CompletionCall, type CompletionMeta } from '../completion/completion.types.js';
 import type { Attempt } from '../completion/upstream-caller.js';
-import { statusOfCode } from '../core/errors.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
 import { CounterCells } from './counter-cells.js';
 import { type HistogramCells, localMetrics } from './histogram-cells.js';
@@ -58,8 +57,7 @@ export class GatewayMetrics {
     costNanos: bigint,
   ): void {
     const model = meta?.model ?? attempts.at(-1)?.model ?? route.models[0] ?? 'none';
-    // Once a stream is open its status is 200 whatever happens next; the outcome tells the rest.
-    const status = meta !== undefined ? 200 : statusOf(outcome);
+    const status = answeredStatus(meta, outcome);
     this.i.requests.add([call.door, String(status), model, meta?.cache ?? 'none', outcome], 1);
     for (const attempt of attempts) {
       this.i.upstreamDuration.record([attempt.model, attemptOutcome(attempt)], attempt.latencyMs / 1000);
@@ -152,10 +150,6 @@ export class GatewayMetrics {
     if (outcome !== 'ok') span.setStatus({ code: SpanStatusCode.ERROR, message: outcome });
     span.end();
   }
-}
-
-function statusOf(outcome: string): number {
-  return statusOfCode(outcome) ?? 500;
 }
 
 function attemptOutcome(attempt: Attempt): string {
