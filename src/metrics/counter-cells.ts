@@ -3,6 +3,29 @@ import type { Attributes, ObservableResult } from '@opentelemetry/api';
 /** Label sets one counter keeps before folding new ones into a single overflow series. */
 export const MAX_SERIES = 2000;
 export const OVERFLOW = '_overflow';
+/** Joins a label set's values into its Map key. */
+export const SEPARATOR = '\u0001';
+
+/**
+ * The cell of a label set that has none yet, for CounterCells and HistogramCells: made with
+ * `create` and kept in `cells`. A client-chosen value (a model name the upstream echoes back) must
+ * not grow memory or the scrape without bound: past MAX_SERIES, new label sets share one series
+ * whose labels are all OVERFLOW.
+ */
+export function seriesCell<C>(cells: Map<string, C>, labels: readonly string[], values: readonly string[], create: (attributes: Attributes) => C): C {
+  const folded = cells.size >= MAX_SERIES;
+  const key = (folded ? labels.map(() => OVERFLOW) : values).join(SEPARATOR);
+  let cell = cells.get(key);
+  if (cell === undefined) {
+    const attributes: Attributes = {};
+    labels.forEach((label, i) => {
+      attributes[label] = folded ? OVERFLOW : (values[i] ?? '');
+    });
+    cell = create(attributes);
+    cells.set(key, cell);
+  }
+  return cell;
+}
 
 interface Cell {
   readonly attributes: Attributes;
@@ -24,24 +47,7 @@ export class CounterCells {
   constructor(private readonly labels: readonly string[]) {}
 
   add(values: readonly string[], amount: number): void {
-    const key = values.join('\u0001');
-    let cell = this.cells.get(key);
-    if (cell === undefined) {
-      // A client-chosen value (a model name the upstream echoes back) must not grow memory or the
-      // scrape without bound: past the cap, new label sets share one series.
-      const folded = this.cells.size >= MAX_SERIES;
-      const overflowKey = this.labels.map(() => OVERFLOW).join('\u0001');
-      cell = folded ? this.cells.get(overflowKey) : undefined;
-      if (cell === undefined) {
-        const attributes: Attributes = {};
-        this.labels.forEach((label, i) => {
-          attributes[label] = folded ? OVERFLOW : (values[i] ?? '');
-        });
-        cell = { attributes, value: 0 };
-        this.cells.set(folded ? overflowKey : key, cell);
-      }
-    }
-    cell.value += amount;
+    (this.cells.get(values.join(SEPARATOR)) ?? seriesCell(this.cells, this.labels, values, newCounterCell)).value += amount;
   }
 
   /** Reports every series, each value divided by `scale` (nano-dollars → USD). */
@@ -51,6 +57,10 @@ export class CounterCells {
 
   /** For tests: the current value of one label set. */
   valueOf(values: readonly string[]): number {
-    return this.cells.get(values.join('\u0001'))?.value ?? 0;
+    return this.cells.get(values.join(SEPARATOR))?.value ?? 0;
   }
+}
+
+function newCounterCell(attributes: Attributes): Cell {
+  return { attributes, value: 0 };
 }

@@ -2,7 +2,7 @@ import { type Attributes, type HrTime, ValueType } from '@opentelemetry/api';
 import { millisToHrTime } from '@opentelemetry/core';
 import { resourceFromAttributes } from '@opentelemetry/resources';
 import { AggregationTemporality, type CollectionResult, DataPointType, type HistogramMetricData, type MetricProducer } from '@opentelemetry/sdk-metrics';
-import { MAX_SERIES, OVERFLOW } from './counter-cells.js';
+import { SEPARATOR, seriesCell } from './counter-cells.js';
 
 interface Cell {
   readonly attributes: Attributes;
@@ -40,8 +40,7 @@ export class HistogramCells {
   record(values: readonly string[], value: number): void {
     // OTel's histogram drops these too (with a warning): a bucket count has no place for them.
     if (!(value >= 0)) return;
-    const key = values.join('\u0001');
-    const cell = this.cells.get(key) ?? this.create(key, values);
+    const cell = this.cells.get(values.join(SEPARATOR)) ?? seriesCell(this.cells, this.options.labels, values, this.newCell);
     const { boundaries } = this.options;
     let i = 0;
     while (i < boundaries.length && value > boundaries[i]) i++;
@@ -74,33 +73,19 @@ export class HistogramCells {
 
   /** For tests: how many samples one label set holds. */
   countOf(values: readonly string[]): number {
-    return this.cells.get(values.join('\u0001'))?.count ?? 0;
+    return this.cells.get(values.join(SEPARATOR))?.count ?? 0;
   }
 
-  private create(key: string, values: readonly string[]): Cell {
-    const { labels, boundaries } = this.options;
-    // A label value the gateway does not choose itself must not grow memory or the scrape without
-    // bound: past the cap, new label sets share one series (as CounterCells).
-    const folded = this.cells.size >= MAX_SERIES;
-    const cellKey = folded ? labels.map(() => OVERFLOW).join('\u0001') : key;
-    const existing = this.cells.get(cellKey);
-    if (existing) return existing;
-    const attributes: Attributes = {};
-    labels.forEach((label, i) => {
-      attributes[label] = folded ? OVERFLOW : (values[i] ?? '');
-    });
-    const cell: Cell = {
-      attributes,
-      startTime: millisToHrTime(Date.now()),
-      counts: new Array<number>(boundaries.length + 1).fill(0),
-      count: 0,
-      sum: 0,
-      min: Number.POSITIVE_INFINITY,
-      max: Number.NEGATIVE_INFINITY,
-    };
-    this.cells.set(cellKey, cell);
-    return cell;
-  }
+  /** A label set's first cell (seriesCell folds label sets past MAX_SERIES, as for the counters). */
+  private readonly newCell = (attributes: Attributes): Cell => ({
+    attributes,
+    startTime: millisToHrTime(Date.now()),
+    counts: new Array<number>(this.options.boundaries.length + 1).fill(0),
+    count: 0,
+    sum: 0,
+    min: Number.POSITIVE_INFINITY,
+    max: Number.NEGATIVE_INFINITY,
+  });
 }
 
 /**
