@@ -165,6 +165,8 @@ export class UpstreamCaller {
       const iterator = events[Symbol.asyncIterator]();
       // The first event is read inside the walk: a stream that dies before it is still retryable.
       const first = await iterator.next();
+      // [DONE] straight away is no answer: relayed, the caller would get a 200 with nothing in it.
+      if (first.done === true) throw new UpstreamFailure('bad_response', 'upstream stream ended without an event');
       return { iterator, first };
     });
     const { iterator, first } = won.value;

@@ -94,7 +94,9 @@ export function abortFailure(signal: AbortSignal): UpstreamFailure {
 /**
  * A 200 JSON body as both drivers hand it to the pipeline: the completion, and the bytes as sent.
  * Not JSON, no choices, or an empty list (no answer either: it would be relayed, and charged an
- * estimate, as one) is bad_response, retried or falling back like any failed attempt.
+ * estimate, as one) is bad_response, retried or falling back like any failed attempt. So is a
+ * choice without a `message` object: the pipeline, the cache's stream replay and /v1/complete
+ * all read it, and relayed or cached it would fail every one of them later, as a 500.
  */
 export function jsonResult(raw: string): UpstreamJsonResult {
   let completion: ChatCompletion;
@@ -106,5 +108,15 @@ export function jsonResult(raw: string): UpstreamJsonResult {
   if (typeof completion !== 'object' || completion === null || !Array.isArray(completion.choices) || completion.choices.length === 0) {
     throw new UpstreamFailure('bad_response', 'upstream answered 200 without choices');
   }
+  if (!completion.choices.every(hasMessage)) {
+    throw new UpstreamFailure('bad_response', 'upstream answered 200 with a choice that has no message');
+  }
   return { completion, raw };
+}
+
+/** A choice as the pipeline reads it: an object whose `message` is an object. */
+export function hasMessage(choice: unknown): boolean {
+  if (typeof choice !== 'object' || choice === null) return false;
+  const message = (choice as { message?: unknown }).message;
+  return typeof message === 'object' && message !== null;
 }

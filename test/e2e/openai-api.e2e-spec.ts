@@ -288,6 +288,36 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
       expect(healthy.headers.get('x-gateway-cache')).toBe('miss');
     });
 
+    it('an upstream 200 with no answer in it (a choice without message, [DONE] before any event) is 502 upstream_bad_response, and leaves the cache working', async () => {
+      gw.stub.configure({ emptyAnswer: true });
+      const body = { messages: [{ role: 'user', content: 'nothing in it' }] };
+      const json = await alice.api.post('/v1/chat/completions', body);
+      expect(json).toMatchObject({ status: 502, body: { error: { type: 'upstream_error', code: 'upstream_bad_response' } } });
+      const stream = await fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ ...body, stream: true }),
+      });
+      expect(stream.status).toBe(502);
+      expect(JSON.parse(await stream.text())).toMatchObject({ error: { code: 'upstream_bad_response' } });
+      // Nothing was cached and nothing was left holding the key: once the upstream is sane the
+      // request is a miss that fills the cache, and the next one a hit, for JSON and for streams.
+      gw.stub.reset();
+      const healthy = await alice.api.post('/v1/chat/completions', body);
+      expect(healthy.status).toBe(200);
+      expect(healthy.headers.get('x-gateway-cache')).toBe('miss');
+      const again = await alice.api.post('/v1/chat/completions', body);
+      expect(again.headers.get('x-gateway-cache')).toBe('hit');
+      const replay = await fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ ...body, stream: true }),
+      });
+      expect(replay.status).toBe(200);
+      expect(replay.headers.get('x-gateway-cache')).toBe('hit');
+      expect(await replay.text()).toContain('data: [DONE]');
+    });
+
     it("upstream 401/402/429 become 502 with precise codes, never the caller's own status", async () => {
       for (const [status, code] of [
         [401, 'upstream_auth'],

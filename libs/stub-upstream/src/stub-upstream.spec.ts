@@ -374,6 +374,18 @@ describe('stub upstream: faults', () => {
     expect(() => JSON.parse(text) as unknown).toThrow();
   });
 
+  it('emptyAnswer returns 200 and JSON with no message, and a stream with nothing before [DONE]', async () => {
+    stub.configure({ emptyAnswer: true });
+    const res = await chat({ model: 'm', messages: MESSAGES });
+    expect(res.status).toBe(200);
+    const body = (await res.json()) as { choices: Array<Record<string, unknown>> };
+    expect(body.choices).toHaveLength(1);
+    expect(body.choices[0]).not.toHaveProperty('message');
+    const stream = await chat({ model: 'm', messages: MESSAGES, stream: true });
+    expect(stream.status).toBe(200);
+    expect(await stream.text()).toBe('data: [DONE]\n\n');
+  });
+
   it('latencyMs delays the answer', async () => {
     stub.configure({ latencyMs: 120 });
     const started = performance.now();

@@ -32,6 +32,8 @@ export interface StubFaults {
   failTimes?: number;
   /** 200 with a body that is not valid JSON (for streams: an SSE frame with broken JSON). */
   malformedJson?: boolean;
+  /** 200 and valid JSON with no answer in it: a choice without `message`; for streams, [DONE] before any event. */
+  emptyAnswer?: boolean;
   /** SSE: destroy the socket after N `data:` frames (the role frame counts), never sending [DONE]. */
   cutAfterChunks?: number;
   /** Read the request, then send nothing for this long (for timeout tests); answers normally afterwards. */
@@ -173,7 +175,7 @@ const NUMERIC_FAULTS = [
   'hangMs',
   'completionTokens',
 ] as const;
-const BOOLEAN_FAULTS = ['malformedJson', 'omitCost'] as const;
+const BOOLEAN_FAULTS = ['malformedJson', 'emptyAnswer', 'omitCost'] as const;
 const KNOWN_FAULT_KEYS: ReadonlySet<string> = new Set<string>([...NUMERIC_FAULTS, ...BOOLEAN_FAULTS, 'status']);
 
 function isRecord(value: unknown): value is Record<string, unknown> {
@@ -473,6 +475,7 @@ const SSE_HEADERS = Object.freeze({
 });
 const SSE_DONE = 'data: [DONE]\n\n';
 const MALFORMED_JSON_BODY = '{"id":"chatcmpl-stub","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Mock';
+const EMPTY_ANSWER_JSON_BODY = '{"id":"chatcmpl-stub","object":"chat.completion","created":0,"choices":[{"index":0,"finish_reason":"stop"}]}';
 const MALFORMED_SSE_BODY = 'data: {"id":"chatcmpl-stub","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Mo\n\n' + SSE_DONE;
 const OK_BODY = '{"ok":true}';
 const MAX_BODY_BYTES = 10 * 1024 * 1024;
@@ -816,6 +819,15 @@ class StubUpstreamServer implements StubUpstream {
         res.end(MALFORMED_SSE_BODY);
       } else {
         sendBody(res, 200, MALFORMED_JSON_BODY, JSON_TYPE);
+      }
+      return;
+    }
+    if (faults.emptyAnswer) {
+      if (a.chat.stream) {
+        res.writeHead(200, SSE_HEADERS);
+        res.end(SSE_DONE);
+      } else {
+        sendBody(res, 200, EMPTY_ANSWER_JSON_BODY, JSON_TYPE);
       }
       return;
     }
