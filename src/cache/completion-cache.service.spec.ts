@@ -49,6 +49,28 @@ describe('CompletionCache singleflight (in process)', () => {
     leader.abandon();
   });
 
+  it('lets a flight whose leader never finished go once a follower waited it out: the next call leads and fills', async () => {
+    const { cache, call } = setup(50);
+    // A leader whose ticket is never filled nor abandoned (a bug between its upstream call and its fill).
+    await cache.open(call(), route);
+    const follower = await cache.open(call(), route);
+    expect(follower.status).toBe('miss');
+    expect(cache.inFlight).toBe(0);
+    const next = await cache.open(call(), route);
+    expect(cache.inFlight).toBe(1);
+    await next.fill(JSON.stringify(answer), answer);
+    expect((await cache.open(call(), route)).status).toBe('hit');
+  });
+
+  it('stores no answer whose choices lack a message: a stream replay of it could not render them', async () => {
+    const { cache, call } = setup();
+    const leader = await cache.open(call(), route);
+    const shapeless = { ...answer, choices: [{ index: 0, finish_reason: 'stop' }] } as unknown as typeof answer;
+    await leader.fill(JSON.stringify(shapeless), shapeless);
+    expect(cache.inFlight).toBe(0);
+    expect((await cache.open(call(), route)).status).toBe('miss');
+  });
+
   it('stops waiting when the follower’s client goes away', async () => {
     const { cache, call } = setup();
     const leader = await cache.open(call(), route);

@@ -6,6 +6,7 @@ import { AppConfig } from '../config/config.js';
 import { GatewayError } from '../core/errors.js';
 import { AppLogger } from '../core/logger.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
+import { hasMessage } from '../upstream/llm-client.js';
 import { type CachedAnswer, decodeCacheEntry, encodeCacheEntry } from './cache-entry.js';
 import { type CachePlan, cachePlan } from './cache-key.js';
 import { ExpiringEntries } from './expiring-entries.js';
@@ -138,9 +139,18 @@ export class CompletionCache {
     const deadline = Date.now() + this.waitMs;
     const existing = this.flights.get(plan.key);
     if (existing) {
-      const body = await waitFor(existing.done, deadline, signal);
+      const outcome = await waitFor(existing.done, deadline, signal);
+      if (outcome === 'timeout') {
+        // Waited out: the flight no longer holds the key, as a fill lock on Redis expires after
+        // the same time, so the next identical call leads anew instead of waiting it out too (its
+        // leader's own finish leaves a newer flight alone).
+        if (this.flights.get(plan.key) === existing) this.flights.delete(plan.key);
+      } else if (outcome !== 'aborted' && outcome !== undefined) {
+        // An entry (never the text 'timeout' or 'aborted': it starts with its header line).
+        return this.hit(outcome, plan, tags);
+      }
       // The leader failed, or is taking too long: go on alone (and still store what we get).
-      return typeof body === 'string' ? this.hit(body, plan, tags) : this.miss(plan, tags, undefined);
+      return this.miss(plan, tags, undefined);
     }
     const flight = new Flight();
     this.flights.set(plan.key, flight);
@@ -225,7 +235,8 @@ export class CompletionCache {
     };
     const fill = async (raw: string, completion: ChatCompletion) => {
       if (settled) return;
-      if (!plan.write || !Array.isArray(completion.choices) || completion.choices.length === 0) return abandon();
+      // Stored only if every replay can render it: a choice without a message would fail each stream hit.
+      if (!plan.write || !Array.isArray(completion.choices) || completion.choices.length === 0 || !completion.choices.every(hasMessage)) return abandon();
       settled = true;
       const entry = encodeCacheEntry(raw, completion);
       lead?.flight(entry);

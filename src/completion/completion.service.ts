@@ -68,8 +68,10 @@ export class CompletionService {
     const attempts: Attempt[] = [];
     const { reservation, value } = await this.reserveAndCall(call, route, cached, attempts, started, () => this.upstream.json(call, route, attempts));
     const { model, result } = value;
-    const producedChars = result.completion.choices.reduce((n, c) => n + (typeof c.message?.content === 'string' ? c.message.content.length : 0), 0);
-    const costNanos = this.budget.settle(reservation, attempts, { producedChars });
+    const costNanos = this.settleOrAbandon(cached, () => {
+      const producedChars = result.completion.choices.reduce((n, c) => n + (typeof c.message.content === 'string' ? c.message.content.length : 0), 0);
+      return this.budget.settle(reservation, attempts, { producedChars });
+    });
     const meta = this.meta(route, model, cached.status);
     // The cost header needs the settlement; the rest waits until the caller has its answer.
     this.afterReply(call, () => {
@@ -150,7 +152,9 @@ export class CompletionService {
     });
     // Ended, cut or abandoned: charged for what was produced (usage if reported, else an estimate).
     // The characters matter only without usage; counting them would parse events the tracker skipped.
-    const costNanos = this.budget.settle(reservation, attempts, { producedChars: tracker.usage ? undefined : tracker.contentChars });
+    const costNanos = this.settleOrAbandon(cached, () =>
+      this.budget.settle(reservation, attempts, { producedChars: tracker.usage ? undefined : tracker.contentChars }),
+    );
     // Only a stream that completed is cached (as the assembled completion); a cut one never.
     if (outcome === 'ok') await cached.fillFromStream(tracker.completion());
     else cached.abandon();
@@ -207,6 +211,20 @@ export class CompletionService {
       cached.abandon();
       this.budget.settle(reservation, attempts);
       this.logDone(call, route, undefined, attempts, started, errorCode(error));
+      throw error;
+    }
+  }
+
+  /**
+   * Settles after the upstream answered. Should that throw, the cache ticket is given up before
+   * the error leaves: a leader's ticket left open would keep its key's flight, and every identical
+   * call after it would wait out its bound before calling the upstream alone.
+   */
+  private settleOrAbandon(cached: CacheTicket, settle: () => bigint): bigint {
+    try {
+      return settle();
+    } catch (error) {
+      cached.abandon();
       throw error;
     }
   }
