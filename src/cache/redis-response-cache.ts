@@ -121,6 +121,8 @@ export class RedisResponseCache extends ResponseCache {
   private readonly watchers = new Map<string, Set<() => void>>();
   /** The connection that hears the landed channel; without it (or while it is down) nobody is told. */
   private listener: NearListener | undefined;
+  /** Bumped whenever the near copies are dropped; a read sent before a drop keeps no copy. */
+  private nearEpoch = 0;
   /** key → near copy body, bounded by count and characters; the oldest copy goes first. */
   private readonly nearCopies: ExpiringEntries<string> | undefined;
 
@@ -146,11 +148,14 @@ export class RedisResponseCache extends ResponseCache {
 
   private async lookupRemote(key: string, lockMs: number): Promise<CacheLookup> {
     const token = lockMs > 0 ? randomUUID() : '';
+    const epoch = this.nearEpoch;
     const reply = await this.guard(LOOKUP.run(this.client, [this.entryKey(key), this.lockKey(key), this.waitKey(key)], [Math.max(0, Math.ceil(lockMs)), token]));
     const [code, body, ttl] = reply as [number, string | undefined, number | undefined];
     switch (code) {
       case 1:
-        this.keepNear(key, body ?? '', Number(ttl));
+        // Not kept when the copies were dropped while this read was out: Redis may have read the
+        // entry just before a delete whose flush this instance has already heard.
+        if (epoch === this.nearEpoch) this.keepNear(key, body ?? '', Number(ttl));
         return { kind: 'hit', body: body ?? '' };
       case 2:
         return { kind: 'lead', token };
@@ -289,6 +294,7 @@ export class RedisResponseCache extends ResponseCache {
   }
 
   private clearNear(): void {
+    this.nearEpoch++;
     this.nearCopies?.clear();
   }
 

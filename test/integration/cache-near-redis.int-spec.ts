@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest';
-import { RedisResponseCache } from '../../src/cache/redis-response-cache.js';
+import { NEAR_FLUSH, RedisResponseCache } from '../../src/cache/redis-response-cache.js';
 import { SystemClock } from '../../src/core/clock.js';
 import { createLogger } from '../../src/core/logger.js';
 import { type RedisConnections, whenReady } from '../../src/redis/redis-connections.js';
@@ -83,6 +83,22 @@ describe('RedisResponseCache near copies (real Redis)', () => {
     // Both copies live for 10 s; B drops its own once it hears of the delete.
     await pollUntil(async () => expect(await b.store.lookup('k2', 0)).toEqual({ kind: 'miss' }), 2000, 10);
     expect(await a.store.lookup('k2', 0)).toEqual({ kind: 'miss' });
+  });
+
+  it('keeps no copy of a read that was on its way while a delete was heard: Redis may have read the entry before the delete', async () => {
+    const prefix = uniqueRedisPrefix('near');
+    const b = await instance(prefix);
+    const a = await instance(prefix);
+    await a.store.store('k-race', 'before-delete', 60_000, tags);
+    await sentCommandsRan(a.connections);
+    // B's read is on its way when the flush of another instance's delete reaches B: the order
+    // the two connections deliver in is not fixed, and the read ran in Redis first.
+    const read = b.store.lookup('k-race', 0);
+    b.store.landed(NEAR_FLUSH);
+    expect(await read).toEqual({ kind: 'hit', body: 'before-delete' });
+    await dropBehindTheBack(prefix, 'k-race');
+    // Had B kept what that read brought, it would answer the deleted entry for its near lifetime.
+    expect(await b.store.lookup('k-race', 0)).toEqual({ kind: 'miss' });
   });
 
   it('drops its near copies when its subscriber connection drops, since a delete may go unheard', async () => {
