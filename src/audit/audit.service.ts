@@ -181,7 +181,8 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
   /** One event per completion request, whichever door it came through (called once by the pipeline). */
   recordCompletion(
     call: CompletionAuditCall,
-    route: CompletionAuditRoute,
+    // Undefined for a job try that ended before routing (its key revoked while it waited, say).
+    route: CompletionAuditRoute | undefined,
     meta: CompletionAuditMeta | undefined,
     attempts: readonly CompletionAuditAttempt[],
     outcome: string,
@@ -204,9 +205,9 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
     const model = toJson(meta?.model, 1);
     const outcomeJson = toJson(outcome, 1);
     const promptTokens = toJson(last?.usage?.prompt_tokens, 1);
-    const version = toJson(route.version, 1);
-    const rule = toJson(route.ruleTaskType, 1);
-    const taskType = toJson(route.requestedTaskType, 1);
+    const version = toJson(route?.version, 1);
+    const rule = toJson(route?.ruleTaskType, 1);
+    const taskType = toJson(route?.requestedTaskType, 1);
     // Two literals rather than a key added later: one shape each, and end_user absent (not null) without a label.
     const details: JsonObject =
       typeof endUser === 'string'

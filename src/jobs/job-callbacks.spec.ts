@@ -35,6 +35,7 @@ function finishedJob(callbackUrl: string): JobRecord {
     bodyHash: 'h',
     callbackUrl,
     createdAt: at,
+    enqueuedAt: at,
     startedAt: at,
     completedAt: at,
   };

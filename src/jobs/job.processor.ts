@@ -1,8 +1,10 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import { Injectable } from '@nestjs/common';
 import type { Logger } from 'pino';
 import type { ErrorBody } from '../../libs/openai-contract/src/index.js';
+import { AuditService } from '../audit/audit.service.js';
 import { CompletionService } from '../completion/completion.service.js';
-import type { CompletionCall } from '../completion/completion.types.js';
+import type { CompletionCall, JsonOutcome } from '../completion/completion.types.js';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
 import { type GatewayError } from '../core/errors.js';
@@ -37,6 +39,19 @@ const ABANDONED: ErrorBody = {
   param: null,
 };
 
+const RESULT_NOT_STORED: ErrorBody = {
+  message:
+    'The completion succeeded (and was charged) but its result could not be stored; an admin can retry the job from the dead-letter queue, which runs it again.',
+  type: 'api_error',
+  code: 'internal_error',
+  param: null,
+};
+
+// Once the completion has returned, writing it is retried here and never by the queue: a queue
+// retry would run the try again, calling (and charging for) the upstream once more.
+const STORE_TRIES = 4;
+const STORE_BACKOFF_MS = 200;
+
 /**
  * Runs one try of a job through the very pipeline sync requests use (`CompletionService.complete`):
  * routing, cache, budget, ledger and audit apply to jobs as they are. The principal is rebuilt
@@ -52,6 +67,7 @@ export class JobProcessor implements JobHandler {
     private readonly repo: JobsRepository,
     private readonly completions: CompletionService,
     private readonly callbacks: JobCallbacks,
+    private readonly audit: AuditService,
     private readonly config: AppConfig,
     private readonly clock: Clock,
     appLogger: AppLogger,
@@ -67,13 +83,14 @@ export class JobProcessor implements JobHandler {
     const { job, key } = started;
     const principal = this.principalFor(job, key);
     if (!principal) {
-      this.finished(await this.repo.fail(job.id, INVALID_KEY, false, this.clock.now()), 'invalid_api_key');
+      const failed = await this.repo.fail(job.id, INVALID_KEY, false, this.clock.now());
+      this.finished(failed, 'invalid_api_key');
+      if (failed) await this.auditEnded(failed, 'invalid_api_key');
       return;
     }
     const call: CompletionCall = {
       principal,
-      // One id per try: each try is its own reservation and ledger entry.
-      requestId: `job-${job.id}-${job.attempts}`,
+      requestId: tryRequestId(job),
       body: job.requestBody,
       taskType: job.taskType ?? undefined,
       door: 'job',
@@ -84,16 +101,54 @@ export class JobProcessor implements JobHandler {
     try {
       outcome = await this.completions.complete(call);
     } catch (error) {
+      // The pipeline audits what it ran or refused; one it turned away before that (routing refused
+      // the model) is for the door to record, as the HTTP doors' audit hook does.
+      if (call.audited !== true) this.recordEnded(principal, job, call.requestId, toGatewayError(error).code);
       await this.failed(job, error, signal);
       return;
     }
-    const done = await this.repo.complete(job.id, { result: outcome.completion, model: outcome.meta.model, costNanos: outcome.costNanos }, this.clock.now());
-    this.finished(done, 'completed');
+    await this.store(job, outcome);
   }
 
   async abandon(jobId: string, error: unknown): Promise<void> {
     this.logger.error({ jobId, err: error instanceof Error ? error.message : String(error) }, 'job queue gave up on a job; dead-lettering it');
-    this.finished(await this.repo.fail(jobId, ABANDONED, true, this.clock.now()), 'abandoned');
+    const failed = await this.repo.fail(jobId, ABANDONED, true, this.clock.now());
+    this.finished(failed, 'abandoned');
+    if (failed) await this.auditEnded(failed, 'internal_error');
+  }
+
+  /** Stores a try's completion, retrying the write; one that cannot be stored fails the job instead of running it again. */
+  private async store(job: JobRecord, outcome: JsonOutcome): Promise<void> {
+    const result = { result: outcome.completion, model: outcome.meta.model, costNanos: outcome.costNanos };
+    let done;
+    try {
+      done = await retried(() => this.repo.complete(job.id, result, this.clock.now()));
+    } catch (error) {
+      this.logger.error({ jobId: job.id, err: (error as Error).message }, 'could not store a completed job’s result; failing the job');
+      this.finished(await retried(() => this.repo.fail(job.id, RESULT_NOT_STORED, true, this.clock.now())), 'result_not_stored');
+      return;
+    }
+    this.finished(done, 'completed');
+  }
+
+  /**
+   * The audit row of a job that ended before the pipeline saw its try (a key revoked while it
+   * waited, the queue giving up): the row the pipeline writes for a refusal, so every try leaves
+   * one. It names the submitting key as it is now; never fails the job's bookkeeping.
+   */
+  private async auditEnded(job: JobRecord, code: string): Promise<void> {
+    try {
+      const key = await this.repo.keyOf(job.keyId);
+      if (key) this.recordEnded(this.principalOf(job, key), job, tryRequestId(job), code);
+      else this.logger.warn({ jobId: job.id }, 'the key of a finished job is gone; no audit row for its end');
+    } catch (error) {
+      this.logger.warn({ jobId: job.id, err: (error as Error).message }, 'could not read the key of a finished job; no audit row for its end');
+    }
+  }
+
+  private recordEnded(principal: Principal, job: JobRecord, requestId: string, code: string): void {
+    // No route: such a try ended before routing, or routing refused it (task type, rule and version are null).
+    this.audit.recordCompletion({ requestId, principal, door: 'job', body: job.requestBody }, undefined, undefined, [], code);
   }
 
   private async failed(job: JobRecord, error: unknown, signal: AbortSignal): Promise<void> {
@@ -127,6 +182,10 @@ export class JobProcessor implements JobHandler {
   private principalFor(job: JobRecord, key: KeyState | null): Principal | undefined {
     if (!key) return undefined;
     if (key.expiresAt !== null && key.expiresAt.getTime() <= this.clock.nowMs()) return undefined;
+    return this.principalOf(job, key);
+  }
+
+  private principalOf(job: JobRecord, key: KeyState): Principal {
     return {
       keyId: job.keyId,
       keyPrefix: key.prefix,
@@ -143,5 +202,21 @@ export class JobProcessor implements JobHandler {
     if (!job) return;
     this.logger.info({ jobId: job.id, status: job.status, attempts: job.attempts, deadLettered: job.deadLettered, outcome }, 'job finished');
     this.callbacks.notify(job);
+  }
+}
+
+/** One id per try: each try is its own reservation, ledger entry and audit row. */
+function tryRequestId(job: JobRecord): string {
+  return `job-${job.id}-${job.attempts}`;
+}
+
+async function retried<T>(write: () => Promise<T>): Promise<T> {
+  for (let tryNo = 1; ; tryNo += 1) {
+    try {
+      return await write();
+    } catch (error) {
+      if (tryNo >= STORE_TRIES) throw error;
+      await sleep(STORE_BACKOFF_MS * 2 ** (tryNo - 1));
+    }
   }
 }

@@ -31,6 +31,8 @@ export interface JobRecord {
   bodyHash: string;
   callbackUrl: string | null;
   createdAt: Date;
+  /** When the queue confirmed it; null while its submit may still be refused (and the record removed). */
+  enqueuedAt: Date | null;
   startedAt: Date | null;
   completedAt: Date | null;
 }

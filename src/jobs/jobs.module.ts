@@ -13,12 +13,17 @@ import { JobsRuntime } from './jobs-runtime.js';
 import { JobsRepository } from './jobs.repository.js';
 import { JobsService } from './jobs.service.js';
 import { Jobs1764400005000 } from './migrations/1764400005000-jobs.js';
+import { JobsEnqueued1764400005100 } from './migrations/1764400005100-jobs-enqueued.js';
 
-export const JOBS_MIGRATIONS = [Jobs1764400005000];
+export const JOBS_MIGRATIONS = [Jobs1764400005000, JobsEnqueued1764400005100];
 
 // The processor ends a job (completed, failed or dead-lettered) within JOBS_MAX_ATTEMPTS tries;
 // these extra tries are only for failures of the bookkeeping itself (the database away).
 const BOOKKEEPING_TRIES = 3;
+// A try is the upstream call (bounded by UPSTREAM_DEADLINE_MS) plus what surrounds it: key check,
+// routing, cache, budget, writing the outcome. Shutdown lets running tries finish within the
+// deadline plus this; the workers' terminationGracePeriodSeconds is sized on it (docs/operations.md).
+const TRY_OVERHEAD_MS = 10_000;
 
 /**
  * Async jobs: the queue driver is picked here from config (inline = in-process, the embedded
@@ -56,6 +61,7 @@ function queueDriver(config: AppConfig): { imports: DynamicModule[]; providers: 
     maxQueued: jobs.maxQueued,
     maxTries: jobs.maxAttempts + BOOKKEEPING_TRIES,
     backoff: exponentialBackoff(jobs.backoffMs, jobs.backoffMaxMs),
+    shutdownGraceMs: config.upstream.retry.deadlineMs + TRY_OVERHEAD_MS,
   };
   switch (jobs.driver) {
     case 'inline':

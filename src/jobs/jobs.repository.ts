@@ -68,7 +68,14 @@ export class JobsRepository {
 
   /** Undoes an insert whose submit the queue refused, so the 503 leaves nothing behind. */
   async remove(id: string): Promise<void> {
-    await this.db.query(`DELETE FROM jobs WHERE id = $1 AND status = 'queued' AND attempts = 0`, [id]);
+    // Never a job a repeat of the submit has taken over and queued meanwhile (enqueued_at set).
+    await this.db.query(`DELETE FROM jobs WHERE id = $1 AND status = 'queued' AND attempts = 0 AND enqueued_at IS NULL`, [id]);
+  }
+
+  /** The queue took the job: from now on a repeat of its submit is answered with it. False when the record is gone. */
+  async markEnqueued(id: string, now: Date): Promise<boolean> {
+    const rows = await this.changed(`UPDATE jobs SET enqueued_at = COALESCE(enqueued_at, $2) WHERE id = $1 RETURNING id`, [id, now]);
+    return rows.length > 0;
   }
 
   async find(id: string): Promise<JobRecord | undefined> {
@@ -80,7 +87,9 @@ export class JobsRepository {
   async start(id: string, now: Date): Promise<{ job: JobRecord; key: KeyState | null } | undefined> {
     const rows = await this.db.query<Row[]>(
       `WITH started AS (
-         UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, $2), updated_at = $2
+         UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, $2), updated_at = $2,
+                         -- Running proves it was queued, even if its submitter could not record that.
+                         enqueued_at = COALESCE(enqueued_at, $2)
           WHERE id = $1 AND ${UNFINISHED}
           RETURNING *)
        SELECT s.*, k.prefix AS key_prefix, k.role AS key_role, k.cache_scope AS key_cache_scope, k.expires_at AS key_expires_at
@@ -100,11 +109,25 @@ export class JobsRepository {
     return { job: toRecord(row), key };
   }
 
+  /** The key a job was submitted with as it is now, revoked or not: whom the job's audit rows name. */
+  async keyOf(keyId: string): Promise<KeyState | undefined> {
+    const rows = await this.db.query<Row[]>(
+      `SELECT ak.prefix, u.role, d.cache_scope, ak.expires_at
+         FROM api_keys ak JOIN users u ON u.id = ak.user_id JOIN departments d ON d.id = u.department_id
+        WHERE ak.id = $1`,
+      [keyId],
+    );
+    const row = rows[0];
+    return row
+      ? { prefix: row.prefix as string, role: row.role as UserRole, cacheScope: row.cache_scope as CacheScope, expiresAt: toDateOrNull(row.expires_at) }
+      : undefined;
+  }
+
   /** Back to queued after a transient failure, keeping the last error visible while it waits. */
   async retryLater(id: string, error: ErrorBody | null, now: Date): Promise<void> {
     await this.db.query(`UPDATE jobs SET status = 'queued', error = $2::jsonb, updated_at = $3 WHERE id = $1 AND status = 'running'`, [
       id,
-      error === null ? null : JSON.stringify(error),
+      error === null ? null : jsonb(error),
       now,
     ]);
   }
@@ -114,7 +137,7 @@ export class JobsRepository {
       `UPDATE jobs SET status = 'completed', result = $2::jsonb, error = NULL, model = $3, cost_nanos = $4, completed_at = $5, updated_at = $5
         WHERE id = $1 AND status = 'running'
         RETURNING *`,
-      [id, JSON.stringify(outcome.result), outcome.model, outcome.costNanos.toString(), now],
+      [id, jsonb(outcome.result), outcome.model, outcome.costNanos.toString(), now],
     );
     return rows[0] ? toRecord(rows[0]) : undefined;
   }
@@ -124,7 +147,7 @@ export class JobsRepository {
       `UPDATE jobs SET status = 'failed', error = $2::jsonb, dead_lettered = $3, completed_at = $4, updated_at = $4
         WHERE id = $1 AND ${UNFINISHED}
         RETURNING *`,
-      [id, JSON.stringify(error), deadLettered, now],
+      [id, jsonb(error), deadLettered, now],
     );
     return rows[0] ? toRecord(rows[0]) : undefined;
   }
@@ -224,9 +247,19 @@ function toRecord(row: Row): JobRecord {
     bodyHash: row.body_hash as string,
     callbackUrl: (row.callback_url as string | null) ?? null,
     createdAt: toDate(row.created_at),
+    enqueuedAt: toDateOrNull(row.enqueued_at),
     startedAt: toDateOrNull(row.started_at),
     completedAt: toDateOrNull(row.completed_at),
   };
+}
+
+/**
+ * A try's outcome as jsonb text. jsonb cannot hold U+0000 (PostgreSQL refuses the whole value) and
+ * an upstream can send one: each becomes U+FFFD, the character for one that could not be
+ * represented, rather than the write failing and a result that was paid for being lost.
+ */
+function jsonb(value: unknown): string {
+  return JSON.stringify(value, (_key, item: unknown) => (typeof item === 'string' ? item.replaceAll('\u0000', '\uFFFD') : item));
 }
 
 // pg parses jsonb already; a driver that hands back the text of an object is tolerated.

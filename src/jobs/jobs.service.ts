@@ -4,7 +4,7 @@ import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
 import type { Principal } from '../identity/principal.js';
 import { CallbackPolicy } from './callback-policy.js';
-import { JobQueue, type QueueCounts } from './job-queue.js';
+import { JobQueue, type QueueCounts, queueUnavailable } from './job-queue.js';
 import type { JobRecord, NewJob } from './job.types.js';
 import { JobsRepository, type StatusCounts } from './jobs.repository.js';
 
@@ -21,6 +21,10 @@ export interface QueueStats {
   broker: QueueCounts | null;
 }
 
+// A submit confirms its job within seconds (each of the queue's Redis commands times out after
+// 2 s); a record left unconfirmed much longer than that has lost its submitter.
+const SUBMIT_CONFIRM_MS = 60_000;
+
 /** Accepts async requests and answers for them: the only way into the queue for doors and admins. */
 @Injectable()
 export class JobsService {
@@ -35,7 +39,8 @@ export class JobsService {
   /**
    * A new job (`created: true`), or the one this user already submitted with the same
    * idempotency key and body. The record is written before the job is queued, so a worker never
-   * sees an id without its record; a submit the queue refuses removes its record again.
+   * sees an id without its record; a submit the queue refuses removes its record again, so a
+   * repeat is given the job only once the queue has confirmed it (409 until then).
    */
   async submit(input: NewJob): Promise<{ job: JobRecord; created: boolean }> {
     if (input.callbackUrl !== undefined && !this.config.jobs.callbackSecret) {
@@ -54,6 +59,7 @@ export class JobsService {
           param: 'idempotency-key',
         });
       }
+      if (job.enqueuedAt === null) await this.takeOverUnconfirmed(job);
       return { job, created };
     }
     try {
@@ -62,7 +68,29 @@ export class JobsService {
       await this.repo.remove(job.id).catch(() => undefined);
       throw error;
     }
+    // Queued whatever this write does: if it fails, the job's first try records it, and a repeat
+    // finding it unconfirmed takes it over after SUBMIT_CONFIRM_MS.
+    await this.repo.markEnqueued(job.id, this.clock.now()).catch(() => undefined);
     return { job, created };
+  }
+
+  /**
+   * A repeat found the job not yet confirmed by the queue. Its submitter may still be waiting for
+   * the queue, which may refuse it and remove the record: 409, ask again shortly. Unconfirmed for
+   * longer than any submit takes, its submitter is gone (it died between insert and enqueue, or
+   * could not record the enqueue), and this repeat queues it instead of leaving it to the sweep.
+   */
+  private async takeOverUnconfirmed(job: JobRecord): Promise<void> {
+    if (this.clock.nowMs() - job.createdAt.getTime() < SUBMIT_CONFIRM_MS) {
+      throw new GatewayError('request_in_progress', 'A request with this idempotency-key is still being queued; retry shortly to get its job.', {
+        param: 'idempotency-key',
+        headers: { 'retry-after': '1' },
+      });
+    }
+    // A no-op for a queue that holds the job already; refused like any submit when full or away.
+    await this.queue.submit(job.id);
+    // Gone meanwhile: its submitter was alive after all, and the queue refused it.
+    if (!(await this.repo.markEnqueued(job.id, this.clock.now()))) throw queueUnavailable();
   }
 
   /** SSRF guard at the door: the host only (the path may carry the receiver's token). Where it resolves is checked at delivery. */

@@ -1,0 +1,131 @@
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { AuditEventDto, AuditListDto } from '../../src/audit/admin/audit-admin.dto.js';
+import { pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+
+interface JobBody {
+  id: string;
+  status: 'queued' | 'running' | 'completed' | 'failed';
+  result: { choices: Array<{ message: { content: string } }> } | null;
+  error: { code: string } | null;
+  attempts: number;
+}
+
+const ASYNC = { prefer: 'respond-async', 'cache-control': 'no-store' };
+const NO_RATE_LIMITS = { RATE_LIMIT_KEY_RPM: '1000000', RATE_LIMIT_USER_RPM: '1000000', RATE_LIMIT_DEPARTMENT_RPM: '1000000', RATE_LIMIT_ADMIN_RPM: '1000000' };
+
+async function finished(tenant: Tenant, id: string): Promise<JobBody> {
+  return pollUntil(
+    async () => {
+      const res = await tenant.api.get<JobBody>(`/v1/jobs/${id}`);
+      expect(['completed', 'failed']).toContain(res.body.status);
+      return res.body;
+    },
+    20_000,
+    50,
+  );
+}
+
+/** An upstream whose every answer carries U+0000 in its content, counting its calls (each one charged). */
+async function startNulUpstream(): Promise<{ url: string; hits: () => number; close(): Promise<void> }> {
+  let hits = 0;
+  const server: Server = createServer((req, res) => {
+    let body = '';
+    req.on('data', (chunk: Buffer) => (body += chunk.toString()));
+    req.on('end', () => {
+      if (!req.url?.endsWith('/chat/completions')) {
+        res.writeHead(404, { 'content-type': 'application/json' }).end('{}');
+        return;
+      }
+      hits += 1;
+      const { model } = JSON.parse(body) as { model: string };
+      res.writeHead(200, { 'content-type': 'application/json' }).end(
+        JSON.stringify({
+          id: `c${hits}`,
+          object: 'chat.completion',
+          created: 1,
+          model,
+          choices: [{ index: 0, message: { role: 'assistant', content: 'before\u0000after' }, finish_reason: 'stop' }],
+          usage: { prompt_tokens: 10, completion_tokens: 10, total_tokens: 20 },
+        }),
+      );
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as AddressInfo;
+  return { url: `http://127.0.0.1:${port}/v1`, hits: () => hits, close: () => new Promise((resolve) => server.close(() => resolve())) };
+}
+
+describe('a job whose completion PostgreSQL jsonb cannot hold as sent (U+0000)', () => {
+  let upstream: Awaited<ReturnType<typeof startNulUpstream>>;
+  let gw: TestGateway;
+
+  beforeAll(async () => {
+    upstream = await startNulUpstream();
+    gw = await startTestGateway({
+      db: 'postgres',
+      env: { ...NO_RATE_LIMITS, OPENROUTER_BASE_URL: upstream.url, UPSTREAM_RETRY_ATTEMPTS: '1', JOBS_BACKOFF_MS: '20', JOBS_BACKOFF_MAX_MS: '50' },
+    });
+  });
+  afterAll(async () => {
+    await gw?.close();
+    await upstream?.close();
+  });
+
+  it('completes with U+FFFD in place of U+0000, after one upstream call (charged once)', async () => {
+    const alice = await gw.tenants.create();
+    const submit = await alice.api.post<JobBody>('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: 'x' }] }, ASYNC);
+    expect(submit.status).toBe(202);
+    const job = await finished(alice, submit.body.id);
+    expect(job).toMatchObject({ status: 'completed', attempts: 1, error: null });
+    expect(job.result?.choices[0]?.message.content).toBe('before\uFFFDafter');
+    expect(upstream.hits()).toBe(1);
+  });
+});
+
+describe('the audit row of a job refused before the pipeline', () => {
+  let gw: TestGateway;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ db: 'postgres', env: { ...NO_RATE_LIMITS, AUDIT_FLUSH_MS: '20' } });
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+
+  it('is written when routing refuses the model at run time (a submit does not route)', async () => {
+    const alice = await gw.tenants.create();
+    const table = (await gw.admin.get<{ version: number; default_task_type: string; rules: Array<{ model: string; fallbacks: string[] }> }>('/admin/routing'))
+      .body;
+    const allowed = [...new Set(table.rules.flatMap((r) => [r.model, ...r.fallbacks]))];
+    const put = await gw.admin.put('/admin/routing', {
+      version: table.version,
+      default_task_type: table.default_task_type,
+      rules: table.rules,
+      allowed_models: allowed,
+    });
+    expect(put.status).toBe(200);
+    const body = { model: 'not/allowed', messages: [{ role: 'user', content: 'x' }] };
+    // The table is in effect once a sync call is refused with it.
+    await pollUntil(async () => expect((await alice.api.post('/v1/chat/completions', body)).status).toBe(400));
+
+    const submit = await alice.api.post<JobBody>('/v1/chat/completions', body, ASYNC);
+    expect(submit.status).toBe(202);
+    expect(await finished(alice, submit.body.id)).toMatchObject({ status: 'failed', error: { code: 'model_not_allowed' } });
+    const requestId = `job-${submit.body.id}-1`;
+    const row = await pollUntil(async () => {
+      const rows = (await gw.admin.get<AuditListDto>(`/admin/audit?action=completion&limit=500`)).body.data.filter(
+        (e: AuditEventDto) => e.request_id === requestId,
+      );
+      expect(rows).toHaveLength(1);
+      return rows[0];
+    });
+    expect(row).toMatchObject({
+      status: 400,
+      actor_user_id: alice.userId,
+      actor_key_id: alice.keyId,
+      details: { door: 'job', outcome: 'model_not_allowed', attempts: [] },
+    });
+  });
+});

@@ -1,0 +1,212 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { ChatCompletion } from '../../libs/openai-contract/src/index.js';
+import { DATABASE_CONTENT } from '../../src/app.module.js';
+import { AuditRepository } from '../../src/audit/audit.repository.js';
+import { AuditService } from '../../src/audit/audit.service.js';
+import type { CompletionService } from '../../src/completion/completion.service.js';
+import type { CompletionCall, JsonOutcome } from '../../src/completion/completion.types.js';
+import type { AppConfig } from '../../src/config/config.js';
+import { SystemClock } from '../../src/core/clock.js';
+import { GatewayError } from '../../src/core/errors.js';
+import { createLogger } from '../../src/core/logger.js';
+import { type OpenedDatabase, openDatabase } from '../../src/database/data-source.js';
+import type { Principal } from '../../src/identity/principal.js';
+import type { JobCallbacks } from '../../src/jobs/job-callbacks.js';
+import { JobProcessor } from '../../src/jobs/job.processor.js';
+import type { JobRecord, NewJob } from '../../src/jobs/job.types.js';
+import { JobsRepository } from '../../src/jobs/jobs.repository.js';
+import { createPostgresDatabase, DB_KINDS, pgliteTarget } from '../support/databases.js';
+
+const clock = new SystemClock();
+const logger = { logger: createLogger('silent') };
+const config = { jobs: { maxAttempts: 3, backoffMs: 10, backoffMaxMs: 10 } } as unknown as AppConfig;
+
+function outcomeWith(content: string): JsonOutcome {
+  const completion = {
+    id: 'c1',
+    object: 'chat.completion',
+    created: 1,
+    model: 'openai/gpt-4o-mini',
+    choices: [{ index: 0, message: { role: 'assistant', content }, finish_reason: 'stop' }],
+  } as unknown as ChatCompletion;
+  return { completion, raw: JSON.stringify(completion), costNanos: 1234n, meta: { model: 'openai/gpt-4o-mini' } } as unknown as JsonOutcome;
+}
+
+/** The pipeline, reduced to what a try sees of it: each call counted (each one would be an upstream call and a charge). */
+class FakeCompletions {
+  calls: CompletionCall[] = [];
+  constructor(private readonly answer: (call: CompletionCall) => JsonOutcome) {}
+  complete(call: CompletionCall): Promise<JsonOutcome> {
+    this.calls.push(call);
+    return Promise.resolve().then(() => this.answer(call));
+  }
+}
+
+/** The result write fails `failures` times (the database away for a moment), then works. */
+class FlakyResultWrites extends JobsRepository {
+  writes = 0;
+  failures = 0;
+  override async complete(...args: Parameters<JobsRepository['complete']>): Promise<JobRecord | undefined> {
+    this.writes += 1;
+    if (this.writes <= this.failures) throw new Error('connection terminated');
+    return super.complete(...args);
+  }
+}
+
+describe.each(DB_KINDS)('job tries on %s', (kind) => {
+  let db: OpenedDatabase;
+  let drop: (() => Promise<void>) | undefined;
+  let repo: FlakyResultWrites;
+  let audit: AuditService;
+  let principal: Principal;
+
+  beforeAll(async () => {
+    if (kind === 'postgres') {
+      const pg = await createPostgresDatabase();
+      drop = () => pg.drop();
+      db = await openDatabase({ driver: 'postgres', url: pg.url }, DATABASE_CONTENT);
+    } else {
+      db = await openDatabase(await pgliteTarget(), DATABASE_CONTENT);
+    }
+    repo = new FlakyResultWrites(db.dataSource);
+    audit = new AuditService(new AuditRepository(db.dataSource), clock, logger, { flushMs: 60_000, batchSize: 100, maxBuffered: 1000, maxBackoffMs: 50 });
+    const [dept] = await db.dataSource.query<Array<{ id: string }>>(`INSERT INTO departments (name) VALUES ('tries-dept') RETURNING id`);
+    const [user] = await db.dataSource.query<Array<{ id: string }>>(
+      `INSERT INTO users (name, department_id, role) VALUES ('tries-user', $1, 'user') RETURNING id`,
+      [dept?.id],
+    );
+    const [key] = await db.dataSource.query<Array<{ id: string }>>(
+      `INSERT INTO api_keys (user_id, prefix, key_hash) VALUES ($1, 'gh-tries', 'hash-tries') RETURNING id`,
+      [user?.id],
+    );
+    principal = { keyId: key.id, keyPrefix: 'gh-tries', userId: user.id, departmentId: dept.id, role: 'user', cacheScope: 'user', expiresAt: undefined };
+  });
+  afterAll(async () => {
+    await db?.close();
+    await drop?.();
+  });
+
+  const newJob = (): NewJob => ({
+    principal,
+    door: 'chat',
+    body: { messages: [{ role: 'user', content: 'hi' }] },
+    taskType: undefined,
+    cacheControl: { read: true, write: true, ttlSeconds: undefined },
+    requestId: 'req-tries',
+    idempotencyKey: undefined,
+    bodyHash: 'hash-a',
+    callbackUrl: undefined,
+  });
+
+  function processor(completions: FakeCompletions): JobProcessor {
+    const callbacks = { notify: () => undefined } as unknown as JobCallbacks;
+    return new JobProcessor(repo, completions as unknown as CompletionService, callbacks, audit, config, clock, logger);
+  }
+
+  async function auditRows(requestId: string) {
+    await audit.flush();
+    return db.dataSource.query<Array<{ action: string; status: number | null; actor_key_id: string; details: Record<string, unknown> }>>(
+      `SELECT action, status, actor_key_id, details FROM audit_events WHERE request_id = $1 ORDER BY seq`,
+      [requestId],
+    );
+  }
+
+  it('stores a completion holding U+0000 (which jsonb cannot) with U+FFFD in its place, and runs it once', async () => {
+    const completions = new FakeCompletions(() => outcomeWith('a\u0000b'));
+    const { job } = await repo.insert(newJob(), clock.now());
+    await processor(completions).run(job.id, new AbortController().signal);
+    expect(completions.calls).toHaveLength(1);
+    const stored = await repo.find(job.id);
+    expect(stored).toMatchObject({ status: 'completed', costNanos: 1234n, model: 'openai/gpt-4o-mini' });
+    expect((stored?.result as ChatCompletion).choices[0]?.message.content).toBe('a\uFFFDb');
+  });
+
+  it('retries a failed result write in the same try, never the completion', async () => {
+    const completions = new FakeCompletions(() => outcomeWith('fine'));
+    const { job } = await repo.insert(newJob(), clock.now());
+    repo.writes = 0;
+    repo.failures = 2;
+    try {
+      await processor(completions).run(job.id, new AbortController().signal);
+    } finally {
+      repo.failures = 0;
+    }
+    expect(completions.calls).toHaveLength(1);
+    expect(repo.writes).toBe(3);
+    expect(await repo.find(job.id)).toMatchObject({ status: 'completed', attempts: 1 });
+  });
+
+  it('fails the job, dead-lettered with a clear error, when its result cannot be stored, instead of running it again', async () => {
+    const completions = new FakeCompletions(() => outcomeWith('lost'));
+    const { job } = await repo.insert(newJob(), clock.now());
+    repo.writes = 0;
+    repo.failures = Number.POSITIVE_INFINITY;
+    try {
+      await processor(completions).run(job.id, new AbortController().signal);
+    } finally {
+      repo.failures = 0;
+    }
+    expect(completions.calls).toHaveLength(1);
+    const stored = await repo.find(job.id);
+    expect(stored).toMatchObject({ status: 'failed', deadLettered: true, attempts: 1, result: null, error: { code: 'internal_error', type: 'api_error' } });
+    expect(stored?.error?.message).toContain('could not be stored');
+  });
+
+  it('audits a job whose key was revoked while it waited, as the pipeline audits a refusal', async () => {
+    const completions = new FakeCompletions(() => outcomeWith('never'));
+    const { job } = await repo.insert(newJob(), clock.now());
+    await db.dataSource.query(`UPDATE api_keys SET revoked_at = now() WHERE id = $1`, [principal.keyId]);
+    try {
+      await processor(completions).run(job.id, new AbortController().signal);
+    } finally {
+      await db.dataSource.query(`UPDATE api_keys SET revoked_at = NULL WHERE id = $1`, [principal.keyId]);
+    }
+    expect(completions.calls).toHaveLength(0);
+    expect(await repo.find(job.id)).toMatchObject({ status: 'failed', error: { code: 'invalid_api_key' } });
+    const rows = await auditRows(`job-${job.id}-1`);
+    expect(rows).toEqual([
+      expect.objectContaining({
+        action: 'completion',
+        status: 401,
+        actor_key_id: principal.keyId,
+        details: expect.objectContaining({ door: 'job', outcome: 'invalid_api_key', key_prefix: 'gh-tries', attempts: [], model: null, rule: null }),
+      }),
+    ]);
+  });
+
+  it('audits a try the pipeline refused before auditing it (routing refused the model), and only once when the pipeline audited it', async () => {
+    const refused = new FakeCompletions(() => {
+      throw new GatewayError('model_not_allowed', "Model 'x/y' is not allowed here.", { param: 'model' });
+    });
+    const { job } = await repo.insert(newJob(), clock.now());
+    await processor(refused).run(job.id, new AbortController().signal);
+    expect(await repo.find(job.id)).toMatchObject({ status: 'failed', error: { code: 'model_not_allowed' } });
+    expect(await auditRows(`job-${job.id}-1`)).toEqual([
+      expect.objectContaining({ action: 'completion', status: 400, details: expect.objectContaining({ door: 'job', outcome: 'model_not_allowed' }) }),
+    ]);
+
+    // Over budget: the pipeline writes that row itself (here: says it did), so the job adds none.
+    const overBudget = new FakeCompletions((call) => {
+      call.audited = true;
+      throw new GatewayError('budget_exceeded', 'No budget left.');
+    });
+    const { job: broke } = await repo.insert(newJob(), clock.now());
+    await processor(overBudget).run(broke.id, new AbortController().signal);
+    expect(await repo.find(broke.id)).toMatchObject({ status: 'failed', error: { code: 'budget_exceeded' } });
+    expect(await auditRows(`job-${broke.id}-1`)).toEqual([]);
+  });
+
+  it('audits a job the queue gave up on', async () => {
+    const { job } = await repo.insert(newJob(), clock.now());
+    await processor(new FakeCompletions(() => outcomeWith('never'))).abandon(job.id, new Error('database away'));
+    expect(await repo.find(job.id)).toMatchObject({ status: 'failed', deadLettered: true, error: { code: 'internal_error' } });
+    expect(await auditRows(`job-${job.id}-0`)).toEqual([
+      expect.objectContaining({
+        action: 'completion',
+        status: 500,
+        actor_key_id: principal.keyId,
+        details: expect.objectContaining({ door: 'job', outcome: 'internal_error' }),
+      }),
+    ]);
+  });
+});
