@@ -1,6 +1,6 @@
 import type { FastifyRequest } from 'fastify';
 import { describe, expect, it } from 'vitest';
-import { parseCallbackUrl, parseIdempotencyKey, submissionHash, wantsAsync } from './async-submit.js';
+import { holdsNul, parseCallbackUrl, parseIdempotencyKey, submissionHash, wantsAsync } from './async-submit.js';
 
 const withPrefer = (prefer: string | string[] | undefined) => ({ headers: { prefer } }) as unknown as FastifyRequest;
 
@@ -28,6 +28,13 @@ describe('async submit parsing', () => {
     for (const bad of ['ftp://x.test/', '/relative', 'https://user:pw@x.test/', 42, 'https://x.test/' + 'a'.repeat(2100)]) {
       expect(() => parseCallbackUrl(bad)).toThrow(expect.objectContaining({ code: 'invalid_value', param: 'callback_url' }));
     }
+  });
+
+  it('finds a U+0000 in any string or key of a body, and not the six characters \\u0000 written as text', () => {
+    expect(holdsNul({ messages: [{ role: 'user', content: 'a\u0000b' }] })).toBe(true);
+    expect(holdsNul({ metadata: { 'k\u0000': 'v' } })).toBe(true);
+    expect(holdsNul({ messages: [{ role: 'user', content: 'escape it as \\u0000 in JSON' }] })).toBe(false);
+    expect(holdsNul({ messages: [{ role: 'user', content: 'plain' }], temperature: 0 })).toBe(false);
   });
 
   it('hashes door, task type and body, so the same key with another request is told apart', () => {

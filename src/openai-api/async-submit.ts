@@ -42,6 +42,16 @@ export function parseCallbackUrl(value: unknown): string | undefined {
   return url.toString();
 }
 
+/** Whether a U+0000 sits in any string or key of a JSON value. */
+export function holdsNul(value: unknown): boolean {
+  let found = false;
+  JSON.stringify(value, (key: string, item: unknown) => {
+    if (key.includes('\0') || (typeof item === 'string' && item.includes('\0'))) found = true;
+    return item;
+  });
+  return found;
+}
+
 /** What makes two submits "the same request" for an idempotency key: door, task type and the body as sent. */
 export function submissionHash(door: JobDoor, taskType: string | undefined, raw: unknown): string {
   return hash('sha256', JSON.stringify([door, taskType ?? null, raw]), 'hex');
@@ -63,6 +73,13 @@ export async function submitAsync(
   if (call.body.stream === true) {
     throw new GatewayError('invalid_value', "'stream: true' cannot be combined with 'prefer: respond-async': a job's result is one JSON completion.", {
       param: 'stream',
+    });
+  }
+  // A job's body is stored as jsonb, which cannot hold U+0000 anywhere: said as a 400 here, not
+  // a 500 from the insert.
+  if (holdsNul(call.body)) {
+    throw new GatewayError('invalid_value', 'A request with a U+0000 (NUL) character cannot be queued; send it without prefer: respond-async, or without the character.', {
+      param: 'messages',
     });
   }
   // A deferred rate-limit verdict must be in before the job exists.

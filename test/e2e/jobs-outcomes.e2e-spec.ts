@@ -82,6 +82,19 @@ describe('a job whose completion PostgreSQL jsonb cannot hold as sent (U+0000)',
     expect(job.result?.choices[0]?.message.content).toBe('before\uFFFDafter');
     expect(upstream.hits()).toBe(1);
   });
+
+  it('refuses to queue a request whose body holds U+0000 with a 400 naming it, not a 500 from the insert', async () => {
+    const alice = await gw.tenants.create();
+    const submit = await alice.api.post<{ error: { code: string; param: string; message: string } }>(
+      '/v1/chat/completions',
+      { model: 'auto', messages: [{ role: 'user', content: 'a\u0000b' }] },
+      ASYNC,
+    );
+    expect(submit.status).toBe(400);
+    expect(submit.body.error).toMatchObject({ code: 'invalid_value', param: 'messages' });
+    expect(submit.body.error.message).toContain('U+0000');
+    expect(upstream.hits()).toBe(1);
+  });
 });
 
 describe('the audit row of a job refused before the pipeline', () => {
