@@ -31,6 +31,14 @@ export class BudgetDatabase {
   private readonly holds: pg.Pool | undefined;
   private readonly writes: pg.Pool | undefined;
   private closed: Promise<void> | undefined;
+  /**
+   * How long after a reservation failed on our side its statement may still commit on the
+   * server's (BudgetService releases what it may have held once this has passed): the hold
+   * pool's statement_timeout, counted from when the server got the statement, so by then it has
+   * committed or been cancelled unless the network held it back that long. 0 on PGlite, where a
+   * statement that failed was rolled back.
+   */
+  readonly holdSettleMs: number = 0;
 
   constructor(
     private readonly dataSource: DataSource,
@@ -45,14 +53,18 @@ export class BudgetDatabase {
       // dropped) cannot enforce statement_timeout. A reservation is on a request's path: it gives
       // up after DATABASE_REQUEST_TIMEOUT_MS (503, the connection is discarded); the writer, off
       // the path, a little after the server's own limit, then retries.
+      // The server stops a reservation at the same limit: one the client gave up on while it
+      // waited on a row lock would otherwise run on and commit a hold nobody settles.
       this.holds = this.pool({
         ...common,
         max: config.budget.poolSize,
         options: '-c synchronous_commit=off',
         application_name: 'gatehouse-budget-hold',
         connectionTimeoutMillis: Math.min(common.connectionTimeoutMillis, config.databaseRequestTimeoutMs),
+        statement_timeout: config.databaseRequestTimeoutMs,
         query_timeout: config.databaseRequestTimeoutMs,
       });
+      this.holdSettleMs = config.databaseRequestTimeoutMs;
       this.writes = this.pool({ ...common, max: 1, application_name: 'gatehouse-budget-write', query_timeout: 35_000 });
     }
   }

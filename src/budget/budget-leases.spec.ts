@@ -4,10 +4,18 @@ import { BudgetLeases, type Lease } from './budget-leases.js';
 function leases(leaseMs = 1000) {
   let now = 0;
   const released: Lease[] = [];
-  const books = new BudgetLeases(leaseMs, 4, (lease) => released.push(lease), () => now);
+  /** What retired leases still drawn on gave back of their rows: [lease id, nanos]. */
+  const shrunk: Array<[string | undefined, bigint]> = [];
+  const books = new BudgetLeases(
+    leaseMs,
+    4,
+    (lease, nanos) => (nanos === undefined ? released.push(lease) : shrunk.push([lease.id, nanos])),
+    () => now,
+  );
   return {
     books,
     released,
+    shrunk,
     advance: (ms: number) => {
       now += ms;
     },
@@ -89,8 +97,36 @@ describe('BudgetLeases', () => {
     expect(released).toEqual([lease]);
   });
 
+  it('gives back at once what a lease retired while drawn on does not need for its draws in flight', async () => {
+    const { books, released, shrunk, advance } = leases(1000);
+    const lease = books.granted('l1', 'u', 'd', 100n, 10n);
+    expect(await books.drawOrAsk('u', 'd', 20n, noLease)).toBe(lease);
+    books.settle(lease, 10n, 4n);
+    // Expired with one draw of 20 in flight, 4 charged: 76 of the 100 are needed by nobody.
+    advance(1000);
+    expect(await books.drawOrAsk('u', 'd', 1n, noLease)).toBeUndefined();
+    expect(shrunk).toEqual([['l1', 76n]]);
+    expect(released).toEqual([]);
+    // Once only: the views retiring everything again give nothing more back.
+    books.retireAll();
+    expect(shrunk).toEqual([['l1', 76n]]);
+    books.settle(lease, 20n, 15n);
+    expect(released).toEqual([lease]);
+  });
+
+  it('gives back what an expired lease still drawn on does not need when a reservation of its user or department is refused', () => {
+    const { books, shrunk, advance } = leases(1000);
+    books.granted('busy', 'u1', 'd', 100n, 10n);
+    // Not expired: it keeps serving its pair.
+    expect(books.releaseIdleFor('u2', 'd')).toBe(false);
+    advance(1000);
+    expect(books.releaseIdleFor('u2', 'd')).toBe(true);
+    expect(shrunk).toEqual([['busy', 90n]]);
+    expect(books.releaseIdleFor('u2', 'd')).toBe(false);
+  });
+
   it('gives back only idle leases of the refused user or department, and everything at shutdown', () => {
-    const { books, released } = leases();
+    const { books, released, shrunk } = leases();
     const busy = books.granted('busy', 'u1', 'd', 100n, 10n);
     const idle = books.granted('idle', 'u2', 'd', 100n, 10n);
     books.settle(idle, 10n, 1n);
@@ -101,15 +137,17 @@ describe('BudgetLeases', () => {
     expect(books.releaseIdleFor('u9', 'd')).toBe(false);
     books.close();
     expect(released).toEqual([idle, elsewhere]);
+    expect(shrunk).toEqual([['busy', 90n]]);
     books.settle(busy, 10n, 2n);
     expect(released).toEqual([idle, elsewhere, busy]);
     expect(books.enabled).toBe(false);
   });
 
   it('keeps no lease granted after shutdown began: it serves the request that asked, then goes back', () => {
-    const { books, released } = leases();
+    const { books, released, shrunk } = leases();
     books.close();
     const late = books.granted('late', 'u', 'd', 100n, 10n);
+    expect(shrunk).toEqual([['late', 90n]]);
     books.settle(late, 10n, 3n);
     expect(released).toEqual([late]);
   });

@@ -14,9 +14,11 @@ import type { Nanos } from '../../libs/money/src/index.js';
  * flight plus what finished draws were charged. A finished draw's ledger rows go through the
  * writer like any settle and name the lease: the flush adds their cost to `spent` and takes the
  * same amount off what the lease row (and `reserved`) holds, so the database never counts it
- * twice and other instances see exactly what is left. The lease row is released (the writer
- * deletes it, with what it still holds) once the lease is retired and its last draw has settled;
- * a crashed instance's lease is released by the sweeper, as any reservation.
+ * twice and other instances see exactly what is left. A lease retired (used up, expired, or
+ * given back) gives back at once what its draws in flight cannot need: the writer shrinks its
+ * row to their worst cases, so one long stream does not keep 32 of them held for its whole
+ * length. The row is released (the writer deletes it, with what it still holds) once its last
+ * draw has settled; a crashed instance's lease is released by the sweeper, as any reservation.
  *
  * Near the limit there are no leases: a lease of many worst cases does not fit, and that pair
  * reserves exactly, one statement per request, for the rest of the lease period. A pair with no
@@ -74,8 +76,11 @@ export class BudgetLeases {
     readonly leaseMs: number,
     /** Worst cases of the asking request a lease holds. */
     readonly requests: number,
-    /** Gives a retired lease's row back (queued for the budget writer). */
-    private readonly release: (lease: Lease) => void,
+    /**
+     * Gives a retired lease's row back (queued for the budget writer): all of it, or, with
+     * `nanos`, only that much of what it holds (the row stays, for the draws still in flight).
+     */
+    private readonly release: (lease: Lease, nanos?: Nanos) => void,
     private readonly now: () => number,
   ) {}
 
@@ -136,7 +141,7 @@ export class BudgetLeases {
     lease.outstanding = amount;
     if (this.closed) {
       // Asked for before shutdown began: it serves its asking request, and goes back with its settle.
-      lease.retired = true;
+      this.retire(lease);
       return lease;
     }
     const previous = this.current.get(key);
@@ -167,13 +172,16 @@ export class BudgetLeases {
 
   /**
    * A reservation on this user or department was refused: gives back the leases on them with
-   * nothing in flight (a lease still drawn on cannot be released, and keeps serving its pair).
-   * True when one was, i.e. storing the writer's queue and asking again can succeed.
+   * nothing in flight, and what expired ones do not need for their draws in flight (a lease
+   * still drawn on and not expired keeps serving its pair). True when something was given back,
+   * i.e. storing the writer's queue and asking again can succeed.
    */
   releaseIdleFor(userId: string, departmentId: string): boolean {
+    const now = this.now();
     let released = false;
     for (const lease of [...this.current.values()]) {
-      if (lease.draws > 0 || lease.id === undefined || (lease.userId !== userId && lease.departmentId !== departmentId)) continue;
+      if (lease.id === undefined || (lease.userId !== userId && lease.departmentId !== departmentId)) continue;
+      if (lease.draws > 0 && now < lease.expiresAt) continue;
       if (this.retire(lease)) released = true;
     }
     return released;
@@ -184,11 +192,19 @@ export class BudgetLeases {
     this.timer = undefined;
   }
 
+  /** True when the retired lease gave something back: its row, or what its draws in flight do not need. */
   private retire(lease: Lease): boolean {
+    const first = !lease.retired;
     lease.retired = true;
     const key = pairKey(lease.userId, lease.departmentId);
     if (this.current.get(key) === lease) this.current.delete(key);
-    return this.releaseIfIdle(lease);
+    if (this.releaseIfIdle(lease)) return true;
+    // No draw can be added to a retired lease: beyond what its draws in flight hold and what
+    // finished ones were charged (shrunk off the row by their own flush), nothing is needed.
+    const unused = first && lease.id !== undefined && lease.size !== undefined ? lease.size - lease.charged - lease.outstanding : 0n;
+    if (unused <= 0n) return false;
+    this.release(lease, unused);
+    return true;
   }
 
   private releaseIfIdle(lease: Lease): boolean {

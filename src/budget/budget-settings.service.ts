@@ -44,12 +44,7 @@ export class BudgetSettingsService {
                (SELECT COALESCE(sum(cost_nanos), 0)::bigint FROM usage_ledger WHERE ${ledgerColumn} = $2::uuid AND created_at >= $5::timestamptz),
                (SELECT COALESCE(sum(${heldColumn}), 0)::bigint FROM budget_reservations WHERE ${ledgerColumn} = $2::uuid),
                $6::timestamptz, $6::timestamptz)
-       ON CONFLICT (scope, scope_id) DO UPDATE SET
-         limit_nanos = EXCLUDED.limit_nanos,
-         period = EXCLUDED.period,
-         period_start = CASE WHEN b.period = EXCLUDED.period THEN b.period_start ELSE EXCLUDED.period_start END,
-         spent_nanos = CASE WHEN b.period = EXCLUDED.period THEN b.spent_nanos ELSE EXCLUDED.spent_nanos END,
-         updated_at = EXCLUDED.updated_at
+       ON CONFLICT (scope, scope_id) DO UPDATE SET limit_nanos = EXCLUDED.limit_nanos, updated_at = EXCLUDED.updated_at
        RETURNING ${BUDGET_COLUMNS}`;
     const params = [scope, id, limitNanos.toString(), period, start.toISOString(), now.toISOString()];
     const exists = (await this.dataSource.query<unknown[]>('SELECT 1 FROM budgets WHERE scope = $1 AND scope_id = $2::uuid', [scope, id])).length > 0;
@@ -66,12 +61,42 @@ export class BudgetSettingsService {
           await manager.query('LOCK TABLE budget_reservations IN SHARE ROW EXCLUSIVE MODE');
           return manager.query<BudgetRow[]>(upsert, params);
         });
-    const row = rows[0];
+    let row: BudgetRow | undefined = rows[0];
+    // The upsert changes only the limit of an existing budget; a new period is set apart.
+    if (row && row.period !== period) row = await this.changePeriod(scope, id, period, start, now);
     if (!row) throw new Error('budget upsert returned no row');
     // A request of this scope may have taken a lease under the old limit while the flush above
     // ran: this instance applies the new budget from now on.
     this.budget.retireLeases();
     return this.view(row);
+  }
+
+  /**
+   * Moves an existing budget to a new period, whose `spent` is the ledger's sum since its start.
+   * The row is locked first, by a statement of its own: a flush charging it (another instance's,
+   * or this one's timer) has committed by the time the sum is read, and the sum's statement, with
+   * a fresh snapshot (READ COMMITTED), counts that flush's ledger rows. Summed by the statement
+   * that waited for the lock, it would read the ledger as it was before the wait and lose that
+   * flush's cost from `spent` for good. A flush that comes later waits and adds its cost on top.
+   */
+  private async changePeriod(scope: BudgetScope, id: string, period: BudgetPeriod, start: Date, now: Date): Promise<BudgetRow | undefined> {
+    const { ledgerColumn } = SCOPE_TABLE[scope];
+    const rows = await this.dataSource.transaction(async (manager) => {
+      await manager.query('SELECT 1 FROM budgets WHERE scope = $1 AND scope_id = $2::uuid FOR UPDATE', [scope, id]);
+      return manager.query<BudgetRow[]>(
+        // In a WITH: TypeORM answers a bare UPDATE with [rows, count].
+        `WITH changed AS (
+           UPDATE budgets
+              SET period = $3, period_start = $4::timestamptz, updated_at = $5::timestamptz,
+                  spent_nanos = (SELECT COALESCE(sum(cost_nanos), 0)::bigint FROM usage_ledger WHERE ${ledgerColumn} = $2::uuid AND created_at >= $4::timestamptz)
+            WHERE scope = $1 AND scope_id = $2::uuid
+          RETURNING ${BUDGET_COLUMNS}
+         )
+         SELECT * FROM changed`,
+        [scope, id, period, start.toISOString(), now.toISOString()],
+      );
+    });
+    return rows[0];
   }
 
   /** The budget of a user or department, or null when it has none (unlimited). 404 if unknown. */

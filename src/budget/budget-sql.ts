@@ -108,15 +108,17 @@ SELECT r_idx AS idx, r_ok AS ok, CASE WHEN r_recorded THEN 1 ELSE 0 END AS recor
  *   only the cost is added.
  * - A draw on a lease (budget-leases.ts) names its lease (`lease_id`): the cost it adds to
  *   `spent` is taken off what the lease row holds (and off `reserved`), so the database never
- *   counts a finished draw twice, as spent and as held. A lease released in the same batch is
- *   not shrunk: its DELETE frees what it still holds.
+ *   counts a finished draw twice, as spent and as held. A lease retired while draws are still
+ *   in flight gives back what they cannot need the same way ($7), without charging it. A lease
+ *   released in the same batch is not shrunk: its DELETE frees what it still holds.
  * - Only budgets with something to change are locked, in the one global order
  *   (`ORDER BY scope, scope_id FOR UPDATE`); the sort consumes the DELETE and INSERT first, so
  *   no budget lock is held while waiting on anything else. Cache hits (cost 0, no reservation)
  *   lock nothing.
  *
  * $1 now, $2 day start, $3 week start, $4 month start, $5 reservation ids (jsonb array),
- * $6 ledger rows (jsonb array of objects with the columns below; bigints as strings).
+ * $6 ledger rows (jsonb array of objects with the columns below; bigints as strings),
+ * $7 amounts to take off lease rows (jsonb array of {id, nanos}).
  */
 export const FLUSH_SQL = `
 WITH entries AS MATERIALIZED (
@@ -137,11 +139,14 @@ WITH entries AS MATERIALIZED (
    WHERE id IN (SELECT value::uuid FROM jsonb_array_elements_text($5::jsonb))
   RETURNING user_id, department_id, user_nanos, department_nanos
 ), draws AS MATERIALIZED (
-  SELECT e.lease_id, sum(l.cost_nanos)::bigint AS cost
-    FROM ledger l JOIN entries e ON e.charge_id = l.charge_id AND e.attempt = l.attempt
-   WHERE e.lease_id IS NOT NULL AND l.cost_nanos > 0
-     AND e.lease_id NOT IN (SELECT value::uuid FROM jsonb_array_elements_text($5::jsonb))
-   GROUP BY e.lease_id
+  SELECT d.lease_id, sum(d.cost)::bigint AS cost
+    FROM (SELECT e.lease_id, l.cost_nanos AS cost
+            FROM ledger l JOIN entries e ON e.charge_id = l.charge_id AND e.attempt = l.attempt
+           WHERE e.lease_id IS NOT NULL AND l.cost_nanos > 0
+          UNION ALL
+          SELECT (t->>'id')::uuid, (t->>'nanos')::bigint FROM jsonb_array_elements($7::jsonb) t) d
+   WHERE d.lease_id NOT IN (SELECT value::uuid FROM jsonb_array_elements_text($5::jsonb))
+   GROUP BY d.lease_id
 ), shrink AS MATERIALIZED (
   SELECT r.id, r.user_id, r.department_id, LEAST(r.user_nanos, d.cost) AS user_nanos, LEAST(r.department_nanos, d.cost) AS department_nanos
     FROM budget_reservations r JOIN draws d ON r.id = d.lease_id

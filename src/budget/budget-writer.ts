@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { Injectable, type OnApplicationShutdown, type OnModuleInit, Optional } from '@nestjs/common';
 import type { Logger } from 'pino';
-import { formatUsd } from '../../libs/money/src/index.js';
+import { formatUsd, type Nanos } from '../../libs/money/src/index.js';
 import { AppConfig } from '../config/config.js';
 import { BatchWriter } from '../core/batch-writer.js';
 import { Clock } from '../core/clock.js';
@@ -60,6 +60,11 @@ export interface PendingRelease {
   id: string;
   userId: string;
   departmentId: string;
+  /**
+   * Set to give back only this much of what a lease row holds, keeping the row: a lease retired
+   * while draws are still in flight keeps what they may cost until the last one settles.
+   */
+  nanos?: Nanos;
 }
 
 /** A settle (its reservation, if it holds one, and one row per attempt) or a count of cache hits (one row). */
@@ -278,9 +283,12 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
     const now = this.clock.now();
     const starts = periodStarts(now);
     const releases: string[] = [];
+    const shrinks: Array<{ id: string; nanos: string }> = [];
     const rows: LedgerEntry[] = [];
     for (const charge of batch) {
-      if (charge.release) releases.push(charge.release.id);
+      const release = charge.release;
+      if (release?.nanos !== undefined) shrinks.push({ id: release.id, nanos: release.nanos.toString() });
+      else if (release) releases.push(release.id);
       // Serialised below: from here on this count is what the database gets, on every retry.
       this.closeHits(charge);
       rows.push(...charge.rows);
@@ -292,6 +300,7 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
       starts.month.toISOString(),
       JSON.stringify(releases),
       JSON.stringify(rows),
+      JSON.stringify(shrinks),
     ]);
   }
 

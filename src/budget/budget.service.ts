@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { type BeforeApplicationShutdown, Injectable, Optional } from '@nestjs/common';
 import type { Logger } from 'pino';
 import { formatUsd, type Nanos, tokensCost } from '../../libs/money/src/index.js';
-import type { Usage } from '../../libs/openai-contract/src/index.js';
+import { readUsage, type Usage } from '../../libs/openai-contract/src/index.js';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
@@ -14,7 +14,7 @@ import { PricingService } from '../upstream/pricing/pricing.service.js';
 import { BudgetDatabase, type BudgetStatement } from './budget-database.js';
 import { BudgetLeases, type Lease } from './budget-leases.js';
 import { RESERVE_BATCH_SQL, RESERVE_SQL } from './budget-sql.js';
-import { BudgetWriter, type LedgerEntry } from './budget-writer.js';
+import { BudgetWriter, type LedgerEntry, type PendingRelease } from './budget-writer.js';
 import type { BudgetedCall, BudgetedRoute, BudgetScope, ChargedAttempt, Reservation, SettleOptions } from './budget.types.js';
 import { estimatePromptTokens, producedTokens, reservedCompletionTokens } from './estimate.js';
 import { type BudgetPeriod, nextReset, periodStarts } from './periods.js';
@@ -66,6 +66,9 @@ export class BudgetService implements BeforeApplicationShutdown {
   /** Reservations of the current event-loop turn; sent together at its end (setImmediate). */
   private queued: QueuedReserve[] = [];
   private readonly leases: BudgetLeases;
+  /** Reservations whose statement failed, released once it can no longer commit (releaseFailed). */
+  private readonly failedHolds = new Map<NodeJS.Timeout, PendingRelease[]>();
+  private closing = false;
 
   constructor(
     private readonly database: BudgetDatabase,
@@ -80,7 +83,7 @@ export class BudgetService implements BeforeApplicationShutdown {
     this.leases = new BudgetLeases(
       config.budget.leaseMs,
       config.budget.leaseRequests,
-      (lease) => this.writer.enqueue({ release: { id: lease.id as string, userId: lease.userId, departmentId: lease.departmentId }, rows: [] }),
+      (lease, nanos) => this.writer.enqueue({ release: { id: lease.id as string, userId: lease.userId, departmentId: lease.departmentId, nanos }, rows: [] }),
       () => this.clock.now().getTime(),
     );
   }
@@ -91,6 +94,14 @@ export class BudgetService implements BeforeApplicationShutdown {
    */
   beforeApplicationShutdown(): void {
     this.leases.close();
+    this.closing = true;
+    // Released now, with the writer's last flush: a statement still able to commit after it is
+    // left to the sweeper.
+    for (const [timer, releases] of this.failedHolds) {
+      clearTimeout(timer);
+      for (const release of releases) this.writer.enqueue({ release, rows: [] });
+    }
+    this.failedHolds.clear();
   }
 
   /**
@@ -305,19 +316,47 @@ export class BudgetService implements BeforeApplicationShutdown {
         cause,
       });
       for (const queued of batch) queued.reject(error);
+      this.releaseFailed(batch);
     }
+  }
+
+  /**
+   * A reserve statement that failed on our side may still have committed, or yet commit, on the
+   * server's: we gave up (DATABASE_REQUEST_TIMEOUT_MS) while it waited on a row lock, or the
+   * connection broke after its commit. Nothing would settle its holds, which would keep refusing
+   * requests until the sweeper (BUDGET_RESERVATION_TTL_MS, 10 min). So every reservation of the
+   * batch is released, once the statement can no longer commit (BudgetDatabase.holdSettleMs):
+   * released earlier, the flush could pass before the commit and find nothing. One that never
+   * became a row costs nothing: FLUSH_SQL's DELETE finds no row and takes nothing back.
+   */
+  private releaseFailed(batch: readonly QueuedReserve[]): void {
+    const releases = batch.map(({ id, userId, departmentId }): PendingRelease => ({ id, userId, departmentId }));
+    if (this.closing) {
+      // The writer's last flush is near: a late release would find it stopped.
+      for (const release of releases) this.writer.enqueue({ release, rows: [] });
+      return;
+    }
+    const timer = setTimeout(() => {
+      this.failedHolds.delete(timer);
+      for (const release of releases) this.writer.enqueue({ release, rows: [] });
+    }, this.database.holdSettleMs);
+    timer.unref();
+    this.failedHolds.set(timer, releases);
   }
 
   private charge(attempt: ChargedAttempt, producedChars: number | undefined, reservation: Reservation): AttemptCharge {
     const price = this.pricing.priceOf(attempt.model);
     const base = { model: attempt.model, status: attempt.status ?? null, outcome: attempt.ok ? 'ok' : (attempt.failure ?? 'failed') };
-    if (attempt.usage) {
-      const cost = costOf(attempt.usage, price);
+    // Read once more: an attempt's usage is only as sound as whoever filled it in, and a settle runs
+    // after the upstream answered, so it must not throw. Unusable usage is charged as missing usage.
+    const usage = readUsage({ usage: attempt.usage });
+    if (usage) {
+      const cost = costOf(usage, price);
       const source: CostSource = cost.source === 'pricing_table' && price.source === 'fallback' ? 'fallback_price' : cost.source;
       return {
         ...base,
-        prompt_tokens: tokenCount(attempt.usage.prompt_tokens),
-        completion_tokens: tokenCount(attempt.usage.completion_tokens),
+        prompt_tokens: tokenCount(usage.prompt_tokens),
+        completion_tokens: tokenCount(usage.completion_tokens),
         cost_nanos: cost.nanos.toString(),
         cost_source: source,
       };

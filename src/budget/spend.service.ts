@@ -92,10 +92,18 @@ export class SpendService {
     return { from, to: window.to };
   }
 
+  /**
+   * A request is one charge: the ledger rows of one settle (its attempts) share a charge id, the
+   * reservation's. Not the request id: callers choose it (`x-request-id`) and job tries repeat it,
+   * so distinct calls can share one. A row counting cache hits stands for `cache_hits` requests.
+   * Rows from before charge ids (migration LedgerChargeId1764400002100) are counted by request id.
+   */
   private async query(g: (typeof GROUPS)[SpendGroup], extraWhere: string, extraParams: unknown[], from: Date, to: Date | undefined): Promise<SpendRow[]> {
     return await this.dataSource.query<SpendRow[]>(
       `SELECT ${g.column} AS key, ${g.name} AS name,
-              count(DISTINCT l.request_id) FILTER (WHERE l.cache_hits IS NULL) + COALESCE(sum(l.cache_hits), 0) AS requests,
+              count(DISTINCT l.charge_id) FILTER (WHERE l.cache_hits IS NULL)
+                + count(DISTINCT l.request_id) FILTER (WHERE l.charge_id IS NULL AND l.cache_hits IS NULL)
+                + COALESCE(sum(l.cache_hits), 0) AS requests,
               count(*) FILTER (WHERE l.cache_hits IS NULL) + COALESCE(sum(l.cache_hits), 0) AS attempts,
               COALESCE(sum(l.prompt_tokens), 0) AS prompt_tokens, COALESCE(sum(l.completion_tokens), 0) AS completion_tokens,
               COALESCE(sum(l.cost_nanos), 0)::bigint AS cost_nanos

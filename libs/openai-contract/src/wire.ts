@@ -72,15 +72,30 @@ export function isRecord(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 
-/** Reads `usage` from a parsed completion or chunk, or undefined when absent or malformed. */
+/**
+ * A token count as the gateway can use it: a whole, non-negative number. The upstream's JSON is
+ * not trusted to be one: a fractional count rounds, and a negative or non-finite one (`1e400`
+ * parses as Infinity) is no count at all. Money is computed from these with `BigInt`, which
+ * throws on a fraction, and the ledger refuses a negative cost.
+ */
+export function readTokenCount(value: unknown): number | undefined {
+  if (typeof value !== 'number' || !Number.isFinite(value) || value < 0) return undefined;
+  return Math.round(value);
+}
+
+/**
+ * Reads `usage` from a parsed completion or chunk, or undefined when absent or malformed (a
+ * prompt or completion count that is not a number, is negative or non-finite): the budget then
+ * charges an answer as it does one without usage, by its estimate.
+ */
 export function readUsage(value: unknown): Usage | undefined {
   if (!isRecord(value)) return undefined;
   const usage = value.usage;
   if (!isRecord(usage)) return undefined;
-  const prompt = usage.prompt_tokens;
-  const completion = usage.completion_tokens;
-  if (typeof prompt !== 'number' || typeof completion !== 'number') return undefined;
-  const total = typeof usage.total_tokens === 'number' ? usage.total_tokens : prompt + completion;
+  const prompt = readTokenCount(usage.prompt_tokens);
+  const completion = readTokenCount(usage.completion_tokens);
+  if (prompt === undefined || completion === undefined) return undefined;
+  const total = readTokenCount(usage.total_tokens) ?? prompt + completion;
   const out: Usage = { ...usage, prompt_tokens: prompt, completion_tokens: completion, total_tokens: total };
   if (typeof usage.cost !== 'number' && typeof usage.cost !== 'string') delete out.cost;
   else out.cost = Number(usage.cost);

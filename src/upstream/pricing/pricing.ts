@@ -1,5 +1,5 @@
 import { parseUsd, tokensCost, type Nanos } from '../../../libs/money/src/index.js';
-import type { Usage } from '../../../libs/openai-contract/src/index.js';
+import { readTokenCount, type Usage } from '../../../libs/openai-contract/src/index.js';
 import staticPrices from './static-prices.json' with { type: 'json' };
 
 export interface ModelPrice {
@@ -44,5 +44,9 @@ export function costOf(usage: Usage | undefined, price: ModelPrice | undefined):
     if (nanos !== undefined && nanos >= 0n) return { nanos, source: 'upstream' };
   }
   if (!price) return { nanos: 0n, source: 'unpriced' };
-  return { nanos: tokensCost(usage.prompt_tokens, price.prompt) + tokensCost(usage.completion_tokens, price.completion), source: 'pricing_table' };
+  // readUsage hands out whole, non-negative counts; a Usage built elsewhere must still not make a
+  // settle throw (BigInt of a fraction) or charge a negative amount: an unusable count counts 0.
+  const prompt = readTokenCount(usage.prompt_tokens) ?? 0;
+  const completion = readTokenCount(usage.completion_tokens) ?? 0;
+  return { nanos: tokensCost(prompt, price.prompt) + tokensCost(completion, price.completion), source: 'pricing_table' };
 }
