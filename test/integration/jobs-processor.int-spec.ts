@@ -1,6 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ChatCompletion } from '../../libs/openai-contract/src/index.js';
-import { DATABASE_CONTENT } from '../../src/app.module.js';
 import { AuditRepository } from '../../src/audit/audit.repository.js';
 import { AuditService } from '../../src/audit/audit.service.js';
 import type { CompletionService } from '../../src/completion/completion.service.js';
@@ -9,13 +8,14 @@ import type { AppConfig } from '../../src/config/config.js';
 import { SystemClock } from '../../src/core/clock.js';
 import { GatewayError } from '../../src/core/errors.js';
 import { createLogger } from '../../src/core/logger.js';
-import { type OpenedDatabase, openDatabase } from '../../src/database/data-source.js';
+import type { OpenedDatabase } from '../../src/database/data-source.js';
 import type { Principal } from '../../src/identity/principal.js';
 import type { JobCallbacks } from '../../src/jobs/job-callbacks.js';
 import { JobProcessor } from '../../src/jobs/job.processor.js';
 import type { JobRecord, NewJob } from '../../src/jobs/job.types.js';
 import { JobsRepository } from '../../src/jobs/jobs.repository.js';
-import { createPostgresDatabase, DB_KINDS, pgliteTarget } from '../support/databases.js';
+import { DB_KINDS } from '../support/databases.js';
+import { type JobsTestDatabase, openJobsTestDatabase } from '../support/jobs-database.js';
 
 const clock = new SystemClock();
 const logger = { logger: createLogger('silent') };
@@ -55,35 +55,20 @@ class FlakyResultWrites extends JobsRepository {
 
 describe.each(DB_KINDS)('job tries on %s', (kind) => {
   let db: OpenedDatabase;
-  let drop: (() => Promise<void>) | undefined;
+  let opened: JobsTestDatabase | undefined;
   let repo: FlakyResultWrites;
   let audit: AuditService;
   let principal: Principal;
 
   beforeAll(async () => {
-    if (kind === 'postgres') {
-      const pg = await createPostgresDatabase();
-      drop = () => pg.drop();
-      db = await openDatabase({ driver: 'postgres', url: pg.url }, DATABASE_CONTENT);
-    } else {
-      db = await openDatabase(await pgliteTarget(), DATABASE_CONTENT);
-    }
+    opened = await openJobsTestDatabase(kind, 'tries');
+    db = opened.db;
+    principal = opened.principal;
     repo = new FlakyResultWrites(db.dataSource);
     audit = new AuditService(new AuditRepository(db.dataSource), clock, logger, { flushMs: 60_000, batchSize: 100, maxBuffered: 1000, maxBackoffMs: 50 });
-    const [dept] = await db.dataSource.query<Array<{ id: string }>>(`INSERT INTO departments (name) VALUES ('tries-dept') RETURNING id`);
-    const [user] = await db.dataSource.query<Array<{ id: string }>>(
-      `INSERT INTO users (name, department_id, role) VALUES ('tries-user', $1, 'user') RETURNING id`,
-      [dept?.id],
-    );
-    const [key] = await db.dataSource.query<Array<{ id: string }>>(
-      `INSERT INTO api_keys (user_id, prefix, key_hash) VALUES ($1, 'gh-tries', 'hash-tries') RETURNING id`,
-      [user?.id],
-    );
-    principal = { keyId: key.id, keyPrefix: 'gh-tries', userId: user.id, departmentId: dept.id, role: 'user', cacheScope: 'user', expiresAt: undefined };
   });
   afterAll(async () => {
-    await db?.close();
-    await drop?.();
+    await opened?.close();
   });
 
   const newJob = (): NewJob => ({

@@ -1,42 +1,27 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { DATABASE_CONTENT } from '../../src/app.module.js';
-import { type OpenedDatabase, openDatabase } from '../../src/database/data-source.js';
+import type { OpenedDatabase } from '../../src/database/data-source.js';
 import type { Principal } from '../../src/identity/principal.js';
 import type { NewJob } from '../../src/jobs/job.types.js';
 import { JobsRepository } from '../../src/jobs/jobs.repository.js';
-import { createPostgresDatabase, DB_KINDS, pgliteTarget } from '../support/databases.js';
+import { DB_KINDS } from '../support/databases.js';
+import { type JobsTestDatabase, openJobsTestDatabase } from '../support/jobs-database.js';
 
 const now = () => new Date();
 
 describe.each(DB_KINDS)('job records on %s', (kind) => {
   let db: OpenedDatabase;
-  let drop: (() => Promise<void>) | undefined;
+  let opened: JobsTestDatabase | undefined;
   let repo: JobsRepository;
   let principal: Principal;
 
   beforeAll(async () => {
-    if (kind === 'postgres') {
-      const pg = await createPostgresDatabase();
-      drop = () => pg.drop();
-      db = await openDatabase({ driver: 'postgres', url: pg.url }, DATABASE_CONTENT);
-    } else {
-      db = await openDatabase(await pgliteTarget(), DATABASE_CONTENT);
-    }
+    opened = await openJobsTestDatabase(kind, 'jobs');
+    db = opened.db;
+    principal = opened.principal;
     repo = new JobsRepository(db.dataSource);
-    const [dept] = await db.dataSource.query<Array<{ id: string }>>(`INSERT INTO departments (name) VALUES ('jobs-dept') RETURNING id`);
-    const [user] = await db.dataSource.query<Array<{ id: string }>>(
-      `INSERT INTO users (name, department_id, role) VALUES ('jobs-user', $1, 'user') RETURNING id`,
-      [dept?.id],
-    );
-    const [key] = await db.dataSource.query<Array<{ id: string }>>(
-      `INSERT INTO api_keys (user_id, prefix, key_hash) VALUES ($1, 'gh-jobs', 'hash-jobs') RETURNING id`,
-      [user?.id],
-    );
-    principal = { keyId: key.id, keyPrefix: 'gh-jobs', userId: user.id, departmentId: dept.id, role: 'user', cacheScope: 'user', expiresAt: undefined };
   });
   afterAll(async () => {
-    await db?.close();
-    await drop?.();
+    await opened?.close();
   });
 
   const newJob = (overrides: Partial<NewJob> = {}): NewJob => ({

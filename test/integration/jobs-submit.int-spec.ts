@@ -1,15 +1,15 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { DATABASE_CONTENT } from '../../src/app.module.js';
 import type { AppConfig } from '../../src/config/config.js';
 import { ManualClock } from '../../src/core/clock.js';
-import { type OpenedDatabase, openDatabase } from '../../src/database/data-source.js';
+import type { OpenedDatabase } from '../../src/database/data-source.js';
 import type { Principal } from '../../src/identity/principal.js';
 import type { CallbackPolicy } from '../../src/jobs/callback-policy.js';
 import { type JobQueue, queueFull } from '../../src/jobs/job-queue.js';
 import type { NewJob } from '../../src/jobs/job.types.js';
 import { JobsRepository } from '../../src/jobs/jobs.repository.js';
 import { JobsService } from '../../src/jobs/jobs.service.js';
-import { createPostgresDatabase, DB_KINDS, pgliteTarget } from '../support/databases.js';
+import { DB_KINDS } from '../support/databases.js';
+import { type JobsTestDatabase, openJobsTestDatabase } from '../support/jobs-database.js';
 
 /** A queue whose next submits wait until the test settles them: a submit caught between insert and enqueue. */
 class HeldQueue {
@@ -45,34 +45,19 @@ class HeldQueue {
 
 describe.each(DB_KINDS)('idempotent async submits on %s', (kind) => {
   let db: OpenedDatabase;
-  let drop: (() => Promise<void>) | undefined;
+  let opened: JobsTestDatabase | undefined;
   let repo: JobsRepository;
   let principal: Principal;
   let keys = 0;
 
   beforeAll(async () => {
-    if (kind === 'postgres') {
-      const pg = await createPostgresDatabase();
-      drop = () => pg.drop();
-      db = await openDatabase({ driver: 'postgres', url: pg.url }, DATABASE_CONTENT);
-    } else {
-      db = await openDatabase(await pgliteTarget(), DATABASE_CONTENT);
-    }
+    opened = await openJobsTestDatabase(kind, 'submit');
+    db = opened.db;
+    principal = opened.principal;
     repo = new JobsRepository(db.dataSource);
-    const [dept] = await db.dataSource.query<Array<{ id: string }>>(`INSERT INTO departments (name) VALUES ('submit-dept') RETURNING id`);
-    const [user] = await db.dataSource.query<Array<{ id: string }>>(
-      `INSERT INTO users (name, department_id, role) VALUES ('submit-user', $1, 'user') RETURNING id`,
-      [dept?.id],
-    );
-    const [key] = await db.dataSource.query<Array<{ id: string }>>(
-      `INSERT INTO api_keys (user_id, prefix, key_hash) VALUES ($1, 'gh-submit', 'hash-submit') RETURNING id`,
-      [user?.id],
-    );
-    principal = { keyId: key.id, keyPrefix: 'gh-submit', userId: user.id, departmentId: dept.id, role: 'user', cacheScope: 'user', expiresAt: undefined };
   });
   afterAll(async () => {
-    await db?.close();
-    await drop?.();
+    await opened?.close();
   });
 
   function setup(): { service: JobsService; queue: HeldQueue; clock: ManualClock; input: NewJob } {
