@@ -105,8 +105,25 @@ export class AuditHttpHook implements OnModuleInit {
 }
 
 function isAdminPath(request: FastifyRequest): boolean {
-  const url = request.url;
+  const url = routedUrl(request);
   return url.startsWith('/admin') && (url.length === 6 || url[6] === '/' || url[6] === '?');
+}
+
+/**
+ * The URL as the router read it. The router decodes percent escapes before it matches, so
+ * `/%61dmin/routing` reaches the admin routes: a prefix test on the raw text would leave that
+ * admin change, and a refused attempt at it, out of the audit. Decoded here only when there is an
+ * escape to decode (a `%2F` becomes a slash, which can only make more requests count as admin or
+ * API ones, never fewer).
+ */
+function routedUrl(request: FastifyRequest): string {
+  const url = request.url;
+  if (!url.includes('%')) return url;
+  try {
+    return decodeURIComponent(pathOf(request));
+  } catch {
+    return url;
+  }
 }
 
 /** A /v1 error answer the completion pipeline did not audit itself (its payload is read only then). */
@@ -115,7 +132,7 @@ function unauditedApiError(request: FastifyRequest, status: number): boolean {
 }
 
 function isApiPath(request: FastifyRequest): boolean {
-  const url = request.url;
+  const url = routedUrl(request);
   return url.startsWith('/v1') && (url.length === 3 || url[3] === '/' || url[3] === '?');
 }
 

@@ -173,8 +173,13 @@ export class AuditRepository {
       const [row] = await this.dataSource.query<Array<{ seq: string | null }>>('SELECT min(seq) AS seq FROM audit_events WHERE at >= $1', [
         range.from.toISOString(),
       ]);
-      if (row?.seq == null) return { ok: true, checked: 0, first_break: null, head: headView };
-      if (compareSeq(row.seq, lower) > 0) lower = row.seq;
+      if (row?.seq == null) {
+        // Nothing at or after `from`. A closed range has nothing to check; an open one still ends
+        // at the head, whose row must be there: a tail deleted from before `from` on leaves no
+        // row to find, and only the head gives it away. So the head's own link is checked.
+        if (range.toSeq !== undefined || range.to !== undefined || head.seq === '0') return { ok: true, checked: 0, first_break: null, head: headView };
+        lower = head.seq;
+      } else if (compareSeq(row.seq, lower) > 0) lower = row.seq;
     }
     if (range.to !== undefined) {
       const [row] = await this.dataSource.query<Array<{ seq: string | null }>>('SELECT max(seq) AS seq FROM audit_events WHERE at < $1', [

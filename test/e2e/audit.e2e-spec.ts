@@ -122,6 +122,21 @@ describe('audit trail over HTTP (PGlite)', () => {
     expect(await auditEvents(gw, { action: 'GET /admin/departments' })).toEqual([]);
   });
 
+  it('records admin changes and refused requests whose path is spelled with percent escapes, which the router decodes', async () => {
+    // `/%61dmin/departments` is /admin/departments to the router: the change is made, and must be audited.
+    const made = await gw.admin.post<{ id: string }>('/%61dmin/departments', { name: 'escaped-path' });
+    expect(made.status).toBe(201);
+    const change = await eventually(gw, { action: 'POST /admin/departments' }, (e) => e.target_id === made.body.id);
+    expect(change).toMatchObject({ status: 201, actor_user_id: adminIds.userId, details: { body: { name: 'escaped-path' } } });
+
+    const anonymous = new ApiClient(gw.url, undefined);
+    expect((await anonymous.post('/%61dmin/departments', { name: 'escaped-nokey' })).status).toBe(401);
+    await eventually(gw, { action: 'POST /admin/departments' }, (e) => e.status === 401 && e.details.body !== undefined && JSON.stringify(e.details.body).includes('escaped-nokey'));
+    expect((await anonymous.post('/%761/chat/completions', { messages: [{ role: 'user', content: 'x' }] })).status).toBe(401);
+    const refused = await eventually(gw, { action: 'POST /v1/chat/completions' }, (e) => e.status === 401 && e.details.auth === 'missing_key');
+    expect(refused.actor_user_id).toBeNull();
+  });
+
   it('records every completion request: door, route, routing version, model, cache, attempts, outcome', async () => {
     const { response } = await alice.openai.chat.completions
       .create({

@@ -166,6 +166,8 @@ describe.each(DB_KINDS)('audit trail on %s', (kind) => {
     await expect(db.dataSource.query(`UPDATE audit_events SET details = '{"x":1}' WHERE seq = $1`, [target])).rejects.toThrow(/append-only/);
     await expect(db.dataSource.query('DELETE FROM audit_events WHERE seq = $1', [target])).rejects.toThrow(/append-only/);
     expect((await service.verify({})).ok).toBe(true);
+    // A range that starts after the newest row has nothing to recompute but the head's own link.
+    expect(await service.verify({ from: new Date(Date.now() + 3_600_000) })).toMatchObject({ ok: true, first_break: null });
 
     // Someone who gets around the trigger (a superuser) still cannot hide the edit.
     await db.dataSource.query('ALTER TABLE audit_events DISABLE TRIGGER audit_events_no_update');
@@ -183,6 +185,10 @@ describe.each(DB_KINDS)('audit trail on %s', (kind) => {
       const last = all.at(-1)!;
       await db.dataSource.query('DELETE FROM audit_events WHERE seq >= $1', [all[27]]);
       expect(await service.verify({ fromSeq: String(all[21]) })).toMatchObject({ ok: false, first_break: last });
+      // Also when the range starts after every row still there: the head names a row that is gone.
+      const [newest] = await db.dataSource.query<Array<{ at: Date }>>('SELECT max(at) AS at FROM audit_events');
+      const after = new Date(new Date(newest.at).getTime() + 1000);
+      expect(await service.verify({ from: after })).toMatchObject({ ok: false, first_break: last });
     } finally {
       await db.dataSource.query('ALTER TABLE audit_events ENABLE TRIGGER audit_events_no_update');
     }
