@@ -130,6 +130,24 @@ describe('parseRoutingTableBody', () => {
     ]);
   });
 
+  it("finds a cycle through the fallbacks an override inherits: its model among the rule's fallbacks", () => {
+    const rules = [{ task_type: 'g', model: 'm/a', fallbacks: ['m/b'], department_overridable: true }];
+    const cycle = {
+      param: 'overrides[0].model',
+      message: "'m/b' is also one of the fallbacks this override inherits from the rule 'g' (fallback cycle): give the override fallbacks of its own",
+    };
+    expect(parseOverrides([{ department_id: DEPT, task_type: 'g', model: 'm/b' }], rules, 'overrides').problems).toEqual([cycle]);
+    expect(parseOverrides([{ department_id: DEPT, task_type: 'g', model: 'm/b', fallbacks: ['m/a'] }], rules, 'overrides').problems).toEqual([]);
+    expect(parseOverrides([{ department_id: DEPT, task_type: 'g', model: 'm/c' }], rules, 'overrides').problems).toEqual([]);
+    // A table whose rule gains the override's model as a fallback is refused at the override.
+    const table = parseRoutingTableBody({
+      default_task_type: 'g',
+      rules: [{ task_type: 'g', model: 'm/a', fallbacks: ['m/c', 'm/x'], department_overridable: true }],
+      department_overrides: [{ department_id: DEPT, task_type: 'g', model: 'm/x' }],
+    });
+    expect(table.problems.map((p) => p.param)).toEqual(['department_overrides[0].model']);
+  });
+
   it("parses one department's overrides on their own, with the caller's path prefix", () => {
     const rules = [{ task_type: 'g', model: 'm/a', fallbacks: [], department_overridable: true }];
     expect(parseOverrides([{ department_id: DEPT, task_type: 'g', model: 'm/b' }], rules, 'overrides')).toEqual({

@@ -184,6 +184,14 @@ function parseOverride(raw: unknown, at: string, rules: Map<string, RoutingRule>
   const effectiveModel = model ?? rule?.model;
   const fallbacks =
     raw.fallbacks === undefined ? undefined : chain(effectiveModel, raw.fallbacks, at, p, model !== undefined ? `${at}.model` : "the rule's model");
+  // A new model with the rule's own fallbacks: that chain must be free of cycles too (the model
+  // among them would leave the department with a shorter chain, or none, without a word).
+  if (raw.fallbacks === undefined && model !== undefined && rule !== undefined && rule.fallbacks.includes(model)) {
+    p.add(
+      `${at}.model`,
+      `'${model}' is also one of the fallbacks this override inherits from the rule '${rule.task_type}' (fallback cycle): give the override fallbacks of its own`,
+    );
+  }
   const fallbacksOk = raw.fallbacks === undefined || fallbacks !== undefined;
   const cap = tokens(raw.max_tokens, `${at}.max_tokens`, p);
   const defaultMax = tokens(raw.default_max_tokens, `${at}.default_max_tokens`, p);
