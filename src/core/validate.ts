@@ -58,6 +58,8 @@ export function requiredString(body: Body, param: string, maxLength = 200): stri
   if (v === undefined || v === null) throw missing(param);
   if (typeof v !== 'string' || v.trim() === '') throw wrong(param, 'a non-empty string');
   if (v.length > maxLength) throw new GatewayError('invalid_value', `'${param}' is longer than ${maxLength} characters.`, { param });
+  // PostgreSQL's text refuses U+0000: said here as a 400, not by the INSERT as a 500.
+  if (v.includes('\u0000')) throw new GatewayError('invalid_value', `'${param}' must not contain a U+0000 (NUL) character.`, { param });
   return v.trim();
 }
 
@@ -110,6 +112,13 @@ export function requiredUuid(body: Body, param: string): string {
 /** For ids in URL paths: a malformed id is simply not found (and never reaches SQL as a bad uuid). */
 export function pathUuid(value: string, what: string): string {
   if (!isUuid(value)) throw new GatewayError('not_found', `No ${what} with id '${value.slice(0, 64)}'.`);
+  return value.toLowerCase();
+}
+
+/** For ids in a query string (a filter): a malformed one is the caller's 400, naming the parameter. */
+export function queryUuid(value: string | undefined, param: string): string | undefined {
+  if (value === undefined || value === '') return undefined;
+  if (typeof value !== 'string' || !isUuid(value)) throw new GatewayError('invalid_value', `Invalid '${param}': expected a UUID.`, { param });
   return value.toLowerCase();
 }
 

@@ -93,13 +93,8 @@ export class IdentityService {
   // ---- departments ----
 
   async createDepartment(name: string): Promise<DepartmentEntity> {
-    const existing = await this.departments.createQueryBuilder('d').where('lower(d.name) = lower(:name)', { name }).getOne();
-    if (existing) throw new GatewayError('conflict', `A department named '${name}' already exists.`, { param: 'name' });
-    try {
-      return await this.departments.save(this.departments.create({ name }));
-    } catch (cause) {
-      throw uniqueViolation(cause) ? new GatewayError('conflict', `A department named '${name}' already exists.`, { param: 'name', cause }) : cause;
-    }
+    await this.assertDepartmentNameFree(name);
+    return this.saveDepartment(this.departments.create({ name }));
   }
 
   listDepartments(): Promise<DepartmentEntity[]> {
@@ -115,10 +110,29 @@ export class IdentityService {
   async updateDepartment(id: string, changes: { cacheScope?: CacheScope; name?: string }): Promise<DepartmentEntity> {
     const department = await this.getDepartment(id);
     if (changes.cacheScope !== undefined) department.cacheScope = changes.cacheScope;
-    if (changes.name !== undefined) department.name = changes.name;
-    const saved = await this.departments.save(department);
+    if (changes.name !== undefined) {
+      await this.assertDepartmentNameFree(changes.name, id);
+      department.name = changes.name;
+    }
+    const saved = await this.saveDepartment(department);
     this.forgetCachedKeys();
     return saved;
+  }
+
+  /** Names are unique regardless of case (a unique index on lower(name)): 409, not the index's 500. */
+  private async assertDepartmentNameFree(name: string, exceptId?: string): Promise<void> {
+    const query = this.departments.createQueryBuilder('d').where('lower(d.name) = lower(:name)', { name });
+    if (exceptId !== undefined) query.andWhere('d.id <> :exceptId', { exceptId });
+    if (await query.getOne()) throw new GatewayError('conflict', `A department named '${name}' already exists.`, { param: 'name' });
+  }
+
+  /** Saves a department; a name taken meanwhile by a concurrent request is the same 409. */
+  private async saveDepartment(department: DepartmentEntity): Promise<DepartmentEntity> {
+    try {
+      return await this.departments.save(department);
+    } catch (cause) {
+      throw uniqueViolation(cause) ? new GatewayError('conflict', `A department named '${department.name}' already exists.`, { param: 'name', cause }) : cause;
+    }
   }
 
   async disableDepartment(id: string): Promise<DepartmentEntity> {

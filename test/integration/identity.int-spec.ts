@@ -67,6 +67,29 @@ describe.each(DB_KINDS)('identity on %s', (db) => {
     expect(unknownKey).toMatchObject({ status: 404, body: { error: { type: 'not_found_error' } } });
   });
 
+  it('refuses a rename onto another department’s name (409) and a NUL in any name (400), never a 500', async () => {
+    await gw.admin.post('/admin/departments', { name: 'Alpha' });
+    const beta = await gw.admin.post<{ id: string }>('/admin/departments', { name: 'Beta' });
+    const clash = await gw.admin.patch(`/admin/departments/${beta.body.id}`, { name: 'alpha' });
+    expect(clash).toMatchObject({ status: 409, body: { error: { type: 'conflict_error', code: 'conflict', param: 'name' } } });
+    // Its own name in another case is no clash.
+    expect((await gw.admin.patch(`/admin/departments/${beta.body.id}`, { name: 'BETA' })).status).toBe(200);
+
+    const nul = { status: 400, body: { error: { type: 'invalid_request_error', code: 'invalid_value', param: 'name' } } };
+    expect(await gw.admin.post('/admin/departments', { name: 'a\u0000b' })).toMatchObject(nul);
+    expect(await gw.admin.patch(`/admin/departments/${beta.body.id}`, { name: 'b\u0000' })).toMatchObject(nul);
+    expect(await gw.admin.post('/admin/users', { name: 'x\u0000y', department_id: beta.body.id, role: 'user' })).toMatchObject(nul);
+  });
+
+  it('answers a malformed id in a list filter with a 400 naming the parameter, and an unknown one with an empty list', async () => {
+    expect(await gw.admin.get('/admin/users?department_id=nope')).toMatchObject({
+      status: 400,
+      body: { error: { code: 'invalid_value', param: 'department_id' } },
+    });
+    expect(await gw.admin.get('/admin/keys?user_id=nope')).toMatchObject({ status: 400, body: { error: { code: 'invalid_value', param: 'user_id' } } });
+    expect(await gw.admin.get('/admin/keys?user_id=00000000-0000-4000-8000-000000000000')).toMatchObject({ status: 200, body: { data: [] } });
+  });
+
   it('revoking a key, disabling a user or a department locks their keys out at once on this instance', async () => {
     const a = await gw.tenants.create();
     const b = await gw.tenants.create();

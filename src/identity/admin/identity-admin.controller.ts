@@ -1,6 +1,6 @@
 import { Body, Controller, Delete, Get, HttpCode, Param, Patch, Post, Query } from '@nestjs/common';
 import { ApiBody, ApiTags } from '@nestjs/swagger';
-import { pathUuid } from '../../core/validate.js';
+import { pathUuid, queryUuid } from '../../core/validate.js';
 import { AdminOnly } from '../auth.guard.js';
 import { IdentityService } from '../identity.service.js';
 import { CreateDepartmentDto, CreateKeyDto, CreateUserDto, departmentView, keyView, UpdateDepartmentDto, userView } from './identity-admin.dto.js';
@@ -48,7 +48,7 @@ export class IdentityAdminController {
 
   @Get('users')
   async listUsers(@Query('department_id') departmentId?: string) {
-    const filter = departmentId ? pathUuid(departmentId, 'department') : undefined;
+    const filter = queryUuid(departmentId, 'department_id');
     return { object: 'list', data: (await this.identity.listUsers(filter)).map(userView) };
   }
 
@@ -71,7 +71,7 @@ export class IdentityAdminController {
 
   @Get('keys')
   async listKeys(@Query('user_id') userId?: string) {
-    const filter = userId ? pathUuid(userId, 'user') : undefined;
+    const filter = queryUuid(userId, 'user_id');
     return { object: 'list', data: (await this.identity.listKeys(filter)).map(keyView) };
   }
 
