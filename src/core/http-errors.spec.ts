@@ -2,7 +2,7 @@ import { Writable } from 'node:stream';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { describe, expect, it } from 'vitest';
 import { GatewayError } from './errors.js';
-import { sendError } from './http-errors.js';
+import { databaseUnreachable, sendError, toGatewayError } from './http-errors.js';
 import { LogThrottle } from './log-throttle.js';
 import { createLogger } from './logger.js';
 
@@ -58,5 +58,22 @@ describe('sendError logging', () => {
     for (let i = 0; i < 3; i++) sendError(reply, request, new Error('bug'), logger, throttle);
     expect(lines).toHaveLength(3);
     expect(lines.every((l) => l.level === 'error' && typeof l.err?.stack === 'string')).toBe(true);
+  });
+});
+
+describe('toGatewayError for a database out of reach', () => {
+  it('answers 503 unavailable for connection failures, however they are wrapped, and keeps a wrong statement a 500', () => {
+    const refused = Object.assign(new Error('connect ECONNREFUSED 127.0.0.1:5432'), { code: 'ECONNREFUSED' });
+    const wrapped = Object.assign(new Error('Connection terminated unexpectedly'), { driverError: new Error('Connection terminated unexpectedly') });
+    const shuttingDown = Object.assign(new Error('terminating connection due to administrator command'), { code: '57P01' });
+    const typeormWrapped = Object.assign(new Error('query failed'), { driverError: Object.assign(new Error('x'), { code: '08006' }) });
+    for (const error of [refused, wrapped, shuttingDown, typeormWrapped, new Error('Query read timeout')]) {
+      expect(databaseUnreachable(error)).toBe(true);
+      expect(toGatewayError(error)).toMatchObject({ status: 503, code: 'unavailable' });
+    }
+    const syntax = Object.assign(new Error('syntax error at or near "SELEC"'), { code: '42601' });
+    expect(databaseUnreachable(syntax)).toBe(false);
+    expect(toGatewayError(syntax)).toMatchObject({ status: 500, code: 'internal_error' });
+    expect(toGatewayError(new Error('boom'))).toMatchObject({ status: 500 });
   });
 });

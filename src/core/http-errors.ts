@@ -30,8 +30,35 @@ export function toGatewayError(error: unknown): GatewayError {
     if (status !== undefined && status >= 400 && status < 500) {
       return fromStatus(status, typeof e.message === 'string' ? e.message : 'Bad request.', error);
     }
+    if (databaseUnreachable(error)) {
+      return new GatewayError('unavailable', 'The gateway cannot reach its database right now; retry later.', { cause: error });
+    }
   }
   return new GatewayError('internal_error', 'The gateway hit an internal error. The request id identifies it in the logs.', { cause: error });
+}
+
+// A socket that could not connect or broke, as Node names it.
+const NETWORK_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', 'ENOTFOUND', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN']);
+// PostgreSQL's SQLSTATEs for "not now" rather than "wrong": connection exceptions (class 08), the
+// server shutting down or starting (57P01-57P03), too many connections, a statement timeout.
+const UNAVAILABLE_SQLSTATES = /^(08...|57P0[123]|53300|57014)$/;
+// What node-postgres says, without a code, when a connection ends or a query times out.
+const PG_CONNECTION_MESSAGE = /Connection terminated|Query read timeout|timeout exceeded when trying to connect|Client has encountered a connection error|Cannot use a pool after calling end/;
+
+/**
+ * Whether an error (or what it wraps: TypeORM's QueryFailedError keeps the driver's as
+ * `driverError`) says the database is out of reach rather than that the statement was wrong. A
+ * call that needed it while it was away is the API's 503, not a 500 bug; the paths that expect
+ * this (key checks, budgets) map it themselves, this catches every other one (the admin API).
+ */
+export function databaseUnreachable(error: unknown): boolean {
+  for (let e: unknown = error, depth = 0; typeof e === 'object' && e !== null && depth < 4; depth++) {
+    const { code, message } = e as { code?: unknown; message?: unknown };
+    if (typeof code === 'string' && (NETWORK_CODES.has(code) || UNAVAILABLE_SQLSTATES.test(code))) return true;
+    if (typeof message === 'string' && PG_CONNECTION_MESSAGE.test(message)) return true;
+    e = (e as { driverError?: unknown; cause?: unknown }).driverError ?? (e as { cause?: unknown }).cause;
+  }
+  return false;
 }
 
 function fromStatus(status: number, message: string, cause: unknown): GatewayError {

@@ -1,7 +1,8 @@
 import { DataSource } from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DB_KINDS } from '../support/databases.js';
-import { startTestGateway, type TestGateway } from '../support/gateway.js';
+import { pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
+import { startTcpProxy, type TcpProxy } from '../support/redis.js';
 
 interface KeyView {
   id: string;
@@ -120,5 +121,41 @@ describe.each(DB_KINDS)('identity on %s', (db) => {
     expect((await admin.api.get('/admin/users')).status).toBe(200);
     const user = await gw.tenants.create();
     expect((await user.api.get('/admin/users')).status).toBe(403);
+  });
+});
+
+describe('the admin API while PostgreSQL is away', () => {
+  let owner: TestGateway;
+  let proxy: TcpProxy;
+  let gw: TestGateway;
+
+  beforeAll(async () => {
+    owner = await startTestGateway({ db: 'postgres' });
+    proxy = await startTcpProxy(owner.database.url ?? '');
+    // The admin key stays cached while the database is gone: the call itself meets the outage.
+    gw = await startTestGateway({
+      db: 'postgres',
+      postgresUrl: proxy.url,
+      stub: owner.stub,
+      adminKey: owner.adminKey,
+      env: { DATABASE_REQUEST_TIMEOUT_MS: '500', KEY_CACHE_MS: '2000' },
+    });
+  });
+  afterAll(async () => {
+    await gw?.close();
+    await proxy?.stop();
+    await owner?.close();
+  });
+
+  it('answers 503 unavailable, not a 500, and serves again once the database is back', async () => {
+    expect((await gw.admin.get('/admin/departments')).status).toBe(200);
+    await proxy.stop();
+    try {
+      const away = await gw.admin.post('/admin/departments', { name: 'while-away' });
+      expect(away).toMatchObject({ status: 503, body: { error: { code: 'unavailable' } } });
+    } finally {
+      await proxy.start();
+    }
+    await pollUntil(async () => expect((await gw.admin.post('/admin/departments', { name: 'after-the-outage' })).status).toBe(201), 15_000);
   });
 });
