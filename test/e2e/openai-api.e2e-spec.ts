@@ -2,6 +2,15 @@ import OpenAI from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 
+/** A chat completion sent with fetch, for the raw status, headers and bytes the SDK would hide. */
+function postChat(url: string, key: string, body: Record<string, unknown>): Promise<Response> {
+  return fetch(`${url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+    body: JSON.stringify(body),
+  });
+}
+
 describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)', () => {
   let gw: TestGateway;
   let alice: Tenant;
@@ -272,11 +281,7 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
       const body = { messages: [{ role: 'user', content: 'garbled' }] };
       const json = await alice.api.post('/v1/chat/completions', body);
       expect(json).toMatchObject({ status: 502, body: { error: { type: 'upstream_error', code: 'upstream_bad_response' } } });
-      const stream = await fetch(`${gw.url}/v1/chat/completions`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json' },
-        body: JSON.stringify({ ...body, stream: true }),
-      });
+      const stream = await postChat(gw.url, alice.key, { ...body, stream: true });
       const text = await stream.text();
       expect(stream.status).toBe(502);
       expect(JSON.parse(text)).toMatchObject({ error: { code: 'upstream_bad_response' } });
@@ -293,11 +298,7 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
       const body = { messages: [{ role: 'user', content: 'nothing in it' }] };
       const json = await alice.api.post('/v1/chat/completions', body);
       expect(json).toMatchObject({ status: 502, body: { error: { type: 'upstream_error', code: 'upstream_bad_response' } } });
-      const stream = await fetch(`${gw.url}/v1/chat/completions`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json' },
-        body: JSON.stringify({ ...body, stream: true }),
-      });
+      const stream = await postChat(gw.url, alice.key, { ...body, stream: true });
       expect(stream.status).toBe(502);
       expect(JSON.parse(await stream.text())).toMatchObject({ error: { code: 'upstream_bad_response' } });
       // Nothing was cached and nothing was left holding the key: once the upstream is sane the
@@ -308,11 +309,7 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
       expect(healthy.headers.get('x-gateway-cache')).toBe('miss');
       const again = await alice.api.post('/v1/chat/completions', body);
       expect(again.headers.get('x-gateway-cache')).toBe('hit');
-      const replay = await fetch(`${gw.url}/v1/chat/completions`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json' },
-        body: JSON.stringify({ ...body, stream: true }),
-      });
+      const replay = await postChat(gw.url, alice.key, { ...body, stream: true });
       expect(replay.status).toBe(200);
       expect(replay.headers.get('x-gateway-cache')).toBe('hit');
       expect(await replay.text()).toContain('data: [DONE]');

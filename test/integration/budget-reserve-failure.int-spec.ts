@@ -1,8 +1,8 @@
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BudgetService } from '../../src/budget/budget.service.js';
-import { ApiClient, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
-import { startTcpProxy, type TcpProxy } from '../support/redis.js';
+import { ApiClient, pollUntil, type ProxiedGateway, startGatewayBehindPostgresProxy, type Tenant, type TestGateway } from '../support/gateway.js';
+import type { TcpProxy } from '../support/redis.js';
 import { FRESH, heldRows, REQUEST, storedBudget } from './budget-support.js';
 
 // A reservation answered 503 because the database did not answer in time must not leave a hold
@@ -13,6 +13,7 @@ import { FRESH, heldRows, REQUEST, storedBudget } from './budget-support.js';
 const TIMEOUT_MS = 2000;
 
 describe('a reservation the gateway gave up on (postgres)', () => {
+  let gateways: ProxiedGateway;
   let owner: TestGateway;
   let proxy: TcpProxy;
   let gw: TestGateway;
@@ -22,9 +23,8 @@ describe('a reservation the gateway gave up on (postgres)', () => {
   let monitor: pg.Client;
 
   beforeAll(async () => {
-    owner = await startTestGateway({ db: 'postgres' });
-    proxy = await startTcpProxy(owner.database.url ?? '');
-    gw = await startTestGateway({ db: 'postgres', postgresUrl: proxy.url, stub: owner.stub, env: { DATABASE_REQUEST_TIMEOUT_MS: String(TIMEOUT_MS) } });
+    gateways = await startGatewayBehindPostgresProxy({ env: { DATABASE_REQUEST_TIMEOUT_MS: String(TIMEOUT_MS) } });
+    ({ owner, proxy, gw } = gateways);
     locker = new pg.Client({ connectionString: owner.database.url });
     await locker.connect();
     monitor = new pg.Client({ connectionString: owner.database.url });
@@ -34,9 +34,7 @@ describe('a reservation the gateway gave up on (postgres)', () => {
     proxy?.thaw();
     await locker?.end();
     await monitor?.end();
-    await gw?.close();
-    await proxy?.stop();
-    await owner?.close();
+    await gateways?.close();
   });
 
   /** The gateway's reservation statements: waiting on a lock, or still running at all. */

@@ -10,8 +10,8 @@ import { BudgetService } from '../../src/budget/budget.service.js';
 import { ManualClock } from '../../src/core/clock.js';
 import type { Principal } from '../../src/identity/principal.js';
 import { DB_KINDS, PG_ADMIN_URL } from '../support/databases.js';
-import { ApiClient, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
-import { startTcpProxy, type TcpProxy } from '../support/redis.js';
+import { ApiClient, pollUntil, type ProxiedGateway, startGatewayBehindPostgresProxy, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+import type { TcpProxy } from '../support/redis.js';
 import {
   BODY,
   costHeader,
@@ -733,21 +733,18 @@ describe('budget writes on shutdown (postgres)', () => {
 });
 
 describe('a PostgreSQL that stops answering (frozen, not gone)', () => {
+  let gateways: ProxiedGateway;
   let owner: TestGateway;
   let proxy: TcpProxy;
   let gw: TestGateway;
 
   beforeAll(async () => {
-    owner = await startTestGateway({ db: 'postgres' });
-    proxy = await startTcpProxy(owner.database.url ?? '');
     // The longest key cache: the cached key must still be cached when its reservation is tried.
-    gw = await startTestGateway({ db: 'postgres', postgresUrl: proxy.url, stub: owner.stub, env: { DATABASE_REQUEST_TIMEOUT_MS: '300', KEY_CACHE_MS: '2000' } });
+    gateways = await startGatewayBehindPostgresProxy({ env: { DATABASE_REQUEST_TIMEOUT_MS: '300', KEY_CACHE_MS: '2000' } });
+    ({ owner, proxy, gw } = gateways);
   });
   afterAll(async () => {
-    proxy?.thaw();
-    await gw?.close();
-    await proxy?.stop();
-    await owner?.close();
+    await gateways?.close();
   });
 
   it('answers 503 within DATABASE_REQUEST_TIMEOUT_MS instead of holding requests, and serves again once it answers', async () => {

@@ -1,8 +1,8 @@
 import { DataSource } from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DB_KINDS } from '../support/databases.js';
-import { pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
-import { startTcpProxy, type TcpProxy } from '../support/redis.js';
+import { pollUntil, type ProxiedGateway, startGatewayBehindPostgresProxy, startTestGateway, type TestGateway } from '../support/gateway.js';
+import type { TcpProxy } from '../support/redis.js';
 
 interface KeyView {
   id: string;
@@ -125,26 +125,17 @@ describe.each(DB_KINDS)('identity on %s', (db) => {
 });
 
 describe('the admin API while PostgreSQL is away', () => {
-  let owner: TestGateway;
+  let gateways: ProxiedGateway;
   let proxy: TcpProxy;
   let gw: TestGateway;
 
   beforeAll(async () => {
-    owner = await startTestGateway({ db: 'postgres' });
-    proxy = await startTcpProxy(owner.database.url ?? '');
     // The admin key stays cached while the database is gone: the call itself meets the outage.
-    gw = await startTestGateway({
-      db: 'postgres',
-      postgresUrl: proxy.url,
-      stub: owner.stub,
-      adminKey: owner.adminKey,
-      env: { DATABASE_REQUEST_TIMEOUT_MS: '500', KEY_CACHE_MS: '2000' },
-    });
+    gateways = await startGatewayBehindPostgresProxy({ sameAdminKey: true, env: { DATABASE_REQUEST_TIMEOUT_MS: '500', KEY_CACHE_MS: '2000' } });
+    ({ proxy, gw } = gateways);
   });
   afterAll(async () => {
-    await gw?.close();
-    await proxy?.stop();
-    await owner?.close();
+    await gateways?.close();
   });
 
   it('answers 503 unavailable, not a 500, and serves again once the database is back', async () => {

@@ -7,6 +7,7 @@ import type { Clock } from '../../src/core/clock.js';
 import { createLogger } from '../../src/core/logger.js';
 import { createGateway, type Gateway } from '../../src/gateway.js';
 import { createTestDatabase, type DbKind, type TestDatabase } from './databases.js';
+import { startTcpProxy, type TcpProxy } from './redis.js';
 
 export interface HttpResult<T = unknown> {
   status: number;
@@ -178,6 +179,40 @@ export async function startTestGateway(options: TestGatewayOptions = {}): Promis
       await gateway.close();
       if (ownStub) await stub.close();
       if (!options.postgresUrl) await database.drop();
+    },
+  };
+}
+
+export interface ProxiedGateway {
+  /** The first instance: it owns the PostgreSQL database and the stub, and reaches both directly. */
+  owner: TestGateway;
+  /** Between `gw` and PostgreSQL: stop() or freeze() it to take the database away from `gw` alone. */
+  proxy: TcpProxy;
+  /** The second instance, on the same database through `proxy`, sharing the owner's stub (and admin key when asked). */
+  gw: TestGateway;
+  close(): Promise<void>;
+}
+
+/** Two instances on one PostgreSQL database, the second behind a TCP proxy: for tests of a database that goes away. */
+export async function startGatewayBehindPostgresProxy(options: { env?: Env; sameAdminKey?: boolean } = {}): Promise<ProxiedGateway> {
+  const owner = await startTestGateway({ db: 'postgres' });
+  const proxy = await startTcpProxy(owner.database.url ?? '');
+  const gw = await startTestGateway({
+    db: 'postgres',
+    postgresUrl: proxy.url,
+    stub: owner.stub,
+    adminKey: options.sameAdminKey ? owner.adminKey : undefined,
+    env: options.env,
+  });
+  return {
+    owner,
+    proxy,
+    gw,
+    async close() {
+      proxy.thaw();
+      await gw.close();
+      await proxy.stop();
+      await owner.close();
     },
   };
 }
