@@ -153,8 +153,9 @@ export class JobProcessor implements JobHandler {
 
   private async failed(job: JobRecord, error: unknown, signal: AbortSignal): Promise<void> {
     if (signal.aborted) {
-      // Shutting down, not the job's fault: back to queued for another worker (or the next start).
-      await this.repo.retryLater(job.id, job.error, this.clock.now());
+      // Shutting down, not the job's fault: back to queued for another worker (or the next start),
+      // and the try it did not finish is not counted against it.
+      await this.repo.retryLater(job.id, job.error, this.clock.now(), false);
       throw new RetryJobError(0, 'interrupted by shutdown');
     }
     const gatewayError = toGatewayError(error);

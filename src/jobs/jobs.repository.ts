@@ -123,13 +123,17 @@ export class JobsRepository {
       : undefined;
   }
 
-  /** Back to queued after a transient failure, keeping the last error visible while it waits. */
-  async retryLater(id: string, error: ErrorBody | null, now: Date): Promise<void> {
-    await this.db.query(`UPDATE jobs SET status = 'queued', error = $2::jsonb, updated_at = $3 WHERE id = $1 AND status = 'running'`, [
-      id,
-      error === null ? null : jsonb(error),
-      now,
-    ]);
+  /**
+   * Back to queued after a transient failure, keeping the last error visible while it waits.
+   * `counted: false` for a try shutdown cut short: it is not one of the job's JOBS_MAX_ATTEMPTS,
+   * or every rollout during a long job would bring it closer to the dead-letter queue.
+   */
+  async retryLater(id: string, error: ErrorBody | null, now: Date, counted = true): Promise<void> {
+    await this.db.query(
+      `UPDATE jobs SET status = 'queued', error = $2::jsonb, updated_at = $3, attempts = CASE WHEN $4 THEN attempts ELSE GREATEST(attempts - 1, 0) END
+        WHERE id = $1 AND status = 'running'`,
+      [id, error === null ? null : jsonb(error), now, counted],
+    );
   }
 
   async complete(id: string, outcome: { result: unknown; model: string; costNanos: bigint }, now: Date): Promise<JobRecord | undefined> {

@@ -12,6 +12,7 @@ import type { OpenedDatabase } from '../../src/database/data-source.js';
 import type { Principal } from '../../src/identity/principal.js';
 import type { JobCallbacks } from '../../src/jobs/job-callbacks.js';
 import { JobProcessor } from '../../src/jobs/job.processor.js';
+import { RetryJobError } from '../../src/jobs/job-queue.js';
 import type { JobRecord, NewJob } from '../../src/jobs/job.types.js';
 import { JobsRepository } from '../../src/jobs/jobs.repository.js';
 import { DB_KINDS } from '../support/databases.js';
@@ -104,6 +105,20 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
     const stored = await repo.find(job.id);
     expect(stored).toMatchObject({ status: 'completed', costNanos: 1234n, model: 'openai/gpt-4o-mini' });
     expect((stored?.result as ChatCompletion).choices[0]?.message.content).toBe('a\uFFFDb');
+  });
+
+  it('puts a try that shutdown cut short back in the queue without counting it', async () => {
+    const stopping = new AbortController();
+    const completions = new FakeCompletions(() => {
+      stopping.abort();
+      throw new Error('aborted by the shutdown');
+    });
+    const { job } = await repo.insert(newJob(), clock.now());
+    await expect(processor(completions).run(job.id, stopping.signal)).rejects.toThrow(RetryJobError);
+    expect(await repo.find(job.id)).toMatchObject({ status: 'queued', attempts: 0 });
+    // The next try counts as the first.
+    await processor(new FakeCompletions(() => outcomeWith('after the restart'))).run(job.id, new AbortController().signal);
+    expect(await repo.find(job.id)).toMatchObject({ status: 'completed', attempts: 1 });
   });
 
   it('retries a failed result write in the same try, never the completion', async () => {
