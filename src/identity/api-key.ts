@@ -10,6 +10,12 @@ export function hashApiKey(key: string): string {
   return hash('sha256', key, 'hex');
 }
 
+/**
+ * The part of a key shown to people (key listings, log lines, audit rows of failed attempts):
+ * enough to tell keys apart, never most of a secret. Ten characters of a generated key (46) show
+ * seven random ones; of a short key chosen by hand (ADMIN_API_KEY may have 16), or whatever
+ * someone presented by mistake, at most a quarter.
+ */
 export function keyPrefix(key: string): string {
-  return key.slice(0, 10);
+  return key.slice(0, Math.min(10, Math.floor(key.length / 4)));
 }
