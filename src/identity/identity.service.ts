@@ -137,6 +137,7 @@ export class IdentityService {
 
   async disableDepartment(id: string): Promise<DepartmentEntity> {
     const department = await this.getDepartment(id);
+    if (department.disabledAt === null) await this.assertAnAdminRemains({ departmentId: id });
     department.disabledAt ??= this.clock.now();
     const saved = await this.departments.save(department);
     this.forgetCachedKeys();
@@ -163,6 +164,7 @@ export class IdentityService {
 
   async disableUser(id: string): Promise<UserEntity> {
     const user = await this.getUser(id);
+    if (user.disabledAt === null) await this.assertAnAdminRemains({ userId: id });
     user.disabledAt ??= this.clock.now();
     const saved = await this.users.save(user);
     this.forgetCachedKeys();
@@ -192,6 +194,7 @@ export class IdentityService {
   async revokeKey(id: string): Promise<ApiKeyEntity> {
     const key = await this.keys.findOneBy({ id });
     if (!key) throw new GatewayError('not_found', `No key with id '${id}'.`);
+    if (key.revokedAt === null) await this.assertAnAdminRemains({ keyId: id });
     key.revokedAt ??= this.clock.now();
     const saved = await this.keys.save(key);
     this.forgetCachedKeys();
@@ -207,12 +210,33 @@ export class IdentityService {
   }
 
   async hasActiveAdminKey(): Promise<boolean> {
+    return this.adminKeyOutside({});
+  }
+
+  /**
+   * Whether a usable admin key exists (not revoked or expired, its user and department enabled)
+   * other than the key, or the keys of the user or department, given.
+   */
+  private async adminKeyOutside(except: { keyId?: string; userId?: string; departmentId?: string }): Promise<boolean> {
     const rows: unknown[] = await this.dataSource.query(
-      `SELECT 1 FROM api_keys k JOIN users u ON u.id = k.user_id
-        WHERE u.role = 'admin' AND k.revoked_at IS NULL AND u.disabled_at IS NULL
-          AND (k.expires_at IS NULL OR k.expires_at > now()) LIMIT 1`,
+      `SELECT 1 FROM api_keys k JOIN users u ON u.id = k.user_id JOIN departments d ON d.id = u.department_id
+        WHERE u.role = 'admin' AND k.revoked_at IS NULL AND u.disabled_at IS NULL AND d.disabled_at IS NULL
+          AND (k.expires_at IS NULL OR k.expires_at > now())
+          AND ($1::uuid IS NULL OR k.id <> $1::uuid) AND ($2::uuid IS NULL OR u.id <> $2::uuid) AND ($3::uuid IS NULL OR d.id <> $3::uuid)
+        LIMIT 1`,
+      [except.keyId ?? null, except.userId ?? null, except.departmentId ?? null],
     );
     return rows.length > 0;
+  }
+
+  /**
+   * Refuses a revoke or disable that would leave no usable admin key: nobody could reach the
+   * admin API to undo it, and a restart would not bring one back (ADMIN_API_KEY's row, or the
+   * generated key's user or department, is the one just turned off). Create another admin key first.
+   */
+  private async assertAnAdminRemains(except: { keyId?: string; userId?: string; departmentId?: string }): Promise<void> {
+    if (await this.adminKeyOutside(except)) return;
+    throw new GatewayError('conflict', 'This would leave no usable admin key, and nobody could reach the admin API to undo it; create another admin key first.');
   }
 
   /** The built-in admin user that owns bootstrap keys; created once, shared by all instances. */

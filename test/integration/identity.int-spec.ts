@@ -124,6 +124,38 @@ describe.each(DB_KINDS)('identity on %s', (db) => {
   });
 });
 
+describe.each(DB_KINDS)('the last usable admin key on %s', (db) => {
+  let gw: TestGateway;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ db });
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+
+  it('cannot be revoked, nor its user or department disabled, until another admin key exists', async () => {
+    // A fresh gateway's only admin key is ADMIN_API_KEY's, owned by the bootstrap admin.
+    const users = await gw.admin.get<{ data: Array<{ id: string; name: string; department_id: string }> }>('/admin/users');
+    const bootstrap = users.body.data.find((u) => u.name === 'bootstrap-admin');
+    expect(bootstrap).toBeDefined();
+    const keys = await gw.admin.get<{ data: KeyView[] }>(`/admin/keys?user_id=${bootstrap?.id}`);
+    const adminKeyId = keys.body.data.find((k) => k.revoked_at === null)?.id;
+    const lockout = { status: 409, body: { error: { code: 'conflict' } } };
+    expect(await gw.admin.delete(`/admin/keys/${adminKeyId}`)).toMatchObject(lockout);
+    expect(await gw.admin.delete(`/admin/users/${bootstrap?.id}`)).toMatchObject(lockout);
+    expect(await gw.admin.delete(`/admin/departments/${bootstrap?.department_id}`)).toMatchObject(lockout);
+    expect((await gw.admin.get('/admin/users')).status).toBe(200);
+
+    // With a second admin in another department, the bootstrap one may go.
+    const other = await gw.tenants.create({ role: 'admin' });
+    expect((await gw.admin.delete(`/admin/departments/${bootstrap?.department_id}`)).status).toBe(200);
+    expect((await other.api.get('/admin/users')).status).toBe(200);
+    // And that second admin is now the last one.
+    expect(await other.api.delete(`/admin/keys/${other.keyId}`)).toMatchObject(lockout);
+  });
+});
+
 describe('the admin API while PostgreSQL is away', () => {
   let gateways: ProxiedGateway;
   let proxy: TcpProxy;
