@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { type BeforeApplicationShutdown, Injectable, Optional } from '@nestjs/common';
 import type { Logger } from 'pino';
 import { formatUsd, type Nanos, tokensCost } from '../../libs/money/src/index.js';
-import { readUsage, type Usage } from '../../libs/openai-contract/src/index.js';
+import { cleanUsage, type Usage } from '../../libs/openai-contract/src/index.js';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
@@ -99,7 +99,7 @@ export class BudgetService implements BeforeApplicationShutdown {
     // left to the sweeper.
     for (const [timer, releases] of this.failedHolds) {
       clearTimeout(timer);
-      for (const release of releases) this.writer.enqueue({ release, rows: [] });
+      this.release(releases);
     }
     this.failedHolds.clear();
   }
@@ -333,15 +333,20 @@ export class BudgetService implements BeforeApplicationShutdown {
     const releases = batch.map(({ id, userId, departmentId }): PendingRelease => ({ id, userId, departmentId }));
     if (this.closing) {
       // The writer's last flush is near: a late release would find it stopped.
-      for (const release of releases) this.writer.enqueue({ release, rows: [] });
+      this.release(releases);
       return;
     }
     const timer = setTimeout(() => {
       this.failedHolds.delete(timer);
-      for (const release of releases) this.writer.enqueue({ release, rows: [] });
+      this.release(releases);
     }, this.database.holdSettleMs);
     timer.unref();
     this.failedHolds.set(timer, releases);
+  }
+
+  /** Queues releases with nothing charged: the writer frees what each reservation row holds. */
+  private release(releases: readonly PendingRelease[]): void {
+    for (const release of releases) this.writer.enqueue({ release, rows: [] });
   }
 
   private charge(attempt: ChargedAttempt, producedChars: number | undefined, reservation: Reservation): AttemptCharge {
@@ -349,7 +354,7 @@ export class BudgetService implements BeforeApplicationShutdown {
     const base = { model: attempt.model, status: attempt.status ?? null, outcome: attempt.ok ? 'ok' : (attempt.failure ?? 'failed') };
     // Read once more: an attempt's usage is only as sound as whoever filled it in, and a settle runs
     // after the upstream answered, so it must not throw. Unusable usage is charged as missing usage.
-    const usage = readUsage({ usage: attempt.usage });
+    const usage = cleanUsage(attempt.usage);
     if (usage) {
       const cost = costOf(usage, price);
       const source: CostSource = cost.source === 'pricing_table' && price.source === 'fallback' ? 'fallback_price' : cost.source;

@@ -1,4 +1,4 @@
-import { type ChatCompletion, readUsage, type Usage } from '../../libs/openai-contract/src/index.js';
+import { type ChatCompletion, cleanUsage, readUsage, type Usage } from '../../libs/openai-contract/src/index.js';
 import { replayChunks } from './stream-replay.js';
 
 /**
@@ -71,5 +71,5 @@ export function decodeCacheEntry(entry: string): CachedAnswer | undefined {
   if (!Array.isArray(header) || typeof header[0] !== 'string') return undefined;
   const raw = entry.slice(end + 1);
   if (raw.length === 0) return undefined;
-  return new CachedAnswer(raw, header[0], readUsage({ usage: header[1] as unknown }));
+  return new CachedAnswer(raw, header[0], cleanUsage(header[1]));
 }

@@ -89,8 +89,11 @@ export function readTokenCount(value: unknown): number | undefined {
  * charges an answer as it does one without usage, by its estimate.
  */
 export function readUsage(value: unknown): Usage | undefined {
-  if (!isRecord(value)) return undefined;
-  const usage = value.usage;
+  return isRecord(value) ? cleanUsage(value.usage) : undefined;
+}
+
+/** A `usage` object itself (one already taken out of its completion), read as readUsage reads it. */
+export function cleanUsage(usage: unknown): Usage | undefined {
   if (!isRecord(usage)) return undefined;
   const prompt = readTokenCount(usage.prompt_tokens);
   const completion = readTokenCount(usage.completion_tokens);
