@@ -102,25 +102,18 @@ export class JobsRepository {
     );
     const row = rows[0];
     if (!row) return undefined;
-    const key: KeyState | null =
-      typeof row.key_prefix === 'string'
-        ? { prefix: row.key_prefix, role: row.key_role as UserRole, cacheScope: row.key_cache_scope as CacheScope, expiresAt: toDateOrNull(row.key_expires_at) }
-        : null;
-    return { job: toRecord(row), key };
+    return { job: toRecord(row), key: keyState(row) ?? null };
   }
 
   /** The key a job was submitted with as it is now, revoked or not: whom the job's audit rows name. */
   async keyOf(keyId: string): Promise<KeyState | undefined> {
     const rows = await this.db.query<Row[]>(
-      `SELECT ak.prefix, u.role, d.cache_scope, ak.expires_at
+      `SELECT ak.prefix AS key_prefix, u.role AS key_role, d.cache_scope AS key_cache_scope, ak.expires_at AS key_expires_at
          FROM api_keys ak JOIN users u ON u.id = ak.user_id JOIN departments d ON d.id = u.department_id
         WHERE ak.id = $1`,
       [keyId],
     );
-    const row = rows[0];
-    return row
-      ? { prefix: row.prefix as string, role: row.role as UserRole, cacheScope: row.cache_scope as CacheScope, expiresAt: toDateOrNull(row.expires_at) }
-      : undefined;
+    return rows[0] ? keyState(rows[0]) : undefined;
   }
 
   /**
@@ -227,6 +220,12 @@ export class JobsRepository {
     ]);
     return rows.map((r) => r.id);
   }
+}
+
+/** A key's state from the `key_*` columns the queries above select; undefined when no key row joined. */
+function keyState(row: Row): KeyState | undefined {
+  if (typeof row.key_prefix !== 'string') return undefined;
+  return { prefix: row.key_prefix, role: row.key_role as UserRole, cacheScope: row.key_cache_scope as CacheScope, expiresAt: toDateOrNull(row.key_expires_at) };
 }
 
 function toRecord(row: Row): JobRecord {
