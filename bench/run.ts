@@ -4,7 +4,7 @@
  *   node dist/bench/run.js [--quick] [--rounds N] [--duration MS] [--warmup MS]
  *                          [--kinds json,sse] [--conns 1,16,64] [--cache miss,hit]
  *                          [--targets direct,floor,parsefloor,gateway,embedded] [--semi-space 16[,0,32]]
- *                          [--heap-growth 0[,30,50]] [--old-space 0[,256,512]]
+ *                          [--heap-growth 0[,30,50]] [--old-space 0[,256,512]] [--pretenure on[,off]]
  *                          [--variant NAME=DIST_DIR]... [--no-md] [--profile] [--profile-ms MS]
  *
  * Everything runs as its own node process on loopback: the stub upstream (answering at once),
@@ -48,6 +48,7 @@ import {
   startFloor,
   startGateway,
   memoryFlags,
+  SHIPPED_MEMORY,
   startStub,
 } from './targets.js';
 
@@ -57,7 +58,7 @@ import {
  * and 8 costs ~7% more CPU per request than 16 while 16 costs nothing measurable against the
  * default (BENCHMARKS.md, "Memory").
  */
-export const RECOMMENDED_SEMI_SPACE_MB = 16;
+export const RECOMMENDED_SEMI_SPACE_MB = SHIPPED_MEMORY.semiSpaceMb;
 
 /**
  * How far V8 lets the old generation grow past what survived the last full GC, in percent
@@ -66,14 +67,22 @@ export const RECOMMENDED_SEMI_SPACE_MB = 16;
  * (BENCHMARKS.md, docs/operations.md "Memory"), so it is the operator's trade, measured here with
  * `--heap-growth 0,50`.
  */
-export const DEFAULT_HEAP_GROWING_PERCENT = 0;
+export const DEFAULT_HEAP_GROWING_PERCENT = SHIPPED_MEMORY.heapGrowingPercent;
+
+/**
+ * Whether V8 may allocate straight into the old generation from allocation sites whose objects
+ * mostly survive a scavenge (allocation-site pretenuring, V8's default, as `npm start` runs).
+ * Turning it off (`--pretenure off`, `--no-allocation-site-pretenuring`) changed neither RSS nor
+ * CPU beyond the spread between two processes of one build (BENCHMARKS.md, session 19).
+ */
+export const DEFAULT_PRETENURING = SHIPPED_MEMORY.pretenuring ? 'on' : 'off';
 
 /**
  * --max-old-space-size for the gateway in MB (0 = no flag). Besides the hard cap, V8 derives its
  * heap growing factor from it: 4x the live heap for caps of 1 GB and more, down to 1.3x at 128 MB.
  * Measured with `--old-space 0,256,512`.
  */
-export const DEFAULT_OLD_SPACE_MB = 0;
+export const DEFAULT_OLD_SPACE_MB = SHIPPED_MEMORY.oldSpaceMb;
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const RESULTS_DIR = join(ROOT, 'bench', 'results');
@@ -92,6 +101,8 @@ interface Options {
   heapGrowth: number[];
   /** --max-old-space-size values in MB; every semi-space × heap-growth pair runs with each (0 = none). */
   oldSpace: number[];
+  /** Allocation-site pretenuring per gateway: true = V8's default, as `npm start`; false = `--no-allocation-site-pretenuring`. */
+  pretenure: boolean[];
   writeMarkdown: boolean;
   profile: boolean;
   profileMs: number;
@@ -116,6 +127,7 @@ function parseOptions(argv: string[]): Options {
       'semi-space': { type: 'string' },
       'heap-growth': { type: 'string' },
       'old-space': { type: 'string' },
+      pretenure: { type: 'string' },
       'no-md': { type: 'boolean' },
       profile: { type: 'boolean' },
       'profile-ms': { type: 'string' },
@@ -148,6 +160,10 @@ function parseOptions(argv: string[]): Options {
   const semiSpace = list(values['semi-space'], [String(RECOMMENDED_SEMI_SPACE_MB)]).map((s) => int(s, 0, 'semi-space'));
   const heapGrowth = list(values['heap-growth'], [String(DEFAULT_HEAP_GROWING_PERCENT)]).map((s) => int(s, 0, 'heap-growth'));
   const oldSpace = list(values['old-space'], [String(DEFAULT_OLD_SPACE_MB)]).map((s) => int(s, 0, 'old-space'));
+  const pretenure = list(values.pretenure, [DEFAULT_PRETENURING]).map((s) => {
+    if (s !== 'on' && s !== 'off') throw new Error(`--pretenure takes on or off, got ${s}`);
+    return s === 'on';
+  });
   return {
     quick,
     rounds: int(values.rounds, quick ? 1 : 3, 'rounds'),
@@ -159,6 +175,7 @@ function parseOptions(argv: string[]): Options {
     semiSpace,
     heapGrowth,
     oldSpace,
+    pretenure,
     writeMarkdown: values['no-md'] !== true && !quick,
     profile: values.profile === true,
     profileMs: int(values['profile-ms'], 10_000, 'profile-ms'),
@@ -220,6 +237,17 @@ interface MemoryFlags {
   semiSpaceMb: number;
   heapGrowingPercent: number;
   oldSpaceMb: number;
+  pretenuring: boolean;
+}
+
+/** The first value of each memory option: what variants and the embedded gateway run with. */
+function defaultMemory(options: Options): MemoryFlags {
+  return {
+    semiSpaceMb: options.semiSpace[0] ?? 0,
+    heapGrowingPercent: options.heapGrowth[0] ?? 0,
+    oldSpaceMb: options.oldSpace[0] ?? 0,
+    pretenuring: options.pretenure[0] ?? SHIPPED_MEMORY.pretenuring,
+  };
 }
 
 function gatewayName(base: string, memory: MemoryFlags, options: Options): string {
@@ -227,6 +255,7 @@ function gatewayName(base: string, memory: MemoryFlags, options: Options): strin
   if (options.semiSpace.length > 1) parts.push(`semi${memory.semiSpaceMb === 0 ? '-v8default' : memory.semiSpaceMb}`);
   if (options.heapGrowth.length > 1) parts.push(`hg${memory.heapGrowingPercent === 0 ? '-v8default' : memory.heapGrowingPercent}`);
   if (options.oldSpace.length > 1) parts.push(`old${memory.oldSpaceMb === 0 ? '-v8default' : memory.oldSpaceMb}`);
+  if (options.pretenure.length > 1) parts.push(`pretenure-${memory.pretenuring ? 'on' : 'off'}`);
   return parts.length === 0 ? base : `${base}/${parts.join('-')}`;
 }
 
@@ -284,7 +313,7 @@ async function main(): Promise<void> {
       process.stderr.write(
         `PostgreSQL: synchronous_commit ${options.pgAsyncCommit ? 'off' : 'on'}, one-row INSERT+COMMIT takes ${postgres.commitLatencyMs.toFixed(2)} ms (median)\n`,
       );
-      const defaults: MemoryFlags = { semiSpaceMb: options.semiSpace[0] ?? 0, heapGrowingPercent: options.heapGrowth[0] ?? 0, oldSpaceMb: options.oldSpace[0] ?? 0 };
+      const defaults = defaultMemory(options);
       for (const variant of options.profile ? [] : options.variants) {
         process.stderr.write(`starting ${variant.name} (PostgreSQL + Redis, build in ${variant.dist})…\n`);
         // A copy of dist/ made since the bundle exists runs its bundle, as `npm start` would; an older one its src.
@@ -294,7 +323,9 @@ async function main(): Promise<void> {
       }
       const memories: MemoryFlags[] = [];
       for (const semiSpaceMb of options.semiSpace)
-        for (const heapGrowingPercent of options.heapGrowth) for (const oldSpaceMb of options.oldSpace) memories.push({ semiSpaceMb, heapGrowingPercent, oldSpaceMb });
+        for (const heapGrowingPercent of options.heapGrowth)
+          for (const oldSpaceMb of options.oldSpace)
+            for (const pretenuring of options.pretenure) memories.push({ semiSpaceMb, heapGrowingPercent, oldSpaceMb, pretenuring });
       const variants = options.profile ? memories.slice(0, 1) : options.targets.has('gateway') ? memories : [];
       for (const memory of variants) {
         const name = gatewayName('gateway', memory, options);
@@ -310,9 +341,7 @@ async function main(): Promise<void> {
             name: 'embedded',
             flavour: 'embedded',
             stubUrl: stub.url,
-            semiSpaceMb: options.semiSpace[0] ?? 0,
-            heapGrowingPercent: options.heapGrowth[0] ?? 0,
-            oldSpaceMb: options.oldSpace[0] ?? 0,
+            ...defaultMemory(options),
           }),
         ),
       );

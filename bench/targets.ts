@@ -93,6 +93,14 @@ async function withAdmin<T>(fn: (client: pg.Client) => Promise<T>): Promise<T> {
   }
 }
 
+/**
+ * The V8 memory settings the gateway ships with: `npm start`, `start:worker` (package.json) and the
+ * image's CMD (docker/Dockerfile) pass exactly `memoryFlags(SHIPPED_MEMORY)` (bench/targets.spec.ts
+ * checks), and the bench's gateway runs with them unless told otherwise. Why each is what it is:
+ * bench/run.ts, next to the option that varies it.
+ */
+export const SHIPPED_MEMORY = Object.freeze({ semiSpaceMb: 16, heapGrowingPercent: 0, oldSpaceMb: 0, pretenuring: true });
+
 export type GatewayFlavour = 'production' | 'embedded';
 
 export interface GatewayOptions {
@@ -106,6 +114,8 @@ export interface GatewayOptions {
   heapGrowingPercent: number;
   /** --max-old-space-size in MB (also lowers V8's heap growing factor); 0 keeps V8's default. */
   oldSpaceMb: number;
+  /** V8's allocation-site pretenuring (its default, as `npm start`); false passes `--no-allocation-site-pretenuring`. */
+  pretenuring: boolean;
   /** Start under the in-process CPU profiler wrapper (IPC-controlled), for --profile. */
   profiled?: boolean;
   /** Another build's main.js (a saved copy of dist/), for before/after comparisons in one run. */
@@ -183,11 +193,12 @@ export async function startGateway(options: GatewayOptions): Promise<StartedGate
 }
 
 /** The V8 memory flags a gateway runs with, as `npm start` passes them (package.json). */
-export function memoryFlags(memory: { semiSpaceMb: number; heapGrowingPercent: number; oldSpaceMb: number }): string[] {
+export function memoryFlags(memory: { semiSpaceMb: number; heapGrowingPercent: number; oldSpaceMb: number; pretenuring: boolean }): string[] {
   const flags: string[] = [];
   if (memory.semiSpaceMb > 0) flags.push(`--max-semi-space-size=${memory.semiSpaceMb}`);
   if (memory.heapGrowingPercent > 0) flags.push(`--heap-growing-percent=${memory.heapGrowingPercent}`);
   if (memory.oldSpaceMb > 0) flags.push(`--max-old-space-size=${memory.oldSpaceMb}`);
+  if (!memory.pretenuring) flags.push('--no-allocation-site-pretenuring');
   return flags;
 }
 

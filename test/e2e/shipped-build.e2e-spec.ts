@@ -3,7 +3,7 @@ import { join, relative } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStubUpstream, type StubUpstream } from '../../libs/stub-upstream/src/index.js';
-import { provisionTenant, type StartedGateway, startGateway } from '../../bench/targets.js';
+import { provisionTenant, SHIPPED_MEMORY, type StartedGateway, startGateway } from '../../bench/targets.js';
 import { createPostgresDatabase, REDIS_URL } from '../support/databases.js';
 import { pollUntil } from '../support/gateway.js';
 import { dropRedisKeys, uniqueRedisPrefix } from '../support/redis.js';
@@ -87,9 +87,7 @@ describe('the shipped build (dist/bundle/main.js) as its own process', () => {
         flavour: 'production',
         stubUrl: stub.url,
         databaseUrl: database.url,
-        semiSpaceMb: 16,
-        heapGrowingPercent: 0,
-        oldSpaceMb: 0,
+        ...SHIPPED_MEMORY,
         entry: BUNDLE,
         env: { REDIS_URL, REDIS_KEY_PREFIX: prefix, LOG_LEVEL: 'info' },
       });
@@ -187,9 +185,7 @@ describe('the shipped build (dist/bundle/main.js) as its own process', () => {
         name: 'shipped-embedded',
         flavour: 'embedded',
         stubUrl: stub.url,
-        semiSpaceMb: 16,
-        heapGrowingPercent: 0,
-        oldSpaceMb: 0,
+        ...SHIPPED_MEMORY,
         entry: BUNDLE,
         // No upstream key: the built-in mock answers (its lazily loaded chunk must be there).
         env: { OPENROUTER_API_KEY: '', OPENROUTER_BASE_URL: '' },
