@@ -36,6 +36,19 @@ export class BudgetSettingsService {
   async set(scope: BudgetScope, id: string, limitNanos: Nanos, period: BudgetPeriod): Promise<BudgetView> {
     await this.assertExists(scope, id);
     await this.budget.flush();
+    // A DELETE of the same budget (another admin, another instance) can land between the upsert
+    // and a period change, which then finds no row. The PUT still means "this budget from now
+    // on": once more, the row is created afresh with the new period. Twice in a row is a 409.
+    const row = (await this.upsert(scope, id, limitNanos, period)) ?? (await this.upsert(scope, id, limitNanos, period));
+    if (!row) throw new GatewayError('conflict', 'The budget was deleted while it was being changed, twice; send the change again.');
+    // A request of this scope may have taken a lease under the old limit while the flush above
+    // ran: this instance applies the new budget from now on.
+    this.budget.retireLeases();
+    return this.view(row);
+  }
+
+  /** The budget row as set, or undefined when it was deleted before its period could change. */
+  private async upsert(scope: BudgetScope, id: string, limitNanos: Nanos, period: BudgetPeriod): Promise<BudgetRow | undefined> {
     const now = this.clock.now();
     const start = period === 'total' ? now : currentPeriodStart(period, periodStarts(now), now);
     const { ledgerColumn, heldColumn } = SCOPE_TABLE[scope];
@@ -61,14 +74,10 @@ export class BudgetSettingsService {
           await manager.query('LOCK TABLE budget_reservations IN SHARE ROW EXCLUSIVE MODE');
           return manager.query<BudgetRow[]>(upsert, params);
         });
-    let row: BudgetRow | undefined = rows[0];
-    // The upsert changes only the limit of an existing budget; a new period is set apart.
-    if (row && row.period !== period) row = await this.changePeriod(scope, id, period, start, now);
+    const row: BudgetRow | undefined = rows[0];
     if (!row) throw new Error('budget upsert returned no row');
-    // A request of this scope may have taken a lease under the old limit while the flush above
-    // ran: this instance applies the new budget from now on.
-    this.budget.retireLeases();
-    return this.view(row);
+    // The upsert changes only the limit of an existing budget; a new period is set apart.
+    return row.period === period ? row : this.changePeriod(scope, id, period, start, now);
   }
 
   /**

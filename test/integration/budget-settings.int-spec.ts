@@ -94,4 +94,31 @@ describe('changing a budget while another instance flushes (postgres)', () => {
     const stored = await storedBudget(gw, 'user', t.userId);
     expect(stored.spent).toBe(await ledgerSum(gw, 'user', t.userId, stored.periodStart));
   });
+
+  it('sets a budget whose period change meets a DELETE of it: the budget exists afterwards, with the new period', async () => {
+    const t = await gw.tenants.create({ userBudgetUsd: 1, period: 'monthly' });
+    const spent = await gw.admin.post('/v1/chat/completions', { messages: [{ role: 'user', content: 'spend a little' }] }, { authorization: `Bearer ${t.key}` });
+    expect(spent.status).toBe(200);
+    // Its charge is stored now (a budget read flushes), so the PUT's own flush has none to wait for.
+    expect((await gw.admin.get<BudgetView>(`/admin/budgets/users/${t.userId}`)).body).toMatchObject({ period: 'monthly' });
+    // FOR KEY SHARE lets the PUT's upsert (a limit is no key) through and holds its period
+    // change's FOR UPDATE; the row is then deleted under it, as another admin's DELETE would.
+    await other.query('BEGIN');
+    await other.query('SELECT 1 FROM budgets WHERE scope = $1 AND scope_id = $2::uuid FOR KEY SHARE', ['user', t.userId]);
+    const put = gw.admin.put<BudgetView>(`/admin/budgets/users/${t.userId}`, { limit_usd: 3, period: 'daily' });
+    await pollUntil(async () => {
+      const { rows } = await monitor.query<{ n: string }>(
+        `SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE%'`,
+      );
+      expect(Number(rows[0]?.n)).toBe(1);
+    });
+    await other.query('DELETE FROM budgets WHERE scope = $1 AND scope_id = $2::uuid', ['user', t.userId]);
+    await other.query('COMMIT');
+    const res = await put;
+    expect(res.status).toBe(200);
+    expect(res.body).toMatchObject({ limit_usd: 3, period: 'daily' });
+    const stored = await storedBudget(gw, 'user', t.userId);
+    expect(stored.spent).toBe(await ledgerSum(gw, 'user', t.userId, stored.periodStart));
+    expect((await gw.admin.get<BudgetView>(`/admin/budgets/users/${t.userId}`)).body).toMatchObject({ limit_usd: 3, period: 'daily' });
+  });
 });
