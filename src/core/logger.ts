@@ -58,7 +58,7 @@ export function createLogger(level: string, destination?: pino.DestinationStream
 function bufferedStdout(): pino.DestinationStream {
   const out = pino.destination({ dest: STDOUT, sync: false });
   const batched = batchedDestination(out);
-  process.once('exit', () => {
+  atExit(batched, () => {
     const rest = batched.take();
     if (rest.length === 0) return;
     try {
@@ -69,6 +69,29 @@ function bufferedStdout(): pino.DestinationStream {
     }
   });
   return batched;
+}
+
+/**
+ * What each live destination writes at exit, run by one 'exit' listener. A listener per logger
+ * made Node warn (MaxListenersExceededWarning) in processes that create many, as the tests do,
+ * and kept every logger alive. Weak: a destination no longer used is not kept for its exit write
+ * (a WeakMap's value lives only as long as its key, even though it refers to it).
+ */
+const exitWrites = new WeakMap<object, () => void>();
+const exitDestinations = new Set<WeakRef<object>>();
+
+function atExit(destination: object, write: () => void): void {
+  if (exitDestinations.size === 0) process.once('exit', writeAllAtExit);
+  exitWrites.set(destination, write);
+  exitDestinations.add(new WeakRef(destination));
+}
+
+function writeAllAtExit(): void {
+  for (const ref of exitDestinations) {
+    const destination = ref.deref();
+    if (destination) exitWrites.get(destination)?.();
+  }
+  exitDestinations.clear();
 }
 
 export interface BatchedDestination extends pino.DestinationStream {
