@@ -1,4 +1,6 @@
-import { Injectable, type OnApplicationBootstrap } from '@nestjs/common';
+import { Injectable, type OnApplicationBootstrap, Optional } from '@nestjs/common';
+import type { Logger } from 'pino';
+import { AuditService } from '../audit/audit.service.js';
 import { AppConfig } from '../config/config.js';
 import { AppLogger } from '../core/logger.js';
 import { IdentityService } from './identity.service.js';
@@ -7,6 +9,9 @@ import { IdentityService } from './identity.service.js';
  * Makes sure an admin can get in on a fresh install (API.md "Bootstrap"): ADMIN_API_KEY is
  * stored (hashed) as an admin key; without it, the embedded default generates one and prints it
  * once to stdout, outside the JSON log, so it never lands in a log pipeline.
+ *
+ * Setting a new ADMIN_API_KEY rotates it: the start with the new secret revokes the keys earlier
+ * values left behind (docs/operations.md "Rotating ADMIN_API_KEY").
  */
 @Injectable()
 export class IdentityBootstrapService implements OnApplicationBootstrap {
@@ -17,13 +22,15 @@ export class IdentityBootstrapService implements OnApplicationBootstrap {
     private readonly identity: IdentityService,
     private readonly config: AppConfig,
     private readonly appLogger: AppLogger,
+    // Global AuditModule; absent only where a test builds identity alone.
+    @Optional() private readonly audit?: AuditService,
   ) {}
 
   async onApplicationBootstrap(): Promise<void> {
     const logger = this.appLogger.logger.child({ context: 'IdentityBootstrap' });
     const admin = await this.identity.ensureBootstrapAdmin();
     if (this.config.adminApiKey) {
-      await this.identity.ensureKey(admin.id, this.config.adminApiKey, 'bootstrap (ADMIN_API_KEY)');
+      await this.ensureEnvKey(admin.id, this.config.adminApiKey, logger);
       return;
     }
     if (await this.identity.hasActiveAdminKey()) return;
@@ -37,5 +44,30 @@ export class IdentityBootstrapService implements OnApplicationBootstrap {
     process.stdout.write(
       `\n${'='.repeat(72)}\n  Gatehouse admin API key (shown once, stored only as a hash):\n\n    ${key}\n\n  Use it as "Authorization: Bearer <key>". Set ADMIN_API_KEY to choose your own.\n${'='.repeat(72)}\n\n`,
     );
+  }
+
+  private async ensureEnvKey(userId: string, key: string, logger: Logger): Promise<void> {
+    const outcome = await this.identity.ensureEnvKey(userId, key);
+    const own = { key_id: outcome.keyId, key_prefix: outcome.prefix };
+    switch (outcome.state) {
+      case 'revoked':
+        logger.warn(own, 'ADMIN_API_KEY names a revoked key and does not work; it stays revoked. Set ADMIN_API_KEY to a new secret to rotate it.');
+        return;
+      case 'unusable':
+        logger.warn(own, 'ADMIN_API_KEY does not work: its user or department is disabled. No earlier ADMIN_API_KEY key was revoked.');
+        return;
+      case 'usable':
+        break;
+    }
+    for (const old of outcome.revoked) {
+      logger.warn({ ...own, revoked_key_id: old.keyId, revoked_key_prefix: old.prefix }, 'revoked the key of an earlier ADMIN_API_KEY (rotated)');
+      // The same trail an admin's DELETE /admin/keys/:id leaves, with the system as the actor.
+      this.audit?.record({
+        action: 'bootstrap.revoke_key',
+        targetType: 'keys',
+        targetId: old.keyId,
+        details: { actor: 'system:bootstrap', reason: 'ADMIN_API_KEY rotated', prefix: old.prefix, replaced_by: own },
+      });
+    }
   }
 }

@@ -5,9 +5,10 @@ import { IdentityBootstrapService } from './identity-bootstrap.service.js';
 import { IdentityService } from './identity.service.js';
 import { ApiKeyEntity, DepartmentEntity, UserEntity } from './identity.entities.js';
 import { Identity1764400000000 } from './migrations/1764400000000-identity.js';
+import { BootstrapKeys1764400000100 } from './migrations/1764400000100-bootstrap-keys.js';
 
 export const IDENTITY_ENTITIES = [DepartmentEntity, UserEntity, ApiKeyEntity];
-export const IDENTITY_MIGRATIONS = [Identity1764400000000];
+export const IDENTITY_MIGRATIONS = [Identity1764400000000, BootstrapKeys1764400000100];
 
 @Module({
   controllers: [IdentityAdminController],

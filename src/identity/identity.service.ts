@@ -15,6 +15,19 @@ interface CachedKey {
 
 const MAX_CACHED_KEYS = 50_000;
 
+/** The name ADMIN_API_KEY's row gets; for people reading key listings, never to recognise it (`from_env` does). */
+const ENV_KEY_NAME = 'bootstrap (ADMIN_API_KEY)';
+
+/** What a start did with ADMIN_API_KEY. Prefixes only: the secret never leaves ensureEnvKey. */
+export interface EnvKeyOutcome {
+  keyId: string;
+  prefix: string;
+  /** `revoked`: an admin revoked this very key; `unusable`: its user or department is disabled. Either way it does not work. */
+  state: 'usable' | 'revoked' | 'unusable';
+  /** Earlier ADMIN_API_KEY keys this start revoked. */
+  revoked: Array<{ keyId: string; prefix: string }>;
+}
+
 /**
  * Departments, users and keys, and the per-request key → principal lookup.
  *
@@ -201,12 +214,59 @@ export class IdentityService {
     return saved;
   }
 
-  /** Stores a key whose secret came from outside (ADMIN_API_KEY); idempotent across instances. */
-  async ensureKey(userId: string, key: string, name: string): Promise<void> {
-    await this.dataSource.query(
-      `INSERT INTO api_keys (user_id, name, prefix, key_hash) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING`,
-      [userId, name, keyPrefix(key), hashApiKey(key)],
+  /**
+   * Stores ADMIN_API_KEY (hashed, flagged `from_env`; idempotent across instances) and revokes the
+   * keys earlier values of it left behind, so rotating the secret retires the old one.
+   *
+   * Only rows older than this key's own are revoked: during a rolling deploy a pod still started
+   * with the previous secret must not revoke its successor, so replicas cannot take turns locking
+   * each other out. Nothing is revoked, and this key is never un-revoked, when this key itself does
+   * not work (an admin revoked it, or disabled its user or department): a deliberate revocation
+   * stands, and revoking its predecessors too could leave nobody able to reach the admin API.
+   */
+  async ensureEnvKey(userId: string, key: string): Promise<EnvKeyOutcome> {
+    const keyHash = hashApiKey(key);
+    await this.dataSource.query(`INSERT INTO api_keys (user_id, name, prefix, key_hash, from_env) VALUES ($1, $2, $3, $4, true) ON CONFLICT DO NOTHING`, [
+      userId,
+      ENV_KEY_NAME,
+      keyPrefix(key),
+      keyHash,
+    ]);
+    const [own] = await this.dataSource.query<Array<{ id: string; prefix: string; revoked_at: Date | null }>>(
+      `SELECT id, prefix, revoked_at FROM api_keys WHERE key_hash = $1`,
+      [keyHash],
     );
+    if (!own) throw new Error('ADMIN_API_KEY row missing after insert');
+    const ownKey = { keyId: own.id, prefix: own.prefix };
+    if (own.revoked_at !== null) return { ...ownKey, state: 'revoked', revoked: [] };
+    const principal = await this.lookup(keyHash);
+    if (principal?.role !== 'admin' || (principal.expiresAt !== undefined && principal.expiresAt <= this.clock.nowMs())) {
+      return { ...ownKey, state: 'unusable', revoked: [] };
+    }
+    // Compared in SQL: created_at has microseconds, a JavaScript Date only milliseconds.
+    const older = await this.dataSource.query<Array<{ id: string; prefix: string }>>(
+      `SELECT id, prefix FROM api_keys
+        WHERE from_env AND revoked_at IS NULL AND id <> $1 AND created_at < (SELECT created_at FROM api_keys WHERE id = $1)
+        ORDER BY created_at`,
+      [own.id],
+    );
+    const revoked: Array<{ keyId: string; prefix: string }> = [];
+    for (const old of older) if (await this.revokeIfActive(old.id)) revoked.push({ keyId: old.id, prefix: old.prefix });
+    return { ...ownKey, state: 'usable', revoked };
+  }
+
+  /**
+   * revokeKey's effect (the same last-admin rule, the same cache drop) as one conditional update:
+   * replicas starting together revoke a key once, so it gets one audit row, not one per replica.
+   */
+  private async revokeIfActive(id: string): Promise<boolean> {
+    if (!(await this.adminKeyOutside({ keyId: id }))) return false;
+    const rows = await this.dataSource.query<unknown[]>(
+      `WITH changed AS (UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING id) SELECT id FROM changed`,
+      [id, this.clock.now()],
+    );
+    this.forgetCachedKeys();
+    return rows.length > 0;
   }
 
   async hasActiveAdminKey(): Promise<boolean> {

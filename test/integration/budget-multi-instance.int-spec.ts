@@ -13,7 +13,7 @@ describe('budgets across two instances sharing one PostgreSQL', () => {
 
   beforeAll(async () => {
     first = await startTestGateway({ db: 'postgres' });
-    second = await startTestGateway({ db: 'postgres', postgresUrl: first.database.url, stub: first.stub });
+    second = await startTestGateway({ db: 'postgres', postgresUrl: first.database.url, stub: first.stub, adminKey: first.adminKey });
   });
   afterAll(async () => {
     await second?.close();
@@ -114,7 +114,7 @@ describe('budgets across two instances sharing one PostgreSQL', () => {
   });
 
   it('gives its leases back when it shuts down', async () => {
-    const third = await startTestGateway({ db: 'postgres', postgresUrl: first.database.url, stub: first.stub });
+    const third = await startTestGateway({ db: 'postgres', postgresUrl: first.database.url, stub: first.stub, adminKey: first.adminKey });
     const t = await first.tenants.create({ userBudgetUsd: 1, period: 'total' });
     const viaThird = new ApiClient(third.url, t.key);
     for (let i = 0; i < 3; i += 1) expect((await viaThird.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);

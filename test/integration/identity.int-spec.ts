@@ -163,7 +163,7 @@ describe('the admin API while PostgreSQL is away', () => {
 
   beforeAll(async () => {
     // The admin key stays cached while the database is gone: the call itself meets the outage.
-    gateways = await startGatewayBehindPostgresProxy({ sameAdminKey: true, env: { DATABASE_REQUEST_TIMEOUT_MS: '500', KEY_CACHE_MS: '2000' } });
+    gateways = await startGatewayBehindPostgresProxy({ env: { DATABASE_REQUEST_TIMEOUT_MS: '500', KEY_CACHE_MS: '2000' } });
     ({ proxy, gw } = gateways);
   });
   afterAll(async () => {

@@ -98,7 +98,7 @@ export interface TestGatewayOptions {
   env?: Env;
   /** Share a stub between instances (its owner closes it). */
   stub?: StubUpstream;
-  /** Run a second instance on the same PostgreSQL database. */
+  /** Run a second instance on the same PostgreSQL database (with the first one's `adminKey`, unless a rotation is meant). */
   postgresUrl?: string;
   adminKey?: string;
   clock?: Clock;
@@ -188,20 +188,21 @@ export interface ProxiedGateway {
   owner: TestGateway;
   /** Between `gw` and PostgreSQL: stop() or freeze() it to take the database away from `gw` alone. */
   proxy: TcpProxy;
-  /** The second instance, on the same database through `proxy`, sharing the owner's stub (and admin key when asked). */
+  /** The second instance, on the same database through `proxy`, sharing the owner's stub and ADMIN_API_KEY, as replicas do. */
   gw: TestGateway;
   close(): Promise<void>;
 }
 
 /** Two instances on one PostgreSQL database, the second behind a TCP proxy: for tests of a database that goes away. */
-export async function startGatewayBehindPostgresProxy(options: { env?: Env; sameAdminKey?: boolean } = {}): Promise<ProxiedGateway> {
+export async function startGatewayBehindPostgresProxy(options: { env?: Env } = {}): Promise<ProxiedGateway> {
   const owner = await startTestGateway({ db: 'postgres' });
   const proxy = await startTcpProxy(owner.database.url ?? '');
   const gw = await startTestGateway({
     db: 'postgres',
     postgresUrl: proxy.url,
     stub: owner.stub,
-    adminKey: options.sameAdminKey ? owner.adminKey : undefined,
+    // Another ADMIN_API_KEY would be a rotation, and revoke the owner's (identity-bootstrap.service.ts).
+    adminKey: owner.adminKey,
     env: options.env,
   });
   return {
