@@ -13,7 +13,15 @@ import type { ResolvedRoute } from '../routing/routing-table.js';
 import { RoutingService } from '../routing/routing.service.js';
 import { UpstreamInfo } from '../upstream/llm-client.js';
 import { upstreamToGatewayError } from '../upstream/upstream-errors.js';
-import { answeredStatus, type CacheStatus, type CompletionCall, type CompletionMeta, type JsonOutcome, type StreamSink } from './completion.types.js';
+import {
+  answeredStatus,
+  type CacheStatus,
+  type CompletionCall,
+  type CompletionMeta,
+  type JsonOutcome,
+  type PacedStreamSink,
+  type StreamSink,
+} from './completion.types.js';
 import { StreamTracker } from './stream-tracker.js';
 import { requestedMaxTokens } from './upstream-body.js';
 import { asFailure, type Attempt, UpstreamCaller } from './upstream-caller.js';
@@ -116,12 +124,17 @@ export class CompletionService {
     const clientWantsUsage = call.body.stream_options?.include_usage === true;
     // Parsed events are assembled for the cache only when it will store them.
     const tracker = new StreamTracker(cached.fills);
+    const paced = pacedSink(sink);
     let outcome = 'ok';
     try {
       let next = opened.first;
       while (!next.done) {
         const isUsageOnly = tracker.observe(next.value);
         if (!isUsageOnly || clientWantsUsage) sink.event(next.value);
+        // A client slower than the upstream: pull nothing more until its socket drains, so the rest
+        // waits upstream (TCP back-pressure), not in this process. The wait also ends when the client
+        // leaves (`closed`, below) or the call's signal aborts (shutdown: the upstream reads then fail).
+        if (paced?.backedUp) await paced.drained(call.signal);
         if (sink.closed) {
           outcome = 'client_closed';
           await opened.iterator.return?.();
@@ -252,6 +265,8 @@ export class CompletionService {
     const meta = this.meta(route, hit.model, 'hit');
     this.budget.recordCacheHit(call, route, meta.model, hit.usage);
     sink.open(meta);
+    // No back-pressure wait: a replay is the cached answer, already in memory and bounded by its
+    // size, and it leaves in this tick as one write (see ReplyStreamSink).
     for (const payload of hit.replay(call.body.stream_options?.include_usage === true)) sink.event(payload);
     sink.close();
     this.logDone(call, route, meta, [], started, 'ok');
@@ -345,6 +360,11 @@ export class CompletionService {
       'completion',
     );
   }
+}
+
+/** Asked once per stream, so each event costs the loop one property read. */
+function pacedSink(sink: StreamSink): PacedStreamSink | undefined {
+  return 'drained' in sink ? (sink as PacedStreamSink) : undefined;
 }
 
 /** Tokens the upstream reported for this call (token rate limits count them after the answer). */

@@ -68,6 +68,17 @@ export interface StreamSink {
 }
 
 /**
+ * A sink whose client can fall behind (the HTTP door's). While `backedUp`, the stream loop pulls
+ * nothing more from the upstream until `drained` settles. Other sinks need neither.
+ */
+export interface PacedStreamSink extends StreamSink {
+  /** The client has not taken what it was sent yet (the socket's write said false, no 'drain' since). */
+  readonly backedUp: boolean;
+  /** Settles once the client drained, left, or `signal` aborted; never rejects. */
+  drained(signal: AbortSignal): Promise<void>;
+}
+
+/**
  * The status a pipeline call was answered with, as its log line and its metrics report it: 200 once
  * a JSON answer or a stream went out (however the stream ended), else its error code's, 500 for an
  * outcome that is no error code. (The audit row keeps null for the last: a column, not a guess.)

@@ -1,5 +1,5 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
-import type { CompletionCall, CompletionMeta, Door, StreamSink } from '../completion/completion.types.js';
+import type { CompletionCall, CompletionMeta, Door, PacedStreamSink } from '../completion/completion.types.js';
 import type { ChatCompletionRequest } from '../../libs/openai-contract/src/index.js';
 import { formatUsd } from '../../libs/money/src/index.js';
 import { routeHeader } from '../routing/routing-table.js';
@@ -82,8 +82,13 @@ export function metaHeaders(meta: CompletionMeta, costNanos?: bigint): Record<st
  * A stream that ends in the tick it opened in (every cache replay; an upstream whose whole answer
  * came in one read) is one response of known length: headers and body leave in one plain write
  * with `content-length`, as a JSON answer does, instead of a chunked `writev` of four pieces.
+ *
+ * A client that reads slower than the upstream writes leaves the socket backed up (`write` said
+ * false): `backedUp` tells the stream loop to pull nothing more from the upstream until 'drain',
+ * so the answer waits in the upstream's TCP window instead of in this process. A client keeping
+ * up costs one property read per event; only a backed-up one costs a promise and three listeners.
  */
-export class ReplyStreamSink implements StreamSink {
+export class ReplyStreamSink implements PacedStreamSink {
   private ended = false;
   private gone = false;
   /** Frames written during this tick, not sent yet; undefined when no flush is scheduled. */
@@ -99,6 +104,32 @@ export class ReplyStreamSink implements StreamSink {
 
   get closed(): boolean {
     return this.gone || this.reply.raw.destroyed;
+  }
+
+  /** False once the socket is gone too: there is nothing left to wait for then. */
+  get backedUp(): boolean {
+    return this.reply.raw.writableNeedDrain;
+  }
+
+  /**
+   * Settles on 'drain', or when the client leaves ('close': no drain will ever come), or when
+   * `signal` aborts (the shutdown deadline ends a stream in-band and must not wait for a reader
+   * that never reads). Never rejects; whichever comes first removes all three listeners.
+   */
+  drained(signal: AbortSignal): Promise<void> {
+    const raw = this.reply.raw;
+    if (!raw.writableNeedDrain || signal.aborted) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      const done = (): void => {
+        raw.off('drain', done);
+        raw.off('close', done);
+        signal.removeEventListener('abort', done);
+        resolve();
+      };
+      raw.on('drain', done);
+      raw.on('close', done);
+      signal.addEventListener('abort', done);
+    });
   }
 
   open(meta: CompletionMeta): void {

@@ -170,6 +170,20 @@ describe('stub upstream: JSON answers', () => {
     expect(capped.choices[0]?.finish_reason).toBe('length');
   });
 
+  it('wordBytes pads every word with letters, so the answer grows in bytes but not in tokens', async () => {
+    stub.configure({ completionTokens: 20, wordBytes: 100 });
+    const padded = await json<ChatCompletion>(await chat({ model: 'm', messages: MESSAGES }));
+    const words = padded.choices[0]?.message.content.split(' ') ?? [];
+    expect(words).toHaveLength(20);
+    expect(words.every((w) => w.length === 100)).toBe(true);
+    expect(words[0]).toBe(`Mock${'x'.repeat(96)}`);
+    expect(padded.usage.completion_tokens).toBe(20);
+
+    const { frames } = await readSse(await chat({ model: 'm', messages: MESSAGES, stream: true }));
+    const streamed = parseChunks(frames).map((c) => c.choices[0]?.delta.content ?? '');
+    expect(streamed.join('')).toBe(padded.choices[0]?.message.content);
+  });
+
   it('accepts /v1, bare and OpenRouter /api/v1 paths', async () => {
     const base = origin();
     for (const path of ['/v1/chat/completions', '/chat/completions', '/api/v1/chat/completions']) {
@@ -287,6 +301,26 @@ describe('stub upstream: streaming', () => {
       expect(parseChunks(frames)[0]?.choices[0]?.delta.role).toBe('assistant');
     });
   }
+
+  it('counts a stream in streamsFinished once its last byte left, not while a reader holds it back, never when cut', async () => {
+    stub.configure({ completionTokens: 200, wordBytes: 64 * 1024 });
+    const held = await chat({ model: 'm', messages: MESSAGES, stream: true });
+    expect(held.status).toBe(200);
+    // ~13 MB nobody reads yet: more than the loopback socket buffers take.
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect(stub.streamsFinished).toBe(0);
+    const { ended } = await readSse(held);
+    expect(ended).toBe(true);
+    // The stub hears of its last write's completion in a turn of its own.
+    while (stub.streamsFinished === 0) await new Promise((resolve) => setTimeout(resolve, 5));
+
+    stub.configure({ cutAfterChunks: 2 });
+    expect((await readSse(await chat({ model: 'm', messages: MESSAGES, stream: true }))).ended).toBe(false);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    expect(stub.streamsFinished).toBe(1);
+    stub.reset();
+    expect(stub.streamsFinished).toBe(0);
+  });
 
   it('cutAfterChunks 0 drops the connection right after the headers', async () => {
     stub.configure({ cutAfterChunks: 0 });
@@ -482,16 +516,16 @@ describe('stub upstream: bookkeeping and control surface', () => {
     const failed = await chat({ model: 'm', messages: MESSAGES });
     expect(failed.status).toBe(503);
     await failed.arrayBuffer();
-    const good = await chat({ model: 'good', messages: MESSAGES });
+    const good = await chat({ model: 'good', messages: MESSAGES, stream: true });
     expect(good.status).toBe(200);
     await good.arrayBuffer();
 
-    expect(await json<unknown>(await fetch(`${base}/__stub/stats`))).toEqual({ hits: 2 });
+    expect(await json<unknown>(await fetch(`${base}/__stub/stats`))).toEqual({ hits: 2, streamsFinished: 1 });
 
     const reset = await fetch(`${base}/__stub/reset`, { method: 'POST' });
     expect(reset.status).toBe(200);
     await reset.arrayBuffer();
-    expect(await json<unknown>(await fetch(`${base}/__stub/stats`))).toEqual({ hits: 0 });
+    expect(await json<unknown>(await fetch(`${base}/__stub/stats`))).toEqual({ hits: 0, streamsFinished: 0 });
     const healed = await chat({ model: 'm', messages: MESSAGES });
     expect(healed.status).toBe(200);
     await healed.arrayBuffer();

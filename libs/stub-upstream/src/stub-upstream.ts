@@ -6,7 +6,8 @@
  *  - the gateway's tests, which need deterministic answers and precise fault control;
  *  - the load benchmark, which needs the stub never to be the bottleneck — hence plain
  *    `node:http`, one JSON.stringify per JSON answer, precomputed static bodies, and no
- *    timers or extra listeners unless a fault asks for them;
+ *    timers or extra listeners unless a fault asks for them (an SSE answer's one 'finish'
+ *    callback, for `streamsFinished`, aside);
  *  - the gateway's in-process "mock upstream" mode — hence no imports from `src/` and
  *    no Nest: this module only depends on Node built-ins.
  */
@@ -42,6 +43,8 @@ export interface StubFaults {
   omitCost?: boolean;
   /** Force the completion token count (the reply is padded or cut to exactly this many words). */
   completionTokens?: number;
+  /** Pad every word of the reply to this many characters (filler letters): a long answer in bytes, same token count. */
+  wordBytes?: number;
 }
 
 export interface StubConfig extends StubFaults {
@@ -65,11 +68,13 @@ export interface StubUpstream {
   readonly port: number;
   /** Chat completion requests received (every POST to a chat completions path, including failed ones). */
   hits: number;
+  /** SSE answers whose last byte (`[DONE]`) was handed to the OS: one held back by a slow reader is not counted yet. */
+  readonly streamsFinished: number;
   /** The last {@link MAX_RECORDED_REQUESTS} chat completion requests, oldest first. */
   readonly requests: StubRequestRecord[];
   /** Replace the whole fault config (also restarts the failTimes counters). */
   configure(config: StubConfig): void;
-  /** Clear config, hits, failTimes counters and recorded requests. */
+  /** Clear config, hits, streamsFinished, failTimes counters and recorded requests. */
   reset(): void;
   /** Close the server and destroy every open socket, including ones with a request in flight. */
   close(): Promise<void>;
@@ -174,6 +179,7 @@ const NUMERIC_FAULTS = [
   'cutAfterChunks',
   'hangMs',
   'completionTokens',
+  'wordBytes',
 ] as const;
 const BOOLEAN_FAULTS = ['malformedJson', 'emptyAnswer', 'omitCost'] as const;
 const KNOWN_FAULT_KEYS: ReadonlySet<string> = new Set<string>([...NUMERIC_FAULTS, ...BOOLEAN_FAULTS, 'status']);
@@ -411,6 +417,15 @@ function fitWords(pieces: string[], n: number): string[] {
   return out;
 }
 
+/** Pads the word of each piece (not its trailing whitespace) with filler letters to `n` characters; never adds a word. */
+function padWords(pieces: string[], n: number): string[] {
+  return pieces.map((piece) => {
+    let end = piece.length;
+    while (end > 0 && isSpace(piece.charCodeAt(end - 1))) end--;
+    return end >= n ? piece : `${piece.slice(0, end)}${'x'.repeat(n - end)}${piece.slice(end)}`;
+  });
+}
+
 interface Completion {
   content: string;
   /** Word pieces for SSE; only computed when streaming. */
@@ -425,7 +440,7 @@ function buildCompletion(chat: ChatRequest, faults: Readonly<StubFaults>): Compl
   const forced = faults.completionTokens;
   const limit = chat.maxTokens;
   // Fast path (the benchmark's common case): nothing to pad, cut or stream — count only.
-  if (!chat.stream && forced === undefined) {
+  if (!chat.stream && forced === undefined && faults.wordBytes === undefined) {
     const words = countWords(reply);
     if (limit === undefined || words <= limit) {
       return { content: reply, pieces: undefined, finishReason: 'stop', promptTokens: chat.promptTokens, completionTokens: words };
@@ -438,6 +453,7 @@ function buildCompletion(chat: ChatRequest, faults: Readonly<StubFaults>): Compl
     pieces = fitWords(pieces, limit);
     finishReason = 'length';
   }
+  if (faults.wordBytes !== undefined) pieces = padWords(pieces, Math.floor(faults.wordBytes));
   return {
     content: pieces.join(''),
     pieces,
@@ -605,6 +621,7 @@ interface Answer {
 
 class StubUpstreamServer implements StubUpstream {
   hits = 0;
+  streamsFinished = 0;
   readonly requests: StubRequestRecord[] = [];
   private config: CompiledConfig = EMPTY_CONFIG;
   /** failTimes counters, keyed by model id. */
@@ -618,6 +635,10 @@ class StubUpstreamServer implements StubUpstream {
   private listenPort = 0;
   private closing: Promise<void> | undefined;
   private readonly server: Server;
+  /** `res.end` callback of an SSE answer: one function for all, not a closure per stream. Node calls it with an error if the socket died first. */
+  private readonly streamFlushed = (error?: Error | null): void => {
+    if (!error) this.streamsFinished++;
+  };
 
   constructor(private readonly record: boolean) {
     this.server = createServer(
@@ -664,6 +685,7 @@ class StubUpstreamServer implements StubUpstream {
     this.config = EMPTY_CONFIG;
     this.failures.clear();
     this.hits = 0;
+    this.streamsFinished = 0;
     this.requests.length = 0;
   }
 
@@ -699,7 +721,7 @@ class StubUpstreamServer implements StubUpstream {
 
   private handleControl(req: IncomingMessage, res: ServerResponse, method: string, path: string): void {
     if (method === 'GET' && path === '/__stub/stats') {
-      sendBody(res, 200, JSON.stringify({ hits: this.hits }), JSON_TYPE);
+      sendBody(res, 200, JSON.stringify({ hits: this.hits, streamsFinished: this.streamsFinished }), JSON_TYPE);
     } else if (method === 'POST' && path === '/__stub/reset') {
       this.reset();
       sendBody(res, 200, OK_BODY, JSON_TYPE);
@@ -816,7 +838,7 @@ class StubUpstreamServer implements StubUpstream {
     if (faults.malformedJson) {
       if (a.chat.stream) {
         res.writeHead(200, SSE_HEADERS);
-        res.end(MALFORMED_SSE_BODY);
+        res.end(MALFORMED_SSE_BODY, this.streamFlushed);
       } else {
         sendBody(res, 200, MALFORMED_JSON_BODY, JSON_TYPE);
       }
@@ -825,7 +847,7 @@ class StubUpstreamServer implements StubUpstream {
     if (faults.emptyAnswer) {
       if (a.chat.stream) {
         res.writeHead(200, SSE_HEADERS);
-        res.end(SSE_DONE);
+        res.end(SSE_DONE, this.streamFlushed);
       } else {
         sendBody(res, 200, EMPTY_ANSWER_JSON_BODY, JSON_TYPE);
       }
@@ -873,7 +895,7 @@ class StubUpstreamServer implements StubUpstream {
     const cut = faults.cutAfterChunks === undefined ? undefined : Math.min(Math.floor(faults.cutAfterChunks), frames.length - 1);
     const delay = faults.chunkDelayMs ?? 0;
     if (delay <= 0 || cut === 0) {
-      if (cut === undefined) res.end(frames.join(''));
+      if (cut === undefined) res.end(frames.join(''), this.streamFlushed);
       else cutAfter(res, frames.slice(0, cut).join(''));
       return;
     }
@@ -889,7 +911,7 @@ class StubUpstreamServer implements StubUpstream {
       return;
     }
     if (i === frames.length - 1) {
-      res.end(frame);
+      res.end(frame, this.streamFlushed);
       return;
     }
     res.write(frame);

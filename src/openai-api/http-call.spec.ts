@@ -1,0 +1,124 @@
+import { getEventListeners } from 'node:events';
+import { createServer, type IncomingMessage, request, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import type { FastifyReply } from 'fastify';
+import { afterEach, describe, expect, it } from 'vitest';
+import type { CompletionMeta } from '../completion/completion.types.js';
+import { ReplyStreamSink } from './http-call.js';
+
+const META: CompletionMeta = {
+  model: 'm',
+  route: { requestedTaskType: 'general', ruleTaskType: 'general', version: 1, models: ['m'], maxTokens: 16, explicitModel: false },
+  cache: 'miss',
+  upstreamMock: false,
+  headers: {},
+};
+const BIG_EVENT = JSON.stringify({ pad: 'x'.repeat(1024 * 1024) });
+
+const servers: Server[] = [];
+afterEach(async () => {
+  for (const server of servers.splice(0)) {
+    server.closeAllConnections();
+    await new Promise((resolve) => server.close(resolve));
+  }
+});
+
+interface Backed {
+  sink: ReplyStreamSink;
+  res: ServerResponse;
+  /** The client's response: paused, nothing read until the test resumes it. */
+  client: IncomingMessage;
+}
+
+/** A real loopback HTTP stream whose client does not read, fed until its socket is backed up. */
+async function backedUpSink(): Promise<Backed> {
+  let served!: (value: { sink: ReplyStreamSink; res: ServerResponse }) => void;
+  const serving = new Promise<{ sink: ReplyStreamSink; res: ServerResponse }>((resolve) => (served = resolve));
+  const server = createServer((_req, res) => {
+    const sink = new ReplyStreamSink({ raw: res, getHeaders: () => ({}) } as unknown as FastifyReply);
+    sink.open(META);
+    served({ sink, res });
+  });
+  servers.push(server);
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const clientResponse = new Promise<IncomingMessage>((resolve, reject) => {
+    const req = request({ port: (server.address() as AddressInfo).port, host: '127.0.0.1', agent: false }, resolve);
+    req.on('error', () => undefined);
+    req.end();
+    req.on('response', (res) => res.on('error', () => undefined));
+    setTimeout(() => reject(new Error('no response')), 5000).unref();
+  });
+  const { sink, res } = await serving;
+  expect(sink.backedUp).toBe(false);
+  // Nothing to wait for while the client keeps up: no promise of its own, no listener.
+  const drainListeners = res.listenerCount('drain');
+  await sink.drained(new AbortController().signal);
+  expect(res.listenerCount('drain')).toBe(drainListeners);
+  for (let i = 0; i < 256 && !sink.backedUp; i++) {
+    sink.event(BIG_EVENT);
+    // The write happens at the end of the tick.
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+  expect(sink.backedUp).toBe(true);
+  return { sink, res, client: await clientResponse };
+}
+
+/** Whether `promise` has settled by the next macrotask. */
+async function settled(promise: Promise<unknown>): Promise<boolean> {
+  let done = false;
+  void promise.then(() => (done = true));
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  return done;
+}
+
+function listeners(res: ServerResponse, signal: AbortSignal): number[] {
+  return [res.listenerCount('drain'), res.listenerCount('close'), getEventListeners(signal, 'abort').length];
+}
+
+describe('ReplyStreamSink back-pressure', () => {
+  it('is backed up while the client does not read, and drained once it reads; the wait leaves no listener behind', async () => {
+    const { sink, res, client } = await backedUpSink();
+    const signal = new AbortController().signal;
+    const before = listeners(res, signal);
+    const waiting = sink.drained(signal);
+    expect(await settled(waiting)).toBe(false);
+    expect(listeners(res, signal)).toEqual([before[0] + 1, before[1] + 1, 1]);
+
+    client.resume();
+    await waiting;
+    expect(sink.backedUp).toBe(false);
+    expect(sink.closed).toBe(false);
+    expect(listeners(res, signal)).toEqual(before);
+  });
+
+  it('ends the wait when the client leaves, and reads as closed', async () => {
+    const { sink, res, client } = await backedUpSink();
+    const signal = new AbortController().signal;
+    const before = listeners(res, signal);
+    const waiting = sink.drained(signal);
+    expect(await settled(waiting)).toBe(false);
+
+    client.destroy();
+    await waiting;
+    expect(sink.closed).toBe(true);
+    expect(sink.backedUp).toBe(false);
+    // The sink's own once('close') went with the close.
+    expect(listeners(res, signal)).toEqual([before[0], before[1] - 1, 0]);
+  });
+
+  it("ends the wait when the call's signal aborts (the shutdown deadline), with the client still connected and still behind", async () => {
+    const { sink, res } = await backedUpSink();
+    const controller = new AbortController();
+    const before = listeners(res, controller.signal);
+    const waiting = sink.drained(controller.signal);
+    expect(await settled(waiting)).toBe(false);
+
+    controller.abort();
+    await waiting;
+    expect(sink.closed).toBe(false);
+    expect(sink.backedUp).toBe(true);
+    expect(listeners(res, controller.signal)).toEqual(before);
+    // An aborted signal never waits.
+    expect(await settled(sink.drained(controller.signal))).toBe(true);
+  });
+});
