@@ -1,10 +1,10 @@
-import { getEventListeners } from 'node:events';
+import { EventEmitter, getEventListeners } from 'node:events';
 import { createServer, type IncomingMessage, request, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { FastifyReply } from 'fastify';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import type { CompletionMeta } from '../completion/completion.types.js';
-import { ReplyStreamSink } from './http-call.js';
+import { ReplyStreamSink, type StreamPacing } from './http-call.js';
 
 const META: CompletionMeta = {
   model: 'm',
@@ -13,7 +13,7 @@ const META: CompletionMeta = {
   upstreamMock: false,
   headers: {},
 };
-const BIG_EVENT = JSON.stringify({ pad: 'x'.repeat(1024 * 1024) });
+const BIG_EVENT = JSON.stringify({ pad: 'x'.repeat(64 * 1024) });
 
 const servers: Server[] = [];
 afterEach(async () => {
@@ -31,11 +31,11 @@ interface Backed {
 }
 
 /** A real loopback HTTP stream whose client does not read, fed until its socket is backed up. */
-async function backedUpSink(): Promise<Backed> {
+async function backedUpSink(pacing: StreamPacing = ReplyStreamSink.DEFAULT_PACING): Promise<Backed> {
   let served!: (value: { sink: ReplyStreamSink; res: ServerResponse }) => void;
   const serving = new Promise<{ sink: ReplyStreamSink; res: ServerResponse }>((resolve) => (served = resolve));
   const server = createServer((_req, res) => {
-    const sink = new ReplyStreamSink({ raw: res, getHeaders: () => ({}) } as unknown as FastifyReply);
+    const sink = new ReplyStreamSink({ raw: res, getHeaders: () => ({}) } as unknown as FastifyReply, pacing);
     sink.open(META);
     served({ sink, res });
   });
@@ -54,12 +54,17 @@ async function backedUpSink(): Promise<Backed> {
   const drainListeners = res.listenerCount('drain');
   await sink.drained(new AbortController().signal);
   expect(res.listenerCount('drain')).toBe(drainListeners);
-  for (let i = 0; i < 256 && !sink.backedUp; i++) {
+  let heldBeforePacing = 0;
+  for (let i = 0; i < 4096 && !sink.backedUp; i++) {
+    if (res.writableNeedDrain) heldBeforePacing = Math.max(heldBeforePacing, res.writableLength);
     sink.event(BIG_EVENT);
     // The write happens at the end of the tick.
     await new Promise((resolve) => setImmediate(resolve));
   }
   expect(sink.backedUp).toBe(true);
+  // The socket said "behind" long before: an answer of ordinary size is held whole, not paced.
+  if (pacing.bufferBytes > 0) expect(heldBeforePacing).toBeGreaterThan(0);
+  expect(heldBeforePacing).toBeLessThanOrEqual(pacing.bufferBytes);
   return { sink, res, client: await clientResponse };
 }
 
@@ -120,5 +125,49 @@ describe('ReplyStreamSink back-pressure', () => {
     expect(listeners(res, controller.signal)).toEqual(before);
     // An aborted signal never waits.
     expect(await settled(sink.drained(controller.signal))).toBe(true);
+  });
+
+  it('disconnects a client that takes nothing for stallMs while paced, and ends the wait', async () => {
+    const { sink, res, client } = await backedUpSink({ bufferBytes: ReplyStreamSink.DEFAULT_PACING.bufferBytes, stallMs: 300 });
+    const signal = new AbortController().signal;
+    const before = listeners(res, signal);
+    const waiting = sink.drained(signal);
+    expect(await settled(waiting)).toBe(false);
+
+    await waiting;
+    expect(sink.closed).toBe(true);
+    expect(res.socket?.destroyed ?? true).toBe(true);
+    if (!res.closed) await new Promise((resolve) => res.once('close', resolve));
+    expect(listeners(res, signal)).toEqual([before[0], before[1] - 1, 0]);
+    // The client, once it reads again, finds the connection cut: its response never completes.
+    const ending = new Promise<boolean>((resolve) => {
+      client.once('end', () => resolve(client.complete));
+      client.once('close', () => resolve(client.complete));
+    });
+    client.resume();
+    expect(await ending).toBe(false);
+  });
+
+  it('keeps a paced client that takes something within every stallMs, however little: only one that takes nothing is a stall', async () => {
+    vi.useFakeTimers();
+    try {
+      // A socket whose buffer the test empties by hand: what the client takes, when.
+      const raw = Object.assign(new EventEmitter(), { writableNeedDrain: true, writableLength: 4_000_000, destroyed: false, destroy: vi.fn() });
+      const sink = new ReplyStreamSink({ raw, getHeaders: () => ({}) } as unknown as FastifyReply, { bufferBytes: 1024 * 1024, stallMs: 300 });
+      const waiting = sink.drained(new AbortController().signal);
+      for (let i = 0; i < 10; i++) {
+        raw.writableLength -= 1000;
+        await vi.advanceTimersByTimeAsync(300);
+      }
+      expect(raw.destroy).not.toHaveBeenCalled();
+      expect(sink.closed).toBe(false);
+      await vi.advanceTimersByTimeAsync(600);
+      expect(raw.destroy).toHaveBeenCalledOnce();
+      expect(sink.closed).toBe(true);
+      await waiting;
+      expect([raw.listenerCount('drain'), raw.listenerCount('close')]).toEqual([0, 1]);
+    } finally {
+      vi.useRealTimers();
+    }
   });
 });

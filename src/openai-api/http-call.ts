@@ -83,12 +83,19 @@ export function metaHeaders(meta: CompletionMeta, costNanos?: bigint): Record<st
  * came in one read) is one response of known length: headers and body leave in one plain write
  * with `content-length`, as a JSON answer does, instead of a chunked `writev` of four pieces.
  *
- * A client that reads slower than the upstream writes leaves the socket backed up (`write` said
- * false): `backedUp` tells the stream loop to pull nothing more from the upstream until 'drain',
- * so the answer waits in the upstream's TCP window instead of in this process. A client keeping
- * up costs one property read per event; only a backed-up one costs a promise and three listeners.
+ * A client that reads slower than the upstream writes: once this process holds more than
+ * `bufferBytes` for it, `backedUp` tells the stream loop to pull nothing more from the upstream
+ * until 'drain', so the rest waits in the upstream's TCP window instead of in this process. Not at
+ * the socket's first `false` (16 kB): a paused stream keeps its upstream connection out of the
+ * pool (UPSTREAM_CONNECTIONS), so an answer of ordinary size is taken whole, as before, and its
+ * connection freed; only a large one, to a reader that fell far behind, is paced. A reader that
+ * takes nothing for `stallMs` while paced is disconnected: it would hold that connection for as
+ * long as it kept its socket open. A client keeping up costs one property read per event; only a
+ * paced one costs a promise, a timer and three listeners.
  */
 export class ReplyStreamSink implements PacedStreamSink {
+  static readonly DEFAULT_PACING: StreamPacing = { bufferBytes: 1024 * 1024, stallMs: 60_000 };
+
   private ended = false;
   private gone = false;
   /** Frames written during this tick, not sent yet; undefined when no flush is scheduled. */
@@ -96,7 +103,10 @@ export class ReplyStreamSink implements PacedStreamSink {
   /** Set by `open` until the headers are written: with the first flush, or with the whole body. */
   private head: Record<string, string | number | string[]> | undefined;
 
-  constructor(private readonly reply: FastifyReply) {
+  constructor(
+    private readonly reply: FastifyReply,
+    private readonly pacing: StreamPacing = ReplyStreamSink.DEFAULT_PACING,
+  ) {
     reply.raw.once('close', () => {
       if (!this.ended) this.gone = true;
     });
@@ -106,26 +116,44 @@ export class ReplyStreamSink implements PacedStreamSink {
     return this.gone || this.reply.raw.destroyed;
   }
 
-  /** False once the socket is gone too: there is nothing left to wait for then. */
+  /** False once the socket is gone too (its buffer is dropped): there is nothing left to wait for then. */
   get backedUp(): boolean {
-    return this.reply.raw.writableNeedDrain;
+    const raw = this.reply.raw;
+    return raw.writableNeedDrain && raw.writableLength > this.pacing.bufferBytes;
   }
 
   /**
    * Settles on 'drain', or when the client leaves ('close': no drain will ever come), or when
    * `signal` aborts (the shutdown deadline ends a stream in-band and must not wait for a reader
-   * that never reads). Never rejects; whichever comes first removes all three listeners.
+   * that never reads), or after `stallMs` without a drain, when the client is disconnected (the
+   * loop then ends the stream as `client_closed`). Never rejects; whichever comes first removes
+   * all three listeners and the timer.
    */
   drained(signal: AbortSignal): Promise<void> {
     const raw = this.reply.raw;
     if (!raw.writableNeedDrain || signal.aborted) return Promise.resolve();
     return new Promise<void>((resolve) => {
       const done = (): void => {
+        clearTimeout(stall);
         raw.off('drain', done);
         raw.off('close', done);
         signal.removeEventListener('abort', done);
         resolve();
       };
+      // A reader that takes anything at all within stallMs is slow, not stalled: 'drain' only comes
+      // once all is taken, which at a trickle can take longer than that.
+      let held = raw.writableLength;
+      const check = (): void => {
+        if (raw.writableLength < held) {
+          held = raw.writableLength;
+          stall = setTimeout(check, this.pacing.stallMs);
+          return;
+        }
+        this.gone = true;
+        raw.destroy();
+        done();
+      };
+      let stall = setTimeout(check, this.pacing.stallMs);
       raw.on('drain', done);
       raw.on('close', done);
       signal.addEventListener('abort', done);
@@ -188,6 +216,14 @@ export class ReplyStreamSink implements PacedStreamSink {
     this.reply.raw.writeHead(200, contentLength === undefined ? this.head : { ...this.head, 'content-length': contentLength });
     this.head = undefined;
   }
+}
+
+/** When a stream is paced for a slow reader, and when such a reader is given up on (see ReplyStreamSink). */
+export interface StreamPacing {
+  /** Bytes this process holds for one client before the upstream is paused. */
+  bufferBytes: number;
+  /** How long a paused stream waits for its client to take anything, before disconnecting it. */
+  stallMs: number;
 }
 
 function flushSink(sink: ReplyStreamSink): void {
