@@ -131,9 +131,9 @@ export class CompletionService {
       while (!next.done) {
         const isUsageOnly = tracker.observe(next.value);
         if (!isUsageOnly || clientWantsUsage) sink.event(next.value);
-        // A client slower than the upstream: pull nothing more until its socket drains, so the rest
+        // A client far behind the upstream: pull nothing more until its socket drains, so the rest
         // waits upstream (TCP back-pressure), not in this process. The wait also ends when the client
-        // leaves (`closed`, below) or the call's signal aborts (shutdown: the upstream reads then fail).
+        // leaves or stalls (`closed`, below) or the call's signal aborts (shutdown: the upstream reads then fail).
         if (paced?.backedUp) await paced.drained(call.signal);
         if (sink.closed) {
           outcome = 'client_closed';

@@ -72,9 +72,9 @@ export interface StreamSink {
  * nothing more from the upstream until `drained` settles. Other sinks need neither.
  */
 export interface PacedStreamSink extends StreamSink {
-  /** The client has not taken what it was sent yet (the socket's write said false, no 'drain' since). */
+  /** The client is far behind: the sink holds more for it than it will buffer (ReplyStreamSink: 1 MiB). */
   readonly backedUp: boolean;
-  /** Settles once the client drained, left, or `signal` aborted; never rejects. */
+  /** Settles once the client drained, left or was given up on, or `signal` aborted; never rejects. */
   drained(signal: AbortSignal): Promise<void>;
 }
 
