@@ -1,5 +1,5 @@
 import { setTimeout as sleep } from 'node:timers/promises';
-import { Injectable } from '@nestjs/common';
+import { Inject, Injectable, Optional } from '@nestjs/common';
 import type { Logger } from 'pino';
 import type { ErrorBody } from '../../libs/openai-contract/src/index.js';
 import { AuditService } from '../audit/audit.service.js';
@@ -52,6 +52,22 @@ const RESULT_NOT_STORED: ErrorBody = {
 const STORE_TRIES = 4;
 const STORE_BACKOFF_MS = 200;
 
+export interface JobRunTiming {
+  /** How often a running try refreshes its job's `updated_at`. */
+  heartbeatMs: number;
+  /** A running job untouched this long has lost its worker: another delivery may take it over. */
+  staleMs: number;
+}
+
+/** Overrides RUN_TIMING (tests); nothing in the app provides it. */
+export const JOB_RUN_TIMING = Symbol('JOB_RUN_TIMING');
+
+// Stale after three missed heartbeats, which is also BullMQ's default lock duration: a worker
+// that lost its lock but is alive keeps its job, one that died loses it soon after its lock.
+const RUN_HEARTBEAT_MS = 10_000;
+const RUN_STALE_MS = 30_000;
+const RUN_TIMING: JobRunTiming = { heartbeatMs: RUN_HEARTBEAT_MS, staleMs: RUN_STALE_MS };
+
 /**
  * Runs one try of a job through the very pipeline sync requests use (`CompletionService.complete`):
  * routing, cache, budget, ledger and audit apply to jobs as they are. The principal is rebuilt
@@ -62,6 +78,7 @@ const STORE_BACKOFF_MS = 200;
 export class JobProcessor implements JobHandler {
   private readonly logger: Logger;
   private readonly backoff: (tries: number) => number;
+  private readonly timing: JobRunTiming;
 
   constructor(
     private readonly repo: JobsRepository,
@@ -71,16 +88,34 @@ export class JobProcessor implements JobHandler {
     private readonly config: AppConfig,
     private readonly clock: Clock,
     appLogger: AppLogger,
+    @Optional() @Inject(JOB_RUN_TIMING) timing?: JobRunTiming,
   ) {
     this.logger = appLogger.logger.child({ context: 'Jobs' });
     this.backoff = exponentialBackoff(config.jobs.backoffMs, config.jobs.backoffMaxMs);
+    this.timing = timing ?? RUN_TIMING;
   }
 
   async run(jobId: string, signal: AbortSignal): Promise<void> {
-    const started = await this.repo.start(jobId, this.clock.now());
+    const now = this.clock.now();
+    const started = await this.repo.start(jobId, now, new Date(now.getTime() - this.timing.staleMs));
+    if (started === 'running_elsewhere') {
+      // Its queue lock lapsed (Redis away, a blocked event loop) but its heartbeat did not. If it
+      // finishes, it stores the outcome; if it dies, its heartbeat stops and the sweep or the
+      // stalled-job check delivers the job again, to a start() that then takes it over.
+      this.logger.info({ jobId }, 'job is running elsewhere; this delivery leaves it to that run');
+      return;
+    }
     // Finished already (a repeated delivery) or removed (its submit was refused): nothing to do.
     if (!started) return;
-    const { job, key } = started;
+    const heartbeat = this.heartbeat(started.job.id);
+    try {
+      await this.runTry(started.job, started.key, signal);
+    } finally {
+      clearInterval(heartbeat);
+    }
+  }
+
+  private async runTry(job: JobRecord, key: KeyState | null, signal: AbortSignal): Promise<void> {
     const principal = this.principalFor(job, key);
     if (!principal) {
       const failed = await this.repo.fail(job.id, INVALID_KEY, false, this.clock.now());
@@ -115,6 +150,33 @@ export class JobProcessor implements JobHandler {
     const failed = await this.repo.fail(jobId, ABANDONED, true, this.clock.now());
     this.finished(failed, 'abandoned');
     if (failed) await this.auditEnded(failed, 'internal_error');
+  }
+
+  /**
+   * Keeps the running job's row fresh for the whole try, outcome writes included, so that no
+   * other delivery takes it over and the sweep leaves it alone. Best effort: a try is never failed
+   * for a missed beat (three in a row only let another worker run the job again).
+   */
+  private heartbeat(jobId: string): NodeJS.Timeout {
+    let beating = false;
+    let warned = false;
+    const timer = setInterval(() => {
+      // A database that hangs gets one beat at a time, not a pile of them.
+      if (beating) return;
+      beating = true;
+      this.repo
+        .heartbeat(jobId, this.clock.now())
+        .catch((error: unknown) => {
+          if (warned) return;
+          warned = true;
+          this.logger.warn({ jobId, err: (error as Error).message }, 'could not refresh a running job’s heartbeat; another delivery may take it over');
+        })
+        .finally(() => {
+          beating = false;
+        });
+    }, this.timing.heartbeatMs);
+    timer.unref();
+    return timer;
   }
 
   /** Stores a try's completion, retrying the write; one that cannot be stored fails the job instead of running it again. */

@@ -49,11 +49,13 @@ export class JobsRuntime implements OnModuleInit, OnApplicationBootstrap, Before
     this.readiness.register('queue', () => this.queue.health());
   }
 
-  onApplicationBootstrap(): void {
+  async onApplicationBootstrap(): Promise<void> {
     if (!this.processing) {
       this.logger.info({ driver: this.queue.driver, role: this.config.role }, 'job queue: submitting only (GATEHOUSE_ROLE=api)');
       return;
     }
+    // Before processing starts, so that no try of this process is among them.
+    if (this.queue.driver === 'inline') await this.requeueLeftovers();
     this.queue.start(this.processor);
     this.logger.info({ driver: this.queue.driver, role: this.config.role, concurrency: this.config.jobs.concurrency }, 'job queue: processing');
     // In the background: a broker still connecting must not hold up the start.
@@ -73,6 +75,22 @@ export class JobsRuntime implements OnModuleInit, OnApplicationBootstrap, Before
 
   async onApplicationShutdown(): Promise<void> {
     await this.queue.close();
+  }
+
+  /**
+   * The inline queue is the only runner of its database's jobs: without REDIS_URL the gateway is
+   * one instance (README; the embedded database is even locked to one process, PostgreSQL is not),
+   * so a job still marked running at its start was running when the previous process died. Left running, it would refuse the start-up sweep's delivery until its heartbeat went
+   * stale, and then wait for the periodic sweep (minutes); queued again, that delivery runs it.
+   */
+  private async requeueLeftovers(): Promise<void> {
+    try {
+      const requeued = await this.repo.requeueRunning(this.clock.now());
+      if (requeued > 0) this.logger.info({ requeued }, 'jobs left running by the previous process are queued again');
+    } catch (error) {
+      // The periodic sweep still finds them, once they have been untouched for SWEEP_STALE_MS.
+      this.logger.warn({ err: (error as Error).message }, 'could not requeue the jobs left running by the previous process');
+    }
   }
 
   /** Requeues unfinished jobs untouched for `staleMs`; failures are logged and retried next round. */

@@ -83,14 +83,20 @@ export class JobsRepository {
     return rows[0] ? toRecord(rows[0]) : undefined;
   }
 
-  /** One try begins: counted, marked running, and the submitting key's current state read in the same round trip. */
-  async start(id: string, now: Date): Promise<{ job: JobRecord; key: KeyState | null } | undefined> {
+  /**
+   * One try begins: counted, marked running, and the submitting key's current state read in the
+   * same round trip. A running job is taken over only when its heartbeat stopped before
+   * `staleBefore` (its worker died): a live run that merely lost its queue lock must not be run
+   * twice, which would call and charge the upstream twice. `'running_elsewhere'` is that refusal;
+   * undefined, a job that is finished or gone.
+   */
+  async start(id: string, now: Date, staleBefore: Date): Promise<{ job: JobRecord; key: KeyState | null } | 'running_elsewhere' | undefined> {
     const rows = await this.db.query<Row[]>(
       `WITH started AS (
          UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, $2), updated_at = $2,
                          -- Running proves it was queued, even if its submitter could not record that.
                          enqueued_at = COALESCE(enqueued_at, $2)
-          WHERE id = $1 AND ${UNFINISHED}
+          WHERE id = $1 AND (status = 'queued' OR (status = 'running' AND updated_at <= $3))
           RETURNING *)
        SELECT s.*, k.prefix AS key_prefix, k.role AS key_role, k.cache_scope AS key_cache_scope, k.expires_at AS key_expires_at
          FROM started s
@@ -98,11 +104,31 @@ export class JobsRepository {
                       FROM api_keys ak JOIN users u ON u.id = ak.user_id JOIN departments d ON d.id = u.department_id
                      WHERE ak.revoked_at IS NULL AND u.disabled_at IS NULL AND d.disabled_at IS NULL) k
            ON k.id = s.key_id`,
-      [id, now],
+      [id, now, staleBefore],
     );
     const row = rows[0];
-    if (!row) return undefined;
-    return { job: toRecord(row), key: keyState(row) ?? null };
+    if (row) return { job: toRecord(row), key: keyState(row) ?? null };
+    // Only the refused delivery pays for this read, and only to say why it did nothing.
+    const current = await this.db.query<Array<{ status: JobStatus }>>(`SELECT status FROM jobs WHERE id = $1`, [id]);
+    return current[0]?.status === 'running' ? 'running_elsewhere' : undefined;
+  }
+
+  /** A live try says so, keeping its job from being taken over (start) or requeued (the sweep). */
+  async heartbeat(id: string, now: Date): Promise<void> {
+    await this.db.query(`UPDATE jobs SET updated_at = $2 WHERE id = $1 AND status = 'running'`, [id, now]);
+  }
+
+  /**
+   * Back to queued, every job still marked running: for a process that alone runs this database's
+   * jobs (the inline queue), at its start, when any such row is a try its previous life left behind.
+   * `attempts` stay as they are, unlike retryLater(counted: false) for a try shutdown cut short
+   * (which the processor saw end): a crashed try may have reached, and been charged by, the
+   * upstream, and its request id (`job-<id>-<attempts>`) may already name a reservation and a
+   * ledger row that the next try must not reuse. A stale run taken over by start() counts the same way.
+   */
+  async requeueRunning(now: Date): Promise<number> {
+    const rows = await this.changed(`UPDATE jobs SET status = 'queued', updated_at = $1 WHERE status = 'running' RETURNING id`, [now]);
+    return rows.length;
   }
 
   /** The key a job was submitted with as it is now, revoked or not: whom the job's audit rows name. */

@@ -395,4 +395,42 @@ describe('inline jobs survive a restart (embedded queue, job records in PostgreS
       await database.drop();
     }
   });
+
+  it('runs at once, at the next start, a job the previous process left running when it died', async () => {
+    const database = await createPostgresDatabase();
+    const stub = await startStubUpstream();
+    const env = { ...NO_RATE_LIMITS, JOBS_CONCURRENCY: '1' };
+    let first: TestGateway | undefined;
+    let second: TestGateway | undefined;
+    try {
+      first = await startTestGateway({ db: 'postgres', postgresUrl: database.url, stub, env });
+      const alice = await first.tenants.create();
+      stub.configure({ latencyMs: 1000 });
+      const ids: string[] = [];
+      for (let i = 0; i < 2; i += 1) ids.push(expectAccepted(await alice.api.post<JobBody>('/v1/chat/completions', chat(`crash ${i}`), ASYNC)));
+      await first.close();
+      first = undefined;
+      // What a crash mid-try leaves: the waiting job's row says running, touched a moment ago (its heartbeat).
+      const client = new pg.Client({ connectionString: database.url });
+      await client.connect();
+      const { rowCount } = await client.query(
+        `UPDATE jobs SET status = 'running', attempts = 1, started_at = now(), updated_at = now() WHERE id = $1 AND status = 'queued'`,
+        [ids[1]],
+      );
+      await client.end();
+      expect(rowCount).toBe(1);
+
+      stub.configure({});
+      second = await startTestGateway({ db: 'postgres', postgresUrl: database.url, stub, env });
+      // Well within the heartbeat's staleness and the periodic sweep: the start itself runs it.
+      const job = await finished(new ApiClient(second.url, alice.key), ids[1]);
+      expect(job).toMatchObject({ status: 'completed', attempts: 2 });
+      expect(job.result?.choices[0]?.message.content).toBe('Mock reply to: crash 1');
+    } finally {
+      await first?.close();
+      await second?.close();
+      await stub.close();
+      await database.drop();
+    }
+  });
 });

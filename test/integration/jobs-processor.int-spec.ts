@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ChatCompletion } from '../../libs/openai-contract/src/index.js';
 import { AuditRepository } from '../../src/audit/audit.repository.js';
@@ -11,7 +12,7 @@ import { createLogger } from '../../src/core/logger.js';
 import type { OpenedDatabase } from '../../src/database/data-source.js';
 import type { Principal } from '../../src/identity/principal.js';
 import type { JobCallbacks } from '../../src/jobs/job-callbacks.js';
-import { JobProcessor } from '../../src/jobs/job.processor.js';
+import { JobProcessor, type JobRunTiming } from '../../src/jobs/job.processor.js';
 import { RetryJobError } from '../../src/jobs/job-queue.js';
 import type { JobRecord, NewJob } from '../../src/jobs/job.types.js';
 import { JobsRepository } from '../../src/jobs/jobs.repository.js';
@@ -36,7 +37,7 @@ function outcomeWith(content: string): JsonOutcome {
 /** The pipeline, reduced to what a try sees of it: each call counted (each one would be an upstream call and a charge). */
 class FakeCompletions {
   calls: CompletionCall[] = [];
-  constructor(private readonly answer: (call: CompletionCall) => JsonOutcome) {}
+  constructor(private readonly answer: (call: CompletionCall) => JsonOutcome | Promise<JsonOutcome>) {}
   complete(call: CompletionCall): Promise<JsonOutcome> {
     this.calls.push(call);
     return Promise.resolve().then(() => this.answer(call));
@@ -47,6 +48,11 @@ class FakeCompletions {
 class FlakyResultWrites extends JobsRepository {
   writes = 0;
   failures = 0;
+  heartbeatsFail = false;
+  override async heartbeat(...args: Parameters<JobsRepository['heartbeat']>): Promise<void> {
+    if (this.heartbeatsFail) throw new Error('connection terminated');
+    return super.heartbeat(...args);
+  }
   override async complete(...args: Parameters<JobsRepository['complete']>): Promise<JobRecord | undefined> {
     this.writes += 1;
     if (this.writes <= this.failures) throw new Error('connection terminated');
@@ -84,9 +90,28 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
     callbackUrl: undefined,
   });
 
-  function processor(completions: FakeCompletions): JobProcessor {
+  function processor(completions: FakeCompletions, timing?: JobRunTiming): JobProcessor {
     const callbacks = { notify: () => undefined } as unknown as JobCallbacks;
-    return new JobProcessor(repo, completions as unknown as CompletionService, callbacks, audit, config, clock, logger);
+    return new JobProcessor(repo, completions as unknown as CompletionService, callbacks, audit, config, clock, logger, timing);
+  }
+
+  async function updatedAt(id: string): Promise<number> {
+    const [row] = await db.dataSource.query<Array<{ updated_at: Date | string }>>(`SELECT updated_at FROM jobs WHERE id = $1`, [id]);
+    return new Date(row?.updated_at ?? 0).getTime();
+  }
+
+  async function until(condition: () => boolean): Promise<void> {
+    for (let waited = 0; !condition(); waited += 10) {
+      if (waited > 5_000) throw new Error('condition not met within 5 s');
+      await sleep(10);
+    }
+  }
+
+  /** An upstream that answers when the test says so. */
+  function held(): { completions: FakeCompletions; release: () => void } {
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    return { completions: new FakeCompletions(() => released.then(() => outcomeWith('at last'))), release };
   }
 
   async function auditRows(requestId: string) {
@@ -105,6 +130,64 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
     const stored = await repo.find(job.id);
     expect(stored).toMatchObject({ status: 'completed', costNanos: 1234n, model: 'openai/gpt-4o-mini' });
     expect((stored?.result as ChatCompletion).choices[0]?.message.content).toBe('a\uFFFDb');
+  });
+
+  it('runs a job once when two deliveries of it arrive together: the second leaves it to the live run', async () => {
+    const slow = new FakeCompletions(() => sleep(300).then(() => outcomeWith('once')));
+    const { job } = await repo.insert(newJob(), clock.now());
+    const jobs = processor(slow);
+    await Promise.all([jobs.run(job.id, new AbortController().signal), jobs.run(job.id, new AbortController().signal)]);
+    // Each call would have been an upstream request and a charge.
+    expect(slow.calls).toHaveLength(1);
+    expect(await repo.find(job.id)).toMatchObject({ status: 'completed', attempts: 1 });
+  });
+
+  it('takes over a running job only once its heartbeat is stale (its worker died)', async () => {
+    const { job } = await repo.insert(newJob(), clock.now());
+    await repo.start(job.id, clock.now(), clock.now());
+    const fresh = new FakeCompletions(() => outcomeWith('too early'));
+    await processor(fresh).run(job.id, new AbortController().signal);
+    expect(fresh.calls).toHaveLength(0);
+    expect(await repo.find(job.id)).toMatchObject({ status: 'running', attempts: 1 });
+
+    await db.dataSource.query(`UPDATE jobs SET updated_at = $2 WHERE id = $1`, [job.id, new Date(clock.nowMs() - 31_000)]);
+    const takeover = new FakeCompletions(() => outcomeWith('taken over'));
+    await processor(takeover).run(job.id, new AbortController().signal);
+    expect(takeover.calls).toHaveLength(1);
+    // The dead try counts: it may have been charged, and the new one must not reuse its request id.
+    expect(takeover.calls[0]?.requestId).toBe(`job-${job.id}-2`);
+    expect(await repo.find(job.id)).toMatchObject({ status: 'completed', attempts: 2 });
+  });
+
+  it('keeps a running job fresh with a heartbeat for as long as its try lasts, and stops after it', async () => {
+    const upstream = held();
+    const { job } = await repo.insert(newJob(), clock.now());
+    const running = processor(upstream.completions, { heartbeatMs: 50, staleMs: 30_000 }).run(job.id, new AbortController().signal);
+    await until(() => upstream.completions.calls.length === 1);
+    const startedAt = await updatedAt(job.id);
+    await sleep(200);
+    const later = await updatedAt(job.id);
+    await sleep(200);
+    expect(later).toBeGreaterThan(startedAt);
+    expect(await updatedAt(job.id)).toBeGreaterThan(later);
+    upstream.release();
+    await running;
+    expect(await repo.find(job.id)).toMatchObject({ status: 'completed', attempts: 1 });
+    const finishedAt = await updatedAt(job.id);
+    await sleep(200);
+    expect(await updatedAt(job.id)).toBe(finishedAt);
+  });
+
+  it('never fails a try for a heartbeat that could not be written', async () => {
+    const upstream = new FakeCompletions(() => sleep(200).then(() => outcomeWith('fine')));
+    const { job } = await repo.insert(newJob(), clock.now());
+    repo.heartbeatsFail = true;
+    try {
+      await processor(upstream, { heartbeatMs: 20, staleMs: 30_000 }).run(job.id, new AbortController().signal);
+    } finally {
+      repo.heartbeatsFail = false;
+    }
+    expect(await repo.find(job.id)).toMatchObject({ status: 'completed', attempts: 1 });
   });
 
   it('puts a try that shutdown cut short back in the queue without counting it', async () => {

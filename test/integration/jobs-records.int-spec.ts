@@ -24,6 +24,13 @@ describe.each(DB_KINDS)('job records on %s', (kind) => {
     await opened?.close();
   });
 
+  /** A try starts, or finds nothing to start; no job here is left running by another delivery. */
+  async function start(id: string) {
+    const started = await repo.start(id, now(), new Date(Date.now() - 30_000));
+    if (started === 'running_elsewhere') throw new Error(`job ${id} is running elsewhere`);
+    return started;
+  }
+
   const newJob = (overrides: Partial<NewJob> = {}): NewJob => ({
     principal,
     door: 'chat',
@@ -49,26 +56,26 @@ describe.each(DB_KINDS)('job records on %s', (kind) => {
     const { job } = await repo.insert(newJob(), now());
     expect(job).toMatchObject({ status: 'queued', attempts: 0, deadLettered: false, result: null, error: null });
 
-    const first = await repo.start(job.id, now());
+    const first = await start(job.id);
     expect(first?.job).toMatchObject({ status: 'running', attempts: 1 });
     expect(first?.key).toMatchObject({ prefix: 'gh-jobs', role: 'user', cacheScope: 'user', expiresAt: null });
     await repo.retryLater(job.id, { message: 'upstream 503', type: 'upstream_error', code: 'upstream_error', param: null }, now());
     expect(await repo.find(job.id)).toMatchObject({ status: 'queued', attempts: 1, error: { code: 'upstream_error' } });
 
-    expect((await repo.start(job.id, now()))?.job.attempts).toBe(2);
+    expect((await start(job.id))?.job.attempts).toBe(2);
     const done = await repo.complete(job.id, { result: { object: 'chat.completion', id: 'c1' }, model: 'm', costNanos: 1234n }, now());
     expect(done).toMatchObject({ status: 'completed', attempts: 2, result: { id: 'c1' }, error: null, model: 'm', costNanos: 1234n });
     expect(done?.completedAt).toBeInstanceOf(Date);
 
     // A repeated delivery of the finished job: nothing starts, nothing is overwritten.
-    expect(await repo.start(job.id, now())).toBeUndefined();
+    expect(await start(job.id)).toBeUndefined();
     expect(await repo.fail(job.id, { message: 'late', type: 'api_error', code: 'internal_error', param: null }, true, now())).toBeUndefined();
     expect(await repo.find(job.id)).toMatchObject({ status: 'completed', attempts: 2, deadLettered: false });
   });
 
   it('keeps the dead-letter state: listed, reset for an admin retry, restored when the retry cannot be queued, discarded', async () => {
     const { job } = await repo.insert(newJob(), now());
-    await repo.start(job.id, now());
+    await start(job.id);
     const dead = await repo.fail(job.id, { message: 'upstream 500', type: 'upstream_error', code: 'upstream_error', param: null }, true, now());
     expect(dead).toMatchObject({ status: 'failed', deadLettered: true });
     expect((await repo.listDead(50, undefined)).map((j) => j.id)).toContain(job.id);
@@ -89,7 +96,7 @@ describe.each(DB_KINDS)('job records on %s', (kind) => {
     const { job } = await repo.insert(newJob(), now());
     await db.dataSource.query(`UPDATE api_keys SET revoked_at = now() WHERE id = $1`, [principal.keyId]);
     try {
-      const started = await repo.start(job.id, now());
+      const started = await start(job.id);
       expect(started?.job.status).toBe('running');
       expect(started?.key).toBeNull();
     } finally {
@@ -101,7 +108,7 @@ describe.each(DB_KINDS)('job records on %s', (kind) => {
     const { job } = await repo.insert(newJob(), new Date(Date.now() - 60_000));
     const stale = await repo.unfinishedSince(new Date(Date.now() - 30_000), 1000);
     expect(stale).toContain(job.id);
-    await repo.start(job.id, now());
+    await start(job.id);
     expect(await repo.unfinishedSince(new Date(Date.now() - 30_000), 1000)).not.toContain(job.id);
     // A refused submit leaves nothing; a started job is never removed that way.
     const { job: refused } = await repo.insert(newJob(), now());

@@ -137,7 +137,7 @@ describe.each(DB_KINDS)('idempotent async submits on %s', (kind) => {
     const { service, queue, clock, input } = setup();
     const { job } = await repo.insert(input, clock.now());
     expect(job.enqueuedAt).toBeNull();
-    await repo.start(job.id, clock.now());
+    await repo.start(job.id, clock.now(), new Date(clock.nowMs() - 30_000));
     expect(await service.submit(input)).toMatchObject({ created: false, job: { id: job.id, status: 'running' } });
     expect(queue.submitted).toEqual([]);
   });
