@@ -35,4 +35,6 @@ export class ApiKeyEntity {
   @CreateDateColumn({ type: 'timestamptz', name: 'created_at' }) createdAt!: Date;
   @Column({ type: 'timestamptz', name: 'expires_at', nullable: true }) expiresAt!: Date | null;
   @Column({ type: 'timestamptz', name: 'revoked_at', nullable: true }) revokedAt!: Date | null;
+  /** Stored from ADMIN_API_KEY at a start, not made through the admin API: a rotation revokes such keys (IdentityService.ensureEnvKey). */
+  @Column({ type: 'boolean', name: 'from_env', default: false }) fromEnv!: boolean;
 }

@@ -71,4 +71,6 @@ export const keyView = (k: ApiKeyEntity) => ({
   created_at: k.createdAt.toISOString(),
   expires_at: k.expiresAt?.toISOString() ?? null,
   revoked_at: k.revokedAt?.toISOString() ?? null,
+  // Which keys a rotation of ADMIN_API_KEY revokes ('env'), and which it never touches ('api').
+  source: k.fromEnv ? 'env' : 'api',
 });
