@@ -21,7 +21,7 @@ interface KeyView {
   key?: string;
   prefix: string;
   revoked_at: string | null;
-  source: 'env' | 'api';
+  from_env: boolean;
 }
 
 interface AuditRow {
@@ -183,10 +183,10 @@ describe.each(DB_KINDS)('rotating ADMIN_API_KEY on %s', (db) => {
     expect((await third.as(d).get('/admin/users')).status).toBe(200);
     expect((await third.as(b).get('/admin/users')).status).toBe(401);
     expect((await third.as(platform.key).get('/admin/users')).status).toBe(200);
-    expect(await keyRow(third.as(d), keyPrefix(platform.key))).toMatchObject({ revoked_at: null, source: 'api' });
+    expect(await keyRow(third.as(d), keyPrefix(platform.key))).toMatchObject({ revoked_at: null, from_env: false });
     // The listing tells an operator which keys a rotation retires.
-    expect(await keyRow(third.as(d), keyPrefix(d))).toMatchObject({ revoked_at: null, source: 'env' });
-    expect((await keyRow(third.as(d), keyPrefix(b))).source).toBe('env');
+    expect(await keyRow(third.as(d), keyPrefix(d))).toMatchObject({ revoked_at: null, from_env: true });
+    expect((await keyRow(third.as(d), keyPrefix(b))).from_env).toBe(true);
     await pollUntil(async () => expect(await rotationEvents(third.as(d))).toHaveLength(2));
   });
 

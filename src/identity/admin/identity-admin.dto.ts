@@ -71,6 +71,7 @@ export const keyView = (k: ApiKeyEntity) => ({
   created_at: k.createdAt.toISOString(),
   expires_at: k.expiresAt?.toISOString() ?? null,
   revoked_at: k.revokedAt?.toISOString() ?? null,
-  // Which keys a rotation of ADMIN_API_KEY revokes ('env'), and which it never touches ('api').
-  source: k.fromEnv ? 'env' : 'api',
+  // Stored from ADMIN_API_KEY: the keys a rotation of it revokes. Every other key (made through the
+  // admin API, or generated at the first start) a rotation never touches.
+  from_env: k.fromEnv,
 });
