@@ -357,80 +357,99 @@ describe('async jobs with a tiny queue and no callback secret', () => {
 });
 
 describe('inline jobs survive a restart (embedded queue, job records in PostgreSQL)', () => {
-  it('requeues at start the jobs that were still queued when the previous process stopped, and runs them', async () => {
+  /**
+   * A first process, on a PostgreSQL database of its own, that accepted `count` jobs and stopped:
+   * one slot and a slow upstream, so the first job ran (shutdown lets it finish) and the others
+   * waited in the process's memory, lost from there but not from the database. `restart` starts
+   * the next process, with the upstream fast again.
+   */
+  async function stoppedWith(count: number, label: string) {
     const database = await createPostgresDatabase();
     const stub = await startStubUpstream();
     const env = { ...NO_RATE_LIMITS, JOBS_CONCURRENCY: '1' };
-    let first: TestGateway | undefined;
-    let second: TestGateway | undefined;
+    let next: TestGateway | undefined;
+    const close = async (): Promise<void> => {
+      await next?.close();
+      await stub.close();
+      await database.drop();
+    };
     try {
-      first = await startTestGateway({ db: 'postgres', postgresUrl: database.url, stub, env });
-      const alice = await first.tenants.create();
-      // One slot and a slow upstream: the first job runs, the other three wait in the process's memory.
-      stub.configure({ latencyMs: 1000 });
+      const first = await startTestGateway({ db: 'postgres', postgresUrl: database.url, stub, env });
       const ids: string[] = [];
-      for (let i = 0; i < 4; i += 1) ids.push(expectAccepted(await alice.api.post<JobBody>('/v1/chat/completions', chat(`restart ${i}`), ASYNC)));
-      // Shutdown lets the running job finish; the waiting ones are lost from memory, not from the database.
-      await first.close();
-      first = undefined;
-      const client = new pg.Client({ connectionString: database.url });
-      await client.connect();
-      const { rows } = await client.query<{ status: string; n: string }>(`SELECT status, count(*) AS n FROM jobs GROUP BY status ORDER BY status`);
+      let aliceKey: string;
+      try {
+        const alice = await first.tenants.create();
+        aliceKey = alice.key;
+        stub.configure({ latencyMs: 1000 });
+        for (let i = 0; i < count; i += 1) ids.push(expectAccepted(await alice.api.post<JobBody>('/v1/chat/completions', chat(`${label} ${i}`), ASYNC)));
+      } finally {
+        await first.close();
+      }
+      return {
+        database,
+        ids,
+        async restart(): Promise<ApiClient> {
+          stub.configure({});
+          next = await startTestGateway({ db: 'postgres', postgresUrl: database.url, stub, env });
+          return new ApiClient(next.url, aliceKey);
+        },
+        close,
+      };
+    } catch (error) {
+      await close();
+      throw error;
+    }
+  }
+
+  async function query<T extends pg.QueryResultRow>(url: string, sql: string, params: unknown[] = []): Promise<pg.QueryResult<T>> {
+    const client = new pg.Client({ connectionString: url });
+    await client.connect();
+    try {
+      return await client.query<T>(sql, params);
+    } finally {
       await client.end();
+    }
+  }
+
+  it('requeues at start the jobs that were still queued when the previous process stopped, and runs them', async () => {
+    const stopped = await stoppedWith(4, 'restart');
+    try {
+      const { rows } = await query<{ status: string; n: string }>(
+        stopped.database.url,
+        `SELECT status, count(*) AS n FROM jobs GROUP BY status ORDER BY status`,
+      );
       expect(rows.map((r) => [r.status, Number(r.n)])).toEqual([
         ['completed', 1],
         ['queued', 3],
       ]);
 
-      stub.configure({});
-      second = await startTestGateway({ db: 'postgres', postgresUrl: database.url, stub, env });
-      const aliceOnSecond = new ApiClient(second.url, alice.key);
-      const jobs = await Promise.all(ids.map((id) => finished(aliceOnSecond, id)));
+      const aliceOnSecond = await stopped.restart();
+      const jobs = await Promise.all(stopped.ids.map((id) => finished(aliceOnSecond, id)));
       expect(jobs.map((j) => j.status)).toEqual(['completed', 'completed', 'completed', 'completed']);
-      expect(jobs.map((j) => j.result?.choices[0]?.message.content)).toEqual(ids.map((_, i) => `Mock reply to: restart ${i}`));
+      expect(jobs.map((j) => j.result?.choices[0]?.message.content)).toEqual(stopped.ids.map((_, i) => `Mock reply to: restart ${i}`));
     } finally {
-      await first?.close();
-      await second?.close();
-      await stub.close();
-      await database.drop();
+      await stopped.close();
     }
   });
 
   it('runs at once, at the next start, a job the previous process left running when it died', async () => {
-    const database = await createPostgresDatabase();
-    const stub = await startStubUpstream();
-    const env = { ...NO_RATE_LIMITS, JOBS_CONCURRENCY: '1' };
-    let first: TestGateway | undefined;
-    let second: TestGateway | undefined;
+    const stopped = await stoppedWith(2, 'crash');
     try {
-      first = await startTestGateway({ db: 'postgres', postgresUrl: database.url, stub, env });
-      const alice = await first.tenants.create();
-      stub.configure({ latencyMs: 1000 });
-      const ids: string[] = [];
-      for (let i = 0; i < 2; i += 1) ids.push(expectAccepted(await alice.api.post<JobBody>('/v1/chat/completions', chat(`crash ${i}`), ASYNC)));
-      await first.close();
-      first = undefined;
       // What a crash mid-try leaves: the waiting job's row says running, touched a moment ago (its heartbeat).
-      const client = new pg.Client({ connectionString: database.url });
-      await client.connect();
-      const { rowCount } = await client.query(
+      const { rowCount } = await query(
+        stopped.database.url,
         `UPDATE jobs SET status = 'running', attempts = 1, started_at = now(), updated_at = now() WHERE id = $1 AND status = 'queued'`,
-        [ids[1]],
+        [stopped.ids[1]],
       );
-      await client.end();
       expect(rowCount).toBe(1);
 
-      stub.configure({});
-      second = await startTestGateway({ db: 'postgres', postgresUrl: database.url, stub, env });
+      const aliceOnSecond = await stopped.restart();
       // Well within the heartbeat's staleness and the periodic sweep: the start itself runs it.
-      const job = await finished(new ApiClient(second.url, alice.key), ids[1]);
+      const job = await finished(aliceOnSecond, stopped.ids[1] ?? '');
       expect(job).toMatchObject({ status: 'completed', attempts: 2 });
       expect(job.result?.choices[0]?.message.content).toBe('Mock reply to: crash 1');
     } finally {
-      await first?.close();
-      await second?.close();
-      await stub.close();
-      await database.drop();
+      await stopped.close();
     }
   });
 });
