@@ -207,11 +207,15 @@ export class IdentityService {
   async revokeKey(id: string): Promise<ApiKeyEntity> {
     const key = await this.keys.findOneBy({ id });
     if (!key) throw new GatewayError('not_found', `No key with id '${id}'.`);
-    if (key.revokedAt === null) await this.assertAnAdminRemains({ keyId: id });
-    key.revokedAt ??= this.clock.now();
-    const saved = await this.keys.save(key);
-    this.forgetCachedKeys();
-    return saved;
+    if (key.revokedAt !== null) {
+      // Revoked already, perhaps by another instance: this one stops accepting it now too.
+      this.forgetCachedKeys();
+      return key;
+    }
+    await this.assertAnAdminRemains({ keyId: id });
+    await this.markRevoked(id);
+    // Re-read: a revocation that won the race keeps its own time.
+    return (await this.keys.findOneBy({ id })) ?? key;
   }
 
   /**
@@ -255,12 +259,18 @@ export class IdentityService {
     return { ...ownKey, state: 'usable', revoked };
   }
 
-  /**
-   * revokeKey's effect (the same last-admin rule, the same cache drop) as one conditional update:
-   * replicas starting together revoke a key once, so it gets one audit row, not one per replica.
-   */
+  /** revokeKey's last-admin rule, skipping instead of refusing: a start must not fail over a rotation. */
   private async revokeIfActive(id: string): Promise<boolean> {
     if (!(await this.adminKeyOutside({ keyId: id }))) return false;
+    return this.markRevoked(id);
+  }
+
+  /**
+   * Every revocation, the admin API's and a rotation's: one conditional update, so that instances
+   * revoking the same key at once revoke it once (one audit row from a rotation, not one per
+   * replica), and the key cache dropped so this instance stops accepting it at once.
+   */
+  private async markRevoked(id: string): Promise<boolean> {
     const rows = await this.dataSource.query<unknown[]>(
       `WITH changed AS (UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING id) SELECT id FROM changed`,
       [id, this.clock.now()],
