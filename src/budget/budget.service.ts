@@ -83,7 +83,7 @@ export class BudgetService implements BeforeApplicationShutdown {
     this.leases = new BudgetLeases(
       config.budget.leaseMs,
       config.budget.leaseRequests,
-      (lease, nanos) => this.writer.enqueue({ release: { id: lease.id as string, userId: lease.userId, departmentId: lease.departmentId, nanos }, rows: [] }),
+      (lease, nanos) => this.release([{ id: lease.id as string, userId: lease.userId, departmentId: lease.departmentId, nanos }]),
       () => this.clock.now().getTime(),
     );
   }
