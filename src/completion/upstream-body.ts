@@ -4,9 +4,21 @@ import type { CompletionCall } from './completion.types.js';
 // Gateway extensions in the OpenAI body; never forwarded to an upstream that does not know them.
 const GATEWAY_FIELDS = ['task_type', 'models', 'route', 'callback_url'] as const;
 
+/** The two names OpenAI gives the completion-token limit; an upstream may honour either. */
+const LIMIT_FIELDS = ['max_completion_tokens', 'max_tokens'] as const;
+
+/**
+ * The completion-token limit the client asked for: the smaller of `max_completion_tokens` and
+ * `max_tokens` when both are set (an upstream honours one or the other, and either may be the one
+ * it reads), null counting as absent. The route caps it; the budget reserves for the result.
+ */
 export function requestedMaxTokens(call: CompletionCall): number | undefined {
-  const v = call.body.max_completion_tokens ?? call.body.max_tokens;
-  return typeof v === 'number' ? v : undefined;
+  let limit: number | undefined;
+  for (const field of LIMIT_FIELDS) {
+    const v = call.body[field];
+    if (typeof v === 'number' && (limit === undefined || v < limit)) limit = v;
+  }
+  return limit;
 }
 
 /** The body the upstream gets: the client's, minus gateway fields, with model and cap decided. */
@@ -14,9 +26,19 @@ export function upstreamBody(call: CompletionCall, route: ResolvedRoute, model: 
   const body: Record<string, unknown> = { ...call.body };
   for (const field of GATEWAY_FIELDS) delete body[field];
   body.model = model;
-  // Keep the client's choice of parameter name; newer OpenAI models reject max_tokens.
-  if (body.max_completion_tokens !== undefined) body.max_completion_tokens = route.maxTokens;
-  else body.max_tokens = route.maxTokens;
+  // Every limit the upstream gets is the one reserved for (route.maxTokens): whichever name it
+  // reads, it cannot produce more than the budget holds. The client's choice of name is kept
+  // (newer OpenAI models reject max_tokens); null is no limit asked for, so it is not sent.
+  let named = false;
+  for (const field of LIMIT_FIELDS) {
+    if (body[field] === undefined || body[field] === null) {
+      delete body[field];
+    } else {
+      body[field] = route.maxTokens;
+      named = true;
+    }
+  }
+  if (!named) body.max_tokens = route.maxTokens;
   if (stream) {
     body.stream = true;
     // Always ask for usage so cuts and completions are charged exactly; the usage-only chunk
