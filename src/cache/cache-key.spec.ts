@@ -49,6 +49,20 @@ describe('cachePlan', () => {
     expect(cachePlan(call({}, { cacheControl: { read: true, write: true, ttlSeconds: 0 } }), route, 300)).toMatchObject({ read: true, write: false });
     expect(cachePlan(call({}, { cacheControl: { read: false, write: false, ttlSeconds: undefined } }), route, 300)).toBe('disabled_by_client');
   });
+
+  it("applies the routing rule's cache policy: enabled false bypasses, ttl_seconds is the TTL and a ceiling", () => {
+    const ttl = (ttlSeconds: number | undefined) => ({ cacheControl: { read: true, write: true, ttlSeconds } });
+    expect(cachePlan(call({}), { ...route, cache: { enabled: false } }, 300)).toBe('disabled_by_rule');
+    expect(cachePlan(call({}), { ...route, cache: { enabled: false, ttlSeconds: 60 } }, 300)).toBe('disabled_by_rule');
+    const ruled = { ...route, cache: { enabled: true, ttlSeconds: 60 } };
+    expect(cachePlan(call({}), ruled, 300)).toMatchObject({ ttlMs: 60_000, read: true, write: true });
+    expect(cachePlan(call({}, ttl(5)), ruled, 300)).toMatchObject({ ttlMs: 5000 });
+    expect(cachePlan(call({}, ttl(3600)), ruled, 300)).toMatchObject({ ttlMs: 60_000 });
+    expect(cachePlan(call({}, ttl(0)), ruled, 300)).toMatchObject({ read: true, write: false });
+    // A rule that enables the cache without a TTL leaves the defaults and the header as they were.
+    expect(cachePlan(call({}), { ...route, cache: { enabled: true } }, 300)).toMatchObject({ ttlMs: 300_000 });
+    expect(cachePlan(call({}, ttl(900)), { ...route, cache: { enabled: true } }, 300)).toMatchObject({ ttlMs: 900_000 });
+  });
 });
 
 describe('cacheKey', () => {

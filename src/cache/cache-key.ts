@@ -31,7 +31,7 @@ const NOT_IN_KEY = new Set([
  */
 const CACHE_KEY_VERSION = 'entry-v2';
 
-export type CacheBypassReason = 'disabled_by_client' | 'temperature' | 'n' | 'tools';
+export type CacheBypassReason = 'disabled_by_client' | 'disabled_by_rule' | 'temperature' | 'n' | 'tools';
 
 export interface CachePlan {
   key: string;
@@ -43,9 +43,18 @@ export interface CachePlan {
 /**
  * Whether a call may use the cache and how. Only deterministic requests are cached: temperature
  * 0 or absent, one choice, no tools (a tool call answers "do this now", and the client acts on it).
+ *
+ * The routing rule's policy (`route.cache`) comes first: `enabled: false` bypasses the cache for
+ * every request of the rule (neither read nor written), and its `ttl_seconds` replaces
+ * CACHE_TTL_SECONDS as the lifetime and is a ceiling: a request's `x-gateway-cache-ttl` may ask
+ * for less, never more. Without a rule TTL the header replaces the default, as before.
  */
 export function cachePlan(call: CompletionCall, route: ResolvedRoute, defaultTtlSeconds: number): CachePlan | CacheBypassReason {
-  const ttlSeconds = call.cacheControl.ttlSeconds ?? defaultTtlSeconds;
+  const policy = route.cache;
+  if (policy?.enabled === false) return 'disabled_by_rule';
+  const requested = call.cacheControl.ttlSeconds;
+  const ruleTtl = policy?.ttlSeconds;
+  const ttlSeconds = ruleTtl === undefined ? (requested ?? defaultTtlSeconds) : requested === undefined ? ruleTtl : Math.min(requested, ruleTtl);
   const write = call.cacheControl.write && ttlSeconds > 0;
   const read = call.cacheControl.read;
   if (!read && !write) return 'disabled_by_client';
