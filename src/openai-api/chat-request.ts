@@ -3,6 +3,8 @@ import { GatewayError } from '../core/errors.js';
 import { asBody, asObject } from '../core/validate.js';
 
 const TASK_TYPE = /^[a-z0-9][a-z0-9_.-]{0,63}$/i;
+/** Printable ASCII without spaces: what a model id is, and what a response header can carry. */
+const MODEL_ID = /^[\x21-\x7e]{1,200}$/;
 
 /**
  * Checks the fields the gateway itself reads, naming the first one that is wrong, and passes
@@ -28,10 +30,9 @@ export function parseChatRequest(raw: unknown): ChatCompletionRequest {
       throw new GatewayError('invalid_value', `'messages[${i}].content' must be a string or an array of content parts.`, { param: `messages[${i}].content` });
     }
   });
-  optionalType(body, 'model', 'string');
-  if (typeof body.model === 'string' && (body.model.length === 0 || body.model.length > 200)) {
-    throw new GatewayError('invalid_value', "'model' must be a model id or 'auto'.", { param: 'model' });
-  }
+  // null is what some clients send for "not set": like absent and 'auto', routing decides.
+  if (body.model === null) delete body.model;
+  if (body.model !== undefined) parseModelId(body.model, 'model');
   optionalType(body, 'stream', 'boolean');
   for (const field of ['max_tokens', 'max_completion_tokens'] as const) {
     const v = body[field];
@@ -56,12 +57,31 @@ export function parseChatRequest(raw: unknown): ChatCompletionRequest {
   if (body.response_format !== undefined && body.response_format !== null) asObject(body.response_format, "'response_format'", 'response_format');
   optionalType(body, 'user', 'string');
   if (body.task_type !== undefined) parseTaskType(body.task_type, 'task_type');
+  if (body.models === null) delete body.models;
   if (body.models !== undefined) {
-    if (!Array.isArray(body.models) || body.models.length === 0 || body.models.length > 10 || !body.models.every((m) => typeof m === 'string' && m.length > 0 && m.length <= 200)) {
-      throw new GatewayError('invalid_value', "'models' must be a list of 1 to 10 model ids.", { param: 'models' });
+    if (
+      !Array.isArray(body.models) ||
+      body.models.length === 0 ||
+      body.models.length > 10 ||
+      !body.models.every((m) => typeof m === 'string' && MODEL_ID.test(m))
+    ) {
+      throw new GatewayError('invalid_value', "'models' must be a list of 1 to 10 model ids (printable ASCII without spaces).", { param: 'models' });
     }
   }
   return body as ChatCompletionRequest;
+}
+
+/**
+ * A model id a client names: printable ASCII without spaces, 1-200 characters. The name goes
+ * upstream and comes back in the `x-gateway-model` header, which cannot carry anything else, so
+ * a name outside it is a 400 here rather than a 500 after the call was paid for.
+ */
+export function parseModelId(value: unknown, param: string): string {
+  if (typeof value !== 'string') throw new GatewayError('invalid_value', `Invalid type for '${param}': expected a string.`, { param });
+  if (!MODEL_ID.test(value)) {
+    throw new GatewayError('invalid_value', `'${param}' must be a model id or 'auto' (1-200 printable ASCII characters without spaces).`, { param });
+  }
+  return value;
 }
 
 export function parseTaskType(value: unknown, param: string): string {
