@@ -3,12 +3,13 @@ import type { INestApplicationContext } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
 import { FastifyAdapter, type NestFastifyApplication } from '@nestjs/platform-fastify';
 import { DocumentBuilder, type OpenAPIObject, SwaggerModule } from '@nestjs/swagger';
-import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import { AppModule, DATABASE_CONTENT } from './app.module.js';
 import { type AppConfig, describeConfig } from './config/config.js';
 import type { Clock } from './core/clock.js';
-import { OpenAiErrorFilter } from './core/http-errors.js';
+import { GatewayError } from './core/errors.js';
+import { OpenAiErrorFilter, sendError } from './core/http-errors.js';
 import { createLogger, PinoNestLogger, requestLineLogger } from './core/logger.js';
 import { requestIdFor } from './core/request-id.js';
 import { type DatabaseTarget, openDatabase } from './database/data-source.js';
@@ -63,6 +64,9 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
     genReqId: requestIdFor,
     // Keep-alive longer than typical load balancer idle timeouts (60 s) to avoid reset races.
     keepAliveTimeout: 65_000,
+    // Errors Fastify answers before routing (a URL it cannot decode, a path parameter over its
+    // length limit) skip the hooks and the filter: rendered here as every other error is.
+    frameworkErrors: (error: FastifyError, request: FastifyRequest, reply: FastifyReply) => frameworkError(error, request, reply, logger),
   });
   let app: NestFastifyApplication;
   try {
@@ -143,6 +147,24 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
       await app.close();
     },
   };
+}
+
+/**
+ * Fastify's pre-routing errors in the OpenAI envelope, with the request id every response carries
+ * (the onRequest hook that sets it does not run for them). The path is not echoed: it is what
+ * could not be read.
+ */
+function frameworkError(error: FastifyError, request: FastifyRequest, reply: FastifyReply, logger: Logger): void {
+  void reply.header('x-request-id', request.id);
+  const known =
+    error.code === 'FST_ERR_BAD_URL'
+      ? new GatewayError('invalid_value', 'The request URL is not valid: it has a malformed percent-encoding or is not a valid URL component.', {
+          cause: error,
+        })
+      : error.code === 'FST_ERR_MAX_PARAM_LENGTH'
+        ? new GatewayError('invalid_value', 'A path parameter of the request URL is longer than this gateway accepts.', { cause: error })
+        : error;
+  sendError(reply, request, known, logger);
 }
 
 export interface WorkerProcess {
