@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { ConfigError, describeConfig, loadConfig } from './config.js';
+import { type AppConfig, ConfigError, describeConfig, loadConfig, loggableUrl } from './config.js';
 
 describe('loadConfig', () => {
   it('defaults to the embedded, mock-upstream setup that needs no server', () => {
@@ -59,6 +59,44 @@ describe('loadConfig', () => {
       title: 'Gatehouse Café',
       apiKey: 'sk-or-v1-0123abcdef',
     });
+  });
+
+  it('refuses an OPENROUTER_BASE_URL with credentials, a query string or a fragment, without echoing it', () => {
+    const problemsOf = (value: string): string[] => {
+      try {
+        loadConfig({ OPENROUTER_API_KEY: 'sk-or-v1-0123abcdef', OPENROUTER_BASE_URL: value });
+        return [];
+      } catch (e) {
+        return (e as ConfigError).problems;
+      }
+    };
+    for (const value of [
+      'http://user:s3cr3t-pw@upstream.example/v1',
+      'http://s3cr3t-pw@upstream.example/v1',
+      'https://upstream.example/v1?key=s3cr3t-pw',
+      'https://upstream.example/v1#s3cr3t-pw',
+      'https://upstream.example/v1?',
+    ]) {
+      const problems = problemsOf(value);
+      expect(problems, value).toHaveLength(1);
+      expect(problems[0], value).toMatch(/^OPENROUTER_BASE_URL must not contain /);
+      expect(problems.join('\n'), value).not.toContain('s3cr3t-pw');
+      expect(problems.join('\n'), value).not.toContain('upstream.example');
+    }
+    expect(problemsOf('http://user:pw@upstream.example/v1?x=1')[0]).toContain('credentials (user:password@), a query string');
+    // An ordinary base URL (with a port and a path) is fine.
+    expect(problemsOf('http://127.0.0.1:4010/api/v1/')).toEqual([]);
+  });
+
+  it('never logs URL credentials, whatever the config holds', () => {
+    const base = loadConfig({ OPENROUTER_API_KEY: 'sk-or-v1-0123abcdef', DATABASE_URL: 'postgres://u:db-pw@h/db', REDIS_URL: 'redis://:redis-pw@h:6379' });
+    // A config not built by loadConfig (tests, future callers) still logs no credentials.
+    const config: AppConfig = { ...base, upstream: { ...base.upstream, baseUrl: 'http://user:up-pw@upstream.example:8443/v1?token=q-pw#f-pw' } };
+    const text = JSON.stringify(describeConfig(config));
+    expect(text).not.toMatch(/db-pw|redis-pw|up-pw|q-pw|f-pw|user:/);
+    expect(text).toContain('http://upstream.example:8443/v1 via undici');
+    expect(loggableUrl('not a url')).toBe('(not a valid URL)');
+    expect(loggableUrl('https://openrouter.ai/api/v1')).toBe('https://openrouter.ai/api/v1');
   });
 
   it('describes itself without secrets', () => {

@@ -290,12 +290,25 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
     if (!/^\d+(\.\d+)?$/.test(v)) problems.push(`${name} must be a non-negative decimal USD amount per token, got "${v}"`);
     return v;
   };
-  const url = (name: ConfigVariable, protocols: string[]): string | undefined => {
+  const url = (name: ConfigVariable, protocols: string[], bare = false): string | undefined => {
     const v = str(name);
     if (v === undefined) return undefined;
     try {
       const parsed = new URL(v);
       if (!protocols.includes(parsed.protocol)) problems.push(`${name} must use ${protocols.join(' or ')}, got ${parsed.protocol}`);
+      // A base URL other URLs are built on: credentials in it would be logged and then dropped
+      // (the upstream pool connects to the origin), a query string or fragment silently lost.
+      // Named, never echoed.
+      if (bare) {
+        const extras = [
+          parsed.username !== '' || parsed.password !== '' ? 'credentials (user:password@)' : undefined,
+          parsed.search !== '' || v.includes('?') ? 'a query string' : undefined,
+          parsed.hash !== '' || v.includes('#') ? 'a fragment' : undefined,
+        ].filter((x): x is string => x !== undefined);
+        if (extras.length > 0) {
+          problems.push(`${name} must not contain ${extras.join(', ')}: give the upstream key in OPENROUTER_API_KEY and the base URL alone`);
+        }
+      }
     } catch {
       // Never echo the value: URLs here may carry passwords.
       problems.push(`${name} is not a valid URL`);
@@ -318,7 +331,7 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
   const databaseUrl = url('DATABASE_URL', ['postgres:', 'postgresql:']);
   const redisUrl = url('REDIS_URL', ['redis:', 'rediss:']);
   const apiKey = headerValue('OPENROUTER_API_KEY', true);
-  const baseUrl = (url('OPENROUTER_BASE_URL', ['http:', 'https:']) ?? 'https://openrouter.ai/api/v1').replace(/\/+$/, '');
+  const baseUrl = (url('OPENROUTER_BASE_URL', ['http:', 'https:'], true) ?? 'https://openrouter.ai/api/v1').replace(/\/+$/, '');
   const storeDefault: StoreDriver = redisUrl ? 'redis' : 'memory';
   const cacheDriver = oneOf('CACHE_DRIVER', ['memory', 'redis'] as const, storeDefault);
   const rateLimitDriver = oneOf('RATE_LIMIT_DRIVER', ['memory', 'redis'] as const, storeDefault);
@@ -450,14 +463,27 @@ function isOpenRouter(baseUrl: string): boolean {
   }
 }
 
-/** The configuration as it may be logged: secrets reduced to "set"/"unset". */
+/**
+ * A URL as it may be logged: scheme, host, port and path only. User, password, query string and
+ * fragment are dropped (any may hold a secret); something that is not a URL is not printed.
+ */
+export function loggableUrl(value: string): string {
+  try {
+    const u = new URL(value);
+    return `${u.protocol}//${u.host}${u.pathname}`;
+  } catch {
+    return '(not a valid URL)';
+  }
+}
+
+/** The configuration as it may be logged: secrets reduced to "set"/"unset", URLs without credentials. */
 export function describeConfig(config: AppConfig): Record<string, unknown> {
   return {
     role: config.role,
     port: config.port,
     database: config.database.driver === 'postgres' ? 'postgres (DATABASE_URL set)' : `pglite (${config.database.dataDir})`,
     redis: config.redisUrl ? 'set' : 'unset (in-memory drivers)',
-    upstream: config.upstream.mock ? 'MOCK (no OPENROUTER_API_KEY)' : `${config.upstream.baseUrl} via ${config.upstream.driver}`,
+    upstream: config.upstream.mock ? 'MOCK (no OPENROUTER_API_KEY)' : `${loggableUrl(config.upstream.baseUrl)} via ${config.upstream.driver}`,
     upstreamRetry: { ...config.upstream.retry, nativeFallback: config.upstream.nativeFallback },
     cache: config.cache.driver,
     rateLimit: config.rateLimit.driver,
