@@ -559,8 +559,9 @@ describe.each(DB_KINDS)('budget writes on %s, flushed on demand only (BUDGET_FLU
     const good = [await budget.reserve(call('good-1'), route), await budget.reserve(call('good-2'), route)];
     const bad = await budget.reserve(call('absurd'), route);
     budget.settle(good[0], [{ model: MODEL, ok: true, status: 200, failure: undefined, usage: usage(0.000001) }]);
-    // Ten trillion dollars: beyond bigint nano-dollars, so PostgreSQL refuses the row.
-    budget.settle(bad, [{ model: MODEL, ok: true, status: 200, failure: undefined, usage: usage(1e13) }]);
+    // A NUL in the model name: the batch travels as jsonb, which cannot hold \u0000, so the
+    // database refuses this row (as it would any row whose content it cannot store).
+    budget.settle(bad, [{ model: `${MODEL}\u0000`, ok: true, status: 200, failure: undefined, usage: usage(0.000004) }]);
     budget.settle(good[1], [{ model: MODEL, ok: true, status: 200, failure: undefined, usage: usage(0.000002) }]);
 
     expect(await budget.flush()).toBe(true);
