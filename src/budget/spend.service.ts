@@ -1,13 +1,14 @@
 import { Injectable } from '@nestjs/common';
 import { DataSource } from 'typeorm';
-import { toUsdNumber } from '../../libs/money/src/index.js';
+import { toUsdJson, type UsdJson } from '../../libs/money/src/index.js';
 import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
 import type { Principal } from '../identity/principal.js';
 import { BudgetSettingsService } from './budget-settings.service.js';
 import { BudgetService } from './budget.service.js';
 import type { BudgetView } from './budget.types.js';
-import { periodStarts } from './periods.js';
+import { budgetViewJson } from './admin/budget-admin.dto.js';
+import { currentPeriodStart, periodStarts } from './periods.js';
 
 export const SPEND_GROUPS = ['user', 'department', 'model'] as const;
 export type SpendGroup = (typeof SPEND_GROUPS)[number];
@@ -32,7 +33,8 @@ export interface SpendLine {
   attempts: number;
   prompt_tokens: number;
   completion_tokens: number;
-  cost_usd: number;
+  /** The exact plain decimal in the JSON ("0.000000001", not "1e-9"). */
+  cost_usd: UsdJson;
 }
 
 // Column and display name per grouping; fixed strings, never user input, in the SQL.
@@ -66,7 +68,7 @@ export class SpendService {
       total += BigInt(row.cost_nanos);
       return { [g.field]: row.key, ...(groupBy === 'model' ? {} : { name: row.name }), ...line(row) };
     });
-    return { object: 'list', group_by: groupBy, from: from.toISOString(), to: to?.toISOString() ?? null, data, total_cost_usd: toUsdNumber(total) };
+    return { object: 'list', group_by: groupBy, from: from.toISOString(), to: to?.toISOString() ?? null, data, total_cost_usd: toUsdJson(total) };
   }
 
   /**
@@ -83,11 +85,24 @@ export class SpendService {
       total += BigInt(row.cost_nanos);
       return { model: row.key, ...line(row) };
     });
-    return { object: 'gateway.usage', user, department, from: from.toISOString(), to: to?.toISOString() ?? null, spend, total_cost_usd: toUsdNumber(total) };
+    return {
+      object: 'gateway.usage',
+      user: user && budgetViewJson('user', user.id, user),
+      department: department && budgetViewJson('department', department.id, department),
+      from: from.toISOString(),
+      to: to?.toISOString() ?? null,
+      spend,
+      total_cost_usd: toUsdJson(total),
+    };
   }
 
+  /**
+   * Without `from`, the window starts where the period containing its end starts: the budget's
+   * period (or the UTC month) of now, or, when only `to` is given, of the last instant before
+   * `to` (exclusive), so `?to=` alone never starts after it.
+   */
   private window(window: SpendWindow, budget: BudgetView | null): { from: Date; to: Date | undefined } {
-    const from = window.from ?? (budget ? new Date(budget.period_start) : periodStarts(this.clock.now()).month);
+    const from = window.from ?? defaultFrom(budget, window.to, this.clock.now());
     if (window.to && window.to.getTime() <= from.getTime()) throw new GatewayError('invalid_value', "'to' must be later than 'from'.", { param: 'to' });
     return { from, to: window.to };
   }
@@ -116,12 +131,25 @@ export class SpendService {
   }
 }
 
+const FIRST_TIME = -62_135_596_800_000; // 0001-01-01T00:00:00Z
+
+function defaultFrom(budget: BudgetView | null, to: Date | undefined, now: Date): Date {
+  if (to === undefined) return budget ? new Date(budget.period_start) : periodStarts(now).month;
+  // Never before 0001-01-01, the first day the database takes (`to` is at least that).
+  const end = new Date(Math.max(to.getTime() - 1, FIRST_TIME));
+  const month = periodStarts(end).month;
+  if (!budget) return month;
+  // A `total` budget's period began when it was set: the start, when `to` falls after it.
+  const start = currentPeriodStart(budget.period, periodStarts(end), new Date(budget.period_start));
+  return start.getTime() < to.getTime() ? start : month;
+}
+
 function line(row: SpendRow): SpendLine {
   return {
     requests: Number(row.requests),
     attempts: Number(row.attempts),
     prompt_tokens: Number(row.prompt_tokens),
     completion_tokens: Number(row.completion_tokens),
-    cost_usd: toUsdNumber(BigInt(row.cost_nanos)),
+    cost_usd: toUsdJson(BigInt(row.cost_nanos)),
   };
 }

@@ -77,3 +77,32 @@ describe('toGatewayError for a database out of reach', () => {
     expect(toGatewayError(new Error('boom'))).toMatchObject({ status: 500 });
   });
 });
+
+describe('toGatewayError for a value the database refuses (SQLSTATE class 22)', () => {
+  it('answers 400 invalid_value, however it is wrapped, and leaves other statement errors a 500', () => {
+    const outOfRange = Object.assign(new Error('value "3000000000" is out of range for type integer'), { code: '22003', severity: 'ERROR' });
+    const typeormWrapped = Object.assign(new Error('query failed'), {
+      driverError: Object.assign(new Error('date/time field value out of range: "0000-01-01T00:00:00.000Z"'), { code: '22008' }),
+    });
+    const badText = Object.assign(new Error('invalid input syntax for type uuid: "x"'), { code: '22P02' });
+    for (const error of [outOfRange, typeormWrapped, badText]) {
+      expect(toGatewayError(error)).toMatchObject({ status: 400, code: 'invalid_value', param: null });
+    }
+    for (const code of ['23505', '42703', '2200', '220030', 'ERR_22003']) {
+      expect(toGatewayError(Object.assign(new Error('x'), { code }))).toMatchObject({ status: 500, code: 'internal_error' });
+    }
+  });
+});
+
+describe('sendError for a value the database refused', () => {
+  it('answers 400 and says so in the log (throttled), since the edge validation missed it', () => {
+    const { logger, lines } = capture();
+    const throttle = new LogThrottle(10_000, () => 0);
+    const { reply, sent } = fakeReply();
+    const refused = () => Object.assign(new Error('value "3000000000" is out of range for type integer'), { code: '22003' });
+    for (let i = 0; i < 3; i++) sendError(reply, request, refused(), logger, throttle);
+    sendError(reply, request, new GatewayError('invalid_value', 'edge validation'), logger, throttle);
+    expect(sent.map((s) => s.status)).toEqual([400, 400, 400, 400]);
+    expect(lines.map((l) => [l.level, l.msg])).toEqual([['warn', 'a query refused a value: answered 400 invalid_value']]);
+  });
+});

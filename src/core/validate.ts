@@ -122,15 +122,85 @@ export function queryUuid(value: string | undefined, param: string): string | un
   return value.toLowerCase();
 }
 
+/** Refuses any body field not in `allowed`, naming it (an admin typo must not be silently ignored). */
+export function rejectUnknownFields(body: Body, allowed: readonly string[]): void {
+  for (const key of Object.keys(body)) {
+    if (!allowed.includes(key)) {
+      throw new GatewayError('invalid_value', `Unknown field '${key.slice(0, 64)}': this endpoint takes ${allowed.map((a) => `'${a}'`).join(', ')}.`, {
+        param: key.slice(0, 64),
+      });
+    }
+  }
+}
+
+// "2026-01-31", or "2026-01-31T09:30[:00[.123]]" with "Z" or "±hh:mm" (a zone-less time would be
+// read in the server's local time). Letters case-insensitive, as RFC 3339 allows.
+const ISO_DATE = /^(\d{4})-(\d{2})-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?(Z|[+-]\d{2}:\d{2}))?$/i;
+// 0001-01-01T00:00:00.000Z and 9999-12-31T23:59:59.999Z: what PostgreSQL's timestamptz takes as
+// text from toISOString (it has no year 0, and toISOString writes years past 9999 as "+010000").
+const MIN_TIME = -62_135_596_800_000;
+const MAX_TIME = 253_402_300_799_999;
+
+function daysInMonth(year: number, month: number): number {
+  if (month === 2) return (year % 4 === 0 && year % 100 !== 0) || year % 400 === 0 ? 29 : 28;
+  return [4, 6, 9, 11].includes(month) ? 30 : 31;
+}
+
+/**
+ * Strict ISO-8601: a date (UTC midnight) or a date-time with Z or an offset, years 0001-9999, every
+ * field in its range (no Feb 30). Undefined otherwise: Date.parse takes "1" (2001), "December 31
+ * 2030", zone-less local times and years PostgreSQL refuses.
+ */
+export function parseIsoDate(text: string): Date | undefined {
+  const m = ISO_DATE.exec(text);
+  if (!m) return undefined;
+  const [year, month, day, hour, minute, second] = [m[1], m[2], m[3], m[4], m[5], m[6]].map((v) => (v === undefined ? 0 : Number(v))) as [
+    number,
+    number,
+    number,
+    number,
+    number,
+    number,
+  ];
+  if (year < 1 || month < 1 || month > 12 || day < 1 || day > daysInMonth(year, month) || hour > 23 || minute > 59 || second > 59) return undefined;
+  let offsetMinutes = 0;
+  const zone = m[8];
+  if (zone !== undefined && zone.toUpperCase() !== 'Z') {
+    const hours = Number(zone.slice(1, 3));
+    const minutes = Number(zone.slice(4, 6));
+    if (hours > 23 || minutes > 59) return undefined;
+    offsetMinutes = (zone.startsWith('-') ? -1 : 1) * (hours * 60 + minutes);
+  }
+  const millis = Number((m[7] ?? '').padEnd(3, '0').slice(0, 3));
+  // setUTCFullYear, not Date.UTC: Date.UTC reads years 0-99 as 1900-1999.
+  const date = new Date(0);
+  date.setUTCFullYear(year, month - 1, day);
+  date.setUTCHours(hour, minute, second, millis);
+  const time = date.getTime() - offsetMinutes * 60_000;
+  return time >= MIN_TIME && time <= MAX_TIME ? new Date(time) : undefined;
+}
+
+function invalidDate(param: string, value: unknown): GatewayError {
+  // In a query string an unencoded '+' arrives as a space: say how to write it.
+  const plus = typeof value === 'string' && / \d{2}:\d{2}$/.test(value) ? " (in a query string, write the offset's '+' as %2B)" : '';
+  return new GatewayError(
+    'invalid_value',
+    `Invalid '${param}': expected an ISO-8601 date (2026-01-31) or date-time with Z or an offset (2026-01-31T09:30:00Z, 2026-01-31T09:30:00+02:00), years 0001-9999${plus}.`,
+    { param },
+  );
+}
+
 export function optionalDate(body: Body, param: string): Date | undefined {
   const v = body[param];
   if (v === undefined || v === null) return undefined;
-  if (typeof v !== 'string' || Number.isNaN(Date.parse(v))) throw wrong(param, 'an ISO-8601 date-time');
-  return new Date(v);
+  const date = typeof v === 'string' ? parseIsoDate(v.trim()) : undefined;
+  if (date === undefined) throw invalidDate(param, v);
+  return date;
 }
 
 export function queryDate(value: string | undefined, param: string): Date | undefined {
   if (value === undefined || value === '') return undefined;
-  if (Number.isNaN(Date.parse(value))) throw new GatewayError('invalid_value', `Invalid '${param}': expected an ISO-8601 date-time.`, { param });
-  return new Date(value);
+  const date = typeof value === 'string' ? parseIsoDate(value) : undefined;
+  if (date === undefined) throw invalidDate(param, value);
+  return date;
 }

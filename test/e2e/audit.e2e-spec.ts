@@ -72,18 +72,23 @@ describe('audit trail over HTTP (PGlite)', () => {
     const patch = await eventually(gw, { action: 'PATCH /admin/departments/:id' }, (e) => e.target_id === alice.departmentId);
     expect(patch).toMatchObject({ status: 200, target_type: 'departments', details: { body: { name: `renamed-${alice.departmentId}` } } });
 
-    const spare = await gw.admin.post<{ id: string; key: string }>('/admin/keys', {
-      user_id: alice.userId,
-      name: 'spare',
-      key: 'gh-chosen-by-the-caller-0123456789',
-    });
-    secrets.push(spare.body.key, 'gh-chosen-by-the-caller-0123456789');
+    // A key chosen by the caller is not a field keys take: refused (400), and its refusal is
+    // audited without the would-be secret.
+    const chosen = await gw.admin.post<ErrorBody>('/admin/keys', { user_id: alice.userId, name: 'spare', key: 'gh-chosen-by-the-caller-0123456789' });
+    expect(chosen.status).toBe(400);
+    expect(chosen.body.error).toMatchObject({ code: 'invalid_value', param: 'key' });
+    secrets.push('gh-chosen-by-the-caller-0123456789');
+    const refused = await eventually(gw, { action: 'POST /admin/keys' }, (e) => e.status === 400);
+    expect(refused.details.body).toMatchObject({ name: 'spare', key: '[redacted]' });
+
+    const spare = await gw.admin.post<{ id: string; key: string }>('/admin/keys', { user_id: alice.userId, name: 'spare' });
+    secrets.push(spare.body.key);
     const revoke = await gw.admin.delete(`/admin/keys/${spare.body.id}`);
     expect(revoke.status).toBe(200);
     const revoked = await eventually(gw, { action: 'DELETE /admin/keys/:id' }, (e) => e.target_id === spare.body.id);
     expect(revoked).toMatchObject({ status: 200, actor_user_id: adminIds.userId });
     const spareCreated = await eventually(gw, { action: 'POST /admin/keys' }, (e) => e.target_id === spare.body.id);
-    expect(spareCreated.details.body).toMatchObject({ name: 'spare', key: '[redacted]' });
+    expect(spareCreated.details.body).toMatchObject({ name: 'spare' });
   });
 
   it('records failed admin attempts and authentication failures on /admin (key prefix only), but not reads', async () => {

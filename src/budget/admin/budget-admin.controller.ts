@@ -6,7 +6,7 @@ import { BudgetSettingsService } from '../budget-settings.service.js';
 import type { BudgetScope } from '../budget.types.js';
 import { SpendService } from '../spend.service.js';
 import { parseSpendGroup, parseSpendWindow } from '../spend-query.js';
-import { budgetOrUnlimited, BudgetViewDto, PutBudgetDto } from './budget-admin.dto.js';
+import { BudgetViewDto, budgetViewJson, PutBudgetDto } from './budget-admin.dto.js';
 
 // URL segment → scope; the segment names are API.md's.
 const SEGMENTS: Record<'users' | 'departments', BudgetScope> = { users: 'user', departments: 'department' };
@@ -75,19 +75,19 @@ export class BudgetAdminController {
     const scope = SEGMENTS[segment];
     const uuid = pathUuid(id, scope);
     const dto = PutBudgetDto.parse(body);
-    return this.budgets.set(scope, uuid, dto.limitNanos, dto.period);
+    return budgetViewJson(scope, uuid, await this.budgets.set(scope, uuid, dto.limitNanos, dto.period));
   }
 
   private async get(segment: keyof typeof SEGMENTS, id: string): Promise<BudgetViewDto> {
     const scope = SEGMENTS[segment];
     const uuid = pathUuid(id, scope);
-    return budgetOrUnlimited(scope, uuid, await this.budgets.get(scope, uuid));
+    return budgetViewJson(scope, uuid, await this.budgets.get(scope, uuid));
   }
 
   private async remove(segment: keyof typeof SEGMENTS, id: string): Promise<BudgetViewDto> {
     const scope = SEGMENTS[segment];
     const uuid = pathUuid(id, scope);
     await this.budgets.remove(scope, uuid);
-    return budgetOrUnlimited(scope, uuid, null);
+    return budgetViewJson(scope, uuid, null);
   }
 }

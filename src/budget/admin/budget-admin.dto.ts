@@ -1,12 +1,16 @@
 import { ApiProperty, ApiPropertyOptional } from '@nestjs/swagger';
-import { type Nanos, parseUsd } from '../../../libs/money/src/index.js';
+import { type Nanos, parseUsd, toUsdJson, type UsdJson } from '../../../libs/money/src/index.js';
 import { GatewayError } from '../../core/errors.js';
-import { asBody } from '../../core/validate.js';
+import { asBody, rejectUnknownFields } from '../../core/validate.js';
 import type { BudgetScope, BudgetView } from '../budget.types.js';
 import { BUDGET_PERIODS, type BudgetPeriod, isBudgetPeriod } from '../periods.js';
 
-/** Far above any real budget, and far below where bigint sums of nano-dollars could overflow. */
-const MAX_LIMIT_USD = 1_000_000_000;
+/**
+ * Far above any real budget, far below where bigint sums of nano-dollars could overflow, and
+ * below 2^23 USD: up to there every nano-dollar amount is its own double, so a limit (and the
+ * spent, reserved and remaining amounts beside it) reads back exactly as a JSON number.
+ */
+export const MAX_LIMIT_USD = 8_000_000;
 
 export class PutBudgetDto {
   @ApiProperty({ example: 50, description: 'USD per period (a JSON number, or a decimal string for exactness)' }) limit_usd!: number;
@@ -14,13 +18,16 @@ export class PutBudgetDto {
 
   static parse(raw: unknown): { limitNanos: Nanos; period: BudgetPeriod } {
     const body = asBody(raw);
+    rejectUnknownFields(body, ['limit_usd', 'period']);
     const limit = body.limit_usd;
     if (limit === undefined || limit === null) throw new GatewayError('missing_field', "Missing required parameter: 'limit_usd'.", { param: 'limit_usd' });
     const nanos = typeof limit === 'number' || typeof limit === 'string' ? parseUsd(limit) : undefined;
     if (nanos === undefined) throw new GatewayError('invalid_value', "'limit_usd' must be a number of US dollars, e.g. 50 or 0.25.", { param: 'limit_usd' });
     if (nanos < 0n) throw new GatewayError('invalid_value', "'limit_usd' must be at least 0.", { param: 'limit_usd' });
     if (nanos > BigInt(MAX_LIMIT_USD) * 1_000_000_000n)
-      throw new GatewayError('invalid_value', `'limit_usd' must be at most ${MAX_LIMIT_USD}.`, { param: 'limit_usd' });
+      throw new GatewayError('invalid_value', `'limit_usd' must be at most ${MAX_LIMIT_USD} (the largest amount a JSON number carries to the nano-dollar).`, {
+        param: 'limit_usd',
+      });
     const period = body.period;
     if (period === undefined || period === null) throw new GatewayError('missing_field', "Missing required parameter: 'period'.", { param: 'period' });
     if (!isBudgetPeriod(period)) throw new GatewayError('invalid_value', `'period' must be one of ${BUDGET_PERIODS.join(', ')}.`, { param: 'period' });
@@ -31,16 +38,32 @@ export class PutBudgetDto {
 export class BudgetViewDto {
   @ApiProperty({ enum: ['user', 'department'] }) scope!: BudgetScope;
   @ApiProperty({ format: 'uuid' }) id!: string;
-  @ApiProperty({ nullable: true, description: 'null: no budget (unlimited)' }) limit_usd!: number | null;
+  @ApiProperty({ type: Number, nullable: true, description: 'null: no budget (unlimited)' }) limit_usd!: UsdJson | number | null;
   @ApiProperty({ enum: BUDGET_PERIODS, nullable: true }) period!: BudgetPeriod | null;
-  @ApiProperty({ nullable: true }) spent_usd!: number | null;
-  @ApiProperty({ nullable: true }) reserved_usd!: number | null;
-  @ApiProperty({ nullable: true }) remaining_usd!: number | null;
+  @ApiProperty({ type: Number, nullable: true }) spent_usd!: UsdJson | number | null;
+  @ApiProperty({ type: Number, nullable: true }) reserved_usd!: UsdJson | number | null;
+  @ApiProperty({ type: Number, nullable: true }) remaining_usd!: UsdJson | number | null;
   @ApiProperty({ format: 'date-time', nullable: true }) period_start!: string | null;
   @ApiPropertyOptional({ format: 'date-time', nullable: true, description: 'when the period rolls over (null for total)' }) resets_at!: string | null;
 }
 
-/** A scope without a budget row is unlimited; say so explicitly rather than 404 (the user exists). */
-export function budgetOrUnlimited(scope: BudgetScope, id: string, view: BudgetView | null): BudgetViewDto {
-  return view ?? { scope, id, limit_usd: null, period: null, spent_usd: null, reserved_usd: null, remaining_usd: null, period_start: null, resets_at: null };
+/**
+ * An amount of a BudgetView as the plain decimal it stands for ("0.000000001", not "1e-9"). The
+ * view's numbers are exact below MAX_LIMIT_USD, so their shortest text is the decimal itself.
+ */
+function usdOf(amount: number): UsdJson | number {
+  const nanos = parseUsd(amount);
+  return nanos === undefined ? amount : toUsdJson(nanos);
+}
+
+/** A budget view as a response writes it; a scope without a budget row is unlimited, said explicitly rather than 404 (the user exists). */
+export function budgetViewJson(scope: BudgetScope, id: string, view: BudgetView | null): BudgetViewDto {
+  if (!view) return { scope, id, limit_usd: null, period: null, spent_usd: null, reserved_usd: null, remaining_usd: null, period_start: null, resets_at: null };
+  return {
+    ...view,
+    limit_usd: usdOf(view.limit_usd),
+    spent_usd: usdOf(view.spent_usd),
+    reserved_usd: usdOf(view.reserved_usd),
+    remaining_usd: usdOf(view.remaining_usd),
+  };
 }

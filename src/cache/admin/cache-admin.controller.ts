@@ -6,6 +6,8 @@ import { AdminOnly } from '../../identity/auth.guard.js';
 import { CompletionCache } from '../completion-cache.service.js';
 import type { CacheFilter } from '../response-cache.js';
 
+const FILTERS: readonly string[] = ['model', 'user_id', 'department_id'];
+
 export class CacheInvalidationDto {
   @ApiProperty({ example: 'cache.invalidation' }) object!: 'cache.invalidation';
   @ApiProperty({ description: 'entries deleted' }) deleted!: number;
@@ -13,8 +15,22 @@ export class CacheInvalidationDto {
   @ApiPropertyOptional({ format: 'uuid' }) user_id?: string;
   @ApiPropertyOptional({ format: 'uuid' }) department_id?: string;
 
-  /** Query parameters → filter; several parameters narrow together (AND). */
-  static parse(query: { model?: unknown; user_id?: unknown; department_id?: unknown }): CacheFilter {
+  /**
+   * Query parameters → filter; several parameters narrow together (AND). Any other parameter is
+   * a 400: no filter means "delete everything", so a misspelt one (`?userid=`) must not mean that.
+   */
+  static parse(query: Record<string, unknown>): CacheFilter {
+    for (const param of Object.keys(query)) {
+      if (!FILTERS.includes(param)) {
+        throw new GatewayError(
+          'invalid_value',
+          `Unknown query parameter '${param.slice(0, 64)}': filter by ${FILTERS.map((f) => `'${f}'`).join(', ')}, or none to delete every entry.`,
+          {
+            param: param.slice(0, 64),
+          },
+        );
+      }
+    }
     const filter: CacheFilter = {};
     const model = single(query.model, 'model');
     if (model !== undefined) {

@@ -1,5 +1,5 @@
 import { ApiProperty, ApiPropertyOptional } from '@nestjs/swagger';
-import { asBody, optionalDate, optionalEnum, optionalString, requiredEnum, requiredString, requiredUuid } from '../../core/validate.js';
+import { asBody, optionalDate, optionalEnum, optionalString, rejectUnknownFields, requiredEnum, requiredString, requiredUuid } from '../../core/validate.js';
 import type { ApiKeyEntity, CacheScope, DepartmentEntity, UserEntity, UserRole } from '../identity.entities.js';
 
 // Each DTO documents the wire shape for /docs and parses it, naming the field that is wrong.
@@ -8,6 +8,7 @@ export class CreateDepartmentDto {
   @ApiProperty({ example: 'Research' }) name!: string;
   static parse(raw: unknown): CreateDepartmentDto {
     const body = asBody(raw);
+    rejectUnknownFields(body, ['name']);
     return { name: requiredString(body, 'name') };
   }
 }
@@ -17,6 +18,7 @@ export class UpdateDepartmentDto {
   @ApiPropertyOptional({ enum: ['user', 'department'], description: 'who may share cached answers' }) cache_scope?: CacheScope;
   static parse(raw: unknown): UpdateDepartmentDto {
     const body = asBody(raw);
+    rejectUnknownFields(body, ['name', 'cache_scope']);
     return { name: optionalString(body, 'name'), cache_scope: optionalEnum(body, 'cache_scope', ['user', 'department'] as const) };
   }
 }
@@ -27,6 +29,7 @@ export class CreateUserDto {
   @ApiProperty({ enum: ['user', 'admin'] }) role!: UserRole;
   static parse(raw: unknown): CreateUserDto {
     const body = asBody(raw);
+    rejectUnknownFields(body, ['name', 'department_id', 'role']);
     return {
       name: requiredString(body, 'name'),
       department_id: requiredUuid(body, 'department_id'),
@@ -41,6 +44,7 @@ export class CreateKeyDto {
   @ApiPropertyOptional({ format: 'date-time' }) expires_at?: string;
   static parse(raw: unknown): { userId: string; name?: string; expiresAt?: Date } {
     const body = asBody(raw);
+    rejectUnknownFields(body, ['user_id', 'name', 'expires_at']);
     return { userId: requiredUuid(body, 'user_id'), name: optionalString(body, 'name'), expiresAt: optionalDate(body, 'expires_at') };
   }
 }

@@ -1,6 +1,6 @@
 import { ApiProperty, ApiPropertyOptional } from '@nestjs/swagger';
 import { GatewayError } from '../../core/errors.js';
-import { asBody, requiredNumber } from '../../core/validate.js';
+import { asBody, rejectUnknownFields, requiredNumber } from '../../core/validate.js';
 import type { Limit, LimitScope, LimitView } from '../rate-limit-overrides.service.js';
 
 const PATH_SCOPES: Record<string, LimitScope> = { keys: 'key', users: 'user', departments: 'department' };
@@ -19,6 +19,7 @@ export class PutRateLimitDto {
 
   static parse(raw: unknown): Limit {
     const body = asBody(raw);
+    rejectUnknownFields(body, ['requests_per_minute', 'tokens_per_minute']);
     const requestsPerMinute = requiredNumber(body, 'requests_per_minute', { integer: true, min: 1, max: 10_000_000 });
     const tpm = body.tokens_per_minute;
     const tokensPerMinute =

@@ -1,12 +1,17 @@
-import { Body, Controller, Get, HttpCode, Param, Post, Put, Query } from '@nestjs/common';
+import { Body, Controller, Get, HttpCode, type OnModuleInit, Param, Post, Put, Query } from '@nestjs/common';
+import { HttpAdapterHost } from '@nestjs/core';
 import { ApiBody, ApiOkResponse, ApiOperation, ApiQuery, ApiTags } from '@nestjs/swagger';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { GatewayError } from '../../core/errors.js';
 import { pathUuid } from '../../core/validate.js';
 import { AdminOnly, CurrentPrincipal } from '../../identity/auth.guard.js';
+import { IdentityService } from '../../identity/identity.service.js';
 import type { Principal } from '../../identity/principal.js';
+import { RoutingVersionsRepository } from '../routing-versions.repository.js';
 import { RoutingService } from '../routing.service.js';
 import {
   DepartmentOverridesDto,
+  MAX_VERSION,
   ResolvedRouteDto,
   ResolveRequestDto,
   resolvedView,
@@ -15,6 +20,9 @@ import {
   RoutingVersionListDto,
   UpdateRoutingTableDto,
 } from './routing-admin.dto.js';
+
+// The one route whose body is optional: `content-type: application/json` with no body means {}.
+const ROLLBACK_ROUTE = '/admin/routing/rollback/:version';
 
 function pathVersion(raw: string): number {
   const n = Number(raw);
@@ -25,8 +33,52 @@ function pathVersion(raw: string): number {
 @ApiTags('admin: routing')
 @AdminOnly()
 @Controller('admin/routing')
-export class RoutingAdminController {
-  constructor(private readonly routing: RoutingService) {}
+export class RoutingAdminController implements OnModuleInit {
+  constructor(
+    private readonly routing: RoutingService,
+    private readonly history: RoutingVersionsRepository,
+    private readonly identity: IdentityService,
+    private readonly adapterHost: HttpAdapterHost,
+  ) {}
+
+  /**
+   * Fastify's JSON parser refuses an empty body ("Body cannot be empty") before any handler runs,
+   * but a rollback's body is optional and clients send `content-type: application/json` on every
+   * POST. For that route alone, a declared-empty body loses its content type, so Fastify reads it
+   * as no body at all (RollbackDto takes that as {}).
+   */
+  onModuleInit(): void {
+    const adapter = this.adapterHost.httpAdapter as HttpAdapterHost['httpAdapter'] | undefined;
+    const fastify = adapter?.getInstance<FastifyInstance>();
+    if (typeof fastify?.addHook !== 'function') return;
+    fastify.addHook('onRequest', (request: FastifyRequest, _reply: FastifyReply, done: () => void) => {
+      const headers = request.headers;
+      if (
+        request.method === 'POST' &&
+        headers['content-length'] === '0' &&
+        headers['transfer-encoding'] === undefined &&
+        headers['content-type'] !== undefined &&
+        request.routeOptions.url === ROLLBACK_ROUTE
+      ) {
+        delete headers['content-type'];
+      }
+      done();
+    });
+  }
+
+  /**
+   * A change based on a version past MAX_VERSION is stale like any other unknown one (checked
+   * here: SQL would refuse the number itself), with the same 409 the service gives.
+   */
+  private async assertNotPastMax(basedOn: number | undefined): Promise<void> {
+    if (basedOn === undefined || basedOn < MAX_VERSION) return;
+    const latest = await this.history.latestVersion();
+    throw new GatewayError(
+      'conflict',
+      `The routing table changed since version ${basedOn} (the latest is ${latest ?? 'unknown'}): reload it, reapply your change and send the new version.`,
+      { param: 'version', details: { current_version: latest } },
+    );
+  }
 
   @Get()
   @ApiOperation({ summary: 'The routing table this instance serves, with its version (checks for a newer one first)' })
@@ -42,6 +94,7 @@ export class RoutingAdminController {
   @ApiOkResponse({ type: RoutingTableDto })
   async update(@CurrentPrincipal() admin: Principal, @Body() body: unknown) {
     const { basedOn, comment, body: table } = UpdateRoutingTableDto.parse(body);
+    await this.assertNotPastMax(basedOn);
     return this.routing.update(table, { basedOn, comment, author: admin.userId });
   }
 
@@ -54,7 +107,9 @@ export class RoutingAdminController {
     const n = limit === undefined || limit === '' ? 50 : Number(limit);
     if (!Number.isInteger(n) || n < 1 || n > 500) throw new GatewayError('invalid_value', "'limit' must be an integer from 1 to 500.", { param: 'limit' });
     const b = before === undefined || before === '' ? undefined : Number(before);
-    if (b !== undefined && (!Number.isInteger(b) || b < 1)) throw new GatewayError('invalid_value', "'before' must be a version number.", { param: 'before' });
+    if (b !== undefined && (typeof before !== 'string' || !/^\d+$/.test(before) || b < 1 || b > MAX_VERSION)) {
+      throw new GatewayError('invalid_value', `'before' must be a version number from 1 to ${MAX_VERSION}.`, { param: 'before' });
+    }
     return { object: 'list', data: await this.routing.listVersions(n, b) };
   }
 
@@ -69,9 +124,13 @@ export class RoutingAdminController {
   @ApiOperation({ summary: 'Restore an earlier version as a new version (history is never rewritten)' })
   @ApiBody({ type: RollbackDto, required: false })
   @ApiOkResponse({ type: RoutingTableDto })
-  rollback(@CurrentPrincipal() admin: Principal, @Param('version') version: string, @Body() body: unknown) {
+  async rollback(@CurrentPrincipal() admin: Principal, @Param('version') version: string, @Body() body: unknown) {
     const target = pathVersion(version);
     const { basedOn, comment } = RollbackDto.parse(body);
+    if (basedOn !== undefined && basedOn >= MAX_VERSION) {
+      await this.routing.getVersion(target); // an unknown target is still the 404 it would be
+      await this.assertNotPastMax(basedOn);
+    }
     return this.routing.rollback(target, { basedOn, comment, author: admin.userId });
   }
 
@@ -82,14 +141,16 @@ export class RoutingAdminController {
   @ApiOkResponse({ type: ResolvedRouteDto })
   async resolve(@Body() body: unknown) {
     const { version, ...request } = ResolveRequestDto.parse(body);
+    if (version !== undefined && version > MAX_VERSION) throw new GatewayError('not_found', `No routing table version ${version}.`);
     const { route } = await this.routing.dryRun(request, version);
     return resolvedView(route);
   }
 
   @Get('departments/:id')
   @ApiOperation({ summary: "A department's overrides in the current table" })
-  departmentOverrides(@Param('id') id: string) {
+  async departmentOverrides(@Param('id') id: string) {
     const departmentId = pathUuid(id, 'department');
+    await this.identity.getDepartment(departmentId); // 404 for an unknown one, as on PUT
     const table = this.routing.table();
     return { department_id: departmentId, version: table.version, overrides: this.routing.departmentOverrides(departmentId) };
   }
@@ -98,9 +159,13 @@ export class RoutingAdminController {
   @ApiOperation({ summary: "Replace one department's overrides (of rules with department_overridable) as a new table version; 409 when stale" })
   @ApiBody({ type: DepartmentOverridesDto })
   @ApiOkResponse({ type: RoutingTableDto })
-  setDepartmentOverrides(@CurrentPrincipal() admin: Principal, @Param('id') id: string, @Body() body: unknown) {
+  async setDepartmentOverrides(@CurrentPrincipal() admin: Principal, @Param('id') id: string, @Body() body: unknown) {
     const departmentId = pathUuid(id, 'department');
     const { basedOn, comment, overrides } = DepartmentOverridesDto.parse(body);
+    if (basedOn >= MAX_VERSION) {
+      await this.identity.getDepartment(departmentId); // an unknown department is still the 404 it would be
+      await this.assertNotPastMax(basedOn);
+    }
     return this.routing.setDepartmentOverrides(departmentId, overrides, { basedOn, comment, author: admin.userId });
   }
 }

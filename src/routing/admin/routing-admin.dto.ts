@@ -8,6 +8,13 @@ import { invalidTable as invalid, parseRoutingTableBody, type RoutingProblem } f
 
 const MAX_COMMENT = 500;
 
+/**
+ * The largest routing table version: the column is a PostgreSQL `integer`. A version beyond it
+ * can only be unknown (a change based on it is stale, a lookup of it finds nothing), and is
+ * answered so by the controller, never handed to SQL, where it would fail as out of range.
+ */
+export const MAX_VERSION = 2_147_483_647;
+
 export class CachePolicyDto {
   @ApiProperty({ description: 'cache answers of this rule' }) enabled!: boolean;
   @ApiPropertyOptional({ minimum: 1, description: 'lifetime of a cached answer; absent = CACHE_TTL_SECONDS' }) ttl_seconds?: number;
