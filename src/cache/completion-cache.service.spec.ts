@@ -71,6 +71,18 @@ describe('CompletionCache singleflight (in process)', () => {
     expect((await cache.open(call(), route)).status).toBe('miss');
   });
 
+  it.each([
+    ['a top-level error', { ...answer, error: { code: 502, message: 'provider failed mid-generation' } }],
+    ['a choice finished as "error"', { ...answer, choices: [{ index: 0, message: { role: 'assistant', content: 'half' }, finish_reason: 'error' }] }],
+  ])('stores no answer that carries %s (OpenRouter reports failures inside a 200 so)', async (_what, failed) => {
+    const { cache, call } = setup();
+    const leader = await cache.open(call(), route);
+    const completion = failed as unknown as typeof answer;
+    await leader.fill(JSON.stringify(completion), completion);
+    expect(cache.inFlight).toBe(0);
+    expect((await cache.open(call(), route)).status).toBe('miss');
+  });
+
   it('stops waiting when the follower’s client goes away', async () => {
     const { cache, call } = setup();
     const leader = await cache.open(call(), route);

@@ -6,7 +6,7 @@ import { AppConfig } from '../config/config.js';
 import { GatewayError } from '../core/errors.js';
 import { AppLogger } from '../core/logger.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
-import { hasMessage } from '../upstream/llm-client.js';
+import { hasMessage, reportsFailure } from '../upstream/llm-client.js';
 import { type CachedAnswer, decodeCacheEntry, encodeCacheEntry } from './cache-entry.js';
 import { type CachePlan, cachePlan } from './cache-key.js';
 import { ExpiringEntries } from './expiring-entries.js';
@@ -235,8 +235,18 @@ export class CompletionCache {
     };
     const fill = async (raw: string, completion: ChatCompletion) => {
       if (settled) return;
-      // Stored only if every replay can render it: a choice without a message would fail each stream hit.
-      if (!plan.write || !Array.isArray(completion.choices) || completion.choices.length === 0 || !completion.choices.every(hasMessage)) return abandon();
+      // Stored only if every replay can render it (a choice without a message would fail each stream
+      // hit), and only if it is an answer: one that reports a failure (a top-level error, a choice
+      // finished as "error") is relayed at most, never served again.
+      if (
+        !plan.write ||
+        !Array.isArray(completion.choices) ||
+        completion.choices.length === 0 ||
+        !completion.choices.every(hasMessage) ||
+        reportsFailure(completion)
+      ) {
+        return abandon();
+      }
       settled = true;
       const entry = encodeCacheEntry(raw, completion);
       lead?.flight(entry);

@@ -5,6 +5,7 @@ import { AuditService } from '../audit/audit.service.js';
 import { BudgetService } from '../budget/budget.service.js';
 import type { Reservation } from '../budget/budget.types.js';
 import { type CachedAnswer, type CacheTicket, CompletionCache } from '../cache/completion-cache.service.js';
+import { GatewayError } from '../core/errors.js';
 import { AppLogger, requestLineLogger } from '../core/logger.js';
 import { ShutdownService } from '../lifecycle/shutdown.service.js';
 import { GatewayMetrics } from '../metrics/gateway-metrics.js';
@@ -22,9 +23,9 @@ import {
   type PacedStreamSink,
   type StreamSink,
 } from './completion.types.js';
-import { StreamTracker } from './stream-tracker.js';
+import { producedChars, StreamTracker } from './stream-tracker.js';
 import { requestedMaxTokens } from './upstream-body.js';
-import { asFailure, type Attempt, UpstreamCaller } from './upstream-caller.js';
+import { asFailure, type Attempt, headerSafeModel, type OpenedStream, UpstreamCaller } from './upstream-caller.js';
 
 /**
  * The one pipeline every door calls (HTTP JSON, HTTP SSE, /v1/complete):
@@ -77,8 +78,9 @@ export class CompletionService {
     const { reservation, value } = await this.reserveAndCall(call, route, cached, attempts, started, () => this.upstream.json(call, route, attempts));
     const { model, result } = value;
     const costNanos = this.settleOrAbandon(cached, () => {
-      const producedChars = result.completion.choices.reduce((n, c) => n + (typeof c.message.content === 'string' ? c.message.content.length : 0), 0);
-      return this.budget.settle(reservation, attempts, { producedChars });
+      // Read only without usage: content, reasoning, refusal and tool-call arguments all cost tokens.
+      const produced = result.completion.choices.reduce((n, c) => n + producedChars(c.message), 0);
+      return this.budget.settle(reservation, attempts, { producedChars: produced });
     });
     const meta = this.meta(route, model, cached.status);
     // The cost header needs the settlement; the rest waits until the caller has its answer.
@@ -119,13 +121,19 @@ export class CompletionService {
     // Recorded below whatever happens to the stream; said now, before the response can finish,
     // so the door's hooks never log or audit it themselves.
     call.audited = true;
-    sink.open(meta);
+    try {
+      sink.open(meta);
+    } catch (error) {
+      await this.abandonUnopened(call, route, cached, reservation, attempts, opened, started, error);
+      throw error;
+    }
     this.metrics.streamOpened();
     const clientWantsUsage = call.body.stream_options?.include_usage === true;
     // Parsed events are assembled for the cache only when it will store them.
     const tracker = new StreamTracker(cached.fills);
     const paced = pacedSink(sink);
     let outcome = 'ok';
+    let failedStatus: number | undefined;
     try {
       let next = opened.first;
       while (!next.done) {
@@ -146,17 +154,25 @@ export class CompletionService {
     } catch (error) {
       const failure = asFailure(error);
       outcome = failure.kind;
-      if (!sink.closed) {
-        const mapped = this.shutdown.streamEndedError() ?? upstreamToGatewayError(failure, opened.model);
-        sink.event(JSON.stringify(errorEnvelope(mapped.message, mapped.type, mapped.code)));
-        sink.close();
+      // An error event the upstream sent after the first byte names its own status.
+      if (failure.kind === 'http') failedStatus = failure.status;
+      try {
+        if (!sink.closed) {
+          const mapped = this.shutdown.streamEndedError() ?? upstreamToGatewayError(failure, opened.model);
+          sink.event(JSON.stringify(errorEnvelope(mapped.message, mapped.type, mapped.code)));
+          sink.close();
+        }
+      } catch (sinkError) {
+        // The client's response broke too: nothing more reaches it, and the call is still settled below.
+        this.logger.warn({ reqId: call.requestId, err: (sinkError as Error).message }, 'ending a failed stream failed');
       }
     }
     this.metrics.streamClosed();
     attempts.push({
-      model: tracker.model ?? opened.model,
+      // Priced as the model asked for; the upstream's name for it is only shown (meta.model).
+      model: opened.pricedModel,
       ok: outcome === 'ok',
-      status: 200,
+      status: failedStatus ?? 200,
       failure: outcome === 'ok' ? undefined : outcome,
       latencyMs: performance.now() - opened.startedAt,
       usage: tracker.usage,
@@ -173,6 +189,39 @@ export class CompletionService {
     else cached.abandon();
     this.rateLimiter.recordTokens(call.principal, tokensUsed(attempts));
     this.logDone(call, route, meta, attempts, started, outcome, costNanos);
+  }
+
+  /**
+   * A stream whose sink could not open (its headers refused, say): nothing reached the client, so
+   * the upstream stream is stopped, the reservation released (the attempt failed, without usage:
+   * free), the cache ticket given up and the call recorded, before the error goes to the door.
+   */
+  private async abandonUnopened(
+    call: CompletionCall,
+    route: ResolvedRoute,
+    cached: CacheTicket,
+    reservation: Reservation,
+    attempts: Attempt[],
+    opened: OpenedStream,
+    started: number,
+    error: unknown,
+  ): Promise<void> {
+    cached.abandon();
+    attempts.push({
+      model: opened.pricedModel,
+      ok: false,
+      status: 200,
+      failure: 'sink_failed',
+      latencyMs: performance.now() - opened.startedAt,
+      usage: undefined,
+      counted: false,
+    });
+    try {
+      this.budget.settle(reservation, attempts);
+    } finally {
+      this.logDone(call, route, undefined, attempts, started, error instanceof GatewayError ? error.code : 'internal_error');
+      await opened.iterator.return?.().catch(() => undefined);
+    }
   }
 
   /**
@@ -244,7 +293,7 @@ export class CompletionService {
 
   /** A cache hit: no upstream call, no reservation; charged 0 and recorded as such in the ledger. */
   private answerFromCache(call: CompletionCall, route: ResolvedRoute, hit: CachedAnswer, started: number): JsonOutcome {
-    const meta = this.meta(route, hit.model, 'hit');
+    const meta = this.meta(route, headerSafeModel(hit.model, route.models[0]), 'hit');
     // Recorded before the answer, unlike a miss: deferred, the hit cost 14% more CPU at 16
     // connections (paired over 6 rounds, every round dearer) and answered no sooner at one.
     this.budget.recordCacheHit(call, route, meta.model, hit.usage);
@@ -262,7 +311,7 @@ export class CompletionService {
 
   /** A cached answer replayed as the SSE a live stream would send. */
   private replayFromCache(call: CompletionCall, route: ResolvedRoute, hit: CachedAnswer, sink: StreamSink, started: number): void {
-    const meta = this.meta(route, hit.model, 'hit');
+    const meta = this.meta(route, headerSafeModel(hit.model, route.models[0]), 'hit');
     this.budget.recordCacheHit(call, route, meta.model, hit.usage);
     sink.open(meta);
     // No back-pressure wait: a replay is the cached answer, already in memory and bounded by its

@@ -24,9 +24,20 @@ function reference(payloads: readonly string[]) {
     }
     if (typeof chunk.model === 'string') model = chunk.model;
     if (Array.isArray(chunk.choices)) {
-      for (const choice of chunk.choices as Array<{ delta?: { content?: unknown } } | null>) {
-        const content = choice?.delta?.content;
-        if (typeof content === 'string') contentChars += content.length;
+      for (const choice of chunk.choices as Array<{ delta?: Record<string, unknown> } | null>) {
+        const delta = choice?.delta;
+        if (typeof delta !== 'object' || delta === null) continue;
+        // What the model produced, whichever field carries it: text, reasoning, a refusal, tool-call arguments.
+        for (const field of ['content', 'reasoning', 'refusal']) {
+          const text = delta[field];
+          if (typeof text === 'string') contentChars += text.length;
+        }
+        if (Array.isArray(delta.tool_calls)) {
+          for (const call of delta.tool_calls as Array<{ function?: { arguments?: unknown } } | null>) {
+            const args = call?.function?.arguments;
+            if (typeof args === 'string') contentChars += args.length;
+          }
+        }
       }
     }
     const found = chunk.usage ? readUsage(chunk) : undefined;
@@ -126,6 +137,20 @@ describe('StreamTracker', () => {
     const many = Array.from({ length: 2000 }, (_, i) => chunk({ usage: null }, { content: `w${i} ` }));
     const { view } = track(many, false);
     expect(view).toEqual(reference(many));
+  });
+
+  it.each([true, false])('counts what a cut stream of reasoning, a refusal or tool calls produced, not only content (assemble=%s)', (assemble) => {
+    const reasoning = ['Let ', 'me ', 'think ', 'about ', 'this.'];
+    const cut = [
+      chunk({ usage: null }, { role: 'assistant', content: '' }),
+      ...reasoning.map((r) => chunk({ usage: null }, { role: 'assistant', content: '', reasoning: r })),
+      chunk({ usage: null }, { refusal: 'I cannot.' }),
+      chunk({ usage: null }, { tool_calls: [{ index: 0, id: 't', type: 'function', function: { name: 'lookup', arguments: '{"q":' } }] }),
+      chunk({ usage: null }, { tool_calls: [{ index: 0, function: { arguments: '"x"}' } }] }),
+    ];
+    const { view } = track(cut, assemble);
+    expect(view).toEqual(reference(cut));
+    expect(view.contentChars).toBe(reasoning.join('').length + 'I cannot.'.length + '{"q":"x"}'.length);
   });
 
   it('stops assembling once the stream cannot be replayed, and still reads it exactly', () => {

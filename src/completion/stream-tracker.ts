@@ -29,7 +29,7 @@ export class StreamTracker {
     this.assembler = assemble ? new StreamAssembler() : undefined;
   }
 
-  /** Characters of `delta.content` over every choice of every event. */
+  /** Characters produced (content, reasoning, refusal, tool-call arguments) over every choice of every event. */
   get contentChars(): number {
     if (this.pending.length > 0) this.countPending();
     return this.chars;
@@ -92,10 +92,29 @@ function contentOf(choices: unknown): number {
   let n = 0;
   for (const choice of choices as unknown[]) {
     if (typeof choice !== 'object' || choice === null) continue;
-    const delta = (choice as { delta?: unknown }).delta;
-    if (typeof delta !== 'object' || delta === null) continue;
-    const content = (delta as { content?: unknown }).content;
-    if (typeof content === 'string') n += content.length;
+    n += producedChars((choice as { delta?: unknown }).delta);
+  }
+  return n;
+}
+
+/**
+ * Characters a model produced in one message or delta, whichever field carries them: `content`,
+ * `reasoning` (a thinking model's stream may be nothing else for a long while), `refusal`, and
+ * the arguments of tool calls. What the budget estimates completion tokens from when the upstream
+ * reports no usage (a cut stream; a JSON answer without usage).
+ */
+export function producedChars(part: unknown): number {
+  if (typeof part !== 'object' || part === null) return 0;
+  const { content, reasoning, refusal, tool_calls: toolCalls } = part as { content?: unknown; reasoning?: unknown; refusal?: unknown; tool_calls?: unknown };
+  let n = 0;
+  if (typeof content === 'string') n += content.length;
+  if (typeof reasoning === 'string') n += reasoning.length;
+  if (typeof refusal === 'string') n += refusal.length;
+  if (Array.isArray(toolCalls)) {
+    for (const call of toolCalls as unknown[]) {
+      const args = (call as { function?: { arguments?: unknown } } | null)?.function?.arguments;
+      if (typeof args === 'string') n += args.length;
+    }
   }
   return n;
 }

@@ -8,7 +8,11 @@ import type { RetryEnv } from '../upstream/retry-policy.js';
 import type { CompletionCall } from './completion.types.js';
 import { type Attempt, UpstreamCaller } from './upstream-caller.js';
 
-type Reply = 'ok' | 'hang' | UpstreamFailure | { streamCutAfter: number };
+/**
+ * 'silent': a stream answers 200 and then sends nothing (keep-alive comments only, as far as the
+ * caller can tell); `reportAs`: answers naming another model (a dated version, say).
+ */
+type Reply = 'ok' | 'hang' | 'silent' | UpstreamFailure | { streamCutAfter: number } | { reportAs: string };
 
 /** An LlmClient that answers from a script: per model, a queue of replies (the last one repeats). */
 class ScriptedLlm extends LlmClient {
@@ -35,12 +39,12 @@ class ScriptedLlm extends LlmClient {
   async complete(call: UpstreamCall): Promise<UpstreamJsonResult> {
     const { model, reply } = this.next(call);
     if (reply instanceof UpstreamFailure) throw reply;
-    if (reply === 'hang') return hang(call.signal);
+    if (reply === 'hang' || reply === 'silent') return hang(call.signal);
     const completion = {
       id: 'c1',
       object: 'chat.completion',
       created: 1,
-      model,
+      model: typeof reply === 'object' && 'reportAs' in reply ? reply.reportAs : model,
       choices: [{ index: 0, message: { role: 'assistant', content: 'hi' }, finish_reason: 'stop' }],
       usage: { prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 },
     } as unknown as ChatCompletion;
@@ -51,13 +55,21 @@ class ScriptedLlm extends LlmClient {
     const { model, reply } = this.next(call);
     if (reply instanceof UpstreamFailure) throw reply;
     if (reply === 'hang') return hang(call.signal);
-    const cutAfter = reply === 'ok' ? Infinity : reply.streamCutAfter;
+    const signal = call.signal;
+    if (reply === 'silent') {
+      return (async function* () {
+        await hang(signal);
+        yield '{}';
+      })();
+    }
+    const cutAfter = typeof reply === 'object' && 'streamCutAfter' in reply ? reply.streamCutAfter : Infinity;
+    const named = typeof reply === 'object' && 'reportAs' in reply ? reply.reportAs : model;
     return (async function* () {
       for (let i = 0; i < 3; i++) {
         // A real relay awaits the socket between events.
         await Promise.resolve();
         if (i >= cutAfter) throw new UpstreamFailure('cut', 'cut');
-        yield JSON.stringify({ model, choices: [{ index: 0, delta: { content: `w${i}` } }] });
+        yield JSON.stringify({ model: named, choices: [{ index: 0, delta: { content: `w${i}` } }] });
       }
     })();
   }
@@ -219,11 +231,29 @@ describe('UpstreamCaller: retries, backoff and fallbacks', () => {
     const e = await failure(caller(llm, fakeEnv(), config).json(call(), route([PRIMARY, FALLBACK]), attempts));
     expect(e).toMatchObject({ status: 504, code: 'upstream_timeout' });
     expect(summary(attempts)).toEqual([`${PRIMARY}#1:503`, `${PRIMARY}#2:timeout`]);
-    // The happy path got the caller's own signal: no timer, no extra AbortController.
-    const ok = new ScriptedLlm({});
-    const signal = new AbortController().signal;
-    await caller(ok, fakeEnv(), config).json(call(signal), route([PRIMARY]), []);
-    expect(ok.calls[0]?.signal).toBe(signal);
+  });
+
+  it('bounds the first attempt by the deadline too, however long the attempt timeout (its timer is idle time, not total)', async () => {
+    // The attempt timeout cannot end these: a body trickled, or a stream of keep-alive comments, is never idle.
+    const config = { UPSTREAM_TIMEOUT_MS: '100', UPSTREAM_DEADLINE_MS: '150' };
+    const json = new ScriptedLlm({ [PRIMARY]: ['hang'] });
+    const attempts: Attempt[] = [];
+    const started = performance.now();
+    expect(await failure(caller(json, fakeEnv(), config).json(call(), route([PRIMARY, FALLBACK]), attempts))).toMatchObject({
+      status: 504,
+      code: 'upstream_timeout',
+    });
+    expect(performance.now() - started).toBeLessThan(1000);
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:timeout`]);
+
+    const stream = new ScriptedLlm({ [PRIMARY]: ['silent'] });
+    expect(await failure(caller(stream, fakeEnv(), config).stream(call(), route([PRIMARY]), []))).toMatchObject({ status: 504, code: 'upstream_timeout' });
+    // The client leaving still reaches the attempt through the deadline's signal.
+    const leaving = new AbortController();
+    const slow = new ScriptedLlm({ [PRIMARY]: ['hang'] });
+    const pending = failure(caller(slow, fakeEnv(), { UPSTREAM_DEADLINE_MS: '60000' }).json(call(leaving.signal), route([PRIMARY]), []));
+    leaving.abort();
+    expect((await pending).code).toBe('upstream_error');
   });
 
   it('stops at once when the client goes away during a backoff', async () => {
@@ -284,6 +314,57 @@ describe('UpstreamCaller: OpenRouter native fallback', () => {
     const llm = new ScriptedLlm({ [PRIMARY]: [http(503)] });
     const opened = await caller(llm, fakeEnv(), native).stream(call(), route([PRIMARY, FALLBACK]), []);
     expect(opened.model).toBe(FALLBACK);
+  });
+});
+
+describe('UpstreamCaller: the model a call is priced as, and the one it shows', () => {
+  const DATED = 'openai/gpt-4o-mini-2024-07-18';
+  const native = { UPSTREAM_NATIVE_FALLBACK: 'true' };
+
+  it('prices (and records) a call as the model it asked for; the name the upstream answers with is only shown', async () => {
+    const attempts: Attempt[] = [];
+    const { model } = await caller(new ScriptedLlm({ [FALLBACK]: [{ reportAs: DATED }] }), fakeEnv()).json(call(), route([FALLBACK]), attempts);
+    expect(model).toBe(DATED);
+    expect(attempts).toEqual([expect.objectContaining({ model: FALLBACK, ok: true })]);
+  });
+
+  it('with native fallback, prices the member of the chain that answered, under whatever name it answered', async () => {
+    const attempts: Attempt[] = [];
+    const llm = new ScriptedLlm({ [PRIMARY]: [http(503)], [FALLBACK]: [{ reportAs: DATED }] });
+    const { model } = await caller(llm, fakeEnv(), native).json(call(), route([PRIMARY, FALLBACK]), attempts);
+    expect(model).toBe(DATED);
+    expect(attempts).toEqual([expect.objectContaining({ model: FALLBACK, ok: true, chain: [PRIMARY, FALLBACK] })]);
+
+    const stream = new ScriptedLlm({ [PRIMARY]: [http(503)], [FALLBACK]: [{ reportAs: DATED }] });
+    const opened = await caller(stream, fakeEnv(), native).stream(call(), route([PRIMARY, FALLBACK]), []);
+    expect(opened.model).toBe(DATED);
+    expect(opened.pricedModel).toBe(FALLBACK);
+  });
+
+  it('never shows a name a response header cannot carry: the model asked for instead', async () => {
+    for (const odd of ['openai/gpt-4o-mini-ü', 'openai/模型', 'a\r\nx-injected: 1', ' padded', '']) {
+      const { model } = await caller(new ScriptedLlm({ [FALLBACK]: [{ reportAs: odd }] }), fakeEnv()).json(call(), route([FALLBACK]), []);
+      expect(model).toBe(FALLBACK);
+    }
+    const opened = await caller(new ScriptedLlm({ [PRIMARY]: [http(503)], [FALLBACK]: [{ reportAs: `${FALLBACK}-模型` }] }), fakeEnv(), native).stream(
+      call(),
+      route([PRIMARY, FALLBACK]),
+      [],
+    );
+    expect(opened).toMatchObject({ model: FALLBACK, pricedModel: FALLBACK });
+  });
+
+  it("prices a native chain's answer that names no member of it as the chain's first model", async () => {
+    const attempts: Attempt[] = [];
+    const llm = new ScriptedLlm({ [PRIMARY]: [http(503)], [FALLBACK]: [{ reportAs: 'someone/else' }] });
+    const { model } = await caller(llm, fakeEnv(), native).json(call(), route([PRIMARY, FALLBACK]), attempts);
+    expect(model).toBe('someone/else');
+    expect(attempts[0]?.model).toBe(PRIMARY);
+    // A bare, dated name still finds its member.
+    const bare = new ScriptedLlm({ [PRIMARY]: [http(503)], [FALLBACK]: [{ reportAs: 'gpt-4o-mini-2024-07-18' }] });
+    const priced: Attempt[] = [];
+    await caller(bare, fakeEnv(), native).json(call(), route([PRIMARY, FALLBACK]), priced);
+    expect(priced[0]?.model).toBe(FALLBACK);
   });
 });
 

@@ -31,7 +31,10 @@ export interface Attempt {
 }
 
 export interface OpenedStream {
+  /** The model shown to the caller (x-gateway-model): as the upstream named it, when a header can carry that. */
   model: string;
+  /** The model the gateway asked for that answered: what the stream is priced and recorded as. */
+  pricedModel: string;
   iterator: AsyncIterator<string>;
   /** The first event, already read: proof the upstream is really answering. */
   first: IteratorResult<string>;
@@ -56,30 +59,36 @@ interface Success<T> {
 }
 
 /**
- * The total deadline of one call. Arming it costs a timer, an AbortController and a listener
- * (~5 µs; AbortSignal.any alone measured ~11 µs), so the happy path skips it: while the deadline
- * is at least UPSTREAM_TIMEOUT_MS, the first attempt is already bounded by the client's own
- * timeouts, and the deadline is armed at the first failure, measured from the call's start.
- * Disarmed once the answer (or a stream's first event) is in: a stream may then run longer.
+ * The total deadline of one call, armed from its start: a timer, an AbortController and a listener
+ * on the caller's signal (~1-2 µs together per call, measured; AbortSignal.any alone measured
+ * ~11 µs). Even the first attempt needs it: the drivers' own timeouts bound the wait for the
+ * headers, but after them only idle time (undici's bodyTimeout; the SDK's not at all for a JSON
+ * body), so a body trickled slowly or a stream of keep-alive comments (`: OPENROUTER PROCESSING`)
+ * would never end. Disarmed once the answer (or a stream's first event) is in: a stream may then
+ * run longer.
  */
 class Deadline {
-  private controller: AbortController | undefined;
-  private timer: NodeJS.Timeout | undefined;
+  private readonly controller = new AbortController();
+  private readonly timer: NodeJS.Timeout;
   private readonly endsAt: number;
   private passed = false;
 
-  constructor(
-    private readonly callSignal: AbortSignal,
-    private readonly ms: number,
-    eager: boolean,
-  ) {
+  constructor(callSignal: AbortSignal, ms: number) {
     this.endsAt = performance.now() + ms;
-    if (eager) this.arm();
+    const controller = this.controller;
+    // Kept for the whole call: after a stream's first event, a client leaving must still stop it.
+    if (callSignal.aborted) controller.abort(callSignal.reason);
+    else callSignal.addEventListener('abort', () => controller.abort(callSignal.reason), { once: true });
+    this.timer = setTimeout(() => {
+      this.passed = true;
+      controller.abort(new UpstreamFailure('timeout', `no answer within the ${ms} ms upstream deadline`));
+    }, ms);
+    this.timer.unref();
   }
 
-  /** What the next attempt listens to: the caller's own signal until the deadline is armed. */
+  /** What every attempt listens to: the caller leaving, or the deadline passing. */
   get signal(): AbortSignal {
-    return this.controller?.signal ?? this.callSignal;
+    return this.controller.signal;
   }
 
   /** true once the deadline itself (not the client) ended the call. */
@@ -87,30 +96,12 @@ class Deadline {
     return this.passed;
   }
 
-  arm(): void {
-    if (this.controller) return;
-    const controller = new AbortController();
-    this.controller = controller;
-    const callSignal = this.callSignal;
-    // Kept for the whole call: after a stream's first event, a client leaving must still stop it.
-    if (callSignal.aborted) controller.abort(callSignal.reason);
-    else callSignal.addEventListener('abort', () => controller.abort(callSignal.reason), { once: true });
-    this.timer = setTimeout(
-      () => {
-        this.passed = true;
-        controller.abort(new UpstreamFailure('timeout', `no answer within the ${this.ms} ms upstream deadline`));
-      },
-      Math.max(0, this.endsAt - performance.now()),
-    );
-    this.timer.unref();
-  }
-
   allows(waitMs: number): boolean {
     return performance.now() + waitMs < this.endsAt;
   }
 
   disarm(): void {
-    if (this.timer) clearTimeout(this.timer);
+    clearTimeout(this.timer);
   }
 }
 
@@ -143,9 +134,10 @@ export class UpstreamCaller {
       this.llm.complete({ body: this.body(call, route, plan, false), requestId: call.requestId, signal }),
     );
     const result = won.value;
-    const model = result.completion.model || won.plan.model;
+    const reported = typeof result.completion.model === 'string' ? result.completion.model : undefined;
+    const pricedModel = answeredModel(won.plan, reported);
     attempts.push({
-      model,
+      model: pricedModel,
       ok: true,
       status: 200,
       failure: undefined,
@@ -156,7 +148,7 @@ export class UpstreamCaller {
       waitedMs: won.waitedMs,
       ...(won.plan.chain ? { chain: won.plan.chain } : {}),
     });
-    return { model, result };
+    return { model: headerSafeModel(reported, pricedModel), result };
   }
 
   async stream(call: CompletionCall, route: ResolvedRoute, attempts: Attempt[]): Promise<OpenedStream> {
@@ -170,8 +162,10 @@ export class UpstreamCaller {
       return { iterator, first };
     });
     const { iterator, first } = won.value;
-    const model = won.plan.chain && !first.done ? (modelOfChunk(first.value) ?? won.plan.model) : won.plan.model;
-    return { model, iterator, first, startedAt: won.startedAt };
+    // Only a native chain's stream is asked which model answered (one parse of its first event).
+    const reported = won.plan.chain && !first.done ? modelOfChunk(first.value) : undefined;
+    const pricedModel = answeredModel(won.plan, reported);
+    return { model: headerSafeModel(reported, pricedModel), pricedModel, iterator, first, startedAt: won.startedAt };
   }
 
   private body(call: CompletionCall, route: ResolvedRoute, plan: Plan, stream: boolean): Record<string, unknown> {
@@ -195,8 +189,7 @@ export class UpstreamCaller {
     attempts: Attempt[],
     once: (plan: Plan, signal: AbortSignal) => Promise<T>,
   ): Promise<Success<T>> {
-    const { deadlineMs } = this.config.upstream.retry;
-    const deadline = new Deadline(call.signal, deadlineMs, deadlineMs < this.config.upstream.timeoutMs);
+    const deadline = new Deadline(call.signal, this.config.upstream.retry.deadlineMs);
     let last: { failure: UpstreamFailure; plan: Plan } | undefined;
     let tries = 0;
     try {
@@ -211,7 +204,6 @@ export class UpstreamCaller {
             return { value, plan, tryNumber, waitedMs, startedAt };
           } catch (error) {
             const failure = asFailure(error);
-            deadline.arm();
             attempts.push({
               model: plan.model,
               ok: false,
@@ -246,6 +238,51 @@ export class UpstreamCaller {
 export function asFailure(error: unknown): UpstreamFailure {
   if (error instanceof UpstreamFailure) return error;
   return new UpstreamFailure('connection', error instanceof Error ? error.message : 'unknown upstream error');
+}
+
+/**
+ * The model a call is priced, reserved and recorded as: the one the gateway asked for. A single
+ * model's request is that model whatever name the answer gives (OpenRouter names dated versions,
+ * `openai/gpt-4o-mini-2024-07-18`, which no pricing table lists: priced so, the call paid the
+ * fallback price). A native chain's answer names which member answered: that member, or the
+ * longest one the name extends (a dated version, with or without the provider prefix); a name
+ * that matches none is priced as the chain's first model.
+ */
+export function answeredModel(plan: { model: string; chain?: readonly string[] }, reported: string | undefined): string {
+  const chain = plan.chain;
+  if (chain === undefined || reported === undefined || reported === '') return plan.model;
+  if (chain.includes(reported)) return reported;
+  let best: string | undefined;
+  for (const member of chain) {
+    const bare = member.slice(member.indexOf('/') + 1);
+    if ((extendsName(reported, member) || extendsName(reported, bare)) && (best === undefined || member.length > best.length)) best = member;
+  }
+  return best ?? plan.model;
+}
+
+/** `name` is `base` or `base` qualified: `base-2024-07-18`, `base:free`, `base@v2`. */
+function extendsName(name: string, base: string): boolean {
+  if (!name.startsWith(base)) return false;
+  if (name.length === base.length) return true;
+  const next = name.charCodeAt(base.length);
+  return next === 45 /* - */ || next === 58 /* : */ || next === 64 /* @ */ || next === 46; /* . */
+}
+
+/** Longest model name shown in a header; any longer is no model id. */
+const MAX_SHOWN_MODEL = 256;
+
+/**
+ * The model name to show the caller (x-gateway-model, logs, metrics): as the upstream named it
+ * when that is printable ASCII without leading or trailing spaces (anything else could not be sent
+ * as a header: Node refuses it and the answer, already charged, became a 500), else `fallback`.
+ */
+export function headerSafeModel(name: string | undefined, fallback: string): string {
+  if (name === undefined || name.length === 0 || name.length > MAX_SHOWN_MODEL) return fallback;
+  for (let i = 0; i < name.length; i++) {
+    const c = name.charCodeAt(i);
+    if (c < 0x20 || c > 0x7e) return fallback;
+  }
+  return name.charCodeAt(0) === 0x20 || name.charCodeAt(name.length - 1) === 0x20 ? fallback : name;
 }
 
 function modelOfChunk(payload: string): string | undefined {

@@ -7,6 +7,7 @@ import { errorEnvelope, type ErrorEnvelope } from '../../libs/openai-contract/sr
  */
 export type ErrorCode =
   | 'invalid_value'
+  | 'content_flagged'
   | 'missing_field'
   | 'invalid_json'
   | 'unknown_task_type'
@@ -46,6 +47,8 @@ export type ErrorType =
 
 export const ERROR_TABLE = {
   invalid_value: { status: 400, type: 'invalid_request_error' },
+  // The upstream's moderation refused the input: the caller's content, not the gateway's credentials.
+  content_flagged: { status: 400, type: 'invalid_request_error' },
   missing_field: { status: 400, type: 'invalid_request_error' },
   invalid_json: { status: 400, type: 'invalid_request_error' },
   unknown_task_type: { status: 400, type: 'invalid_request_error' },

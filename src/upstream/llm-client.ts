@@ -31,6 +31,8 @@ export class UpstreamFailure extends Error {
     readonly retryAfterMs?: number,
     /** Upstream's own error code, when it sent an OpenAI envelope. */
     readonly upstreamCode?: string,
+    /** The upstream refused the input as flagged by moderation (OpenRouter: a 403 naming `metadata.reasons`). */
+    readonly flagged = false,
   ) {
     super(message);
     this.name = 'UpstreamFailure';
@@ -70,17 +72,75 @@ export function parseRetryAfter(headers: { get(name: string): string | null | un
   return Number.isNaN(date) ? undefined : Math.max(0, date - Date.now());
 }
 
+/** What the gateway reads of an upstream's error object (`{message, code, metadata}`). */
+export interface UpstreamErrorView {
+  message: string;
+  code?: string;
+  /** A moderation refusal: OpenRouter describes flagged input in `metadata` (`reasons`, `flagged_input`). */
+  flagged: boolean;
+}
+
 /** Reads `{error:{message,code}}` from an upstream error body, tolerating anything. */
-export function describeUpstreamError(status: number, text: string): { message: string; code?: string } {
+export function describeUpstreamError(status: number, text: string): UpstreamErrorView {
+  let error: unknown;
   try {
-    const parsed = JSON.parse(text) as { error?: { message?: unknown; code?: unknown } };
-    const message = typeof parsed.error?.message === 'string' ? parsed.error.message : undefined;
-    const code = typeof parsed.error?.code === 'string' ? parsed.error.code : typeof parsed.error?.code === 'number' ? String(parsed.error.code) : undefined;
-    if (message) return { message: message.slice(0, 500), code };
+    error = (JSON.parse(text) as { error?: unknown } | null)?.error;
   } catch {
-    // not JSON: fall through
+    // not JSON: nothing more to read
   }
-  return { message: `upstream answered HTTP ${status}` };
+  return readUpstreamError(error, `upstream answered HTTP ${status}`);
+}
+
+/** The same, from an error object already parsed (a body, an SSE event, the SDK's APIError.error). */
+export function readUpstreamError(error: unknown, fallbackMessage: string): UpstreamErrorView {
+  if (typeof error !== 'object' || error === null) return { message: fallbackMessage, flagged: false };
+  const { message, code, metadata } = error as { message?: unknown; code?: unknown; metadata?: unknown };
+  const meta = typeof metadata === 'object' && metadata !== null ? (metadata as { reasons?: unknown; flagged_input?: unknown }) : undefined;
+  return {
+    message: typeof message === 'string' && message !== '' ? message.slice(0, 500) : fallbackMessage,
+    code: typeof code === 'string' ? code : typeof code === 'number' ? String(code) : undefined,
+    flagged: meta !== undefined && (Array.isArray(meta.reasons) || typeof meta.flagged_input === 'string'),
+  };
+}
+
+/**
+ * An error the upstream put inside a 200 (OpenRouter, once a model started: `{"error":{"code":402,
+ * "message":…}}` as the JSON body, or as an SSE event), as the failure its HTTP status would have
+ * been, so it is retried, falls back or stops exactly as that status would. `error.code` names the
+ * status when it is one (400-599); otherwise 502, the upstream failing. undefined when `body` has
+ * no error object.
+ */
+export function inBandFailure(body: unknown): UpstreamFailure | undefined {
+  if (typeof body !== 'object' || body === null) return undefined;
+  const error = (body as { error?: unknown }).error;
+  if (typeof error !== 'object' || error === null) return undefined;
+  const view = readUpstreamError(error, 'upstream reported an error in a 200 answer');
+  const code = (error as { code?: unknown }).code;
+  const status = typeof code === 'number' && Number.isInteger(code) && code >= 400 && code <= 599 ? code : 502;
+  return new UpstreamFailure('http', view.message, status, undefined, view.code, view.flagged);
+}
+
+/**
+ * A stream event that reports a failure: an `error` object, or a choice finished as "error" (how
+ * OpenRouter ends a stream whose provider failed mid-generation), as inBandFailure. Only an event
+ * holding the text `"error"` is parsed: inside a JSON string a quote is always escaped, so content
+ * that merely mentions errors does not match, and the hot path pays one substring search per event.
+ */
+export function errorEventFailure(data: string): UpstreamFailure | undefined {
+  if (!data.includes('"error"')) return undefined;
+  let event: unknown;
+  try {
+    event = JSON.parse(data);
+  } catch {
+    return undefined;
+  }
+  const failure = inBandFailure(event);
+  if (failure) return failure;
+  const choices = (event as { choices?: unknown } | null)?.choices;
+  if (Array.isArray(choices) && choices.some((c) => (c as { finish_reason?: unknown } | null)?.finish_reason === 'error')) {
+    return new UpstreamFailure('http', 'upstream ended the stream with finish_reason "error"', 502);
+  }
+  return undefined;
 }
 
 /** An aborted signal means either our deadline (a timeout) or the client leaving. */
@@ -93,10 +153,12 @@ export function abortFailure(signal: AbortSignal): UpstreamFailure {
 
 /**
  * A 200 JSON body as both drivers hand it to the pipeline: the completion, and the bytes as sent.
- * Not JSON, no choices, or an empty list (no answer either: it would be relayed, and charged an
- * estimate, as one) is bad_response, retried or falling back like any failed attempt. So is a
- * choice without a `message` object: the pipeline, the cache's stream replay and /v1/complete
- * all read it, and relayed or cached it would fail every one of them later, as a 500.
+ * A body with a top-level `error` (OpenRouter's way to report a failure once a model started, with
+ * or without the partial choices) is the failure its `error.code` names (inBandFailure). Not JSON,
+ * no choices, or an empty list (no answer either: it would be relayed, and charged an estimate, as
+ * one) is bad_response, retried or falling back like any failed attempt. So is a choice without a
+ * `message` object: the pipeline, the cache's stream replay and /v1/complete all read it, and
+ * relayed or cached it would fail every one of them later, as a 500.
  */
 export function jsonResult(raw: string): UpstreamJsonResult {
   let completion: ChatCompletion;
@@ -105,6 +167,8 @@ export function jsonResult(raw: string): UpstreamJsonResult {
   } catch {
     throw new UpstreamFailure('bad_response', 'upstream answered 200 with a body that is not JSON');
   }
+  const reported = inBandFailure(completion);
+  if (reported) throw reported;
   if (typeof completion !== 'object' || completion === null || !Array.isArray(completion.choices) || completion.choices.length === 0) {
     throw new UpstreamFailure('bad_response', 'upstream answered 200 without choices');
   }
@@ -112,6 +176,16 @@ export function jsonResult(raw: string): UpstreamJsonResult {
     throw new UpstreamFailure('bad_response', 'upstream answered 200 with a choice that has no message');
   }
   return { completion, raw };
+}
+
+/**
+ * An answer that reports a failure: a top-level `error`, or a choice finished as "error" (a partial
+ * answer). Relayed at most, never stored in the cache.
+ */
+export function reportsFailure(completion: ChatCompletion): boolean {
+  const error = (completion as { error?: unknown }).error;
+  if (error !== undefined && error !== null) return true;
+  return Array.isArray(completion.choices) && completion.choices.some((c) => (c as { finish_reason?: unknown } | null)?.finish_reason === 'error');
 }
 
 /** A choice as the pipeline reads it: an object whose `message` is an object. */

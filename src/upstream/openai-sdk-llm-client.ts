@@ -1,5 +1,16 @@
 import OpenAI from 'openai';
-import { abortFailure, jsonResult, LlmClient, parseRetryAfter, type UpstreamCall, type UpstreamEvents, type UpstreamJsonResult, UpstreamFailure } from './llm-client.js';
+import {
+  abortFailure,
+  inBandFailure,
+  jsonResult,
+  LlmClient,
+  parseRetryAfter,
+  readUpstreamError,
+  type UpstreamCall,
+  type UpstreamEvents,
+  type UpstreamJsonResult,
+  UpstreamFailure,
+} from './llm-client.js';
 
 export interface SdkClientOptions {
   baseUrl: string;
@@ -84,6 +95,9 @@ async function* events(stream: SdkStream, signal: AbortSignal, idleMs: number): 
     for await (const chunk of stream) {
       arm();
       const choices = (chunk as { choices?: Array<{ finish_reason?: unknown }> }).choices;
+      // The SDK throws on an event with an `error` (caught below); one that only finishes a choice
+      // as "error" is OpenRouter's mid-generation failure all the same (errorEventFailure).
+      if (choices?.some((c) => c.finish_reason === 'error')) throw new UpstreamFailure('http', 'upstream ended the stream with finish_reason "error"', 502);
       if (choices?.some((c) => c.finish_reason)) sawFinish = true;
       yield JSON.stringify(chunk);
     }
@@ -109,10 +123,14 @@ function toFailure(error: unknown, signal: AbortSignal): UpstreamFailure {
   if (error instanceof OpenAI.APIUserAbortError) return abortFailure(signal);
   if (error instanceof OpenAI.APIConnectionError) return new UpstreamFailure('connection', `upstream connection failed: ${error.message}`);
   if (error instanceof OpenAI.APIError && typeof error.status === 'number') {
-    const body = error.error as { message?: unknown; code?: unknown } | undefined;
-    const message = typeof body?.message === 'string' ? body.message : `upstream answered HTTP ${error.status}`;
-    const code = typeof body?.code === 'string' ? body.code : undefined;
-    return new UpstreamFailure('http', message.slice(0, 500), error.status, error.headers ? parseRetryAfter(error.headers as Headers) : undefined, code);
+    const { message, code, flagged } = readUpstreamError(error.error, `upstream answered HTTP ${error.status}`);
+    return new UpstreamFailure('http', message, error.status, error.headers ? parseRetryAfter(error.headers as Headers) : undefined, code, flagged);
+  }
+  // No status: the SDK read an SSE event carrying `error` (a 200 stream reporting a failure).
+  if (error instanceof OpenAI.APIError) {
+    const body: unknown = error.error;
+    const reported = inBandFailure({ error: body ?? { message: error.message } });
+    if (reported) return reported;
   }
   if (error instanceof SyntaxError) return new UpstreamFailure('bad_response', 'upstream sent a body that is not JSON');
   return new UpstreamFailure('connection', `upstream call failed: ${(error as Error).message}`);

@@ -2,7 +2,7 @@ import type { IncomingHttpHeaders } from 'node:http';
 import { Pool, errors as undiciErrors } from 'undici';
 import type { Dispatcher } from 'undici';
 import { SseParser } from '../../libs/openai-contract/src/index.js';
-import { abortFailure, describeUpstreamError, jsonResult, LlmClient, parseRetryAfter, type UpstreamCall, type UpstreamEvents, type UpstreamJsonResult, UpstreamFailure } from './llm-client.js';
+import { abortFailure, describeUpstreamError, errorEventFailure, jsonResult, LlmClient, parseRetryAfter, type UpstreamCall, type UpstreamEvents, type UpstreamJsonResult, UpstreamFailure } from './llm-client.js';
 
 export interface UndiciClientOptions {
   baseUrl: string;
@@ -240,6 +240,10 @@ class SseRelay extends SignalledHandler {
             return;
           }
           if (!looksLikeJsonObject(data)) throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not a JSON object');
+          // An error event (OpenRouter's provider failures inside a 200): the failure it names. As the
+          // first event it is retried or falls back; later, the pipeline ends the stream with it.
+          const reported = errorEventFailure(data);
+          if (reported) throw reported;
           yield data;
           if (this.queue.length === 0 && this.controller?.paused) this.controller.resume();
         }
@@ -289,8 +293,8 @@ function isJsonSpace(code: number): boolean {
 const MAX_BYTES_AFTER_DONE = 64 * 1024;
 
 function httpFailure(status: number, text: string, headers: IncomingHttpHeaders): UpstreamFailure {
-  const { message, code } = describeUpstreamError(status, text);
-  return new UpstreamFailure('http', message, status, parseRetryAfter(headers), code);
+  const { message, code, flagged } = describeUpstreamError(status, text);
+  return new UpstreamFailure('http', message, status, parseRetryAfter(headers), code, flagged);
 }
 
 /** After the 200 the upstream was reachable: losing the connection now is the stream breaking off. */

@@ -68,7 +68,12 @@ export function upstreamToGatewayError(failure: UpstreamFailure, model: string, 
       break;
   }
   const status = failure.status ?? 502;
+  // OpenRouter answers 403 for input its moderation flagged: the caller's request, not our key. Its
+  // message says why (the reasons), not what: the flagged text stays in the metadata, unrelayed.
+  if (status === 403 && failure.flagged) return new GatewayError('content_flagged', `The ${where} flagged the input: ${printable(failure.message)}`);
   if (status === 401 || status === 403) return new GatewayError('upstream_auth', `The ${where} rejected the gateway's credentials.`);
+  // Still a timeout after the retries (the upstream's own request timeout): 504, as ours would be.
+  if (status === 408) return new GatewayError('upstream_timeout', `The ${where} timed out answering${tail}.`);
   if (status === 402) return new GatewayError('upstream_insufficient_credits', `The ${where} reports insufficient credits.`);
   if (status === 429) return new GatewayError('upstream_rate_limited', `The ${where} is rate limiting the gateway; try again later${tail}.`);
   if (status === 404 || status === 410) {
@@ -82,4 +87,14 @@ export function upstreamToGatewayError(failure: UpstreamFailure, model: string, 
     return new GatewayError(status === 413 ? 'payload_too_large' : 'invalid_value', `The ${where} rejected the request: ${failure.message}`);
   }
   return new GatewayError('upstream_error', `The ${where} failed with HTTP ${status}${tail}.`);
+}
+
+/** An upstream's text as one line of printable characters (it goes into our error message). */
+function printable(text: string): string {
+  let out = '';
+  for (const char of text) {
+    const c = char.charCodeAt(0);
+    out += c < 0x20 || c === 0x7f ? ' ' : char;
+  }
+  return out.trim();
 }

@@ -546,5 +546,29 @@ describe('stub upstream: bookkeeping and control surface', () => {
 
   it('configure() validates its input', () => {
     expect(() => stub.configure({ latencyMs: Number.NaN })).toThrow(TypeError);
+    expect(() => stub.configure({ answerModel: '' })).toThrow(TypeError);
+    expect(() => stub.configure({ errorInBody: 'yes' } as unknown as Parameters<StubUpstream['configure']>[0])).toThrow(TypeError);
+  });
+
+  it('answerModel names another model in the answer (JSON and stream), priced as the model asked', async () => {
+    stub.configure({ answerModel: 'openai/gpt-4o-mini-2024-07-18' });
+    const body = await json<ChatCompletion>(await chat({ model: 'openai/gpt-4o-mini', messages: MESSAGES }));
+    expect(body.model).toBe('openai/gpt-4o-mini-2024-07-18');
+    expect(body.usage.cost).toBeCloseTo(stubCost('openai/gpt-4o-mini', body.usage.prompt_tokens, body.usage.completion_tokens), 15);
+    const { frames } = await readSse(await chat({ model: 'openai/gpt-4o-mini', messages: MESSAGES, stream: true }));
+    expect(parseChunks(frames).every((c) => c.model === 'openai/gpt-4o-mini-2024-07-18')).toBe(true);
+  });
+
+  it('errorInBody answers 200 with the error in the body (JSON), or as the first event of a stream', async () => {
+    stub.configure({ status: 402, errorInBody: true });
+    const res = await chat({ model: 'm', messages: MESSAGES });
+    expect(res.status).toBe(200);
+    expect(await res.json()).toEqual({ error: { code: 402, message: 'Stub upstream fault: m answered 402' } });
+    const streamed = await chat({ model: 'm', messages: MESSAGES, stream: true });
+    expect(streamed.status).toBe(200);
+    const { frames } = await readSse(streamed);
+    expect(frames).toHaveLength(2);
+    expect(JSON.parse(frames[0] ?? '')).toMatchObject({ error: { code: 402 }, choices: [{ finish_reason: 'error' }] });
+    expect(frames[1]).toBe('[DONE]');
   });
 });

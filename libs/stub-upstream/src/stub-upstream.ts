@@ -45,6 +45,27 @@ export interface StubFaults {
   completionTokens?: number;
   /** Pad every word of the reply to this many characters (filler letters): a long answer in bytes, same token count. */
   wordBytes?: number;
+  /**
+   * With `status`: answer 200 and carry the error in the body, as OpenRouter does once a model
+   * started processing: JSON `{"error":{"code":<status>,"message"}}`; a stream whose first event
+   * is that error (with a choice whose finish_reason is "error"), then [DONE].
+   */
+  errorInBody?: boolean;
+  /**
+   * An error mid-generation (code 502): a stream sends N `data:` frames (the role frame counts), then an
+   * error event with a choice whose finish_reason is "error", then [DONE]; JSON answers 200 with the
+   * first N words as the content, finish_reason "error" and a top-level `error`.
+   */
+  errorAfterChunks?: number;
+  /** With `status` (403): OpenRouter's moderation refusal, the flagged input described in `error.metadata`. */
+  flagged?: boolean;
+  /**
+   * After the headers, only keep-alives for this long (SSE comments `: OPENROUTER PROCESSING`, or
+   * whitespace before a JSON body, every 50 ms, as OpenRouter sends while a model is slow), then the answer.
+   */
+  processingMs?: number;
+  /** The `model` the answer names instead of the model asked (OpenRouter names dated versions: `openai/gpt-4o-mini-2024-07-18`). */
+  answerModel?: string;
 }
 
 export interface StubConfig extends StubFaults {
@@ -180,9 +201,12 @@ const NUMERIC_FAULTS = [
   'hangMs',
   'completionTokens',
   'wordBytes',
+  'errorAfterChunks',
+  'processingMs',
 ] as const;
-const BOOLEAN_FAULTS = ['malformedJson', 'emptyAnswer', 'omitCost'] as const;
-const KNOWN_FAULT_KEYS: ReadonlySet<string> = new Set<string>([...NUMERIC_FAULTS, ...BOOLEAN_FAULTS, 'status']);
+const BOOLEAN_FAULTS = ['malformedJson', 'emptyAnswer', 'omitCost', 'errorInBody', 'flagged'] as const;
+const STRING_FAULTS = ['answerModel'] as const;
+const KNOWN_FAULT_KEYS: ReadonlySet<string> = new Set<string>([...NUMERIC_FAULTS, ...BOOLEAN_FAULTS, ...STRING_FAULTS, 'status']);
 
 function isRecord(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value);
@@ -211,6 +235,12 @@ function parseFaults(value: unknown, where: string, allowModels: boolean): StubF
     const v = value[key];
     if (v === undefined || v === null) continue;
     if (typeof v !== 'boolean') throw new TypeError(`${where}.${key} must be a boolean`);
+    out[key] = v;
+  }
+  for (const key of STRING_FAULTS) {
+    const v = value[key];
+    if (v === undefined || v === null) continue;
+    if (typeof v !== 'string' || v === '') throw new TypeError(`${where}.${key} must be a non-empty string`);
     out[key] = v;
   }
   const status = value['status'];
@@ -490,6 +520,9 @@ const SSE_HEADERS = Object.freeze({
   'cache-control': 'no-cache',
 });
 const SSE_DONE = 'data: [DONE]\n\n';
+const SSE_PROCESSING = ': OPENROUTER PROCESSING\n\n';
+/** Between two keep-alives while `processingMs` lasts. */
+const PROCESSING_EVERY_MS = 50;
 const MALFORMED_JSON_BODY = '{"id":"chatcmpl-stub","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Mock';
 const EMPTY_ANSWER_JSON_BODY = '{"id":"chatcmpl-stub","object":"chat.completion","created":0,"choices":[{"index":0,"finish_reason":"stop"}]}';
 const MALFORMED_SSE_BODY = 'data: {"id":"chatcmpl-stub","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Mo\n\n' + SSE_DONE;
@@ -514,8 +547,30 @@ const MODELS_BODY = JSON.stringify({
 });
 
 function sendBody(res: ServerResponse, status: number, body: string, contentType: string): void {
+  // Headers already out: keep-alives (processingMs) went first.
+  if (res.headersSent) {
+    res.end(body);
+    return;
+  }
   res.writeHead(status, { 'content-type': contentType, 'content-length': Buffer.byteLength(body) });
   res.end(body);
+}
+
+function sseHead(res: ServerResponse): void {
+  if (!res.headersSent) res.writeHead(200, SSE_HEADERS);
+}
+
+/**
+ * OpenRouter's error object: `code` is the HTTP status as a number. A moderation refusal (403)
+ * describes the flagged input in `metadata`, as OpenRouter documents it.
+ */
+function openRouterError(status: number, message: string, model: string, flagged: boolean): Record<string, unknown> {
+  if (!flagged) return { code: status, message };
+  return {
+    code: status,
+    message: `${model} requires moderation on OpenRouter. Your input was flagged for "harassment". No credits were charged.`,
+    metadata: { reasons: ['harassment'], flagged_input: 'the flagged part of the input', provider_name: 'Stub', model_slug: model },
+  };
 }
 
 /** OpenAI-style `type` / `code` per status, so gateways can exercise their error mapping. */
@@ -787,9 +842,31 @@ class StubUpstreamServer implements StubUpstream {
     }
 
     const answer: Answer = { res, chat, model, faults, errorStatus };
+    // Keep-alives only before a 200: an HTTP error status must be in the headers.
+    const respond = faults.processingMs && (errorStatus === 0 || faults.errorInBody) ? () => this.processing(answer) : () => this.answer(answer);
     const delay = (faults.hangMs ?? 0) + (faults.latencyMs ?? 0);
-    if (delay > 0) this.later(res, delay, () => this.answer(answer));
-    else this.answer(answer);
+    if (delay > 0) this.later(res, delay, respond);
+    else respond();
+  }
+
+  /** The 200 headers now, then only keep-alives for `processingMs`, then the answer on the open response. */
+  private processing(a: Answer): void {
+    const { res } = a;
+    if (res.destroyed) return;
+    res.writeHead(200, a.chat.stream ? SSE_HEADERS : { 'content-type': JSON_TYPE });
+    const keepAlive = a.chat.stream ? SSE_PROCESSING : ' ';
+    const endsAt = Date.now() + (a.faults.processingMs ?? 0);
+    const tick = (): void => {
+      if (res.destroyed) return;
+      const left = endsAt - Date.now();
+      if (left <= 0) {
+        this.answer(a);
+        return;
+      }
+      res.write(keepAlive);
+      this.later(res, Math.min(PROCESSING_EVERY_MS, left), tick);
+    };
+    tick();
   }
 
   private faultsFor(model: string): Readonly<StubFaults> {
@@ -832,12 +909,27 @@ class StubUpstreamServer implements StubUpstream {
     const { res, faults, model } = a;
     if (res.destroyed) return;
     if (a.errorStatus !== 0) {
-      sendError(res, a.errorStatus, `Stub upstream fault: ${model} answered ${a.errorStatus}`, undefined, faults.retryAfterSeconds);
+      const message = `Stub upstream fault: ${model} answered ${a.errorStatus}`;
+      if (faults.errorInBody) {
+        // OpenRouter's shape: a numeric code, the status the error would have had.
+        const error = openRouterError(a.errorStatus, message, model, faults.flagged === true);
+        if (a.chat.stream) {
+          sseHead(res);
+          const event = { id: 'chatcmpl-stub', object: 'chat.completion.chunk', created: 0, model, error, choices: [{ index: 0, delta: { content: '' }, finish_reason: 'error' }] };
+          res.end(`data: ${JSON.stringify(event)}\n\n${SSE_DONE}`, this.streamFlushed);
+        } else {
+          sendBody(res, 200, JSON.stringify({ error }), JSON_TYPE);
+        }
+      } else if (faults.flagged) {
+        sendBody(res, a.errorStatus, JSON.stringify({ error: openRouterError(a.errorStatus, message, model, true) }), JSON_TYPE);
+      } else {
+        sendError(res, a.errorStatus, message, undefined, faults.retryAfterSeconds);
+      }
       return;
     }
     if (faults.malformedJson) {
       if (a.chat.stream) {
-        res.writeHead(200, SSE_HEADERS);
+        sseHead(res);
         res.end(MALFORMED_SSE_BODY, this.streamFlushed);
       } else {
         sendBody(res, 200, MALFORMED_JSON_BODY, JSON_TYPE);
@@ -846,7 +938,7 @@ class StubUpstreamServer implements StubUpstream {
     }
     if (faults.emptyAnswer) {
       if (a.chat.stream) {
-        res.writeHead(200, SSE_HEADERS);
+        sseHead(res);
         res.end(SSE_DONE, this.streamFlushed);
       } else {
         sendBody(res, 200, EMPTY_ANSWER_JSON_BODY, JSON_TYPE);
@@ -857,15 +949,32 @@ class StubUpstreamServer implements StubUpstream {
     const completion = buildCompletion(a.chat, faults);
     const id = `chatcmpl-${this.idPrefix}${(++this.seq).toString(36)}`;
     const created = Math.floor(Date.now() / 1000);
+    const named = faults.answerModel ?? model;
     if (a.chat.stream) {
       this.stream(res, id, created, model, completion, a.chat.includeUsage, faults);
+      return;
+    }
+    if (faults.errorAfterChunks !== undefined) {
+      // A mid-generation error in a JSON answer: what was produced, finish_reason "error", and the error.
+      const pieces = splitWords(completion.content).slice(0, Math.floor(faults.errorAfterChunks));
+      const partial: Completion = { ...completion, content: pieces.join(''), completionTokens: pieces.length };
+      const body = JSON.stringify({
+        id,
+        object: 'chat.completion',
+        created,
+        model: named,
+        choices: [{ index: 0, message: { role: 'assistant', content: partial.content }, finish_reason: 'error' }],
+        error: openRouterError(502, `Stub upstream fault: ${model} failed mid-generation`, model, false),
+        usage: buildUsage(model, partial, faults.omitCost),
+      });
+      sendBody(res, 200, body, JSON_TYPE);
       return;
     }
     const body = JSON.stringify({
       id,
       object: 'chat.completion',
       created,
-      model,
+      model: named,
       choices: [{ index: 0, message: { role: 'assistant', content: completion.content }, finish_reason: completion.finishReason }],
       usage: buildUsage(model, completion, faults.omitCost),
     });
@@ -882,16 +991,23 @@ class StubUpstreamServer implements StubUpstream {
     faults: Readonly<StubFaults>,
   ): void {
     // Every frame shares this prefix, so only the model id and each word go through JSON.stringify.
-    const head = `data: {"id":"${id}","object":"chat.completion.chunk","created":${created},"model":${JSON.stringify(model)},"choices":[`;
+    const head = `data: {"id":"${id}","object":"chat.completion.chunk","created":${created},"model":${JSON.stringify(faults.answerModel ?? model)},"choices":[`;
     const frames: string[] = [`${head}{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n`];
     for (const piece of completion.pieces ?? []) {
       frames.push(`${head}{"index":0,"delta":{"content":${JSON.stringify(piece)}},"finish_reason":null}]}\n\n`);
     }
-    frames.push(`${head}{"index":0,"delta":{},"finish_reason":"${completion.finishReason}"}]}\n\n`);
-    if (includeUsage) frames.push(`${head}],"usage":${JSON.stringify(buildUsage(model, completion, faults.omitCost))}}\n\n`);
+    if (faults.errorAfterChunks !== undefined) {
+      // OpenRouter's mid-stream error: an event with the error and a choice finished as "error", then [DONE].
+      frames.length = Math.min(frames.length, Math.floor(faults.errorAfterChunks));
+      const error = JSON.stringify(openRouterError(502, `Stub upstream fault: ${model} failed mid-generation`, model, false));
+      frames.push(`${head}{"index":0,"delta":{"content":""},"finish_reason":"error"}],"error":${error}}\n\n`);
+    } else {
+      frames.push(`${head}{"index":0,"delta":{},"finish_reason":"${completion.finishReason}"}]}\n\n`);
+      if (includeUsage) frames.push(`${head}],"usage":${JSON.stringify(buildUsage(model, completion, faults.omitCost))}}\n\n`);
+    }
     frames.push(SSE_DONE);
 
-    res.writeHead(200, SSE_HEADERS);
+    sseHead(res);
     const cut = faults.cutAfterChunks === undefined ? undefined : Math.min(Math.floor(faults.cutAfterChunks), frames.length - 1);
     const delay = faults.chunkDelayMs ?? 0;
     if (delay <= 0 || cut === 0) {

@@ -188,6 +188,52 @@ export function llmClientContract(name: string, make: LlmClientFactory): void {
       });
     });
 
+    describe('errors inside a 200 (OpenRouter reports failures once a model started so)', () => {
+      it('a JSON body that is an error is kind http with the status its code names', async () => {
+        stub.configure({ status: 402, errorInBody: true });
+        const failure = await failureOf(client().complete(call(jsonBody())));
+        expect(failure).toMatchObject({ kind: 'http', status: 402 });
+        expect(failure.message).toContain('answered 402');
+      });
+
+      it('a JSON answer with a top-level error and a choice finished as "error" is kind http 502', async () => {
+        stub.configure({ errorAfterChunks: 2 });
+        expect(await failureOf(client().complete(call(jsonBody())))).toMatchObject({ kind: 'http', status: 502 });
+      });
+
+      it('a stream whose first event is an error fails with its status before yielding anything', async () => {
+        stub.configure({ status: 429, errorInBody: true });
+        const events: string[] = [];
+        const failure = await failureOf(client().stream(call(streamBody())).then((s) => drain(s, events)));
+        expect(failure).toMatchObject({ kind: 'http', status: 429 });
+        expect(failure.message).toContain('answered 429');
+        expect(events).toEqual([]);
+      });
+
+      it('an error event mid-stream yields the events before it, then fails as kind http 502', async () => {
+        stub.configure({ errorAfterChunks: 3 });
+        const events: string[] = [];
+        const failure = await failureOf(client().stream(call(streamBody())).then((s) => drain(s, events)));
+        expect(failure).toMatchObject({ kind: 'http', status: 502 });
+        expect(events.map(parse).map((c) => c.choices?.[0].delta?.content)).toEqual(['', 'Mock ', 'reply ']);
+      });
+
+      it('a moderation 403 is flagged as such (JSON and stream); another 403 is not', async () => {
+        stub.configure({ status: 403, flagged: true });
+        expect(await failureOf(client().complete(call(jsonBody())))).toMatchObject({ kind: 'http', status: 403, flagged: true });
+        expect(await failureOf(client().stream(call(streamBody())).then((s) => drain(s)))).toMatchObject({ kind: 'http', status: 403, flagged: true });
+        stub.configure({ status: 403 });
+        expect(await failureOf(client().complete(call(jsonBody())))).toMatchObject({ kind: 'http', status: 403, flagged: false });
+      });
+
+      it('keep-alives (SSE comments, whitespace before JSON) are not events: the answer after them is whole', async () => {
+        stub.configure({ processingMs: 120 });
+        expect((await client().complete(call(jsonBody()))).completion.choices[0].message.content).toBe(REPLY);
+        const events = await drain(await client().stream(call(streamBody())));
+        expect(events.map(parse).map((c) => c.choices?.[0]?.delta?.content ?? '').join('')).toBe(REPLY);
+      });
+    });
+
     describe('transport', () => {
       it('a stream that goes quiet after its first events is a timeout, with what came before it yielded', async () => {
         stub.configure({ chunkDelayMs: 30_000 });

@@ -1,0 +1,82 @@
+import { describe, expect, it } from 'vitest';
+import { describeUpstreamError, errorEventFailure, jsonResult, UpstreamFailure } from './llm-client.js';
+
+function thrown(work: () => unknown): UpstreamFailure {
+  try {
+    work();
+  } catch (error) {
+    expect(error).toBeInstanceOf(UpstreamFailure);
+    return error as UpstreamFailure;
+  }
+  throw new Error('expected a failure');
+}
+
+const ANSWER = {
+  id: 'c',
+  object: 'chat.completion',
+  created: 1,
+  model: 'm',
+  choices: [{ index: 0, message: { role: 'assistant', content: 'hi' }, finish_reason: 'stop' }],
+};
+
+describe('jsonResult: errors inside a 200', () => {
+  it('a body that is only an OpenRouter error is the HTTP failure its code names, not a malformed answer', () => {
+    const failure = thrown(() => jsonResult('{"error":{"code":402,"message":"Insufficient credits"}}'));
+    expect(failure).toMatchObject({ kind: 'http', status: 402, message: 'Insufficient credits' });
+  });
+
+  it('an answer with a top-level error and a choice finished as "error" is a failure too (502 without a usable code)', () => {
+    const body = {
+      ...ANSWER,
+      choices: [{ index: 0, message: { role: 'assistant', content: 'half' }, finish_reason: 'error' }],
+      error: { message: 'provider died' },
+    };
+    expect(thrown(() => jsonResult(JSON.stringify(body)))).toMatchObject({ kind: 'http', status: 502, message: 'provider died' });
+    const named = { error: { code: 'rate_limit_exceeded', message: 'slow down' } };
+    expect(thrown(() => jsonResult(JSON.stringify(named)))).toMatchObject({ kind: 'http', status: 502, upstreamCode: 'rate_limit_exceeded' });
+  });
+
+  it('an ordinary answer is still an answer, and `"error": null` is no error', () => {
+    expect(jsonResult(JSON.stringify(ANSWER)).completion.choices[0]?.message.content).toBe('hi');
+    expect(jsonResult(JSON.stringify({ ...ANSWER, error: null })).completion.id).toBe('c');
+  });
+});
+
+describe('errorEventFailure: SSE events that report an error', () => {
+  it('reads the error event OpenRouter sends in a 200 stream', () => {
+    const event = {
+      id: 'g',
+      object: 'chat.completion.chunk',
+      error: { code: 429, message: 'Provider rate limited' },
+      choices: [{ index: 0, delta: { content: '' }, finish_reason: 'error' }],
+    };
+    expect(errorEventFailure(JSON.stringify(event))).toMatchObject({ kind: 'http', status: 429, message: 'Provider rate limited' });
+    expect(errorEventFailure(JSON.stringify({ error: { message: 'x' } }))).toMatchObject({ kind: 'http', status: 502 });
+    expect(errorEventFailure(JSON.stringify({ choices: [{ index: 0, delta: {}, finish_reason: 'error' }] }))).toMatchObject({ kind: 'http', status: 502 });
+  });
+
+  it('lets every other event through, including content that talks about errors', () => {
+    for (const ok of [
+      { choices: [{ index: 0, delta: { content: 'an "error" in the text' }, finish_reason: null }] },
+      { choices: [{ index: 0, delta: { content: 'error' }, finish_reason: 'stop' }] },
+      { choices: [], usage: { prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 }, error: null },
+    ]) {
+      expect(errorEventFailure(JSON.stringify(ok))).toBeUndefined();
+    }
+  });
+});
+
+describe('describeUpstreamError', () => {
+  it("flags OpenRouter's moderation refusal (metadata.reasons / flagged_input), and nothing else", () => {
+    const moderation = {
+      error: {
+        code: 403,
+        message: 'openai/gpt-4o requires moderation on OpenRouter. Your input was flagged for "harassment". No credits were charged.',
+        metadata: { reasons: ['harassment'], flagged_input: 'some text', provider_name: 'OpenAI', model_slug: 'openai/gpt-4o' },
+      },
+    };
+    expect(describeUpstreamError(403, JSON.stringify(moderation))).toMatchObject({ code: '403', flagged: true });
+    expect(describeUpstreamError(403, JSON.stringify({ error: { code: 403, message: 'Key disabled' } })).flagged).toBe(false);
+    expect(describeUpstreamError(403, 'Forbidden').flagged).toBe(false);
+  });
+});

@@ -1,0 +1,29 @@
+import { describe, expect, it } from 'vitest';
+import { UpstreamFailure } from './llm-client.js';
+import { failureAction, upstreamToGatewayError } from './upstream-errors.js';
+
+const MODEL = 'openai/gpt-4o';
+const FLAGGED = 'openai/gpt-4o requires moderation on OpenRouter. Your input was flagged for "harassment". No credits were charged.';
+
+describe('upstreamToGatewayError: 403 and 408', () => {
+  it("a moderation 403 is the caller's 400 (their input was flagged), with the upstream's message; never retried", () => {
+    const failure = new UpstreamFailure('http', FLAGGED, 403, undefined, '403', true);
+    const error = upstreamToGatewayError(failure, MODEL);
+    expect(error.status).toBe(400);
+    expect(error.type).toBe('invalid_request_error');
+    expect(error.message).toContain('flagged for "harassment"');
+    expect(error.message).not.toContain('credentials');
+    expect(failureAction(failure)).toBe('stop');
+  });
+
+  it("any other 403 is still the upstream rejecting the gateway's credentials", () => {
+    const error = upstreamToGatewayError(new UpstreamFailure('http', 'Key disabled', 403), MODEL);
+    expect(error).toMatchObject({ status: 502, code: 'upstream_auth' });
+  });
+
+  it('a 408 that survives retries is a timeout (504), not a 502', () => {
+    const failure = new UpstreamFailure('http', 'Request timed out', 408);
+    expect(failureAction(failure)).toBe('retry');
+    expect(upstreamToGatewayError(failure, MODEL, { attempts: 2 })).toMatchObject({ status: 504, code: 'upstream_timeout' });
+  });
+});
