@@ -195,8 +195,36 @@ SELECT (SELECT count(*) FROM ledger) AS recorded, (SELECT count(*) FROM released
        (SELECT count(*) FROM shrunk) AS shrunk`;
 
 /**
- * Sweep: releases reservations older than the request deadline, left by an instance that died
- * between reserve and settle. Their cost is unknown and not charged.
+ * Renew: marks the reservations this instance still holds (exact reservations of calls in
+ * flight, lease rows not yet released) as alive, so that the sweeper, which releases rows not
+ * renewed for BUDGET_RESERVATION_TTL_MS, only ever takes those of an instance that stopped
+ * renewing them: one that died. `created_at` therefore means "created or last renewed". One
+ * statement per renewal interval for all of an instance's rows (BudgetService), never one per
+ * request: the request path does not pay for it.
+ *
+ * `SKIP LOCKED`: a row the writer is deleting or shrinking at this moment (or the sweeper
+ * deleting) is left for the next renewal, so this statement never waits on a row lock and
+ * cannot deadlock with a flush. A sweep that waits on this statement's lock re-reads the row
+ * after it commits and no longer finds it old. Never moves a row's time backwards.
+ *
+ * $1 reservation ids (jsonb array), $2 now.
+ */
+export const RENEW_SQL = `
+WITH mine AS MATERIALIZED (
+  SELECT id FROM budget_reservations
+   WHERE id IN (SELECT value::uuid FROM jsonb_array_elements_text($1::jsonb))
+     FOR UPDATE SKIP LOCKED
+), renewed AS (
+  UPDATE budget_reservations r SET created_at = GREATEST(r.created_at, $2::timestamptz)
+    FROM mine m
+   WHERE r.id = m.id
+  RETURNING r.id
+)
+SELECT count(*) AS renewed FROM renewed`;
+
+/**
+ * Sweep: releases reservations not renewed for BUDGET_RESERVATION_TTL_MS (RENEW_SQL): left by an
+ * instance that died between reserve and settle. Their cost is unknown and not charged.
  *
  * $1 cutoff, $2 now.
  */

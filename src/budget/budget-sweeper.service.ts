@@ -8,8 +8,10 @@ import { SWEEP_SQL } from './budget-sql.js';
 
 /**
  * Releases reservations an instance left behind when it died between reserve and settle.
- * Anything older than the request deadline (BUDGET_RESERVATION_TTL_MS) cannot still be in
- * flight. Every instance sweeps; the DELETE … RETURNING hands each orphan to exactly one.
+ * A live instance renews the rows it still holds every quarter of BUDGET_RESERVATION_TTL_MS
+ * (BudgetService.renewHeld), however long their calls run (a stream has no total time limit),
+ * so a row not renewed for that long belongs to an instance that is gone. Every instance sweeps;
+ * the DELETE … RETURNING hands each orphan to exactly one.
  */
 @Injectable()
 export class BudgetSweeper implements OnModuleInit, OnApplicationShutdown {

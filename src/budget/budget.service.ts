@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { type BeforeApplicationShutdown, Injectable, Optional } from '@nestjs/common';
+import { type BeforeApplicationShutdown, Injectable, type OnApplicationShutdown, type OnModuleInit, Optional } from '@nestjs/common';
 import type { Logger } from 'pino';
 import { formatUsd, type Nanos, tokensCost } from '../../libs/money/src/index.js';
 import { cleanUsage, type Usage } from '../../libs/openai-contract/src/index.js';
@@ -13,7 +13,7 @@ import { costOf, type CostSource } from '../upstream/pricing/pricing.js';
 import { PricingService } from '../upstream/pricing/pricing.service.js';
 import { BudgetDatabase, type BudgetStatement } from './budget-database.js';
 import { BudgetLeases, type Lease } from './budget-leases.js';
-import { RESERVE_BATCH_SQL, RESERVE_SQL } from './budget-sql.js';
+import { RENEW_SQL, RESERVE_BATCH_SQL, RESERVE_SQL } from './budget-sql.js';
 import { BudgetWriter, type LedgerEntry, type PendingRelease } from './budget-writer.js';
 import type { BudgetedCall, BudgetedRoute, BudgetScope, ChargedAttempt, Reservation, SettleOptions } from './budget.types.js';
 import { estimatePromptTokens, producedTokens, reservedCompletionTokens } from './estimate.js';
@@ -36,6 +36,14 @@ type AttemptCharge = Pick<LedgerEntry, 'model' | 'prompt_tokens' | 'completion_t
 const MAX_INT = 2_147_483_647;
 const RESERVE: BudgetStatement = { name: 'gatehouse_budget_reserve', text: RESERVE_SQL };
 const RESERVE_BATCH: BudgetStatement = { name: 'gatehouse_budget_reserve_batch', text: RESERVE_BATCH_SQL };
+const RENEW: BudgetStatement = { name: 'gatehouse_budget_renew', text: RENEW_SQL };
+
+/**
+ * The longest this instance keeps a reservation alive (renewHeld). No call legitimately runs this
+ * long; a reservation a bug never settled is then left to the sweeper instead of holding its
+ * money until the process ends.
+ */
+export const MAX_RENEWED_MS = 24 * 3_600_000;
 
 /** The request id a lease's reservation row carries: it belongs to no single request. */
 const LEASE_REQUEST_ID = 'budget-lease';
@@ -61,7 +69,7 @@ interface QueuedReserve {
  * statement, off the request path.
  */
 @Injectable()
-export class BudgetService implements BeforeApplicationShutdown {
+export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, OnApplicationShutdown {
   private readonly logger: Logger;
   /** Reservations of the current event-loop turn; sent together at its end (setImmediate). */
   private queued: QueuedReserve[] = [];
@@ -69,6 +77,16 @@ export class BudgetService implements BeforeApplicationShutdown {
   /** Reservations whose statement failed, released once it can no longer commit (releaseFailed). */
   private readonly failedHolds = new Map<NodeJS.Timeout, PendingRelease[]>();
   private closing = false;
+  /**
+   * The reservation rows this instance holds (exact reservations of calls in flight, lease rows
+   * not yet released), with when each was taken: renewed together every `renewEveryMs` so the
+   * sweeper leaves them alone however long their call runs (renewHeld).
+   */
+  private readonly liveRows = new Map<string, number>();
+  /** A quarter of BUDGET_RESERVATION_TTL_MS: three renewals may fail before a live row could be swept. */
+  readonly renewEveryMs: number;
+  private renewTimer: NodeJS.Timeout | undefined;
+  private renewing: Promise<number> | undefined;
 
   constructor(
     private readonly database: BudgetDatabase,
@@ -80,12 +98,36 @@ export class BudgetService implements BeforeApplicationShutdown {
     @Optional() private readonly metrics?: GatewayMetrics,
   ) {
     this.logger = appLogger.logger.child({ context: 'Budget' });
+    this.renewEveryMs = Math.max(50, Math.floor(config.budget.reservationTtlMs / 4));
     this.leases = new BudgetLeases(
       config.budget.leaseMs,
       config.budget.leaseRequests,
-      (lease, nanos) => this.release([{ id: lease.id as string, userId: lease.userId, departmentId: lease.departmentId, nanos }]),
+      (lease, nanos) => {
+        const id = lease.id as string;
+        // The whole row goes: nothing of this instance holds it any more.
+        if (nanos === undefined) this.liveRows.delete(id);
+        this.release([{ id, userId: lease.userId, departmentId: lease.departmentId, nanos }]);
+      },
       () => this.clock.now().getTime(),
     );
+  }
+
+  /**
+   * Keeps this instance's reservations alive while their calls run: the sweeper releases rows
+   * not renewed for BUDGET_RESERVATION_TTL_MS, so a stream that outlives it (a stream has no
+   * total time limit once its first event is out) keeps holding its money, while the rows of a
+   * dead instance, which nobody renews, are still released.
+   */
+  onModuleInit(): void {
+    this.renewTimer = setInterval(() => void this.renewHeld(), this.renewEveryMs);
+    // Must never keep a process (or a test run) alive on its own.
+    this.renewTimer.unref();
+  }
+
+  /** After the HTTP drain: the calls this instance ran are over. */
+  onApplicationShutdown(): void {
+    if (this.renewTimer) clearInterval(this.renewTimer);
+    this.renewTimer = undefined;
   }
 
   /**
@@ -156,6 +198,7 @@ export class BudgetService implements BeforeApplicationShutdown {
     this.metrics?.budgetHold('exact', first.ok ? 'granted' : 'refused');
     if (!first.ok) throw refusal(rows, amountNanos);
     const held = Number(first.recorded) > 0;
+    if (held) this.liveRows.set(id, this.clock.nowMs());
     return { ...reservation, id, held };
   }
 
@@ -183,6 +226,7 @@ export class BudgetService implements BeforeApplicationShutdown {
     }
     // Granted without a row: neither scope has a budget, any amount fits until the lease ends.
     const holds = Number(first.recorded) > 0;
+    if (holds) this.liveRows.set(id, this.clock.nowMs());
     return this.leases.granted(holds ? id : undefined, userId, departmentId, holds ? size : undefined, amountNanos);
   }
 
@@ -219,6 +263,7 @@ export class BudgetService implements BeforeApplicationShutdown {
     });
     // A draw on a lease holds nothing of its own: the lease gives its headroom back when retired.
     const release = reservation.held === false ? undefined : { id: reservation.id, userId: principal.userId, departmentId: principal.departmentId };
+    this.liveRows.delete(reservation.id);
     this.writer.enqueue({ release, rows });
     if (reservation.lease) this.leases.settle(reservation.lease, reservation.amountNanos, total);
     return total;
@@ -249,6 +294,44 @@ export class BudgetService implements BeforeApplicationShutdown {
   flush(): Promise<boolean> {
     this.leases.retireAll();
     return this.writer.flush();
+  }
+
+  /**
+   * Renews every reservation row this instance still holds, in ONE statement (RENEW_SQL), off the
+   * request path; nothing when it holds none. Runs every `renewEveryMs`; returns how many rows
+   * were renewed. A failure (database away) is logged and the next interval tries again: a row
+   * is swept only after BUDGET_RESERVATION_TTL_MS without a renewal, four intervals.
+   */
+  renewHeld(): Promise<number> {
+    this.renewing ??= this.renewOnce()
+      .catch((error: unknown) => {
+        this.logger.warn({ reservations: this.liveRows.size, err: (error as Error).message }, 'renewing budget reservations failed; will retry');
+        return 0;
+      })
+      .finally(() => {
+        this.renewing = undefined;
+      });
+    return this.renewing;
+  }
+
+  private async renewOnce(): Promise<number> {
+    if (this.liveRows.size === 0) return 0;
+    const now = this.clock.now();
+    const ids: string[] = [];
+    for (const [id, since] of this.liveRows) {
+      if (now.getTime() - since <= MAX_RENEWED_MS) {
+        ids.push(id);
+        continue;
+      }
+      this.liveRows.delete(id);
+      this.logger.error(
+        { reservation: id, heldSince: new Date(since).toISOString() },
+        'budget reservation held for a day was never settled; leaving it to the sweeper',
+      );
+    }
+    if (ids.length === 0) return 0;
+    const [row] = await this.database.hold<{ renewed: string | number }>(RENEW, [JSON.stringify(ids), now.toISOString()]);
+    return Number(row?.renewed ?? 0);
   }
 
   /** A budget was set or removed: this instance's leases, taken under the old one, serve no new request. */
