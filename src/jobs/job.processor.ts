@@ -7,7 +7,7 @@ import { CompletionService } from '../completion/completion.service.js';
 import type { CompletionCall, JsonOutcome } from '../completion/completion.types.js';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
-import { type GatewayError } from '../core/errors.js';
+import { type ErrorCode, type GatewayError } from '../core/errors.js';
 import { toGatewayError } from '../core/http-errors.js';
 import { AppLogger } from '../core/logger.js';
 import type { Principal } from '../identity/principal.js';
@@ -17,11 +17,22 @@ import type { JobRecord } from './job.types.js';
 import { JobsRepository, type KeyState } from './jobs.repository.js';
 
 /**
+ * Upstream failures that another try would meet again, whatever the backoff: the upstream
+ * rejected the gateway's own credentials (401/403) or its account is out of credit (402). The
+ * sync path stops on them at once too (upstream-errors.ts `failureAction`: 'stop'); they are
+ * 502s only so that they never look like the caller's own 401/402. An upstream 400/413/422 (the
+ * request itself) already arrives as the caller's 4xx (`invalid_value`, `payload_too_large`).
+ */
+const PERMANENT_UPSTREAM: ReadonlySet<ErrorCode> = new Set<ErrorCode>(['upstream_auth', 'upstream_insufficient_credits']);
+
+/**
  * Worth another try: the upstream or a dependency failed (5xx, including upstream 502/504 and
  * 503 unavailable), or a rate limit said "later". Anything else 4xx is about the request or the
- * caller (budget, bad input, revoked key) and would fail the same way again.
+ * caller (budget, bad input, revoked key) and would fail the same way again, as would an
+ * upstream that refuses the gateway's key or credit (PERMANENT_UPSTREAM).
  */
 export function isTransient(error: GatewayError): boolean {
+  if (PERMANENT_UPSTREAM.has(error.code)) return false;
   return error.status >= 500 || error.code === 'rate_limit_exceeded';
 }
 

@@ -279,6 +279,34 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
     expect(await auditRows(`job-${broke.id}-1`)).toEqual([]);
   });
 
+  it('fails a job at once, not dead-lettered, when the upstream refuses the gateway’s key or credit; retries an upstream outage', async () => {
+    for (const code of ['upstream_auth', 'upstream_insufficient_credits'] as const) {
+      const refused = new FakeCompletions((call) => {
+        call.audited = true;
+        throw new GatewayError(code, 'The upstream (openai/gpt-4o-mini) said no.');
+      });
+      const { job } = await repo.insert(newJob(), clock.now());
+      // No RetryJobError: the queue is not asked to run it again.
+      await processor(refused).run(job.id, new AbortController().signal);
+      expect(refused.calls, code).toHaveLength(1);
+      expect(await repo.find(job.id), code).toMatchObject({
+        status: 'failed',
+        deadLettered: false,
+        attempts: 1,
+        result: null,
+        error: { code, type: 'upstream_error' },
+      });
+    }
+    // An upstream that failed for its own reasons is worth another try, later.
+    const outage = new FakeCompletions((call) => {
+      call.audited = true;
+      throw new GatewayError('upstream_error', 'The upstream failed with HTTP 503.');
+    });
+    const { job } = await repo.insert(newJob(), clock.now());
+    await expect(processor(outage).run(job.id, new AbortController().signal)).rejects.toBeInstanceOf(RetryJobError);
+    expect(await repo.find(job.id)).toMatchObject({ status: 'queued', deadLettered: false, attempts: 1 });
+  });
+
   it('audits a job the queue gave up on', async () => {
     const { job } = await repo.insert(newJob(), clock.now());
     await processor(new FakeCompletions(() => outcomeWith('never'))).abandon(job.id, new Error('database away'));
