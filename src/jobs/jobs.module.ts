@@ -14,8 +14,9 @@ import { JobsRepository } from './jobs.repository.js';
 import { JobsService } from './jobs.service.js';
 import { Jobs1764400005000 } from './migrations/1764400005000-jobs.js';
 import { JobsEnqueued1764400005100 } from './migrations/1764400005100-jobs-enqueued.js';
+import { JobsDeadLetteredAt1764400005200 } from './migrations/1764400005200-jobs-dead-lettered-at.js';
 
-export const JOBS_MIGRATIONS = [Jobs1764400005000, JobsEnqueued1764400005100];
+export const JOBS_MIGRATIONS = [Jobs1764400005000, JobsEnqueued1764400005100, JobsDeadLetteredAt1764400005200];
 
 // The processor ends a job (completed, failed or dead-lettered) within JOBS_MAX_ATTEMPTS tries;
 // these extra tries are only for failures of the bookkeeping itself (the database away).

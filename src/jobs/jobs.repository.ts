@@ -165,9 +165,14 @@ export class JobsRepository {
     return rows[0] ? toRecord(rows[0]) : undefined;
   }
 
+  /**
+   * The try failed for good; `deadLettered` puts the job in the dead-letter queue, at
+   * `completed_at`, which `dead_lettered_at` keeps after an admin retry clears it (deadListPlace).
+   */
   async fail(id: string, error: ErrorBody, deadLettered: boolean, now: Date): Promise<JobRecord | undefined> {
     const rows = await this.changed(
-      `UPDATE jobs SET status = 'failed', error = $2::jsonb, dead_lettered = $3, completed_at = $4, updated_at = $4
+      `UPDATE jobs SET status = 'failed', error = $2::jsonb, dead_lettered = $3, completed_at = $4, updated_at = $4,
+                       dead_lettered_at = CASE WHEN $3 THEN $4 ELSE dead_lettered_at END
         WHERE id = $1 AND ${UNFINISHED}
         RETURNING *`,
       [id, jsonb(error), deadLettered, now],
@@ -187,6 +192,10 @@ export class JobsRepository {
     return counts;
   }
 
+  /**
+   * Newest first, by `completed_at` (for a job in the dead-letter queue, the moment it was
+   * dead-lettered), after the place `before` (deadListPlace) when given.
+   */
   async listDead(limit: number, before: { completedAt: Date; id: string } | undefined): Promise<JobRecord[]> {
     const rows = before
       ? await this.db.query<Row[]>(`SELECT * FROM jobs WHERE dead_lettered AND (completed_at, id) < ($2, $3) ORDER BY completed_at DESC, id DESC LIMIT $1`, [
@@ -196,6 +205,20 @@ export class JobsRepository {
         ])
       : await this.db.query<Row[]>(`SELECT * FROM jobs WHERE dead_lettered ORDER BY completed_at DESC, id DESC LIMIT $1`, [limit]);
     return rows.map(toRecord);
+  }
+
+  /**
+   * Where a job stands (or stood) in the dead-letter queue's order, whatever became of it since:
+   * still there, retried (queued again, running, completed or dead-lettered anew) or discarded.
+   * Undefined for a job that never was dead-lettered, or no job at all.
+   */
+  async deadListPlace(id: string): Promise<{ completedAt: Date; id: string } | undefined> {
+    const rows = await this.db.query<Array<{ id: string; dead_lettered_at: Date | string | null }>>(
+      `SELECT id, dead_lettered_at FROM jobs WHERE id = $1 AND dead_lettered_at IS NOT NULL`,
+      [id],
+    );
+    const row = rows[0];
+    return row?.dead_lettered_at ? { completedAt: toDate(row.dead_lettered_at), id: row.id } : undefined;
   }
 
   async findDead(id: string): Promise<JobRecord | undefined> {

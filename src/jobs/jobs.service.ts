@@ -119,13 +119,17 @@ export class JobsService {
     };
   }
 
-  /** Newest first; `before` is the id of the last job of the previous page. */
+  /**
+   * Newest first; `before` is the id of the last job of the previous page. That job may have left
+   * the queue since (the admin retried or discarded the page's jobs, the usual way through it):
+   * the next page still starts after the place it had, which the job keeps (deadListPlace).
+   * Only an id that never was in the dead-letter queue is refused.
+   */
   async listDead(limit: number, before: string | undefined): Promise<{ jobs: JobRecord[]; hasMore: boolean }> {
     let cursor: { completedAt: Date; id: string } | undefined;
     if (before !== undefined) {
-      const last = await this.repo.findDead(before);
-      if (!last?.completedAt) throw new GatewayError('invalid_value', `'before' must be the id of a dead-lettered job.`, { param: 'before' });
-      cursor = { completedAt: last.completedAt, id: last.id };
+      cursor = await this.repo.deadListPlace(before);
+      if (!cursor) throw new GatewayError('invalid_value', `'before' must be the id of a job listed in the dead-letter queue.`, { param: 'before' });
     }
     const jobs = await this.repo.listDead(limit + 1, cursor);
     return { jobs: jobs.slice(0, limit), hasMore: jobs.length > limit };

@@ -24,7 +24,7 @@ export class QueueAdminController {
   @Get('dead')
   @ApiOperation({ summary: 'The dead-letter queue: jobs that failed their last try, newest first' })
   @ApiQuery({ name: 'limit', required: false, description: '1-500, default 50' })
-  @ApiQuery({ name: 'before', required: false, description: 'id of the last job of the previous page' })
+  @ApiQuery({ name: 'before', required: false, description: 'id of the last job of the previous page (also after it was retried or discarded)' })
   @ApiOkResponse({ type: DeadJobListDto })
   async dead(@Query('limit') limit?: string, @Query('before') before?: string) {
     if (before !== undefined && before !== '' && !isUuid(before)) throw new GatewayError('invalid_value', "'before' must be a job id.", { param: 'before' });
