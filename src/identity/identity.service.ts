@@ -1,5 +1,5 @@
 import { Injectable } from '@nestjs/common';
-import { DataSource, IsNull, type Repository } from 'typeorm';
+import { DataSource, type Repository } from 'typeorm';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
 import { withTimeout } from '../core/deadline.js';
@@ -159,10 +159,28 @@ export class IdentityService {
 
   // ---- users ----
 
+  /**
+   * 409 when the department is disabled (a user there could never authenticate) or already has
+   * an enabled user of this name, regardless of case (a unique index on (department_id,
+   * lower(name)) of enabled users, migration UserNames1764400000200; a concurrent create of the
+   * same name is the same 409).
+   */
   async createUser(input: { name: string; departmentId: string; role: UserRole }): Promise<UserEntity> {
     const department = await this.departments.findOneBy({ id: input.departmentId });
     if (!department) throw new GatewayError('not_found', `No department with id '${input.departmentId}'.`, { param: 'department_id' });
-    return this.users.save(this.users.create(input));
+    if (department.disabledAt !== null) {
+      throw new GatewayError('conflict', `Department '${department.name}' is disabled: a user in it could never call the gateway.`, { param: 'department_id' });
+    }
+    const taken = await this.users
+      .createQueryBuilder('u')
+      .where('u.department_id = :departmentId AND lower(u.name) = lower(:name) AND u.disabled_at IS NULL', { departmentId: department.id, name: input.name })
+      .getOne();
+    if (taken) throw userNameTaken(input.name, department.name);
+    try {
+      return await this.users.save(this.users.create(input));
+    } catch (cause) {
+      throw uniqueViolation(cause) ? userNameTaken(input.name, department.name, cause) : cause;
+    }
   }
 
   listUsers(departmentId?: string): Promise<UserEntity[]> {
@@ -186,12 +204,24 @@ export class IdentityService {
 
   // ---- keys ----
 
-  /** Returns the secret once; only its hash is stored. */
+  /**
+   * Returns the secret once; only its hash is stored. 409 for a disabled user or a user of a
+   * disabled department: the key would be refused on every request.
+   */
   async createKey(input: { userId: string; name?: string; expiresAt?: Date }): Promise<{ entity: ApiKeyEntity; key: string }> {
     const user = await this.users.findOneBy({ id: input.userId });
     if (!user) throw new GatewayError('not_found', `No user with id '${input.userId}'.`, { param: 'user_id' });
     if (input.expiresAt && input.expiresAt.getTime() <= this.clock.nowMs()) {
       throw new GatewayError('invalid_value', "'expires_at' must be in the future.", { param: 'expires_at' });
+    }
+    if (user.disabledAt !== null) {
+      throw new GatewayError('conflict', `User '${user.name}' is disabled: a key of theirs could never call the gateway.`, { param: 'user_id' });
+    }
+    const department = await this.departments.findOneBy({ id: user.departmentId });
+    if (department?.disabledAt != null) {
+      throw new GatewayError('conflict', `The department of user '${user.name}' is disabled: a key of theirs could never call the gateway.`, {
+        param: 'user_id',
+      });
     }
     const key = generateApiKey();
     const entity = await this.keys.save(
@@ -314,9 +344,22 @@ export class IdentityService {
     await this.dataSource.query(`INSERT INTO departments (name) VALUES ('gatehouse-admins') ON CONFLICT DO NOTHING`);
     const [department] = await this.dataSource.query<Array<{ id: string }>>(`SELECT id FROM departments WHERE lower(name) = 'gatehouse-admins'`);
     if (!department) throw new Error('bootstrap department missing after insert');
-    const existing = await this.users.findOne({ where: { departmentId: department.id, name: 'bootstrap-admin', disabledAt: IsNull() } });
-    return existing ?? (await this.users.save(this.users.create({ name: 'bootstrap-admin', departmentId: department.id, role: 'admin' })));
+    // Replicas starting together create it once: an enabled user's name is unique in its department.
+    await this.dataSource.query(`INSERT INTO users (name, department_id, role) VALUES ('bootstrap-admin', $1, 'admin') ON CONFLICT DO NOTHING`, [
+      department.id,
+    ]);
+    // Case-insensitively, as the index compares: a 'Bootstrap-Admin' an admin made there is the one.
+    const existing = await this.users
+      .createQueryBuilder('u')
+      .where(`u.department_id = :id AND lower(u.name) = 'bootstrap-admin' AND u.disabled_at IS NULL`, { id: department.id })
+      .getOne();
+    if (!existing) throw new Error('bootstrap admin user missing after insert');
+    return existing;
   }
+}
+
+function userNameTaken(name: string, department: string, cause?: unknown): GatewayError {
+  return new GatewayError('conflict', `Department '${department}' already has a user named '${name}'.`, { param: 'name', cause });
 }
 
 function uniqueViolation(error: unknown): boolean {
