@@ -11,6 +11,7 @@ import { CoreModule } from './core/core.module.js';
 import type { DatabaseContent, OpenedDatabase } from './database/data-source.js';
 import { DatabaseModule } from './database/database.module.js';
 import { HealthModule } from './health/health.module.js';
+import { IDEMPOTENCY_MIGRATIONS } from './idempotency/idempotency.module.js';
 import { IDENTITY_ENTITIES, IDENTITY_MIGRATIONS, IdentityModule } from './identity/identity.module.js';
 import { JOBS_MIGRATIONS, JobsModule } from './jobs/jobs.module.js';
 import { LifecycleModule } from './lifecycle/lifecycle.module.js';
@@ -24,7 +25,7 @@ import { UpstreamModule } from './upstream/upstream.module.js';
 /** Every feature's tables; app.module is the one place that knows all features. */
 export const DATABASE_CONTENT: DatabaseContent = {
   entities: [...IDENTITY_ENTITIES],
-  migrations: [...IDENTITY_MIGRATIONS, ...ROUTING_MIGRATIONS, ...BUDGET_MIGRATIONS, ...PRICING_MIGRATIONS, ...RATE_LIMIT_MIGRATIONS, ...AUDIT_MIGRATIONS, ...JOBS_MIGRATIONS],
+  migrations: [...IDENTITY_MIGRATIONS, ...ROUTING_MIGRATIONS, ...BUDGET_MIGRATIONS, ...PRICING_MIGRATIONS, ...RATE_LIMIT_MIGRATIONS, ...AUDIT_MIGRATIONS, ...JOBS_MIGRATIONS, ...IDEMPOTENCY_MIGRATIONS],
 };
 
 export interface AppModuleOptions {

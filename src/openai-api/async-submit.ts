@@ -1,13 +1,11 @@
-import { hash } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { CompletionCall } from '../completion/completion.types.js';
 import { GatewayError } from '../core/errors.js';
+import { parseIdempotencyKey, submissionHash } from '../idempotency/idempotency-key.js';
 import { type JobDoor, jobView } from '../jobs/job.types.js';
 import type { JobsService } from '../jobs/jobs.service.js';
 
-const MAX_IDEMPOTENCY_KEY = 255;
 const MAX_CALLBACK_URL = 2048;
-const PRINTABLE = /^[\x21-\x7e]+$/;
 
 /** `prefer: respond-async` (RFC 7240), among other preferences and in any case. */
 export function wantsAsync(request: FastifyRequest): boolean {
@@ -16,16 +14,6 @@ export function wantsAsync(request: FastifyRequest): boolean {
   return (Array.isArray(prefer) ? prefer : [prefer]).some((value) =>
     value.split(',').some((preference) => (preference.split(';')[0] ?? '').trim().toLowerCase() === 'respond-async'),
   );
-}
-
-export function parseIdempotencyKey(value: string | string[] | undefined): string | undefined {
-  if (value === undefined) return undefined;
-  if (typeof value !== 'string' || value.length === 0 || value.length > MAX_IDEMPOTENCY_KEY || !PRINTABLE.test(value)) {
-    throw new GatewayError('invalid_value', `'idempotency-key' must be 1 to ${MAX_IDEMPOTENCY_KEY} printable characters without spaces.`, {
-      param: 'idempotency-key',
-    });
-  }
-  return value;
 }
 
 export function parseCallbackUrl(value: unknown): string | undefined {
@@ -50,11 +38,6 @@ export function holdsNul(value: unknown): boolean {
     return item;
   });
   return found;
-}
-
-/** What makes two submits "the same request" for an idempotency key: door, task type and the body as sent. */
-export function submissionHash(door: JobDoor, taskType: string | undefined, raw: unknown): string {
-  return hash('sha256', JSON.stringify([door, taskType ?? null, raw]), 'hex');
 }
 
 /**

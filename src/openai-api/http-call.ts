@@ -1,9 +1,12 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
-import type { CompletionCall, CompletionMeta, Door, PacedStreamSink } from '../completion/completion.types.js';
+import type { CompletionCall, CompletionMeta, Door, PacedStreamSink, StreamSink } from '../completion/completion.types.js';
 import type { ChatCompletionRequest } from '../../libs/openai-contract/src/index.js';
 import { formatUsd } from '../../libs/money/src/index.js';
 import { routeHeader } from '../routing/routing-table.js';
 import { GatewayError } from '../core/errors.js';
+import { type IdempotentDoor, parseIdempotencyKey, submissionHash } from '../idempotency/idempotency-key.js';
+import { type IdempotencyClaim, type IdempotencyService, storedRoute } from '../idempotency/idempotency.service.js';
+import type { StoredResponse } from '../idempotency/idempotency.types.js';
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -58,6 +61,73 @@ export async function admitted(request: FastifyRequest, work: () => Promise<void
     await request.admission;
     throw error;
   }
+}
+
+/** Whether a sync call carries an `idempotency-key`: one header read, all that calls without one pay. */
+export function hasIdempotencyKey(request: FastifyRequest): boolean {
+  return request.headers['idempotency-key'] !== undefined;
+}
+
+/**
+ * A sync call with an `idempotency-key` (API.md "Decisions"): the key is claimed for this call and
+ * `answer` runs, storing what it sends through the claim (see `sendJsonOnce`, `streamOnce`); or
+ * the stored answer of an earlier call is replayed (`x-gateway-cost-usd: 0`, `idempotent-replayed:
+ * true`), with no upstream call and no charge; or 409 while that call still runs, 422 for another
+ * body under the key. Whatever `answer` throws frees the key first, so the client's retry runs.
+ */
+export async function answerIdempotently(
+  idempotency: IdempotencyService,
+  request: FastifyRequest,
+  reply: FastifyReply,
+  call: CompletionCall,
+  door: IdempotentDoor,
+  raw: unknown,
+  answer: (claim: IdempotencyClaim) => Promise<void>,
+): Promise<void> {
+  const key = parseIdempotencyKey(request.headers['idempotency-key']) as string;
+  // A call over its rate limit claims nothing: the verdict is in before the key is touched.
+  await call.admission;
+  const opened = await idempotency.open(call, key, submissionHash(door, call.taskType, raw));
+  if (opened.replay !== undefined) {
+    idempotency.recordReplay(call, opened.replay);
+    return sendReplay(reply, opened.replay);
+  }
+  try {
+    await answer(opened.claim);
+  } catch (error) {
+    await opened.claim.release();
+    throw error;
+  }
+}
+
+/** Stores a JSON answer under its claim, then sends it: a repeat sent once the client has it is a replay, never a 409. */
+export async function sendJsonOnce(claim: IdempotencyClaim, reply: FastifyReply, meta: CompletionMeta, costNanos: bigint, body: string): Promise<void> {
+  await claim.finish({ kind: 'json', body, headers: metaHeaders(meta), model: meta.model, route: storedRoute(meta.route) });
+  await reply.status(200).headers(metaHeaders(meta, costNanos)).header('content-type', 'application/json; charset=utf-8').send(body);
+}
+
+/** Streams through a recorder: a stream that completed is stored before its `[DONE]` goes out; any other frees the key. */
+export async function streamOnce(claim: IdempotencyClaim, reply: FastifyReply, stream: (sink: StreamSink) => Promise<void>): Promise<void> {
+  const recorder = claim.recordStream(new ReplyStreamSink(reply));
+  try {
+    await stream(recorder);
+  } finally {
+    await claim.endStream(recorder, (meta) => metaHeaders(meta));
+  }
+}
+
+/** A stored answer, as it was sent the first time: same body or events, same gateway headers, but free. */
+async function sendReplay(reply: FastifyReply, stored: StoredResponse): Promise<void> {
+  const headers = { ...stored.headers, 'x-gateway-cost-usd': '0', 'idempotent-replayed': 'true' };
+  if (stored.kind === 'json') {
+    await reply.status(200).headers(headers).header('content-type', 'application/json; charset=utf-8').send(stored.body);
+    return;
+  }
+  // As a cache replay: in memory already, so it leaves in one write, with its length.
+  const sink = new ReplyStreamSink(reply);
+  sink.openWith(headers);
+  for (const payload of stored.events) sink.event(payload);
+  sink.close();
 }
 
 export function metaHeaders(meta: CompletionMeta, costNanos?: bigint): Record<string, string> {
@@ -161,6 +231,11 @@ export class ReplyStreamSink implements PacedStreamSink {
   }
 
   open(meta: CompletionMeta): void {
+    this.openWith(metaHeaders(meta));
+  }
+
+  /** `open` with the gateway's headers given as they are (an idempotent replay sends the stored ones). */
+  openWith(gatewayHeaders: Record<string, string>): void {
     // Headers set earlier on the Fastify reply (x-request-id, rate-limit trio) go out with ours.
     const carried = this.reply.getHeaders() as Record<string, string | number | string[]>;
     this.head = {
@@ -169,7 +244,7 @@ export class ReplyStreamSink implements PacedStreamSink {
       'cache-control': 'no-cache',
       connection: 'keep-alive',
       'x-accel-buffering': 'no',
-      ...metaHeaders(meta),
+      ...gatewayHeaders,
     };
     // Sent at the end of this tick, with the first events if they come in it, alone if not.
     this.queue('');

@@ -1,6 +1,7 @@
 import { Module } from '@nestjs/common';
 import { BudgetModule } from '../budget/budget.module.js';
 import { CompletionModule } from '../completion/completion.module.js';
+import { IdempotencyModule } from '../idempotency/idempotency.module.js';
 import { IdentityModule } from '../identity/identity.module.js';
 import { RoutingModule } from '../routing/routing.module.js';
 import { ChatCompletionsController } from './chat-completions.controller.js';
@@ -10,7 +11,7 @@ import { ModelsController } from './models.controller.js';
 import { UsageController } from './usage.controller.js';
 
 @Module({
-  imports: [CompletionModule, IdentityModule, RoutingModule, BudgetModule],
+  imports: [CompletionModule, IdentityModule, RoutingModule, BudgetModule, IdempotencyModule],
   controllers: [ChatCompletionsController, CompleteController, ModelsController, UsageController, JobsController],
 })
 export class OpenAiApiModule {}
