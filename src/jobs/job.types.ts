@@ -1,4 +1,4 @@
-import { toUsdNumber } from '../../libs/money/src/index.js';
+import { toUsdJson, type UsdJson } from '../../libs/money/src/index.js';
 import type { ChatCompletionRequest, ErrorBody } from '../../libs/openai-contract/src/index.js';
 import type { CompletionCall } from '../completion/completion.types.js';
 import type { Principal } from '../identity/principal.js';
@@ -62,7 +62,8 @@ export interface JobView {
   started_at: string | null;
   completed_at: string | null;
   model: string | null;
-  cost_usd: number | null;
+  /** An exact plain decimal in JSON (never 1.5e-7). */
+  cost_usd: UsdJson | null;
 }
 
 export function jobView(job: JobRecord): JobView {
@@ -78,7 +79,7 @@ export function jobView(job: JobRecord): JobView {
     started_at: job.startedAt?.toISOString() ?? null,
     completed_at: job.completedAt?.toISOString() ?? null,
     model: job.model,
-    cost_usd: job.costNanos === null ? null : toUsdNumber(job.costNanos),
+    cost_usd: job.costNanos === null ? null : toUsdJson(job.costNanos),
   };
 }
 

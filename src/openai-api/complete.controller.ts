@@ -1,16 +1,18 @@
 import { Body, Controller, HttpCode, Post, Req, Res } from '@nestjs/common';
 import { ApiBody, ApiHeader, ApiOkResponse, ApiOperation, ApiTags } from '@nestjs/swagger';
 import type { FastifyReply, FastifyRequest } from 'fastify';
-import { toUsdNumber } from '../../libs/money/src/index.js';
+import { toUsdJson } from '../../libs/money/src/index.js';
 import type { ChatCompletionRequest } from '../../libs/openai-contract/src/index.js';
 import { CompletionService } from '../completion/completion.service.js';
+import type { JsonOutcome } from '../completion/completion.types.js';
 import { GatewayError } from '../core/errors.js';
-import { asBody, optionalNumber, optionalString } from '../core/validate.js';
+import { asBody, optionalNumber } from '../core/validate.js';
+import { IdempotencyService } from '../idempotency/idempotency.service.js';
 import { Authenticated, DeferredAdmission } from '../identity/auth.guard.js';
 import { JobsService } from '../jobs/jobs.service.js';
 import { submitAsync, wantsAsync } from './async-submit.js';
-import { parseTaskType } from './chat-request.js';
-import { admitted, callFromRequest, metaHeaders } from './http-call.js';
+import { parseModelId, parseTaskType } from './chat-request.js';
+import { admitted, answerIdempotently, callFromRequest, hasIdempotencyKey, metaHeaders, sendJsonOnce } from './http-call.js';
 import { CompleteRequestDto, CompleteResponseDto } from './openai-api.dto.js';
 
 const MAX_PROMPT_CHARS = 1_000_000;
@@ -23,6 +25,7 @@ export class CompleteController {
   constructor(
     private readonly completions: CompletionService,
     private readonly jobs: JobsService,
+    private readonly idempotency: IdempotencyService,
   ) {}
 
   @Post('complete')
@@ -30,7 +33,11 @@ export class CompleteController {
   @ApiOperation({ summary: 'Simple completion: prompt → content, model, tokens, cost' })
   @ApiBody({ type: CompleteRequestDto })
   @ApiHeader({ name: 'prefer', required: false, description: "'respond-async': answer 202 with a job to poll at /v1/jobs/{id}" })
-  @ApiHeader({ name: 'idempotency-key', required: false, description: 'with respond-async: a retried submit returns the same job; another body → 422' })
+  @ApiHeader({
+    name: 'idempotency-key',
+    required: false,
+    description: 'a repeat within 24 h gets the stored answer, free; 409 while the first still runs; another body → 422. With respond-async: the same job',
+  })
   @ApiOkResponse({ type: CompleteResponseDto })
   @DeferredAdmission()
   complete(@Req() request: FastifyRequest, @Res() reply: FastifyReply, @Body() raw: unknown): Promise<void> {
@@ -45,7 +52,7 @@ export class CompleteController {
       throw new GatewayError('invalid_value', "'prompt' must be a non-empty string.", { param: 'prompt' });
     }
     const maxTokens = optionalNumber(body, 'max_tokens', { integer: true, min: 1 });
-    const model = optionalString(body, 'model');
+    const model = body.model === undefined || body.model === null ? undefined : parseModelId(body.model, 'model');
     const taskType = body.task_type === undefined || body.task_type === null ? undefined : parseTaskType(body.task_type, 'task_type');
     const chat: ChatCompletionRequest = { messages: [{ role: 'user', content: prompt }] };
     if (maxTokens !== undefined) chat.max_tokens = maxTokens;
@@ -55,17 +62,25 @@ export class CompleteController {
     const call = callFromRequest(request, reply, chat, taskType, 'complete');
     // Async: the job's result is the chat completion (API.md "Async"), like the chat door's.
     if (wantsAsync(request)) return submitAsync(this.jobs, request, reply, call, 'complete', raw);
+    if (hasIdempotencyKey(request)) {
+      return answerIdempotently(this.idempotency, request, reply, call, 'complete', raw, async (claim) => {
+        const outcome = await this.completions.complete(call);
+        // Stored as sent: its repeats get this shape, cost_usd included, with x-gateway-cost-usd: 0.
+        return sendJsonOnce(claim, reply, outcome.meta, outcome.costNanos, JSON.stringify(simpleAnswer(outcome)));
+      });
+    }
     const outcome = await this.completions.complete(call);
-    const content = outcome.completion.choices[0]?.message.content ?? '';
-    await reply
-      .status(200)
-      .headers(metaHeaders(outcome.meta, outcome.costNanos))
-      .send({
-        content,
-        model: outcome.meta.model,
-        tokens: outcome.completion.usage?.total_tokens ?? 0,
-        cost_usd: toUsdNumber(outcome.costNanos),
-        cached: outcome.meta.cache === 'hit',
-      } satisfies CompleteResponseDto);
+    await reply.status(200).headers(metaHeaders(outcome.meta, outcome.costNanos)).send(simpleAnswer(outcome));
   }
+}
+
+function simpleAnswer(outcome: JsonOutcome): CompleteResponseDto {
+  return {
+    content: outcome.completion.choices[0]?.message.content ?? '',
+    model: outcome.meta.model,
+    tokens: outcome.completion.usage?.total_tokens ?? 0,
+    // Exact plain decimal (0.00000015, never 1.5e-7), as API.md writes money.
+    cost_usd: toUsdJson(outcome.costNanos),
+    cached: outcome.meta.cache === 'hit',
+  };
 }

@@ -1,4 +1,5 @@
 import { ApiProperty, ApiPropertyOptional } from '@nestjs/swagger';
+import type { UsdJson } from '../../libs/money/src/index.js';
 
 const CALLBACK_HOSTS =
   'Public hosts only (400 for private, loopback, link-local addresses and names like localhost), unless the operator lists others in JOBS_CALLBACK_ALLOWED_HOSTS.';
@@ -35,6 +36,6 @@ export class CompleteResponseDto {
   @ApiProperty() content!: string;
   @ApiProperty() model!: string;
   @ApiProperty({ description: 'total tokens' }) tokens!: number;
-  @ApiProperty({ example: 0.000123 }) cost_usd!: number;
+  @ApiProperty({ example: 0.000123, type: Number }) cost_usd!: UsdJson;
   @ApiProperty() cached!: boolean;
 }

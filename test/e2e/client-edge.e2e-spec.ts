@@ -155,6 +155,33 @@ describe('client edges (PGlite, stub upstream)', () => {
     });
   });
 
+  describe('/v1/complete', () => {
+    it('writes cost_usd as a plain decimal however small (API.md: money is a decimal number)', async () => {
+      // The cheapest seeded model and a short answer: a cost below 1e-6, which JSON.stringify of a
+      // number would write as 1.5e-7.
+      gw.stub.configure({ completionTokens: 1 });
+      const res = await fetch(`${gw.url}/v1/complete`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json', 'cache-control': 'no-cache' },
+        body: JSON.stringify({ prompt: prompt('cheap'), model: 'meta-llama/llama-3.1-8b-instruct', max_tokens: 5 }),
+      });
+      expect(res.status).toBe(200);
+      const text = await res.text();
+      const written = /"cost_usd":([^,}]+)/.exec(text)?.[1];
+      expect(written).toMatch(/^0\.\d+$/);
+      expect(Number(written)).toBeGreaterThan(0);
+      expect(Number(written)).toBeLessThan(1e-6);
+      expect(written).toBe(res.headers.get('x-gateway-cost-usd'));
+    });
+
+    it('refuses a model id a header cannot carry', async () => {
+      const res = await alice.api.post<ErrorBody>('/v1/complete', { prompt: prompt('model'), model: 'openai/gpt-4o-mini-模型' });
+      expect(res.status).toBe(400);
+      expect(res.body.error).toMatchObject({ code: 'invalid_value', param: 'model' });
+      expect(gw.stub.hits).toBe(0);
+    });
+  });
+
   describe('a URL Fastify cannot decode', () => {
     it('is answered in the OpenAI envelope, with x-request-id', async () => {
       const res = await fetch(`${gw.url}/v1/jobs/%zz`, { headers: { authorization: `Bearer ${alice.key}`, 'x-request-id': 'bad-url-1' } });
