@@ -2,6 +2,7 @@ import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { plainDecimal } from './admin/pricing-admin.dto.js';
+import { tokensCost } from '../../../libs/money/src/index.js';
 import { fetchUpstreamPrices, parseModelsPrices } from './upstream-prices.js';
 
 describe('prices from an OpenRouter-style /models', () => {
@@ -17,6 +18,22 @@ describe('prices from an OpenRouter-style /models', () => {
     });
     expect([...prices]).toEqual([['openai/gpt-4o-mini', { prompt: '0.00000015', completion: '0.0000006' }]]);
     expect(parseModelsPrices({ error: 'nope' }).size).toBe(0);
+  });
+
+  it('skips prices no call could be priced with (beyond what an admin may set), so they fall back like "-1"', () => {
+    const absurd = `${'9'.repeat(70)}.5`;
+    const prices = parseModelsPrices({
+      data: [
+        { id: 'huge/whole', pricing: { prompt: absurd, completion: '0.1' } },
+        { id: 'huge/fraction', pricing: { prompt: `0.${'1'.repeat(40)}`, completion: '0.1' } },
+        { id: 'over/cap', pricing: { prompt: '1000.5', completion: '0.1' } },
+        { id: 'at/cap', pricing: { prompt: '1000', completion: '0.000001' } },
+      ],
+    });
+    expect([...prices.keys()]).toEqual(['at/cap']);
+    // The one kept prices a call: every price the parser keeps can be turned into a cost.
+    expect(() => tokensCost(1_000_000, prices.get('at/cap')!.prompt)).not.toThrow();
+    expect(() => tokensCost(1_000_000, absurd)).toThrow();
   });
 
   describe('over HTTP', () => {

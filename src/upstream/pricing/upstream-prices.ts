@@ -1,10 +1,17 @@
+import { MAX_PRICE_USD } from './admin/pricing-admin.dto.js';
 import type { ModelPrice } from './pricing.js';
 
-/** A per-token USD price as OpenRouter prints it: a plain non-negative decimal ("0.00000015"). */
-const DECIMAL_PRICE = /^\d+(\.\d+)?$/;
+/**
+ * A per-token USD price as OpenRouter prints it: a plain non-negative decimal ("0.00000015"), of
+ * the size an admin may set (MAX_PRICE_USD per token, 30 fraction digits). A larger one is an
+ * upstream's mistake: pricing a call with it would fail the call, so it is skipped like "-1".
+ */
+const DECIMAL_PRICE = /^\d{1,4}(\.\d{1,30})?$/;
 
 export function isDecimalPrice(value: unknown): value is string {
-  return typeof value === 'string' && DECIMAL_PRICE.test(value.trim());
+  if (typeof value !== 'string') return false;
+  const text = value.trim();
+  return DECIMAL_PRICE.test(text) && Number(text) <= MAX_PRICE_USD;
 }
 
 /**
