@@ -12,7 +12,7 @@ import { JobsRepository } from '../../src/jobs/jobs.repository.js';
 import { JobsService } from '../../src/jobs/jobs.service.js';
 import { JobsDeadLetteredAt1764400005200 } from '../../src/jobs/migrations/1764400005200-jobs-dead-lettered-at.js';
 import { DB_KINDS } from '../support/databases.js';
-import { type JobsTestDatabase, openJobsTestDatabase } from '../support/jobs-database.js';
+import { type JobsTestDatabase, newJobFor, openJobsTestDatabase } from '../support/jobs-database.js';
 
 // GET /admin/queue/dead?before=<id> pages through the dead-letter queue. The usual way through it
 // is to read a page, retry or discard its jobs, and ask for the next page after the last id:
@@ -41,17 +41,7 @@ describe.each(DB_KINDS)('dead-letter paging on %s', (kind) => {
     await opened?.close();
   });
 
-  const newJob = (): NewJob => ({
-    principal,
-    door: 'chat',
-    body: { messages: [{ role: 'user', content: 'hi' }] },
-    taskType: undefined,
-    cacheControl: { read: true, write: true, ttlSeconds: undefined },
-    requestId: 'req-dead',
-    idempotencyKey: undefined,
-    bodyHash: 'hash-a',
-    callbackUrl: undefined,
-  });
+  const newJob = (): NewJob => newJobFor(principal, { requestId: 'req-dead' });
 
   /** A job that failed its last try at `at` (dead-lettered) or failed for good (not). */
   async function failedJob(at: Date, deadLettered = true): Promise<JobRecord> {

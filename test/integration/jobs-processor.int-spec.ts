@@ -17,7 +17,7 @@ import { RetryJobError } from '../../src/jobs/job-queue.js';
 import type { JobRecord, NewJob } from '../../src/jobs/job.types.js';
 import { JobsRepository } from '../../src/jobs/jobs.repository.js';
 import { DB_KINDS } from '../support/databases.js';
-import { type JobsTestDatabase, openJobsTestDatabase } from '../support/jobs-database.js';
+import { type JobsTestDatabase, newJobFor, openJobsTestDatabase } from '../support/jobs-database.js';
 
 const clock = new SystemClock();
 const logger = { logger: createLogger('silent') };
@@ -78,17 +78,7 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
     await opened?.close();
   });
 
-  const newJob = (): NewJob => ({
-    principal,
-    door: 'chat',
-    body: { messages: [{ role: 'user', content: 'hi' }] },
-    taskType: undefined,
-    cacheControl: { read: true, write: true, ttlSeconds: undefined },
-    requestId: 'req-tries',
-    idempotencyKey: undefined,
-    bodyHash: 'hash-a',
-    callbackUrl: undefined,
-  });
+  const newJob = (): NewJob => newJobFor(principal, { requestId: 'req-tries' });
 
   function processor(completions: FakeCompletions, timing?: JobRunTiming): JobProcessor {
     const callbacks = { notify: () => undefined } as unknown as JobCallbacks;

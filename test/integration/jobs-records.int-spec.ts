@@ -4,7 +4,7 @@ import type { Principal } from '../../src/identity/principal.js';
 import type { NewJob } from '../../src/jobs/job.types.js';
 import { JobsRepository } from '../../src/jobs/jobs.repository.js';
 import { DB_KINDS } from '../support/databases.js';
-import { type JobsTestDatabase, openJobsTestDatabase } from '../support/jobs-database.js';
+import { type JobsTestDatabase, newJobFor, openJobsTestDatabase } from '../support/jobs-database.js';
 
 const now = () => new Date();
 
@@ -31,18 +31,7 @@ describe.each(DB_KINDS)('job records on %s', (kind) => {
     return started;
   }
 
-  const newJob = (overrides: Partial<NewJob> = {}): NewJob => ({
-    principal,
-    door: 'chat',
-    body: { messages: [{ role: 'user', content: 'hi' }] },
-    taskType: undefined,
-    cacheControl: { read: true, write: true, ttlSeconds: undefined },
-    requestId: 'req-1',
-    idempotencyKey: undefined,
-    bodyHash: 'hash-a',
-    callbackUrl: undefined,
-    ...overrides,
-  });
+  const newJob = (overrides: Partial<NewJob> = {}): NewJob => newJobFor(principal, { requestId: 'req-1', ...overrides });
 
   it('creates exactly one job for 20 concurrent submits with one idempotency key', async () => {
     const results = await Promise.all(Array.from({ length: 20 }, () => repo.insert(newJob({ idempotencyKey: 'same-key' }), now())));

@@ -9,7 +9,7 @@ import type { NewJob } from '../../src/jobs/job.types.js';
 import { JobsRepository } from '../../src/jobs/jobs.repository.js';
 import { JobsService } from '../../src/jobs/jobs.service.js';
 import { DB_KINDS } from '../support/databases.js';
-import { type JobsTestDatabase, openJobsTestDatabase } from '../support/jobs-database.js';
+import { type JobsTestDatabase, newJobFor, openJobsTestDatabase } from '../support/jobs-database.js';
 
 /** A queue whose next submits wait until the test settles them: a submit caught between insert and enqueue. */
 class HeldQueue {
@@ -67,17 +67,7 @@ describe.each(DB_KINDS)('idempotent async submits on %s', (kind) => {
     const policy = { refusal: () => undefined } as unknown as CallbackPolicy;
     const service = new JobsService(repo, queue as unknown as JobQueue, config, clock, policy);
     keys += 1;
-    const input: NewJob = {
-      principal,
-      door: 'chat',
-      body: { messages: [{ role: 'user', content: 'hi' }] },
-      taskType: undefined,
-      cacheControl: { read: true, write: true, ttlSeconds: undefined },
-      requestId: 'req-submit',
-      idempotencyKey: `key-${keys}`,
-      bodyHash: 'hash-a',
-      callbackUrl: undefined,
-    };
+    const input = newJobFor(principal, { requestId: 'req-submit', idempotencyKey: `key-${keys}` });
     return { service, queue, clock, input };
   }
 

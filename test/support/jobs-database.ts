@@ -1,6 +1,7 @@
 import { DATABASE_CONTENT } from '../../src/app.module.js';
 import { type OpenedDatabase, openDatabase } from '../../src/database/data-source.js';
 import type { Principal } from '../../src/identity/principal.js';
+import type { NewJob } from '../../src/jobs/job.types.js';
 import { createPostgresDatabase, type DbKind, pgliteTarget } from './databases.js';
 
 export interface JobsTestDatabase {
@@ -52,5 +53,21 @@ export async function openJobsTestDatabase(kind: DbKind, name: string): Promise<
       await db.close();
       await drop?.();
     },
+  };
+}
+
+/** A chat job of `principal` with the fields the specs do not care about filled in; `overrides` win. */
+export function newJobFor(principal: Principal, overrides: Partial<NewJob> = {}): NewJob {
+  return {
+    principal,
+    door: 'chat',
+    body: { messages: [{ role: 'user', content: 'hi' }] },
+    taskType: undefined,
+    cacheControl: { read: true, write: true, ttlSeconds: undefined },
+    requestId: 'req-1',
+    idempotencyKey: undefined,
+    bodyHash: 'hash-a',
+    callbackUrl: undefined,
+    ...overrides,
   };
 }
