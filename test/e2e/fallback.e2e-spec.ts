@@ -1,6 +1,6 @@
 import OpenAI from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+import { postSse, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 
 const SONNET = 'anthropic/claude-3.5-sonnet';
 const MINI = 'openai/gpt-4o-mini';
@@ -17,18 +17,8 @@ let prompts = 0;
 const unique = (text: string) => `${text} #${++prompts}`;
 
 /** Reads a whole SSE response as its `data:` payloads. */
-async function sse(gw: TestGateway, key: string, body: Record<string, unknown>): Promise<{ status: number; headers: Headers; events: string[] }> {
-  const res = await fetch(`${gw.url}/v1/chat/completions`, {
-    method: 'POST',
-    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
-    body: JSON.stringify({ messages: [{ role: 'user', content: unique('one two three four five six seven') }], stream: true, ...body }),
-  });
-  const text = await res.text();
-  const events = text
-    .split('\n\n')
-    .filter((block) => block.startsWith('data: '))
-    .map((block) => block.slice('data: '.length));
-  return { status: res.status, headers: res.headers, events };
+function sse(gw: TestGateway, key: string, body: Record<string, unknown>): Promise<{ status: number; headers: Headers; events: string[] }> {
+  return postSse(gw, key, { messages: [{ role: 'user', content: unique('one two three four five six seven') }], stream: true, ...body });
 }
 
 describe('fallbacks and retries against the stub upstream (gateway walks the chain)', () => {

@@ -5,7 +5,7 @@ import { CompletionService } from '../../src/completion/completion.service.js';
 import type { CompletionCall, CompletionMeta, StreamSink } from '../../src/completion/completion.types.js';
 import { PricingService } from '../../src/upstream/pricing/pricing.service.js';
 import { ledgerRows, storedBudget } from '../integration/budget-support.js';
-import { startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+import { postSse, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 
 // What an upstream says inside a 200 (OpenRouter's errors once a model started, its keep-alives,
 // the model names it answers with) and how the gateway must take it: as the failure it reports,
@@ -30,18 +30,8 @@ let prompts = 0;
 /** A prompt no other test sends: every call reaches the upstream unless a test means the cache. */
 const unique = (text: string) => `${text} #${++prompts}-${Date.now()}`;
 
-async function sse(gw: TestGateway, key: string, body: Record<string, unknown>): Promise<{ status: number; headers: Headers; events: string[]; text: string }> {
-  const res = await fetch(`${gw.url}/v1/chat/completions`, {
-    method: 'POST',
-    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
-    body: JSON.stringify({ messages: [{ role: 'user', content: unique('one two three four five six seven') }], stream: true, ...body }),
-  });
-  const text = await res.text();
-  const events = text
-    .split('\n\n')
-    .filter((block) => block.startsWith('data: '))
-    .map((block) => block.slice('data: '.length));
-  return { status: res.status, headers: res.headers, events, text };
+function sse(gw: TestGateway, key: string, body: Record<string, unknown>): Promise<{ status: number; headers: Headers; events: string[]; text: string }> {
+  return postSse(gw, key, { messages: [{ role: 'user', content: unique('one two three four five six seven') }], stream: true, ...body });
 }
 
 const contentOf = (events: string[]) =>

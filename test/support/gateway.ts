@@ -219,3 +219,18 @@ export async function startGatewayBehindPostgresProxy(options: { env?: Env } = {
 }
 
 export { pollUntil } from '../../src/core/testing/poll-until.js';
+
+/** Posts a chat completion with `body` (a stream, as the caller writes it) and reads the whole SSE answer as its `data:` payloads. */
+export async function postSse(gw: TestGateway, key: string, body: Record<string, unknown>): Promise<{ status: number; headers: Headers; events: string[]; text: string }> {
+  const res = await fetch(`${gw.url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+    body: JSON.stringify(body),
+  });
+  const text = await res.text();
+  const events = text
+    .split('\n\n')
+    .filter((block) => block.startsWith('data: '))
+    .map((block) => block.slice('data: '.length));
+  return { status: res.status, headers: res.headers, events, text };
+}
