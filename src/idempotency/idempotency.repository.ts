@@ -84,6 +84,9 @@ export class IdempotencyRepository {
          SELECT user_id, idempotency_key FROM idempotency_keys
           WHERE created_at <= $1 AND (state = 'done' OR updated_at <= $2)
           LIMIT $3)
+         -- Again outside: on PostgreSQL a row the subquery picked, then a claim took over while
+         -- this waited for its lock, is re-read here and must survive (it is fresh and running).
+         AND created_at <= $1 AND (state = 'done' OR updated_at <= $2)
        RETURNING claim_id`,
       [takeover.expiredBefore, takeover.staleBefore, limit],
     );

@@ -62,6 +62,11 @@ describe('RecordingStreamSink', () => {
     expect(run([ROLE, upstreamError, STOP]).recorder.recorded()).toBeUndefined();
   });
 
+  it('keeps a stream whose chunks carry "error": null, as some upstreams send in every chunk', () => {
+    const nullError = '{"id":"c","error":null,"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}';
+    expect(run([ROLE, nullError, STOP]).recorder.recorded()).toEqual({ meta: META, events: [ROLE, nullError, STOP] });
+  });
+
   it('keeps nothing of a stream the pipeline did not end (the client left), nor sends a [DONE] for it', () => {
     const { client, recorder } = run([ROLE, TEXT], 'none');
     expect(recorder.recorded()).toBeUndefined();

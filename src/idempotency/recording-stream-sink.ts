@@ -94,7 +94,9 @@ function reportsError(payload: string): boolean {
     return true;
   }
   if (typeof chunk !== 'object' || chunk === null) return true;
-  if ('error' in chunk) return true;
+  // `"error": null` is what some upstreams put in every chunk: only an error that is there counts.
+  const { error } = chunk as { error?: unknown };
+  if (error !== undefined && error !== null) return true;
   const choices = (chunk as { choices?: unknown }).choices;
   return (
     Array.isArray(choices) && choices.some((c: unknown) => typeof c === 'object' && c !== null && (c as { finish_reason?: unknown }).finish_reason === 'error')

@@ -195,6 +195,42 @@ describe.each(DB_KINDS)('idempotency keys of sync calls on %s', (kind) => {
     expect(await service.sweep()).toBe(0);
   });
 
+  // PostgreSQL only: PGlite runs one statement at a time, so a sweep there never waits on a lock.
+  if (kind === 'postgres')
+    it('a sweep never deletes a claim that took over an expired row while the sweep waited for it', async () => {
+      const key = `sweep-race-${++keys}`;
+      const now = Date.now();
+      const old = new Date(now - IDEMPOTENCY_WINDOW_MS - 60_000);
+      await db.dataSource.query(
+        `INSERT INTO idempotency_keys (user_id, idempotency_key, body_hash, state, claim_id, request_id, created_at, updated_at, response_meta, response_body)
+       VALUES ($1, $2, 'hash-a', 'done', gen_random_uuid(), 'old', $3, $3, '{}', '{}')`,
+        [principal.userId, key, old],
+      );
+      // A new call takes the expired row over, in a transaction not yet committed (the row locked)…
+      const taker = db.dataSource.createQueryRunner();
+      await taker.connect();
+      await taker.startTransaction();
+      try {
+        await taker.query(
+          `UPDATE idempotency_keys SET state = 'running', request_id = 'new', claim_id = gen_random_uuid(), created_at = $3, updated_at = $3
+          WHERE user_id = $1 AND idempotency_key = $2`,
+          [principal.userId, key, new Date(now)],
+        );
+        // …while a sweep that found the row expired waits for its lock.
+        const swept = repo.deleteExpired({ expiredBefore: new Date(now - IDEMPOTENCY_WINDOW_MS), staleBefore: new Date(now - ABANDONED_MS) }, 1000);
+        await new Promise((resolve) => setTimeout(resolve, 200));
+        await taker.commitTransaction();
+        await swept;
+      } finally {
+        await taker.release();
+      }
+      const rows = await db.dataSource.query<Array<{ state: string; request_id: string }>>(
+        `SELECT state, request_id FROM idempotency_keys WHERE user_id = $1 AND idempotency_key = $2`,
+        [principal.userId, key],
+      );
+      expect(rows).toEqual([{ state: 'running', request_id: 'new' }]);
+    });
+
   it('scopes keys per user', async () => {
     const { key, claim } = setup();
     await (await claim('alice')).finish(answer('alice'));
