@@ -234,7 +234,13 @@ export class JobProcessor implements JobHandler {
     const gatewayError = toGatewayError(error);
     const body = gatewayError.toEnvelope().error;
     if (!isTransient(gatewayError)) {
-      this.finished(await this.repo.fail(job.id, body, false, this.clock.now()), gatewayError.code);
+      // A refused key or exhausted credit is the operator's to fix, not the request's: no more
+      // tries, but dead-lettered, so an admin can retry the jobs once the account works again.
+      const deadLettered = PERMANENT_UPSTREAM.has(gatewayError.code);
+      this.finished(
+        await this.repo.fail(job.id, body, deadLettered, this.clock.now()),
+        deadLettered ? `dead_lettered:${gatewayError.code}` : gatewayError.code,
+      );
       return;
     }
     if (job.attempts < this.config.jobs.maxAttempts) {

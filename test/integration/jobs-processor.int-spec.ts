@@ -269,7 +269,7 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
     expect(await auditRows(`job-${broke.id}-1`)).toEqual([]);
   });
 
-  it('fails a job at once, not dead-lettered, when the upstream refuses the gateway’s key or credit; retries an upstream outage', async () => {
+  it('dead-letters a job at once (no more tries, an admin may retry it) when the upstream refuses the gateway’s key or credit; retries an upstream outage', async () => {
     for (const code of ['upstream_auth', 'upstream_insufficient_credits'] as const) {
       const refused = new FakeCompletions((call) => {
         call.audited = true;
@@ -281,7 +281,7 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
       expect(refused.calls, code).toHaveLength(1);
       expect(await repo.find(job.id), code).toMatchObject({
         status: 'failed',
-        deadLettered: false,
+        deadLettered: true,
         attempts: 1,
         result: null,
         error: { code, type: 'upstream_error' },
