@@ -302,6 +302,11 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
    * were renewed. A failure (database away) is logged and the next interval tries again: a row
    * is swept only after BUDGET_RESERVATION_TTL_MS without a renewal, four intervals.
    */
+  /** Whether this instance still renews a reservation's row (a settled one it must not). */
+  renews(reservation: { id: string }): boolean {
+    return this.liveRows.has(reservation.id);
+  }
+
   renewHeld(): Promise<number> {
     this.renewing ??= this.renewOnce()
       .catch((error: unknown) => {

@@ -140,9 +140,12 @@ describe.each(DB_KINDS)('budget reservations of long calls on %s', (db) => {
       for (const row of rows) expect(Date.now() - new Date(row.created_at).getTime()).toBeLessThan(5000);
     });
 
+    expect([budget.renews(a), budget.renews(b)]).toEqual([true, true]);
     const usage = { prompt_tokens: 1, completion_tokens: 1, total_tokens: 2 };
     for (const r of [a, b]) budget.settle(r, [{ model: MODEL, ok: true, status: 200, failure: undefined, usage }]);
     await budget.flush();
     expect(await heldRows(gw, t.userId)).toEqual([]);
+    // Settled: no longer renewed (the rows are gone, so renewing them would not show in the table).
+    expect([budget.renews(a), budget.renews(b)]).toEqual([false, false]);
   });
 });
