@@ -1,4 +1,6 @@
 import type { CompletionMeta, PacedStreamSink } from '../completion/completion.types.js';
+import type { ChatCompletion } from '../../libs/openai-contract/src/index.js';
+import { reportsFailure } from '../upstream/llm-client.js';
 
 /**
  * The most of a stream's events kept to replay it: past this many characters of payloads the
@@ -94,11 +96,6 @@ function reportsError(payload: string): boolean {
     return true;
   }
   if (typeof chunk !== 'object' || chunk === null) return true;
-  // `"error": null` is what some upstreams put in every chunk: only an error that is there counts.
-  const { error } = chunk as { error?: unknown };
-  if (error !== undefined && error !== null) return true;
-  const choices = (chunk as { choices?: unknown }).choices;
-  return (
-    Array.isArray(choices) && choices.some((c: unknown) => typeof c === 'object' && c !== null && (c as { finish_reason?: unknown }).finish_reason === 'error')
-  );
+  // As the cache refuses a JSON answer (`"error": null`, which some upstreams put in every chunk, is none).
+  return reportsFailure(chunk as ChatCompletion);
 }

@@ -136,8 +136,7 @@ export function errorEventFailure(data: string): UpstreamFailure | undefined {
   }
   const failure = inBandFailure(event);
   if (failure) return failure;
-  const choices = (event as { choices?: unknown } | null)?.choices;
-  if (Array.isArray(choices) && choices.some((c) => (c as { finish_reason?: unknown } | null)?.finish_reason === 'error')) {
+  if (finishedWithError((event as { choices?: unknown } | null)?.choices)) {
     return new UpstreamFailure('http', 'upstream ended the stream with finish_reason "error"', 502);
   }
   return undefined;
@@ -185,7 +184,12 @@ export function jsonResult(raw: string): UpstreamJsonResult {
 export function reportsFailure(completion: ChatCompletion): boolean {
   const error = (completion as { error?: unknown }).error;
   if (error !== undefined && error !== null) return true;
-  return Array.isArray(completion.choices) && completion.choices.some((c) => (c as { finish_reason?: unknown } | null)?.finish_reason === 'error');
+  return finishedWithError(completion.choices);
+}
+
+/** Whether any choice finished as "error": OpenRouter's mark of a provider that failed mid-generation. */
+export function finishedWithError(choices: unknown): boolean {
+  return Array.isArray(choices) && choices.some((c) => (c as { finish_reason?: unknown } | null)?.finish_reason === 'error');
 }
 
 /** A choice as the pipeline reads it: an object whose `message` is an object. */

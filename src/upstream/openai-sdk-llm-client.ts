@@ -1,6 +1,7 @@
 import OpenAI from 'openai';
 import {
   abortFailure,
+  finishedWithError,
   inBandFailure,
   jsonResult,
   LlmClient,
@@ -97,7 +98,7 @@ async function* events(stream: SdkStream, signal: AbortSignal, idleMs: number): 
       const choices = (chunk as { choices?: Array<{ finish_reason?: unknown }> }).choices;
       // The SDK throws on an event with an `error` (caught below); one that only finishes a choice
       // as "error" is OpenRouter's mid-generation failure all the same (errorEventFailure).
-      if (choices?.some((c) => c.finish_reason === 'error')) throw new UpstreamFailure('http', 'upstream ended the stream with finish_reason "error"', 502);
+      if (finishedWithError(choices)) throw new UpstreamFailure('http', 'upstream ended the stream with finish_reason "error"', 502);
       if (choices?.some((c) => c.finish_reason)) sawFinish = true;
       yield JSON.stringify(chunk);
     }
