@@ -126,7 +126,7 @@ export class RoutingService implements OnModuleInit, OnApplicationShutdown {
     await this.identity.getDepartment(departmentId);
     const base = await this.versions.get(change.basedOn);
     const latest = await this.versions.latestVersion();
-    if (!base || latest !== change.basedOn) throw stale(change.basedOn, latest);
+    if (!base || latest !== change.basedOn) throw staleVersion(change.basedOn, latest);
     const withDepartment = Array.isArray(raw) ? raw.map((o: unknown) => withDepartmentId(o, departmentId)) : raw;
     const { overrides, problems } = parseOverrides(withDepartment, base.rules, 'overrides');
     for (const [i, o] of overrides.entries()) {
@@ -164,7 +164,7 @@ export class RoutingService implements OnModuleInit, OnApplicationShutdown {
 
   private async append(body: RoutingTableBody, change: TableChange, restoredFrom?: number): Promise<RoutingTable> {
     const written = await this.versions.append({ basedOn: change.basedOn, body, author: change.author, comment: change.comment, restoredFrom });
-    if (!written) throw stale(change.basedOn, await this.versions.latestVersion());
+    if (!written) throw staleVersion(change.basedOn, await this.versions.latestVersion());
     // This instance serves the new table at once; the others pick it up on their next poll.
     this.install(written);
     return written;
@@ -203,7 +203,8 @@ function withDepartmentId(o: unknown, departmentId: string): unknown {
   return { department_id: departmentId, ...o };
 }
 
-function stale(basedOn: number, latest: number | null): GatewayError {
+/** The 409 of a change based on a version that is not the latest (also the admin edge's, for versions past MAX_VERSION). */
+export function staleVersion(basedOn: number, latest: number | null): GatewayError {
   return new GatewayError(
     'conflict',
     `The routing table changed since version ${basedOn} (the latest is ${latest ?? 'unknown'}): reload it, reapply your change and send the new version.`,

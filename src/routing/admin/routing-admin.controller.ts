@@ -8,7 +8,7 @@ import { AdminOnly, CurrentPrincipal } from '../../identity/auth.guard.js';
 import { IdentityService } from '../../identity/identity.service.js';
 import type { Principal } from '../../identity/principal.js';
 import { RoutingVersionsRepository } from '../routing-versions.repository.js';
-import { RoutingService } from '../routing.service.js';
+import { RoutingService, staleVersion } from '../routing.service.js';
 import {
   DepartmentOverridesDto,
   MAX_VERSION,
@@ -72,12 +72,7 @@ export class RoutingAdminController implements OnModuleInit {
    */
   private async assertNotPastMax(basedOn: number | undefined): Promise<void> {
     if (basedOn === undefined || basedOn < MAX_VERSION) return;
-    const latest = await this.history.latestVersion();
-    throw new GatewayError(
-      'conflict',
-      `The routing table changed since version ${basedOn} (the latest is ${latest ?? 'unknown'}): reload it, reapply your change and send the new version.`,
-      { param: 'version', details: { current_version: latest } },
-    );
+    throw staleVersion(basedOn, await this.history.latestVersion());
   }
 
   @Get()
