@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { CompletionCall } from '../completion/completion.types.js';
+import { chatCall } from '../completion/testing/completion-call.js';
 import type { Principal } from '../identity/principal.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
 import { cacheKey, cachePlan, cacheScope } from './cache-key.js';
@@ -17,16 +18,7 @@ const route: ResolvedRoute = {
 const messages = [{ role: 'user', content: 'hi' }];
 
 function call(body: Record<string, unknown>, over: Partial<CompletionCall> = {}): CompletionCall {
-  return {
-    principal: alice,
-    requestId: 'r',
-    body: { messages, ...body },
-    taskType: undefined,
-    door: 'chat',
-    signal: new AbortController().signal,
-    cacheControl: { read: true, write: true, ttlSeconds: undefined },
-    ...over,
-  };
+  return chatCall(alice, body, over);
 }
 
 describe('cachePlan', () => {

@@ -2,21 +2,14 @@ import { describe, expect, it } from 'vitest';
 import type { Principal } from '../identity/principal.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
 import type { CompletionCall } from './completion.types.js';
+import { chatCall } from './testing/completion-call.js';
 import { requestedMaxTokens, upstreamBody } from './upstream-body.js';
 
 const alice: Principal = { keyId: 'k1', keyPrefix: 'gh-k1', userId: 'u', departmentId: 'd', role: 'user', cacheScope: 'user', expiresAt: undefined };
 const messages = [{ role: 'user', content: 'hi' }];
 
 function call(body: Record<string, unknown>): CompletionCall {
-  return {
-    principal: alice,
-    requestId: 'r',
-    body: { messages, ...body },
-    taskType: undefined,
-    door: 'chat',
-    signal: new AbortController().signal,
-    cacheControl: { read: true, write: true, ttlSeconds: undefined },
-  };
+  return chatCall(alice, body);
 }
 
 /** The route the resolver gives for a request limit, with a rule cap of 1024 (routing-resolver.ts). */
