@@ -253,7 +253,7 @@ describe('UpstreamCaller: retries, backoff and fallbacks', () => {
     const slow = new ScriptedLlm({ [PRIMARY]: ['hang'] });
     const pending = failure(caller(slow, fakeEnv(), { UPSTREAM_DEADLINE_MS: '60000' }).json(call(leaving.signal), route([PRIMARY]), []));
     leaving.abort();
-    expect((await pending).code).toBe('upstream_error');
+    expect((await pending).code).toBe('client_closed');
   });
 
   it('stops at once when the client goes away during a backoff', async () => {

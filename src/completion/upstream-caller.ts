@@ -303,7 +303,7 @@ function finalError(
   cancelled: boolean,
 ): GatewayError {
   if (!last) {
-    if (cancelled) return new GatewayError('upstream_error', 'The request was cancelled before the upstream answered.');
+    if (cancelled) return new GatewayError('client_closed', 'The request was cancelled before the upstream answered.');
     if (deadlineExpired) return new GatewayError('upstream_timeout', 'The upstream did not answer within the deadline.');
     return new GatewayError('upstream_error', 'No model to call.');
   }

@@ -31,6 +31,7 @@ export type ErrorCode =
   | 'upstream_timeout'
   | 'queue_full'
   | 'unavailable'
+  | 'client_closed'
   | 'internal_error';
 
 export type ErrorType =
@@ -72,6 +73,10 @@ export const ERROR_TABLE = {
   upstream_timeout: { status: 504, type: 'upstream_error' },
   queue_full: { status: 503, type: 'overloaded_error' },
   unavailable: { status: 503, type: 'overloaded_error' },
+  // The caller closed its connection before the answer (or the drain deadline closed it): nobody
+  // reads this. It is what the audit row, the metrics and the log say, as 499 (nginx's "client
+  // closed request"), so a client leaving never counts as the upstream failing (502).
+  client_closed: { status: 499, type: 'invalid_request_error' },
   internal_error: { status: 500, type: 'api_error' },
 } as const satisfies Record<ErrorCode, { status: number; type: ErrorType }>;
 
@@ -82,12 +87,18 @@ export interface GatewayErrorOptions {
   cause?: unknown;
   /** Extra fields rendered inside `error` (e.g. `resets_at` on budget_exceeded). */
   details?: Record<string, unknown>;
+  /**
+   * How long an upstream asked the gateway to wait (its retry-after). Never rendered: it is the
+   * gateway's to honour (a job's next try), not a wait the caller was asked for.
+   */
+  retryAfterMs?: number;
 }
 
 export class GatewayError extends Error {
   readonly param: string | null;
   readonly headers: Record<string, string> | undefined;
   readonly details: Record<string, unknown> | undefined;
+  readonly retryAfterMs: number | undefined;
 
   constructor(
     readonly code: ErrorCode,
@@ -99,6 +110,7 @@ export class GatewayError extends Error {
     this.param = options.param ?? null;
     this.headers = options.headers;
     this.details = options.details;
+    this.retryAfterMs = options.retryAfterMs;
   }
 
   get status(): number {

@@ -27,3 +27,18 @@ describe('upstreamToGatewayError: 403 and 408', () => {
     expect(upstreamToGatewayError(failure, MODEL, { attempts: 2 })).toMatchObject({ status: 504, code: 'upstream_timeout' });
   });
 });
+
+describe("upstreamToGatewayError: the upstream's retry-after", () => {
+  it('stays on a mapped 429 (and 5xx) for the gateway to honour, and is never a header the caller is sent', () => {
+    const limited = upstreamToGatewayError(new UpstreamFailure('http', 'Rate limit exceeded', 429, 30_000), MODEL, { attempts: 2 });
+    expect(limited).toMatchObject({ status: 502, code: 'upstream_rate_limited', retryAfterMs: 30_000 });
+    // A 429 of the gateway's own would carry retry-after; the upstream's wait is not the caller's.
+    expect(limited.headers).toBeUndefined();
+    expect(JSON.stringify(limited.toEnvelope())).not.toContain('30000');
+    expect(upstreamToGatewayError(new UpstreamFailure('http', 'Service Unavailable', 503, 5_000), MODEL)).toMatchObject({
+      code: 'upstream_error',
+      retryAfterMs: 5_000,
+    });
+    expect(upstreamToGatewayError(new UpstreamFailure('http', 'Rate limit exceeded', 429), MODEL).retryAfterMs).toBeUndefined();
+  });
+});

@@ -63,19 +63,22 @@ export function upstreamToGatewayError(failure: UpstreamFailure, model: string, 
     case 'cut':
       return new GatewayError('upstream_error', `The ${where} stream broke off before it finished${tail}.`);
     case 'aborted':
-      return new GatewayError('upstream_error', 'The request was cancelled before the upstream answered.');
+      return new GatewayError('client_closed', 'The request was cancelled before the upstream answered.');
     case 'http':
       break;
   }
   const status = failure.status ?? 502;
+  // Kept on the errors another try may cure, for whoever tries later (a job's next try waits at
+  // least this long); never a response header: the upstream asked the gateway to wait, not the caller.
+  const wait = { retryAfterMs: failure.retryAfterMs };
   // OpenRouter answers 403 for input its moderation flagged: the caller's request, not our key. Its
   // message says why (the reasons), not what: the flagged text stays in the metadata, unrelayed.
   if (status === 403 && failure.flagged) return new GatewayError('content_flagged', `The ${where} flagged the input: ${printable(failure.message)}`);
   if (status === 401 || status === 403) return new GatewayError('upstream_auth', `The ${where} rejected the gateway's credentials.`);
   // Still a timeout after the retries (the upstream's own request timeout): 504, as ours would be.
-  if (status === 408) return new GatewayError('upstream_timeout', `The ${where} timed out answering${tail}.`);
+  if (status === 408) return new GatewayError('upstream_timeout', `The ${where} timed out answering${tail}.`, wait);
   if (status === 402) return new GatewayError('upstream_insufficient_credits', `The ${where} reports insufficient credits.`);
-  if (status === 429) return new GatewayError('upstream_rate_limited', `The ${where} is rate limiting the gateway; try again later${tail}.`);
+  if (status === 429) return new GatewayError('upstream_rate_limited', `The ${where} is rate limiting the gateway; try again later${tail}.`, wait);
   if (status === 404 || status === 410) {
     // Only the caller's own choice of model is the caller's mistake; a model the routing table
     // chose is the gateway's configuration problem.
@@ -86,7 +89,7 @@ export function upstreamToGatewayError(failure: UpstreamFailure, model: string, 
   if (status === 400 || status === 413 || status === 422) {
     return new GatewayError(status === 413 ? 'payload_too_large' : 'invalid_value', `The ${where} rejected the request: ${failure.message}`);
   }
-  return new GatewayError('upstream_error', `The ${where} failed with HTTP ${status}${tail}.`);
+  return new GatewayError('upstream_error', `The ${where} failed with HTTP ${status}${tail}.`, wait);
 }
 
 /** An upstream's text as one line of printable characters (it goes into our error message). */

@@ -198,6 +198,23 @@ describe('audit trail over HTTP (PGlite)', () => {
     expect((failure.details.attempts as Array<{ ok: boolean }>).every((a) => !a.ok)).toBe(true);
   });
 
+  it('records a JSON call the client left before the answer as client_closed (499), not as an upstream failure', async () => {
+    gw.stub.configure({ latencyMs: 2000 });
+    const requestId = `left-early-${Date.now()}`;
+    const leaving = new AbortController();
+    const pending = fetch(`${gw.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json', 'x-request-id': requestId },
+      body: JSON.stringify({ model: 'auto', messages: [{ role: 'user', content: `leaving ${requestId}` }] }),
+      signal: leaving.signal,
+    });
+    await pollUntil(() => expect(gw.stub.hits).toBe(1));
+    leaving.abort();
+    await expect(pending).rejects.toThrow();
+    const left = await eventually(gw, { action: 'completion' }, (e) => e.request_id === requestId);
+    expect(left).toMatchObject({ status: 499, details: { outcome: 'client_closed' } });
+  });
+
   it('records every refused /v1 request once: bad key, bad body, too large, over budget, over the rate limit', async () => {
     const bob = await gw.tenants.create();
     secrets.push(bob.key);
@@ -365,8 +382,8 @@ describe('audit on a graceful stop (PostgreSQL)', () => {
       // the second one (onApplicationShutdown) must still run before the database closes.
       const audit = gw.gateway.app.get(AuditService);
       const firstFlush = audit.beforeApplicationShutdown.bind(audit);
-      audit.beforeApplicationShutdown = async () => {
-        await firstFlush();
+      audit.beforeApplicationShutdown = () => {
+        firstFlush();
         audit.record({ action: 'late', status: 200, details: {} });
       };
       await gw.close();
