@@ -151,14 +151,4 @@ describe('BudgetLeases', () => {
     books.settle(late, 10n, 3n);
     expect(released).toEqual([late]);
   });
-
-  it('releases no row for an unlimited grant (nothing was held)', async () => {
-    const { books, released } = leases();
-    const lease = books.granted(undefined, 'u', 'd', undefined, 10n);
-    expect(await books.drawOrAsk('u', 'd', 10n ** 15n, noLease)).toBe(lease);
-    books.close();
-    books.settle(lease, 10n, 0n);
-    books.settle(lease, 10n ** 15n, 0n);
-    expect(released).toEqual([]);
-  });
 });

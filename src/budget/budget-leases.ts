@@ -22,7 +22,10 @@ import type { Nanos } from '../../libs/money/src/index.js';
  *
  * Near the limit there are no leases: a lease of many worst cases does not fit, and that pair
  * reserves exactly, one statement per request, for the rest of the lease period. A pair with no
- * budget on either scope gets an "unlimited" grant instead (nothing held, no row).
+ * budget on either scope gets the same bounded lease with its row: a budget created while the
+ * lease lives starts by holding what the row holds, so the lease's draws, in flight or still to
+ * come on another instance, cannot spend it past what it counts. (An "unlimited" grant without a
+ * row was invisible to a new budget, which was then charged for its draws on top of its limit.)
  *
  * What it changes for operators (src/budget/README.md): a budget set or lowered takes effect on
  * another instance within BUDGET_LEASE_MS; an idle lease of one user can refuse a request of
@@ -38,18 +41,18 @@ export class Lease {
   released = false;
 
   constructor(
-    /** Its budget_reservations row; undefined for an unlimited grant (no scope has a budget). */
-    readonly id: string | undefined,
+    /** Its budget_reservations row. */
+    readonly id: string,
     readonly userId: string,
     readonly departmentId: string,
-    /** What the row holds on each scope that has a budget; undefined = unlimited. */
-    readonly size: Nanos | undefined,
+    /** What the row holds on each scope (counted by the scope's budget, when it has one). */
+    readonly size: Nanos,
     readonly expiresAt: number,
   ) {}
 
   fits(amount: Nanos, now: number): boolean {
     if (this.retired || now >= this.expiresAt) return false;
-    return this.size === undefined || this.charged + this.outstanding + amount <= this.size;
+    return this.charged + this.outstanding + amount <= this.size;
   }
 }
 
@@ -133,8 +136,8 @@ export class BudgetLeases {
     return asked;
   }
 
-  /** The database granted a lease (`size` undefined: no budget on either scope); the asking request draws `amount` from it. */
-  granted(id: string | undefined, userId: string, departmentId: string, size: Nanos | undefined, amount: Nanos): Lease {
+  /** The database granted a lease of `size`; the asking request draws `amount` from it. */
+  granted(id: string, userId: string, departmentId: string, size: Nanos, amount: Nanos): Lease {
     const key = pairKey(userId, departmentId);
     const lease = new Lease(id, userId, departmentId, size, this.now() + this.leaseMs);
     lease.draws = 1;
@@ -180,7 +183,7 @@ export class BudgetLeases {
     const now = this.now();
     let released = false;
     for (const lease of [...this.current.values()]) {
-      if (lease.id === undefined || (lease.userId !== userId && lease.departmentId !== departmentId)) continue;
+      if (lease.userId !== userId && lease.departmentId !== departmentId) continue;
       if (lease.draws > 0 && now < lease.expiresAt) continue;
       if (this.retire(lease)) released = true;
     }
@@ -201,14 +204,14 @@ export class BudgetLeases {
     if (this.releaseIfIdle(lease)) return true;
     // No draw can be added to a retired lease: beyond what its draws in flight hold and what
     // finished ones were charged (shrunk off the row by their own flush), nothing is needed.
-    const unused = first && lease.id !== undefined && lease.size !== undefined ? lease.size - lease.charged - lease.outstanding : 0n;
+    const unused = first ? lease.size - lease.charged - lease.outstanding : 0n;
     if (unused <= 0n) return false;
     this.release(lease, unused);
     return true;
   }
 
   private releaseIfIdle(lease: Lease): boolean {
-    if (lease.draws > 0 || lease.released || lease.id === undefined) return false;
+    if (lease.draws > 0 || lease.released) return false;
     lease.released = true;
     this.release(lease);
     return true;

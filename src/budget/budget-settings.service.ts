@@ -44,7 +44,11 @@ export class BudgetSettingsService {
     // A request of this scope may have taken a lease under the old limit while the flush above
     // ran: this instance applies the new budget from now on.
     this.budget.retireLeases();
-    return this.view(row);
+    // Read once more after this instance's retired leases are given back: a new budget starts
+    // holding every lease of its scope, and the answer should show what still holds money (calls
+    // in flight, other instances' leases), not headroom this instance has just returned.
+    // The change is made: a failed read only costs the answer its precision.
+    return (await this.find(scope, id).catch(() => null)) ?? this.view(row);
   }
 
   /** The budget row as set, or undefined when it was deleted before its period could change. */
@@ -61,13 +65,16 @@ export class BudgetSettingsService {
        RETURNING ${BUDGET_COLUMNS}`;
     const params = [scope, id, limitNanos.toString(), period, start.toISOString(), now.toISOString()];
     const exists = (await this.dataSource.query<unknown[]>('SELECT 1 FROM budgets WHERE scope = $1 AND scope_id = $2::uuid', [scope, id])).length > 0;
-    // A new row starts holding what reservations still hold on its scope (requests in flight,
-    // other instances' leases taken under a budget removed since): their settles and releases
-    // will take it off this row. No reservation may change between that sum and the new row
-    // becoming visible: a flush that shrank or released one without seeing the row would leave it
-    // counting money no longer held, for good. So the reservations table is locked for those few
-    // milliseconds (reserve and flush wait). Only for a new row, which no reservation statement can
-    // hold a lock on, so the two cannot deadlock; an existing row keeps its `reserved`.
+    // A new row starts holding what reservations still hold on its scope (requests in flight and
+    // every lease, taken with or without a budget: RESERVE_SQL records each with its worst case on
+    // both scopes): their settles and releases will take it off this row. No reservation may
+    // change between that sum and the new row becoming visible: a flush that shrank or released
+    // one without seeing the row would leave it counting money no longer held, for good, and a
+    // reserve that decided without seeing it would record a row it never counted. So the
+    // reservations table is locked for those few milliseconds (reserve and flush wait, and take
+    // their lock before they read the budgets). Only for a new row, which no reservation
+    // statement can hold a lock on, so the two cannot deadlock; an existing row keeps its
+    // `reserved`.
     const rows = exists
       ? await this.dataSource.query<BudgetRow[]>(upsert, params)
       : await this.dataSource.transaction(async (manager) => {

@@ -25,12 +25,19 @@ const currentStart = (day: string, week: string, month: string) =>
  * the reservation for the sweeper. Scopes without a budget row are unlimited. Returns one row per
  * budget (or one row with null scope when there is none), each with the verdict `ok`.
  *
- * The same rule is written a second time, item by item, in `gatehouse_reserve_batch` (migration
- * ReserveBatch1764400002200), which serves turns with several reservations: a change to the rule
- * must be made in both (test/integration/budget.int-spec.ts exercises both paths). The single
- * statement stays because it is what one connection sends: sending a batch of one through the
- * function cost +0.05–0.07 ms per reservation on this machine (pgbench, one client,
- * `synchronous_commit=off`: 0.18 vs 0.23–0.25 ms), on the latency that one connection adds.
+ * The row is recorded, holding the worst case on both scopes, also where a scope has no budget:
+ * a budget created while the call is in flight starts by holding it (BudgetSettingsService sums
+ * the rows of its scope), so the call's settle cannot charge it for a call it never counted. A
+ * statement takes its table locks before it reads, so a budget being created (which locks
+ * `budget_reservations` while it sums them) is either seen here or counts this row.
+ *
+ * The same rule is written a second time, item by item, in `gatehouse_reserve_batch` (migrations
+ * ReserveBatch1764400002200, ReserveRecordsEveryHold1764400002400), which serves turns with
+ * several reservations: a change to the rule must be made in both
+ * (test/integration/budget.int-spec.ts exercises both paths). The single statement stays
+ * because it is what one connection sends: sending a batch of one through the function cost
+ * +0.05–0.07 ms per reservation on this machine (pgbench, one client, `synchronous_commit=off`:
+ * 0.18 vs 0.23–0.25 ms), on the latency that one connection adds.
  *
  * $1 user_id, $2 department_id, $3 amount, $4 now, $5 day start, $6 week start, $7 month start,
  * $8 reservation id, $9 request id.
@@ -49,9 +56,7 @@ WITH locked AS MATERIALIZED (
          CASE WHEN period_start < current_start THEN 0::bigint ELSE spent_nanos END AS spent_nanos
     FROM locked
 ), verdict AS MATERIALIZED (
-  SELECT COALESCE(bool_and(spent_nanos + reserved_nanos + $3::bigint <= limit_nanos), true) AS ok,
-         COALESCE(bool_or(scope = 'user'), false) AS has_user,
-         COALESCE(bool_or(scope = 'department'), false) AS has_department
+  SELECT COALESCE(bool_and(spent_nanos + reserved_nanos + $3::bigint <= limit_nanos), true) AS ok
     FROM state
 ), held AS (
   UPDATE budgets b
@@ -64,12 +69,9 @@ WITH locked AS MATERIALIZED (
   RETURNING b.scope
 ), recorded AS (
   INSERT INTO budget_reservations (id, request_id, user_id, department_id, user_nanos, department_nanos, created_at)
-  SELECT $8::uuid, $9, $1::uuid, $2::uuid,
-         CASE WHEN v.has_user THEN $3::bigint ELSE 0 END,
-         CASE WHEN v.has_department THEN $3::bigint ELSE 0 END,
-         $4::timestamptz
+  SELECT $8::uuid, $9, $1::uuid, $2::uuid, $3::bigint, $3::bigint, $4::timestamptz
     FROM verdict v
-   WHERE v.ok AND (v.has_user OR v.has_department) AND $3::bigint > 0
+   WHERE v.ok AND $3::bigint > 0
   RETURNING id
 )
 SELECT v.ok, s.scope, s.limit_nanos, s.period, s.period_start, s.spent_nanos, s.reserved_nanos,
@@ -79,7 +81,8 @@ SELECT v.ok, s.scope, s.limit_nanos, s.period, s.period_start, s.spent_nanos, s.
 /**
  * Reserve for several requests at once (those that reached the budget stage in the same
  * event-loop turn): one round trip through `gatehouse_reserve_batch` (migration
- * ReserveBatch1764400002200), which applies RESERVE_SQL's rules item by item in array order.
+ * ReserveRecordsEveryHold1764400002400), which applies RESERVE_SQL's rules item by item in
+ * array order.
  * An admitted item yields one row (`ok`, `recorded`); a refused one a row per budget of its
  * scopes, as RESERVE_SQL returns them, for the refusal message.
  *

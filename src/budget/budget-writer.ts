@@ -85,6 +85,8 @@ export interface BudgetWriterStats {
 /** Beyond this many charges waiting (the database refusing writes for a long time) reservations are refused. */
 export const MAX_BUFFERED = 100_000;
 const MAX_BACKOFF_MS = 5000;
+/** How long the shutdown waits for the budget's pools to end (see onApplicationShutdown). */
+const POOL_CLOSE_WAIT_MS = 500;
 /** A count of hits is closed at this many (a new row opens), so its token sums stay far inside `integer`. */
 const MAX_HITS_PER_ROW = 10_000;
 const MAX_TOKENS_PER_ROW = 1_000_000_000;
@@ -112,6 +114,9 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
   /** Charges stay in its buffer until stored or set aside; it drains only what waited when the drain started. */
   private readonly writer: BatchWriter<PendingCharge>;
   private written = 0;
+  /** Set once the last flush at shutdown is over. */
+  private finished = false;
+  private lostLate = 0;
   /** Pending reservations per user / department id: a refused reservation flushes only when it can help. */
   private readonly pendingHolds = new Map<string, number>();
   /** A batch the database rejected for its content is retried in halves, down to one charge. */
@@ -164,12 +169,32 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
   async onApplicationShutdown(): Promise<void> {
     this.writer.stop();
     await this.drainForShutdown();
-    await this.database.close();
+    this.finished = true;
+    // A pool ends once its statements are over, and one the last flush gave up on (a database
+    // that does not answer) holds it until its query timeout, 35 s: every later shutdown hook, the
+    // audit's last flush among them, would wait that long, past the pod's grace period. The close
+    // goes on in the background; after a signal the process exits soon after (ShutdownService).
+    const closing = this.database.close().catch((error: unknown) => {
+      this.logger.warn({ err: errorMessage(error) }, 'closing the budget connections failed');
+    });
+    await Promise.race([closing, new Promise((resolve) => setTimeout(resolve, POOL_CLOSE_WAIT_MS).unref())]);
   }
 
   /** Buffers a settle or a cache hit. Never throws and never waits. */
   enqueue(charge: PendingCharge): void {
     if (charge.rows.length === 0 && !charge.release) return;
+    if (this.finished) {
+      // After the last flush nothing would store it (the pool is closing): lost, and said so, as
+      // the ones the last flush could not store are.
+      this.lostLate += 1;
+      this.writer.loud('late', () =>
+        this.logger.error(
+          { lost: this.lostLate, requestId: charge.rows[0]?.request_id, costUsd: formatUsd(charge.rows.reduce((sum, row) => sum + BigInt(row.cost_nanos), 0n)) },
+          'BUDGET CHARGES LOST: settled after the last flush at shutdown; its reservation stays held until the sweeper releases it',
+        ),
+      );
+      return;
+    }
     if (charge.release) this.countHold(charge.release, 1);
     this.writer.add(charge);
     if (!this.writer.started) {

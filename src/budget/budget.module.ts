@@ -11,9 +11,16 @@ import { Budget1764400002000 } from './migrations/1764400002000-budget.js';
 import { LedgerChargeId1764400002100 } from './migrations/1764400002100-ledger-charge-id.js';
 import { ReserveBatch1764400002200 } from './migrations/1764400002200-reserve-batch.js';
 import { LedgerCacheHits1764400002300 } from './migrations/1764400002300-ledger-cache-hits.js';
+import { ReserveRecordsEveryHold1764400002400 } from './migrations/1764400002400-reserve-records-every-hold.js';
 import { SpendService } from './spend.service.js';
 
-export const BUDGET_MIGRATIONS = [Budget1764400002000, LedgerChargeId1764400002100, ReserveBatch1764400002200, LedgerCacheHits1764400002300];
+export const BUDGET_MIGRATIONS = [
+  Budget1764400002000,
+  LedgerChargeId1764400002100,
+  ReserveBatch1764400002200,
+  LedgerCacheHits1764400002300,
+  ReserveRecordsEveryHold1764400002400,
+];
 
 @Module({
   imports: [IdentityModule, PricingModule],

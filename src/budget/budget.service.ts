@@ -15,9 +15,9 @@ import { BudgetDatabase, type BudgetStatement } from './budget-database.js';
 import { BudgetLeases, type Lease } from './budget-leases.js';
 import { RENEW_SQL, RESERVE_BATCH_SQL, RESERVE_SQL } from './budget-sql.js';
 import { BudgetWriter, type LedgerEntry, type PendingRelease } from './budget-writer.js';
-import type { BudgetedCall, BudgetedRoute, BudgetScope, ChargedAttempt, Reservation, SettleOptions } from './budget.types.js';
+import type { BudgetedCall, BudgetedRoute, BudgetRow, BudgetScope, ChargedAttempt, Reservation, SettleOptions } from './budget.types.js';
 import { estimatePromptTokens, producedTokens, reservedCompletionTokens } from './estimate.js';
-import { type BudgetPeriod, nextReset, periodStarts } from './periods.js';
+import { type BudgetPeriod, currentPeriodStart, nextReset, periodStarts } from './periods.js';
 
 interface ReserveRow {
   ok: boolean;
@@ -37,6 +37,11 @@ const MAX_INT = 2_147_483_647;
 const RESERVE: BudgetStatement = { name: 'gatehouse_budget_reserve', text: RESERVE_SQL };
 const RESERVE_BATCH: BudgetStatement = { name: 'gatehouse_budget_reserve_batch', text: RESERVE_BATCH_SQL };
 const RENEW: BudgetStatement = { name: 'gatehouse_budget_renew', text: RENEW_SQL };
+const BUDGETS_OF: BudgetStatement = {
+  name: 'gatehouse_budget_budgets_of',
+  text: `SELECT scope, scope_id, limit_nanos, period, period_start, spent_nanos, reserved_nanos FROM budgets
+          WHERE (scope = 'user' AND scope_id = $1::uuid) OR (scope = 'department' AND scope_id = $2::uuid)`,
+};
 
 /**
  * The longest this instance keeps a reservation alive (renewHeld). No call legitimately runs this
@@ -103,10 +108,9 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
       config.budget.leaseMs,
       config.budget.leaseRequests,
       (lease, nanos) => {
-        const id = lease.id as string;
         // The whole row goes: nothing of this instance holds it any more.
-        if (nanos === undefined) this.liveRows.delete(id);
-        this.release([{ id, userId: lease.userId, departmentId: lease.departmentId, nanos }]);
+        if (nanos === undefined) this.liveRows.delete(lease.id);
+        this.release([{ id: lease.id, userId: lease.userId, departmentId: lease.departmentId, nanos }]);
       },
       () => this.clock.now().getTime(),
     );
@@ -150,7 +154,7 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
    * The most a call can cost: the prompt estimate at the prompt price plus the completion cap
    * (× `n`) at the completion price, for the most expensive model the chain may fall back to.
    */
-  worstCase(call: BudgetedCall, route: BudgetedRoute): { amountNanos: Nanos; promptTokens: number } {
+  worstCase(call: BudgetedCall, route: BudgetedRoute): { amountNanos: Nanos; promptTokens: number; completionTokens: number } {
     const promptTokens = estimatePromptTokens(call.body);
     const completionTokens = reservedCompletionTokens(call.body, route.maxTokens);
     let amountNanos = 0n;
@@ -159,7 +163,7 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
       const cost = tokensCost(promptTokens, price.prompt) + tokensCost(completionTokens, price.completion);
       if (cost > amountNanos) amountNanos = cost;
     }
-    return { amountNanos, promptTokens };
+    return { amountNanos, promptTokens, completionTokens };
   }
 
   /**
@@ -172,11 +176,20 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
    * worst case, which must not refuse a caller whose own earlier requests are long done.
    */
   async reserve(call: BudgetedCall, route: BudgetedRoute, cache: string | null = null): Promise<Reservation> {
-    const { amountNanos, promptTokens } = this.worstCase(call, route);
+    const { amountNanos, promptTokens, completionTokens } = this.worstCase(call, route);
     const { principal } = call;
     const { userId, departmentId } = principal;
     this.writer.assertAccepting();
-    const reservation = { requestId: call.requestId, principal, door: call.door, taskType: route.ruleTaskType, cache, amountNanos, promptTokens };
+    const reservation = {
+      requestId: call.requestId,
+      principal,
+      door: call.door,
+      taskType: route.ruleTaskType,
+      cache,
+      amountNanos,
+      promptTokens,
+      completionTokens,
+    };
     if (amountNanos > 0n) {
       const lease = await this.leases.drawOrAsk(userId, departmentId, amountNanos, () => this.askLease(userId, departmentId, amountNanos));
       if (lease) {
@@ -203,6 +216,43 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
   }
 
   /**
+   * Read-only, for a call that runs later (an async submit): the 402 `reserve` would answer when
+   * what a budget has left after this period's spend cannot cover the call's worst case. Holds
+   * are not counted: calls in flight and leases give theirs back within seconds, before a queued
+   * job runs, and its try then reserves as any call does. Reserves and charges nothing.
+   */
+  async assertAffordable(call: BudgetedCall, route: BudgetedRoute): Promise<void> {
+    const { amountNanos } = this.worstCase(call, route);
+    const { userId, departmentId } = call.principal;
+    // The caller's calls this instance just answered are spent, only not stored yet.
+    if (this.writer.holdsPendingFor(userId, departmentId)) await this.writer.flush();
+    let budgets: BudgetRow[];
+    try {
+      budgets = await this.database.hold<BudgetRow>(BUDGETS_OF, [userId, departmentId]);
+    } catch (cause) {
+      throw new GatewayError('unavailable', 'Budgets cannot be checked right now.', { cause });
+    }
+    const starts = periodStarts(this.clock.now());
+    const rows = budgets.map((b): ReserveRow => {
+      const stored = new Date(b.period_start);
+      const start = currentPeriodStart(b.period, starts, stored);
+      // A period that has ended rolls over at the next reserve: nothing is spent in the new one yet.
+      const spent = start.getTime() > stored.getTime() ? '0' : b.spent_nanos;
+      return {
+        ok: false,
+        scope: b.scope,
+        limit_nanos: b.limit_nanos,
+        period: b.period,
+        period_start: start,
+        spent_nanos: spent,
+        reserved_nanos: '0',
+        recorded: 0,
+      };
+    });
+    if (rows.some((r) => BigInt(r.spent_nanos ?? 0) + amountNanos > BigInt(r.limit_nanos ?? 0))) throw refusal(rows, amountNanos);
+  }
+
+  /**
    * Asks for a lease of `BUDGET_LEASE_REQUESTS` worst cases for this pair; the asking request
    * draws from what it gets. A refusal is not an error here: the request then reserves exactly.
    * A database that cannot be asked is (503), for this request and for those that waited on it.
@@ -219,15 +269,15 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
       throw error;
     }
     const first = rows[0];
-    this.metrics?.budgetHold('lease_request', first?.ok ? 'granted' : 'refused');
-    if (!first?.ok) {
+    // A lease is only as good as its row: the row is what a budget created meanwhile counts.
+    const granted = first?.ok === true && Number(first.recorded) > 0;
+    this.metrics?.budgetHold('lease_request', granted ? 'granted' : 'refused');
+    if (!granted) {
       this.leases.refused(userId, departmentId);
       return undefined;
     }
-    // Granted without a row: neither scope has a budget, any amount fits until the lease ends.
-    const holds = Number(first.recorded) > 0;
-    if (holds) this.liveRows.set(id, this.clock.nowMs());
-    return this.leases.granted(holds ? id : undefined, userId, departmentId, holds ? size : undefined, amountNanos);
+    this.liveRows.set(id, this.clock.nowMs());
+    return this.leases.granted(id, userId, departmentId, size, amountNanos);
   }
 
   /**
@@ -244,7 +294,7 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
     const createdAt = isoTime(this.clock.nowMs());
     let total = 0n;
     const rows = attempts.map((attempt, index): LedgerEntry => {
-      const charge = this.charge(attempt, index === attempts.length - 1 ? options.producedChars : undefined, reservation);
+      const charge = this.charge(attempt, index === attempts.length - 1 ? options.producedChars : undefined, reservation, total);
       total += BigInt(charge.cost_nanos);
       return {
         ...charge,
@@ -437,7 +487,8 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
     for (const release of releases) this.writer.enqueue({ release, rows: [] });
   }
 
-  private charge(attempt: ChargedAttempt, producedChars: number | undefined, reservation: Reservation): AttemptCharge {
+  /** `charged`: what the call's earlier attempts cost, which an estimate must leave room for. */
+  private charge(attempt: ChargedAttempt, producedChars: number | undefined, reservation: Reservation, charged: Nanos): AttemptCharge {
     const price = this.pricing.priceOf(attempt.model);
     const base = { model: attempt.model, status: attempt.status ?? null, outcome: attempt.ok ? 'ok' : (attempt.failure ?? 'failed') };
     // Read once more: an attempt's usage is only as sound as whoever filled it in, and a settle runs
@@ -456,15 +507,21 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
     }
     if (producedChars !== undefined) {
       // Output reached the client but the upstream never said what it cost (a cut stream):
-      // charge the prompt estimate plus what was produced, at this model's price.
+      // charge the prompt estimate plus what was produced, at this model's price. Characters ÷ 3
+      // is deliberately high (English runs ~4 per token), so a call cut near its cap came out
+      // above the cap the upstream was sent, and above its reservation: one such stream spent a
+      // budget 55% past its limit (test/integration/budget.int-spec.ts, cut streams). The upstream cannot produce more than the
+      // cap, and a guess must not charge more than the worst case the call was admitted for (a
+      // price raised since the reservation included).
       const prompt = reservation.promptTokens;
-      const completion = producedTokens(producedChars);
-      const cost = costOf({ prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }, price);
+      const completion = Math.min(producedTokens(producedChars), reservation.completionTokens);
+      const cost = costOf({ prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }, price).nanos;
+      const room = reservation.amountNanos > charged ? reservation.amountNanos - charged : 0n;
       return {
         ...base,
         prompt_tokens: tokenCount(prompt),
         completion_tokens: tokenCount(completion),
-        cost_nanos: cost.nanos.toString(),
+        cost_nanos: (cost < room ? cost : room).toString(),
         cost_source: 'estimate',
       };
     }

@@ -30,11 +30,13 @@ export interface Reservation {
   readonly door: string;
   readonly taskType: string;
   readonly cache: string | null;
-  /** Worst case reserved on each scope that has a budget (0 when neither has one). */
+  /** The worst case, held on each scope that has a budget (and recorded for one created meanwhile). */
   readonly amountNanos: Nanos;
   /** The prompt estimate, reused to charge a stream cut before the upstream reported usage. */
   readonly promptTokens: number;
-  /** false when no budget row was touched (no scope has a budget, a free call, a draw on a lease): settle then has nothing to release. */
+  /** The completion tokens reserved for (the cap sent upstream × `n`): the most an estimate charges. */
+  readonly completionTokens: number;
+  /** false when no reservation row was recorded (a free call, a draw on a lease): settle then has nothing to release. */
   readonly held?: boolean;
   /** Set when the worst case was drawn from this instance's lease instead of reserved in the database. */
   readonly lease?: Lease;

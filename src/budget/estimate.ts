@@ -31,7 +31,10 @@ export function reservedCompletionTokens(body: ChatCompletionRequest, maxTokens:
   return maxTokens * n;
 }
 
-/** Tokens for text an upstream produced but never counted (a cut stream), on the same high side. */
+/**
+ * Tokens for text an upstream produced but never counted (a cut stream), on the same high side:
+ * above the real count, so the caller charges at most the completion tokens it reserved for.
+ */
 export function producedTokens(chars: number): number {
   return Math.ceil(Math.max(0, chars) / BYTES_PER_TOKEN);
 }

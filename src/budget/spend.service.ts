@@ -87,8 +87,10 @@ export class SpendService {
     });
     return {
       object: 'gateway.usage',
-      user: user && budgetViewJson('user', user.id, user),
-      department: department && budgetViewJson('department', department.id, department),
+      // A scope without a budget is unlimited, said as the admin GET says it: a client reading
+      // `department.limit_usd` must not find `department` null (API.md: a budget view).
+      user: budgetViewJson('user', principal.userId, user),
+      department: budgetViewJson('department', principal.departmentId, department),
       from: from.toISOString(),
       to: to?.toISOString() ?? null,
       spend,

@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { formatUsd } from '../../libs/money/src/index.js';
+import { BudgetService } from '../../src/budget/budget.service.js';
 import { ApiClient, pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
 import { BODY, costHeader, dataSourceOf, flushBudgets, FRESH, heldRows, ledgerSum, MAX_TOKENS, MODEL, REQUEST, storedBudget, worstCaseNanos } from './budget-support.js';
 
@@ -111,6 +112,32 @@ describe('budgets across two instances sharing one PostgreSQL', () => {
     const user = await storedBudget(first, 'user', t.userId, { flush: false });
     expect(user.reserved).toBe(0n);
     expect(await heldRows(first, t.userId)).toEqual([]);
+  });
+
+  it("counts another instance's call in flight, and its lease, in a budget created for a scope that had none", async () => {
+    const worst = worstCaseNanos(first, BODY, [MODEL], MAX_TOKENS);
+    const t = await first.tenants.create();
+    const elsewhere = second.gateway.app.get(BudgetService);
+    const principal = { keyId: t.keyId, keyPrefix: 'k', userId: t.userId, departmentId: t.departmentId, role: 'user' as const, cacheScope: 'user' as const, expiresAt: undefined };
+    const route = { models: [MODEL], maxTokens: MAX_TOKENS, ruleTaskType: 'general' };
+    const call = await elsewhere.reserve({ principal, requestId: 'in-flight-elsewhere', door: 'chat', body: BODY }, route);
+    const [lease] = await heldRows(first, t.userId);
+    expect(lease?.request_id).toBe('budget-lease');
+
+    // The second instance's lease may serve the user until it expires: the new budget holds all
+    // of it, so it admits nothing on top until that lease is given back.
+    const put = await first.admin.put<{ reserved_usd: number }>(`/admin/budgets/users/${t.userId}`, { limit_usd: formatUsd(worst * 2n), period: 'total' });
+    expect(put.body.reserved_usd).toBe(Number(formatUsd(BigInt(lease?.user_nanos ?? -1))));
+    expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(402);
+
+    const usage = { prompt_tokens: 10, completion_tokens: MAX_TOKENS, total_tokens: 10 + MAX_TOKENS, cost: Number(formatUsd(worst - 1000n)) };
+    elsewhere.settle(call, [{ model: MODEL, ok: true, status: 200, failure: undefined, usage }]);
+    await flushBudgets(second);
+    const user = await storedBudget(first, 'user', t.userId);
+    expect(user.reserved).toBe(0n);
+    expect(user.spent).toBe(worst - 1000n);
+    expect(user.spent).toBe(await ledgerSum(first, 'user', t.userId, user.periodStart));
+    expect((await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
   });
 
   it('gives its leases back when it shuts down', async () => {

@@ -70,4 +70,18 @@ describe.each(DB_KINDS)('requests in the usage reports on %s', (db) => {
     const spend = await gw.admin.get<{ data: Array<SpendLine & { user_id: string }> }>('/admin/spend?group_by=user');
     expect(spend.body.data.find((line) => line.user_id === t.userId)).toMatchObject({ requests, attempts });
   });
+
+  it('shows a budget view for the user and the department, an unlimited scope included, as the admin API shows it', async () => {
+    const t = await gw.tenants.create({ userBudgetUsd: 1, period: 'daily' });
+    const unbudgeted = await gw.tenants.create();
+    for (const caller of [t, unbudgeted]) {
+      expect((await caller.api.post('/v1/chat/completions', REQUEST, FRESH)).status).toBe(200);
+      const usage = await caller.api.get<{ user: unknown; department: unknown }>('/v1/usage');
+      expect(usage.status).toBe(200);
+      expect(usage.body.user).toEqual((await gw.admin.get(`/admin/budgets/users/${caller.userId}`)).body);
+      expect(usage.body.department).toEqual((await gw.admin.get(`/admin/budgets/departments/${caller.departmentId}`)).body);
+    }
+    const usage = await unbudgeted.api.get<{ department: unknown }>('/v1/usage');
+    expect(usage.body.department).toMatchObject({ scope: 'department', id: unbudgeted.departmentId, limit_usd: null, remaining_usd: null });
+  });
 });

@@ -6,7 +6,7 @@ import { BudgetService } from '../../src/budget/budget.service.js';
 import { PricingService } from '../../src/upstream/pricing/pricing.service.js';
 import { DB_KINDS } from '../support/databases.js';
 import { startTestGateway, type TestGateway } from '../support/gateway.js';
-import { costHeader, FRESH, heldRows, ledgerRows, ledgerSum, MAX_TOKENS, MODEL, storedBudget } from './budget-support.js';
+import { costHeader, FRESH, heldRows, ledgerRows, ledgerSum, MAX_TOKENS, MODEL, storedBudget, worstCaseNanos } from './budget-support.js';
 
 // An upstream whose `usage` the gateway cannot take as it is: the call was answered, so it must
 // be answered and charged, never a 500 with nothing recorded and its hold left behind.
@@ -18,6 +18,9 @@ const USAGES: Record<string, string> = {
   infinite: '{"prompt_tokens":1e400,"completion_tokens":2}',
 };
 const CONTENT = 'hello there';
+/** The prompt for which the upstream ignores its cap: far more text than MAX_TOKENS, and no usage. */
+const VERBOSE = 'verbose';
+const VERBOSE_CONTENT = 'lorem ipsum dolor sit amet '.repeat(100);
 
 function startOddUpstream(): Promise<{ url: string; close(): Promise<void> }> {
   const server = http.createServer((req, res) => {
@@ -29,11 +32,15 @@ function startOddUpstream(): Promise<{ url: string; close(): Promise<void> }> {
         return;
       }
       const body = JSON.parse(text) as { stream?: boolean; messages: Array<{ content: string }> };
-      const usage = USAGES[body.messages[0]?.content ?? ''] ?? 'null';
+      const prompt = body.messages[0]?.content ?? '';
+      const usage = USAGES[prompt] ?? 'null';
+      const content = prompt === VERBOSE ? VERBOSE_CONTENT : CONTENT;
       const head = `"id":"odd","created":1,"model":"${MODEL}"`;
       if (body.stream) {
         res.writeHead(200, { 'content-type': 'text/event-stream' });
-        res.write(`data: {${head},"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":"${CONTENT}"},"finish_reason":null}]}\n\n`);
+        res.write(
+          `data: {${head},"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":"${content}"},"finish_reason":null}]}\n\n`,
+        );
         res.write(`data: {${head},"object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n`);
         res.write(`data: {${head},"object":"chat.completion.chunk","choices":[],"usage":${usage}}\n\n`);
         res.end('data: [DONE]\n\n');
@@ -41,7 +48,7 @@ function startOddUpstream(): Promise<{ url: string; close(): Promise<void> }> {
       }
       res.writeHead(200, { 'content-type': 'application/json' });
       res.end(
-        `{${head},"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"${CONTENT}"},"finish_reason":"stop"}],"usage":${usage}}`,
+        `{${head},"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"${content}"},"finish_reason":"stop"}],"usage":${usage}}`,
       );
     });
   });
@@ -107,6 +114,39 @@ describe.each(DB_KINDS)('usage the gateway cannot take as it is, on %s', (db) =>
     const usage = { prompt_tokens: 10.5, completion_tokens: -3, total_tokens: 7.5 };
     const cost = budget.settle(reservation, [{ model: MODEL, ok: true, status: 200, failure: undefined, usage }], { producedChars: CONTENT.length });
     expect(cost).toBeGreaterThan(0n);
+    const rows = await ledgerRows(gw, 'user', t.userId);
+    expect(rows.map((r) => [r.cost_source, r.cost_nanos])).toEqual([['estimate', cost.toString()]]);
+    const user = await storedBudget(gw, 'user', t.userId);
+    expect([user.spent, user.reserved]).toEqual([cost, 0n]);
+  });
+
+  it.each([false, true])('charges an answer without usage at most its cap, however much text it carries (stream: %s)', async (stream) => {
+    // Characters ÷ 3 would be ~900 tokens; the upstream was sent a cap of MAX_TOKENS.
+    const worst = worstCaseNanos(gw, { messages: [{ role: 'user', content: VERBOSE }] }, [MODEL], MAX_TOKENS);
+    const row = await call(VERBOSE, stream);
+    expect(row).toMatchObject({ cost_source: 'estimate', completion_tokens: MAX_TOKENS, outcome: 'ok' });
+    expect(BigInt(row?.cost_nanos ?? -1)).toBeLessThanOrEqual(worst);
+  });
+
+  it('charges an estimate no more than the worst case reserved, also after the price rose during the call', async () => {
+    const model = `test/raised-${Date.now()}`;
+    const t = await gw.tenants.create({ userBudgetUsd: 1 });
+    const budget = gw.gateway.app.get(BudgetService);
+    const principal = {
+      keyId: t.keyId,
+      keyPrefix: 'test',
+      userId: t.userId,
+      departmentId: t.departmentId,
+      role: 'user' as const,
+      cacheScope: 'user' as const,
+      expiresAt: undefined,
+    };
+    const route = { models: [model], maxTokens: MAX_TOKENS, ruleTaskType: 'general' };
+    const reservation = await budget.reserve({ principal, requestId: 'price-raised', door: 'chat', body: { messages: [{ role: 'user', content: 'hi' }] } }, route);
+    expect((await gw.admin.put(`/admin/pricing/${model}`, { prompt: '0.01', completion: '0.01' })).status).toBe(200);
+    const cut = { model, ok: false, status: 200, failure: 'upstream_cut', usage: undefined };
+    const cost = budget.settle(reservation, [cut], { producedChars: 30 });
+    expect(cost).toBe(reservation.amountNanos);
     const rows = await ledgerRows(gw, 'user', t.userId);
     expect(rows.map((r) => [r.cost_source, r.cost_nanos])).toEqual([['estimate', cost.toString()]]);
     const user = await storedBudget(gw, 'user', t.userId);

@@ -258,6 +258,30 @@ describe.each(DB_KINDS)('budgets on %s', (db) => {
     expect(budget.spent).toBe(BigInt(row?.cost_nanos ?? -1));
   });
 
+  it('charges a stream cut before its usage at most what it was allowed to produce: its budget is not overspent', async () => {
+    // Every token the cap allows is sent, in long words (chars ÷ 3 would count ~14 tokens a word),
+    // then the stream is cut before the usage chunk. The budget covers exactly this one call.
+    const body = { ...REQUEST, stream: true, messages: [{ role: 'user', content: 'write a long story' }] };
+    const limit = worstCaseNanos(gw, body, [MODEL], MAX_TOKENS);
+    const t = await gw.tenants.create({ userBudgetUsd: formatUsd(limit), period: 'total' });
+    gw.stub.configure({ completionTokens: MAX_TOKENS, wordBytes: 40, cutAfterChunks: MAX_TOKENS + 1 });
+    const res = await fetch(`${gw.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${t.key}`, 'content-type': 'application/json', ...FRESH },
+      body: JSON.stringify(body),
+    });
+    expect(res.status).toBe(200);
+    expect((await res.text()).length).toBeGreaterThan(MAX_TOKENS * 40);
+
+    const [row] = await ledgerRows(gw, 'user', t.userId);
+    expect(row).toMatchObject({ cost_source: 'estimate', completion_tokens: MAX_TOKENS });
+    expect(BigInt(row?.cost_nanos ?? -1)).toBeLessThanOrEqual(limit);
+    const view = await gw.admin.get<{ limit_usd: number; spent_usd: number; reserved_usd: number }>(`/admin/budgets/users/${t.userId}`);
+    expect(view.body.reserved_usd).toBe(0);
+    expect(view.body.spent_usd).toBeLessThanOrEqual(view.body.limit_usd);
+    expect(view.body.spent_usd).toBe(Number(formatUsd(BigInt(row?.cost_nanos ?? -1))));
+  });
+
   it('charges a complete stream at the cost the upstream reported in its final chunk', async () => {
     const t = await gw.tenants.create({ userBudgetUsd: 1, period: 'daily' });
     const res = await fetch(`${gw.url}/v1/chat/completions`, {
