@@ -147,6 +147,8 @@ export abstract class AppConfig {
      * Empty = any public host; otherwise only these (a listed private host or range included).
      */
     readonly callbackAllowedHosts: readonly string[];
+    /** Finished jobs (not dead-lettered) are deleted this long after they finished; 0 = kept for ever. */
+    readonly retentionHours: number;
   };
 }
 
@@ -247,6 +249,10 @@ export const CONFIG_VARIABLES = {
   JOBS_CALLBACK_ALLOWED_HOSTS: {
     sensitive: false,
     help: 'comma-separated hosts, *.suffixes and IP CIDRs callback_url may reach (only these); unset = any public host, never private/loopback/link-local',
+  },
+  JOBS_RETENTION_HOURS: {
+    sensitive: false,
+    help: 'hours a finished job (result, error, request body) is kept before it is deleted; 0 = for ever, else at least 24 (default 720)',
   },
 } as const;
 
@@ -351,6 +357,11 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
   if (jobsCallbackSecret !== undefined && jobsCallbackSecret.length < 16) problems.push('JOBS_CALLBACK_SECRET must be at least 16 characters');
   const callbackHosts = parseAllowedHosts(str('JOBS_CALLBACK_ALLOWED_HOSTS'));
   problems.push(...callbackHosts.problems.map((problem) => `JOBS_CALLBACK_ALLOWED_HOSTS: ${problem}`));
+  const jobsRetentionHours = int('JOBS_RETENTION_HOURS', 720, 0, 876_000);
+  // A job deleted sooner would free its idempotency-key inside the 24 h a repeat is promised the same job.
+  if (jobsRetentionHours > 0 && jobsRetentionHours < 24) {
+    problems.push(`JOBS_RETENTION_HOURS must be 0 (keep jobs for ever) or at least 24, got "${jobsRetentionHours}"`);
+  }
   const adminApiKey = str('ADMIN_API_KEY');
   if (adminApiKey !== undefined && adminApiKey.length < 16) problems.push('ADMIN_API_KEY must be at least 16 characters');
   const metricsToken = str('METRICS_TOKEN');
@@ -439,6 +450,7 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
       backoffMaxMs: int('JOBS_BACKOFF_MAX_MS', 60_000, 1, 86_400_000),
       callbackSecret: jobsCallbackSecret,
       callbackAllowedHosts: callbackHosts.entries,
+      retentionHours: jobsRetentionHours,
     },
   };
   // A reservation swept while its request may still be running would let that budget overspend.

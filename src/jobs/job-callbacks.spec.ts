@@ -1,16 +1,33 @@
+import { createHmac, timingSafeEqual } from 'node:crypto';
 import type { LookupAddress } from 'node:dns';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Logger } from 'pino';
 import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import type { AppConfig } from '../config/config.js';
+import { ManualClock } from '../core/clock.js';
 import type { AppLogger } from '../core/logger.js';
 import { CallbackPolicy, type Resolver } from './callback-policy.js';
-import { JobCallbacks, SIGNATURE_HEADER } from './job-callbacks.js';
+import { JobCallbacks, SIGNATURE_HEADER, TIMESTAMP_HEADER } from './job-callbacks.js';
 import type { JobRecord } from './job.types.js';
 
 const SECRET = 'unit-callback-secret-0123456789';
 const config = { jobs: { callbackSecret: SECRET } } as unknown as AppConfig;
+const NOW = '2026-03-01T10:00:00Z';
+const NOW_SECONDS = Date.parse(NOW) / 1000;
+
+/**
+ * What a receiver does (the verification docs/operations.md gives): the HMAC of "<t>.<raw body>"
+ * compared in constant time, and a `t` within 5 minutes of its own clock.
+ */
+function receiverAccepts(secret: string, header: string, rawBody: string, nowSeconds: number): boolean {
+  const parts = Object.fromEntries(header.split(',').map((part) => part.split('=', 2) as [string, string]));
+  const t = Number(parts.t);
+  if (!Number.isInteger(t) || Math.abs(nowSeconds - t) > 300 || !parts.v1) return false;
+  const expected = createHmac('sha256', secret).update(`${t}.${rawBody}`).digest();
+  const given = Buffer.from(parts.v1, 'hex');
+  return given.length === expected.length && timingSafeEqual(given, expected);
+}
 
 function finishedJob(callbackUrl: string): JobRecord {
   const at = new Date('2026-01-01T00:00:00Z');
@@ -48,7 +65,13 @@ function finishedJob(callbackUrl: string): JobRecord {
 describe('callback delivery through the callback policy', () => {
   let server: Server;
   let port: number;
-  const received: Array<{ url: string; signature: string | string[] | undefined }> = [];
+  const received: Array<{
+    url: string;
+    signature: string | string[] | undefined;
+    timestamp: string | string[] | undefined;
+    jobId: string | string[] | undefined;
+    body: string;
+  }> = [];
   const lookups: string[] = [];
   const resolver: Resolver = (hostname, _options, callback) => {
     lookups.push(hostname);
@@ -61,9 +84,19 @@ describe('callback delivery through the callback policy', () => {
 
   beforeAll(async () => {
     server = createServer((req, res) => {
-      received.push({ url: req.url ?? '', signature: req.headers[SIGNATURE_HEADER] });
-      req.resume();
-      req.on('end', () => res.writeHead(204).end());
+      let body = '';
+      req.on('data', (chunk: Buffer) => (body += chunk.toString()));
+      req.on('end', () => {
+        const { headers } = req;
+        received.push({
+          url: req.url ?? '',
+          signature: headers[SIGNATURE_HEADER],
+          timestamp: headers[TIMESTAMP_HEADER],
+          jobId: headers['x-gatehouse-job-id'],
+          body,
+        });
+        res.writeHead(204).end();
+      });
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     port = (server.address() as AddressInfo).port;
@@ -78,7 +111,7 @@ describe('callback delivery through the callback policy', () => {
   });
 
   async function deliver(allowedHosts: string[], url: string): Promise<void> {
-    const callbacks = new JobCallbacks(config, appLogger, new CallbackPolicy(allowedHosts, resolver));
+    const callbacks = new JobCallbacks(config, appLogger, new CallbackPolicy(allowedHosts, resolver), new ManualClock(Date.parse(NOW)));
     try {
       callbacks.notify(finishedJob(url));
       await callbacks.drain();
@@ -121,7 +154,24 @@ describe('callback delivery through the callback policy', () => {
     await deliver(['*.example.test', '127.0.0.0/8'], `http://rebind.example.test:${port}/by-range`);
     await deliver(['127.0.0.1/32'], `http://127.0.0.1:${port}/literal`);
     expect(received.map((r) => r.url)).toEqual(['/by-name', '/by-range', '/literal']);
-    for (const r of received) expect(r.signature).toMatch(/^sha256=[0-9a-f]{64}$/);
+    for (const r of received) expect(r.signature).toMatch(/^t=\d+,v1=[0-9a-f]{64}$/);
     expect(warn).not.toHaveBeenCalled();
+  });
+
+  it('signs the delivery time with the body: a receiver verifies it now, and refuses the same delivery replayed later or re-dated', async () => {
+    await deliver(['127.0.0.1/32'], `http://127.0.0.1:${port}/signed`);
+    const [delivery] = received;
+    const signature = String(delivery?.signature);
+    const body = delivery?.body ?? '';
+    expect(signature).toMatch(new RegExp(`^t=${NOW_SECONDS},v1=[0-9a-f]{64}$`));
+    expect(delivery).toMatchObject({ timestamp: String(NOW_SECONDS), jobId: '00000000-0000-4000-8000-000000000001' });
+    expect(JSON.parse(body)).toMatchObject({ id: '00000000-0000-4000-8000-000000000001', status: 'completed' });
+    expect(receiverAccepts(SECRET, signature, body, NOW_SECONDS + 10)).toBe(true);
+    // Captured and replayed an hour later: refused.
+    expect(receiverAccepts(SECRET, signature, body, NOW_SECONDS + 3600)).toBe(false);
+    // Re-dated to pass the tolerance: the time is under the HMAC, so the signature no longer matches.
+    expect(receiverAccepts(SECRET, signature.replace(`t=${NOW_SECONDS}`, `t=${NOW_SECONDS + 3600}`), body, NOW_SECONDS + 3600)).toBe(false);
+    expect(receiverAccepts(SECRET, signature, body.replace('completed', 'failed'), NOW_SECONDS)).toBe(false);
+    expect(receiverAccepts('another-secret-0123456789', signature, body, NOW_SECONDS)).toBe(false);
   });
 });

@@ -3,20 +3,27 @@ import { Injectable, type OnApplicationShutdown } from '@nestjs/common';
 import type { Logger } from 'pino';
 import { type Agent, fetch } from 'undici';
 import { AppConfig } from '../config/config.js';
+import { Clock } from '../core/clock.js';
 import { AppLogger } from '../core/logger.js';
 import { createCallbackAgent, refusedBy } from './callback-agent.js';
 import { CallbackPolicy } from './callback-policy.js';
 import { type JobRecord, jobView } from './job.types.js';
 
 export const SIGNATURE_HEADER = 'x-gatehouse-signature';
+export const TIMESTAMP_HEADER = 'x-gatehouse-timestamp';
 const DELIVERY_TIMEOUT_MS = 10_000;
 const DELIVERY_TRIES = 3;
 const RETRY_BASE_MS = 1_000;
 const SHUTDOWN_WAIT_MS = 5_000;
 
-/** `sha256=<hex>` of the exact body bytes, GitHub-webhook style: receivers verify before parsing. */
-export function signCallback(secret: string, body: string): string {
-  return `sha256=${createHmac('sha256', secret).update(body).digest('hex')}`;
+/**
+ * `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<exact body>">`, Stripe style: receivers verify
+ * before parsing. The time is signed with the body so that a captured delivery (a proxy's log, a
+ * receiver's request dump) can be refused once it is older than the receiver's tolerance, instead
+ * of being replayable for ever. `v1` names the scheme, so another can be sent beside it later.
+ */
+export function signCallback(secret: string, timestamp: number, body: string): string {
+  return `t=${timestamp},v1=${createHmac('sha256', secret).update(`${timestamp}.${body}`).digest('hex')}`;
 }
 
 /**
@@ -35,6 +42,7 @@ export class JobCallbacks implements OnApplicationShutdown {
     private readonly config: AppConfig,
     appLogger: AppLogger,
     policy: CallbackPolicy,
+    private readonly clock: Clock,
   ) {
     this.logger = appLogger.logger.child({ context: 'JobCallbacks' });
     this.agent = createCallbackAgent(policy);
@@ -66,14 +74,17 @@ export class JobCallbacks implements OnApplicationShutdown {
 
   private async deliver(url: string, job: JobRecord, secret: string): Promise<void> {
     const body = JSON.stringify(jobView(job));
-    const headers = {
-      'content-type': 'application/json',
-      'user-agent': 'gatehouse-jobs',
-      [SIGNATURE_HEADER]: signCallback(secret, body),
-      'x-gatehouse-job-id': job.id,
-    };
     let last = '';
     for (let tryNo = 1; tryNo <= DELIVERY_TRIES; tryNo += 1) {
+      // Signed afresh for each try: a retry seconds later must still fall within the receiver's tolerance.
+      const timestamp = Math.floor(this.clock.nowMs() / 1000);
+      const headers = {
+        'content-type': 'application/json',
+        'user-agent': 'gatehouse-jobs',
+        [SIGNATURE_HEADER]: signCallback(secret, timestamp, body),
+        [TIMESTAMP_HEADER]: String(timestamp),
+        'x-gatehouse-job-id': job.id,
+      };
       try {
         // No redirects: a signed body must go only where the submitter said.
         const res = await fetch(url, {

@@ -252,10 +252,16 @@ export class JobProcessor implements JobHandler {
     this.finished(await this.repo.fail(job.id, body, true, this.clock.now()), `dead_lettered:${gatewayError.code}`);
   }
 
-  /** Our backoff, but never sooner than a rate limit's retry-after asked for. */
+  /**
+   * Our backoff, but never sooner than a rate limit asked for: the upstream's retry-after (kept on
+   * the mapped 502, which carries no header) or the gateway's own 429's. Both capped by
+   * JOBS_BACKOFF_MAX_MS, the operator's bound on any wait between tries: an upstream asking for
+   * hours (or a retry-after date far ahead) must not park jobs for that long, and a job that still
+   * meets the limit after the cap ends in the dead-letter queue, where an admin can retry it.
+   */
   private retryDelay(attempt: number, error: GatewayError): number {
     const retryAfterSeconds = Number(error.headers?.['retry-after']);
-    const asked = Number.isFinite(retryAfterSeconds) && retryAfterSeconds > 0 ? retryAfterSeconds * 1000 : 0;
+    const asked = Math.max(Number.isFinite(retryAfterSeconds) && retryAfterSeconds > 0 ? retryAfterSeconds * 1000 : 0, error.retryAfterMs ?? 0);
     return Math.min(this.config.jobs.backoffMaxMs, Math.max(this.backoff(attempt), asked));
   }
 

@@ -22,6 +22,7 @@ describe('job queue configuration', () => {
       backoffMaxMs: 60_000,
       callbackSecret: undefined,
       callbackAllowedHosts: [],
+      retentionHours: 720,
     });
     expect(loadConfig({ REDIS_URL: 'redis://127.0.0.1:6379' }).jobs.driver).toBe('bullmq');
     expect(loadConfig({ REDIS_URL: 'redis://127.0.0.1:6379', JOBS_DRIVER: 'inline' }).jobs.driver).toBe('inline');
@@ -48,6 +49,17 @@ describe('job queue configuration', () => {
       ]),
     );
     expect(problemsOf({ JOBS_DRIVER: 'bullmq' })).toEqual(['JOBS_DRIVER=bullmq needs REDIS_URL']);
+  });
+
+  it('keeps finished jobs 30 days unless JOBS_RETENTION_HOURS says otherwise (0 = for ever), and refuses to start on a bad value, saying why', () => {
+    expect(loadConfig({ JOBS_RETENTION_HOURS: '0' }).jobs.retentionHours).toBe(0);
+    expect(loadConfig({ JOBS_RETENTION_HOURS: '24' }).jobs.retentionHours).toBe(24);
+    expect(loadConfig({ JOBS_RETENTION_HOURS: '8760' }).jobs.retentionHours).toBe(8760);
+    // Sooner than a day would free an idempotency-key within the 24 h it promises the same job.
+    expect(problemsOf({ JOBS_RETENTION_HOURS: '12' })).toEqual(['JOBS_RETENTION_HOURS must be 0 (keep jobs for ever) or at least 24, got "12"']);
+    for (const bad of ['-1', '1.5', 'month', '876001']) {
+      expect(problemsOf({ JOBS_RETENTION_HOURS: bad }), bad).toEqual([expect.stringMatching(/^JOBS_RETENTION_HOURS must be an integer from 0 to 876000/)]);
+    }
   });
 
   it('reads JOBS_CALLBACK_ALLOWED_HOSTS as normalised entries and names each bad one', () => {

@@ -1,4 +1,5 @@
 import { type DynamicModule, Module, type Provider } from '@nestjs/common';
+import { BudgetModule } from '../budget/budget.module.js';
 import { CompletionModule } from '../completion/completion.module.js';
 import type { AppConfig } from '../config/config.js';
 import { IdentityModule } from '../identity/identity.module.js';
@@ -9,14 +10,17 @@ import { InlineJobQueue } from './inline-job-queue.js';
 import { JobCallbacks } from './job-callbacks.js';
 import { exponentialBackoff, JobQueue, type JobQueueOptions } from './job-queue.js';
 import { JobProcessor } from './job.processor.js';
+import { JobsRetention } from './jobs-retention.js';
 import { JobsRuntime } from './jobs-runtime.js';
 import { JobsRepository } from './jobs.repository.js';
 import { JobsService } from './jobs.service.js';
+import { SubmitBudgetCheck } from './submit-budget-check.js';
 import { Jobs1764400005000 } from './migrations/1764400005000-jobs.js';
 import { JobsEnqueued1764400005100 } from './migrations/1764400005100-jobs-enqueued.js';
 import { JobsDeadLetteredAt1764400005200 } from './migrations/1764400005200-jobs-dead-lettered-at.js';
+import { JobsFinishedIndex1764400005300 } from './migrations/1764400005300-jobs-finished-index.js';
 
-export const JOBS_MIGRATIONS = [Jobs1764400005000, JobsEnqueued1764400005100, JobsDeadLetteredAt1764400005200];
+export const JOBS_MIGRATIONS = [Jobs1764400005000, JobsEnqueued1764400005100, JobsDeadLetteredAt1764400005200, JobsFinishedIndex1764400005300];
 
 // The processor ends a job (completed, failed or dead-lettered) within JOBS_MAX_ATTEMPTS tries;
 // these extra tries are only for failures of the bookkeeping itself (the database away).
@@ -38,7 +42,7 @@ export class JobsModule {
     return {
       module: JobsModule,
       global: true,
-      imports: [CompletionModule, IdentityModule, ...queue.imports],
+      imports: [CompletionModule, BudgetModule, IdentityModule, ...queue.imports],
       controllers: [QueueAdminController],
       providers: [
         ...queue.providers,
@@ -48,6 +52,8 @@ export class JobsModule {
         JobProcessor,
         JobCallbacks,
         JobsRuntime,
+        JobsRetention,
+        SubmitBudgetCheck,
       ],
       exports: [JobsService],
     };

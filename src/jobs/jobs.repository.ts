@@ -1,6 +1,7 @@
 import { Injectable } from '@nestjs/common';
 import { DataSource } from 'typeorm';
 import type { ErrorBody } from '../../libs/openai-contract/src/index.js';
+import { IDEMPOTENCY_WINDOW_MS } from '../idempotency/idempotency.service.js';
 import type { CacheScope, UserRole } from '../identity/identity.entities.js';
 import type { JobRecord, JobStatus, NewJob } from './job.types.js';
 
@@ -33,9 +34,13 @@ export class JobsRepository {
 
   /**
    * Inserts a job, or returns the one this user already submitted with the same idempotency
-   * key (`created: false`); the unique index settles concurrent submits of one key.
+   * key (`created: false`); the unique index settles concurrent submits of one key. A key lasts
+   * as a sync call's does, 24 h from the submit (API.md), and as long as its job is unfinished
+   * (a repeat must never start a second run of it): after that it is released from its job,
+   * which stays readable by id, and the new job takes it.
    */
   async insert(job: NewJob, now: Date): Promise<{ job: JobRecord; created: boolean }> {
+    const keyExpiredBefore = new Date(now.getTime() - IDEMPOTENCY_WINDOW_MS);
     for (let round = 0; round < 3; round += 1) {
       const inserted = await this.db.query<Row[]>(
         `INSERT INTO jobs (user_id, department_id, key_id, door, request_body, task_type, cache_control, request_id,
@@ -61,9 +66,46 @@ export class JobsRepository {
       if (inserted[0]) return { job: toRecord(inserted[0]), created: true };
       const existing = await this.db.query<Row[]>(`SELECT * FROM jobs WHERE user_id = $1 AND idempotency_key = $2`, [job.principal.userId, job.idempotencyKey]);
       // Gone again: its submit was refused (queue full or away) and removed; insert afresh.
-      if (existing[0]) return { job: toRecord(existing[0]), created: false };
+      if (!existing[0]) continue;
+      const found = toRecord(existing[0]);
+      if (!(found.createdAt <= keyExpiredBefore && (found.status === 'completed' || found.status === 'failed'))) return { job: found, created: false };
+      // Expired: released, then inserted afresh in the next round. Of concurrent submits with the
+      // key, one release changes the row (the others find the key gone from it) and one insert
+      // wins the unique index; the rest are answered with the job that insert made.
+      await this.releaseKey(found.id, job.idempotencyKey, keyExpiredBefore);
     }
     throw new Error('idempotent job insert kept racing with deletes');
+  }
+
+  /**
+   * Frees an expired idempotency-key from its finished job, re-checked under the row's lock: an
+   * admin retry may have queued the job again meanwhile, and then its key still holds.
+   */
+  private async releaseKey(id: string, key: string | undefined, expiredBefore: Date): Promise<void> {
+    await this.db.query(
+      `UPDATE jobs SET idempotency_key = NULL
+        WHERE id = $1 AND idempotency_key = $2 AND created_at <= $3 AND status IN ('completed', 'failed')`,
+      [id, key, expiredBefore],
+    );
+  }
+
+  /**
+   * Deletes up to `limit` jobs that finished at or before `before`, except those in the
+   * dead-letter queue (an admin still has to decide about them); returns how many. Rows another
+   * sweeper has locked are skipped, not waited for, so instances sweeping at once share the work.
+   */
+  async deleteFinished(before: Date, limit: number): Promise<number> {
+    const rows = await this.changed(
+      `DELETE FROM jobs WHERE id IN (
+         SELECT id FROM jobs
+          WHERE status IN ('completed', 'failed') AND NOT dead_lettered AND completed_at <= $1
+          ORDER BY completed_at
+          LIMIT $2
+          FOR UPDATE SKIP LOCKED)
+       RETURNING id`,
+      [before, limit],
+    );
+    return rows.length;
   }
 
   /** Undoes an insert whose submit the queue refused, so the 503 leaves nothing behind. */

@@ -7,6 +7,7 @@ import { CallbackPolicy } from './callback-policy.js';
 import { JobQueue, type QueueCounts, queueUnavailable } from './job-queue.js';
 import type { JobRecord, NewJob } from './job.types.js';
 import { JobsRepository, type StatusCounts } from './jobs.repository.js';
+import { SubmitBudgetCheck } from './submit-budget-check.js';
 
 export interface QueueStats {
   object: 'gateway.queue';
@@ -34,6 +35,7 @@ export class JobsService {
     private readonly config: AppConfig,
     private readonly clock: Clock,
     private readonly callbackPolicy: CallbackPolicy,
+    private readonly budgetCheck: SubmitBudgetCheck,
   ) {}
 
   /**
@@ -49,9 +51,13 @@ export class JobsService {
       });
     }
     if (input.callbackUrl !== undefined) this.assertCallbackAllowed(input.callbackUrl);
-    // Refuse before writing anything when the queue surely cannot take it (full, or Redis away).
-    // A repeat of an idempotent submit is answered from its record even then.
-    if (input.idempotencyKey === undefined) this.queue.assertAccepting();
+    // Refuse before writing anything when the queue surely cannot take it (full, or Redis away)
+    // or the budget cannot cover it. A repeat of an idempotent submit is answered from its record
+    // even then, so a keyed submit is checked once its record proves it new (below).
+    if (input.idempotencyKey === undefined) {
+      this.queue.assertAccepting();
+      await this.budgetCheck.assertAffordable(input);
+    }
     const { job, created } = await this.repo.insert(input, this.clock.now());
     if (!created) {
       if (job.bodyHash !== input.bodyHash) {
@@ -63,6 +69,7 @@ export class JobsService {
       return { job, created };
     }
     try {
+      if (input.idempotencyKey !== undefined) await this.budgetCheck.assertAffordable(input);
       await this.queue.submit(job.id);
     } catch (error) {
       await this.repo.remove(job.id).catch(() => undefined);

@@ -205,11 +205,10 @@ describe('async jobs on the embedded default (inline queue, PGlite)', () => {
     expect(gw.stub.hits).toBe(1);
   });
 
-  it('fails a job at once with budget_exceeded when its user has no budget left (the pipeline’s own budget)', async () => {
+  it('refuses a submit with 402 budget_exceeded when its user has no budget left, as a sync call (test/e2e/jobs-budget.e2e-spec.ts)', async () => {
     const broke = await gw.tenants.create({ userBudgetUsd: 0 });
-    const id = expectAccepted(await broke.api.post<JobBody>('/v1/chat/completions', chat('no money'), ASYNC));
-    const job = await finished(broke.api, id);
-    expect(job).toMatchObject({ status: 'failed', attempts: 1, dead_lettered: false, error: { code: 'budget_exceeded', type: 'insufficient_quota' } });
+    const refused = await broke.api.post('/v1/chat/completions', chat('no money'), ASYNC);
+    expect(refused).toMatchObject({ status: 402, body: { error: { code: 'budget_exceeded', type: 'insufficient_quota', param: 'user' } } });
     expect(gw.stub.hits).toBe(0);
   });
 
@@ -257,7 +256,7 @@ describe('async jobs on the embedded default (inline queue, PGlite)', () => {
     expect(ready.body.details.queue).toMatchObject({ status: 'up', driver: 'inline' });
   });
 
-  it('POSTs the finished job to callback_url, signed with HMAC-SHA256 of the exact body', async () => {
+  it('POSTs the finished job to callback_url, signed with HMAC-SHA256 of "<t>.<exact body>"', async () => {
     const receiver = await startReceiver();
     try {
       const id = expectAccepted(await alice.api.post<JobBody>('/v1/chat/completions', chat('call me back', { callback_url: receiver.url }), ASYNC));
@@ -266,8 +265,10 @@ describe('async jobs on the embedded default (inline queue, PGlite)', () => {
         expect(receiver.deliveries).toHaveLength(1);
         return receiver.deliveries[0];
       });
-      const expected = `sha256=${createHmac('sha256', CALLBACK_SECRET).update(delivery.body).digest('hex')}`;
+      const t = String(delivery.headers['x-gatehouse-timestamp']);
+      const expected = `t=${t},v1=${createHmac('sha256', CALLBACK_SECRET).update(`${t}.${delivery.body}`).digest('hex')}`;
       expect(delivery.headers['x-gatehouse-signature']).toBe(expected);
+      expect(Math.abs(Date.now() / 1000 - Number(t))).toBeLessThan(300);
       expect(delivery.headers['content-type']).toBe('application/json');
       expect(JSON.parse(delivery.body)).toMatchObject({ id, object: 'gateway.job', status: 'completed' });
       // The upstream never sees the gateway's own field.
