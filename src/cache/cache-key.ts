@@ -27,9 +27,11 @@ const NOT_IN_KEY = new Set([
 
 /**
  * Part of every key: bumped when what an entry holds changes (2: a header line before the body,
- * cache-entry.ts), so instances of different versions never read each other's entries.
+ * cache-entry.ts; 3: a Redis entry is a hash that names its owner, redis-response-cache.ts), so
+ * instances of different versions never read each other's entries (an old instance's GET of a
+ * hash would fail).
  */
-const CACHE_KEY_VERSION = 'entry-v2';
+const CACHE_KEY_VERSION = 'entry-v3';
 
 export type CacheBypassReason = 'disabled_by_client' | 'disabled_by_rule' | 'temperature' | 'n' | 'tools';
 

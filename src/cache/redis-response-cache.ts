@@ -12,7 +12,7 @@ import { type CacheFilter, type CacheLookup, type CachePeek, ResponseCache, type
 // Entry or lock in one round trip. Returns {1, body, pttl} hit, {0} miss, {2} lead, {3} wait. A
 // caller told to wait leaves a mark (KEYS[3]) so that the fill or release says so on the channel.
 const LOOKUP = new LuaScript(
-  `local v = redis.call('GET', KEYS[1])
+  `local v = redis.call('HGET', KEYS[1], 'b')
 if v then return {1, v, redis.call('PTTL', KEYS[1])} end
 if ARGV[1] == '0' then return {0} end
 if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[1]) then return {2} end
@@ -24,7 +24,7 @@ return {3}`,
 // Returns {1, body} when the answer landed, {3} while the lock is held (renewing the waiter's
 // mark for the lock's lifetime: an earlier announcement consumed it), {4} when it is gone.
 const PEEK = new LuaScript(
-  `local v = redis.call('GET', KEYS[1])
+  `local v = redis.call('HGET', KEYS[1], 'b')
 if v then return {1, v} end
 local t = redis.call('PTTL', KEYS[2])
 if t > 0 then
@@ -35,20 +35,62 @@ return {4}`,
   'cache-peek',
 );
 
-// Entry, tag index and (when the token still holds it) lock release, atomically. A tag set lives
-// as long as its longest-lived member; members that expired meanwhile are harmless on delete.
-// Instances waiting on this key (their mark, KEYS[3]) hear it on the channel at once.
+// Entry, index and (when the token still holds it) lock release, atomically. The entry is a hash:
+// the body (b) and who it belongs to (u, d, and m:<model> per model), which a delete checks,
+// since an index may still list a key another user or model has filled since. The old entry goes
+// first, or an overwrite would keep its models. Index members are scored by their entry's
+// expiry, and each fill prunes the expired ones: an index of a busy model, kept alive by every
+// fill, would otherwise collect every key ever cached there. Instances waiting on this key
+// (their mark, KEYS[3]) hear it on the channel at once.
+// KEYS: entry, lock, wait mark, index by user, by department, by model...; ARGV: body, ttl ms,
+// token, channel, key, user, department, model...
 const STORE = new LuaScript(
-  `redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  `redis.call('DEL', KEYS[1])
+local fields = {'b', ARGV[1], 'u', ARGV[6], 'd', ARGV[7]}
+for i = 8, #ARGV do
+  fields[#fields + 1] = 'm:' .. ARGV[i]
+  fields[#fields + 1] = '1'
+end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local ttl = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 4, #KEYS do
-  redis.call('SADD', KEYS[i], KEYS[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  redis.call('ZADD', KEYS[i], now + ttl, KEYS[1])
   if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 if ARGV[3] ~= '' and redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
 if redis.call('DEL', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 return 1`,
   'cache-store',
+);
+
+// Deletes the listed entries that still match every filter, and takes out of each filter's
+// index the entries that no longer belong there (expired, or refilled by someone else).
+// KEYS: the filters' indexes (ARGV[1] of them), then the entries; ARGV: n, then per index the
+// entry field it stands for and the value that field must hold.
+const DELETE = new LuaScript(
+  `local n = tonumber(ARGV[1])
+local deleted = 0
+for k = n + 1, #KEYS do
+  local entry = KEYS[k]
+  local matched = true
+  local stale = {}
+  for i = 1, n do
+    if redis.call('HGET', entry, ARGV[2 * i]) ~= ARGV[2 * i + 1] then
+      matched = false
+      stale[i] = true
+    end
+  end
+  if matched then deleted = deleted + redis.call('UNLINK', entry) end
+  for i = 1, n do
+    if matched or stale[i] then redis.call('ZREM', KEYS[i], entry) end
+  end
+end
+return deleted`,
+  'cache-delete',
 );
 
 // Compare-and-delete: a leader whose lock expired must not free the lock of the one after it.
@@ -97,13 +139,14 @@ export function nearOptions(clock: Clock, cache: { nearMs: number; maxEntries: n
 }
 
 /**
- * The shared cache of every instance. Keys: `<prefix>cache:e:<hash>` (entry),
- * `cache:l:<hash>` (singleflight fill lock, with a random token), `cache:w:<hash>` (another
- * instance waits for this fill), `cache:t:{u|d|m}:<id>` (sets of entry keys by user, department
- * and model, for `DELETE /admin/cache`). A fill or release that finds a waiter publishes the hash
- * on `<prefix>cache:landed`; `landed()` takes those messages (RedisConnections.subscriber) and
- * `watch()` hands them to the waiting poll loop. While the connection is not ready, `available()`
- * is false and callers bypass the cache.
+ * The shared cache of every instance. Keys: `<prefix>cache:e:<hash>` (entry: a hash of the body
+ * and its owner, see STORE), `cache:l:<hash>` (singleflight fill lock, with a random token),
+ * `cache:w:<hash>` (another instance waits for this fill), `cache:i:{u|d|m}:<id>` (sorted sets
+ * of entry keys by user, department and model, scored by expiry, for `DELETE /admin/cache`). A
+ * fill or release that finds a waiter publishes the hash on `<prefix>cache:landed`; `landed()`
+ * takes those messages (RedisConnections.subscriber) and `watch()` hands them to the waiting
+ * poll loop. While the connection is not ready, `available()` is false and callers bypass the
+ * cache.
  *
  * **Near copies** (`near`): an entry this instance read or wrote is kept in its memory too, for
  * at most `maxAgeMs` and never past the entry's TTL, and a lookup answers from it without a round
@@ -177,11 +220,15 @@ export class RedisResponseCache extends ResponseCache {
       if (token !== undefined) await this.release(key, token);
       return;
     }
-    const tagKeys = [this.tagKey('u', tags.userId), this.tagKey('d', tags.departmentId), ...tags.models.map((m) => this.tagKey('m', m))];
+    const indexKeys = [this.indexKey('u', tags.userId), this.indexKey('d', tags.departmentId), ...tags.models.map((m) => this.indexKey('m', m))];
     // Nobody reads the reply, and a fill never fails a request: where the connection can skip
     // it, Redis sends none, which spares the gateway a wakeup per miss (BENCHMARKS.md, session 8).
     await this.guard(
-      STORE.fire(this.client, [this.entryKey(key), this.lockKey(key), this.waitKey(key), ...tagKeys], [body, Math.ceil(ttlMs), token ?? '', this.landedChannel, key]),
+      STORE.fire(
+        this.client,
+        [this.entryKey(key), this.lockKey(key), this.waitKey(key), ...indexKeys],
+        [body, Math.ceil(ttlMs), token ?? '', this.landedChannel, key, tags.userId, tags.departmentId, ...tags.models],
+      ),
     );
     // Only what was sent to Redis: a copy of a fill that failed would answer what nobody else can.
     this.keepNear(key, body, ttlMs);
@@ -235,17 +282,19 @@ export class RedisResponseCache extends ResponseCache {
   }
 
   private async deleteMatching(filter: CacheFilter): Promise<number> {
-    const sets: string[] = [];
-    if (filter.userId !== undefined) sets.push(this.tagKey('u', filter.userId));
-    if (filter.departmentId !== undefined) sets.push(this.tagKey('d', filter.departmentId));
-    if (filter.model !== undefined) sets.push(this.tagKey('m', filter.model));
-    if (sets.length === 0) return this.guard(this.deleteAll());
-    const members = (await this.guard(this.client.call(sets.length === 1 ? 'SMEMBERS' : 'SINTER', ...sets))) as string[];
+    // Each index with the entry field it stands for; the first is read (a user's is the smallest).
+    const indexes: Array<[string, string, string]> = [];
+    if (filter.userId !== undefined) indexes.push([this.indexKey('u', filter.userId), 'u', filter.userId]);
+    if (filter.departmentId !== undefined) indexes.push([this.indexKey('d', filter.departmentId), 'd', filter.departmentId]);
+    if (filter.model !== undefined) indexes.push([this.indexKey('m', filter.model), `m:${filter.model}`, '1']);
+    const first = indexes[0];
+    if (first === undefined) return this.guard(this.deleteAll());
+    const members = (await this.guard(this.client.call('ZRANGE', first[0], 0, -1))) as string[];
+    const keys = indexes.map(([index]) => index);
+    const checks = [indexes.length, ...indexes.flatMap(([, field, value]) => [field, value])];
     let deleted = 0;
     for (let i = 0; i < members.length; i += DELETE_BATCH) {
-      const batch = members.slice(i, i + DELETE_BATCH);
-      deleted += (await this.guard(this.client.call('UNLINK', ...batch))) as number;
-      for (const set of sets) await this.guard(this.client.call('SREM', set, ...batch));
+      deleted += (await this.guard(DELETE.run(this.client, [...keys, ...members.slice(i, i + DELETE_BATCH)], checks))) as number;
     }
     return deleted;
   }
@@ -307,7 +356,7 @@ export class RedisResponseCache extends ResponseCache {
   private waitKey(key: string): string {
     return `${this.ns}w:${key}`;
   }
-  private tagKey(kind: 'u' | 'd' | 'm', id: string): string {
-    return `${this.ns}t:${kind}:${id}`;
+  private indexKey(kind: 'u' | 'd' | 'm', id: string): string {
+    return `${this.ns}i:${kind}:${id}`;
   }
 }

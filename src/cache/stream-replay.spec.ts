@@ -80,7 +80,8 @@ describe('StreamAssembler', () => {
   });
 
   it.each([
-    ['logprobs', { choices: [{ index: 0, delta: { content: 'a' }, logprobs: { content: [] } }] }],
+    ['logprobs of an unknown shape', { choices: [{ index: 0, delta: { content: 'a' }, logprobs: { tokens: ['a'], token_logprobs: [-0.1] } }] }],
+    ['logprobs that are not a list', { choices: [{ index: 0, delta: { content: 'a' }, logprobs: { content: 'a' } }] }],
     ['a choice without index', { choices: [{ delta: { content: 'a' } }] }],
     ['a role that is not text', { choices: [{ index: 0, delta: { role: 1 } }] }],
     ['a chunk that is not an object', null],
@@ -91,6 +92,21 @@ describe('StreamAssembler', () => {
     expect(assembler.replayable).toBe(false);
     expect(assembler.add({ id: 'c', choices: [{ index: 0, delta: {}, finish_reason: 'stop' }] })).toBe(false);
     expect(assembler.result()).toBeUndefined();
+  });
+
+  it("joins the chunks' logprobs, in order, into the lists a JSON answer carries", () => {
+    const token = (t: string) => ({ token: t, logprob: -0.5, bytes: [...Buffer.from(t)], top_logprobs: [{ token: t, logprob: -0.5, bytes: null }] });
+    const assembler = new StreamAssembler();
+    const parts = [
+      { id: 'c3', choices: [{ index: 0, delta: { role: 'assistant', content: '' }, logprobs: null }] },
+      { id: 'c3', choices: [{ index: 0, delta: { content: 'Hel' }, logprobs: { content: [token('Hel')], refusal: null } }] },
+      { id: 'c3', choices: [{ index: 0, delta: { content: 'lo' }, logprobs: { content: [token('lo')] } }] },
+      { id: 'c3', choices: [{ index: 0, delta: {}, finish_reason: 'stop' }] },
+    ];
+    for (const part of parts) expect(assembler.add(part)).toBe(true);
+    expect(assembler.result()?.choices).toEqual([
+      { index: 0, message: { role: 'assistant', content: 'Hello' }, finish_reason: 'stop', logprobs: { content: [token('Hel'), token('lo')], refusal: null } },
+    ]);
   });
 
   it('refuses a stream with an event that was not JSON', () => {
@@ -116,5 +132,23 @@ describe('replayChunks', () => {
     expect(loud.at(-1)).toMatchObject({ choices: [], usage: { total_tokens: 5 } });
     // Round trip: what a replay sends assembles back to the same completion.
     expect(assembleCompletion(replayChunks(completion, true))).toEqual(completion);
+  });
+
+  it("carries a choice's logprobs on its text chunk, as OpenAI streams them, so a stream hit has what the JSON miss had", () => {
+    const logprobs = { content: [{ token: 'Hi', logprob: -0.1, bytes: [72, 105], top_logprobs: [] }], refusal: null };
+    const json = {
+      id: 'c4',
+      object: 'chat.completion' as const,
+      created: 1,
+      model: 'm',
+      choices: [{ index: 0, message: { role: 'assistant', content: 'Hi' }, finish_reason: 'stop', logprobs }],
+    };
+    const chunks = replayChunks(json, false).map((p) => JSON.parse(p) as { choices: Array<{ delta: unknown; logprobs?: unknown }> });
+    expect(chunks.map((c) => c.choices[0])).toEqual([
+      { index: 0, delta: { role: 'assistant', content: '' }, finish_reason: null },
+      { index: 0, delta: { content: 'Hi' }, finish_reason: null, logprobs },
+      { index: 0, delta: {}, finish_reason: 'stop' },
+    ]);
+    expect(assembleCompletion(replayChunks(json, false))).toEqual(json);
   });
 });

@@ -15,6 +15,9 @@ declare module 'fastify' {
   }
 }
 
+const TTL_SECONDS = /^\d{1,8}$/;
+const MAX_CACHE_TTL_SECONDS = 30 * 86400;
+
 /** Builds the pipeline's view of an HTTP request: principal, abort signal, cache directives. */
 export function callFromRequest(request: FastifyRequest, reply: FastifyReply, body: ChatCompletionRequest, taskType: string | undefined, door: Door): CompletionCall {
   const principal = request.principal;
@@ -27,10 +30,14 @@ export function callFromRequest(request: FastifyRequest, reply: FastifyReply, bo
   const cacheControl = String(request.headers['cache-control'] ?? '').toLowerCase();
   const ttlHeader = request.headers['x-gateway-cache-ttl'];
   let ttlSeconds: number | undefined;
-  if (typeof ttlHeader === 'string') {
-    ttlSeconds = Number(ttlHeader);
-    if (!Number.isInteger(ttlSeconds) || ttlSeconds < 0 || ttlSeconds > 30 * 86400) {
-      throw new GatewayError('invalid_value', "'x-gateway-cache-ttl' must be a whole number of seconds.", { param: 'x-gateway-cache-ttl' });
+  if (ttlHeader !== undefined) {
+    // Digits only: Number() reads an empty header as 0, which silently stored nothing, and takes
+    // '1e3', '0x10' and '5.0' as whole numbers too.
+    ttlSeconds = typeof ttlHeader === 'string' && TTL_SECONDS.test(ttlHeader) ? Number(ttlHeader) : Number.NaN;
+    if (!(ttlSeconds <= MAX_CACHE_TTL_SECONDS)) {
+      throw new GatewayError('invalid_value', `'x-gateway-cache-ttl' must be a whole number of seconds from 0 to ${MAX_CACHE_TTL_SECONDS}.`, {
+        param: 'x-gateway-cache-ttl',
+      });
     }
   }
   const call: CompletionCall = {

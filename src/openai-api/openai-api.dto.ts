@@ -19,7 +19,7 @@ export class ChatCompletionRequestDto {
   @ApiPropertyOptional({ example: 256 }) max_tokens?: number;
   @ApiPropertyOptional({ example: 0 }) temperature?: number;
   @ApiPropertyOptional({
-    description: `with prefer: respond-async: the finished job is POSTed here, signed (x-gatehouse-signature: sha256=HMAC of the body). ${CALLBACK_HOSTS}`,
+    description: `with prefer: respond-async: the finished job is POSTed here, signed: x-gatehouse-signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>"> with JOBS_CALLBACK_SECRET (also x-gatehouse-timestamp: <t>, x-gatehouse-job-id). Verify against the raw bytes before parsing, compare in constant time, and refuse a t more than 5 minutes from your clock. ${CALLBACK_HOSTS}`,
   })
   callback_url?: string;
 }
@@ -29,6 +29,7 @@ export class CompleteRequestDto {
   @ApiPropertyOptional({ example: 'general' }) task_type?: string;
   @ApiPropertyOptional({ example: 1024 }) max_tokens?: number;
   @ApiPropertyOptional({ example: 'auto' }) model?: string;
+  @ApiPropertyOptional({ example: 0, minimum: 0, maximum: 2 }) temperature?: number;
   @ApiPropertyOptional({ description: `with prefer: respond-async: the finished job is POSTed here, signed. ${CALLBACK_HOSTS}` }) callback_url?: string;
 }
 

@@ -140,6 +140,20 @@ describe('response cache (memory driver, one instance)', () => {
     expect(cacheOf(await ask(alice, content2))).toBe('miss');
   });
 
+  it('refuses an x-gateway-cache-ttl that is not a whole number of seconds (an empty one included) instead of storing nothing', async () => {
+    const content = prompt('ttl-bad');
+    for (const value of ['', ' ', 'abc', '1.5', '5.0', '-1', '1e3', '0x10', '2592001']) {
+      const res = await ask(alice, content, {}, { 'x-gateway-cache-ttl': value });
+      expect(res, JSON.stringify(value)).toMatchObject({
+        status: 400,
+        body: { error: { type: 'invalid_request_error', code: 'invalid_value', param: 'x-gateway-cache-ttl' } },
+      });
+    }
+    expect(gw.stub.hits).toBe(0);
+    expect(cacheOf(await ask(alice, content, {}, { 'x-gateway-cache-ttl': '2592000' }))).toBe('miss');
+    expect(cacheOf(await ask(alice, content))).toBe('hit');
+  });
+
   it('bypasses non-deterministic requests (temperature > 0, n > 1, tools)', async () => {
     const content = prompt('bypass');
     const cases: Array<Record<string, unknown>> = [
@@ -194,6 +208,18 @@ describe('response cache (memory driver, one instance)', () => {
     const second = await alice.api.post<{ cached: boolean; cost_usd: number; content: string }>('/v1/complete', { prompt: p });
     expect(second.body).toMatchObject({ cached: true, cost_usd: 0, content: first.body.content });
     expect(second.headers.get('x-gateway-cost-usd')).toBe('0');
+  });
+
+  it('/v1/complete refuses a temperature of the wrong type rather than answer it from the cache as deterministic', async () => {
+    const p = prompt('simple-temp');
+    for (let i = 0; i < 2; i++) {
+      const res = await alice.api.post('/v1/complete', { prompt: p, temperature: '0.9' });
+      expect(res).toMatchObject({ status: 400, body: { error: { code: 'invalid_value', param: 'temperature' } } });
+    }
+    expect(gw.stub.hits).toBe(0);
+    // A real one is sent on, and not cached.
+    for (let i = 0; i < 2; i++) expect(cacheOf(await alice.api.post('/v1/complete', { prompt: p, temperature: 0.9 }))).toBe('bypass');
+    expect(gw.stub.requests.at(-1)?.body).toMatchObject({ temperature: 0.9 });
   });
 
   describe('DELETE /admin/cache', () => {

@@ -157,6 +157,34 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
     expect(gw.stub.requests.at(-1)?.body).toMatchObject({ max_tokens: 50 });
   });
 
+  it('/v1/complete takes only its own fields, each of its type, naming the first wrong one, before the upstream', async () => {
+    const cases: Array<[Record<string, unknown>, string]> = [
+      [{ prompt: 'x', temperature: '0.9' }, 'temperature'],
+      [{ prompt: 'x', temperature: 2.5 }, 'temperature'],
+      [{ prompt: 'x', max_tokens: '50' }, 'max_tokens'],
+      [{ prompt: 'x', task_type: 7 }, 'task_type'],
+      [{ prompt: 'x', stream: true }, 'stream'],
+      [{ prompt: 'x', top_p: 0.1 }, 'top_p'],
+      [{ prompt: 'x', system: 'be terse' }, 'system'],
+      [{ prompt: 'x', frequency_penalty: 'x' }, 'frequency_penalty'],
+      [{ messages: [{ role: 'user', content: 'x' }] }, 'messages'],
+    ];
+    for (const [body, param] of cases) {
+      const res = await alice.api.post('/v1/complete', body);
+      expect(res, JSON.stringify(body)).toMatchObject({ status: 400, body: { error: { type: 'invalid_request_error', code: 'invalid_value', param } } });
+    }
+    expect(gw.stub.hits).toBe(0);
+    // Every field it documents, and the task type from the header as on the chat door.
+    const full = await alice.api.post<Record<string, unknown>>(
+      '/v1/complete',
+      { prompt: 'all of it', model: 'auto', max_tokens: 20, temperature: 0 },
+      { 'x-task-type': 'budget' },
+    );
+    expect(full).toMatchObject({ status: 200, body: { model: 'meta-llama/llama-3.1-8b-instruct' } });
+    expect(full.headers.get('x-gateway-route')).toContain('task_type=budget');
+    expect(gw.stub.requests.at(-1)?.body).toMatchObject({ max_tokens: 20, temperature: 0 });
+  });
+
   it('lists models and task types', async () => {
     const models = await alice.openai.models.list();
     const ids = models.data.map((m) => m.id);

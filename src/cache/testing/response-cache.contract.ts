@@ -106,6 +106,30 @@ export function responseCacheContract(name: string, make: () => Promise<CacheUnd
       expect((await cache.lookup('c1', 0)).kind).toBe('miss');
     });
 
+    it('a delete by user, department or model spares an entry someone else has filled since, whatever its index said', async () => {
+      const first = tags({ models: ['openai/gpt-4o-mini', 'anthropic/claude-3.5-sonnet'] });
+      const second = tags({ models: ['openai/gpt-4o-mini'] });
+      // Overwritten while live (cache-control: no-cache by another user of a shared department).
+      await cache.store('o1', '{"by":"first"}', 60_000, first);
+      await cache.store('o1', '{"by":"second"}', 60_000, second);
+      // Refilled by another user after it expired.
+      await cache.store('o2', '{"by":"first"}', 100, first);
+      await pollUntil(async () => {
+        if ((await cache.lookup('o2', 0)).kind !== 'miss') throw new Error('not expired yet');
+      });
+      await cache.store('o2', '{"by":"second"}', 60_000, second);
+
+      expect(await cache.invalidate({ userId: first.userId })).toBe(0);
+      expect(await cache.invalidate({ departmentId: first.departmentId })).toBe(0);
+      expect(await cache.invalidate({ model: 'anthropic/claude-3.5-sonnet' })).toBe(0);
+      expect(await cache.lookup('o1', 0)).toEqual({ kind: 'hit', body: '{"by":"second"}' });
+      expect(await cache.lookup('o2', 0)).toEqual({ kind: 'hit', body: '{"by":"second"}' });
+      // Still found under its owner, once.
+      expect(await cache.invalidate({ userId: second.userId, model: 'openai/gpt-4o-mini' })).toBe(2);
+      expect((await cache.lookup('o1', 0)).kind).toBe('miss');
+      expect(await cache.invalidate({ userId: second.userId })).toBe(0);
+    });
+
     it('reports itself available and up', () => {
       expect(cache.available()).toBe(true);
       expect(cache.describe().state).toBe('up');
