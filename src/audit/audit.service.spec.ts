@@ -172,10 +172,43 @@ describe('AuditService shutdown', () => {
     late.audit = audit;
     audit.record({ action: 'completion', details: { n: 0 } });
 
-    await audit.beforeApplicationShutdown();
+    audit.beforeApplicationShutdown();
     await audit.onApplicationShutdown();
 
     expect(logged.filter((line) => line.includes('LOST'))).toEqual([]);
     expect(stored).toHaveLength(21);
+  });
+});
+
+describe('AuditService shutdown, database not answering', () => {
+  function silentService(append: () => Promise<number>) {
+    const logged: string[] = [];
+    const sink = new Writable({
+      write(chunk: Buffer, _encoding, done) {
+        logged.push(chunk.toString());
+        done();
+      },
+    });
+    const repository = { append } as unknown as AuditRepository;
+    const options: AuditOptions = { flushMs: 60_000, batchSize: 1000, maxBuffered: 10_000, maxBackoffMs: 1000 };
+    return { audit: new AuditService(repository, new ManualClock(), { logger: createLogger('info', sink) }, options), logged };
+  }
+
+  it('does not hold up the hooks after it while a flush waits for the database', async () => {
+    const { audit } = silentService(() => new Promise<number>(() => undefined));
+    audit.record({ action: 'completion' });
+    // Nest awaits each module's hook before the next one's (the HTTP server's close, the writers' last flush).
+    const hook = Promise.resolve(audit.beforeApplicationShutdown()).then(() => 'returned');
+    const waited = new Promise((resolve) => setTimeout(() => resolve('still waiting'), 200));
+    expect(await Promise.race([hook, waited])).toBe('returned');
+  });
+
+  it('logs an event recorded after the last flush as lost', async () => {
+    const { audit, logged } = silentService(async () => Promise.resolve(0));
+    await audit.onApplicationShutdown();
+    audit.record({ action: 'completion', requestId: 'too-late' });
+    const lost = logged.filter((line) => line.includes('AUDIT EVENTS LOST'));
+    expect(lost).toHaveLength(1);
+    expect(lost[0]).toContain('too-late');
   });
 });

@@ -110,6 +110,9 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
   private droppedSinceLastWrite = 0;
   private droppedFrom: Date | undefined;
   private droppedUntil: Date | undefined;
+  /** Set once the last flush at shutdown is over. */
+  private finished = false;
+  private lostLate = 0;
 
   constructor(
     private readonly repository: AuditRepository,
@@ -147,19 +150,21 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
   }
 
   /**
-   * Nest runs this before the HTTP server closes: flush everything recorded so far. Nothing is
-   * lost yet if the database refuses: onApplicationShutdown tries again.
+   * Nest runs this while the HTTP drain runs: what was recorded so far starts on its way now.
+   * Not awaited: Nest runs these hooks module by module, and one that waits for a database that
+   * does not answer holds every later one (the HTTP server's close, the writers' last flush) past
+   * the pod's grace period. Nothing is lost yet if the database refuses: onApplicationShutdown
+   * tries again.
    */
-  async beforeApplicationShutdown(): Promise<void> {
-    if (!(await this.writer.drainForShutdown())) {
-      this.logger.warn({ buffered: this.writer.size, lastError: this.writer.lastError }, 'audit events not stored yet at shutdown; retried after the HTTP server closed');
-    }
+  beforeApplicationShutdown(): void {
+    void this.writer.flush();
   }
 
   /** And this after it closed: requests that finished while it closed recorded events too. This is the last chance. */
   async onApplicationShutdown(): Promise<void> {
     this.stop();
     await this.writer.drainForShutdown(this.shutdown?.writeDeadline());
+    this.finished = true;
     if (this.writer.size === 0) return;
     this.logger.error({ lost: this.writer.size, lastError: this.writer.lastError }, 'AUDIT EVENTS LOST: shutting down with events the database would not take');
   }
@@ -308,6 +313,17 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
   }
 
   private push(event: Pending): void {
+    if (this.finished) {
+      // Nothing would store it: the last flush is over and the database is closing.
+      this.lostLate += 1;
+      this.writer.loud('late', () =>
+        this.logger.error(
+          { lost: this.lostLate, action: event.input.action, requestId: event.input.requestId },
+          'AUDIT EVENTS LOST: recorded after the last flush at shutdown',
+        ),
+      );
+      return;
+    }
     if (this.writer.size >= this.options.maxBuffered) {
       this.dropped += 1;
       this.droppedSinceLastWrite += 1;

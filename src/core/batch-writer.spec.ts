@@ -249,6 +249,32 @@ describe('BatchWriter', () => {
     expect(stored).toEqual([1]);
   });
 
+  it('gives up a shutdown drain at its deadline when the database never answers, and stores nothing after it', async () => {
+    let stores = 0;
+    let timedOut: (error: Error) => void = () => undefined;
+    // A database that holds the connection without answering: the store waits for the pool's
+    // query timeout (35 s), far past the deadline.
+    const { w } = writer(() => {
+      stores += 1;
+      return new Promise<number>((_, reject) => (timedOut = reject));
+    });
+    w.add(1);
+    let result: boolean | undefined;
+    void w.drainForShutdown(Date.now() + 1000).then((r) => (result = r));
+    await vi.advanceTimersByTimeAsync(999);
+    expect(result).toBeUndefined();
+    await vi.advanceTimersByTimeAsync(1);
+    expect(result).toBe(false);
+    expect(w.size).toBe(1);
+    expect(w.lastError).toMatch(/did not answer/);
+    // The owner closes its pool next: once the abandoned statement fails, nothing more is sent to it.
+    timedOut(new Error('Query read timeout'));
+    w.add(2);
+    await vi.advanceTimersByTimeAsync(5000);
+    expect(await w.flush()).toBe(false);
+    expect(stores).toBe(1);
+  });
+
   it('gives up a shutdown drain after a few attempts and says so', async () => {
     const { w } = writer(() => Promise.reject(new Error('down')));
     w.add(1);

@@ -47,6 +47,8 @@ export class BatchWriter<T> {
   private failureCount = 0;
   private nextAttemptAt = 0;
   private error: string | undefined;
+  /** Set when the shutdown drain is over: nothing is stored after it. */
+  private closed = false;
   private readonly loudLogs = new LogThrottle();
   /** Items ever added, and ever done with: a flush waits for a count. */
   private added = 0;
@@ -122,21 +124,28 @@ export class BatchWriter<T> {
    * For shutdown: stores until the buffer is empty. Requests still finishing record more while a
    * flush runs, so a flush that stored everything before it is followed by another for what came
    * meanwhile (a bounded number of rounds: under endless traffic the owner's next drain takes the
-   * rest). A database that refuses is tried at least SHUTDOWN_ATTEMPTS times, a little apart, and
-   * then again until `deadline` (epoch ms): it may be back in a moment, and what is still here
-   * when the process exits is lost. False when it still refused; what is left is the owner's to
-   * report (`size`).
+   * rest). A database that refuses is tried again, a little apart, until `deadline` (epoch ms):
+   * it may be back in a moment, and what is still here when the process exits is lost. No
+   * attempt runs past `deadline`: one the database does not answer (frozen, partitioned) would
+   * otherwise wait for the pool's connect or query timeout, 5 or 35 s per attempt, and keep the
+   * process past its grace period. Without a deadline, SHUTDOWN_ATTEMPTS attempts, each as long
+   * as it takes. False when it still refused; what is left is the owner's to report (`size`).
+   * It is the last: the writer stores nothing after it.
    */
   async drainForShutdown(deadline?: number): Promise<boolean> {
-    let refused = 0;
-    for (let round = 0; round < SHUTDOWN_ROUNDS && this.buffer.length > 0; round += 1) {
-      if (await this.flush()) continue;
-      refused += 1;
-      const wait = Math.min(SHUTDOWN_MAX_WAIT_MS, 100 * refused);
-      if (refused >= SHUTDOWN_ATTEMPTS && (deadline === undefined || Date.now() + wait >= deadline)) return false;
-      await new Promise((resolve) => setTimeout(resolve, wait));
+    try {
+      let refused = 0;
+      for (let round = 0; round < SHUTDOWN_ROUNDS && this.buffer.length > 0; round += 1) {
+        if (await this.flushBefore(deadline)) continue;
+        refused += 1;
+        const wait = Math.min(SHUTDOWN_MAX_WAIT_MS, 100 * refused);
+        if (deadline === undefined ? refused >= SHUTDOWN_ATTEMPTS : Date.now() + wait >= deadline) return false;
+        await new Promise((resolve) => setTimeout(resolve, wait));
+      }
+      return this.buffer.length === 0 || refused === 0;
+    } finally {
+      this.closed = true;
     }
-    return this.buffer.length === 0 || refused === 0;
   }
 
   report(details: Record<string, unknown>): ReadinessReport {
@@ -149,12 +158,36 @@ export class BatchWriter<T> {
     if (this.loudLogs.admit(kind) !== undefined) log();
   }
 
+  /**
+   * flush(), given up on at `deadline`. The store it waits for goes on (a statement cannot be
+   * taken back from here); its pool is its owner's to close.
+   */
+  private async flushBefore(deadline: number | undefined): Promise<boolean> {
+    if (deadline === undefined) return this.flush();
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<false>((resolve) => {
+      timer = setTimeout(() => resolve(false), Math.max(0, deadline - Date.now()));
+    });
+    try {
+      const stored = await Promise.race([this.flush(), late]);
+      // The owner's lost-report says why: no store failed, none answered.
+      if (!stored && this.error === undefined) this.error = 'the database did not answer before the shutdown deadline';
+      return stored;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   private tick(): void {
     if (this.running || this.buffer.length === 0 || Date.now() < this.nextAttemptAt) return;
     void this.runDrain();
   }
 
   private runDrain(): Promise<void> {
+    // The owner closes its pool after the shutdown drain: a flush given up on at the deadline
+    // would otherwise go on retrying against it ("Cannot use a pool after calling end on the
+    // pool"), logged after the owner reported the rest lost.
+    if (this.closed && !this.running) return Promise.resolve();
     // Started a microtask later so that `running` is already set when beforeBatch add()s.
     this.running ??= Promise.resolve()
       .then(() => this.drain())

@@ -125,6 +125,51 @@ describe('graceful shutdown (SIGTERM path: app.close())', () => {
     }
   });
 
+  it('settles a JSON call still running at the drain deadline before the database closes: its reservation is given back, its attempt is in the ledger', async () => {
+    const pgdb = await createPostgresDatabase();
+    try {
+      gw = await startTestGateway({ db: 'postgres', postgresUrl: pgdb.url, env: { SHUTDOWN_DRAIN_MS: '200' } });
+      const dave = await gw.tenants.create({ userBudgetUsd: 1 });
+      // Far longer than the drain and its grace: only the closing of its connection ends it.
+      gw.stub.configure({ latencyMs: 60_000 });
+      const requestId = `cut-at-deadline-${dave.userId}`;
+      const pending = fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${dave.key}`, 'content-type': 'application/json', 'x-request-id': requestId },
+        body: JSON.stringify({ model: 'auto', messages: [{ role: 'user', content: 'never answered in time' }] }),
+      }).then(
+        (res) => res.status,
+        () => 'connection closed',
+      );
+      const stub = gw.stub;
+      await pollUntil(() => expect(stub.hits).toBe(1));
+
+      await gw.gateway.close();
+      expect(await pending).toBe('connection closed');
+
+      const db = await openDatabase({ driver: 'postgres', url: pgdb.url }, DATABASE_CONTENT);
+      try {
+        // Before the fix the settle reached the writer after its last flush: the lease stayed held
+        // (reserved_nanos up) until the sweeper, 10 minutes later, and the ledger had no row.
+        const held = await db.dataSource.query<Array<{ n: string }>>('SELECT count(*) AS n FROM budget_reservations WHERE user_id = $1', [dave.userId]);
+        expect(held).toEqual([{ n: '0' }]);
+        const budget = await db.dataSource.query<Array<{ reserved_nanos: string }>>(
+          "SELECT reserved_nanos FROM budgets WHERE scope = 'user' AND scope_id = $1",
+          [dave.userId],
+        );
+        expect(budget).toEqual([{ reserved_nanos: '0' }]);
+        const ledger = await db.dataSource.query<Array<{ cost_nanos: string }>>('SELECT cost_nanos FROM usage_ledger WHERE request_id = $1', [requestId]);
+        expect(ledger.length).toBeGreaterThan(0);
+        const audit = await db.dataSource.query<Array<{ action: string }>>('SELECT action FROM audit_events WHERE request_id = $1', [requestId]);
+        expect(audit).toEqual([{ action: 'completion' }]);
+      } finally {
+        await db.close();
+      }
+    } finally {
+      await pgdb.drop();
+    }
+  });
+
   it('ends a stream that outlives SHUTDOWN_DRAIN_MS with an SSE error event, then [DONE]', async () => {
     gw = await startTestGateway({ env: { SHUTDOWN_DRAIN_MS: '200' } });
     const carol = await gw.tenants.create();

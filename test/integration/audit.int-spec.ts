@@ -227,7 +227,7 @@ describe.each(DB_KINDS)('audit trail on %s', (kind) => {
     service.start();
     recordMany(service, 25, 'shutdown');
     expect(await count(db)).toBe(0);
-    await service.beforeApplicationShutdown();
+    service.beforeApplicationShutdown();
     service.record({ action: 'late', details: {} });
     await service.onApplicationShutdown();
     expect(await count(db)).toBe(26);
