@@ -76,7 +76,31 @@ describe('response cache on Redis, shared by two instances', () => {
     const deleted = await b.admin.delete(`/admin/cache?user_id=${alice.userId}`);
     expect(deleted.status).toBe(200);
     expect((deleted.body as { deleted: number }).deleted).toBeGreaterThanOrEqual(1);
+    await nearCopiesDropped(a);
     expect(cacheOf(await ask(alice.api, content))).toBe('miss');
+  });
+
+  it("deletes by user only what that user filled: a colleague's answer that replaced it since stays", async () => {
+    const first = await a.tenants.create();
+    const shared = await a.admin.patch(`/admin/departments/${first.departmentId}`, { cache_scope: 'department' });
+    expect(shared.status).toBe(200);
+    const colleague = await a.tenants.create({ departmentId: first.departmentId });
+    const content = prompt('refilled');
+    expect(cacheOf(await ask(first.api, content))).toBe('miss');
+    // The colleague asks for a fresh answer (on the other instance): it replaces the shared entry.
+    const refilled = await ask(new ApiClient(b.url, colleague.key), content, { 'cache-control': 'no-cache' });
+    expect(cacheOf(refilled)).toBe('miss');
+
+    const byFirst = await a.admin.delete(`/admin/cache?user_id=${first.userId}`);
+    expect(byFirst).toMatchObject({ status: 200, body: { deleted: 0 } });
+    const kept = await ask(first.api, content);
+    expect(cacheOf(kept)).toBe('hit');
+    expect(kept.body.id).toBe(refilled.body.id);
+
+    const byColleague = await b.admin.delete(`/admin/cache?user_id=${colleague.userId}`);
+    expect(byColleague).toMatchObject({ status: 200, body: { deleted: 1 } });
+    await nearCopiesDropped(a);
+    expect(cacheOf(await ask(first.api, content))).toBe('miss');
   });
 
   it('reports Redis, cache and rate limits up in /health/ready', async () => {
@@ -94,6 +118,17 @@ describe('response cache on Redis, shared by two instances', () => {
     expect(details.rate_limit.leased_counters).toBeGreaterThan(0);
   });
 });
+
+/**
+ * A delete reaches the other instances' near copies through Redis pub/sub, a moment after its
+ * answer: wait for `gw` to have heard it (its near copies all gone), as a copy left behind would
+ * answer the next ask there for up to CACHE_NEAR_SECONDS.
+ */
+async function nearCopiesDropped(gw: TestGateway): Promise<void> {
+  await pollUntil(async () =>
+    expect(((await gw.admin.get('/health/ready')).body as { details: { cache: { near_copies: unknown } } }).details.cache.near_copies).toBe(0),
+  );
+}
 
 describe('when Redis goes away and comes back', () => {
   let gw: TestGateway;
