@@ -1,9 +1,8 @@
-import { existsSync, readdirSync, statSync } from 'node:fs';
-import { join, relative } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStubUpstream, type StubUpstream } from '../../libs/stub-upstream/src/index.js';
 import { provisionTenant, SHIPPED_MEMORY, type StartedGateway, startGateway } from '../../bench/targets.js';
+import { assertBundleIsFresh, BUNDLE } from '../support/bundle.js';
 import { createPostgresDatabase, REDIS_URL } from '../support/databases.js';
 import { pollUntil } from '../support/gateway.js';
 import { dropRedisKeys, uniqueRedisPrefix } from '../support/redis.js';
@@ -15,25 +14,8 @@ import { dropRedisKeys, uniqueRedisPrefix } from '../support/redis.js';
  * the built bundle as its own process, in both configurations, and walks the paths a user takes.
  * `npm test` builds it first.
  */
-const root = join(import.meta.dirname, '..', '..');
-const BUNDLE = join(root, 'dist', 'bundle', 'main.js');
 
-/** Newest modification time under a directory (the sources the bundle is built from). */
-function newestMtime(dir: string): number {
-  let newest = 0;
-  for (const entry of readdirSync(dir, { withFileTypes: true, recursive: true })) {
-    if (entry.isFile() && entry.name.endsWith('.ts')) newest = Math.max(newest, statSync(join(entry.parentPath, entry.name)).mtimeMs);
-  }
-  return newest;
-}
 
-/** A fresh bundle, or a failure that says how to get one: an old bundle would test old code. */
-function assertBundleIsFresh(): void {
-  if (!existsSync(BUNDLE)) throw new Error(`${relative(root, BUNDLE)} is missing: run \`npm run build\` (npm test does)`);
-  const built = statSync(BUNDLE).mtimeMs;
-  const sources = Math.max(newestMtime(join(root, 'src')), newestMtime(join(root, 'libs')));
-  if (sources > built) throw new Error(`${relative(root, BUNDLE)} is older than the sources: run \`npm run build\` (npm test does)`);
-}
 
 interface Walked {
   models: string[];

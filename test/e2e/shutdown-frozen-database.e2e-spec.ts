@@ -1,8 +1,7 @@
-import { existsSync, readdirSync, statSync } from 'node:fs';
-import { join, relative } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startStubUpstream, type StubUpstream } from '../../libs/stub-upstream/src/index.js';
 import { provisionTenant, SHIPPED_MEMORY, type StartedGateway, startGateway } from '../../bench/targets.js';
+import { assertBundleIsFresh, BUNDLE } from '../support/bundle.js';
 import { createPostgresDatabase, REDIS_URL } from '../support/databases.js';
 import { pollUntil } from '../support/gateway.js';
 import { dropRedisKeys, startTcpProxy, type TcpProxy, uniqueRedisPrefix } from '../support/redis.js';
@@ -14,29 +13,13 @@ import { dropRedisKeys, startTcpProxy, type TcpProxy, uniqueRedisPrefix } from '
  * kubelet gives it. The database sits behind a TCP relay the test freezes; the gateway is the
  * shipped bundle, as `npm start` and the image run it.
  */
-const root = join(import.meta.dirname, '..', '..');
-const BUNDLE = join(root, 'dist', 'bundle', 'main.js');
 const DRAIN_MS = 2000;
 /** SHUTDOWN_DRAIN_MS + the bound docs/operations.md gives (8 s) + slack for a loaded machine. */
 const EXIT_WITHIN_MS = DRAIN_MS + 8000 + 5000;
 /** Before the fix the drain waited behind the audit flush: 15-60 s. */
 const DRAINING_WITHIN_MS = 5000;
 
-function newestMtime(dir: string): number {
-  let newest = 0;
-  for (const entry of readdirSync(dir, { withFileTypes: true, recursive: true })) {
-    if (entry.isFile() && entry.name.endsWith('.ts')) newest = Math.max(newest, statSync(join(entry.parentPath, entry.name)).mtimeMs);
-  }
-  return newest;
-}
 
-/** An old bundle would test old code. */
-function assertBundleIsFresh(): void {
-  if (!existsSync(BUNDLE)) throw new Error(`${relative(root, BUNDLE)} is missing: run \`npm run build\` (npm test does)`);
-  if (Math.max(newestMtime(join(root, 'src')), newestMtime(join(root, 'libs'))) > statSync(BUNDLE).mtimeMs) {
-    throw new Error(`${relative(root, BUNDLE)} is older than the sources: run \`npm run build\` (npm test does)`);
-  }
-}
 
 interface LogLine {
   /** When this test read it (Date.now()): the log's own clock is the gateway's. */

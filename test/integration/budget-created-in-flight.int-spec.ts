@@ -4,7 +4,7 @@ import { BudgetService } from '../../src/budget/budget.service.js';
 import type { Reservation } from '../../src/budget/budget.types.js';
 import { DB_KINDS } from '../support/databases.js';
 import { startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
-import { BODY, FRESH, heldRows, ledgerSum, MAX_TOKENS, MODEL, REQUEST, storedBudget, worstCaseNanos } from './budget-support.js';
+import { BODY, FRESH, heldRows, ledgerSum, MAX_TOKENS, MODEL, principalOf, REQUEST, storedBudget, worstCaseNanos } from './budget-support.js';
 
 // A budget set on a user or department that has calls in flight (admitted while the scope had no
 // budget) must count them: they hold their worst case on the new budget until they settle, so it
@@ -44,15 +44,7 @@ describe.each(DB_KINDS.flatMap((db) => (['on', 'off'] as const).map((leases) => 
 
     /** Calls admitted now, in one event-loop turn (one batch statement with leases off). */
     function admit(t: Tenant, count: number): Promise<Reservation[]> {
-      const principal = {
-        keyId: t.keyId,
-        keyPrefix: 'k',
-        userId: t.userId,
-        departmentId: t.departmentId,
-        role: 'user' as const,
-        cacheScope: 'user' as const,
-        expiresAt: undefined,
-      };
+      const principal = principalOf(t);
       return Promise.all(Array.from({ length: count }, (_, i) => budget.reserve({ principal, requestId: `in-flight-${i}`, door: 'chat', body: BODY }, route)));
     }
 

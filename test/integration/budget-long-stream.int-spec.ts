@@ -4,7 +4,7 @@ import { formatUsd } from '../../libs/money/src/index.js';
 import { BudgetService } from '../../src/budget/budget.service.js';
 import { DB_KINDS } from '../support/databases.js';
 import { pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
-import { BODY, dataSourceOf, FRESH, heldRows, ledgerSum, MAX_TOKENS, MODEL, REQUEST, storedBudget, worstCaseNanos } from './budget-support.js';
+import { BODY, dataSourceOf, FRESH, heldRows, ledgerSum, MAX_TOKENS, MODEL, principalOf, REQUEST, storedBudget, worstCaseNanos } from './budget-support.js';
 
 // A stream has no total time limit once its first event is out, while the sweeper releases
 // reservations older than BUDGET_RESERVATION_TTL_MS. Every instance renews the reservation rows
@@ -115,15 +115,7 @@ describe.each(DB_KINDS)('budget reservations of long calls on %s', (db) => {
   it('renews every live row of the instance in one statement, and none once they are settled', async () => {
     const t = await gw.tenants.create({ userBudgetUsd: formatUsd(worst * 3n), departmentBudgetUsd: 1, period: 'daily' });
     const budget = gw.gateway.app.get(BudgetService);
-    const principal = {
-      keyId: t.keyId,
-      keyPrefix: 'k',
-      userId: t.userId,
-      departmentId: t.departmentId,
-      role: 'user' as const,
-      cacheScope: 'user' as const,
-      expiresAt: undefined,
-    };
+    const principal = principalOf(t);
     const route = { models: [MODEL], maxTokens: MAX_TOKENS, ruleTaskType: 'general' };
     const a = await budget.reserve({ principal, requestId: 'renew-a', door: 'chat', body: BODY }, route);
     const b = await budget.reserve({ principal, requestId: 'renew-b', door: 'chat', body: BODY }, route);

@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { formatUsd } from '../../libs/money/src/index.js';
 import { BudgetService } from '../../src/budget/budget.service.js';
 import { ApiClient, pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
-import { BODY, costHeader, dataSourceOf, flushBudgets, FRESH, heldRows, ledgerSum, MAX_TOKENS, MODEL, REQUEST, storedBudget, worstCaseNanos } from './budget-support.js';
+import { BODY, costHeader, dataSourceOf, flushBudgets, FRESH, heldRows, ledgerSum, MAX_TOKENS, MODEL, principalOf, REQUEST, storedBudget, worstCaseNanos } from './budget-support.js';
 
 // Two gateway instances on one PostgreSQL database, like two replicas behind a load balancer:
 // the budget lives in the database, so together they still cannot overspend it.
@@ -118,7 +118,7 @@ describe('budgets across two instances sharing one PostgreSQL', () => {
     const worst = worstCaseNanos(first, BODY, [MODEL], MAX_TOKENS);
     const t = await first.tenants.create();
     const elsewhere = second.gateway.app.get(BudgetService);
-    const principal = { keyId: t.keyId, keyPrefix: 'k', userId: t.userId, departmentId: t.departmentId, role: 'user' as const, cacheScope: 'user' as const, expiresAt: undefined };
+    const principal = principalOf(t);
     const route = { models: [MODEL], maxTokens: MAX_TOKENS, ruleTaskType: 'general' };
     const call = await elsewhere.reserve({ principal, requestId: 'in-flight-elsewhere', door: 'chat', body: BODY }, route);
     const [lease] = await heldRows(first, t.userId);

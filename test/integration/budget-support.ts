@@ -1,6 +1,7 @@
 import { DataSource } from 'typeorm';
 import { parseUsd } from '../../libs/money/src/index.js';
 import { BudgetService } from '../../src/budget/budget.service.js';
+import type { Principal } from '../../src/identity/principal.js';
 import type { TestGateway } from '../support/gateway.js';
 
 /** Reads budgets and the ledger straight from the database the gateway uses (PGlite or PostgreSQL). */
@@ -85,9 +86,14 @@ export async function ledgerSum(gw: TestGateway, scope: 'user' | 'department', i
   return BigInt(row?.total ?? '0');
 }
 
+/** A user key's principal for a tenant, for tests that call BudgetService directly (no HTTP request). */
+export function principalOf(t: { keyId: string; userId: string; departmentId: string }): Principal {
+  return { keyId: t.keyId, keyPrefix: 'k', userId: t.userId, departmentId: t.departmentId, role: 'user', cacheScope: 'user', expiresAt: undefined };
+}
+
 /** The worst case the gateway reserves for `body` on a route of `models` capped at `maxTokens` (what "a budget that covers N" means). */
 export function worstCaseNanos(gw: TestGateway, body: { messages: Array<{ role: string; content: string }> }, models: string[], maxTokens: number): bigint {
-  const principal = { keyId: 'k', keyPrefix: 'k', userId: 'u', departmentId: 'd', role: 'user' as const, cacheScope: 'user' as const, expiresAt: undefined };
+  const principal = principalOf({ keyId: 'k', userId: 'u', departmentId: 'd' });
   return gw.gateway.app.get(BudgetService).worstCase({ principal, requestId: 'estimate', door: 'chat', body }, { models, maxTokens, ruleTaskType: 'general' })
     .amountNanos;
 }

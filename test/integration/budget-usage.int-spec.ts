@@ -6,7 +6,7 @@ import { BudgetService } from '../../src/budget/budget.service.js';
 import { PricingService } from '../../src/upstream/pricing/pricing.service.js';
 import { DB_KINDS } from '../support/databases.js';
 import { startTestGateway, type TestGateway } from '../support/gateway.js';
-import { costHeader, FRESH, heldRows, ledgerRows, ledgerSum, MAX_TOKENS, MODEL, storedBudget, worstCaseNanos } from './budget-support.js';
+import { costHeader, FRESH, heldRows, ledgerRows, ledgerSum, MAX_TOKENS, MODEL, principalOf, storedBudget, worstCaseNanos } from './budget-support.js';
 
 // An upstream whose `usage` the gateway cannot take as it is: the call was answered, so it must
 // be answered and charged, never a 500 with nothing recorded and its hold left behind.
@@ -108,7 +108,7 @@ describe.each(DB_KINDS)('usage the gateway cannot take as it is, on %s', (db) =>
   it('settles without throwing for a usage no one read through readUsage: charged as an answer without usage', async () => {
     const t = await gw.tenants.create({ userBudgetUsd: 1 });
     const budget = gw.gateway.app.get(BudgetService);
-    const principal = { keyId: t.keyId, keyPrefix: 'test', userId: t.userId, departmentId: t.departmentId, role: 'user' as const, cacheScope: 'user' as const, expiresAt: undefined };
+    const principal = principalOf(t);
     const route = { models: [MODEL], maxTokens: MAX_TOKENS, ruleTaskType: 'general' };
     const reservation = await budget.reserve({ principal, requestId: 'hand-made', door: 'chat', body: { messages: [{ role: 'user', content: 'hi' }] } }, route);
     const usage = { prompt_tokens: 10.5, completion_tokens: -3, total_tokens: 7.5 };
@@ -132,15 +132,7 @@ describe.each(DB_KINDS)('usage the gateway cannot take as it is, on %s', (db) =>
     const model = `test/raised-${Date.now()}`;
     const t = await gw.tenants.create({ userBudgetUsd: 1 });
     const budget = gw.gateway.app.get(BudgetService);
-    const principal = {
-      keyId: t.keyId,
-      keyPrefix: 'test',
-      userId: t.userId,
-      departmentId: t.departmentId,
-      role: 'user' as const,
-      cacheScope: 'user' as const,
-      expiresAt: undefined,
-    };
+    const principal = principalOf(t);
     const route = { models: [model], maxTokens: MAX_TOKENS, ruleTaskType: 'general' };
     const reservation = await budget.reserve({ principal, requestId: 'price-raised', door: 'chat', body: { messages: [{ role: 'user', content: 'hi' }] } }, route);
     expect((await gw.admin.put(`/admin/pricing/${model}`, { prompt: '0.01', completion: '0.01' })).status).toBe(200);
