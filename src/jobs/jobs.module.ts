@@ -14,7 +14,7 @@ import { JobsRetention } from './jobs-retention.js';
 import { JobsRuntime } from './jobs-runtime.js';
 import { JobsRepository } from './jobs.repository.js';
 import { JobsService } from './jobs.service.js';
-import { SubmitBudgetCheck } from './submit-budget-check.js';
+import { SubmitCheck } from './submit-check.js';
 import { Jobs1764400005000 } from './migrations/1764400005000-jobs.js';
 import { JobsEnqueued1764400005100 } from './migrations/1764400005100-jobs-enqueued.js';
 import { JobsDeadLetteredAt1764400005200 } from './migrations/1764400005200-jobs-dead-lettered-at.js';
@@ -53,7 +53,7 @@ export class JobsModule {
         JobCallbacks,
         JobsRuntime,
         JobsRetention,
-        SubmitBudgetCheck,
+        SubmitCheck,
       ],
       exports: [JobsService],
     };

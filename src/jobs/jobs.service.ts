@@ -7,7 +7,7 @@ import { CallbackPolicy } from './callback-policy.js';
 import { JobQueue, type QueueCounts, queueUnavailable } from './job-queue.js';
 import type { JobRecord, NewJob } from './job.types.js';
 import { JobsRepository, type StatusCounts } from './jobs.repository.js';
-import { SubmitBudgetCheck } from './submit-budget-check.js';
+import { SubmitCheck } from './submit-check.js';
 
 export interface QueueStats {
   object: 'gateway.queue';
@@ -35,7 +35,7 @@ export class JobsService {
     private readonly config: AppConfig,
     private readonly clock: Clock,
     private readonly callbackPolicy: CallbackPolicy,
-    private readonly budgetCheck: SubmitBudgetCheck,
+    private readonly submitCheck: SubmitCheck,
   ) {}
 
   /**
@@ -52,11 +52,11 @@ export class JobsService {
     }
     if (input.callbackUrl !== undefined) this.assertCallbackAllowed(input.callbackUrl);
     // Refuse before writing anything when the queue surely cannot take it (full, or Redis away)
-    // or the budget cannot cover it. A repeat of an idempotent submit is answered from its record
+    // or the run would be refused (routing, budget: SubmitCheck). A repeat of an idempotent submit is answered from its record
     // even then, so a keyed submit is checked once its record proves it new (below).
     if (input.idempotencyKey === undefined) {
       this.queue.assertAccepting();
-      await this.budgetCheck.assertAffordable(input);
+      await this.submitCheck.assertRunnable(input);
     }
     const { job, created } = await this.repo.insert(input, this.clock.now());
     if (!created) {
@@ -69,7 +69,7 @@ export class JobsService {
       return { job, created };
     }
     try {
-      if (input.idempotencyKey !== undefined) await this.budgetCheck.assertAffordable(input);
+      if (input.idempotencyKey !== undefined) await this.submitCheck.assertRunnable(input);
       await this.queue.submit(job.id);
     } catch (error) {
       await this.repo.remove(job.id).catch(() => undefined);

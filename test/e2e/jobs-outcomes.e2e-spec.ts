@@ -97,7 +97,7 @@ describe('a job whose completion PostgreSQL jsonb cannot hold as sent (U+0000)',
   });
 });
 
-describe('the audit row of a job refused before the pipeline', () => {
+describe('an async submit routing refuses', () => {
   let gw: TestGateway;
 
   beforeAll(async () => {
@@ -107,12 +107,15 @@ describe('the audit row of a job refused before the pipeline', () => {
     await gw?.close();
   });
 
-  it('is written when routing refuses the model at run time (a submit does not route)', async () => {
+  // Before, a submit did not route: it was accepted (202) and its job failed on its first try with
+  // the error a sync call gets at once. The run-time refusal (the table changed after the submit)
+  // is covered by jobs-processor.int-spec.ts ("audits a try the pipeline refused …").
+  it('is answered as the sync call is (400 model_not_allowed), leaves no job and one audit row, and frees its idempotency-key', async () => {
     const alice = await gw.tenants.create();
     const table = (await gw.admin.get<{ version: number; default_task_type: string; rules: Array<{ model: string; fallbacks: string[] }> }>('/admin/routing'))
       .body;
     const allowed = [...new Set(table.rules.flatMap((r) => [r.model, ...r.fallbacks]))];
-    const put = await gw.admin.put('/admin/routing', {
+    const put = await gw.admin.put<{ version: number }>('/admin/routing', {
       version: table.version,
       default_task_type: table.default_task_type,
       rules: table.rules,
@@ -121,24 +124,43 @@ describe('the audit row of a job refused before the pipeline', () => {
     expect(put.status).toBe(200);
     const body = { model: 'not/allowed', messages: [{ role: 'user', content: 'x' }] };
     // The table is in effect once a sync call is refused with it.
-    await pollUntil(async () => expect((await alice.api.post('/v1/chat/completions', body)).status).toBe(400));
+    const sync = await pollUntil(async () => {
+      const res = await alice.api.post<{ error: { code: string; param: string | null } }>('/v1/chat/completions', body);
+      expect(res.status).toBe(400);
+      return res.body.error;
+    });
+    expect(sync.code).toBe('model_not_allowed');
+    const jobsBefore = (await gw.admin.get<{ counts: Record<string, number> }>('/admin/queue')).body.counts;
 
-    const submit = await alice.api.post<JobBody>('/v1/chat/completions', body, ASYNC);
-    expect(submit.status).toBe(202);
-    expect(await finished(alice, submit.body.id)).toMatchObject({ status: 'failed', error: { code: 'model_not_allowed' } });
-    const requestId = `job-${submit.body.id}-1`;
-    const row = await pollUntil(async () => {
-      const rows = (await gw.admin.get<AuditListDto>(`/admin/audit?action=completion&limit=500`)).body.data.filter(
-        (e: AuditEventDto) => e.request_id === requestId,
+    const submit = await alice.api.post<{ error: { code: string; param: string | null } }>('/v1/chat/completions', body, { ...ASYNC, 'idempotency-key': 'refused-then-allowed' });
+    expect(submit.status).toBe(400);
+    expect(submit.body.error).toEqual(sync);
+    const complete = await alice.api.post<{ error: { code: string } }>('/v1/complete', { prompt: 'x', model: 'not/allowed' }, ASYNC);
+    expect(complete.status).toBe(400);
+    expect(complete.body.error.code).toBe('model_not_allowed');
+    expect((await gw.admin.get<{ counts: Record<string, number> }>('/admin/queue')).body.counts).toEqual(jobsBefore);
+
+    const rows = await pollUntil(async () => {
+      const found = (await gw.admin.get<AuditListDto>('/admin/audit?action=POST%20/v1/chat/completions&limit=500')).body.data.filter(
+        (e: AuditEventDto) => e.actor_user_id === alice.userId && e.status === 400,
       );
-      expect(rows).toHaveLength(1);
-      return rows[0];
+      // The sync refusal and the refused submit: one row each.
+      expect(found).toHaveLength(2);
+      return found;
     });
-    expect(row).toMatchObject({
-      status: 400,
-      actor_user_id: alice.userId,
-      actor_key_id: alice.keyId,
-      details: { door: 'job', outcome: 'model_not_allowed', attempts: [] },
+    expect(rows.map((r) => r.details)).toContainEqual(expect.objectContaining({ error: expect.objectContaining({ code: 'model_not_allowed' }) }));
+
+    // The refused submit left its key unused: once the model is allowed, the same key runs the job.
+    const reopened = await gw.admin.put('/admin/routing', {
+      version: put.body.version,
+      default_task_type: table.default_task_type,
+      rules: table.rules,
+      allowed_models: [...allowed, 'not/allowed'],
     });
+    expect(reopened.status).toBe(200);
+    await pollUntil(async () => expect((await alice.api.post('/v1/chat/completions', body)).status).toBe(200));
+    const again = await alice.api.post<JobBody>('/v1/chat/completions', body, { ...ASYNC, 'idempotency-key': 'refused-then-allowed' });
+    expect(again.status).toBe(202);
+    expect(await finished(alice, again.body.id)).toMatchObject({ status: 'completed' });
   });
 });

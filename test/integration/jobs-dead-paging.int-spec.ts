@@ -11,7 +11,7 @@ import type { JobRecord, NewJob } from '../../src/jobs/job.types.js';
 import { JobsRepository } from '../../src/jobs/jobs.repository.js';
 import { JobsService } from '../../src/jobs/jobs.service.js';
 import { JobsDeadLetteredAt1764400005200 } from '../../src/jobs/migrations/1764400005200-jobs-dead-lettered-at.js';
-import type { SubmitBudgetCheck } from '../../src/jobs/submit-budget-check.js';
+import type { SubmitCheck } from '../../src/jobs/submit-check.js';
 import { DB_KINDS } from '../support/databases.js';
 import { type JobsTestDatabase, newJobFor, openJobsTestDatabase } from '../support/jobs-database.js';
 
@@ -36,7 +36,7 @@ describe.each(DB_KINDS)('dead-letter paging on %s', (kind) => {
     repo = new JobsRepository(db.dataSource);
     const queue = { requeue: () => Promise.resolve() } as unknown as JobQueue;
     const config = { jobs: { maxAttempts: 3 } } as unknown as AppConfig;
-    jobs = new JobsService(repo, queue, config, clock, {} as CallbackPolicy, {} as SubmitBudgetCheck);
+    jobs = new JobsService(repo, queue, config, clock, {} as CallbackPolicy, {} as SubmitCheck);
   });
   afterAll(async () => {
     await opened?.close();

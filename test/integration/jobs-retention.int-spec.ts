@@ -11,7 +11,7 @@ import type { JobRecord, NewJob } from '../../src/jobs/job.types.js';
 import { JobsRetention } from '../../src/jobs/jobs-retention.js';
 import { JobsRepository } from '../../src/jobs/jobs.repository.js';
 import { JobsService } from '../../src/jobs/jobs.service.js';
-import type { SubmitBudgetCheck } from '../../src/jobs/submit-budget-check.js';
+import type { SubmitCheck } from '../../src/jobs/submit-check.js';
 import { DB_KINDS } from '../support/databases.js';
 import { type JobsTestDatabase, newJobFor, openJobsTestDatabase } from '../support/jobs-database.js';
 
@@ -30,7 +30,7 @@ const acceptingQueue = {
   submit: () => Promise.resolve(),
   requeue: () => Promise.resolve(),
 } as unknown as JobQueue;
-const noBudgetCheck = { assertAffordable: () => Promise.resolve() } as unknown as SubmitBudgetCheck;
+const noSubmitCheck = { assertRunnable: () => Promise.resolve() } as unknown as SubmitCheck;
 
 describe.each(DB_KINDS)('async idempotency-keys and job retention on %s', (kind) => {
   let db: OpenedDatabase;
@@ -48,7 +48,7 @@ describe.each(DB_KINDS)('async idempotency-keys and job retention on %s', (kind)
     repo = new JobsRepository(db.dataSource);
     clock = new ManualClock(Date.parse('2026-02-01T08:00:00Z'));
     const config = { jobs: { callbackSecret: undefined } } as unknown as AppConfig;
-    service = new JobsService(repo, acceptingQueue, config, clock, { refusal: () => undefined } as unknown as CallbackPolicy, noBudgetCheck);
+    service = new JobsService(repo, acceptingQueue, config, clock, { refusal: () => undefined } as unknown as CallbackPolicy, noSubmitCheck);
   });
   afterAll(async () => {
     await opened?.close();

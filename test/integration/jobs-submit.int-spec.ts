@@ -8,7 +8,7 @@ import { type JobQueue, queueFull } from '../../src/jobs/job-queue.js';
 import type { NewJob } from '../../src/jobs/job.types.js';
 import { JobsRepository } from '../../src/jobs/jobs.repository.js';
 import { JobsService } from '../../src/jobs/jobs.service.js';
-import type { SubmitBudgetCheck } from '../../src/jobs/submit-budget-check.js';
+import type { SubmitCheck } from '../../src/jobs/submit-check.js';
 import { DB_KINDS } from '../support/databases.js';
 import { type JobsTestDatabase, newJobFor, openJobsTestDatabase } from '../support/jobs-database.js';
 
@@ -66,8 +66,8 @@ describe.each(DB_KINDS)('idempotent async submits on %s', (kind) => {
     const clock = new ManualClock(Date.now());
     const config = { jobs: { callbackSecret: undefined } } as unknown as AppConfig;
     const policy = { refusal: () => undefined } as unknown as CallbackPolicy;
-    const budgetCheck = { assertAffordable: () => Promise.resolve() } as unknown as SubmitBudgetCheck;
-    const service = new JobsService(repo, queue as unknown as JobQueue, config, clock, policy, budgetCheck);
+    const submitCheck = { assertRunnable: () => Promise.resolve() } as unknown as SubmitCheck;
+    const service = new JobsService(repo, queue as unknown as JobQueue, config, clock, policy, submitCheck);
     keys += 1;
     const input = newJobFor(principal, { requestId: 'req-submit', idempotencyKey: `key-${keys}` });
     return { service, queue, clock, input };

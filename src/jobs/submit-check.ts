@@ -2,27 +2,28 @@ import { Injectable } from '@nestjs/common';
 import { BudgetService } from '../budget/budget.service.js';
 import { CompletionService } from '../completion/completion.service.js';
 import type { CompletionCall } from '../completion/completion.types.js';
-import { isGatewayError } from '../core/errors.js';
-import type { ResolvedRoute } from '../routing/routing-table.js';
 import type { NewJob } from './job.types.js';
 
 /** Nothing at submit waits on the call's signal: routing and the budget read are not the call. */
 const NOT_CANCELLED = new AbortController().signal;
 
 /**
- * API.md's 402 (`budget_exceeded`, `param` naming the scope) for an async submit, as a sync call
- * gets it: a job its user's or department's budget cannot cover now is refused at the door,
- * instead of being accepted (202) only to fail on its first try. Read-only: nothing is reserved
- * or charged here; the job's try reserves when it runs, as any call does.
+ * What a sync call would be refused for before it reaches the upstream, answered to an async
+ * submit as the sync call gets it, instead of a 202 for a job that could only fail on its first
+ * try: the route (a model the routing table does not allow, a task type it does not know: the
+ * same 4xx and `param`) and API.md's 402 (`budget_exceeded`, `param` naming the scope) when the
+ * user's or department's budget cannot cover the route's worst case now. Read-only: nothing is
+ * reserved or charged; the job's try routes and reserves again when it runs, as any call does, so
+ * a routing table changed in between still decides (and fails the job, audited, if it refuses).
  */
 @Injectable()
-export class SubmitBudgetCheck {
+export class SubmitCheck {
   constructor(
     private readonly completions: CompletionService,
     private readonly budget: BudgetService,
   ) {}
 
-  async assertAffordable(job: NewJob): Promise<void> {
+  async assertRunnable(job: NewJob): Promise<void> {
     const call: CompletionCall = {
       principal: job.principal,
       requestId: job.requestId,
@@ -33,15 +34,7 @@ export class SubmitBudgetCheck {
       cacheControl: job.cacheControl,
     };
     // The worst case is the run's: the route it will take (its models' prices, its token cap).
-    let route: ResolvedRoute;
-    try {
-      route = this.completions.resolve(call);
-    } catch (error) {
-      // A request routing refuses (a model not allowed, …) fails its job for that reason, as
-      // before: said on its first try, not turned into a budget answer here.
-      if (isGatewayError(error)) return;
-      throw error;
-    }
+    const route = this.completions.resolve(call);
     await this.budget.assertAffordable(call, route);
   }
 }
