@@ -47,3 +47,18 @@ describe('parseChatRequest: model ids', () => {
     expect(refusal({ model: 42 })).toEqual({ code: 'invalid_value', param: 'model' });
   });
 });
+
+describe('parseChatRequest: sampling parameters', () => {
+  it('refuses a temperature or top_p outside its range, or of the wrong type, naming it', () => {
+    expect(refusal({ temperature: 2.5 })).toEqual({ code: 'invalid_value', param: 'temperature' });
+    expect(refusal({ temperature: -0.1 })).toEqual({ code: 'invalid_value', param: 'temperature' });
+    expect(refusal({ temperature: '0.9' })).toEqual({ code: 'invalid_value', param: 'temperature' });
+    expect(refusal({ top_p: 1.5 })).toEqual({ code: 'invalid_value', param: 'top_p' });
+  });
+
+  it('accepts the ends of each range, and null as not set', () => {
+    for (const body of [{ temperature: 0 }, { temperature: 2 }, { top_p: 0 }, { top_p: 1 }, { temperature: null, top_p: null }]) {
+      expect(() => parseChatRequest({ messages, ...body })).not.toThrow();
+    }
+  });
+});

@@ -5,6 +5,14 @@ import { asBody, asObject } from '../core/validate.js';
 const TASK_TYPE = /^[a-z0-9][a-z0-9_.-]{0,63}$/i;
 /** Printable ASCII without spaces: what a model id is, and what a response header can carry. */
 const MODEL_ID = /^[\x21-\x7e]{1,200}$/;
+/**
+ * OpenAI's (and OpenRouter's) ranges. A value outside them is the caller's mistake: answered here,
+ * before a fallback chain sends it to every model in turn, and the same on both doors.
+ */
+const SAMPLING_RANGES = [
+  ['temperature', [0, 2]],
+  ['top_p', [0, 1]],
+] as const;
 
 /**
  * Checks the fields the gateway itself reads, naming the first one that is wrong, and passes
@@ -40,7 +48,13 @@ export function parseChatRequest(raw: unknown): ChatCompletionRequest {
       throw new GatewayError('invalid_value', `'${field}' must be a positive integer.`, { param: field });
     }
   }
-  for (const field of ['temperature', 'top_p'] as const) optionalType(body, field, 'number');
+  for (const [field, [min, max]] of SAMPLING_RANGES) {
+    optionalType(body, field, 'number');
+    const v = body[field];
+    if (typeof v === 'number' && !(v >= min && v <= max)) {
+      throw new GatewayError('invalid_value', `'${field}' must be from ${min} to ${max}.`, { param: field });
+    }
+  }
   if (body.n !== undefined && body.n !== null && (typeof body.n !== 'number' || !Number.isInteger(body.n) || body.n < 1 || body.n > 16)) {
     throw new GatewayError('invalid_value', "'n' must be an integer from 1 to 16.", { param: 'n' });
   }

@@ -220,7 +220,7 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
       expect(wrongType.body).toMatchObject({ error: { param: 'messages' } });
     });
 
-    it('400 naming the field for wrong types of content, tools, response_format, user and stream_options, before the upstream or the budget', async () => {
+    it('400 naming the field for wrong types of content, tools, response_format, user and stream_options, and sampling values out of range, before the upstream or the budget', async () => {
       // Requests in the caller's own ledger: a refused call must not appear there.
       const ledgered = async () => (await alice.api.get<{ spend: Array<{ requests: number }> }>('/v1/usage')).body.spend.reduce((n, s) => n + s.requests, 0);
       const before = await ledgered();
@@ -234,6 +234,8 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
         [{ messages: [message], user: 42 }, 'user'],
         [{ messages: [message], stream_options: 'usage' }, 'stream_options'],
         [{ messages: [message], stream: true, stream_options: { include_usage: 'yes' } }, 'stream_options.include_usage'],
+        [{ messages: [message], temperature: 2.5 }, 'temperature'],
+        [{ messages: [message], top_p: -1 }, 'top_p'],
       ] as const) {
         const res = await alice.api.post('/v1/chat/completions', body, { 'cache-control': 'no-cache' });
         expect(res, JSON.stringify(body)).toMatchObject({ status: 400, body: { error: { type: 'invalid_request_error', code: 'invalid_value', param } } });
