@@ -30,6 +30,18 @@ export function parseCallbackUrl(value: unknown): string | undefined {
   return url.toString();
 }
 
+/**
+ * A sync call answers in its response, so a `callback_url` on it would never be called: a client
+ * that forgot `prefer: respond-async` is told, rather than left waiting for a POST that never comes.
+ */
+export function refuseCallbackWithoutAsync(raw: unknown): void {
+  const url = (raw as Record<string, unknown>).callback_url;
+  if (url === undefined || url === null) return;
+  throw new GatewayError('invalid_value', "'callback_url' is only used with the header prefer: respond-async; a call without it is answered in its response.", {
+    param: 'callback_url',
+  });
+}
+
 /** Whether a U+0000 sits in any string or key of a JSON value. */
 export function holdsNul(value: unknown): boolean {
   let found = false;

@@ -5,7 +5,7 @@ import { CompletionService } from '../completion/completion.service.js';
 import { IdempotencyService } from '../idempotency/idempotency.service.js';
 import { Authenticated, DeferredAdmission } from '../identity/auth.guard.js';
 import { JobsService } from '../jobs/jobs.service.js';
-import { submitAsync, wantsAsync } from './async-submit.js';
+import { refuseCallbackWithoutAsync, submitAsync, wantsAsync } from './async-submit.js';
 import { parseChatRequest, parseTaskType } from './chat-request.js';
 import { ChatCompletionRequestDto } from './openai-api.dto.js';
 import { admitted, answerIdempotently, callFromRequest, hasIdempotencyKey, metaHeaders, ReplyStreamSink, sendJsonOnce, streamOnce } from './http-call.js';
@@ -42,6 +42,7 @@ export class ChatCompletionsController {
     const call = callFromRequest(request, reply, body, taskType, 'chat');
     // prefer: respond-async → 202 and a job; the job later runs this same pipeline.
     if (wantsAsync(request)) return submitAsync(this.jobs, request, reply, call, 'chat', raw);
+    refuseCallbackWithoutAsync(raw);
     if (hasIdempotencyKey(request)) {
       return answerIdempotently(this.idempotency, request, reply, call, 'chat', raw, async (claim) => {
         if (body.stream === true) return streamOnce(claim, reply, (sink) => this.completions.stream(call, sink));

@@ -10,7 +10,7 @@ import { asBody, optionalNumber, rejectUnknownFields } from '../core/validate.js
 import { IdempotencyService } from '../idempotency/idempotency.service.js';
 import { Authenticated, DeferredAdmission } from '../identity/auth.guard.js';
 import { JobsService } from '../jobs/jobs.service.js';
-import { submitAsync, wantsAsync } from './async-submit.js';
+import { refuseCallbackWithoutAsync, submitAsync, wantsAsync } from './async-submit.js';
 import { parseModelId, parseTaskType } from './chat-request.js';
 import { admitted, answerIdempotently, callFromRequest, hasIdempotencyKey, metaHeaders, sendJsonOnce } from './http-call.js';
 import { CompleteRequestDto, CompleteResponseDto } from './openai-api.dto.js';
@@ -78,6 +78,7 @@ export class CompleteController {
     const call = callFromRequest(request, reply, chat, taskType, 'complete');
     // Async: the job's result is the chat completion (API.md "Async"), like the chat door's.
     if (wantsAsync(request)) return submitAsync(this.jobs, request, reply, call, 'complete', raw);
+    refuseCallbackWithoutAsync(raw);
     if (hasIdempotencyKey(request)) {
       return answerIdempotently(this.idempotency, request, reply, call, 'complete', raw, async (claim) => {
         const outcome = await this.completions.complete(call);

@@ -168,6 +168,7 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
       [{ prompt: 'x', system: 'be terse' }, 'system'],
       [{ prompt: 'x', frequency_penalty: 'x' }, 'frequency_penalty'],
       [{ messages: [{ role: 'user', content: 'x' }] }, 'messages'],
+      [{ prompt: 'x', callback_url: 'https://hooks.example.com/done' }, 'callback_url'],
     ];
     for (const [body, param] of cases) {
       const res = await alice.api.post('/v1/complete', body);
@@ -220,7 +221,7 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
       expect(wrongType.body).toMatchObject({ error: { param: 'messages' } });
     });
 
-    it('400 naming the field for wrong types of content, tools, response_format, user and stream_options, and sampling values out of range, before the upstream or the budget', async () => {
+    it('400 naming the field for wrong types of content, tools, response_format, user and stream_options, sampling values out of range and a callback_url without respond-async, before the upstream or the budget', async () => {
       // Requests in the caller's own ledger: a refused call must not appear there.
       const ledgered = async () => (await alice.api.get<{ spend: Array<{ requests: number }> }>('/v1/usage')).body.spend.reduce((n, s) => n + s.requests, 0);
       const before = await ledgered();
@@ -236,6 +237,8 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
         [{ messages: [message], stream: true, stream_options: { include_usage: 'yes' } }, 'stream_options.include_usage'],
         [{ messages: [message], temperature: 2.5 }, 'temperature'],
         [{ messages: [message], top_p: -1 }, 'top_p'],
+        // Without prefer: respond-async nothing would ever call it back.
+        [{ messages: [message], callback_url: 'https://hooks.example.com/done' }, 'callback_url'],
       ] as const) {
         const res = await alice.api.post('/v1/chat/completions', body, { 'cache-control': 'no-cache' });
         expect(res, JSON.stringify(body)).toMatchObject({ status: 400, body: { error: { type: 'invalid_request_error', code: 'invalid_value', param } } });
