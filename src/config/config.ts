@@ -143,6 +143,11 @@ export abstract class AppConfig {
     /** HMAC-SHA256 secret for `callback_url` deliveries; unset = callbacks are refused at submit. */
     readonly callbackSecret: string | undefined;
     /**
+     * While a secret is rotated: deliveries also carry a signature with this one, so receivers
+     * still on it keep verifying until they move to `callbackSecret`.
+     */
+    readonly callbackPreviousSecret: string | undefined;
+    /**
      * Where callbacks may go (SSRF guard), normalised: `host`, `*.suffix`, `address/prefix`.
      * Empty = any public host; otherwise only these (a listed private host or range included).
      */
@@ -246,6 +251,10 @@ export const CONFIG_VARIABLES = {
   JOBS_BACKOFF_MS: { sensitive: false, help: 'base of the exponential backoff between job tries (default 2000)' },
   JOBS_BACKOFF_MAX_MS: { sensitive: false, help: 'largest wait between job tries (default 60000)' },
   JOBS_CALLBACK_SECRET: { sensitive: true, help: 'HMAC-SHA256 secret signing callback_url deliveries; unset = callbacks refused' },
+  JOBS_CALLBACK_SECRET_PREVIOUS: {
+    sensitive: true,
+    help: 'while rotating JOBS_CALLBACK_SECRET: the old secret, whose signature every delivery also carries until receivers have moved (unset after)',
+  },
   JOBS_CALLBACK_ALLOWED_HOSTS: {
     sensitive: false,
     help: 'comma-separated hosts, *.suffixes and IP CIDRs callback_url may reach (only these); unset = any public host, never private/loopback/link-local',
@@ -355,6 +364,12 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
   }
   const jobsCallbackSecret = str('JOBS_CALLBACK_SECRET');
   if (jobsCallbackSecret !== undefined && jobsCallbackSecret.length < 16) problems.push('JOBS_CALLBACK_SECRET must be at least 16 characters');
+  const jobsCallbackPrevious = str('JOBS_CALLBACK_SECRET_PREVIOUS');
+  if (jobsCallbackPrevious !== undefined) {
+    if (jobsCallbackSecret === undefined) problems.push('JOBS_CALLBACK_SECRET_PREVIOUS is set without JOBS_CALLBACK_SECRET (the secret it is rotated to)');
+    else if (jobsCallbackPrevious === jobsCallbackSecret) problems.push('JOBS_CALLBACK_SECRET_PREVIOUS must differ from JOBS_CALLBACK_SECRET');
+    if (jobsCallbackPrevious.length < 16) problems.push('JOBS_CALLBACK_SECRET_PREVIOUS must be at least 16 characters');
+  }
   const callbackHosts = parseAllowedHosts(str('JOBS_CALLBACK_ALLOWED_HOSTS'));
   problems.push(...callbackHosts.problems.map((problem) => `JOBS_CALLBACK_ALLOWED_HOSTS: ${problem}`));
   const jobsRetentionHours = int('JOBS_RETENTION_HOURS', 720, 0, 876_000);
@@ -449,6 +464,7 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
       backoffMs: int('JOBS_BACKOFF_MS', 2000, 1, 3_600_000),
       backoffMaxMs: int('JOBS_BACKOFF_MAX_MS', 60_000, 1, 86_400_000),
       callbackSecret: jobsCallbackSecret,
+      callbackPreviousSecret: jobsCallbackPrevious,
       callbackAllowedHosts: callbackHosts.entries,
       retentionHours: jobsRetentionHours,
     },
@@ -503,6 +519,10 @@ export function describeConfig(config: AppConfig): Record<string, unknown> {
     tracing: config.telemetry.otlpEndpoint ? 'otlp (OTEL_EXPORTER_OTLP_ENDPOINT set)' : 'off',
     metricsToken: config.telemetry.metricsToken ? 'set' : 'unset (/metrics open)',
     shutdownDrainMs: config.shutdown.drainMs,
-    jobs: { ...config.jobs, callbackSecret: config.jobs.callbackSecret ? 'set' : 'unset' },
+    jobs: {
+      ...config.jobs,
+      callbackSecret: config.jobs.callbackSecret ? 'set' : 'unset',
+      callbackPreviousSecret: config.jobs.callbackPreviousSecret ? 'set' : 'unset',
+    },
   };
 }

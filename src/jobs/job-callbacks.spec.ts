@@ -18,15 +18,19 @@ const NOW_SECONDS = Date.parse(NOW) / 1000;
 
 /**
  * What a receiver does (the verification docs/operations.md gives): the HMAC of "<t>.<raw body>"
- * compared in constant time, and a `t` within 5 minutes of its own clock.
+ * compared in constant time with each `v1` (two while a secret is rotated), and a `t` within
+ * 5 minutes of its own clock.
  */
 function receiverAccepts(secret: string, header: string, rawBody: string, nowSeconds: number): boolean {
-  const parts = Object.fromEntries(header.split(',').map((part) => part.split('=', 2) as [string, string]));
-  const t = Number(parts.t);
-  if (!Number.isInteger(t) || Math.abs(nowSeconds - t) > 300 || !parts.v1) return false;
+  const parts = header.split(',').map((part) => part.split('=', 2) as [string, string]);
+  const t = Number(parts.find(([name]) => name === 't')?.[1]);
+  if (!Number.isInteger(t) || Math.abs(nowSeconds - t) > 300) return false;
   const expected = createHmac('sha256', secret).update(`${t}.${rawBody}`).digest();
-  const given = Buffer.from(parts.v1, 'hex');
-  return given.length === expected.length && timingSafeEqual(given, expected);
+  return parts.some(([name, value]) => {
+    if (name !== 'v1') return false;
+    const given = Buffer.from(value, 'hex');
+    return given.length === expected.length && timingSafeEqual(given, expected);
+  });
 }
 
 function finishedJob(callbackUrl: string): JobRecord {
@@ -110,8 +114,8 @@ describe('callback delivery through the callback policy', () => {
     warn.mockClear();
   });
 
-  async function deliver(allowedHosts: string[], url: string): Promise<void> {
-    const callbacks = new JobCallbacks(config, appLogger, new CallbackPolicy(allowedHosts, resolver), new ManualClock(Date.parse(NOW)));
+  async function deliver(allowedHosts: string[], url: string, withConfig: AppConfig = config): Promise<void> {
+    const callbacks = new JobCallbacks(withConfig, appLogger, new CallbackPolicy(allowedHosts, resolver), new ManualClock(Date.parse(NOW)));
     try {
       callbacks.notify(finishedJob(url));
       await callbacks.drain();
@@ -173,5 +177,19 @@ describe('callback delivery through the callback policy', () => {
     expect(receiverAccepts(SECRET, signature.replace(`t=${NOW_SECONDS}`, `t=${NOW_SECONDS + 3600}`), body, NOW_SECONDS + 3600)).toBe(false);
     expect(receiverAccepts(SECRET, signature, body.replace('completed', 'failed'), NOW_SECONDS)).toBe(false);
     expect(receiverAccepts('another-secret-0123456789', signature, body, NOW_SECONDS)).toBe(false);
+  });
+
+  it('while a secret is rotated, signs with both: receivers on the old secret and on the new one verify, others do not', async () => {
+    const previous = 'old-callback-secret-0123456789';
+    const rotating = { jobs: { callbackSecret: SECRET, callbackPreviousSecret: previous } } as unknown as AppConfig;
+    await deliver(['127.0.0.1/32'], `http://127.0.0.1:${port}/rotating`, rotating);
+    const [delivery] = received;
+    const signature = String(delivery?.signature);
+    const body = delivery?.body ?? '';
+    expect(signature).toMatch(new RegExp(`^t=${NOW_SECONDS},v1=[0-9a-f]{64},v1=[0-9a-f]{64}$`));
+    expect(receiverAccepts(SECRET, signature, body, NOW_SECONDS)).toBe(true);
+    expect(receiverAccepts(previous, signature, body, NOW_SECONDS)).toBe(true);
+    expect(receiverAccepts('another-secret-0123456789', signature, body, NOW_SECONDS)).toBe(false);
+    expect(receiverAccepts(previous, signature, body.replace('completed', 'failed'), NOW_SECONDS)).toBe(false);
   });
 });

@@ -21,9 +21,14 @@ const SHUTDOWN_WAIT_MS = 5_000;
  * before parsing. The time is signed with the body so that a captured delivery (a proxy's log, a
  * receiver's request dump) can be refused once it is older than the receiver's tolerance, instead
  * of being replayable for ever. `v1` names the scheme, so another can be sent beside it later.
+ * While a secret is rotated, a second `v1` signs with the previous one: a receiver accepts a
+ * delivery when any `v1` matches its secret, so each receiver moves to the new secret on its own
+ * schedule.
  */
-export function signCallback(secret: string, timestamp: number, body: string): string {
-  return `t=${timestamp},v1=${createHmac('sha256', secret).update(`${timestamp}.${body}`).digest('hex')}`;
+export function signCallback(secret: string, timestamp: number, body: string, previousSecret?: string): string {
+  const signed = `${timestamp}.${body}`;
+  const v1 = (key: string) => `v1=${createHmac('sha256', key).update(signed).digest('hex')}`;
+  return previousSecret === undefined ? `t=${timestamp},${v1(secret)}` : `t=${timestamp},${v1(secret)},${v1(previousSecret)}`;
 }
 
 /**
@@ -81,7 +86,7 @@ export class JobCallbacks implements OnApplicationShutdown {
       const headers = {
         'content-type': 'application/json',
         'user-agent': 'gatehouse-jobs',
-        [SIGNATURE_HEADER]: signCallback(secret, timestamp, body),
+        [SIGNATURE_HEADER]: signCallback(secret, timestamp, body, this.config.jobs.callbackPreviousSecret),
         [TIMESTAMP_HEADER]: String(timestamp),
         'x-gatehouse-job-id': job.id,
       };

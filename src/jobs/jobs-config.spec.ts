@@ -21,6 +21,7 @@ describe('job queue configuration', () => {
       backoffMs: 2000,
       backoffMaxMs: 60_000,
       callbackSecret: undefined,
+      callbackPreviousSecret: undefined,
       callbackAllowedHosts: [],
       retentionHours: 720,
     });
@@ -49,6 +50,20 @@ describe('job queue configuration', () => {
       ]),
     );
     expect(problemsOf({ JOBS_DRIVER: 'bullmq' })).toEqual(['JOBS_DRIVER=bullmq needs REDIS_URL']);
+  });
+
+  it('takes a previous callback secret only beside the one it is rotated to, distinct and as long', () => {
+    const secret = 'new-callback-secret-0123456789';
+    const previous = 'old-callback-secret-0123456789';
+    expect(loadConfig({ JOBS_CALLBACK_SECRET: secret, JOBS_CALLBACK_SECRET_PREVIOUS: previous }).jobs).toMatchObject({
+      callbackSecret: secret,
+      callbackPreviousSecret: previous,
+    });
+    expect(problemsOf({ JOBS_CALLBACK_SECRET_PREVIOUS: previous })).toEqual([
+      'JOBS_CALLBACK_SECRET_PREVIOUS is set without JOBS_CALLBACK_SECRET (the secret it is rotated to)',
+    ]);
+    expect(problemsOf({ JOBS_CALLBACK_SECRET: secret, JOBS_CALLBACK_SECRET_PREVIOUS: secret })).toEqual(['JOBS_CALLBACK_SECRET_PREVIOUS must differ from JOBS_CALLBACK_SECRET']);
+    expect(problemsOf({ JOBS_CALLBACK_SECRET: secret, JOBS_CALLBACK_SECRET_PREVIOUS: 'short' })).toEqual(['JOBS_CALLBACK_SECRET_PREVIOUS must be at least 16 characters']);
   });
 
   it('keeps finished jobs 30 days unless JOBS_RETENTION_HOURS says otherwise (0 = for ever), and refuses to start on a bad value, saying why', () => {

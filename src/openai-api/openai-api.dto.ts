@@ -19,7 +19,7 @@ export class ChatCompletionRequestDto {
   @ApiPropertyOptional({ example: 256 }) max_tokens?: number;
   @ApiPropertyOptional({ example: 0, minimum: 0, maximum: 2 }) temperature?: number;
   @ApiPropertyOptional({
-    description: `with prefer: respond-async: the finished job is POSTed here, signed: x-gatehouse-signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>"> with JOBS_CALLBACK_SECRET (also x-gatehouse-timestamp: <t>, x-gatehouse-job-id). Verify against the raw bytes before parsing, compare in constant time, and refuse a t more than 5 minutes from your clock. ${CALLBACK_HOSTS}`,
+    description: `with prefer: respond-async: the finished job is POSTed here, signed: x-gatehouse-signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>"> with JOBS_CALLBACK_SECRET, and a second v1 with the previous secret while it is rotated (also x-gatehouse-timestamp: <t>, x-gatehouse-job-id); accept any v1 that matches. Verify against the raw bytes before parsing, compare in constant time, and refuse a t more than 5 minutes from your clock. ${CALLBACK_HOSTS}`,
   })
   callback_url?: string;
 }
