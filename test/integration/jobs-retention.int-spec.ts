@@ -11,6 +11,7 @@ import type { JobRecord, NewJob } from '../../src/jobs/job.types.js';
 import { JobsRetention } from '../../src/jobs/jobs-retention.js';
 import { JobsRepository } from '../../src/jobs/jobs.repository.js';
 import { JobsService } from '../../src/jobs/jobs.service.js';
+import { JobsFinishedIndex1764400005300 } from '../../src/jobs/migrations/1764400005300-jobs-finished-index.js';
 import type { SubmitCheck } from '../../src/jobs/submit-check.js';
 import { DB_KINDS } from '../support/databases.js';
 import { type JobsTestDatabase, newJobFor, openJobsTestDatabase } from '../support/jobs-database.js';
@@ -52,6 +53,33 @@ describe.each(DB_KINDS)('async idempotency-keys and job retention on %s', (kind)
   });
   afterAll(async () => {
     await opened?.close();
+  });
+
+  it('has the partial index the sweep reads, built valid by its concurrent migration', async () => {
+    const rows = await db.dataSource.query<Array<{ valid: boolean; definition: string }>>(
+      `SELECT i.indisvalid AS valid, pg_get_indexdef(i.indexrelid) AS definition
+         FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'jobs_finished_idx'`,
+    );
+    expect(rows).toHaveLength(1);
+    expect(rows[0]?.valid).toBe(true);
+    expect(rows[0]?.definition).toContain('(completed_at) WHERE');
+  });
+
+  it('rebuilds the index when an earlier concurrent build was cut short (left invalid)', async () => {
+    const validity = async () =>
+      (await db.dataSource.query<Array<{ valid: boolean }>>(`SELECT i.indisvalid AS valid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'jobs_finished_idx'`)).map(
+        (r) => r.valid,
+      );
+    // What a build killed mid-way leaves: the index exists, marked invalid (never used by a query).
+    await db.dataSource.query(`UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'jobs_finished_idx'::regclass`);
+    expect(await validity()).toEqual([false]);
+    const runner = db.dataSource.createQueryRunner();
+    try {
+      await new JobsFinishedIndex1764400005300().up(runner);
+    } finally {
+      await runner.release();
+    }
+    expect(await validity()).toEqual([true]);
   });
 
   function submitOf(key: string, content: string): NewJob {
