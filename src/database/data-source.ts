@@ -72,6 +72,7 @@ export async function openDatabase(target: DatabaseTarget, content: DatabaseCont
 
 // Any constant shared by all instances; two replicas starting together must not both migrate.
 const MIGRATION_LOCK = 7_337_001;
+const MIGRATION_LOCK_POLL_MS = 250;
 
 async function migrate(dataSource: DataSource, kind: DatabaseConfig['driver']): Promise<void> {
   if (kind === 'pglite') {
@@ -82,7 +83,16 @@ async function migrate(dataSource: DataSource, kind: DatabaseConfig['driver']): 
   }
   const runner = dataSource.createQueryRunner();
   try {
-    await runner.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK]);
+    // Asked for in turns, not waited for inside one statement: a replica blocked in
+    // pg_advisory_lock holds a snapshot all the while, and a migration that builds an index
+    // CONCURRENTLY waits for every older snapshot to end, so the two would wait on each other for
+    // ever (PostgreSQL cannot see the cycle: it runs through the lock holder's other session).
+    // Between tries this session holds nothing. (test/integration/database-migrate.int-spec.ts)
+    for (;;) {
+      const rows = (await runner.query('SELECT pg_try_advisory_lock($1) AS locked', [MIGRATION_LOCK])) as Array<{ locked: boolean }>;
+      if (rows[0]?.locked === true) break;
+      await new Promise((resolve) => setTimeout(resolve, MIGRATION_LOCK_POLL_MS));
+    }
     await dataSource.runMigrations({ transaction: 'each' });
   } finally {
     await runner.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK]).catch(() => undefined);
