@@ -1,10 +1,9 @@
 import type { ChatCompletionRequest } from '../../libs/openai-contract/src/index.js';
 import { GatewayError } from '../core/errors.js';
 import { asBody, asObject } from '../core/validate.js';
+import { MODEL_ID_PATTERN } from '../routing/routing-table.js';
 
 const TASK_TYPE = /^[a-z0-9][a-z0-9_.-]{0,63}$/i;
-/** Printable ASCII without spaces: what a model id is, and what a response header can carry. */
-const MODEL_ID = /^[\x21-\x7e]{1,200}$/;
 /**
  * OpenAI's (and OpenRouter's) ranges. A value outside them is the caller's mistake: answered here,
  * before a fallback chain sends it to every model in turn, and the same on both doors.
@@ -77,7 +76,7 @@ export function parseChatRequest(raw: unknown): ChatCompletionRequest {
       !Array.isArray(body.models) ||
       body.models.length === 0 ||
       body.models.length > 10 ||
-      !body.models.every((m) => typeof m === 'string' && MODEL_ID.test(m))
+      !body.models.every((m) => typeof m === 'string' && MODEL_ID_PATTERN.test(m))
     ) {
       throw new GatewayError('invalid_value', "'models' must be a list of 1 to 10 model ids (printable ASCII without spaces).", { param: 'models' });
     }
@@ -92,7 +91,7 @@ export function parseChatRequest(raw: unknown): ChatCompletionRequest {
  */
 export function parseModelId(value: unknown, param: string): string {
   if (typeof value !== 'string') throw new GatewayError('invalid_value', `Invalid type for '${param}': expected a string.`, { param });
-  if (!MODEL_ID.test(value)) {
+  if (!MODEL_ID_PATTERN.test(value)) {
     throw new GatewayError('invalid_value', `'${param}' must be a model id or 'auto' (1-200 printable ASCII characters without spaces).`, { param });
   }
   return value;

@@ -241,6 +241,12 @@ describe('resolveRoute (golden table)', () => {
     expect(resolveRoute(restricted, { taskType: 'code' }).models[0]).toBe('anthropic/claude-3.5-sonnet');
   });
 
+  it('says that only auto is left when allowed_models is empty', () => {
+    const none = compileTable({ ...TABLE, allowed_models: [] }, 1024);
+    expect(() => resolveRoute(none, { model: 'openai/gpt-4o' })).toThrow("Model 'openai/gpt-4o' is not allowed here; use only 'auto' (the routing table allows no model by name).");
+    expect(resolveRoute(none, { taskType: 'code' }).models[0]).toBe('anthropic/claude-3.5-sonnet');
+  });
+
   it('ignores an override whose rule is no longer overridable', () => {
     const locked = compileTable({ ...TABLE, rules: TABLE.rules.map((r) => ({ ...r, department_overridable: false })) }, 1024);
     expect(resolveRoute(locked, { taskType: 'code', departmentId: SALES }).models[0]).toBe('anthropic/claude-3.5-sonnet');

@@ -106,7 +106,8 @@ export function resolveRoute(compiled: CompiledTable, request: RouteRequest): Re
     const named = explicitModel ? [request.model as string, ...(request.models ?? [])] : (request.models ?? []);
     const refused = named.find((m) => !compiled.allowed?.has(m));
     if (refused !== undefined) {
-      throw new GatewayError('model_not_allowed', `Model '${refused}' is not allowed here; use 'auto' or one of: ${[...compiled.allowed].join(', ')}.`, {
+      const choices = compiled.allowed.size === 0 ? "only 'auto' (the routing table allows no model by name)" : `'auto' or one of: ${[...compiled.allowed].join(', ')}`;
+      throw new GatewayError('model_not_allowed', `Model '${refused}' is not allowed here; use ${choices}.`, {
         param: refused === request.model ? 'model' : 'models',
       });
     }

@@ -59,6 +59,13 @@ export interface RoutingTable extends RoutingTableBody {
 /** Task type names, shared by the request edge and table validation. */
 export const TASK_TYPE_PATTERN = /^[a-z0-9][a-z0-9_.-]{0,63}$/i;
 
+/**
+ * Model ids: printable ASCII without spaces, 1-200 characters, shared by the request edge and
+ * table validation. A name goes upstream and comes back in the `x-gateway-model` header, which
+ * can carry nothing else; a table naming a model no request can name would only refuse it.
+ */
+export const MODEL_ID_PATTERN = /^[\x21-\x7e]{1,200}$/;
+
 /** The reference table of API.md, seeded as version 1 on a first start. */
 export const SEED_ROUTING_TABLE: RoutingTableBody = {
   default_task_type: 'general',

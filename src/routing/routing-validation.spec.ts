@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { SEED_ROUTING_TABLE } from './routing-table.js';
-import { describeProblems, parseOverrides, parseRoutingTableBody } from './routing-validation.js';
+import { describeProblems, invalidTable, parseOverrides, parseRoutingTableBody } from './routing-validation.js';
 
 const DEPT = '11111111-1111-4111-8111-111111111111';
 const DEPT2 = '22222222-2222-4222-8222-222222222222';
@@ -75,6 +75,28 @@ describe('parseRoutingTableBody', () => {
       'rules[2].task_type',
       'allowed_models',
     ]);
+  });
+
+  it('takes only model ids a request can name: printable ASCII without spaces (no NUL, no look-alike letters)', () => {
+    const table = (model: string) => ({ default_task_type: 'g', rules: [{ task_type: 'g', model }], allowed_models: [model] });
+    for (const bad of ['openai/gpt\u00004o', 'openai/gpt-4\u043e', 'openai/gpt\u200b-4o', 'openai/gpt-\ud8004o']) {
+      expect(params(table(bad)), JSON.stringify(bad)).toEqual(['rules[0].model', 'allowed_models[0]']);
+    }
+    expect(params(table('openai/gpt-4o:free'))).toEqual([]);
+  });
+
+  it('answers a table far over the rule limit with that one problem, and lists at most 100 problems of any table', () => {
+    const huge = parseRoutingTableBody({ default_task_type: 'g', rules: Array.from({ length: 100_000 }, () => 1) });
+    expect(huge.problems.map((p) => p.param)).toEqual(['rules', 'default_task_type']);
+    const many = parseRoutingTableBody({ default_task_type: 'g', rules: Array.from({ length: 150 }, (_, i) => ({ task_type: `t${i}`, model: 'has space' })) });
+    expect(many.problems.length).toBeGreaterThan(150);
+    const error = invalidTable(many.problems);
+    const { problems, problems_not_listed } = error.details as { problems: unknown[]; problems_not_listed: number };
+    expect(problems).toHaveLength(100);
+    expect(problems_not_listed).toBe(many.problems.length - 100);
+    expect(error.message).toContain(`has ${many.problems.length} problems`);
+    expect(error.message).toContain(`and ${many.problems.length - 100} more.`);
+    expect(error.message.length).toBeLessThan(20_000);
   });
 
   it('keeps default_max_tokens within the cap, and ignores the read-only fields GET returns', () => {

@@ -1,6 +1,6 @@
 import { GatewayError } from '../core/errors.js';
 import { isUuid } from '../core/validate.js';
-import { type DepartmentOverride, type RoutingRule, type RoutingTableBody, type RuleCachePolicy, TASK_TYPE_PATTERN } from './routing-table.js';
+import { type DepartmentOverride, MODEL_ID_PATTERN, type RoutingRule, type RoutingTableBody, type RuleCachePolicy, TASK_TYPE_PATTERN } from './routing-table.js';
 
 /**
  * Checks a whole routing table and reports every problem at once (issue #4): an admin fixing a
@@ -17,7 +17,8 @@ export const MAX_RULES = 200;
 export const MAX_FALLBACKS = 10;
 export const MAX_TOKENS_LIMIT = 1_000_000;
 export const MAX_CACHE_TTL_SECONDS = 30 * 86400;
-const MODEL_ID = /^[^\s]{1,200}$/;
+/** Problems listed in one answer: a table of 100,000 bad rules must not answer with megabytes. */
+const MAX_LISTED_PROBLEMS = 100;
 
 const TABLE_KEYS = new Set(['default_task_type', 'rules', 'allowed_models', 'department_overrides']);
 /** Fields a client may send back unchanged from a GET: accepted and ignored, never stored. */
@@ -45,8 +46,8 @@ class Problems {
 }
 
 function modelId(value: unknown, at: string, p: Problems): string | undefined {
-  if (typeof value !== 'string' || !MODEL_ID.test(value)) {
-    p.add(at, 'must be a model id such as "openai/gpt-4o-mini" (1-200 characters, no spaces)');
+  if (typeof value !== 'string' || !MODEL_ID_PATTERN.test(value)) {
+    p.add(at, 'must be a model id such as "openai/gpt-4o-mini" (1-200 printable ASCII characters, no spaces)');
     return undefined;
   }
   if (value === 'auto') {
@@ -101,7 +102,10 @@ function chain(primary: string | undefined, fallbacksRaw: unknown, at: string, p
     p.add(`${at}.fallbacks`, 'must be an array of model ids');
     return undefined;
   }
-  if (fallbacksRaw.length > MAX_FALLBACKS) p.add(`${at}.fallbacks`, `must list at most ${MAX_FALLBACKS} models`);
+  if (fallbacksRaw.length > MAX_FALLBACKS) {
+    p.add(`${at}.fallbacks`, `must list at most ${MAX_FALLBACKS} models`);
+    return undefined;
+  }
   const seen = new Map<string, string>();
   if (primary !== undefined) seen.set(primary, primaryAt);
   const out: string[] = [];
@@ -256,9 +260,10 @@ export function parseRoutingTableBody(
   if (!Array.isArray(raw.rules) || raw.rules.length === 0) {
     p.add('rules', 'is required: a non-empty array of rules');
   } else {
+    // Past the limit the rules are not read one by one: that table is refused whatever they hold.
     if (raw.rules.length > MAX_RULES) p.add('rules', `must hold at most ${MAX_RULES} rules`);
     const names = new Set<string>();
-    raw.rules.forEach((r, i) => {
+    (raw.rules.length > MAX_RULES ? [] : raw.rules).forEach((r, i) => {
       const rule = parseRule(r, i, p);
       // Duplicates count even when the other rule had problems of its own.
       const name = isObj(r) && typeof r.task_type === 'string' ? r.task_type : undefined;
@@ -299,11 +304,20 @@ function ruleNamed(rules: unknown[], taskType: string): boolean {
 }
 
 export function describeProblems(problems: RoutingProblem[]): string {
-  const lines = problems.map((x) => (x.param === '' ? x.message : `${x.param}: ${x.message}`));
-  return `The routing table has ${problems.length} problem${problems.length === 1 ? '' : 's'}; nothing was saved: ${lines.join('; ')}.`;
+  const listed = problems.slice(0, MAX_LISTED_PROBLEMS);
+  const lines = listed.map((x) => (x.param === '' ? x.message : `${x.param}: ${x.message}`));
+  const more = problems.length - listed.length;
+  const tail = more > 0 ? `; and ${more} more` : '';
+  return `The routing table has ${problems.length} problem${problems.length === 1 ? '' : 's'}; nothing was saved: ${lines.join('; ')}${tail}.`;
 }
 
-/** One 400 listing every problem: in the message for humans, in `problems` for tools. */
+/**
+ * One 400 listing every problem, up to MAX_LISTED_PROBLEMS: in the message for humans, in
+ * `problems` for tools (`problems_not_listed` says how many more there were).
+ */
 export function invalidTable(problems: RoutingProblem[]): GatewayError {
-  return new GatewayError('invalid_value', describeProblems(problems), { param: problems[0]?.param || null, details: { problems } });
+  const listed = problems.slice(0, MAX_LISTED_PROBLEMS);
+  const details: Record<string, unknown> = { problems: listed };
+  if (problems.length > listed.length) details.problems_not_listed = problems.length - listed.length;
+  return new GatewayError('invalid_value', describeProblems(problems), { param: problems[0]?.param || null, details });
 }

@@ -64,6 +64,16 @@ describe('routing across two instances on one PostgreSQL', () => {
     );
   });
 
+  it("GET of a department's overrides on B shows the version A just made, so a PUT based on it is not stale", async () => {
+    const dept = user.departmentId;
+    const before = (await tableOf(a)).version;
+    const put = await a.admin.put<{ version: number }>(`/admin/routing/departments/${dept}`, { version: before, overrides: [] });
+    expect(put.status).toBe(200);
+    const read = await b.admin.get<{ version: number }>(`/admin/routing/departments/${dept}`);
+    expect(read.body.version).toBe(put.body.version);
+    expect((await b.admin.put(`/admin/routing/departments/${dept}`, { version: read.body.version, overrides: [] })).status).toBe(200);
+  });
+
   it('of concurrent PUTs based on the same version, exactly one wins and the others get 409', async () => {
     for (let round = 0; round < 5; round++) {
       const table = await tableOf(a);

@@ -233,6 +233,14 @@ describe('routing tables changed at runtime (admin API, versions, resolve; PGlit
     expect((await admin.api.post<ErrorBody>('/admin/routing/resolve', { user_id: '00000000-0000-4000-8000-000000000000' })).status).toBe(404);
     expect((await admin.api.post<ErrorBody>('/admin/routing/resolve', { task_type: 'bad name!' })).body.error.param).toBe('task_type');
     expect((await admin.api.post<ErrorBody>('/admin/routing/resolve', { tasktype: 'code' })).body.error.param).toBe('tasktype');
+    // A dry run refuses the model ids a real call refuses, with the same code.
+    for (const [body, param] of [
+      [{ model: 'bad model' }, 'model'],
+      [{ models: ['openai/gpt-4\u043e'] }, 'models'],
+    ] as const) {
+      const dry = await admin.api.post<ErrorBody>('/admin/routing/resolve', body);
+      expect(dry, JSON.stringify(body)).toMatchObject({ status: 400, body: { error: { code: 'invalid_value', param } } });
+    }
   });
 
   it('lets departments override only rules that allow it, through their own endpoint', async () => {

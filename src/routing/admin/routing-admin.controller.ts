@@ -146,6 +146,9 @@ export class RoutingAdminController implements OnModuleInit {
   async departmentOverrides(@Param('id') id: string) {
     const departmentId = pathUuid(id, 'department');
     await this.identity.getDepartment(departmentId); // 404 for an unknown one, as on PUT
+    // The version is what a client sends back on its PUT: a stale one (another instance changed
+    // the table a moment ago) would only earn it a 409, so read the newest, as GET /admin/routing does.
+    await this.routing.refresh();
     const table = this.routing.table();
     return { department_id: departmentId, version: table.version, overrides: this.routing.departmentOverrides(departmentId) };
   }

@@ -1,12 +1,15 @@
 import { ApiProperty, ApiPropertyOptional } from '@nestjs/swagger';
 import { GatewayError } from '../../core/errors.js';
 import { asBody, type Body, isUuid, optionalNumber, optionalString, requiredNumber } from '../../core/validate.js';
-import { type ResolvedRoute, routeHeader, type RoutingTableBody, TASK_TYPE_PATTERN } from '../routing-table.js';
+import { parseModelId } from '../../openai-api/chat-request.js';
+import { MODEL_ID_PATTERN, type ResolvedRoute, routeHeader, type RoutingTableBody, TASK_TYPE_PATTERN } from '../routing-table.js';
 import { invalidTable as invalid, parseRoutingTableBody, type RoutingProblem } from '../routing-validation.js';
 
 // Each DTO documents the wire shape for /docs and parses it, naming every field that is wrong.
 
 const MAX_COMMENT = 500;
+// eslint-disable-next-line no-control-regex -- finding control characters is the point
+const CONTROL = /[\u0000-\u001f\u007f]/;
 
 /**
  * The largest routing table version: the column is a PostgreSQL `integer`. A version beyond it
@@ -64,8 +67,10 @@ export class RoutingVersionListDto {
 function commentOf(body: Body, problems: RoutingProblem[]): string | null {
   const c = body.comment;
   if (c === undefined || c === null) return null;
-  if (typeof c !== 'string' || c.length > MAX_COMMENT) {
-    problems.push({ param: 'comment', message: `must be a string of at most ${MAX_COMMENT} characters` });
+  // No control characters: PostgreSQL refuses U+0000 (a 400 without `problems`, from the
+  // insert), and the others would only garble the version list an admin reads.
+  if (typeof c !== 'string' || c.length > MAX_COMMENT || CONTROL.test(c)) {
+    problems.push({ param: 'comment', message: `must be a string of at most ${MAX_COMMENT} characters, without control characters` });
     return null;
   }
   return c.trim() === '' ? null : c.trim();
@@ -165,16 +170,17 @@ export class ResolveRequestDto {
     const taskType = optionalString(body, 'task_type', 64);
     if (taskType !== undefined && !TASK_TYPE_PATTERN.test(taskType))
       throw new GatewayError('invalid_value', "'task_type' must be a task type name such as 'code'.", { param: 'task_type' });
-    const model = optionalString(body, 'model');
+    // As a real call parses them (chat-request.ts): a dry run must refuse what the call would.
+    const model = body.model === undefined || body.model === null ? undefined : parseModelId(body.model, 'model');
     let models: string[] | undefined;
     if (body.models !== undefined && body.models !== null) {
       if (
         !Array.isArray(body.models) ||
         body.models.length === 0 ||
         body.models.length > 10 ||
-        !body.models.every((m) => typeof m === 'string' && m.length > 0 && m.length <= 200)
+        !body.models.every((m) => typeof m === 'string' && MODEL_ID_PATTERN.test(m))
       ) {
-        throw new GatewayError('invalid_value', "'models' must be a list of 1 to 10 model ids.", { param: 'models' });
+        throw new GatewayError('invalid_value', "'models' must be a list of 1 to 10 model ids (printable ASCII without spaces).", { param: 'models' });
       }
       models = body.models as string[];
     }
