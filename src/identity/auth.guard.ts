@@ -88,6 +88,16 @@ export const DEFERRED_ADMISSION = 'gatehouse:deferredAdmission';
  */
 export const DeferredAdmission = (): MethodDecorator => SetMetadata(DEFERRED_ADMISSION, true);
 
+export const SPENDS_TOKENS = 'gatehouse:spendsTokens';
+
+/**
+ * On a route that calls a model (the completion doors, sync or async): its request is also
+ * refused while a tokens-per-minute limit is used up. Other routes (reading a job, usage, the
+ * model list) count requests only: tokens the caller already spent must not keep it from reading
+ * the job they paid for.
+ */
+export const SpendsTokens = (): MethodDecorator => SetMetadata(SPENDS_TOKENS, true);
+
 /** Class-level: every route of a /v1 controller needs a valid key (then passes the rate limiter). */
 export const Authenticated = (): ClassDecorator & MethodDecorator => applyDecorators(ApiBearerAuth(), UseGuards(ApiKeyGuard, AdmissionStep));
 

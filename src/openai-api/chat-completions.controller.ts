@@ -3,7 +3,7 @@ import { ApiBody, ApiHeader, ApiOperation, ApiTags } from '@nestjs/swagger';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { CompletionService } from '../completion/completion.service.js';
 import { IdempotencyService } from '../idempotency/idempotency.service.js';
-import { Authenticated, DeferredAdmission } from '../identity/auth.guard.js';
+import { Authenticated, DeferredAdmission, SpendsTokens } from '../identity/auth.guard.js';
 import { JobsService } from '../jobs/jobs.service.js';
 import { refuseCallbackWithoutAsync, submitAsync, wantsAsync } from './async-submit.js';
 import { parseChatRequest, parseTaskType } from './chat-request.js';
@@ -32,6 +32,7 @@ export class ChatCompletionsController {
     description: 'a repeat within 24 h gets the stored answer, free (a stream is replayed as one); 409 while the first still runs; another body → 422. With respond-async: the same job',
   })
   @DeferredAdmission()
+  @SpendsTokens()
   create(@Req() request: FastifyRequest, @Res() reply: FastifyReply, @Body() raw: unknown, @Headers('x-task-type') taskHeader?: string): Promise<void> {
     return admitted(request, () => this.handle(request, reply, raw, taskHeader));
   }

@@ -8,7 +8,7 @@ import type { JsonOutcome } from '../completion/completion.types.js';
 import { GatewayError } from '../core/errors.js';
 import { asBody, optionalNumber, rejectUnknownFields } from '../core/validate.js';
 import { IdempotencyService } from '../idempotency/idempotency.service.js';
-import { Authenticated, DeferredAdmission } from '../identity/auth.guard.js';
+import { Authenticated, DeferredAdmission, SpendsTokens } from '../identity/auth.guard.js';
 import { JobsService } from '../jobs/jobs.service.js';
 import { refuseCallbackWithoutAsync, submitAsync, wantsAsync } from './async-submit.js';
 import { parseModelId, parseTaskType } from './chat-request.js';
@@ -48,6 +48,7 @@ export class CompleteController {
   })
   @ApiOkResponse({ type: CompleteResponseDto })
   @DeferredAdmission()
+  @SpendsTokens()
   complete(@Req() request: FastifyRequest, @Res() reply: FastifyReply, @Body() raw: unknown, @Headers('x-task-type') taskHeader?: string): Promise<void> {
     return admitted(request, () => this.handle(request, reply, raw, taskHeader));
   }

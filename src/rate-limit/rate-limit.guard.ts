@@ -10,7 +10,7 @@ import {
   type ThrottlerStorage,
 } from '@nestjs/throttler';
 import type { FastifyReply, FastifyRequest } from 'fastify';
-import { type AdmissionGuard, DEFERRED_ADMISSION } from '../identity/auth.guard.js';
+import { type AdmissionGuard, DEFERRED_ADMISSION, SPENDS_TOKENS } from '../identity/auth.guard.js';
 import { RateLimiter } from './rate-limiter.service.js';
 
 /** `@SkipThrottle()`'s metadata key (throttler.constants, not exported by @nestjs/throttler). */
@@ -22,6 +22,8 @@ interface RoutePlan {
   skip: boolean;
   /** `@DeferredAdmission()`: the pipeline awaits the verdict next to its cache lookup. */
   deferred: boolean;
+  /** `@SpendsTokens()`: tokens-per-minute limits apply too. */
+  spendsTokens: boolean;
 }
 
 /**
@@ -52,12 +54,12 @@ export class RateLimitGuard extends ThrottlerGuard implements AdmissionGuard {
   override canActivate(context: ExecutionContext): Promise<boolean> {
     const plan = this.planFor(context);
     if (plan.skip) return Promise.resolve(true);
-    return this.admit(context, plan.deferred);
+    return this.admit(context, plan);
   }
 
   /** Kept for callers of the ThrottlerGuard API; the guard itself goes through `canActivate`. */
   protected override handleRequest({ context }: ThrottlerRequest): Promise<boolean> {
-    return this.admit(context, this.planFor(context).deferred);
+    return this.admit(context, this.planFor(context));
   }
 
   private planFor(context: ExecutionContext): RoutePlan {
@@ -69,20 +71,21 @@ export class RateLimitGuard extends ThrottlerGuard implements AdmissionGuard {
       plan = {
         skip: throttlers.length > 0 && throttlers.every((t) => this.reflector.getAllAndOverride<boolean | undefined>(`${THROTTLER_SKIP}${t.name ?? 'default'}`, targets) === true),
         deferred: this.reflector.get<boolean | undefined>(DEFERRED_ADMISSION, handler) === true,
+        spendsTokens: this.reflector.get<boolean | undefined>(SPENDS_TOKENS, handler) === true,
       };
       this.plans.set(handler, plan);
     }
     return plan;
   }
 
-  private async admit(context: ExecutionContext, deferred: boolean): Promise<boolean> {
+  private async admit(context: ExecutionContext, { deferred, spendsTokens }: RoutePlan): Promise<boolean> {
     const http = context.switchToHttp();
     const request = http.getRequest<FastifyRequest>();
     const principal = request.principal;
     // The key guard ran first; without a principal this route was wired wrongly.
     if (!principal) throw new Error('rate limit guard reached without an authenticated principal');
     const reply = http.getResponse<FastifyReply>();
-    const verdict = this.limiter.admit(principal, isAdminRoute(request) ? 'admin' : 'api').then((admission) => {
+    const verdict = this.limiter.admit(principal, isAdminRoute(request) ? 'admin' : 'api', spendsTokens).then((admission) => {
       // Set on the reply now, so they go out with the answer, an error, or a stream's first bytes.
       void reply.headers(admission.headers);
       if (admission.error) throw admission.error;

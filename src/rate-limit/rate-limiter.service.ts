@@ -50,8 +50,9 @@ export class RateLimiter {
     this.adminRpm = config.rateLimit.adminRpm;
   }
 
-  async admit(principal: Principal, door: Door): Promise<Admission> {
-    const buckets = this.bucketsFor(principal, door);
+  /** `spendsTokens`: the route calls a model, so tokens-per-minute limits refuse it too. */
+  async admit(principal: Principal, door: Door, spendsTokens = false): Promise<Admission> {
+    const buckets = this.bucketsFor(principal, door, spendsTokens);
     const result = await this.store.hit(buckets);
     const headers: Record<string, string> = {};
     const requests = tightest(buckets, result.states, 'requests');
@@ -88,7 +89,7 @@ export class RateLimiter {
     this.store.add(keys, tokens, WINDOW_MS).catch((error: unknown) => this.logger.warn({ err: (error as Error).message }, 'token count failed'));
   }
 
-  private bucketsFor(principal: Principal, door: Door): Planned[] {
+  private bucketsFor(principal: Principal, door: Door, spendsTokens: boolean): Planned[] {
     if (door === 'admin') {
       return [{ key: `a:${principal.keyId}`, limit: this.adminRpm, windowMs: WINDOW_MS, cost: 1, subject: 'admin_key', kind: 'requests' }];
     }
@@ -97,7 +98,7 @@ export class RateLimiter {
       const limit = this.limit(scope, id);
       // Key names: k/u/d for requests, kt/ut/dt for tokens.
       buckets.push({ key: `${scope[0]}:${id}`, limit: limit.requestsPerMinute, windowMs: WINDOW_MS, cost: 1, subject: scope, kind: 'requests' });
-      if (limit.tokensPerMinute !== undefined) {
+      if (spendsTokens && limit.tokensPerMinute !== undefined) {
         buckets.push({ key: `${scope[0]}t:${id}`, limit: limit.tokensPerMinute, windowMs: WINDOW_MS, cost: 0, subject: scope, kind: 'tokens' });
       }
     }

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { ApiClient, type HttpResult, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+import { ApiClient, type HttpResult, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 
 const prompt = () => `rate ${randomBytes(4).toString('hex')}`;
 // Distinct prompts, so every served request really reaches the upstream (no cache hits).
@@ -169,6 +169,30 @@ describe('rate limits (memory driver, one instance)', () => {
     expect((third.body as { error: { message: string } }).error.message).toContain('tokens per minute');
     expect(third.headers.get('retry-after')).toBeTruthy();
     expect(third.headers.get('x-ratelimit-remaining-tokens')).toBe('0');
+  });
+
+  it('refuses only model calls once the tokens are used up: the job they paid for, usage and models stay readable', async () => {
+    const hal = await gw.tenants.create();
+    await gw.admin.put(`/admin/rate-limits/keys/${hal.keyId}`, { requests_per_minute: 100, tokens_per_minute: 10 });
+    gw.stub.configure({ completionTokens: 30 });
+    const submit = await hal.api.post<{ id: string }>('/v1/chat/completions', { messages: [{ role: 'user', content: 'tokens, later' }] }, { prefer: 'respond-async' });
+    expect(submit.status).toBe(202);
+    const job = await pollUntil(async () => {
+      const res = await hal.api.get<{ status: string }>(`/v1/jobs/${submit.body.id}`);
+      expect(res.status).toBe(200);
+      expect(res.body.status).toBe('completed');
+      return res;
+    });
+    // Counted as a request, not refused for tokens; and no tokens trio on a route that spends none.
+    expect(job.headers.get('x-ratelimit-limit-requests')).not.toBeNull();
+    expect(job.headers.get('x-ratelimit-limit-tokens')).toBeNull();
+    expect((await hal.api.get('/v1/usage')).status).toBe(200);
+    expect((await hal.api.get('/v1/models')).status).toBe(200);
+    const call = await ask(hal.api);
+    expect(call).toMatchObject({ status: 429, body: { error: { code: 'rate_limit_exceeded', param: 'key' } } });
+    expect((call.body as { error: { message: string } }).error.message).toContain('tokens per minute');
+    const queued = await hal.api.post('/v1/chat/completions', { messages: [{ role: 'user', content: 'more' }] }, { prefer: 'respond-async' });
+    expect(queued.status).toBe(429);
   });
 });
 
