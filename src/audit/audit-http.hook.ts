@@ -16,6 +16,18 @@ const MAX_PARSED_PAYLOAD = 64 * 1024;
 const outcomes = new WeakMap<FastifyRequest, Record<string, unknown>>();
 
 /**
+ * An admin change whose caller hung up before the answer: Fastify runs onSend when the handler
+ * answers but never onResponse (the response never finished), so the change was made and not
+ * audited. `closedEarly`: the connection closed before the handler answered (onSend records);
+ * `recorded`: the row is written (onResponse skips).
+ */
+interface AdminWatch {
+  closedEarly: boolean;
+  recorded: boolean;
+}
+const adminWatches = new WeakMap<FastifyRequest, AdminWatch>();
+
+/**
  * Records admin changes without touching any admin controller: every non-GET request under
  * /admin (failed ones included: they matter for security review), and every 401/403 there.
  * On /v1 it records what the completion pipeline could not: every error answer the pipeline did
@@ -39,14 +51,26 @@ export class AuditHttpHook implements OnModuleInit {
     const fastify = adapter?.getInstance<FastifyInstance>();
     if (typeof fastify?.addHook !== 'function') return;
 
+    // Only admin changes are watched for a caller that leaves: a cheap test per /v1 request, no listener.
+    fastify.addHook('onRequest', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
+      if (!READ_METHODS.has(request.method) && isAdminPath(request)) this.watchAdminChange(request, reply);
+      done();
+    });
     fastify.addHook('onSend', (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void) => {
       if (isAdminPath(request) || unauditedApiError(request, reply.statusCode)) outcomes.set(request, readOutcome(reply.statusCode, payload));
+      const watch = adminWatches.get(request);
+      if (watch?.closedEarly === true && !watch.recorded) {
+        watch.recorded = true;
+        this.recordAdmin(request, reply.statusCode, true);
+      }
       done(null, payload);
     });
     fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
       const status = reply.statusCode;
       if (unauditedApiError(request, status)) this.recordApiError(request, status);
-      else if (isAdminPath(request) && (!READ_METHODS.has(request.method) || status === 401 || status === 403)) this.recordAdmin(request, status);
+      else if (isAdminPath(request) && (!READ_METHODS.has(request.method) || status === 401 || status === 403) && adminWatches.get(request)?.recorded !== true) {
+        this.recordAdmin(request, status);
+      }
       done();
     });
   }
@@ -71,7 +95,23 @@ export class AuditHttpHook implements OnModuleInit {
     });
   }
 
-  private recordAdmin(request: FastifyRequest, status: number): void {
+  private watchAdminChange(request: FastifyRequest, reply: FastifyReply): void {
+    const watch: AdminWatch = { closedEarly: false, recorded: false };
+    adminWatches.set(request, watch);
+    reply.raw.once('close', () => {
+      if (reply.raw.writableFinished || watch.recorded) return;
+      if (outcomes.has(request)) {
+        // Answered (onSend ran), then cut while it was written: onResponse will not come.
+        watch.recorded = true;
+        this.recordAdmin(request, reply.statusCode, true);
+      } else {
+        watch.closedEarly = true;
+      }
+    });
+  }
+
+  /** `clientClosed`: the caller left before the answer reached it; the status is the handler's. */
+  private recordAdmin(request: FastifyRequest, status: number, clientClosed = false): void {
     const pattern = request.routeOptions.url ?? pathOf(request);
     const params = stringRecord(request.params);
     const outcome = outcomes.get(request) ?? {};
@@ -84,6 +124,7 @@ export class AuditHttpHook implements OnModuleInit {
       body: READ_METHODS.has(request.method) || request.body === undefined ? undefined : redactedSummary(request.body),
       ...outcome,
     };
+    if (clientClosed) details.client_closed = true;
     if (!request.principal) {
       // Never the key: its prefix only, enough to tell which credential was tried.
       const key = presentedKey(request);

@@ -1,4 +1,5 @@
 import type OpenAI from 'openai';
+import pg from 'pg';
 import { DataSource } from 'typeorm';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { DATABASE_CONTENT } from '../../src/app.module.js';
@@ -405,5 +406,49 @@ describe('audit on a graceful stop (PostgreSQL)', () => {
     } finally {
       await pgdb.drop();
     }
+  });
+});
+
+describe('an admin change whose caller hangs up before the answer (PostgreSQL)', () => {
+  let gw: TestGateway;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ db: 'postgres', env: FAST });
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+
+  // Before, the change was made but left no row: the audit was written when the response
+  // finished, and a response whose connection is gone never finishes.
+  it('is recorded once, with the status of the change it made, marked client_closed', async () => {
+    const name = `left-early-${Date.now()}`;
+    const blocker = new pg.Client({ connectionString: gw.database.url });
+    await blocker.connect();
+    try {
+      // Holds the insert until the caller has gone.
+      await blocker.query('BEGIN');
+      await blocker.query('LOCK TABLE departments IN EXCLUSIVE MODE');
+      const leaving = fetch(`${gw.url}/admin/departments`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${gw.adminKey}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ name }),
+        signal: AbortSignal.timeout(300),
+      });
+      await expect(leaving).rejects.toThrow();
+      await blocker.query('COMMIT');
+    } finally {
+      await blocker.end();
+    }
+    const made = await pollUntil(async () => {
+      const [row] = await gw.gateway.app.get(DataSource).query<Array<{ id: string }>>('SELECT id FROM departments WHERE name = $1', [name]);
+      expect(row).toBeDefined();
+      return row;
+    });
+    const row = await eventually(gw, { action: 'POST /admin/departments' }, (e) => (e.details.body as { name?: string } | undefined)?.name === name);
+    expect(row).toMatchObject({ status: 201, target_id: made?.id, details: { client_closed: true } });
+    // Exactly one: a later flush does not add another.
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    expect((await auditEvents(gw, { action: 'POST /admin/departments' })).filter((e) => (e.details.body as { name?: string } | undefined)?.name === name)).toHaveLength(1);
   });
 });
