@@ -153,7 +153,9 @@ export class CompletionService {
       if (outcome === 'ok') sink.close();
     } catch (error) {
       const failure = asFailure(error);
-      outcome = failure.kind;
+      // The caller left while the next event was awaited: its leaving aborted the upstream read.
+      // Said as client_closed, as when it is seen between events, not as the shutdown's 'aborted'.
+      outcome = failure.kind === 'aborted' && sink.closed ? 'client_closed' : failure.kind;
       // An error event the upstream sent after the first byte names its own status.
       if (failure.kind === 'http') failedStatus = failure.status;
       try {

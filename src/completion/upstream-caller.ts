@@ -208,7 +208,8 @@ export class UpstreamCaller {
               model: plan.model,
               ok: false,
               status: failure.status,
-              failure: failure.kind,
+              // Cut short because the caller left: that is not the upstream's failure (metrics, audit).
+              failure: failure.kind === 'aborted' && call.signal.aborted ? 'client_closed' : failure.kind,
               latencyMs: performance.now() - startedAt,
               usage: undefined,
               counted: false,

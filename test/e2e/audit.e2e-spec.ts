@@ -213,7 +213,24 @@ describe('audit trail over HTTP (PGlite)', () => {
     leaving.abort();
     await expect(pending).rejects.toThrow();
     const left = await eventually(gw, { action: 'completion' }, (e) => e.request_id === requestId);
-    expect(left).toMatchObject({ status: 499, details: { outcome: 'client_closed' } });
+    expect(left).toMatchObject({ status: 499, details: { outcome: 'client_closed', attempts: [{ failure: 'client_closed' }] } });
+  });
+
+  it('records a stream the client left while the next event was awaited as client_closed, not as an aborted upstream', async () => {
+    gw.stub.configure({ chunkDelayMs: 300, completionTokens: 20 });
+    const requestId = `left-mid-stream-${Date.now()}`;
+    const leaving = new AbortController();
+    const res = await fetch(`${gw.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json', 'x-request-id': requestId },
+      body: JSON.stringify({ model: 'auto', stream: true, messages: [{ role: 'user', content: `leaving ${requestId}` }] }),
+      signal: leaving.signal,
+    });
+    const reader = res.body!.getReader();
+    await reader.read();
+    leaving.abort();
+    const left = await eventually(gw, { action: 'completion' }, (e) => e.request_id === requestId);
+    expect(left).toMatchObject({ status: 200, details: { outcome: 'client_closed', attempts: [{ failure: 'client_closed' }] } });
   });
 
   it('records every refused /v1 request once: bad key, bad body, too large, over budget, over the rate limit', async () => {
