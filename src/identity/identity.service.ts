@@ -35,6 +35,9 @@ export interface EnvKeyOutcome {
  * API.md): one database round trip per key per second instead of one per request. Unknown keys
  * are cached too, so a client hammering with a bad key cannot hammer the database.
  */
+/** The last-admin-key guard counts only admin keys still usable this long from now. */
+const ADMIN_KEY_MUST_LAST_S = 24 * 3600;
+
 @Injectable()
 export class IdentityService {
   private readonly departments: Repository<DepartmentEntity>;
@@ -315,16 +318,17 @@ export class IdentityService {
 
   /**
    * Whether a usable admin key exists (not revoked or expired, its user and department enabled)
-   * other than the key, or the keys of the user or department, given.
+   * other than the key, or the keys of the user or department, given; with `lastingSeconds`, one
+   * that is still usable that long from now.
    */
-  private async adminKeyOutside(except: { keyId?: string; userId?: string; departmentId?: string }): Promise<boolean> {
+  private async adminKeyOutside(except: { keyId?: string; userId?: string; departmentId?: string }, lastingSeconds = 0): Promise<boolean> {
     const rows: unknown[] = await this.dataSource.query(
       `SELECT 1 FROM api_keys k JOIN users u ON u.id = k.user_id JOIN departments d ON d.id = u.department_id
         WHERE u.role = 'admin' AND k.revoked_at IS NULL AND u.disabled_at IS NULL AND d.disabled_at IS NULL
-          AND (k.expires_at IS NULL OR k.expires_at > now())
+          AND (k.expires_at IS NULL OR k.expires_at > now() + make_interval(secs => $4))
           AND ($1::uuid IS NULL OR k.id <> $1::uuid) AND ($2::uuid IS NULL OR u.id <> $2::uuid) AND ($3::uuid IS NULL OR d.id <> $3::uuid)
         LIMIT 1`,
-      [except.keyId ?? null, except.userId ?? null, except.departmentId ?? null],
+      [except.keyId ?? null, except.userId ?? null, except.departmentId ?? null, lastingSeconds],
     );
     return rows.length > 0;
   }
@@ -335,8 +339,13 @@ export class IdentityService {
    * generated key's user or department, is the one just turned off). Create another admin key first.
    */
   private async assertAnAdminRemains(except: { keyId?: string; userId?: string; departmentId?: string }): Promise<void> {
-    if (await this.adminKeyOutside(except)) return;
-    throw new GatewayError('conflict', 'This would leave no usable admin key, and nobody could reach the admin API to undo it; create another admin key first.');
+    // A key about to expire does not count: the admin API would be lost with it a moment later
+    // (and a restart with the same ADMIN_API_KEY would not bring back the revoked one).
+    if (await this.adminKeyOutside(except, ADMIN_KEY_MUST_LAST_S)) return;
+    throw new GatewayError(
+      'conflict',
+      'This would leave no admin key usable for the next 24 hours, and nobody could reach the admin API to undo it; create another admin key (without expires_at, or expiring later) first.',
+    );
   }
 
   /** The built-in admin user that owns bootstrap keys; created once, shared by all instances. */

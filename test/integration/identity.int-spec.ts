@@ -156,6 +156,39 @@ describe.each(DB_KINDS)('the last usable admin key on %s', (db) => {
   });
 });
 
+describe.each(DB_KINDS)('an admin key about to expire, as the last one on %s', (db) => {
+  let gw: TestGateway;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ db });
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+
+  // Before, a key expiring in seconds counted as "another admin key": the ADMIN_API_KEY could be
+  // revoked, and the admin API was lost when the short-lived key expired.
+  it('does not let the lasting admin key go; one usable for more than 24 hours does', async () => {
+    const users = await gw.admin.get<{ data: Array<{ id: string; name: string }> }>('/admin/users');
+    const bootstrap = users.body.data.find((u) => u.name === 'bootstrap-admin');
+    const keys = await gw.admin.get<{ data: KeyView[] }>(`/admin/keys?user_id=${bootstrap?.id}`);
+    const envKeyId = keys.body.data.find((k) => k.revoked_at === null)?.id;
+    const admin = await gw.tenants.create({ role: 'admin' });
+    // The tenant's own key (no expiry) goes first, leaving the admin user with short-lived keys only.
+    const hourLater = new Date(Date.now() + 3600_000).toISOString();
+    const shortLived = await gw.admin.post<{ id: string; key: string }>('/admin/keys', { user_id: admin.userId, expires_at: hourLater });
+    expect(shortLived.status).toBe(201);
+    expect((await gw.admin.delete(`/admin/keys/${admin.keyId}`)).status).toBe(200);
+    const refused = await gw.admin.delete(`/admin/keys/${envKeyId}`);
+    expect(refused).toMatchObject({ status: 409, body: { error: { code: 'conflict' } } });
+    expect((refused.body as { error: { message: string } }).error.message).toContain('24 hours');
+
+    const twoDaysLater = new Date(Date.now() + 2 * 86400_000).toISOString();
+    expect((await gw.admin.post('/admin/keys', { user_id: admin.userId, expires_at: twoDaysLater })).status).toBe(201);
+    expect((await gw.admin.delete(`/admin/keys/${envKeyId}`)).status).toBe(200);
+  });
+});
+
 describe('the admin API while PostgreSQL is away', () => {
   let gateways: ProxiedGateway;
   let proxy: TcpProxy;
