@@ -2,7 +2,12 @@ import { Writable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import { createLogger } from '../core/logger.js';
 import { FallbackState } from '../redis/fallback-state.js';
-import { formatReset } from './rate-limiter.service.js';
+import type { AppConfig } from '../config/config.js';
+import { ManualClock } from '../core/clock.js';
+import type { Principal } from '../identity/principal.js';
+import { MemoryRateLimitStore } from './memory-rate-limit.store.js';
+import type { Limit, RateLimitOverrides } from './rate-limit-overrides.service.js';
+import { formatReset, RateLimiter } from './rate-limiter.service.js';
 
 describe('formatReset (OpenAI header format)', () => {
   it.each([
@@ -35,5 +40,32 @@ describe('FallbackState', () => {
     for (let i = 0; i < 100; i++) state.ok();
     expect(state.degraded).toBe(false);
     expect(lines.map((l) => (JSON.parse(l) as { msg: string }).msg)).toEqual(['went away', 'came back']);
+  });
+});
+
+describe('RateLimiter: a refusal by one of two full counters', () => {
+  // Before, the x-ratelimit-* trio showed the counter with the least left (the key's, resetting
+  // soon) while retry-after and param named the one that refused longest (the user's).
+  it('describes the refusing counter in the headers, as retry-after and param do', async () => {
+    const clock = new ManualClock(Date.parse('2026-03-01T10:00:00Z'));
+    const limits: Record<string, Limit> = { 'key:k1': { requestsPerMinute: 1, tokensPerMinute: undefined }, 'user:u': { requestsPerMinute: 2, tokensPerMinute: undefined } };
+    const overrides = {
+      get: (scope: string, id: string) => limits[`${scope}:${id}`],
+      defaults: () => ({ requestsPerMinute: 1000, tokensPerMinute: undefined }),
+    } as unknown as RateLimitOverrides;
+    const limiter = new RateLimiter(new MemoryRateLimitStore(clock), overrides, { rateLimit: { adminRpm: 100 } } as unknown as AppConfig, { logger: createLogger('silent') });
+    const as = (keyId: string): Principal => ({ keyId, keyPrefix: 'gh-x', userId: 'u', departmentId: 'd', role: 'user', cacheScope: 'user', expiresAt: undefined });
+    expect((await limiter.admit(as('k2'), 'api')).allowed).toBe(true); // t = 0: user 1 of 2
+    clock.advance(30_000);
+    expect((await limiter.admit(as('k1'), 'api')).allowed).toBe(true); // t = 30 s: key k1 full until 90 s
+    clock.advance(31_000);
+    expect((await limiter.admit(as('k2'), 'api')).allowed).toBe(true); // t = 61 s: user's window restarts
+    expect((await limiter.admit(as('k2'), 'api')).allowed).toBe(true); // user full until 121 s
+    clock.advance(1000);
+    const refused = await limiter.admit(as('k1'), 'api'); // t = 62 s: both full
+    expect(refused.allowed).toBe(false);
+    expect(refused.error).toMatchObject({ param: 'user' });
+    expect(refused.headers).toMatchObject({ 'x-ratelimit-limit-requests': '2', 'x-ratelimit-remaining-requests': '0' });
+    expect(refused.headers['x-ratelimit-reset-requests']).toBe(`${refused.headers['retry-after']}s`);
   });
 });

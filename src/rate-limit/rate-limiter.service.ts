@@ -68,6 +68,10 @@ export class RateLimiter {
       if (state.blocked && (!refusing || state.resetMs > refusing.state.resetMs)) refusing = { bucket, state };
     });
     const { bucket, state } = refusing ?? { bucket: buckets[0], state: result.states[0] };
+    // The trio of the refused kind describes the counter that refused, as retry-after and `param`
+    // do: two full counters of one kind otherwise disagree (the other one's reset comes sooner),
+    // and a client that waits for the header's reset is refused again.
+    setTrio(headers, bucket.kind, bucket, state);
     const retryAfter = Math.max(1, Math.ceil(state.resetMs / 1000));
     headers['retry-after'] = String(retryAfter);
     const error = new GatewayError(
