@@ -32,7 +32,7 @@ const adminWatches = new WeakMap<FastifyRequest, AdminWatch>();
  * /admin (failed ones included: they matter for security review), and every 401/403 there.
  * On /v1 it records what the completion pipeline could not: every error answer the pipeline did
  * not audit itself (a 401, a 400 before the body became a call, a 413, a 429 on an async submit,
- * a 404), so every request leaves a row. Fastify hooks rather than a Nest interceptor, which would
+ * a 404) and every accepted async submit (202, with its job's id), so every request leaves a row. Fastify hooks rather than a Nest interceptor, which would
  * cost an rxjs chain on every request (PERFORMANCE.md); for a /v1 answer below 400 the hooks
  * cost a comparison or two.
  */
@@ -67,7 +67,7 @@ export class AuditHttpHook implements OnModuleInit {
     });
     fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
       const status = reply.statusCode;
-      if (unauditedApiError(request, status)) this.recordApiError(request, status);
+      if (unauditedApiError(request, status)) this.recordApiError(request, status, reply);
       else if (isAdminPath(request) && (!READ_METHODS.has(request.method) || status === 401 || status === 403) && adminWatches.get(request)?.recorded !== true) {
         this.recordAdmin(request, status);
       }
@@ -75,10 +75,15 @@ export class AuditHttpHook implements OnModuleInit {
     });
   }
 
-  /** A /v1 error answer the pipeline did not audit: who (or which key prefix), what, and the error. */
-  private recordApiError(request: FastifyRequest, status: number): void {
+  /**
+   * A /v1 answer the pipeline did not audit: who (or which key prefix), what, and the error; or
+   * an accepted async submit (202), with the job it made (its tries are audited as the job runs).
+   */
+  private recordApiError(request: FastifyRequest, status: number, reply?: FastifyReply): void {
     const pattern = request.routeOptions.url ?? pathOf(request);
     const details: Record<string, unknown> = { ...(outcomes.get(request) ?? {}) };
+    const accepted = status === 202;
+    if (accepted && reply?.getHeader('idempotent-replayed') === 'true') details.replayed = true;
     if (!request.principal) {
       const key = presentedKey(request);
       details.key_prefix = key === undefined ? null : keyPrefix(key);
@@ -87,8 +92,8 @@ export class AuditHttpHook implements OnModuleInit {
     this.audit.record({
       principal: request.principal,
       action: `${request.method} ${redactText(pattern)}`,
-      targetType: 'request',
-      targetId: null,
+      targetType: accepted ? 'job' : 'request',
+      targetId: accepted ? (scalar((details.result as Record<string, unknown> | undefined)?.id) ?? null) : null,
       requestId: request.id,
       status,
       details,
@@ -167,9 +172,12 @@ function routedUrl(request: FastifyRequest): string {
   }
 }
 
-/** A /v1 error answer the completion pipeline did not audit itself (its payload is read only then). */
+/**
+ * A /v1 error answer the completion pipeline did not audit itself, or an accepted async submit
+ * (202: the pipeline runs later, as the job); its payload is read only then.
+ */
 function unauditedApiError(request: FastifyRequest, status: number): boolean {
-  return status >= 400 && request.completionCall?.audited !== true && isApiPath(request);
+  return (status >= 400 || status === 202) && request.completionCall?.audited !== true && isApiPath(request);
 }
 
 function isApiPath(request: FastifyRequest): boolean {

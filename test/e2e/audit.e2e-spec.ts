@@ -216,6 +216,28 @@ describe('audit trail over HTTP (PGlite)', () => {
     expect(left).toMatchObject({ status: 499, details: { outcome: 'client_closed', attempts: [{ failure: 'client_closed' }] } });
   });
 
+  // Before, an accepted async submit left no row under the caller's request id (only its job's
+  // tries did, under job-<id>-<try>).
+  it('records an accepted async submit under its request id, with its job, and a replayed one marked so', async () => {
+    const submit = (requestId: string) =>
+      alice.api.post<{ id: string }>('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: 'audit the submit' }] }, {
+        prefer: 'respond-async',
+        'idempotency-key': 'audit-submit-1',
+        'x-request-id': requestId,
+      });
+    const first = await submit(`submit-${Date.now()}`);
+    expect(first.status).toBe(202);
+    const firstId = first.headers.get('x-request-id') ?? '';
+    const row = await eventually(gw, { action: 'POST /v1/chat/completions' }, (e) => e.request_id === firstId);
+    expect(row).toMatchObject({ status: 202, target_type: 'job', target_id: first.body.id, actor_user_id: alice.userId, details: { result: { id: first.body.id } } });
+    expect(row.details.replayed).toBeUndefined();
+    const again = await submit(`resubmit-${Date.now()}`);
+    expect(again.status).toBe(202);
+    const againId = again.headers.get('x-request-id') ?? '';
+    const replayed = await eventually(gw, { action: 'POST /v1/chat/completions' }, (e) => e.request_id === againId);
+    expect(replayed).toMatchObject({ status: 202, target_id: first.body.id, details: { replayed: true } });
+  });
+
   it('records a stream the client left while the next event was awaited as client_closed, not as an aborted upstream', async () => {
     gw.stub.configure({ chunkDelayMs: 300, completionTokens: 20 });
     const requestId = `left-mid-stream-${Date.now()}`;
