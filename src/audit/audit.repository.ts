@@ -198,14 +198,18 @@ export class AuditRepository {
     let lastSeq: string | undefined;
     let after = (BigInt(lower) - 1n).toString();
     for (;;) {
-      const rows = await this.dataSource.query<Row[]>(
-        `SELECT ${COLUMNS} FROM audit_events WHERE seq > $1::bigint AND seq <= $2::bigint ORDER BY seq LIMIT ${VERIFY_PAGE}`,
+      // The hash covers `at` to the millisecond (as the gateway writes it); the column keeps
+      // microseconds, so an edit below a millisecond would hash the same. Only such an edit
+      // leaves microseconds that are not whole milliseconds.
+      const rows = await this.dataSource.query<Array<Row & { sub_ms: boolean }>>(
+        `SELECT ${COLUMNS}, (extract(microseconds FROM at)::bigint % 1000) <> 0 AS sub_ms
+           FROM audit_events WHERE seq > $1::bigint AND seq <= $2::bigint ORDER BY seq LIMIT ${VERIFY_PAGE}`,
         [after, upper],
       );
       for (const row of rows) {
         checked += 1;
         const event = fromRow(row);
-        if (event.prevHash !== expectedPrev || chainHash(event.prevHash, event) !== event.hash) {
+        if (row.sub_ms || event.prevHash !== expectedPrev || chainHash(event.prevHash, event) !== event.hash) {
           return { ok: false, checked, first_break: Number(event.seq), head: headView };
         }
         expectedPrev = event.hash;

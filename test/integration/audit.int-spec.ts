@@ -194,6 +194,24 @@ describe.each(DB_KINDS)('audit trail on %s', (kind) => {
     }
   });
 
+  // Before, the hash covered `at` to the millisecond and the column keeps microseconds: moving a
+  // row's time by less than a millisecond verified as intact.
+  it('reports a row whose time was moved by less than a millisecond', async () => {
+    const service = await fresh();
+    recordMany(service, 5, 'sub-ms');
+    await service.flush();
+    const all = await seqs(db);
+    const target = all.at(-3)!;
+    expect((await service.verify({})).ok).toBe(true);
+    await db.dataSource.query('ALTER TABLE audit_events DISABLE TRIGGER audit_events_no_update');
+    try {
+      await db.dataSource.query(`UPDATE audit_events SET at = at + interval '700 microseconds' WHERE seq = $1`, [target]);
+      expect(await service.verify({})).toMatchObject({ ok: false, first_break: target });
+    } finally {
+      await db.dataSource.query('ALTER TABLE audit_events ENABLE TRIGGER audit_events_no_update');
+    }
+  });
+
   it('keeps events in memory while the database refuses writes, reports degraded, drops beyond the bound and records the gap', async () => {
     const readiness = new ReadinessRegistry();
     const service = await fresh({ batchSize: 20, flushMs: 10, maxBuffered: 50, maxBackoffMs: 40 }, readiness);
