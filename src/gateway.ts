@@ -84,6 +84,9 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   const fastify = app.getHttpAdapter().getInstance();
   const metrics = app.get(GatewayMetrics);
   const shutdown = app.get(ShutdownService);
+  // A response cut before it finished gets no onResponse: counted as the caller saw it (499
+  // when nothing was sent, else the status its headers carried).
+  shutdown.onUnfinished = (reply) => metrics.httpResponse(reply.request, reply, reply.raw.headersSent ? reply.statusCode : 499);
   const telemetry = app.get(Telemetry);
   // Hooks instead of interceptors: an rxjs chain per request costs more than Nest and Fastify
   // together (PERFORMANCE.md).

@@ -107,6 +107,14 @@ export class ShutdownService implements OnModuleInit, OnModuleDestroy, BeforeApp
   }
 
   /** Fastify onRequest: counts the request until its response closes. */
+  /**
+   * Told of a response whose connection closed before it finished (the caller left, or the drain
+   * deadline closed it): Fastify runs no onResponse hook for it, so whoever counts responses
+   * there (the HTTP metrics) counts this one here. Set once at start; it shares the close
+   * listener every request already has.
+   */
+  onUnfinished: ((reply: FastifyReply) => void) | undefined;
+
   track(reply: FastifyReply): void {
     this.inFlight += 1;
     // Keep-alive clients and proxies move to another instance after this answer.
@@ -198,6 +206,7 @@ export class ShutdownService implements OnModuleInit, OnModuleDestroy, BeforeApp
 
   private release(reply: FastifyReply): void {
     this.inFlight -= 1;
+    if (!reply.raw.writableFinished) this.onUnfinished?.(reply);
     if (this.draining && !reply.raw.writableFinished) {
       // Its response is over, not its pipeline: the call still settles its budget and records its
       // audit event, and the writers' last flush must wait for that (settledWithin).

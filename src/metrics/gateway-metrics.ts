@@ -71,8 +71,7 @@ export class GatewayMetrics {
   }
 
   /** Every HTTP response (Fastify onResponse): duration by route, and refusals by reason. */
-  httpResponse(request: FastifyRequest, reply: FastifyReply): void {
-    const status = reply.statusCode;
+  httpResponse(request: FastifyRequest, reply: FastifyReply, status = reply.statusCode): void {
     this.i.httpDuration.record([request.method, request.routeOptions.url ?? 'unmatched', String(status)], reply.elapsedTime / 1000);
     const reason = REJECTIONS[status];
     if (reason !== undefined) this.i.rejected.add([reason], 1);

@@ -104,6 +104,38 @@ describe('GET /metrics (Prometheus, same port, no key)', () => {
     expect(delta('gatehouse_requests_total', { door: 'chat', status: '502', outcome: res.body.error.code })).toBe(1);
   });
 
+  // Before, a response whose caller left was missing from the HTTP histogram: Fastify runs no
+  // onResponse for a connection that closed before the response finished.
+  it('counts a request whose caller left before the answer as 499, and a stream it left as its 200', async () => {
+    const erin = await gw.tenants.create();
+    const before = await scrape();
+    const leave = async (body: Record<string, unknown>, afterFirstChunk: boolean) => {
+      const leaving = new AbortController();
+      const pending = fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${erin.key}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'auto', messages: [{ role: 'user', content: `leaving ${JSON.stringify(body)}` }], ...body }),
+        signal: leaving.signal,
+      });
+      if (afterFirstChunk) await (await pending).body?.getReader().read();
+      else await pollUntil(() => expect(gw.stub.hits).toBeGreaterThan(0));
+      leaving.abort();
+      await pending.catch(() => undefined);
+    };
+    gw.stub.configure({ latencyMs: 1500 });
+    await leave({}, false);
+    gw.stub.configure({ latencyMs: 0, chunkDelayMs: 300, completionTokens: 20 });
+    await leave({ stream: true }, true);
+    await pollUntil(async () => {
+      const after = await scrape();
+      const delta = (labels: Record<string, string>) =>
+        valueOf(after, 'gatehouse_http_request_duration_seconds_count', { method: 'POST', route: '/v1/chat/completions', ...labels }) -
+        valueOf(before, 'gatehouse_http_request_duration_seconds_count', { method: 'POST', route: '/v1/chat/completions', ...labels });
+      expect(delta({ status: '499' })).toBe(1);
+      expect(delta({ status: '200' })).toBe(1);
+    });
+  });
+
   it('counts refusals by reason: auth, rate_limit and budget', async () => {
     const carol = await gw.tenants.create();
     const dave = await gw.tenants.create();
