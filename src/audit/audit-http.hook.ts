@@ -32,9 +32,9 @@ const adminWatches = new WeakMap<FastifyRequest, AdminWatch>();
  * /admin (failed ones included: they matter for security review), and every 401/403 there.
  * On /v1 it records what the completion pipeline could not: every error answer the pipeline did
  * not audit itself (a 401, a 400 before the body became a call, a 413, a 429 on an async submit,
- * a 404) and every accepted async submit (202, with its job's id), so every request leaves a row. Fastify hooks rather than a Nest interceptor, which would
- * cost an rxjs chain on every request (PERFORMANCE.md); for a /v1 answer below 400 the hooks
- * cost a comparison or two.
+ * a 404) and every accepted async submit (202, with its job's id), so every request leaves a
+ * row. Fastify hooks rather than a Nest interceptor, which would cost an rxjs chain on every
+ * request (PERFORMANCE.md); for a /v1 answer below 400 the hooks cost a comparison or two.
  */
 @Injectable()
 export class AuditHttpHook implements OnModuleInit {
@@ -57,7 +57,7 @@ export class AuditHttpHook implements OnModuleInit {
       done();
     });
     fastify.addHook('onSend', (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void) => {
-      if (isAdminPath(request) || unauditedApiError(request, reply.statusCode)) outcomes.set(request, readOutcome(reply.statusCode, payload));
+      if (isAdminPath(request) || unauditedApiAnswer(request, reply.statusCode)) outcomes.set(request, readOutcome(reply.statusCode, payload));
       const watch = adminWatches.get(request);
       if (watch?.closedEarly === true && !watch.recorded) {
         watch.recorded = true;
@@ -67,7 +67,7 @@ export class AuditHttpHook implements OnModuleInit {
     });
     fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
       const status = reply.statusCode;
-      if (unauditedApiError(request, status)) this.recordApiError(request, status, reply);
+      if (unauditedApiAnswer(request, status)) this.recordApiAnswer(request, status, reply);
       else if (isAdminPath(request) && (!READ_METHODS.has(request.method) || status === 401 || status === 403) && adminWatches.get(request)?.recorded !== true) {
         this.recordAdmin(request, status);
       }
@@ -79,7 +79,7 @@ export class AuditHttpHook implements OnModuleInit {
    * A /v1 answer the pipeline did not audit: who (or which key prefix), what, and the error; or
    * an accepted async submit (202), with the job it made (its tries are audited as the job runs).
    */
-  private recordApiError(request: FastifyRequest, status: number, reply?: FastifyReply): void {
+  private recordApiAnswer(request: FastifyRequest, status: number, reply?: FastifyReply): void {
     const pattern = request.routeOptions.url ?? pathOf(request);
     const details: Record<string, unknown> = { ...(outcomes.get(request) ?? {}) };
     const accepted = status === 202;
@@ -176,7 +176,7 @@ function routedUrl(request: FastifyRequest): string {
  * A /v1 error answer the completion pipeline did not audit itself, or an accepted async submit
  * (202: the pipeline runs later, as the job); its payload is read only then.
  */
-function unauditedApiError(request: FastifyRequest, status: number): boolean {
+function unauditedApiAnswer(request: FastifyRequest, status: number): boolean {
   return (status >= 400 || status === 202) && request.completionCall?.audited !== true && isApiPath(request);
 }
 
