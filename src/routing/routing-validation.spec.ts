@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { SEED_ROUTING_TABLE } from './routing-table.js';
-import { describeProblems, invalidTable, parseOverrides, parseRoutingTableBody } from './routing-validation.js';
+import { describeProblems, implicitCapProblems, invalidTable, parseOverrides, parseRoutingTableBody } from './routing-validation.js';
 
 const DEPT = '11111111-1111-4111-8111-111111111111';
 const DEPT2 = '22222222-2222-4222-8222-222222222222';
@@ -97,6 +97,25 @@ describe('parseRoutingTableBody', () => {
     expect(error.message).toContain(`has ${many.problems.length} problems`);
     expect(error.message).toContain(`and ${many.problems.length - 100} more.`);
     expect(error.message.length).toBeLessThan(20_000);
+  });
+
+  it('holds a default_max_tokens without a cap of its own to the DEFAULT_MAX_TOKENS that caps it', () => {
+    const table = {
+      default_task_type: 'g',
+      rules: [
+        { task_type: 'g', model: 'm/a', fallbacks: [], default_max_tokens: 5000 },
+        { task_type: 'h', model: 'm/a', fallbacks: [], max_tokens: 8000, default_max_tokens: 5000 },
+        { task_type: 'i', model: 'm/a', fallbacks: [], default_max_tokens: 500 },
+      ],
+      allowed_models: null,
+      department_overrides: [
+        { department_id: DEPT, task_type: 'i', default_max_tokens: 2000 },
+        { department_id: DEPT2, task_type: 'h', default_max_tokens: 2000 },
+        { department_id: DEPT3, task_type: 'i', max_tokens: 4000, default_max_tokens: 2000 },
+      ],
+    };
+    expect(implicitCapProblems(table, 1024).map((p) => p.param)).toEqual(['rules[0].default_max_tokens', 'department_overrides[0].default_max_tokens']);
+    expect(implicitCapProblems(table, 8000)).toEqual([]);
   });
 
   it('keeps default_max_tokens within the cap, and ignores the read-only fields GET returns', () => {

@@ -298,6 +298,27 @@ export function parseRoutingTableBody(
   return { body, problems: [] };
 }
 
+/**
+ * default_max_tokens above the cap that applies when the rule (or override) sets none: this
+ * gateway's DEFAULT_MAX_TOKENS. The table's own checks cannot see that cap (it is configuration);
+ * without this the value was stored and quietly lowered to the cap on every call.
+ */
+export function implicitCapProblems(body: RoutingTableBody, implicitCap: number): RoutingProblem[] {
+  const problems: RoutingProblem[] = [];
+  const above = (value: number | undefined) => value !== undefined && value > implicitCap;
+  const message = (value: number) => `${value} is above the cap of ${implicitCap} (DEFAULT_MAX_TOKENS) that applies without max_tokens: set max_tokens, or a lower default`;
+  const rules = new Map(body.rules.map((r) => [r.task_type, r]));
+  body.rules.forEach((rule, i) => {
+    if (rule.max_tokens === undefined && above(rule.default_max_tokens)) problems.push({ param: `rules[${i}].default_max_tokens`, message: message(rule.default_max_tokens as number) });
+  });
+  (body.department_overrides ?? []).forEach((o, i) => {
+    if (o.max_tokens === undefined && rules.get(o.task_type)?.max_tokens === undefined && above(o.default_max_tokens)) {
+      problems.push({ param: `department_overrides[${i}].default_max_tokens`, message: message(o.default_max_tokens as number) });
+    }
+  });
+  return problems;
+}
+
 /** A default naming a rule that itself had problems is reported once, on the rule, not twice. */
 function ruleNamed(rules: unknown[], taskType: string): boolean {
   return rules.some((r) => isObj(r) && r.task_type === taskType);

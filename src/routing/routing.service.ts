@@ -5,7 +5,7 @@ import { AppLogger } from '../core/logger.js';
 import { IdentityService } from '../identity/identity.service.js';
 import { type CompiledTable, compileTable, resolveRoute, type RouteRequest } from './routing-resolver.js';
 import { type DepartmentOverride, type ResolvedRoute, type RoutingTable, type RoutingTableBody, SEED_ROUTING_TABLE } from './routing-table.js';
-import { invalidTable as invalid, parseOverrides, type RoutingProblem } from './routing-validation.js';
+import { implicitCapProblems, invalidTable as invalid, parseOverrides, type RoutingProblem } from './routing-validation.js';
 import { RoutingVersionsRepository } from './routing-versions.repository.js';
 
 export type { RouteRequest } from './routing-resolver.js';
@@ -117,6 +117,8 @@ export class RoutingService implements OnModuleInit, OnApplicationShutdown {
 
   /** `PUT /admin/routing`: a whole new table (already validated at the edge), 409 when stale. */
   async update(body: RoutingTableBody, change: TableChange): Promise<RoutingTable> {
+    const capped = implicitCapProblems(body, this.config.routing.defaultMaxTokens);
+    if (capped.length > 0) throw invalid(capped);
     await this.checkDepartments(body.department_overrides ?? [], 'department_overrides');
     return this.append(body, change);
   }
@@ -131,6 +133,9 @@ export class RoutingService implements OnModuleInit, OnApplicationShutdown {
     const { overrides, problems } = parseOverrides(withDepartment, base.rules, 'overrides');
     for (const [i, o] of overrides.entries()) {
       if (o.department_id !== departmentId) problems.push({ param: `overrides[${i}].department_id`, message: 'must be the department in the path' });
+    }
+    for (const p of implicitCapProblems({ ...bodyOf(base), department_overrides: overrides }, this.config.routing.defaultMaxTokens)) {
+      if (p.param.startsWith('department_overrides')) problems.push({ ...p, param: p.param.replace('department_overrides', 'overrides') });
     }
     if (problems.length > 0) throw invalid(problems);
     const others = (base.department_overrides ?? []).filter((o) => o.department_id !== departmentId);

@@ -233,6 +233,17 @@ describe('routing tables changed at runtime (admin API, versions, resolve; PGlit
     expect((await admin.api.post<ErrorBody>('/admin/routing/resolve', { user_id: '00000000-0000-4000-8000-000000000000' })).status).toBe(404);
     expect((await admin.api.post<ErrorBody>('/admin/routing/resolve', { task_type: 'bad name!' })).body.error.param).toBe('task_type');
     expect((await admin.api.post<ErrorBody>('/admin/routing/resolve', { tasktype: 'code' })).body.error.param).toBe('tasktype');
+    // A default above the cap that applies without max_tokens (DEFAULT_MAX_TOKENS, 1024) was stored
+    // and quietly lowered on every call.
+    const stored = (await admin.api.get<{ version: number; default_task_type: string; rules: Array<Record<string, unknown>> }>('/admin/routing')).body;
+    const tooHigh = await admin.api.put<ErrorBody>('/admin/routing', {
+      version: stored.version,
+      default_task_type: stored.default_task_type,
+      rules: stored.rules.map((r, i) => (i === 0 ? { ...r, max_tokens: undefined, default_max_tokens: 5000 } : r)),
+    });
+    expect(tooHigh).toMatchObject({ status: 400, body: { error: { code: 'invalid_value', param: 'rules[0].default_max_tokens' } } });
+    expect((await admin.api.get<{ version: number }>('/admin/routing')).body.version).toBe(stored.version);
+
     // A dry run refuses the model ids a real call refuses, with the same code.
     for (const [body, param] of [
       [{ model: 'bad model' }, 'model'],
