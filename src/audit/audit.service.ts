@@ -110,8 +110,7 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
   private droppedSinceLastWrite = 0;
   private droppedFrom: Date | undefined;
   private droppedUntil: Date | undefined;
-  /** Set once the last flush at shutdown is over. */
-  private finished = false;
+  /** Events recorded after the last flush at shutdown (lost). */
   private lostLate = 0;
 
   constructor(
@@ -164,7 +163,6 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
   async onApplicationShutdown(): Promise<void> {
     this.stop();
     await this.writer.drainForShutdown(this.shutdown?.writeDeadline());
-    this.finished = true;
     if (this.writer.size === 0) return;
     this.logger.error({ lost: this.writer.size, lastError: this.writer.lastError }, 'AUDIT EVENTS LOST: shutting down with events the database would not take');
   }
@@ -313,7 +311,7 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
   }
 
   private push(event: Pending): void {
-    if (this.finished) {
+    if (this.writer.finished) {
       // Nothing would store it: the last flush is over and the database is closing.
       this.lostLate += 1;
       this.writer.loud('late', () =>

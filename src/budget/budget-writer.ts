@@ -114,8 +114,7 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
   /** Charges stay in its buffer until stored or set aside; it drains only what waited when the drain started. */
   private readonly writer: BatchWriter<PendingCharge>;
   private written = 0;
-  /** Set once the last flush at shutdown is over. */
-  private finished = false;
+  /** Charges settled after the last flush at shutdown (lost). */
   private lostLate = 0;
   /** Pending reservations per user / department id: a refused reservation flushes only when it can help. */
   private readonly pendingHolds = new Map<string, number>();
@@ -169,7 +168,6 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
   async onApplicationShutdown(): Promise<void> {
     this.writer.stop();
     await this.drainForShutdown();
-    this.finished = true;
     // A pool ends once its statements are over, and one the last flush gave up on (a database
     // that does not answer) holds it until its query timeout, 35 s: every later shutdown hook, the
     // audit's last flush among them, would wait that long, past the pod's grace period. The close
@@ -183,13 +181,13 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
   /** Buffers a settle or a cache hit. Never throws and never waits. */
   enqueue(charge: PendingCharge): void {
     if (charge.rows.length === 0 && !charge.release) return;
-    if (this.finished) {
+    if (this.writer.finished) {
       // After the last flush nothing would store it (the pool is closing): lost, and said so, as
       // the ones the last flush could not store are.
       this.lostLate += 1;
       this.writer.loud('late', () =>
         this.logger.error(
-          { lost: this.lostLate, requestId: charge.rows[0]?.request_id, costUsd: formatUsd(charge.rows.reduce((sum, row) => sum + BigInt(row.cost_nanos), 0n)) },
+          { lost: this.lostLate, requestId: charge.rows[0]?.request_id, costUsd: formatUsd(chargedNanos([charge])) },
           'BUDGET CHARGES LOST: settled after the last flush at shutdown; its reservation stays held until the sweeper releases it',
         ),
       );
@@ -359,12 +357,10 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
     await this.writer.drainForShutdown(this.shutdown?.writeDeadline());
     if (this.writer.size === 0) return;
     const buffer = this.writer.buffer;
-    let cost = 0n;
-    for (const charge of buffer) for (const row of charge.rows) cost += BigInt(row.cost_nanos);
     this.logger.error(
       {
         lost: buffer.length,
-        costUsd: formatUsd(cost),
+        costUsd: formatUsd(chargedNanos(buffer)),
         lastError: this.writer.lastError,
         requestIds: buffer.slice(0, 100).map((c) => c.rows[0]?.request_id),
       },
@@ -381,4 +377,11 @@ function isDataError(error: unknown): boolean {
 
 function errorMessage(error: unknown): string {
   return (error instanceof Error ? error.message : String(error)).slice(0, 200);
+}
+
+/** What charges that could not be stored would have cost: the sum of their ledger rows. */
+function chargedNanos(charges: readonly PendingCharge[]): bigint {
+  let cost = 0n;
+  for (const charge of charges) for (const row of charge.rows) cost += BigInt(row.cost_nanos);
+  return cost;
 }

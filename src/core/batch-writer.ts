@@ -48,7 +48,7 @@ export class BatchWriter<T> {
   private nextAttemptAt = 0;
   private error: string | undefined;
   /** Set when the shutdown drain is over: nothing is stored after it. */
-  private closed = false;
+  private closedForGood = false;
   private readonly loudLogs = new LogThrottle();
   /** Items ever added, and ever done with: a flush waits for a count. */
   private added = 0;
@@ -71,6 +71,11 @@ export class BatchWriter<T> {
 
   get started(): boolean {
     return this.timer !== undefined;
+  }
+
+  /** The shutdown drain is over: nothing added from now on is stored (the owner reports it lost). */
+  get finished(): boolean {
+    return this.closedForGood;
   }
 
   start(): void {
@@ -144,7 +149,7 @@ export class BatchWriter<T> {
       }
       return this.buffer.length === 0 || refused === 0;
     } finally {
-      this.closed = true;
+      this.closedForGood = true;
     }
   }
 
@@ -187,7 +192,7 @@ export class BatchWriter<T> {
     // The owner closes its pool after the shutdown drain: a flush given up on at the deadline
     // would otherwise go on retrying against it ("Cannot use a pool after calling end on the
     // pool"), logged after the owner reported the rest lost.
-    if (this.closed && !this.running) return Promise.resolve();
+    if (this.closedForGood && !this.running) return Promise.resolve();
     // Started a microtask later so that `running` is already set when beforeBatch add()s.
     this.running ??= Promise.resolve()
       .then(() => this.drain())
