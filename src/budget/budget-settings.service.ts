@@ -5,7 +5,7 @@ import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
 import { BudgetService } from './budget.service.js';
 import type { BudgetRow, BudgetScope, BudgetView } from './budget.types.js';
-import { type BudgetPeriod, currentPeriodStart, nextReset, periodStarts } from './periods.js';
+import { type BudgetPeriod, currentPeriodStart, nextReset, periodOf, periodStarts } from './periods.js';
 
 const SCOPE_TABLE: Record<BudgetScope, { table: string; ledgerColumn: string; heldColumn: string }> = {
   user: { table: 'users', ledgerColumn: 'user_id', heldColumn: 'user_nanos' },
@@ -138,11 +138,7 @@ export class BudgetSettingsService {
 
   /** The current period's numbers, rolled over on read when the stored period has ended. */
   view(row: BudgetRow): BudgetView {
-    const now = this.clock.now();
-    const stored = new Date(row.period_start);
-    const current = currentPeriodStart(row.period, periodStarts(now), stored);
-    const rolled = stored.getTime() < current.getTime();
-    const start = rolled ? current : stored;
+    const { start, rolled } = periodOf(row.period, periodStarts(this.clock.now()), new Date(row.period_start));
     const limit = BigInt(row.limit_nanos);
     const spent = rolled ? 0n : BigInt(row.spent_nanos);
     const reserved = BigInt(row.reserved_nanos);

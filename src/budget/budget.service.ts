@@ -17,7 +17,7 @@ import { RENEW_SQL, RESERVE_BATCH_SQL, RESERVE_SQL } from './budget-sql.js';
 import { BudgetWriter, type LedgerEntry, type PendingRelease } from './budget-writer.js';
 import type { BudgetedCall, BudgetedRoute, BudgetRow, BudgetScope, ChargedAttempt, Reservation, SettleOptions } from './budget.types.js';
 import { estimatePromptTokens, producedTokens, reservedCompletionTokens } from './estimate.js';
-import { type BudgetPeriod, currentPeriodStart, nextReset, periodStarts } from './periods.js';
+import { type BudgetPeriod, nextReset, periodOf, periodStarts } from './periods.js';
 
 interface ReserveRow {
   ok: boolean;
@@ -234,10 +234,8 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
     }
     const starts = periodStarts(this.clock.now());
     const rows = budgets.map((b): ReserveRow => {
-      const stored = new Date(b.period_start);
-      const start = currentPeriodStart(b.period, starts, stored);
-      // A period that has ended rolls over at the next reserve: nothing is spent in the new one yet.
-      const spent = start.getTime() > stored.getTime() ? '0' : b.spent_nanos;
+      const { start, rolled } = periodOf(b.period, starts, new Date(b.period_start));
+      const spent = rolled ? '0' : b.spent_nanos;
       return {
         ok: false,
         scope: b.scope,

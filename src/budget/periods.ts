@@ -38,6 +38,17 @@ export function currentPeriodStart(period: BudgetPeriod, starts: PeriodStarts, s
   }
 }
 
+/**
+ * The period a stored budget row is in at `starts`: its stored period, or, once that has ended,
+ * the current one, in which nothing is spent yet (`rolled`: read its spend as 0). The row itself
+ * rolls over at its next reserve or settle (budget-sql.ts); views and checks read it this way.
+ */
+export function periodOf(period: BudgetPeriod, starts: PeriodStarts, storedStart: Date): { start: Date; rolled: boolean } {
+  const current = currentPeriodStart(period, starts, storedStart);
+  const rolled = storedStart.getTime() < current.getTime();
+  return { start: rolled ? current : storedStart, rolled };
+}
+
 /** When the period that began at `start` ends; null for `total`. */
 export function nextReset(period: BudgetPeriod, start: Date): Date | null {
   switch (period) {
