@@ -52,8 +52,9 @@ export class JobsService {
     }
     if (input.callbackUrl !== undefined) this.assertCallbackAllowed(input.callbackUrl);
     // Refuse before writing anything when the queue surely cannot take it (full, or Redis away)
-    // or the run would be refused (routing, budget: SubmitCheck). A repeat of an idempotent submit is answered from its record
-    // even then, so a keyed submit is checked once its record proves it new (below).
+    // or the run would be refused (routing, budget: SubmitCheck). A repeat of an idempotent
+    // submit is answered from its record even then, so a keyed submit is checked once its record
+    // proves it new (below).
     if (input.idempotencyKey === undefined) {
       this.queue.assertAccepting();
       await this.submitCheck.assertRunnable(input);

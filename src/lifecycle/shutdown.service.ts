@@ -106,7 +106,6 @@ export class ShutdownService implements OnModuleInit, OnModuleDestroy, BeforeApp
     return Math.max((this.drainStartedAt ?? now) + this.config.shutdown.drainMs, now + LAST_FLUSH_MS);
   }
 
-  /** Fastify onRequest: counts the request until its response closes. */
   /**
    * Told of a response whose connection closed before it finished (the caller left, or the drain
    * deadline closed it): Fastify runs no onResponse hook for it, so whoever counts responses
@@ -115,6 +114,7 @@ export class ShutdownService implements OnModuleInit, OnModuleDestroy, BeforeApp
    */
   onUnfinished: ((reply: FastifyReply) => void) | undefined;
 
+  /** Fastify onRequest: counts the request until its response closes. */
   track(reply: FastifyReply): void {
     this.inFlight += 1;
     // Keep-alive clients and proxies move to another instance after this answer.
@@ -206,8 +206,9 @@ export class ShutdownService implements OnModuleInit, OnModuleDestroy, BeforeApp
 
   private release(reply: FastifyReply): void {
     this.inFlight -= 1;
-    if (!reply.raw.writableFinished) this.onUnfinished?.(reply);
-    if (this.draining && !reply.raw.writableFinished) {
+    const unfinished = !reply.raw.writableFinished;
+    if (unfinished) this.onUnfinished?.(reply);
+    if (this.draining && unfinished) {
       // Its response is over, not its pipeline: the call still settles its budget and records its
       // audit event, and the writers' last flush must wait for that (settledWithin).
       const call = reply.request.completionCall;

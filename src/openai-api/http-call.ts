@@ -3,6 +3,7 @@ import type { CompletionCall, CompletionMeta, Door, PacedStreamSink, StreamSink 
 import type { ChatCompletionRequest } from '../../libs/openai-contract/src/index.js';
 import { formatUsd } from '../../libs/money/src/index.js';
 import { routeHeader } from '../routing/routing-table.js';
+import { MAX_CACHE_TTL_SECONDS } from '../routing/routing-validation.js';
 import { GatewayError } from '../core/errors.js';
 import { type IdempotentDoor, parseIdempotencyKey, submissionHash } from '../idempotency/idempotency-key.js';
 import { type IdempotencyClaim, type IdempotencyService, storedRoute } from '../idempotency/idempotency.service.js';
@@ -16,7 +17,6 @@ declare module 'fastify' {
 }
 
 const TTL_SECONDS = /^\d{1,8}$/;
-const MAX_CACHE_TTL_SECONDS = 30 * 86400;
 
 /** Builds the pipeline's view of an HTTP request: principal, abort signal, cache directives. */
 export function callFromRequest(request: FastifyRequest, reply: FastifyReply, body: ChatCompletionRequest, taskType: string | undefined, door: Door): CompletionCall {
