@@ -16,16 +16,18 @@ const MAX_PARSED_PAYLOAD = 64 * 1024;
 const outcomes = new WeakMap<FastifyRequest, Record<string, unknown>>();
 
 /**
- * An admin change whose caller hung up before the answer: Fastify runs onSend when the handler
- * answers but never onResponse (the response never finished), so the change was made and not
- * audited. `closedEarly`: the connection closed before the handler answered (onSend records);
- * `recorded`: the row is written (onResponse skips).
+ * A change whose caller hung up before the answer: an admin change, or an async submit (the job
+ * exists and will run). Fastify runs onSend when the handler answers but never onResponse (the
+ * response never finished), so the change was made and not audited. `closedEarly`: the
+ * connection closed before the handler answered (onSend records); `recorded`: the row is written
+ * (onResponse skips).
  */
-interface AdminWatch {
+interface ChangeWatch {
+  api: boolean;
   closedEarly: boolean;
   recorded: boolean;
 }
-const adminWatches = new WeakMap<FastifyRequest, AdminWatch>();
+const changeWatches = new WeakMap<FastifyRequest, ChangeWatch>();
 
 /**
  * Records admin changes without touching any admin controller: every non-GET request under
@@ -51,24 +53,27 @@ export class AuditHttpHook implements OnModuleInit {
     const fastify = adapter?.getInstance<FastifyInstance>();
     if (typeof fastify?.addHook !== 'function') return;
 
-    // Only admin changes are watched for a caller that leaves: a cheap test per /v1 request, no listener.
+    // Only changes are watched for a caller that leaves (admin changes, async submits): a header
+    // test per /v1 request, and no listener on a sync call, which audits itself however it ends.
     fastify.addHook('onRequest', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
-      if (!READ_METHODS.has(request.method) && isAdminPath(request)) this.watchAdminChange(request, reply);
+      if (!READ_METHODS.has(request.method)) {
+        if (isAdminPath(request)) this.watchChange(request, reply, false);
+        else if (prefersAsync(request) && isApiPath(request)) this.watchChange(request, reply, true);
+      }
       done();
     });
     fastify.addHook('onSend', (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void) => {
       if (isAdminPath(request) || unauditedApiAnswer(request, reply.statusCode)) outcomes.set(request, readOutcome(reply.statusCode, payload));
-      const watch = adminWatches.get(request);
-      if (watch?.closedEarly === true && !watch.recorded) {
-        watch.recorded = true;
-        this.recordAdmin(request, reply.statusCode, true);
-      }
+      const watch = changeWatches.get(request);
+      if (watch?.closedEarly === true && !watch.recorded) this.recordLeft(request, reply, watch);
       done(null, payload);
     });
     fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
       const status = reply.statusCode;
-      if (unauditedApiAnswer(request, status)) this.recordApiAnswer(request, status, reply);
-      else if (isAdminPath(request) && (!READ_METHODS.has(request.method) || status === 401 || status === 403) && adminWatches.get(request)?.recorded !== true) {
+      if (changeWatches.get(request)?.recorded === true) {
+        // Already recorded as left by its caller.
+      } else if (unauditedApiAnswer(request, status)) this.recordApiAnswer(request, status, reply);
+      else if (isAdminPath(request) && (!READ_METHODS.has(request.method) || status === 401 || status === 403)) {
         this.recordAdmin(request, status);
       }
       done();
@@ -79,9 +84,10 @@ export class AuditHttpHook implements OnModuleInit {
    * A /v1 answer the pipeline did not audit: who (or which key prefix), what, and the error; or
    * an accepted async submit (202), with the job it made (its tries are audited as the job runs).
    */
-  private recordApiAnswer(request: FastifyRequest, status: number, reply?: FastifyReply): void {
+  private recordApiAnswer(request: FastifyRequest, status: number, reply?: FastifyReply, clientClosed = false): void {
     const pattern = request.routeOptions.url ?? pathOf(request);
     const details: Record<string, unknown> = { ...(outcomes.get(request) ?? {}) };
+    if (clientClosed) details.client_closed = true;
     const accepted = status === 202;
     if (accepted && reply?.getHeader('idempotent-replayed') === 'true') details.replayed = true;
     if (!request.principal) {
@@ -100,19 +106,23 @@ export class AuditHttpHook implements OnModuleInit {
     });
   }
 
-  private watchAdminChange(request: FastifyRequest, reply: FastifyReply): void {
-    const watch: AdminWatch = { closedEarly: false, recorded: false };
-    adminWatches.set(request, watch);
+  private watchChange(request: FastifyRequest, reply: FastifyReply, api: boolean): void {
+    const watch: ChangeWatch = { api, closedEarly: false, recorded: false };
+    changeWatches.set(request, watch);
     reply.raw.once('close', () => {
       if (reply.raw.writableFinished || watch.recorded) return;
-      if (outcomes.has(request)) {
-        // Answered (onSend ran), then cut while it was written: onResponse will not come.
-        watch.recorded = true;
-        this.recordAdmin(request, reply.statusCode, true);
-      } else {
-        watch.closedEarly = true;
-      }
+      // Answered (onSend ran), then cut while it was written: onResponse will not come.
+      if (outcomes.has(request)) this.recordLeft(request, reply, watch);
+      else watch.closedEarly = true;
     });
+  }
+
+  /** The row of a watched change whose caller left; the status is the handler's. */
+  private recordLeft(request: FastifyRequest, reply: FastifyReply, watch: ChangeWatch): void {
+    watch.recorded = true;
+    if (!watch.api) this.recordAdmin(request, reply.statusCode, true);
+    // A sync answer (no async submit after all) was audited by the pipeline.
+    else if (unauditedApiAnswer(request, reply.statusCode)) this.recordApiAnswer(request, reply.statusCode, reply, true);
   }
 
   /** `clientClosed`: the caller left before the answer reached it; the status is the handler's. */
@@ -178,6 +188,12 @@ function routedUrl(request: FastifyRequest): string {
  */
 function unauditedApiAnswer(request: FastifyRequest, status: number): boolean {
   return (status >= 400 || status === 202) && request.completionCall?.audited !== true && isApiPath(request);
+}
+
+/** `prefer: respond-async` in any spelling the doors accept; its absence costs one property read. */
+function prefersAsync(request: FastifyRequest): boolean {
+  const prefer = request.headers.prefer;
+  return prefer !== undefined && String(prefer).toLowerCase().includes('respond-async');
 }
 
 function isApiPath(request: FastifyRequest): boolean {

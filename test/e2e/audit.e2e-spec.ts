@@ -448,7 +448,7 @@ describe('audit on a graceful stop (PostgreSQL)', () => {
   });
 });
 
-describe('an admin change whose caller hangs up before the answer (PostgreSQL)', () => {
+describe('a change whose caller hangs up before the answer (PostgreSQL)', () => {
   let gw: TestGateway;
 
   beforeAll(async () => {
@@ -489,5 +489,37 @@ describe('an admin change whose caller hangs up before the answer (PostgreSQL)',
     // Exactly one: a later flush does not add another.
     await new Promise((resolve) => setTimeout(resolve, 200));
     expect((await auditEvents(gw, { action: 'POST /admin/departments' })).filter((e) => (e.details.body as { name?: string } | undefined)?.name === name)).toHaveLength(1);
+  });
+
+  // The same for an async submit: the job exists and will run (and be charged), so its submit
+  // must leave a row even though the caller never saw the 202.
+  it('records an async submit whose caller left before the 202, with the job it made, once', async () => {
+    const alice = await gw.tenants.create();
+    const requestId = `submit-left-${Date.now()}`;
+    const blocker = new pg.Client({ connectionString: gw.database.url });
+    await blocker.connect();
+    try {
+      await blocker.query('BEGIN');
+      await blocker.query('LOCK TABLE jobs IN EXCLUSIVE MODE');
+      const leaving = fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json', prefer: 'respond-async', 'x-request-id': requestId },
+        body: JSON.stringify({ model: 'auto', messages: [{ role: 'user', content: 'queued, then nobody waits' }] }),
+        signal: AbortSignal.timeout(300),
+      });
+      await expect(leaving).rejects.toThrow();
+      await blocker.query('COMMIT');
+    } finally {
+      await blocker.end();
+    }
+    const job = await pollUntil(async () => {
+      const [row] = await gw.gateway.app.get(DataSource).query<Array<{ id: string }>>('SELECT id FROM jobs WHERE user_id = $1', [alice.userId]);
+      expect(row).toBeDefined();
+      return row;
+    });
+    const row = await eventually(gw, { action: 'POST /v1/chat/completions' }, (e) => e.request_id === requestId);
+    expect(row).toMatchObject({ status: 202, target_type: 'job', target_id: job?.id, actor_user_id: alice.userId, details: { client_closed: true } });
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    expect((await auditEvents(gw, { action: 'POST /v1/chat/completions' })).filter((e) => e.request_id === requestId)).toHaveLength(1);
   });
 });
