@@ -6,6 +6,9 @@ import { parseAllowedHosts } from '../jobs/callback-policy.js';
  * code base (main.ts hands it the environment once), so tests build the same app from a plain
  * object and nothing reads the environment at import time.
  */
+/** Longest cache TTL anyone may set: the default (CACHE_TTL_SECONDS), a routing rule's, a request header's. */
+export const MAX_CACHE_TTL_SECONDS = 30 * 86400;
+
 export type Role = 'api' | 'worker' | 'all';
 export type UpstreamDriver = 'undici' | 'sdk';
 export type StoreDriver = 'memory' | 'redis';
@@ -434,7 +437,7 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
     },
     cache: {
       driver: cacheDriver,
-      defaultTtlSeconds: int('CACHE_TTL_SECONDS', 300, 1, 30 * 86400),
+      defaultTtlSeconds: int('CACHE_TTL_SECONDS', 300, 1, MAX_CACHE_TTL_SECONDS),
       maxEntries: int('CACHE_MAX_ENTRIES', 10_000, 1, 10_000_000),
       maxBytes: int('CACHE_MAX_BYTES', 64 * 1024 * 1024, 1024, 16 * 1024 * 1024 * 1024),
       waitMs: int('CACHE_WAIT_MS', 15_000, 0, 600_000),

@@ -3,7 +3,7 @@ import type { CompletionCall, CompletionMeta, Door, PacedStreamSink, StreamSink 
 import type { ChatCompletionRequest } from '../../libs/openai-contract/src/index.js';
 import { formatUsd } from '../../libs/money/src/index.js';
 import { routeHeader } from '../routing/routing-table.js';
-import { MAX_CACHE_TTL_SECONDS } from '../routing/routing-validation.js';
+import { MAX_CACHE_TTL_SECONDS } from '../config/config.js';
 import { GatewayError } from '../core/errors.js';
 import { type IdempotentDoor, parseIdempotencyKey, submissionHash } from '../idempotency/idempotency-key.js';
 import { type IdempotencyClaim, type IdempotencyService, storedRoute } from '../idempotency/idempotency.service.js';

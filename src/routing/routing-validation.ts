@@ -1,3 +1,4 @@
+import { MAX_CACHE_TTL_SECONDS } from '../config/config.js';
 import { GatewayError } from '../core/errors.js';
 import { isUuid } from '../core/validate.js';
 import { type DepartmentOverride, MODEL_ID_PATTERN, type RoutingRule, type RoutingTableBody, type RuleCachePolicy, TASK_TYPE_PATTERN } from './routing-table.js';
@@ -16,7 +17,6 @@ export interface RoutingProblem {
 export const MAX_RULES = 200;
 export const MAX_FALLBACKS = 10;
 export const MAX_TOKENS_LIMIT = 1_000_000;
-export const MAX_CACHE_TTL_SECONDS = 30 * 86400;
 /** Problems listed in one answer: a table of 100,000 bad rules must not answer with megabytes. */
 const MAX_LISTED_PROBLEMS = 100;
 
