@@ -112,7 +112,9 @@ SELECT r_idx AS idx, r_ok AS ok, CASE WHEN r_recorded THEN 1 ELSE 0 END AS recor
  * - A draw on a lease (budget-leases.ts) names its lease (`lease_id`): the cost it adds to
  *   `spent` is taken off what the lease row holds (and off `reserved`), so the database never
  *   counts a finished draw twice, as spent and as held. A lease retired while draws are still
- *   in flight gives back what they cannot need the same way ($7), without charging it. A lease
+ *   in flight gives back what they cannot need the same way ($7), without charging it, once: the
+ *   row's `given_back` flag, set by the statement that shrinks it, keeps a retried batch from
+ *   giving it back again (the draws' part is idempotent through the ledger rows). A lease
  *   released in the same batch is not shrunk: its DELETE frees what it still holds.
  * - Only budgets with something to change are locked, in the one global order
  *   (`ORDER BY scope, scope_id FOR UPDATE`); the sort consumes the DELETE and INSERT first, so
@@ -142,21 +144,27 @@ WITH entries AS MATERIALIZED (
    WHERE id IN (SELECT value::uuid FROM jsonb_array_elements_text($5::jsonb))
   RETURNING user_id, department_id, user_nanos, department_nanos
 ), draws AS MATERIALIZED (
-  SELECT d.lease_id, sum(d.cost)::bigint AS cost
-    FROM (SELECT e.lease_id, l.cost_nanos AS cost
+  SELECT d.lease_id,
+         COALESCE(sum(d.cost) FILTER (WHERE NOT d.give_back), 0)::bigint AS drawn,
+         COALESCE(sum(d.cost) FILTER (WHERE d.give_back), 0)::bigint AS given,
+         bool_or(d.give_back) AS give_back
+    FROM (SELECT e.lease_id, l.cost_nanos AS cost, false AS give_back
             FROM ledger l JOIN entries e ON e.charge_id = l.charge_id AND e.attempt = l.attempt
            WHERE e.lease_id IS NOT NULL AND l.cost_nanos > 0
           UNION ALL
-          SELECT (t->>'id')::uuid, (t->>'nanos')::bigint FROM jsonb_array_elements($7::jsonb) t) d
+          SELECT (t->>'id')::uuid, (t->>'nanos')::bigint, true FROM jsonb_array_elements($7::jsonb) t) d
    WHERE d.lease_id NOT IN (SELECT value::uuid FROM jsonb_array_elements_text($5::jsonb))
    GROUP BY d.lease_id
 ), shrink AS MATERIALIZED (
-  SELECT r.id, r.user_id, r.department_id, LEAST(r.user_nanos, d.cost) AS user_nanos, LEAST(r.department_nanos, d.cost) AS department_nanos
+  SELECT r.id, r.user_id, r.department_id, d.give_back,
+         LEAST(r.user_nanos, d.drawn + CASE WHEN r.given_back THEN 0 ELSE d.given END) AS user_nanos,
+         LEAST(r.department_nanos, d.drawn + CASE WHEN r.given_back THEN 0 ELSE d.given END) AS department_nanos
     FROM budget_reservations r JOIN draws d ON r.id = d.lease_id
      FOR UPDATE OF r
 ), shrunk AS (
   UPDATE budget_reservations r
-     SET user_nanos = r.user_nanos - s.user_nanos, department_nanos = r.department_nanos - s.department_nanos
+     SET user_nanos = r.user_nanos - s.user_nanos, department_nanos = r.department_nanos - s.department_nanos,
+         given_back = r.given_back OR s.give_back
     FROM shrink s
    WHERE r.id = s.id
   RETURNING r.id

@@ -12,6 +12,7 @@ import { LedgerChargeId1764400002100 } from './migrations/1764400002100-ledger-c
 import { ReserveBatch1764400002200 } from './migrations/1764400002200-reserve-batch.js';
 import { LedgerCacheHits1764400002300 } from './migrations/1764400002300-ledger-cache-hits.js';
 import { ReserveRecordsEveryHold1764400002400 } from './migrations/1764400002400-reserve-records-every-hold.js';
+import { LeaseGiveBackOnce1764400002500 } from './migrations/1764400002500-lease-give-back-once.js';
 import { SpendService } from './spend.service.js';
 
 export const BUDGET_MIGRATIONS = [
@@ -20,6 +21,7 @@ export const BUDGET_MIGRATIONS = [
   ReserveBatch1764400002200,
   LedgerCacheHits1764400002300,
   ReserveRecordsEveryHold1764400002400,
+  LeaseGiveBackOnce1764400002500,
 ];
 
 @Module({

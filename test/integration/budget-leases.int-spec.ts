@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { formatUsd } from '../../libs/money/src/index.js';
-import { BudgetDatabase } from '../../src/budget/budget-database.js';
+import { BudgetDatabase, type BudgetStatement } from '../../src/budget/budget-database.js';
+import { BudgetService } from '../../src/budget/budget.service.js';
 import { ManualClock } from '../../src/core/clock.js';
 import { DB_KINDS } from '../support/databases.js';
 import { pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
@@ -207,5 +208,65 @@ describe.each(DB_KINDS)('budget leases on %s', (db) => {
     const department = await storedBudget(gw, 'department', first.departmentId);
     expect(department.reserved).toBe(0n);
     expect(department.spent).toBe(await ledgerSum(gw, 'department', first.departmentId, department.periodStart));
+  });
+
+  // A flush that committed but whose answer was lost is retried (it may not have committed). The
+  // give-back of a retired lease used to be applied again by the retry: the row and `reserved`
+  // lost the worst case of the stream still running, and the department admitted a 33rd call
+  // its limit could not cover.
+  it('gives a retired lease back once when its flush is retried after a commit whose answer was lost', async () => {
+    const streamer = await gw.tenants.create();
+    const colleague = await gw.tenants.create({ departmentId: streamer.departmentId });
+    const limit = LEASE_REQUESTS * worst + 1n;
+    expect((await gw.admin.put(`/admin/budgets/departments/${streamer.departmentId}`, { limit_usd: formatUsd(limit), period: 'daily' })).status).toBe(200);
+    // A stream of 100 events 30 ms apart, which costs nearly its worst case: in flight throughout.
+    gw.stub.configure({ completionTokens: MAX_TOKENS, chunkDelayMs: 30 });
+    const stream = await fetch(`${gw.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${streamer.key}`, 'content-type': 'application/json', ...FRESH },
+      body: JSON.stringify({ ...REQUEST, stream: true }),
+    });
+    expect(stream.status).toBe(200);
+    const reading = stream.text();
+    expect((await storedBudget(gw, 'department', streamer.departmentId, { flush: false })).reserved).toBe(LEASE_REQUESTS * worst);
+
+    const budget = gw.gateway.app.get(BudgetService);
+    const database = gw.gateway.app.get(BudgetDatabase);
+    const write = database.write.bind(database);
+    const spy = vi.spyOn(database, 'write');
+    const streamOnly = [{ request_id: 'budget-lease', user_nanos: worst.toString(), department_nanos: worst.toString() }];
+    try {
+      spy.mockImplementationOnce(async (statement: BudgetStatement, params: readonly unknown[]) => {
+        await write(statement, params);
+        throw new Error('connection terminated after commit');
+      });
+      budget.retireLeases();
+      expect(await budget.flush()).toBe(false);
+      expect(await heldRows(gw, streamer.userId)).toEqual(streamOnly);
+      expect(await budget.flush()).toBe(true);
+    } finally {
+      spy.mockRestore();
+    }
+    // The retry gave nothing back twice: the running stream's worst case is still held.
+    expect(await heldRows(gw, streamer.userId)).toEqual(streamOnly);
+    expect((await storedBudget(gw, 'department', streamer.departmentId, { flush: false })).reserved).toBe(worst);
+
+    // So the colleague gets the 31 worst cases left next to it, and not one more.
+    gw.stub.configure({ completionTokens: MAX_TOKENS });
+    let served = 0;
+    for (let i = 0; i < 40; i++) {
+      const res = await colleague.api.post('/v1/chat/completions', REQUEST, FRESH);
+      if (res.status !== 200) {
+        expect(res.status).toBe(402);
+        break;
+      }
+      served += 1;
+    }
+    expect(served).toBe(Number(LEASE_REQUESTS) - 1);
+    expect(await reading).toContain('data: [DONE]');
+    const department = await storedBudget(gw, 'department', streamer.departmentId);
+    expect(department.spent).toBeLessThanOrEqual(limit);
+    expect(department.reserved).toBe(0n);
+    expect(department.spent).toBe(await ledgerSum(gw, 'department', streamer.departmentId, department.periodStart));
   });
 });
