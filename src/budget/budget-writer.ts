@@ -14,6 +14,7 @@ import type { CostSource } from '../upstream/pricing/pricing.js';
 import { BudgetDatabase, type BudgetStatement } from './budget-database.js';
 import { FLUSH_SQL } from './budget-sql.js';
 import { periodStarts } from './periods.js';
+import { isDataError } from '../database/sql-errors.js';
 
 /** One usage_ledger row as FLUSH_SQL reads it (jsonb: bigints travel as strings). */
 export interface LedgerEntry {
@@ -367,12 +368,6 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
       'BUDGET CHARGES LOST: shutting down with settles the database would not take; their reservations stay held until the sweeper releases them',
     );
   }
-}
-
-/** PostgreSQL refused the content (data exception, constraint violation), not the connection. */
-function isDataError(error: unknown): boolean {
-  const code = (error as { code?: unknown } | null)?.code;
-  return typeof code === 'string' && (code.startsWith('22') || code.startsWith('23'));
 }
 
 function errorMessage(error: unknown): string {

@@ -9,6 +9,7 @@ import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
 import { type ErrorCode, type GatewayError } from '../core/errors.js';
 import { toGatewayError } from '../core/http-errors.js';
+import { isDataError } from '../database/sql-errors.js';
 import { AppLogger } from '../core/logger.js';
 import type { Principal } from '../identity/principal.js';
 import { JobCallbacks } from './job-callbacks.js';
@@ -43,6 +44,14 @@ const INVALID_KEY: ErrorBody = {
   param: null,
 };
 
+const RESULT_NOT_STORED: ErrorBody = {
+  message:
+    'The completion succeeded (and was charged) but the database refused to store its result; an admin can retry the job from the dead-letter queue, which runs it again.',
+  type: 'api_error',
+  code: 'internal_error',
+  param: null,
+};
+
 const ABANDONED: ErrorBody = {
   message: 'The job queue gave up on this job after repeated internal failures; an admin can retry it from the dead-letter queue.',
   type: 'api_error',
@@ -50,18 +59,13 @@ const ABANDONED: ErrorBody = {
   param: null,
 };
 
-const RESULT_NOT_STORED: ErrorBody = {
-  message:
-    'The completion succeeded (and was charged) but its result could not be stored; an admin can retry the job from the dead-letter queue, which runs it again.',
-  type: 'api_error',
-  code: 'internal_error',
-  param: null,
-};
-
 // Once the completion has returned, writing it is retried here and never by the queue: a queue
-// retry would run the try again, calling (and charging for) the upstream once more.
+// retry would run the try again, calling (and charging for) the upstream once more. So it is
+// retried until the database answers (a short outage must not cost a second call), backing off
+// to STORE_BACKOFF_MAX_MS; only a shutdown stops it, after STORE_TRIES more tries.
 const STORE_TRIES = 4;
 const STORE_BACKOFF_MS = 200;
+const STORE_BACKOFF_MAX_MS = 5000;
 
 export interface JobRunTiming {
   /** How often a running try refreshes its job's `updated_at`. */
@@ -90,6 +94,13 @@ export class JobProcessor implements JobHandler {
   private readonly logger: Logger;
   private readonly backoff: (tries: number) => number;
   private readonly timing: JobRunTiming;
+  /**
+   * Jobs a try of this process is running. Another delivery of one of them (the sweep requeues
+   * a job whose row went untouched, as while the database was away) must not take it over as a
+   * lost run: this process still holds its outcome, and a second try would call and charge the
+   * upstream again.
+   */
+  private readonly runningHere = new Set<string>();
 
   constructor(
     private readonly repo: JobsRepository,
@@ -107,6 +118,19 @@ export class JobProcessor implements JobHandler {
   }
 
   async run(jobId: string, signal: AbortSignal): Promise<void> {
+    if (this.runningHere.has(jobId)) {
+      this.logger.info({ jobId }, 'job is running in this process; this delivery leaves it to that run');
+      return;
+    }
+    this.runningHere.add(jobId);
+    try {
+      await this.runHere(jobId, signal);
+    } finally {
+      this.runningHere.delete(jobId);
+    }
+  }
+
+  private async runHere(jobId: string, signal: AbortSignal): Promise<void> {
     const now = this.clock.now();
     const started = await this.repo.start(jobId, now, new Date(now.getTime() - this.timing.staleMs));
     if (started === 'running_elsewhere') {
@@ -153,7 +177,7 @@ export class JobProcessor implements JobHandler {
       await this.failed(job, error, signal);
       return;
     }
-    await this.store(job, outcome);
+    await this.store(job, outcome, signal);
   }
 
   async abandon(jobId: string, error: unknown): Promise<void> {
@@ -190,18 +214,43 @@ export class JobProcessor implements JobHandler {
     return timer;
   }
 
-  /** Stores a try's completion, retrying the write; one that cannot be stored fails the job instead of running it again. */
-  private async store(job: JobRecord, outcome: JsonOutcome): Promise<void> {
+  /**
+   * Stores a try's completion, retrying the write until the database takes it: the try was
+   * charged, and a job left `running` would be run (and charged) again once taken over. The
+   * heartbeat goes on meanwhile. Only a shutdown gives up, after STORE_TRIES more tries: that
+   * outcome is logged (no content) and the job is run again by the next process that takes it.
+   * A result the database refuses (a data error: it would be refused again) fails the job,
+   * dead-lettered. Conditional on this try: a takeover's own outcome is never overwritten.
+   */
+  private async store(job: JobRecord, outcome: JsonOutcome, signal: AbortSignal): Promise<void> {
     const result = { result: outcome.completion, model: outcome.meta.model, costNanos: outcome.costNanos };
-    let done;
-    try {
-      done = await retried(() => this.repo.complete(job.id, result, this.clock.now()));
-    } catch (error) {
-      this.logger.error({ jobId: job.id, err: (error as Error).message }, 'could not store a completed job’s result; failing the job');
-      this.finished(await retried(() => this.repo.fail(job.id, RESULT_NOT_STORED, true, this.clock.now())), 'result_not_stored');
-      return;
+    let triesLeftAtShutdown = STORE_TRIES;
+    for (let tryNo = 1; ; tryNo += 1) {
+      try {
+        const done = await this.repo.complete(job.id, job.attempts, result, this.clock.now());
+        if (tryNo > 1) this.logger.info({ jobId: job.id, tries: tryNo }, 'stored a completed job’s result once the database answered');
+        this.finished(done, 'completed');
+        return;
+      } catch (error) {
+        if (isDataError(error)) {
+          // The content itself was refused: storing it again would fail the same way.
+          this.logger.error({ jobId: job.id, err: (error as Error).message }, 'the database refused a completed job’s result; failing the job');
+          this.finished(await this.repo.fail(job.id, RESULT_NOT_STORED, true, this.clock.now()), 'result_not_stored');
+          return;
+        }
+        if (tryNo === 1) this.logger.warn({ jobId: job.id, err: (error as Error).message }, 'could not store a completed job’s result; retrying until the database answers');
+        if (signal.aborted && --triesLeftAtShutdown <= 0) {
+          this.logger.error(
+            { jobId: job.id, attempt: job.attempts, model: outcome.meta.model, costNanos: outcome.costNanos.toString(), err: (error as Error).message },
+            'shutting down with a completed job’s result unstored: the job stays running and will be run again',
+          );
+          return;
+        }
+      }
+      // A shutdown wakes the wait, and its last tries come quickly: the shutdown's grace is short.
+      if (signal.aborted) await sleep(STORE_BACKOFF_MS);
+      else await sleep(Math.min(STORE_BACKOFF_MS * 2 ** Math.min(tryNo - 1, 10), STORE_BACKOFF_MAX_MS), undefined, { signal }).catch(() => undefined);
     }
-    this.finished(done, 'completed');
   }
 
   /**
@@ -294,15 +343,4 @@ export class JobProcessor implements JobHandler {
 /** One id per try: each try is its own reservation, ledger entry and audit row. */
 function tryRequestId(job: JobRecord): string {
   return `job-${job.id}-${job.attempts}`;
-}
-
-async function retried<T>(write: () => Promise<T>): Promise<T> {
-  for (let tryNo = 1; ; tryNo += 1) {
-    try {
-      return await write();
-    } catch (error) {
-      if (tryNo >= STORE_TRIES) throw error;
-      await sleep(STORE_BACKOFF_MS * 2 ** (tryNo - 1));
-    }
-  }
 }

@@ -197,12 +197,13 @@ export class JobsRepository {
     );
   }
 
-  async complete(id: string, outcome: { result: unknown; model: string; costNanos: bigint }, now: Date): Promise<JobRecord | undefined> {
+  /** Stores the outcome of try `attempt`; undefined when the job finished or another try took it over meanwhile. */
+  async complete(id: string, attempt: number, outcome: { result: unknown; model: string; costNanos: bigint }, now: Date): Promise<JobRecord | undefined> {
     const rows = await this.changed(
       `UPDATE jobs SET status = 'completed', result = $2::jsonb, error = NULL, model = $3, cost_nanos = $4, completed_at = $5, updated_at = $5
-        WHERE id = $1 AND status = 'running'
+        WHERE id = $1 AND status = 'running' AND attempts = $6
         RETURNING *`,
-      [id, jsonb(outcome.result), outcome.model, outcome.costNanos.toString(), now],
+      [id, jsonb(outcome.result), outcome.model, outcome.costNanos.toString(), now, attempt],
     );
     return rows[0] ? toRecord(rows[0]) : undefined;
   }

@@ -48,6 +48,8 @@ class FakeCompletions {
 class FlakyResultWrites extends JobsRepository {
   writes = 0;
   failures = 0;
+  /** What a failing write throws: a dropped connection unless a test says otherwise. */
+  failure: () => Error = () => new Error('connection terminated');
   heartbeatsFail = false;
   override async heartbeat(...args: Parameters<JobsRepository['heartbeat']>): Promise<void> {
     if (this.heartbeatsFail) throw new Error('connection terminated');
@@ -55,7 +57,7 @@ class FlakyResultWrites extends JobsRepository {
   }
   override async complete(...args: Parameters<JobsRepository['complete']>): Promise<JobRecord | undefined> {
     this.writes += 1;
-    if (this.writes <= this.failures) throw new Error('connection terminated');
+    if (this.writes <= this.failures) throw this.failure();
     return super.complete(...args);
   }
 }
@@ -209,20 +211,63 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
     expect(await repo.find(job.id)).toMatchObject({ status: 'completed', attempts: 1 });
   });
 
-  it('fails the job, dead-lettered with a clear error, when its result cannot be stored, instead of running it again', async () => {
-    const completions = new FakeCompletions(() => outcomeWith('lost'));
+  // Before, four failed writes (1.4 s) failed the job and handed the error to the queue; when that
+  // write failed too the job stayed `running`, and the sweep ran it (and charged it) again.
+  it('keeps writing a completed result while the database is away, and another delivery meanwhile runs nothing', async () => {
+    const completions = new FakeCompletions(() => outcomeWith('fine'));
     const { job } = await repo.insert(newJob(), clock.now());
+    const jobs = processor(completions);
     repo.writes = 0;
-    repo.failures = Number.POSITIVE_INFINITY;
+    repo.failures = 5;
     try {
-      await processor(completions).run(job.id, new AbortController().signal);
+      const running = jobs.run(job.id, new AbortController().signal);
+      await until(() => repo.writes >= 2);
+      // The sweep's delivery of a job whose row went untouched: left to the run that holds it.
+      await jobs.run(job.id, new AbortController().signal);
+      await running;
     } finally {
       repo.failures = 0;
     }
     expect(completions.calls).toHaveLength(1);
+    expect(repo.writes).toBe(6);
+    expect(await repo.find(job.id)).toMatchObject({ status: 'completed', attempts: 1, result: { choices: [{ message: { content: 'fine' } }] } });
+  });
+
+  it('fails the job, dead-lettered with a clear error, when the database refuses its result, instead of running it again', async () => {
+    const completions = new FakeCompletions(() => outcomeWith('refused'));
+    const { job } = await repo.insert(newJob(), clock.now());
+    repo.writes = 0;
+    repo.failures = Number.POSITIVE_INFINITY;
+    repo.failure = () => Object.assign(new Error('unsupported Unicode escape sequence'), { code: '22P05' });
+    try {
+      await processor(completions).run(job.id, new AbortController().signal);
+    } finally {
+      repo.failures = 0;
+      repo.failure = () => new Error('connection terminated');
+    }
+    expect(completions.calls).toHaveLength(1);
+    expect(repo.writes).toBe(1);
     const stored = await repo.find(job.id);
     expect(stored).toMatchObject({ status: 'failed', deadLettered: true, attempts: 1, result: null, error: { code: 'internal_error', type: 'api_error' } });
-    expect(stored?.error?.message).toContain('could not be stored');
+    expect(stored?.error?.message).toContain('refused to store its result');
+  });
+
+  it('gives up writing an unstorable result only at shutdown, leaving the job running for the next process', async () => {
+    const completions = new FakeCompletions(() => outcomeWith('kept in memory'));
+    const { job } = await repo.insert(newJob(), clock.now());
+    const stopping = new AbortController();
+    repo.writes = 0;
+    repo.failures = Number.POSITIVE_INFINITY;
+    try {
+      const running = processor(completions).run(job.id, stopping.signal);
+      await until(() => repo.writes >= 2);
+      stopping.abort();
+      await running;
+    } finally {
+      repo.failures = 0;
+    }
+    expect(completions.calls).toHaveLength(1);
+    expect(await repo.find(job.id)).toMatchObject({ status: 'running', attempts: 1 });
   });
 
   it('audits a job whose key was revoked while it waited, as the pipeline audits a refusal', async () => {

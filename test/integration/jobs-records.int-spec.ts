@@ -52,7 +52,9 @@ describe.each(DB_KINDS)('job records on %s', (kind) => {
     expect(await repo.find(job.id)).toMatchObject({ status: 'queued', attempts: 1, error: { code: 'upstream_error' } });
 
     expect((await start(job.id))?.job.attempts).toBe(2);
-    const done = await repo.complete(job.id, { result: { object: 'chat.completion', id: 'c1' }, model: 'm', costNanos: 1234n }, now());
+    // Only try 2 may store its outcome now: a late write of try 1 changes nothing.
+    expect(await repo.complete(job.id, 1, { result: { object: 'chat.completion', id: 'late' }, model: 'm', costNanos: 1n }, now())).toBeUndefined();
+    const done = await repo.complete(job.id, 2, { result: { object: 'chat.completion', id: 'c1' }, model: 'm', costNanos: 1234n }, now());
     expect(done).toMatchObject({ status: 'completed', attempts: 2, result: { id: 'c1' }, error: null, model: 'm', costNanos: 1234n });
     expect(done?.completedAt).toBeInstanceOf(Date);
 

@@ -98,8 +98,9 @@ describe.each(DB_KINDS)('async idempotency-keys and job retention on %s', (kind)
 
   /** A try runs the job to the end now. */
   async function finish(job: JobRecord, outcome: 'completed' | 'failed' | 'dead_lettered'): Promise<void> {
-    await repo.start(job.id, clock.now(), clock.now());
-    if (outcome === 'completed') await repo.complete(job.id, { result: RESULT, model: 'm', costNanos: 1n }, clock.now());
+    const started = await repo.start(job.id, clock.now(), clock.now());
+    const attempt = typeof started === 'object' ? started.job.attempts : 0;
+    if (outcome === 'completed') await repo.complete(job.id, attempt, { result: RESULT, model: 'm', costNanos: 1n }, clock.now());
     else await repo.fail(job.id, { message: 'no', type: 'upstream_error', code: 'upstream_error', param: null }, outcome === 'dead_lettered', clock.now());
   }
 
