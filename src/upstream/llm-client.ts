@@ -157,7 +157,8 @@ export function abortFailure(signal: AbortSignal): UpstreamFailure {
  * no choices, or an empty list (no answer either: it would be relayed, and charged an estimate, as
  * one) is bad_response, retried or falling back like any failed attempt. So is a choice without a
  * `message` object: the pipeline, the cache's stream replay and /v1/complete all read it, and
- * relayed or cached it would fail every one of them later, as a 500.
+ * relayed or cached it would fail every one of them later, as a 500. A choice finished as
+ * "error" is the failure its own `error` names (OpenRouter puts it there too), else a 502.
  */
 export function jsonResult(raw: string): UpstreamJsonResult {
   let completion: ChatCompletion;
@@ -174,6 +175,10 @@ export function jsonResult(raw: string): UpstreamJsonResult {
   if (!completion.choices.every(hasMessage)) {
     throw new UpstreamFailure('bad_response', 'upstream answered 200 with a choice that has no message');
   }
+  // A provider that failed mid-generation, reported inside the choice only (no top-level error):
+  // a partial answer, never relayed as a success.
+  const failed = (completion.choices as unknown[]).find((c) => (c as { finish_reason?: unknown }).finish_reason === 'error');
+  if (failed !== undefined) throw inBandFailure(failed) ?? new UpstreamFailure('http', 'upstream finished a choice with finish_reason "error"', 502);
   return { completion, raw };
 }
 

@@ -135,6 +135,17 @@ describe.each(DRIVERS)('errors inside a 200 (%s driver)', (driver) => {
     expect(gw.stub.hits).toBe(1);
   });
 
+  // Before, only a top-level error was read: this answer was relayed as a 200 and charged.
+  it('a JSON 200 whose choice finished as "error", the error inside the choice only, is a failed attempt too', async () => {
+    const t = await gw.tenants.create();
+    gw.stub.configure({ errorAfterChunks: 2, errorInChoice: true });
+    const res = await t.api.post<ErrorBody>('/v1/chat/completions', { messages: [{ role: 'user', content: unique('error in the choice') }] });
+    expect(res.status).toBe(502);
+    expect(res.body.error.code).toBe('upstream_error');
+    expect(res.headers.get('x-gateway-cost-usd')).toBeNull();
+    expect(gw.stub.hits).toBe(2);
+  });
+
   it("an upstream 403 for flagged input is the caller's 400 with the upstream's reason (JSON and stream), not a credentials 502", async () => {
     const t = await gw.tenants.create();
     gw.stub.configure({ status: 403, flagged: true });

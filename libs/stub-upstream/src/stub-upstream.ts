@@ -57,6 +57,11 @@ export interface StubFaults {
    * first N words as the content, finish_reason "error" and a top-level `error`.
    */
   errorAfterChunks?: number;
+  /**
+   * With `errorAfterChunks`, JSON only: the error sits inside the choice (`choices[0].error`)
+   * and the body has no top-level `error`, the other shape OpenRouter gives a provider's failure.
+   */
+  errorInChoice?: boolean;
   /** With `status` (403): OpenRouter's moderation refusal, the flagged input described in `error.metadata`. */
   flagged?: boolean;
   /**
@@ -204,7 +209,7 @@ const NUMERIC_FAULTS = [
   'errorAfterChunks',
   'processingMs',
 ] as const;
-const BOOLEAN_FAULTS = ['malformedJson', 'emptyAnswer', 'omitCost', 'errorInBody', 'flagged'] as const;
+const BOOLEAN_FAULTS = ['malformedJson', 'emptyAnswer', 'omitCost', 'errorInBody', 'errorInChoice', 'flagged'] as const;
 const STRING_FAULTS = ['answerModel'] as const;
 const KNOWN_FAULT_KEYS: ReadonlySet<string> = new Set<string>([...NUMERIC_FAULTS, ...BOOLEAN_FAULTS, ...STRING_FAULTS, 'status']);
 
@@ -958,13 +963,15 @@ class StubUpstreamServer implements StubUpstream {
       // A mid-generation error in a JSON answer: what was produced, finish_reason "error", and the error.
       const pieces = splitWords(completion.content).slice(0, Math.floor(faults.errorAfterChunks));
       const partial: Completion = { ...completion, content: pieces.join(''), completionTokens: pieces.length };
+      const error = openRouterError(502, `Stub upstream fault: ${model} failed mid-generation`, model, false);
+      const choice = { index: 0, message: { role: 'assistant', content: partial.content }, finish_reason: 'error' };
       const body = JSON.stringify({
         id,
         object: 'chat.completion',
         created,
         model: named,
-        choices: [{ index: 0, message: { role: 'assistant', content: partial.content }, finish_reason: 'error' }],
-        error: openRouterError(502, `Stub upstream fault: ${model} failed mid-generation`, model, false),
+        choices: [faults.errorInChoice === true ? { ...choice, error } : choice],
+        ...(faults.errorInChoice === true ? {} : { error }),
         usage: buildUsage(model, partial, faults.omitCost),
       });
       sendBody(res, 200, body, JSON_TYPE);
