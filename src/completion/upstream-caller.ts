@@ -219,7 +219,7 @@ export class UpstreamCaller {
             });
             last = { failure, plan };
             const action = failureAction(failure);
-            if (action === 'stop' || deadline.signal.aborted) break chain;
+            if (action === 'stop' || deadline.signal.aborted || callersModelUnknown(route, plan, failure)) break chain;
             if (action === 'next_model') continue chain;
             const delay = this.policy.delayBeforeRetry(tryNumber, failure);
             // A wait that would overrun the deadline is better spent on the next model.
@@ -234,6 +234,17 @@ export class UpstreamCaller {
     }
     throw finalError(last, route, tries, deadline.expired, call.signal.aborted);
   }
+}
+
+/**
+ * The upstream does not know the model the caller named (404/410): a typo, or a model that is
+ * gone. The caller's mistake, answered as 400 model_not_found (finalError), not quietly by the
+ * rule's fallback, which the caller would pay for without having asked for it. Fallbacks the
+ * caller named itself (`models`) are its own choice and are still walked.
+ */
+function callersModelUnknown(route: ResolvedRoute, plan: Plan, failure: UpstreamFailure): boolean {
+  if (!route.explicitModel || route.callerFallbacks === true || plan.chain || plan.model !== route.models[0]) return false;
+  return failure.kind === 'http' && (failure.status === 404 || failure.status === 410);
 }
 
 export function asFailure(error: unknown): UpstreamFailure {

@@ -128,5 +128,6 @@ export function resolveRoute(compiled: CompiledTable, request: RouteRequest): Re
     cache: rule.cache,
   };
   if (rule.overrideDepartmentId !== undefined) route.overrideDepartmentId = rule.overrideDepartmentId;
+  if (request.models !== undefined) route.callerFallbacks = true;
   return route;
 }

@@ -92,6 +92,8 @@ export interface ResolvedRoute {
   maxTokens: number;
   /** true when the caller named a concrete model instead of `auto`. */
   explicitModel: boolean;
+  /** true when the caller named the fallbacks too (`models`); otherwise they are the rule's. */
+  callerFallbacks?: boolean;
   /** The rule's cap on max_tokens (maxTokens never exceeds it). */
   maxTokensCap?: number;
   /** The rule's cache policy; undefined = the rule sets none and the cache's defaults apply. */

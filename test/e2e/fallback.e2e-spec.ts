@@ -70,6 +70,24 @@ describe('fallbacks and retries against the stub upstream (gateway walks the cha
     expect(JSON.stringify(res.body)).not.toContain('sk-test-upstream-secret');
   });
 
+  // Before, the typo was answered (and charged) by the rule's fallback: the same mistake was a 400
+  // under a rule without fallbacks and a 200 from another model under one with them.
+  it("a model the caller names that the upstream does not know is the caller's 400, not quietly the rule's fallback", async () => {
+    const typo = 'openai/gpt-4o-mnii';
+    gw.stub.configure({ models: { [typo]: { status: 404 } } });
+    const res = await code({ model: typo });
+    expect(res.status).toBe(400);
+    expect(res.body.error).toMatchObject({ code: 'model_not_found', param: 'model' });
+    expect(sentModels()).toEqual([typo]);
+    // Fallbacks the caller named itself are its own choice: walked.
+    gw.stub.reset();
+    gw.stub.configure({ models: { [typo]: { status: 404 } } });
+    const named = await code({ model: typo, models: [MINI] });
+    expect(named.status).toBe(200);
+    expect(named.body.model).toBe(MINI);
+    expect(sentModels()).toEqual([typo, MINI]);
+  });
+
   it('429 with retry-after: 1 → waits for it, retries, and succeeds', async () => {
     gw.stub.configure({ status: 429, retryAfterSeconds: 1, failTimes: 1 });
     const res = await alice.api.post<{ model: string }>('/v1/chat/completions', { messages: [{ role: 'user', content: unique('hi') }] });
