@@ -1,5 +1,5 @@
 import { Injectable } from '@nestjs/common';
-import { DataSource, type Repository } from 'typeorm';
+import { DataSource, type EntityManager, type Repository } from 'typeorm';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
 import { withTimeout } from '../core/deadline.js';
@@ -37,6 +37,15 @@ export interface EnvKeyOutcome {
  */
 /** The last-admin-key guard counts only admin keys still usable this long from now. */
 const ADMIN_KEY_MUST_LAST_S = 24 * 3600;
+/**
+ * Transaction-scoped advisory lock taken by every change that can take away an admin key (revoke,
+ * disable a user or department): the check that another admin key remains and the change are then
+ * one step. Without it two admins revoking each other's keys at once both saw the other's key
+ * still usable, both succeeded, and nobody could reach the admin API.
+ */
+const ADMIN_GUARD_LOCK = 7_263_001;
+
+type Except = { keyId?: string; userId?: string; departmentId?: string };
 
 @Injectable()
 export class IdentityService {
@@ -153,11 +162,13 @@ export class IdentityService {
 
   async disableDepartment(id: string): Promise<DepartmentEntity> {
     const department = await this.getDepartment(id);
-    if (department.disabledAt === null) await this.assertAnAdminRemains({ departmentId: id });
-    department.disabledAt ??= this.clock.now();
-    const saved = await this.departments.save(department);
+    if (department.disabledAt === null) {
+      await this.whileAnAdminRemains({ departmentId: id }, (manager) =>
+        manager.query(`UPDATE departments SET disabled_at = $2 WHERE id = $1 AND disabled_at IS NULL`, [id, this.clock.now()]),
+      );
+    }
     this.forgetCachedKeys();
-    return saved;
+    return this.getDepartment(id);
   }
 
   // ---- users ----
@@ -198,11 +209,13 @@ export class IdentityService {
 
   async disableUser(id: string): Promise<UserEntity> {
     const user = await this.getUser(id);
-    if (user.disabledAt === null) await this.assertAnAdminRemains({ userId: id });
-    user.disabledAt ??= this.clock.now();
-    const saved = await this.users.save(user);
+    if (user.disabledAt === null) {
+      await this.whileAnAdminRemains({ userId: id }, (manager) =>
+        manager.query(`UPDATE users SET disabled_at = $2 WHERE id = $1 AND disabled_at IS NULL`, [id, this.clock.now()]),
+      );
+    }
     this.forgetCachedKeys();
-    return saved;
+    return this.getUser(id);
   }
 
   // ---- keys ----
@@ -245,8 +258,9 @@ export class IdentityService {
       this.forgetCachedKeys();
       return key;
     }
-    await this.assertAnAdminRemains({ keyId: id });
-    await this.markRevoked(id);
+    await this.whileAnAdminRemains({ keyId: id }, (manager) => this.markRevoked(id, manager));
+    // Again once committed: a lookup between markRevoked's forget and the commit cached it as valid.
+    this.forgetCachedKeys();
     // Re-read: a revocation that won the race keeps its own time.
     return (await this.keys.findOneBy({ id })) ?? key;
   }
@@ -294,8 +308,11 @@ export class IdentityService {
 
   /** revokeKey's last-admin rule, skipping instead of refusing: a start must not fail over a rotation. */
   private async revokeIfActive(id: string): Promise<boolean> {
-    if (!(await this.adminKeyOutside({ keyId: id }))) return false;
-    return this.markRevoked(id);
+    return this.dataSource.transaction(async (manager) => {
+      await manager.query('SELECT pg_advisory_xact_lock($1)', [ADMIN_GUARD_LOCK]);
+      if (!(await this.adminKeyOutside({ keyId: id }, 0, manager))) return false;
+      return this.markRevoked(id, manager);
+    });
   }
 
   /**
@@ -303,8 +320,8 @@ export class IdentityService {
    * revoking the same key at once revoke it once (one audit row from a rotation, not one per
    * replica), and the key cache dropped so this instance stops accepting it at once.
    */
-  private async markRevoked(id: string): Promise<boolean> {
-    const rows = await this.dataSource.query<unknown[]>(
+  private async markRevoked(id: string, manager: Pick<EntityManager, 'query'> = this.dataSource): Promise<boolean> {
+    const rows = await manager.query<unknown[]>(
       `WITH changed AS (UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING id) SELECT id FROM changed`,
       [id, this.clock.now()],
     );
@@ -321,8 +338,8 @@ export class IdentityService {
    * other than the key, or the keys of the user or department, given; with `lastingSeconds`, one
    * that is still usable that long from now.
    */
-  private async adminKeyOutside(except: { keyId?: string; userId?: string; departmentId?: string }, lastingSeconds = 0): Promise<boolean> {
-    const rows: unknown[] = await this.dataSource.query(
+  private async adminKeyOutside(except: Except, lastingSeconds = 0, manager: Pick<EntityManager, 'query'> = this.dataSource): Promise<boolean> {
+    const rows: unknown[] = await manager.query(
       `SELECT 1 FROM api_keys k JOIN users u ON u.id = k.user_id JOIN departments d ON d.id = u.department_id
         WHERE u.role = 'admin' AND k.revoked_at IS NULL AND u.disabled_at IS NULL AND d.disabled_at IS NULL
           AND (k.expires_at IS NULL OR k.expires_at > now() + make_interval(secs => $4))
@@ -334,18 +351,26 @@ export class IdentityService {
   }
 
   /**
-   * Refuses a revoke or disable that would leave no usable admin key: nobody could reach the
-   * admin API to undo it, and a restart would not bring one back (ADMIN_API_KEY's row, or the
-   * generated key's user or department, is the one just turned off). Create another admin key first.
+   * Makes a revoke or disable, refusing it when it would leave no usable admin key: nobody could
+   * reach the admin API to undo it, and a restart would not bring one back (ADMIN_API_KEY's row,
+   * or the generated key's user or department, is the one just turned off). Create another admin
+   * key first. The check and the change are one transaction under ADMIN_GUARD_LOCK, so two such
+   * changes at once are decided one after the other (READ COMMITTED: the second's check sees the
+   * first's change).
    */
-  private async assertAnAdminRemains(except: { keyId?: string; userId?: string; departmentId?: string }): Promise<void> {
-    // A key about to expire does not count: the admin API would be lost with it a moment later
-    // (and a restart with the same ADMIN_API_KEY would not bring back the revoked one).
-    if (await this.adminKeyOutside(except, ADMIN_KEY_MUST_LAST_S)) return;
-    throw new GatewayError(
-      'conflict',
-      'This would leave no admin key usable for the next 24 hours, and nobody could reach the admin API to undo it; create another admin key (without expires_at, or expiring later) first.',
-    );
+  private async whileAnAdminRemains<T>(except: Except, change: (manager: EntityManager) => Promise<T>): Promise<T> {
+    return this.dataSource.transaction(async (manager) => {
+      await manager.query('SELECT pg_advisory_xact_lock($1)', [ADMIN_GUARD_LOCK]);
+      // A key about to expire does not count: the admin API would be lost with it a moment later
+      // (and a restart with the same ADMIN_API_KEY would not bring back the revoked one).
+      if (!(await this.adminKeyOutside(except, ADMIN_KEY_MUST_LAST_S, manager))) {
+        throw new GatewayError(
+          'conflict',
+          'This would leave no admin key usable for the next 24 hours, and nobody could reach the admin API to undo it; create another admin key (without expires_at, or expiring later) first.',
+        );
+      }
+      return change(manager);
+    });
   }
 
   /** The built-in admin user that owns bootstrap keys; created once, shared by all instances. */

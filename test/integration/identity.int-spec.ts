@@ -1,4 +1,5 @@
 import { DataSource } from 'typeorm';
+import { IdentityService } from '../../src/identity/identity.service.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DB_KINDS } from '../support/databases.js';
 import { pollUntil, type ProxiedGateway, startGatewayBehindPostgresProxy, startTestGateway, type TestGateway } from '../support/gateway.js';
@@ -153,6 +154,63 @@ describe.each(DB_KINDS)('the last usable admin key on %s', (db) => {
     expect((await other.api.get('/admin/users')).status).toBe(200);
     // And that second admin is now the last one.
     expect(await other.api.delete(`/admin/keys/${other.keyId}`)).toMatchObject(lockout);
+  });
+});
+
+// Before, the check "another admin key remains" and the change were separate statements: two
+// admins revoking each other's keys at once both passed it, and nobody could reach /admin.
+describe.each(DB_KINDS)('the last two admin keys, taken away at the same moment, on %s', (db) => {
+  let gw: TestGateway;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ db });
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+
+  async function usableAdminKeys(): Promise<number> {
+    const [row] = await gw.gateway.app
+      .get(DataSource)
+      .query<Array<{ n: number | string }>>(
+        `SELECT count(*) AS n FROM api_keys k JOIN users u ON u.id = k.user_id JOIN departments d ON d.id = u.department_id
+          WHERE u.role = 'admin' AND k.revoked_at IS NULL AND u.disabled_at IS NULL AND d.disabled_at IS NULL`,
+      );
+    return Number(row?.n);
+  }
+
+  it('lets exactly one of two crossed revocations, user disables or department disables through, the other is 409', async () => {
+    const identity = gw.gateway.app.get(IdentityService);
+    let made = 0;
+    const newAdmin = async () => {
+      made += 1;
+      const department = await identity.createDepartment(`admins-${made}`);
+      const user = await identity.createUser({ name: `admin-${made}`, departmentId: department.id, role: 'admin' });
+      const { entity } = await identity.createKey({ userId: user.id });
+      return { keyId: entity.id, userId: user.id, departmentId: department.id };
+    };
+    // The bootstrap admin goes first, so that each round starts with exactly two admins.
+    let survivor = await newAdmin();
+    const [bootstrap] = await gw.gateway.app.get(DataSource).query<Array<{ id: string }>>(`SELECT id FROM users WHERE name = 'bootstrap-admin'`);
+    await identity.disableUser(bootstrap?.id ?? '');
+    expect(await usableAdminKeys()).toBe(1);
+    type Admin = typeof survivor;
+    const changes = [
+      (a: Admin, b: Admin) => [identity.revokeKey(a.keyId), identity.revokeKey(b.keyId)],
+      (a: Admin, b: Admin) => [identity.disableUser(a.userId), identity.disableUser(b.userId)],
+      (a: Admin, b: Admin) => [identity.disableDepartment(a.departmentId), identity.disableDepartment(b.departmentId)],
+    ];
+    for (const change of changes) {
+      for (let round = 0; round < 5; round++) {
+        const other = await newAdmin();
+        expect(await usableAdminKeys()).toBe(2);
+        const results = await Promise.allSettled(change(survivor, other));
+        expect(results.filter((r) => r.status === 'fulfilled')).toHaveLength(1);
+        expect(results.find((r) => r.status === 'rejected')).toMatchObject({ reason: { code: 'conflict', status: 409 } });
+        expect(await usableAdminKeys()).toBe(1);
+        survivor = results[0]?.status === 'fulfilled' ? other : survivor;
+      }
+    }
   });
 });
 
