@@ -158,13 +158,23 @@ export class BullmqJobQueue extends JobQueue {
     if (this.producer.status !== 'ready') throw queueUnavailable();
   }
 
-  async submit(jobId: string): Promise<void> {
+  async submit(jobId: string): Promise<void | 'uncertain'> {
     this.assertAccepting();
     const backlog = await this.redis(() => this.queue.getJobCounts(...BACKLOG_STATES));
     // Not atomic with the add across instances: the bound may be overshot by concurrent submits,
     // never by more than their number. Good enough for backpressure, and one round trip cheaper.
     if (sum(backlog) >= this.options.maxQueued) throw queueFull(this.options.maxQueued);
-    await this.redis(() => this.queue.add(JOB_NAME, {}, { jobId }));
+    try {
+      await withTimeout(this.queue.add(JOB_NAME, {}, { jobId }), REDIS_COMMAND_TIMEOUT_MS, () => new AddTimedOut());
+    } catch (error) {
+      // Sent, unanswered: Redis may have run it and a worker may be running the job already.
+      // A 503 then told the caller "not accepted" about a job that ran and was charged.
+      if (error instanceof AddTimedOut) {
+        this.log.logger.warn({ jobId }, 'Redis did not confirm a job’s add in time; accepted, and queued again by the sweep if it was lost');
+        return 'uncertain';
+      }
+      throw queueUnavailable(error);
+    }
   }
 
   async requeue(jobId: string): Promise<void> {
@@ -250,6 +260,12 @@ export class BullmqJobQueue extends JobQueue {
     } catch (error) {
       throw queueUnavailable(error);
     }
+  }
+}
+
+class AddTimedOut extends Error {
+  constructor() {
+    super(`Redis did not answer the add within ${REDIS_COMMAND_TIMEOUT_MS} ms`);
   }
 }
 

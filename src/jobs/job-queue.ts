@@ -15,8 +15,13 @@ export abstract class JobQueue {
   /** Fails fast, without I/O, when a submit surely cannot be accepted (full, or Redis away). */
   abstract assertAccepting(): void;
 
-  /** Adds a new job; 503 `queue_full` over the bound, 503 `unavailable` when the broker is away. */
-  abstract submit(jobId: string): Promise<void>;
+  /**
+   * Adds a new job; 503 `queue_full` over the bound, 503 `unavailable` when the broker is away.
+   * Resolves `'uncertain'` when the add was sent but its answer never came (a broker that stalled
+   * past the command timeout): it may hold the job, so the record must stay (the sweep requeues
+   * it, a no-op if the broker has it) and the submit is accepted.
+   */
+  abstract submit(jobId: string): Promise<void | 'uncertain'>;
 
   /**
    * Puts an already accepted job back (recovery after a restart, an admin retry). Never refused

@@ -69,12 +69,18 @@ export class JobsService {
       if (job.enqueuedAt === null) await this.takeOverUnconfirmed(job);
       return { job, created };
     }
+    let queued: void | 'uncertain';
     try {
       if (input.idempotencyKey !== undefined) await this.submitCheck.assertRunnable(input);
-      await this.queue.submit(job.id);
+      queued = await this.queue.submit(job.id);
     } catch (error) {
       await this.repo.remove(job.id).catch(() => undefined);
       throw error;
+    }
+    if (queued === 'uncertain') {
+      // The broker may hold it, or not: accepted either way, and left unconfirmed, so the sweep
+      // queues it if the broker does not have it (a no-op if it does).
+      return { job, created };
     }
     // Queued whatever this write does: if it fails, the job's first try records it, and a repeat
     // finding it unconfirmed takes it over after SUBMIT_CONFIRM_MS.

@@ -1,3 +1,4 @@
+import { type AddressInfo, connect, createServer, type Server, type Socket } from 'node:net';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { type Env, loadConfig } from '../../src/config/config.js';
 import { createLogger } from '../../src/core/logger.js';
@@ -190,5 +191,90 @@ describe('async jobs when Redis goes away (BullMQ, role all)', () => {
     await proxy.start();
     const after = await pollUntil(async () => accepted(await alice.api.post<JobBody>('/v1/chat/completions', chat('after the outage'), ASYNC)), 15_000);
     expect((await finished(alice.api, after)).status).toBe('completed');
+  });
+});
+
+/**
+ * A Redis relay that holds back, on the job producer's connection only, the reply to BullMQ's add
+ * for `holdMs` while `slow.on`: a latency spike past the queue's 2 s command timeout after Redis
+ * ran the add. Everything else passes unchanged.
+ */
+async function startSlowAddRelay(holdMs: number): Promise<{ url: string; slow: { on: boolean }; close(): Promise<void> }> {
+  const target = new URL(REDIS_URL);
+  const slow = { on: false };
+  const sockets = new Set<Socket>();
+  const server: Server = createServer((client) => {
+    const upstream = connect(Number(target.port || 6379), target.hostname);
+    sockets.add(client).add(upstream);
+    let producer = false;
+    let holdUntil = 0;
+    const held: Buffer[] = [];
+    let timer: NodeJS.Timeout | undefined;
+    const flush = () => {
+      timer = undefined;
+      for (const chunk of held.splice(0)) if (!client.destroyed) client.write(chunk);
+    };
+    const drop = () => {
+      client.destroy();
+      upstream.destroy();
+    };
+    client.on('error', drop).on('close', drop);
+    upstream.on('error', drop).on('close', drop);
+    client.on('data', (chunk: Buffer) => {
+      const text = chunk.toString('latin1');
+      if (text.includes('gatehouse-jobs-producer')) producer = true;
+      // BullMQ's addStandardJob script names the queue's `marker` and `completed` keys; its job counts do not.
+      if (producer && slow.on && text.includes(':marker\r\n') && text.includes(':completed\r\n')) holdUntil = Date.now() + holdMs;
+      upstream.write(chunk);
+    });
+    upstream.on('data', (chunk: Buffer) => {
+      if (Date.now() < holdUntil || held.length > 0) {
+        held.push(chunk);
+        timer ??= setTimeout(flush, Math.max(0, holdUntil - Date.now()));
+      } else {
+        client.write(chunk);
+      }
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    url: `redis://127.0.0.1:${(server.address() as AddressInfo).port}`,
+    slow,
+    async close() {
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+}
+
+// Before, the submit was answered 503 "cannot be accepted" (no job id to poll) while the job it
+// had made ran and was charged: a client retrying as told paid twice.
+describe('an async submit whose BullMQ add is answered after the timeout (BullMQ, role all)', () => {
+  const prefix = uniqueRedisPrefix('slow-add');
+  let relay: Awaited<ReturnType<typeof startSlowAddRelay>>;
+  let gw: TestGateway;
+  let alice: Tenant;
+
+  beforeAll(async () => {
+    relay = await startSlowAddRelay(2500);
+    gw = await startTestGateway({
+      db: 'postgres',
+      env: { ...NO_RATE_LIMITS, REDIS_URL: relay.url, REDIS_KEY_PREFIX: prefix, JOBS_DRIVER: 'bullmq', UPSTREAM_RETRY_ATTEMPTS: '1' },
+    });
+    alice = await gw.tenants.create();
+  });
+  afterAll(async () => {
+    await gw?.close();
+    await relay?.close();
+    await dropRedisKeys(prefix);
+  });
+
+  it('is accepted (202) with the job it made, which runs once', async () => {
+    relay.slow.on = true;
+    const res = await alice.api.post<JobBody>('/v1/chat/completions', chat('answered late'), ASYNC);
+    relay.slow.on = false;
+    const id = accepted(res);
+    expect(await finished(alice.api, id)).toMatchObject({ status: 'completed', attempts: 1 });
+    expect(gw.stub.hits).toBe(1);
   });
 });
