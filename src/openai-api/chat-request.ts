@@ -69,6 +69,8 @@ export function parseChatRequest(raw: unknown): ChatCompletionRequest {
   }
   if (body.response_format !== undefined && body.response_format !== null) asObject(body.response_format, "'response_format'", 'response_format');
   optionalType(body, 'user', 'string');
+  // null means absent, as for model and models (and as /v1/complete reads it): x-task-type may apply.
+  if (body.task_type === null) delete body.task_type;
   if (body.task_type !== undefined) parseTaskType(body.task_type, 'task_type');
   if (body.models === null) delete body.models;
   if (body.models !== undefined) {

@@ -55,6 +55,10 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
       .withResponse();
     expect(unknown.data.model).toBe('openai/gpt-4o-mini');
     expect(unknown.response.headers.get('x-gateway-route')).toBe('task_type=poetry; rule=general; version=1');
+    // task_type: null is absent, as on /v1/complete (clients that send unset fields as null): the header applies.
+    const nulled = await alice.api.post<{ model: string }>('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: 'x' }], task_type: null }, { 'x-task-type': 'budget' });
+    expect(nulled.status).toBe(200);
+    expect(nulled.body.model).toBe('meta-llama/llama-3.1-8b-instruct');
   });
 
   it('passes an explicit model through and treats "auto" as routing', async () => {
