@@ -95,6 +95,10 @@ export class RoutingService implements OnModuleInit, OnApplicationShutdown {
         throw new GatewayError('invalid_value', `User ${user.id} belongs to department ${user.departmentId}, not ${departmentId}.`, { param: 'department_id' });
       }
       departmentId = user.departmentId;
+    } else if (departmentId !== undefined) {
+      // 404 for a department that does not exist, as everywhere else: a dry run must not answer a typo
+      // as if that department simply had no override.
+      await this.identity.getDepartment(departmentId);
     }
     let compiled = this.current;
     if (version !== undefined && version !== compiled.table.version) {

@@ -231,6 +231,11 @@ describe('routing tables changed at runtime (admin API, versions, resolve; PGlit
     });
 
     expect((await admin.api.post<ErrorBody>('/admin/routing/resolve', { user_id: '00000000-0000-4000-8000-000000000000' })).status).toBe(404);
+    // A department that does not exist is 404 too, not answered as one without an override.
+    expect(await admin.api.post<ErrorBody>('/admin/routing/resolve', { department_id: '00000000-0000-4000-8000-000000000000' })).toMatchObject({
+      status: 404,
+      body: { error: { code: 'not_found' } },
+    });
     expect((await admin.api.post<ErrorBody>('/admin/routing/resolve', { task_type: 'bad name!' })).body.error.param).toBe('task_type');
     expect((await admin.api.post<ErrorBody>('/admin/routing/resolve', { tasktype: 'code' })).body.error.param).toBe('tasktype');
     // A default above the cap that applies without max_tokens (DEFAULT_MAX_TOKENS, 1024) was stored
