@@ -16,6 +16,7 @@ import { type DatabaseTarget, openDatabase } from './database/data-source.js';
 import { IdentityBootstrapService } from './identity/identity-bootstrap.service.js';
 import { ShutdownService } from './lifecycle/shutdown.service.js';
 import { GatewayMetrics } from './metrics/gateway-metrics.js';
+import { UpstreamInfo } from './upstream/llm-client.js';
 import { installHttpTracing } from './metrics/http-tracing.js';
 import { startOpenTelemetry, Telemetry } from './metrics/telemetry.js';
 
@@ -90,11 +91,23 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   const telemetry = app.get(Telemetry);
   // Hooks instead of interceptors: an rxjs chain per request costs more than Nest and Fastify
   // together (PERFORMANCE.md).
-  fastify.addHook('onRequest', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
-    void reply.header('x-request-id', request.id);
-    shutdown.track(reply);
-    done();
-  });
+  // The built-in mock says so on every response (API.md), not only on completions: a job polled,
+  // /v1/models, an error. Fixed per process, so one branch here and none per request.
+  const mock = app.get(UpstreamInfo).mock;
+  fastify.addHook(
+    'onRequest',
+    mock
+      ? (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
+          void reply.header('x-request-id', request.id).header('x-gateway-upstream', 'mock');
+          shutdown.track(reply);
+          done();
+        }
+      : (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
+          void reply.header('x-request-id', request.id);
+          shutdown.track(reply);
+          done();
+        },
+  );
   const access = requestLineLogger(logger);
   fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
     // One line per request: a call the completion pipeline took over has its own line (with the

@@ -42,6 +42,19 @@ describe('the embedded default (no database server, no upstream key, no admin ke
     let text = '';
     for await (const chunk of stream) text += chunk.choices[0]?.delta.content ?? '';
     expect(text).toContain('stream');
+    // Every response says so, not only completions: a submitted job, a list of models, an error.
+    const submitted = await fetch(`${first.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${adminKey}`, 'content-type': 'application/json', prefer: 'respond-async' },
+      body: JSON.stringify({ model: 'auto', messages: [{ role: 'user', content: 'later' }] }),
+    });
+    expect(submitted.status).toBe(202);
+    expect(submitted.headers.get('x-gateway-upstream')).toBe('mock');
+    const models = await fetch(`${first.url}/v1/models`, { headers: { authorization: `Bearer ${adminKey}` } });
+    expect(models.headers.get('x-gateway-upstream')).toBe('mock');
+    const refused = await fetch(`${first.url}/v1/models`);
+    expect(refused.status).toBe(401);
+    expect(refused.headers.get('x-gateway-upstream')).toBe('mock');
 
     const dept = await fetch(`${first.url}/admin/departments`, {
       method: 'POST',
