@@ -74,6 +74,10 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
     app = await NestFactory.create<NestFastifyApplication>(AppModule.forRoot({ config, logger, database, clock: options.clock }), adapter, {
       logger: new PinoNestLogger(logger),
       abortOnError: false,
+      // Nest's parsers add application/x-www-form-urlencoded: every body here is JSON (API.md), and
+      // a JSON body sent as a form (curl -d's default) was answered "missing 'messages'". Fastify's
+      // own JSON parser stays; text/plain goes below. Anything else is 415 unsupported_media_type.
+      bodyParser: false,
     });
   } catch (error) {
     await database.close();
@@ -83,6 +87,7 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   app.enableShutdownHooks([], SHUTDOWN_HOOKS);
 
   const fastify = app.getHttpAdapter().getInstance();
+  fastify.removeContentTypeParser('text/plain');
   const metrics = app.get(GatewayMetrics);
   const shutdown = app.get(ShutdownService);
   // A response cut before it finished gets no onResponse: counted as the caller saw it (499

@@ -89,6 +89,9 @@ function fromStatus(status: number, message: string, cause: unknown): GatewayErr
       return new GatewayError('not_found', message.startsWith('Cannot ') ? `Unknown route: ${message.slice(7)}` : message, { cause });
     case 413:
       return new GatewayError('payload_too_large', 'Request body is larger than this gateway accepts.', { cause });
+    case 415:
+      // Nest wraps Fastify's "no parser for this content-type" in an HttpException.
+      return new GatewayError('unsupported_media_type', 'Content-Type must be application/json.', { cause });
     case 401:
       return new GatewayError('invalid_api_key', message, { cause });
     case 403:

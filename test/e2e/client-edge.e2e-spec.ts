@@ -55,6 +55,17 @@ describe('client edges (PGlite, stub upstream)', () => {
     await putTable({ rules: original.rules, allowed_models: null });
   });
 
+  // Before, a JSON body sent as a form (curl -d's default) was parsed as one and answered "missing
+  // 'messages'", text/plain as "not a JSON object", and an admin route took a form body.
+  it.each(['application/x-www-form-urlencoded', 'text/plain'])('answers a body sent as %s with 415 unsupported_media_type, on /v1 and /admin', async (type) => {
+    const body = JSON.stringify({ messages: [{ role: 'user', content: 'hi' }] });
+    const chatAnswer = await alice.api.request<ErrorBody>('POST', '/v1/chat/completions', body, { 'content-type': type });
+    expect(chatAnswer).toMatchObject({ status: 415, body: { error: { code: 'unsupported_media_type', type: 'invalid_request_error' } } });
+    const admin = await gw.admin.request<ErrorBody>('POST', '/admin/departments', type === 'text/plain' ? body : 'name=FromAForm', { 'content-type': type });
+    expect(admin).toMatchObject({ status: 415, body: { error: { code: 'unsupported_media_type' } } });
+    expect(gw.stub.hits).toBe(0);
+  });
+
   describe('token limits (API.md: the cap is sent and reserved for)', () => {
     it('never sends the upstream a limit above the one the budget reserved for, under either name', async () => {
       const budget = gw.gateway.app.get(BudgetService);
