@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { type BeforeApplicationShutdown, Injectable, type OnApplicationShutdown, type OnModuleInit, Optional } from '@nestjs/common';
 import type { Logger } from 'pino';
-import { formatUsd, type Nanos, tokensCost } from '../../libs/money/src/index.js';
+import { formatUsd, type Nanos, parseUsd, tokensCost } from '../../libs/money/src/index.js';
 import { cleanUsage, type Usage } from '../../libs/openai-contract/src/index.js';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
@@ -9,14 +9,14 @@ import { GatewayError } from '../core/errors.js';
 import { isoTime } from '../core/iso-time.js';
 import { AppLogger } from '../core/logger.js';
 import { GatewayMetrics } from '../metrics/gateway-metrics.js';
-import { costOf, type CostSource } from '../upstream/pricing/pricing.js';
+import { costOf, type CostSource, requestFee } from '../upstream/pricing/pricing.js';
 import { PricingService } from '../upstream/pricing/pricing.service.js';
 import { BudgetDatabase, type BudgetStatement } from './budget-database.js';
 import { BudgetLeases, type Lease } from './budget-leases.js';
 import { RENEW_SQL, RESERVE_BATCH_SQL, RESERVE_SQL } from './budget-sql.js';
 import { BudgetWriter, type LedgerEntry, type PendingRelease } from './budget-writer.js';
 import type { BudgetedCall, BudgetedRoute, BudgetRow, BudgetScope, ChargedAttempt, Reservation, SettleOptions } from './budget.types.js';
-import { estimatePromptTokens, producedTokens, reservedCompletionTokens } from './estimate.js';
+import { estimatePrompt, producedTokens, reservedCompletionTokens, TOKENS_PER_IMAGE } from './estimate.js';
 import { type BudgetPeriod, nextReset, periodOf, periodStarts } from './periods.js';
 
 interface ReserveRow {
@@ -152,15 +152,22 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
 
   /**
    * The most a call can cost: the prompt estimate at the prompt price plus the completion cap
-   * (× `n`) at the completion price, for the most expensive model the chain may fall back to.
+   * (× `n`) at the completion price, for the most expensive model the chain may fall back to;
+   * each image at the model's published per-image price where that is more than the estimate's
+   * allowance (TOKENS_PER_IMAGE), and the model's per-request fee.
    */
   worstCase(call: BudgetedCall, route: BudgetedRoute): { amountNanos: Nanos; promptTokens: number; completionTokens: number } {
-    const promptTokens = estimatePromptTokens(call.body);
+    const { tokens: promptTokens, images } = estimatePrompt(call.body);
     const completionTokens = reservedCompletionTokens(call.body, route.maxTokens);
     let amountNanos = 0n;
     for (const model of route.models) {
       const price = this.pricing.priceOf(model);
-      const cost = tokensCost(promptTokens, price.prompt) + tokensCost(completionTokens, price.completion);
+      let cost = tokensCost(promptTokens, price.prompt) + tokensCost(completionTokens, price.completion) + requestFee(price);
+      if (images > 0 && price.image !== undefined) {
+        const perImage = parseUsd(price.image) ?? 0n;
+        const allowed = tokensCost(TOKENS_PER_IMAGE, price.prompt);
+        if (perImage > allowed) cost += BigInt(images) * (perImage - allowed);
+      }
       if (cost > amountNanos) amountNanos = cost;
     }
     return { amountNanos, promptTokens, completionTokens };

@@ -7,8 +7,10 @@ import type { ChatCompletionRequest } from '../../libs/openai-contract/src/index
  *
  * English runs about 4 bytes per token and CJK about 3 bytes per character ≈ 1 token, so
  * bytes / 3 is above either. Every message carries a few tokens of framing; images are billed
- * by size (≈ 85–1,100 tokens on OpenAI), so each counts as a flat, generous amount instead of
- * the length of its (possibly base64) URL.
+ * by size, so each counts as a flat amount instead of the length of its (possibly base64) URL:
+ * enough for most models (gpt-4o's largest image is 1,445 tokens, Claude's ~1,600), and where a
+ * model's published per-image price is higher (gpt-4o-mini's largest is 48,169 tokens), the
+ * budget's worst case takes that price instead (BudgetService.worstCase).
  */
 export const BYTES_PER_TOKEN = 3;
 export const TOKENS_PER_MESSAGE = 4;
@@ -19,10 +21,16 @@ export const TOKENS_PER_IMAGE = 1500;
 const PROMPT_FIELDS = ['messages', 'tools', 'functions', 'tool_choice', 'response_format'] as const;
 
 export function estimatePromptTokens(body: ChatCompletionRequest): number {
+  return estimatePrompt(body).tokens;
+}
+
+/** The prompt estimate, and how many images it counted (TOKENS_PER_IMAGE each, within `tokens`). */
+export function estimatePrompt(body: ChatCompletionRequest): { tokens: number; images: number } {
   const tally = { bytes: 0, images: 0 };
   for (const field of PROMPT_FIELDS) walk(body[field], tally);
   const messages = Array.isArray(body.messages) ? body.messages.length : 0;
-  return Math.ceil(tally.bytes / BYTES_PER_TOKEN) + TOKENS_PER_MESSAGE * messages + TOKENS_PER_REQUEST + TOKENS_PER_IMAGE * tally.images;
+  const tokens = Math.ceil(tally.bytes / BYTES_PER_TOKEN) + TOKENS_PER_MESSAGE * messages + TOKENS_PER_REQUEST + TOKENS_PER_IMAGE * tally.images;
+  return { tokens, images: tally.images };
 }
 
 /** Completion tokens a request may produce: its cap, once per choice (`n`). */

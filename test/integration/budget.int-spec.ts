@@ -258,6 +258,25 @@ describe.each(DB_KINDS)('budgets on %s', (db) => {
     expect(budget.spent).toBe(BigInt(row?.cost_nanos ?? -1));
   });
 
+  // gpt-4o-mini bills an image as 2,833 + 5,667 tokens per 512 px tile (up to 48,169): a flat
+  // allowance of 1,500 tokens let a request of ten images be admitted by a budget it then
+  // overspent many times over. Its published per-image price is the worst case now.
+  it('holds each image at the model\'s per-image price, so a budget that covers only its tokens refuses the request', async () => {
+    const image = { type: 'image_url', image_url: { url: 'https://example.com/cat.png', detail: 'high' } };
+    const body = { ...REQUEST, messages: [{ role: 'user', content: [{ type: 'text', text: 'what is in these?' }, ...Array.from({ length: 10 }, () => image)] }] };
+    const worst = worstCaseNanos(gw, body as unknown as typeof BODY, [MODEL], MAX_TOKENS);
+    // $0.007225 per image (static-prices.json), ten of them, above the rest of the estimate.
+    expect(worst).toBeGreaterThan(10n * 7_225_000n);
+    const tokensOnly = worstCaseNanos(gw, { messages: [{ role: 'user', content: 'x'.repeat(3 * 15_000) }] }, [MODEL], MAX_TOKENS);
+    expect(worst).toBeGreaterThan(tokensOnly);
+    const t = await gw.tenants.create({ userBudgetUsd: formatUsd(tokensOnly), period: 'total' });
+    const refused = await t.api.post<{ error: { code: string; param: string } }>('/v1/chat/completions', body, FRESH);
+    expect(refused).toMatchObject({ status: 402, body: { error: { code: 'budget_exceeded', param: 'user' } } });
+    expect(gw.stub.hits).toBe(0);
+    const covered = await gw.tenants.create({ userBudgetUsd: formatUsd(worst), period: 'total' });
+    expect((await covered.api.post('/v1/chat/completions', body, FRESH)).status).toBe(200);
+  });
+
   it('charges a stream cut before its usage at most what it was allowed to produce: its budget is not overspent', async () => {
     // Every token the cap allows is sent, in long words (chars ÷ 3 would count ~14 tokens a word),
     // then the stream is cut before the usage chunk. The budget covers exactly this one call.

@@ -184,9 +184,16 @@ export class PricingService implements OnModuleInit, OnApplicationShutdown {
 
   private rebuild(): void {
     const merged = new Map<string, PriceEntry>();
-    for (const [model, price] of this.staticPrices) merged.set(model, { model, source: 'static', prompt: price.prompt, completion: price.completion });
-    for (const [model, price] of this.upstreamPrices) merged.set(model, { model, source: 'upstream', prompt: price.prompt, completion: price.completion });
-    for (const [model, entry] of this.overrides) merged.set(model, entry);
+    for (const [model, price] of this.staticPrices) merged.set(model, { ...price, model, source: 'static' });
+    // An upstream price or an override sets the token prices; a per-image or per-request price it
+    // does not give is kept from the table below it (the budget's worst case must not lose it).
+    for (const [model, price] of this.upstreamPrices) merged.set(model, withFees({ ...price, model, source: 'upstream' }, merged.get(model)));
+    for (const [model, entry] of this.overrides) merged.set(model, withFees(entry, merged.get(model)));
     this.effective = merged;
   }
+}
+
+function withFees(entry: PriceEntry, below: PriceEntry | undefined): PriceEntry {
+  if (below === undefined || (below.image === undefined && below.request === undefined)) return entry;
+  return { ...entry, image: entry.image ?? below.image, request: entry.request ?? below.request };
 }

@@ -6,6 +6,15 @@ export interface ModelPrice {
   /** USD per token as a decimal string, exactly as published. */
   prompt: string;
   completion: string;
+  /**
+   * USD per input image, as OpenRouter publishes it (`pricing.image`): what the largest image
+   * costs on that model. Read only for the budget's worst case: the tokens an image is billed as
+   * differ by model by 30× (gpt-4o-mini counts 2,833 + 5,667 per 512 px tile, gpt-4o 85 + 170), so
+   * a flat token allowance let one request of a few images spend many times a budget.
+   */
+  image?: string;
+  /** USD per request (`pricing.request`), for models that charge one; added to the cost. */
+  request?: string;
 }
 
 /**
@@ -48,5 +57,12 @@ export function costOf(usage: Usage | undefined, price: ModelPrice | undefined):
   // settle throw (BigInt of a fraction) or charge a negative amount: an unusable count counts 0.
   const prompt = readTokenCount(usage.prompt_tokens) ?? 0;
   const completion = readTokenCount(usage.completion_tokens) ?? 0;
-  return { nanos: tokensCost(prompt, price.prompt) + tokensCost(completion, price.completion), source: 'pricing_table' };
+  return { nanos: tokensCost(prompt, price.prompt) + tokensCost(completion, price.completion) + requestFee(price), source: 'pricing_table' };
+}
+
+/** A model's per-request fee in nano-dollars (0 when it charges none). */
+export function requestFee(price: ModelPrice): Nanos {
+  if (price.request === undefined) return 0n;
+  const fee = parseUsd(price.request);
+  return fee !== undefined && fee > 0n ? fee : 0n;
 }

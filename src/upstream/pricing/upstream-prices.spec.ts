@@ -20,6 +20,19 @@ describe('prices from an OpenRouter-style /models', () => {
     expect(parseModelsPrices({ error: 'nope' }).size).toBe(0);
   });
 
+  it('keeps a per-image and a per-request price when the model charges one, for the budget worst case', () => {
+    const prices = parseModelsPrices({
+      data: [
+        { id: 'openai/gpt-4o-mini', pricing: { prompt: '0.00000015', completion: '0.0000006', image: '0.007225', request: '0' } },
+        { id: 'perplexity/sonar', pricing: { prompt: '0.000001', completion: '0.000001', image: '0', request: '0.005' } },
+        { id: 'odd/image', pricing: { prompt: '0.000001', completion: '0.000001', image: '-1', request: 'free' } },
+      ],
+    });
+    expect(prices.get('openai/gpt-4o-mini')).toEqual({ prompt: '0.00000015', completion: '0.0000006', image: '0.007225' });
+    expect(prices.get('perplexity/sonar')).toEqual({ prompt: '0.000001', completion: '0.000001', request: '0.005' });
+    expect(prices.get('odd/image')).toEqual({ prompt: '0.000001', completion: '0.000001' });
+  });
+
   it('skips prices no call could be priced with (beyond what an admin may set), so they fall back like "-1"', () => {
     const absurd = `${'9'.repeat(70)}.5`;
     const prices = parseModelsPrices({

@@ -16,7 +16,8 @@ export function isDecimalPrice(value: unknown): value is string {
 
 /**
  * Reads the prices out of an OpenRouter-style `GET /models` body:
- * `{ data: [ { id, pricing: { prompt: "0.00000015", completion: "0.0000006" } } ] }`.
+ * `{ data: [ { id, pricing: { prompt: "0.00000015", completion: "0.0000006", image: "0.007225", request: "0" } } ] }`
+ * (`image` and `request` optional; see ModelPrice).
  * Entries without both prices, or with OpenRouter's "-1" (price decided per request, e.g.
  * `openrouter/auto`), are skipped: the static table or the fallback price covers them.
  */
@@ -28,9 +29,13 @@ export function parseModelsPrices(body: unknown): Map<string, ModelPrice> {
     if (typeof entry !== 'object' || entry === null) continue;
     const { id, pricing } = entry as { id?: unknown; pricing?: unknown };
     if (typeof id !== 'string' || id === '' || typeof pricing !== 'object' || pricing === null) continue;
-    const { prompt, completion } = pricing as { prompt?: unknown; completion?: unknown };
+    const { prompt, completion, image, request } = pricing as { prompt?: unknown; completion?: unknown; image?: unknown; request?: unknown };
     if (!isDecimalPrice(prompt) || !isDecimalPrice(completion)) continue;
-    prices.set(id, { prompt: prompt.trim(), completion: completion.trim() });
+    const price: ModelPrice = { prompt: prompt.trim(), completion: completion.trim() };
+    // Optional, and "0" on most models: kept only when they charge something.
+    if (isDecimalPrice(image) && Number(image) > 0) price.image = image.trim();
+    if (isDecimalPrice(request) && Number(request) > 0) price.request = request.trim();
+    prices.set(id, price);
   }
   return prices;
 }

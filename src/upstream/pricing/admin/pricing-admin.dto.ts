@@ -76,6 +76,10 @@ export const priceView = (p: PriceEntry) => ({
   model: p.model,
   prompt: p.prompt,
   completion: p.completion,
+  // USD per input image and per request, as published (null when the model charges none): the
+  // budget's worst case reads them.
+  image: p.image ?? null,
+  request: p.request ?? null,
   source: p.source,
   updated_at: p.updatedAt ?? null,
   updated_by: p.updatedBy ?? null,
