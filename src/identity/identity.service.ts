@@ -53,6 +53,10 @@ export class IdentityService {
   private readonly users: Repository<UserEntity>;
   private readonly keys: Repository<ApiKeyEntity>;
   private readonly cache = new Map<string, CachedKey>();
+  /** Keys that matched nothing (or a revoked, disabled one), kept as briefly as valid ones. */
+  private readonly refused = new Map<string, CachedKey>();
+  /** How many keys each of the two caches holds at most (a test sets a small bound). */
+  readonly maxCachedKeys: number = MAX_CACHED_KEYS;
 
   constructor(
     private readonly dataSource: DataSource,
@@ -68,11 +72,18 @@ export class IdentityService {
   async authenticate(key: string): Promise<Principal> {
     const keyHash = hashApiKey(key);
     const now = this.clock.nowMs();
-    let entry = this.cache.get(keyHash);
+    let entry = this.cache.get(keyHash) ?? this.refused.get(keyHash);
     if (entry === undefined || entry.until <= now) {
       entry = { principal: await this.lookup(keyHash), until: now + this.config.auth.keyCacheMs };
-      if (this.cache.size >= MAX_CACHED_KEYS) this.cache.clear();
-      this.cache.set(keyHash, entry);
+      // Valid and unknown keys are kept apart, each map making room by dropping its oldest entry
+      // (a Map iterates in insertion order): a flood of distinct bad keys only pushes out bad
+      // keys, where one cleared map also dropped every valid key's entry, and each of those
+      // callers' next request went to the database.
+      const into = entry.principal === null ? this.refused : this.cache;
+      (entry.principal === null ? this.cache : this.refused).delete(keyHash);
+      into.delete(keyHash);
+      if (into.size >= this.maxCachedKeys) into.delete(into.keys().next().value as string);
+      into.set(keyHash, entry);
     }
     const principal = entry.principal;
     if (principal === null) throw new GatewayError('invalid_api_key', 'Invalid API key provided.');
@@ -113,6 +124,7 @@ export class IdentityService {
   /** Local revocations take effect at once; other instances drop their copy within keyCacheMs. */
   forgetCachedKeys(): void {
     this.cache.clear();
+    this.refused.clear();
   }
 
   // ---- departments ----

@@ -1,6 +1,7 @@
 import { DataSource } from 'typeorm';
 import { IdentityService } from '../../src/identity/identity.service.js';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { ManualClock } from '../../src/core/clock.js';
 import { DB_KINDS } from '../support/databases.js';
 import { pollUntil, type ProxiedGateway, startGatewayBehindPostgresProxy, startTestGateway, type TestGateway } from '../support/gateway.js';
 import type { TcpProxy } from '../support/redis.js';
@@ -154,6 +155,42 @@ describe.each(DB_KINDS)('the last usable admin key on %s', (db) => {
     expect((await other.api.get('/admin/users')).status).toBe(200);
     // And that second admin is now the last one.
     expect(await other.api.delete(`/admin/keys/${other.keyId}`)).toMatchObject(lockout);
+  });
+});
+
+describe('the key cache under a flood of unknown keys (PostgreSQL)', () => {
+  let gw: TestGateway;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ db: 'postgres' });
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+
+  // Before, a full cache was cleared: distinct bad keys wiped every valid key's entry with it.
+  it('keeps a valid key cached however many distinct bad keys are tried, and stays bounded', async () => {
+    const alice = await gw.tenants.create();
+    const dataSource = gw.gateway.app.get(DataSource);
+    const identity = Object.assign(new IdentityService(dataSource, gw.config, new ManualClock(Date.now())), { maxCachedKeys: 4 });
+    const queries = vi.spyOn(dataSource, 'query');
+    await identity.authenticate(alice.key);
+    const afterFirst = queries.mock.calls.length;
+    expect(afterFirst).toBe(1);
+    for (let i = 0; i < 3; i++) await expect(identity.authenticate(`gh-not-a-key-${i}`)).rejects.toMatchObject({ code: 'invalid_api_key' });
+    // Still cached: no lookup.
+    await identity.authenticate(alice.key);
+    expect(queries.mock.calls.length).toBe(afterFirst + 3);
+    // Ten more push out only bad keys: the valid one is still answered from memory…
+    for (let i = 3; i < 13; i++) await expect(identity.authenticate(`gh-not-a-key-${i}`)).rejects.toMatchObject({ code: 'invalid_api_key' });
+    await identity.authenticate(alice.key);
+    expect(queries.mock.calls.length).toBe(afterFirst + 13);
+    // …and the bad ones are bounded: the last four are remembered, the first was dropped.
+    await expect(identity.authenticate('gh-not-a-key-12')).rejects.toMatchObject({ code: 'invalid_api_key' });
+    expect(queries.mock.calls.length).toBe(afterFirst + 13);
+    await expect(identity.authenticate('gh-not-a-key-0')).rejects.toMatchObject({ code: 'invalid_api_key' });
+    expect(queries.mock.calls.length).toBe(afterFirst + 14);
+    queries.mockRestore();
   });
 });
 
