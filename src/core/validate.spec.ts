@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { GatewayError } from './errors.js';
-import { optionalDate, parseIsoDate, queryDate, rejectUnknownFields } from './validate.js';
+import { optionalDate, parseIsoDate, queryDate, rejectUnknownFields, requiredString } from './validate.js';
 
 function errorOf(fn: () => unknown): GatewayError {
   try {
@@ -91,5 +91,22 @@ describe('unknown body fields', () => {
   });
   it('known ones pass', () => {
     expect(() => rejectUnknownFields({ a: 1 }, ['a', 'b'])).not.toThrow();
+  });
+});
+
+describe('names (requiredString)', () => {
+  it('keeps ordinary text, other scripts and emoji, trimmed', () => {
+    expect(requiredString({ name: '  Research & Development ' }, 'name')).toBe('Research & Development');
+    expect(requiredString({ name: 'Forschung – Ünïcödé 研究 🧪' }, 'name')).toBe('Forschung – Ünïcödé 研究 🧪');
+  });
+
+  it.each([
+    ['a newline', 'Sales\nAdmin'],
+    ['an escape sequence', 'Sales\u001b[31m'],
+    ['DEL', 'Sales\u007f'],
+    ['a C1 control', 'Sales\u009b'],
+    ['an unpaired surrogate', 'Sales\ud800'],
+  ])('refuses %s with a 400 naming the field', (_what, name) => {
+    expect(() => requiredString({ name }, 'name')).toThrow(expect.objectContaining({ code: 'invalid_value', param: 'name' }));
   });
 });

@@ -53,6 +53,11 @@ function wrong(param: string, expected: string): GatewayError {
   return new GatewayError('invalid_value', `Invalid type for '${param}': expected ${expected}.`, { param });
 }
 
+// C0 and C1 controls, DEL included.
+// eslint-disable-next-line no-control-regex
+const CONTROL_CHARACTER = /[\u0001-\u001f\u007f-\u009f]/;
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+
 export function requiredString(body: Body, param: string, maxLength = 200): string {
   const v = body[param];
   if (v === undefined || v === null) throw missing(param);
@@ -60,6 +65,12 @@ export function requiredString(body: Body, param: string, maxLength = 200): stri
   if (v.length > maxLength) throw new GatewayError('invalid_value', `'${param}' is longer than ${maxLength} characters.`, { param });
   // PostgreSQL's text refuses U+0000: said here as a 400, not by the INSERT as a 500.
   if (v.includes('\u0000')) throw new GatewayError('invalid_value', `'${param}' must not contain a U+0000 (NUL) character.`, { param });
+  // A name shown in listings, logs and audit rows: no control characters (a newline or an escape
+  // sequence in a department name), and no unpaired surrogate, which the database would store as
+  // U+FFFD (so a rename to one answered a misleading 409 against another name's U+FFFD).
+  if (CONTROL_CHARACTER.test(v) || LONE_SURROGATE.test(v)) {
+    throw new GatewayError('invalid_value', `'${param}' must not contain control characters or unpaired UTF-16 surrogates.`, { param });
+  }
   return v.trim();
 }
 
