@@ -92,9 +92,8 @@ describe('admin input validation (PGlite)', () => {
       for (const limit of ['1e999999999', '1e100000000', '-1e999999999', '1e-999999999999']) {
         const started = performance.now();
         const res = await gw.admin.put(`/admin/budgets/users/${alice.userId}`, { limit_usd: limit, period: 'daily' });
-        if (limit === '1e-999999999999')
-          expect(res.status).toBe(200); // rounds to 0 nano-dollars
-        else expectError(res, 400, 'invalid_value', 'limit_usd');
+        // The last rounds to 0 nano-dollars: a positive amount below one is refused, not made a $0 budget.
+        expectError(res, 400, 'invalid_value', 'limit_usd');
         expect(performance.now() - started).toBeLessThan(2000);
       }
       for (const price of ['1e999999999', '1e100000000', '1e-999999999', '1001', 1e300]) {
@@ -192,6 +191,10 @@ describe('admin input validation (PGlite)', () => {
       expect(big.status).toBe(200);
       expect(big.text).toContain('"limit_usd":7999999.123456789');
 
+      // Half a nano-dollar rounds to one; below that is refused (it would be a $0 budget), and 0 is 0.
+      expectError(await gw.admin.put<ErrorBody>(path, { limit_usd: '0.0000000004', period: 'daily' }), 400, 'invalid_value', 'limit_usd');
+      expectError(await gw.admin.put<ErrorBody>(path, { limit_usd: 1e-10, period: 'daily' }), 400, 'invalid_value', 'limit_usd');
+      expect((await gw.admin.put(path, { limit_usd: '0.000', period: 'daily' })).status).toBe(200);
       const tiny = await rawText('PUT', path, { limit_usd: '0.000000001', period: 'daily' });
       expect(tiny.text).toContain('"limit_usd":0.000000001,');
       expect(tiny.text).toContain('"remaining_usd":0.000000001,');

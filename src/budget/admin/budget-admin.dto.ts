@@ -24,6 +24,13 @@ export class PutBudgetDto {
     const nanos = typeof limit === 'number' || typeof limit === 'string' ? parseUsd(limit) : undefined;
     if (nanos === undefined) throw new GatewayError('invalid_value', "'limit_usd' must be a number of US dollars, e.g. 50 or 0.25.", { param: 'limit_usd' });
     if (nanos < 0n) throw new GatewayError('invalid_value', "'limit_usd' must be at least 0.", { param: 'limit_usd' });
+    // Rounded to the nano-dollar, a positive amount below half of one became 0: a budget that
+    // refuses every call, which nobody asked for.
+    if (nanos === 0n && !isZero(limit as number | string)) {
+      throw new GatewayError('invalid_value', "'limit_usd' is below one nano-dollar (0.000000001); use 0 for a budget that allows no spend.", {
+        param: 'limit_usd',
+      });
+    }
     if (nanos > BigInt(MAX_LIMIT_USD) * 1_000_000_000n)
       throw new GatewayError('invalid_value', `'limit_usd' must be at most ${MAX_LIMIT_USD} (the largest amount a JSON number carries to the nano-dollar).`, {
         param: 'limit_usd',
@@ -66,4 +73,10 @@ export function budgetViewJson(scope: BudgetScope, id: string, view: BudgetView 
     reserved_usd: usdOf(view.reserved_usd),
     remaining_usd: usdOf(view.remaining_usd),
   };
+}
+
+/** Whether an amount is written as zero: no digit 1-9 before any exponent (`0`, `0.000`, `0e5`). */
+function isZero(amount: number | string): boolean {
+  if (typeof amount === 'number') return amount === 0;
+  return !/[1-9]/.test(amount.split(/[eE]/)[0] ?? '');
 }
