@@ -11,7 +11,9 @@ const READ_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
 // Response fields worth keeping from a successful change: what was created or which version it
 // became. A whitelist, so a created key's secret (`key`) can never be picked up.
 const RESULT_FIELDS = ['id', 'prefix', 'version'] as const;
-const MAX_PARSED_PAYLOAD = 64 * 1024;
+// Parsed only for changes and errors (a read's answer is never looked at): a routing table of many
+// rules answers well over 64 KiB, and its new version must still reach the audit row.
+const MAX_PARSED_PAYLOAD = 8 * 1024 * 1024;
 
 const outcomes = new WeakMap<FastifyRequest, Record<string, unknown>>();
 
@@ -63,7 +65,10 @@ export class AuditHttpHook implements OnModuleInit {
       done();
     });
     fastify.addHook('onSend', (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void) => {
-      if (isAdminPath(request) || unauditedApiAnswer(request, reply.statusCode)) outcomes.set(request, readOutcome(reply.statusCode, payload));
+      const admin = isAdminPath(request);
+      if ((admin && (!READ_METHODS.has(request.method) || reply.statusCode >= 400)) || (!admin && unauditedApiAnswer(request, reply.statusCode))) {
+        outcomes.set(request, readOutcome(reply.statusCode, payload));
+      }
       const watch = changeWatches.get(request);
       if (watch?.closedEarly === true && !watch.recorded) this.recordLeft(request, reply, watch);
       done(null, payload);

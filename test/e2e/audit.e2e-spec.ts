@@ -128,6 +128,21 @@ describe('audit trail over HTTP (PGlite)', () => {
     expect(await auditEvents(gw, { action: 'GET /admin/departments' })).toEqual([]);
   });
 
+  // Before, an answer over 64 KiB was not read: a large routing table's change left its version out.
+  it('records the version a large routing table change made, however long its answer', async () => {
+    const table = (await gw.admin.get<{ version: number; default_task_type: string; rules: Array<Record<string, unknown>> }>('/admin/routing')).body;
+    const fallbacks = Array.from({ length: 10 }, (_, i) => `vendor-${i}/${'model-with-a-long-name-'.repeat(4)}${i}`);
+    const rules = [...table.rules, ...Array.from({ length: 150 }, (_, i) => ({ task_type: `bulk-${i}`, model: 'openai/gpt-4o-mini', fallbacks }))];
+    const put = await gw.admin.put<{ version: number }>('/admin/routing', { version: table.version, default_task_type: table.default_task_type, rules });
+    expect(put.status).toBe(200);
+    expect(JSON.stringify(put.body).length).toBeGreaterThan(64 * 1024);
+    const row = await eventually(gw, { action: 'PUT /admin/routing' }, (e) => e.status === 200 && (e.details.result as { version?: string } | undefined)?.version === String(put.body.version));
+    expect(row.target_id).toBe(String(put.body.version));
+    // Back to the seeded table for the tests after this one.
+    const now = (await gw.admin.get<{ version: number }>('/admin/routing')).body;
+    expect((await gw.admin.put('/admin/routing', { version: now.version, default_task_type: table.default_task_type, rules: table.rules })).status).toBe(200);
+  });
+
   it('records admin changes and refused requests whose path is spelled with percent escapes, which the router decodes', async () => {
     // `/%61dmin/departments` is /admin/departments to the router: the change is made, and must be audited.
     const made = await gw.admin.post<{ id: string }>('/%61dmin/departments', { name: 'escaped-path' });
