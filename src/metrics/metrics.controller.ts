@@ -24,6 +24,8 @@ export class MetricsController {
     if (!this.access.allows(request.headers.authorization)) throw new GatewayError('invalid_api_key', MetricsAccess.REFUSAL);
     // The exporter writes the response itself; Fastify steps aside, so our headers go on raw.
     reply.hijack();
+    // What the hooks set (x-request-id, the mock's mark) would be lost with Fastify's reply.
+    for (const [name, value] of Object.entries(reply.getHeaders())) if (value !== undefined) reply.raw.setHeader(name, value);
     reply.raw.setHeader('x-request-id', request.id);
     reply.raw.setHeader('cache-control', 'no-store');
     this.telemetry.exporter.getMetricsRequestHandler(request.raw, reply.raw);

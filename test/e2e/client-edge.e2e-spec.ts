@@ -64,6 +64,11 @@ describe('client edges (PGlite, stub upstream)', () => {
     const admin = await gw.admin.request<ErrorBody>('POST', '/admin/departments', type === 'text/plain' ? body : 'name=FromAForm', { 'content-type': type });
     expect(admin).toMatchObject({ status: 415, body: { error: { code: 'unsupported_media_type' } } });
     expect(gw.stub.hits).toBe(0);
+    // A request without a body is not refused for the type it names (fetch sends text/plain with
+    // body: '', curl -d '' a form type): nothing is parsed.
+    const bob = await gw.tenants.create();
+    const revoke = await fetch(`${gw.url}/admin/keys/${bob.keyId}`, { method: 'DELETE', headers: { authorization: `Bearer ${gw.adminKey}`, 'content-type': type }, body: '' });
+    expect(revoke.status).toBe(200);
   });
 
   describe('token limits (API.md: the cap is sent and reserved for)', () => {

@@ -55,6 +55,10 @@ describe('the embedded default (no database server, no upstream key, no admin ke
     const refused = await fetch(`${first.url}/v1/models`);
     expect(refused.status).toBe(401);
     expect(refused.headers.get('x-gateway-upstream')).toBe('mock');
+    const undecodable = await fetch(`${first.url}/v1/models/%zz`, { headers: { authorization: `Bearer ${adminKey}` } });
+    expect(undecodable.status).toBe(400);
+    expect(undecodable.headers.get('x-gateway-upstream')).toBe('mock');
+    expect((await fetch(`${first.url}/metrics`)).headers.get('x-gateway-upstream')).toBe('mock');
 
     const dept = await fetch(`${first.url}/admin/departments`, {
       method: 'POST',
