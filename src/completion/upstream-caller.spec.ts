@@ -202,6 +202,16 @@ describe('UpstreamCaller: retries, backoff and fallbacks', () => {
       caller(new ScriptedLlm({ 'x/unknown': [http(404)] }), fakeEnv()).json(call(undefined, 'x/unknown'), route(['x/unknown'], true), []),
     );
     expect(callerNamed).toMatchObject({ status: 400, code: 'model_not_found', param: 'model' });
+    // The caller's model unknown, the fallbacks the rule's: stopped there, the caller's 400.
+    const typo = new ScriptedLlm({ 'x/unknown': [http(404)] });
+    const typoAttempts: Attempt[] = [];
+    const stopped = await failure(caller(typo, fakeEnv()).json(call(undefined, 'x/unknown'), route(['x/unknown', FALLBACK], true), typoAttempts));
+    expect(stopped).toMatchObject({ status: 400, code: 'model_not_found' });
+    expect(summary(typoAttempts)).toEqual(['x/unknown#1:404']);
+    // OpenRouter's 404 for a model without a provider for this request falls back as before.
+    const noEndpoints = new UpstreamFailure('http', 'No endpoints found that support tool use.', 404);
+    const capable = await caller(new ScriptedLlm({ [PRIMARY]: [noEndpoints] }), fakeEnv()).json(call(undefined, PRIMARY), route([PRIMARY, FALLBACK], true), []);
+    expect(capable.model).toBe(FALLBACK);
   });
 
   it('answers with the last cause when every model fails', async () => {

@@ -244,8 +244,14 @@ export class UpstreamCaller {
  */
 function callersModelUnknown(route: ResolvedRoute, plan: Plan, failure: UpstreamFailure): boolean {
   if (!route.explicitModel || route.callerFallbacks === true || plan.chain || plan.model !== route.models[0]) return false;
-  return failure.kind === 'http' && (failure.status === 404 || failure.status === 410);
+  if (failure.kind !== 'http' || (failure.status !== 404 && failure.status !== 410)) return false;
+  // OpenRouter's 404 for a model that exists but has no provider for what the request needs
+  // ("No endpoints found that support tool use", "…matching your data policy") is what the
+  // rule's fallbacks are for.
+  return !NO_ENDPOINTS.test(failure.message);
 }
+
+const NO_ENDPOINTS = /no endpoints? (found|available)/i;
 
 export function asFailure(error: unknown): UpstreamFailure {
   if (error instanceof UpstreamFailure) return error;
