@@ -466,6 +466,26 @@ describe('audit on a graceful stop (PostgreSQL)', () => {
 describe('a change whose caller hangs up before the answer (PostgreSQL)', () => {
   let gw: TestGateway;
 
+  /** Sends the request while `table` is locked, so that it waits there until the caller has gone (300 ms). */
+  async function leaveWhileLocked(table: string, path: string, headers: Record<string, string>, body: unknown): Promise<void> {
+    const blocker = new pg.Client({ connectionString: gw.database.url });
+    await blocker.connect();
+    try {
+      await blocker.query('BEGIN');
+      await blocker.query(`LOCK TABLE ${table} IN EXCLUSIVE MODE`);
+      const leaving = fetch(`${gw.url}${path}`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', ...headers },
+        body: JSON.stringify(body),
+        signal: AbortSignal.timeout(300),
+      });
+      await expect(leaving).rejects.toThrow();
+      await blocker.query('COMMIT');
+    } finally {
+      await blocker.end();
+    }
+  }
+
   beforeAll(async () => {
     gw = await startTestGateway({ db: 'postgres', env: FAST });
   });
@@ -477,23 +497,8 @@ describe('a change whose caller hangs up before the answer (PostgreSQL)', () => 
   // finished, and a response whose connection is gone never finishes.
   it('is recorded once, with the status of the change it made, marked client_closed', async () => {
     const name = `left-early-${Date.now()}`;
-    const blocker = new pg.Client({ connectionString: gw.database.url });
-    await blocker.connect();
-    try {
-      // Holds the insert until the caller has gone.
-      await blocker.query('BEGIN');
-      await blocker.query('LOCK TABLE departments IN EXCLUSIVE MODE');
-      const leaving = fetch(`${gw.url}/admin/departments`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${gw.adminKey}`, 'content-type': 'application/json' },
-        body: JSON.stringify({ name }),
-        signal: AbortSignal.timeout(300),
-      });
-      await expect(leaving).rejects.toThrow();
-      await blocker.query('COMMIT');
-    } finally {
-      await blocker.end();
-    }
+    // Holds the insert until the caller has gone.
+    await leaveWhileLocked('departments', '/admin/departments', { authorization: `Bearer ${gw.adminKey}` }, { name });
     const made = await pollUntil(async () => {
       const [row] = await gw.gateway.app.get(DataSource).query<Array<{ id: string }>>('SELECT id FROM departments WHERE name = $1', [name]);
       expect(row).toBeDefined();
@@ -511,22 +516,10 @@ describe('a change whose caller hangs up before the answer (PostgreSQL)', () => 
   it('records an async submit whose caller left before the 202, with the job it made, once', async () => {
     const alice = await gw.tenants.create();
     const requestId = `submit-left-${Date.now()}`;
-    const blocker = new pg.Client({ connectionString: gw.database.url });
-    await blocker.connect();
-    try {
-      await blocker.query('BEGIN');
-      await blocker.query('LOCK TABLE jobs IN EXCLUSIVE MODE');
-      const leaving = fetch(`${gw.url}/v1/chat/completions`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json', prefer: 'respond-async', 'x-request-id': requestId },
-        body: JSON.stringify({ model: 'auto', messages: [{ role: 'user', content: 'queued, then nobody waits' }] }),
-        signal: AbortSignal.timeout(300),
-      });
-      await expect(leaving).rejects.toThrow();
-      await blocker.query('COMMIT');
-    } finally {
-      await blocker.end();
-    }
+    await leaveWhileLocked('jobs', '/v1/chat/completions', { authorization: `Bearer ${alice.key}`, prefer: 'respond-async', 'x-request-id': requestId }, {
+      model: 'auto',
+      messages: [{ role: 'user', content: 'queued, then nobody waits' }],
+    });
     const job = await pollUntil(async () => {
       const [row] = await gw.gateway.app.get(DataSource).query<Array<{ id: string }>>('SELECT id FROM jobs WHERE user_id = $1', [alice.userId]);
       expect(row).toBeDefined();
