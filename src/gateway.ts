@@ -62,6 +62,8 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   const marks = { mock: false };
   const adapter = new FastifyAdapter({
     bodyLimit: config.bodyLimitBytes,
+    // Fastify takes a hop count too (its docs and proxy-addr); the adapter's type leaves it out.
+    trustProxy: config.trustProxy as boolean | string[],
     logger: false,
     requestIdHeader: false,
     genReqId: requestIdFor,

@@ -99,6 +99,17 @@ describe('loadConfig', () => {
     expect(loggableUrl('https://openrouter.ai/api/v1')).toBe('https://openrouter.ai/api/v1');
   });
 
+  it('reads TRUST_PROXY as none, any, a hop count or proxy addresses, and stops on an address it cannot read', () => {
+    expect(loadConfig({}).trustProxy).toBe(false);
+    expect(loadConfig({ TRUST_PROXY: 'false' }).trustProxy).toBe(false);
+    expect(loadConfig({ TRUST_PROXY: 'true' }).trustProxy).toBe(true);
+    expect(loadConfig({ TRUST_PROXY: '2' }).trustProxy).toBe(2);
+    expect(loadConfig({ TRUST_PROXY: '10.0.0.0/8, 127.0.0.1,fd00::/8' }).trustProxy).toEqual(['10.0.0.0/8', '127.0.0.1', 'fd00::/8']);
+    for (const bad of ['10.0.0.0/33', 'ingress.local', '10.0.0.1/8/2', ' , ']) {
+      expect(() => loadConfig({ TRUST_PROXY: bad })).toThrow(ConfigError);
+    }
+  });
+
   it('describes itself without secrets', () => {
     const c = loadConfig({ OPENROUTER_API_KEY: 'sk-or-secret', ADMIN_API_KEY: 'admin-key-0123456789', DATABASE_URL: 'postgres://u:pw@h/db' });
     expect(JSON.stringify(describeConfig(c))).not.toMatch(/sk-or-secret|admin-key|pw@/);

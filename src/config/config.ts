@@ -1,3 +1,4 @@
+import { isIP } from 'node:net';
 import { resolve } from 'node:path';
 import { parseAllowedHosts } from '../jobs/callback-policy.js';
 
@@ -22,6 +23,8 @@ export abstract class AppConfig {
   declare readonly host: string;
   declare readonly port: number;
   declare readonly bodyLimitBytes: number;
+  /** Fastify's trustProxy: which hops' X-Forwarded-For to believe for the client's address (audit rows' `ip`). */
+  declare readonly trustProxy: boolean | number | string[];
   declare readonly logLevel: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
   declare readonly database: DatabaseConfig;
   /**
@@ -205,6 +208,10 @@ export const CONFIG_VARIABLES = {
   ADMIN_API_KEY: { sensitive: true, help: 'bootstrap admin key' },
   GATEHOUSE_ROLE: { sensitive: false, help: 'api | worker | all (default all)' },
   BODY_LIMIT_BYTES: { sensitive: false, help: 'largest accepted request body (default 4194304)' },
+  TRUST_PROXY: {
+    sensitive: false,
+    help: 'whose X-Forwarded-For gives the client address: unset/false (none), true (any), a hop count, or proxy IPs/CIDRs, comma-separated',
+  },
   LOG_LEVEL: { sensitive: false, help: 'fatal|error|warn|info|debug|trace|silent (default info)' },
   OTEL_EXPORTER_OTLP_ENDPOINT: { sensitive: true, help: 'OTLP/HTTP collector base URL (…/v1/traces is appended); unset = tracing off' },
   METRICS_TOKEN: { sensitive: true, help: 'bearer token GET /metrics requires; unset = /metrics is open (never expose it publicly)' },
@@ -302,6 +309,30 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
     }
     return v as T;
   }
+  /**
+   * Behind a load balancer or an ingress every request comes from it: without this the audit's
+   * `ip` is the proxy's. Addresses are checked here, so a typo stops the start instead of
+   * trusting nobody (or everybody) in silence.
+   */
+  const trustProxy = (): boolean | number | string[] => {
+    const v = str('TRUST_PROXY');
+    if (v === undefined || v === 'false') return false;
+    if (v === 'true') return true;
+    if (/^\d+$/.test(v)) return int('TRUST_PROXY', 0, 1, 100);
+    const entries = v.split(',').map((e) => e.trim()).filter((e) => e !== '');
+    const bad = entries.filter((e) => {
+      const [address, bits, extra] = e.split('/');
+      if (extra !== undefined || isIP(address ?? '') === 0) return true;
+      if (bits === undefined) return false;
+      const max = isIP(address ?? '') === 4 ? 32 : 128;
+      return !/^\d+$/.test(bits) || Number(bits) > max;
+    });
+    if (entries.length === 0 || bad.length > 0) {
+      problems.push(`TRUST_PROXY must be true, false, a hop count or proxy addresses (IP or CIDR, comma-separated); not an address: ${bad.slice(0, 3).join(', ') || '(empty)'}`);
+      return false;
+    }
+    return entries;
+  };
   const usdPerToken = (name: ConfigVariable, fallback: string): string => {
     const v = str(name);
     if (v === undefined) return fallback;
@@ -390,6 +421,7 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
     host: str('HOST') ?? '0.0.0.0',
     port: int('PORT', 8080, 0, 65535),
     bodyLimitBytes: int('BODY_LIMIT_BYTES', 4 * 1024 * 1024, 1024, 512 * 1024 * 1024),
+    trustProxy: trustProxy(),
     logLevel: oneOf('LOG_LEVEL', LOG_LEVELS, 'info'),
     database: databaseUrl ? { driver: 'postgres', url: databaseUrl } : { driver: 'pglite', dataDir: resolve(cwd, str('DATA_DIR') ?? './data') },
     redisUrl,

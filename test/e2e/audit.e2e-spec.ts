@@ -463,6 +463,29 @@ describe('audit on a graceful stop (PostgreSQL)', () => {
   });
 });
 
+// Behind an ingress every request comes from it: TRUST_PROXY names it, and the audit shows the client.
+describe('the client address behind a proxy (TRUST_PROXY)', () => {
+  let trusting: TestGateway;
+  let plain: TestGateway;
+
+  beforeAll(async () => {
+    [trusting, plain] = await Promise.all([startTestGateway({ env: { ...FAST, TRUST_PROXY: '127.0.0.1' } }), startTestGateway({ env: FAST })]);
+  });
+  afterAll(async () => {
+    await Promise.all([trusting?.close(), plain?.close()]);
+  });
+
+  it("records the forwarded client's address only when the proxy it came through is trusted", async () => {
+    for (const gw of [trusting, plain]) {
+      const name = `forwarded-${Date.now()}`;
+      const made = await gw.admin.post<{ id: string }>('/admin/departments', { name }, { 'x-forwarded-for': '203.0.113.7' });
+      expect(made.status).toBe(201);
+      const row = await eventually(gw, { action: 'POST /admin/departments' }, (e) => e.target_id === made.body.id);
+      expect(row.details.ip).toBe(gw === trusting ? '203.0.113.7' : '127.0.0.1');
+    }
+  });
+});
+
 describe('a change whose caller hangs up before the answer (PostgreSQL)', () => {
   let gw: TestGateway;
 
