@@ -2,6 +2,7 @@ import { Injectable, type OnModuleInit } from '@nestjs/common';
 import { HttpAdapterHost } from '@nestjs/core';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { AppConfig } from '../config/config.js';
+import { wantsAsync } from '../core/prefer.js';
 import { keyPrefix } from '../identity/api-key.js';
 import { presentedKey } from '../identity/auth.guard.js';
 import { AuditService } from './audit.service.js';
@@ -60,7 +61,7 @@ export class AuditHttpHook implements OnModuleInit {
     fastify.addHook('onRequest', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
       if (!READ_METHODS.has(request.method)) {
         if (isAdminPath(request)) this.watchChange(request, reply, false);
-        else if (prefersAsync(request) && isApiPath(request)) this.watchChange(request, reply, true);
+        else if (wantsAsync(request) && isApiPath(request)) this.watchChange(request, reply, true);
       }
       done();
     });
@@ -193,12 +194,6 @@ function routedUrl(request: FastifyRequest): string {
  */
 function unauditedApiAnswer(request: FastifyRequest, status: number): boolean {
   return (status >= 400 || status === 202) && request.completionCall?.audited !== true && isApiPath(request);
-}
-
-/** `prefer: respond-async` in any spelling the doors accept; its absence costs one property read. */
-function prefersAsync(request: FastifyRequest): boolean {
-  const prefer = request.headers.prefer;
-  return prefer !== undefined && String(prefer).toLowerCase().includes('respond-async');
 }
 
 function isApiPath(request: FastifyRequest): boolean {

@@ -1,6 +1,7 @@
 import type { FastifyRequest } from 'fastify';
 import { describe, expect, it } from 'vitest';
-import { holdsNul, parseCallbackUrl, wantsAsync } from './async-submit.js';
+import { wantsAsync } from '../core/prefer.js';
+import { holdsNul, parseCallbackUrl } from './async-submit.js';
 
 const withPrefer = (prefer: string | string[] | undefined) => ({ headers: { prefer } }) as unknown as FastifyRequest;
 

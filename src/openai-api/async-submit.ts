@@ -7,15 +7,6 @@ import type { JobsService } from '../jobs/jobs.service.js';
 
 const MAX_CALLBACK_URL = 2048;
 
-/** `prefer: respond-async` (RFC 7240), among other preferences and in any case. */
-export function wantsAsync(request: FastifyRequest): boolean {
-  const prefer = request.headers.prefer;
-  if (prefer === undefined) return false;
-  return (Array.isArray(prefer) ? prefer : [prefer]).some((value) =>
-    value.split(',').some((preference) => (preference.split(';')[0] ?? '').trim().toLowerCase() === 'respond-async'),
-  );
-}
-
 export function parseCallbackUrl(value: unknown): string | undefined {
   if (value === undefined || value === null) return undefined;
   const invalid = () => new GatewayError('invalid_value', "'callback_url' must be an absolute http(s) URL.", { param: 'callback_url' });

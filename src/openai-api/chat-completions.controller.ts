@@ -2,10 +2,11 @@ import { Body, Controller, Headers, HttpCode, Post, Req, Res } from '@nestjs/com
 import { ApiBody, ApiHeader, ApiOperation, ApiTags } from '@nestjs/swagger';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { CompletionService } from '../completion/completion.service.js';
+import { wantsAsync } from '../core/prefer.js';
 import { IdempotencyService } from '../idempotency/idempotency.service.js';
 import { Authenticated, DeferredAdmission, SpendsTokens } from '../identity/auth.guard.js';
 import { JobsService } from '../jobs/jobs.service.js';
-import { refuseCallbackWithoutAsync, submitAsync, wantsAsync } from './async-submit.js';
+import { refuseCallbackWithoutAsync, submitAsync } from './async-submit.js';
 import { parseChatRequest, parseTaskType } from './chat-request.js';
 import { ChatCompletionRequestDto } from './openai-api.dto.js';
 import { admitted, answerIdempotently, callFromRequest, hasIdempotencyKey, metaHeaders, ReplyStreamSink, sendJsonOnce, streamOnce } from './http-call.js';
