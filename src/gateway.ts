@@ -16,9 +16,9 @@ import { type DatabaseTarget, openDatabase } from './database/data-source.js';
 import { IdentityBootstrapService } from './identity/identity-bootstrap.service.js';
 import { ShutdownService } from './lifecycle/shutdown.service.js';
 import { GatewayMetrics } from './metrics/gateway-metrics.js';
-import { UpstreamInfo } from './upstream/llm-client.js';
 import { installHttpTracing } from './metrics/http-tracing.js';
 import { startOpenTelemetry, Telemetry } from './metrics/telemetry.js';
+import { UpstreamInfo } from './upstream/llm-client.js';
 
 export interface GatewayOptions {
   logger?: Logger;
@@ -101,25 +101,15 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   // Hooks instead of interceptors: an rxjs chain per request costs more than Nest and Fastify
   // together (PERFORMANCE.md).
   // The built-in mock says so on every response (API.md), not only on completions: a job polled,
-  // /v1/models, an error. Fixed per process, so one branch here and none per request.
-  const mock = app.get(UpstreamInfo).mock;
-  marks.mock = mock;
-  fastify.addHook(
-    'onRequest',
-    mock
-      ? (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
-          void reply.header('x-request-id', request.id).header('x-gateway-upstream', 'mock');
-          forgetTypeOfEmptyBody(request.headers);
-          shutdown.track(reply);
-          done();
-        }
-      : (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
-          void reply.header('x-request-id', request.id);
-          forgetTypeOfEmptyBody(request.headers);
-          shutdown.track(reply);
-          done();
-        },
-  );
+  // /v1/models, an error.
+  marks.mock = app.get(UpstreamInfo).mock;
+  fastify.addHook('onRequest', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
+    void reply.header('x-request-id', request.id);
+    if (marks.mock) void reply.header('x-gateway-upstream', 'mock');
+    forgetTypeOfEmptyBody(request.headers);
+    shutdown.track(reply);
+    done();
+  });
   const access = requestLineLogger(logger);
   fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
     // One line per request: a call the completion pipeline took over has its own line (with the

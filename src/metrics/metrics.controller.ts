@@ -26,7 +26,6 @@ export class MetricsController {
     reply.hijack();
     // What the hooks set (x-request-id, the mock's mark) would be lost with Fastify's reply.
     for (const [name, value] of Object.entries(reply.getHeaders())) if (value !== undefined) reply.raw.setHeader(name, value);
-    reply.raw.setHeader('x-request-id', request.id);
     reply.raw.setHeader('cache-control', 'no-store');
     this.telemetry.exporter.getMetricsRequestHandler(request.raw, reply.raw);
   }
