@@ -271,8 +271,6 @@ export class IdentityService {
       return key;
     }
     await this.whileAnAdminRemains({ keyId: id }, (manager) => this.markRevoked(id, manager));
-    // Again once committed: a lookup between markRevoked's forget and the commit cached it as valid.
-    this.forgetCachedKeys();
     // Re-read: a revocation that won the race keeps its own time.
     return (await this.keys.findOneBy({ id })) ?? key;
   }
@@ -320,24 +318,19 @@ export class IdentityService {
 
   /** revokeKey's last-admin rule, skipping instead of refusing: a start must not fail over a rotation. */
   private async revokeIfActive(id: string): Promise<boolean> {
-    return this.dataSource.transaction(async (manager) => {
-      await manager.query('SELECT pg_advisory_xact_lock($1)', [ADMIN_GUARD_LOCK]);
-      if (!(await this.adminKeyOutside({ keyId: id }, 0, manager))) return false;
-      return this.markRevoked(id, manager);
-    });
+    return this.underAdminGuard({ keyId: id }, 0, (manager) => this.markRevoked(id, manager), () => false);
   }
 
   /**
    * Every revocation, the admin API's and a rotation's: one conditional update, so that instances
    * revoking the same key at once revoke it once (one audit row from a rotation, not one per
-   * replica), and the key cache dropped so this instance stops accepting it at once.
+   * replica). Run under the admin guard, which drops the key cache once it commits.
    */
-  private async markRevoked(id: string, manager: Pick<EntityManager, 'query'> = this.dataSource): Promise<boolean> {
+  private async markRevoked(id: string, manager: Pick<EntityManager, 'query'>): Promise<boolean> {
     const rows = await manager.query<unknown[]>(
       `WITH changed AS (UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING id) SELECT id FROM changed`,
       [id, this.clock.now()],
     );
-    this.forgetCachedKeys();
     return rows.length > 0;
   }
 
@@ -370,19 +363,30 @@ export class IdentityService {
    * changes at once are decided one after the other (READ COMMITTED: the second's check sees the
    * first's change).
    */
-  private async whileAnAdminRemains<T>(except: Except, change: (manager: EntityManager) => Promise<T>): Promise<T> {
-    return this.dataSource.transaction(async (manager) => {
-      await manager.query('SELECT pg_advisory_xact_lock($1)', [ADMIN_GUARD_LOCK]);
-      // A key about to expire does not count: the admin API would be lost with it a moment later
-      // (and a restart with the same ADMIN_API_KEY would not bring back the revoked one).
-      if (!(await this.adminKeyOutside(except, ADMIN_KEY_MUST_LAST_S, manager))) {
-        throw new GatewayError(
-          'conflict',
-          'This would leave no admin key usable for the next 24 hours, and nobody could reach the admin API to undo it; create another admin key (without expires_at, or expiring later) first.',
-        );
-      }
-      return change(manager);
+  private whileAnAdminRemains<T>(except: Except, change: (manager: EntityManager) => Promise<T>): Promise<T> {
+    // A key about to expire does not count: the admin API would be lost with it a moment later
+    // (and a restart with the same ADMIN_API_KEY would not bring back the revoked one).
+    return this.underAdminGuard(except, ADMIN_KEY_MUST_LAST_S, change, () => {
+      throw new GatewayError(
+        'conflict',
+        'This would leave no admin key usable for the next 24 hours, and nobody could reach the admin API to undo it; create another admin key (without expires_at, or expiring later) first.',
+      );
     });
+  }
+
+  /**
+   * `change` when an admin key usable `lastingSeconds` from now remains outside `except`, else
+   * `refused()`: check and change in one transaction under ADMIN_GUARD_LOCK. The key cache is
+   * dropped once it has committed (dropped before, a lookup in between could cache a key just
+   * revoked or disabled as still valid), so this instance stops accepting it at once.
+   */
+  private async underAdminGuard<T>(except: Except, lastingSeconds: number, change: (manager: EntityManager) => Promise<T>, refused: () => T): Promise<T> {
+    const result = await this.dataSource.transaction(async (manager) => {
+      await manager.query('SELECT pg_advisory_xact_lock($1)', [ADMIN_GUARD_LOCK]);
+      return (await this.adminKeyOutside(except, lastingSeconds, manager)) ? change(manager) : refused();
+    });
+    this.forgetCachedKeys();
+    return result;
   }
 
   /** The built-in admin user that owns bootstrap keys; created once, shared by all instances. */
