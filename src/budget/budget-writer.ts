@@ -8,13 +8,13 @@ import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
 import { isoTime } from '../core/iso-time.js';
 import { AppLogger } from '../core/logger.js';
+import { isDataError } from '../database/sql-errors.js';
 import { ReadinessRegistry, type ReadinessReport } from '../health/readiness.js';
 import { ShutdownService } from '../lifecycle/shutdown.service.js';
 import type { CostSource } from '../upstream/pricing/pricing.js';
 import { BudgetDatabase, type BudgetStatement } from './budget-database.js';
 import { FLUSH_SQL } from './budget-sql.js';
 import { periodStarts } from './periods.js';
-import { isDataError } from '../database/sql-errors.js';
 
 /** One usage_ledger row as FLUSH_SQL reads it (jsonb: bigints travel as strings). */
 export interface LedgerEntry {

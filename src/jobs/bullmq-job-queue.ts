@@ -165,15 +165,15 @@ export class BullmqJobQueue extends JobQueue {
     // never by more than their number. Good enough for backpressure, and one round trip cheaper.
     if (sum(backlog) >= this.options.maxQueued) throw queueFull(this.options.maxQueued);
     try {
-      await withTimeout(this.queue.add(JOB_NAME, {}, { jobId }), REDIS_COMMAND_TIMEOUT_MS, () => new AddTimedOut());
+      await this.redis(() => this.queue.add(JOB_NAME, {}, { jobId }));
     } catch (error) {
       // Sent, unanswered: Redis may have run it and a worker may be running the job already.
       // A 503 then told the caller "not accepted" about a job that ran and was charged.
-      if (error instanceof AddTimedOut) {
+      if ((error as Error).cause instanceof RedisUnanswered) {
         this.log.logger.warn({ jobId }, 'Redis did not confirm a job’s add in time; accepted, and queued again by the sweep if it was lost');
         return 'uncertain';
       }
-      throw queueUnavailable(error);
+      throw error;
     }
   }
 
@@ -256,16 +256,17 @@ export class BullmqJobQueue extends JobQueue {
 
   private async redis<T>(command: () => Promise<T>, timeoutMs = REDIS_COMMAND_TIMEOUT_MS): Promise<T> {
     try {
-      return await withTimeout(command(), timeoutMs, () => new Error(`Redis did not answer within ${timeoutMs} ms`));
+      return await withTimeout(command(), timeoutMs, () => new RedisUnanswered(timeoutMs));
     } catch (error) {
       throw queueUnavailable(error);
     }
   }
 }
 
-class AddTimedOut extends Error {
-  constructor() {
-    super(`Redis did not answer the add within ${REDIS_COMMAND_TIMEOUT_MS} ms`);
+/** A command sent that Redis did not answer in time: it may have run it. */
+class RedisUnanswered extends Error {
+  constructor(timeoutMs: number) {
+    super(`Redis did not answer within ${timeoutMs} ms`);
   }
 }
 

@@ -177,7 +177,7 @@ export function jsonResult(raw: string): UpstreamJsonResult {
   }
   // A provider that failed mid-generation, reported inside the choice only (no top-level error):
   // a partial answer, never relayed as a success.
-  const failed = (completion.choices as unknown[]).find((c) => (c as { finish_reason?: unknown }).finish_reason === 'error');
+  const failed = choiceFinishedWithError(completion.choices);
   if (failed !== undefined) throw inBandFailure(failed) ?? new UpstreamFailure('http', 'upstream finished a choice with finish_reason "error"', 502);
   return { completion, raw };
 }
@@ -194,7 +194,12 @@ export function reportsFailure(completion: ChatCompletion): boolean {
 
 /** Whether any choice finished as "error": OpenRouter's mark of a provider that failed mid-generation. */
 export function finishedWithError(choices: unknown): boolean {
-  return Array.isArray(choices) && choices.some((c) => (c as { finish_reason?: unknown } | null)?.finish_reason === 'error');
+  return choiceFinishedWithError(choices) !== undefined;
+}
+
+/** The first choice that finished as "error", if any. */
+function choiceFinishedWithError(choices: unknown): unknown {
+  return Array.isArray(choices) ? choices.find((c) => (c as { finish_reason?: unknown } | null)?.finish_reason === 'error') : undefined;
 }
 
 /** A choice as the pipeline reads it: an object whose `message` is an object. */
