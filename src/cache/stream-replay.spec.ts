@@ -33,6 +33,7 @@ describe('assembleCompletion', () => {
 
   it.each([
     ['an error event', [chunk({ content: 'a' }), JSON.stringify({ error: { message: 'cut' } })]],
+    ['a choice finished as "error"', [chunk({ content: 'a' }), chunk({}, 'error')]],
     ['tool calls', [chunk({ tool_calls: [{ index: 0, id: 't' }] }), chunk({}, 'tool_calls')]],
     ['no finish_reason (cut)', [chunk({ content: 'a' })]],
     ['broken JSON', ['{nope']],

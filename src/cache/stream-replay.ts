@@ -1,4 +1,5 @@
 import { type ChatCompletion, type ChatCompletionChunk, isRecord } from '../../libs/openai-contract/src/index.js';
+import { reportsFailure } from '../upstream/llm-client.js';
 
 // Delta fields a cached stream may carry. Anything else (tool_calls, function_call, audio, …)
 // makes the stream uncacheable rather than half-cached.
@@ -49,7 +50,8 @@ export class StreamAssembler {
   /** Takes one parsed chunk; returns `replayable`. */
   add(chunk: unknown): boolean {
     if (this.refused) return false;
-    if (!isRecord(chunk) || 'error' in chunk || !Array.isArray(chunk.choices)) return this.fail();
+    // `"error": null`, which some providers put in every chunk, is no error (as for a JSON answer).
+    if (!isRecord(chunk) || !Array.isArray(chunk.choices) || reportsFailure(chunk as unknown as ChatCompletion)) return this.fail();
     this.head ??= chunk;
     if (isRecord(chunk.usage)) this.usage = chunk.usage;
     for (const raw of chunk.choices as unknown[]) {

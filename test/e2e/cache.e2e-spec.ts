@@ -189,6 +189,19 @@ describe('response cache (memory driver, one instance)', () => {
     expect(cacheOf(await ask(alice, content2))).toBe('miss');
   });
 
+  it('caches a stream whose chunks all carry "error": null (no error, as some providers send it)', async () => {
+    gw.stub.configure({ errorNull: true });
+    const content = prompt('null-error');
+    const body = { model: 'auto', stream: true, messages: [{ role: 'user', content }] };
+    const first = await alice.api.post<string>('/v1/chat/completions', body);
+    expect(first.body).toContain('"error":null');
+    expect(cacheOf(first)).toBe('miss');
+    const again = await alice.api.post<string>('/v1/chat/completions', body);
+    expect(cacheOf(again)).toBe('hit');
+    expect(again.body).toContain('data: [DONE]');
+    expect(gw.stub.hits).toBe(1);
+  });
+
   it('keys on everything that changes the answer, and not on what does not', async () => {
     const content = prompt('key');
     expect(cacheOf(await ask(alice, content))).toBe('miss');

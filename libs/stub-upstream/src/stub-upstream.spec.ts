@@ -559,6 +559,17 @@ describe('stub upstream: bookkeeping and control surface', () => {
     expect(parseChunks(frames).every((c) => c.model === 'openai/gpt-4o-mini-2024-07-18')).toBe(true);
   });
 
+  it('errorNull puts "error": null in a successful JSON answer and in every stream chunk', async () => {
+    stub.configure({ errorNull: true });
+    const body = await json<ChatCompletion & { error?: unknown }>(await chat({ model: 'm', messages: MESSAGES }));
+    expect(body.error).toBeNull();
+    expect(body.choices[0]?.finish_reason).toBe('stop');
+    const { frames } = await readSse(await chat({ model: 'm', messages: MESSAGES, stream: true, stream_options: { include_usage: true } }));
+    const chunks = parseChunks(frames);
+    expect(chunks.length).toBeGreaterThan(2);
+    expect(chunks.every((c) => 'error' in c && (c as { error?: unknown }).error === null)).toBe(true);
+  });
+
   it('errorInBody answers 200 with the error in the body (JSON), or as the first event of a stream', async () => {
     stub.configure({ status: 402, errorInBody: true });
     const res = await chat({ model: 'm', messages: MESSAGES });

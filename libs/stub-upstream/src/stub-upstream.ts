@@ -71,6 +71,8 @@ export interface StubFaults {
   processingMs?: number;
   /** The `model` the answer names instead of the model asked (OpenRouter names dated versions: `openai/gpt-4o-mini-2024-07-18`). */
   answerModel?: string;
+  /** Successful answers and every stream chunk carry `"error": null`, as some OpenRouter providers send: no error at all. */
+  errorNull?: boolean;
 }
 
 export interface StubConfig extends StubFaults {
@@ -209,7 +211,7 @@ const NUMERIC_FAULTS = [
   'errorAfterChunks',
   'processingMs',
 ] as const;
-const BOOLEAN_FAULTS = ['malformedJson', 'emptyAnswer', 'omitCost', 'errorInBody', 'errorInChoice', 'flagged'] as const;
+const BOOLEAN_FAULTS = ['malformedJson', 'emptyAnswer', 'omitCost', 'errorInBody', 'errorInChoice', 'flagged', 'errorNull'] as const;
 const STRING_FAULTS = ['answerModel'] as const;
 const KNOWN_FAULT_KEYS: ReadonlySet<string> = new Set<string>([...NUMERIC_FAULTS, ...BOOLEAN_FAULTS, ...STRING_FAULTS, 'status']);
 
@@ -984,6 +986,7 @@ class StubUpstreamServer implements StubUpstream {
       model: named,
       choices: [{ index: 0, message: { role: 'assistant', content: completion.content }, finish_reason: completion.finishReason }],
       usage: buildUsage(model, completion, faults.omitCost),
+      ...(faults.errorNull === true ? { error: null } : {}),
     });
     sendBody(res, 200, body, JSON_TYPE);
   }
@@ -998,7 +1001,8 @@ class StubUpstreamServer implements StubUpstream {
     faults: Readonly<StubFaults>,
   ): void {
     // Every frame shares this prefix, so only the model id and each word go through JSON.stringify.
-    const head = `data: {"id":"${id}","object":"chat.completion.chunk","created":${created},"model":${JSON.stringify(faults.answerModel ?? model)},"choices":[`;
+    const nullError = faults.errorNull === true && faults.errorAfterChunks === undefined ? '"error":null,' : '';
+    const head = `data: {"id":"${id}","object":"chat.completion.chunk","created":${created},"model":${JSON.stringify(faults.answerModel ?? model)},${nullError}"choices":[`;
     const frames: string[] = [`${head}{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n`];
     for (const piece of completion.pieces ?? []) {
       frames.push(`${head}{"index":0,"delta":{"content":${JSON.stringify(piece)}},"finish_reason":null}]}\n\n`);
