@@ -25,7 +25,7 @@ import {
 } from './completion.types.js';
 import { producedChars, StreamTracker } from './stream-tracker.js';
 import { requestedMaxTokens } from './upstream-body.js';
-import { asFailure, type Attempt, headerSafeModel, type OpenedStream, UpstreamCaller } from './upstream-caller.js';
+import { answeredModel, asFailure, type Attempt, headerSafeModel, type OpenedStream, UpstreamCaller } from './upstream-caller.js';
 
 /**
  * The one pipeline every door calls (HTTP JSON, HTTP SSE, /v1/complete):
@@ -298,7 +298,7 @@ export class CompletionService {
     const meta = this.meta(route, headerSafeModel(hit.model, route.models[0]), 'hit');
     // Recorded before the answer, unlike a miss: deferred, the hit cost 14% more CPU at 16
     // connections (paired over 6 rounds, every round dearer) and answered no sooner at one.
-    this.budget.recordCacheHit(call, route, meta.model, hit.usage);
+    this.budget.recordCacheHit(call, route, ledgerModelOfHit(route, hit), hit.usage);
     this.logDone(call, route, meta, [], started, 'ok');
     // The chat door sends `raw`; only /v1/complete and jobs read the parsed completion.
     return {
@@ -314,7 +314,7 @@ export class CompletionService {
   /** A cached answer replayed as the SSE a live stream would send. */
   private replayFromCache(call: CompletionCall, route: ResolvedRoute, hit: CachedAnswer, sink: StreamSink, started: number): void {
     const meta = this.meta(route, headerSafeModel(hit.model, route.models[0]), 'hit');
-    this.budget.recordCacheHit(call, route, meta.model, hit.usage);
+    this.budget.recordCacheHit(call, route, ledgerModelOfHit(route, hit), hit.usage);
     sink.open(meta);
     // No back-pressure wait: a replay is the cached answer, already in memory and bounded by its
     // size, and it leaves in this tick as one write (see ReplyStreamSink).
@@ -427,4 +427,13 @@ function tokensUsed(attempts: readonly Attempt[]): number {
 
 function errorCode(error: unknown): string {
   return typeof error === 'object' && error !== null && typeof (error as { code?: unknown }).code === 'string' ? (error as { code: string }).code : 'error';
+}
+
+/**
+ * The model a hit is counted under in the ledger: the route's model the cached answer came from, as
+ * its miss was recorded (`answeredModel`), not the upstream's own name for it (a dated version
+ * such as `openai/gpt-4o-mini-2024-07-18`), which would split one model's usage into two rows.
+ */
+function ledgerModelOfHit(route: ResolvedRoute, hit: CachedAnswer): string {
+  return answeredModel({ model: route.models[0], chain: route.models }, hit.model);
 }

@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { formatUsd, tokensCost } from '../../libs/money/src/index.js';
+import { BudgetService } from '../../src/budget/budget.service.js';
 import { producedTokens } from '../../src/budget/estimate.js';
 import { CompletionService } from '../../src/completion/completion.service.js';
 import type { CompletionCall, CompletionMeta, StreamSink } from '../../src/completion/completion.types.js';
@@ -257,6 +258,22 @@ describe('the model a call is priced as, and the one it shows', () => {
       expect(row).toMatchObject({ model: MINI, cost_source: 'pricing_table' });
       expect(BigInt(row.cost_nanos)).toBe(miniCost(row.prompt_tokens, row.completion_tokens));
     }
+  });
+
+  it('a cache hit of such an answer is counted under the routed model too, as its miss was (JSON and stream)', async () => {
+    const t = await gw.tenants.create({ userBudgetUsd: 1 });
+    gw.stub.configure({ answerModel: DATED });
+    const body = { model: 'auto', temperature: 0, messages: [{ role: 'user', content: unique('dated hit') }] };
+    for (const cache of ['miss', 'hit']) {
+      const res = await t.api.post<Completion>('/v1/chat/completions', body);
+      expect(res.headers.get('x-gateway-cache')).toBe(cache);
+      expect(res.headers.get('x-gateway-model')).toBe(DATED);
+    }
+    const replayed = await sse(gw, t.key, body);
+    expect(replayed.headers.get('x-gateway-cache')).toBe('hit');
+    expect(await gw.gateway.app.get(BudgetService).flush()).toBe(true);
+    const usage = await t.api.get<{ spend: Array<{ model: string; requests: number }> }>('/v1/usage');
+    expect(usage.body.spend.map((s) => [s.model, s.requests])).toEqual([[MINI, 3]]);
   });
 
   it('an answer naming a model no header can carry is answered, and shows the model asked for (JSON and native stream)', async () => {
