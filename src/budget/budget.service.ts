@@ -15,7 +15,7 @@ import { BudgetDatabase, type BudgetStatement } from './budget-database.js';
 import { BudgetLeases, type Lease } from './budget-leases.js';
 import { RENEW_SQL, RESERVE_BATCH_SQL, RESERVE_SQL } from './budget-sql.js';
 import { BudgetWriter, type LedgerEntry, type PendingRelease } from './budget-writer.js';
-import type { BudgetedCall, BudgetedRoute, BudgetRow, BudgetScope, ChargedAttempt, Reservation, SettleOptions } from './budget.types.js';
+import type { BudgetedCall, BudgetedRoute, BudgetRow, BudgetScope, ChargedAttempt, Reservation, SettleOptions, Settlement } from './budget.types.js';
 import { estimatePrompt, producedTokens, reservedCompletionTokens, TOKENS_PER_IMAGE } from './estimate.js';
 import { type BudgetPeriod, nextReset, periodOf, periodStarts } from './periods.js';
 
@@ -288,19 +288,21 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
   /**
    * Charges what the attempts cost, releases the rest of the reservation and writes one ledger
    * row per attempt. A release after a failure is the same call: failed attempts without usage
-   * cost 0. Returns the total charged. Call it once per reservation.
+   * cost 0. Returns the total charged and the tokens it was charged for. Call it once per reservation.
    *
    * Synchronous: the charge is queued for BudgetWriter, which stores it within BUDGET_FLUSH_MS
    * (one statement for many requests, retried while the database is away), so it never fails
    * or slows a delivered answer. Until then the reservation keeps holding the worst case.
    */
-  settle(reservation: Reservation, attempts: readonly ChargedAttempt[], options: SettleOptions = {}): Nanos {
+  settle(reservation: Reservation, attempts: readonly ChargedAttempt[], options: SettleOptions = {}): Settlement {
     const { principal } = reservation;
     const createdAt = isoTime(this.clock.nowMs());
     let total = 0n;
+    let tokens = 0;
     const rows = attempts.map((attempt, index): LedgerEntry => {
       const charge = this.charge(attempt, index === attempts.length - 1 ? options.producedChars : undefined, reservation, total);
       total += BigInt(charge.cost_nanos);
+      tokens += charge.prompt_tokens + charge.completion_tokens;
       return {
         ...charge,
         charge_id: reservation.id,
@@ -321,7 +323,7 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
     this.liveRows.delete(reservation.id);
     this.writer.enqueue({ release, rows });
     if (reservation.lease) this.leases.settle(reservation.lease, reservation.amountNanos, total);
-    return total;
+    return { costNanos: total, tokens };
   }
 
   /** A cache hit is free but still counted in the ledger, so usage reports count every answer (BudgetWriter.recordCacheHit). */

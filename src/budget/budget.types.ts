@@ -51,6 +51,13 @@ export interface ChargedAttempt {
   usage: Usage | undefined;
 }
 
+/** What a settle charged: the cost, and the tokens it was charged for (usage, or the estimate of a call without). */
+export interface Settlement {
+  costNanos: Nanos;
+  /** Counted by token rate limits, so a stream cut before its usage frame counts as it is charged. */
+  tokens: number;
+}
+
 export interface SettleOptions {
   /**
    * The last attempt delivered output (a JSON answer, or a stream that opened): when it has no

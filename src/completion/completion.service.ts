@@ -3,7 +3,7 @@ import type { Logger } from 'pino';
 import { errorEnvelope } from '../../libs/openai-contract/src/index.js';
 import { AuditService } from '../audit/audit.service.js';
 import { BudgetService } from '../budget/budget.service.js';
-import type { Reservation } from '../budget/budget.types.js';
+import type { Reservation, Settlement } from '../budget/budget.types.js';
 import { type CachedAnswer, type CacheTicket, CompletionCache } from '../cache/completion-cache.service.js';
 import { GatewayError } from '../core/errors.js';
 import { AppLogger, requestLineLogger } from '../core/logger.js';
@@ -77,7 +77,7 @@ export class CompletionService {
     const attempts: Attempt[] = [];
     const { reservation, value } = await this.reserveAndCall(call, route, cached, attempts, started, () => this.upstream.json(call, route, attempts));
     const { model, result } = value;
-    const costNanos = this.settleOrAbandon(cached, () => {
+    const { costNanos, tokens } = this.settleOrAbandon(cached, () => {
       // Read only without usage: content, reasoning, refusal and tool-call arguments all cost tokens.
       const produced = result.completion.choices.reduce((n, c) => n + producedChars(c.message), 0);
       return this.budget.settle(reservation, attempts, { producedChars: produced });
@@ -87,7 +87,7 @@ export class CompletionService {
     this.afterReply(call, () => {
       // Not awaited: it never throws, and the local followers are released synchronously inside.
       void cached.fill(result.raw, result.completion);
-      this.rateLimiter.recordTokens(call.principal, tokensUsed(attempts));
+      this.rateLimiter.recordTokens(call.principal, tokens);
       this.logDone(call, route, meta, attempts, started, 'ok', costNanos);
     });
     return { completion: result.completion, raw: result.raw, costNanos, meta };
@@ -183,13 +183,15 @@ export class CompletionService {
     });
     // Ended, cut or abandoned: charged for what was produced (usage if reported, else an estimate).
     // The characters matter only without usage; counting them would parse events the tracker skipped.
-    const costNanos = this.settleOrAbandon(cached, () =>
+    const { costNanos, tokens } = this.settleOrAbandon(cached, () =>
       this.budget.settle(reservation, attempts, { producedChars: tracker.usage ? undefined : tracker.contentChars }),
     );
+    // The tokens charged, not only those reported: a stream cut before its usage frame counts too.
+    // Counted before the cache fill's wait, so the caller's next request already sees them.
+    this.rateLimiter.recordTokens(call.principal, tokens);
     // Only a stream that completed is cached (as the assembled completion); a cut one never.
     if (outcome === 'ok') await cached.fillFromStream(tracker.completion());
     else cached.abandon();
-    this.rateLimiter.recordTokens(call.principal, tokensUsed(attempts));
     this.logDone(call, route, meta, attempts, started, outcome, costNanos);
   }
 
@@ -284,7 +286,7 @@ export class CompletionService {
    * the error leaves: a leader's ticket left open would keep its key's flight, and every identical
    * call after it would wait out its bound before calling the upstream alone.
    */
-  private settleOrAbandon(cached: CacheTicket, settle: () => bigint): bigint {
+  private settleOrAbandon(cached: CacheTicket, settle: () => Settlement): Settlement {
     try {
       return settle();
     } catch (error) {
@@ -416,13 +418,6 @@ export class CompletionService {
 /** Asked once per stream, so each event costs the loop one property read. */
 function pacedSink(sink: StreamSink): PacedStreamSink | undefined {
   return 'drained' in sink ? (sink as PacedStreamSink) : undefined;
-}
-
-/** Tokens the upstream reported for this call (token rate limits count them after the answer). */
-function tokensUsed(attempts: readonly Attempt[]): number {
-  let total = 0;
-  for (const a of attempts) total += a.usage?.total_tokens ?? 0;
-  return total;
 }
 
 function errorCode(error: unknown): string {

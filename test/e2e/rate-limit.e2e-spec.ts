@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { ApiClient, type HttpResult, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+import { ApiClient, type HttpResult, pollUntil, postSse, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 
 const prompt = () => `rate ${randomBytes(4).toString('hex')}`;
 // Distinct prompts, so every served request really reaches the upstream (no cache hits).
@@ -169,6 +169,22 @@ describe('rate limits (memory driver, one instance)', () => {
     expect((third.body as { error: { message: string } }).error.message).toContain('tokens per minute');
     expect(third.headers.get('retry-after')).toBeTruthy();
     expect(third.headers.get('x-ratelimit-remaining-tokens')).toBe('0');
+  });
+
+  it('counts the tokens of a stream cut before its usage frame, as the budget charges them', async () => {
+    const ivy = await gw.tenants.create();
+    await gw.admin.put(`/admin/rate-limits/users/${ivy.userId}`, { requests_per_minute: 100, tokens_per_minute: 40 });
+    // The role frame, 30 words and the finish frame reach the caller; the usage frame never comes,
+    // so the budget charges an estimate of the prompt and what was produced (over 40 tokens).
+    gw.stub.configure({ completionTokens: 30, cutAfterChunks: 32 });
+    const cut = await postSse(gw, ivy.key, { model: 'auto', stream: true, messages: [{ role: 'user', content: prompt() }] });
+    expect(cut.status).toBe(200);
+    expect(cut.text).toContain('"finish_reason":"stop"');
+    expect(cut.text).not.toContain('"usage"');
+    gw.stub.reset();
+    const next = await ask(ivy.api);
+    expect(next).toMatchObject({ status: 429, body: { error: { code: 'rate_limit_exceeded', param: 'user' } } });
+    expect((next.body as { error: { message: string } }).error.message).toContain('tokens per minute');
   });
 
   it('refuses only model calls once the tokens are used up: the job they paid for, usage and models stay readable', async () => {

@@ -348,7 +348,7 @@ describe.each(DB_KINDS)('budgets on %s', (db) => {
     expect((await storedBudget(gw, 'user', t.userId)).reserved).toBe(0n);
     // …and a settle arriving after the sweep charges the cost without releasing twice.
     const usage = { prompt_tokens: 1, completion_tokens: 10, total_tokens: 11, cost: 0.000001 };
-    const cost = budget.settle(reservation, [{ model: MODEL, ok: true, status: 200, failure: undefined, usage }]);
+    const { costNanos: cost } = budget.settle(reservation, [{ model: MODEL, ok: true, status: 200, failure: undefined, usage }]);
     expect(cost).toBe(1000n);
     const after = await storedBudget(gw, 'user', t.userId);
     expect(after.reserved).toBe(0n);
