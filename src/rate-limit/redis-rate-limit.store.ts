@@ -8,19 +8,25 @@ import type { MemoryRateLimitStore } from './memory-rate-limit.store.js';
 import { type Bucket, type BucketState, type HitResult, RateLimitStore } from './rate-limit.store.js';
 
 // Check every bucket, then count in all of them only if none refuses: all-or-nothing in one
-// atomic step. ARGV holds (limit, windowMs, cost, want) per key: up to `want` more requests are
-// counted ahead for the calling instance's lease when the request is allowed, but never more
-// than a quarter of what the window has left, so that leases shrink as a limit nears and its
-// last requests are not all held by one instance. Returns {allowed, used1, pttl1, blocked1,
-// granted1, used2, …}, `used` after the request and its grant.
+// atomic step. ARGV holds (limit, windowMs, cost, want, refund) per key: up to `want` more
+// requests are counted ahead for the calling instance's lease when the request is allowed, but
+// never more than a quarter of what the window has left, so that leases shrink as a limit nears
+// and its last requests are not all held by one instance. `refund` is the unspent rest of a lease
+// this instance voided (its limit changed): taken off the counter first, never below 0, since
+// those requests were never made. Returns {allowed, used1, pttl1, blocked1, granted1, used2, …},
+// `used` after the request and its grant.
 const HIT = new LuaScript(
   `local n = #KEYS
 local used, ttl, blocked = {}, {}, {}
 local allowed = 1
 for i = 1, n do
-  local limit = tonumber(ARGV[i * 4 - 3])
-  local cost = tonumber(ARGV[i * 4 - 1])
+  local limit = tonumber(ARGV[i * 5 - 4])
+  local cost = tonumber(ARGV[i * 5 - 2])
+  local refund = tonumber(ARGV[i * 5])
   used[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if refund > 0 and used[i] > 0 then
+    used[i] = redis.call('DECRBY', KEYS[i], math.min(refund, used[i]))
+  end
   ttl[i] = redis.call('PTTL', KEYS[i])
   if (cost > 0 and used[i] + cost > limit) or (cost <= 0 and used[i] >= limit) then
     blocked[i] = 1
@@ -32,16 +38,16 @@ end
 local out = {allowed}
 for i = 1, n do
   local granted = 0
-  local cost = tonumber(ARGV[i * 4 - 1])
+  local cost = tonumber(ARGV[i * 5 - 2])
   if allowed == 1 and cost > 0 then
-    granted = math.max(0, math.min(tonumber(ARGV[i * 4]), math.floor((tonumber(ARGV[i * 4 - 3]) - used[i] - cost) / 4)))
+    granted = math.max(0, math.min(tonumber(ARGV[i * 5 - 1]), math.floor((tonumber(ARGV[i * 5 - 4]) - used[i] - cost) / 4)))
     used[i] = redis.call('INCRBY', KEYS[i], cost + granted)
     if ttl[i] < 0 then
-      redis.call('PEXPIRE', KEYS[i], ARGV[i * 4 - 2])
-      ttl[i] = tonumber(ARGV[i * 4 - 2])
+      redis.call('PEXPIRE', KEYS[i], ARGV[i * 5 - 3])
+      ttl[i] = tonumber(ARGV[i * 5 - 3])
     end
   end
-  if ttl[i] < 0 then ttl[i] = tonumber(ARGV[i * 4 - 2]) end
+  if ttl[i] < 0 then ttl[i] = tonumber(ARGV[i * 5 - 3]) end
   out[#out + 1] = used[i]
   out[#out + 1] = ttl[i]
   out[#out + 1] = blocked[i]
@@ -159,7 +165,7 @@ export class RedisRateLimitStore extends RateLimitStore {
         this.asking.add(b.key);
         asked.push(b.key);
       }
-      args.push(b.limit, Math.ceil(b.windowMs), b.cost, want);
+      args.push(b.limit, Math.ceil(b.windowMs), b.cost, want, this.voidedRest(b, now));
     }
     let reply: unknown;
     try {
@@ -196,6 +202,20 @@ export class RedisRateLimitStore extends RateLimitStore {
       states[i] = leaseState(held, at);
     });
     return { allowed, states };
+  }
+
+  /**
+   * Voids a lease of this window granted under another limit (an admin changed it) and returns its
+   * unspent requests, which the request asking now takes off the counter: they were counted in
+   * Redis but never made, and left there they would refuse a lowered limit's first requests, or
+   * shrink a raised one, for the rest of the window. Taken out of the table here, so it is given
+   * back once even with several requests asking at the same time.
+   */
+  private voidedRest(b: Bucket, now: number): number {
+    const held = this.lease && b.cost > 0 ? this.leases.get(b.key) : undefined;
+    if (!held || held.limit === b.limit) return 0;
+    this.leases.delete(b.key);
+    return held.until > now ? held.left : 0;
   }
 
   /**

@@ -72,4 +72,17 @@ describe('rate limits on Redis hold across two instances', () => {
       100,
     );
   });
+
+  it('gives back what a limit change voids: a department that made one request gets the rest of its lowered limit', async () => {
+    // The default department limit (6,000) is leased: its first request counted 100 more in Redis for instance a.
+    const dave = await a.tenants.create();
+    expect((await ask(dave.api)).status).toBe(200);
+    expect((await a.admin.put(`/admin/rate-limits/departments/${dave.departmentId}`, { requests_per_minute: 5 })).status).toBe(200);
+    // One request made: four more under the new limit (not 'used 101' and a 429 for the rest of the minute).
+    const next = [];
+    for (let i = 0; i < 5; i++) next.push(await ask(dave.api));
+    expect(next.map((r) => r.status)).toEqual([200, 200, 200, 200, 429]);
+    expect(next.slice(0, 4).map(remaining)).toEqual(['3', '2', '1', '0']);
+    expect(next[4]?.body).toMatchObject({ error: { code: 'rate_limit_exceeded', param: 'department' } });
+  });
 });

@@ -110,10 +110,18 @@ describe('RedisRateLimitStore leases (real Redis)', () => {
 
   it('asks Redis again when the limit changes (an admin override), and when the window ends', async () => {
     expect((await subject.store.hit([req('k:o', 1000)])).allowed).toBe(true);
-    // 21 are counted (1 + a lease of 20): a limit of 5 refuses at once instead of spending the lease.
+    expect(await subject.counter('k:o')).toBe(21);
+    // 21 were counted (1 + a lease of 20). Under a limit of 5 the lease is void, and its 20 unspent
+    // requests are taken off the counter: one request was made, so four more are admitted, no more.
     const lowered = await subject.store.hit([req('k:o', 5)]);
-    expect(lowered.allowed).toBe(false);
-    expect(lowered.states[0]).toMatchObject({ used: 21, blocked: true });
+    expect(lowered.allowed).toBe(true);
+    expect(lowered.states[0]).toMatchObject({ used: 2, blocked: false });
+    for (let i = 0; i < 3; i++) expect((await subject.store.hit([req('k:o', 5)])).allowed).toBe(true);
+    expect(await subject.store.hit([req('k:o', 5)])).toMatchObject({ allowed: false, states: [{ used: 5, blocked: true }] });
+    expect(await subject.counter('k:o')).toBe(5);
+    // Raised again: nothing was leased under 5 (too small to lease), so nothing is given back twice.
+    const raised = await subject.store.hit([req('k:o', 1000)]);
+    expect(raised.states[0]?.used).toBe(6);
 
     expect((await subject.store.hit([req('k:win', 1000, 150)])).allowed).toBe(true);
     await new Promise((resolve) => setTimeout(resolve, 250));
