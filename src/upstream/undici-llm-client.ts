@@ -100,7 +100,13 @@ abstract class SignalledHandler implements Dispatcher.DispatchHandler {
   statusCode = 0;
   headers: IncomingHttpHeaders = {};
   protected controller: Dispatcher.DispatchController | undefined;
-  private readonly onAbort = (): void => this.controller?.abort(this.signal.reason as Error);
+  private readonly onAbort = (): void => {
+    if (this.controller) this.controller.abort(this.signal.reason as Error);
+    // Still queued for a pool connection (every one busy): undici starts the request only when one
+    // frees up, which may be much later, so the waiting caller is failed now (the deadline, or the
+    // client gone) and onRequestStart aborts the request if it is ever dispatched.
+    else this.abortedWhileQueued(this.signal.reason as Error);
+  };
 
   constructor(protected readonly signal: AbortSignal) {
     signal.addEventListener('abort', this.onAbort, { once: true });
@@ -120,6 +126,9 @@ abstract class SignalledHandler implements Dispatcher.DispatchHandler {
 
   /** The final status and headers are in. */
   protected started(): void {}
+
+  /** The signal fired before undici started the request: fail whoever waits for it. */
+  protected abstract abortedWhileQueued(reason: Error): void;
 
   protected detach(): void {
     this.signal.removeEventListener('abort', this.onAbort);
@@ -151,6 +160,10 @@ class BufferingHandler extends SignalledHandler {
   onResponseError(_controller: Dispatcher.DispatchController, error: Error): void {
     this.detach();
     this.reject(error);
+  }
+
+  protected abortedWhileQueued(reason: Error): void {
+    this.reject(reason);
   }
 }
 
@@ -222,6 +235,12 @@ class SseRelay extends SignalledHandler {
     this.notify();
   }
 
+  protected abortedWhileQueued(reason: Error): void {
+    this.error = reason;
+    this.rejectHead(reason);
+    this.notify();
+  }
+
   /** The body of a refused request (for the error it names). */
   async text(): Promise<string> {
     while (!this.ended && !this.error) await new Promise<void>((resolve) => (this.wake = resolve));
@@ -237,6 +256,10 @@ class SseRelay extends SignalledHandler {
           if (data === '[DONE]') {
             this.finished = true;
             this.queue.length = 0;
+            // Paused with [DONE] among a burst of queued events: read the rest (the chunked end) now,
+            // or the request never ends and its pool connection is never given back (undici's body
+            // timeout does not run while paused).
+            if (this.controller?.paused) this.controller.resume();
             return;
           }
           if (!looksLikeJsonObject(data)) throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not a JSON object');

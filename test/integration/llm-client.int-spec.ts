@@ -3,5 +3,5 @@ import { llmClientContract } from '../../src/upstream/testing/llm-client.contrac
 import { UndiciLlmClient } from '../../src/upstream/undici-llm-client.js';
 
 // Both upstream drivers against the stub upstream on loopback (PERFORMANCE.md: one contract suite).
-llmClientContract('undici', (options) => new UndiciLlmClient({ ...options, connections: 4 }));
+llmClientContract('undici', (options) => new UndiciLlmClient({ ...options, connections: options.connections ?? 4 }));
 llmClientContract('sdk', (options) => new OpenAiSdkLlmClient(options));

@@ -10,6 +10,8 @@ export interface LlmClientUnderTestOptions {
   apiKey: string;
   timeoutMs: number;
   extraHeaders: Record<string, string>;
+  /** Upstream connections a driver with its own pool may hold (the undici driver); others ignore it. */
+  connections?: number;
 }
 
 export type LlmClientFactory = (options: LlmClientUnderTestOptions) => LlmClient;
@@ -270,6 +272,36 @@ export function llmClientContract(name: string, make: LlmClientFactory): void {
         const c = client({ baseUrl: `http://127.0.0.1:${port}/v1` });
         expect((await failureOf(c.complete(call(jsonBody())))).kind).toBe('connection');
         expect((await failureOf(c.stream(call(streamBody())).then((events) => drain(events)))).kind).toBe('connection');
+      });
+
+      it('a call waiting for a busy pool connection ends when its signal aborts (JSON and stream)', async () => {
+        // Nothing answers: a driver without a pool of its own waits for the answer instead.
+        stub.configure({ hangMs: 30_000 });
+        const c = client({ timeoutMs: 10_000, connections: 1 });
+        const holder = new AbortController();
+        let held = true;
+        // Takes the only connection (with a one-connection pool) and keeps it until aborted below.
+        const holding = failureOf(c.complete(call(jsonBody(), holder.signal))).finally(() => (held = false));
+        for (const body of [jsonBody(), streamBody()]) {
+          const controller = new AbortController();
+          const pending = failureOf(body.stream === true ? c.stream(call(body, controller.signal)).then((e) => drain(e)) : c.complete(call(body, controller.signal)));
+          setTimeout(() => controller.abort(new UpstreamFailure('timeout', 'the deadline')), 50);
+          expect((await pending).kind).toBe('timeout');
+          expect(held).toBe(true);
+        }
+        holder.abort();
+        expect((await holding).kind).toBe('aborted');
+      });
+
+      it('a stream whose [DONE] arrives in a burst of queued events gives its connection back', async () => {
+        stub.configure({ completionTokens: 1000 });
+        const c = client({ connections: 1 });
+        const events = await drain(await c.stream(call({ ...streamBody(), max_tokens: 2000 })));
+        expect(events.length).toBeGreaterThan(1000);
+        stub.reset();
+        // One connection: this call gets it only if the stream before it ended.
+        const { completion } = await c.complete(call(jsonBody(), AbortSignal.timeout(5000)));
+        expect(completion.choices[0]?.message.content).toBe(REPLY);
       });
 
       it('the caller aborting before the answer is kind aborted', async () => {
