@@ -211,7 +211,8 @@ export class UpstreamCaller {
               // Cut short because the caller left: that is not the upstream's failure (metrics, audit).
               failure: failure.kind === 'aborted' && call.signal.aborted ? 'client_closed' : failure.kind,
               latencyMs: performance.now() - startedAt,
-              usage: undefined,
+              // Usually none (a failed attempt costs nothing), but a 200 that reports an error may bill what it produced.
+              usage: failure.usage,
               counted: false,
               try: tryNumber,
               waitedMs,

@@ -1,4 +1,4 @@
-import type { ChatCompletion } from '../../libs/openai-contract/src/index.js';
+import { type ChatCompletion, readUsage, type Usage } from '../../libs/openai-contract/src/index.js';
 
 /** One request to the upstream: the full body to send (model and max_tokens already decided). */
 export interface UpstreamCall {
@@ -23,6 +23,12 @@ export type UpstreamFailureKind = 'http' | 'timeout' | 'connection' | 'bad_respo
 
 /** What went wrong upstream, in terms the retry policy and the error mapping both understand. */
 export class UpstreamFailure extends Error {
+  /**
+   * What the upstream reported it used (and billed) for this failed attempt: a JSON 200 that carries
+   * an error with its usage (OpenRouter's failure mid-generation). Charged like any usage.
+   */
+  usage: Usage | undefined;
+
   constructor(
     readonly kind: UpstreamFailureKind,
     message: string,
@@ -168,7 +174,7 @@ export function jsonResult(raw: string): UpstreamJsonResult {
     throw new UpstreamFailure('bad_response', 'upstream answered 200 with a body that is not JSON');
   }
   const reported = inBandFailure(completion);
-  if (reported) throw reported;
+  if (reported) throw billed(reported, completion);
   if (typeof completion !== 'object' || completion === null || !Array.isArray(completion.choices) || completion.choices.length === 0) {
     throw new UpstreamFailure('bad_response', 'upstream answered 200 without choices');
   }
@@ -178,8 +184,16 @@ export function jsonResult(raw: string): UpstreamJsonResult {
   // A provider that failed mid-generation, reported inside the choice only (no top-level error):
   // a partial answer, never relayed as a success.
   const failed = choiceFinishedWithError(completion.choices);
-  if (failed !== undefined) throw inBandFailure(failed) ?? new UpstreamFailure('http', 'upstream finished a choice with finish_reason "error"', 502);
+  if (failed !== undefined) {
+    throw billed(inBandFailure(failed) ?? new UpstreamFailure('http', 'upstream finished a choice with finish_reason "error"', 502), completion);
+  }
   return { completion, raw };
+}
+
+/** A failed answer still costs what the upstream says it used: the tokens it produced before failing. */
+function billed(failure: UpstreamFailure, body: unknown): UpstreamFailure {
+  failure.usage = readUsage(body);
+  return failure;
 }
 
 /**

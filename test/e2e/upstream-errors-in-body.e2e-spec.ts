@@ -122,13 +122,23 @@ describe.each(DRIVERS)('errors inside a 200 (%s driver)', (driver) => {
   });
 
   it('a JSON 200 with a top-level error and a choice finished as "error" is a failed attempt, never an answer, never cached', async () => {
-    const t = await gw.tenants.create();
+    const t = await gw.tenants.create({ userBudgetUsd: 1 });
     gw.stub.configure({ errorAfterChunks: 2 });
     const body = { messages: [{ role: 'user', content: unique('half an answer') }] };
     const res = await t.api.post<ErrorBody>('/v1/chat/completions', body);
     expect(res.status).toBe(502);
     expect(res.body.error.code).toBe('upstream_error');
     expect(gw.stub.hits).toBe(2);
+    // Each try reported the usage (and cost) of what it produced before failing: the upstream bills
+    // it, so it is charged, as a stream cut by an error event is.
+    const rows = await ledgerRows(gw, 'user', t.userId);
+    expect(rows.map((r) => [r.outcome, r.cost_source, r.completion_tokens])).toEqual([
+      ['http', 'upstream', 2],
+      ['http', 'upstream', 2],
+    ]);
+    const spent = rows.reduce((n, r) => n + BigInt(r.cost_nanos), 0n);
+    expect(spent).toBeGreaterThan(0n);
+    expect(await storedBudget(gw, 'user', t.userId)).toMatchObject({ spent, reserved: 0n });
     gw.stub.reset();
     const again = await t.api.post<Completion>('/v1/chat/completions', body);
     expect(again.status).toBe(200);
