@@ -1,3 +1,4 @@
+import { connect } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { DATABASE_CONTENT } from '../../src/app.module.js';
 import { openDatabase } from '../../src/database/data-source.js';
@@ -184,5 +185,27 @@ describe('graceful shutdown (SIGTERM path: app.close())', () => {
     expect(last).toBe('data: [DONE]');
     expect(error.error).toMatchObject({ code: 'unavailable', type: 'overloaded_error' });
     expect(error.error?.message).toMatch(/shutting down/);
+  });
+
+  it('closes connections that have not sent a whole request, instead of waiting for them', async () => {
+    gw = await startTestGateway({ env: { SHUTDOWN_DRAIN_MS: '200' } });
+    const origin = new URL(gw.url);
+    const open = (bytes: string) =>
+      new Promise<{ closed: Promise<void> }>((resolve, reject) => {
+        const socket = connect(Number(origin.port), origin.hostname, () => {
+          socket.write(bytes);
+          resolve({ closed: new Promise<void>((done) => socket.once('close', () => done())) });
+        });
+        socket.once('error', reject);
+        socket.on('error', () => undefined);
+      });
+    // A load balancer's pre-opened connection, and a client midway through its headers.
+    const silent = await open('');
+    const partial = await open('POST /v1/chat/completions HTTP/1.1\r\nhost: gatehouse\r\n');
+    // Node would hold both for its headersTimeout (60 s); the documented bound is the drain plus 8 s.
+    const guard = new Promise<string>((resolve) => setTimeout(() => resolve('still closing after 10 s'), 10_000).unref());
+    expect(await Promise.race([gw.gateway.close().then(() => 'closed'), guard])).toBe('closed');
+    await silent.closed;
+    await partial.closed;
   });
 });
