@@ -13,6 +13,7 @@ import { RateLimiter } from '../rate-limit/rate-limiter.service.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
 import { RoutingService } from '../routing/routing.service.js';
 import { UpstreamInfo } from '../upstream/llm-client.js';
+import { PricingService } from '../upstream/pricing/pricing.service.js';
 import { upstreamToGatewayError } from '../upstream/upstream-errors.js';
 import {
   answeredStatus,
@@ -52,11 +53,15 @@ export class CompletionService {
     private readonly audit: AuditService,
     private readonly metrics: GatewayMetrics,
     private readonly shutdown: ShutdownService,
+    private readonly pricing: PricingService,
     appLogger: AppLogger,
   ) {
     this.logger = appLogger.logger.child({ context: 'Completion' });
     this.lines = requestLineLogger(appLogger.logger, { context: 'Completion' });
   }
+
+  /** A model the gateway has a price for (metrics label only such caller-named models). */
+  private readonly knownModel = (model: string): boolean => this.pricing.priceOf(model).source !== 'fallback';
 
   resolve(call: CompletionCall): ResolvedRoute {
     return this.routing.resolve({
@@ -384,7 +389,7 @@ export class CompletionService {
     outcome: string,
     costNanos = 0n,
   ): void {
-    this.metrics.completion(call, route, meta, attempts, started, outcome, costNanos);
+    this.metrics.completion(call, route, meta, attempts, started, outcome, costNanos, this.knownModel);
     // Buffered only: the batched audit writer stores it off the request path.
     this.audit.recordCompletion(call, route, meta, attempts, outcome, costNanos);
     call.audited = true;

@@ -55,19 +55,22 @@ export class GatewayMetrics {
     started: number,
     outcome: string,
     costNanos: bigint,
+    knownModel: (model: string) => boolean,
   ): void {
-    const model = meta?.model ?? attempts.at(-1)?.model ?? route.models[0] ?? 'none';
+    // Labelled as the model the gateway asked for (as the ledger records it), not the upstream's own name for it.
+    const model = modelLabel(route, attempts.at(-1)?.model ?? route.models[0] ?? 'none', knownModel);
     const status = answeredStatus(meta, outcome);
     this.i.requests.add([call.door, String(status), model, meta?.cache ?? 'none', outcome], 1);
     for (const attempt of attempts) {
-      this.i.upstreamDuration.record([attempt.model, attemptOutcome(attempt)], attempt.latencyMs / 1000);
+      const label = attempt.model === model ? model : modelLabel(route, attempt.model, knownModel);
+      this.i.upstreamDuration.record([label, attemptOutcome(attempt)], attempt.latencyMs / 1000);
       if (attempt.usage) {
-        this.i.tokens.add([attempt.model, 'prompt'], attempt.usage.prompt_tokens);
-        this.i.tokens.add([attempt.model, 'completion'], attempt.usage.completion_tokens);
+        this.i.tokens.add([label, 'prompt'], attempt.usage.prompt_tokens);
+        this.i.tokens.add([label, 'completion'], attempt.usage.completion_tokens);
       }
     }
     if (costNanos > 0n) this.i.costNanos.add([model], Number(costNanos));
-    if (this.tracer) this.completionSpan(this.tracer, call, route, meta, attempts, started, outcome, model, status);
+    if (this.tracer) this.completionSpan(this.tracer, call, route, meta, attempts, started, outcome, meta?.model ?? model, status);
   }
 
   /** Every HTTP response (Fastify onResponse): duration by route, and refusals by reason. */
@@ -149,6 +152,21 @@ export class GatewayMetrics {
     if (outcome !== 'ok') span.setStatus({ code: SpanStatusCode.ERROR, message: outcome });
     span.end();
   }
+}
+
+/** The `model` label of a model no one configured and the gateway has no price for. */
+export const OTHER_MODEL = 'other';
+
+/**
+ * A model as a metric label. The routing table's models are the admins' choice, so bounded; a
+ * model the caller named (`model`, or its own `models` fallbacks) is a label only when the gateway
+ * knows it (priced: the price table, OpenRouter's list, an override). Otherwise one key naming
+ * made-up models would open a series per name, fill every instrument's MAX_SERIES and fold
+ * everyone's new series into `_overflow` until the process restarts.
+ */
+function modelLabel(route: ResolvedRoute, model: string, knownModel: (model: string) => boolean): string {
+  const callerChose = route.explicitModel === true && (route.callerFallbacks === true || model === route.models[0]);
+  return !callerChose || knownModel(model) ? model : OTHER_MODEL;
 }
 
 function attemptOutcome(attempt: Attempt): string {

@@ -104,6 +104,19 @@ describe('GET /metrics (Prometheus, same port, no key)', () => {
     expect(delta('gatehouse_requests_total', { door: 'chat', status: '502', outcome: res.body.error.code })).toBe(1);
   });
 
+  it('labels a model the caller made up as "other", so made-up names cannot fill the series', async () => {
+    const before = await scrape();
+    const made = `made-up/model-${Date.now()}`;
+    const res = await (await gw.tenants.create()).api.post('/v1/chat/completions', { model: made, messages: [{ role: 'user', content: 'any name' }] });
+    expect(res.status).toBe(200);
+    const after = await scrape();
+    expect(after.some((s) => Object.values(s.labels).includes(made))).toBe(false);
+    const delta = (name: string, labels: Record<string, string>) => valueOf(after, name, labels) - valueOf(before, name, labels);
+    expect(delta('gatehouse_requests_total', { door: 'chat', status: '200', model: 'other', outcome: 'ok' })).toBe(1);
+    expect(delta('gatehouse_upstream_attempt_duration_seconds_count', { model: 'other', outcome: 'ok' })).toBe(1);
+    expect(delta('gatehouse_tokens_total', { model: 'other', type: 'completion' })).toBeGreaterThan(0);
+  });
+
   // Before, a response whose caller left was missing from the HTTP histogram: Fastify runs no
   // onResponse for a connection that closed before the response finished.
   it('counts a request whose caller left before the answer as 499, and a stream it left as its 200', async () => {
