@@ -12,7 +12,7 @@ export function installHttpTracing(fastify: FastifyInstance, tracer: Tracer): vo
   // This gateway's own propagator: nothing process-global to register or to conflict with.
   const propagator = new W3CTraceContextPropagator();
 
-  fastify.addHook('onRequest', (request: FastifyRequest, _reply: FastifyReply, done: () => void) => {
+  fastify.addHook('onRequest', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
     const parent = propagator.extract(ROOT_CONTEXT, request.headers, defaultTextMapGetter);
     const route = request.routeOptions.url ?? 'unmatched';
     const span = tracer.startSpan(
@@ -24,8 +24,23 @@ export function installHttpTracing(fastify: FastifyInstance, tracer: Tracer): vo
       parent,
     );
     spans.set(request, span);
+    // A caller that leaves after its body was read (gave up on a slow answer, closed a stream)
+    // gets neither onResponse nor onRequestAbort: Node marks a request aborted only while its body
+    // is incomplete. Ended here, as the HTTP metrics count it (499 when nothing was sent).
+    reply.raw.once('close', () => {
+      if (!reply.raw.writableFinished) endLeft(request, reply.raw.headersSent ? reply.statusCode : 499);
+    });
     done();
   });
+
+  const endLeft = (request: FastifyRequest, status: number): void => {
+    const span = spans.get(request);
+    if (span === undefined) return;
+    span.setAttribute('http.response.status_code', status);
+    span.setStatus({ code: SpanStatusCode.ERROR, message: 'client closed the connection' });
+    span.end();
+    spans.delete(request);
+  };
 
   // The body is parsed between onRequest and preHandler, in the socket's async context; the span
   // is made active here so the handler and the pipeline (GatewayMetrics' spans) run inside it.
@@ -50,12 +65,7 @@ export function installHttpTracing(fastify: FastifyInstance, tracer: Tracer): vo
   });
 
   fastify.addHook('onRequestAbort', (request: FastifyRequest, done: () => void) => {
-    const span = spans.get(request);
-    if (span !== undefined) {
-      span.setStatus({ code: SpanStatusCode.ERROR, message: 'client closed the connection' });
-      span.end();
-      spans.delete(request);
-    }
+    endLeft(request, 499);
     done();
   });
 }

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startTestGateway, type TestGateway } from '../support/gateway.js';
+import { pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
 
 interface OtlpSpan {
   traceId: string;
@@ -98,5 +98,57 @@ describe('tracing with OTEL_EXPORTER_OTLP_ENDPOINT', () => {
     expect(exported).not.toContain(alice.key);
     expect(exported).not.toContain('sk-test-upstream-secret');
     expect(exported).not.toContain(gw.adminKey);
+  });
+});
+
+describe('tracing: a caller that leaves after its body was read', () => {
+  let collector: Awaited<ReturnType<typeof startCollector>>;
+  let gw: TestGateway;
+
+  beforeAll(async () => {
+    collector = await startCollector();
+    gw = await startTestGateway({ env: { OTEL_EXPORTER_OTLP_ENDPOINT: collector.url, UPSTREAM_RETRY_ATTEMPTS: '1' } });
+  });
+  afterAll(async () => {
+    await new Promise((resolve) => collector.server.close(resolve));
+  });
+
+  // Neither onResponse nor onRequestAbort runs for such a request: its HTTP span was never ended,
+  // and its completion span pointed to a parent no collector ever received.
+  it('still exports the HTTP span (499 when nothing was sent) of a JSON call and of a stream it left', async () => {
+    const erin = await gw.tenants.create();
+    const traces: string[] = [];
+    const leave = async (body: Record<string, unknown>, afterFirstChunk: boolean) => {
+      const traceId = randomBytes(16).toString('hex');
+      traces.push(traceId);
+      const leaving = new AbortController();
+      const pending = fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${erin.key}`, 'content-type': 'application/json', traceparent: `00-${traceId}-${randomBytes(8).toString('hex')}-01` },
+        body: JSON.stringify({ model: 'auto', messages: [{ role: 'user', content: `leaving ${randomBytes(4).toString('hex')}` }], ...body }),
+        signal: leaving.signal,
+      });
+      if (afterFirstChunk) await (await pending).body?.getReader().read();
+      else await pollUntil(() => expect(gw.stub.hits).toBeGreaterThan(0));
+      leaving.abort();
+      await pending.catch(() => undefined);
+    };
+    gw.stub.configure({ latencyMs: 1500 });
+    await leave({}, false);
+    gw.stub.configure({ latencyMs: 0, chunkDelayMs: 300, completionTokens: 20 });
+    await leave({ stream: true }, true);
+    // Closing the gateway drains both calls and flushes the batched spans to the collector.
+    await gw.close();
+
+    const found = traces.map((traceId) => {
+      const mine = collector.spans.filter((s) => s.traceId === traceId);
+      const http = mine.find((s) => s.name === 'POST /v1/chat/completions');
+      const completion = mine.find((s) => s.name === 'gatehouse.completion');
+      return { status: http?.attributes['http.response.status_code'], completionUnderHttp: completion !== undefined && completion.parentSpanId === http?.spanId };
+    });
+    expect(found).toEqual([
+      { status: 499, completionUnderHttp: true },
+      { status: 200, completionUnderHttp: true },
+    ]);
   });
 });
