@@ -10,7 +10,7 @@ import { isoTime } from '../core/iso-time.js';
 import { AppLogger } from '../core/logger.js';
 import { GatewayMetrics } from '../metrics/gateway-metrics.js';
 import { costOf, type CostSource, requestFee } from '../upstream/pricing/pricing.js';
-import { PricingService } from '../upstream/pricing/pricing.service.js';
+import { type PriceEntry, PricingService } from '../upstream/pricing/pricing.service.js';
 import { BudgetDatabase, type BudgetStatement } from './budget-database.js';
 import { BudgetLeases, type Lease } from './budget-leases.js';
 import { RENEW_SQL, RESERVE_BATCH_SQL, RESERVE_SQL } from './budget-sql.js';
@@ -156,12 +156,17 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
    * each image at the model's published per-image price where that is more than the estimate's
    * allowance (TOKENS_PER_IMAGE), and the model's per-request fee.
    */
-  worstCase(call: BudgetedCall, route: BudgetedRoute): { amountNanos: Nanos; promptTokens: number; completionTokens: number } {
+  worstCase(
+    call: BudgetedCall,
+    route: BudgetedRoute,
+  ): { amountNanos: Nanos; promptTokens: number; completionTokens: number; prices: PriceEntry[] } {
     const { tokens: promptTokens, images } = estimatePrompt(call.body);
     const completionTokens = reservedCompletionTokens(call.body, route.maxTokens);
     let amountNanos = 0n;
+    const prices: PriceEntry[] = [];
     for (const model of route.models) {
       const price = this.pricing.priceOf(model);
+      prices.push(price);
       let cost = tokensCost(promptTokens, price.prompt) + tokensCost(completionTokens, price.completion) + requestFee(price);
       if (images > 0 && price.image !== undefined) {
         const perImage = parseUsd(price.image) ?? 0n;
@@ -170,7 +175,7 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
       }
       if (cost > amountNanos) amountNanos = cost;
     }
-    return { amountNanos, promptTokens, completionTokens };
+    return { amountNanos, promptTokens, completionTokens, prices };
   }
 
   /**
@@ -183,7 +188,7 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
    * worst case, which must not refuse a caller whose own earlier requests are long done.
    */
   async reserve(call: BudgetedCall, route: BudgetedRoute, cache: string | null = null): Promise<Reservation> {
-    const { amountNanos, promptTokens, completionTokens } = this.worstCase(call, route);
+    const { amountNanos, promptTokens, completionTokens, prices } = this.worstCase(call, route);
     const { principal } = call;
     const { userId, departmentId } = principal;
     this.writer.assertAccepting();
@@ -196,6 +201,8 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
       amountNanos,
       promptTokens,
       completionTokens,
+      models: route.models,
+      prices,
     };
     if (amountNanos > 0n) {
       const lease = await this.leases.drawOrAsk(userId, departmentId, amountNanos, () => this.askLease(userId, departmentId, amountNanos));
@@ -496,7 +503,11 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
 
   /** `charged`: what the call's earlier attempts cost, which an estimate must leave room for. */
   private charge(attempt: ChargedAttempt, producedChars: number | undefined, reservation: Reservation, charged: Nanos): AttemptCharge {
-    const price = this.pricing.priceOf(attempt.model);
+    // At the price the call was admitted at (its worst case was reckoned with it), not one an
+    // override or the hourly /models refresh set while it ran: raised, that would take one admitted
+    // call past its budget. The upstream's own usage.cost, what it billed, is taken as it is.
+    const admitted = reservation.models?.indexOf(attempt.model) ?? -1;
+    const price = (admitted >= 0 ? reservation.prices?.[admitted] : undefined) ?? this.pricing.priceOf(attempt.model);
     const base = { model: attempt.model, status: attempt.status ?? null, outcome: attempt.ok ? 'ok' : (attempt.failure ?? 'failed') };
     // Read once more: an attempt's usage is only as sound as whoever filled it in, and a settle runs
     // after the upstream answered, so it must not throw. Unusable usage is charged as missing usage.
@@ -504,11 +515,16 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
     if (usage) {
       const cost = costOf(usage, price);
       const source: CostSource = cost.source === 'pricing_table' && price.source === 'fallback' ? 'fallback_price' : cost.source;
+      // A failed attempt that reports usage (a 200 with an error mid-generation) is retried or falls
+      // back, and the reservation holds one attempt's worst case: its charges stop at what the
+      // reservation has left, so retries cannot take a budget past its limit.
+      const room = reservation.amountNanos > charged ? reservation.amountNanos - charged : 0n;
+      const nanos = !attempt.ok && cost.nanos > room ? room : cost.nanos;
       return {
         ...base,
         prompt_tokens: tokenCount(usage.prompt_tokens),
         completion_tokens: tokenCount(usage.completion_tokens),
-        cost_nanos: cost.nanos.toString(),
+        cost_nanos: nanos.toString(),
         cost_source: source,
       };
     }

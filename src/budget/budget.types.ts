@@ -1,6 +1,7 @@
 import type { Nanos } from '../../libs/money/src/index.js';
 import type { ChatCompletionRequest, Usage } from '../../libs/openai-contract/src/index.js';
 import type { Principal } from '../identity/principal.js';
+import type { PriceEntry } from '../upstream/pricing/pricing.service.js';
 import type { Lease } from './budget-leases.js';
 import type { BudgetPeriod } from './periods.js';
 
@@ -36,6 +37,13 @@ export interface Reservation {
   readonly promptTokens: number;
   /** The completion tokens reserved for (the cap sent upstream × `n`): the most an estimate charges. */
   readonly completionTokens: number;
+  /**
+   * The chain's models and their prices when the call was admitted (parallel lists): tokens are
+   * charged at these, so a price raised while the call runs cannot take it past the worst case it
+   * was admitted for. Absent on a reservation made by hand (tests): today's prices then.
+   */
+  readonly models?: readonly string[];
+  readonly prices?: readonly PriceEntry[];
   /** false when no reservation row was recorded (a free call, a draw on a lease): settle then has nothing to release. */
   readonly held?: boolean;
   /** Set when the worst case was drawn from this instance's lease instead of reserved in the database. */

@@ -280,7 +280,8 @@ export class CompletionService {
       return { reservation, value: await upstreamCall() };
     } catch (error) {
       cached.abandon();
-      this.budget.settle(reservation, attempts);
+      // Failed attempts may still be charged what they reported using: counted as they are charged.
+      this.rateLimiter.recordTokens(call.principal, this.budget.settle(reservation, attempts).tokens);
       this.logDone(call, route, undefined, attempts, started, errorCode(error));
       throw error;
     }

@@ -138,10 +138,36 @@ describe.each(DB_KINDS)('usage the gateway cannot take as it is, on %s', (db) =>
     expect((await gw.admin.put(`/admin/pricing/${model}`, { prompt: '0.01', completion: '0.01' })).status).toBe(200);
     const cut = { model, ok: false, status: 200, failure: 'upstream_cut', usage: undefined };
     const { costNanos: cost } = budget.settle(reservation, [cut], { producedChars: 30 });
-    expect(cost).toBe(reservation.amountNanos);
+    // At the price it was admitted at (no override then: the fallback price), never past its worst case.
+    const admitted = gw.gateway.app.get(PricingService).fallback;
+    expect(cost).toBe(tokensCost(reservation.promptTokens, admitted.prompt) + tokensCost(10, admitted.completion));
+    expect(cost).toBeLessThanOrEqual(reservation.amountNanos);
     const rows = await ledgerRows(gw, 'user', t.userId);
     expect(rows.map((r) => [r.cost_source, r.cost_nanos])).toEqual([['estimate', cost.toString()]]);
     const user = await storedBudget(gw, 'user', t.userId);
     expect([user.spent, user.reserved]).toEqual([cost, 0n]);
+  });
+
+  it('charges usage it prices itself at the price the call was admitted at, after the price rose during the call', async () => {
+    const model = `test/raised-usage-${Date.now()}`;
+    const t = await gw.tenants.create({ userBudgetUsd: 1 });
+    const budget = gw.gateway.app.get(BudgetService);
+    const route = { models: [model], maxTokens: MAX_TOKENS, ruleTaskType: 'general' };
+    const call = { principal: principalOf(t), requestId: 'price-raised-usage', door: 'chat', body: { messages: [{ role: 'user', content: 'hi' }] } };
+    const reservation = await budget.reserve(call, route);
+    // 100× the price while the call runs: these tokens would now cost ~$2, over the $1 budget.
+    expect((await gw.admin.put(`/admin/pricing/${model}`, { prompt: '0.01', completion: '0.01' })).status).toBe(200);
+    const usage = { prompt_tokens: 100, completion_tokens: 100, total_tokens: 200 };
+    const { costNanos: cost } = budget.settle(reservation, [{ model, ok: true, status: 200, failure: undefined, usage }]);
+    const admitted = gw.gateway.app.get(PricingService).fallback;
+    expect(cost).toBe(tokensCost(100, admitted.prompt) + tokensCost(100, admitted.completion));
+    const user = await storedBudget(gw, 'user', t.userId);
+    expect([user.spent, user.reserved]).toEqual([cost, 0n]);
+    expect(user.spent).toBeLessThanOrEqual(1_000_000_000n);
+    // What the upstream says it billed (usage.cost) is recorded as it is.
+    const rich = await gw.tenants.create({ userBudgetUsd: 5 });
+    const billed = await budget.reserve({ ...call, principal: principalOf(rich), requestId: 'price-raised-billed' }, route);
+    const { costNanos: upstreamCost } = budget.settle(billed, [{ model, ok: true, status: 200, failure: undefined, usage: { ...usage, cost: 0.5 } }]);
+    expect(upstreamCost).toBe(500_000_000n);
   });
 });
