@@ -69,11 +69,12 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
     genReqId: requestIdFor,
     // Keep-alive longer than typical load balancer idle timeouts (60 s) to avoid reset races.
     keepAliveTimeout: 65_000,
-    // Nest closes the server only after ShutdownService's drain, so what is still connected then
-    // carries no request worth waiting for. Closed, not waited on: a connection that has not sent
-    // a whole request (a load balancer's pre-opened one, a client midway through its headers) is
-    // not idle to Node, and Fastify's default would wait for it up to headersTimeout (60 s), past
-    // the pod's grace period, so the writers' last flush would never run.
+    // Nest closes the server only after ShutdownService's drain, and the preClose hook below waits
+    // for requests accepted since, so what is still connected then carries no request. Closed, not
+    // waited on: a connection that has not sent a whole request (a load balancer's pre-opened one,
+    // a client midway through its headers) is not idle to Node, and Fastify's default would wait
+    // for it up to headersTimeout (60 s), past the pod's grace period, so the writers' last flush
+    // would never run.
     forceCloseConnections: true,
     // Errors Fastify answers before routing (a URL it cannot decode, a path parameter over its
     // length limit) skip the hooks and the filter: rendered here as every other error is.
@@ -115,6 +116,11 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
     forgetTypeOfEmptyBody(request.headers);
     shutdown.track(reply);
     done();
+  });
+  // Runs as Nest closes the server, before forceCloseConnections closes every connection: a request
+  // accepted after the drain went idle (while later shutdown hooks ran) is answered first.
+  fastify.addHook('preClose', (done: () => void) => {
+    void shutdown.quiesce().then(() => done());
   });
   const access = requestLineLogger(logger);
   fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {

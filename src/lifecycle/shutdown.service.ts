@@ -204,6 +204,18 @@ export class ShutdownService implements OnModuleInit, OnModuleDestroy, BeforeApp
     this.logger.info({ ms: Math.round(performance.now() - started), inFlight: this.inFlight }, 'drained');
   }
 
+  /**
+   * As the server closes (Fastify preClose), after the drain: waits for requests accepted since it
+   * went idle (a load balancer still sending while later shutdown hooks ran), until the drain's
+   * deadline plus END_GRACE_MS, so closing every connection then cuts none of them.
+   */
+  async quiesce(): Promise<void> {
+    const deadline = (this.drainStartedAt ?? Date.now()) + this.config.shutdown.drainMs + END_GRACE_MS;
+    if (!(await this.idleWithin(Math.max(0, deadline - Date.now())))) {
+      this.logger.warn({ inFlight: this.inFlight }, 'closing the server with requests still running');
+    }
+  }
+
   private release(reply: FastifyReply): void {
     this.inFlight -= 1;
     const unfinished = !reply.raw.writableFinished;

@@ -3,7 +3,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { DATABASE_CONTENT } from '../../src/app.module.js';
 import { openDatabase } from '../../src/database/data-source.js';
 import { createPostgresDatabase } from '../support/databases.js';
-import { pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+import { ApiClient, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 
 /** An SSE response read as it arrives, so a test can act while the stream is still going. */
 interface OpenStream {
@@ -207,5 +207,27 @@ describe('graceful shutdown (SIGTERM path: app.close())', () => {
     expect(await Promise.race([gw.gateway.close().then(() => 'closed'), guard])).toBe('closed');
     await silent.closed;
     await partial.closed;
+  });
+
+  it('answers a request accepted after the drain went idle, while later shutdown hooks still run, before closing its connection', async () => {
+    gw = await startTestGateway({ env: { SHUTDOWN_DRAIN_MS: '30000' } });
+    const t = await gw.tenants.create();
+    // A running job holds the shutdown in the job workers' hook, after the drain (idle at once) ended.
+    gw.stub.configure({ latencyMs: 2500 });
+    const job = await t.api.post('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: 'a job' }] }, { prefer: 'respond-async' });
+    expect(job.status).toBe(202);
+    const stub = gw.stub;
+    await pollUntil(() => expect(stub.hits).toBe(1));
+    const closing = gw.gateway.close();
+    const probe = new ApiClient(gw.url, undefined);
+    await pollUntil(async () => expect((await probe.get('/health/ready')).status).toBe(503));
+    // Readiness is down; a load balancer that has not noticed yet still sends this one, which
+    // (as slow as the job) is still running when the job ends and Nest closes the server.
+    const late = await t.api.post('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: 'late but accepted' }] }).then(
+      (r) => `status ${r.status}`,
+      (e: Error) => `cut: ${String((e.cause as Error | undefined)?.message ?? e.message)}`,
+    );
+    await closing;
+    expect(late).toBe('status 200');
   });
 });
