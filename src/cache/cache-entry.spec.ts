@@ -28,6 +28,14 @@ describe('cache entries', () => {
     expect(answer?.model).toBe('openai/gpt-4o-mini');
   });
 
+  it('keeps the model the miss was recorded as, and reads entries written without it', () => {
+    const raw = JSON.stringify(completion);
+    expect(decodeCacheEntry(encodeCacheEntry(raw, completion, 'openai/gpt-4o-mini'))?.recordedModel).toBe('openai/gpt-4o-mini');
+    const older = decodeCacheEntry(`["openai/gpt-4o-mini-2024-07-18",null]\n${raw}`);
+    expect(older?.model).toBe('openai/gpt-4o-mini-2024-07-18');
+    expect(older?.recordedModel).toBeUndefined();
+  });
+
   it('refuses what is not an entry: the old format (a bare body), a broken header, an empty body', () => {
     expect(decodeCacheEntry(JSON.stringify(completion))).toBeUndefined();
     expect(decodeCacheEntry('{"not":"a header"}\n{}')).toBeUndefined();

@@ -3,7 +3,8 @@ import { replayChunks } from './stream-replay.js';
 
 /**
  * A stored answer: one header line with what every hit needs (the model that answered and its
- * usage, for the response headers and the hit's ledger row), then the body exactly as it is sent
+ * usage, for the response headers and the hit's ledger row, and the model its miss was recorded
+ * as, so a hit is counted the same way), then the body exactly as it is sent
  * to JSON callers. Why the header: a JSON hit sends the stored bytes and needs nothing else of
  * the answer, so it no longer parses the whole completion (a few µs for a short answer, tens for
  * a long one, on every hit). A stream replay parses the body, once, when it asks for it.
@@ -12,8 +13,10 @@ import { replayChunks } from './stream-replay.js';
  * first newline ends it whatever the body holds. Entries of the earlier format sit under other
  * keys (CACHE_KEY_VERSION in cache-key.ts) and expire with their TTL.
  */
-export function encodeCacheEntry(raw: string, completion: ChatCompletion): string {
-  return `${JSON.stringify([typeof completion.model === 'string' ? completion.model : '', readUsage(completion) ?? null])}\n${raw}`;
+export function encodeCacheEntry(raw: string, completion: ChatCompletion, recordedModel?: string): string {
+  const header = [typeof completion.model === 'string' ? completion.model : '', readUsage(completion) ?? null];
+  if (recordedModel !== undefined) header.push(recordedModel);
+  return `${JSON.stringify(header)}\n${raw}`;
 }
 
 /**
@@ -32,6 +35,8 @@ export class CachedAnswer {
     readonly raw: string,
     readonly model: string,
     readonly usage: Usage | undefined,
+    /** The model its miss was recorded as; undefined in an entry written before it was kept. */
+    readonly recordedModel: string | undefined = undefined,
   ) {}
 
   get completion(): ChatCompletion {
@@ -71,5 +76,5 @@ export function decodeCacheEntry(entry: string): CachedAnswer | undefined {
   if (!Array.isArray(header) || typeof header[0] !== 'string') return undefined;
   const raw = entry.slice(end + 1);
   if (raw.length === 0) return undefined;
-  return new CachedAnswer(raw, header[0], cleanUsage(header[1]));
+  return new CachedAnswer(raw, header[0], cleanUsage(header[1]), typeof header[2] === 'string' ? header[2] : undefined);
 }

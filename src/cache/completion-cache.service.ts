@@ -25,12 +25,13 @@ export interface CacheTicket {
   readonly hit: CachedAnswer | undefined;
   /** true when `fill`/`fillFromStream` would store the answer: only then is a stream assembled. */
   readonly fills: boolean;
-  fill(raw: string, completion: ChatCompletion): Promise<void>;
+  /** `recordedModel`: the model the miss was recorded as (the one asked for), which its hits are recorded as too. */
+  fill(raw: string, completion: ChatCompletion, recordedModel?: string): Promise<void>;
   /**
    * A finished stream's answer as StreamAssembler built it from the events the pipeline parsed
    * anyway; undefined when the stream cannot be replayed (then it is `abandon`).
    */
-  fillFromStream(completion: ChatCompletion | undefined): Promise<void>;
+  fillFromStream(completion: ChatCompletion | undefined, recordedModel?: string): Promise<void>;
   abandon(): void;
 }
 
@@ -233,7 +234,7 @@ export class CompletionCache {
         this.store.release(plan.key, lead.token).catch((error: unknown) => this.logger.debug({ err: (error as Error).message }, 'cache lock release failed'));
       }
     };
-    const fill = async (raw: string, completion: ChatCompletion) => {
+    const fill = async (raw: string, completion: ChatCompletion, recordedModel?: string) => {
       if (settled) return;
       // Stored only if every replay can render it (a choice without a message would fail each stream
       // hit), and only if it is an answer: one that reports a failure (a top-level error, a choice
@@ -248,7 +249,7 @@ export class CompletionCache {
         return abandon();
       }
       settled = true;
-      const entry = encodeCacheEntry(raw, completion);
+      const entry = encodeCacheEntry(raw, completion, recordedModel);
       lead?.flight(entry);
       const models = completion.model && !tags.models.includes(completion.model) ? [...tags.models, completion.model] : tags.models;
       try {
@@ -262,12 +263,12 @@ export class CompletionCache {
       hit: undefined,
       fills: plan.write,
       fill,
-      fillFromStream: (completion) => {
+      fillFromStream: (completion, recordedModel) => {
         if (!completion) {
           abandon();
           return Promise.resolve();
         }
-        return fill(JSON.stringify(completion), completion);
+        return fill(JSON.stringify(completion), completion, recordedModel);
       },
       abandon,
     };

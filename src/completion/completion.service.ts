@@ -91,7 +91,7 @@ export class CompletionService {
     // The cost header needs the settlement; the rest waits until the caller has its answer.
     this.afterReply(call, () => {
       // Not awaited: it never throws, and the local followers are released synchronously inside.
-      void cached.fill(result.raw, result.completion);
+      void cached.fill(result.raw, result.completion, attempts.at(-1)?.model);
       this.rateLimiter.recordTokens(call.principal, tokens);
       this.logDone(call, route, meta, attempts, started, 'ok', costNanos);
     });
@@ -195,7 +195,7 @@ export class CompletionService {
     // Counted before the cache fill's wait, so the caller's next request already sees them.
     this.rateLimiter.recordTokens(call.principal, tokens);
     // Only a stream that completed is cached (as the assembled completion); a cut one never.
-    if (outcome === 'ok') await cached.fillFromStream(tracker.completion());
+    if (outcome === 'ok') await cached.fillFromStream(tracker.completion(), opened.pricedModel);
     else cached.abandon();
     this.logDone(call, route, meta, attempts, started, outcome, costNanos);
   }
@@ -303,10 +303,10 @@ export class CompletionService {
 
   /** A cache hit: no upstream call, no reservation; charged 0 and recorded as such in the ledger. */
   private answerFromCache(call: CompletionCall, route: ResolvedRoute, hit: CachedAnswer, started: number): JsonOutcome {
-    const meta = this.meta(route, headerSafeModel(hit.model, route.models[0]), 'hit');
+    const meta = this.meta(route, headerSafeModel(hit.model, route.models[0]), 'hit', recordedModelOfHit(route, hit));
     // Recorded before the answer, unlike a miss: deferred, the hit cost 14% more CPU at 16
     // connections (paired over 6 rounds, every round dearer) and answered no sooner at one.
-    this.budget.recordCacheHit(call, route, ledgerModelOfHit(route, hit), hit.usage);
+    this.budget.recordCacheHit(call, route, meta.recordedModel as string, hit.usage);
     this.logDone(call, route, meta, [], started, 'ok');
     // The chat door sends `raw`; only /v1/complete and jobs read the parsed completion.
     return {
@@ -321,8 +321,8 @@ export class CompletionService {
 
   /** A cached answer replayed as the SSE a live stream would send. */
   private replayFromCache(call: CompletionCall, route: ResolvedRoute, hit: CachedAnswer, sink: StreamSink, started: number): void {
-    const meta = this.meta(route, headerSafeModel(hit.model, route.models[0]), 'hit');
-    this.budget.recordCacheHit(call, route, ledgerModelOfHit(route, hit), hit.usage);
+    const meta = this.meta(route, headerSafeModel(hit.model, route.models[0]), 'hit', recordedModelOfHit(route, hit));
+    this.budget.recordCacheHit(call, route, meta.recordedModel as string, hit.usage);
     sink.open(meta);
     // No back-pressure wait: a replay is the cached answer, already in memory and bounded by its
     // size, and it leaves in this tick as one write (see ReplyStreamSink).
@@ -352,8 +352,8 @@ export class CompletionService {
     });
   }
 
-  private meta(route: ResolvedRoute, model: string, cache: CacheStatus): CompletionMeta {
-    return { model, route, cache, upstreamMock: this.upstreamInfo.mock, headers: {} };
+  private meta(route: ResolvedRoute, model: string, cache: CacheStatus, recordedModel?: string): CompletionMeta {
+    return { model, recordedModel, route, cache, upstreamMock: this.upstreamInfo.mock, headers: {} };
   }
 
   /**
@@ -431,10 +431,11 @@ function errorCode(error: unknown): string {
 }
 
 /**
- * The model a hit is counted under in the ledger: the route's model the cached answer came from, as
- * its miss was recorded (`answeredModel`), not the upstream's own name for it (a dated version
- * such as `openai/gpt-4o-mini-2024-07-18`), which would split one model's usage into two rows.
+ * The model a hit is counted under (ledger, metrics): the one its miss was recorded as, kept in
+ * the entry, not the upstream's own name for it (a dated version such as
+ * `openai/gpt-4o-mini-2024-07-18`), which would split one model's usage into two rows. An entry
+ * written before that was kept is mapped onto the route's chain as a native chain's answer is.
  */
-function ledgerModelOfHit(route: ResolvedRoute, hit: CachedAnswer): string {
-  return answeredModel({ model: route.models[0], chain: route.models }, hit.model);
+function recordedModelOfHit(route: ResolvedRoute, hit: CachedAnswer): string {
+  return hit.recordedModel ?? answeredModel({ model: route.models[0], chain: route.models }, hit.model);
 }

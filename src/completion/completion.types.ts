@@ -37,6 +37,11 @@ export interface CompletionCall {
 
 export interface CompletionMeta {
   model: string;
+  /**
+   * A cache hit's model as the ledger and metrics count it: the one its miss was recorded as (the
+   * model asked for, not `model`, the upstream's own name). Undefined when an attempt says it.
+   */
+  recordedModel?: string;
   route: ResolvedRoute;
   cache: CacheStatus;
   upstreamMock: boolean;

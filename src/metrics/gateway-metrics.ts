@@ -58,7 +58,7 @@ export class GatewayMetrics {
     knownModel: (model: string) => boolean,
   ): void {
     // Labelled as the model the gateway asked for (as the ledger records it), not the upstream's own name for it.
-    const model = modelLabel(route, attempts.at(-1)?.model ?? route.models[0] ?? 'none', knownModel);
+    const model = modelLabel(route, meta?.recordedModel ?? attempts.at(-1)?.model ?? route.models[0] ?? 'none', knownModel);
     const status = answeredStatus(meta, outcome);
     this.i.requests.add([call.door, String(status), model, meta?.cache ?? 'none', outcome], 1);
     for (const attempt of attempts) {
