@@ -8,24 +8,29 @@ import type { MemoryRateLimitStore } from './memory-rate-limit.store.js';
 import { type Bucket, type BucketState, type HitResult, RateLimitStore } from './rate-limit.store.js';
 
 // Check every bucket, then count in all of them only if none refuses: all-or-nothing in one
-// atomic step. ARGV holds (limit, windowMs, cost, want, refund) per key: up to `want` more
+// atomic step. ARGV holds (limit, windowMs, cost, want, refund, refundTtl) per key: up to `want` more
 // requests are counted ahead for the calling instance's lease when the request is allowed, but
 // never more than a quarter of what the window has left, so that leases shrink as a limit nears
 // and its last requests are not all held by one instance. `refund` is the unspent rest of a lease
 // this instance voided (its limit changed): taken off the counter first, never below 0, since
-// those requests were never made. Returns {allowed, used1, pttl1, blocked1, granted1, used2, …},
+// those requests were never made; only while the counter is still the lease's window (its TTL at
+// most `refundTtl`, the rest of that window): a counter Redis lost and began again holds none of
+// them. Returns {allowed, used1, pttl1, blocked1, granted1, used2, …},
 // `used` after the request and its grant.
 const HIT = new LuaScript(
   `local n = #KEYS
 local used, ttl, blocked = {}, {}, {}
 local allowed = 1
 for i = 1, n do
-  local limit = tonumber(ARGV[i * 5 - 4])
-  local cost = tonumber(ARGV[i * 5 - 2])
-  local refund = tonumber(ARGV[i * 5])
+  local limit = tonumber(ARGV[i * 6 - 5])
+  local cost = tonumber(ARGV[i * 6 - 3])
+  local refund = tonumber(ARGV[i * 6 - 1])
   used[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
   if refund > 0 and used[i] > 0 then
-    used[i] = redis.call('DECRBY', KEYS[i], math.min(refund, used[i]))
+    local left = redis.call('PTTL', KEYS[i])
+    if left >= 0 and left <= tonumber(ARGV[i * 6]) then
+      used[i] = redis.call('DECRBY', KEYS[i], math.min(refund, used[i]))
+    end
   end
   ttl[i] = redis.call('PTTL', KEYS[i])
   if (cost > 0 and used[i] + cost > limit) or (cost <= 0 and used[i] >= limit) then
@@ -38,16 +43,16 @@ end
 local out = {allowed}
 for i = 1, n do
   local granted = 0
-  local cost = tonumber(ARGV[i * 5 - 2])
+  local cost = tonumber(ARGV[i * 6 - 3])
   if allowed == 1 and cost > 0 then
-    granted = math.max(0, math.min(tonumber(ARGV[i * 5 - 1]), math.floor((tonumber(ARGV[i * 5 - 4]) - used[i] - cost) / 4)))
+    granted = math.max(0, math.min(tonumber(ARGV[i * 6 - 2]), math.floor((tonumber(ARGV[i * 6 - 5]) - used[i] - cost) / 4)))
     used[i] = redis.call('INCRBY', KEYS[i], cost + granted)
     if ttl[i] < 0 then
-      redis.call('PEXPIRE', KEYS[i], ARGV[i * 5 - 3])
-      ttl[i] = tonumber(ARGV[i * 5 - 3])
+      redis.call('PEXPIRE', KEYS[i], ARGV[i * 6 - 4])
+      ttl[i] = tonumber(ARGV[i * 6 - 4])
     end
   end
-  if ttl[i] < 0 then ttl[i] = tonumber(ARGV[i * 5 - 3]) end
+  if ttl[i] < 0 then ttl[i] = tonumber(ARGV[i * 6 - 4]) end
   out[#out + 1] = used[i]
   out[#out + 1] = ttl[i]
   out[#out + 1] = blocked[i]
@@ -66,6 +71,9 @@ end
 return 1`,
   'rate-limit-add',
 );
+
+/** How much longer than this instance reckons its lease's window may still run Redis's TTL may be, for a refund. */
+const REFUND_SLACK_MS = 1000;
 
 /** A lease never exceeds this many requests, however large the limit. */
 export const LEASE_MAX = 100;
@@ -165,7 +173,8 @@ export class RedisRateLimitStore extends RateLimitStore {
         this.asking.add(b.key);
         asked.push(b.key);
       }
-      args.push(b.limit, Math.ceil(b.windowMs), b.cost, want, this.voidedRest(b, now));
+      args.push(b.limit, Math.ceil(b.windowMs), b.cost, want);
+      this.pushVoidedRest(args, b, now);
     }
     let reply: unknown;
     try {
@@ -205,17 +214,23 @@ export class RedisRateLimitStore extends RateLimitStore {
   }
 
   /**
-   * Voids a lease of this window granted under another limit (an admin changed it) and returns its
-   * unspent requests, which the request asking now takes off the counter: they were counted in
+   * Voids a lease of this window granted under another limit (an admin changed it) and adds its
+   * unspent requests to the script's arguments, which the request asking now takes off the counter: they were counted in
    * Redis but never made, and left there they would refuse a lowered limit's first requests, or
    * shrink a raised one, for the rest of the window. Taken out of the table here, so it is given
    * back once even with several requests asking at the same time.
    */
-  private voidedRest(b: Bucket, now: number): number {
+  private pushVoidedRest(args: number[], b: Bucket, now: number): void {
     const held = this.lease && b.cost > 0 ? this.leases.get(b.key) : undefined;
-    if (!held || held.limit === b.limit) return 0;
+    if (!held || held.limit === b.limit) {
+      args.push(0, 0);
+      return;
+    }
     this.leases.delete(b.key);
-    return held.until > now ? held.left : 0;
+    // With the rest of its window (plus a second of clock and transit slack): Redis gives it back
+    // only to the counter that window began, not one begun after Redis lost it.
+    if (held.until > now) args.push(held.left, held.until - now + REFUND_SLACK_MS);
+    else args.push(0, 0);
   }
 
   /**

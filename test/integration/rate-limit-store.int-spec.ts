@@ -1,5 +1,5 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { SystemClock } from '../../src/core/clock.js';
+import { type Clock, ManualClock, SystemClock } from '../../src/core/clock.js';
 import { createLogger } from '../../src/core/logger.js';
 import { MemoryRateLimitStore } from '../../src/rate-limit/memory-rate-limit.store.js';
 import type { Bucket } from '../../src/rate-limit/rate-limit.store.js';
@@ -11,13 +11,14 @@ rateLimitStoreContract('memory', () => Promise.resolve({ store: new MemoryRateLi
 
 // The real Redis on this machine; every test gets its own key prefix.
 let prefix = '';
-const redisStore = async (fresh: boolean, leasePercent = 0, maxCounters?: number) => {
+const redisStore = async (fresh: boolean, leasePercent = 0, maxCounters?: number, clock: Clock = new SystemClock()) => {
   if (fresh) prefix = uniqueRedisPrefix('rl');
   const connections = await openTestRedis(prefix);
-  const lease = leasePercent > 0 ? { percent: leasePercent, clock: new SystemClock(), maxCounters } : undefined;
+  const lease = leasePercent > 0 ? { percent: leasePercent, clock, maxCounters } : undefined;
   return {
     store: new RedisRateLimitStore(connections.shared(), prefix, new MemoryRateLimitStore(new SystemClock()), createLogger('silent'), lease),
     counter: async (key: string) => Number((await connections.shared().call('GET', `${prefix}rl:${key}`)) ?? 0),
+    drop: (key: string) => connections.shared().call('DEL', `${prefix}rl:${key}`),
     close: async () => {
       if (fresh) await dropRedisPrefix(connections);
       await connections.onApplicationShutdown();
@@ -127,5 +128,27 @@ describe('RedisRateLimitStore leases (real Redis)', () => {
     await new Promise((resolve) => setTimeout(resolve, 250));
     const renewed = await subject.store.hit([req('k:win', 1000, 150)]);
     expect(renewed.states[0]?.used).toBe(1);
+  });
+
+  it('gives a voided lease back only to the window it was counted in, not to a counter Redis began again', async () => {
+    const clock = new ManualClock(Date.now());
+    const a = await redisStore(false, 2, undefined, clock);
+    const b = await redisStore(false, 2);
+    try {
+      // Instance a: one request and a lease of 20 under a limit of 1000, then 10 s of its window pass.
+      expect((await a.store.hit([req('k:lost', 1000)])).allowed).toBe(true);
+      clock.advance(10_000);
+      // Redis loses the counter (a restart without persistence); the limit is lowered to 30, and
+      // instance b admits 25 requests in the counter's new window.
+      await a.drop('k:lost');
+      let admitted = 0;
+      for (let i = 0; i < 25; i++) if ((await b.store.hit([req('k:lost', 30)])).allowed) admitted++;
+      // a's next request voids its lease: its 20 belong to a window that is gone, not to this one.
+      for (let i = 0; i < 30; i++) if ((await a.store.hit([req('k:lost', 30)])).allowed) admitted++;
+      expect(admitted).toBe(30);
+    } finally {
+      await a.close();
+      await b.close();
+    }
   });
 });
