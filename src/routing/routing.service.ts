@@ -121,10 +121,20 @@ export class RoutingService implements OnModuleInit, OnApplicationShutdown {
 
   /** `PUT /admin/routing`: a whole new table (already validated at the edge), 409 when stale. */
   async update(body: RoutingTableBody, change: TableChange): Promise<RoutingTable> {
+    await this.checkForToday(body);
+    return this.append(body, change);
+  }
+
+  /**
+   * What a stored table must also pass under this instance's config and data, beyond its own
+   * validation: no default above DEFAULT_MAX_TOKENS where no cap applies, overrides of departments
+   * that exist. A table is checked so whenever it is written, a rollback's too: one valid when it
+   * was first written (under a higher DEFAULT_MAX_TOKENS) would be stored and quietly lowered.
+   */
+  private async checkForToday(body: RoutingTableBody): Promise<void> {
     const capped = implicitCapProblems(body, this.config.routing.defaultMaxTokens);
     if (capped.length > 0) throw invalid(capped);
     await this.checkDepartments(body.department_overrides ?? [], 'department_overrides');
-    return this.append(body, change);
   }
 
   /** `PUT /admin/routing/departments/{id}`: replaces one department's overrides, as a new version. */
@@ -157,6 +167,7 @@ export class RoutingService implements OnModuleInit, OnApplicationShutdown {
   async rollback(target: number, change: Omit<TableChange, 'basedOn'> & { basedOn?: number }): Promise<RoutingTable> {
     const old = await this.versions.get(target);
     if (!old) throw new GatewayError('not_found', `No routing table version ${target}.`);
+    await this.checkForToday(bodyOf(old));
     const comment = change.comment ?? `rollback to version ${target}`;
     if (change.basedOn !== undefined) return this.append(bodyOf(old), { ...change, basedOn: change.basedOn, comment }, target);
     // Racing another writer is fine here (the caller asked for "this table now"), so retry on a lost race.

@@ -1,4 +1,6 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { AppConfig } from '../../src/config/config.js';
+import { RoutingVersionsRepository } from '../../src/routing/routing-versions.repository.js';
 import { startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 
 interface Rule {
@@ -184,6 +186,24 @@ describe('routing tables changed at runtime (admin API, versions, resolve; PGlit
     expect((await admin.api.post<ErrorBody>('/admin/routing/rollback/9999', {})).status).toBe(404);
     const stale = await admin.api.post<ErrorBody>('/admin/routing/rollback/1', { version: now.version });
     expect(stale).toMatchObject({ status: 409, body: { error: { code: 'conflict' } } });
+  });
+
+  it('refuses a rollback to a table today\'s config refuses, as a PUT of it would be', async () => {
+    // A version written under a higher DEFAULT_MAX_TOKENS (an instance configured so): its general
+    // rule, without a cap of its own, defaults to more than this instance's DEFAULT_MAX_TOKENS.
+    const cap = gw.gateway.app.get(AppConfig).routing.defaultMaxTokens;
+    const now = await current();
+    const rules = now.rules.map((r) => (r.task_type === 'general' ? { ...r, max_tokens: undefined, default_max_tokens: cap + 1 } : r));
+    const written = await gw.gateway.app
+      .get(RoutingVersionsRepository)
+      .append({ basedOn: now.version, body: { default_task_type: now.default_task_type, rules, allowed_models: null }, author: 'older-release', comment: null });
+    expect(written).toBeDefined();
+    const back = await put({ rules: now.rules });
+    expect(back.status).toBe(200);
+    const refused = await admin.api.post<ErrorBody>(`/admin/routing/rollback/${written?.version}`, {});
+    expect(refused).toMatchObject({ status: 400, body: { error: { code: 'invalid_value' } } });
+    expect(refused.body.error.param).toMatch(/default_max_tokens/);
+    expect((await current()).version).toBe(back.body.version);
   });
 
   it('resolve answers exactly what a real request then gets, department overrides included', async () => {
