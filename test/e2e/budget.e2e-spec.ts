@@ -231,6 +231,13 @@ describe('budgets, costs and spend over HTTP (stub upstream, PGlite)', () => {
       expect((await alice.api.put(`/admin/pricing/${MINI}`, { prompt: '0', completion: '0' })).status).toBe(403);
     });
 
+    it('names the model asked about when it is priced at the fallback (GET, and DELETE of its only override)', async () => {
+      const unpriced = `acme/unpriced-${Date.now()}`;
+      expect((await gw.admin.get<PriceView>(`/admin/pricing/${unpriced}`)).body).toMatchObject({ model: unpriced, source: 'fallback' });
+      expect((await gw.admin.put<PriceView>(`/admin/pricing/${unpriced}`, { prompt: '0.000001', completion: '0.000002' })).status).toBe(200);
+      expect((await gw.admin.delete<PriceView>(`/admin/pricing/${unpriced}`)).body).toMatchObject({ model: unpriced, source: 'fallback' });
+    });
+
     it('reserves an unpriced model at the conservative fallback price, and charges it at that price', async () => {
       const mystery = 'acme/mystery-1';
       // Enough for the cheap model's worst case, far from enough for the fallback price's.

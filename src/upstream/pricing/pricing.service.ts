@@ -87,6 +87,12 @@ export class PricingService implements OnModuleInit, OnApplicationShutdown {
     return this.effective.get(model) ?? this.fallback;
   }
 
+  /** The price in force for `model`, named as asked: the fallback entry itself is named `*`. */
+  entryFor(model: string): PriceEntry {
+    const price = this.priceOf(model);
+    return price.model === model ? price : { ...price, model };
+  }
+
   list(): { data: PriceEntry[]; fallback: PriceEntry; upstreamRefreshedAt: Date | undefined } {
     const data = [...this.effective.values()].sort((a, b) => a.model.localeCompare(b.model));
     return { data, fallback: this.fallback, upstreamRefreshedAt: this.upstreamRefreshedAt };
@@ -112,7 +118,7 @@ export class PricingService implements OnModuleInit, OnApplicationShutdown {
     if (deleted === 0) throw new GatewayError('not_found', `No price override for model '${model}'.`);
     this.overrides.delete(model);
     this.rebuild();
-    return this.priceOf(model);
+    return this.entryFor(model);
   }
 
   /** Fetches the upstream's /models now; concurrent calls share one fetch. */

@@ -30,7 +30,7 @@ export class PricingAdminController {
   @Get('*')
   @ApiParam({ name: '*', description: 'model id, e.g. openai/gpt-4o-mini' })
   get(@Param('*') model: string) {
-    return priceView(this.pricing.priceOf(modelParam(model)));
+    return priceView(this.pricing.entryFor(modelParam(model)));
   }
 
   @Put('*')
