@@ -1,5 +1,4 @@
 import { type ChatCompletion, type ChatCompletionChunk, isRecord } from '../../libs/openai-contract/src/index.js';
-import { reportsFailure } from '../upstream/llm-client.js';
 
 // Delta fields a cached stream may carry. Anything else (tool_calls, function_call, audio, …)
 // makes the stream uncacheable rather than half-cached.
@@ -50,8 +49,9 @@ export class StreamAssembler {
   /** Takes one parsed chunk; returns `replayable`. */
   add(chunk: unknown): boolean {
     if (this.refused) return false;
-    // `"error": null`, which some providers put in every chunk, is no error (as for a JSON answer).
-    if (!isRecord(chunk) || !Array.isArray(chunk.choices) || reportsFailure(chunk as unknown as ChatCompletion)) return this.fail();
+    // A chunk that reports a failure (as reportsFailure reads a JSON answer): an error, or a choice
+    // finished as "error" (below). `"error": null`, which some providers put in every chunk, is none.
+    if (!isRecord(chunk) || (chunk.error !== undefined && chunk.error !== null) || !Array.isArray(chunk.choices)) return this.fail();
     this.head ??= chunk;
     if (isRecord(chunk.usage)) this.usage = chunk.usage;
     for (const raw of chunk.choices as unknown[]) {
@@ -79,7 +79,10 @@ export class StreamAssembler {
           }
         }
       }
-      if (typeof raw.finish_reason === 'string') choice.finish = raw.finish_reason;
+      if (typeof raw.finish_reason === 'string') {
+        if (raw.finish_reason === 'error') return this.fail();
+        choice.finish = raw.finish_reason;
+      }
     }
     return true;
   }
