@@ -1,13 +1,13 @@
 import { BullRegistrar, InjectQueue, OnWorkerEvent, WorkerHost } from '@nestjs/bullmq';
 import { Inject, Injectable } from '@nestjs/common';
-import type { Job, Queue } from 'bullmq';
+import { DelayedError, type Job, type Queue } from 'bullmq';
 import { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import { withTimeout } from '../core/deadline.js';
 import { LogThrottle } from '../core/log-throttle.js';
 import { AppLogger } from '../core/logger.js';
 import type { ReadinessReport } from '../health/readiness.js';
-import { settlesWithin, type JobHandler, JobQueue, type JobQueueOptions, type QueueCounts, queueFull, queueUnavailable } from './job-queue.js';
+import { RecheckJobError, settlesWithin, type JobHandler, JobQueue, type JobQueueOptions, type QueueCounts, queueFull, queueUnavailable } from './job-queue.js';
 
 /** BullMQ queue name; the prefix (from REDIS_KEY_PREFIX) keeps deployments sharing a Redis apart. */
 export const JOBS_QUEUE_NAME = 'jobs';
@@ -104,9 +104,19 @@ export class JobsWorkerHost extends WorkerHost {
   }
 
   // Three declared parameters: BullMQ passes the abort signal only to a processor whose length is 3.
-  async process(job: Job, _token?: string, signal?: AbortSignal): Promise<void> {
+  async process(job: Job, token?: string, signal?: AbortSignal): Promise<void> {
     if (!this.handler) throw new Error('BullMQ job before JobQueue.start()');
-    await this.handler.run(jobIdOf(job), signal ?? new AbortController().signal);
+    try {
+      await this.handler.run(jobIdOf(job), signal ?? new AbortController().signal);
+    } catch (error) {
+      // Delayed by hand and not failed: a failure would count towards `attempts`, and BullMQ's
+      // last one makes onFailed dead-letter a job that another worker is still running.
+      if (error instanceof RecheckJobError && token !== undefined) {
+        await job.moveToDelayed(Date.now() + error.delayMs, token);
+        throw new DelayedError();
+      }
+      throw error;
+    }
   }
 
   @OnWorkerEvent('failed')

@@ -1,6 +1,16 @@
 import type { GatewayError } from '../core/errors.js';
 import type { ReadinessReport } from '../health/readiness.js';
-import { delayFor, settlesWithin, type JobHandler, JobQueue, type JobQueueOptions, type QueueCounts, queueFull, queueUnavailable } from './job-queue.js';
+import {
+  delayFor,
+  settlesWithin,
+  type JobHandler,
+  JobQueue,
+  type JobQueueOptions,
+  type QueueCounts,
+  queueFull,
+  queueUnavailable,
+  RecheckJobError,
+} from './job-queue.js';
 
 const DEFAULT_SHUTDOWN_GRACE_MS = 10_000;
 // After the grace period running jobs are aborted; this bounds the wait for them to notice.
@@ -141,7 +151,10 @@ export class InlineJobQueue extends JobQueue {
       this.tries.delete(jobId);
       return;
     }
-    if (tries >= this.options.maxTries) {
+    if (error instanceof RecheckJobError) {
+      // Nothing ran: only waiting for a run elsewhere, which must never bring the job nearer to abandon().
+      this.tries.set(jobId, tries - 1);
+    } else if (tries >= this.options.maxTries) {
       this.tries.delete(jobId);
       // abandon() records the job as dead-lettered; if even that fails, the runtime's sweep requeues it.
       void handler.abandon(jobId, error).catch(() => undefined);

@@ -51,7 +51,8 @@ export interface JobHandler {
   /**
    * One try of a job. Returning means the job reached a final state (or needs nothing); throwing
    * asks the queue to try again later: after `RetryJobError.delayMs`, or the queue's own backoff
-   * for any other error (a failure of the bookkeeping itself, e.g. the database away).
+   * for any other error (a failure of the bookkeeping itself, e.g. the database away). A
+   * `RecheckJobError` is not counted against the queue's tries.
    */
   run(jobId: string, signal: AbortSignal): Promise<void>;
   /** The queue gave up after its own cap on tries: the job must end dead-lettered, not vanish. */
@@ -86,6 +87,19 @@ export class RetryJobError extends Error {
   ) {
     super(message);
     this.name = 'RetryJobError';
+  }
+}
+
+/**
+ * Thrown by a handler: another worker holds the job right now (its run is alive), so this
+ * delivery did nothing, and the queue should ask again after `delayMs`. Not a try: it does not
+ * use up the queue's own tries, or a long run elsewhere would end with the queue giving up on
+ * (and dead-lettering) a job that is still running and will store its charged result.
+ */
+export class RecheckJobError extends RetryJobError {
+  constructor(delayMs: number, message: string) {
+    super(delayMs, message);
+    this.name = 'RecheckJobError';
   }
 }
 

@@ -13,7 +13,7 @@ import { AppLogger } from '../core/logger.js';
 import { isDataError } from '../database/sql-errors.js';
 import type { Principal } from '../identity/principal.js';
 import { JobCallbacks } from './job-callbacks.js';
-import { exponentialBackoff, type JobHandler, RetryJobError } from './job-queue.js';
+import { exponentialBackoff, type JobHandler, RecheckJobError, RetryJobError } from './job-queue.js';
 import type { JobRecord } from './job.types.js';
 import { JobsRepository, type KeyState } from './jobs.repository.js';
 
@@ -54,6 +54,14 @@ const RESULT_NOT_STORED: ErrorBody = {
 
 const ABANDONED: ErrorBody = {
   message: 'The job queue gave up on this job after repeated internal failures; an admin can retry it from the dead-letter queue.',
+  type: 'api_error',
+  code: 'internal_error',
+  param: null,
+};
+
+const WORKER_LOST: ErrorBody = {
+  message:
+    'The job used up its tries without any of them recording an outcome (its worker stopped during each, e.g. killed for memory); it was not run again. An admin can retry it from the dead-letter queue.',
   type: 'api_error',
   code: 'internal_error',
   param: null,
@@ -101,6 +109,13 @@ export class JobProcessor implements JobHandler {
    * upstream again.
    */
   private readonly runningHere = new Set<string>();
+  /**
+   * Jobs whose try in this process ended without writing its outcome (the database failed the
+   * bookkeeping), by the try's attempt number and when it ended. The row still says `running`
+   * with a fresh heartbeat, yet nothing runs it: this process's next delivery of the job takes it
+   * over at once instead of waiting for the heartbeat to go stale.
+   */
+  private readonly endedUnrecorded = new Map<string, { attempt: number; atMs: number }>();
 
   constructor(
     private readonly repo: JobsRepository,
@@ -132,22 +147,49 @@ export class JobProcessor implements JobHandler {
 
   private async runHere(jobId: string, signal: AbortSignal): Promise<void> {
     const now = this.clock.now();
-    const started = await this.repo.start(jobId, now, new Date(now.getTime() - this.timing.staleMs));
+    const started = await this.repo.start(jobId, now, new Date(now.getTime() - this.timing.staleMs), this.endedUnrecorded.get(jobId)?.attempt);
+    this.endedUnrecorded.delete(jobId);
     if (started === 'running_elsewhere') {
-      // Its queue lock lapsed (Redis away, a blocked event loop) but its heartbeat did not. If it
-      // finishes, it stores the outcome; if it dies, its heartbeat stops and the sweep or the
-      // stalled-job check delivers the job again, to a start() that then takes it over.
-      this.logger.info({ jobId }, 'job is running elsewhere; this delivery leaves it to that run');
-      return;
+      // Its queue lock lapsed (Redis away, a blocked event loop) but its heartbeat did not, or its
+      // try ended in another process whose bookkeeping failed. Returning would let the queue drop
+      // the job until the 5-minute sweep; asked again once a dead run's heartbeat is stale, this
+      // finds the job finished (a no-op) or takes it over.
+      this.logger.info({ jobId }, 'job is running elsewhere; this delivery leaves it to that run and checks again later');
+      throw new RecheckJobError(this.timing.staleMs, 'the job is running elsewhere');
     }
     // Finished already (a repeated delivery) or removed (its submit was refused): nothing to do.
     if (!started) return;
+    // start() counted this try too, so a job whose every try lost its worker (OOM, SIGKILL) gets
+    // here past the cap: the failure path, which dead-letters at the cap, never saw those tries
+    // end, and running it again would be charged again and could crash its process again.
+    if (started.job.attempts > this.config.jobs.maxAttempts) {
+      await this.workerLost(started.job);
+      return;
+    }
     const heartbeat = this.heartbeat(started.job.id);
     try {
       await this.runTry(started.job, started.key, signal);
+    } catch (error) {
+      if (!(error instanceof RetryJobError)) this.rememberEndedUnrecorded(started.job);
+      throw error;
     } finally {
       clearInterval(heartbeat);
     }
+  }
+
+  private rememberEndedUnrecorded(job: JobRecord): void {
+    const nowMs = this.clock.nowMs();
+    // Older ones are stale by now, and any delivery takes them over anyway.
+    for (const [id, ended] of this.endedUnrecorded) if (ended.atMs <= nowMs - this.timing.staleMs) this.endedUnrecorded.delete(id);
+    this.endedUnrecorded.set(job.id, { attempt: job.attempts, atMs: nowMs });
+  }
+
+  private async workerLost(job: JobRecord): Promise<void> {
+    this.logger.error({ jobId: job.id, attempts: job.attempts - 1 }, 'job used up its tries without an outcome (its worker was lost); dead-lettering it');
+    // Not counted: this try never ran; the job shows the tries that did.
+    const failed = await this.repo.fail(job.id, WORKER_LOST, true, this.clock.now(), false);
+    this.finished(failed, 'dead_lettered:worker_lost');
+    if (failed) await this.auditEnded(failed, 'internal_error');
   }
 
   private async runTry(job: JobRecord, key: KeyState | null, signal: AbortSignal): Promise<void> {

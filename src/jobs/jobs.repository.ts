@@ -130,15 +130,21 @@ export class JobsRepository {
    * same round trip. A running job is taken over only when its heartbeat stopped before
    * `staleBefore` (its worker died): a live run that merely lost its queue lock must not be run
    * twice, which would call and charge the upstream twice. `'running_elsewhere'` is that refusal;
-   * undefined, a job that is finished or gone.
+   * undefined, a job that is finished or gone. `orphanedAttempt`: a try of this process that ended
+   * without writing its outcome, whose row is taken over at once if no other try took it since.
    */
-  async start(id: string, now: Date, staleBefore: Date): Promise<{ job: JobRecord; key: KeyState | null } | 'running_elsewhere' | undefined> {
+  async start(
+    id: string,
+    now: Date,
+    staleBefore: Date,
+    orphanedAttempt?: number,
+  ): Promise<{ job: JobRecord; key: KeyState | null } | 'running_elsewhere' | undefined> {
     const rows = await this.db.query<Row[]>(
       `WITH started AS (
          UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, $2), updated_at = $2,
                          -- Running proves it was queued, even if its submitter could not record that.
                          enqueued_at = COALESCE(enqueued_at, $2)
-          WHERE id = $1 AND (status = 'queued' OR (status = 'running' AND updated_at <= $3))
+          WHERE id = $1 AND (status = 'queued' OR (status = 'running' AND (updated_at <= $3 OR attempts = $4)))
           RETURNING *)
        SELECT s.*, k.prefix AS key_prefix, k.role AS key_role, k.cache_scope AS key_cache_scope, k.expires_at AS key_expires_at
          FROM started s
@@ -146,7 +152,7 @@ export class JobsRepository {
                       FROM api_keys ak JOIN users u ON u.id = ak.user_id JOIN departments d ON d.id = u.department_id
                      WHERE ak.revoked_at IS NULL AND u.disabled_at IS NULL AND d.disabled_at IS NULL) k
            ON k.id = s.key_id`,
-      [id, now, staleBefore],
+      [id, now, staleBefore, orphanedAttempt ?? null],
     );
     const row = rows[0];
     if (row) return { job: toRecord(row), key: keyState(row) ?? null };
@@ -211,14 +217,16 @@ export class JobsRepository {
   /**
    * The try failed for good; `deadLettered` puts the job in the dead-letter queue, at
    * `completed_at`, which `dead_lettered_at` keeps after an admin retry clears it (deadListPlace).
+   * `counted: false` for a try start() counted but that never ran (refused before the pipeline).
    */
-  async fail(id: string, error: ErrorBody, deadLettered: boolean, now: Date): Promise<JobRecord | undefined> {
+  async fail(id: string, error: ErrorBody, deadLettered: boolean, now: Date, counted = true): Promise<JobRecord | undefined> {
     const rows = await this.changed(
       `UPDATE jobs SET status = 'failed', error = $2::jsonb, dead_lettered = $3, completed_at = $4, updated_at = $4,
-                       dead_lettered_at = CASE WHEN $3 THEN $4 ELSE dead_lettered_at END
+                       dead_lettered_at = CASE WHEN $3 THEN $4 ELSE dead_lettered_at END,
+                       attempts = CASE WHEN $5 THEN attempts ELSE GREATEST(attempts - 1, 0) END
         WHERE id = $1 AND ${UNFINISHED}
         RETURNING *`,
-      [id, jsonb(error), deadLettered, now],
+      [id, jsonb(error), deadLettered, now, counted],
     );
     return rows[0] ? toRecord(rows[0]) : undefined;
   }

@@ -13,7 +13,7 @@ import type { OpenedDatabase } from '../../src/database/data-source.js';
 import type { Principal } from '../../src/identity/principal.js';
 import type { JobCallbacks } from '../../src/jobs/job-callbacks.js';
 import { JobProcessor, type JobRunTiming } from '../../src/jobs/job.processor.js';
-import { RetryJobError } from '../../src/jobs/job-queue.js';
+import { RecheckJobError, RetryJobError } from '../../src/jobs/job-queue.js';
 import type { JobRecord, NewJob } from '../../src/jobs/job.types.js';
 import { JobsRepository } from '../../src/jobs/jobs.repository.js';
 import { DB_KINDS } from '../support/databases.js';
@@ -51,6 +51,15 @@ class FlakyResultWrites extends JobsRepository {
   /** What a failing write throws: a dropped connection unless a test says otherwise. */
   failure: () => Error = () => new Error('connection terminated');
   heartbeatsFail = false;
+  /** How many of the next writes putting a job back to queued fail. */
+  retryLaterFailures = 0;
+  override async retryLater(...args: Parameters<JobsRepository['retryLater']>): Promise<void> {
+    if (this.retryLaterFailures > 0) {
+      this.retryLaterFailures -= 1;
+      throw new Error('connection terminated unexpectedly');
+    }
+    return super.retryLater(...args);
+  }
   override async heartbeat(...args: Parameters<JobsRepository['heartbeat']>): Promise<void> {
     if (this.heartbeatsFail) throw new Error('connection terminated');
     return super.heartbeat(...args);
@@ -138,7 +147,8 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
     const { job } = await repo.insert(newJob(), clock.now());
     await repo.start(job.id, clock.now(), clock.now());
     const fresh = new FakeCompletions(() => outcomeWith('too early'));
-    await processor(fresh).run(job.id, new AbortController().signal);
+    // Not a plain return, which would let the queue drop the job: it asks again once a dead run would be stale.
+    await expect(processor(fresh).run(job.id, new AbortController().signal)).rejects.toBeInstanceOf(RecheckJobError);
     expect(fresh.calls).toHaveLength(0);
     expect(await repo.find(job.id)).toMatchObject({ status: 'running', attempts: 1 });
 
@@ -354,5 +364,77 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
         details: expect.objectContaining({ door: 'job', outcome: 'internal_error' }),
       }),
     ]);
+  });
+  it('runs a job on the next delivery when the write putting it back to queued failed, instead of leaving it running with nobody running it', async () => {
+    const completions = new FakeCompletions((call) => {
+      if (completions.calls.length === 1) {
+        call.audited = true;
+        throw new GatewayError('upstream_error', 'The upstream failed with HTTP 503.');
+      }
+      return outcomeWith('second try');
+    });
+    const jobs = processor(completions);
+    const { job } = await repo.insert(newJob(), clock.now());
+    repo.retryLaterFailures = 1;
+    try {
+      // A plain error, not RetryJobError: the queue delivers the job again after its own backoff.
+      const first = await jobs.run(job.id, new AbortController().signal).catch((error: unknown) => error);
+      expect(first).toBeInstanceOf(Error);
+      expect(first).not.toBeInstanceOf(RetryJobError);
+    } finally {
+      repo.retryLaterFailures = 0;
+    }
+    // The row still says running, with a fresh heartbeat (the queue's retry comes within seconds).
+    expect(await repo.find(job.id)).toMatchObject({ status: 'running', attempts: 1 });
+
+    await jobs.run(job.id, new AbortController().signal);
+    expect(completions.calls.map((c) => c.requestId)).toEqual([`job-${job.id}-1`, `job-${job.id}-2`]);
+    expect(await repo.find(job.id)).toMatchObject({ status: 'completed', attempts: 2, result: { choices: [{ message: { content: 'second try' } }] } });
+  });
+
+  describe('a job whose worker died during each of its JOBS_MAX_ATTEMPTS (3) tries', () => {
+    /** One try that began and then lost its process: counted by start(), its heartbeat stopped long ago. */
+    async function crashedTry(id: string): Promise<void> {
+      expect(await repo.start(id, clock.now(), clock.now())).toBeTypeOf('object');
+      await db.dataSource.query(`UPDATE jobs SET updated_at = $2 WHERE id = $1`, [id, new Date(clock.nowMs() - 60_000)]);
+    }
+
+    async function expectDeadLetteredUnrun(id: string, completions: FakeCompletions): Promise<void> {
+      expect(completions.calls).toHaveLength(0);
+      const stored = await repo.find(id);
+      expect(stored).toMatchObject({ status: 'failed', deadLettered: true, attempts: 3, result: null, error: { code: 'internal_error', type: 'api_error' } });
+      expect(stored?.error?.message).toContain('worker stopped');
+      expect(await repo.listDead(1000, undefined)).toContainEqual(expect.objectContaining({ id }));
+      // The audit row of the last try, which its lost process may never have written.
+      expect(await auditRows(`job-${id}-3`)).toEqual([
+        expect.objectContaining({
+          action: 'completion',
+          status: 500,
+          actor_key_id: principal.keyId,
+          details: expect.objectContaining({ door: 'job', outcome: 'internal_error' }),
+        }),
+      ]);
+    }
+
+    it('is dead-lettered, not run a 4th time, when a delivery takes its stale run over (sweep, BullMQ stalled check)', async () => {
+      const { job } = await repo.insert(newJob(), clock.now());
+      for (let i = 0; i < 3; i += 1) await crashedTry(job.id);
+      const completions = new FakeCompletions(() => outcomeWith('a 4th charge'));
+      await processor(completions).run(job.id, new AbortController().signal);
+      await expectDeadLetteredUnrun(job.id, completions);
+    });
+
+    it('is dead-lettered, not run again, at the next start of the inline queue (requeueRunning)', async () => {
+      const { job } = await repo.insert(newJob(), clock.now());
+      for (let i = 0; i < 3; i += 1) {
+        await crashedTry(job.id);
+        // What the inline queue's runtime does at each start of the gateway.
+        await repo.requeueRunning(clock.now());
+      }
+      expect(await repo.find(job.id)).toMatchObject({ status: 'queued', attempts: 3 });
+      const completions = new FakeCompletions(() => outcomeWith('a 4th charge'));
+      await processor(completions).run(job.id, new AbortController().signal);
+      await expectDeadLetteredUnrun(job.id, completions);
+    });
   });
 });

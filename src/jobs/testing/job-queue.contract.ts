@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { GatewayError } from '../../core/errors.js';
-import { type JobHandler, JobQueue, type JobQueueOptions, RetryJobError } from '../job-queue.js';
+import { type JobHandler, JobQueue, type JobQueueOptions, RecheckJobError, RetryJobError } from '../job-queue.js';
 
 export interface OpenedQueue {
   queue: JobQueue;
@@ -128,6 +128,18 @@ export function jobQueueContract(name: string, factory: QueueFactory): void {
       expect(handler.triesOf(id)).toBe(3);
       expect((handler.abandoned[0]?.error as Error).message).toBe('database away');
       await eventually(async () => expect(await queue.counts()).toEqual({ waiting: 0, active: 0, delayed: 0 }));
+    });
+
+    it('asks again after a RecheckJobError however often, without counting it towards its cap (no abandon())', async () => {
+      const queue = await open({ maxTries: 2 });
+      // A run elsewhere outlasting the cap several times over: each delivery only finds it still running.
+      const handler = new RecordingHandler((_id, tryNo) => (tryNo <= 5 ? Promise.reject(new RecheckJobError(5, 'running elsewhere')) : Promise.resolve()));
+      queue.start(handler);
+      const id = newId();
+      await queue.submit(id);
+      await eventually(() => expect(handler.triesOf(id)).toBe(6));
+      await eventually(async () => expect(await queue.counts()).toEqual({ waiting: 0, active: 0, delayed: 0 }));
+      expect(handler.abandoned).toEqual([]);
     });
 
     it('never runs more jobs at once than its concurrency', async () => {
