@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
+import { leaveMidway, startTestGateway, type TestGateway } from '../support/gateway.js';
 
 interface OtlpSpan {
   traceId: string;
@@ -121,17 +121,7 @@ describe('tracing: a caller that leaves after its body was read', () => {
     const leave = async (body: Record<string, unknown>, afterFirstChunk: boolean) => {
       const traceId = randomBytes(16).toString('hex');
       traces.push(traceId);
-      const leaving = new AbortController();
-      const pending = fetch(`${gw.url}/v1/chat/completions`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${erin.key}`, 'content-type': 'application/json', traceparent: `00-${traceId}-${randomBytes(8).toString('hex')}-01` },
-        body: JSON.stringify({ model: 'auto', messages: [{ role: 'user', content: `leaving ${randomBytes(4).toString('hex')}` }], ...body }),
-        signal: leaving.signal,
-      });
-      if (afterFirstChunk) await (await pending).body?.getReader().read();
-      else await pollUntil(() => expect(gw.stub.hits).toBeGreaterThan(0));
-      leaving.abort();
-      await pending.catch(() => undefined);
+      await leaveMidway(gw, erin.key, body, { afterFirstChunk, headers: { traceparent: `00-${traceId}-${randomBytes(8).toString('hex')}-01` } });
     };
     gw.stub.configure({ latencyMs: 1500 });
     await leave({}, false);

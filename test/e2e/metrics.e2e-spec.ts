@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { ApiClient, pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
+import { ApiClient, leaveMidway, pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
 
 interface Sample {
   name: string;
@@ -122,19 +122,7 @@ describe('GET /metrics (Prometheus, same port, no key)', () => {
   it('counts a request whose caller left before the answer as 499, and a stream it left as its 200', async () => {
     const erin = await gw.tenants.create();
     const before = await scrape();
-    const leave = async (body: Record<string, unknown>, afterFirstChunk: boolean) => {
-      const leaving = new AbortController();
-      const pending = fetch(`${gw.url}/v1/chat/completions`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${erin.key}`, 'content-type': 'application/json' },
-        body: JSON.stringify({ model: 'auto', messages: [{ role: 'user', content: `leaving ${JSON.stringify(body)}` }], ...body }),
-        signal: leaving.signal,
-      });
-      if (afterFirstChunk) await (await pending).body?.getReader().read();
-      else await pollUntil(() => expect(gw.stub.hits).toBeGreaterThan(0));
-      leaving.abort();
-      await pending.catch(() => undefined);
-    };
+    const leave = (body: Record<string, unknown>, afterFirstChunk: boolean) => leaveMidway(gw, erin.key, body, { afterFirstChunk });
     gw.stub.configure({ latencyMs: 1500 });
     await leave({}, false);
     gw.stub.configure({ latencyMs: 0, chunkDelayMs: 300, completionTokens: 20 });

@@ -1,10 +1,12 @@
 import { randomBytes } from 'node:crypto';
 import OpenAI from 'openai';
 import type { Logger } from 'pino';
+import { expect } from 'vitest';
 import { startStubUpstream, type StubUpstream } from '../../libs/stub-upstream/src/index.js';
 import { type AppConfig, type Env, loadConfig } from '../../src/config/config.js';
 import type { Clock } from '../../src/core/clock.js';
 import { createLogger } from '../../src/core/logger.js';
+import { pollUntil } from '../../src/core/testing/poll-until.js';
 import { createGateway, type Gateway } from '../../src/gateway.js';
 import { createTestDatabase, type DbKind, type TestDatabase } from './databases.js';
 import { startTcpProxy, type TcpProxy } from './redis.js';
@@ -234,3 +236,29 @@ export async function postSse(gw: TestGateway, key: string, body: Record<string,
     .map((block) => block.slice('data: '.length));
   return { status: res.status, headers: res.headers, events, text };
 }
+
+/**
+ * A caller that leaves a chat completion midway: a JSON call once the upstream has it (the stub's
+ * hit counter moved), a stream once its first bytes arrived (`afterFirstChunk`). Resolves when the
+ * caller has hung up.
+ */
+export async function leaveMidway(
+  gw: TestGateway,
+  key: string,
+  body: Record<string, unknown>,
+  options: { afterFirstChunk: boolean; headers?: Record<string, string> },
+): Promise<void> {
+  const leaving = new AbortController();
+  const hitsBefore = gw.stub.hits;
+  const pending = fetch(`${gw.url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json', ...options.headers },
+    body: JSON.stringify({ model: 'auto', messages: [{ role: 'user', content: `leaving ${randomBytes(4).toString('hex')}` }], ...body }),
+    signal: leaving.signal,
+  });
+  if (options.afterFirstChunk) await (await pending).body?.getReader().read();
+  else await pollUntil(() => expect(gw.stub.hits).toBeGreaterThan(hitsBefore));
+  leaving.abort();
+  await pending.catch(() => undefined);
+}
+
