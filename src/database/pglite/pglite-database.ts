@@ -15,7 +15,7 @@
  * cheaper than initdb, and the migrations have already run.
  */
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { dirname, join, resolve } from 'node:path';
+import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { PGlite } from '@electric-sql/pglite';
 import { withPgliteSession } from './pglite-pg-driver.js';
@@ -57,8 +57,11 @@ export async function openPglite(opts: OpenPgliteOptions): Promise<PGlite> {
   mkdirSync(dir, { recursive: true });
   const releaseLock = lockDataDir(dir);
   try {
-    const hasDatabase = existsSync(join(dir, 'PG_VERSION'));
-    const db = await PGlite.create(dir, { startParams: START_PARAMS, ...(opts.loadDataDir && !hasDatabase ? { loadDataDir: opts.loadDataDir } : {}) });
+    const load = opts.loadDataDir && !existsSync(join(dir, 'PG_VERSION')) ? opts.loadDataDir : undefined;
+    const db = await PGlite.create(dir, { startParams: START_PARAMS, ...(load ? { loadDataDir: load } : {}) });
+    // A template dumped from a directory holds that directory's lock file, with its owner's pid,
+    // and loading it has just written that over ours.
+    if (load) writeFileSync(lockPathOf(dir), String(process.pid));
     holdLockUntilClosed(db, releaseLock);
     return db;
   } catch (error) {
@@ -85,30 +88,44 @@ export async function dumpPgliteTemplate(db: PGlite, opts: DumpPgliteTemplateOpt
 // PGlite happily opens a directory another PGlite instance already has open (its postmaster.pid
 // holds a fake pid), and two single-user backends writing the same files corrupt the database.
 // The API and the worker role (`start:worker`) would do exactly that with the default data dir, so
-// a sibling `<dir>.lock` file records the owning pid: a live other process means refusal; a dead
-// one (or our own pid left behind, e.g. by a container restart reusing pid 1) means a stale lock.
+// a `gatehouse.lock` file records the owning pid: a live other process means refusal; a dead one
+// (or our own pid left behind, e.g. by a container restart reusing pid 1) means a stale lock.
+//
+// The lock lives inside the directory, the one place the process is sure to own: the image makes
+// only /app/data writable, not /app beside it. PostgreSQL and PGlite ignore the extra file (initdb
+// included), and it travels in dumps like any other. Earlier versions kept `<dir>.lock` beside the
+// directory: one of those still running is respected, a stale one removed where we may.
+// (test/integration/pglite-data-dir.int-spec.ts)
 
+const LOCK_FILE = 'gatehouse.lock';
 const locksHeld = new Set<string>();
 let exitHookInstalled = false;
 
+function lockPathOf(dir: string): string {
+  return join(dir, LOCK_FILE);
+}
+
 function lockDataDir(dir: string): () => void {
-  const lockPath = `${dir}.lock`;
+  const lockPath = lockPathOf(dir);
   if (locksHeld.has(lockPath)) {
     throw new Error(`PGlite data directory ${dir} is already open in this process; close it first.`);
   }
-  mkdirSync(dirname(lockPath), { recursive: true });
+  const legacyPath = `${dir}.lock`;
+  const legacyOwner = lockOwner(legacyPath);
+  if (legacyOwner !== undefined) {
+    if (isOtherLiveProcess(legacyOwner)) throw inUse(dir, legacyOwner, legacyPath);
+    try {
+      rmSync(legacyPath, { force: true });
+    } catch {
+      // A parent we may not write to (the image's /app): the stale file stays, and stays harmless.
+    }
+  }
   try {
     writeFileSync(lockPath, String(process.pid), { flag: 'wx' });
   } catch (error) {
     if (!isErrnoException(error) || error.code !== 'EEXIST') throw error;
-    const owner = Number.parseInt(readFileSync(lockPath, 'utf8').trim(), 10);
-    if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && isProcessAlive(owner)) {
-      throw new Error(
-        `PGlite data directory ${dir} is in use by process ${owner} (lock file ${lockPath}). ` +
-          'An embedded database belongs to one process; use PostgreSQL to share it.',
-        { cause: error },
-      );
-    }
+    const owner = lockOwner(lockPath);
+    if (owner !== undefined && isOtherLiveProcess(owner)) throw inUse(dir, owner, lockPath, error);
     writeFileSync(lockPath, String(process.pid));
   }
   locksHeld.add(lockPath);
@@ -141,6 +158,31 @@ function holdLockUntilClosed(db: PGlite, releaseLock: () => void): void {
       releaseLock();
     }
   };
+}
+
+/** The pid a lock file names; undefined when there is no such file (or no pid in it). */
+function lockOwner(path: string): number | undefined {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (error) {
+    if (isErrnoException(error) && error.code === 'ENOENT') return undefined;
+    throw error;
+  }
+  const pid = Number.parseInt(text.trim(), 10);
+  return Number.isInteger(pid) && pid > 0 ? pid : undefined;
+}
+
+function isOtherLiveProcess(pid: number): boolean {
+  return pid !== process.pid && isProcessAlive(pid);
+}
+
+function inUse(dir: string, owner: number, lockPath: string, cause?: unknown): Error {
+  return new Error(
+    `PGlite data directory ${dir} is in use by process ${owner} (lock file ${lockPath}). ` +
+      'An embedded database belongs to one process; use PostgreSQL to share it.',
+    cause === undefined ? undefined : { cause },
+  );
 }
 
 function isProcessAlive(pid: number): boolean {
