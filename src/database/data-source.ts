@@ -22,11 +22,24 @@ export interface OpenedDatabase {
 
 export type DatabaseTarget = DatabaseConfig | { driver: 'pglite'; dataDir: string; template?: Blob };
 
+export interface OpenDatabaseOptions {
+  /**
+   * PostgreSQL only: the server's `statement_timeout` on the gateway's own connections (the client
+   * gives up 5 s after it). Migrations are never held to it. Tests lower it.
+   */
+  statementTimeoutMs?: number;
+}
+
 /**
  * Opens the database and brings its schema up to date. Migrations only, never `synchronize`:
  * the same SQL runs on PGlite and PostgreSQL, so what a developer sees is what production gets.
  */
-export async function openDatabase(target: DatabaseTarget, content: DatabaseContent, poolSize = 10): Promise<OpenedDatabase> {
+export async function openDatabase(
+  target: DatabaseTarget,
+  content: DatabaseContent,
+  poolSize = 10,
+  { statementTimeoutMs = 30_000 }: OpenDatabaseOptions = {},
+): Promise<OpenedDatabase> {
   const common = {
     type: 'postgres' as const,
     entities: content.entities,
@@ -41,9 +54,22 @@ export async function openDatabase(target: DatabaseTarget, content: DatabaseCont
   let pglite: PGlite | undefined;
   let options: DataSourceOptions;
   if (target.driver === 'postgres') {
+    // Migrations get connections of their own, without the limits below: a step may rightly run
+    // for minutes (CREATE INDEX CONCURRENTLY waits for every older snapshot, an ALTER rewrites a
+    // big table), and a cancelled step is retried from scratch on every restart, into the same
+    // limit, so the gateway would never start. (test/integration/database-migrate.int-spec.ts)
+    // Two connections: the advisory lock's session and the migration runner's.
+    const migrator = new DataSource({ ...common, url: target.url, driver: pg, extra: { max: 2, connectionTimeoutMillis: 5000 } });
+    try {
+      await migrator.initialize();
+      await migrate(migrator, target.driver);
+    } finally {
+      if (migrator.isInitialized) await migrator.destroy();
+    }
     // query_timeout is the client's own limit, for a server that stops answering altogether (it
     // cannot enforce its statement_timeout then): the connection is freed a little after it.
-    options = { ...common, url: target.url, driver: pg, extra: { max: poolSize, connectionTimeoutMillis: 5000, statement_timeout: 30_000, query_timeout: 35_000 } };
+    const extra = { max: poolSize, connectionTimeoutMillis: 5000, statement_timeout: statementTimeoutMs, query_timeout: statementTimeoutMs + 5000 };
+    options = { ...common, url: target.url, driver: pg, extra };
   } else {
     // PGlite's module is imported only for the embedded database, never on PostgreSQL
     // (docs/operations.md "Memory").
@@ -54,7 +80,7 @@ export async function openDatabase(target: DatabaseTarget, content: DatabaseCont
   const dataSource = new DataSource(options);
   try {
     await dataSource.initialize();
-    await migrate(dataSource, target.driver);
+    if (target.driver === 'pglite') await migrate(dataSource, target.driver);
   } catch (error) {
     if (dataSource.isInitialized) await dataSource.destroy();
     await pglite?.close();
