@@ -115,6 +115,10 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
     return { completions: new FakeCompletions(() => released.then(() => outcomeWith('at last'))), release };
   }
 
+  /** The completion audit row a job's try leaves, by the key that submitted it. */
+  const jobAuditRow = (status: number, outcome: string): unknown =>
+    expect.objectContaining({ action: 'completion', status, actor_key_id: principal.keyId, details: expect.objectContaining({ door: 'job', outcome }) });
+
   async function auditRows(requestId: string) {
     await audit.flush();
     return db.dataSource.query<Array<{ action: string; status: number | null; actor_key_id: string; details: Record<string, unknown> }>>(
@@ -356,14 +360,7 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
     const { job } = await repo.insert(newJob(), clock.now());
     await processor(new FakeCompletions(() => outcomeWith('never'))).abandon(job.id, new Error('database away'));
     expect(await repo.find(job.id)).toMatchObject({ status: 'failed', deadLettered: true, error: { code: 'internal_error' } });
-    expect(await auditRows(`job-${job.id}-0`)).toEqual([
-      expect.objectContaining({
-        action: 'completion',
-        status: 500,
-        actor_key_id: principal.keyId,
-        details: expect.objectContaining({ door: 'job', outcome: 'internal_error' }),
-      }),
-    ]);
+    expect(await auditRows(`job-${job.id}-0`)).toEqual([jobAuditRow(500, 'internal_error')]);
   });
   it('runs a job on the next delivery when the write putting it back to queued failed, instead of leaving it running with nobody running it', async () => {
     const completions = new FakeCompletions((call) => {
@@ -406,14 +403,7 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
       expect(stored?.error?.message).toContain('worker stopped');
       expect(await repo.listDead(1000, undefined)).toContainEqual(expect.objectContaining({ id }));
       // The audit row of the last try, which its lost process may never have written.
-      expect(await auditRows(`job-${id}-3`)).toEqual([
-        expect.objectContaining({
-          action: 'completion',
-          status: 500,
-          actor_key_id: principal.keyId,
-          details: expect.objectContaining({ door: 'job', outcome: 'internal_error' }),
-        }),
-      ]);
+      expect(await auditRows(`job-${id}-3`)).toEqual([jobAuditRow(500, 'internal_error')]);
     }
 
     it('is dead-lettered, not run a 4th time, when a delivery takes its stale run over (sweep, BullMQ stalled check)', async () => {
