@@ -30,6 +30,7 @@ export class InlineJobQueue extends JobQueue {
   private readonly tries = new Map<string, number>();
   private handler: JobHandler | undefined;
   private closing = false;
+  private stopping: Promise<void> | undefined;
 
   constructor(private readonly options: JobQueueOptions) {
     super();
@@ -105,7 +106,16 @@ export class InlineJobQueue extends JobQueue {
     return this.stop();
   }
 
-  async stop(): Promise<void> {
+  /**
+   * Once: close() follows stop() at shutdown, and a job that ignored the abort is still active
+   * then; waiting out the grace period for it a second time would double the shutdown.
+   */
+  stop(): Promise<void> {
+    this.stopping ??= this.stopOnce();
+    return this.stopping;
+  }
+
+  private async stopOnce(): Promise<void> {
     this.closing = true;
     // Delayed and waiting jobs stay queued in the database; the next start requeues them.
     for (const timer of this.delayed.values()) clearTimeout(timer);

@@ -10,11 +10,33 @@ import { InlineJobQueue } from '../../src/jobs/inline-job-queue.js';
 import { exponentialBackoff, JobQueue } from '../../src/jobs/job-queue.js';
 import { jobQueueContract } from '../../src/jobs/testing/job-queue.contract.js';
 import { REDIS_URL } from '../support/databases.js';
+import { pollUntil } from '../support/gateway.js';
 import { startRedisProxy, uniqueRedisPrefix } from '../support/redis.js';
 
 jobQueueContract('inline', (options) => {
   const queue = new InlineJobQueue(options);
   return Promise.resolve({ queue, cleanup: () => queue.close() });
+});
+
+describe('InlineJobQueue shutdown', () => {
+  // close() follows stop() at shutdown (JobsRuntime); the first waited out the grace period already.
+  it('close() after stop() does not wait out the grace period again for a job that ignored the abort', async () => {
+    const queue = new InlineJobQueue({ concurrency: 1, maxQueued: 10, maxTries: 3, backoff: () => 5, shutdownGraceMs: 1_500 });
+    let started = false;
+    // Never ends, and does not listen to its signal.
+    queue.start({
+      run: () => {
+        started = true;
+        return new Promise<void>(() => undefined);
+      },
+      abandon: () => Promise.resolve(),
+    });
+    await queue.submit('job-that-hangs');
+    await pollUntil(() => expect(started).toBe(true));
+    await queue.stop();
+    const graceAgain = new Promise<string>((resolve) => setTimeout(() => resolve('waited again'), 1_000).unref());
+    expect(await Promise.race([queue.close().then(() => 'closed'), graceAgain])).toBe('closed');
+  });
 });
 
 /** Removes every key under a prefix (the queue's own connection is closed by then). */
