@@ -144,31 +144,43 @@ export class IdentityService {
     return department;
   }
 
+  /**
+   * Writes only the columns asked for. Saving the entity read at the start wrote back every
+   * column it held, so a DELETE (disable) committed by another admin meanwhile was undone and the
+   * department's keys worked again.
+   */
   async updateDepartment(id: string, changes: { cacheScope?: CacheScope; name?: string }): Promise<DepartmentEntity> {
-    const department = await this.getDepartment(id);
-    if (changes.cacheScope !== undefined) department.cacheScope = changes.cacheScope;
+    await this.getDepartment(id);
+    const set: Partial<Pick<DepartmentEntity, 'cacheScope' | 'name'>> = {};
+    if (changes.cacheScope !== undefined) set.cacheScope = changes.cacheScope;
     if (changes.name !== undefined) {
       await this.assertDepartmentNameFree(changes.name, id);
-      department.name = changes.name;
+      set.name = changes.name;
     }
-    const saved = await this.saveDepartment(department);
+    if (Object.keys(set).length > 0) {
+      try {
+        await this.departments.update({ id }, set);
+      } catch (cause) {
+        throw uniqueViolation(cause) ? departmentNameTaken(changes.name ?? '', cause) : cause;
+      }
+    }
     this.forgetCachedKeys();
-    return saved;
+    return this.getDepartment(id);
   }
 
   /** Names are unique regardless of case (a unique index on lower(name)): 409, not the index's 500. */
   private async assertDepartmentNameFree(name: string, exceptId?: string): Promise<void> {
     const query = this.departments.createQueryBuilder('d').where('lower(d.name) = lower(:name)', { name });
     if (exceptId !== undefined) query.andWhere('d.id <> :exceptId', { exceptId });
-    if (await query.getOne()) throw new GatewayError('conflict', `A department named '${name}' already exists.`, { param: 'name' });
+    if (await query.getOne()) throw departmentNameTaken(name);
   }
 
-  /** Saves a department; a name taken meanwhile by a concurrent request is the same 409. */
+  /** Saves a new department; a name taken meanwhile by a concurrent request is the same 409. */
   private async saveDepartment(department: DepartmentEntity): Promise<DepartmentEntity> {
     try {
       return await this.departments.save(department);
     } catch (cause) {
-      throw uniqueViolation(cause) ? new GatewayError('conflict', `A department named '${department.name}' already exists.`, { param: 'name', cause }) : cause;
+      throw uniqueViolation(cause) ? departmentNameTaken(department.name, cause) : cause;
     }
   }
 
@@ -406,6 +418,10 @@ export class IdentityService {
     if (!existing) throw new Error('bootstrap admin user missing after insert');
     return existing;
   }
+}
+
+function departmentNameTaken(name: string, cause?: unknown): GatewayError {
+  return new GatewayError('conflict', `A department named '${name}' already exists.`, { param: 'name', cause });
 }
 
 function userNameTaken(name: string, department: string, cause?: unknown): GatewayError {
