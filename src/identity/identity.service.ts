@@ -368,6 +368,23 @@ export class IdentityService {
   }
 
   /**
+   * Whether the key, user or department given holds a usable admin key: only then can turning it
+   * off cost the admin API. Without this, once every admin key expired within the guard's 24 hours,
+   * an ordinary user's leaked key could not be revoked at all.
+   */
+  private async adminKeyWithin(target: Except, manager: Pick<EntityManager, 'query'>): Promise<boolean> {
+    const rows: unknown[] = await manager.query(
+      `SELECT 1 FROM api_keys k JOIN users u ON u.id = k.user_id JOIN departments d ON d.id = u.department_id
+        WHERE u.role = 'admin' AND k.revoked_at IS NULL AND u.disabled_at IS NULL AND d.disabled_at IS NULL
+          AND (k.expires_at IS NULL OR k.expires_at > now())
+          AND (k.id = $1::uuid OR u.id = $2::uuid OR d.id = $3::uuid)
+        LIMIT 1`,
+      [target.keyId ?? null, target.userId ?? null, target.departmentId ?? null],
+    );
+    return rows.length > 0;
+  }
+
+  /**
    * Makes a revoke or disable, refusing it when it would leave no usable admin key: nobody could
    * reach the admin API to undo it, and a restart would not bring one back (ADMIN_API_KEY's row,
    * or the generated key's user or department, is the one just turned off). Create another admin
@@ -395,7 +412,8 @@ export class IdentityService {
   private async underAdminGuard<T>(except: Except, lastingSeconds: number, change: (manager: EntityManager) => Promise<T>, refused: () => T): Promise<T> {
     const result = await this.dataSource.transaction(async (manager) => {
       await manager.query('SELECT pg_advisory_xact_lock($1)', [ADMIN_GUARD_LOCK]);
-      return (await this.adminKeyOutside(except, lastingSeconds, manager)) ? change(manager) : refused();
+      const allowed = !(await this.adminKeyWithin(except, manager)) || (await this.adminKeyOutside(except, lastingSeconds, manager));
+      return allowed ? change(manager) : refused();
     });
     this.forgetCachedKeys();
     return result;

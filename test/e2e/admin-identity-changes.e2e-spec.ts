@@ -1,8 +1,14 @@
+import { DataSource } from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { hashApiKey } from '../../src/identity/api-key.js';
 import { IdentityService } from '../../src/identity/identity.service.js';
-import { startTestGateway, type TestGateway } from '../support/gateway.js';
+import { ApiClient, startTestGateway, type TestGateway } from '../support/gateway.js';
 
 // Identity changes by several admins at once, and the last-admin guard's reach.
+
+interface ErrorBody {
+  error: { message: string; type: string; code: string; param: string | null };
+}
 
 describe('PATCH of a department racing its DELETE (PostgreSQL)', () => {
   let gw: TestGateway;
@@ -47,5 +53,60 @@ describe('PATCH of a department racing its DELETE (PostgreSQL)', () => {
     const after = await gw.admin.get<{ disabled_at: string | null }>(`/admin/departments/${tenant.departmentId}`);
     expect(after.body.disabled_at, 'the concurrent PATCH enabled the department again').not.toBeNull();
     expect((await tenant.api.get('/v1/models')).status, "the disabled department's key works again").toBe(401);
+  });
+});
+
+describe('the last-admin guard, once every admin key expires within 24 h (PGlite)', () => {
+  let gw: TestGateway;
+  let ops: ApiClient;
+
+  beforeAll(async () => {
+    gw = await startTestGateway();
+    // An admin with a key valid for 30 h retires the bootstrap key (allowed: its key lasts past 24 h).
+    const dept = await gw.admin.post<{ id: string }>('/admin/departments', { name: 'platform' });
+    const user = await gw.admin.post<{ id: string }>('/admin/users', { name: 'ops', department_id: dept.body.id, role: 'admin' });
+    const key = await gw.admin.post<{ id: string; key: string }>('/admin/keys', {
+      user_id: user.body.id,
+      expires_at: new Date(Date.now() + 30 * 3600_000).toISOString(),
+    });
+    expect(key.status).toBe(201);
+    ops = new ApiClient(gw.url, key.body.key);
+    const ds = gw.gateway.app.get(DataSource);
+    const [env] = await ds.query<Array<{ id: string }>>('SELECT id FROM api_keys WHERE key_hash = $1', [hashApiKey(gw.adminKey)]);
+    expect((await ops.delete(`/admin/keys/${env.id}`)).status).toBe(200);
+    // Ten hours later: the only admin key expires in 20 h, and still works.
+    await ds.query(`UPDATE api_keys SET expires_at = now() + interval '20 hours' WHERE id = $1`, [key.body.id]);
+    gw.gateway.app.get(IdentityService).forgetCachedKeys();
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+
+  it("revokes an ordinary user's leaked key (no admin key is touched)", async () => {
+    const dept = await ops.post<{ id: string }>('/admin/departments', { name: 'research' });
+    const user = await ops.post<{ id: string }>('/admin/users', { name: 'alice', department_id: dept.body.id, role: 'user' });
+    const key = await ops.post<{ id: string; key: string }>('/admin/keys', { user_id: user.body.id });
+    expect((await new ApiClient(gw.url, key.body.key).get('/v1/models')).status).toBe(200);
+
+    const revoked = await ops.delete<ErrorBody>(`/admin/keys/${key.body.id}`);
+    expect(revoked.status, JSON.stringify(revoked.body)).toBe(200);
+    expect((await new ApiClient(gw.url, key.body.key).get('/v1/models')).status).toBe(401);
+  });
+
+  it('disables a user and a department that hold no admin key', async () => {
+    const dept = await ops.post<{ id: string }>('/admin/departments', { name: 'sales' });
+    const user = await ops.post<{ id: string }>('/admin/users', { name: 'bob', department_id: dept.body.id, role: 'user' });
+    const disabledUser = await ops.delete<ErrorBody>(`/admin/users/${user.body.id}`);
+    expect(disabledUser.status, JSON.stringify(disabledUser.body)).toBe(200);
+    const disabledDept = await ops.delete<ErrorBody>(`/admin/departments/${dept.body.id}`);
+    expect(disabledDept.status, JSON.stringify(disabledDept.body)).toBe(200);
+  });
+
+  it('still refuses to revoke the last admin key (409), and it keeps working', async () => {
+    const [own] = await gw.gateway.app.get(DataSource).query<Array<{ id: string }>>(`SELECT k.id FROM api_keys k JOIN users u ON u.id = k.user_id WHERE u.name = 'ops'`);
+    const refused = await ops.delete<ErrorBody>(`/admin/keys/${own.id}`);
+    expect(refused.status).toBe(409);
+    expect(refused.body.error.code).toBe('conflict');
+    expect((await ops.get('/admin/keys')).status).toBe(200);
   });
 });
