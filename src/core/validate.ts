@@ -144,6 +144,19 @@ export function rejectUnknownFields(body: Body, allowed: readonly string[]): voi
   }
 }
 
+/**
+ * Refuses any query parameter not in `allowed`, naming it: a misspelt filter must not be ignored
+ * and answered with everything. `usage` says what the route takes instead.
+ */
+export function rejectUnknownQuery(query: unknown, allowed: readonly string[], usage?: string): void {
+  if (typeof query !== 'object' || query === null) return;
+  for (const param of Object.keys(query)) {
+    if (allowed.includes(param)) continue;
+    const takes = allowed.length === 0 ? 'this endpoint takes none' : `this endpoint takes ${allowed.map((a) => `'${a}'`).join(', ')}`;
+    throw new GatewayError('invalid_value', `Unknown query parameter '${param.slice(0, 64)}': ${usage ?? takes}.`, { param: param.slice(0, 64) });
+  }
+}
+
 // "2026-01-31", or "2026-01-31T09:30[:00[.123]]" with "Z" or "±hh:mm" (a zone-less time would be
 // read in the server's local time). Letters case-insensitive, as RFC 3339 allows.
 const ISO_DATE = /^(\d{4})-(\d{2})-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,9}))?)?(Z|[+-]\d{2}:\d{2}))?$/i;

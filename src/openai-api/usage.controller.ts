@@ -1,6 +1,7 @@
 import { Controller, Get, Query } from '@nestjs/common';
 import { ApiOperation, ApiQuery, ApiTags } from '@nestjs/swagger';
 import { parseSpendWindow } from '../budget/spend-query.js';
+import { KnownQuery } from '../core/known-query.js';
 import { SpendService } from '../budget/spend.service.js';
 import { Authenticated, CurrentPrincipal } from '../identity/auth.guard.js';
 import type { Principal } from '../identity/principal.js';
@@ -13,6 +14,7 @@ export class UsageController {
   constructor(private readonly spend: SpendService) {}
 
   @Get('usage')
+  @KnownQuery('from', 'to')
   @ApiOperation({ summary: "The caller's user and department budgets, and the user's spend per model" })
   @ApiQuery({ name: 'from', required: false, description: 'ISO-8601, inclusive (default: start of the current budget period, else of this UTC month)' })
   @ApiQuery({ name: 'to', required: false, description: 'ISO-8601, exclusive' })

@@ -110,3 +110,40 @@ describe('the last-admin guard, once every admin key expires within 24 h (PGlite
     expect((await ops.get('/admin/keys')).status).toBe(200);
   });
 });
+
+describe('misspelt query parameters of admin lists (PGlite)', () => {
+  let gw: TestGateway;
+  let userId: string;
+  beforeAll(async () => {
+    gw = await startTestGateway();
+    userId = (await gw.tenants.create()).userId;
+    await gw.tenants.create();
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+
+  it.each([
+    ['/admin/audit?user_id=', 'user_id'],
+    ['/admin/audit/verify?since=', 'since'],
+    ['/admin/keys?userid=', 'userid'],
+    ['/admin/users?department=', 'department'],
+    ['/admin/spend?group=', 'group'],
+    ['/admin/queue/dead?after=', 'after'],
+    ['/admin/routing/versions?page=', 'page'],
+    ['/v1/usage?form=', 'form'],
+  ])('GET %s… is 400 naming the parameter, not the unfiltered list', async (path, param) => {
+    const res = await gw.admin.get<ErrorBody>(`${path}${userId}`);
+    expect(res.status, JSON.stringify(res.body).slice(0, 300)).toBe(400);
+    expect(res.body.error).toMatchObject({ type: 'invalid_request_error', code: 'invalid_value', param });
+    expect(res.body.error.message).toContain(`Unknown query parameter '${param}'`);
+  });
+
+  it('the parameters each list does take still filter', async () => {
+    const keys = await gw.admin.get<{ data: Array<{ user_id: string }> }>(`/admin/keys?user_id=${userId}`);
+    expect(keys.status).toBe(200);
+    expect(keys.body.data.map((k) => k.user_id)).toEqual([userId]);
+    expect((await gw.admin.get(`/admin/audit?actor=${userId}&limit=5`)).status).toBe(200);
+    expect((await gw.admin.get('/admin/routing/versions?limit=2')).status).toBe(200);
+  });
+});

@@ -1,6 +1,6 @@
 import { ApiProperty, ApiPropertyOptional } from '@nestjs/swagger';
 import { GatewayError } from '../../core/errors.js';
-import { isUuid, queryDate } from '../../core/validate.js';
+import { isUuid, queryDate, rejectUnknownQuery } from '../../core/validate.js';
 import type { StoredAuditEvent } from '../audit-event.js';
 import type { AuditQuery, AuditVerifyRange } from '../audit.repository.js';
 
@@ -26,6 +26,7 @@ function ordered(from: Date | undefined, to: Date | undefined): void {
 export class AuditListQueryDto {
   static parse(raw: unknown): AuditQuery {
     const query = (typeof raw === 'object' && raw !== null ? raw : {}) as Record<string, unknown>;
+    rejectUnknownQuery(query, ['actor', 'action', 'from', 'to', 'cursor', 'limit']);
     const actor = single(query, 'actor');
     if (actor !== undefined && !isUuid(actor) && !KEY_PREFIX.test(actor)) {
       throw new GatewayError('invalid_value', "'actor' must be a user id, a key id or a key prefix.", { param: 'actor' });
@@ -51,6 +52,7 @@ export class AuditVerifyQueryDto {
   /** `from`/`to`: a seq (digits) or an ISO-8601 date-time. */
   static parse(raw: unknown): AuditVerifyRange {
     const query = (typeof raw === 'object' && raw !== null ? raw : {}) as Record<string, unknown>;
+    rejectUnknownQuery(query, ['from', 'to']);
     const range: AuditVerifyRange = {};
     const from = single(query, 'from');
     const to = single(query, 'to');

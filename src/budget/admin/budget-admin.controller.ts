@@ -1,5 +1,6 @@
 import { Body, Controller, Delete, Get, HttpCode, Param, Put, Query } from '@nestjs/common';
 import { ApiBody, ApiOkResponse, ApiOperation, ApiQuery, ApiTags } from '@nestjs/swagger';
+import { KnownQuery } from '../../core/known-query.js';
 import { pathUuid } from '../../core/validate.js';
 import { AdminOnly } from '../../identity/auth.guard.js';
 import { BudgetSettingsService } from '../budget-settings.service.js';
@@ -63,6 +64,7 @@ export class BudgetAdminController {
   }
 
   @Get('spend')
+  @KnownQuery('group_by', 'from', 'to')
   @ApiOperation({ summary: 'Spend from the ledger, grouped by user, department or model (default window: this UTC month)' })
   @ApiQuery({ name: 'group_by', enum: ['user', 'department', 'model'], required: false })
   @ApiQuery({ name: 'from', required: false, description: 'ISO-8601, inclusive' })

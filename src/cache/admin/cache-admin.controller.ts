@@ -1,7 +1,7 @@
 import { Controller, Delete, HttpCode, Query } from '@nestjs/common';
 import { ApiOkResponse, ApiOperation, ApiProperty, ApiPropertyOptional, ApiQuery, ApiTags } from '@nestjs/swagger';
 import { GatewayError } from '../../core/errors.js';
-import { isUuid } from '../../core/validate.js';
+import { isUuid, rejectUnknownQuery } from '../../core/validate.js';
 import { AdminOnly } from '../../identity/auth.guard.js';
 import { CompletionCache } from '../completion-cache.service.js';
 import type { CacheFilter } from '../response-cache.js';
@@ -20,17 +20,7 @@ export class CacheInvalidationDto {
    * a 400: no filter means "delete everything", so a misspelt one (`?userid=`) must not mean that.
    */
   static parse(query: Record<string, unknown>): CacheFilter {
-    for (const param of Object.keys(query)) {
-      if (!FILTERS.includes(param)) {
-        throw new GatewayError(
-          'invalid_value',
-          `Unknown query parameter '${param.slice(0, 64)}': filter by ${FILTERS.map((f) => `'${f}'`).join(', ')}, or none to delete every entry.`,
-          {
-            param: param.slice(0, 64),
-          },
-        );
-      }
-    }
+    rejectUnknownQuery(query, FILTERS, `filter by ${FILTERS.map((f) => `'${f}'`).join(', ')}, or none to delete every entry`);
     const filter: CacheFilter = {};
     const model = single(query.model, 'model');
     if (model !== undefined) {

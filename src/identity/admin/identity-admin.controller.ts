@@ -1,5 +1,6 @@
 import { Body, Controller, Delete, Get, HttpCode, Param, Patch, Post, Query } from '@nestjs/common';
 import { ApiBody, ApiTags } from '@nestjs/swagger';
+import { KnownQuery } from '../../core/known-query.js';
 import { pathUuid, queryUuid } from '../../core/validate.js';
 import { AdminOnly } from '../auth.guard.js';
 import { IdentityService } from '../identity.service.js';
@@ -47,6 +48,7 @@ export class IdentityAdminController {
   }
 
   @Get('users')
+  @KnownQuery('department_id')
   async listUsers(@Query('department_id') departmentId?: string) {
     const filter = queryUuid(departmentId, 'department_id');
     return { object: 'list', data: (await this.identity.listUsers(filter)).map(userView) };
@@ -70,6 +72,7 @@ export class IdentityAdminController {
   }
 
   @Get('keys')
+  @KnownQuery('user_id')
   async listKeys(@Query('user_id') userId?: string) {
     const filter = queryUuid(userId, 'user_id');
     return { object: 'list', data: (await this.identity.listKeys(filter)).map(keyView) };

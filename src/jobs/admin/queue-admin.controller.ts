@@ -1,6 +1,7 @@
 import { Controller, Delete, Get, HttpCode, Param, Post, Query, Res } from '@nestjs/common';
 import { ApiAcceptedResponse, ApiOkResponse, ApiOperation, ApiQuery, ApiTags } from '@nestjs/swagger';
 import type { FastifyReply } from 'fastify';
+import { KnownQuery } from '../../core/known-query.js';
 import { isUuid, pathUuid } from '../../core/validate.js';
 import { GatewayError } from '../../core/errors.js';
 import { AdminOnly } from '../../identity/auth.guard.js';
@@ -22,6 +23,7 @@ export class QueueAdminController {
   }
 
   @Get('dead')
+  @KnownQuery('limit', 'before')
   @ApiOperation({ summary: 'The dead-letter queue: jobs that failed their last try, newest first' })
   @ApiQuery({ name: 'limit', required: false, description: '1-500, default 50' })
   @ApiQuery({ name: 'before', required: false, description: 'id of the last job of the previous page (also after it was retried or discarded)' })

@@ -3,6 +3,7 @@ import { HttpAdapterHost } from '@nestjs/core';
 import { ApiBody, ApiOkResponse, ApiOperation, ApiQuery, ApiTags } from '@nestjs/swagger';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { GatewayError } from '../../core/errors.js';
+import { KnownQuery } from '../../core/known-query.js';
 import { pathUuid } from '../../core/validate.js';
 import { AdminOnly, CurrentPrincipal } from '../../identity/auth.guard.js';
 import { IdentityService } from '../../identity/identity.service.js';
@@ -94,6 +95,7 @@ export class RoutingAdminController implements OnModuleInit {
   }
 
   @Get('versions')
+  @KnownQuery('limit', 'before')
   @ApiOperation({ summary: 'Versions, newest first, with author and comment' })
   @ApiQuery({ name: 'limit', required: false, description: '1-500, default 50' })
   @ApiQuery({ name: 'before', required: false, description: 'only versions older than this one (paging)' })
