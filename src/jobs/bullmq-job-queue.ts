@@ -93,6 +93,9 @@ export function reconnectDelay(times: number): number {
 @Injectable()
 export class JobsWorkerHost extends WorkerHost {
   private handler: JobHandler | undefined;
+  private lettingGo = false;
+  /** One per run going: makes its process() stop waiting for it (see letGoOfRunning()). */
+  private readonly letGoes = new Set<() => void>();
 
   constructor(private readonly log: JobsRedisLog) {
     super();
@@ -106,9 +109,27 @@ export class JobsWorkerHost extends WorkerHost {
   // Three declared parameters: BullMQ passes the abort signal only to a processor whose length is 3.
   async process(job: Job, token?: string, signal?: AbortSignal): Promise<void> {
     if (!this.handler) throw new Error('BullMQ job before JobQueue.start()');
+    // A job BullMQ was fetching as close() began, arriving after the let-go: not started, and left
+    // in Redis as a let-go run is (below).
+    if (this.lettingGo) throw new DelayedError(new LeftRunning().message);
+    const run = this.handler.run(jobIdOf(job), signal ?? new AbortController().signal);
+    // Per run, not one for the worker: a race against a promise that stays pending for the
+    // worker's life would leave a reaction on it for every job ever processed.
+    let letGo!: () => void;
+    const letGone = new Promise<never>((_, reject) => (letGo = () => reject(new LeftRunning())));
+    this.letGoes.add(letGo);
     try {
-      await this.handler.run(jobIdOf(job), signal ?? new AbortController().signal);
+      await Promise.race([run, letGone]);
     } catch (error) {
+      if (error instanceof LeftRunning) {
+        // Nobody waits for the run any more; it goes on until the process exits.
+        run.catch(() => undefined);
+        // BullMQ neither completes nor fails a job whose processor throws DelayedError while the
+        // worker closes: the job stays active in Redis, its lock (no longer renewed) expires, and
+        // another worker's stalled-job check takes it over. No 'failed' event, so onFailed never
+        // sees it and it uses up no try; Worker.close() no longer waits for it.
+        throw new DelayedError(error.message);
+      }
       // Delayed by hand and not failed: a failure would count towards `attempts`, and BullMQ's
       // last one makes onFailed dead-letter a job that another worker is still running.
       if (error instanceof RecheckJobError && token !== undefined) {
@@ -116,7 +137,21 @@ export class JobsWorkerHost extends WorkerHost {
         throw new DelayedError();
       }
       throw error;
+    } finally {
+      this.letGoes.delete(letGo);
     }
+  }
+
+  /**
+   * Shutdown gives up on the runs still going after the grace period and the abort: process()
+   * returns to BullMQ at once for each of them (see above), so that Worker.close(), which waits for
+   * every running processor and which Nest's BullExplorer awaits again at shutdown, can finish.
+   * Only ever called once close() has begun: BullMQ then fetches no further job (one it was
+   * already fetching is not started, see process()).
+   */
+  letGoOfRunning(): void {
+    this.lettingGo = true;
+    for (const letGo of this.letGoes) letGo();
   }
 
   @OnWorkerEvent('failed')
@@ -241,15 +276,19 @@ export class BullmqJobQueue extends JobQueue {
     // The worker's connections are BullMQ's own; the producer, on the same Redis, says whether it is there.
     if (this.producer.status === 'ready') {
       // Lets running jobs finish; after the grace period they are aborted and BullMQ keeps
-      // them (delayed) for another worker. One that ignores the abort is left behind: its
-      // connections are dropped, so its lock expires and another worker's stalled-job check
-      // takes the job over.
+      // them (delayed) for another worker. One that ignores the abort is let go of: BullMQ
+      // leaves its job active in Redis under a lock nobody renews, and once that expires
+      // another worker's stalled-job check takes the job over.
       const closing = worker.close();
       if (!(await settlesWithin(closing, this.options.shutdownGraceMs ?? DEFAULT_SHUTDOWN_GRACE_MS))) {
         worker.cancelAllJobs('the worker is shutting down');
         if (!(await settlesWithin(closing, ABORT_WAIT_MS))) {
           this.log.logger.warn('a running job ignored the shutdown; leaving it to the stalled-job check');
-          await settlesWithin(worker.disconnect(), ABORT_WAIT_MS);
+          // Else close() (and Nest's own Worker.close() at shutdown, which returns the same
+          // promise: a later close(true) does not force it) waits for that job forever.
+          this.host.letGoOfRunning();
+          // Bounded even if Redis fails the close's last commands.
+          if (!(await settlesWithin(closing, ABORT_WAIT_MS))) await settlesWithin(worker.disconnect(), ABORT_WAIT_MS);
         }
       }
     } else {
@@ -270,6 +309,13 @@ export class BullmqJobQueue extends JobQueue {
     } catch (error) {
       throw queueUnavailable(error);
     }
+  }
+}
+
+/** Shutdown stopped waiting for a run that ignored its abort. */
+class LeftRunning extends Error {
+  constructor() {
+    super('left running at shutdown; the stalled-job check hands it to another worker');
   }
 }
 

@@ -1,13 +1,14 @@
 import { type INestApplicationContext, Module } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
+import { Worker } from 'bullmq';
 import { Redis } from 'ioredis';
 import { describe, expect, it } from 'vitest';
 import { CoreModule } from '../../src/core/core.module.js';
 import { createLogger } from '../../src/core/logger.js';
-import type { BullmqJobQueueOptions } from '../../src/jobs/bullmq-job-queue.js';
+import { type BullmqJobQueueOptions, JOBS_QUEUE_NAME } from '../../src/jobs/bullmq-job-queue.js';
 import { BullmqJobsModule } from '../../src/jobs/bullmq-jobs.module.js';
 import { InlineJobQueue } from '../../src/jobs/inline-job-queue.js';
-import { exponentialBackoff, JobQueue } from '../../src/jobs/job-queue.js';
+import { exponentialBackoff, JobQueue, settlesWithin } from '../../src/jobs/job-queue.js';
 import { jobQueueContract } from '../../src/jobs/testing/job-queue.contract.js';
 import { REDIS_URL } from '../support/databases.js';
 import { pollUntil } from '../support/gateway.js';
@@ -16,27 +17,6 @@ import { startRedisProxy, uniqueRedisPrefix } from '../support/redis.js';
 jobQueueContract('inline', (options) => {
   const queue = new InlineJobQueue(options);
   return Promise.resolve({ queue, cleanup: () => queue.close() });
-});
-
-describe('InlineJobQueue shutdown', () => {
-  // close() follows stop() at shutdown (JobsRuntime); the first waited out the grace period already.
-  it('close() after stop() does not wait out the grace period again for a job that ignored the abort', async () => {
-    const queue = new InlineJobQueue({ concurrency: 1, maxQueued: 10, maxTries: 3, backoff: () => 5, shutdownGraceMs: 1_500 });
-    let started = false;
-    // Never ends, and does not listen to its signal.
-    queue.start({
-      run: () => {
-        started = true;
-        return new Promise<void>(() => undefined);
-      },
-      abandon: () => Promise.resolve(),
-    });
-    await queue.submit('job-that-hangs');
-    await pollUntil(() => expect(started).toBe(true));
-    await queue.stop();
-    const graceAgain = new Promise<string>((resolve) => setTimeout(() => resolve('waited again'), 1_000).unref());
-    expect(await Promise.race([queue.close().then(() => 'closed'), graceAgain])).toBe('closed');
-  });
 });
 
 /** Removes every key under a prefix (the queue's own connection is closed by then). */
@@ -85,6 +65,69 @@ jobQueueContract('bullmq', async (options) => {
       await dropKeys(prefix);
     },
   };
+});
+
+describe('BullmqJobQueue shutdown with a job that ignores the abort', () => {
+  // The contract checks that the shutdown is prompt; this is what it leaves in Redis, and who runs the job next.
+  it('leaves the job active in Redis, untouched by the run’s late end, and another worker’s stalled-job check takes it over untried', async () => {
+    const prefix = `${uniqueRedisPrefix('jobs-let-go')}bull`;
+    const { queue, close } = await openBullmqQueue({
+      redisUrl: REDIS_URL,
+      prefix,
+      concurrency: 1,
+      maxQueued: 10,
+      maxTries: 1,
+      backoff: () => 10,
+      shutdownGraceMs: 200,
+    });
+    const redis = new Redis(REDIS_URL);
+    const key = (name: string) => `${prefix}:${JOBS_QUEUE_NAME}:${name}`;
+    const id = '00000000-0000-4000-8000-0000000c1053';
+    const abandoned: string[] = [];
+    let endRun: (() => void) | undefined;
+    let rescuer: Worker | undefined;
+    try {
+      await queue.ready();
+      // Does not listen to its signal; ends (successfully) only after the shutdown.
+      queue.start({
+        run: () => new Promise<void>((resolve) => (endRun = resolve)),
+        abandon: (jobId) => {
+          abandoned.push(jobId);
+          return Promise.resolve();
+        },
+      });
+      await queue.submit(id);
+      await pollUntil(() => expect(endRun).toBeDefined());
+      await queue.stop();
+      // The app's shutdown: @nestjs/bullmq closes the worker again.
+      expect(await settlesWithin(close(), 3_000)).toBe(true);
+      // Neither completed nor failed (either would remove it: removeOnComplete, removeOnFail).
+      expect(await redis.lrange(key('active'), 0, -1)).toEqual([id]);
+      expect(await redis.exists(key(id))).toBe(1);
+      endRun!();
+      await new Promise((r) => setTimeout(r, 100));
+      expect(await redis.lrange(key('active'), 0, -1)).toEqual([id]);
+      expect(await redis.exists(key(id))).toBe(1);
+      // Its lock, which nobody renews, would expire within BullMQ's lock duration (30 s), and the
+      // queue-wide stalled-check mark the closed worker set within its stalled interval (30 s):
+      // both dropped here instead of waited for.
+      expect(await redis.pttl(key(`${id}:lock`))).toBeGreaterThan(0);
+      await redis.del(key(`${id}:lock`), key('stalled-check'));
+      const seen: Array<{ id: string | undefined; attemptsMade: number }> = [];
+      rescuer = new Worker(JOBS_QUEUE_NAME, (job) => Promise.resolve(void seen.push({ id: job.id, attemptsMade: job.attemptsMade })), {
+        connection: { url: REDIS_URL },
+        prefix,
+        stalledInterval: 200,
+      });
+      await pollUntil(() => expect(seen).toEqual([{ id, attemptsMade: 0 }]));
+      expect(abandoned).toEqual([]);
+    } finally {
+      endRun?.();
+      await rescuer?.close();
+      redis.disconnect();
+      await dropKeys(prefix);
+    }
+  });
 });
 
 describe('BullmqJobQueue without Redis', () => {

@@ -77,11 +77,12 @@ const newId = () => `00000000-0000-4000-8000-${String(++counter).padStart(12, '0
 export function jobQueueContract(name: string, factory: QueueFactory): void {
   describe(`JobQueue contract: ${name}`, () => {
     const opened: OpenedQueue[] = [];
-    const open = async (overrides: Partial<JobQueueOptions> = {}): Promise<JobQueue> => {
+    const openWithCleanup = async (overrides: Partial<JobQueueOptions> = {}): Promise<OpenedQueue> => {
       const q = await factory({ concurrency: 2, maxQueued: 100, maxTries: 4, backoff: () => 5, shutdownGraceMs: 500, ...overrides });
       opened.push(q);
-      return q.queue;
+      return q;
     };
+    const open = async (overrides: Partial<JobQueueOptions> = {}): Promise<JobQueue> => (await openWithCleanup(overrides)).queue;
     afterEach(async () => {
       for (const q of opened.splice(0)) await q.cleanup();
     });
@@ -239,6 +240,36 @@ export function jobQueueContract(name: string, factory: QueueFactory): void {
       await queue.stop();
       expect(handler.signals.get(id)?.aborted).toBe(true);
       expect(handler.active).toBe(0);
+    });
+
+    // At shutdown close() follows stop() (JobsRuntime), and the app's own shutdown follows that: for
+    // BullMQ cleanup() closes the Nest context too, whose @nestjs/bullmq hook closes the worker again.
+    it('close() after stop() is prompt while a job ignores the abort, and leaves that job to recovery: neither finished nor given up on', async () => {
+      const q = await openWithCleanup({ concurrency: 1, maxTries: 1, shutdownGraceMs: 1_500 });
+      const { queue } = q;
+      const id = newId();
+      const gate = deferred();
+      // Does not listen to its signal; fails once the shutdown is over. With one try allowed, a
+      // failure counted against the job would hand it to abandon() (dead-lettered).
+      const handler = new RecordingHandler(async () => {
+        await gate.promise;
+        throw new Error('ended after the shutdown');
+      });
+      queue.start(handler);
+      await queue.submit(id);
+      await eventually(() => expect(handler.active).toBe(1));
+      await queue.stop();
+      expect(handler.signals.get(id)?.aborted).toBe(true);
+      // Still held: the next start (inline) or another worker (BullMQ, once its lock expires) runs it.
+      expect(await queue.counts()).toEqual({ waiting: 0, active: 1, delayed: 0 });
+      // Closed here rather than by afterEach; the first stop() waited out the grace period already.
+      opened.splice(opened.indexOf(q), 1);
+      const graceAgain = new Promise<string>((resolve) => setTimeout(() => resolve('still closing after 1 s'), 1_000).unref());
+      expect(await Promise.race([q.cleanup().then(() => 'closed'), graceAgain])).toBe('closed');
+      gate.resolve();
+      await new Promise((r) => setTimeout(r, 50));
+      expect(handler.abandoned).toEqual([]);
+      expect(handler.triesOf(id)).toBe(1);
     });
 
     it('reports itself up, with its counts, to readiness', async () => {
