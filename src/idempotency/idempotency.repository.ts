@@ -39,6 +39,21 @@ export class IdempotencyRepository {
     return rows.length > 0;
   }
 
+  /**
+   * Whether an async job of this user holds the key (sync calls and async submits share one key
+   * space per user): its job is unfinished, or was submitted within the window. The same rule by
+   * which JobsRepository.insert releases a job's key; a job whose key expired does not block.
+   */
+  async heldByJob(userId: string, key: string, expiredBefore: Date): Promise<boolean> {
+    const rows = await this.db.query<Row[]>(
+      `SELECT 1 FROM jobs
+        WHERE user_id = $1 AND idempotency_key = $2 AND (created_at > $3 OR status IN ('queued', 'running'))
+        LIMIT 1`,
+      [userId, key, expiredBefore],
+    );
+    return rows.length > 0;
+  }
+
   async find(userId: string, key: string): Promise<IdempotencyRow | undefined> {
     const rows = await this.db.query<Row[]>(
       `SELECT body_hash, state, created_at, updated_at, response_meta, response_body FROM idempotency_keys WHERE user_id = $1 AND idempotency_key = $2`,

@@ -42,7 +42,8 @@ export type IdempotencyOpening = { claim: IdempotencyClaim; replay?: undefined }
  * its user; a repeat within 24 h gets the stored answer (free, no upstream call), one while the
  * first still runs 409 `request_in_progress`, one with another body 422 `idempotency_key_reused`.
  * A failed call frees its key, so a retry runs again. Keys are per user, as for async submits,
- * whose keys live on their jobs.
+ * whose keys live on their jobs; the two share one key space, so a key is refused (422) on the
+ * door it was not first used on (see refuseAsyncKey).
  *
  * Only calls that carry the header come here; every step is one statement, bounded by
  * DATABASE_REQUEST_TIMEOUT_MS (503 `unavailable` past it, as for the other database steps of a request).
@@ -83,10 +84,19 @@ export class IdempotencyService {
         claiming.then((won) => (won ? this.repo.release(userId, key, claimId) : false)).catch(() => undefined);
       });
       if (claimed) {
+        const claim = new IdempotencyClaim(
+          this.repo,
+          this.clock,
+          this.logger,
+          this.config.databaseRequestTimeoutMs,
+          this.abandonedMs / 4,
+          userId,
+          key,
+          claimId,
+        );
+        await this.refuseAsyncKey(claim, userId, key, takeover.expiredBefore);
         this.sweepLater(now.getTime());
-        return {
-          claim: new IdempotencyClaim(this.repo, this.clock, this.logger, this.config.databaseRequestTimeoutMs, this.abandonedMs / 4, userId, key, claimId),
-        };
+        return { claim };
       }
       const row = await this.bounded(this.repo.find(userId, key));
       if (row === undefined) continue;
@@ -103,6 +113,34 @@ export class IdempotencyService {
       param: 'idempotency-key',
       headers: { 'retry-after': '1' },
     });
+  }
+
+  /**
+   * Sync calls and async submits share one key space per user: a key an async job holds is
+   * refused here (422), whatever the body, and the claim just taken is freed again.
+   *
+   * Checked after the claim, in its own statement, never before or within it: JobsService.submit
+   * does the mirror image (inserts its job, then looks here for a sync claim). Each side's write
+   * has committed before its read takes its snapshot, so of a sync call and an async submit that
+   * race for one key the later reader always sees the other's write: at most one of them wins,
+   * and in the closest race both are refused (422) and the key stays free. No lock, no
+   * transaction: one more statement, and only for calls that carry a key.
+   */
+  private async refuseAsyncKey(claim: IdempotencyClaim, userId: string, key: string, expiredBefore: Date): Promise<void> {
+    let held: boolean;
+    try {
+      held = await this.bounded(this.repo.heldByJob(userId, key, expiredBefore));
+    } catch (error) {
+      await claim.release();
+      throw error;
+    }
+    if (!held) return;
+    await claim.release();
+    throw new GatewayError(
+      'idempotency_key_reused',
+      'This idempotency-key belongs to an async job (prefer: respond-async); a sync call cannot reuse it. Use a new key for a new request.',
+      { param: 'idempotency-key' },
+    );
   }
 
   /**

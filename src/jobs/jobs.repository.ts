@@ -78,6 +78,22 @@ export class JobsRepository {
   }
 
   /**
+   * Whether a sync call of this user holds the key (sync calls and async submits share one key
+   * space per user): its row in `idempotency_keys` was claimed within the window. A done row past
+   * it has expired, as IdempotencyRepository.claim treats it, and does not block. A running row
+   * whose process died counts until then too, although a sync repeat may take it over sooner (see
+   * abandonedAfterMs): the key was a sync call's, and its client's retry belongs on that door.
+   */
+  async heldBySyncCall(userId: string, key: string, expiredBefore: Date): Promise<boolean> {
+    const rows = await this.db.query<Row[]>(`SELECT 1 FROM idempotency_keys WHERE user_id = $1 AND idempotency_key = $2 AND created_at > $3`, [
+      userId,
+      key,
+      expiredBefore,
+    ]);
+    return rows.length > 0;
+  }
+
+  /**
    * Frees an expired idempotency-key from its finished job, re-checked under the row's lock: an
    * admin retry may have queued the job again meanwhile, and then its key still holds.
    */

@@ -2,6 +2,7 @@ import { Injectable } from '@nestjs/common';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
 import { GatewayError } from '../core/errors.js';
+import { IDEMPOTENCY_WINDOW_MS } from '../idempotency/idempotency.service.js';
 import type { Principal } from '../identity/principal.js';
 import { CallbackPolicy } from './callback-policy.js';
 import { JobQueue, type QueueCounts, queueUnavailable } from './job-queue.js';
@@ -42,7 +43,8 @@ export class JobsService {
    * A new job (`created: true`), or the one this user already submitted with the same
    * idempotency key and body. The record is written before the job is queued, so a worker never
    * sees an id without its record; a submit the queue refuses removes its record again, so a
-   * repeat is given the job only once the queue has confirmed it (409 until then).
+   * repeat is given the job only once the queue has confirmed it (409 until then). A key that a
+   * sync call holds is 422 (refuseSyncKey).
    */
   async submit(input: NewJob): Promise<{ job: JobRecord; created: boolean }> {
     if (input.callbackUrl !== undefined && !this.config.jobs.callbackSecret) {
@@ -71,7 +73,10 @@ export class JobsService {
     }
     let queued: void | 'uncertain';
     try {
-      if (input.idempotencyKey !== undefined) await this.submitCheck.assertRunnable(input);
+      if (input.idempotencyKey !== undefined) {
+        await this.refuseSyncKey(input.principal.userId, input.idempotencyKey);
+        await this.submitCheck.assertRunnable(input);
+      }
       queued = await this.queue.submit(job.id);
     } catch (error) {
       await this.repo.remove(job.id).catch(() => undefined);
@@ -86,6 +91,24 @@ export class JobsService {
     // finding it unconfirmed takes it over after SUBMIT_CONFIRM_MS.
     await this.repo.markEnqueued(job.id, this.clock.now()).catch(() => undefined);
     return { job, created };
+  }
+
+  /**
+   * Sync calls and async submits share one key space per user: a key a sync call holds is
+   * refused (422) whatever the body, and the job just inserted is removed again (by submit).
+   * Checked after the insert, never before: IdempotencyService.open does the mirror image (claims,
+   * then looks at the jobs), so of a sync call and a submit racing for one key the later reader
+   * always sees the other's committed write, and at most one of them wins (in the closest race
+   * both are refused and the key stays free). One more statement, only for keyed submits.
+   */
+  private async refuseSyncKey(userId: string, key: string): Promise<void> {
+    const expiredBefore = new Date(this.clock.nowMs() - IDEMPOTENCY_WINDOW_MS);
+    if (!(await this.repo.heldBySyncCall(userId, key, expiredBefore))) return;
+    throw new GatewayError(
+      'idempotency_key_reused',
+      'This idempotency-key belongs to a sync call (sent without prefer: respond-async); an async job cannot reuse it. Use a new key for a new request.',
+      { param: 'idempotency-key' },
+    );
   }
 
   /**
