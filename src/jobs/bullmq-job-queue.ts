@@ -1,6 +1,6 @@
 import { BullRegistrar, InjectQueue, OnWorkerEvent, WorkerHost } from '@nestjs/bullmq';
 import { Inject, Injectable } from '@nestjs/common';
-import { DelayedError, type Job, type Queue } from 'bullmq';
+import { DelayedError, type Job, type Queue, type Worker } from 'bullmq';
 import { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import { withTimeout } from '../core/deadline.js';
@@ -96,6 +96,8 @@ export class JobsWorkerHost extends WorkerHost {
   private lettingGo = false;
   /** One per run going: makes its process() stop waiting for it (see letGoOfRunning()). */
   private readonly letGoes = new Set<() => void>();
+  /** Shutdown waiting for the last run to end (see idle()). */
+  private readonly idleWaiters: Array<() => void> = [];
 
   constructor(private readonly log: JobsRedisLog) {
     super();
@@ -118,8 +120,14 @@ export class JobsWorkerHost extends WorkerHost {
     let letGo!: () => void;
     const letGone = new Promise<never>((_, reject) => (letGo = () => reject(new LeftRunning())));
     this.letGoes.add(letGo);
+    // Counted until the run ends or is let go of: what follows (moveToDelayed below, BullMQ's own
+    // completion) waits only for Redis, and shutdown tells the two apart (BullmqJobQueue.stop()).
+    const over = () => {
+      this.letGoes.delete(letGo);
+      if (this.letGoes.size === 0) for (const resolve of this.idleWaiters.splice(0)) resolve();
+    };
     try {
-      await Promise.race([run, letGone]);
+      await Promise.race([run, letGone]).finally(over);
     } catch (error) {
       if (error instanceof LeftRunning) {
         // Nobody waits for the run any more; it goes on until the process exits.
@@ -137,8 +145,6 @@ export class JobsWorkerHost extends WorkerHost {
         throw new DelayedError();
       }
       throw error;
-    } finally {
-      this.letGoes.delete(letGo);
     }
   }
 
@@ -152,6 +158,17 @@ export class JobsWorkerHost extends WorkerHost {
   letGoOfRunning(): void {
     this.lettingGo = true;
     for (const letGo of this.letGoes) letGo();
+  }
+
+  /** How many runs are going: counted until each ends or is let go of (what process() does after waits only for Redis). */
+  get running(): number {
+    return this.letGoes.size;
+  }
+
+  /** Resolves once no run is going (at once if none is). */
+  idle(): Promise<void> {
+    if (this.letGoes.size === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
   @OnWorkerEvent('failed')
@@ -274,32 +291,72 @@ export class BullmqJobQueue extends JobQueue {
     this.processing = false;
     const worker = this.host.worker;
     // The worker's connections are BullMQ's own; the producer, on the same Redis, says whether it is there.
-    if (this.producer.status === 'ready') {
-      // Lets running jobs finish; after the grace period they are aborted and BullMQ keeps
-      // them (delayed) for another worker. One that ignores the abort is let go of: BullMQ
-      // leaves its job active in Redis under a lock nobody renews, and once that expires
-      // another worker's stalled-job check takes the job over.
-      const closing = worker.close();
-      if (!(await settlesWithin(closing, this.options.shutdownGraceMs ?? DEFAULT_SHUTDOWN_GRACE_MS))) {
-        worker.cancelAllJobs('the worker is shutting down');
-        if (!(await settlesWithin(closing, ABORT_WAIT_MS))) {
-          this.log.logger.warn('a running job ignored the shutdown; leaving it to the stalled-job check');
-          // Else close() (and Nest's own Worker.close() at shutdown, which returns the same
-          // promise: a later close(true) does not force it) waits for that job forever.
-          this.host.letGoOfRunning();
-          // Bounded even if Redis fails the close's last commands.
-          if (!(await settlesWithin(closing, ABORT_WAIT_MS))) await settlesWithin(worker.disconnect(), ABORT_WAIT_MS);
-        }
-      }
-    } else {
-      // Redis is away: a graceful close would wait for it forever.
-      await worker.close(true);
+    if (this.producer.status !== 'ready') {
+      // Redis is away: a graceful close would wait for it forever. A forced one sends nothing
+      // and waits for no job; bounded all the same, and dropped if it does wait.
+      if (!(await settlesWithin(worker.close(true), ABORT_WAIT_MS))) await this.dropWorkerConnections(worker, 'Redis is away');
+      return;
     }
+    // Lets running jobs finish; after the grace period they are aborted and BullMQ keeps them
+    // (delayed) for another worker. One that ignores the abort is let go of: BullMQ leaves its
+    // job active in Redis under a lock nobody renews, and once that expires another worker's
+    // stalled-job check takes the job over. The producer says 'ready' also while Redis holds its
+    // connections without answering (ioredis has no command timeout): once no job is running the
+    // close waits only for Redis, and is given ABORT_WAIT_MS, not what is left of the grace period.
+    const closing = worker.close();
+    let outcome = await this.closeWithin(closing, this.options.shutdownGraceMs ?? DEFAULT_SHUTDOWN_GRACE_MS);
+    if (outcome === 'jobs running') {
+      worker.cancelAllJobs('the worker is shutting down');
+      outcome = await this.closeWithin(closing, ABORT_WAIT_MS);
+      if (outcome === 'jobs running') {
+        this.log.logger.warn({ running: this.host.running }, 'a running job ignored the shutdown; leaving it to the stalled-job check');
+        // Else close() (and Nest's own Worker.close() at shutdown, which returns the same
+        // promise: a later close(true) does not force it) waits for that job forever.
+        this.host.letGoOfRunning();
+        outcome = (await settlesWithin(closing, ABORT_WAIT_MS)) ? 'closed' : 'redis not answering';
+      }
+    }
+    if (outcome === 'redis not answering') await this.dropWorkerConnections(worker, 'Redis did not answer the worker’s close');
+  }
+
+  /**
+   * Waits for the worker's close until `ms` have passed ('jobs running' then), or until no job has
+   * been running for ABORT_WAIT_MS without the close settling: it then waits only for Redis (the
+   * last completions, QUIT, the blocking connection), which does not answer.
+   */
+  private async closeWithin(closing: Promise<void>, ms: number): Promise<'closed' | 'jobs running' | 'redis not answering'> {
+    let closed = false;
+    const settled = closing.then(
+      () => (closed = true),
+      () => (closed = true),
+    );
+    const until = performance.now() + ms;
+    for (;;) {
+      const left = until - performance.now();
+      if (left <= 0 || !(await settlesWithin(Promise.race([settled, this.host.idle()]), left))) return 'jobs running';
+      if (closed) return 'closed';
+      // No job is running. One BullMQ was fetching as close() began may still start: the loop
+      // then waits for it, within what is left of `ms`.
+      if (await settlesWithin(settled, ABORT_WAIT_MS)) return 'closed';
+      if (this.host.running === 0) return 'redis not answering';
+    }
+  }
+
+  /**
+   * Disconnects the worker's connections: commands waiting for Redis fail, which ends the close
+   * (and Nest's BullExplorer, which awaits the same close at shutdown) without Redis. A job still
+   * in Redis as active is taken over by another worker's stalled-job check once its lock expires.
+   */
+  private async dropWorkerConnections(worker: Worker, why: string): Promise<void> {
+    this.log.logger.warn({ running: this.host.running }, `${why}: disconnecting the worker from it; jobs it held go to the stalled-job check`);
+    await settlesWithin(worker.disconnect(), ABORT_WAIT_MS);
   }
 
   async close(): Promise<void> {
     await this.stop();
-    await this.queue.close().catch(() => undefined);
+    // On the producer, which BullMQ treats as shared: its close sends nothing to Redis. Bounded all
+    // the same (so is the producer: disconnect() fails what is still waiting for Redis).
+    await settlesWithin(this.queue.close(), ABORT_WAIT_MS);
     this.producer.disconnect();
   }
 
