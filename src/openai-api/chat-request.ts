@@ -54,8 +54,8 @@ export function parseChatRequest(raw: unknown): ChatCompletionRequest {
       throw new GatewayError('invalid_value', `'${field}' must be from ${min} to ${max}.`, { param: field });
     }
   }
-  if (body.n !== undefined && body.n !== null && (typeof body.n !== 'number' || !Number.isInteger(body.n) || body.n < 1 || body.n > 16)) {
-    throw new GatewayError('invalid_value', "'n' must be an integer from 1 to 16.", { param: 'n' });
+  if (body.n !== undefined && body.n !== null && (typeof body.n !== 'number' || !Number.isInteger(body.n) || body.n < 1 || body.n > 128)) {
+    throw new GatewayError('invalid_value', "'n' must be an integer from 1 to 128 (OpenAI's range).", { param: 'n' });
   }
   if (body.stream_options !== undefined && body.stream_options !== null) {
     optionalType(asObject(body.stream_options, "'stream_options'", 'stream_options'), 'include_usage', 'boolean', 'stream_options.');
