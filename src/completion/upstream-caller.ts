@@ -62,8 +62,8 @@ interface Success<T> {
  * The total deadline of one call, armed from its start: a timer, an AbortController and a listener
  * on the caller's signal (~1-2 µs together per call, measured; AbortSignal.any alone measured
  * ~11 µs). Even the first attempt needs it: the drivers' own timeouts bound the wait for the
- * headers, but after them only idle time (undici's bodyTimeout; the SDK's not at all for a JSON
- * body), so a body trickled slowly or a stream of keep-alive comments (`: OPENROUTER PROCESSING`)
+ * headers, but after them only idle time (undici's bodyTimeout, in both drivers), so a body
+ * trickled slowly or a stream of keep-alive comments (`: OPENROUTER PROCESSING`)
  * would never end. Disarmed once the answer (or a stream's first event) is in: a stream may then
  * run longer.
  */

@@ -36,6 +36,11 @@ describe('jsonResult: errors inside a 200', () => {
     expect(thrown(() => jsonResult(JSON.stringify(named)))).toMatchObject({ kind: 'http', status: 502, upstreamCode: 'rate_limit_exceeded' });
   });
 
+  it('an error given as a string is a 502 failure whose message is the string, answer or not', () => {
+    expect(thrown(() => jsonResult('{"error":"provider overloaded"}'))).toMatchObject({ kind: 'http', status: 502, message: 'provider overloaded' });
+    expect(thrown(() => jsonResult(JSON.stringify({ ...ANSWER, error: 'provider overloaded' })))).toMatchObject({ kind: 'http', status: 502 });
+  });
+
   it('an ordinary answer is still an answer, and `"error": null` is no error', () => {
     expect(jsonResult(JSON.stringify(ANSWER)).completion.choices[0]?.message.content).toBe('hi');
     expect(jsonResult(JSON.stringify({ ...ANSWER, error: null })).completion.id).toBe('c');
@@ -53,6 +58,8 @@ describe('errorEventFailure: SSE events that report an error', () => {
     expect(errorEventFailure(JSON.stringify(event))).toMatchObject({ kind: 'http', status: 429, message: 'Provider rate limited' });
     expect(errorEventFailure(JSON.stringify({ error: { message: 'x' } }))).toMatchObject({ kind: 'http', status: 502 });
     expect(errorEventFailure(JSON.stringify({ choices: [{ index: 0, delta: {}, finish_reason: 'error' }] }))).toMatchObject({ kind: 'http', status: 502 });
+    // An error given as a plain string (not OpenRouter's object) is a failure all the same.
+    expect(errorEventFailure('{"error":"provider overloaded"}')).toMatchObject({ kind: 'http', status: 502, message: 'provider overloaded' });
   });
 
   it('lets every other event through, including content that talks about errors', () => {

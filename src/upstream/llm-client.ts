@@ -113,13 +113,19 @@ export function readUpstreamError(error: unknown, fallbackMessage: string): Upst
  * An error the upstream put inside a 200 (OpenRouter, once a model started: `{"error":{"code":402,
  * "message":…}}` as the JSON body, or as an SSE event), as the failure its HTTP status would have
  * been, so it is retried, falls back or stops exactly as that status would. `error.code` names the
- * status when it is one (400-599); otherwise 502, the upstream failing. undefined when `body` has
- * no error object.
+ * status when it is one (400-599); otherwise 502, the upstream failing. An error that is not an
+ * object (`{"error":"provider overloaded"}`) is a 502 too, its text (if a string) the message: any
+ * non-null `error` is a failure, as reportsFailure and the cache's stream replay read it. undefined
+ * when `body` has no error (absent or null).
  */
 export function inBandFailure(body: unknown): UpstreamFailure | undefined {
   if (typeof body !== 'object' || body === null) return undefined;
   const error = (body as { error?: unknown }).error;
-  if (typeof error !== 'object' || error === null) return undefined;
+  if (error === undefined || error === null) return undefined;
+  if (typeof error !== 'object') {
+    const message = typeof error === 'string' && error !== '' ? error.slice(0, 500) : 'upstream reported an error in a 200 answer';
+    return new UpstreamFailure('http', message, 502);
+  }
   const view = readUpstreamError(error, 'upstream reported an error in a 200 answer');
   const code = (error as { code?: unknown }).code;
   const status = typeof code === 'number' && Number.isInteger(code) && code >= 400 && code <= 599 ? code : 502;
@@ -140,6 +146,11 @@ export function errorEventFailure(data: string): UpstreamFailure | undefined {
   } catch {
     return undefined;
   }
+  return eventFailure(event);
+}
+
+/** The same, for a stream event already parsed (the SDK driver parses every event). */
+export function eventFailure(event: unknown): UpstreamFailure | undefined {
   const failure = inBandFailure(event);
   if (failure) return failure;
   if (finishedWithError((event as { choices?: unknown } | null)?.choices)) {

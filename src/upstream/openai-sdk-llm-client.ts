@@ -1,8 +1,9 @@
-import OpenAI from 'openai';
+import OpenAI, { type ClientOptions } from 'openai';
+import { Agent, errors as undiciErrors, fetch as undiciFetch } from 'undici';
+import { SseParser } from '../../libs/openai-contract/src/index.js';
 import {
   abortFailure,
-  finishedWithError,
-  inBandFailure,
+  eventFailure,
   jsonResult,
   LlmClient,
   parseRetryAfter,
@@ -24,20 +25,37 @@ export interface SdkClientOptions {
  * The reference driver on the official `openai` SDK (UPSTREAM_DRIVER=sdk). Correct and well
  * known, but 4-7x the CPU of the undici driver per call (PERFORMANCE.md), so not the default.
  * Retries are the gateway's job (one policy for both drivers), so the SDK's own are off.
+ *
+ * Timeouts: the SDK's `timeout` only bounds the wait for the headers, so its fetch goes through
+ * an undici Agent with the undici driver's byte-level idle timeouts (headersTimeout, bodyTimeout):
+ * a JSON body that stalls, or a stream that goes quiet, is a timeout; keep-alive comments
+ * (`: OPENROUTER PROCESSING`) are bytes and keep it alive. undici's own fetch, since Node's bundled
+ * one rejects a dispatcher from another undici version.
+ *
+ * Nothing comes from the OPENAI_* environment (the operator's, not the gateway's settings):
+ * organization, project and log level are set here, and OPENAI_CUSTOM_HEADERS is undone
+ * (envHeadersUnset).
  */
 export class OpenAiSdkLlmClient extends LlmClient {
   private readonly client: OpenAI;
-  private readonly idleMs: number;
+  private readonly agent: Agent;
 
   constructor(options: SdkClientOptions) {
     super();
-    this.idleMs = options.timeoutMs;
+    this.agent = new Agent({ headersTimeout: options.timeoutMs, bodyTimeout: options.timeoutMs });
     this.client = new OpenAI({
       apiKey: options.apiKey,
       baseURL: options.baseUrl,
+      organization: null,
+      project: null,
+      adminAPIKey: null,
+      webhookSecret: null,
+      logLevel: 'off',
       timeout: options.timeoutMs,
       maxRetries: 0,
-      defaultHeaders: options.extraHeaders,
+      defaultHeaders: { ...envHeadersUnset(options.apiKey), ...options.extraHeaders },
+      fetch: undiciFetch as unknown as NonNullable<ClientOptions['fetch']>,
+      fetchOptions: { dispatcher: this.agent } as NonNullable<ClientOptions['fetchOptions']>,
     });
   }
 
@@ -55,71 +73,148 @@ export class OpenAiSdkLlmClient extends LlmClient {
     return jsonResult(raw);
   }
 
+  /**
+   * The SDK sends the request and maps a refusal (APIError); the 200 body is read here, through the
+   * project's SSE parser like the undici driver: the SDK's Stream hides whether `[DONE]` arrived
+   * (it ends a cut stream as quietly as a finished one), and whether there was any event at all.
+   */
   async stream(call: UpstreamCall): Promise<UpstreamEvents> {
-    let stream: SdkStream;
+    let response: Response;
     try {
       const params = { ...call.body, stream: true } as unknown as OpenAI.Chat.ChatCompletionCreateParamsStreaming;
-      stream = await this.client.chat.completions.create(params, { signal: call.signal, headers: { 'x-request-id': call.requestId } });
+      response = await this.client.chat.completions.create(params, { signal: call.signal, headers: { 'x-request-id': call.requestId } }).asResponse();
     } catch (error) {
       throw toFailure(error, call.signal);
     }
-    return events(stream, call.signal, this.idleMs);
+    return events(response, call.signal);
   }
 
-  close(): Promise<void> {
-    return Promise.resolve();
+  async close(): Promise<void> {
+    await this.agent.close();
   }
 }
 
-/** The SDK's Stream: iterable, with the AbortController of its own request. */
-type SdkStream = AsyncIterable<unknown> & { controller?: AbortController };
+/**
+ * The `data` payloads of a 200 stream up to `[DONE]`, as the undici driver relays them: the bytes
+ * as sent, each checked to be a JSON object (else bad_response) that reports no failure (an
+ * `error`, or a choice finished as "error": eventFailure). The stream is complete only with its
+ * `[DONE]`: ending without it is a cut (or the abort that ended it). `[DONE]` straight away yields
+ * nothing, for the caller to refuse as no answer.
+ */
+async function* events(response: Response, signal: AbortSignal): AsyncGenerator<string> {
+  const body = response.body;
+  if (body === null) throw new UpstreamFailure('cut', 'upstream stream ended before [DONE]');
+  const reader = (body as ReadableStream<Uint8Array>).getReader();
+  const parser = new SseParser();
+  /** The body is over (read to its end, or failed): nothing to cancel. */
+  let over = false;
+  let done = false;
+  try {
+    while (!over) {
+      let read: Awaited<ReturnType<typeof reader.read>>;
+      try {
+        read = await reader.read();
+      } catch (error) {
+        over = true;
+        throw streamFailure(error, signal);
+      }
+      over = read.done;
+      for (const data of read.done ? parser.flush() : parser.push(read.value)) {
+        if (data === '[DONE]') {
+          done = true;
+          return;
+        }
+        yield checkedEvent(data);
+      }
+    }
+  } finally {
+    // After [DONE], read the rest (the chunked end) so the connection stays in the pool; before it
+    // (the consumer left, or a bad event), stop reading.
+    if (!over) {
+      if (done) void drain(reader);
+      else reader.cancel().catch(() => undefined);
+    }
+  }
+  if (signal.aborted) throw abortFailure(signal);
+  throw new UpstreamFailure('cut', 'upstream stream ended before [DONE]');
+}
+
+function checkedEvent(data: string): string {
+  let event: unknown;
+  try {
+    event = JSON.parse(data);
+  } catch {
+    throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not JSON');
+  }
+  if (typeof event !== 'object' || event === null || Array.isArray(event)) {
+    throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not a JSON object');
+  }
+  // An error event (OpenRouter's provider failures inside a 200): the failure it names. As the
+  // first event it is retried or falls back; later, the pipeline ends the stream with it.
+  const reported = eventFailure(event);
+  if (reported) throw reported;
+  return data;
+}
+
+/** Bytes an upstream may still send after [DONE] before the gateway stops reading. */
+const MAX_BYTES_AFTER_DONE = 64 * 1024;
+
+async function drain(reader: ReadableStreamDefaultReader<Uint8Array>): Promise<void> {
+  let bytes = 0;
+  try {
+    for (;;) {
+      const read = await reader.read();
+      if (read.done) return;
+      bytes += read.value.byteLength;
+      if (bytes > MAX_BYTES_AFTER_DONE) {
+        await reader.cancel();
+        return;
+      }
+    }
+  } catch {
+    // The answer is complete; what happens to the connection after it is not its failure.
+  }
+}
+
+/** After the 200 the upstream was reachable: losing the connection now is the stream breaking off. */
+function streamFailure(error: unknown, signal: AbortSignal): UpstreamFailure {
+  const failure = toFailure(error, signal);
+  return failure.kind === 'connection' ? new UpstreamFailure('cut', `upstream stream broke off: ${(error as Error).message}`) : failure;
+}
 
 /**
- * Relays the SDK's parsed chunks. The SDK's `timeout` covers the wait for the headers only; a
- * stream that goes quiet afterwards would hang until the pipeline's deadline, so a gap longer
- * than the timeout between two chunks ends it as a timeout (the undici driver's bodyTimeout).
+ * The headers of OPENAI_CUSTOM_HEADERS (`Name: value` lines, read by the SDK's constructor as it
+ * does), each unset: an explicit null, the SDK's way to remove a default header. The gateway's
+ * own headers come after and win; an Authorization named there is the gateway's key again.
  */
-async function* events(stream: SdkStream, signal: AbortSignal, idleMs: number): AsyncGenerator<string> {
-  let sawFinish = false;
-  let idled = false;
-  let timer: NodeJS.Timeout | undefined;
-  const arm = (): void => {
-    clearTimeout(timer);
-    timer = setTimeout(() => {
-      idled = true;
-      stream.controller?.abort();
-    }, idleMs);
-  };
-  const quiet = (): UpstreamFailure => new UpstreamFailure('timeout', 'upstream stream went quiet');
-  try {
-    arm();
-    for await (const chunk of stream) {
-      arm();
-      const choices = (chunk as { choices?: Array<{ finish_reason?: unknown }> }).choices;
-      // The SDK throws on an event with an `error` (caught below); one that only finishes a choice
-      // as "error" is OpenRouter's mid-generation failure all the same (errorEventFailure).
-      if (finishedWithError(choices)) throw new UpstreamFailure('http', 'upstream ended the stream with finish_reason "error"', 502);
-      if (choices?.some((c) => c.finish_reason)) sawFinish = true;
-      yield JSON.stringify(chunk);
-    }
-  } catch (error) {
-    if (idled) throw quiet();
-    const failure = toFailure(error, signal);
-    // After the 200 the upstream was reachable: losing the connection now is the stream breaking off.
-    throw failure.kind === 'connection' ? new UpstreamFailure('cut', `upstream stream broke off: ${(error as Error).message}`) : failure;
-  } finally {
-    clearTimeout(timer);
+function envHeadersUnset(apiKey: string): Record<string, string | null> {
+  const unset: Record<string, string | null> = {};
+  for (const line of (process.env.OPENAI_CUSTOM_HEADERS ?? '').split('\n')) {
+    const colon = line.indexOf(':');
+    if (colon < 0) continue;
+    const name = line.slice(0, colon).trim();
+    if (!HTTP_TOKEN.test(name)) continue;
+    unset[name] = name.toLowerCase() === 'authorization' ? `Bearer ${apiKey}` : null;
   }
-  // The SDK ends a `for await` silently on abort, and hides whether [DONE] arrived: an aborted
-  // signal or a stream without a finish_reason is a cut, never a complete answer.
-  if (idled) throw quiet();
-  if (signal.aborted) throw abortFailure(signal);
-  if (!sawFinish) throw new UpstreamFailure('cut', 'upstream stream ended before it finished');
+  return unset;
+}
+
+const HTTP_TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+
+/** undici's idle timeouts (the Agent's), found in an error's cause chain (fetch wraps them). */
+function isIdleTimeout(error: unknown): boolean {
+  let current: unknown = error;
+  for (let depth = 0; depth < 4 && current instanceof Error; depth++) {
+    if (current instanceof undiciErrors.BodyTimeoutError || current instanceof undiciErrors.HeadersTimeoutError) return true;
+    current = current.cause;
+  }
+  return false;
 }
 
 function toFailure(error: unknown, signal: AbortSignal): UpstreamFailure {
   if (error instanceof UpstreamFailure) return error;
   if (signal.aborted) return abortFailure(signal);
+  if (isIdleTimeout(error)) return new UpstreamFailure('timeout', 'upstream did not answer in time');
   if (error instanceof OpenAI.APIConnectionTimeoutError) return new UpstreamFailure('timeout', 'upstream did not answer in time');
   if (error instanceof OpenAI.APIUserAbortError) return abortFailure(signal);
   if (error instanceof OpenAI.APIConnectionError) return new UpstreamFailure('connection', `upstream connection failed: ${error.message}`);
@@ -127,12 +222,7 @@ function toFailure(error: unknown, signal: AbortSignal): UpstreamFailure {
     const { message, code, flagged } = readUpstreamError(error.error, `upstream answered HTTP ${error.status}`);
     return new UpstreamFailure('http', message, error.status, error.headers ? parseRetryAfter(error.headers as Headers) : undefined, code, flagged);
   }
-  // No status: the SDK read an SSE event carrying `error` (a 200 stream reporting a failure).
-  if (error instanceof OpenAI.APIError) {
-    const body: unknown = error.error;
-    const reported = inBandFailure({ error: body ?? { message: error.message } });
-    if (reported) return reported;
-  }
-  if (error instanceof SyntaxError) return new UpstreamFailure('bad_response', 'upstream sent a body that is not JSON');
+  // The SDK parses no 200 body here (asResponse: jsonResult and events() read them), so nothing
+  // else it throws is about the answer: the connection failed.
   return new UpstreamFailure('connection', `upstream call failed: ${(error as Error).message}`);
 }

@@ -11,6 +11,7 @@ export type {
   StubFaults,
   StubPrice,
   StubRequestRecord,
+  StubScript,
   StubUpstream,
   StubUpstreamOptions,
 } from './stub-upstream.js';

@@ -443,6 +443,25 @@ describe('stub upstream: faults', () => {
     await res.arrayBuffer();
   });
 
+  it('script answers what it takes (counted and recorded), leaves the rest to the stub, and reset() clears it', async () => {
+    stub.script = (_req, body, res) => {
+      if (body.model !== 'scripted') return false;
+      res.writeHead(200, { 'content-type': 'text/plain' });
+      res.end('from the script');
+      return true;
+    };
+    const scripted = await chat({ model: 'scripted', messages: MESSAGES });
+    expect(await scripted.text()).toBe('from the script');
+    const left = await chat({ model: 'm', messages: MESSAGES });
+    expect(((await left.json()) as ChatCompletion).choices[0].message.content).toBe(EXPECTED_CONTENT);
+    expect(stub.hits).toBe(2);
+    expect(stub.requests.map((r) => (r.body as { model?: string }).model)).toEqual(['scripted', 'm']);
+    stub.reset();
+    const after = await chat({ model: 'scripted', messages: MESSAGES });
+    expect(after.headers.get('content-type')).toContain('application/json');
+    await after.arrayBuffer();
+  });
+
   it('close() is prompt even with a hanging request open', async () => {
     stub.configure({ hangMs: 60_000 });
     const pending = chat({ model: 'm', messages: MESSAGES });

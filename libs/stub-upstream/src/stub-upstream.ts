@@ -90,6 +90,12 @@ export interface StubRequestRecord {
   at: number;
 }
 
+/**
+ * Answers one chat completion request itself: true once it answered (or took `res` over), false to
+ * let the stub answer as configured. `body` is the request body, already parsed.
+ */
+export type StubScript = (req: IncomingMessage, body: Record<string, unknown>, res: ServerResponse) => boolean;
+
 export interface StubUpstream {
   /** Base URL including /v1, e.g. http://127.0.0.1:43123/v1 */
   readonly url: string;
@@ -100,9 +106,15 @@ export interface StubUpstream {
   readonly streamsFinished: number;
   /** The last {@link MAX_RECORDED_REQUESTS} chat completion requests, oldest first. */
   readonly requests: StubRequestRecord[];
+  /**
+   * Tests only (set in-process, never over HTTP): a reply no fault switch describes. Asked first for
+   * every chat completion request with a JSON object body, after it was counted and recorded.
+   * `reset()` clears it.
+   */
+  script: StubScript | undefined;
   /** Replace the whole fault config (also restarts the failTimes counters). */
   configure(config: StubConfig): void;
-  /** Clear config, hits, streamsFinished, failTimes counters and recorded requests. */
+  /** Clear config, script, hits, streamsFinished, failTimes counters and recorded requests. */
   reset(): void;
   /** Close the server and destroy every open socket, including ones with a request in flight. */
   close(): Promise<void>;
@@ -685,6 +697,7 @@ class StubUpstreamServer implements StubUpstream {
   hits = 0;
   streamsFinished = 0;
   readonly requests: StubRequestRecord[] = [];
+  script: StubScript | undefined;
   private config: CompiledConfig = EMPTY_CONFIG;
   /** failTimes counters, keyed by model id. */
   private readonly failures = new Map<string, number>();
@@ -745,6 +758,7 @@ class StubUpstreamServer implements StubUpstream {
 
   reset(): void {
     this.config = EMPTY_CONFIG;
+    this.script = undefined;
     this.failures.clear();
     this.hits = 0;
     this.streamsFinished = 0;
@@ -824,6 +838,7 @@ class StubUpstreamServer implements StubUpstream {
       sendError(res, 400, 'Request body is not valid JSON', 'invalid_json');
       return;
     }
+    if (this.script !== undefined && isRecord(body) && this.script(req, body, res)) return;
 
     let chat: ChatRequest;
     try {
