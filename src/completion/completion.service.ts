@@ -1,6 +1,5 @@
 import { Injectable } from '@nestjs/common';
 import type { Logger } from 'pino';
-import { errorEnvelope } from '../../libs/openai-contract/src/index.js';
 import { AuditService } from '../audit/audit.service.js';
 import { BudgetService } from '../budget/budget.service.js';
 import type { Reservation, Settlement } from '../budget/budget.types.js';
@@ -166,7 +165,7 @@ export class CompletionService {
       try {
         if (!sink.closed) {
           const mapped = this.shutdown.streamEndedError() ?? upstreamToGatewayError(failure, opened.model);
-          sink.event(JSON.stringify(errorEnvelope(mapped.message, mapped.type, mapped.code)));
+          sink.event(JSON.stringify(mapped.toEnvelope()));
           sink.close();
         }
       } catch (sinkError) {

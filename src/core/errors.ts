@@ -92,6 +92,12 @@ export interface GatewayErrorOptions {
    * gateway's to honour (a job's next try), not a wait the caller was asked for.
    */
   retryAfterMs?: number;
+  /**
+   * The code the caller sees instead of `code`: an upstream's own, relayed with its 400 (OpenAI's
+   * `context_length_exceeded`, which clients branch on to trim and retry). Metrics, logs and the
+   * audit keep `code`, from the gateway's own vocabulary.
+   */
+  wireCode?: string;
 }
 
 export class GatewayError extends Error {
@@ -99,6 +105,7 @@ export class GatewayError extends Error {
   readonly headers: Record<string, string> | undefined;
   readonly details: Record<string, unknown> | undefined;
   readonly retryAfterMs: number | undefined;
+  readonly wireCode: string | undefined;
 
   constructor(
     readonly code: ErrorCode,
@@ -111,6 +118,7 @@ export class GatewayError extends Error {
     this.headers = options.headers;
     this.details = options.details;
     this.retryAfterMs = options.retryAfterMs;
+    this.wireCode = options.wireCode;
   }
 
   get status(): number {
@@ -122,7 +130,7 @@ export class GatewayError extends Error {
   }
 
   toEnvelope(): ErrorEnvelope {
-    const envelope = errorEnvelope(this.message, this.type, this.code, this.param);
+    const envelope = errorEnvelope(this.message, this.type, this.wireCode ?? this.code, this.param);
     if (this.details) Object.assign(envelope.error, this.details);
     return envelope;
   }

@@ -29,6 +29,9 @@ export class UpstreamFailure extends Error {
    */
   usage: Usage | undefined;
 
+  /** The request field the upstream blamed, relayed with a 400 (set by the drivers from the error view). */
+  upstreamParam: string | undefined;
+
   constructor(
     readonly kind: UpstreamFailureKind,
     message: string,
@@ -82,6 +85,8 @@ export function parseRetryAfter(headers: { get(name: string): string | null | un
 export interface UpstreamErrorView {
   message: string;
   code?: string;
+  /** The request field the upstream blamed (OpenAI's `param`), when it named one. */
+  param?: string;
   /** A moderation refusal: OpenRouter describes flagged input in `metadata` (`reasons`, `flagged_input`). */
   flagged: boolean;
 }
@@ -100,11 +105,12 @@ export function describeUpstreamError(status: number, text: string): UpstreamErr
 /** The same, from an error object already parsed (a body, an SSE event, the SDK's APIError.error). */
 export function readUpstreamError(error: unknown, fallbackMessage: string): UpstreamErrorView {
   if (typeof error !== 'object' || error === null) return { message: fallbackMessage, flagged: false };
-  const { message, code, metadata } = error as { message?: unknown; code?: unknown; metadata?: unknown };
+  const { message, code, param, metadata } = error as { message?: unknown; code?: unknown; param?: unknown; metadata?: unknown };
   const meta = typeof metadata === 'object' && metadata !== null ? (metadata as { reasons?: unknown; flagged_input?: unknown }) : undefined;
   return {
     message: typeof message === 'string' && message !== '' ? message.slice(0, 500) : fallbackMessage,
     code: typeof code === 'string' ? code : typeof code === 'number' ? String(code) : undefined,
+    param: typeof param === 'string' && param !== '' ? param : undefined,
     flagged: meta !== undefined && (Array.isArray(meta.reasons) || typeof meta.flagged_input === 'string'),
   };
 }
@@ -129,7 +135,14 @@ export function inBandFailure(body: unknown): UpstreamFailure | undefined {
   const view = readUpstreamError(error, 'upstream reported an error in a 200 answer');
   const code = (error as { code?: unknown }).code;
   const status = typeof code === 'number' && Number.isInteger(code) && code >= 400 && code <= 599 ? code : 502;
-  return new UpstreamFailure('http', view.message, status, undefined, view.code, view.flagged);
+  return failureOf(view, status);
+}
+
+/** An upstream's HTTP error (or one it reported in a 200) as a failure, with what its error object said. */
+export function failureOf(view: UpstreamErrorView, status: number, retryAfterMs?: number): UpstreamFailure {
+  const failure = new UpstreamFailure('http', view.message, status, retryAfterMs, view.code, view.flagged);
+  failure.upstreamParam = view.param;
+  return failure;
 }
 
 /**

@@ -4,6 +4,7 @@ import { SseParser } from '../../libs/openai-contract/src/index.js';
 import {
   abortFailure,
   eventFailure,
+  failureOf,
   jsonResult,
   LlmClient,
   parseRetryAfter,
@@ -219,8 +220,8 @@ function toFailure(error: unknown, signal: AbortSignal): UpstreamFailure {
   if (error instanceof OpenAI.APIUserAbortError) return abortFailure(signal);
   if (error instanceof OpenAI.APIConnectionError) return new UpstreamFailure('connection', `upstream connection failed: ${error.message}`);
   if (error instanceof OpenAI.APIError && typeof error.status === 'number') {
-    const { message, code, flagged } = readUpstreamError(error.error, `upstream answered HTTP ${error.status}`);
-    return new UpstreamFailure('http', message, error.status, error.headers ? parseRetryAfter(error.headers as Headers) : undefined, code, flagged);
+    const view = readUpstreamError(error.error, `upstream answered HTTP ${error.status}`);
+    return failureOf(view, error.status, error.headers ? parseRetryAfter(error.headers as Headers) : undefined);
   }
   // The SDK parses no 200 body here (asResponse: jsonResult and events() read them), so nothing
   // else it throws is about the answer: the connection failed.

@@ -2,7 +2,7 @@ import type { IncomingHttpHeaders } from 'node:http';
 import { Pool, errors as undiciErrors } from 'undici';
 import type { Dispatcher } from 'undici';
 import { SseParser } from '../../libs/openai-contract/src/index.js';
-import { abortFailure, describeUpstreamError, errorEventFailure, jsonResult, LlmClient, parseRetryAfter, type UpstreamCall, type UpstreamEvents, type UpstreamJsonResult, UpstreamFailure } from './llm-client.js';
+import { abortFailure, describeUpstreamError, errorEventFailure, failureOf, jsonResult, LlmClient, parseRetryAfter, type UpstreamCall, type UpstreamEvents, type UpstreamJsonResult, UpstreamFailure } from './llm-client.js';
 
 export interface UndiciClientOptions {
   baseUrl: string;
@@ -316,8 +316,7 @@ function isJsonSpace(code: number): boolean {
 const MAX_BYTES_AFTER_DONE = 64 * 1024;
 
 function httpFailure(status: number, text: string, headers: IncomingHttpHeaders): UpstreamFailure {
-  const { message, code, flagged } = describeUpstreamError(status, text);
-  return new UpstreamFailure('http', message, status, parseRetryAfter(headers), code, flagged);
+  return failureOf(describeUpstreamError(status, text), status, parseRetryAfter(headers));
 }
 
 /** After the 200 the upstream was reachable: losing the connection now is the stream breaking off. */

@@ -86,10 +86,25 @@ export function upstreamToGatewayError(failure: UpstreamFailure, model: string, 
       return new GatewayError('model_not_found', `The ${where} does not know this model: ${failure.message}`, { param: 'model' });
     return new GatewayError('upstream_error', `The ${where} does not know the model the routing table chose: ${failure.message}`);
   }
-  if (status === 400 || status === 413 || status === 422) {
-    return new GatewayError(status === 413 ? 'payload_too_large' : 'invalid_value', `The ${where} rejected the request: ${failure.message}`);
+  if (status === 413) return new GatewayError('payload_too_large', `The ${where} rejected the request: ${failure.message}`);
+  if (status === 400 || status === 422) {
+    // The upstream's code and param tell the caller what to fix (`context_length_exceeded` on
+    // `messages`: trim the history and retry); relayed when they are plain tokens.
+    return new GatewayError('invalid_value', `The ${where} rejected the request: ${failure.message}`, {
+      param: relayable(failure.upstreamParam, RELAYABLE_PARAM),
+      wireCode: relayable(failure.upstreamCode, RELAYABLE_CODE),
+    });
   }
   return new GatewayError('upstream_error', `The ${where} failed with HTTP ${status}${tail}.`, wait);
+}
+
+// A code is a word (`context_length_exceeded`), never OpenRouter's numeric HTTP status (`400`);
+// a param a field path (`messages[0].content`).
+const RELAYABLE_CODE = /^(?=.*[A-Za-z])[A-Za-z0-9_.:-]{1,64}$/;
+const RELAYABLE_PARAM = /^[\x21-\x7e]{1,128}$/;
+
+function relayable(value: string | undefined, shape: RegExp): string | undefined {
+  return value !== undefined && shape.test(value) ? value : undefined;
 }
 
 /** An upstream's text as one line of printable characters (it goes into our error message). */

@@ -114,7 +114,8 @@ describe('fallbacks and retries against the stub upstream (gateway walks the cha
     gw.stub.reset();
     gw.stub.configure({ models: { [SONNET]: { status: 400 } } });
     const bad = await code();
-    expect(bad).toMatchObject({ status: 400, body: { error: { type: 'invalid_request_error', code: 'invalid_value' } } });
+    // The upstream's own code (the stub's for a 400) is relayed: it says what to fix.
+    expect(bad).toMatchObject({ status: 400, body: { error: { type: 'invalid_request_error', code: 'invalid_request' } } });
     // Neither retried nor sent to the fallback: another model would refuse the same request.
     expect(sentModels()).toEqual([SONNET]);
   });

@@ -201,7 +201,8 @@ describe('async jobs on the embedded default (inline queue, PGlite)', () => {
     gw.stub.configure({ status: 400 });
     const id = expectAccepted(await alice.api.post<JobBody>('/v1/chat/completions', chat('bad request upstream'), ASYNC));
     const job = await finished(alice.api, id);
-    expect(job).toMatchObject({ status: 'failed', attempts: 1, dead_lettered: false, error: { code: 'invalid_value' } });
+    // The upstream's own code (the stub's for a 400) is relayed, as on the sync door.
+    expect(job).toMatchObject({ status: 'failed', attempts: 1, dead_lettered: false, error: { type: 'invalid_request_error', code: 'invalid_request' } });
     expect(gw.stub.hits).toBe(1);
   });
 
