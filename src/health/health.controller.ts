@@ -9,6 +9,17 @@ import { ReadinessRegistry } from './readiness.js';
 const CHECK_TIMEOUT_MS = 2000;
 
 /**
+ * One round trip: the server answers, and would take a write. Both functions are PostgreSQL's
+ * own and answer on PGlite too (never in recovery, read-write).
+ */
+const DATABASE_STATE_SQL = `SELECT pg_is_in_recovery() AS in_recovery, current_setting('transaction_read_only') AS read_only`;
+
+interface DatabaseState {
+  in_recovery: boolean;
+  read_only: string;
+}
+
+/**
  * Kubernetes probes in the terminus format. Liveness checks nothing shared (a database outage
  * must not restart every pod); readiness checks what serving needs and never calls a model.
  */
@@ -41,7 +52,12 @@ export class HealthController {
           this.indicators
             .check('database')
             .attempt(async ({ signal }) => {
-              await Promise.race([this.database.dataSource.query('SELECT 1'), aborted(signal)]);
+              const rows = await Promise.race([this.database.dataSource.query<DatabaseState[]>(DATABASE_STATE_SQL), aborted(signal)]);
+              // A server that answers reads but refuses writes (a demoted primary back as a standby,
+              // DATABASE_URL on a replica) serves no completion: each one's budget reservation is a
+              // write. Not ready, so the load balancer stops sending it traffic.
+              const refusal = writeRefusal(rows[0]);
+              if (refusal !== undefined) throw new Error(refusal);
               return { driver: this.database.kind };
             })
             .withTimeout(CHECK_TIMEOUT_MS),
@@ -69,6 +85,14 @@ export class HealthController {
       else throw error;
     }
   }
+}
+
+/** Why the database cannot take the gateway's writes, or undefined when it can. */
+function writeRefusal(state: DatabaseState | undefined): string | undefined {
+  if (state === undefined) return 'the database answered the readiness query with no row';
+  if (state.in_recovery === true) return 'the database is a standby (in recovery): it refuses writes';
+  if (state.read_only !== 'off') return `the database refuses writes (transaction_read_only = ${state.read_only})`;
+  return undefined;
 }
 
 function aborted(signal: AbortSignal): Promise<never> {
