@@ -127,6 +127,23 @@ export class BudgetSettingsService {
     return rows[0] ? this.view(rows[0]) : null;
   }
 
+  /**
+   * A caller's user and department budgets (null: none) in one statement, without a flush of its
+   * own: for `GET /v1/usage`, which stores this instance's queued settles first and bounds each
+   * wait (SpendService.usage).
+   */
+  async findPair(userId: string, departmentId: string): Promise<{ user: BudgetView | null; department: BudgetView | null }> {
+    const rows = await this.dataSource.query<BudgetRow[]>(
+      `SELECT ${BUDGET_COLUMNS} FROM budgets WHERE (scope = 'user' AND scope_id = $1::uuid) OR (scope = 'department' AND scope_id = $2::uuid)`,
+      [userId, departmentId],
+    );
+    const of = (scope: BudgetScope) => {
+      const row = rows.find((r) => r.scope === scope);
+      return row ? this.view(row) : null;
+    };
+    return { user: of('user'), department: of('department') };
+  }
+
   /** Removes a budget: the scope becomes unlimited (its ledger rows stay). */
   async remove(scope: BudgetScope, id: string): Promise<void> {
     await this.assertExists(scope, id);

@@ -5,6 +5,7 @@ import { formatUsd, type Nanos, parseUsd, tokensCost } from '../../libs/money/sr
 import { cleanUsage, type Usage } from '../../libs/openai-contract/src/index.js';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
+import { withTimeout } from '../core/deadline.js';
 import { GatewayError } from '../core/errors.js';
 import { isoTime } from '../core/iso-time.js';
 import { AppLogger } from '../core/logger.js';
@@ -92,6 +93,8 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
   readonly renewEveryMs: number;
   private renewTimer: NodeJS.Timeout | undefined;
   private renewing: Promise<number> | undefined;
+  /** DATABASE_REQUEST_TIMEOUT_MS: how long a request waits for the writer before it reads the budgets (flushForRequest). */
+  private readonly requestTimeoutMs: number;
 
   constructor(
     private readonly database: BudgetDatabase,
@@ -104,6 +107,7 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
   ) {
     this.logger = appLogger.logger.child({ context: 'Budget' });
     this.renewEveryMs = Math.max(50, Math.floor(config.budget.reservationTtlMs / 4));
+    this.requestTimeoutMs = config.databaseRequestTimeoutMs;
     this.leases = new BudgetLeases(
       config.budget.leaseMs,
       config.budget.leaseRequests,
@@ -216,7 +220,9 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
     // Finished requests still hold their worst case until stored, and idle leases of this instance
     // hold headroom: give both back and ask once more.
     if (!rows[0]?.ok && (this.leases.releaseIdleFor(userId, departmentId) || this.writer.holdsPendingFor(userId, departmentId))) {
-      await this.writer.flush();
+      // Bounded like the reserve itself; a refused store (false) still asks again: the second
+      // reserve decides, at worst refusing as the first did.
+      await this.bounded(this.writer.flush());
       // The refused attempt recorded nothing, so the id is still free.
       rows = await this.tryReserve(userId, departmentId, call.requestId, amountNanos, id);
     }
@@ -238,13 +244,16 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
   async assertAffordable(call: BudgetedCall, route: BudgetedRoute): Promise<void> {
     const { amountNanos } = this.worstCase(call, route);
     const { userId, departmentId } = call.principal;
-    // The caller's calls this instance just answered are spent, only not stored yet.
-    if (this.writer.holdsPendingFor(userId, departmentId)) await this.writer.flush();
+    // The caller's calls this instance just answered are spent, only not stored yet: read without
+    // them, the budgets would look fuller than they are. A writer that cannot store them within
+    // DATABASE_REQUEST_TIMEOUT_MS (the database not answering, or refusing writes) refuses the
+    // submit (503, safe: nothing was queued), never waits for as long as the database is stuck.
+    if (this.writer.holdsPendingFor(userId, departmentId) && !(await this.bounded(this.writer.flush()))) throw budgetsUnavailable();
     let budgets: BudgetRow[];
     try {
       budgets = await this.database.hold<BudgetRow>(BUDGETS_OF, [userId, departmentId]);
     } catch (cause) {
-      throw new GatewayError('unavailable', 'Budgets cannot be checked right now.', { cause });
+      throw budgetsUnavailable(cause);
     }
     const starts = periodStarts(this.clock.now());
     const rows = budgets.map((b): ReserveRow => {
@@ -358,6 +367,22 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
   flush(): Promise<boolean> {
     this.leases.retireAll();
     return this.writer.flush();
+  }
+
+  /**
+   * flush() for a request that reads the budgets or the ledger next (`GET /v1/usage`): waited for
+   * at most DATABASE_REQUEST_TIMEOUT_MS, and 503 `unavailable` when the writer could not store
+   * (the database not answering, or refusing writes), rather than an answer that leaves out the
+   * caller's latest requests or one held for as long as the database is stuck.
+   */
+  async flushForRequest(): Promise<void> {
+    if (!(await this.bounded(this.flush()))) throw budgetsUnavailable();
+  }
+
+  /** A wait on the database on a request's path, given up on (503) after DATABASE_REQUEST_TIMEOUT_MS; the work itself goes on. */
+  private bounded<T>(work: Promise<T>): Promise<T> {
+    const ms = this.requestTimeoutMs;
+    return withTimeout(work, ms, () => budgetsUnavailable(new Error(`the database did not answer within ${ms} ms`)));
   }
 
   /**
@@ -555,6 +580,10 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
 function tokenCount(value: number | undefined): number {
   if (value === undefined || !Number.isFinite(value) || value < 0) return 0;
   return Math.min(MAX_INT, Math.round(value));
+}
+
+function budgetsUnavailable(cause?: unknown): GatewayError {
+  return new GatewayError('unavailable', 'Budgets cannot be checked right now (database unavailable).', { cause });
 }
 
 function refusal(rows: ReserveRow[], amount: Nanos): GatewayError {

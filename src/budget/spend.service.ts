@@ -1,7 +1,9 @@
 import { Injectable } from '@nestjs/common';
 import { DataSource } from 'typeorm';
 import { toUsdJson, type UsdJson } from '../../libs/money/src/index.js';
+import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
+import { withTimeout } from '../core/deadline.js';
 import { GatewayError } from '../core/errors.js';
 import type { Principal } from '../identity/principal.js';
 import { BudgetSettingsService } from './budget-settings.service.js';
@@ -55,6 +57,7 @@ export class SpendService {
     private readonly clock: Clock,
     private readonly budgets: BudgetSettingsService,
     private readonly budget: BudgetService,
+    private readonly config: AppConfig,
   ) {}
 
   /** Company-wide spend grouped by user, department or model; the window defaults to this UTC month. */
@@ -74,12 +77,16 @@ export class SpendService {
   /**
    * The caller's own budgets and spend per model. The window defaults to the user's current
    * budget period (or this UTC month when the user has no budget).
+   *
+   * A caller's request: each wait on the database (storing this instance's queued settles, then
+   * two reads) is bounded by DATABASE_REQUEST_TIMEOUT_MS and answered 503 `unavailable` past it,
+   * as the completion path is, not held for as long as the database is stuck.
    */
   async usage(principal: Principal, window: SpendWindow) {
-    await this.budget.flush();
-    const [user, department] = await Promise.all([this.budgets.find('user', principal.userId), this.budgets.find('department', principal.departmentId)]);
+    await this.budget.flushForRequest();
+    const { user, department } = await this.bounded(this.budgets.findPair(principal.userId, principal.departmentId));
     const { from, to } = this.window(window, user);
-    const rows = await this.query(GROUPS.model, 'AND l.user_id = $3::uuid', [principal.userId], from, to);
+    const rows = await this.bounded(this.query(GROUPS.model, 'AND l.user_id = $3::uuid', [principal.userId], from, to));
     let total = 0n;
     const spend = rows.map((row) => {
       total += BigInt(row.cost_nanos);
@@ -96,6 +103,19 @@ export class SpendService {
       spend,
       total_cost_usd: toUsdJson(total),
     };
+  }
+
+  /** A read on a caller's path, given up on after DATABASE_REQUEST_TIMEOUT_MS (its other failures are mapped as any database error is). */
+  private bounded<T>(work: Promise<T>): Promise<T> {
+    const ms = this.config.databaseRequestTimeoutMs;
+    return withTimeout(
+      work,
+      ms,
+      () =>
+        new GatewayError('unavailable', 'Usage cannot be read right now (database unavailable).', {
+          cause: new Error(`the database did not answer within ${ms} ms`),
+        }),
+    );
   }
 
   /**

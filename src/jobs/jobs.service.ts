@@ -1,6 +1,7 @@
 import { Injectable } from '@nestjs/common';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
+import { withTimeout } from '../core/deadline.js';
 import { GatewayError } from '../core/errors.js';
 import { IDEMPOTENCY_WINDOW_MS } from '../idempotency/idempotency.service.js';
 import type { Principal } from '../identity/principal.js';
@@ -61,7 +62,12 @@ export class JobsService {
       this.queue.assertAccepting();
       await this.submitCheck.assertRunnable(input);
     }
-    const { job, created } = await this.repo.insert(input, this.clock.now());
+    const inserting = this.repo.insert(input, this.clock.now());
+    const { job, created } = await this.bounded(inserting, () => {
+      // Answered 503, but the insert may still land: its record is removed again, or the sweep
+      // would find it unconfirmed and run a job its submitter was told was not accepted.
+      inserting.then((late) => (late.created ? this.repo.remove(late.job.id) : undefined)).catch(() => undefined);
+    });
     if (!created) {
       if (job.bodyHash !== input.bodyHash) {
         throw new GatewayError('idempotency_key_reused', 'This idempotency-key was already used with a different request; use a new key for a new request.', {
@@ -79,7 +85,9 @@ export class JobsService {
       }
       queued = await this.queue.submit(job.id);
     } catch (error) {
-      await this.repo.remove(job.id).catch(() => undefined);
+      // Waited for as any statement of the request is; one that does not answer in time still
+      // runs, and a repeat of a keyed submit is 409 until it has.
+      await this.bounded(this.repo.remove(job.id)).catch(() => undefined);
       throw error;
     }
     if (queued === 'uncertain') {
@@ -88,8 +96,9 @@ export class JobsService {
       return { job, created };
     }
     // Queued whatever this write does: if it fails, the job's first try records it, and a repeat
-    // finding it unconfirmed takes it over after SUBMIT_CONFIRM_MS.
-    await this.repo.markEnqueued(job.id, this.clock.now()).catch(() => undefined);
+    // finding it unconfirmed takes it over after SUBMIT_CONFIRM_MS; a database that does not answer
+    // does not hold the 202 either.
+    await this.bounded(this.repo.markEnqueued(job.id, this.clock.now())).catch(() => undefined);
     return { job, created };
   }
 
@@ -103,7 +112,7 @@ export class JobsService {
    */
   private async refuseSyncKey(userId: string, key: string): Promise<void> {
     const expiredBefore = new Date(this.clock.nowMs() - IDEMPOTENCY_WINDOW_MS);
-    if (!(await this.repo.heldBySyncCall(userId, key, expiredBefore))) return;
+    if (!(await this.bounded(this.repo.heldBySyncCall(userId, key, expiredBefore)))) return;
     throw new GatewayError(
       'idempotency_key_reused',
       'This idempotency-key belongs to a sync call (sent without prefer: respond-async); an async job cannot reuse it. Use a new key for a new request.',
@@ -127,7 +136,11 @@ export class JobsService {
     // A no-op for a queue that holds the job already; refused like any submit when full or away.
     await this.queue.submit(job.id);
     // Gone meanwhile: its submitter was alive after all, and the queue refused it.
-    if (!(await this.repo.markEnqueued(job.id, this.clock.now()))) throw queueUnavailable();
+    if (!(await this.bounded(this.repo.markEnqueued(job.id, this.clock.now())))) throw queueUnavailable();
+  }
+
+  private bounded<T>(work: Promise<T>, onTimeout?: () => void): Promise<T> {
+    return boundedStep(work, this.config.databaseRequestTimeoutMs, onTimeout);
   }
 
   /** SSRF guard at the door: the host only (the path may carry the receiver's token). Where it resolves is checked at delivery. */
@@ -138,7 +151,7 @@ export class JobsService {
 
   /** Only its submitter or an admin may read a job; anyone else learns nothing, not even that it exists. */
   async get(id: string, reader: Principal): Promise<JobRecord> {
-    const job = await this.repo.find(id);
+    const job = await this.bounded(this.repo.find(id));
     if (!job || (reader.role !== 'admin' && job.userId !== reader.userId)) throw notFound(id);
     return job;
   }
@@ -191,6 +204,21 @@ export class JobsService {
   async discardDead(id: string): Promise<void> {
     if (!(await this.repo.discardDead(id, this.clock.now()))) throw deadNotFound(id);
   }
+}
+
+/**
+ * How long a caller's request (a submit, a poll) waits for one statement: DATABASE_REQUEST_TIMEOUT_MS,
+ * as on the completion path, then 503 `unavailable`, instead of for as long as a database that
+ * stopped answering is stuck (the pool's own query timeout is 35 s). The statement itself goes
+ * on; `onTimeout` undoes what it may still do. Its other failures are mapped as any database error is.
+ */
+function boundedStep<T>(work: Promise<T>, ms: number, onTimeout?: () => void): Promise<T> {
+  return withTimeout(work, ms, () => {
+    onTimeout?.();
+    return new GatewayError('unavailable', 'Jobs cannot be read or accepted right now (database unavailable); retry later.', {
+      cause: new Error(`the database did not answer within ${ms} ms`),
+    });
+  });
 }
 
 function notFound(id: string): GatewayError {

@@ -71,7 +71,7 @@ describe.each(DB_KINDS)('one idempotency-key for a racing sync call and async su
     const audit = { recordCompletion: vi.fn() } as unknown as AuditService;
     const logger = { logger: createLogger('silent') } as AppLogger;
     sync = new IdempotencyService(new MeetingIdempotencyRepository(dataSource), config, clock, audit, logger);
-    const jobsConfig = { jobs: { callbackSecret: undefined } } as unknown as AppConfig;
+    const jobsConfig = { jobs: { callbackSecret: undefined }, databaseRequestTimeoutMs: 5000 } as unknown as AppConfig;
     jobs = new JobsService(new MeetingJobsRepository(dataSource), acceptingQueue, jobsConfig, clock, {} as CallbackPolicy, noSubmitCheck);
   });
   afterAll(async () => {

@@ -35,7 +35,7 @@ describe.each(DB_KINDS)('dead-letter paging on %s', (kind) => {
     principal = opened.principal;
     repo = new JobsRepository(db.dataSource);
     const queue = { requeue: () => Promise.resolve() } as unknown as JobQueue;
-    const config = { jobs: { maxAttempts: 3 } } as unknown as AppConfig;
+    const config = { jobs: { maxAttempts: 3 }, databaseRequestTimeoutMs: 5000 } as unknown as AppConfig;
     jobs = new JobsService(repo, queue, config, clock, {} as CallbackPolicy, {} as SubmitCheck);
   });
   afterAll(async () => {

@@ -48,7 +48,7 @@ describe.each(DB_KINDS)('async idempotency-keys and job retention on %s', (kind)
     principal = opened.principal;
     repo = new JobsRepository(db.dataSource);
     clock = new ManualClock(Date.parse('2026-02-01T08:00:00Z'));
-    const config = { jobs: { callbackSecret: undefined } } as unknown as AppConfig;
+    const config = { jobs: { callbackSecret: undefined }, databaseRequestTimeoutMs: 5000 } as unknown as AppConfig;
     service = new JobsService(repo, acceptingQueue, config, clock, { refusal: () => undefined } as unknown as CallbackPolicy, noSubmitCheck);
   });
   afterAll(async () => {

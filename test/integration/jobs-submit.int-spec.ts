@@ -64,7 +64,7 @@ describe.each(DB_KINDS)('idempotent async submits on %s', (kind) => {
   function setup(): { service: JobsService; queue: HeldQueue; clock: ManualClock; input: NewJob } {
     const queue = new HeldQueue();
     const clock = new ManualClock(Date.now());
-    const config = { jobs: { callbackSecret: undefined } } as unknown as AppConfig;
+    const config = { jobs: { callbackSecret: undefined }, databaseRequestTimeoutMs: 5000 } as unknown as AppConfig;
     const policy = { refusal: () => undefined } as unknown as CallbackPolicy;
     const submitCheck = { assertRunnable: () => Promise.resolve() } as unknown as SubmitCheck;
     const service = new JobsService(repo, queue as unknown as JobQueue, config, clock, policy, submitCheck);
