@@ -29,8 +29,9 @@ export abstract class AppConfig {
   declare readonly database: DatabaseConfig;
   /**
    * How long a request waits for a database statement on its path (key lookup, budget
-   * reservation) before it is answered 503: a database that stops answering must not hold
-   * requests for as long as it is stuck.
+   * reservation, idempotency claims, an async submit's checks and insert, a job poll, /v1/usage)
+   * before it is answered 503: a database that stops answering must not hold requests for as
+   * long as it is stuck.
    */
   declare readonly databaseRequestTimeoutMs: number;
   declare readonly redisUrl: string | undefined;
