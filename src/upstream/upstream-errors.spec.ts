@@ -42,3 +42,28 @@ describe("upstreamToGatewayError: the upstream's retry-after", () => {
     expect(upstreamToGatewayError(new UpstreamFailure('http', 'Rate limit exceeded', 429), MODEL).retryAfterMs).toBeUndefined();
   });
 });
+
+describe("upstreamToGatewayError: an upstream 400's code and param", () => {
+  const refusal = (code: string | undefined, param?: string) => {
+    const failure = new UpstreamFailure('http', 'rejected', 400, undefined, code);
+    failure.upstreamParam = param;
+    return failure;
+  };
+  const wire = (failure: UpstreamFailure, callerNamedModel?: boolean) => upstreamToGatewayError(failure, 'openai/gpt-4o-mini', { callerNamedModel }).toEnvelope().error;
+
+  it('relays a word the caller can act on, with the field it names', () => {
+    expect(wire(refusal('context_length_exceeded', 'messages'))).toMatchObject({ type: 'invalid_request_error', code: 'context_length_exceeded', param: 'messages' });
+  });
+
+  it.each(['invalid_api_key', 'rate_limit_exceeded', 'budget_exceeded', 'model_not_allowed', 'idempotency_key_reused'])(
+    "never relays %s, one of the gateway's own codes with another meaning",
+    (code) => {
+      expect(wire(refusal(code))).toMatchObject({ code: 'invalid_value' });
+    },
+  );
+
+  it("does not blame the caller for a model the routing table chose, but does for the caller's own", () => {
+    expect(wire(refusal('model_not_found', 'model'), false)).toMatchObject({ code: 'invalid_value', param: null });
+    expect(wire(refusal('model_not_found', 'model'), true)).toMatchObject({ code: 'model_not_found', param: 'model' });
+  });
+});

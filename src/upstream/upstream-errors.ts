@@ -1,4 +1,4 @@
-import { GatewayError } from '../core/errors.js';
+import { ERROR_TABLE, GatewayError } from '../core/errors.js';
 import type { UpstreamFailure } from './llm-client.js';
 
 /**
@@ -89,10 +89,18 @@ export function upstreamToGatewayError(failure: UpstreamFailure, model: string, 
   if (status === 413) return new GatewayError('payload_too_large', `The ${where} rejected the request: ${failure.message}`);
   if (status === 400 || status === 422) {
     // The upstream's code and param tell the caller what to fix (`context_length_exceeded` on
-    // `messages`: trim the history and retry); relayed when they are plain tokens.
+    // `messages`: trim the history and retry); relayed when they are plain tokens. Never one of
+    // the gateway's own codes (an upstream `invalid_api_key` is not the caller's key, nor its
+    // `budget_exceeded` the caller's budget), nor a complaint about a model the routing table
+    // chose, which is not the caller's to fix (as on a 404).
+    const aboutOurModel = context.callerNamedModel !== true && (failure.upstreamParam === 'model' || /model/i.test(failure.upstreamCode ?? ''));
+    const code = relayable(failure.upstreamCode, RELAYABLE_CODE);
+    if (code === 'model_not_found' && context.callerNamedModel === true) {
+      return new GatewayError('model_not_found', `The ${where} does not know this model: ${failure.message}`, { param: 'model' });
+    }
     return new GatewayError('invalid_value', `The ${where} rejected the request: ${failure.message}`, {
-      param: relayable(failure.upstreamParam, RELAYABLE_PARAM),
-      wireCode: relayable(failure.upstreamCode, RELAYABLE_CODE),
+      param: aboutOurModel ? undefined : relayable(failure.upstreamParam, RELAYABLE_PARAM),
+      wireCode: aboutOurModel || code === undefined || Object.hasOwn(ERROR_TABLE, code) ? undefined : code,
     });
   }
   return new GatewayError('upstream_error', `The ${where} failed with HTTP ${status}${tail}.`, wait);
