@@ -5,7 +5,7 @@ import { formatUsd, type Nanos, parseUsd, tokensCost } from '../../libs/money/sr
 import { cleanUsage, type Usage } from '../../libs/openai-contract/src/index.js';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
-import { withTimeout } from '../core/deadline.js';
+import { databaseStep } from '../core/deadline.js';
 import { GatewayError } from '../core/errors.js';
 import { isoTime } from '../core/iso-time.js';
 import { AppLogger } from '../core/logger.js';
@@ -381,8 +381,7 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
 
   /** A wait on the database on a request's path, given up on (503) after DATABASE_REQUEST_TIMEOUT_MS; the work itself goes on. */
   private bounded<T>(work: Promise<T>): Promise<T> {
-    const ms = this.requestTimeoutMs;
-    return withTimeout(work, ms, () => budgetsUnavailable(new Error(`the database did not answer within ${ms} ms`)));
+    return databaseStep(work, this.requestTimeoutMs, budgetsUnavailable);
   }
 
   /**

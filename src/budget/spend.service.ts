@@ -3,7 +3,7 @@ import { DataSource } from 'typeorm';
 import { toUsdJson, type UsdJson } from '../../libs/money/src/index.js';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
-import { withTimeout } from '../core/deadline.js';
+import { databaseStep } from '../core/deadline.js';
 import { GatewayError } from '../core/errors.js';
 import type { Principal } from '../identity/principal.js';
 import { BudgetSettingsService } from './budget-settings.service.js';
@@ -107,14 +107,10 @@ export class SpendService {
 
   /** A read on a caller's path, given up on after DATABASE_REQUEST_TIMEOUT_MS (its other failures are mapped as any database error is). */
   private bounded<T>(work: Promise<T>): Promise<T> {
-    const ms = this.config.databaseRequestTimeoutMs;
-    return withTimeout(
+    return databaseStep(
       work,
-      ms,
-      () =>
-        new GatewayError('unavailable', 'Usage cannot be read right now (database unavailable).', {
-          cause: new Error(`the database did not answer within ${ms} ms`),
-        }),
+      this.config.databaseRequestTimeoutMs,
+      (cause) => new GatewayError('unavailable', 'Usage cannot be read right now (database unavailable).', { cause }),
     );
   }
 

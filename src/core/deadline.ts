@@ -10,3 +10,15 @@ export function withTimeout<T>(promise: Promise<T>, ms: number, error: () => Err
   });
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
+
+/**
+ * One database statement (or wait) on a request's path, bounded by DATABASE_REQUEST_TIMEOUT_MS:
+ * past `ms` it rejects with `unavailable(cause)` (a 503 for the caller), `onTimeout` first undoing
+ * what the statement may still do once it lands. Its other failures pass through as they are.
+ */
+export function databaseStep<T>(work: Promise<T>, ms: number, unavailable: (cause: Error) => Error, onTimeout?: () => void): Promise<T> {
+  return withTimeout(work, ms, () => {
+    onTimeout?.();
+    return unavailable(new Error(`the database did not answer within ${ms} ms`));
+  });
+}

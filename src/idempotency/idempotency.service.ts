@@ -5,7 +5,7 @@ import { AuditService } from '../audit/audit.service.js';
 import type { CompletionCall, CompletionMeta, PacedStreamSink } from '../completion/completion.types.js';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
-import { withTimeout } from '../core/deadline.js';
+import { databaseStep } from '../core/deadline.js';
 import { GatewayError } from '../core/errors.js';
 import { AppLogger } from '../core/logger.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
@@ -273,10 +273,7 @@ export function storedRoute(route: ResolvedRoute): StoredRoute {
 }
 
 function boundedStep<T>(work: Promise<T>, ms: number, onTimeout?: () => void): Promise<T> {
-  return withTimeout(work, ms, () => {
-    onTimeout?.();
-    return new Error(`the database did not answer within ${ms} ms`);
-  }).catch((cause: unknown) => {
+  return databaseStep(work, ms, (timedOut) => timedOut, onTimeout).catch((cause: unknown) => {
     throw new GatewayError('unavailable', 'The gateway cannot check idempotency keys right now (database unavailable).', { cause });
   });
 }

@@ -2,7 +2,7 @@ import { Injectable } from '@nestjs/common';
 import { DataSource, type EntityManager, type Repository } from 'typeorm';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
-import { withTimeout } from '../core/deadline.js';
+import { databaseStep } from '../core/deadline.js';
 import { GatewayError } from '../core/errors.js';
 import { generateApiKey, hashApiKey, keyPrefix } from './api-key.js';
 import { ApiKeyEntity, type CacheScope, DepartmentEntity, UserEntity, type UserRole } from './identity.entities.js';
@@ -94,7 +94,7 @@ export class IdentityService {
   private async lookup(keyHash: string): Promise<Principal | null> {
     let rows: Array<{ id: string; prefix: string; user_id: string; department_id: string; role: UserRole; cache_scope: CacheScope; expires_at: Date | null }>;
     try {
-      rows = await withTimeout(
+      rows = await databaseStep(
         this.dataSource.query(
           `SELECT k.id, k.prefix, k.user_id, u.department_id, u.role, d.cache_scope, k.expires_at
              FROM api_keys k JOIN users u ON u.id = k.user_id JOIN departments d ON d.id = u.department_id
@@ -102,7 +102,7 @@ export class IdentityService {
           [keyHash],
         ),
         this.config.databaseRequestTimeoutMs,
-        () => new Error(`the database did not answer within ${this.config.databaseRequestTimeoutMs} ms`),
+        (timedOut) => timedOut,
       );
     } catch (cause) {
       // Fail closed but honestly: the key may be fine, the database is not.

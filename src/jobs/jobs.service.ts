@@ -1,7 +1,7 @@
 import { Injectable } from '@nestjs/common';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
-import { withTimeout } from '../core/deadline.js';
+import { databaseStep } from '../core/deadline.js';
 import { GatewayError } from '../core/errors.js';
 import { IDEMPOTENCY_WINDOW_MS } from '../idempotency/idempotency.service.js';
 import type { Principal } from '../identity/principal.js';
@@ -139,8 +139,12 @@ export class JobsService {
     if (!(await this.bounded(this.repo.markEnqueued(job.id, this.clock.now())))) throw queueUnavailable();
   }
 
+  /**
+   * How long a caller's request (a submit, a poll) waits for one statement: then 503, instead of
+   * for as long as a database that stopped answering is stuck (the pool's own query timeout is 35 s).
+   */
   private bounded<T>(work: Promise<T>, onTimeout?: () => void): Promise<T> {
-    return boundedStep(work, this.config.databaseRequestTimeoutMs, onTimeout);
+    return databaseStep(work, this.config.databaseRequestTimeoutMs, jobsUnavailable, onTimeout);
   }
 
   /** SSRF guard at the door: the host only (the path may carry the receiver's token). Where it resolves is checked at delivery. */
@@ -206,19 +210,8 @@ export class JobsService {
   }
 }
 
-/**
- * How long a caller's request (a submit, a poll) waits for one statement: DATABASE_REQUEST_TIMEOUT_MS,
- * as on the completion path, then 503 `unavailable`, instead of for as long as a database that
- * stopped answering is stuck (the pool's own query timeout is 35 s). The statement itself goes
- * on; `onTimeout` undoes what it may still do. Its other failures are mapped as any database error is.
- */
-function boundedStep<T>(work: Promise<T>, ms: number, onTimeout?: () => void): Promise<T> {
-  return withTimeout(work, ms, () => {
-    onTimeout?.();
-    return new GatewayError('unavailable', 'Jobs cannot be read or accepted right now (database unavailable); retry later.', {
-      cause: new Error(`the database did not answer within ${ms} ms`),
-    });
-  });
+function jobsUnavailable(cause: Error): GatewayError {
+  return new GatewayError('unavailable', 'Jobs cannot be read or accepted right now (database unavailable); retry later.', { cause });
 }
 
 function notFound(id: string): GatewayError {
