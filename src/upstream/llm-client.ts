@@ -162,6 +162,12 @@ export function errorEventFailure(data: string): UpstreamFailure | undefined {
   return eventFailure(event);
 }
 
+/**
+ * Bytes an upstream may still send after [DONE] before the gateway stops reading: the rest is
+ * read so the connection goes back to the pool, within reason (both drivers).
+ */
+export const MAX_BYTES_AFTER_DONE = 64 * 1024;
+
 /** The same, for a stream event already parsed (the SDK driver parses every event). */
 export function eventFailure(event: unknown): UpstreamFailure | undefined {
   const failure = inBandFailure(event);

@@ -7,6 +7,7 @@ import {
   failureOf,
   jsonResult,
   LlmClient,
+  MAX_BYTES_AFTER_DONE,
   parseRetryAfter,
   readUpstreamError,
   type UpstreamCall,
@@ -156,9 +157,6 @@ function checkedEvent(data: string): string {
   if (reported) throw reported;
   return data;
 }
-
-/** Bytes an upstream may still send after [DONE] before the gateway stops reading. */
-const MAX_BYTES_AFTER_DONE = 64 * 1024;
 
 async function drain(reader: ReadableStreamDefaultReader<Uint8Array>): Promise<void> {
   let bytes = 0;

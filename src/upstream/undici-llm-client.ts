@@ -2,7 +2,20 @@ import type { IncomingHttpHeaders } from 'node:http';
 import { Pool, errors as undiciErrors } from 'undici';
 import type { Dispatcher } from 'undici';
 import { SseParser } from '../../libs/openai-contract/src/index.js';
-import { abortFailure, describeUpstreamError, errorEventFailure, failureOf, jsonResult, LlmClient, parseRetryAfter, type UpstreamCall, type UpstreamEvents, type UpstreamJsonResult, UpstreamFailure } from './llm-client.js';
+import {
+  abortFailure,
+  describeUpstreamError,
+  errorEventFailure,
+  failureOf,
+  jsonResult,
+  LlmClient,
+  MAX_BYTES_AFTER_DONE,
+  parseRetryAfter,
+  type UpstreamCall,
+  type UpstreamEvents,
+  type UpstreamJsonResult,
+  UpstreamFailure,
+} from './llm-client.js';
 
 export interface UndiciClientOptions {
   baseUrl: string;
@@ -311,9 +324,6 @@ function looksLikeJsonObject(data: string): boolean {
 function isJsonSpace(code: number): boolean {
   return code === 32 || code === 10 || code === 13 || code === 9;
 }
-
-/** Bytes an upstream may still send after [DONE] before the gateway stops reading. */
-const MAX_BYTES_AFTER_DONE = 64 * 1024;
 
 function httpFailure(status: number, text: string, headers: IncomingHttpHeaders): UpstreamFailure {
   return failureOf(describeUpstreamError(status, text), status, parseRetryAfter(headers));
