@@ -214,6 +214,20 @@ describe('UpstreamCaller: retries, backoff and fallbacks', () => {
     expect(capable.model).toBe(FALLBACK);
   });
 
+  it("moves past a table model OpenRouter does not know (its 400, not a 404); the caller's own is its 400", async () => {
+    const notValid = new UpstreamFailure('http', `${PRIMARY} is not a valid model ID`, 400, undefined, '400');
+    const llm = new ScriptedLlm({ [PRIMARY]: [notValid] });
+    const attempts: Attempt[] = [];
+    expect((await caller(llm, fakeEnv()).json(call(), route([PRIMARY, FALLBACK]), attempts)).model).toBe(FALLBACK);
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:400`, `${FALLBACK}#1:ok:counted`]);
+    const tableChose = await failure(caller(new ScriptedLlm({ [PRIMARY]: [notValid] }), fakeEnv()).json(call(), route([PRIMARY]), []));
+    expect(tableChose).toMatchObject({ status: 502, code: 'upstream_error' });
+    const typo = new ScriptedLlm({ [PRIMARY]: [notValid] });
+    const callerNamed = await failure(caller(typo, fakeEnv()).json(call(undefined, PRIMARY), route([PRIMARY, FALLBACK], true), []));
+    expect(callerNamed).toMatchObject({ status: 400, code: 'model_not_found', param: 'model' });
+    expect(typo.calls).toHaveLength(1);
+  });
+
   it('answers with the last cause when every model fails', async () => {
     const llm = new ScriptedLlm({ [PRIMARY]: [http(503)], [FALLBACK]: [http(500)] });
     const attempts: Attempt[] = [];
@@ -318,6 +332,48 @@ describe('UpstreamCaller: OpenRouter native fallback', () => {
     await caller(llm, fakeEnv(), native).json(call(), route([FALLBACK]), []);
     expect(llm.calls[0]?.body).not.toHaveProperty('models');
     expect(llm.calls[0]?.body).not.toHaveProperty('route');
+  });
+
+  // OpenRouter answers an id it does not know with a 400, and refuses a `models` list holding one as a whole.
+  const notValid = (model: string) => new UpstreamFailure('http', `${model} is not a valid model ID`, 400, undefined, '400');
+
+  it('walks the chain itself when OpenRouter refuses it over a table model it does not know (its 400)', async () => {
+    // The second reply of the chain's last member is the refusal of the whole request; then asked alone, FALLBACK answers.
+    const llm = new ScriptedLlm({ [PRIMARY]: [notValid(PRIMARY)], [FALLBACK]: [notValid(PRIMARY), 'ok'] });
+    const attempts: Attempt[] = [];
+    const { model } = await caller(llm, fakeEnv(), native).json(call(), route([PRIMARY, FALLBACK]), attempts);
+    expect(model).toBe(FALLBACK);
+    expect(llm.calls.map((c) => ('models' in c.body ? 'native' : c.body.model))).toEqual(['native', PRIMARY, FALLBACK]);
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:400`, `${PRIMARY}#1:400`, `${FALLBACK}#1:ok:counted`]);
+  });
+
+  it("asks for the caller's own model alone, so a typo is its 400 and never answered by the rule's fallback", async () => {
+    for (const unknown of [http(404), notValid('x/unknown')]) {
+      const llm = new ScriptedLlm({ 'x/unknown': [unknown] });
+      const attempts: Attempt[] = [];
+      const e = await failure(caller(llm, fakeEnv(), native).json(call(undefined, 'x/unknown'), route(['x/unknown', FALLBACK], true), attempts));
+      expect(e).toMatchObject({ status: 400, code: 'model_not_found', param: 'model' });
+      expect(llm.calls.map((c) => c.body)).toEqual([expect.not.objectContaining({ models: expect.anything() })]);
+      expect(summary(attempts)).toEqual([`x/unknown#1:${unknown.status}`]);
+    }
+    // Failing otherwise, it still falls back to the rule's fallback, asked alone too.
+    const down = new ScriptedLlm({ [PRIMARY]: [http(503)] });
+    const { model } = await caller(down, fakeEnv(), { ...native, UPSTREAM_RETRY_ATTEMPTS: '1' }).json(
+      call(undefined, PRIMARY),
+      route([PRIMARY, FALLBACK], true),
+      [],
+    );
+    expect(model).toBe(FALLBACK);
+    expect(down.calls.map((c) => ('models' in c.body ? 'native' : c.body.model))).toEqual([PRIMARY, FALLBACK]);
+  });
+
+  it('still sends fallbacks the caller named itself (`models`) as one chain', async () => {
+    const llm = new ScriptedLlm({ 'x/unknown': [http(404)] });
+    const named: ResolvedRoute = { ...route(['x/unknown', FALLBACK], true), callerFallbacks: true };
+    const { model } = await caller(llm, fakeEnv(), native).json(call(undefined, 'x/unknown'), named, []);
+    expect(model).toBe(FALLBACK);
+    expect(llm.calls).toHaveLength(1);
+    expect(llm.calls[0]?.body).toMatchObject({ models: ['x/unknown', FALLBACK], route: 'fallback' });
   });
 
   it("takes a native stream's model from its first event", async () => {

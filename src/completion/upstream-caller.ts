@@ -5,7 +5,7 @@ import { GatewayError } from '../core/errors.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
 import { LlmClient, UpstreamFailure, type UpstreamJsonResult } from '../upstream/llm-client.js';
 import { RetryPolicy, type RetryEnv, SYSTEM_RETRY_ENV } from '../upstream/retry-policy.js';
-import { failureAction, upstreamToGatewayError } from '../upstream/upstream-errors.js';
+import { failureAction, isUnknownModel, upstreamToGatewayError } from '../upstream/upstream-errors.js';
 import type { CompletionCall } from './completion.types.js';
 import { upstreamBody } from './upstream-body.js';
 
@@ -109,7 +109,8 @@ class Deadline {
  * Walks the route's model chain until one answers, retrying each model with backoff on
  * transient failures (upstream-errors.ts decides which), all within one total deadline. With
  * OpenRouter (or UPSTREAM_NATIVE_FALLBACK=true) the whole chain first goes out as one request
- * (`models` + `route: "fallback"`) and OpenRouter walks it; if that request fails as a whole,
+ * (`models` + `route: "fallback"`; not when the caller named its model but not the fallbacks, see
+ * plans()) and OpenRouter walks it; if that request fails as a whole,
  * the gateway walks the chain itself. For streams everything happens before the first event:
  * after that the caller owns the stream and there is no going back.
  * Every attempt is appended to `attempts`, failed or not (a successful stream's own attempt is
@@ -180,6 +181,10 @@ export class UpstreamCaller {
   private plans(route: ResolvedRoute): Plan[] {
     const single = route.models.map((model) => ({ model, chain: undefined }));
     if (!this.config.upstream.nativeFallback || route.models.length < 2) return single;
+    // The caller's own model with the rule's fallbacks: asked alone first, so a typo is the
+    // caller's 400 (callersModelUnknown), as without native fallback; in a chain OpenRouter would
+    // quietly answer it with a fallback, and the caller pay for a model it never asked for.
+    if (route.explicitModel && route.callerFallbacks !== true) return single;
     return [{ model: route.models[0], chain: route.models }, ...single];
   }
 
@@ -238,14 +243,15 @@ export class UpstreamCaller {
 }
 
 /**
- * The upstream does not know the model the caller named (404/410): a typo, or a model that is
- * gone. The caller's mistake, answered as 400 model_not_found (finalError), not quietly by the
- * rule's fallback, which the caller would pay for without having asked for it. Fallbacks the
- * caller named itself (`models`) are its own choice and are still walked.
+ * The upstream does not know the model the caller named (404/410, OpenRouter's 400 "… is not a
+ * valid model ID": isUnknownModel): a typo, or a model that is gone. The caller's mistake,
+ * answered as 400 model_not_found (finalError), not quietly by the rule's fallback, which the
+ * caller would pay for without having asked for it. Fallbacks the caller named itself (`models`)
+ * are its own choice and are still walked.
  */
 function callersModelUnknown(route: ResolvedRoute, plan: Plan, failure: UpstreamFailure): boolean {
   if (!route.explicitModel || route.callerFallbacks === true || plan.chain || plan.model !== route.models[0]) return false;
-  if (failure.kind !== 'http' || (failure.status !== 404 && failure.status !== 410)) return false;
+  if (!isUnknownModel(failure)) return false;
   // OpenRouter's 404 for a model that exists but has no provider for what the request needs
   // ("No endpoints found that support tool use", "…matching your data policy") is what the
   // rule's fallbacks are for.

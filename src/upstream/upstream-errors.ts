@@ -11,8 +11,22 @@ export type FailureAction = 'retry' | 'next_model' | 'stop';
 
 /** Transient by nature: overload, rate limits, gateway hiccups, request timeouts. 529 = "overloaded". */
 const RETRY_STATUSES: ReadonlySet<number> = new Set([408, 429, 500, 502, 503, 504, 529]);
-/** A model the upstream does not know (or that is gone) says nothing about the next one. */
-const NEXT_MODEL_STATUSES: ReadonlySet<number> = new Set([404, 410]);
+
+/**
+ * The upstream does not know the model it was asked for, or it is gone: 404/410, a 400 whose code
+ * says so, or OpenRouter's 400 for an id it has never heard of (`{"error":{"message":"<id> is not
+ * a valid model ID","code":400}}`: a numeric code and no param, so only the message tells it from
+ * a bad request). Says nothing about the next model, and is the caller's mistake only when the
+ * caller named the model (a retired or misspelt id in the routing table is the gateway's).
+ */
+export function isUnknownModel(failure: UpstreamFailure): boolean {
+  if (failure.kind !== 'http') return false;
+  if (failure.status === 404 || failure.status === 410) return true;
+  return failure.status === 400 && (failure.upstreamCode === 'model_not_found' || NOT_A_VALID_MODEL_ID.test(failure.message));
+}
+
+/** OpenRouter's whole message, the id (never a space in it) first: another 400 merely mentioning one does not match. */
+const NOT_A_VALID_MODEL_ID = /^\S+ is not a valid model ID$/;
 
 export function failureAction(failure: UpstreamFailure): FailureAction {
   switch (failure.kind) {
@@ -26,7 +40,7 @@ export function failureAction(failure: UpstreamFailure): FailureAction {
     case 'http': {
       const status = failure.status ?? 502;
       if (RETRY_STATUSES.has(status)) return 'retry';
-      if (NEXT_MODEL_STATUSES.has(status) || status >= 500) return 'next_model';
+      if (status >= 500 || isUnknownModel(failure)) return 'next_model';
       // 400/401/402/403/413/422 and the rest of 4xx: the request or our account, not the model.
       return 'stop';
     }
@@ -79,7 +93,7 @@ export function upstreamToGatewayError(failure: UpstreamFailure, model: string, 
   if (status === 408) return new GatewayError('upstream_timeout', `The ${where} timed out answering${tail}.`, wait);
   if (status === 402) return new GatewayError('upstream_insufficient_credits', `The ${where} reports insufficient credits.`);
   if (status === 429) return new GatewayError('upstream_rate_limited', `The ${where} is rate limiting the gateway; try again later${tail}.`, wait);
-  if (status === 404 || status === 410) {
+  if (isUnknownModel(failure)) {
     // Only the caller's own choice of model is the caller's mistake; a model the routing table
     // chose is the gateway's configuration problem.
     if (context.callerNamedModel === true)
@@ -95,9 +109,6 @@ export function upstreamToGatewayError(failure: UpstreamFailure, model: string, 
     // chose, which is not the caller's to fix (as on a 404).
     const aboutOurModel = context.callerNamedModel !== true && (failure.upstreamParam === 'model' || /model/i.test(failure.upstreamCode ?? ''));
     const code = relayable(failure.upstreamCode, RELAYABLE_CODE);
-    if (code === 'model_not_found' && context.callerNamedModel === true) {
-      return new GatewayError('model_not_found', `The ${where} does not know this model: ${failure.message}`, { param: 'model' });
-    }
     return new GatewayError('invalid_value', `The ${where} rejected the request: ${failure.message}`, {
       param: aboutOurModel ? undefined : relayable(failure.upstreamParam, RELAYABLE_PARAM),
       wireCode: aboutOurModel || code === undefined || Object.hasOwn(ERROR_TABLE, code) ? undefined : code,

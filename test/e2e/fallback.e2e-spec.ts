@@ -88,6 +88,33 @@ describe('fallbacks and retries against the stub upstream (gateway walks the cha
     expect(sentModels()).toEqual([typo, MINI]);
   });
 
+  // OpenRouter answers an id it does not know with a 400 ("<id> is not a valid model ID"), not a
+  // 404. Before, that 400 stopped the walk: a retired or misspelt model in the routing table was
+  // the caller's 400 invalid_value and the rule's fallbacks were never tried.
+  it("a table model OpenRouter does not know (its 400) falls back; every one unknown is a 502, not the caller's 400", async () => {
+    gw.stub.configure({ models: { [SONNET]: { invalidModelId: true } } });
+    const res = await code();
+    expect(res.status).toBe(200);
+    expect(res.body.model).toBe(MINI);
+    // Not retried: an unknown id stays unknown.
+    expect(sentModels()).toEqual([SONNET, MINI]);
+    gw.stub.reset();
+    gw.stub.configure({ models: { [SONNET]: { invalidModelId: true }, [MINI]: { invalidModelId: true } } });
+    const none = await code();
+    expect(none.status).toBe(502);
+    expect(none.body.error).toMatchObject({ type: 'upstream_error', code: 'upstream_error' });
+    expect(none.body.error.message).toContain('does not know the model the routing table chose');
+  });
+
+  it("a model the caller names that OpenRouter does not know (its 400) is the caller's 400 model_not_found", async () => {
+    const typo = 'openai/gpt-4o-mnii';
+    gw.stub.configure({ models: { [typo]: { invalidModelId: true } } });
+    const res = await code({ model: typo });
+    expect(res.status).toBe(400);
+    expect(res.body.error).toMatchObject({ code: 'model_not_found', param: 'model' });
+    expect(sentModels()).toEqual([typo]);
+  });
+
   it('429 with retry-after: 1 → waits for it, retries, and succeeds', async () => {
     gw.stub.configure({ status: 429, retryAfterSeconds: 1, failTimes: 1 });
     const res = await alice.api.post<{ model: string }>('/v1/chat/completions', { messages: [{ role: 'user', content: unique('hi') }] });
@@ -207,6 +234,53 @@ describe('OpenRouter native fallback and the total deadline', () => {
     expect(headers.get('x-gateway-model')).toBe(MINI);
     expect(events.at(-1)).toBe('[DONE]');
     expect(gw.stub.hits).toBe(1);
+  });
+
+  const sent = () => gw.stub.requests.map((r) => ('models' in (r.body as object) ? 'native' : (r.body as { model: string }).model));
+
+  it('walks the chain itself when OpenRouter refuses the native request over a table model it does not know', async () => {
+    // OpenRouter checks every id of `models` first: one unknown refuses the whole request (400).
+    gw.stub.configure({ models: { [SONNET]: { invalidModelId: true } } });
+    const res = await code();
+    expect(res.status).toBe(200);
+    expect(res.body.model).toBe(MINI);
+    expect(sent()).toEqual(['native', SONNET, MINI]);
+  });
+
+  // Before, the caller's model and the rule's fallbacks went out as one native chain: OpenRouter
+  // walked past the typo and the fallback answered (and was charged), where without native
+  // fallback the same request was the caller's 400.
+  it("a typo'd model the caller names is its 400 model_not_found, never answered by the rule's fallback", async () => {
+    const typo = 'openai/gpt-4o-mnii';
+    for (const faults of [{ status: 404 }, { invalidModelId: true }]) {
+      gw.stub.reset();
+      gw.stub.configure({ models: { [typo]: faults } });
+      const res = await bob.api.post<{ model: string } & ErrorBody>('/v1/chat/completions', {
+        messages: [{ role: 'user', content: unique('fix my bug') }],
+        task_type: 'code',
+        model: typo,
+      });
+      expect(res.status).toBe(400);
+      expect(res.body.error).toMatchObject({ code: 'model_not_found', param: 'model' });
+      expect(sent()).toEqual([typo]);
+    }
+  });
+
+  it('still sends fallbacks the caller named as one native chain, and walks them when it is refused', async () => {
+    const typo = 'openai/gpt-4o-mnii';
+    const named = () =>
+      bob.api.post<{ model: string } & ErrorBody>('/v1/chat/completions', { messages: [{ role: 'user', content: unique('x') }], model: typo, models: [MINI] });
+    gw.stub.configure({ models: { [typo]: { status: 404 } } });
+    const walked = await named();
+    expect(walked.status).toBe(200);
+    expect(walked.body.model).toBe(MINI);
+    expect(sent()).toEqual(['native']);
+    gw.stub.reset();
+    gw.stub.configure({ models: { [typo]: { invalidModelId: true } } });
+    const refused = await named();
+    expect(refused.status).toBe(200);
+    expect(refused.body.model).toBe(MINI);
+    expect(sent()).toEqual(['native', typo, MINI]);
   });
 
   it('gives up at the total deadline even when one attempt may take longer (504)', async () => {

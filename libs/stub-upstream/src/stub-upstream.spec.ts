@@ -589,6 +589,18 @@ describe('stub upstream: bookkeeping and control surface', () => {
     expect(chunks.every((c) => 'error' in c && (c as { error?: unknown }).error === null)).toBe(true);
   });
 
+  it("invalidModelId refuses any request naming the id, its `models` list included, with OpenRouter's 400", async () => {
+    stub.configure({ models: { 'x/retired': { invalidModelId: true } } });
+    const named = await chat({ model: 'x/retired', messages: MESSAGES });
+    expect(named.status).toBe(400);
+    expect(await named.json()).toEqual({ error: { code: 400, message: 'x/retired is not a valid model ID' } });
+    // OpenRouter checks the whole list before routing: the good model first does not save it.
+    const listed = await chat({ model: 'm', models: ['m', 'x/retired'], messages: MESSAGES, stream: true });
+    expect(listed.status).toBe(400);
+    expect(await listed.json()).toMatchObject({ error: { message: 'x/retired is not a valid model ID' } });
+    expect((await chat({ model: 'm', messages: MESSAGES })).status).toBe(200);
+  });
+
   it('errorInBody answers 200 with the error in the body (JSON), or as the first event of a stream', async () => {
     stub.configure({ status: 402, errorInBody: true });
     const res = await chat({ model: 'm', messages: MESSAGES });

@@ -73,6 +73,12 @@ export interface StubFaults {
   answerModel?: string;
   /** Successful answers and every stream chunk carry `"error": null`, as some OpenRouter providers send: no error at all. */
   errorNull?: boolean;
+  /**
+   * An id OpenRouter does not know (retired, renamed, misspelt): a request naming it, as `model` or
+   * anywhere in `models`, is refused as a whole before any model is tried, the way OpenRouter does:
+   * HTTP 400 `{"error":{"message":"<id> is not a valid model ID","code":400}}`, not a 404.
+   */
+  invalidModelId?: boolean;
 }
 
 export interface StubConfig extends StubFaults {
@@ -223,7 +229,7 @@ const NUMERIC_FAULTS = [
   'errorAfterChunks',
   'processingMs',
 ] as const;
-const BOOLEAN_FAULTS = ['malformedJson', 'emptyAnswer', 'omitCost', 'errorInBody', 'errorInChoice', 'flagged', 'errorNull'] as const;
+const BOOLEAN_FAULTS = ['malformedJson', 'emptyAnswer', 'omitCost', 'errorInBody', 'errorInChoice', 'flagged', 'errorNull', 'invalidModelId'] as const;
 const STRING_FAULTS = ['answerModel'] as const;
 const KNOWN_FAULT_KEYS: ReadonlySet<string> = new Set<string>([...NUMERIC_FAULTS, ...BOOLEAN_FAULTS, ...STRING_FAULTS, 'status']);
 
@@ -294,10 +300,12 @@ export function parseStubConfig(value: unknown): StubConfig {
 interface CompiledConfig {
   readonly global: Readonly<StubFaults>;
   readonly perModel: ReadonlyMap<string, Readonly<StubFaults>>;
+  /** Some model is set `invalidModelId`: only then are a request's candidates checked for one. */
+  readonly invalidIds: boolean;
 }
 
 const NO_FAULTS: Readonly<StubFaults> = Object.freeze({});
-const EMPTY_CONFIG: CompiledConfig = Object.freeze({ global: NO_FAULTS, perModel: new Map() });
+const EMPTY_CONFIG: CompiledConfig = Object.freeze({ global: NO_FAULTS, perModel: new Map(), invalidIds: false });
 
 function compileConfig(config: StubConfig): CompiledConfig {
   const parsed = parseStubConfig(config);
@@ -307,7 +315,8 @@ function compileConfig(config: StubConfig): CompiledConfig {
   if (models) {
     for (const [model, faults] of Object.entries(models)) perModel.set(model, Object.freeze({ ...global, ...faults }));
   }
-  return { global, perModel };
+  const invalidIds = global.invalidModelId === true || [...perModel.values()].some((faults) => faults.invalidModelId === true);
+  return { global, perModel, invalidIds };
 }
 
 // ---------------------------------------------------------------------------------------
@@ -851,9 +860,16 @@ class StubUpstreamServer implements StubUpstream {
       return;
     }
 
+    const { candidates } = chat;
+    // OpenRouter checks every id before routing: one it does not know refuses the whole request.
+    const invalid = this.config.invalidIds ? candidates.find((m) => this.faultsFor(m).invalidModelId === true) : undefined;
+    if (invalid !== undefined) {
+      sendBody(res, 400, JSON.stringify({ error: openRouterError(400, `${invalid} is not a valid model ID`, invalid, false) }), JSON_TYPE);
+      return;
+    }
+
     // Walk the candidates like OpenRouter's fallback routing: the first model without an
     // active status fault answers; if every one fails, the last one's error is returned.
-    const { candidates } = chat;
     let model = candidates[0];
     let faults = this.faultsFor(model);
     let errorStatus = this.activeStatus(model, faults);
