@@ -358,10 +358,12 @@ export class CompletionService {
   /**
    * A call turned away before the upstream (429 over a rate limit, 402 over a budget, 503 when the
    * budget cannot be checked): audited like any other outcome, so every request leaves a row.
-   * Not counted in the completion metrics: the HTTP metrics count refusals by reason.
+   * Not counted in the completion metrics: the HTTP metrics count refusals by reason. A job's
+   * try has no HTTP response, so its refusal is counted here.
    */
   private recordRefusal(call: CompletionCall, route: ResolvedRoute, started: number, error: unknown): void {
     const outcome = errorCode(error);
+    if (call.door === 'job') this.metrics.jobRefused(call, route, started, outcome, this.knownModel);
     this.audit.recordCompletion(call, route, undefined, [], outcome);
     call.audited = true;
     if (this.lines.isLevelEnabled('info')) {

@@ -80,6 +80,17 @@ export class GatewayMetrics {
     if (reason !== undefined) this.i.rejected.add([reason], 1);
   }
 
+  /**
+   * A job's try turned away before the upstream. httpResponse counts an HTTP refusal from its
+   * status, but a job's try has no response: counted here under the reason its status gives, and
+   * one that status names no reason for (a 503: the budget could not be checked) as a job call.
+   */
+  jobRefused(call: CompletionCall, route: ResolvedRoute, started: number, outcome: string, knownModel: (model: string) => boolean): void {
+    const reason = REJECTIONS[answeredStatus(undefined, outcome)];
+    if (reason !== undefined) this.i.rejected.add([reason], 1);
+    else this.completion(call, route, undefined, [], started, outcome, 0n, knownModel);
+  }
+
   streamOpened(): void {
     this.i.streams.open += 1;
   }
@@ -165,7 +176,9 @@ export const OTHER_MODEL = 'other';
  * everyone's new series into `_overflow` until the process restarts.
  */
 function modelLabel(route: ResolvedRoute, model: string, knownModel: (model: string) => boolean): string {
-  const callerChose = route.explicitModel === true && (route.callerFallbacks === true || model === route.models[0]);
+  // With its own `models`, everything but the table's first model (`auto`'s choice) is the
+  // caller's; without, only a `model` it named, the first (the fallbacks are the table's).
+  const callerChose = route.callerFallbacks === true ? route.explicitModel || model !== route.models[0] : route.explicitModel && model === route.models[0];
   return !callerChose || knownModel(model) ? model : OTHER_MODEL;
 }
 

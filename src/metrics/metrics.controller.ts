@@ -20,13 +20,10 @@ export class MetricsController {
   @Get()
   @ApiOperation({ summary: 'Prometheus text format; Authorization: Bearer <METRICS_TOKEN> when that is set' })
   @ApiProduces('text/plain')
-  scrape(@Req() request: FastifyRequest, @Res() reply: FastifyReply): void {
+  async scrape(@Req() request: FastifyRequest, @Res() reply: FastifyReply): Promise<void> {
     if (!this.access.allows(request.headers.authorization)) throw new GatewayError('invalid_api_key', MetricsAccess.REFUSAL);
-    // The exporter writes the response itself; Fastify steps aside, so our headers go on raw.
-    reply.hijack();
-    // What the hooks set (x-request-id, the mock's mark) would be lost with Fastify's reply.
-    for (const [name, value] of Object.entries(reply.getHeaders())) if (value !== undefined) reply.raw.setHeader(name, value);
-    reply.raw.setHeader('cache-control', 'no-store');
-    this.telemetry.exporter.getMetricsRequestHandler(request.raw, reply.raw);
+    // A 503 is sent, not thrown: the error filter would log it on every scrape; scrape() logs it once.
+    const answer = await this.telemetry.scrape();
+    await reply.code(answer.status).header('content-type', answer.contentType).header('cache-control', 'no-store').send(answer.body);
   }
 }

@@ -1,11 +1,19 @@
 import { context, DiagConsoleLogger, type DiagLogger, DiagLogLevel, diag, metrics, type Tracer } from '@opentelemetry/api';
 import { diagLogLevelFromString, getBooleanFromEnv, getStringFromEnv } from '@opentelemetry/core';
-import { PrometheusExporter } from '@opentelemetry/exporter-prometheus';
+import { PrometheusExporter, PrometheusSerializer } from '@opentelemetry/exporter-prometheus';
 import { type Resource, resourceFromAttributes } from '@opentelemetry/resources';
 import { MeterProvider } from '@opentelemetry/sdk-metrics';
 import type { TracerProvider } from '@opentelemetry/sdk-trace';
 import type { Logger } from 'pino';
+import { GatewayError } from '../core/errors.js';
 import { localMetrics } from './histogram-cells.js';
+
+/** What GET /metrics answers, on the API's route and the worker's ops server alike. */
+export interface MetricsAnswer {
+  readonly status: number;
+  readonly contentType: string;
+  readonly body: string;
+}
 
 /**
  * One gateway's telemetry: the process's Prometheus exporter (GET /metrics asks it; it never opens
@@ -16,12 +24,15 @@ export abstract class Telemetry {
   declare readonly exporter: PrometheusExporter;
   /** undefined when tracing is off: callers test it once and skip all span work. */
   declare readonly tracer: Tracer | undefined;
+  /** The scrape: Prometheus text, or a 503 in the OpenAI envelope when it cannot be made; never rejects. */
+  declare readonly scrape: () => Promise<MetricsAnswer>;
   /** Sends the spans still buffered and stops this gateway's tracer (on shutdown). */
   abstract shutdown(): Promise<void>;
 }
 
 interface ProcessTelemetry {
   readonly exporter: PrometheusExporter;
+  readonly scrape: () => Promise<MetricsAnswer>;
   /** Whether the AsyncLocalStorage context manager is registered (with the first tracer). */
   contextManager: boolean;
 }
@@ -53,10 +64,41 @@ export function startOpenTelemetry(logger: Logger): ProcessTelemetry {
   if (logLevel !== undefined) diag.setLogger(new DiagConsoleLogger(), { logLevel: diagLogLevelFromString(logLevel) });
   // The latency histograms are the gateway's own (histogram-cells.ts), reported alongside the SDK's.
   const exporter = new PrometheusExporter({ preventServerStart: true, withoutScopeInfo: true, metricProducers: [localMetrics()] });
-  if (!getBooleanFromEnv('OTEL_SDK_DISABLED')) metrics.setGlobalMeterProvider(new MeterProvider({ resource: gatehouseResource(), readers: [exporter] }));
-  const created: ProcessTelemetry = { exporter, contextManager: false };
+  const disabled = getBooleanFromEnv('OTEL_SDK_DISABLED');
+  if (!disabled) metrics.setGlobalMeterProvider(new MeterProvider({ resource: gatehouseResource(), readers: [exporter] }));
+  const created: ProcessTelemetry = { exporter, scrape: scraper(exporter, disabled, logger), contextManager: false };
   holder[SLOT] = created;
   return created;
+}
+
+/**
+ * Collects and serialises as the exporter's own request handler does, except on failure: that
+ * handler answers a failed collection (an exporter bound to no MeterProvider: OTEL_SDK_DISABLED)
+ * with a 200 and a comment line, which Prometheus takes for a healthy target with no series. A
+ * 503 marks the target down instead. Logged once: every scrape after would only repeat it.
+ */
+function scraper(exporter: PrometheusExporter, disabled: boolean, logger: Logger): () => Promise<MetricsAnswer> {
+  // The exporter's options above: no prefix, no timestamps, target_info kept, no scope info.
+  const serializer = new PrometheusSerializer(undefined, false, undefined, false, true);
+  let logged = false;
+  return async () => {
+    try {
+      const { resourceMetrics, errors } = await exporter.collect();
+      if (errors.length > 0) diag.error('PrometheusExporter: metrics collection errors', ...errors);
+      return { status: 200, contentType: 'text/plain', body: serializer.serialize(resourceMetrics) };
+    } catch (error) {
+      const message = disabled ? 'Metrics are off: OTEL_SDK_DISABLED is set.' : 'Metrics could not be collected.';
+      if (!logged) {
+        logged = true;
+        const line = { context: 'Metrics', err: error instanceof Error ? error.message : String(error) };
+        // Set on purpose, it is a warning; any other failure is a fault.
+        if (disabled) logger.warn(line, `GET /metrics answers 503: ${message}`);
+        else logger.error(line, `GET /metrics answers 503: ${message}`);
+      }
+      const refusal = new GatewayError('unavailable', message);
+      return { status: refusal.status, contentType: 'application/json; charset=utf-8', body: JSON.stringify(refusal.toEnvelope()) };
+    }
+  };
 }
 
 /** This gateway's telemetry; its tracer (if any) belongs to it and stops with it. */
@@ -66,6 +108,7 @@ export async function createTelemetry(options: { logger: Logger; otlpEndpoint: s
   return {
     exporter: shared.exporter,
     tracer: provider?.getTracer('gatehouse'),
+    scrape: shared.scrape,
     shutdown: async () => {
       await provider?.shutdown();
     },

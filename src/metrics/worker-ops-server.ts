@@ -64,8 +64,9 @@ export class WorkerOpsServer implements OnApplicationBootstrap, OnApplicationShu
         json(res, 401, errorEnvelope(MetricsAccess.REFUSAL, 'authentication_error', 'invalid_api_key'));
         return;
       }
-      res.setHeader('cache-control', 'no-store');
-      this.telemetry.exporter.getMetricsRequestHandler(req, res);
+      void this.telemetry.scrape().then((answer) => {
+        res.writeHead(answer.status, { 'content-type': answer.contentType, 'cache-control': 'no-store' }).end(answer.body);
+      });
       return;
     }
     json(res, 404, errorEnvelope('A worker answers only GET /metrics and GET /health/live.', 'not_found_error', 'not_found'));

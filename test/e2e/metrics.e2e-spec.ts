@@ -1,4 +1,6 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { formatUsd } from '../../libs/money/src/index.js';
+import { FRESH, MAX_TOKENS, MODEL, REQUEST, worstCaseNanos } from '../integration/budget-support.js';
 import { ApiClient, leaveMidway, pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
 
 interface Sample {
@@ -117,6 +119,25 @@ describe('GET /metrics (Prometheus, same port, no key)', () => {
     expect(delta('gatehouse_tokens_total', { model: 'other', type: 'completion' })).toBeGreaterThan(0);
   });
 
+  it("labels the caller's own `models` after 'auto' by the same rule: 'other' unless the gateway has a price for it", async () => {
+    const alice = await gw.tenants.create();
+    // 'auto' asks the routing table's model first; failing, the caller's fallbacks are asked.
+    const tableModel = 'openai/gpt-4o-mini';
+    gw.stub.configure({ models: { [tableModel]: { status: 404 } } });
+    const before = await scrape();
+    const made = [1, 2].map((n) => `made-up/auto-fallback-${n}-${Date.now()}`);
+    for (const models of [[made[0]], [made[1]], ['openai/gpt-4o']]) {
+      const res = await alice.api.post('/v1/chat/completions', { model: 'auto', models, messages: [{ role: 'user', content: `fallbacks ${models.join()}` }] });
+      expect(res.status).toBe(200);
+    }
+    const after = await scrape();
+    expect(after.filter((s) => made.some((name) => Object.values(s.labels).includes(name)))).toEqual([]);
+    const delta = (name: string, labels: Record<string, string>) => valueOf(after, name, labels) - valueOf(before, name, labels);
+    expect(delta('gatehouse_requests_total', { door: 'chat', status: '200', model: 'other', outcome: 'ok' })).toBe(2);
+    expect(delta('gatehouse_requests_total', { door: 'chat', status: '200', model: 'openai/gpt-4o', outcome: 'ok' })).toBe(1);
+    expect(delta('gatehouse_upstream_attempt_duration_seconds_count', { model: tableModel, outcome: 'http_404' })).toBe(3);
+  });
+
   // Before, a response whose caller left was missing from the HTTP histogram: Fastify runs no
   // onResponse for a connection that closed before the response finished.
   it('counts a request whose caller left before the answer as 499, and a stream it left as its 200', async () => {
@@ -180,6 +201,43 @@ describe('GET /metrics (Prometheus, same port, no key)', () => {
     await pollUntil(async () => expect(valueOf(await scrape(), 'gatehouse_streams_in_flight')).toBe(baseline + 1));
     expect(await body).toContain('data: [DONE]');
     await pollUntil(async () => expect(valueOf(await scrape(), 'gatehouse_streams_in_flight')).toBe(baseline));
+  });
+});
+
+describe('GET /metrics: jobs', () => {
+  let gw: TestGateway;
+  beforeAll(async () => {
+    // Polling the jobs must not run into a rate limit.
+    gw = await startTestGateway({ env: { RATE_LIMIT_KEY_RPM: '1000000', RATE_LIMIT_USER_RPM: '1000000', RATE_LIMIT_DEPARTMENT_RPM: '1000000' } });
+  });
+  afterAll(async () => {
+    await gw.close();
+  });
+
+  it('counts a job refused by its budget when it runs under reason=budget, as a refused HTTP call is counted', async () => {
+    // Enough for one job: both are accepted, the second is refused once the first holds the budget.
+    const erin = await gw.tenants.create({ userBudgetUsd: formatUsd(worstCaseNanos(gw, REQUEST, [MODEL], MAX_TOKENS)), period: 'total' });
+    const scrape = async () => parsePrometheus((await new ApiClient(gw.url, undefined).get<string>('/metrics')).body);
+    const before = await scrape();
+    gw.stub.configure({ latencyMs: 2000 });
+    const submit = () => erin.api.post<{ id: string }>('/v1/chat/completions', REQUEST, { prefer: 'respond-async', ...FRESH });
+    const submitted = [await submit(), await submit()];
+    expect(submitted.map((res) => res.status)).toEqual([202, 202]);
+    const outcomes = await Promise.all(
+      submitted.map((res) =>
+        pollUntil(async () => {
+          const job = await erin.api.get<{ status: string; error: { code: string } | null }>(`/v1/jobs/${res.body.id}`);
+          expect(['completed', 'failed']).toContain(job.body.status);
+          return job.body.error?.code ?? job.body.status;
+        }, 20_000),
+      ),
+    );
+    expect(outcomes.sort()).toEqual(['budget_exceeded', 'completed']);
+    const after = await scrape();
+    const delta = (name: string, labels: Record<string, string>) => valueOf(after, name, labels) - valueOf(before, name, labels);
+    expect(delta('gatehouse_rejected_requests_total', { reason: 'budget' })).toBe(1);
+    expect(delta('gatehouse_requests_total', { door: 'job' })).toBe(1);
+    expect(delta('gatehouse_requests_total', { door: 'job', status: '200', outcome: 'ok' })).toBe(1);
   });
 });
 
