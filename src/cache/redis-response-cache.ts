@@ -307,8 +307,10 @@ export class RedisResponseCache extends ResponseCache {
 
   describe(): { state: 'up' | 'degraded'; details: Record<string, unknown> } {
     if (this.client.status !== 'ready') return { state: 'degraded', details: { driver: 'redis', mode: 'bypassed', ...this.state.describe() } };
-    // Connected again: the next request uses the cache, so say so now rather than after it.
-    this.state.ok();
+    // Connected, after a failure: up once a write goes through, this harmless one (so that an
+    // instance without traffic finds out too) or a request's. Each check sends at most one.
+    this.state.recheck(() => this.client.call('SET', `${this.ns}probe`, '1', 'PX', 10_000));
+    if (this.state.degraded) return { state: 'degraded', details: { driver: 'redis', mode: 'bypassed where a command fails', ...this.state.describe() } };
     // How many entries answer here without a round trip, or why none do.
     const near = !this.nearCopies ? 'off' : this.nearInUse() ? this.nearCopies.size : 'unused while the subscriber is down';
     return { state: 'up', details: { driver: 'redis', near_copies: near } };

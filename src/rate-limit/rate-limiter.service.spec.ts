@@ -41,6 +41,35 @@ describe('FallbackState', () => {
     expect(state.degraded).toBe(false);
     expect(lines.map((l) => (JSON.parse(l) as { msg: string }).msg)).toEqual(['went away', 'came back']);
   });
+
+  it('recovers on a recheck only when its probe succeeds, with one probe at a time', async () => {
+    const lines: string[] = [];
+    const sink = new Writable({
+      write(chunk: Buffer, _enc, done) {
+        lines.push(chunk.toString());
+        done();
+      },
+    });
+    const state = new FallbackState(createLogger('info', sink), { degraded: 'went away', recovered: 'came back' });
+    let probes = 0;
+    const refused = () => {
+      probes++;
+      return Promise.reject(new Error('READONLY You can\'t write against a read only replica.'));
+    };
+    state.recheck(refused);
+    expect(probes).toBe(0); // nothing to find out while up
+    state.fail('connection reconnecting');
+    state.recheck(refused);
+    state.recheck(refused);
+    expect(probes).toBe(1);
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(state.degraded).toBe(true);
+    expect(state.describe()).toMatchObject({ reason: expect.stringMatching(/^READONLY/) });
+    state.recheck(() => Promise.resolve('OK'));
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(state.degraded).toBe(false);
+    expect(lines.map((l) => (JSON.parse(l) as { msg: string }).msg)).toEqual(['went away', 'came back']);
+  });
 });
 
 describe('RateLimiter: a refusal by one of two full counters', () => {
@@ -67,5 +96,56 @@ describe('RateLimiter: a refusal by one of two full counters', () => {
     expect(refused.error).toMatchObject({ param: 'user' });
     expect(refused.headers).toMatchObject({ 'x-ratelimit-limit-requests': '2', 'x-ratelimit-remaining-requests': '0' });
     expect(refused.headers['x-ratelimit-reset-requests']).toBe(`${refused.headers['retry-after']}s`);
+  });
+});
+
+describe('RateLimiter: two counters of a kind with none left', () => {
+  const setup = (limits: Record<string, Limit>) => {
+    const clock = new ManualClock(Date.parse('2026-03-01T10:00:00Z'));
+    const overrides = {
+      get: (scope: string, id: string) => limits[`${scope}:${id}`],
+      defaults: () => ({ requestsPerMinute: 1000, tokensPerMinute: undefined }),
+    } as unknown as RateLimitOverrides;
+    const limiter = new RateLimiter(new MemoryRateLimitStore(clock), overrides, { rateLimit: { adminRpm: 100 } } as unknown as AppConfig, { logger: createLogger('silent') });
+    const as = (keyId: string): Principal => ({ keyId, keyPrefix: 'gh-x', userId: 'u', departmentId: 'd', role: 'user', cacheScope: 'user', expiresAt: undefined });
+    return { clock, limiter, as };
+  };
+
+  // Before, the smaller limit won the tie: the key's, which resets sooner, and a client that
+  // waited for it was refused by the user's.
+  it('names the one that resets last in the reset header of an admitted request, and waiting it out is admitted', async () => {
+    const { clock, limiter, as } = setup({
+      'key:k1': { requestsPerMinute: 2, tokensPerMinute: undefined },
+      'user:u': { requestsPerMinute: 3, tokensPerMinute: undefined },
+    });
+    expect((await limiter.admit(as('k2'), 'api')).allowed).toBe(true); // t = 0: user window until 60 s
+    clock.advance(30_000);
+    expect((await limiter.admit(as('k1'), 'api')).allowed).toBe(true); // t = 30 s: key window until 90 s
+    clock.advance(31_000);
+    expect((await limiter.admit(as('k2'), 'api')).allowed).toBe(true); // t = 61 s: user window until 121 s
+    expect((await limiter.admit(as('k2'), 'api')).allowed).toBe(true);
+    clock.advance(19_000);
+    const last = await limiter.admit(as('k1'), 'api'); // t = 80 s: key 2/2 until 90 s, user 3/3 until 121 s
+    expect(last.allowed).toBe(true);
+    expect(last.headers).toMatchObject({ 'x-ratelimit-limit-requests': '3', 'x-ratelimit-remaining-requests': '0', 'x-ratelimit-reset-requests': '41s' });
+    clock.advance(41_000);
+    expect((await limiter.admit(as('k1'), 'api')).allowed).toBe(true);
+  });
+
+  it('does the same for the tokens trio, as the refusal does for the kind that refused', async () => {
+    const { clock, limiter, as } = setup({
+      'key:k1': { requestsPerMinute: 1, tokensPerMinute: 10 },
+      'user:u': { requestsPerMinute: 1000, tokensPerMinute: 8 },
+    });
+    expect((await limiter.admit(as('k2'), 'api', true)).allowed).toBe(true);
+    limiter.recordTokens(as('k2'), 5); // t = 0: user tokens until 60 s
+    clock.advance(30_000);
+    expect((await limiter.admit(as('k1'), 'api', true)).allowed).toBe(true);
+    limiter.recordTokens(as('k1'), 10); // t = 30 s: key tokens full until 90 s, user's full until 60 s
+    await new Promise((resolve) => setImmediate(resolve));
+    clock.advance(10_000);
+    const refused = await limiter.admit(as('k1'), 'api', true); // t = 40 s: refused by the key's request counter, until 90 s
+    expect(refused.allowed).toBe(false);
+    expect(refused.headers).toMatchObject({ 'retry-after': '50', 'x-ratelimit-limit-tokens': '10', 'x-ratelimit-remaining-tokens': '0', 'x-ratelimit-reset-tokens': '50s' });
   });
 });

@@ -122,14 +122,20 @@ function subjects(principal: Principal): Array<[LimitScope, string]> {
   ];
 }
 
-/** The bucket of a kind with the least left (ties: the smaller limit). */
+/**
+ * The bucket of a kind with the least left. Ties: the smaller limit, but among counters with
+ * none left the one that resets last, since the next request is refused until then (as the
+ * refusal's retry-after reckons): a client waiting for an earlier counter's reset would be
+ * refused again.
+ */
 function tightest(buckets: Planned[], states: BucketState[], kind: Kind): { bucket: Planned; state: BucketState } | undefined {
   let best: { bucket: Planned; state: BucketState; left: number } | undefined;
   buckets.forEach((bucket, i) => {
     if (bucket.kind !== kind) return;
     const state = states[i];
     const left = Math.max(0, bucket.limit - state.used);
-    if (!best || left < best.left || (left === best.left && bucket.limit < best.bucket.limit)) best = { bucket, state, left };
+    if (!best || left < best.left) best = { bucket, state, left };
+    else if (left === best.left && (left === 0 ? state.resetMs > best.state.resetMs : bucket.limit < best.bucket.limit)) best = { bucket, state, left };
   });
   return best;
 }

@@ -75,6 +75,9 @@ return 1`,
 /** How much longer than this instance reckons its lease's window may still run Redis's TTL may be, for a refund. */
 const REFUND_SLACK_MS = 1000;
 
+/** How long the key written by a readiness check after a failure lives (`<prefix>rl:probe`). */
+const PROBE_TTL_MS = 10_000;
+
 /** A lease never exceeds this many requests, however large the limit. */
 export const LEASE_MAX = 100;
 
@@ -104,7 +107,8 @@ interface Lease {
 /**
  * Counters shared by every instance. While Redis is unreachable (not connected, or a command
  * fails) the per-instance memory store answers instead: limits then hold per instance only,
- * which /health/ready reports as degraded and the log says once per transition.
+ * which /health/ready reports as degraded (after a failure, until a write succeeds: a connection
+ * alone proves nothing) and the log says once per transition.
  *
  * **Leases** (`leasePercent` > 0). A request counter whose limit is large enough is counted
  * ahead: the request that asks Redis also takes a lease of up to `leaseSize` requests in the same
@@ -293,10 +297,12 @@ export class RedisRateLimitStore extends RateLimitStore {
   }
 
   describe(): { state: 'up' | 'degraded'; details: Record<string, unknown> } {
-    if (this.client.status !== 'ready')
+    const ready = this.client.status === 'ready';
+    // Connected, after a failure: up once a write goes through, this harmless one (so that an
+    // instance without traffic finds out too) or a request's. Each check sends at most one.
+    if (ready) this.state.recheck(() => this.client.call('SET', `${this.ns}probe`, '1', 'PX', PROBE_TTL_MS));
+    if (!ready || this.state.degraded)
       return { state: 'degraded', details: { driver: 'redis', mode: 'per-instance memory counters', ...this.state.describe() } };
-    // Connected again: the next request uses Redis, so say so now rather than after it.
-    this.state.ok();
     return { state: 'up', details: { driver: 'redis', lease_percent: this.lease?.percent ?? 0, leased_counters: this.leases.size } };
   }
 }

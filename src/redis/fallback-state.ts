@@ -7,6 +7,7 @@ import type { Logger } from 'pino';
 export class FallbackState {
   private degradedSince: number | undefined;
   private lastError: string | undefined;
+  private checking = false;
 
   constructor(
     private readonly logger: Logger,
@@ -27,6 +28,25 @@ export class FallbackState {
     if (this.degradedSince !== undefined) return;
     this.degradedSince = Date.now();
     this.logger.warn({ reason }, this.messages.degraded);
+  }
+
+  /**
+   * While degraded: runs `probe` (one at a time) and recovers only if it succeeds. For a
+   * readiness check on a connected client: being connected proves nothing about commands (a
+   * primary demoted to a replica behind the same address, or one out of memory with noeviction,
+   * keeps the connection and answers PING but refuses every write), and without traffic nothing
+   * else would find out that Redis is back. The check itself reports this call's state: the
+   * probe's outcome shows on the next one.
+   */
+  recheck(probe: () => Promise<unknown>): void {
+    if (this.degradedSince === undefined || this.checking) return;
+    this.checking = true;
+    probe()
+      .then(
+        () => this.ok(),
+        (error: unknown) => this.fail((error as Error).message),
+      )
+      .finally(() => (this.checking = false));
   }
 
   ok(): void {

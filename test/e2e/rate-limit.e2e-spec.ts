@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { ManualClock } from '../../src/core/clock.js';
 import { ApiClient, type HttpResult, pollUntil, postSse, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 
 const prompt = () => `rate ${randomBytes(4).toString('hex')}`;
@@ -232,5 +233,41 @@ describe('admin API limits (separate, per admin key)', () => {
     expect(refused.body).toMatchObject({ error: { param: 'admin_key' } });
     expect((await ops.api.post('/v1/chat/completions', { messages: [{ role: 'user', content: 'still fine' }] })).status).toBe(200);
     expect((await gw.admin.get('/admin/departments')).status).toBe(200);
+  });
+});
+
+describe('reset header when two counters run out on the same request', () => {
+  let gw: TestGateway;
+  const clock = new ManualClock(Date.now());
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ clock });
+  });
+  afterAll(async () => {
+    await gw.close();
+  });
+
+  // Both the key's and the user's counters reach 0 left: the header used to name the key's (the
+  // smaller limit), which resets first, and the client waiting for it was refused by the user's.
+  it('names the counter that resets last, so a client that waits x-ratelimit-reset-requests out is admitted', async () => {
+    const t = await gw.tenants.create();
+    const other = new ApiClient(gw.url, (await gw.admin.post<{ key: string }>('/admin/keys', { user_id: t.userId })).body.key);
+    await gw.admin.put(`/admin/rate-limits/users/${t.userId}`, { requests_per_minute: 3 });
+    await gw.admin.put(`/admin/rate-limits/keys/${t.keyId}`, { requests_per_minute: 2 });
+
+    expect((await other.get('/v1/models')).status).toBe(200); // t = 0: the user's window
+    clock.advance(50_000);
+    expect((await t.api.get('/v1/models')).status).toBe(200); // t = 50 s: the key's window, until 110 s
+    clock.advance(20_000);
+    expect((await other.get('/v1/models')).status).toBe(200); // t = 70 s: the user's next window, until 130 s
+    clock.advance(10_000);
+    expect((await other.get('/v1/models')).status).toBe(200);
+    clock.advance(20_000);
+    const last = await t.api.get('/v1/models'); // t = 100 s: key 2 of 2, user 3 of 3
+    expect(last.status).toBe(200);
+    expect(trio(last)).toEqual({ limit: '3', remaining: '0', reset: '30s' });
+
+    clock.advance(30_000);
+    expect((await t.api.get('/v1/models')).status).toBe(200);
   });
 });

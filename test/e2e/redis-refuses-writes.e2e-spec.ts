@@ -1,0 +1,99 @@
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+import { createServer } from 'node:net';
+import { Writable } from 'node:stream';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createLogger } from '../../src/core/logger.js';
+import { type ApiClient, type HttpResult, pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
+
+const freePort = () =>
+  new Promise<number>((resolve, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as { port: number };
+      server.close(() => resolve(port));
+    });
+  });
+const ask = (client: ApiClient) =>
+  client.post('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: `refused ${randomBytes(4).toString('hex')}` }] });
+const cacheOf = (res: HttpResult) => res.headers.get('x-gateway-cache');
+
+type Readiness = { status: string; details: Record<string, { status: string; reason?: string; mode?: string }> };
+
+const RL_DOWN = 'Redis unavailable: rate limits fall back to per-instance memory counters';
+const RL_BACK = 'Redis back: rate limits shared across instances again';
+const CACHE_DOWN = 'Redis unavailable: response cache bypassed';
+const CACHE_BACK = 'Redis back: response cache in use again';
+
+/**
+ * A Redis primary demoted to a replica while the gateway runs (a failover behind a fixed
+ * address): the connection stays up and PING answers, but every write is refused (READONLY).
+ * Being connected must not pass for working: readiness says degraded, and the log says so once,
+ * until a write goes through again. Runs its own redis-server: the shared one is never demoted.
+ */
+describe('Redis that stays connected but refuses writes', () => {
+  let redis: ChildProcess | undefined;
+  let port: number;
+  let gw: TestGateway;
+  const lines: Array<{ msg?: string; reason?: string }> = [];
+  const count = (msg: string) => lines.filter((l) => l.msg === msg).length;
+  const cli = (...args: string[]) => execFileSync('redis-cli', ['-p', String(port), ...args]).toString().trim();
+  const ready = async () => (await gw.admin.get<Readiness>('/health/ready')).body;
+
+  beforeAll(async () => {
+    port = await freePort();
+    redis = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+    await pollUntil(() => expect(cli('PING')).toBe('PONG'), 5000, 50);
+    const sink = new Writable({
+      write(chunk: Buffer, _enc, done) {
+        for (const line of chunk.toString().split('\n')) if (line) lines.push(JSON.parse(line) as { msg?: string });
+        done();
+      },
+    });
+    gw = await startTestGateway({ env: { REDIS_URL: `redis://127.0.0.1:${port}`, RATE_LIMIT_KEY_RPM: '3' }, logger: createLogger('info', sink) });
+  });
+  afterAll(async () => {
+    await gw?.close();
+    if (redis && redis.exitCode === null && redis.signalCode === null) {
+      const exited = once(redis, 'exit');
+      redis.kill('SIGKILL');
+      await exited;
+    }
+  });
+
+  it('says degraded, with the reason, and logs it once until a write goes through; then up again with no traffic', async () => {
+    const t = await gw.tenants.create();
+    expect((await ask(t.api)).status).toBe(200);
+    expect((await ready()).details).toMatchObject({ rate_limit: { status: 'up' }, cache: { status: 'up' } });
+
+    // Demoted: the old primary now follows one it cannot reach, and still answers reads and PING.
+    cli('REPLICAOF', '127.0.0.1', '1');
+
+    // Limits fall back to this instance's memory counters (a fresh count: 3 more are admitted).
+    const during: Array<number | string | null> = [];
+    for (let i = 0; i < 4; i++) {
+      const res = await ask(t.api);
+      during.push(res.status, cacheOf(res));
+      // A kubelet's readiness probe between requests: each one used to say up, and log it.
+      await ready();
+    }
+    expect(during).toEqual([200, 'bypass', 200, 'bypass', 200, 'bypass', 429, null]);
+    const degraded = await ready();
+    expect(degraded.status).toBe('degraded');
+    expect(degraded.details.rate_limit).toMatchObject({ status: 'degraded', mode: 'per-instance memory counters', reason: expect.stringMatching(/^READONLY/) });
+    expect(degraded.details.cache).toMatchObject({ status: 'degraded', reason: expect.stringMatching(/^READONLY/) });
+    expect(degraded.details.redis).toMatchObject({ status: 'up' }); // it answers PING
+    expect({ rl: [count(RL_DOWN), count(RL_BACK)], cache: [count(CACHE_DOWN), count(CACHE_BACK)] }).toEqual({ rl: [1, 0], cache: [1, 0] });
+
+    // Promoted again. No request comes: the readiness check's own write finds out.
+    cli('REPLICAOF', 'NO', 'ONE');
+    await pollUntil(async () => expect((await ready()).status).toBe('ok'), 5000, 50);
+    expect({ rl: [count(RL_DOWN), count(RL_BACK)], cache: [count(CACHE_DOWN), count(CACHE_BACK)] }).toEqual({ rl: [1, 1], cache: [1, 1] });
+    // Counted in Redis again, where this key made 1 request before the demotion.
+    const after = await ask(t.api);
+    expect(after.status).toBe(200);
+    expect(after.headers.get('x-ratelimit-remaining-requests')).toBe('1');
+  });
+});
