@@ -29,15 +29,52 @@ describe('CompletionCache singleflight (in process)', () => {
     expect(cache.inFlight).toBe(0);
   });
 
-  it('lets followers go on alone when the leader fails, and one of them stores the answer', async () => {
+  it('hands the lead to one follower when the leader gives up; the others get its answer, not the upstream', async () => {
     const { cache, call } = setup();
     const leader = await cache.open(call(), route);
+    const settled: CacheTicket[] = [];
+    const followers = Array.from({ length: 3 }, () => cache.open(call(), route).then((t) => (settled.push(t), t)));
+    leader.abandon();
+    await vi.waitFor(() => expect(settled).toHaveLength(1));
+    const next = settled[0];
+    expect(next.status).toBe('miss');
+    expect(next.fills).toBe(true);
+    expect(cache.inFlight).toBe(1);
+    await next.fill(JSON.stringify(answer), answer);
+    const tickets = await Promise.all(followers);
+    expect(tickets.filter((t) => t !== next).map((t) => t.status)).toEqual(['hit', 'hit']);
+    expect(cache.inFlight).toBe(0);
+  });
+
+  it('passes the lead along one follower at a time while each leader fails (the same 400 for everyone), then is done', async () => {
+    const { cache, call } = setup();
+    const leader = await cache.open(call(), route);
+    const settled: CacheTicket[] = [];
+    const followers = Array.from({ length: 4 }, () => cache.open(call(), route).then((t) => (settled.push(t), t)));
+    leader.abandon();
+    for (let turn = 1; turn <= 4; turn++) {
+      await vi.waitFor(() => expect(settled).toHaveLength(turn));
+      // Only the one whose turn it is goes on; the rest still wait on it.
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      expect(settled).toHaveLength(turn);
+      expect(cache.inFlight).toBe(1);
+      settled[turn - 1]?.abandon();
+    }
+    expect((await Promise.all(followers)).map((t) => t.status)).toEqual(Array(4).fill('miss'));
+    expect(cache.inFlight).toBe(0);
+  });
+
+  it('lets the followers still in line go on alone once their wait runs out, however many turns are left', async () => {
+    const { cache, call } = setup(100);
+    const leader = await cache.open(call(), route);
     const followers = Array.from({ length: 3 }, () => cache.open(call(), route));
+    const started = Date.now();
+    // The next leader never finishes: the two behind it go on alone at the first deadline.
     leader.abandon();
     const tickets = await Promise.all(followers);
+    expect(Date.now() - started).toBeLessThan(1000);
     expect(tickets.map((t) => t.status)).toEqual(['miss', 'miss', 'miss']);
-    await tickets[0]?.fill(JSON.stringify(answer), answer);
-    expect((await cache.open(call(), route)).status).toBe('hit');
+    expect(cache.inFlight).toBe(0);
   });
 
   it('bounds the wait: a follower of a slow leader calls the upstream itself', async () => {
@@ -91,6 +128,22 @@ describe('CompletionCache singleflight (in process)', () => {
     gone.abort();
     expect((await pending).hit).toBeUndefined();
     leader.abandon();
+  });
+
+  it('never hands the lead to a follower whose client has left: it neither leads nor stores', async () => {
+    const { cache, call } = setup();
+    const leader = await cache.open(call(), route);
+    const gone = new AbortController();
+    const left = cache.open(call(gone.signal), route);
+    const staying = cache.open(call(), route);
+    gone.abort();
+    const ticket = await left;
+    expect(ticket.fills).toBe(false);
+    leader.abandon();
+    const next = await staying;
+    expect(next.fills).toBe(true);
+    expect(cache.inFlight).toBe(1);
+    next.abandon();
   });
 
   it('bypasses, never fails, when the store throws', async () => {

@@ -68,12 +68,19 @@ const BYPASS: CacheTicket = {
 };
 
 /**
+ * A caller whose client left while it waited: it neither leads nor stores. Its call then ends as
+ * any call whose client left before the upstream answered (client_closed), before any attempt.
+ */
+const LEFT: CacheTicket = { ...BYPASS, status: 'miss' };
+
+/**
  * The cache stage of the pipeline: decides whether a call may use the cache, reads it, and makes
  * N identical concurrent misses cost one upstream call (singleflight). Within an instance the
- * followers await the leader's promise; across instances the store's fill lock (Redis SET NX PX
- * with a random token) elects one leader and the others wait until its answer lands (announced
- * on Redis, with polling as the fallback), the lock disappears (leader failed: try to lead) or
- * their bounded wait runs out (call the upstream themselves). A store that fails makes the call a
+ * followers await the leader's promise (a leader that gives up hands the lead to one of them);
+ * across instances the store's fill lock (Redis SET NX PX with a random token) elects one leader
+ * and the others wait until its answer lands (announced on Redis, with polling as the fallback),
+ * the lock disappears (leader failed: try to lead) or their bounded wait runs out (call the
+ * upstream themselves). A store that fails makes the call a
  * bypass; it never fails the request.
  */
 @Injectable()
@@ -138,21 +145,33 @@ export class CompletionCache {
 
   private async singleflight(plan: CachePlan, tags: CacheTags, signal: AbortSignal): Promise<CacheTicket> {
     const deadline = Date.now() + this.waitMs;
-    const existing = this.flights.get(plan.key);
-    if (existing) {
+    for (;;) {
+      const existing = this.flights.get(plan.key);
+      if (!existing) return this.lead(plan, tags, signal, deadline);
       const outcome = await waitFor(existing.done, deadline, signal);
+      if (outcome === 'aborted') return LEFT;
       if (outcome === 'timeout') {
         // Waited out: the flight no longer holds the key, as a fill lock on Redis expires after
         // the same time, so the next identical call leads anew instead of waiting it out too (its
         // leader's own finish leaves a newer flight alone).
         if (this.flights.get(plan.key) === existing) this.flights.delete(plan.key);
-      } else if (outcome !== 'aborted' && outcome !== undefined) {
-        // An entry (never the text 'timeout' or 'aborted': it starts with its header line).
-        return this.hit(outcome, plan, tags);
+        // The leader is taking too long: go on alone (and still store what we get).
+        return this.miss(plan, tags, undefined);
       }
-      // The leader failed, or is taking too long: go on alone (and still store what we get).
-      return this.miss(plan, tags, undefined);
+      // An entry (never the text 'timeout' or 'aborted': it starts with its header line).
+      if (outcome !== undefined) return this.hit(outcome, plan, tags);
+      // The leader gave up without an answer. Its followers resume one after the other in this
+      // turn: the first finds the key free and leads (a new flight, set before its first await),
+      // the others wait on it, within their first deadline, instead of all calling the upstream
+      // at once. A leader that fails for everyone (the body's 400) so passes the turn along the
+      // queue, one failed call at a time. Its finish has freed the key; this only guards against
+      // a settled flight left behind, which would make this loop spin.
+      if (this.flights.get(plan.key) === existing) this.flights.delete(plan.key);
     }
+  }
+
+  /** No identical call in flight here: this one leads, unless another instance is filling the key. */
+  private async lead(plan: CachePlan, tags: CacheTags, signal: AbortSignal, deadline: number): Promise<CacheTicket> {
     const flight = new Flight();
     this.flights.set(plan.key, flight);
     const finish = (body: string | undefined) => {
@@ -171,7 +190,12 @@ export class CompletionCache {
         // Another instance is filling this key.
         const outcome = await this.poll(plan.key, deadline, signal);
         if (outcome === 'free') continue;
-        if (outcome === 'timeout' || outcome === 'aborted') return this.miss(plan, tags, { flight: finish, token: undefined });
+        if (outcome === 'aborted') {
+          // Its client left: a follower here leads in its place at once.
+          finish(undefined);
+          return LEFT;
+        }
+        if (outcome === 'timeout') return this.miss(plan, tags, { flight: finish, token: undefined });
         finish(outcome.body);
         return this.hit(outcome.body, plan, tags);
       }

@@ -36,4 +36,14 @@ describe('MemoryResponseCache bounds', () => {
     expect((await cache.lookup('a', 0)).kind).toBe('miss');
     expect(cache.size).toEqual({ entries: 0, bytes: 0 });
   });
+
+  it('does not count an expired entry a delete drops as deleted, as Redis would not', async () => {
+    const clock = new ManualClock();
+    const cache = new MemoryResponseCache(clock, 10, 1000);
+    await cache.store('short', 'abc', 1000, tags);
+    await cache.store('long', 'def', 60_000, tags);
+    clock.advance(1000);
+    expect(await cache.invalidate({ userId: 'u' })).toBe(1);
+    expect(cache.size).toEqual({ entries: 0, bytes: 0 });
+  });
 });

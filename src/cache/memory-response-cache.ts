@@ -60,8 +60,11 @@ export class MemoryResponseCache extends ResponseCache {
 
   invalidate(filter: CacheFilter): Promise<number> {
     let deleted = 0;
+    const now = this.clock.nowMs();
     for (const [key, entry] of this.entries) {
-      if (matches(entry.tags, filter)) {
+      // An expired match is dropped (by `get`) but not counted: it was already gone for readers,
+      // and on Redis it is gone for good, so both drivers report the same number.
+      if (matches(entry.tags, filter) && this.entries.get(key, now) !== undefined) {
         this.entries.delete(key);
         deleted += 1;
       }

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { type ClientRequest, type IncomingMessage, request } from 'node:http';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { ApiClient, type HttpResult, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 import { REDIS_URL } from '../support/databases.js';
@@ -9,6 +10,20 @@ const prompt = (tag: string) => `${tag} ${randomBytes(4).toString('hex')}`;
 const ask = (client: ApiClient, content: string, headers: Record<string, string> = {}) =>
   client.post<Completion>('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content }] }, headers);
 const cacheOf = (res: HttpResult) => res.headers.get('x-gateway-cache');
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** A streaming call whose client can leave mid-stream (`req.destroy()`), once its headers are in. */
+function openStream(url: string, key: string, content: string): Promise<{ req: ClientRequest; res: IncomingMessage }> {
+  return new Promise((resolve, reject) => {
+    const req = request(
+      `${url}/v1/chat/completions`,
+      { method: 'POST', agent: false, headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' } },
+      (res) => resolve({ req, res }),
+    );
+    req.on('error', reject);
+    req.end(JSON.stringify({ model: 'auto', stream: true, messages: [{ role: 'user', content }] }));
+  });
+}
 
 describe('response cache on Redis, shared by two instances', () => {
   let a: TestGateway;
@@ -42,6 +57,22 @@ describe('response cache on Redis, shared by two instances', () => {
     expect(statuses.filter((s) => s === 'miss')).toHaveLength(1);
     expect(statuses.filter((s) => s === 'hit')).toHaveLength(19);
     expect(new Set(results.map((r) => r.body.id)).size).toBe(1);
+  });
+
+  it('hands the lead to one waiting call of the same instance when the leader’s streaming client leaves', async () => {
+    a.stub.configure({ chunkDelayMs: 100 });
+    const content = prompt('leader-gone-2');
+    const leader = await openStream(a.url, alice.key, content);
+    expect(leader.res.statusCode).toBe(200);
+    leader.res.on('data', () => undefined);
+    const followers = Array.from({ length: 10 }, () => ask(alice.api, content));
+    await sleep(300);
+    expect(a.stub.hits).toBe(1);
+    leader.req.destroy();
+    const results = await Promise.all(followers);
+    expect(results.map((r) => r.status)).toEqual(Array(10).fill(200));
+    // One follower takes over (and the fill lock with it); the other nine get its answer.
+    expect({ hits: a.stub.hits, misses: results.filter((r) => cacheOf(r) === 'miss').length }).toEqual({ hits: 2, misses: 1 });
   });
 
   it('answers on one instance what the other cached, and keeps tenants apart there too', async () => {

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { type ClientRequest, type IncomingMessage, request } from 'node:http';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { type HttpResult, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
@@ -10,6 +11,20 @@ const prompt = (tag: string) => `${tag} ${randomBytes(4).toString('hex')}`;
 const ask = (tenant: Tenant, content: string, extra: Record<string, unknown> = {}, headers: Record<string, string> = {}) =>
   tenant.api.post<Completion>('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content }], ...extra }, headers);
 const cacheOf = (res: HttpResult) => res.headers.get('x-gateway-cache');
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** A streaming call whose client can leave mid-stream (`req.destroy()`), once its headers are in. */
+function openStream(url: string, key: string, content: string): Promise<{ req: ClientRequest; res: IncomingMessage }> {
+  return new Promise((resolve, reject) => {
+    const req = request(
+      `${url}/v1/chat/completions`,
+      { method: 'POST', agent: false, headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' } },
+      (res) => resolve({ req, res }),
+    );
+    req.on('error', reject);
+    req.end(JSON.stringify({ model: 'auto', stream: true, messages: [{ role: 'user', content }] }));
+  });
+}
 
 describe('response cache (memory driver, one instance)', () => {
   let gw: TestGateway;
@@ -38,6 +53,66 @@ describe('response cache (memory driver, one instance)', () => {
     // Everyone got the one answer, and only the caller that paid for it was charged.
     expect(new Set(results.map((r) => r.body.id)).size).toBe(1);
     for (const r of results.filter((x) => cacheOf(x) === 'hit')) expect(r.headers.get('x-gateway-cost-usd')).toBe('0');
+  });
+
+  describe('when the singleflight leader ends without an answer', () => {
+    it('hands the lead to one follower when the leader’s streaming client leaves: the rest get its answer', async () => {
+      gw.stub.configure({ chunkDelayMs: 100 });
+      const content = prompt('leader-gone');
+      const leader = await openStream(gw.url, alice.key, content);
+      expect(leader.res.statusCode).toBe(200);
+      leader.res.on('data', () => undefined);
+      const followers = Array.from({ length: 10 }, () => ask(alice, content));
+      await sleep(300);
+      expect(gw.stub.hits).toBe(1);
+      leader.req.destroy();
+      const results = await Promise.all(followers);
+      expect(results.map((r) => r.status)).toEqual(Array(10).fill(200));
+      // One follower takes over and pays; the other nine get its answer: 2 upstream calls in all.
+      expect({ hits: gw.stub.hits, misses: results.filter((r) => cacheOf(r) === 'miss').length }).toEqual({ hits: 2, misses: 1 });
+    });
+
+    it('hands the lead to one follower when the leader failed upstream (502)', async () => {
+      // Slow, and failing the leader's tries only (2 per model by default).
+      gw.stub.configure({ latencyMs: 400, status: 503, failTimes: 2 });
+      const content = prompt('leader-failed');
+      const leader = ask(alice, content);
+      await sleep(100);
+      const followers = Array.from({ length: 10 }, () => ask(alice, content));
+      expect((await leader).status).toBe(502);
+      const results = await Promise.all(followers);
+      expect(results.map((r) => r.status)).toEqual(Array(10).fill(200));
+      // The leader's 2 failed tries, then the one follower that took over.
+      expect(gw.stub.hits).toBe(3);
+      expect(results.filter((r) => cacheOf(r) === 'miss')).toHaveLength(1);
+    });
+
+    it('gives each follower refused by its own budget (402) one turn, then a colleague with budget leads', async () => {
+      const shared = await gw.tenants.create();
+      await gw.admin.patch(`/admin/departments/${shared.departmentId}`, { cache_scope: 'department' });
+      const broke = await gw.tenants.create({ departmentId: shared.departmentId });
+      expect((await gw.admin.put(`/admin/budgets/users/${broke.userId}`, { limit_usd: 0, period: 'total' })).status).toBe(200);
+      const colleague = await gw.tenants.create({ departmentId: shared.departmentId });
+      gw.stub.configure({ latencyMs: 400, status: 503, failTimes: 2 });
+      const content = prompt('leader-402');
+      const leader = ask(shared, content);
+      await sleep(100);
+      // In line in this order: three calls of the user without budget, then two of the colleague.
+      const refused = Array.from({ length: 3 }, () => ask(broke, content));
+      await sleep(50);
+      const others = [ask(colleague, content)];
+      await sleep(50);
+      others.push(ask(colleague, content));
+      expect((await leader).status).toBe(502);
+      expect((await Promise.all(refused)).map((r) => r.status)).toEqual([402, 402, 402]);
+      const answered = await Promise.all(others);
+      expect(answered.map((r) => [r.status, cacheOf(r)])).toEqual([
+        [200, 'miss'],
+        [200, 'hit'],
+      ]);
+      // The leader's 2 failed tries and the colleague's one call; the refusals cost none.
+      expect(gw.stub.hits).toBe(3);
+    });
   });
 
   it("never gives one user another user's answer, unless their department shares", async () => {
@@ -265,6 +340,15 @@ describe('response cache (memory driver, one instance)', () => {
       expect((all.body as { deleted: number }).deleted).toBeGreaterThanOrEqual(2);
       expect(cacheOf(await ask(alice, p1))).toBe('miss');
       expect(cacheOf(await ask(bob, p3))).toBe('miss');
+    });
+
+    it('does not count an entry that had already expired as deleted (as on Redis)', async () => {
+      // Its only entry: the other tests' live ones would be counted.
+      const carol = await gw.tenants.create();
+      expect(cacheOf(await ask(carol, prompt('expired'), {}, { 'x-gateway-cache-ttl': '1' }))).toBe('miss');
+      await sleep(1100);
+      const purge = await gw.admin.delete(`/admin/cache?user_id=${carol.userId}`);
+      expect(purge).toMatchObject({ status: 200, body: { deleted: 0 } });
     });
 
     it('rejects bad filters and non-admin keys', async () => {

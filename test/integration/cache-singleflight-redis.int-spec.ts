@@ -1,4 +1,5 @@
 import { afterEach, describe, expect, it } from 'vitest';
+import type { CacheTicket } from '../../src/cache/completion-cache.service.js';
 import { RedisResponseCache } from '../../src/cache/redis-response-cache.js';
 import { testCall, testCompletion, testCompletionCache, testRoute as route } from '../../src/cache/testing/completion-cache.fixtures.js';
 import { createLogger } from '../../src/core/logger.js';
@@ -121,5 +122,28 @@ describe('singleflight across instances on Redis: waiters are told when the answ
     await ticket.fill(JSON.stringify(answer), answer);
     await sentCommandsRan(b.connections);
     expect((await a.cache.open(call(), route)).status).toBe('hit');
+  });
+
+  it('hands the lead, and the fill lock, to one waiting call of the same instance when the leader gives up', async () => {
+    const prefix = uniqueRedisPrefix('landed');
+    const a = await instance(prefix, true);
+    const b = await instance(prefix, true);
+    const leader = await a.cache.open(call(), route);
+    const settled: CacheTicket[] = [];
+    const followers = Array.from({ length: 3 }, () => a.cache.open(call(), route).then((t) => (settled.push(t), t)));
+    leader.abandon();
+    const next = await pollUntil(() => {
+      expect(settled).toHaveLength(1);
+      return settled[0];
+    });
+    expect(next.status).toBe('miss');
+    // It holds the lock now: the other instance waits for its answer instead of leading too.
+    const elsewhere = b.cache.open(call(), route);
+    await sleep(LEADER_WORKS_MS);
+    expect(settled).toHaveLength(1);
+    await next.fill(JSON.stringify(answer), answer);
+    const tickets = await Promise.all(followers);
+    expect(tickets.filter((t) => t !== next).map((t) => t.status)).toEqual(['hit', 'hit']);
+    expect((await elsewhere).status).toBe('hit');
   });
 });

@@ -106,6 +106,19 @@ export function responseCacheContract(name: string, make: () => Promise<CacheUnd
       expect((await cache.lookup('c1', 0)).kind).toBe('miss');
     });
 
+    it('counts only the live entries a delete removes, not those already expired', async () => {
+      const owner = tags();
+      await cache.store('x1', '{"x":1}', 100, owner);
+      await cache.store('x2', '{"x":2}', 60_000, owner);
+      // Stored after x1 with the same TTL: once it is gone, so is x1, which nothing has read since.
+      await cache.store('x3', '{"x":3}', 100, tags());
+      await pollUntil(async () => {
+        if ((await cache.lookup('x3', 0)).kind !== 'miss') throw new Error('not expired yet');
+      });
+      expect(await cache.invalidate({ userId: owner.userId })).toBe(1);
+      expect(await cache.invalidate({ departmentId: owner.departmentId })).toBe(0);
+    });
+
     it('a delete by user, department or model spares an entry someone else has filled since, whatever its index said', async () => {
       const first = tags({ models: ['openai/gpt-4o-mini', 'anthropic/claude-3.5-sonnet'] });
       const second = tags({ models: ['openai/gpt-4o-mini'] });
