@@ -7,6 +7,7 @@ import { withTimeout } from '../core/deadline.js';
 import { LogThrottle } from '../core/log-throttle.js';
 import { AppLogger } from '../core/logger.js';
 import type { ReadinessReport } from '../health/readiness.js';
+import { LuaScript } from '../redis/lua-script.js';
 import { RecheckJobError, settlesWithin, type JobHandler, JobQueue, type JobQueueOptions, type QueueCounts, queueFull, queueUnavailable } from './job-queue.js';
 
 /** BullMQ queue name; the prefix (from REDIS_KEY_PREFIX) keeps deployments sharing a Redis apart. */
@@ -35,6 +36,32 @@ const ABORT_WAIT_MS = 2_000;
 const JOB_NAME = 'complete';
 // Backlog states that count against the bound (everything not finished).
 const BACKLOG_STATES = ['wait', 'prioritized', 'waiting-children', 'active', 'delayed'] as const;
+// Of those, BullMQ keeps these as lists; the others are sorted sets.
+const LIST_STATES: ReadonlySet<string> = new Set(['wait', 'active']);
+// A submit admitted but whose add Redis has not answered yet holds its place this long at most:
+// far beyond the add's own timeout, and what an instance that died mid-submit costs the bound.
+const ADMITTING_TTL_MS = 30_000;
+
+// Counts what getJobCounts counts for BACKLOG_STATES plus the submits already admitted and not yet
+// added (KEYS[1], job id → Redis time), and holds a place for this one (ARGV[2]) when that is under
+// the bound (ARGV[1]): one script, so instances admitting at once never overshoot. KEYS[2..] are
+// the backlog keys, the first ARGV[4] of them lists. Returns 1 if admitted, else 0.
+const ADMIT = new LuaScript(
+  `local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+local lists = tonumber(ARGV[4])
+local n = redis.call('ZCARD', KEYS[1])
+for i = 2, #KEYS do
+  if i <= lists + 1 then n = n + redis.call('LLEN', KEYS[i]) else n = n + redis.call('ZCARD', KEYS[i]) end
+end
+if n >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return 1`,
+  'jobs-admit',
+);
 
 /** The jobs logger, with one throttle for every job queue connection (producer, queue, worker). */
 @Injectable()
@@ -202,6 +229,9 @@ export class BullmqJobQueue extends JobQueue {
 
   private processing = false;
   private registered = false;
+  /** ADMIT's keys: the submits being admitted, then BACKLOG_STATES' lists and sorted sets. */
+  private readonly admitKeys: string[];
+  private readonly admitLists: number;
 
   constructor(
     @InjectQueue(JOBS_QUEUE_NAME) private readonly queue: Queue,
@@ -213,6 +243,11 @@ export class BullmqJobQueue extends JobQueue {
   ) {
     super();
     this.queue.on('error', (error: Error) => this.log.problem('queue', error));
+    const lists = BACKLOG_STATES.filter((state) => LIST_STATES.has(state));
+    const sets = BACKLOG_STATES.filter((state) => !LIST_STATES.has(state));
+    // Named as BullMQ names its own keys (prefix, queue name), so deployments stay apart.
+    this.admitKeys = [this.queue.toKey('admitting'), ...[...lists, ...sets].map((state) => this.queue.toKey(state))];
+    this.admitLists = lists.length;
   }
 
   assertAccepting(): void {
@@ -222,12 +257,18 @@ export class BullmqJobQueue extends JobQueue {
 
   async submit(jobId: string): Promise<void | 'uncertain'> {
     this.assertAccepting();
-    const backlog = await this.redis(() => this.queue.getJobCounts(...BACKLOG_STATES));
-    // Not atomic with the add across instances: the bound may be overshot by concurrent submits,
-    // never by more than their number. Good enough for backpressure, and one round trip cheaper.
-    if (sum(backlog) >= this.options.maxQueued) throw queueFull(this.options.maxQueued);
+    // Unanswered, it may have run: the place it holds then lapses after ADMITTING_TTL_MS.
+    const admitted = await this.redis(() => ADMIT.run(this.producer, this.admitKeys, [this.options.maxQueued, jobId, ADMITTING_TTL_MS, this.admitLists]));
+    if (admitted !== 1) throw queueFull(this.options.maxQueued);
+    const adding = this.queue.add(JOB_NAME, {}, { jobId });
+    // Given back once Redis has answered the add, whatever it said (BullMQ's keys count the job
+    // from then on), not when the wait below gives up: an add answered late may still land. Not
+    // waited for; one that Redis does not get lapses after ADMITTING_TTL_MS.
+    void adding
+      .finally(() => this.producer.zrem(this.admitKeys[0], jobId))
+      .catch(() => undefined);
     try {
-      await this.redis(() => this.queue.add(JOB_NAME, {}, { jobId }));
+      await this.redis(() => adding);
     } catch (error) {
       // Sent, unanswered: Redis may have run it and a worker may be running the job already.
       // A 503 then told the caller "not accepted" about a job that ran and was charged.
@@ -386,8 +427,4 @@ class RedisUnanswered extends Error {
 function jobIdOf(job: Job): string {
   if (job.id === undefined) throw new Error('BullMQ job without id');
   return job.id;
-}
-
-function sum(counts: Record<string, number>): number {
-  return Object.values(counts).reduce((a, b) => a + b, 0);
 }

@@ -130,6 +130,59 @@ describe('BullmqJobQueue shutdown with a job that ignores the abort', () => {
   });
 });
 
+// The bound is counted and held in Redis by one script per submit: instances sharing a queue
+// cannot overshoot it together, and a submit that never adds its job does not keep its place.
+describe('BullmqJobQueue bound (JOBS_MAX_QUEUED) in Redis', () => {
+  const open = (prefix: string, maxQueued: number) =>
+    openBullmqQueue({ redisUrl: REDIS_URL, prefix, concurrency: 1, maxQueued, maxTries: 3, backoff: () => 10 });
+
+  it('admits at most the bound between two instances submitting at once, and holds no place once their adds are answered', async () => {
+    const prefix = `${uniqueRedisPrefix('jobs-bound')}bull`;
+    const key = (name: string) => `${prefix}:${JOBS_QUEUE_NAME}:${name}`;
+    const one = await open(prefix, 3);
+    const two = await open(prefix, 3);
+    const redis = new Redis(REDIS_URL);
+    try {
+      await Promise.all([one.queue.ready(), two.queue.ready()]);
+      const outcomes = await Promise.allSettled(
+        Array.from({ length: 20 }, (_, i) => (i % 2 === 0 ? one : two).queue.submit(`00000000-0000-4000-8000-0000000b${String(i).padStart(4, '0')}`)),
+      );
+      expect(outcomes.filter((o) => o.status === 'fulfilled')).toHaveLength(3);
+      for (const o of outcomes) if (o.status === 'rejected') expect(o.reason).toMatchObject({ code: 'queue_full', status: 503 });
+      expect(await redis.llen(key('wait'))).toBe(3);
+      await pollUntil(async () => expect(await redis.exists(key('admitting'))).toBe(0));
+    } finally {
+      redis.disconnect();
+      await one.close();
+      await two.close();
+      await dropKeys(prefix);
+    }
+  });
+
+  it('gives back the place of a submit whose add fails, and lets the place of an instance that died mid-submit lapse', async () => {
+    const prefix = `${uniqueRedisPrefix('jobs-bound-holds')}bull`;
+    const key = (name: string) => `${prefix}:${JOBS_QUEUE_NAME}:${name}`;
+    const { queue, close } = await open(prefix, 2);
+    const redis = new Redis(REDIS_URL);
+    try {
+      await queue.ready();
+      // Held 31 s ago by submits whose instance never added their jobs (30 s is the lapse).
+      const [seconds] = await redis.time();
+      await redis.zadd(key('admitting'), (Number(seconds) - 31) * 1000, 'died-mid-submit-1', (Number(seconds) - 31) * 1000, 'died-mid-submit-2');
+      // BullMQ refuses an integer job id once admitted, before anything is added.
+      await expect(queue.submit('42')).rejects.toMatchObject({ code: 'unavailable' });
+      await queue.submit('00000000-0000-4000-8000-0000000b0001');
+      await queue.submit('00000000-0000-4000-8000-0000000b0002');
+      await expect(queue.submit('00000000-0000-4000-8000-0000000b0003')).rejects.toMatchObject({ code: 'queue_full' });
+      expect(await redis.llen(key('wait'))).toBe(2);
+    } finally {
+      redis.disconnect();
+      await close();
+      await dropKeys(prefix);
+    }
+  });
+});
+
 describe('BullmqJobQueue without Redis', () => {
   it('refuses submits at once with 503 unavailable, says degraded in readiness, and closes without hanging', async () => {
     // Port 1: nothing listens there, the connection is refused over and over.

@@ -179,6 +179,15 @@ export function jobQueueContract(name: string, factory: QueueFactory): void {
       await queue.submit(newId());
     });
 
+    it('accepts exactly its bound of 20 submits made at once and refuses the rest with 503 queue_full', async () => {
+      // Not started: nothing drains, so every accepted submit is still held.
+      const queue = await open({ concurrency: 1, maxQueued: 3 });
+      const outcomes = await Promise.allSettled(Array.from({ length: 20 }, () => queue.submit(newId())));
+      expect(outcomes.filter((o) => o.status === 'fulfilled')).toHaveLength(3);
+      for (const o of outcomes) if (o.status === 'rejected') expect(o.reason).toMatchObject({ code: 'queue_full', status: 503 });
+      expect(await queue.counts()).toEqual({ waiting: 3, active: 0, delayed: 0 });
+    });
+
     it('treats a requeue of a job it still holds as a no-op', async () => {
       const queue = await open({ concurrency: 1 });
       const gate = deferred();
