@@ -6,10 +6,11 @@ import { DocumentBuilder, type OpenAPIObject, SwaggerModule } from '@nestjs/swag
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import { AppModule, DATABASE_CONTENT } from './app.module.js';
+import { AuditHttpHook } from './audit/audit-http.hook.js';
 import { type AppConfig, describeConfig } from './config/config.js';
 import type { Clock } from './core/clock.js';
 import { GatewayError } from './core/errors.js';
-import { OpenAiErrorFilter, sendError } from './core/http-errors.js';
+import { OpenAiErrorFilter, sendError, toGatewayError } from './core/http-errors.js';
 import { createLogger, PinoNestLogger, requestLineLogger } from './core/logger.js';
 import { requestIdFor } from './core/request-id.js';
 import { type DatabaseTarget, openDatabase } from './database/data-source.js';
@@ -58,8 +59,10 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   startOpenTelemetry(logger);
   const database = await openDatabase(options.databaseTarget ?? config.database, DATABASE_CONTENT);
 
+  // Every line has a context (docs/operations.md "Logs"): an error answer's is Errors.
+  const errorLogger = logger.child({ context: 'Errors' });
   // Known once the app is built; read by the pre-routing error handler, which runs without hooks.
-  const marks = { mock: false };
+  const marks: FrameworkErrorMarks = { mock: false, audit: undefined, answered: undefined };
   const adapter = new FastifyAdapter({
     bodyLimit: config.bodyLimitBytes,
     // Fastify takes a hop count too (its docs and proxy-addr); the adapter's type leaves it out.
@@ -78,7 +81,7 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
     forceCloseConnections: true,
     // Errors Fastify answers before routing (a URL it cannot decode, a path parameter over its
     // length limit) skip the hooks and the filter: rendered here as every other error is.
-    frameworkErrors: (error: FastifyError, request: FastifyRequest, reply: FastifyReply) => frameworkError(error, request, reply, logger, marks.mock),
+    frameworkErrors: (error: FastifyError, request: FastifyRequest, reply: FastifyReply) => frameworkError(error, request, reply, errorLogger, marks),
   });
   let app: NestFastifyApplication;
   try {
@@ -94,22 +97,38 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
     await database.close();
     throw error;
   }
-  app.useGlobalFilters(new OpenAiErrorFilter(logger));
+  app.useGlobalFilters(new OpenAiErrorFilter(errorLogger));
   app.enableShutdownHooks([], SHUTDOWN_HOOKS);
 
   const fastify = app.getHttpAdapter().getInstance();
   fastify.removeContentTypeParser('text/plain');
   const metrics = app.get(GatewayMetrics);
   const shutdown = app.get(ShutdownService);
+  const access = requestLineLogger(logger, { context: 'Http' });
+  const accessLine = (request: FastifyRequest, reply: FastifyReply, status: number): void =>
+    access.info({ reqId: request.id, method: request.method, url: request.url.split('?')[0], status, ms: Math.round(reply.elapsedTime), keyPrefix: request.principal?.keyPrefix }, 'request');
   // A response cut before it finished gets no onResponse: counted as the caller saw it (499
-  // when nothing was sent, else the status its headers carried).
-  shutdown.onUnfinished = (reply) => metrics.httpResponse(reply.request, reply, reply.raw.headersSent ? reply.statusCode : 499);
+  // when nothing was sent, else the status its headers carried), and its access line written
+  // here, unless a completion call owns it (the pipeline logs that one however it ends). One whose
+  // caller left before the answer was decided logs 499; its audit row has the decided status.
+  shutdown.onUnfinished = (reply) => {
+    const request = reply.request;
+    const status = reply.raw.headersSent ? reply.statusCode : 499;
+    metrics.httpResponse(request, reply, status);
+    if (request.completionCall === undefined && access.isLevelEnabled('info')) accessLine(request, reply, status);
+  };
   const telemetry = app.get(Telemetry);
   // Hooks instead of interceptors: an rxjs chain per request costs more than Nest and Fastify
   // together (PERFORMANCE.md).
   // The built-in mock says so on every response (API.md), not only on completions: a job polled,
   // /v1/models, an error.
   marks.mock = app.get(UpstreamInfo).mock;
+  marks.audit = app.get(AuditHttpHook);
+  // Answered without hooks (frameworkError): its access line and HTTP metrics, as onResponse writes them.
+  marks.answered = (request, reply) => {
+    if (access.isLevelEnabled('info')) accessLine(request, reply, reply.statusCode);
+    metrics.httpResponse(request, reply);
+  };
   fastify.addHook('onRequest', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
     void reply.header('x-request-id', request.id);
     if (marks.mock) void reply.header('x-gateway-upstream', 'mock');
@@ -122,17 +141,11 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   fastify.addHook('preClose', (done: () => void) => {
     void shutdown.quiesce().then(() => done());
   });
-  const access = requestLineLogger(logger);
   fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
     // One line per request: a call the completion pipeline took over has its own line (with the
     // status), so this one is only for the rest. The level check skips building the object at
     // LOG_LEVEL=warn and above (the hook runs on every response).
-    if (request.completionCall?.audited !== true && access.isLevelEnabled('info')) {
-      access.info(
-        { reqId: request.id, method: request.method, url: request.url.split('?')[0], status: reply.statusCode, ms: Math.round(reply.elapsedTime), keyPrefix: request.principal?.keyPrefix },
-        'request',
-      );
-    }
+    if (request.completionCall?.audited !== true && access.isLevelEnabled('info')) accessLine(request, reply, reply.statusCode);
     metrics.httpResponse(request, reply);
     done();
   });
@@ -179,23 +192,32 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   };
 }
 
+interface FrameworkErrorMarks {
+  mock: boolean;
+  audit: AuditHttpHook | undefined;
+  answered: ((request: FastifyRequest, reply: FastifyReply) => void) | undefined;
+}
+
 /**
  * Fastify's pre-routing errors in the OpenAI envelope, with the request id every response carries
- * (the onRequest hook that sets it does not run for them). The path is not echoed: it is what
- * could not be read.
+ * (the onRequest hook that sets it does not run for them), and their audit row (nor does the audit
+ * hook). The path is not echoed: it is what could not be read.
  */
-function frameworkError(error: FastifyError, request: FastifyRequest, reply: FastifyReply, logger: Logger, mock: boolean): void {
+function frameworkError(error: FastifyError, request: FastifyRequest, reply: FastifyReply, logger: Logger, marks: FrameworkErrorMarks): void {
   void reply.header('x-request-id', request.id);
-  if (mock) void reply.header('x-gateway-upstream', 'mock');
-  const known =
+  if (marks.mock) void reply.header('x-gateway-upstream', 'mock');
+  const known = toGatewayError(
     error.code === 'FST_ERR_BAD_URL'
       ? new GatewayError('invalid_value', 'The request URL is not valid: it has a malformed percent-encoding or is not a valid URL component.', {
           cause: error,
         })
       : error.code === 'FST_ERR_MAX_PARAM_LENGTH'
         ? new GatewayError('invalid_value', 'A path parameter of the request URL is longer than this gateway accepts.', { cause: error })
-        : error;
+        : error,
+  );
+  marks.audit?.recordUnrouted(request, known);
   sendError(reply, request, known, logger);
+  marks.answered?.(request, reply);
 }
 
 export interface WorkerProcess {

@@ -2,7 +2,7 @@ import { Injectable, type OnModuleInit } from '@nestjs/common';
 import { HttpAdapterHost } from '@nestjs/core';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { AppConfig } from '../config/config.js';
-import { wantsAsync } from '../core/prefer.js';
+import type { GatewayError } from '../core/errors.js';
 import { keyPrefix } from '../identity/api-key.js';
 import { presentedKey } from '../identity/auth.guard.js';
 import { AuditService } from './audit.service.js';
@@ -17,20 +17,13 @@ const RESULT_FIELDS = ['id', 'prefix', 'version'] as const;
 const MAX_PARSED_PAYLOAD = 8 * 1024 * 1024;
 
 const outcomes = new WeakMap<FastifyRequest, Record<string, unknown>>();
-
 /**
- * A change whose caller hung up before the answer: an admin change, or an async submit (the job
- * exists and will run). Fastify runs onSend when the handler answers but never onResponse (the
- * response never finished), so the change was made and not audited. `closedEarly`: the
- * connection closed before the handler answered (onSend records); `recorded`: the row is written
- * (onResponse skips).
+ * Requests whose row is written. A recorded answer can end three ways: it finishes (onResponse),
+ * its connection closes before it finished (the 'close' listener onSend adds), or the connection
+ * was gone before the handler answered (onSend itself); a write error runs onResponse and then
+ * 'close'. Whichever comes first records it.
  */
-interface ChangeWatch {
-  api: boolean;
-  closedEarly: boolean;
-  recorded: boolean;
-}
-const changeWatches = new WeakMap<FastifyRequest, ChangeWatch>();
+const recorded = new WeakSet<FastifyRequest>();
 
 /**
  * Records admin changes without touching any admin controller: every non-GET request under
@@ -56,41 +49,59 @@ export class AuditHttpHook implements OnModuleInit {
     const fastify = adapter?.getInstance<FastifyInstance>();
     if (typeof fastify?.addHook !== 'function') return;
 
-    // Only changes are watched for a caller that leaves (admin changes, async submits): a header
-    // test per /v1 request, and no listener on a sync call, which audits itself however it ends.
-    fastify.addHook('onRequest', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
-      if (!READ_METHODS.has(request.method)) {
-        if (isAdminPath(request)) this.watchChange(request, reply, false);
-        else if (wantsAsync(request) && isApiPath(request)) this.watchChange(request, reply, true);
-      }
-      done();
-    });
     fastify.addHook('onSend', (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void) => {
-      const admin = isAdminPath(request);
-      if ((admin && (!READ_METHODS.has(request.method) || reply.statusCode >= 400)) || (!admin && unauditedApiAnswer(request, reply.statusCode))) {
+      if (recordedAnswer(request, reply.statusCode) !== undefined) {
         outcomes.set(request, readOutcome(reply.statusCode, payload));
+        // Fastify runs onResponse only for a response that finished: one whose caller hung up
+        // (a refusal decided after a slow key lookup, a change made after the caller gave up)
+        // would leave no row. A listener on recorded answers only: a successful completion, which
+        // the pipeline audits, never gets one.
+        const raw = reply.raw;
+        if (raw.destroyed) {
+          this.record(request, reply, true);
+        } else {
+          raw.once('close', () => {
+            if (!raw.writableFinished) this.record(request, reply, true);
+          });
+        }
       }
-      const watch = changeWatches.get(request);
-      if (watch?.closedEarly === true && !watch.recorded) this.recordLeft(request, reply, watch);
       done(null, payload);
     });
     fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
-      const status = reply.statusCode;
-      if (changeWatches.get(request)?.recorded === true) {
-        // Already recorded as left by its caller.
-      } else if (unauditedApiAnswer(request, status)) this.recordApiAnswer(request, status, reply);
-      else if (isAdminPath(request) && (!READ_METHODS.has(request.method) || status === 401 || status === 403)) {
-        this.recordAdmin(request, status);
-      }
+      this.record(request, reply, false);
       done();
     });
+  }
+
+  /** The row of a recorded answer, once. `clientClosed`: the caller left before it reached it; the status is the handler's. */
+  private record(request: FastifyRequest, reply: FastifyReply, clientClosed: boolean): void {
+    const status = reply.statusCode;
+    const kind = recordedAnswer(request, status);
+    if (kind === undefined || recorded.has(request)) return;
+    recorded.add(request);
+    if (kind === 'api') this.recordApiAnswer(request, status, reply, clientClosed);
+    else this.recordAdmin(request, status, clientClosed);
+  }
+
+  /**
+   * A request Fastify refused before routing (gateway.ts frameworkError: a URL it cannot decode, a
+   * path parameter over its length limit), which no hook sees. Recorded when its path is an admin
+   * or API one, whatever the method: nothing authenticated it, so it counts as a 401 does.
+   */
+  recordUnrouted(request: FastifyRequest, error: GatewayError): void {
+    const url = unroutedUrl(request);
+    const admin = isAdminUrl(url);
+    if (!admin && !isApiUrl(url)) return;
+    outcomes.set(request, { error: { code: error.code, type: error.type, param: error.param, message: redactText(error.message) } });
+    if (admin) this.recordAdmin(request, error.status, false);
+    else this.recordApiAnswer(request, error.status, undefined, false);
   }
 
   /**
    * A /v1 answer the pipeline did not audit: who (or which key prefix), what, and the error; or
    * an accepted async submit (202), with the job it made (its tries are audited as the job runs).
    */
-  private recordApiAnswer(request: FastifyRequest, status: number, reply?: FastifyReply, clientClosed = false): void {
+  private recordApiAnswer(request: FastifyRequest, status: number, reply: FastifyReply | undefined, clientClosed: boolean): void {
     const pattern = request.routeOptions.url ?? pathOf(request);
     const details: Record<string, unknown> = { ...(outcomes.get(request) ?? {}) };
     if (clientClosed) details.client_closed = true;
@@ -112,27 +123,7 @@ export class AuditHttpHook implements OnModuleInit {
     });
   }
 
-  private watchChange(request: FastifyRequest, reply: FastifyReply, api: boolean): void {
-    const watch: ChangeWatch = { api, closedEarly: false, recorded: false };
-    changeWatches.set(request, watch);
-    reply.raw.once('close', () => {
-      if (reply.raw.writableFinished || watch.recorded) return;
-      // Answered (onSend ran), then cut while it was written: onResponse will not come.
-      if (outcomes.has(request)) this.recordLeft(request, reply, watch);
-      else watch.closedEarly = true;
-    });
-  }
-
-  /** The row of a watched change whose caller left; the status is the handler's. */
-  private recordLeft(request: FastifyRequest, reply: FastifyReply, watch: ChangeWatch): void {
-    watch.recorded = true;
-    if (!watch.api) this.recordAdmin(request, reply.statusCode, true);
-    // A sync answer (no async submit after all) was audited by the pipeline.
-    else if (unauditedApiAnswer(request, reply.statusCode)) this.recordApiAnswer(request, reply.statusCode, reply, true);
-  }
-
-  /** `clientClosed`: the caller left before the answer reached it; the status is the handler's. */
-  private recordAdmin(request: FastifyRequest, status: number, clientClosed = false): void {
+  private recordAdmin(request: FastifyRequest, status: number, clientClosed: boolean): void {
     const pattern = request.routeOptions.url ?? pathOf(request);
     const params = stringRecord(request.params);
     const outcome = outcomes.get(request) ?? {};
@@ -166,8 +157,20 @@ export class AuditHttpHook implements OnModuleInit {
   }
 }
 
+/**
+ * Which answers leave a row here: a /v1 one the pipeline did not audit (`api`), and on /admin
+ * every change and every 401/403 (`admin`). Reads that succeed or fail otherwise leave none.
+ */
+function recordedAnswer(request: FastifyRequest, status: number): 'api' | 'admin' | undefined {
+  if (unauditedApiAnswer(request, status)) return 'api';
+  return isAdminPath(request) && (!READ_METHODS.has(request.method) || status === 401 || status === 403) ? 'admin' : undefined;
+}
+
 function isAdminPath(request: FastifyRequest): boolean {
-  const url = routedUrl(request);
+  return isAdminUrl(routedUrl(request));
+}
+
+function isAdminUrl(url: string): boolean {
   return url.startsWith('/admin') && (url.length === 6 || url[6] === '/' || url[6] === '?');
 }
 
@@ -189,6 +192,15 @@ function routedUrl(request: FastifyRequest): string {
 }
 
 /**
+ * The path of a URL the router could not read, with what escapes it has that stand for ASCII
+ * decoded: `/%61dmin/keys/%E0%A4%A` is still an attempt at the admin API.
+ */
+function unroutedUrl(request: FastifyRequest): string {
+  const path = pathOf(request);
+  return path.includes('%') ? path.replace(/%[0-7][0-9a-f]/gi, (escape) => String.fromCharCode(Number.parseInt(escape.slice(1), 16))) : path;
+}
+
+/**
  * A /v1 error answer the completion pipeline did not audit itself, or an accepted async submit
  * (202: the pipeline runs later, as the job); its payload is read only then.
  */
@@ -197,7 +209,10 @@ function unauditedApiAnswer(request: FastifyRequest, status: number): boolean {
 }
 
 function isApiPath(request: FastifyRequest): boolean {
-  const url = routedUrl(request);
+  return isApiUrl(routedUrl(request));
+}
+
+function isApiUrl(url: string): boolean {
   return url.startsWith('/v1') && (url.length === 3 || url[3] === '/' || url[3] === '?');
 }
 

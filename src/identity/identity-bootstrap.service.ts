@@ -38,8 +38,9 @@ export class IdentityBootstrapService implements OnApplicationBootstrap {
       // A shared production database must not get a key that only one pod's stdout ever saw.
       throw new Error('No admin key exists in this database: set ADMIN_API_KEY for the first start on PostgreSQL.');
     }
-    const { key } = await this.identity.createKey({ userId: admin.id, name: 'bootstrap (generated on first start)' });
+    const { entity, key } = await this.identity.createKey({ userId: admin.id, name: 'bootstrap (generated on first start)' });
     this.generatedAdminKey = key;
+    this.recordCreated(entity.id, entity.prefix, 'first start without ADMIN_API_KEY: generated');
     logger.warn('Generated the first admin API key; it is printed once on stdout and stored only as a hash.');
     process.stdout.write(
       `\n${'='.repeat(72)}\n  Gatehouse admin API key (shown once, stored only as a hash):\n\n    ${key}\n\n  Use it as "Authorization: Bearer <key>". Set ADMIN_API_KEY to choose your own.\n${'='.repeat(72)}\n\n`,
@@ -49,6 +50,8 @@ export class IdentityBootstrapService implements OnApplicationBootstrap {
   private async ensureEnvKey(userId: string, key: string, logger: Logger): Promise<void> {
     const outcome = await this.identity.ensureEnvKey(userId, key);
     const own = { key_id: outcome.keyId, key_prefix: outcome.prefix };
+    // Only the start that stored it (of replicas storing the same new secret at once, one).
+    if (outcome.created) this.recordCreated(outcome.keyId, outcome.prefix, 'ADMIN_API_KEY set');
     switch (outcome.state) {
       case 'revoked':
         logger.warn(own, 'ADMIN_API_KEY names a revoked key and does not work; it stays revoked. Set ADMIN_API_KEY to a new secret to rotate it.');
@@ -69,5 +72,10 @@ export class IdentityBootstrapService implements OnApplicationBootstrap {
         details: { actor: 'system:bootstrap', reason: 'ADMIN_API_KEY rotated', prefix: old.prefix, replaced_by: own },
       });
     }
+  }
+
+  /** The trail an admin's POST /admin/keys leaves, with the system as the actor: id and prefix, never the secret. */
+  private recordCreated(keyId: string, prefix: string, reason: string): void {
+    this.audit?.record({ action: 'bootstrap.create_key', targetType: 'keys', targetId: keyId, details: { actor: 'system:bootstrap', reason, prefix } });
   }
 }

@@ -24,6 +24,8 @@ export interface EnvKeyOutcome {
   prefix: string;
   /** `revoked`: an admin revoked this very key; `unusable`: its user or department is disabled. Either way it does not work. */
   state: 'usable' | 'revoked' | 'unusable';
+  /** This call stored the key (one of several replicas storing the same new secret at once). */
+  created: boolean;
   /** Earlier ADMIN_API_KEY keys this start revoked. */
   revoked: Array<{ keyId: string; prefix: string }>;
 }
@@ -299,18 +301,17 @@ export class IdentityService {
    */
   async ensureEnvKey(userId: string, key: string): Promise<EnvKeyOutcome> {
     const keyHash = hashApiKey(key);
-    await this.dataSource.query(`INSERT INTO api_keys (user_id, name, prefix, key_hash, from_env) VALUES ($1, $2, $3, $4, true) ON CONFLICT DO NOTHING`, [
-      userId,
-      ENV_KEY_NAME,
-      keyPrefix(key),
-      keyHash,
-    ]);
+    const inserted = await this.dataSource.query<unknown[]>(
+      `INSERT INTO api_keys (user_id, name, prefix, key_hash, from_env) VALUES ($1, $2, $3, $4, true) ON CONFLICT DO NOTHING RETURNING id`,
+      [userId, ENV_KEY_NAME, keyPrefix(key), keyHash],
+    );
+    const created = inserted.length > 0;
     const [own] = await this.dataSource.query<Array<{ id: string; prefix: string; revoked_at: Date | null }>>(
       `SELECT id, prefix, revoked_at FROM api_keys WHERE key_hash = $1`,
       [keyHash],
     );
     if (!own) throw new Error('ADMIN_API_KEY row missing after insert');
-    const ownKey = { keyId: own.id, prefix: own.prefix };
+    const ownKey = { keyId: own.id, prefix: own.prefix, created };
     if (own.revoked_at !== null) return { ...ownKey, state: 'revoked', revoked: [] };
     const principal = await this.lookup(keyHash);
     if (principal?.role !== 'admin' || (principal.expiresAt !== undefined && principal.expiresAt <= this.clock.nowMs())) {

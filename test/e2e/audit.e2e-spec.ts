@@ -431,7 +431,7 @@ describe('audit on a graceful stop (PostgreSQL)', () => {
       const bob = await gw.tenants.create();
       await bob.openai.chat.completions.create({ model: 'auto', messages: [{ role: 'user', content: 'before stop' }] });
       await pollUntil(async () =>
-        expect((await gw.admin.get<{ details: { audit: { buffered: number } } }>('/health/ready')).body.details.audit.buffered).toBe(4),
+        expect((await gw.admin.get<{ details: { audit: { buffered: number } } }>('/health/ready')).body.details.audit.buffered).toBe(5),
       );
       // A request that finishes while the server drains records after the first shutdown flush:
       // the second one (onApplicationShutdown) must still run before the database closes.
@@ -447,13 +447,14 @@ describe('audit on a graceful stop (PostgreSQL)', () => {
       try {
         const rows = await db.dataSource.query<Array<{ action: string; status: number }>>('SELECT action, status FROM audit_events ORDER BY seq');
         expect(rows).toEqual([
+          { action: 'bootstrap.create_key', status: null },
           { action: 'POST /admin/departments', status: 201 },
           { action: 'POST /admin/users', status: 201 },
           { action: 'POST /admin/keys', status: 201 },
           { action: 'completion', status: 200 },
           { action: 'late', status: 200 },
         ]);
-        expect(await new AuditRepository(db.dataSource).verify({})).toMatchObject({ ok: true, checked: 5 });
+        expect(await new AuditRepository(db.dataSource).verify({})).toMatchObject({ ok: true, checked: 6 });
       } finally {
         await db.close();
       }
