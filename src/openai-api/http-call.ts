@@ -27,6 +27,9 @@ export function callFromRequest(request: FastifyRequest, reply: FastifyReply, bo
   reply.raw.once('close', () => {
     if (!reply.raw.writableFinished) controller.abort();
   });
+  // Already gone (it hung up while its key was looked up on a slow database): 'close' has fired,
+  // and the call would otherwise be answered upstream, and charged, for nobody.
+  if (reply.raw.destroyed) controller.abort();
   const cacheControl = String(request.headers['cache-control'] ?? '').toLowerCase();
   const ttlHeader = request.headers['x-gateway-cache-ttl'];
   let ttlSeconds: number | undefined;

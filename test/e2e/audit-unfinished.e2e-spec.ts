@@ -183,6 +183,28 @@ describe('refused requests whose caller left before the answer (PostgreSQL)', ()
     );
   });
 
+  it('never calls the upstream for a caller that hung up while its key was being looked up', async () => {
+    // A key this gateway has never seen: its lookup waits on the frozen database.
+    const alice = await owner.tenants.create();
+    const hitsBefore = owner.stub.hits;
+    const id = requestId('left-valid');
+    proxy.freeze();
+    try {
+      await sendAndLeave(gw.url, rawRequest('POST', '/v1/chat/completions', alice.key, id), 'destroy');
+      await new Promise((resolve) => setTimeout(resolve, 300));
+    } finally {
+      proxy.thaw();
+    }
+    const [row] = await pollUntil(async () => {
+      const rows = await rowsOf([id]);
+      if (rows.length === 0) throw new Error('not audited yet');
+      return rows;
+    });
+    // The pipeline took the call after its caller had gone: ended before any attempt, not charged.
+    expect(row).toMatchObject({ status: 499, details: { outcome: 'client_closed', attempts: [], cost_nanos: '0' } });
+    expect(owner.stub.hits).toBe(hitsBefore);
+  });
+
   // Answered at once, the refusal was usually written before the hang-up reached the gateway: the
   // rows must not depend on which comes first, nor be written twice.
   for (const how of ['end', 'destroy'] as const) {
