@@ -43,8 +43,10 @@ export function toGatewayError(error: unknown): GatewayError {
 // A socket that could not connect or broke, as Node names it.
 const NETWORK_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EPIPE', 'ENOTFOUND', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN']);
 // PostgreSQL's SQLSTATEs for "not now" rather than "wrong": connection exceptions (class 08), the
-// server shutting down or starting (57P01-57P03), too many connections, a statement timeout.
-const UNAVAILABLE_SQLSTATES = /^(08...|57P0[123]|53300|57014)$/;
+// server shutting down or starting (57P01-57P03), insufficient resources (class 53: disk full, out
+// of memory, too many connections), system and I/O errors (class 58), a statement timeout, and a
+// write refused by a read-only session (25006: a demoted primary, a replica; readiness says down).
+const UNAVAILABLE_SQLSTATES = /^(08...|57P0[123]|53...|58...|57014|25006)$/;
 // What node-postgres says, without a code, when a connection ends or a query times out.
 const PG_CONNECTION_MESSAGE =
   /Connection terminated|Query read timeout|timeout exceeded when trying to connect|Client has encountered a connection error|Cannot use a pool after calling end/;

@@ -75,6 +75,12 @@ describe('readiness on a database that answers reads and refuses writes', () => 
       message: expect.stringContaining('refuses writes') as unknown,
     });
 
+    // An admin write meanwhile is the same dependency down (503), not a bug (500 internal_error,
+    // logged with a stack each time); admin reads still work.
+    expect((await p.gw.admin.get('/admin/departments')).status).toBe(200);
+    const write = await p.gw.admin.post<{ error: { code: string } }>('/admin/departments', { name: `read-only-${Date.now()}` });
+    expect({ status: write.status, code: write.body.error?.code }).toEqual({ status: 503, code: 'unavailable' });
+
     await readOnly(false);
     await reconnect();
     await pollUntil(async () => expect((await ask()).status).toBe(200), 30_000, 200);
