@@ -1,4 +1,4 @@
-import { describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import { BudgetLeases, type Lease } from './budget-leases.js';
 
 function leases(leaseMs = 1000) {
@@ -26,6 +26,10 @@ function leases(leaseMs = 1000) {
 const noLease = (): Promise<Lease | undefined> => Promise.resolve(undefined);
 
 describe('BudgetLeases', () => {
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
   it('draws within the lease size, counting what finished draws were charged, then asks for a new one', async () => {
     const { books, released } = leases();
     const lease = books.granted('l1', 'u', 'd', 100n, 30n);
@@ -141,6 +145,30 @@ describe('BudgetLeases', () => {
     books.settle(busy, 10n, 2n);
     expect(released).toEqual([idle, elsewhere, busy]);
     expect(books.enabled).toBe(false);
+  });
+
+  it('gives an idle lease back as it expires, also one taken after another lease started the timer', () => {
+    // Was: one setInterval(sweep, BUDGET_LEASE_MS) started by the first lease, so a lease taken
+    // 100 ms later was swept only at the tick after it expired: held up to 2 × BUDGET_LEASE_MS.
+    vi.useFakeTimers({ now: 0 });
+    const released: Array<[string, number]> = [];
+    const books = new BudgetLeases(
+      2000,
+      32,
+      (lease, nanos) => nanos === undefined && released.push([lease.id, Date.now()]),
+      () => Date.now(),
+    );
+    books.settle(books.granted('x', 'ux', 'dx', 32n, 1n), 1n, 1n);
+    vi.advanceTimersByTime(100);
+    books.settle(books.granted('y', 'uy', 'dy', 32n, 1n), 1n, 1n); // idle from here on; expires at t = 2100
+    vi.advanceTimersByTime(2300 - 100);
+    expect(released).toEqual([
+      ['x', 2000],
+      ['y', 2100],
+    ]);
+    // Nothing left to sweep: no timer keeps running.
+    expect(vi.getTimerCount()).toBe(0);
+    books.stop();
   });
 
   it('keeps no lease granted after shutdown began: it serves the request that asked, then goes back', () => {

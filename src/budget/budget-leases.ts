@@ -59,6 +59,13 @@ export class Lease {
 const pairKey = (userId: string, departmentId: string): string => `${userId}/${departmentId}`;
 
 /**
+ * The shortest wait between two sweeps: each walks every lease, so on a busy instance leases
+ * expiring a few milliseconds apart are swept together rather than one sweep each. An idle lease
+ * is then given back at most this long after it expired.
+ */
+const SWEEP_GAP_MS = 25;
+
+/**
  * This instance's leases, one current lease per pair (retired ones live on until their last draw
  * settles). BudgetService asks the database; this class only keeps the books.
  */
@@ -72,7 +79,9 @@ export class BudgetLeases {
   private readonly asking = new Map<string, Promise<Lease | undefined>>();
   /** Pairs refused a lease (near their limit): exact reservations until then. */
   private readonly exactUntil = new Map<string, number>();
+  /** One timer, for the earliest expiry among current leases and exact periods (`timerAt`). */
   private timer: NodeJS.Timeout | undefined;
+  private timerAt = Infinity;
   private closed = false;
 
   constructor(
@@ -150,14 +159,15 @@ export class BudgetLeases {
     const previous = this.current.get(key);
     if (previous) this.retire(previous);
     this.current.set(key, lease);
-    this.startTimer();
+    this.startTimer(lease.expiresAt);
     return lease;
   }
 
   /** The lease did not fit (or could not be asked for): this pair reserves exactly for a while. */
   refused(userId: string, departmentId: string): void {
-    this.exactUntil.set(pairKey(userId, departmentId), this.now() + this.leaseMs);
-    this.startTimer();
+    const until = this.now() + this.leaseMs;
+    this.exactUntil.set(pairKey(userId, departmentId), until);
+    this.startTimer(until);
   }
 
   /** A request that drew `amount` finished, charged `cost`. */
@@ -191,8 +201,9 @@ export class BudgetLeases {
   }
 
   stop(): void {
-    if (this.timer) clearInterval(this.timer);
+    if (this.timer) clearTimeout(this.timer);
     this.timer = undefined;
+    this.timerAt = Infinity;
   }
 
   /** True when the retired lease gave something back: its row, or what its draws in flight do not need. */
@@ -217,17 +228,33 @@ export class BudgetLeases {
     return true;
   }
 
-  /** Expired leases with nothing in flight give their headroom back without waiting for traffic. */
+  /**
+   * Expired leases give their headroom back without waiting for traffic, each as it expires: an
+   * interval of BUDGET_LEASE_MS started by an earlier lease swept a later one only at its next
+   * tick, holding an idle lease's headroom up to twice as long.
+   */
   private sweep(): void {
+    this.timer = undefined;
+    this.timerAt = Infinity;
     const now = this.now();
-    for (const lease of [...this.current.values()]) if (now >= lease.expiresAt) this.retire(lease);
-    for (const [key, until] of this.exactUntil) if (now >= until) this.exactUntil.delete(key);
-    if (this.current.size === 0 && this.exactUntil.size === 0) this.stop();
+    let next = Infinity;
+    for (const lease of [...this.current.values()]) {
+      if (now >= lease.expiresAt) this.retire(lease);
+      else if (lease.expiresAt < next) next = lease.expiresAt;
+    }
+    for (const [key, until] of this.exactUntil) {
+      if (now >= until) this.exactUntil.delete(key);
+      else if (until < next) next = until;
+    }
+    if (next !== Infinity) this.startTimer(next);
   }
 
-  private startTimer(): void {
-    if (this.timer) return;
-    this.timer = setInterval(() => this.sweep(), this.leaseMs);
+  /** Arms the one timer for `at` unless it already fires earlier (leases are granted in time order: mostly a comparison). */
+  private startTimer(at: number): void {
+    if (this.closed || at >= this.timerAt) return;
+    if (this.timer) clearTimeout(this.timer);
+    this.timerAt = at;
+    this.timer = setTimeout(() => this.sweep(), Math.max(SWEEP_GAP_MS, at - this.now()));
     this.timer.unref();
   }
 }

@@ -16,7 +16,7 @@ import { BudgetDatabase, type BudgetStatement } from './budget-database.js';
 import { BudgetLeases, type Lease } from './budget-leases.js';
 import { RENEW_SQL, RESERVE_BATCH_SQL, RESERVE_SQL } from './budget-sql.js';
 import { BudgetWriter, type LedgerEntry, type PendingRelease } from './budget-writer.js';
-import type { BudgetedCall, BudgetedRoute, BudgetRow, BudgetScope, ChargedAttempt, Reservation, SettleOptions, Settlement } from './budget.types.js';
+import type { BudgetedCall, BudgetedRoute, BudgetRow, BudgetScope, ChargedAttempt, Reservation, SettleOptions, Settlement, TopUp } from './budget.types.js';
 import { estimatePrompt, producedTokens, reservedCompletionTokens, TOKENS_PER_IMAGE } from './estimate.js';
 import { type BudgetPeriod, nextReset, periodOf, periodStarts } from './periods.js';
 
@@ -194,7 +194,6 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
   async reserve(call: BudgetedCall, route: BudgetedRoute, cache: string | null = null): Promise<Reservation> {
     const { amountNanos, promptTokens, completionTokens, prices } = this.worstCase(call, route);
     const { principal } = call;
-    const { userId, departmentId } = principal;
     this.writer.assertAccepting();
     const reservation = {
       requestId: call.requestId,
@@ -208,15 +207,63 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
       models: route.models,
       prices,
     };
+    return this.hold(reservation, principal.userId, principal.departmentId, call.requestId, amountNanos, amountNanos);
+  }
+
+  /**
+   * Before a retry or fallback that follows failed attempts which reported usage (an upstream
+   * bills a failure mid-generation): holds what they are charged on top of the reservation, with
+   * reserve's own machinery (a draw on the pair's lease, else an exact reservation, all or nothing
+   * on user and department), so the next attempt's worst case is still held; the reservation only
+   * held one attempt's. false when the budget refuses it (or cannot be asked): the call then ends
+   * with the failure it has, charged what it used. Never on a call whose first attempt succeeds.
+   */
+  async topUp(reservation: Reservation, attempts: readonly ChargedAttempt[]): Promise<boolean> {
+    const topUps = (reservation.topUps ??= []);
+    // Every earlier charged attempt has its hold: a refused one ended the call.
+    const covered = topUps.at(-1)?.attempt ?? -1;
+    let held = heldBy(reservation);
+    let charged = 0n;
+    for (const [index, attempt] of attempts.entries()) {
+      // As settle will charge it: the same cap (one worst case), whatever was held since.
+      const cost = BigInt(this.charge(attempt, undefined, reservation, charged, held).cost_nanos);
+      charged += cost;
+      if (index <= covered || cost === 0n) continue;
+      const { userId, departmentId } = reservation.principal;
+      try {
+        this.writer.assertAccepting();
+        // A lease asked for here is sized on the call's worst case, as reserve's would be.
+        topUps.push(await this.hold({ attempt: index, amountNanos: cost }, userId, departmentId, reservation.requestId, cost, reservation.amountNanos));
+      } catch (error) {
+        this.logger.info({ reqId: reservation.requestId, err: (error as Error).message }, 'the budget cannot hold another attempt; not retrying');
+        return false;
+      }
+      held += cost;
+    }
+    return true;
+  }
+
+  /**
+   * Holds `amountNanos` for `base` (a reservation, or a top-up of one): a draw on the pair's lease
+   * (one asked for is `perRequest` × BUDGET_LEASE_REQUESTS), else one exact reservation.
+   */
+  private async hold<B>(
+    base: B,
+    userId: string,
+    departmentId: string,
+    requestId: string,
+    amountNanos: Nanos,
+    perRequest: Nanos,
+  ): Promise<B & { id: string; held: boolean; lease?: Lease }> {
     if (amountNanos > 0n) {
-      const lease = await this.leases.drawOrAsk(userId, departmentId, amountNanos, () => this.askLease(userId, departmentId, amountNanos));
+      const lease = await this.leases.drawOrAsk(userId, departmentId, amountNanos, () => this.askLease(userId, departmentId, amountNanos, perRequest));
       if (lease) {
         this.metrics?.budgetHold('lease', 'granted');
-        return { ...reservation, id: randomUUID(), held: false, lease };
+        return { ...base, id: randomUUID(), held: false, lease };
       }
     }
     const id = randomUUID();
-    let rows = await this.tryReserve(userId, departmentId, call.requestId, amountNanos, id);
+    let rows = await this.tryReserve(userId, departmentId, requestId, amountNanos, id);
     // Finished requests still hold their worst case until stored, and idle leases of this instance
     // hold headroom: give both back and ask once more.
     if (!rows[0]?.ok && (this.leases.releaseIdleFor(userId, departmentId) || this.writer.holdsPendingFor(userId, departmentId))) {
@@ -224,7 +271,7 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
       // reserve decides, at worst refusing as the first did.
       await this.bounded(this.writer.flush());
       // The refused attempt recorded nothing, so the id is still free.
-      rows = await this.tryReserve(userId, departmentId, call.requestId, amountNanos, id);
+      rows = await this.tryReserve(userId, departmentId, requestId, amountNanos, id);
     }
     const first = rows[0];
     if (!first) throw new GatewayError('unavailable', 'Budgets cannot be checked right now.');
@@ -232,7 +279,7 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
     if (!first.ok) throw refusal(rows, amountNanos);
     const held = Number(first.recorded) > 0;
     if (held) this.liveRows.set(id, this.clock.nowMs());
-    return { ...reservation, id, held };
+    return { ...base, id, held };
   }
 
   /**
@@ -274,12 +321,13 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
   }
 
   /**
-   * Asks for a lease of `BUDGET_LEASE_REQUESTS` worst cases for this pair; the asking request
-   * draws from what it gets. A refusal is not an error here: the request then reserves exactly.
+   * Asks for a lease of `BUDGET_LEASE_REQUESTS` worst cases (`perRequest`) for this pair; the
+   * asking request draws `amountNanos` from what it gets. A refusal is not an error here: the
+   * request then reserves exactly.
    * A database that cannot be asked is (503), for this request and for those that waited on it.
    */
-  private async askLease(userId: string, departmentId: string, amountNanos: Nanos): Promise<Lease | undefined> {
-    const size = amountNanos * BigInt(this.leases.requests);
+  private async askLease(userId: string, departmentId: string, amountNanos: Nanos, perRequest: Nanos): Promise<Lease | undefined> {
+    const size = perRequest * BigInt(this.leases.requests);
     const id = randomUUID();
     let rows: ReserveRow[];
     try {
@@ -302,9 +350,10 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
   }
 
   /**
-   * Charges what the attempts cost, releases the rest of the reservation and writes one ledger
-   * row per attempt. A release after a failure is the same call: failed attempts without usage
-   * cost 0. Returns the total charged and the tokens it was charged for. Call it once per reservation.
+   * Charges what the attempts cost, releases the rest of the reservation (its top-ups included)
+   * and writes one ledger row per attempt. A release after a failure is the same call: failed
+   * attempts without usage cost 0. Returns the total charged and the tokens it was charged for.
+   * Call it once per reservation.
    *
    * Synchronous: the charge is queued for BudgetWriter, which stores it within BUDGET_FLUSH_MS
    * (one statement for many requests, retried while the database is away), so it never fails
@@ -313,10 +362,12 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
   settle(reservation: Reservation, attempts: readonly ChargedAttempt[], options: SettleOptions = {}): Settlement {
     const { principal } = reservation;
     const createdAt = isoTime(this.clock.nowMs());
+    const topUps = reservation.topUps;
+    const held = topUps === undefined ? reservation.amountNanos : heldBy(reservation);
     let total = 0n;
     let tokens = 0;
     const rows = attempts.map((attempt, index): LedgerEntry => {
-      const charge = this.charge(attempt, index === attempts.length - 1 ? options.producedChars : undefined, reservation, total);
+      const charge = this.charge(attempt, index === attempts.length - 1 ? options.producedChars : undefined, reservation, total, held);
       total += BigInt(charge.cost_nanos);
       tokens += charge.prompt_tokens + charge.completion_tokens;
       return {
@@ -331,15 +382,35 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
         task_type: reservation.taskType,
         door: reservation.door,
         created_at: createdAt,
-        lease_id: reservation.lease?.id,
+        // An attempt a top-up was held for is charged to it: its cost is what the top-up holds.
+        lease_id: (topUps?.find((t) => t.attempt === index) ?? reservation).lease?.id,
       };
     });
     // A draw on a lease holds nothing of its own: the lease gives its headroom back when retired.
     const release = reservation.held === false ? undefined : { id: reservation.id, userId: principal.userId, departmentId: principal.departmentId };
     this.liveRows.delete(reservation.id);
     this.writer.enqueue({ release, rows });
-    if (reservation.lease) this.leases.settle(reservation.lease, reservation.amountNanos, total);
+    const toppedUp = topUps === undefined ? 0n : this.settleTopUps(reservation, topUps, rows);
+    if (reservation.lease) this.leases.settle(reservation.lease, reservation.amountNanos, total - toppedUp);
     return { costNanos: total, tokens };
+  }
+
+  /**
+   * Releases a settled call's top-ups (queued after its charge, so no flush gives their headroom
+   * back before that charge is in `spent`); returns what their attempts were charged.
+   */
+  private settleTopUps(reservation: Reservation, topUps: readonly TopUp[], rows: readonly LedgerEntry[]): Nanos {
+    const { userId, departmentId } = reservation.principal;
+    let charged = 0n;
+    for (const topUp of topUps) {
+      const cost = BigInt(rows[topUp.attempt]?.cost_nanos ?? 0);
+      charged += cost;
+      if (topUp.lease) this.leases.settle(topUp.lease, topUp.amountNanos, cost);
+      if (!topUp.held) continue;
+      this.liveRows.delete(topUp.id);
+      this.writer.enqueue({ release: { id: topUp.id, userId, departmentId }, rows: [] });
+    }
+    return charged;
   }
 
   /** A cache hit is free but still counted in the ledger, so usage reports count every answer (BudgetWriter.recordCacheHit). */
@@ -525,8 +596,11 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
     for (const release of releases) this.writer.enqueue({ release, rows: [] });
   }
 
-  /** `charged`: what the call's earlier attempts cost, which an estimate must leave room for. */
-  private charge(attempt: ChargedAttempt, producedChars: number | undefined, reservation: Reservation, charged: Nanos): AttemptCharge {
+  /**
+   * `charged`: what the call's earlier attempts cost, which an estimate must leave room for;
+   * `held`: what the call holds, its worst case and its top-ups.
+   */
+  private charge(attempt: ChargedAttempt, producedChars: number | undefined, reservation: Reservation, charged: Nanos, held: Nanos): AttemptCharge {
     // At the price the call was admitted at (its worst case was reckoned with it), not one an
     // override or the hourly /models refresh set while it ran: raised, that would take one admitted
     // call past its budget. The upstream's own usage.cost, what it billed, is taken as it is.
@@ -539,11 +613,13 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
     if (usage) {
       const cost = costOf(usage, price);
       const source: CostSource = cost.source === 'pricing_table' && price.source === 'fallback' ? 'fallback_price' : cost.source;
-      // A failed attempt that reports usage (a 200 with an error mid-generation) is retried or falls
-      // back, and the reservation holds one attempt's worst case: its charges stop at what the
-      // reservation has left, so retries cannot take a budget past its limit.
-      const room = reservation.amountNanos > charged ? reservation.amountNanos - charged : 0n;
-      const nanos = !attempt.ok && cost.nanos > room ? room : cost.nanos;
+      // A failed attempt that reports usage (a 200 with an error mid-generation) is charged it, but
+      // no more than one attempt's worst case, nor than the call holds beyond earlier charges: a
+      // retry or fallback goes out only once topUp holds this charge on top of the reservation,
+      // so the next attempt's worst case is still held and retries cannot take a budget past its limit.
+      const room = held > charged ? held - charged : 0n;
+      const cap = room < reservation.amountNanos ? room : reservation.amountNanos;
+      const nanos = !attempt.ok && cost.nanos > cap ? cap : cost.nanos;
       return {
         ...base,
         prompt_tokens: tokenCount(usage.prompt_tokens),
@@ -563,7 +639,7 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
       const prompt = reservation.promptTokens;
       const completion = Math.min(producedTokens(producedChars), reservation.completionTokens);
       const cost = costOf({ prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }, price).nanos;
-      const room = reservation.amountNanos > charged ? reservation.amountNanos - charged : 0n;
+      const room = held > charged ? held - charged : 0n;
       return {
         ...base,
         prompt_tokens: tokenCount(prompt),
@@ -574,6 +650,13 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
     }
     return { ...base, prompt_tokens: 0, completion_tokens: 0, cost_nanos: '0', cost_source: 'none' };
   }
+}
+
+/** What a reservation holds: its worst case and its top-ups. */
+function heldBy(reservation: Reservation): Nanos {
+  let held = reservation.amountNanos;
+  for (const topUp of reservation.topUps ?? []) held += topUp.amountNanos;
+  return held;
 }
 
 function tokenCount(value: number | undefined): number {

@@ -48,6 +48,21 @@ export interface Reservation {
   readonly held?: boolean;
   /** Set when the worst case was drawn from this instance's lease instead of reserved in the database. */
   readonly lease?: Lease;
+  /**
+   * Held on top of the worst case before a retry or fallback (BudgetService.topUp): what the failed
+   * attempts before it were charged, so the next attempt's worst case is still held. Undefined
+   * unless a failed attempt reported usage.
+   */
+  topUps?: TopUp[];
+}
+
+/** One hold of `Reservation.topUps`: the charge of the failed attempt at index `attempt`, held like any reservation. */
+export interface TopUp {
+  readonly attempt: number;
+  readonly amountNanos: Nanos;
+  readonly id: string;
+  readonly held: boolean;
+  readonly lease?: Lease;
 }
 
 /** One upstream attempt as the ledger charges it (the pipeline's `Attempt` fits as is). */

@@ -25,7 +25,7 @@ import {
 } from './completion.types.js';
 import { producedChars, StreamTracker } from './stream-tracker.js';
 import { requestedMaxTokens } from './upstream-body.js';
-import { answeredModel, asFailure, type Attempt, headerSafeModel, type OpenedStream, UpstreamCaller } from './upstream-caller.js';
+import { answeredModel, asFailure, type Attempt, headerSafeModel, type OpenedStream, type RetryGate, UpstreamCaller } from './upstream-caller.js';
 
 /**
  * The one pipeline every door calls (HTTP JSON, HTTP SSE, /v1/complete):
@@ -59,6 +59,13 @@ export class CompletionService {
     this.lines = requestLineLogger(appLogger.logger, { context: 'Completion' });
   }
 
+  /**
+   * Before a retry or fallback after a failed attempt that reported usage: the budget holds what
+   * it was charged on top of the reservation, or the call ends there (BudgetService.topUp). One
+   * function for every call, the reservation its context.
+   */
+  private readonly topUp: RetryGate<Reservation> = (reservation, attempts) => this.budget.topUp(reservation, attempts);
+
   /** A model the gateway has a price for (metrics label only such caller-named models). */
   private readonly knownModel = (model: string): boolean => this.pricing.priceOf(model).source !== 'fallback';
 
@@ -79,7 +86,9 @@ export class CompletionService {
     const cached = await this.admitAndOpen(call, route, started);
     if (cached.hit) return this.answerFromCache(call, route, cached.hit, started);
     const attempts: Attempt[] = [];
-    const { reservation, value } = await this.reserveAndCall(call, route, cached, attempts, started, () => this.upstream.json(call, route, attempts));
+    const { reservation, value } = await this.reserveAndCall(call, route, cached, attempts, started, (held) =>
+      this.upstream.json(call, route, attempts, this.topUp, held),
+    );
     const { model, result } = value;
     const { costNanos, tokens } = this.settleOrAbandon(cached, () => {
       // Read only without usage: content, reasoning, refusal and tool-call arguments all cost tokens.
@@ -118,7 +127,9 @@ export class CompletionService {
 
   private async streamFromUpstream(call: CompletionCall, route: ResolvedRoute, cached: CacheTicket, sink: StreamSink, started: number): Promise<void> {
     const attempts: Attempt[] = [];
-    const { reservation, value: opened } = await this.reserveAndCall(call, route, cached, attempts, started, () => this.upstream.stream(call, route, attempts));
+    const { reservation, value: opened } = await this.reserveAndCall(call, route, cached, attempts, started, (held) =>
+      this.upstream.stream(call, route, attempts, this.topUp, held),
+    );
 
     // First byte: from here on the client owns a stream and there is no going back.
     const meta = this.meta(route, opened.model, cached.status);
@@ -259,8 +270,9 @@ export class CompletionService {
 
   /**
    * Budget: the worst case is held on user and department right before the upstream (402/503
-   * here). If no attempt succeeds, the reservation is settled for what the attempts cost, the
-   * singleflight slot is released for waiters, and the failure is logged before it propagates.
+   * here), and topped up before a retry that follows a billed failure (topUp). If no attempt
+   * succeeds, the reservation is settled for what the attempts cost, the singleflight slot is
+   * released for waiters, and the failure is logged before it propagates.
    */
   private async reserveAndCall<T>(
     call: CompletionCall,
@@ -268,7 +280,7 @@ export class CompletionService {
     cached: CacheTicket,
     attempts: Attempt[],
     started: number,
-    upstreamCall: () => Promise<T>,
+    upstreamCall: (reservation: Reservation) => Promise<T>,
   ): Promise<{ reservation: Reservation; value: T }> {
     const reservation = await this.budget.reserve(call, route, cached.status).catch((error: unknown) => {
       cached.abandon();
@@ -276,7 +288,7 @@ export class CompletionService {
       throw error;
     });
     try {
-      return { reservation, value: await upstreamCall() };
+      return { reservation, value: await upstreamCall(reservation) };
     } catch (error) {
       cached.abandon();
       // Failed attempts may still be charged what they reported using: counted as they are charged.

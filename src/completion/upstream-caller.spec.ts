@@ -434,6 +434,66 @@ describe('UpstreamCaller: the model a call is priced as, and the one it shows', 
   });
 });
 
+/** A JSON 200 that failed mid-generation and reports what it used (the upstream bills it). */
+function billedFailure(): UpstreamFailure {
+  const f = http(502);
+  f.usage = { prompt_tokens: 5, completion_tokens: 50, total_tokens: 55 };
+  return f;
+}
+
+/** A gate that records what it was shown and answers `allow`. */
+function gate(allow: boolean) {
+  const seen: string[][] = [];
+  const ask = (context: string, attempts: readonly Attempt[]) => {
+    seen.push([context, ...summary([...attempts])]);
+    return Promise.resolve(allow);
+  };
+  return { seen, ask };
+}
+
+describe('UpstreamCaller: the gate before a retry that follows a billed failure', () => {
+  it('is asked before the retry and the fallback after a failed attempt that reported usage, with the attempts so far', async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: [billedFailure(), billedFailure(), http(503)], [FALLBACK]: ['ok'] });
+    const g = gate(true);
+    const attempts: Attempt[] = [];
+    const { model } = await caller(llm, fakeEnv()).json(call(), route([PRIMARY, FALLBACK]), attempts, g.ask, 'ctx');
+    expect(model).toBe(FALLBACK);
+    expect(g.seen).toEqual([
+      ['ctx', `${PRIMARY}#1:502`],
+      ['ctx', `${PRIMARY}#1:502`, `${PRIMARY}#2:502`],
+    ]);
+  });
+
+  it('is never asked when no failed attempt reported usage, nor after the last attempt', async () => {
+    const g = gate(true);
+    await caller(new ScriptedLlm({}), fakeEnv()).json(call(), route([PRIMARY, FALLBACK]), [], g.ask, 'ctx');
+    await caller(new ScriptedLlm({ [PRIMARY]: [http(503)] }), fakeEnv()).json(call(), route([PRIMARY, FALLBACK]), [], g.ask, 'ctx');
+    await failure(
+      caller(new ScriptedLlm({ [PRIMARY]: [billedFailure()] }), fakeEnv(), { UPSTREAM_RETRY_ATTEMPTS: '1' }).json(call(), route([PRIMARY]), [], g.ask, 'ctx'),
+    );
+    expect(g.seen).toEqual([]);
+  });
+
+  it('ends the call with the failure it has when the gate refuses: no retry, no fallback', async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: [billedFailure(), 'ok'] });
+    const attempts: Attempt[] = [];
+    const e = await failure(caller(llm, fakeEnv()).json(call(), route([PRIMARY, FALLBACK]), attempts, gate(false).ask, 'ctx'));
+    expect(e).toMatchObject({ status: 502, code: 'upstream_error' });
+    expect(llm.calls).toHaveLength(1);
+    expect(attempts[0]?.usage).toMatchObject({ completion_tokens: 50 });
+  });
+
+  it("guards a stream's retries before its first event the same way", async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: [billedFailure(), 'ok'] });
+    const g = gate(true);
+    await caller(llm, fakeEnv()).stream(call(), route([PRIMARY]), [], g.ask, 'ctx');
+    expect(g.seen).toEqual([['ctx', `${PRIMARY}#1:502`]]);
+    const refused = new ScriptedLlm({ [PRIMARY]: [billedFailure(), 'ok'] });
+    await failure(caller(refused, fakeEnv()).stream(call(), route([PRIMARY]), [], gate(false).ask, 'ctx'));
+    expect(refused.calls).toHaveLength(1);
+  });
+});
+
 describe('UpstreamCaller: streams retry only before the first event', () => {
   it('retries a stream that breaks before its first event, and hands over the first event read', async () => {
     const llm = new ScriptedLlm({ [PRIMARY]: [{ streamCutAfter: 0 }, 'ok'] });

@@ -41,6 +41,14 @@ export interface OpenedStream {
   startedAt: number;
 }
 
+/**
+ * Asked before a retry or fallback that follows a failed attempt which reported usage (an upstream
+ * bills a failure mid-generation): false ends the call with the failure it has. The pipeline's
+ * budget holds the next attempt's worst case here. `context` is the caller's, passed back as it
+ * came: a stable function and its context cost a call nothing, where a closure per call would.
+ */
+export type RetryGate<C> = (context: C, attempts: readonly Attempt[]) => Promise<boolean>;
+
 /** Tests swap randomness and waiting (see retry-policy.spec / upstream-caller.spec). */
 export const RETRY_ENV = Symbol('RETRY_ENV');
 
@@ -130,9 +138,20 @@ export class UpstreamCaller {
     this.policy = new RetryPolicy(config.upstream.retry, () => this.env.random());
   }
 
-  async json(call: CompletionCall, route: ResolvedRoute, attempts: Attempt[]): Promise<{ model: string; result: UpstreamJsonResult }> {
-    const won = await this.walk(call, route, attempts, (plan, signal) =>
-      this.llm.complete({ body: this.body(call, route, plan, false), requestId: call.requestId, signal }),
+  async json<C>(
+    call: CompletionCall,
+    route: ResolvedRoute,
+    attempts: Attempt[],
+    gate?: RetryGate<C>,
+    context?: C,
+  ): Promise<{ model: string; result: UpstreamJsonResult }> {
+    const won = await this.walk(
+      call,
+      route,
+      attempts,
+      (plan, signal) => this.llm.complete({ body: this.body(call, route, plan, false), requestId: call.requestId, signal }),
+      gate,
+      context,
     );
     const result = won.value;
     const reported = typeof result.completion.model === 'string' ? result.completion.model : undefined;
@@ -152,16 +171,23 @@ export class UpstreamCaller {
     return { model: headerSafeModel(reported, pricedModel), result };
   }
 
-  async stream(call: CompletionCall, route: ResolvedRoute, attempts: Attempt[]): Promise<OpenedStream> {
-    const won = await this.walk(call, route, attempts, async (plan, signal) => {
-      const events = await this.llm.stream({ body: this.body(call, route, plan, true), requestId: call.requestId, signal });
-      const iterator = events[Symbol.asyncIterator]();
-      // The first event is read inside the walk: a stream that dies before it is still retryable.
-      const first = await iterator.next();
-      // [DONE] straight away is no answer: relayed, the caller would get a 200 with nothing in it.
-      if (first.done === true) throw new UpstreamFailure('bad_response', 'upstream stream ended without an event');
-      return { iterator, first };
-    });
+  async stream<C>(call: CompletionCall, route: ResolvedRoute, attempts: Attempt[], gate?: RetryGate<C>, context?: C): Promise<OpenedStream> {
+    const won = await this.walk(
+      call,
+      route,
+      attempts,
+      async (plan, signal) => {
+        const events = await this.llm.stream({ body: this.body(call, route, plan, true), requestId: call.requestId, signal });
+        const iterator = events[Symbol.asyncIterator]();
+        // The first event is read inside the walk: a stream that dies before it is still retryable.
+        const first = await iterator.next();
+        // [DONE] straight away is no answer: relayed, the caller would get a 200 with nothing in it.
+        if (first.done === true) throw new UpstreamFailure('bad_response', 'upstream stream ended without an event');
+        return { iterator, first };
+      },
+      gate,
+      context,
+    );
     const { iterator, first } = won.value;
     // Only a native chain's stream is asked which model answered (one parse of its first event).
     const reported = won.plan.chain && !first.done ? modelOfChunk(first.value) : undefined;
@@ -188,20 +214,29 @@ export class UpstreamCaller {
     return [{ model: route.models[0], chain: route.models }, ...single];
   }
 
-  private async walk<T>(
+  private async walk<T, C>(
     call: CompletionCall,
     route: ResolvedRoute,
     attempts: Attempt[],
     once: (plan: Plan, signal: AbortSignal) => Promise<T>,
+    gate: RetryGate<C> | undefined,
+    context: C | undefined,
   ): Promise<Success<T>> {
     const deadline = new Deadline(call.signal, this.config.upstream.retry.deadlineMs);
     let last: { failure: UpstreamFailure; plan: Plan } | undefined;
     let tries = 0;
+    // The last failed attempt reported usage: the gate decides whether another goes out. Asked
+    // here, only once there is a next attempt (not after the chain's last).
+    let billed = false;
     try {
       chain: for (const plan of this.plans(route)) {
         let waitedMs = 0;
         for (let tryNumber = 1; ; tryNumber++) {
           if (deadline.signal.aborted || !deadline.allows(0)) break chain;
+          if (billed) {
+            billed = false;
+            if (!(await (gate as RetryGate<C>)(context as C, attempts))) break chain;
+          }
           const startedAt = performance.now();
           tries++;
           try {
@@ -224,6 +259,7 @@ export class UpstreamCaller {
               ...(plan.chain ? { chain: plan.chain } : {}),
             });
             last = { failure, plan };
+            billed = gate !== undefined && failure.usage !== undefined;
             const action = failureAction(failure);
             if (action === 'stop' || deadline.signal.aborted || callersModelUnknown(route, plan, failure)) break chain;
             if (action === 'next_model') continue chain;
