@@ -110,12 +110,17 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   // A response cut before it finished gets no onResponse: counted as the caller saw it (499
   // when nothing was sent, else the status its headers carried), and its access line written
   // here, unless a completion call owns it (the pipeline logs that one however it ends). One whose
-  // caller left before the answer was decided logs 499; its audit row has the decided status.
+  // caller left before the handler answered logs 499 (its audit row has the decided status) once
+  // the handler answers (onSend below): only then is it known whether the pipeline took the call
+  // (it was looking the key up, say) and logs it itself.
+  const leftBeforeAnswer = new WeakSet<FastifyRequest>();
   shutdown.onUnfinished = (reply) => {
     const request = reply.request;
     const status = reply.raw.headersSent ? reply.statusCode : 499;
     metrics.httpResponse(request, reply, status);
-    if (request.completionCall === undefined && access.isLevelEnabled('info')) accessLine(request, reply, status);
+    if (!access.isLevelEnabled('info')) return;
+    if (!reply.raw.headersSent) leftBeforeAnswer.add(request);
+    else if (request.completionCall === undefined) accessLine(request, reply, status);
   };
   const telemetry = app.get(Telemetry);
   // Hooks instead of interceptors: an rxjs chain per request costs more than Nest and Fastify
@@ -140,6 +145,10 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   // accepted after the drain went idle (while later shutdown hooks ran) is answered first.
   fastify.addHook('preClose', (done: () => void) => {
     void shutdown.quiesce().then(() => done());
+  });
+  fastify.addHook('onSend', (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void) => {
+    if (leftBeforeAnswer.has(request) && request.completionCall?.audited !== true) accessLine(request, reply, 499);
+    done(null, payload);
   });
   fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
     // One line per request: a call the completion pipeline took over has its own line (with the

@@ -1,0 +1,86 @@
+import { randomBytes } from 'node:crypto';
+import net from 'node:net';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createLogger } from '../../src/core/logger.js';
+import { pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
+import { startTcpProxy, type TcpProxy } from '../support/redis.js';
+
+interface LogLine {
+  msg?: string;
+  reqId?: string;
+  status?: number;
+}
+
+function sendAndLeave(url: string, raw: string, afterMs = 0): Promise<void> {
+  const { hostname, port } = new URL(url);
+  return new Promise((resolve) => {
+    const socket = net.connect(Number(port), hostname, () => {
+      socket.write(raw, () => {
+        setTimeout(() => {
+          socket.destroy();
+          setTimeout(resolve, 20);
+        }, afterMs);
+      });
+    });
+    socket.on('error', () => resolve());
+  });
+}
+
+function rawPost(path: string, key: string, id: string, extra: string[] = []): string {
+  const body = JSON.stringify({ model: 'auto', messages: [{ role: 'user', content: `hi ${id}` }] });
+  const head = [`POST ${path} HTTP/1.1`, 'host: 127.0.0.1', `authorization: Bearer ${key}`, `x-request-id: ${id}`, ...extra];
+  head.push('content-type: application/json', `content-length: ${Buffer.byteLength(body)}`);
+  return `${head.join('\r\n')}\r\n\r\n${body}`;
+}
+
+/**
+ * docs/operations.md "Logs": `request` is one per HTTP response the pipeline did not log, and
+ * `completion` is one per pipeline call, *instead of* its `request` line.
+ */
+describe('access lines of requests whose caller left (PostgreSQL behind a freezable proxy)', () => {
+  let owner: TestGateway;
+  let proxy: TcpProxy;
+  let gw: TestGateway;
+  const written: string[] = [];
+  const linesOf = (id: string): LogLine[] =>
+    written
+      .join('')
+      .split('\n')
+      .filter((l) => l.length > 0)
+      .map((l) => JSON.parse(l) as LogLine)
+      .filter((l) => l.reqId === id && (l.msg === 'request' || l.msg === 'completion'));
+
+  beforeAll(async () => {
+    owner = await startTestGateway({ db: 'postgres' });
+    proxy = await startTcpProxy(owner.database.url ?? '');
+    gw = await startTestGateway({
+      db: 'postgres',
+      postgresUrl: proxy.url,
+      stub: owner.stub,
+      adminKey: owner.adminKey,
+      env: { AUDIT_FLUSH_MS: '20', LOG_LEVEL: 'info', DATABASE_REQUEST_TIMEOUT_MS: '1500', KEY_CACHE_MS: '2000' },
+      logger: createLogger('info', { write: (line: string) => void written.push(line) }),
+    });
+  });
+  afterAll(async () => {
+    proxy?.thaw();
+    await gw?.close();
+    await proxy?.stop();
+    await owner?.close();
+  });
+
+  it('a sync completion whose caller hung up during its key lookup has one line, not a request line and a completion line', async () => {
+    const alice = await owner.tenants.create();
+    const id = `left-sync-${randomBytes(6).toString('hex')}`;
+    proxy.freeze();
+    try {
+      await sendAndLeave(gw.url, rawPost('/v1/chat/completions', alice.key, id));
+      await new Promise((resolve) => setTimeout(resolve, 300));
+    } finally {
+      proxy.thaw();
+    }
+    await pollUntil(() => expect(linesOf(id).some((l) => l.msg === 'completion')).toBe(true));
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    expect(linesOf(id).map((l) => [l.msg, l.status])).toHaveLength(1);
+  });
+});
