@@ -93,15 +93,17 @@ describe('response cache (memory driver, one instance)', () => {
       const broke = await gw.tenants.create({ departmentId: shared.departmentId });
       expect((await gw.admin.put(`/admin/budgets/users/${broke.userId}`, { limit_usd: 0, period: 'total' })).status).toBe(200);
       const colleague = await gw.tenants.create({ departmentId: shared.departmentId });
+      // Their keys known already: a first lookup's wait must not reorder the line below.
+      for (const tenant of [shared, broke, colleague]) expect((await tenant.api.get('/v1/models')).status).toBe(200);
       gw.stub.configure({ latencyMs: 400, status: 503, failTimes: 2 });
       const content = prompt('leader-402');
       const leader = ask(shared, content);
       await sleep(100);
       // In line in this order: three calls of the user without budget, then two of the colleague.
       const refused = Array.from({ length: 3 }, () => ask(broke, content));
-      await sleep(50);
+      await sleep(100);
       const others = [ask(colleague, content)];
-      await sleep(50);
+      await sleep(100);
       others.push(ask(colleague, content));
       expect((await leader).status).toBe(502);
       expect((await Promise.all(refused)).map((r) => r.status)).toEqual([402, 402, 402]);
