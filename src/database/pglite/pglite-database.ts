@@ -14,7 +14,9 @@
  * So a test run should initdb + migrate once, dump, and load the template per test file: 5–10×
  * cheaper than initdb, and the migrations have already run.
  */
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { PGlite } from '@electric-sql/pglite';
@@ -55,17 +57,17 @@ export async function openPglite(opts: OpenPgliteOptions): Promise<PGlite> {
   const dir = resolve(opts.dataDir.startsWith('file:') ? fileURLToPath(opts.dataDir) : opts.dataDir);
   // PGlite's NodeFS only creates the last path segment itself.
   mkdirSync(dir, { recursive: true });
-  const releaseLock = lockDataDir(dir);
+  const lock = await lockDataDir(dir);
   try {
     const load = opts.loadDataDir && !existsSync(join(dir, 'PG_VERSION')) ? opts.loadDataDir : undefined;
     const db = await PGlite.create(dir, { startParams: START_PARAMS, ...(load ? { loadDataDir: load } : {}) });
-    // A template dumped from a directory holds that directory's lock file, with its owner's pid,
+    // A template dumped from a directory holds that directory's lock file, with its owner's token,
     // and loading it has just written that over ours.
-    if (load) writeFileSync(lockPathOf(dir), String(process.pid));
-    holdLockUntilClosed(db, releaseLock);
+    if (load) lock.reclaim();
+    holdLockUntilClosed(db, lock);
     return db;
   } catch (error) {
-    releaseLock();
+    lock.release();
     throw error;
   }
 }
@@ -88,101 +90,323 @@ export async function dumpPgliteTemplate(db: PGlite, opts: DumpPgliteTemplateOpt
 // PGlite happily opens a directory another PGlite instance already has open (its postmaster.pid
 // holds a fake pid), and two single-user backends writing the same files corrupt the database.
 // The API and the worker role (`start:worker`) would do exactly that with the default data dir, so
-// a `gatehouse.lock` file records the owning pid: a live other process means refusal; a dead one
-// (or our own pid left behind, e.g. by a container restart reusing pid 1) means a stale lock.
+// a `gatehouse.lock` file names its owner, and the owner touches it every HEARTBEAT_MS for as long
+// as it has the directory open.
+//
+// A pid alone cannot tell whether the owner lives: two containers sharing a volume have pid
+// namespaces of their own, where the other's pid is nobody, or our own (pid 1). So the file also
+// names the owner's pid namespace (the kernel's boot id and the namespace's inode), and the pid is
+// only believed inside that same namespace: there a live pid is refusal at once, and a dead one (or
+// our own, left by an earlier process) a stale lock taken at once. Anywhere else the heartbeat
+// decides: a lock touched within STALE_MS is watched until it is touched again (refusal) or has
+// gone STALE_MS untouched (taken over), which is what a container restarted after a crash sees.
+// A lock from an earlier version (a pid only, no heartbeat) is refused while its pid lives here,
+// as those versions did, and otherwise judged by its age.
+//
+// A takeover renames a file of ours over the stale lock, then after SETTLE_MS reads it back: of two
+// processes taking over at once, the later rename wins and the other, seeing a token not its own,
+// backs off. Release removes the file only while it still holds our token.
 //
 // The lock lives inside the directory, the one place the process is sure to own: the image makes
 // only /app/data writable, not /app beside it. PostgreSQL and PGlite ignore the extra file (initdb
 // included), and it travels in dumps like any other. Earlier versions kept `<dir>.lock` beside the
 // directory: one of those still running is respected, a stale one removed where we may.
-// (test/integration/pglite-data-dir.int-spec.ts)
+// (test/integration/pglite-data-dir.int-spec.ts, pglite-data-dir-lock.int-spec.ts,
+// test/e2e/pglite-lock-namespaces.e2e-spec.ts)
 
 const LOCK_FILE = 'gatehouse.lock';
-const locksHeld = new Set<string>();
+const HEARTBEAT_MS = 2_000;
+/**
+ * Much more than a few heartbeats: the timer runs on the event loop, which PGlite's WASM blocks
+ * for as long as one call lasts (initdb alone took up to 4.9 s, see the top of this file), and a
+ * lock taken from a live owner costs the database. A restart after a crash waits this long.
+ */
+const STALE_MS = 15_000;
+/** Far longer than the few synchronous calls between a racing taker's last look and its rename. */
+const SETTLE_MS = 500;
+const WATCH_POLL_MS = 250;
+/** Lock paths this process holds, or is taking: its own pid in a file is then no leftover. */
+const locksClaimed = new Set<string>();
+const locksHeld = new Map<string, DataDirLock>();
 let exitHookInstalled = false;
+
+export interface DataDirLockOptions {
+  heartbeatMs?: number;
+  staleMs?: number;
+  settleMs?: number;
+  /** Told once when startup waits for a lock to go stale; a process warning by default. */
+  onWait?: (message: string) => void;
+}
+
+export interface DataDirLock {
+  /** Writes our lock file again, after a template load has written the dumper's over it. */
+  reclaim(): void;
+  /** Stops the heartbeat and removes the file if it is still ours. */
+  release(): void;
+}
+
+interface LockOwner {
+  pid?: number;
+  host?: string;
+  /** Undefined in an earlier version's file (its pid only). */
+  scope?: string;
+  token?: string;
+}
+
+interface LockSeen {
+  text: string;
+  mtimeMs: number;
+  owner: LockOwner;
+}
 
 function lockPathOf(dir: string): string {
   return join(dir, LOCK_FILE);
 }
 
-function lockDataDir(dir: string): () => void {
+/** Takes `dir`'s lock, waiting (at most about 2 × STALE_MS) for one a dead owner left to go stale. */
+export async function lockDataDir(dir: string, options: DataDirLockOptions = {}): Promise<DataDirLock> {
   const lockPath = lockPathOf(dir);
-  if (locksHeld.has(lockPath)) {
+  if (locksClaimed.has(lockPath)) {
     throw new Error(`PGlite data directory ${dir} is already open in this process; close it first.`);
   }
   const legacyPath = `${dir}.lock`;
-  const legacyOwner = lockOwner(legacyPath);
+  const legacyOwner = lockOwnerPid(legacyPath);
   if (legacyOwner !== undefined) {
-    if (isOtherLiveProcess(legacyOwner)) throw inUse(dir, legacyOwner, legacyPath);
+    if (isOtherLiveProcess(legacyOwner)) throw inUse(dir, { pid: legacyOwner }, legacyPath);
     try {
       rmSync(legacyPath, { force: true });
     } catch {
       // A parent we may not write to (the image's /app): the stale file stays, and stays harmless.
     }
   }
+  const staleMs = options.staleMs ?? STALE_MS;
+  const me: LockOwner = { pid: process.pid, host: hostname(), scope: pidNamespaceScope(), token: randomBytes(16).toString('hex') };
+  const content = formatLock(me);
+  locksClaimed.add(lockPath);
   try {
-    writeFileSync(lockPath, String(process.pid), { flag: 'wx' });
+    await acquireLock(dir, lockPath, content, me, {
+      staleMs,
+      settleMs: options.settleMs ?? SETTLE_MS,
+      onWait: options.onWait ?? ((message) => process.emitWarning(message, 'GatehouseDataDirLock')),
+    });
   } catch (error) {
-    if (!isErrnoException(error) || error.code !== 'EEXIST') throw error;
-    const owner = lockOwner(lockPath);
-    if (owner !== undefined && isOtherLiveProcess(owner)) throw inUse(dir, owner, lockPath, error);
-    writeFileSync(lockPath, String(process.pid));
+    locksClaimed.delete(lockPath);
+    throw error;
   }
-  locksHeld.add(lockPath);
+  const heartbeat = setInterval(() => {
+    const now = new Date();
+    try {
+      utimesSync(lockPath, now, now);
+    } catch {
+      // Gone (removed by hand, or a release racing this tick): nothing left to keep fresh.
+    }
+  }, options.heartbeatMs ?? HEARTBEAT_MS);
+  heartbeat.unref();
+  let released = false;
+  const lock: DataDirLock = {
+    reclaim: () => writeFileSync(lockPath, content),
+    release: () => {
+      if (released) return;
+      released = true;
+      clearInterval(heartbeat);
+      locksHeld.delete(lockPath);
+      locksClaimed.delete(lockPath);
+      try {
+        // A process that took the directory over (ours went stale while this one was frozen)
+        // keeps its lock.
+        if (readLock(lockPath)?.owner.token === me.token) rmSync(lockPath, { force: true });
+      } catch {
+        // Unreadable now: left to go stale, which costs the next start STALE_MS at most.
+      }
+    },
+  };
+  locksHeld.set(lockPath, lock);
   if (!exitHookInstalled) {
     exitHookInstalled = true;
     // Synchronous cleanup for processes that exit without closing their database.
     process.once('exit', () => {
-      for (const path of locksHeld) rmSync(path, { force: true });
+      for (const held of locksHeld.values()) held.release();
     });
   }
-  let released = false;
-  return () => {
-    if (released) return;
-    released = true;
-    locksHeld.delete(lockPath);
-    rmSync(lockPath, { force: true });
-  };
+  return lock;
+}
+
+async function acquireLock(
+  dir: string,
+  lockPath: string,
+  content: string,
+  me: LockOwner,
+  opts: { staleMs: number; settleMs: number; onWait(message: string): void },
+): Promise<void> {
+  // Bounds the case of locks that keep changing hands under us: each round is one owner's.
+  const giveUpAt = Date.now() + 2 * opts.staleMs + opts.settleMs;
+  let waitTold = false;
+  for (;;) {
+    try {
+      writeFileSync(lockPath, content, { flag: 'wx' });
+      return;
+    } catch (error) {
+      if (!isErrnoException(error) || error.code !== 'EEXIST') throw error;
+    }
+    let seen = readLock(lockPath);
+    if (seen === undefined) continue;
+    const verdict = judgeOwner(seen.owner, me);
+    if (verdict === 'alive') throw inUse(dir, seen.owner, lockPath);
+    if (verdict === 'unknown') {
+      const age = Date.now() - seen.mtimeMs;
+      if (age < opts.staleMs) {
+        if (!waitTold) {
+          waitTold = true;
+          opts.onWait(
+            `PGlite data directory ${dir}: waiting up to ${Math.ceil((opts.staleMs - Math.max(0, age)) / 1000)} s for the lock of process ` +
+              `${seen.owner.pid ?? '?'}${seen.owner.host === undefined ? '' : ` on ${seen.owner.host}`} to go stale (lock file ${lockPath}).`,
+          );
+        }
+        // A future mtime (another machine's clock) counts as just touched.
+        const watched = await watchLock(lockPath, seen, opts.staleMs - Math.max(0, age));
+        if (watched === 'touched') throw inUse(dir, seen.owner, lockPath);
+        if (watched === 'replaced') {
+          if (Date.now() > giveUpAt) throw inUse(dir, readLock(lockPath)?.owner ?? seen.owner, lockPath);
+          continue;
+        }
+      }
+    }
+    const won = await takeOver(lockPath, content, seen, me, opts.settleMs);
+    if (won) return;
+    seen = readLock(lockPath) ?? seen;
+    if (Date.now() > giveUpAt) throw inUse(dir, seen.owner, lockPath);
+  }
 }
 
 /**
- * Ties the lock to the instance's lifetime. Owners call `db.close()` directly (and
- * `Symbol.asyncDispose` calls it too), so wrapping that one instance method is the only hook.
+ * 'alive' and 'dead' only where the pid means something: in the owner's own pid namespace. A boot
+ * id and a namespace inode that match ours are that namespace, or one that died (and its owner
+ * with it) before ours reused the number.
  */
-function holdLockUntilClosed(db: PGlite, releaseLock: () => void): void {
-  const close = db.close.bind(db);
-  db.close = async () => {
-    try {
-      await close();
-    } finally {
-      releaseLock();
-    }
-  };
+function judgeOwner(owner: LockOwner, me: LockOwner): 'alive' | 'dead' | 'unknown' {
+  if (owner.pid === undefined) return 'unknown';
+  if (owner.scope !== undefined && owner.scope === me.scope) {
+    return owner.pid === process.pid || !isProcessAlive(owner.pid) ? 'dead' : 'alive';
+  }
+  // An earlier version's file: its pid is all there is, refused while it lives as those versions did.
+  if (owner.scope === undefined && isOtherLiveProcess(owner.pid)) return 'alive';
+  return 'unknown';
 }
 
-/** The pid a lock file names; undefined when there is no such file (or no pid in it). */
-function lockOwner(path: string): number | undefined {
-  let text: string;
+/** Until the lock is touched, replaced or gone, or has stayed as it is for `quietMs`. */
+async function watchLock(lockPath: string, seen: LockSeen, quietMs: number): Promise<'touched' | 'replaced' | 'quiet'> {
+  const until = Date.now() + quietMs;
+  for (let left = quietMs; left > 0; left = until - Date.now()) {
+    await sleep(Math.min(WATCH_POLL_MS, left));
+    const now = readLock(lockPath);
+    if (now === undefined || now.text !== seen.text) return 'replaced';
+    if (now.mtimeMs !== seen.mtimeMs) return 'touched';
+  }
+  return 'quiet';
+}
+
+/**
+ * Renames our file over the stale lock `seen`, unless it changed since, and keeps it only if it is
+ * still ours after `settleMs`. A rival that looked at the stale lock before our rename renames
+ * right after its own last look (a few synchronous calls), so within `settleMs` of ours: whichever
+ * rename came last holds, and both read-backs see it. Only a rival stopped between those calls for
+ * longer (SIGSTOP, a frozen VM) could win after our read-back.
+ */
+async function takeOver(lockPath: string, content: string, seen: LockSeen, me: LockOwner, settleMs: number): Promise<boolean> {
+  const temp = `${lockPath}.${me.token}`;
+  writeFileSync(temp, content);
   try {
-    text = readFileSync(path, 'utf8');
+    const now = readLock(lockPath);
+    if (now === undefined || now.text !== seen.text || now.mtimeMs !== seen.mtimeMs) return false;
+    renameSync(temp, lockPath);
+  } finally {
+    rmSync(temp, { force: true });
+  }
+  await sleep(settleMs);
+  return readLock(lockPath)?.owner.token === me.token;
+}
+
+/**
+ * Identifies the pid namespace the pids in our file belong to. Linux: the boot (two machines, or
+ * one before and after a reboot, differ) and the namespace's inode. Elsewhere there are no pid
+ * namespaces and the host name stands for the machine. Undefined when /proc will not say: then no
+ * pid is believed, and only the heartbeat counts.
+ */
+function pidNamespaceScope(): string | undefined {
+  if (process.platform !== 'linux') return `host:${hostname()}`;
+  try {
+    const boot = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+    return `linux:${boot}:${readlinkSync('/proc/self/ns/pid')}`;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The pid on the first line, where earlier versions (which parse the whole file as one) find it. */
+function formatLock(owner: LockOwner): string {
+  return `${owner.pid}\nhost=${owner.host}\nscope=${owner.scope ?? ''}\ntoken=${owner.token}\n`;
+}
+
+function parseLock(text: string): LockOwner {
+  const [first = '', ...rest] = text.split('\n');
+  const pid = Number.parseInt(first.trim(), 10);
+  const owner: LockOwner = Number.isInteger(pid) && pid > 0 ? { pid } : {};
+  for (const line of rest) {
+    const at = line.indexOf('=');
+    const value = line.slice(at + 1).trim();
+    if (at < 0 || value === '') continue;
+    const key = line.slice(0, at);
+    if (key === 'host' || key === 'scope' || key === 'token') owner[key] = value;
+  }
+  return owner;
+}
+
+/** Undefined when there is no lock file. */
+function readLock(path: string): LockSeen | undefined {
+  try {
+    const text = readFileSync(path, 'utf8');
+    return { text, mtimeMs: statSync(path).mtimeMs, owner: parseLock(text) };
   } catch (error) {
     if (isErrnoException(error) && error.code === 'ENOENT') return undefined;
     throw error;
   }
-  const pid = Number.parseInt(text.trim(), 10);
-  return Number.isInteger(pid) && pid > 0 ? pid : undefined;
+}
+
+/** The pid an earlier version's lock file (`<dir>.lock`, a pid only) names. */
+function lockOwnerPid(path: string): number | undefined {
+  return readLock(path)?.owner.pid;
 }
 
 function isOtherLiveProcess(pid: number): boolean {
   return pid !== process.pid && isProcessAlive(pid);
 }
 
-function inUse(dir: string, owner: number, lockPath: string, cause?: unknown): Error {
+function inUse(dir: string, owner: LockOwner, lockPath: string): Error {
+  const elsewhere = owner.scope !== undefined && owner.scope !== pidNamespaceScope();
   return new Error(
-    `PGlite data directory ${dir} is in use by process ${owner} (lock file ${lockPath}). ` +
+    `PGlite data directory ${dir} is in use by process ${owner.pid ?? '?'}` +
+      `${elsewhere ? ` of ${owner.host ?? 'another host'} (another container or machine)` : ''} (lock file ${lockPath}). ` +
       'An embedded database belongs to one process; use PostgreSQL to share it.',
-    cause === undefined ? undefined : { cause },
   );
+}
+
+/**
+ * Ties the lock to the instance's lifetime. Owners call `db.close()` directly (and
+ * `Symbol.asyncDispose` calls it too), so wrapping that one instance method is the only hook.
+ */
+function holdLockUntilClosed(db: PGlite, lock: DataDirLock): void {
+  const close = db.close.bind(db);
+  db.close = async () => {
+    try {
+      await close();
+    } finally {
+      lock.release();
+    }
+  };
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 function isProcessAlive(pid: number): boolean {
