@@ -1,11 +1,11 @@
 import { randomBytes } from 'node:crypto';
-import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { AuditEventDto, AuditListDto } from '../../src/audit/admin/audit-admin.dto.js';
 import { createLogger } from '../../src/core/logger.js';
 import { hashApiKey, keyPrefix } from '../../src/identity/api-key.js';
 import { IdentityService } from '../../src/identity/identity.service.js';
 import { ApiClient, pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
+import { rawRequest, sendAndLeave } from '../support/raw-http.js';
 import { startTcpProxy, type TcpProxy } from '../support/redis.js';
 
 // The database bound a refusal waits for: longer than a frozen lookup below (300 ms), shorter than a test.
@@ -21,29 +21,6 @@ interface LogLine {
 
 const stranger = () => `gh-${randomBytes(32).toString('base64url')}`;
 const requestId = (what: string) => `${what}-${randomBytes(6).toString('hex')}`;
-
-/** Sends one raw request and hangs up at once (`how`: FIN or RST), never reading the answer. */
-function sendAndLeave(url: string, raw: string, how: 'end' | 'destroy'): Promise<void> {
-  const { hostname, port } = new URL(url);
-  return new Promise((resolve) => {
-    const socket = net.connect(Number(port), hostname, () => {
-      socket.write(raw, () => {
-        if (how === 'end') socket.end();
-        else socket.destroy();
-        setTimeout(resolve, 20);
-      });
-    });
-    socket.on('error', () => resolve());
-  });
-}
-
-function rawRequest(method: string, path: string, key: string, id: string): string {
-  const head = [`${method} ${path} HTTP/1.1`, 'host: 127.0.0.1', `authorization: Bearer ${key}`, `x-request-id: ${id}`];
-  if (method === 'GET') return `${head.join('\r\n')}\r\n\r\n`;
-  const body = JSON.stringify({ model: 'auto', messages: [{ role: 'user', content: 'hi' }] });
-  head.push('content-type: application/json', `content-length: ${Buffer.byteLength(body)}`);
-  return `${head.join('\r\n')}\r\n\r\n${body}`;
-}
 
 /**
  * README: every refused /v1 request (and every refused admin one) is audited. Fastify runs

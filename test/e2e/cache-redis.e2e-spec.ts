@@ -1,8 +1,8 @@
 import { randomBytes } from 'node:crypto';
-import { type ClientRequest, type IncomingMessage, request } from 'node:http';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { ApiClient, type HttpResult, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 import { REDIS_URL } from '../support/databases.js';
+import { openStream } from '../support/raw-http.js';
 import { startRedisProxy, type TcpProxy, uniqueRedisPrefix } from '../support/redis.js';
 
 type Completion = { id: string; choices: Array<{ message: { content: string } }> };
@@ -11,19 +11,6 @@ const ask = (client: ApiClient, content: string, headers: Record<string, string>
   client.post<Completion>('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content }] }, headers);
 const cacheOf = (res: HttpResult) => res.headers.get('x-gateway-cache');
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** A streaming call whose client can leave mid-stream (`req.destroy()`), once its headers are in. */
-function openStream(url: string, key: string, content: string): Promise<{ req: ClientRequest; res: IncomingMessage }> {
-  return new Promise((resolve, reject) => {
-    const req = request(
-      `${url}/v1/chat/completions`,
-      { method: 'POST', agent: false, headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' } },
-      (res) => resolve({ req, res }),
-    );
-    req.on('error', reject);
-    req.end(JSON.stringify({ model: 'auto', stream: true, messages: [{ role: 'user', content }] }));
-  });
-}
 
 describe('response cache on Redis, shared by two instances', () => {
   let a: TestGateway;

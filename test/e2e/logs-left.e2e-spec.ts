@@ -1,36 +1,14 @@
 import { randomBytes } from 'node:crypto';
-import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createLogger } from '../../src/core/logger.js';
 import { pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
+import { rawRequest, sendAndLeave } from '../support/raw-http.js';
 import { startTcpProxy, type TcpProxy } from '../support/redis.js';
 
 interface LogLine {
   msg?: string;
   reqId?: string;
   status?: number;
-}
-
-function sendAndLeave(url: string, raw: string, afterMs = 0): Promise<void> {
-  const { hostname, port } = new URL(url);
-  return new Promise((resolve) => {
-    const socket = net.connect(Number(port), hostname, () => {
-      socket.write(raw, () => {
-        setTimeout(() => {
-          socket.destroy();
-          setTimeout(resolve, 20);
-        }, afterMs);
-      });
-    });
-    socket.on('error', () => resolve());
-  });
-}
-
-function rawPost(path: string, key: string, id: string, extra: string[] = []): string {
-  const body = JSON.stringify({ model: 'auto', messages: [{ role: 'user', content: `hi ${id}` }] });
-  const head = [`POST ${path} HTTP/1.1`, 'host: 127.0.0.1', `authorization: Bearer ${key}`, `x-request-id: ${id}`, ...extra];
-  head.push('content-type: application/json', `content-length: ${Buffer.byteLength(body)}`);
-  return `${head.join('\r\n')}\r\n\r\n${body}`;
 }
 
 /**
@@ -74,7 +52,7 @@ describe('access lines of requests whose caller left (PostgreSQL behind a freeza
     const id = `left-sync-${randomBytes(6).toString('hex')}`;
     proxy.freeze();
     try {
-      await sendAndLeave(gw.url, rawPost('/v1/chat/completions', alice.key, id));
+      await sendAndLeave(gw.url, rawRequest('POST', '/v1/chat/completions', alice.key, id));
       await new Promise((resolve) => setTimeout(resolve, 300));
     } finally {
       proxy.thaw();

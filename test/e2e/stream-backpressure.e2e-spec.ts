@@ -1,7 +1,7 @@
-import { type ClientRequest, type IncomingMessage, request } from 'node:http';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { createLogger } from '../../src/core/logger.js';
 import { pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+import { openStream } from '../support/raw-http.js';
 
 /**
  * The answer: as many words as the default route's cap allows, each padded, ~33 MB in all. On
@@ -13,19 +13,6 @@ const WORDS = 1000;
 const WORD_BYTES = 32 * 1024;
 /** Long enough for an unpaced gateway to have read the whole answer from the stub (it takes well under a second). */
 const STALL_MS = 1500;
-
-/** A streamed chat completion over a fresh connection, handed back at its headers with the body unread. */
-function openStream(url: string, key: string, content: string): Promise<{ req: ClientRequest; res: IncomingMessage }> {
-  return new Promise((resolve, reject) => {
-    const req = request(
-      `${url}/v1/chat/completions`,
-      { method: 'POST', agent: false, headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' } },
-      (res) => resolve({ req, res }),
-    );
-    req.on('error', reject);
-    req.end(JSON.stringify({ model: 'auto', stream: true, messages: [{ role: 'user', content }] }));
-  });
-}
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
