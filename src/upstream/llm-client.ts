@@ -163,6 +163,26 @@ export function errorEventFailure(data: string): UpstreamFailure | undefined {
 }
 
 /**
+ * A stream frame named `event: error` (how some providers report a failure in a 200 stream, its
+ * data `{"message":…}` rather than the `{"error":…}` of OpenRouter's): an error object in it is
+ * read as inBandFailure reads one; otherwise the upstream failing, a 502 with the data's message.
+ */
+export function namedErrorEventFailure(data: string): UpstreamFailure {
+  let body: unknown;
+  try {
+    body = JSON.parse(data);
+  } catch {
+    // not JSON: the failure is still one, without a message of its own
+  }
+  return inBandFailure(body) ?? failureOf(readUpstreamError(body, 'upstream sent an error event'), 502);
+}
+
+/** The first stream event must be a chunk: one without a `choices` list is no answer (as in jsonResult). */
+export function notAChunkFailure(): UpstreamFailure {
+  return new UpstreamFailure('bad_response', 'upstream sent a first stream event without choices');
+}
+
+/**
  * Bytes an upstream may still send after [DONE] before the gateway stops reading: the rest is
  * read so the connection goes back to the pool, within reason (both drivers).
  */

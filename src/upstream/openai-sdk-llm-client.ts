@@ -8,6 +8,8 @@ import {
   jsonResult,
   LlmClient,
   MAX_BYTES_AFTER_DONE,
+  namedErrorEventFailure,
+  notAChunkFailure,
   parseRetryAfter,
   readUpstreamError,
   type UpstreamCall,
@@ -99,7 +101,8 @@ export class OpenAiSdkLlmClient extends LlmClient {
 /**
  * The `data` payloads of a 200 stream up to `[DONE]`, as the undici driver relays them: the bytes
  * as sent, each checked to be a JSON object (else bad_response) that reports no failure (an
- * `error`, or a choice finished as "error": eventFailure). The stream is complete only with its
+ * `error`, or a choice finished as "error": eventFailure; a frame named `event: error`), the first
+ * one a chunk (it has `choices`). The stream is complete only with its
  * `[DONE]`: ending without it is a cut (or the abort that ended it). `[DONE]` straight away yields
  * nothing, for the caller to refuse as no answer.
  */
@@ -111,6 +114,7 @@ async function* events(response: Response, signal: AbortSignal): AsyncGenerator<
   /** The body is over (read to its end, or failed): nothing to cancel. */
   let over = false;
   let done = false;
+  let first = true;
   try {
     while (!over) {
       let read: Awaited<ReturnType<typeof reader.read>>;
@@ -121,12 +125,17 @@ async function* events(response: Response, signal: AbortSignal): AsyncGenerator<
         throw streamFailure(error, signal);
       }
       over = read.done;
-      for (const data of read.done ? parser.flush() : parser.push(read.value)) {
+      const batch = read.done ? parser.flush() : parser.push(read.value);
+      const names = parser.names;
+      for (let i = 0; i < batch.length; i++) {
+        const data = batch[i];
         if (data === '[DONE]') {
           done = true;
           return;
         }
-        yield checkedEvent(data);
+        if (names?.[i] === 'error') throw namedErrorEventFailure(data);
+        yield checkedEvent(data, first);
+        first = false;
       }
     }
   } finally {
@@ -141,7 +150,7 @@ async function* events(response: Response, signal: AbortSignal): AsyncGenerator<
   throw new UpstreamFailure('cut', 'upstream stream ended before [DONE]');
 }
 
-function checkedEvent(data: string): string {
+function checkedEvent(data: string, first: boolean): string {
   let event: unknown;
   try {
     event = JSON.parse(data);
@@ -155,6 +164,7 @@ function checkedEvent(data: string): string {
   // first event it is retried or falls back; later, the pipeline ends the stream with it.
   const reported = eventFailure(event);
   if (reported) throw reported;
+  if (first && !Array.isArray((event as { choices?: unknown }).choices)) throw notAChunkFailure();
   return data;
 }
 

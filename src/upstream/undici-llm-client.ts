@@ -10,6 +10,8 @@ import {
   jsonResult,
   LlmClient,
   MAX_BYTES_AFTER_DONE,
+  namedErrorEventFailure,
+  notAChunkFailure,
   parseRetryAfter,
   type UpstreamCall,
   type UpstreamEvents,
@@ -87,7 +89,12 @@ export class UndiciLlmClient extends LlmClient {
       throw toFailure(error, call.signal);
     }
     if (statusCode !== 200) {
-      const text = await relay.text().catch(() => '');
+      // A body that cannot be read still leaves the status to report, unless the deadline (or the
+      // caller leaving) is what stopped it: that is reported as on the JSON path.
+      const text = await relay.text().catch((error: unknown) => {
+        if (call.signal.aborted) throw toFailure(error, call.signal);
+        return '';
+      });
       throw httpFailure(statusCode, text, relay.headers);
     }
     return relay.events();
@@ -194,7 +201,8 @@ class SseRelay extends SignalledHandler {
   private resolveHead!: (statusCode: number) => void;
   private rejectHead!: (error: unknown) => void;
   private readonly parser = new SseParser();
-  private readonly queue: string[] = [];
+  /** Event payloads, or the failure an `event: error` frame reported, in the order they came. */
+  private readonly queue: Array<string | UpstreamFailure> = [];
   private readonly errorBody: Buffer[] = [];
   private ended = false;
   private error: Error | undefined;
@@ -229,7 +237,7 @@ class SseRelay extends SignalledHandler {
       if (this.bytesAfterDone > MAX_BYTES_AFTER_DONE) controller.abort(new Error('upstream kept sending after [DONE]'));
       return;
     }
-    for (const data of this.parser.push(chunk)) this.queue.push(data);
+    this.enqueue(this.parser.push(chunk));
     if (this.queue.length > MAX_QUEUED_EVENTS) controller.pause();
     this.notify();
   }
@@ -237,7 +245,7 @@ class SseRelay extends SignalledHandler {
   onResponseEnd(): void {
     this.detach();
     this.ended = true;
-    if (!this.finished && this.statusCode === 200) for (const data of this.parser.flush()) this.queue.push(data);
+    if (!this.finished && this.statusCode === 200) this.enqueue(this.parser.flush());
     this.notify();
   }
 
@@ -254,6 +262,12 @@ class SseRelay extends SignalledHandler {
     this.notify();
   }
 
+  private enqueue(events: string[]): void {
+    const names = this.parser.names;
+    if (names === undefined) for (const data of events) this.queue.push(data);
+    else for (let i = 0; i < events.length; i++) this.queue.push(names[i] === 'error' ? namedErrorEventFailure(events[i]) : events[i]);
+  }
+
   /** The body of a refused request (for the error it names). */
   async text(): Promise<string> {
     while (!this.ended && !this.error) await new Promise<void>((resolve) => (this.wake = resolve));
@@ -262,10 +276,13 @@ class SseRelay extends SignalledHandler {
   }
 
   async *events(): AsyncGenerator<string> {
+    let first = true;
     try {
       for (;;) {
         while (this.queue.length > 0) {
-          const data = this.queue.shift() as string;
+          const data = this.queue.shift() as string | UpstreamFailure;
+          // An `event: error` frame: as an error event below.
+          if (typeof data !== 'string') throw data;
           if (data === '[DONE]') {
             this.finished = true;
             this.queue.length = 0;
@@ -280,6 +297,12 @@ class SseRelay extends SignalledHandler {
           // first event it is retried or falls back; later, the pipeline ends the stream with it.
           const reported = errorEventFailure(data);
           if (reported) throw reported;
+          if (first) {
+            // No chunk can lack the text "choices"; one that has it is not parsed here (the pipeline
+            // parses the first event anyway, for its model).
+            if (!data.includes('"choices"')) throw notAChunkFailure();
+            first = false;
+          }
           yield data;
           if (this.queue.length === 0 && this.controller?.paused) this.controller.resume();
         }

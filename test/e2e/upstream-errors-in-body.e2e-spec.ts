@@ -112,6 +112,57 @@ describe.each(DRIVERS)('errors inside a 200 (%s driver)', (driver) => {
     expect(gw.stub.hits).toBe(1);
   });
 
+  // Some providers report a failure as an SSE frame named `event: error`, its data not an OpenAI error.
+  const errorFrame = 'event: error\ndata: {"message":"Internal server error","type":"server_error"}\n\n';
+  const chunkFrame = (content: string) =>
+    `data: ${JSON.stringify({ id: 'c', object: 'chat.completion.chunk', created: 1, model: MINI, choices: [{ index: 0, delta: { content }, finish_reason: null }] })}\n\n`;
+
+  it('an `event: error` frame as the first event is a failed attempt: retried, then 502, never relayed as a chunk, free', async () => {
+    const t = await gw.tenants.create({ userBudgetUsd: 1 });
+    gw.stub.script = (_req, _body, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      res.end(`${errorFrame}data: [DONE]\n\n`);
+      return true;
+    };
+    const res = await t.api.post<ErrorBody>('/v1/chat/completions', { stream: true, messages: [{ role: 'user', content: unique('event error first') }] });
+    expect(res.status).toBe(502);
+    expect(res.body.error).toMatchObject({ type: 'upstream_error', code: 'upstream_error' });
+    expect(gw.stub.hits).toBe(2);
+    expect(await storedBudget(gw, 'user', t.userId)).toMatchObject({ spent: 0n, reserved: 0n });
+  });
+
+  it('an `event: error` frame after the first event ends the stream with the SSE error event, never cached', async () => {
+    const t = await gw.tenants.create();
+    gw.stub.script = (_req, _body, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      res.end(`${chunkFrame('Hello')}${errorFrame}${chunkFrame(' world')}data: [DONE]\n\n`);
+      return true;
+    };
+    const body = { messages: [{ role: 'user', content: unique('event error mid') }] };
+    const { status, events } = await sse(gw, t.key, body);
+    expect(status).toBe(200);
+    expect(events).toHaveLength(3);
+    expect(contentOf(events.slice(0, 1))).toBe('Hello');
+    expect(JSON.parse(events[1] ?? '{}')).toEqual({ error: expect.objectContaining({ type: 'upstream_error', code: 'upstream_error' }) });
+    expect(events[2]).toBe('[DONE]');
+    gw.stub.reset();
+    await sse(gw, t.key, body);
+    expect(gw.stub.hits).toBe(1);
+  });
+
+  it('a first stream event without choices is a failed attempt (bad response): retried, then 502', async () => {
+    const t = await gw.tenants.create();
+    gw.stub.script = (_req, _body, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      res.end(`data: {"id":"c","object":"chat.completion.chunk","model":"${MINI}"}\n\n${chunkFrame('Hello')}data: [DONE]\n\n`);
+      return true;
+    };
+    const res = await t.api.post<ErrorBody>('/v1/chat/completions', { stream: true, messages: [{ role: 'user', content: unique('no choices') }] });
+    expect(res.status).toBe(502);
+    expect(res.body.error).toMatchObject({ type: 'upstream_error', code: 'upstream_bad_response' });
+    expect(gw.stub.hits).toBe(2);
+  });
+
   it('a JSON 200 that is an OpenRouter error is the failure its code names: 402 → 502 upstream_insufficient_credits, not retried', async () => {
     const t = await gw.tenants.create();
     gw.stub.configure({ status: 402, errorInBody: true });
@@ -211,6 +262,21 @@ describe.each(DRIVERS)('UPSTREAM_DEADLINE_MS bounds the first attempt (%s driver
       expect(took).toBeLessThan(3500);
       // The deadline ends the walk (the SDK's idle timer may end a silent stream's first try sooner).
       expect(gw.stub.hits).toBeLessThanOrEqual(2);
+    });
+  }
+
+  for (const stream of [false, true]) {
+    it(`a 503 whose error body still trickles at the deadline is 504 upstream_timeout (${stream ? 'stream' : 'JSON'})`, async () => {
+      gw.stub.script = (_req, _body, res) => {
+        res.writeHead(503, { 'content-type': 'application/json' });
+        // A byte every 100 ms: never idle long enough for the attempt timeout, only the deadline ends it.
+        const timer = setInterval(() => res.write(' '), 100);
+        res.on('close', () => clearInterval(timer));
+        return true;
+      };
+      const res = await t.api.post<ErrorBody>('/v1/chat/completions', { stream, messages: [{ role: 'user', content: unique('trickle') }] });
+      expect(res.status).toBe(504);
+      expect(res.body.error.code).toBe('upstream_timeout');
     });
   }
 
