@@ -6,6 +6,7 @@ import * as esbuild from 'esbuild';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { lockDataDir } from '../../src/database/pglite/pglite-database.js';
 import { pollUntil } from '../support/gateway.js';
+import { exitedPid, otherLiveProcess } from '../support/processes.js';
 
 const root = join(import.meta.dirname, '..', '..');
 /** Short enough for tests; the gateway's own are 2 s, 15 s and 0.5 s. */
@@ -238,18 +239,4 @@ async function runLocker(code: string, dir: string, at: number): Promise<string>
   child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
   await new Promise((resolve) => child.once('exit', resolve));
   return out.trim();
-}
-
-/** A process that is alive until stopped. */
-async function otherLiveProcess(): Promise<{ pid: number; stop(): void }> {
-  const child = spawn(process.execPath, ['-e', 'setInterval(() => {}, 1000)'], { stdio: 'ignore' });
-  await new Promise((resolve) => child.once('spawn', resolve));
-  return { pid: child.pid as number, stop: () => child.kill('SIGKILL') };
-}
-
-/** The pid of a process that has exited. */
-async function exitedPid(): Promise<number> {
-  const child = spawn(process.execPath, ['-e', ''], { stdio: 'ignore' });
-  await new Promise((resolve) => child.once('exit', resolve));
-  return child.pid as number;
 }

@@ -1,4 +1,3 @@
-import { spawn } from 'node:child_process';
 import { chmodSync, cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -6,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DATABASE_CONTENT } from '../../src/app.module.js';
 import { type DatabaseTarget, openDatabase } from '../../src/database/data-source.js';
 import { pgliteTarget } from '../support/databases.js';
+import { exitedPid, otherLiveProcess } from '../support/processes.js';
 
 /**
  * The embedded database in a directory (DATA_DIR), as `npm start` and the image use it. The image
@@ -108,17 +108,3 @@ describe('the embedded database in DATA_DIR', () => {
     }
   });
 });
-
-/** A process that is alive until stopped. */
-async function otherLiveProcess(): Promise<{ pid: number; stop(): void }> {
-  const child = spawn(process.execPath, ['-e', 'setInterval(() => {}, 1000)'], { stdio: 'ignore' });
-  await new Promise((resolve) => child.once('spawn', resolve));
-  return { pid: child.pid as number, stop: () => child.kill('SIGKILL') };
-}
-
-/** The pid of a process that has exited. */
-async function exitedPid(): Promise<number> {
-  const child = spawn(process.execPath, ['-e', ''], { stdio: 'ignore' });
-  await new Promise((resolve) => child.once('exit', resolve));
-  return child.pid as number;
-}
