@@ -188,6 +188,16 @@ export function notAChunkFailure(): UpstreamFailure {
  */
 export const MAX_BYTES_AFTER_DONE = 64 * 1024;
 
+/**
+ * The most a JSON answer, or one unfinished stream event, may hold: a misbehaving upstream
+ * (a loop, a proxy's error page streamed forever) would otherwise grow the gateway's memory
+ * without bound, and after a stream's first event no deadline stops it. Far above any real
+ * answer, a base64 image included. Past it the attempt is a bad_response.
+ */
+export const MAX_UPSTREAM_BODY_BYTES = 64 * 1024 * 1024;
+/** What is kept of a refused request's body: its error message is at the start. */
+export const MAX_ERROR_BODY_BYTES = 64 * 1024;
+
 /** The same, for a stream event already parsed (the SDK driver parses every event). */
 export function eventFailure(event: unknown): UpstreamFailure | undefined {
   const failure = inBandFailure(event);

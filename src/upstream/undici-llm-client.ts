@@ -10,6 +10,8 @@ import {
   jsonResult,
   LlmClient,
   MAX_BYTES_AFTER_DONE,
+  MAX_ERROR_BODY_BYTES,
+  MAX_UPSTREAM_BODY_BYTES,
   namedErrorEventFailure,
   notAChunkFailure,
   parseRetryAfter,
@@ -158,6 +160,7 @@ abstract class SignalledHandler implements Dispatcher.DispatchHandler {
 /** Collects one response: status, headers and the body as a string, or the error that ended it. */
 class BufferingHandler extends SignalledHandler {
   private readonly chunks: Buffer[] = [];
+  private bytes = 0;
 
   constructor(
     signal: AbortSignal,
@@ -167,7 +170,14 @@ class BufferingHandler extends SignalledHandler {
     super(signal);
   }
 
-  onResponseData(_controller: Dispatcher.DispatchController, chunk: Buffer): void {
+  onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
+    this.bytes += chunk.length;
+    if (this.bytes > MAX_UPSTREAM_BODY_BYTES) {
+      // A refusal's body past its start says nothing more; an answer this large is no answer.
+      if (this.statusCode === 200) controller.abort(tooLarge('answer'));
+      return;
+    }
+    if (this.statusCode !== 200 && this.bytes > MAX_ERROR_BODY_BYTES) return;
     this.chunks.push(chunk);
   }
 
@@ -204,6 +214,7 @@ class SseRelay extends SignalledHandler {
   /** Event payloads, or the failure an `event: error` frame reported, in the order they came. */
   private readonly queue: Array<string | UpstreamFailure> = [];
   private readonly errorBody: Buffer[] = [];
+  private errorBytes = 0;
   private ended = false;
   private error: Error | undefined;
   /** The consumer has its [DONE] (or left): later bytes are counted, not parsed. */
@@ -227,7 +238,9 @@ class SseRelay extends SignalledHandler {
 
   onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
     if (this.statusCode !== 200) {
-      this.errorBody.push(chunk);
+      // Only its start is read for the error; the rest is drained with the connection.
+      this.errorBytes += chunk.length;
+      if (this.errorBytes <= MAX_ERROR_BODY_BYTES) this.errorBody.push(chunk);
       return;
     }
     if (this.finished) {
@@ -237,7 +250,13 @@ class SseRelay extends SignalledHandler {
       if (this.bytesAfterDone > MAX_BYTES_AFTER_DONE) controller.abort(new Error('upstream kept sending after [DONE]'));
       return;
     }
-    this.enqueue(this.parser.push(chunk));
+    const events = this.parser.push(chunk);
+    // An event over the limit, still arriving or just completed: never relayed.
+    if (this.parser.unfinishedLength > MAX_UPSTREAM_BODY_BYTES || anyLonger(events, MAX_UPSTREAM_BODY_BYTES)) {
+      controller.abort(tooLarge('stream event'));
+      return;
+    }
+    this.enqueue(events);
     if (this.queue.length > MAX_QUEUED_EVENTS) controller.pause();
     this.notify();
   }
@@ -353,6 +372,15 @@ function httpFailure(status: number, text: string, headers: IncomingHttpHeaders)
 }
 
 /** After the 200 the upstream was reachable: losing the connection now is the stream breaking off. */
+function anyLonger(events: string[], max: number): boolean {
+  for (let i = 0; i < events.length; i++) if (events[i].length > max) return true;
+  return false;
+}
+
+function tooLarge(what: string): UpstreamFailure {
+  return new UpstreamFailure('bad_response', `upstream ${what} over ${MAX_UPSTREAM_BODY_BYTES / (1024 * 1024)} MiB`);
+}
+
 function streamFailure(error: unknown, signal: AbortSignal): UpstreamFailure {
   const failure = toFailure(error, signal);
   return failure.kind === 'connection' ? new UpstreamFailure('cut', `upstream stream broke off: ${(error as Error).message}`) : failure;

@@ -25,6 +25,11 @@ export class SseParser {
    */
   names: Array<string | undefined> | undefined;
 
+  /** Characters of the frame not finished yet (a reader caps what one event may hold). */
+  get unfinishedLength(): number {
+    return this.pendingLength;
+  }
+
   /** Feeds raw bytes; returns the `data` payloads of every frame completed by them. */
   push(chunk: Uint8Array | string): string[] {
     let text = typeof chunk === 'string' ? chunk : this.decoder.decode(chunk, { stream: true });
