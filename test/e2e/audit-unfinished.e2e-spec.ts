@@ -4,9 +4,9 @@ import type { AuditEventDto, AuditListDto } from '../../src/audit/admin/audit-ad
 import { createLogger } from '../../src/core/logger.js';
 import { hashApiKey, keyPrefix } from '../../src/identity/api-key.js';
 import { IdentityService } from '../../src/identity/identity.service.js';
-import { ApiClient, pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
+import { ApiClient, pollUntil, type ProxiedGateway, startGatewayBehindPostgresProxy, startTestGateway, type TestGateway } from '../support/gateway.js';
 import { rawRequest, sendAndLeave } from '../support/raw-http.js';
-import { startTcpProxy, type TcpProxy } from '../support/redis.js';
+import type { TcpProxy } from '../support/redis.js';
 
 // The database bound a refusal waits for: longer than a frozen lookup below (300 ms), shorter than a test.
 const DATABASE_REQUEST_TIMEOUT_MS = 1500;
@@ -29,29 +29,18 @@ const requestId = (what: string) => `${what}-${randomBytes(6).toString('hex')}`;
  * The gateway under test reaches PostgreSQL through a proxy that a test freezes to make it slow.
  */
 describe('refused requests whose caller left before the answer (PostgreSQL)', () => {
+  let proxied: ProxiedGateway;
   let owner: TestGateway;
   let proxy: TcpProxy;
   let gw: TestGateway;
   const written: string[] = [];
 
   beforeAll(async () => {
-    owner = await startTestGateway({ db: 'postgres' });
-    proxy = await startTcpProxy(owner.database.url ?? '');
-    gw = await startTestGateway({
-      db: 'postgres',
-      postgresUrl: proxy.url,
-      stub: owner.stub,
-      // Another ADMIN_API_KEY would be a rotation, and revoke the owner's.
-      adminKey: owner.adminKey,
-      env: FAST,
-      logger: createLogger('info', { write: (line: string) => void written.push(line) }),
-    });
+    proxied = await startGatewayBehindPostgresProxy({ env: FAST, logger: createLogger('info', { write: (line: string) => void written.push(line) }) });
+    ({ owner, proxy, gw } = proxied);
   });
   afterAll(async () => {
-    proxy?.thaw();
-    await gw?.close();
-    await proxy?.stop();
-    await owner?.close();
+    await proxied?.close();
   });
 
   /** The rows of these requests, once everything recorded before a marker written now is stored. */

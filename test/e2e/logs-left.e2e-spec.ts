@@ -1,9 +1,9 @@
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createLogger } from '../../src/core/logger.js';
-import { pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
+import { pollUntil, type ProxiedGateway, startGatewayBehindPostgresProxy, type TestGateway } from '../support/gateway.js';
 import { rawRequest, sendAndLeave } from '../support/raw-http.js';
-import { startTcpProxy, type TcpProxy } from '../support/redis.js';
+import type { TcpProxy } from '../support/redis.js';
 
 interface LogLine {
   msg?: string;
@@ -16,6 +16,7 @@ interface LogLine {
  * `completion` is one per pipeline call, *instead of* its `request` line.
  */
 describe('access lines of requests whose caller left (PostgreSQL behind a freezable proxy)', () => {
+  let proxied: ProxiedGateway;
   let owner: TestGateway;
   let proxy: TcpProxy;
   let gw: TestGateway;
@@ -29,22 +30,14 @@ describe('access lines of requests whose caller left (PostgreSQL behind a freeza
       .filter((l) => l.reqId === id && (l.msg === 'request' || l.msg === 'completion'));
 
   beforeAll(async () => {
-    owner = await startTestGateway({ db: 'postgres' });
-    proxy = await startTcpProxy(owner.database.url ?? '');
-    gw = await startTestGateway({
-      db: 'postgres',
-      postgresUrl: proxy.url,
-      stub: owner.stub,
-      adminKey: owner.adminKey,
+    proxied = await startGatewayBehindPostgresProxy({
       env: { AUDIT_FLUSH_MS: '20', LOG_LEVEL: 'info', DATABASE_REQUEST_TIMEOUT_MS: '1500', KEY_CACHE_MS: '2000' },
       logger: createLogger('info', { write: (line: string) => void written.push(line) }),
     });
+    ({ owner, proxy, gw } = proxied);
   });
   afterAll(async () => {
-    proxy?.thaw();
-    await gw?.close();
-    await proxy?.stop();
-    await owner?.close();
+    await proxied?.close();
   });
 
   it('a sync completion whose caller hung up during its key lookup has one line, not a request line and a completion line', async () => {

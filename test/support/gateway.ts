@@ -196,7 +196,7 @@ export interface ProxiedGateway {
 }
 
 /** Two instances on one PostgreSQL database, the second behind a TCP proxy: for tests of a database that goes away. */
-export async function startGatewayBehindPostgresProxy(options: { env?: Env } = {}): Promise<ProxiedGateway> {
+export async function startGatewayBehindPostgresProxy(options: { env?: Env; logger?: Logger } = {}): Promise<ProxiedGateway> {
   const owner = await startTestGateway({ db: 'postgres' });
   const proxy = await startTcpProxy(owner.database.url ?? '');
   const gw = await startTestGateway({
@@ -206,6 +206,7 @@ export async function startGatewayBehindPostgresProxy(options: { env?: Env } = {
     // Another ADMIN_API_KEY would be a rotation, and revoke the owner's (identity-bootstrap.service.ts).
     adminKey: owner.adminKey,
     env: options.env,
+    logger: options.logger,
   });
   return {
     owner,
