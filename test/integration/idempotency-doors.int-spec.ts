@@ -44,6 +44,8 @@ describe.each(DB_KINDS)('one idempotency-key for a racing sync call and async su
   let opened: JobsTestDatabase | undefined;
   let principal: Principal;
   let barrier: Barrier | undefined;
+  /** Holds each side after its look at the other's table until both have looked: a side refused first removes its row at once, which the other's look, still queued for a connection, would then miss. */
+  let looked: Barrier | undefined;
   let sync: IdempotencyService;
   let jobs: JobsService;
   let keys = 0;
@@ -54,16 +56,21 @@ describe.each(DB_KINDS)('one idempotency-key for a racing sync call and async su
     principal = opened.principal;
     const dataSource = opened.db.dataSource;
     const meet = () => barrier?.meet() ?? Promise.resolve();
+    const bothLooked = () => looked?.meet() ?? Promise.resolve();
     class MeetingIdempotencyRepository extends IdempotencyRepository {
       override async heldByJob(userId: string, key: string, expiredBefore: Date): Promise<boolean> {
         await meet();
-        return super.heldByJob(userId, key, expiredBefore);
+        const held = await super.heldByJob(userId, key, expiredBefore);
+        await bothLooked();
+        return held;
       }
     }
     class MeetingJobsRepository extends JobsRepository {
       override async heldBySyncCall(userId: string, key: string, expiredBefore: Date): Promise<boolean> {
         await meet();
-        return super.heldBySyncCall(userId, key, expiredBefore);
+        const held = await super.heldBySyncCall(userId, key, expiredBefore);
+        await bothLooked();
+        return held;
       }
     }
     const config = loadConfig({});
@@ -110,12 +117,14 @@ describe.each(DB_KINDS)('one idempotency-key for a racing sync call and async su
 
   it('refuses both when each wrote its claim before either looked at the other, and leaves the key free', async () => {
     barrier = new Barrier();
+    looked = new Barrier();
     try {
       const { key, syncWon, asyncWon } = await race();
       expect({ syncWon, asyncWon }).toEqual({ syncWon: false, asyncWon: false });
       expect(await left(key)).toEqual({ syncRows: 0, jobs: 0 });
     } finally {
       barrier = undefined;
+      looked = undefined;
     }
   });
 
