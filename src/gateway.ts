@@ -129,11 +129,15 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   // /v1/models, an error.
   marks.mock = app.get(UpstreamInfo).mock;
   marks.audit = app.get(AuditHttpHook);
-  // Answered without hooks (frameworkError): its access line and HTTP metrics, as onResponse writes them.
-  marks.answered = (request, reply) => {
-    if (access.isLevelEnabled('info')) accessLine(request, reply, reply.statusCode);
+  // One line per request: a call the completion pipeline took over has its own line (with the
+  // status), so this one is only for the rest. The level check skips building the object at
+  // LOG_LEVEL=warn and above (it runs on every response).
+  const answered = (request: FastifyRequest, reply: FastifyReply): void => {
+    if (request.completionCall?.audited !== true && access.isLevelEnabled('info')) accessLine(request, reply, reply.statusCode);
     metrics.httpResponse(request, reply);
   };
+  // Answered without hooks (frameworkError): written as onResponse writes the rest.
+  marks.answered = answered;
   fastify.addHook('onRequest', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
     void reply.header('x-request-id', request.id);
     if (marks.mock) void reply.header('x-gateway-upstream', 'mock');
@@ -151,11 +155,7 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
     done(null, payload);
   });
   fastify.addHook('onResponse', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
-    // One line per request: a call the completion pipeline took over has its own line (with the
-    // status), so this one is only for the rest. The level check skips building the object at
-    // LOG_LEVEL=warn and above (the hook runs on every response).
-    if (request.completionCall?.audited !== true && access.isLevelEnabled('info')) accessLine(request, reply, reply.statusCode);
-    metrics.httpResponse(request, reply);
+    answered(request, reply);
     done();
   });
   if (telemetry.tracer) installHttpTracing(fastify, telemetry.tracer);
