@@ -20,6 +20,7 @@ import {
   uuidColumn,
 } from './audit-event.js';
 import { type AuditQuery, AuditRepository, type AuditVerifyRange, type AuditVerifyResult } from './audit.repository.js';
+import { redactText } from './redact.js';
 
 /** Writer tuning; AuditModule fills it from AppConfig, integration tests pass their own. */
 export abstract class AuditOptions {
@@ -221,7 +222,7 @@ export class AuditService implements OnModuleInit, BeforeApplicationShutdown, On
             cost_nanos: cost,
             department_id: departmentId,
             door,
-            end_user: toJson(endUser, 1),
+            end_user: toJson(redactText(endUser), 1),
             key_prefix: keyPrefix,
             model,
             outcome: outcomeJson,

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { describeUpstreamError, errorEventFailure, jsonResult, UpstreamFailure } from './llm-client.js';
+import { describeUpstreamError, errorEventFailure, jsonResult, UpstreamFailure, withholdUpstreamKey } from './llm-client.js';
 
 function thrown(work: () => unknown): UpstreamFailure {
   try {
@@ -85,5 +85,33 @@ describe('describeUpstreamError', () => {
     expect(describeUpstreamError(403, JSON.stringify(moderation))).toMatchObject({ code: '403', flagged: true });
     expect(describeUpstreamError(403, JSON.stringify({ error: { code: 403, message: 'Key disabled' } })).flagged).toBe(false);
     expect(describeUpstreamError(403, 'Forbidden').flagged).toBe(false);
+  });
+});
+
+// An upstream, or a proxy before it, that echoes the Authorization it was sent: the gateway's key
+// must not survive into a failure's text, whichever way the error came (see
+// test/e2e/upstream-secret-echo.e2e-spec.ts for what the caller sees).
+describe('upstream error text that echoes the gateway key', () => {
+  const key = 'plain-upstream-key-4Fq9Zt';
+  withholdUpstreamKey(key);
+  const echo = `denied (authorization: Bearer ${key}; key: ${key}; other: sk-or-v1-0123456789abcdef)`;
+
+  it('is masked in an HTTP error body, an error in a 200 (object or bare string) and an SSE error event', () => {
+    const failures = [
+      describeUpstreamError(400, JSON.stringify({ error: { message: echo, code: key, param: key } })),
+      thrown(() => jsonResult(JSON.stringify({ error: { code: 400, message: echo } }))),
+      thrown(() => jsonResult(JSON.stringify({ error: echo }))),
+      errorEventFailure(JSON.stringify({ error: { code: 502, message: echo } })),
+    ];
+    for (const failure of failures) {
+      expect(JSON.stringify({ ...failure, message: failure?.message })).not.toContain(key);
+      expect(failure?.message).not.toContain('sk-or-v1');
+      expect(failure?.message).toMatch(/^denied \(authorization: \[redacted\].*key: \[redacted\]; other: \[redacted\]\)$/);
+    }
+  });
+
+  it('is masked before the message is cut, so no half key is left at the end', () => {
+    const failure = describeUpstreamError(400, JSON.stringify({ error: { message: `${'x'.repeat(490)} ${key}` } }));
+    expect(failure.message).not.toContain(key.slice(0, 9));
   });
 });

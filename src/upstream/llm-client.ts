@@ -1,4 +1,5 @@
 import { type ChatCompletion, readUsage, type Usage } from '../../libs/openai-contract/src/index.js';
+import { REDACTED, redactText } from '../audit/redact.js';
 
 /** One request to the upstream: the full body to send (model and max_tokens already decided). */
 export interface UpstreamCall {
@@ -102,15 +103,39 @@ export function describeUpstreamError(status: number, text: string): UpstreamErr
   return readUpstreamError(error, `upstream answered HTTP ${status}`);
 }
 
+/**
+ * The keys the drivers send upstream. An upstream, or a proxy in front of it, may echo the
+ * request's Authorization in its error text, and that text reaches the caller, the job record and
+ * the log, where the gateway's key must never be (API.md). Each driver adds its own as it is
+ * built; none is removed, as a process holds one or two.
+ */
+const upstreamKeys = new Set<string>();
+
+export function withholdUpstreamKey(key: string): void {
+  if (key !== '') upstreamKeys.add(key);
+}
+
+/**
+ * An upstream's text as the gateway may repeat it: the configured key masked exactly (a key of
+ * no known shape, echoed without `Bearer`, escapes every pattern), then anything key-shaped.
+ * Before any cut, so no half key is left; read on failures only, never on a success.
+ */
+function withoutKeys(text: string): string {
+  let out = text;
+  for (const key of upstreamKeys) out = out.replaceAll(key, REDACTED);
+  return redactText(out);
+}
+
 /** The same, from an error object already parsed (a body, an SSE event, the SDK's APIError.error). */
 export function readUpstreamError(error: unknown, fallbackMessage: string): UpstreamErrorView {
   if (typeof error !== 'object' || error === null) return { message: fallbackMessage, flagged: false };
   const { message, code, param, metadata } = error as { message?: unknown; code?: unknown; param?: unknown; metadata?: unknown };
   const meta = typeof metadata === 'object' && metadata !== null ? (metadata as { reasons?: unknown; flagged_input?: unknown }) : undefined;
+  // The code and param are relayed too, when they look like one (upstreamToGatewayError).
   return {
-    message: typeof message === 'string' && message !== '' ? message.slice(0, 500) : fallbackMessage,
-    code: typeof code === 'string' ? code : typeof code === 'number' ? String(code) : undefined,
-    param: typeof param === 'string' && param !== '' ? param : undefined,
+    message: typeof message === 'string' && message !== '' ? withoutKeys(message).slice(0, 500) : fallbackMessage,
+    code: typeof code === 'string' ? withoutKeys(code) : typeof code === 'number' ? String(code) : undefined,
+    param: typeof param === 'string' && param !== '' ? withoutKeys(param) : undefined,
     flagged: meta !== undefined && (Array.isArray(meta.reasons) || typeof meta.flagged_input === 'string'),
   };
 }
@@ -129,7 +154,7 @@ export function inBandFailure(body: unknown): UpstreamFailure | undefined {
   const error = (body as { error?: unknown }).error;
   if (error === undefined || error === null) return undefined;
   if (typeof error !== 'object') {
-    const message = typeof error === 'string' && error !== '' ? error.slice(0, 500) : 'upstream reported an error in a 200 answer';
+    const message = typeof error === 'string' && error !== '' ? withoutKeys(error).slice(0, 500) : 'upstream reported an error in a 200 answer';
     return new UpstreamFailure('http', message, 502);
   }
   const view = readUpstreamError(error, 'upstream reported an error in a 200 answer');

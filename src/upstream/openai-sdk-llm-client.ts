@@ -16,6 +16,7 @@ import {
   type UpstreamEvents,
   type UpstreamJsonResult,
   UpstreamFailure,
+  withholdUpstreamKey,
 } from './llm-client.js';
 
 export interface SdkClientOptions {
@@ -46,6 +47,7 @@ export class OpenAiSdkLlmClient extends LlmClient {
 
   constructor(options: SdkClientOptions) {
     super();
+    withholdUpstreamKey(options.apiKey);
     this.agent = new Agent({ headersTimeout: options.timeoutMs, bodyTimeout: options.timeoutMs });
     this.client = new OpenAI({
       apiKey: options.apiKey,

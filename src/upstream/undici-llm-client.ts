@@ -19,6 +19,7 @@ import {
   type UpstreamEvents,
   type UpstreamJsonResult,
   UpstreamFailure,
+  withholdUpstreamKey,
 } from './llm-client.js';
 
 export interface UndiciClientOptions {
@@ -44,6 +45,7 @@ export class UndiciLlmClient extends LlmClient {
     this.pool = new Pool(url.origin, { connections: options.connections, keepAliveTimeout: 30_000, pipelining: 1 });
     this.path = `${url.pathname.replace(/\/+$/, '')}/chat/completions`;
     this.headers = { 'content-type': 'application/json', authorization: `Bearer ${options.apiKey}`, ...options.extraHeaders };
+    withholdUpstreamKey(options.apiKey);
   }
 
   private dispatchOptions(call: UpstreamCall, stream: boolean): Dispatcher.DispatchOptions {

@@ -214,6 +214,18 @@ describe('audit trail over HTTP (PGlite)', () => {
     expect((failure.details.attempts as Array<{ ok: boolean }>).every((a) => !a.ok)).toBe(true);
   });
 
+  // Rows are hash-chained and cannot be edited later: a key pasted into the `user` label must be
+  // masked before it is stored.
+  it('records a caller key sent as the end-user label masked, never the key', async () => {
+    const carol = await gw.tenants.create();
+    secrets.push(carol.key);
+    const res = await carol.api.post('/v1/chat/completions', { model: 'auto', user: carol.key, messages: [{ role: 'user', content: 'key in user' }] });
+    expect(res.status).toBe(200);
+    const row = await eventually(gw, { action: 'completion' }, (e) => e.request_id === res.headers.get('x-request-id'));
+    expect(row.details.end_user).toBe('[redacted]');
+    expect(JSON.stringify(row)).not.toContain(carol.key);
+  });
+
   it('records a JSON call the client left before the answer as client_closed (499), not as an upstream failure', async () => {
     gw.stub.configure({ latencyMs: 2000 });
     const requestId = `left-early-${Date.now()}`;
