@@ -149,6 +149,8 @@ export class CompletionService {
     const paced = pacedSink(sink);
     let outcome = 'ok';
     let failedStatus: number | undefined;
+    // What the upstream said the stream used when it reported its failure (its error event's usage).
+    let failedUsage: Attempt['usage'];
     try {
       let next = opened.first;
       while (!next.done) {
@@ -173,6 +175,7 @@ export class CompletionService {
       outcome = failure.kind === 'aborted' && sink.closed ? 'client_closed' : failure.kind;
       // An error event the upstream sent after the first byte names its own status.
       if (failure.kind === 'http') failedStatus = failure.status;
+      failedUsage = failure.usage;
       try {
         if (!sink.closed) {
           const mapped = this.shutdown.streamEndedError() ?? upstreamToGatewayError(failure, opened.model);
@@ -185,6 +188,7 @@ export class CompletionService {
       }
     }
     this.metrics.streamClosed();
+    const usage = failedUsage ?? tracker.usage;
     attempts.push({
       // Priced as the model asked for; the upstream's name for it is only shown (meta.model).
       model: opened.pricedModel,
@@ -192,14 +196,14 @@ export class CompletionService {
       status: failedStatus ?? 200,
       failure: outcome === 'ok' ? undefined : outcome,
       latencyMs: performance.now() - opened.startedAt,
-      usage: tracker.usage,
+      usage,
       // Its bytes reached the caller even when the stream broke later (charged for what was produced).
       counted: true,
     });
     // Ended, cut or abandoned: charged for what was produced (usage if reported, else an estimate).
     // The characters matter only without usage; counting them would parse events the tracker skipped.
     const { costNanos, tokens } = this.settleOrAbandon(cached, () =>
-      this.budget.settle(reservation, attempts, { producedChars: tracker.usage ? undefined : tracker.contentChars }),
+      this.budget.settle(reservation, attempts, { producedChars: usage ? undefined : tracker.contentChars }),
     );
     // The tokens charged, not only those reported: a stream cut before its usage frame counts too.
     // Counted before the cache fill's wait, so the caller's next request already sees them.

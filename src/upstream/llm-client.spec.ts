@@ -62,6 +62,14 @@ describe('errorEventFailure: SSE events that report an error', () => {
     expect(errorEventFailure('{"error":"provider overloaded"}')).toMatchObject({ kind: 'http', status: 502, message: 'provider overloaded' });
   });
 
+  it('carries the usage the error event reports, what the failed stream is charged', () => {
+    const usage = { prompt_tokens: 9, completion_tokens: 4, total_tokens: 13, cost: 0.000007777 };
+    const choices = [{ index: 0, delta: { content: '' }, finish_reason: 'error' }];
+    expect(errorEventFailure(JSON.stringify({ choices, error: { code: 502, message: 'x' }, usage }))?.usage).toEqual(usage);
+    expect(errorEventFailure(JSON.stringify({ choices, usage }))?.usage).toEqual(usage);
+    expect(errorEventFailure(JSON.stringify({ choices, error: { code: 502, message: 'x' } }))?.usage).toBeUndefined();
+  });
+
   it('lets every other event through, including content that talks about errors', () => {
     for (const ok of [
       { choices: [{ index: 0, delta: { content: 'an "error" in the text' }, finish_reason: null }] },

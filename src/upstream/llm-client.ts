@@ -223,12 +223,15 @@ export const MAX_UPSTREAM_BODY_BYTES = 64 * 1024 * 1024;
 /** What is kept of a refused request's body: its error message is at the start. */
 export const MAX_ERROR_BODY_BYTES = 64 * 1024;
 
-/** The same, for a stream event already parsed (the SDK driver parses every event). */
+/**
+ * The same, for a stream event already parsed (the SDK driver parses every event). The event's own
+ * usage, if it reports one, is what the failed stream is charged, as a JSON 200's (jsonResult).
+ */
 export function eventFailure(event: unknown): UpstreamFailure | undefined {
   const failure = inBandFailure(event);
-  if (failure) return failure;
+  if (failure) return billed(failure, event);
   if (finishedWithError((event as { choices?: unknown } | null)?.choices)) {
-    return new UpstreamFailure('http', 'upstream ended the stream with finish_reason "error"', 502);
+    return billed(new UpstreamFailure('http', 'upstream ended the stream with finish_reason "error"', 502), event);
   }
   return undefined;
 }

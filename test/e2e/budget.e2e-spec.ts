@@ -3,7 +3,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { formatUsd, parseUsd, tokensCost } from '../../libs/money/src/index.js';
 import { stubCost } from '../../libs/stub-upstream/src/index.js';
 import { ledgerRows, storedBudget, worstCaseNanos } from '../integration/budget-support.js';
-import { pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+import { leaveMidway, pollUntil, postSse, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 
 // Budgets, costs and spend as a client and an admin see them over HTTP: the stub upstream
 // reporting usage.cost (OpenRouter) and not reporting it (priced from the pricing table).
@@ -199,6 +199,36 @@ describe('budgets, costs and spend over HTTP (stub upstream, PGlite)', () => {
       expect(BigInt(row?.cost_nanos ?? -1)).toBe(expected);
     });
 
+    it('charges a usage.cost sent as decimal text exactly, and prices from the table a cost that is no amount', async () => {
+      const t = await gw.tenants.create({ userBudgetUsd: 1 });
+      const usage = { prompt_tokens: 10, completion_tokens: 5, total_tokens: 15 };
+      const table = formatUsd(tokensCost(10, '0.00000015') + tokensCost(5, '0.0000006'));
+      const charged = async (cost: unknown) => {
+        gw.stub.script = (_req, sent, res) => {
+          res.writeHead(200, { 'content-type': 'application/json' });
+          res.end(
+            JSON.stringify({
+              id: 'chatcmpl-cost',
+              object: 'chat.completion',
+              created: 1,
+              model: sent.model,
+              choices: [{ index: 0, message: { role: 'assistant', content: 'ok' }, finish_reason: 'stop' }],
+              usage: { ...usage, cost },
+            }),
+          );
+          return true;
+        };
+        const res = await chat(t);
+        expect(res.status).toBe(200);
+        const row = (await ledgerRows(gw, 'user', t.userId)).at(-1);
+        return [res.headers.get('x-gateway-cost-usd'), row?.cost_source];
+      };
+      expect(await charged('0.000001234')).toEqual(['0.000001234', 'upstream']);
+      expect(await charged(0.0000012345678)).toEqual(['0.000001235', 'upstream']);
+      // Number() reads '' as 0, which made the call free, and '0x1F' as $31.
+      for (const cost of ['', '  ', '0x1F', 'NaN', -0.5, null]) expect([cost, ...(await charged(cost))]).toEqual([cost, table, 'pricing_table']);
+    });
+
     it('lets an admin override a price, which wins until removed', async () => {
       gw.stub.configure({ omitCost: true });
       const set = await gw.admin.put<PriceView>(`/admin/pricing/${MINI}`, { prompt: '0.000001', completion: 2e-6 });
@@ -361,6 +391,61 @@ describe('budgets, costs and spend over HTTP (stub upstream, PGlite)', () => {
       const bad = await t.api.get<ErrorBody>('/v1/usage?from=yesterday');
       expect(bad.status).toBe(400);
       expect(bad.body.error.param).toBe('from');
+    });
+
+    it('agree with the ledger and the budgets after a mix of calls: /v1/usage total == Σ ledger == spent == /admin/spend', async () => {
+      const t = await gw.tenants.create({ userBudgetUsd: 10, departmentBudgetUsd: 10 });
+      const body = (content: string, extra: Record<string, unknown> = {}) => ({ model: MINI, messages: [{ role: 'user', content }], max_tokens: 30, ...extra });
+      const unique = `mix ${Date.now()}`;
+      expect((await t.api.post('/v1/chat/completions', body(`${unique} sync`))).status).toBe(200);
+      expect((await t.api.post('/v1/chat/completions', body(`${unique} sync`))).status).toBe(200); // a cache hit
+      expect((await postSse(gw, t.key, body(`${unique} stream a`, { stream: true, stream_options: { include_usage: true } }))).status).toBe(200);
+      expect((await postSse(gw, t.key, body(`${unique} stream b`, { stream: true }))).status).toBe(200);
+      expect((await postSse(gw, t.key, body(`${unique} stream b`, { stream: true }))).status).toBe(200); // a replay
+      // A stream the caller leaves: charged an estimate of what it produced.
+      gw.stub.configure({ chunkDelayMs: 30, completionTokens: 25 });
+      await leaveMidway(gw, t.key, { model: MINI, stream: true, max_tokens: 30 }, { afterFirstChunk: true });
+      await pollUntil(async () => expect((await ledgerRows(gw, 'user', t.userId)).some((r) => r.outcome === 'client_closed')).toBe(true));
+      gw.stub.reset();
+      expect((await t.api.post('/v1/complete', { prompt: `${unique} complete`, model: MINI, max_tokens: 30 })).status).toBe(200);
+      const job = await t.api.post<{ id: string }>('/v1/chat/completions', body(`${unique} async`), { prefer: 'respond-async', ...FRESH });
+      expect(job.status).toBe(202);
+      await pollUntil(async () => expect((await t.api.get<{ status: string }>(`/v1/jobs/${job.body.id}`)).body.status).toBe('completed'));
+      // A failed attempt that bills what it produced, then the answer.
+      let tries = 0;
+      gw.stub.script = (_req, sent, res) => {
+        if (++tries > 1) return false;
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end(
+          JSON.stringify({
+            id: 'chatcmpl-x',
+            object: 'chat.completion',
+            created: 1,
+            model: sent.model,
+            choices: [{ index: 0, message: { role: 'assistant', content: 'w w' }, finish_reason: 'error' }],
+            error: { code: 502, message: 'provider failed mid-generation' },
+            usage: { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cost: 0.000000777 },
+          }),
+        );
+        return true;
+      };
+      expect((await t.api.post('/v1/chat/completions', body(`${unique} fallback`, { models: [MINI, 'anthropic/claude-3-haiku'] }), FRESH)).status).toBe(200);
+
+      const rows = await ledgerRows(gw, 'user', t.userId);
+      const sum = rows.reduce((n, r) => n + BigInt(r.cost_nanos), 0n);
+      expect(rows.map((r) => r.cost_source)).toContain('estimate');
+      const usage = await t.api.get<{ total_cost_usd: number; user: BudgetView; department: BudgetView }>('/v1/usage');
+      expect(parseUsd(usage.body.total_cost_usd)).toBe(sum);
+      expect(parseUsd(usage.body.user.spent_usd ?? -1)).toBe(sum);
+      expect(parseUsd(usage.body.department.spent_usd ?? -1)).toBe(sum);
+      const user = await storedBudget(gw, 'user', t.userId);
+      expect(user).toMatchObject({ spent: sum, reserved: 0n });
+      expect((await storedBudget(gw, 'department', t.departmentId)).spent).toBe(sum);
+      const spend = await gw.admin.get<{ data: Array<{ user_id: string; cost_usd: number; requests: number }> }>('/admin/spend?group_by=user');
+      const mine = spend.body.data.find((d) => d.user_id === t.userId);
+      expect(parseUsd(mine?.cost_usd ?? -1)).toBe(sum);
+      // sync, its hit, stream a, stream b, its replay, the one left, complete, async, the fallback
+      expect(mine?.requests).toBe(9);
     });
 
     it('GET /admin/spend groups the ledger by user, department or model', async () => {

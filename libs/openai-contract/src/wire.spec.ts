@@ -7,8 +7,17 @@ describe('readUsage', () => {
       prompt_tokens: 10,
       completion_tokens: 3,
       total_tokens: 13,
-      cost: 0.000002,
+      cost: '0.000002',
     });
+  });
+
+  it('keeps a cost sent as decimal text as sent (priced exactly later), and drops one that is no amount', () => {
+    const costOf = (cost: unknown) => readUsage({ usage: { prompt_tokens: 10, completion_tokens: 3, cost } })?.cost;
+    expect(costOf('0.000001234')).toBe('0.000001234');
+    expect(costOf('2e-7')).toBe('2e-7');
+    expect(costOf(0.5)).toBe(0.5);
+    // Number() reads '' and '  ' as 0 (a free call) and '0x1F' as 31: the price table decides instead.
+    for (const cost of ['', '  ', '0x1F', '0b1', 'NaN', 'Infinity', '1,5', '$0.01', null, true, {}]) expect(costOf(cost)).toBeUndefined();
   });
 
   it('rounds a fractional count to a whole one (money is computed with BigInt, which refuses fractions)', () => {

@@ -1,3 +1,5 @@
+import { parseUsd } from '../../money/src/index.js';
+
 /**
  * The slice of the OpenAI Chat Completions wire format that the gateway reads. Everything else
  * in a body is passed through untouched, so clients may send parameters this file never heard of.
@@ -22,8 +24,8 @@ export interface Usage {
   prompt_tokens: number;
   completion_tokens: number;
   total_tokens: number;
-  /** OpenRouter reports the charged cost in USD. */
-  cost?: number;
+  /** OpenRouter reports the charged cost in USD (a decimal string is kept as sent, see cleanUsage). */
+  cost?: number | string;
   [key: string]: unknown;
 }
 
@@ -100,7 +102,10 @@ export function cleanUsage(usage: unknown): Usage | undefined {
   if (prompt === undefined || completion === undefined) return undefined;
   const total = readTokenCount(usage.total_tokens) ?? prompt + completion;
   const out: Usage = { ...usage, prompt_tokens: prompt, completion_tokens: completion, total_tokens: total };
-  if (typeof usage.cost !== 'number' && typeof usage.cost !== 'string') delete out.cost;
-  else out.cost = Number(usage.cost);
+  // A cost sent as text is kept as the text, priced exactly later, when it is a decimal amount:
+  // Number() would read '' and '  ' as 0 (a free call) and '0x1F' as 31. Anything else is no cost,
+  // and the price table decides.
+  const cost = usage.cost;
+  if (typeof cost !== 'number' && (typeof cost !== 'string' || parseUsd(cost) === undefined)) delete out.cost;
   return out;
 }
