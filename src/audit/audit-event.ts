@@ -79,12 +79,13 @@ export function toJson(value: unknown, depth = 0): JsonValue {
   return null;
 }
 
-// NUL (PostgreSQL text rejects it) and lone surrogates (jsonb rejects their \u escapes).
+// NUL (PostgreSQL text rejects it) and lone surrogates (jsonb rejects their \u escapes). Job records
+// use the pair too. Global: for replace only (test() on it would carry lastIndex between calls).
 // eslint-disable-next-line no-control-regex -- NUL is exactly what has to go
-const UNSTORABLE = /\u0000|[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g;
+export const UNSTORABLE = /\u0000|[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g;
 
 // eslint-disable-next-line no-control-regex -- see UNSTORABLE
-const SUSPECT = /[\u0000\uD800-\uDFFF]/;
+export const SUSPECT = /[\u0000\uD800-\uDFFF]/;
 
 export function cleanString(value: string, max: number): string {
   // Nearly every string is plain: one cheap scan, and the replace only when something is there.

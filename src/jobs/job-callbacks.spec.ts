@@ -99,7 +99,9 @@ describe('callback delivery through the callback policy', () => {
           jobId: headers['x-gatehouse-job-id'],
           body,
         });
-        res.writeHead(204).end();
+        if (req.url?.startsWith('/moved')) res.writeHead(307, { location: '/followed' }).end();
+        else if (req.url?.startsWith('/failing')) res.writeHead(503).end();
+        else res.writeHead(204).end();
       });
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
@@ -160,6 +162,23 @@ describe('callback delivery through the callback policy', () => {
     expect(received.map((r) => r.url)).toEqual(['/by-name', '/by-range', '/literal']);
     for (const r of received) expect(r.signature).toMatch(/^t=\d+,v1=[0-9a-f]{64}$/);
     expect(warn).not.toHaveBeenCalled();
+  });
+
+  it('does not follow a redirect: the signed body goes only where the submitter said; logged, not retried', async () => {
+    await deliver(['127.0.0.1/32'], `http://127.0.0.1:${port}/moved?token=s3cret`);
+    expect(received.map((r) => r.url)).toEqual(['/moved?token=s3cret']);
+    expect(warn).toHaveBeenCalledTimes(1);
+    expect(warn.mock.calls[0]).toEqual([{ jobId: '00000000-0000-4000-8000-000000000001', status: 307 }, 'callback receiver refused the delivery']);
+  });
+
+  it('tries a receiver that answers 5xx three times in all, then gives up saying so by host', async () => {
+    await deliver(['127.0.0.1/32'], `http://127.0.0.1:${port}/failing?token=s3cret`);
+    expect(received.map((r) => r.url)).toEqual(Array.from({ length: 3 }, () => '/failing?token=s3cret'));
+    expect(warn).toHaveBeenCalledTimes(1);
+    expect(warn.mock.calls[0]).toEqual([
+      { jobId: '00000000-0000-4000-8000-000000000001', host: `127.0.0.1:${port}`, err: 'HTTP 503' },
+      'callback delivery failed after retries',
+    ]);
   });
 
   it('signs the delivery time with the body: a receiver verifies it now, and refuses the same delivery replayed later or re-dated', async () => {

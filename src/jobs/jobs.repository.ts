@@ -1,6 +1,7 @@
 import { Injectable } from '@nestjs/common';
 import { DataSource } from 'typeorm';
 import type { ErrorBody } from '../../libs/openai-contract/src/index.js';
+import { SUSPECT, UNSTORABLE } from '../audit/audit-event.js';
 import { IDEMPOTENCY_WINDOW_MS } from '../idempotency/idempotency.service.js';
 import type { CacheScope, UserRole } from '../identity/identity.entities.js';
 import type { JobRecord, JobStatus, NewJob } from './job.types.js';
@@ -373,12 +374,22 @@ function toRecord(row: Row): JobRecord {
 }
 
 /**
- * A try's outcome as jsonb text. jsonb cannot hold U+0000 (PostgreSQL refuses the whole value) and
- * an upstream can send one: each becomes U+FFFD, the character for one that could not be
- * represented, rather than the write failing and a result that was paid for being lost.
+ * A try's outcome as jsonb text. jsonb cannot hold U+0000 or a lone surrogate (PostgreSQL refuses
+ * the whole value) and an upstream can send either, e.g. an emoji cut in half as `\ud83d`: each
+ * becomes U+FFFD, the character for one that could not be represented, rather than the write
+ * failing and a result that was paid for being lost. Keys too: a completion's logprobs may be
+ * keyed by token.
  */
 function jsonb(value: unknown): string {
-  return JSON.stringify(value, (_key, item: unknown) => (typeof item === 'string' ? item.replaceAll('\u0000', '\uFFFD') : item));
+  return JSON.stringify(value, (_key, item: unknown) => {
+    if (typeof item === 'string') return storable(item);
+    if (item === null || typeof item !== 'object' || Array.isArray(item) || !Object.keys(item).some((key) => SUSPECT.test(key))) return item;
+    return Object.fromEntries(Object.entries(item).map(([key, inner]) => [storable(key), inner as unknown]));
+  });
+}
+
+function storable(text: string): string {
+  return SUSPECT.test(text) ? text.replace(UNSTORABLE, '\uFFFD') : text;
 }
 
 // pg parses jsonb already; a driver that hands back the text of an object is tolerated.

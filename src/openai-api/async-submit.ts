@@ -1,4 +1,5 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
+import { UNSTORABLE } from '../audit/audit-event.js';
 import type { CompletionCall } from '../completion/completion.types.js';
 import { GatewayError } from '../core/errors.js';
 import { parseIdempotencyKey, submissionHash } from '../idempotency/idempotency-key.js';
@@ -33,11 +34,21 @@ export function refuseCallbackWithoutAsync(raw: unknown): void {
   });
 }
 
-/** Whether a U+0000 sits in any string or key of a JSON value. */
-export function holdsNul(value: unknown): boolean {
-  let found = false;
+// The audit writer's pattern, without its global flag: test() then keeps no state between calls.
+const ONE_UNSTORABLE = new RegExp(UNSTORABLE.source);
+
+/**
+ * What in any string or key of a JSON value PostgreSQL jsonb refuses: a U+0000, else a lone
+ * surrogate (half of a UTF-16 pair, which JSON.stringify writes as an escape such as `\ud83d`).
+ */
+export function unstorableIn(value: unknown): 'nul' | 'lone_surrogate' | undefined {
+  let found: 'nul' | 'lone_surrogate' | undefined;
+  const check = (text: string) => {
+    if (found !== 'nul' && ONE_UNSTORABLE.test(text)) found = text.includes('\0') ? 'nul' : 'lone_surrogate';
+  };
   JSON.stringify(value, (key: string, item: unknown) => {
-    if (key.includes('\0') || (typeof item === 'string' && item.includes('\0'))) found = true;
+    check(key);
+    if (typeof item === 'string') check(item);
     return item;
   });
   return found;
@@ -61,12 +72,22 @@ export async function submitAsync(
       param: 'stream',
     });
   }
-  // A job's body is stored as jsonb, which cannot hold U+0000 anywhere: said as a 400 here, not
-  // a 500 from the insert.
-  if (holdsNul(call.body)) {
+  // A job's body is stored as jsonb, which cannot hold U+0000 or a lone surrogate anywhere: said
+  // as a 400 here, not a vague one (or a 500) from the insert. Not replaced by U+FFFD as an
+  // outcome's are: the job would then ask something else than the sync call, which forwards the
+  // request as sent.
+  const unstorable = unstorableIn(call.body);
+  if (unstorable === 'nul') {
     throw new GatewayError('invalid_value', 'A request with a U+0000 (NUL) character cannot be queued; send it without prefer: respond-async, or without the character.', {
       param: 'messages',
     });
+  }
+  if (unstorable === 'lone_surrogate') {
+    throw new GatewayError(
+      'invalid_value',
+      'A request with a lone UTF-16 surrogate (half of a pair, such as \\ud83d without its low half: an emoji cut in two) cannot be queued; send it without prefer: respond-async, or with the pair whole.',
+      { param: 'messages' },
+    );
   }
   // A deferred rate-limit verdict must be in before the job exists.
   await call.admission;

@@ -2,6 +2,7 @@ import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { AuditEventDto, AuditListDto } from '../../src/audit/admin/audit-admin.dto.js';
+import { DB_KINDS } from '../support/databases.js';
 import { pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 
 interface JobBody {
@@ -94,6 +95,100 @@ describe('a job whose completion PostgreSQL jsonb cannot hold as sent (U+0000)',
     expect(submit.body.error).toMatchObject({ code: 'invalid_value', param: 'messages' });
     expect(submit.body.error.message).toContain('U+0000');
     expect(upstream.hits()).toBe(1);
+  });
+});
+
+/** An upstream whose every answer ends in a lone surrogate escape (an emoji cut in half, as Python's json.dumps can send), counting its calls. */
+async function startLoneSurrogateUpstream(): Promise<{ url: string; hits: () => number; close(): Promise<void> }> {
+  let hits = 0;
+  const server: Server = createServer((req, res) => {
+    let body = '';
+    req.on('data', (chunk: Buffer) => (body += chunk.toString()));
+    req.on('end', () => {
+      if (!req.url?.endsWith('/chat/completions')) {
+        res.writeHead(404, { 'content-type': 'application/json' }).end('{}');
+        return;
+      }
+      hits += 1;
+      const { model } = JSON.parse(body) as { model: string };
+      // Written as text: the escape \ud83d with no low surrogate after it.
+      res
+        .writeHead(200, { 'content-type': 'application/json' })
+        .end(
+          `{"id":"c${hits}","object":"chat.completion","created":1,"model":${JSON.stringify(model)},` +
+            `"choices":[{"index":0,"message":{"role":"assistant","content":"smile \\ud83d"},"finish_reason":"length"}],` +
+            `"usage":{"prompt_tokens":10,"completion_tokens":10,"total_tokens":20}}`,
+        );
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as AddressInfo;
+  return { url: `http://127.0.0.1:${port}/v1`, hits: () => hits, close: () => new Promise((resolve) => server.close(() => resolve())) };
+}
+
+describe.each(DB_KINDS)('a completion or request holding a lone surrogate, which PostgreSQL jsonb cannot hold (%s)', (kind) => {
+  let upstream: Awaited<ReturnType<typeof startLoneSurrogateUpstream>>;
+  let gw: TestGateway;
+  const chat = (content: string) => ({ model: 'auto', messages: [{ role: 'user', content }] });
+  type Completion = { choices: Array<{ message: { content: string } }> };
+
+  beforeAll(async () => {
+    upstream = await startLoneSurrogateUpstream();
+    gw = await startTestGateway({
+      db: kind,
+      env: { ...NO_RATE_LIMITS, OPENROUTER_BASE_URL: upstream.url, UPSTREAM_RETRY_ATTEMPTS: '1', JOBS_BACKOFF_MS: '20', JOBS_BACKOFF_MAX_MS: '50' },
+    });
+  });
+  afterAll(async () => {
+    await gw?.close();
+    await upstream?.close();
+  });
+
+  it('completes the job with U+FFFD in place of the lone surrogate, after one upstream call (charged once), as the sync call answers', async () => {
+    const alice = await gw.tenants.create();
+    const sync = await alice.api.post<Completion>('/v1/chat/completions', chat('x'), { 'cache-control': 'no-store' });
+    expect(sync.status).toBe(200);
+    expect(sync.body.choices[0]?.message.content).toBe('smile \ud83d');
+
+    const before = upstream.hits();
+    const submit = await alice.api.post<JobBody>('/v1/chat/completions', chat('x'), ASYNC);
+    expect(submit.status).toBe(202);
+    const job = await finished(alice, submit.body.id);
+    expect(job).toMatchObject({ status: 'completed', attempts: 1, error: null });
+    expect(job.result?.choices[0]?.message.content).toBe('smile \uFFFD');
+    expect(upstream.hits() - before).toBe(1);
+  });
+
+  it('refuses to queue a request whose message holds a lone surrogate with a 400 saying why (the sync call forwards it as sent)', async () => {
+    const alice = await gw.tenants.create();
+    expect((await alice.api.post('/v1/chat/completions', chat('cut \ud83d'), { 'cache-control': 'no-store' })).status).toBe(200);
+    const before = upstream.hits();
+    const submit = await alice.api.post<{ error: { code: string; param: string; message: string } }>('/v1/chat/completions', chat('cut \ud83d'), ASYNC);
+    expect(submit.status).toBe(400);
+    expect(submit.body.error).toMatchObject({ code: 'invalid_value', param: 'messages' });
+    expect(submit.body.error.message).toContain('surrogate');
+    // A whole pair is fine.
+    const pair = await alice.api.post<JobBody>('/v1/chat/completions', chat('whole \u{1F600}'), ASYNC);
+    expect(pair.status).toBe(202);
+    expect(await finished(alice, pair.body.id)).toMatchObject({ status: 'completed' });
+    expect(upstream.hits() - before).toBe(1);
+  });
+
+  it('replays a keyed sync answer holding a lone surrogate as it was sent, without a second upstream call', async () => {
+    const alice = await gw.tenants.create();
+    const headers = { 'cache-control': 'no-store', 'idempotency-key': 'lone-surrogate-answer' };
+    const before = upstream.hits();
+    const first = await alice.api.post<Completion>('/v1/chat/completions', chat('x'), headers);
+    expect(first.status).toBe(200);
+    expect(first.body.choices[0]?.message.content).toBe('smile \ud83d');
+    const again = await pollUntil(async () => {
+      const res = await alice.api.post<Completion>('/v1/chat/completions', chat('x'), headers);
+      expect(res.headers.get('idempotent-replayed')).toBe('true');
+      return res;
+    });
+    expect(again.status).toBe(200);
+    expect(again.body).toEqual(first.body);
+    expect(upstream.hits() - before).toBe(1);
   });
 });
 

@@ -279,6 +279,35 @@ describe('async jobs on the embedded default (inline queue, PGlite)', () => {
     }
   });
 
+  it('calls back a dead-lettered job as failed, and again once an admin retry completes it; a /v1/complete job too', async () => {
+    const receiver = await startReceiver();
+    try {
+      gw.stub.configure({ status: 503 });
+      const id = expectAccepted(await alice.api.post<JobBody>('/v1/chat/completions', chat('dead, then retried', { callback_url: receiver.url }), ASYNC));
+      const dead = await pollUntil(() => {
+        expect(receiver.deliveries).toHaveLength(1);
+        return JSON.parse(receiver.deliveries[0]?.body ?? '') as JobBody;
+      });
+      expect(dead).toMatchObject({ id, status: 'failed', dead_lettered: true, attempts: 3, error: { code: 'upstream_error' } });
+      gw.stub.reset();
+      expect((await gw.admin.post(`/admin/queue/dead/${id}/retry`)).status).toBe(202);
+      const retried = await pollUntil(() => {
+        expect(receiver.deliveries).toHaveLength(2);
+        return JSON.parse(receiver.deliveries[1]?.body ?? '') as JobBody;
+      });
+      expect(retried).toMatchObject({ id, status: 'completed', dead_lettered: false, attempts: 1 });
+
+      const complete = expectAccepted(await alice.api.post<JobBody>('/v1/complete', { prompt: 'call me back', callback_url: receiver.url }, ASYNC));
+      const delivered = await pollUntil(() => {
+        expect(receiver.deliveries).toHaveLength(3);
+        return JSON.parse(receiver.deliveries[2]?.body ?? '') as JobBody;
+      });
+      expect(delivered).toMatchObject({ id: complete, status: 'completed' });
+    } finally {
+      await receiver.close();
+    }
+  });
+
   it('with JOBS_CALLBACK_ALLOWED_HOSTS set, refuses callback hosts it does not list (also public ones and localhost)', async () => {
     for (const url of ['https://hooks.example.com/x?token=abc', 'http://localhost:9/x', 'http://127.0.0.2:9/x']) {
       const res = await alice.api.post<{ error: { message: string } }>('/v1/chat/completions', chat('x', { callback_url: url }), ASYNC);

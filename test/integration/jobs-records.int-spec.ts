@@ -64,6 +64,32 @@ describe.each(DB_KINDS)('job records on %s', (kind) => {
     expect(await repo.find(job.id)).toMatchObject({ status: 'completed', attempts: 2, deadLettered: false });
   });
 
+  it('stores every outcome holding a lone surrogate (which jsonb refuses) with U+FFFD in its place; a whole pair stays', async () => {
+    // An upstream may send an emoji cut in half as the escape \ud83d: JSON.parse makes it a lone surrogate.
+    const cut = JSON.parse('"smile \\ud83d, \\ude00 and \\ud83d\\ude00"') as string;
+    const clean = 'smile \uFFFD, \uFFFD and \u{1F600}';
+    const { job } = await repo.insert(newJob(), now());
+
+    await start(job.id);
+    await repo.retryLater(job.id, { message: cut, type: 'upstream_error', code: 'upstream_error', param: null }, now());
+    expect(await repo.find(job.id)).toMatchObject({ status: 'queued', error: { message: clean } });
+
+    await start(job.id);
+    const done = await repo.complete(
+      job.id,
+      2,
+      { result: { object: 'chat.completion', choices: [{ message: { content: cut } }], [cut]: cut }, model: 'm', costNanos: 1n },
+      now(),
+    );
+    expect(done).toMatchObject({ status: 'completed', result: { choices: [{ message: { content: clean } }] } });
+    expect(Object.keys(done?.result as object)).toContain(clean);
+
+    const { job: other } = await repo.insert(newJob(), now());
+    await start(other.id);
+    const failed = await repo.fail(other.id, { message: cut, type: 'upstream_error', code: 'upstream_error', param: null }, true, now());
+    expect(failed).toMatchObject({ status: 'failed', deadLettered: true, error: { message: clean } });
+  });
+
   it('keeps the dead-letter state: listed, reset for an admin retry, restored when the retry cannot be queued, discarded', async () => {
     const { job } = await repo.insert(newJob(), now());
     await start(job.id);
