@@ -17,7 +17,7 @@ import { type DatabaseTarget, openDatabase } from './database/data-source.js';
 import { IdentityBootstrapService } from './identity/identity-bootstrap.service.js';
 import { ShutdownService } from './lifecycle/shutdown.service.js';
 import { GatewayMetrics } from './metrics/gateway-metrics.js';
-import { installHttpTracing } from './metrics/http-tracing.js';
+import { installHttpTracing, recordedPath } from './metrics/http-tracing.js';
 import { startOpenTelemetry, Telemetry } from './metrics/telemetry.js';
 import { UpstreamInfo } from './upstream/llm-client.js';
 
@@ -46,6 +46,7 @@ export interface Gateway {
  * log lines still buffered (core/logger.ts), such as the shutdown's own "drained".
  */
 const SHUTDOWN_HOOKS = { useProcessExit: true };
+const LIVENESS_ROUTE = '/health/live';
 
 /**
  * Builds and starts the HTTP gateway. Shared by main.ts and every e2e test, so tests run the
@@ -79,6 +80,10 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
     // for it up to headersTimeout (60 s), past the pod's grace period, so the writers' last flush
     // would never run.
     forceCloseConnections: true,
+    // A request arriving while the server closes is refused by the onRequest hook below, in the
+    // OpenAI envelope and with its audit row and log line; Fastify's own 503 had none of them, and
+    // refused liveness too.
+    return503OnClosing: false,
     // Errors Fastify answers before routing (a URL it cannot decode, a path parameter over its
     // length limit) skip the hooks and the filter: rendered here as every other error is.
     frameworkErrors: (error: FastifyError, request: FastifyRequest, reply: FastifyReply) => frameworkError(error, request, reply, errorLogger, marks),
@@ -106,7 +111,7 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   const shutdown = app.get(ShutdownService);
   const access = requestLineLogger(logger, { context: 'Http' });
   const accessLine = (request: FastifyRequest, reply: FastifyReply, status: number): void =>
-    access.info({ reqId: request.id, method: request.method, url: request.url.split('?')[0], status, ms: Math.round(reply.elapsedTime), keyPrefix: request.principal?.keyPrefix }, 'request');
+    access.info({ reqId: request.id, method: request.method, url: recordedPath(request), status, ms: Math.round(reply.elapsedTime), keyPrefix: request.principal?.keyPrefix }, 'request');
   // A response cut before it finished gets no onResponse: counted as the caller saw it (499
   // when nothing was sent, else the status its headers carried), and its access line written
   // here, unless a completion call owns it (the pipeline logs that one however it ends). One whose
@@ -138,16 +143,26 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
   };
   // Answered without hooks (frameworkError): written as onResponse writes the rest.
   marks.answered = answered;
+  // Set as the server starts closing (preClose): from then on the listener stays open only while
+  // quiesce() waits for the requests accepted before, so new ones are refused (they carry
+  // `connection: close`, as every answer since the drain began). Liveness still answers 200 until
+  // the server has closed (docs/operations.md "Shutdown").
+  let serverClosing = false;
   fastify.addHook('onRequest', (request: FastifyRequest, reply: FastifyReply, done: () => void) => {
     void reply.header('x-request-id', request.id);
     if (marks.mock) void reply.header('x-gateway-upstream', 'mock');
     forgetTypeOfEmptyBody(request.headers);
     shutdown.track(reply);
+    if (serverClosing && request.routeOptions.url !== LIVENESS_ROUTE) {
+      sendError(reply, request, new GatewayError('unavailable', 'The gateway is shutting down; retry the request.'), errorLogger);
+      return;
+    }
     done();
   });
   // Runs as Nest closes the server, before forceCloseConnections closes every connection: a request
   // accepted after the drain went idle (while later shutdown hooks ran) is answered first.
   fastify.addHook('preClose', (done: () => void) => {
+    serverClosing = true;
     void shutdown.quiesce().then(() => done());
   });
   fastify.addHook('onSend', (request: FastifyRequest, reply: FastifyReply, payload: unknown, done: (err: null, payload: unknown) => void) => {

@@ -190,29 +190,42 @@ export class ShutdownService implements OnModuleInit, OnModuleDestroy, BeforeApp
       for (const call of this.streams) call.abort?.(this.deadline.signal.reason);
       if (!(await this.idleWithin(END_GRACE_MS))) {
         this.logger.warn({ inFlight: this.inFlight }, 'closing the connections of requests still running');
-        const server = this.adapterHost.httpAdapter?.getHttpServer() as Server | undefined;
-        // Their calls' signals abort with their responses (the door's 'close' listener).
-        server?.closeAllConnections();
+        this.closeConnections();
       }
     }
-    if (!(await this.settledWithin(SETTLE_GRACE_MS))) {
-      this.logger.warn(
-        { inFlight: this.inFlight, calls: this.unsettled.size + this.streams.size, ms: SETTLE_GRACE_MS },
-        'calls cut off by the shutdown have not settled: a charge they queue from now on comes after the last flush',
-      );
-    }
+    await this.settleCutCalls();
     this.logger.info({ ms: Math.round(performance.now() - started), inFlight: this.inFlight }, 'drained');
   }
 
   /**
    * As the server closes (Fastify preClose), after the drain: waits for requests accepted since it
    * went idle (a load balancer still sending while later shutdown hooks ran), until the drain's
-   * deadline plus END_GRACE_MS, so closing every connection then cuts none of them.
+   * deadline plus END_GRACE_MS, so closing every connection then cuts none of them. Those still
+   * running then are cut here rather than by the server's close, and get SETTLE_GRACE_MS to settle
+   * as the drain's are: cut by the server's close, their settle came after the writers' last flush
+   * (BUDGET CHARGES LOST, the reservation held until the sweeper, no audit row).
    */
   async quiesce(): Promise<void> {
     const deadline = (this.drainStartedAt ?? Date.now()) + this.config.shutdown.drainMs + END_GRACE_MS;
     if (!(await this.idleWithin(Math.max(0, deadline - Date.now())))) {
       this.logger.warn({ inFlight: this.inFlight }, 'closing the server with requests still running');
+      this.closeConnections();
+      await this.settleCutCalls();
+    }
+  }
+
+  /** Their calls' signals abort with their responses (the door's 'close' listener). */
+  private closeConnections(): void {
+    const server = this.adapterHost.httpAdapter?.getHttpServer() as Server | undefined;
+    server?.closeAllConnections();
+  }
+
+  private async settleCutCalls(): Promise<void> {
+    if (!(await this.settledWithin(SETTLE_GRACE_MS))) {
+      this.logger.warn(
+        { inFlight: this.inFlight, calls: this.unsettled.size + this.streams.size, ms: SETTLE_GRACE_MS },
+        'calls cut off by the shutdown have not settled: a charge they queue from now on comes after the last flush',
+      );
     }
   }
 

@@ -1,6 +1,21 @@
 import { context, defaultTextMapGetter, ROOT_CONTEXT, type Span, SpanKind, SpanStatusCode, type Tracer, trace } from '@opentelemetry/api';
 import { W3CTraceContextPropagator } from '@opentelemetry/core';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { redactText } from '../audit/redact.js';
+
+/**
+ * A request's path as the access line and the HTTP span record it (no query). A caller key can
+ * only land in a path segment the router did not fix: an unmatched path (a client whose base URL
+ * has the key in it) or a route parameter (a key passed as a job id). Those are masked; a route
+ * without parameters is its own path and is taken as it came, so the common request costs a scan
+ * of its route pattern. The path, not the pattern, so an operator still sees which job or key id.
+ */
+export function recordedPath(request: FastifyRequest): string {
+  const q = request.url.indexOf('?');
+  const path = q === -1 ? request.url : request.url.slice(0, q);
+  const route = request.routeOptions.url;
+  return route === undefined || route.includes(':') || route.includes('*') ? redactText(path) : path;
+}
 
 /**
  * One SERVER span per HTTP request, continuing the caller's `traceparent`. Installed only when
@@ -19,7 +34,7 @@ export function installHttpTracing(fastify: FastifyInstance, tracer: Tracer): vo
       `${request.method} ${route}`,
       {
         kind: SpanKind.SERVER,
-        attributes: { 'http.request.method': request.method, 'http.route': route, 'url.path': request.url.split('?')[0], 'gatehouse.request_id': request.id },
+        attributes: { 'http.request.method': request.method, 'http.route': route, 'url.path': recordedPath(request), 'gatehouse.request_id': request.id },
       },
       parent,
     );

@@ -93,6 +93,9 @@ describe('async jobs on BullMQ: an api instance and a separate worker sharing Re
     const full = await alice.api.post('/v1/chat/completions', chat('one too many'), ASYNC);
     expect(full).toMatchObject({ status: 503, body: { error: { type: 'overloaded_error', code: 'queue_full' } } });
     expect(Number(full.headers.get('retry-after'))).toBeGreaterThan(0);
+    // A full queue holds back async submits only: readiness stays 200, or every api instance would
+    // leave the load balancer at once while sync calls still work.
+    expect((await api.admin.get('/health/ready')).status).toBe(200);
     // A retried submit is answered from its record even while the queue is full.
     const replay = await alice.api.post<JobBody>('/v1/chat/completions', chat('from the api role'), { ...ASYNC, 'idempotency-key': 'first' });
     expect(replay.status).toBe(202);

@@ -1,12 +1,13 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createLogger } from '../../src/core/logger.js';
-import { ApiClient, startTestGateway, type TestGateway } from '../support/gateway.js';
+import { ApiClient, pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
 
 interface Line {
   msg?: string;
   reqId?: string;
   status?: number;
   context?: string;
+  url?: string;
 }
 
 describe('one log line per request, with a context (docs/operations.md "Logs")', () => {
@@ -54,5 +55,26 @@ describe('one log line per request, with a context (docs/operations.md "Logs")',
     await new Promise((r) => setTimeout(r, 400));
     const own = lines().filter((l) => l.reqId === 'ctx-1');
     expect(own.map((l) => [l.msg, l.context])).toEqual([['request', expect.any(String)]]);
+  });
+
+  // A client whose base URL has the key in it (`https://gw/v1/gh-…`), or that passes it where an id
+  // goes: the path is in the access line, and the key must not be.
+  it('masks a caller key in the URL path of the access line, and keeps every other path as it came', async () => {
+    // Two tenants: this file's rate limit lets a key make two calls a minute.
+    const alice = await gw.tenants.create();
+    const bob = await gw.tenants.create();
+    const anon = new ApiClient(gw.url, undefined);
+    const asked = [
+      ['key-path-unmatched', await anon.get(`/v1/${alice.key}/models`, { 'x-request-id': 'key-path-unmatched' })],
+      ['key-path-param', await alice.api.get(`/v1/jobs/${alice.key}`, { 'x-request-id': 'key-path-param' })],
+      ['plain-param', await bob.api.get('/v1/jobs/job-not-there', { 'x-request-id': 'plain-param' })],
+      ['plain-route', await bob.api.get('/v1/models?limit=1', { 'x-request-id': 'plain-route' })],
+    ] as const;
+    expect(asked.map(([, r]) => r.status)).toEqual([404, 404, 404, 200]);
+    await pollUntil(() => {
+      const urls = asked.map(([id]) => lines().find((l) => l.reqId === id && l.msg === 'request')?.url);
+      expect(urls).toEqual(['/v1/[redacted]/models', '/v1/jobs/[redacted]', '/v1/jobs/job-not-there', '/v1/models']);
+    });
+    expect(written.join(''), 'the key appears in the log').not.toContain(alice.key);
   });
 });

@@ -1,7 +1,9 @@
 import { randomBytes } from 'node:crypto';
+import { DataSource } from 'typeorm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { AuditService } from '../../src/audit/audit.service.js';
 import { createLogger } from '../../src/core/logger.js';
-import { ApiClient, startTestGateway, type TestGateway } from '../support/gateway.js';
+import { ApiClient, pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
 
 const UPSTREAM_SECRET = 'sk-test-upstream-secret';
 
@@ -72,5 +74,38 @@ describe('logs (PGlite, stub upstream, LOG_LEVEL=debug)', () => {
     for (const [name, secret] of Object.entries({ alice: alice.key, bob: bob.key, forged, admin: gw.adminKey, upstream: UPSTREAM_SECRET })) {
       expect(text.includes(secret), `the ${name} key appears in the log`).toBe(false);
     }
+  });
+
+  it('keeps a caller key sent where it does not belong (query string, malformed Authorization, body field) out of the answers, the log and the audit rows', async () => {
+    const carol = await gw.tenants.create();
+    const body = { messages: [{ role: 'user', content: 'misplaced key' }] };
+    const anon = new ApiClient(gw.url, undefined);
+    const answers = [
+      await anon.post(`/v1/chat/completions?api_key=${carol.key}`, body),
+      await anon.post(`/v1/chat/completions?key=${carol.key}`, body),
+      await anon.post('/v1/chat/completions', body, { authorization: `Bearer ${carol.key} extra` }),
+      await anon.post('/v1/chat/completions', body, { authorization: `Basic ${Buffer.from(`u:${carol.key}`).toString('base64')}` }),
+      await anon.post('/v1/chat/completions', body, { authorization: carol.key }),
+      await anon.post('/v1/chat/completions', body, { 'x-api-key': `Bearer ${carol.key}` }),
+      await anon.post('/v1/chat/completions', { ...body, api_key: carol.key }),
+      await anon.get(`/admin/keys?api_key=${carol.key}`),
+      await anon.post(`/admin/departments?token=${carol.key}`, { name: 'x', key: carol.key }),
+    ];
+    for (const a of answers) {
+      expect(a.status).toBe(401);
+      expect(JSON.stringify(a.body)).not.toContain(carol.key);
+    }
+    // Every refusal above leaves an audit row, none of which may hold the key.
+    const ids = answers.map((a) => a.headers.get('x-request-id'));
+    const rows = await pollUntil(async () => {
+      await gw.gateway.app.get(AuditService).flush();
+      const found = await gw.gateway.app
+        .get(DataSource)
+        .query<Array<{ text: string }>>('SELECT a::text AS text FROM audit_events a WHERE request_id = ANY($1)', [ids]);
+      expect(found).toHaveLength(answers.length);
+      return found;
+    });
+    expect(rows.map((r) => r.text).join('\n')).not.toContain(carol.key);
+    expect(written.join(''), 'the key appears in the log').not.toContain(carol.key);
   });
 });

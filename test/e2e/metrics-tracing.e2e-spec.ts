@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { leaveMidway, startTestGateway, type TestGateway } from '../support/gateway.js';
+import { ApiClient, leaveMidway, startTestGateway, type TestGateway } from '../support/gateway.js';
 
 interface OtlpSpan {
   traceId: string;
@@ -80,6 +80,10 @@ describe('tracing with OTEL_EXPORTER_OTLP_ENDPOINT', () => {
       { traceparent: `00-${traceId}-${callerSpanId}-01` },
     );
     expect(res.status).toBe(200);
+    // A key where a path segment goes (a base URL with the key in it, a key passed as a job id):
+    // the spans' url.path must not carry it.
+    expect((await new ApiClient(gw.url, undefined).get(`/v1/${alice.key}/models`)).status).toBe(404);
+    expect((await alice.api.get(`/v1/jobs/${alice.key}`)).status).toBe(404);
     // Closing the gateway flushes the batched spans to the collector.
     await gw.close();
 

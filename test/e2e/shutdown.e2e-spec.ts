@@ -1,6 +1,8 @@
+import type { ServerResponse } from 'node:http';
 import { connect } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { DATABASE_CONTENT } from '../../src/app.module.js';
+import { createLogger } from '../../src/core/logger.js';
 import { openDatabase } from '../../src/database/data-source.js';
 import { createPostgresDatabase } from '../support/databases.js';
 import { ApiClient, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
@@ -72,6 +74,7 @@ describe('graceful shutdown (SIGTERM path: app.close())', () => {
     });
     // The load balancer sees "not ready" while the stream is still being served.
     expect(stream.ended).toBe(false);
+    expect(ready.status).toBe('shutting_down');
     expect(ready.details.shutdown).toMatchObject({ status: 'down', draining: true });
     // Still alive while draining: a failing liveness probe would get the pod killed mid-drain.
     expect((await fetch(`${gw.url}/health/live`)).status).toBe(200);
@@ -230,4 +233,127 @@ describe('graceful shutdown (SIGTERM path: app.close())', () => {
     await closing;
     expect(late).toBe('status 200');
   });
+
+  it('answers a request arriving while the server closes in the OpenAI envelope (503 unavailable), with its request id, audit row and log line; liveness still 200', async () => {
+    const pgdb = await createPostgresDatabase();
+    const written: string[] = [];
+    try {
+      const logger = createLogger('info', { write: (line: string) => void written.push(line) });
+      gw = await startTestGateway({ db: 'postgres', postgresUrl: pgdb.url, logger, env: { LOG_LEVEL: 'info', SHUTDOWN_DRAIN_MS: '30000' } });
+      const t = await gw.tenants.create();
+      // The upstream answers the job and the late call only when the test says so.
+      const held = new Map<string, () => void>();
+      gw.stub.script = (_req, body, res: ServerResponse) => {
+        const content = (body.messages as Array<{ content: string }>)[0]?.content ?? '';
+        held.set(content, () => answerHeld(res, body.model));
+        return true;
+      };
+      const job = await t.api.post('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: 'a job' }] }, { prefer: 'respond-async' });
+      expect(job.status).toBe(202);
+      await pollUntil(() => expect(held.has('a job')).toBe(true));
+      // The running job holds the shutdown in the job workers' hook, after the drain went idle.
+      const closing = gw.gateway.close();
+      const probe = new ApiClient(gw.url, undefined);
+      await pollUntil(async () => expect((await probe.get('/health/ready')).status).toBe(503));
+      const late = t.api.post('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: 'late' }] });
+      await pollUntil(() => expect(held.has('late')).toBe(true));
+      // The job ends, Nest closes the server, and its preClose hook waits for the late call with
+      // the listener still open: what arrives now is refused.
+      held.get('a job')?.();
+      const refused = await pollUntil(async () => {
+        const r = await t.api.get<{ error?: { code: string; type: string } }>('/v1/models');
+        expect(r.status).toBe(503);
+        return r;
+      });
+      expect(refused.body, JSON.stringify(refused.body)).toMatchObject({ error: { type: 'overloaded_error', code: 'unavailable' } });
+      expect(refused.headers.get('connection')).toBe('close');
+      const requestId = refused.headers.get('x-request-id');
+      expect(requestId).toBeTruthy();
+      expect((await probe.get('/health/live')).status).toBe(200);
+      held.get('late')?.();
+      expect((await late).status).toBe(200);
+      await closing;
+
+      const own = written
+        .join('')
+        .split('\n')
+        .filter((l) => l.length > 0)
+        .map((l) => JSON.parse(l) as { msg?: string; reqId?: string; status?: number })
+        .filter((l) => l.reqId === requestId && l.msg === 'request');
+      expect(own.map((l) => l.status)).toEqual([503]);
+      const db = await openDatabase({ driver: 'postgres', url: pgdb.url }, DATABASE_CONTENT);
+      try {
+        const audit = await db.dataSource.query<Array<{ action: string; status: number }>>('SELECT action, status FROM audit_events WHERE request_id = $1', [
+          requestId,
+        ]);
+        expect(audit).toEqual([{ action: 'GET /v1/models', status: 503 }]);
+      } finally {
+        await db.close();
+      }
+    } finally {
+      await pgdb.drop();
+    }
+  });
+
+  it('settles a call accepted after the drain and cut as the server closes before the last flush: its audit row is stored, its reservation given back', async () => {
+    const pgdb = await createPostgresDatabase();
+    try {
+      gw = await startTestGateway({ db: 'postgres', postgresUrl: pgdb.url, env: { SHUTDOWN_DRAIN_MS: '300' } });
+      const t = await gw.tenants.create({ userBudgetUsd: 1 });
+      // The upstream answers the job when the test says so, and the late call never.
+      const held = new Map<string, () => void>();
+      gw.stub.script = (_req, body, res: ServerResponse) => {
+        const content = (body.messages as Array<{ content: string }>)[0]?.content ?? '';
+        held.set(content, () => answerHeld(res, body.model));
+        return true;
+      };
+      const job = await t.api.post('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: 'a job' }] }, { prefer: 'respond-async' });
+      expect(job.status).toBe(202);
+      await pollUntil(() => expect(held.has('a job')).toBe(true));
+      const closing = gw.gateway.close();
+      const probe = new ApiClient(gw.url, undefined);
+      await pollUntil(async () => expect((await probe.get('/health/ready')).status).toBe(503));
+      const requestId = `late-cut-${t.userId}`;
+      const late = fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${t.key}`, 'content-type': 'application/json', 'x-request-id': requestId },
+        body: JSON.stringify({ model: 'auto', messages: [{ role: 'user', content: 'late and never answered' }] }),
+      }).then(
+        (r) => r.status,
+        () => 'connection closed',
+      );
+      await pollUntil(() => expect(held.has('late and never answered')).toBe(true));
+      // The job ends; the server closes with the late call still running, past the drain's
+      // deadline: its connection is closed.
+      held.get('a job')?.();
+      await closing;
+      expect(await late).toBe('connection closed');
+
+      const db = await openDatabase({ driver: 'postgres', url: pgdb.url }, DATABASE_CONTENT);
+      try {
+        const audit = await db.dataSource.query<Array<{ action: string }>>('SELECT action FROM audit_events WHERE request_id = $1', [requestId]);
+        expect(audit).toEqual([{ action: 'completion' }]);
+        const reserved = await db.dataSource.query<Array<{ n: string }>>('SELECT count(*) AS n FROM budget_reservations WHERE user_id = $1', [t.userId]);
+        expect(reserved).toEqual([{ n: '0' }]);
+      } finally {
+        await db.close();
+      }
+    } finally {
+      await pgdb.drop();
+    }
+  });
 });
+
+function answerHeld(res: ServerResponse, model: unknown): void {
+  res.writeHead(200, { 'content-type': 'application/json' });
+  res.end(
+    JSON.stringify({
+      id: 'chatcmpl-held',
+      object: 'chat.completion',
+      created: 1,
+      model,
+      choices: [{ index: 0, message: { role: 'assistant', content: 'fine' }, finish_reason: 'stop' }],
+      usage: { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7 },
+    }),
+  );
+}
