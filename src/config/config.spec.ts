@@ -110,6 +110,60 @@ describe('loadConfig', () => {
     }
   });
 
+  // Each passed loadConfig and then failed the start later (exit 1, not 78): TypeORM and the Redis
+  // client decodeURIComponent() the user and password ("URI malformed", no variable named), and the
+  // Redis client read the database only once the embedded database had been opened and migrated.
+  it('refuses DATABASE_URL and REDIS_URL values their clients cannot use, naming the variable and never the value', () => {
+    const problemsOf = (env: Record<string, string>): string[] => {
+      try {
+        loadConfig(env);
+        return [];
+      } catch (e) {
+        return (e as ConfigError).problems;
+      }
+    };
+    expect(problemsOf({ DATABASE_URL: 'postgres://gatehouse:50%off@db.internal:5432/gatehouse' })).toEqual([
+      'DATABASE_URL has a malformed %-escape in its user name, password or path (write a literal % as %25)',
+    ]);
+    expect(problemsOf({ REDIS_URL: 'redis://:50%off@redis.internal:6379' })).toEqual([
+      'REDIS_URL has a malformed %-escape in its user name, password or path (write a literal % as %25)',
+    ]);
+    expect(problemsOf({ DATABASE_URL: 'postgres://gate%ZZhouse@db.internal/gatehouse' })).toHaveLength(1);
+    for (const bad of ['redis://redis.internal:6379/cache', 'redis://redis.internal:6379/-1', 'redis://redis.internal:6379/1.5']) {
+      expect(problemsOf({ REDIS_URL: bad }), bad).toEqual(['REDIS_URL: the database (the path after the host) must be a number, like redis://host:6379/0']);
+    }
+    // What the clients decode is accepted as it is.
+    const c = loadConfig({ DATABASE_URL: 'postgres://gatehouse:50%25off@db.internal/gatehouse', REDIS_URL: 'rediss://default:p%40ss@redis.internal:6380/2' });
+    expect(c.database).toEqual({ driver: 'postgres', url: 'postgres://gatehouse:50%25off@db.internal/gatehouse' });
+    expect(c.redisUrl).toBe('rediss://default:p%40ss@redis.internal:6380/2');
+    expect(loadConfig({ REDIS_URL: 'redis://redis.internal:6379/' }).redisUrl).toBe('redis://redis.internal:6379/');
+  });
+
+  // Both are presented as `Authorization: Bearer <value>`, which carries one run of visible ASCII:
+  // a passphrase with spaces was accepted and then refused to every scraper (or admin), for ever.
+  it('refuses a METRICS_TOKEN or ADMIN_API_KEY that cannot be sent as a bearer token, never echoing it', () => {
+    const problemsOf = (env: Record<string, string>): string[] => {
+      try {
+        loadConfig(env);
+        return [];
+      } catch (e) {
+        return (e as ConfigError).problems;
+      }
+    };
+    for (const name of ['METRICS_TOKEN', 'ADMIN_API_KEY']) {
+      for (const value of ['correct horse battery staple', 'pässwörd-0123456789abcdef', 'token-0123456789\tabcdef']) {
+        const problems = problemsOf({ [name]: value });
+        expect(problems, `${name}=${value}`).toEqual([
+          `${name} must be printable ASCII without spaces: it is sent as "Authorization: Bearer <${name}>"`,
+        ]);
+      }
+    }
+    expect(loadConfig({ METRICS_TOKEN: 'a-long-metrics-token', ADMIN_API_KEY: 'gh-admin_0123456789+/=' })).toMatchObject({
+      adminApiKey: 'gh-admin_0123456789+/=',
+      telemetry: { metricsToken: 'a-long-metrics-token' },
+    });
+  });
+
   it('describes itself without secrets', () => {
     const c = loadConfig({ OPENROUTER_API_KEY: 'sk-or-secret', ADMIN_API_KEY: 'admin-key-0123456789', DATABASE_URL: 'postgres://u:pw@h/db' });
     expect(JSON.stringify(describeConfig(c))).not.toMatch(/sk-or-secret|admin-key|pw@/);

@@ -206,16 +206,16 @@ export const CONFIG_VARIABLES = {
   UPSTREAM_NATIVE_FALLBACK: { sensitive: false, help: 'true | false: send fallbacks as OpenRouter models[] (default: true when the base URL host is openrouter.ai)' },
   APP_URL: { sensitive: false, help: 'HTTP-Referer sent to OpenRouter' },
   APP_TITLE: { sensitive: false, help: 'X-Title sent to OpenRouter (default Gatehouse)' },
-  ADMIN_API_KEY: { sensitive: true, help: 'bootstrap admin key' },
-  GATEHOUSE_ROLE: { sensitive: false, help: 'api | worker | all (default all)' },
+  ADMIN_API_KEY: { sensitive: true, help: 'bootstrap admin key (16+ characters, printable ASCII without spaces)' },
+  GATEHOUSE_ROLE: { sensitive: false, help: 'api | worker | all (default all); api and worker need DATABASE_URL and REDIS_URL' },
   BODY_LIMIT_BYTES: { sensitive: false, help: 'largest accepted request body (default 4194304)' },
   TRUST_PROXY: {
     sensitive: false,
     help: 'whose X-Forwarded-For gives the client address: unset/false (none), true (any), a hop count, or proxy IPs/CIDRs, comma-separated',
   },
   LOG_LEVEL: { sensitive: false, help: 'fatal|error|warn|info|debug|trace|silent (default info)' },
-  OTEL_EXPORTER_OTLP_ENDPOINT: { sensitive: true, help: 'OTLP/HTTP collector base URL (…/v1/traces is appended); unset = tracing off' },
-  METRICS_TOKEN: { sensitive: true, help: 'bearer token GET /metrics requires; unset = /metrics is open (never expose it publicly)' },
+  OTEL_EXPORTER_OTLP_ENDPOINT: { sensitive: true, help: 'OTLP/HTTP collector base URL (/v1/traces is appended to its path, a query string kept); unset = tracing off' },
+  METRICS_TOKEN: { sensitive: true, help: 'bearer token GET /metrics requires (16+ characters, printable ASCII without spaces); unset = /metrics is open (never expose it publicly)' },
   SHUTDOWN_DRAIN_MS: { sensitive: false, help: 'after SIGTERM, how long in-flight requests and streams may finish (default 25000)' },
   ROUTING_REFRESH_MS: { sensitive: false, help: 'routing version poll interval (default 1000)' },
   DEFAULT_MAX_TOKENS: { sensitive: false, help: 'cap when neither request nor rule sets one (default 1024)' },
@@ -359,6 +359,13 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
           problems.push(`${name} must not contain ${extras.join(', ')}: give the upstream key in OPENROUTER_API_KEY and the base URL alone`);
         }
       }
+      // new URL() keeps "50%off" as it is; the clients decodeURIComponent() it and the start then
+      // dies as "URI malformed", naming nothing.
+      try {
+        for (const part of [parsed.username, parsed.password, parsed.pathname]) decodeURIComponent(part);
+      } catch {
+        problems.push(`${name} has a malformed %-escape in its user name, password or path (write a literal % as %25)`);
+      }
     } catch {
       // Never echo the value: URLs here may carry passwords.
       problems.push(`${name} is not a valid URL`);
@@ -378,8 +385,24 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
     return v;
   };
 
+  // Secrets presented as `Authorization: Bearer <value>`, which the guards read as one run of
+  // non-space characters: a passphrase with a space could be set but never presented.
+  const bearerToken = (name: ConfigVariable): string | undefined => {
+    const v = str(name);
+    if (v !== undefined && !HEADER_TOKEN.test(v)) {
+      problems.push(`${name} must be printable ASCII without spaces: it is sent as "Authorization: Bearer <${name}>"`);
+    }
+    return v;
+  };
+
   const databaseUrl = url('DATABASE_URL', ['postgres:', 'postgresql:']);
   const redisUrl = url('REDIS_URL', ['redis:', 'rediss:']);
+  // RespClient's rule (src/redis/resp-client.ts): it applies it only at module init, after the
+  // embedded database has been opened and migrated, and fails the start without the other problems.
+  if (redisUrl !== undefined && URL.canParse(redisUrl)) {
+    const db = Number(new URL(redisUrl).pathname.slice(1) || 0);
+    if (!Number.isInteger(db) || db < 0) problems.push('REDIS_URL: the database (the path after the host) must be a number, like redis://host:6379/0');
+  }
   const apiKey = headerValue('OPENROUTER_API_KEY', true);
   const baseUrl = (url('OPENROUTER_BASE_URL', ['http:', 'https:'], true) ?? 'https://openrouter.ai/api/v1').replace(/\/+$/, '');
   const storeDefault: StoreDriver = redisUrl ? 'redis' : 'memory';
@@ -397,6 +420,12 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
   if (role !== 'all' && jobsDriver !== 'bullmq') {
     problems.push(`GATEHOUSE_ROLE=${role} needs the shared BullMQ queue: set REDIS_URL (the embedded in-memory queue cannot be shared between processes), or use GATEHOUSE_ROLE=all`);
   }
+  // The queue carries only job ids: on embedded databases the api would answer 202 with a row only
+  // its own database holds, and the worker would drop the message it cannot find, leaving the job
+  // queued for ever.
+  if (role !== 'all' && databaseUrl === undefined) {
+    problems.push(`GATEHOUSE_ROLE=${role} needs DATABASE_URL: job rows must be in a database every process shares (the embedded database belongs to one process), or use GATEHOUSE_ROLE=all`);
+  }
   const jobsCallbackSecret = str('JOBS_CALLBACK_SECRET');
   if (jobsCallbackSecret !== undefined && jobsCallbackSecret.length < 16) problems.push('JOBS_CALLBACK_SECRET must be at least 16 characters');
   const jobsCallbackPrevious = str('JOBS_CALLBACK_SECRET_PREVIOUS');
@@ -412,9 +441,9 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
   if (jobsRetentionHours > 0 && jobsRetentionHours < 24) {
     problems.push(`JOBS_RETENTION_HOURS must be 0 (keep jobs for ever) or at least 24, got "${jobsRetentionHours}"`);
   }
-  const adminApiKey = str('ADMIN_API_KEY');
+  const adminApiKey = bearerToken('ADMIN_API_KEY');
   if (adminApiKey !== undefined && adminApiKey.length < 16) problems.push('ADMIN_API_KEY must be at least 16 characters');
-  const metricsToken = str('METRICS_TOKEN');
+  const metricsToken = bearerToken('METRICS_TOKEN');
   if (metricsToken !== undefined && metricsToken.length < 16) problems.push('METRICS_TOKEN must be at least 16 characters');
 
   const config: AppConfig = {

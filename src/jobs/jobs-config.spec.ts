@@ -34,9 +34,22 @@ describe('job queue configuration', () => {
     expect(problem).toContain('GATEHOUSE_ROLE=worker needs the shared BullMQ queue');
     expect(problem).toContain('REDIS_URL');
     expect(problemsOf({ GATEHOUSE_ROLE: 'api' })[0]).toContain('GATEHOUSE_ROLE=api needs the shared BullMQ queue');
-    expect(problemsOf({ GATEHOUSE_ROLE: 'worker', REDIS_URL: 'redis://127.0.0.1:6379', JOBS_DRIVER: 'inline' })).toHaveLength(1);
-    expect(problemsOf({ GATEHOUSE_ROLE: 'worker', REDIS_URL: 'redis://127.0.0.1:6379' })).toEqual([]);
+    const shared = { REDIS_URL: 'redis://127.0.0.1:6379', DATABASE_URL: 'postgres://gatehouse@db.internal/gatehouse' };
+    expect(problemsOf({ GATEHOUSE_ROLE: 'worker', ...shared, JOBS_DRIVER: 'inline' })).toHaveLength(1);
+    expect(problemsOf({ GATEHOUSE_ROLE: 'worker', ...shared })).toEqual([]);
     expect(problemsOf({ GATEHOUSE_ROLE: 'all' })).toEqual([]);
+  });
+
+  // Each process would open its own embedded database: the api answers 202, the worker takes the
+  // BullMQ message, finds no job row and drops it, and the job stays queued for ever.
+  it('refuses GATEHOUSE_ROLE=api or worker on the embedded database, naming both variables', () => {
+    for (const role of ['api', 'worker']) {
+      expect(problemsOf({ GATEHOUSE_ROLE: role, REDIS_URL: 'redis://127.0.0.1:6379' }), role).toEqual([
+        `GATEHOUSE_ROLE=${role} needs DATABASE_URL: job rows must be in a database every process shares (the embedded database belongs to one process), or use GATEHOUSE_ROLE=all`,
+      ]);
+    }
+    expect(loadConfig({ GATEHOUSE_ROLE: 'api', REDIS_URL: 'redis://127.0.0.1:6379', DATABASE_URL: 'postgres://gatehouse@db.internal/gatehouse' }).database.driver).toBe('postgres');
+    expect(loadConfig({}).database.driver).toBe('pglite');
   });
 
   it('lists every bad jobs variable at once', () => {

@@ -129,8 +129,18 @@ async function createTracerProvider(shared: ProcessTelemetry, otlpEndpoint: stri
   }
   return new TracerProvider({
     resource: gatehouseResource().merge(resourceFromAttributes({ 'gatehouse.role': role })),
-    spanProcessors: [new BatchSpanProcessor({ exporter: new OTLPTraceExporter({ url: `${otlpEndpoint}/v1/traces` }) })],
+    spanProcessors: [new BatchSpanProcessor({ exporter: new OTLPTraceExporter({ url: otlpTracesUrl(otlpEndpoint) }) })],
   });
+}
+
+/**
+ * The endpoint's path with /v1/traces appended, its query string kept after it: appended to the
+ * text instead, `https://c/otlp?tenant=a` sent spans to /otlp with the query `tenant=a/v1/traces`.
+ */
+export function otlpTracesUrl(otlpEndpoint: string): string {
+  const url = new URL(otlpEndpoint);
+  url.pathname = `${url.pathname.replace(/\/+$/, '')}/v1/traces`;
+  return url.toString();
 }
 
 function gatehouseResource(): Resource {

@@ -52,6 +52,7 @@ async function startWorker(api: TestGateway, env: Env): Promise<WorkerProcess> {
   const config = loadConfig({
     LOG_LEVEL: 'silent',
     ADMIN_API_KEY: api.adminKey,
+    DATABASE_URL: api.database.url,
     OPENROUTER_API_KEY: 'sk-test-upstream-secret',
     OPENROUTER_BASE_URL: api.stub.url,
     ...env,

@@ -25,6 +25,8 @@ describe('OTEL_SDK_DISABLED=true: GET /metrics answers 503, not a 200 Prometheus
     const env = {
       GATEHOUSE_ROLE: 'worker',
       REDIS_URL,
+      // A worker needs one (loadConfig); the test database below replaces it.
+      DATABASE_URL: 'postgres://placeholder.invalid/gatehouse',
       REDIS_KEY_PREFIX: `test-worker-ops-${randomBytes(4).toString('hex')}:`,
       PORT: '0',
       HOST: '127.0.0.1',

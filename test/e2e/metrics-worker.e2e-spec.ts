@@ -17,6 +17,8 @@ describe('GATEHOUSE_ROLE=worker: /metrics and /health/live without an API server
     const env = {
       GATEHOUSE_ROLE: 'worker',
       REDIS_URL,
+      // A worker needs one (loadConfig); the test database below replaces it.
+      DATABASE_URL: 'postgres://placeholder.invalid/gatehouse',
       REDIS_KEY_PREFIX: `test-worker-ops-${randomBytes(4).toString('hex')}:`,
       PORT: '0',
       HOST: '127.0.0.1',

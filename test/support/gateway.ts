@@ -125,6 +125,8 @@ export async function startTestGateway(options: TestGatewayOptions = {}): Promis
     HOST: '127.0.0.1',
     LOG_LEVEL: 'silent',
     ADMIN_API_KEY: adminKey,
+    // As an operator sets it: GATEHOUSE_ROLE=api (and worker) refuse to start without it.
+    ...(database.url === undefined ? {} : { DATABASE_URL: database.url }),
     ...(options.mockUpstream ? {} : { OPENROUTER_API_KEY: 'sk-test-upstream-secret', OPENROUTER_BASE_URL: stub.url }),
     ...options.env,
   };
