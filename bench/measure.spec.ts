@@ -210,4 +210,29 @@ describe('streaming check', () => {
     const buffering: BenchTarget = { name: 'buffering', endpoint: `${origin}/v1/chat/completions`, headers: {}, model: MODEL, pid: undefined };
     await expect(checkStreamsIncrementally(buffering, stubUrl.origin, 'fail')).rejects.toThrow(/does not forward SSE events as they arrive/);
   });
+
+  it('fails a target that relays the first content event live and holds back the rest until the end', async () => {
+    const { checkStreamsIncrementally } = await import('./streaming-check.js');
+    const stubUrl = new URL(stub.url);
+    const origin = await listen((req, res) => {
+      const upstream = request(
+        { host: stubUrl.hostname, port: stubUrl.port, method: 'POST', path: '/v1/chat/completions', headers: { 'content-type': 'application/json' } },
+        (r) => {
+          res.writeHead(200, { 'content-type': 'text/event-stream' });
+          const held: Buffer[] = [];
+          let sentFirstContent = false;
+          r.on('data', (c: Buffer) => {
+            if (sentFirstContent) return void held.push(c);
+            res.write(c);
+            const text = c.toString('utf8');
+            if (text.includes('"content":"') && !text.includes('"content":""')) sentFirstContent = true;
+          });
+          r.on('end', () => res.end(Buffer.concat(held)));
+        },
+      );
+      req.pipe(upstream);
+    });
+    const halfBuffering: BenchTarget = { name: 'half-buffering', endpoint: `${origin}/v1/chat/completions`, headers: {}, model: MODEL, pid: undefined };
+    await expect(checkStreamsIncrementally(halfBuffering, stubUrl.origin, 'half')).rejects.toThrow(/does not forward SSE events as they arrive/);
+  });
 });

@@ -104,9 +104,19 @@ export interface SpawnOptions {
   ipc?: boolean;
 }
 
+/**
+ * `env` without NODE_OPTIONS: the bench passes the node flags it measures explicitly, and a heap
+ * cap or profiler flag from the caller's shell would change the figures without being recorded.
+ */
+function measuredEnv(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  const copy = { ...env };
+  delete copy.NODE_OPTIONS;
+  return copy;
+}
+
 export function spawnNode(name: string, script: string, args: string[], options: SpawnOptions = {}): NodeProcess {
   const child = spawn(process.execPath, [...(options.nodeFlags ?? []), script, ...args], {
-    env: options.env ?? process.env,
+    env: measuredEnv(options.env ?? process.env),
     stdio: options.ipc ? ['ignore', 'pipe', 'pipe', 'ipc'] : ['ignore', 'pipe', 'pipe'],
   });
   return new NodeProcess(name, child);
@@ -173,7 +183,7 @@ export class LoadWorker {
 
   constructor() {
     // Advanced serialization moves the latency arrays as structured clones, not JSON text.
-    const child = fork(ENTRY.loadWorker, [], { serialization: 'advanced', stdio: ['ignore', 'inherit', 'pipe', 'ipc'] });
+    const child = fork(ENTRY.loadWorker, [], { env: measuredEnv(process.env), serialization: 'advanced', stdio: ['ignore', 'inherit', 'pipe', 'ipc'] });
     this.proc = new NodeProcess('load generator', child);
     child.on('message', (message: LoadReplyMessage) => {
       const waiter = this.pending.get(message.id);

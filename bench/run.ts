@@ -15,7 +15,7 @@
  * See BENCHMARKS.md for what the columns mean.
  */
 import { execFileSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, realpathSync } from 'node:fs';
 import { mkdir, readFile, appendFile, writeFile } from 'node:fs/promises';
 import { cpus, loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -112,7 +112,7 @@ interface Options {
   pgAsyncCommit: boolean;
 }
 
-function parseOptions(argv: string[]): Options {
+export function parseOptions(argv: string[]): Options {
   const { values } = parseArgs({
     args: argv,
     options: {
@@ -180,12 +180,25 @@ function parseOptions(argv: string[]): Options {
     profile: values.profile === true,
     profileMs: int(values['profile-ms'], 10_000, 'profile-ms'),
     pgAsyncCommit: values['pg-async-commit'] === true,
-    variants: (values.variant ?? []).map((v) => {
-      const at = v.indexOf('=');
-      if (at <= 0) throw new Error(`--variant must be NAME=DIST_DIR, got ${v}`);
-      return { name: v.slice(0, at), dist: resolve(v.slice(at + 1)) };
-    }),
+    variants: parseVariants(values.variant ?? []),
   };
+}
+
+/** The names the bench gives its own targets: the report pools every run of one name together. */
+const TAKEN_NAMES: readonly string[] = [...REFERENCES, 'gateway', 'embedded'];
+
+function parseVariants(args: readonly string[]): Options['variants'] {
+  const variants: Options['variants'] = [];
+  for (const v of args) {
+    const at = v.indexOf('=');
+    if (at <= 0) throw new Error(`--variant must be NAME=DIST_DIR, got ${v}`);
+    const name = v.slice(0, at);
+    // Sharing a name would silently average a saved build's figures into another target's.
+    if (TAKEN_NAMES.includes(name) || name.startsWith('gateway/')) throw new Error(`--variant: the name "${name}" is taken by one of the bench's own targets`);
+    if (variants.some((other) => other.name === name)) throw new Error(`--variant: the name "${name}" is given twice`);
+    variants.push({ name, dist: resolve(v.slice(at + 1)) });
+  }
+  return variants;
 }
 
 interface Meta {
@@ -406,7 +419,7 @@ async function main(): Promise<void> {
     const stubPort = Number(new URL(stub.url).port);
     for (const target of targets) {
       if (target.pid === undefined) continue;
-      for (const benchCase of roundTripCases(options)) {
+      for (const benchCase of roundTripCases(options, target.name)) {
         const counted = await countRoundTrips(target, benchCase, stubPort, counter, load.run, `${stamp}-trips-${seq++}`, options.quick ? 100 : 200);
         trips.push(counted);
         await appendFile(jsonl, `${JSON.stringify(counted)}\n`);
@@ -566,8 +579,10 @@ interface RoundTrips {
   closedSockets: number;
 }
 
-function roundTripCases(options: Options): BenchCase[] {
-  return options.kinds.flatMap((kind) => options.caches.map((cache) => ({ kind, connections: 1, cache })));
+export function roundTripCases(options: Options, target: string): BenchCase[] {
+  // The floors have no cache: a hit row would only repeat their miss row.
+  const caches = REFERENCES.includes(target) ? options.caches.filter((cache) => cache === 'miss') : options.caches;
+  return options.kinds.flatMap((kind) => caches.map((cache) => ({ kind, connections: 1, cache })));
 }
 
 /** One count-bounded run on one connection, with the target's sockets read before and after. */
@@ -674,16 +689,29 @@ async function profilerCommand(proc: NodeProcess, message: Record<string, unknow
   );
 }
 
-main().then(
-  () => {
-    process.exit(process.exitCode ?? 0);
-  },
-  (error: unknown) => {
-    if (error instanceof BenchFailure) {
-      process.stderr.write(`\nBENCH FAILED: ${error.message}\n`);
-    } else {
-      process.stderr.write(`\nbench crashed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}\n`);
-    }
-    process.exit(1);
-  },
-);
+/** Whether node was started on this file, rather than it being imported (by its spec). */
+function isEntryPoint(): boolean {
+  const script = process.argv[1];
+  if (script === undefined) return false;
+  try {
+    return realpathSync(script) === fileURLToPath(import.meta.url);
+  } catch {
+    return false;
+  }
+}
+
+if (isEntryPoint()) {
+  main().then(
+    () => {
+      process.exit(process.exitCode ?? 0);
+    },
+    (error: unknown) => {
+      if (error instanceof BenchFailure) {
+        process.stderr.write(`\nBENCH FAILED: ${error.message}\n`);
+      } else {
+        process.stderr.write(`\nbench crashed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}\n`);
+      }
+      process.exit(1);
+    },
+  );
+}

@@ -1,5 +1,9 @@
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
-import { describe, expect, it } from 'vitest';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { firstJsonLine, spawnNode } from './processes.js';
 import { memoryFlags, SHIPPED_MEMORY } from './targets.js';
 
 const root = new URL('../', import.meta.url);
@@ -34,5 +38,33 @@ describe('the memory flags the gateway ships with', () => {
       '--max-old-space-size=192',
     ]);
     expect(memoryFlags({ semiSpaceMb: 0, heapGrowingPercent: 0, oldSpaceMb: 0, pretenuring: false })).toEqual(['--no-allocation-site-pretenuring']);
+  });
+});
+
+describe('the node flags of the measured processes', () => {
+  const saved = process.env.NODE_OPTIONS;
+  afterEach(() => {
+    if (saved === undefined) delete process.env.NODE_OPTIONS;
+    else process.env.NODE_OPTIONS = saved;
+  });
+
+  // A heap cap or a profiler flag in the caller's shell would change the figures and appear in no record.
+  it("leave out the caller's NODE_OPTIONS, whether the process inherits the environment or gets a copy of it", async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'bench-node-options-'));
+    try {
+      const script = join(dir, 'print-node-options.mjs');
+      await writeFile(script, "process.stdout.write(JSON.stringify({ nodeOptions: process.env.NODE_OPTIONS ?? null }) + '\\n');\n");
+      process.env.NODE_OPTIONS = '--max-old-space-size=123';
+      for (const options of [{}, { env: { ...process.env } }]) {
+        const proc = spawnNode('printer', script, [], options);
+        try {
+          expect(await firstJsonLine<{ nodeOptions: string | null }>(proc)).toEqual({ nodeOptions: null });
+        } finally {
+          await proc.stop();
+        }
+      }
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -613,4 +613,16 @@ describe('stub upstream: bookkeeping and control surface', () => {
     expect(JSON.parse(frames[0] ?? '')).toMatchObject({ error: { code: 402 }, choices: [{ finish_reason: 'error' }] });
     expect(frames[1]).toBe('[DONE]');
   });
+
+  it('errorInBody without a status carries a 502 error, in JSON and in a stream', async () => {
+    stub.configure({ errorInBody: true });
+    const res = await chat({ model: 'm', messages: MESSAGES });
+    expect(res.status).toBe(200);
+    expect(await res.json()).toEqual({ error: { code: 502, message: 'Stub upstream fault: m answered 502' } });
+    const streamed = await chat({ model: 'm', messages: MESSAGES, stream: true });
+    expect(streamed.status).toBe(200);
+    const { frames } = await readSse(streamed);
+    expect(frames).toHaveLength(2);
+    expect(JSON.parse(frames[0] ?? '')).toMatchObject({ error: { code: 502 }, choices: [{ finish_reason: 'error' }] });
+  });
 });

@@ -46,7 +46,7 @@ export interface StubFaults {
   /** Pad every word of the reply to this many characters (filler letters): a long answer in bytes, same token count. */
   wordBytes?: number;
   /**
-   * With `status`: answer 200 and carry the error in the body, as OpenRouter does once a model
+   * Answer 200 and carry the error (`status`, or 502) in the body, as OpenRouter does once a model
    * started processing: JSON `{"error":{"code":<status>,"message"}}`; a stream whose first event
    * is that error (with a choice whose finish_reason is "error"), then [DONE].
    */
@@ -913,7 +913,9 @@ class StubUpstreamServer implements StubUpstream {
 
   /** The error status this request must get from `model`, or 0; consumes a failTimes slot. */
   private activeStatus(model: string, faults: Readonly<StubFaults>): number {
-    const { status, failTimes } = faults;
+    const { failTimes } = faults;
+    // errorInBody alone still means an error (502, as documented), not a normal completion.
+    const status = faults.status ?? (faults.errorInBody === true ? 502 : undefined);
     if (status === undefined) return 0;
     if (failTimes === undefined) return status;
     const used = this.failures.get(model) ?? 0;
