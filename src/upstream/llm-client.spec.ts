@@ -122,4 +122,15 @@ describe('upstream error text that echoes the gateway key', () => {
     const failure = describeUpstreamError(400, JSON.stringify({ error: { message: `${'x'.repeat(490)} ${key}` } }));
     expect(failure.message).not.toContain(key.slice(0, 9));
   });
+
+  it('leaves a placeholder key (shorter than 8 characters) and the letters of a key inside a longer word alone', () => {
+    // An upstream that needs no key still gets one: OPENROUTER_API_KEY=x, or none.
+    withholdUpstreamKey('x');
+    withholdUpstreamKey('none');
+    const message = "This model's maximum context length is 8192 tokens; none of it was used";
+    const failure = describeUpstreamError(400, JSON.stringify({ error: { message, code: 'context_length_exceeded', param: 'max_tokens' } }));
+    expect(failure).toMatchObject({ message, code: 'context_length_exceeded', param: 'max_tokens' });
+    const inWord = describeUpstreamError(400, JSON.stringify({ error: { message: `not${key}s but ${key}` } }));
+    expect(inWord.message).toBe(`not${key}s but [redacted]`);
+  });
 });

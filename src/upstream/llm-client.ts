@@ -109,10 +109,20 @@ export function describeUpstreamError(status: number, text: string): UpstreamErr
  * the log, where the gateway's key must never be (API.md). Each driver adds its own as it is
  * built; none is removed, as a process holds one or two.
  */
-const upstreamKeys = new Set<string>();
+const upstreamKeys = new Map<string, RegExp>();
+
+/**
+ * Shorter than this, a key is a placeholder (an upstream that needs none still gets one, such as
+ * `x` or `none`), not a secret: masking it would garble every message that holds those letters.
+ */
+const SHORTEST_WITHHELD_KEY = 8;
 
 export function withholdUpstreamKey(key: string): void {
-  if (key !== '') upstreamKeys.add(key);
+  if (key.length < SHORTEST_WITHHELD_KEY || upstreamKeys.has(key)) return;
+  // Whole tokens only: the key as it is echoed (`Bearer <key>`, `"<key>"`, `key=<key>`), not the
+  // same letters inside a longer word.
+  const escaped = key.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+  upstreamKeys.set(key, new RegExp(`(?<![\\w-])${escaped}(?![\\w-])`, 'g'));
 }
 
 /**
@@ -122,7 +132,7 @@ export function withholdUpstreamKey(key: string): void {
  */
 function withoutKeys(text: string): string {
   let out = text;
-  for (const key of upstreamKeys) out = out.replaceAll(key, REDACTED);
+  for (const pattern of upstreamKeys.values()) out = out.replace(pattern, REDACTED);
   return redactText(out);
 }
 
