@@ -18,6 +18,12 @@ export const END_GRACE_MS = 2000;
  * there within milliseconds (its upstream request is cancelled at once); this bounds a stuck one.
  */
 export const SETTLE_GRACE_MS = 1000;
+
+/**
+ * As the server closes, how long the streams still open may take to write their error event and
+ * [DONE] before their connections are closed: one write each, so short (the exit budget is fixed).
+ */
+const STREAM_END_MS = 500;
 /**
  * The least time a writer's last flush gets, even past SIGTERM + SHUTDOWN_DRAIN_MS (a drain that
  * used all of it): a few tries against a database that refuses, or one that does not answer.
@@ -209,6 +215,13 @@ export class ShutdownService implements OnModuleInit, OnModuleDestroy, BeforeApp
     const deadline = (this.drainStartedAt ?? Date.now()) + this.config.shutdown.drainMs + END_GRACE_MS;
     if (!(await this.idleWithin(Math.max(0, deadline - Date.now())))) {
       this.logger.warn({ inFlight: this.inFlight }, 'closing the server with requests still running');
+      // Its streams end as the drain's do, with the SSE error event and [DONE] (API.md), before
+      // their connections close: cut bare, a client sees a broken stream, not a failed one.
+      if (this.streams.size > 0) {
+        this.deadline.abort(new ShuttingDown());
+        for (const call of this.streams) call.abort?.(this.deadline.signal.reason);
+        await this.streamsEndedWithin(STREAM_END_MS);
+      }
       this.closeConnections();
       await this.settleCutCalls();
     }
@@ -262,6 +275,11 @@ export class ShutdownService implements OnModuleInit, OnModuleDestroy, BeforeApp
    * stream drained, every JSON call recorded by its pipeline (which settles its budget first). Polled, and only here: a
    * notification would cost every request something for the sake of the shutdown.
    */
+  private async streamsEndedWithin(ms: number): Promise<void> {
+    const until = performance.now() + ms;
+    while (this.streams.size > 0 && performance.now() < until) await new Promise((resolve) => setTimeout(resolve, SETTLE_POLL_MS));
+  }
+
   private async settledWithin(ms: number): Promise<boolean> {
     const until = performance.now() + ms;
     for (;;) {
