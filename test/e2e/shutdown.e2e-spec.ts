@@ -342,6 +342,73 @@ describe('graceful shutdown (SIGTERM path: app.close())', () => {
       await pgdb.drop();
     }
   });
+
+  it('ends a stream accepted after the drain and still open as the server closes with the shutting-down error event and [DONE], and settles it', async () => {
+    const pgdb = await createPostgresDatabase();
+    try {
+      gw = await startTestGateway({ db: 'postgres', postgresUrl: pgdb.url, env: { SHUTDOWN_DRAIN_MS: '300' } });
+      const t = await gw.tenants.create({ userBudgetUsd: 1 });
+      const held = new Map<string, () => void>();
+      gw.stub.script = (_req, body, res: ServerResponse) => {
+        const content = (body.messages as Array<{ content: string }>)[0]?.content ?? '';
+        if (body.stream === true) {
+          // One content chunk, then nothing more: the upstream is still generating.
+          res.writeHead(200, { 'content-type': 'text/event-stream' });
+          const chunk = { id: 'c1', object: 'chat.completion.chunk', created: 1, model: body.model, choices: [{ index: 0, delta: { role: 'assistant', content: 'partial ' }, finish_reason: null }] };
+          res.write(`data: ${JSON.stringify(chunk)}\n\n`);
+          held.set(content, () => undefined);
+          return true;
+        }
+        held.set(content, () => answerHeld(res, body.model));
+        return true;
+      };
+      const job = await t.api.post('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: 'a job' }] }, { prefer: 'respond-async' });
+      expect(job.status).toBe(202);
+      await pollUntil(() => expect(held.has('a job')).toBe(true));
+      const closing = gw.gateway.close();
+      const probe = new ApiClient(gw.url, undefined);
+      await pollUntil(async () => expect((await probe.get('/health/ready')).status).toBe(503));
+      const requestId = `late-stream-${t.userId}`;
+      const res = await fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${t.key}`, 'content-type': 'application/json', 'x-request-id': requestId },
+        body: JSON.stringify({ model: 'auto', stream: true, messages: [{ role: 'user', content: 'late stream' }] }),
+      });
+      expect(res.status).toBe(200);
+      const text = (async () => {
+        let out = '';
+        const reader = (res.body as ReadableStream<Uint8Array>).getReader();
+        const decoder = new TextDecoder();
+        try {
+          for (;;) {
+            const { value, done } = await reader.read();
+            if (done) break;
+            out += decoder.decode(value, { stream: true });
+          }
+        } catch (e) {
+          out += `\n<<connection error: ${(e as Error).message}>>`;
+        }
+        return out;
+      })();
+      await pollUntil(() => expect(held.has('late stream')).toBe(true));
+      held.get('a job')?.();
+      await closing;
+      const body = await text;
+      const db = await openDatabase({ driver: 'postgres', url: pgdb.url }, DATABASE_CONTENT);
+      try {
+        const audit = await db.dataSource.query<Array<{ action: string }>>('SELECT action FROM audit_events WHERE request_id = $1', [requestId]);
+        const reserved = await db.dataSource.query<Array<{ n: string }>>('SELECT count(*) AS n FROM budget_reservations WHERE user_id = $1', [t.userId]);
+        expect(audit).toEqual([{ action: 'completion' }]);
+        expect(reserved).toEqual([{ n: '0' }]);
+      } finally {
+        await db.close();
+      }
+      expect(body).toContain('"code":"unavailable"');
+      expect(body.trimEnd().endsWith('data: [DONE]')).toBe(true);
+    } finally {
+      await pgdb.drop();
+    }
+  });
 });
 
 function answerHeld(res: ServerResponse, model: unknown): void {
