@@ -192,8 +192,7 @@ export class ShutdownService implements OnModuleInit, OnModuleDestroy, BeforeApp
     this.logger.info({ signal, inFlight: this.inFlight, drainMs }, 'draining: readiness is down, in-flight requests may finish');
     if (!(await this.idleWithin(drainMs))) {
       this.logger.warn({ inFlight: this.inFlight, drainMs }, 'drain deadline passed: ending the streams still open');
-      this.deadline.abort(new ShuttingDown());
-      for (const call of this.streams) call.abort?.(this.deadline.signal.reason);
+      this.endStreams();
       if (!(await this.idleWithin(END_GRACE_MS))) {
         this.logger.warn({ inFlight: this.inFlight }, 'closing the connections of requests still running');
         this.closeConnections();
@@ -218,13 +217,18 @@ export class ShutdownService implements OnModuleInit, OnModuleDestroy, BeforeApp
       // Its streams end as the drain's do, with the SSE error event and [DONE] (API.md), before
       // their connections close: cut bare, a client sees a broken stream, not a failed one.
       if (this.streams.size > 0) {
-        this.deadline.abort(new ShuttingDown());
-        for (const call of this.streams) call.abort?.(this.deadline.signal.reason);
+        this.endStreams();
         await this.streamsEndedWithin(STREAM_END_MS);
       }
       this.closeConnections();
       await this.settleCutCalls();
     }
+  }
+
+  /** Each open stream ends with the SSE error event and [DONE] (streamEndedError). */
+  private endStreams(): void {
+    this.deadline.abort(new ShuttingDown());
+    for (const call of this.streams) call.abort?.(this.deadline.signal.reason);
   }
 
   /** Their calls' signals abort with their responses (the door's 'close' listener). */
