@@ -248,13 +248,8 @@ describe('graceful shutdown (SIGTERM path: app.close())', () => {
         held.set(content, () => answerHeld(res, body.model));
         return true;
       };
-      const job = await t.api.post('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: 'a job' }] }, { prefer: 'respond-async' });
-      expect(job.status).toBe(202);
-      await pollUntil(() => expect(held.has('a job')).toBe(true));
       // The running job holds the shutdown in the job workers' hook, after the drain went idle.
-      const closing = gw.gateway.close();
-      const probe = new ApiClient(gw.url, undefined);
-      await pollUntil(async () => expect((await probe.get('/health/ready')).status).toBe(503));
+      const { closing, probe } = await closeWhileAJobRuns(gw, t, held);
       const late = t.api.post('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: 'late' }] });
       await pollUntil(() => expect(held.has('late')).toBe(true));
       // The job ends, Nest closes the server, and its preClose hook waits for the late call with
@@ -307,12 +302,7 @@ describe('graceful shutdown (SIGTERM path: app.close())', () => {
         held.set(content, () => answerHeld(res, body.model));
         return true;
       };
-      const job = await t.api.post('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: 'a job' }] }, { prefer: 'respond-async' });
-      expect(job.status).toBe(202);
-      await pollUntil(() => expect(held.has('a job')).toBe(true));
-      const closing = gw.gateway.close();
-      const probe = new ApiClient(gw.url, undefined);
-      await pollUntil(async () => expect((await probe.get('/health/ready')).status).toBe(503));
+      const { closing } = await closeWhileAJobRuns(gw, t, held);
       const requestId = `late-cut-${t.userId}`;
       const late = fetch(`${gw.url}/v1/chat/completions`, {
         method: 'POST',
@@ -362,12 +352,7 @@ describe('graceful shutdown (SIGTERM path: app.close())', () => {
         held.set(content, () => answerHeld(res, body.model));
         return true;
       };
-      const job = await t.api.post('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: 'a job' }] }, { prefer: 'respond-async' });
-      expect(job.status).toBe(202);
-      await pollUntil(() => expect(held.has('a job')).toBe(true));
-      const closing = gw.gateway.close();
-      const probe = new ApiClient(gw.url, undefined);
-      await pollUntil(async () => expect((await probe.get('/health/ready')).status).toBe(503));
+      const { closing } = await closeWhileAJobRuns(gw, t, held);
       const requestId = `late-stream-${t.userId}`;
       const res = await fetch(`${gw.url}/v1/chat/completions`, {
         method: 'POST',
@@ -410,6 +395,21 @@ describe('graceful shutdown (SIGTERM path: app.close())', () => {
     }
   });
 });
+
+/**
+ * Submits a job whose upstream answer `held` keeps back, then starts closing the gateway and waits
+ * for readiness to go down: the running job holds the shutdown in the job workers' hook after the
+ * drain went idle, until the test releases `held.get('a job')`, with the listener still open.
+ */
+async function closeWhileAJobRuns(gw: TestGateway, t: Tenant, held: Map<string, () => void>): Promise<{ closing: Promise<void>; probe: ApiClient }> {
+  const job = await t.api.post('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: 'a job' }] }, { prefer: 'respond-async' });
+  expect(job.status).toBe(202);
+  await pollUntil(() => expect(held.has('a job')).toBe(true));
+  const closing = gw.gateway.close();
+  const probe = new ApiClient(gw.url, undefined);
+  await pollUntil(async () => expect((await probe.get('/health/ready')).status).toBe(503));
+  return { closing, probe };
+}
 
 function answerHeld(res: ServerResponse, model: unknown): void {
   res.writeHead(200, { 'content-type': 'application/json' });
