@@ -1,10 +1,9 @@
 import { type AddressInfo, connect, createServer, type Server, type Socket } from 'node:net';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { type Env, loadConfig } from '../../src/config/config.js';
-import { createLogger } from '../../src/core/logger.js';
-import { createWorker, type WorkerProcess } from '../../src/gateway.js';
+import type { Env } from '../../src/config/config.js';
+import type { WorkerProcess } from '../../src/gateway.js';
 import { REDIS_URL } from '../support/databases.js';
-import { type ApiClient, type HttpResult, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+import { type ApiClient, type HttpResult, pollUntil, startTestGateway, startWorker, type Tenant, type TestGateway } from '../support/gateway.js';
 import { dropRedisKeys, startRedisProxy, type TcpProxy, uniqueRedisPrefix } from '../support/redis.js';
 
 interface JobBody {
@@ -45,20 +44,6 @@ function accepted(res: HttpResult<JobBody>): string {
   expect(res.status).toBe(202);
   expect(res.headers.get('location')).toBe(`/v1/jobs/${res.body.id}`);
   return res.body.id;
-}
-
-/** A GATEHOUSE_ROLE=worker process (no HTTP server) on the api instance's PostgreSQL and Redis. */
-async function startWorker(api: TestGateway, env: Env): Promise<WorkerProcess> {
-  const config = loadConfig({
-    LOG_LEVEL: 'silent',
-    ADMIN_API_KEY: api.adminKey,
-    DATABASE_URL: api.database.url,
-    OPENROUTER_API_KEY: 'sk-test-upstream-secret',
-    OPENROUTER_BASE_URL: api.stub.url,
-    ...env,
-    GATEHOUSE_ROLE: 'worker',
-  });
-  return createWorker({ ...config, database: api.config.database }, { logger: createLogger('silent') });
 }
 
 describe('async jobs on BullMQ: an api instance and a separate worker sharing Redis and PostgreSQL', () => {

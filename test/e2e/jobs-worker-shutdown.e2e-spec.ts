@@ -1,12 +1,11 @@
 import type { ServerResponse } from 'node:http';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DATABASE_CONTENT } from '../../src/app.module.js';
-import { type Env, loadConfig } from '../../src/config/config.js';
+import type { Env } from '../../src/config/config.js';
 import { createLogger } from '../../src/core/logger.js';
 import { openDatabase } from '../../src/database/data-source.js';
-import { createWorker } from '../../src/gateway.js';
 import { REDIS_URL } from '../support/databases.js';
-import { pollUntil, startTestGateway, type TestGateway } from '../support/gateway.js';
+import { answerHeld, pollUntil, startTestGateway, startWorker, type TestGateway } from '../support/gateway.js';
 import { dropRedisKeys, uniqueRedisPrefix } from '../support/redis.js';
 
 /**
@@ -31,19 +30,7 @@ describe('a worker stopped with a job running (BullMQ, PostgreSQL)', () => {
     // The upstream answers the job only once the worker is shutting down.
     let answer: (() => void) | undefined;
     api.stub.script = (_req, body, res: ServerResponse) => {
-      answer = () => {
-        res.writeHead(200, { 'content-type': 'application/json' });
-        res.end(
-          JSON.stringify({
-            id: 'chatcmpl-held',
-            object: 'chat.completion',
-            created: 1,
-            model: body.model,
-            choices: [{ index: 0, message: { role: 'assistant', content: 'finished during the shutdown' }, finish_reason: 'stop' }],
-            usage: { prompt_tokens: 5, completion_tokens: 4, total_tokens: 9 },
-          }),
-        );
-      };
+      answer = () => answerHeld(res, body.model, 'finished during the shutdown');
       return true;
     };
     const submit = await alice.api.post<{ id: string }>(
@@ -64,16 +51,7 @@ describe('a worker stopped with a job running (BullMQ, PostgreSQL)', () => {
             .map((l) => JSON.parse(l) as { context?: string; msg?: string }),
         ),
     });
-    const config = loadConfig({
-      LOG_LEVEL: 'info',
-      ADMIN_API_KEY: api.adminKey,
-      DATABASE_URL: api.database.url,
-      OPENROUTER_API_KEY: 'sk-test-upstream-secret',
-      OPENROUTER_BASE_URL: api.stub.url,
-      ...env,
-      GATEHOUSE_ROLE: 'worker',
-    });
-    const worker = await createWorker({ ...config, database: api.config.database }, { logger });
+    const worker = await startWorker(api, env, logger);
     await pollUntil(() => expect(answer).toBeDefined(), 20_000);
     const closing = worker.close();
     // The shutdown has begun (its drain is over at once: a worker serves no requests) when the

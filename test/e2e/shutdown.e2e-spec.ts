@@ -5,7 +5,7 @@ import { DATABASE_CONTENT } from '../../src/app.module.js';
 import { createLogger } from '../../src/core/logger.js';
 import { openDatabase } from '../../src/database/data-source.js';
 import { createPostgresDatabase } from '../support/databases.js';
-import { ApiClient, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+import { ApiClient, answerHeld, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 
 /** An SSE response read as it arrives, so a test can act while the stream is still going. */
 interface OpenStream {
@@ -409,18 +409,4 @@ async function closeWhileAJobRuns(gw: TestGateway, t: Tenant, held: Map<string, 
   const probe = new ApiClient(gw.url, undefined);
   await pollUntil(async () => expect((await probe.get('/health/ready')).status).toBe(503));
   return { closing, probe };
-}
-
-function answerHeld(res: ServerResponse, model: unknown): void {
-  res.writeHead(200, { 'content-type': 'application/json' });
-  res.end(
-    JSON.stringify({
-      id: 'chatcmpl-held',
-      object: 'chat.completion',
-      created: 1,
-      model,
-      choices: [{ index: 0, message: { role: 'assistant', content: 'fine' }, finish_reason: 'stop' }],
-      usage: { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7 },
-    }),
-  );
 }

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import type { ServerResponse } from 'node:http';
 import OpenAI from 'openai';
 import type { Logger } from 'pino';
 import { expect } from 'vitest';
@@ -7,7 +8,7 @@ import { type AppConfig, type Env, loadConfig } from '../../src/config/config.js
 import type { Clock } from '../../src/core/clock.js';
 import { createLogger } from '../../src/core/logger.js';
 import { pollUntil } from '../../src/core/testing/poll-until.js';
-import { createGateway, type Gateway } from '../../src/gateway.js';
+import { createGateway, createWorker, type Gateway, type WorkerProcess } from '../../src/gateway.js';
 import { createTestDatabase, type DbKind, type TestDatabase } from './databases.js';
 import { startTcpProxy, type TcpProxy } from './redis.js';
 
@@ -265,3 +266,35 @@ export async function leaveMidway(
   await pending.catch(() => undefined);
 }
 
+
+/**
+ * A GATEHOUSE_ROLE=worker process (no HTTP server) on the api instance's PostgreSQL and Redis.
+ * `env` should carry the api instance's REDIS_URL and REDIS_KEY_PREFIX so both share one queue.
+ */
+export async function startWorker(api: TestGateway, env: Env, logger: Logger = createLogger('silent')): Promise<WorkerProcess> {
+  const config = loadConfig({
+    LOG_LEVEL: logger.level,
+    ADMIN_API_KEY: api.adminKey,
+    DATABASE_URL: api.database.url,
+    OPENROUTER_API_KEY: 'sk-test-upstream-secret',
+    OPENROUTER_BASE_URL: api.stub.url,
+    ...env,
+    GATEHOUSE_ROLE: 'worker',
+  });
+  return createWorker({ ...config, database: api.config.database }, { logger });
+}
+
+/** Answers a chat completion the stub's script held back, with `content` and a usage of 5 + 2 tokens. */
+export function answerHeld(res: ServerResponse, model: unknown, content = 'fine'): void {
+  res.writeHead(200, { 'content-type': 'application/json' });
+  res.end(
+    JSON.stringify({
+      id: 'chatcmpl-held',
+      object: 'chat.completion',
+      created: 1,
+      model,
+      choices: [{ index: 0, message: { role: 'assistant', content }, finish_reason: 'stop' }],
+      usage: { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7 },
+    }),
+  );
+}
