@@ -209,7 +209,8 @@ export function namedErrorEventFailure(data: string): UpstreamFailure {
   } catch {
     // not JSON: the failure is still one, without a message of its own
   }
-  return inBandFailure(body) ?? failureOf(readUpstreamError(body, 'upstream sent an error event'), 502);
+  // Its usage, if it reports one, is what the failed stream is charged, as eventFailure's.
+  return billed(inBandFailure(body) ?? failureOf(readUpstreamError(body, 'upstream sent an error event'), 502), body);
 }
 
 /** The first stream event must be a chunk: one without a `choices` list is no answer (as in jsonResult). */

@@ -175,6 +175,22 @@ describe.each(DRIVERS)('errors inside a 200 (%s driver)', (driver) => {
     expect(await storedBudget(gw, 'user', t.userId)).toMatchObject({ spent: 7777n, reserved: 0n });
   });
 
+  it('an `event: error` frame after the first byte that reports usage is charged its usage.cost too', async () => {
+    const t = await gw.tenants.create({ userBudgetUsd: 1 });
+    const named = { message: 'provider failed mid-generation', usage: { prompt_tokens: 9, completion_tokens: 4, total_tokens: 13, cost: 0.000007777 } };
+    gw.stub.script = (_req, _body, res) => {
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      res.end(`${chunkFrame('partial')}event: error\ndata: ${JSON.stringify(named)}\n\ndata: [DONE]\n\n`);
+      return true;
+    };
+    const { status, events } = await sse(gw, t.key, {});
+    expect(status).toBe(200);
+    expect(JSON.parse(events[1] ?? '{}')).toEqual({ error: expect.objectContaining({ type: 'upstream_error' }) });
+    const rows = await ledgerRows(gw, 'user', t.userId);
+    expect(rows.map((r) => [r.status, r.cost_source, r.cost_nanos, r.prompt_tokens, r.completion_tokens])).toEqual([[502, 'upstream', '7777', 9, 4]]);
+    expect(await storedBudget(gw, 'user', t.userId)).toMatchObject({ spent: 7777n, reserved: 0n });
+  });
+
   it('a first stream event without choices is a failed attempt (bad response): retried, then 502', async () => {
     const t = await gw.tenants.create();
     gw.stub.script = (_req, _body, res) => {
