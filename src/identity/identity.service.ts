@@ -59,6 +59,8 @@ export class IdentityService {
   private readonly refused = new Map<string, CachedKey>();
   /** How many keys each of the two caches holds at most (a test sets a small bound). */
   readonly maxCachedKeys: number = MAX_CACHED_KEYS;
+  /** Moved by forgetCachedKeys(): a key lookup that spans it read the database too early. */
+  private cacheGeneration = 0;
 
   constructor(
     private readonly dataSource: DataSource,
@@ -76,7 +78,18 @@ export class IdentityService {
     const now = this.clock.nowMs();
     let entry = this.cache.get(keyHash) ?? this.refused.get(keyHash);
     if (entry === undefined || entry.until <= now) {
-      entry = { principal: await this.lookup(keyHash), until: now + this.config.auth.keyCacheMs };
+      // A lookup that read the key before a revocation here committed, and comes back after
+      // forgetCachedKeys() ran, must not put the revoked key back for a whole keyCacheMs: such a
+      // lookup is made once more, and that answer is the request's, cached only if no other
+      // change raced it too (admin churn must not loop a request).
+      const generation = this.cacheGeneration;
+      let principal = await this.lookup(keyHash);
+      if (generation !== this.cacheGeneration) {
+        const again = this.cacheGeneration;
+        principal = await this.lookup(keyHash);
+        if (again !== this.cacheGeneration) return this.admitted(principal, now);
+      }
+      entry = { principal, until: now + this.config.auth.keyCacheMs };
       // Valid and unknown keys are kept apart, each map making room by dropping its oldest entry
       // (a Map iterates in insertion order): a flood of distinct bad keys only pushes out bad
       // keys, where one cleared map also dropped every valid key's entry, and each of those
@@ -87,7 +100,10 @@ export class IdentityService {
       if (into.size >= this.maxCachedKeys) into.delete(into.keys().next().value as string);
       into.set(keyHash, entry);
     }
-    const principal = entry.principal;
+    return this.admitted(entry.principal, now);
+  }
+
+  private admitted(principal: Principal | null, now: number): Principal {
     if (principal === null) throw new GatewayError('invalid_api_key', 'Invalid API key provided.');
     if (principal.expiresAt !== undefined && principal.expiresAt <= now) throw new GatewayError('invalid_api_key', 'This API key has expired.');
     return principal;
@@ -125,6 +141,7 @@ export class IdentityService {
 
   /** Local revocations take effect at once; other instances drop their copy within keyCacheMs. */
   forgetCachedKeys(): void {
+    this.cacheGeneration++;
     this.cache.clear();
     this.refused.clear();
   }

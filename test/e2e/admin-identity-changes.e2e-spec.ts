@@ -147,3 +147,57 @@ describe('misspelt query parameters of admin lists (PGlite)', () => {
     expect((await gw.admin.get('/admin/routing/versions?limit=2')).status).toBe(200);
   });
 });
+
+// forgetCachedKeys() runs once a revocation commits, so this instance refuses the key at once. A
+// lookup that had read the key as valid before the commit, and came back after, put it back in the
+// cache: the instance that answered DELETE 200 kept accepting the key for KEY_CACHE_MS.
+type Lookup = (keyHash: string) => Promise<unknown>;
+
+describe('a key revoked while a lookup of it is in flight (PGlite)', () => {
+  let gw: TestGateway;
+  beforeAll(async () => {
+    // The most the config allows, so a lookup that re-cached the revoked key would keep it working
+    // well past the next request.
+    gw = await startTestGateway({ env: { KEY_CACHE_MS: '2000' } });
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+
+  it('a key revoked here is refused by the next request, even when a lookup of it was in flight', async () => {
+    const tenant = await gw.tenants.create();
+    const identity = gw.gateway.app.get<IdentityService, { lookup: Lookup }>(IdentityService);
+    const original = identity.lookup.bind(identity);
+    const target = hashApiKey(tenant.key);
+    let readValid!: () => void;
+    const read = new Promise<void>((resolve) => (readValid = resolve));
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    let held = false;
+    // The first lookup of the tenant's key reads the database (key valid), then is slow to come back
+    // (a busy event loop, a slow network reply): the revocation commits meanwhile.
+    identity.lookup = async (keyHash: string) => {
+      const result = await original(keyHash);
+      if (keyHash === target && !held) {
+        held = true;
+        readValid();
+        await gate;
+      }
+      return result;
+    };
+    try {
+      const inFlight = tenant.api.get('/v1/models');
+      await read;
+      const revoked = await gw.admin.delete(`/admin/keys/${tenant.keyId}`);
+      expect(revoked.status).toBe(200);
+      release();
+      // Admitted before the revocation answered: acceptable either way.
+      await inFlight;
+    } finally {
+      identity.lookup = original;
+    }
+    // After DELETE answered 200 on this very instance.
+    const after = await tenant.api.get('/v1/models');
+    expect(after.status, 'the revoked key still works on the instance that revoked it').toBe(401);
+  });
+});
