@@ -5,7 +5,7 @@ import type { Clock } from '../core/clock.js';
 import { FallbackState } from '../redis/fallback-state.js';
 import { LuaScript } from '../redis/lua-script.js';
 import type { RedisCommands } from '../redis/resp-client.js';
-import { unlinkMatching } from '../redis/unlink-matching.js';
+import { escapeGlob, unlinkMatching } from '../redis/unlink-matching.js';
 import { ExpiringEntries } from './expiring-entries.js';
 import { type CacheFilter, type CacheLookup, type CachePeek, ResponseCache, type CacheTags } from './response-cache.js';
 
@@ -316,9 +316,14 @@ export class RedisResponseCache extends ResponseCache {
     return { state: 'up', details: { driver: 'redis', near_copies: near } };
   }
 
+  /**
+   * Entries only: the fill locks and wait marks of requests in flight stay, or an identical
+   * request on another instance would lead a second upstream call. Indexes stay too (unlinked
+   * mid-scan, a fill landing meanwhile could keep its entry but lose its index, out of reach of a
+   * filtered delete); what they still list of the purged entries, a filtered delete takes out.
+   */
   private deleteAll(): Promise<number> {
-    const entryPrefix = `${this.ns}e:`;
-    return unlinkMatching(this.client, `${this.ns}*`, (key) => key.startsWith(entryPrefix));
+    return unlinkMatching(this.client, `${escapeGlob(this.ns)}e:*`);
   }
 
   /** Records the outcome so the outage and the recovery are each logged once. */

@@ -1,20 +1,27 @@
 import type { RedisCommands } from './resp-client.js';
 
 /**
- * UNLINKs every key matching `pattern`, one SCAN page (up to 1000 keys) at a time, so a large
- * namespace never blocks Redis the way KEYS or one huge DEL would. Returns how many of the
- * unlinked keys `counts` accepts (all by default).
+ * `literal` as a SCAN MATCH pattern that matches only itself. A key prefix comes from
+ * REDIS_KEY_PREFIX, where `[`, `]`, `*`, `?` and `\` are plain characters: unescaped, `[eu]:`
+ * matched no key of its own (a purge deleted nothing) and `*` could reach another deployment's.
  */
-export async function unlinkMatching(client: RedisCommands, pattern: string, counts: (key: string) => boolean = () => true): Promise<number> {
+export function escapeGlob(literal: string): string {
+  return literal.replace(/[*?[\]\\]/g, (c) => `\\${c}`);
+}
+
+/**
+ * UNLINKs every key matching `pattern` (build it with escapeGlob around any literal part), one
+ * SCAN page (up to 1000 keys) at a time, so a large namespace never blocks Redis the way KEYS or
+ * one huge DEL would. Returns how many keys it removed.
+ */
+export async function unlinkMatching(client: RedisCommands, pattern: string): Promise<number> {
   let cursor = '0';
   let unlinked = 0;
   do {
     const [next, keys] = (await client.call('SCAN', cursor, 'MATCH', pattern, 'COUNT', 1000)) as [string, string[]];
     cursor = next;
-    if (keys.length > 0) {
-      await client.call('UNLINK', ...keys);
-      unlinked += keys.filter(counts).length;
-    }
+    // Counted by UNLINK's reply: SCAN may return a key twice, or one that has since expired.
+    if (keys.length > 0) unlinked += (await client.call('UNLINK', ...keys)) as number;
   } while (cursor !== '0');
   return unlinked;
 }

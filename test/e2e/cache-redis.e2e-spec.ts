@@ -1,9 +1,10 @@
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { CompletionCache } from '../../src/cache/completion-cache.service.js';
 import { ApiClient, type HttpResult, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 import { REDIS_URL } from '../support/databases.js';
 import { openStream } from '../support/raw-http.js';
-import { startRedisProxy, type TcpProxy, uniqueRedisPrefix } from '../support/redis.js';
+import { dropRedisKeys, startRedisProxy, type TcpProxy, uniqueRedisPrefix } from '../support/redis.js';
 
 type Completion = { id: string; choices: Array<{ message: { content: string } }> };
 const prompt = (tag: string) => `${tag} ${randomBytes(4).toString('hex')}`;
@@ -121,6 +122,21 @@ describe('response cache on Redis, shared by two instances', () => {
     expect(cacheOf(await ask(first.api, content))).toBe('miss');
   });
 
+  it('deletes everything but a fill in flight: the identical request waiting on the other instance still gets its one answer', async () => {
+    a.stub.configure({ latencyMs: 1500 });
+    const content = prompt('purge-in-flight');
+    const leader = ask(alice.api, content);
+    await pollUntil(() => expect(a.stub.hits).toBe(1));
+    const follower = ask(aliceOnB, content);
+    await pollUntil(() => expect(b.gateway.app.get(CompletionCache).inFlight).toBe(1));
+    // An admin clears the cache while A's leader still waits for the upstream. Had the purge taken
+    // the fill lock with the entries, B would find the key free and call the upstream again.
+    expect(await a.admin.delete('/admin/cache')).toMatchObject({ status: 200 });
+    const [l, f] = await Promise.all([leader, follower]);
+    expect([l.status, f.status]).toEqual([200, 200]);
+    expect({ upstreamCalls: a.stub.hits, follower: cacheOf(f) }).toEqual({ upstreamCalls: 1, follower: 'hit' });
+  });
+
   it('reports Redis, cache and rate limits up in /health/ready', async () => {
     // B reads an entry A filled: it keeps a near copy, and leases of Alice's counters.
     const content = prompt('health');
@@ -147,6 +163,30 @@ async function nearCopiesDropped(gw: TestGateway): Promise<void> {
     expect(((await gw.admin.get('/health/ready')).body as { details: { cache: { near_copies: unknown } } }).details.cache.near_copies).toBe(0),
   );
 }
+
+describe('a REDIS_KEY_PREFIX with characters SCAN MATCH reads as a glob', () => {
+  // Plain characters in a key; unescaped in a pattern, `[eu]` alone made it match no key here.
+  const prefix = uniqueRedisPrefix('cache-glob').replace(/:$/, '*?[eu]\\:');
+  let gw: TestGateway;
+  let alice: Tenant;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ env: { REDIS_URL, REDIS_KEY_PREFIX: prefix } });
+    alice = await gw.tenants.create();
+  });
+  afterAll(async () => {
+    await gw?.close();
+    await dropRedisKeys(prefix);
+  });
+
+  it('deletes everything cached there', async () => {
+    const content = prompt('glob-prefix');
+    expect(cacheOf(await ask(alice.api, content))).toBe('miss');
+    expect(cacheOf(await ask(alice.api, content))).toBe('hit');
+    expect(await gw.admin.delete('/admin/cache')).toMatchObject({ status: 200, body: { deleted: 1 } });
+    expect(cacheOf(await ask(alice.api, content))).toBe('miss');
+  });
+});
 
 describe('when Redis goes away and comes back', () => {
   let gw: TestGateway;

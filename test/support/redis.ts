@@ -4,7 +4,7 @@ import type { AppConfig } from '../../src/config/config.js';
 import { createLogger } from '../../src/core/logger.js';
 import { ReadinessRegistry } from '../../src/health/readiness.js';
 import { RedisConnections, whenReady } from '../../src/redis/redis-connections.js';
-import { unlinkMatching } from '../../src/redis/unlink-matching.js';
+import { escapeGlob, unlinkMatching } from '../../src/redis/unlink-matching.js';
 import { REDIS_URL } from './databases.js';
 
 /** A key prefix no other test (or test run) uses, so tests can share the machine's Redis. */
@@ -31,7 +31,7 @@ export async function sentCommandsRan(connections: RedisConnections): Promise<vo
 
 /** Deletes every key under a test prefix. */
 export async function dropRedisPrefix(connections: RedisConnections): Promise<void> {
-  await unlinkMatching(connections.shared(), `${connections.keyPrefix}*`);
+  await unlinkMatching(connections.shared(), `${escapeGlob(connections.keyPrefix)}*`);
 }
 
 /**
