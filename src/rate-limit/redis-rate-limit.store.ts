@@ -194,9 +194,12 @@ export class RedisRateLimitStore extends RateLimitStore {
     } finally {
       for (const key of asked) this.asking.delete(key);
     }
-    this.state.ok();
     const flat = reply as number[];
     const allowed = flat[0] === 1;
+    // Only an admission wrote (its count): a refusal is a read a read-only Redis (a demoted
+    // primary, a full one under noeviction) still answers, and taken for a recovery it flipped
+    // readiness back to up and logged "Redis back" once per refused request.
+    if (allowed) this.state.ok();
     const at = this.lease ? this.lease.clock.nowMs() : 0;
     const states: BucketState[] = [];
     remote.forEach((i, j) => {

@@ -96,4 +96,31 @@ describe('Redis that stays connected but refuses writes', () => {
     expect(after.status).toBe(200);
     expect(after.headers.get('x-ratelimit-remaining-requests')).toBe('1');
   });
+
+  it('stays degraded while a caller already at its limit is refused: a refusal writes nothing, so it proves no write', async () => {
+    const limited = await gw.tenants.create();
+    const other = await gw.tenants.create();
+    expect((await gw.admin.put(`/admin/rate-limits/keys/${limited.keyId}`, { requests_per_minute: 2 })).status).toBe(200);
+    expect((await ask(limited.api)).status).toBe(200);
+    expect((await ask(limited.api)).status).toBe(200); // at its limit, counted in Redis
+    const before = [count(RL_DOWN), count(RL_BACK)];
+
+    cli('REPLICAOF', '127.0.0.1', '1');
+    try {
+      for (let i = 0; i < 3; i++) {
+        expect((await ask(other.api)).status).toBe(200); // its count is a write: refused, memory counters
+        expect((await ask(limited.api)).status).toBe(429); // Redis still reads its count, and refuses
+      }
+      // Each refusal read as "Redis back" flipped readiness to up and logged a recovery, and the
+      // next write logged the outage again: a pair of lines per request under load.
+      const state = await ready();
+      expect({ rl: state.details.rate_limit?.status, down: count(RL_DOWN) - (before[0] ?? 0), back: count(RL_BACK) - (before[1] ?? 0) }).toEqual({
+        rl: 'degraded',
+        down: 1,
+        back: 0,
+      });
+    } finally {
+      cli('REPLICAOF', 'NO', 'ONE');
+    }
+  });
 });
