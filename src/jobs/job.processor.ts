@@ -187,7 +187,7 @@ export class JobProcessor implements JobHandler {
   private async workerLost(job: JobRecord): Promise<void> {
     this.logger.error({ jobId: job.id, attempts: job.attempts - 1 }, 'job used up its tries without an outcome (its worker was lost); dead-lettering it');
     // Not counted: this try never ran; the job shows the tries that did.
-    const failed = await this.repo.fail(job.id, WORKER_LOST, true, this.clock.now(), false);
+    const failed = await this.repo.fail(job.id, WORKER_LOST, true, this.clock.now(), job.attempts, false);
     this.finished(failed, 'dead_lettered:worker_lost');
     if (failed) await this.auditEnded(failed, 'internal_error');
   }
@@ -195,7 +195,7 @@ export class JobProcessor implements JobHandler {
   private async runTry(job: JobRecord, key: KeyState | null, signal: AbortSignal): Promise<void> {
     const principal = this.principalFor(job, key);
     if (!principal) {
-      const failed = await this.repo.fail(job.id, INVALID_KEY, false, this.clock.now());
+      const failed = await this.repo.fail(job.id, INVALID_KEY, false, this.clock.now(), job.attempts);
       this.finished(failed, 'invalid_api_key');
       if (failed) await this.auditEnded(failed, 'invalid_api_key');
       return;
@@ -277,7 +277,7 @@ export class JobProcessor implements JobHandler {
         if (isDataError(error)) {
           // The content itself was refused: storing it again would fail the same way.
           this.logger.error({ jobId: job.id, err: (error as Error).message }, 'the database refused a completed job’s result; failing the job');
-          this.finished(await this.repo.fail(job.id, RESULT_NOT_STORED, true, this.clock.now()), 'result_not_stored');
+          this.finished(await this.repo.fail(job.id, RESULT_NOT_STORED, true, this.clock.now(), job.attempts), 'result_not_stored');
           return;
         }
         if (tryNo === 1) this.logger.warn({ jobId: job.id, err: (error as Error).message }, 'could not store a completed job’s result; retrying until the database answers');
@@ -319,7 +319,7 @@ export class JobProcessor implements JobHandler {
     if (signal.aborted) {
       // Shutting down, not the job's fault: back to queued for another worker (or the next start),
       // and the try it did not finish is not counted against it.
-      await this.repo.retryLater(job.id, job.error, this.clock.now(), false);
+      await this.repo.retryLater(job.id, job.error, this.clock.now(), job.attempts, false);
       throw new RetryJobError(0, 'interrupted by shutdown');
     }
     const gatewayError = toGatewayError(error);
@@ -329,18 +329,18 @@ export class JobProcessor implements JobHandler {
       // tries, but dead-lettered, so an admin can retry the jobs once the account works again.
       const deadLettered = PERMANENT_UPSTREAM.has(gatewayError.code);
       this.finished(
-        await this.repo.fail(job.id, body, deadLettered, this.clock.now()),
+        await this.repo.fail(job.id, body, deadLettered, this.clock.now(), job.attempts),
         deadLettered ? `dead_lettered:${gatewayError.code}` : gatewayError.code,
       );
       return;
     }
     if (job.attempts < this.config.jobs.maxAttempts) {
-      await this.repo.retryLater(job.id, body, this.clock.now());
+      await this.repo.retryLater(job.id, body, this.clock.now(), job.attempts);
       const delayMs = this.retryDelay(job.attempts, gatewayError);
       this.logger.info({ jobId: job.id, attempt: job.attempts, code: gatewayError.code, retryInMs: delayMs }, 'job failed transiently; will retry');
       throw new RetryJobError(delayMs, gatewayError.message);
     }
-    this.finished(await this.repo.fail(job.id, body, true, this.clock.now()), `dead_lettered:${gatewayError.code}`);
+    this.finished(await this.repo.fail(job.id, body, true, this.clock.now(), job.attempts), `dead_lettered:${gatewayError.code}`);
   }
 
   /**

@@ -55,7 +55,7 @@ export class JobsRuntime implements OnModuleInit, OnApplicationBootstrap, Before
       return;
     }
     // Before processing starts, so that no try of this process is among them.
-    if (this.queue.driver === 'inline') await this.requeueLeftovers();
+    if (this.queue.driver === 'inline' && this.config.database.driver === 'pglite') await this.requeueLeftovers();
     this.queue.start(this.processor);
     this.logger.info({ driver: this.queue.driver, role: this.config.role, concurrency: this.config.jobs.concurrency }, 'job queue: processing');
     // In the background: a broker still connecting must not hold up the start.
@@ -78,10 +78,14 @@ export class JobsRuntime implements OnModuleInit, OnApplicationBootstrap, Before
   }
 
   /**
-   * The inline queue is the only runner of its database's jobs: without REDIS_URL the gateway is
-   * one instance (README; the embedded database is even locked to one process, PostgreSQL is not),
-   * so a job still marked running at its start was running when the previous process died. Left running, it would refuse the start-up sweep's delivery until its heartbeat went
-   * stale, and then wait for the periodic sweep (minutes); queued again, that delivery runs it.
+   * On the embedded database, locked to one process, the inline queue is the only runner of its
+   * jobs: a job still marked running at its start was running when the previous process died. Left
+   * running, it would refuse the start-up sweep's delivery until its heartbeat went stale; queued
+   * again, that delivery runs it at once. Not on PostgreSQL, whatever the queue: another instance
+   * may be running those jobs right now (a rolling deploy starts the new pod before the old one
+   * stops; replicas without REDIS_URL), and each queued again would be run, and charged, a second
+   * time. There the start-up sweep delivers them too, and start() takes over those whose
+   * heartbeat is stale (a dead run's, within 30 s) and leaves live runs alone.
    */
   private async requeueLeftovers(): Promise<void> {
     try {

@@ -185,7 +185,9 @@ export class JobsRepository {
 
   /**
    * Back to queued, every job still marked running: for a process that alone runs this database's
-   * jobs (the inline queue), at its start, when any such row is a try its previous life left behind.
+   * jobs (the inline queue on the embedded database, which is locked to one process), at its start,
+   * when any such row is a try its previous life left behind. Never on PostgreSQL, where a row that
+   * says running may be another instance's live try.
    * `attempts` stay as they are, unlike retryLater(counted: false) for a try shutdown cut short
    * (which the processor saw end): a crashed try may have reached, and been charged by, the
    * upstream, and its request id (`job-<id>-<attempts>`) may already name a reservation and a
@@ -208,15 +210,16 @@ export class JobsRepository {
   }
 
   /**
-   * Back to queued after a transient failure, keeping the last error visible while it waits.
-   * `counted: false` for a try shutdown cut short: it is not one of the job's JOBS_MAX_ATTEMPTS,
-   * or every rollout during a long job would bring it closer to the dead-letter queue.
+   * Back to queued after a transient failure of try `attempt`, keeping the last error visible while
+   * it waits; nothing once another try took the job over (see fail()). `counted: false` for a try
+   * shutdown cut short: it is not one of the job's JOBS_MAX_ATTEMPTS, or every rollout during a
+   * long job would bring it closer to the dead-letter queue.
    */
-  async retryLater(id: string, error: ErrorBody | null, now: Date, counted = true): Promise<void> {
+  async retryLater(id: string, error: ErrorBody | null, now: Date, attempt?: number, counted = true): Promise<void> {
     await this.db.query(
       `UPDATE jobs SET status = 'queued', error = $2::jsonb, updated_at = $3, attempts = CASE WHEN $4 THEN attempts ELSE GREATEST(attempts - 1, 0) END
-        WHERE id = $1 AND status = 'running'`,
-      [id, error === null ? null : jsonb(error), now, counted],
+        WHERE id = $1 AND status = 'running' AND ($5::integer IS NULL OR attempts = $5)`,
+      [id, error === null ? null : jsonb(error), now, counted, attempt ?? null],
     );
   }
 
@@ -232,18 +235,22 @@ export class JobsRepository {
   }
 
   /**
-   * The try failed for good; `deadLettered` puts the job in the dead-letter queue, at
-   * `completed_at`, which `dead_lettered_at` keeps after an admin retry clears it (deadListPlace).
-   * `counted: false` for a try start() counted but that never ran (refused before the pipeline).
+   * The job failed for good; `deadLettered` puts it in the dead-letter queue, at `completed_at`,
+   * which `dead_lettered_at` keeps after an admin retry clears it (deadListPlace). A try's failure
+   * names its `attempt`, and changes nothing once another try took the job over (complete() alike):
+   * a try whose heartbeat went stale while it lived (its database connection hung) must not end the
+   * job under the takeover, whose charged result would then be thrown away. Without `attempt` (the
+   * queue giving up, which is no try) any unfinished job fails. `counted: false` for a try start()
+   * counted but that never ran (refused before the pipeline).
    */
-  async fail(id: string, error: ErrorBody, deadLettered: boolean, now: Date, counted = true): Promise<JobRecord | undefined> {
+  async fail(id: string, error: ErrorBody, deadLettered: boolean, now: Date, attempt?: number, counted = true): Promise<JobRecord | undefined> {
     const rows = await this.changed(
       `UPDATE jobs SET status = 'failed', error = $2::jsonb, dead_lettered = $3, completed_at = $4, updated_at = $4,
                        dead_lettered_at = CASE WHEN $3 THEN $4 ELSE dead_lettered_at END,
                        attempts = CASE WHEN $5 THEN attempts ELSE GREATEST(attempts - 1, 0) END
-        WHERE id = $1 AND ${UNFINISHED}
+        WHERE id = $1 AND ${UNFINISHED} AND ($6::integer IS NULL OR (status = 'running' AND attempts = $6))
         RETURNING *`,
-      [id, jsonb(error), deadLettered, now, counted],
+      [id, jsonb(error), deadLettered, now, counted, attempt ?? null],
     );
     return rows[0] ? toRecord(rows[0]) : undefined;
   }

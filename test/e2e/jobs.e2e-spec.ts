@@ -463,7 +463,7 @@ describe('inline jobs survive a restart (embedded queue, job records in PostgreS
     }
   });
 
-  it('runs at once, at the next start, a job the previous process left running when it died', async () => {
+  it('runs, once its heartbeat is stale, a job the previous process left running when it died', async () => {
     const stopped = await stoppedWith(2, 'crash');
     try {
       // What a crash mid-try leaves: the waiting job's row says running, touched a moment ago (its heartbeat).
@@ -475,12 +475,63 @@ describe('inline jobs survive a restart (embedded queue, job records in PostgreS
       expect(rowCount).toBe(1);
 
       const aliceOnSecond = await stopped.restart();
-      // Well within the heartbeat's staleness and the periodic sweep: the start itself runs it.
-      const job = await finished(aliceOnSecond, stopped.ids[1] ?? '');
+      // Not at once: on PostgreSQL the start cannot tell a dead run from another instance's live one
+      // (next test). The start-up sweep's delivery asks again once a dead run's heartbeat is stale
+      // (30 s), well before the periodic sweep (5 minutes).
+      const job = await pollUntil(
+        async () => {
+          const res = await aliceOnSecond.get<JobBody>(`/v1/jobs/${stopped.ids[1] ?? ''}`);
+          expect(res.body.status).toBe('completed');
+          return res.body;
+        },
+        45_000,
+        200,
+      );
       expect(job).toMatchObject({ status: 'completed', attempts: 2 });
       expect(job.result?.choices[0]?.message.content).toBe('Mock reply to: crash 1');
     } finally {
       await stopped.close();
+    }
+  });
+
+  it('leaves a job another instance is running to that instance (a rolling deploy starts the new pod first): run and charged once', async () => {
+    const database = await createPostgresDatabase();
+    const stub = await startStubUpstream();
+    let old: TestGateway | undefined;
+    let next: TestGateway | undefined;
+    try {
+      old = await startTestGateway({ db: 'postgres', postgresUrl: database.url, stub, env: NO_RATE_LIMITS });
+      const alice = await old.tenants.create();
+      stub.configure({ latencyMs: 3000 });
+      const id = expectAccepted(await alice.api.post<JobBody>('/v1/chat/completions', chat('long job'), ASYNC));
+      await pollUntil(
+        async () => {
+          expect((await alice.api.get<JobBody>(`/v1/jobs/${id}`)).body.status).toBe('running');
+          expect(stub.hits).toBe(1);
+        },
+        5000,
+        20,
+      );
+
+      next = await startTestGateway({ db: 'postgres', postgresUrl: database.url, stub, env: NO_RATE_LIMITS, adminKey: old.adminKey });
+      const job = await finished(new ApiClient(next.url, alice.key), id);
+      // Both stopped: every run either of them began has ended, and been charged.
+      await next.close();
+      next = undefined;
+      await old.close();
+      old = undefined;
+      const { rows } = await query<{ n: string }>(database.url, `SELECT count(*) AS n FROM usage_ledger WHERE user_id = $1 AND cost_nanos > 0`, [alice.userId]);
+      expect({ status: job.status, attempts: job.attempts, upstreamCalls: stub.hits, charges: Number(rows[0]?.n) }).toEqual({
+        status: 'completed',
+        attempts: 1,
+        upstreamCalls: 1,
+        charges: 1,
+      });
+    } finally {
+      await next?.close();
+      await old?.close();
+      await stub.close();
+      await database.drop();
     }
   });
 });

@@ -165,6 +165,41 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
     expect(await repo.find(job.id)).toMatchObject({ status: 'completed', attempts: 2 });
   });
 
+  describe('a try whose job was taken over while it lived (its heartbeat could not be written for 30 s), then ends', () => {
+    it.each([
+      ['with a failure of the request’s own (4xx)', new GatewayError('invalid_value', 'The upstream refused the request.'), false],
+      ['with a transient failure (5xx)', new GatewayError('upstream_error', 'The upstream failed with HTTP 503.'), false],
+      ['cut short by its process’s shutdown', new GatewayError('upstream_error', 'aborted by the shutdown'), true],
+    ] as const)('%s: the takeover’s charged result is kept', async (_, failure, shutdown) => {
+      const { job } = await repo.insert(newJob(), clock.now());
+      let endOldTry!: () => void;
+      const oldTryEnds = new Promise<void>((resolve) => (endOldTry = resolve));
+      const old = new FakeCompletions((call) =>
+        oldTryEnds.then(() => {
+          call.audited = true;
+          throw failure;
+        }),
+      );
+      const stopping = new AbortController();
+      const oldRun = processor(old).run(job.id, stopping.signal);
+      await until(() => old.calls.length === 1);
+      await db.dataSource.query(`UPDATE jobs SET updated_at = $2 WHERE id = $1`, [job.id, new Date(clock.nowMs() - 31_000)]);
+      const takeover = held();
+      const takeoverRun = processor(takeover.completions).run(job.id, new AbortController().signal);
+      await until(() => takeover.completions.calls.length === 1);
+      expect(takeover.completions.calls[0]?.requestId).toBe(`job-${job.id}-2`);
+
+      if (shutdown) stopping.abort();
+      endOldTry();
+      await oldRun.catch(() => undefined);
+      // What its submitter reads meanwhile: still running, under the takeover.
+      expect(await repo.find(job.id)).toMatchObject({ status: 'running', attempts: 2, error: null });
+      takeover.release();
+      await takeoverRun;
+      expect(await repo.find(job.id)).toMatchObject({ status: 'completed', attempts: 2, result: { choices: [{ message: { content: 'at last' } }] } });
+    });
+  });
+
   it('keeps a running job fresh with a heartbeat for as long as its try lasts, and stops after it', async () => {
     const upstream = held();
     const { job } = await repo.insert(newJob(), clock.now());
