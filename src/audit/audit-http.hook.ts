@@ -5,8 +5,9 @@ import { AppConfig } from '../config/config.js';
 import type { GatewayError } from '../core/errors.js';
 import { keyPrefix } from '../identity/api-key.js';
 import { presentedKey } from '../identity/auth.guard.js';
+import { cleanString } from './audit-event.js';
 import { AuditService } from './audit.service.js';
-import { redactedSummary, redactText } from './redact.js';
+import { MAX_SUMMARY_BYTES, redactedSummary, redactText } from './redact.js';
 
 const READ_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
 // Response fields worth keeping from a successful change: what was created or which version it
@@ -15,6 +16,12 @@ const RESULT_FIELDS = ['id', 'prefix', 'version'] as const;
 // Parsed only for changes and errors (a read's answer is never looked at): a routing table of many
 // rules answers well over 64 KiB, and its new version must still reach the audit row.
 const MAX_PARSED_PAYLOAD = 8 * 1024 * 1024;
+// What a caller who is not an admin (no key, a bad one, a user's key) sent is theirs to choose and
+// cheap to send: its row keeps the body's field names only and a smaller share of query and path,
+// so a flood of refusals buffered through an outage stays near the audit's sizing (operations.md).
+const STRANGER_SUMMARY_BYTES = 1024;
+const MAX_BODY_FIELDS = 20;
+const MAX_FIELD_NAME = 64;
 
 const outcomes = new WeakMap<FastifyRequest, Record<string, unknown>>();
 /**
@@ -128,12 +135,18 @@ export class AuditHttpHook implements OnModuleInit {
     const params = stringRecord(request.params);
     const outcome = outcomes.get(request) ?? {};
     const result = outcome.result as Record<string, unknown> | undefined;
+    // Only an admin can change anything, so only an admin's body says what a change was made of.
+    // Before, a 401 kept the body it refused: a 3.8 MB one left a 3.78 MB row.
+    const admin = request.principal?.role === 'admin';
+    const budget = admin ? MAX_SUMMARY_BYTES : STRANGER_SUMMARY_BYTES;
+    const sent = READ_METHODS.has(request.method) ? undefined : request.body;
     const details: Record<string, unknown> = {
       ip: request.ip,
       user_agent: typeof request.headers['user-agent'] === 'string' ? redactText(request.headers['user-agent']) : undefined,
-      params: Object.keys(params).length > 0 ? redactedSummary(params) : undefined,
-      query: hasKeys(request.query) ? redactedSummary(request.query) : undefined,
-      body: READ_METHODS.has(request.method) || request.body === undefined ? undefined : redactedSummary(request.body),
+      params: Object.keys(params).length > 0 ? redactedSummary(params, budget) : undefined,
+      query: hasKeys(request.query) ? redactedSummary(request.query, budget) : undefined,
+      body: admin && sent !== undefined ? redactedSummary(sent) : undefined,
+      body_fields: admin ? undefined : fieldNames(sent),
       ...outcome,
     };
     if (clientClosed) details.client_closed = true;
@@ -265,6 +278,15 @@ function stringRecord(value: unknown): Record<string, string> {
   const out: Record<string, string> = {};
   if (typeof value !== 'object' || value === null) return out;
   for (const [k, v] of Object.entries(value)) if (typeof v === 'string') out[k] = redactText(v);
+  return out;
+}
+
+/** What a refused caller tried to set, without the values: the body's top-level names, redacted and capped. */
+function fieldNames(body: unknown): string[] | undefined {
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) return undefined;
+  const names = Object.keys(body);
+  const out = names.slice(0, MAX_BODY_FIELDS).map((name) => cleanString(redactText(name), MAX_FIELD_NAME));
+  if (names.length > MAX_BODY_FIELDS) out.push(`[${names.length - MAX_BODY_FIELDS} more]`);
   return out;
 }
 

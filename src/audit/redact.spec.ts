@@ -37,4 +37,16 @@ describe('redacted body summaries', () => {
     expect(redactText(`my key is ${key}, upstream sk-or-v1-abcdef123456`)).toBe(`my key is ${REDACTED}, upstream ${REDACTED}`);
     expect(redactedSummary({ note: `Bearer ${key}`, list: [key] })).toEqual({ note: REDACTED, list: [REDACTED] });
   });
+
+  // The cuts per string and per level bound no total: a 3.8 MB body once left a 3.78 MB audit row.
+  it('keeps a summary up to its budget, and beyond it only its size, the same for the same body', () => {
+    expect(redactedSummary({ a: 'xx' }, 10)).toEqual({ a: 'xx' });
+    expect(redactedSummary({ a: 'xx' }, 9)).toEqual({ '[truncated]': true, bytes: 10 });
+
+    const s = 'x'.repeat(499);
+    const big = { name: 'big', pad: Array.from({ length: 50 }, () => [s, s, s]) };
+    expect(redactedSummary(big)).toEqual({ '[truncated]': true, bytes: Buffer.byteLength(JSON.stringify(big)) });
+    const fits = { name: 'ci', pad: Array.from({ length: 5 }, () => [s, s, s]) };
+    expect(redactedSummary(fits)).toEqual(fits);
+  });
 });

@@ -21,12 +21,26 @@ export function redactText(value: string): string {
 }
 
 /**
+ * The most a summary may take as JSON text. toJson cuts each string at 500 characters and each
+ * level at 50 items, which still lets a 4 MiB body through almost whole (50 × 50 × 3 strings):
+ * one such row was 3.78 MB, and ~70 of them buffered through an outage made one INSERT exceed
+ * jsonb's 256 MB and fail on every retry. An admin change's body (names, budgets, limits, ids)
+ * takes well under 1 KiB; 8 KiB still holds 16 strings at their 500-character cap.
+ */
+export const MAX_SUMMARY_BYTES = 8 * 1024;
+
+/**
  * A bounded, redacted copy of a request body for the audit trail: secrets by field name and by
  * value shape, long strings cut, deep or wide structures truncated. Audit rows are read by
- * people reviewing security; a key in them would turn the trail into a leak.
+ * people reviewing security; a key in them would turn the trail into a leak. Over `maxBytes`,
+ * only `{"[truncated]": true, "bytes": n}` is kept, n being the size the summary would have had:
+ * the same for the same body, and an integer, which jsonb keeps exactly, so the hash-chained row
+ * verifies as it was written.
  */
-export function redactedSummary(value: unknown): JsonValue {
-  return toJson(redactValue(value, 0));
+export function redactedSummary(value: unknown, maxBytes = MAX_SUMMARY_BYTES): JsonValue {
+  const summary = toJson(redactValue(value, 0));
+  const bytes = Buffer.byteLength(JSON.stringify(summary));
+  return bytes <= maxBytes ? summary : { '[truncated]': true, bytes };
 }
 
 function redactValue(value: unknown, depth: number): unknown {

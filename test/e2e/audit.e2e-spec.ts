@@ -9,7 +9,7 @@ import { AuditService } from '../../src/audit/audit.service.js';
 import { openDatabase } from '../../src/database/data-source.js';
 import { hashApiKey } from '../../src/identity/api-key.js';
 import { createPostgresDatabase } from '../support/databases.js';
-import { ApiClient, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
+import { ApiClient, pollUntil, type ProxiedGateway, startGatewayBehindPostgresProxy, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
 
 const UPSTREAM_SECRET = 'sk-test-upstream-secret';
 const FAST = { AUDIT_FLUSH_MS: '20', UPSTREAM_RETRY_BASE_MS: '5', UPSTREAM_RETRY_MAX_DELAY_MS: '10', UPSTREAM_RETRY_ATTEMPTS: '1' };
@@ -151,8 +151,10 @@ describe('audit trail over HTTP (PGlite)', () => {
     expect(change).toMatchObject({ status: 201, actor_user_id: adminIds.userId, details: { body: { name: 'escaped-path' } } });
 
     const anonymous = new ApiClient(gw.url, undefined);
-    expect((await anonymous.post('/%61dmin/departments', { name: 'escaped-nokey' })).status).toBe(401);
-    await eventually(gw, { action: 'POST /admin/departments' }, (e) => e.status === 401 && e.details.body !== undefined && JSON.stringify(e.details.body).includes('escaped-nokey'));
+    const nokey = await anonymous.post('/%61dmin/departments', { name: 'escaped-nokey' });
+    expect(nokey.status).toBe(401);
+    const nokeyRow = await eventually(gw, { action: 'POST /admin/departments' }, (e) => e.request_id === nokey.headers.get('x-request-id'));
+    expect(nokeyRow).toMatchObject({ status: 401, details: { body_fields: ['name'] } });
     expect((await anonymous.post('/%761/chat/completions', { messages: [{ role: 'user', content: 'x' }] })).status).toBe(401);
     const refused = await eventually(gw, { action: 'POST /v1/chat/completions' }, (e) => e.status === 401 && e.details.auth === 'missing_key');
     expect(refused.actor_user_id).toBeNull();
@@ -565,5 +567,86 @@ describe('a change whose caller hangs up before the answer (PostgreSQL)', () => 
     expect(row).toMatchObject({ status: 202, target_type: 'job', target_id: job?.id, actor_user_id: alice.userId, details: { client_closed: true } });
     await new Promise((resolve) => setTimeout(resolve, 200));
     expect((await auditEvents(gw, { action: 'POST /v1/chat/completions' })).filter((e) => e.request_id === requestId)).toHaveLength(1);
+  });
+});
+
+/**
+ * A 4 MiB body (BODY_LIMIT_BYTES) costs a caller nothing to send, key or no key. A 401 used to keep
+ * it: cut at 500 characters per string and 50 items per level, a 3.8 MB body still left a 3.78 MB
+ * row, and ~70 of them buffered through a short outage made the first INSERT after it exceed
+ * jsonb's 256 MB on every retry: no audit row was written again until a restart.
+ */
+describe('audit rows of requests carrying megabytes of body (PostgreSQL)', () => {
+  let pair: ProxiedGateway;
+
+  /** ~3.8 MB that the per-string and per-level cuts keep whole: 50 × 50 × 3 strings of 499 characters. */
+  function bigBody(name: string): Record<string, unknown> {
+    const s = 'x'.repeat(499);
+    return { name, pad: Array.from({ length: 50 }, () => Array.from({ length: 50 }, () => [s, s, s])) };
+  }
+
+  async function storedRow(requestId: string | null): Promise<{ details: Record<string, unknown>; bytes: number }> {
+    const db = pair.owner.gateway.app.get(DataSource);
+    return pollUntil(async () => {
+      const [row] = await db.query<Array<{ details: Record<string, unknown>; bytes: number }>>(
+        'SELECT details, octet_length(details::text)::int AS bytes FROM audit_events WHERE request_id = $1',
+        [requestId],
+      );
+      expect(row).toBeDefined();
+      return row;
+    });
+  }
+
+  beforeAll(async () => {
+    pair = await startGatewayBehindPostgresProxy({ env: { AUDIT_FLUSH_MS: '50' } });
+  });
+  afterAll(async () => {
+    await pair?.close();
+  });
+
+  it("keeps only the field names of a body no admin sent, an admin's as its size, and the chain still verifies", async () => {
+    const { gw } = pair;
+    const anonymous = await new ApiClient(gw.url, undefined).post('/admin/departments', bigBody('anonymous'));
+    expect(anonymous.status).toBe(401);
+    const alice = await gw.tenants.create();
+    const user = await alice.api.post('/admin/departments', bigBody('user'));
+    expect(user.status).toBe(403);
+    for (const refused of [anonymous, user]) {
+      const row = await storedRow(refused.headers.get('x-request-id'));
+      expect(row.details).toMatchObject({ body_fields: ['name', 'pad'] });
+      expect(row.details.body).toBeUndefined();
+      expect(row.bytes).toBeLessThan(1024);
+    }
+
+    const admin = await gw.admin.post('/admin/departments', bigBody('admin'));
+    expect(admin.status).toBe(400);
+    const row = await storedRow(admin.headers.get('x-request-id'));
+    expect(row.details.body).toEqual({ '[truncated]': true, bytes: expect.any(Number) as number });
+    expect((row.details.body as { bytes: number }).bytes).toBeGreaterThan(3_000_000);
+    expect(row.bytes).toBeLessThan(1024);
+    expect((await gw.admin.get<AuditVerifyDto>('/admin/audit/verify')).body).toMatchObject({ ok: true, first_break: null });
+  });
+
+  it('keeps writing rows after a short outage during which callers without a key sent megabytes of body', async () => {
+    const { gw, proxy } = pair;
+    await proxy.stop();
+    const anonymous = new ApiClient(gw.url, undefined);
+    const body = bigBody('outage');
+    for (let i = 0; i < 72; i += 1) expect((await anonymous.post('/admin/departments', body)).status).toBe(401);
+    await proxy.start();
+
+    const audit = gw.gateway.app.get(AuditService);
+    audit.record({ action: 'after_outage', status: 200, details: {} });
+    const db = pair.owner.gateway.app.get(DataSource);
+    await pollUntil(
+      async () => {
+        // Now rather than after the writer's backoff (up to 30 s), which grew through the outage.
+        await audit.flush();
+        const [row] = await db.query<Array<{ n: number }>>("SELECT count(*)::int AS n FROM audit_events WHERE action = 'after_outage'");
+        expect(row.n, `audit stats: ${JSON.stringify(audit.stats())}`).toBe(1);
+      },
+      30_000,
+      200,
+    );
   });
 });
