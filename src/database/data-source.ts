@@ -68,7 +68,20 @@ export async function openDatabase(
     }
     // query_timeout is the client's own limit, for a server that stops answering altogether (it
     // cannot enforce its statement_timeout then): the connection is freed a little after it.
-    const extra = { max: poolSize, connectionTimeoutMillis: 5000, statement_timeout: statementTimeoutMs, query_timeout: statementTimeoutMs + 5000 };
+    // idle_in_transaction_session_timeout is for the opposite: an instance that stops talking
+    // (paused, partitioned) inside a transaction. The server would keep its locks until TCP gave
+    // the session up, hours later, and the audit chain head's lock alone stops every instance's
+    // audit writes (test/e2e/audit-frozen-instance.e2e-spec.ts). No transaction of ours awaits
+    // anything but its own statements: between two of them runs only in-memory work (an audit
+    // batch's hashes, milliseconds), so a live instance never idles 10 s in one, and the others'
+    // writers get the lock back well within the 30 s statement_timeout they wait under.
+    const extra = {
+      max: poolSize,
+      connectionTimeoutMillis: 5000,
+      statement_timeout: statementTimeoutMs,
+      query_timeout: statementTimeoutMs + 5000,
+      idle_in_transaction_session_timeout: 10_000,
+    };
     options = { ...common, url: target.url, driver: pg, extra };
   } else {
     // PGlite's module is imported only for the embedded database, never on PostgreSQL
