@@ -1,5 +1,6 @@
 import { Writable } from 'node:stream';
-import type { FastifyReply, FastifyRequest } from 'fastify';
+import { BadRequestException, HttpException } from '@nestjs/common';
+import { errorCodes, type FastifyReply, type FastifyRequest } from 'fastify';
 import { describe, expect, it } from 'vitest';
 import { GatewayError } from './errors.js';
 import { databaseUnreachable, sendError, toGatewayError } from './http-errors.js';
@@ -58,6 +59,20 @@ describe('sendError logging', () => {
     for (let i = 0; i < 3; i++) sendError(reply, request, new Error('bug'), logger, throttle);
     expect(lines).toHaveLength(3);
     expect(lines.every((l) => l.level === 'error' && typeof l.err?.stack === 'string')).toBe(true);
+  });
+});
+
+describe("toGatewayError for Fastify's body errors, as Nest hands them over", () => {
+  // Nest's FastifyAdapter.mapException: the Fastify error becomes the HttpException's cause.
+  const wrapped = (error: Error & { statusCode?: number }) => new HttpException(error.message, error.statusCode ?? 500, { cause: error });
+
+  it('answers an empty JSON body as any unparseable one, 400 invalid_json; other 400s stay invalid_value in their own words', () => {
+    for (const error of [new errorCodes.FST_ERR_CTP_EMPTY_JSON_BODY(), new errorCodes.FST_ERR_CTP_INVALID_JSON_BODY()]) {
+      expect(toGatewayError(wrapped(error))).toMatchObject({ status: 400, code: 'invalid_json', message: 'Request body is not valid JSON.' });
+    }
+    const length = new errorCodes.FST_ERR_CTP_INVALID_CONTENT_LENGTH();
+    expect(toGatewayError(wrapped(length))).toMatchObject({ status: 400, code: 'invalid_value', message: length.message });
+    expect(toGatewayError(new BadRequestException('not JSON-shaped enough'))).toMatchObject({ status: 400, code: 'invalid_value' });
   });
 });
 

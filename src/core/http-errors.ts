@@ -12,6 +12,11 @@ import { LogThrottle } from './log-throttle.js';
 export function toGatewayError(error: unknown): GatewayError {
   if (isGatewayError(error)) return error;
   if (error instanceof HttpException) {
+    // Nest wraps Fastify's own 4xx errors (the body parser's) in an HttpException that keeps the
+    // original as `cause`: its code says what went wrong, where the wrapper only has Fastify's
+    // wording ("Body cannot be empty when content-type is set to 'application/json'" was answered
+    // invalid_value, not invalid_json like every other unparseable body).
+    if (error.cause instanceof Error && error.cause.name === 'FastifyError') return toGatewayError(error.cause);
     return fromStatus(error.getStatus(), error.message, error);
   }
   if (typeof error === 'object' && error !== null) {
@@ -104,11 +109,6 @@ function fromStatus(status: number, message: string, cause: unknown): GatewayErr
       return new GatewayError('rate_limit_exceeded', message, { cause });
     case 503:
       return new GatewayError('unavailable', message, { cause });
-    case 400:
-      // Nest wraps Fastify's JSON parser failure in a BadRequestException.
-      return /JSON/.test(message)
-        ? new GatewayError('invalid_json', 'Request body is not valid JSON.', { cause })
-        : new GatewayError('invalid_value', message, { cause });
     default:
       return status >= 400 && status < 500
         ? new GatewayError('invalid_value', message, { cause })

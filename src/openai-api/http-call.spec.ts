@@ -171,3 +171,29 @@ describe('ReplyStreamSink back-pressure', () => {
     }
   });
 });
+
+describe('ReplyStreamSink framing', () => {
+  it('sends an event whose JSON holds raw line breaks (an upstream event over several `data:` lines) as one `data:` line, its value unchanged', () => {
+    const written: string[] = [];
+    const raw = Object.assign(new EventEmitter(), { destroyed: false, writeHead: vi.fn(), end: (body: string) => void written.push(body) });
+    const sink = new ReplyStreamSink({ raw, getHeaders: () => ({}) } as unknown as FastifyReply);
+    sink.open(META);
+    // Escaped line breaks in a string are text, not line ends: they must reach the client as sent.
+    const value = { id: 'c1', choices: [{ index: 0, delta: { content: 'a\nb\r\n' } }] };
+    // Pretty-printed, as the parser joins the `data:` lines of one event; and with a bare CR, which
+    // an SSE reader takes as a line end too.
+    sink.event(JSON.stringify(value, null, 2));
+    sink.event(JSON.stringify(value).replace(',', ',\r'));
+    sink.close();
+    // Read as an SSE client does: every line a field, each event's data on its one `data:` line.
+    const lines = written
+      .join('')
+      .split(/\r\n|\r|\n/)
+      .filter((line) => line !== '');
+    expect(lines.every((line) => line.startsWith('data: '))).toBe(true);
+    const data = lines.map((line) => line.slice('data: '.length));
+    expect(data).toHaveLength(3);
+    expect(data.slice(0, 2).map((d) => JSON.parse(d) as unknown)).toEqual([value, value]);
+    expect(data[2]).toBe('[DONE]');
+  });
+});

@@ -17,6 +17,7 @@ declare module 'fastify' {
 }
 
 const TTL_SECONDS = /^\d{1,8}$/;
+const LINE_BREAKS = /[\r\n]/g;
 
 /** Builds the pipeline's view of an HTTP request: principal, abort signal, cache directives. */
 export function callFromRequest(request: FastifyRequest, reply: FastifyReply, body: ChatCompletionRequest, taskType: string | undefined, door: Door): CompletionCall {
@@ -251,8 +252,9 @@ export class ReplyStreamSink implements PacedStreamSink {
     this.head = {
       ...carried,
       'content-type': 'text/event-stream; charset=utf-8',
+      // No `connection` here: Node answers keep-alive by itself when the request allows it, and a
+      // forced one overrode a client's `Connection: close` and the drain's (ShutdownService.track).
       'cache-control': 'no-cache',
-      connection: 'keep-alive',
       'x-accel-buffering': 'no',
       ...gatewayHeaders,
     };
@@ -261,7 +263,14 @@ export class ReplyStreamSink implements PacedStreamSink {
   }
 
   event(payload: string): void {
-    if (!this.closed) this.queue(`data: ${payload}\n\n`);
+    if (this.closed) return;
+    // An upstream may spread one event's JSON over several `data:` lines (the parser joins them
+    // with "\n"); written raw, every line after the first reached the client without its prefix
+    // and the SDK threw "malformed server-sent event JSON". A raw CR or LF in valid JSON is only
+    // whitespace between tokens, so a space keeps the value and gives the one line per event
+    // that OpenAI sends and that line-by-line clients read. A bare CR is an SSE line end too.
+    if (payload.indexOf('\n') !== -1 || payload.indexOf('\r') !== -1) payload = payload.replace(LINE_BREAKS, ' ');
+    this.queue(`data: ${payload}\n\n`);
   }
 
   close(): void {

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { connect } from 'node:net';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { BudgetService } from '../../src/budget/budget.service.js';
 import { type HttpResult, pollUntil, startTestGateway, type Tenant, type TestGateway } from '../support/gateway.js';
@@ -213,6 +214,52 @@ describe('client edges (PGlite, stub upstream)', () => {
       expect(generated.status).toBe(400);
       expect(generated.headers.get('x-request-id')).toMatch(/^[0-9a-f-]{36}$/);
       expect(((await generated.json()) as ErrorBody).error.code).toBe('invalid_value');
+    });
+  });
+
+  describe("a client's `Connection: close`", () => {
+    /** One raw HTTP/1.1 request saying `connection: close`: the response head, and whether the server closed the socket within 1 s of the answer. */
+    function closingRequest(body: Record<string, unknown>): Promise<{ head: string; closedByServer: boolean }> {
+      const { hostname, port } = new URL(gw.url);
+      const json = JSON.stringify(body);
+      return new Promise((resolve, reject) => {
+        const socket = connect(Number(port), hostname);
+        let text = '';
+        let timer: NodeJS.Timeout | undefined;
+        const finish = (closedByServer: boolean) => {
+          clearTimeout(timer);
+          socket.destroy();
+          resolve({ head: (text.split('\r\n\r\n')[0] ?? '').toLowerCase(), closedByServer });
+        };
+        socket.on('error', reject);
+        socket.on('data', (d: Buffer) => {
+          text += d.toString();
+          if (text.includes('[DONE]') || text.includes('"object":"chat.completion"')) timer ??= setTimeout(() => finish(false), 1000);
+        });
+        socket.on('end', () => finish(true));
+        socket.write(
+          `POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer ${alice.key}\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: ${Buffer.byteLength(json)}\r\n\r\n${json}`,
+        );
+      });
+    }
+
+    // A stream forced `connection: keep-alive` over it, and kept the socket open.
+    it('is honoured on a stream as on a JSON answer: said in the answer, and the socket closed after it', async () => {
+      const json = await closingRequest({ messages: [{ role: 'user', content: prompt('json close') }] });
+      expect(json).toMatchObject({ closedByServer: true });
+      expect(json.head).toContain('connection: close');
+      const sse = await closingRequest({ stream: true, messages: [{ role: 'user', content: prompt('sse close') }] });
+      expect(sse).toMatchObject({ closedByServer: true });
+      expect(sse.head).toContain('connection: close');
+      expect(sse.head).toContain('content-type: text/event-stream');
+      // Without it, a stream's connection stays open for the next request.
+      const kept = await fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ stream: true, messages: [{ role: 'user', content: prompt('sse kept') }] }),
+      });
+      await kept.text();
+      expect(kept.headers.get('connection')).toBe('keep-alive');
     });
   });
 

@@ -85,6 +85,44 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
     expect(usage?.completion_tokens).toBeGreaterThan(0);
   });
 
+  it('relays an upstream event spread over several `data:` lines (pretty-printed JSON) so the SDK reads it, and so does its idempotent replay', async () => {
+    // SSE lets one event's data run over several `data:` lines, joined with "\n" by the reader.
+    // Relayed as one `data:` line with the newlines inside, the lines after the first reached
+    // the client without a prefix, and the SDK threw "malformed server-sent event JSON".
+    const pretty = (model: string, delta: Record<string, unknown>, finish: string | null) => {
+      const json = JSON.stringify(
+        { id: 'chatcmpl-s', object: 'chat.completion.chunk', created: 0, model, choices: [{ index: 0, delta, finish_reason: finish }] },
+        null,
+        2,
+      );
+      return `${json
+        .split('\n')
+        .map((line) => `data: ${line}`)
+        .join('\n')}\n\n`;
+    };
+    gw.stub.script = (_req, body, res) => {
+      const model = String(body.model);
+      res.writeHead(200, { 'content-type': 'text/event-stream' });
+      res.end(
+        pretty(model, { role: 'assistant', content: 'Hel' }, null) + pretty(model, { content: 'lo' }, null) + pretty(model, {}, 'stop') + 'data: [DONE]\n\n',
+      );
+      return true;
+    };
+    const content = `pretty-printed ${Date.now()}`;
+    const key = `pretty-${Date.now()}`;
+    const read = async () => {
+      const { data, response } = await alice.openai.chat.completions
+        .create({ model: 'auto', stream: true, messages: [{ role: 'user', content }] }, { headers: { 'idempotency-key': key } })
+        .withResponse();
+      let text = '';
+      for await (const c of data) text += c.choices[0]?.delta.content ?? '';
+      return { text, replayed: response.headers.get('idempotent-replayed') };
+    };
+    expect(await read()).toEqual({ text: 'Hello', replayed: null });
+    expect(await read()).toEqual({ text: 'Hello', replayed: 'true' });
+    expect(gw.stub.hits).toBe(1);
+  });
+
   it('sends a JSON answer in one response of known length, with the request id, the rate-limit and the gateway headers', async () => {
     const content = `length ${Date.now()}`;
     const res = await fetch(`${gw.url}/v1/chat/completions`, {
@@ -286,9 +324,15 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
       expect(ok.status).toBe(200);
     });
 
-    it('400 for malformed JSON, 413 for a body over the limit', async () => {
+    it('400 invalid_json for a malformed or empty JSON body, 413 for a body over the limit', async () => {
       const malformed = await alice.api.request('POST', '/v1/chat/completions', '{"messages": [', { 'content-type': 'application/json' });
       expect(malformed).toMatchObject({ status: 400, body: { error: { code: 'invalid_json' } } });
+      // Fastify refuses an empty one with an error of its own, which was answered invalid_value in Fastify's wording.
+      const empty = await alice.api.request('POST', '/v1/chat/completions', '', { 'content-type': 'application/json' });
+      expect(empty).toMatchObject({
+        status: 400,
+        body: { error: { type: 'invalid_request_error', code: 'invalid_json', message: 'Request body is not valid JSON.' } },
+      });
       const huge = await alice.api.post('/v1/chat/completions', { messages: [{ role: 'user', content: 'x'.repeat(100_000) }] });
       expect(huge).toMatchObject({ status: 413, body: { error: { code: 'payload_too_large', type: 'invalid_request_error' } } });
       expect(gw.stub.hits).toBe(0);

@@ -87,6 +87,33 @@ describe('graceful shutdown (SIGTERM path: app.close())', () => {
     await expect(fetch(`${gw.url}/health/live`)).rejects.toThrow();
   });
 
+  it('says `connection: close` on every answer during the drain, a stream included, so keep-alive clients move to another instance', async () => {
+    gw = await startTestGateway({ env: { SHUTDOWN_DRAIN_MS: '20000' } });
+    const alice = await gw.tenants.create();
+    // A slow stream keeps the drain going while the next requests arrive.
+    gw.stub.configure({ chunkDelayMs: 400 });
+    const slow = await openStream(gw, alice, 'keeps the drain busy a while');
+    const closing = gw.gateway.close();
+    const probe = new ApiClient(gw.url, undefined);
+    await pollUntil(async () => expect((await probe.get('/health/ready')).status).toBe(503));
+    gw.stub.configure({});
+    const during = async (body: Record<string, unknown>) => {
+      const res = await fetch(`${gw?.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${alice.key}`, 'content-type': 'application/json', 'cache-control': 'no-cache, no-store' },
+        body: JSON.stringify({ model: 'auto', ...body }),
+      });
+      await res.text();
+      return { status: res.status, connection: res.headers.get('connection') };
+    };
+    expect(await during({ messages: [{ role: 'user', content: 'json during drain' }] })).toEqual({ status: 200, connection: 'close' });
+    // A stream forced `connection: keep-alive` over the drain's header.
+    expect(await during({ stream: true, messages: [{ role: 'user', content: 'stream during drain' }] })).toEqual({ status: 200, connection: 'close' });
+    expect(slow.ended).toBe(false);
+    await slow.done;
+    await closing;
+  });
+
   it('lets an in-flight JSON request finish during the drain, and stores its ledger row and audit event before the database closes', async () => {
     const pgdb = await createPostgresDatabase();
     try {
