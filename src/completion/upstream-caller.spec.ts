@@ -238,46 +238,68 @@ describe('UpstreamCaller: retries, backoff and fallbacks', () => {
     expect(attempts.every((a) => a.counted === false)).toBe(true);
   });
 
-  it('bounds everything by the total deadline', async () => {
-    const llm = new ScriptedLlm({ [PRIMARY]: ['hang'] });
+  it('bounds everything by the total deadline, every model of the chain getting a turn within it', async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: ['hang'], [FALLBACK]: ['hang'] });
     const attempts: Attempt[] = [];
+    const started = performance.now();
     const e = await failure(caller(llm, fakeEnv(), { UPSTREAM_DEADLINE_MS: '100' }).json(call(), route([PRIMARY, FALLBACK]), attempts));
     expect(e).toMatchObject({ status: 504, code: 'upstream_timeout' });
-    // The deadline ends the walk: no retry, no fallback after it.
-    expect(llm.calls).toHaveLength(1);
-    expect(summary(attempts)).toEqual([`${PRIMARY}#1:timeout`]);
+    expect(performance.now() - started).toBeLessThan(1000);
+    // The primary had half the deadline, the fallback the rest; the deadline then ends the walk.
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:timeout`, `${FALLBACK}#1:timeout`]);
   });
 
-  it('arms the deadline at the first failure when the attempt timeout already bounds the first try, counting from the start', async () => {
-    const llm = new ScriptedLlm({ [PRIMARY]: [http(503), 'hang'] });
+  it('hands a primary that does not answer in time over to the fallback, not to a retry of itself (JSON and stream)', async () => {
+    // UPSTREAM_TIMEOUT_MS far off: only the primary's share of the deadline (half of it) ends its try.
+    const config = { UPSTREAM_TIMEOUT_MS: '60000', UPSTREAM_DEADLINE_MS: '400' };
+    const json = new ScriptedLlm({ [PRIMARY]: ['hang'] });
+    const attempts: Attempt[] = [];
+    const started = performance.now();
+    expect((await caller(json, fakeEnv(), config).json(call(), route([PRIMARY, FALLBACK]), attempts)).model).toBe(FALLBACK);
+    expect(performance.now() - started).toBeLessThan(400);
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:timeout`, `${FALLBACK}#1:ok:counted`]);
+    // The fallback runs under a signal of its own: the one the primary's bound aborted would end it at once.
+    expect(json.calls[1]?.signal.aborted).toBe(false);
+
+    // Keep-alive comments only, as far as the caller can tell: no first event in time.
+    const stream = new ScriptedLlm({ [PRIMARY]: ['silent'] });
+    const streamed: Attempt[] = [];
+    expect((await caller(stream, fakeEnv(), config).stream(call(), route([PRIMARY, FALLBACK]), streamed)).model).toBe(FALLBACK);
+    expect(summary(streamed)).toEqual([`${PRIMARY}#1:timeout`]);
+  });
+
+  it('gives each model its share of what is left of the deadline, counting from the start', async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: [http(503), 'hang'], [FALLBACK]: ['hang'] });
     const attempts: Attempt[] = [];
     const config = { UPSTREAM_TIMEOUT_MS: '100', UPSTREAM_DEADLINE_MS: '150' };
     const e = await failure(caller(llm, fakeEnv(), config).json(call(), route([PRIMARY, FALLBACK]), attempts));
     expect(e).toMatchObject({ status: 504, code: 'upstream_timeout' });
-    expect(summary(attempts)).toEqual([`${PRIMARY}#1:503`, `${PRIMARY}#2:timeout`]);
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:503`, `${PRIMARY}#2:timeout`, `${FALLBACK}#1:timeout`]);
   });
 
-  it('bounds the first attempt by the deadline too, however long the attempt timeout (its timer is idle time, not total)', async () => {
-    // The attempt timeout cannot end these: a body trickled, or a stream of keep-alive comments, is never idle.
-    const config = { UPSTREAM_TIMEOUT_MS: '100', UPSTREAM_DEADLINE_MS: '150' };
+  it('bounds each attempt by UPSTREAM_TIMEOUT_MS from its start (its driver timers are idle time, not total); the last model is retried', async () => {
+    // The drivers' timeouts cannot end these: a body trickled, or a stream of keep-alive comments, is never idle.
+    const config = { UPSTREAM_TIMEOUT_MS: '100', UPSTREAM_DEADLINE_MS: '60000' };
     const json = new ScriptedLlm({ [PRIMARY]: ['hang'] });
     const attempts: Attempt[] = [];
     const started = performance.now();
-    expect(await failure(caller(json, fakeEnv(), config).json(call(), route([PRIMARY, FALLBACK]), attempts))).toMatchObject({
+    expect(await failure(caller(json, fakeEnv(), config).json(call(), route([PRIMARY]), attempts))).toMatchObject({
       status: 504,
       code: 'upstream_timeout',
     });
     expect(performance.now() - started).toBeLessThan(1000);
-    expect(summary(attempts)).toEqual([`${PRIMARY}#1:timeout`]);
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:timeout`, `${PRIMARY}#2:timeout`]);
 
     const stream = new ScriptedLlm({ [PRIMARY]: ['silent'] });
     expect(await failure(caller(stream, fakeEnv(), config).stream(call(), route([PRIMARY]), []))).toMatchObject({ status: 504, code: 'upstream_timeout' });
-    // The client leaving still reaches the attempt through the deadline's signal.
+    // The client leaving still reaches the attempt, and is not taken for a timeout.
     const leaving = new AbortController();
     const slow = new ScriptedLlm({ [PRIMARY]: ['hang'] });
-    const pending = failure(caller(slow, fakeEnv(), { UPSTREAM_DEADLINE_MS: '60000' }).json(call(leaving.signal), route([PRIMARY]), []));
+    const left: Attempt[] = [];
+    const pending = failure(caller(slow, fakeEnv(), { UPSTREAM_DEADLINE_MS: '60000' }).json(call(leaving.signal), route([PRIMARY, FALLBACK]), left));
     leaving.abort();
     expect((await pending).code).toBe('client_closed');
+    expect(summary(left)).toEqual([`${PRIMARY}#1:client_closed`]);
   });
 
   it('stops at once when the client goes away during a backoff', async () => {

@@ -67,39 +67,60 @@ interface Success<T> {
 }
 
 /**
- * The total deadline of one call, armed from its start: a timer, an AbortController and a listener
- * on the caller's signal (~1-2 µs together per call, measured; AbortSignal.any alone measured
- * ~11 µs). Even the first attempt needs it: the drivers' own timeouts bound the wait for the
- * headers, but after them only idle time (undici's bodyTimeout, in both drivers), so a body
- * trickled slowly or a stream of keep-alive comments (`: OPENROUTER PROCESSING`)
- * would never end. Disarmed once the answer (or a stream's first event) is in: a stream may then
- * run longer.
+ * The time bounds of one call: its total deadline, and each attempt's own bound from its start to
+ * the whole JSON answer or a stream's first event, min(UPSTREAM_TIMEOUT_MS, the time left ÷ the
+ * models still to try, this one included), so every model of the chain gets a turn within the
+ * deadline. The drivers' own timeouts only measure idle time, which keep-alives reset (whitespace
+ * before a JSON body, `: OPENROUTER PROCESSING` comments): without this bound a hung or slow
+ * primary held the call until the deadline and its healthy fallback was never asked. After a
+ * stream's first event only the idle timeout applies: a stream may then run longer.
+ *
+ * Cost, on every request's path: one AbortController and one listener on the caller's signal per
+ * call, and one timer per attempt: what the deadline alone cost before (0.34 µs per one-attempt
+ * call either way, measured; AbortSignal.any over an AbortSignal.timeout per attempt ~4 µs, and
+ * AbortSignal.any alone was once measured at ~11 µs). The bound and the deadline share the timer:
+ * the bound never ends after the deadline, and between attempts nothing is in flight (a backoff is
+ * only started when it ends before the deadline). The listener aborts whichever controller is
+ * current, so an attempt adds no listener; a controller is replaced only after a bound aborted it.
  */
 class Deadline {
-  private readonly controller = new AbortController();
-  private readonly timer: NodeJS.Timeout;
+  private controller = new AbortController();
+  private timer: NodeJS.Timeout | undefined;
   private readonly endsAt: number;
   private passed = false;
-
-  constructor(callSignal: AbortSignal, ms: number) {
-    this.endsAt = performance.now() + ms;
-    const controller = this.controller;
-    // Kept for the whole call: after a stream's first event, a client leaving must still stop it.
-    if (callSignal.aborted) controller.abort(callSignal.reason);
-    else callSignal.addEventListener('abort', () => controller.abort(callSignal.reason), { once: true });
-    this.timer = setTimeout(() => {
+  /** The armed bound is the deadline itself: when it fires, the call is over. */
+  private boundIsDeadline = false;
+  private boundMs = 0;
+  // One function per call, not one per attempt; it builds its reason only when it fires.
+  private readonly fire = (): void => {
+    this.timer = undefined;
+    let reason: UpstreamFailure;
+    if (this.boundIsDeadline) {
       this.passed = true;
-      controller.abort(new UpstreamFailure('timeout', `no answer within the ${ms} ms upstream deadline`));
-    }, ms);
-    this.timer.unref();
+      reason = new UpstreamFailure('timeout', `no answer within the ${this.ms} ms upstream deadline`);
+    } else {
+      reason = new UpstreamFailure('timeout', `no answer within the ${Math.round(this.boundMs)} ms given to this attempt`);
+    }
+    this.controller.abort(reason);
+  };
+
+  constructor(
+    private readonly callSignal: AbortSignal,
+    private readonly ms: number,
+    private readonly attemptMs: number,
+  ) {
+    this.endsAt = performance.now() + ms;
+    // Kept for the whole call: after a stream's first event, a client leaving must still stop it.
+    if (callSignal.aborted) this.controller.abort(callSignal.reason);
+    else callSignal.addEventListener('abort', () => this.controller.abort(callSignal.reason), { once: true });
   }
 
-  /** What every attempt listens to: the caller leaving, or the deadline passing. */
+  /** What the next attempt, or a backoff, listens to: the caller leaving, or its bound passing. */
   get signal(): AbortSignal {
     return this.controller.signal;
   }
 
-  /** true once the deadline itself (not the client) ended the call. */
+  /** true once the deadline itself (not the client, nor one attempt's bound) ended the call. */
   get expired(): boolean {
     return this.passed;
   }
@@ -108,6 +129,24 @@ class Deadline {
     return performance.now() + waitMs < this.endsAt;
   }
 
+  /** Arms the bound of the attempt about to start, `modelsLeft` counting its own model. */
+  arm(modelsLeft: number): AbortSignal {
+    const left = this.endsAt - performance.now();
+    const bound = Math.min(this.attemptMs, left / modelsLeft);
+    this.boundIsDeadline = bound >= left;
+    this.boundMs = bound;
+    this.timer = setTimeout(this.fire, bound);
+    this.timer.unref();
+    return this.controller.signal;
+  }
+
+  /** The attempt failed: its bound is cleared, and a signal the bound aborted is replaced for what follows. */
+  settle(): void {
+    clearTimeout(this.timer);
+    if (this.controller.signal.aborted && !this.callSignal.aborted) this.controller = new AbortController();
+  }
+
+  /** The answer (or a stream's first event) is in, or the walk is over. */
   disarm(): void {
     clearTimeout(this.timer);
   }
@@ -222,27 +261,30 @@ export class UpstreamCaller {
     gate: RetryGate<C> | undefined,
     context: C | undefined,
   ): Promise<Success<T>> {
-    const deadline = new Deadline(call.signal, this.config.upstream.retry.deadlineMs);
+    const deadline = new Deadline(call.signal, this.config.upstream.retry.deadlineMs, this.config.upstream.timeoutMs);
+    const plans = this.plans(route);
     let last: { failure: UpstreamFailure; plan: Plan } | undefined;
     let tries = 0;
     // The last failed attempt reported usage: the gate decides whether another goes out. Asked
     // here, only once there is a next attempt (not after the chain's last).
     let billed = false;
     try {
-      chain: for (const plan of this.plans(route)) {
+      chain: for (let p = 0; p < plans.length; p++) {
+        const plan = plans[p];
         let waitedMs = 0;
         for (let tryNumber = 1; ; tryNumber++) {
           if (deadline.signal.aborted || !deadline.allows(0)) break chain;
           if (billed) {
             billed = false;
-            if (!(await (gate as RetryGate<C>)(context as C, attempts))) break chain;
+            if (!(await (gate as RetryGate<C>)(context as C, attempts)) || !deadline.allows(0)) break chain;
           }
           const startedAt = performance.now();
           tries++;
           try {
-            const value = await once(plan, deadline.signal);
+            const value = await once(plan, deadline.arm(plans.length - p));
             return { value, plan, tryNumber, waitedMs, startedAt };
           } catch (error) {
+            deadline.settle();
             const failure = asFailure(error);
             attempts.push({
               model: plan.model,
@@ -260,8 +302,8 @@ export class UpstreamCaller {
             });
             last = { failure, plan };
             billed = gate !== undefined && failure.usage !== undefined;
-            const action = failureAction(failure);
-            if (action === 'stop' || deadline.signal.aborted || callersModelUnknown(route, plan, failure)) break chain;
+            const action = failureAction(failure, p < plans.length - 1);
+            if (action === 'stop' || deadline.signal.aborted || deadline.expired || callersModelUnknown(route, plan, failure)) break chain;
             if (action === 'next_model') continue chain;
             const delay = this.policy.delayBeforeRetry(tryNumber, failure);
             // A wait that would overrun the deadline is better spent on the next model.

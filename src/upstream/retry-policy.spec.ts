@@ -70,6 +70,12 @@ describe('failureAction (which failures are retried, which move on, which stop)'
   ] as const)('%s → %s', (kind, action) => {
     expect(failureAction(new UpstreamFailure(kind, kind))).toBe(action);
   });
+
+  it('hands a timeout over to the next model when one remains; the others act as on the last model', () => {
+    expect(failureAction(new UpstreamFailure('timeout', 'timeout'), true)).toBe('next_model');
+    expect(failureAction(new UpstreamFailure('connection', 'connection'), true)).toBe('retry');
+    expect(failureAction(http(503), true)).toBe('retry');
+  });
 });
 
 describe('retry configuration', () => {

@@ -28,9 +28,16 @@ export function isUnknownModel(failure: UpstreamFailure): boolean {
 /** OpenRouter's whole message, the id (never a space in it) first: another 400 merely mentioning one does not match. */
 const NOT_A_VALID_MODEL_ID = /^\S+ is not a valid model ID$/;
 
-export function failureAction(failure: UpstreamFailure): FailureAction {
+/**
+ * `hasNextModel`: another model of the chain is still to be tried after this one. A timeout then
+ * hands over to it: a model that did not answer in time is likely overloaded, and asking it again
+ * would spend the deadline the next one needs (a hung primary used to get both its tries and leave
+ * its healthy fallback none). Only the chain's last model, with no one to hand over to, is retried.
+ */
+export function failureAction(failure: UpstreamFailure, hasNextModel = false): FailureAction {
   switch (failure.kind) {
     case 'timeout':
+      return hasNextModel ? 'next_model' : 'retry';
     case 'connection':
     case 'bad_response':
     case 'cut':

@@ -188,6 +188,71 @@ describe('fallbacks and retries against the stub upstream (gateway walks the cha
   });
 });
 
+/**
+ * The shipped defaults scaled down 60×, same ratios: UPSTREAM_TIMEOUT_MS 60 000 and
+ * UPSTREAM_DEADLINE_MS 120 000 (= UPSTREAM_RETRY_ATTEMPTS 2 × the timeout).
+ */
+const SCALED_DEFAULTS = { ...FAST_RETRIES, UPSTREAM_TIMEOUT_MS: '1000', UPSTREAM_DEADLINE_MS: '2000' };
+
+// Before, a primary that hung got both its tries and spent the whole deadline (the fallback was
+// never asked: 504), and one that sent only keep-alives (OpenRouter's, while a slow model thinks)
+// was bounded by nothing but the deadline: keep-alives reset the drivers' idle timeouts.
+describe.each(['undici', 'sdk'] as const)('a primary that does not answer in time hands over to its fallback (%s driver)', (driver) => {
+  let gw: TestGateway;
+  let carol: Tenant;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ env: { ...SCALED_DEFAULTS, UPSTREAM_DRIVER: driver } });
+    carol = await gw.tenants.create();
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+  beforeEach(() => {
+    gw.stub.reset();
+  });
+
+  const sentModels = () => gw.stub.requests.map((r) => (r.body as { model: string }).model);
+
+  for (const [primary, faults] of [
+    ['hangs', { hangMs: 30_000 }],
+    ['sends only keep-alive whitespace before its JSON body', { processingMs: 30_000 }],
+  ] as const) {
+    it(`a primary that ${primary}: the fallback answers within the deadline`, async () => {
+      gw.stub.configure({ models: { [SONNET]: faults } });
+      const started = performance.now();
+      const res = await carol.api.post<{ model: string; choices: Array<{ message: { content: string } }> } & ErrorBody>('/v1/chat/completions', {
+        messages: [{ role: 'user', content: unique('fix my bug') }],
+        task_type: 'code',
+      });
+      const took = performance.now() - started;
+      expect(res.status, JSON.stringify(res.body)).toBe(200);
+      expect(res.headers.get('x-gateway-model')).toBe(MINI);
+      expect(res.body.choices[0]?.message.content).toMatch(/^Mock reply to: fix my bug #\d+$/);
+      // The primary had one try (UPSTREAM_TIMEOUT_MS, here also half the deadline), not two.
+      expect(sentModels()).toEqual([SONNET, MINI]);
+      expect(took).toBeLessThan(2000);
+    });
+  }
+
+  it('a streaming primary that sends only ": OPENROUTER PROCESSING" comments: the fallback streams the answer', async () => {
+    gw.stub.configure({ models: { [SONNET]: { processingMs: 30_000 } } });
+    const started = performance.now();
+    const { status, headers, events, text } = await postSse(gw, carol.key, {
+      messages: [{ role: 'user', content: unique('fix my bug') }],
+      task_type: 'code',
+      stream: true,
+    });
+    const took = performance.now() - started;
+    expect(status, text).toBe(200);
+    expect(headers.get('x-gateway-model')).toBe(MINI);
+    expect(events.at(-1)).toBe('[DONE]');
+    expect(events.some((e) => e.includes('"error"'))).toBe(false);
+    expect(sentModels()).toEqual([SONNET, MINI]);
+    expect(took).toBeLessThan(2000);
+  });
+});
+
 describe('OpenRouter native fallback and the total deadline', () => {
   let gw: TestGateway;
   let bob: Tenant;
@@ -283,10 +348,13 @@ describe('OpenRouter native fallback and the total deadline', () => {
     expect(sent()).toEqual(['native', typo, MINI]);
   });
 
-  it('gives up at the total deadline even when one attempt may take longer (504)', async () => {
+  it('gives up at the total deadline even when one attempt may take longer (504), every model having had its turn', async () => {
     gw.stub.configure({ hangMs: 10_000 });
+    const started = performance.now();
     const res = await code();
     expect(res).toMatchObject({ status: 504, body: { error: { type: 'upstream_error', code: 'upstream_timeout' } } });
-    expect(gw.stub.hits).toBe(1);
+    expect(performance.now() - started).toBeLessThan(2000);
+    // A third of the deadline each: the native request, then each model asked alone.
+    expect(sent()).toEqual(['native', SONNET, MINI]);
   });
 });
