@@ -391,6 +391,7 @@ export class BullmqJobQueue extends JobQueue {
   private async dropWorkerConnections(worker: Worker, why: string): Promise<void> {
     this.log.logger.warn({ running: this.host.running }, `${why}: disconnecting the worker from it; jobs it held go to the stalled-job check`);
     await settlesWithin(worker.disconnect(), ABORT_WAIT_MS);
+    await endStranded(worker);
   }
 
   async close(): Promise<void> {
@@ -406,6 +407,33 @@ export class BullmqJobQueue extends JobQueue {
       return await withTimeout(command(), timeoutMs, () => new RedisUnanswered(timeoutMs));
     } catch (error) {
       throw queueUnavailable(error);
+    }
+  }
+}
+
+/**
+ * ioredis never ends a client that was disconnected while it waited to reconnect: its socket is
+ * already gone and disconnect() clears the timer, so no 'close' comes, its status stays
+ * 'reconnecting' and what it queued (BullMQ's BZPOPMIN) waits for ever (redis/ioredis#1247, fixed
+ * by the open #2169). BullMQ's close waits for the blocking connection's 'end' and for its fetch
+ * loop, so a shutdown soon after a Redis failover or restart (the blocking connection between two
+ * reconnects) never finished, Nest's own close of the worker with it. Once we have disconnected
+ * them, a connection still 'reconnecting' is such a one: it is ended as ioredis ends a manually
+ * closed one (status 'end', which emits 'end', and its queues failed). Those two methods are
+ * ioredis's own, private to TypeScript only; without them, the 'end' alone is emitted.
+ */
+async function endStranded(worker: Worker): Promise<void> {
+  const backend = worker.backend as { connection?: { client: Promise<unknown> }; blockingConnection?: { client: Promise<unknown> } };
+  for (const connection of [backend.blockingConnection, backend.connection]) {
+    if (!connection) continue;
+    const client = await Promise.race([connection.client, Promise.resolve(undefined)]);
+    if (!(client instanceof Redis) || client.status !== 'reconnecting') continue;
+    const stranded = client as unknown as { setStatus?: (status: string) => void; flushQueue?: (error: Error) => void };
+    if (typeof stranded.setStatus === 'function' && typeof stranded.flushQueue === 'function') {
+      stranded.setStatus('end');
+      stranded.flushQueue(new Error('Connection is closed.'));
+    } else {
+      client.emit('end');
     }
   }
 }

@@ -16,6 +16,24 @@ const freePort = () =>
       server.close(() => resolve(port));
     });
   });
+/** A redis-server of the test's own, on a free port: the shared one is never demoted. */
+async function startOwnRedis(): Promise<{ url: string; cli: (...args: string[]) => string; stop: () => Promise<void> }> {
+  const port = await freePort();
+  const redis: ChildProcess = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+  const cli = (...args: string[]) => execFileSync('redis-cli', ['-p', String(port), ...args]).toString().trim();
+  await pollUntil(() => expect(cli('PING')).toBe('PONG'), 5000, 50);
+  return {
+    url: `redis://127.0.0.1:${port}`,
+    cli,
+    stop: async () => {
+      if (redis.exitCode !== null || redis.signalCode !== null) return;
+      const exited = once(redis, 'exit');
+      redis.kill('SIGKILL');
+      await exited;
+    },
+  };
+}
+
 const ask = (client: ApiClient) =>
   client.post('/v1/chat/completions', { model: 'auto', messages: [{ role: 'user', content: `refused ${randomBytes(4).toString('hex')}` }] });
 const cacheOf = (res: HttpResult) => res.headers.get('x-gateway-cache');
@@ -34,33 +52,26 @@ const CACHE_BACK = 'Redis back: response cache in use again';
  * until a write goes through again. Runs its own redis-server: the shared one is never demoted.
  */
 describe('Redis that stays connected but refuses writes', () => {
-  let redis: ChildProcess | undefined;
-  let port: number;
+  let redis: Awaited<ReturnType<typeof startOwnRedis>> | undefined;
   let gw: TestGateway;
   const lines: Array<{ msg?: string; reason?: string }> = [];
   const count = (msg: string) => lines.filter((l) => l.msg === msg).length;
-  const cli = (...args: string[]) => execFileSync('redis-cli', ['-p', String(port), ...args]).toString().trim();
+  const cli = (...args: string[]) => (redis as NonNullable<typeof redis>).cli(...args);
   const ready = async () => (await gw.admin.get<Readiness>('/health/ready')).body;
 
   beforeAll(async () => {
-    port = await freePort();
-    redis = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
-    await pollUntil(() => expect(cli('PING')).toBe('PONG'), 5000, 50);
+    redis = await startOwnRedis();
     const sink = new Writable({
       write(chunk: Buffer, _enc, done) {
         for (const line of chunk.toString().split('\n')) if (line) lines.push(JSON.parse(line) as { msg?: string });
         done();
       },
     });
-    gw = await startTestGateway({ env: { REDIS_URL: `redis://127.0.0.1:${port}`, RATE_LIMIT_KEY_RPM: '3' }, logger: createLogger('info', sink) });
+    gw = await startTestGateway({ env: { REDIS_URL: redis.url, RATE_LIMIT_KEY_RPM: '3' }, logger: createLogger('info', sink) });
   });
   afterAll(async () => {
     await gw?.close();
-    if (redis && redis.exitCode === null && redis.signalCode === null) {
-      const exited = once(redis, 'exit');
-      redis.kill('SIGKILL');
-      await exited;
-    }
+    await redis?.stop();
   });
 
   it('says degraded, with the reason, and logs it once until a write goes through; then up again with no traffic', async () => {
@@ -123,4 +134,28 @@ describe('Redis that stays connected but refuses writes', () => {
       cli('REPLICAOF', 'NO', 'ONE');
     }
   });
+});
+
+/**
+ * The job workers' blocking connection, told of a demotion ("UNBLOCKED … master -> replica?"),
+ * reconnects; a shutdown that disconnected it between two reconnects waited for an 'end' ioredis
+ * never sends (redis/ioredis#1247), and so did Nest's own close of the worker: the process never
+ * exited. docs/operations.md: with no job running the workers hold a shutdown a few seconds.
+ */
+describe('a shutdown soon after a brief Redis failover', () => {
+  it('ends within seconds, with no job running', async () => {
+    const redis = await startOwnRedis();
+    const gw = await startTestGateway({ env: { REDIS_URL: redis.url } });
+    let closed: boolean | undefined;
+    try {
+      const t = await gw.tenants.create();
+      redis.cli('REPLICAOF', '127.0.0.1', '1');
+      for (let i = 0; i < 3; i++) expect((await ask(t.api)).status).toBe(200);
+      redis.cli('REPLICAOF', 'NO', 'ONE');
+      closed = await Promise.race([gw.close().then(() => true), new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 12_000).unref())]);
+      expect(closed, 'the gateway closed').toBe(true);
+    } finally {
+      await redis.stop();
+    }
+  }, 40_000);
 });
