@@ -238,20 +238,20 @@ describe('UpstreamCaller: retries, backoff and fallbacks', () => {
     expect(attempts.every((a) => a.counted === false)).toBe(true);
   });
 
-  it('bounds everything by the total deadline, every model of the chain getting a turn within it', async () => {
+  it('bounds everything by the total deadline', async () => {
     const llm = new ScriptedLlm({ [PRIMARY]: ['hang'], [FALLBACK]: ['hang'] });
     const attempts: Attempt[] = [];
     const started = performance.now();
     const e = await failure(caller(llm, fakeEnv(), { UPSTREAM_DEADLINE_MS: '100' }).json(call(), route([PRIMARY, FALLBACK]), attempts));
     expect(e).toMatchObject({ status: 504, code: 'upstream_timeout' });
     expect(performance.now() - started).toBeLessThan(1000);
-    // The primary had half the deadline, the fallback the rest; the deadline then ends the walk.
-    expect(summary(attempts)).toEqual([`${PRIMARY}#1:timeout`, `${FALLBACK}#1:timeout`]);
+    // UPSTREAM_TIMEOUT_MS is beyond the deadline: the primary had all of it, the fallback no turn.
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:timeout`]);
   });
 
   it('hands a primary that does not answer in time over to the fallback, not to a retry of itself (JSON and stream)', async () => {
-    // UPSTREAM_TIMEOUT_MS far off: only the primary's share of the deadline (half of it) ends its try.
-    const config = { UPSTREAM_TIMEOUT_MS: '60000', UPSTREAM_DEADLINE_MS: '400' };
+    // UPSTREAM_TIMEOUT_MS ends the primary's only try, well inside the deadline.
+    const config = { UPSTREAM_TIMEOUT_MS: '150', UPSTREAM_DEADLINE_MS: '60000' };
     const json = new ScriptedLlm({ [PRIMARY]: ['hang'] });
     const attempts: Attempt[] = [];
     const started = performance.now();
@@ -268,12 +268,13 @@ describe('UpstreamCaller: retries, backoff and fallbacks', () => {
     expect(summary(streamed)).toEqual([`${PRIMARY}#1:timeout`]);
   });
 
-  it('gives each model its share of what is left of the deadline, counting from the start', async () => {
+  it('bounds an attempt by UPSTREAM_TIMEOUT_MS or what is left of the deadline, whichever ends first', async () => {
     const llm = new ScriptedLlm({ [PRIMARY]: [http(503), 'hang'], [FALLBACK]: ['hang'] });
     const attempts: Attempt[] = [];
     const config = { UPSTREAM_TIMEOUT_MS: '100', UPSTREAM_DEADLINE_MS: '150' };
     const e = await failure(caller(llm, fakeEnv(), config).json(call(), route([PRIMARY, FALLBACK]), attempts));
     expect(e).toMatchObject({ status: 504, code: 'upstream_timeout' });
+    // The retry had its full 100 ms; the fallback the ~50 ms left.
     expect(summary(attempts)).toEqual([`${PRIMARY}#1:503`, `${PRIMARY}#2:timeout`, `${FALLBACK}#1:timeout`]);
   });
 
@@ -347,6 +348,16 @@ describe('UpstreamCaller: OpenRouter native fallback', () => {
     expect(llm.calls.map((c) => ('models' in c.body ? 'native' : c.body.model))).toEqual(['native', PRIMARY]);
     expect(summary(attempts)).toEqual([`${PRIMARY}#1:503`, `${PRIMARY}#1:ok:counted`]);
     expect(attempts[0]?.chain).toEqual([PRIMARY, FALLBACK]);
+  });
+
+  it('after a native request that timed out waiting on its primary, asks the fallback alone, not the primary again', async () => {
+    const llm = new ScriptedLlm({ [PRIMARY]: ['hang'] });
+    const attempts: Attempt[] = [];
+    const config = { ...native, UPSTREAM_TIMEOUT_MS: '100', UPSTREAM_DEADLINE_MS: '60000' };
+    const { model } = await caller(llm, fakeEnv(), config).json(call(), route([PRIMARY, FALLBACK]), attempts);
+    expect(model).toBe(FALLBACK);
+    expect(llm.calls.map((c) => ('models' in c.body ? 'native' : c.body.model))).toEqual(['native', FALLBACK]);
+    expect(summary(attempts)).toEqual([`${PRIMARY}#1:timeout`, `${FALLBACK}#1:ok:counted`]);
   });
 
   it('sends a single model plainly', async () => {

@@ -68,12 +68,13 @@ interface Success<T> {
 
 /**
  * The time bounds of one call: its total deadline, and each attempt's own bound from its start to
- * the whole JSON answer or a stream's first event, min(UPSTREAM_TIMEOUT_MS, the time left ÷ the
- * models still to try, this one included), so every model of the chain gets a turn within the
- * deadline. The drivers' own timeouts only measure idle time, which keep-alives reset (whitespace
- * before a JSON body, `: OPENROUTER PROCESSING` comments): without this bound a hung or slow
- * primary held the call until the deadline and its healthy fallback was never asked. After a
- * stream's first event only the idle timeout applies: a stream may then run longer.
+ * the whole JSON answer or a stream's first event, UPSTREAM_TIMEOUT_MS or what is left of the
+ * deadline if less. The drivers' own timeouts only measure idle time, which keep-alives reset
+ * (whitespace before a JSON body, `: OPENROUTER PROCESSING` comments): without this bound a hung
+ * or slow primary held the call until the deadline and its healthy fallback was never asked. Not
+ * the deadline shared out among the models still to try: that cut an answer a model really needs
+ * longer for (a 50 s generation, 120 s ÷ 3 plans with native fallback) and made raising
+ * UPSTREAM_TIMEOUT_MS useless. After a stream's first event only the idle timeout applies.
  *
  * Cost, on every request's path: one AbortController and one listener on the caller's signal per
  * call, and one timer per attempt: what the deadline alone cost before (0.34 µs per one-attempt
@@ -129,10 +130,10 @@ class Deadline {
     return performance.now() + waitMs < this.endsAt;
   }
 
-  /** Arms the bound of the attempt about to start, `modelsLeft` counting its own model. */
-  arm(modelsLeft: number): AbortSignal {
+  /** Arms the bound of the attempt about to start. */
+  arm(): AbortSignal {
     const left = this.endsAt - performance.now();
-    const bound = Math.min(this.attemptMs, left / modelsLeft);
+    const bound = Math.min(this.attemptMs, left);
     this.boundIsDeadline = bound >= left;
     this.boundMs = bound;
     this.timer = setTimeout(this.fire, bound);
@@ -281,7 +282,7 @@ export class UpstreamCaller {
           const startedAt = performance.now();
           tries++;
           try {
-            const value = await once(plan, deadline.arm(plans.length - p));
+            const value = await once(plan, deadline.arm());
             return { value, plan, tryNumber, waitedMs, startedAt };
           } catch (error) {
             deadline.settle();
@@ -304,7 +305,12 @@ export class UpstreamCaller {
             billed = gate !== undefined && failure.usage !== undefined;
             const action = failureAction(failure, p < plans.length - 1);
             if (action === 'stop' || deadline.signal.aborted || deadline.expired || callersModelUnknown(route, plan, failure)) break chain;
-            if (action === 'next_model') continue chain;
+            if (action === 'next_model') {
+              // OpenRouter walks a native chain on errors, not on slowness: a chain that timed out
+              // was waiting on its first model, which is then not asked again alone.
+              if (plan.chain !== undefined && failure.kind === 'timeout') p++;
+              continue chain;
+            }
             const delay = this.policy.delayBeforeRetry(tryNumber, failure);
             // A wait that would overrun the deadline is better spent on the next model.
             if (delay === undefined || !deadline.allows(delay)) continue chain;

@@ -348,13 +348,71 @@ describe('OpenRouter native fallback and the total deadline', () => {
     expect(sent()).toEqual(['native', typo, MINI]);
   });
 
-  it('gives up at the total deadline even when one attempt may take longer (504), every model having had its turn', async () => {
+  it('gives up at the total deadline even when one attempt may take longer (504)', async () => {
     gw.stub.configure({ hangMs: 10_000 });
     const started = performance.now();
     const res = await code();
     expect(res).toMatchObject({ status: 504, body: { error: { type: 'upstream_error', code: 'upstream_timeout' } } });
     expect(performance.now() - started).toBeLessThan(2000);
-    // A third of the deadline each: the native request, then each model asked alone.
-    expect(sent()).toEqual(['native', SONNET, MINI]);
+    // UPSTREAM_TIMEOUT_MS is beyond the deadline here: the native request had all of it.
+    expect(sent()).toEqual(['native']);
+  });
+});
+
+// Each attempt is bounded by UPSTREAM_TIMEOUT_MS (or what is left of the deadline), not by a share
+// of the deadline: a share cut answers that a model really needs longer for (48 s of a 60 s
+// timeout, with 120 s ÷ 3 plans under native fallback), and made raising UPSTREAM_TIMEOUT_MS useless.
+describe('an attempt may take up to UPSTREAM_TIMEOUT_MS (shipped defaults scaled 60×)', () => {
+  const sent = (gw: TestGateway) => gw.stub.requests.map((r) => ('models' in (r.body as object) ? 'native' : (r.body as { model: string }).model));
+  const ask = (tenant: Tenant) =>
+    tenant.api.post<{ model: string } & ErrorBody>('/v1/chat/completions', { messages: [{ role: 'user', content: unique('long answer') }], task_type: 'code' });
+
+  describe('with native fallback', () => {
+    let gw: TestGateway;
+    let carol: Tenant;
+    beforeAll(async () => {
+      gw = await startTestGateway({ env: { ...SCALED_DEFAULTS, UPSTREAM_NATIVE_FALLBACK: 'true' } });
+      carol = await gw.tenants.create();
+    });
+    afterAll(async () => {
+      await gw?.close();
+    });
+    beforeEach(() => gw.stub.reset());
+
+    it('an answer that takes 80% of UPSTREAM_TIMEOUT_MS arrives from the one native request', async () => {
+      gw.stub.configure({ latencyMs: 800 });
+      const res = await ask(carol);
+      expect({ status: res.status, sent: sent(gw) }).toEqual({ status: 200, sent: ['native'] });
+    });
+
+    it('a native request that times out hands over to the fallback alone: its primary, which it waited on, is not asked again', async () => {
+      gw.stub.configure({ models: { [SONNET]: { hangMs: 30_000 } } });
+      const started = performance.now();
+      const res = await ask(carol);
+      expect(res.status, JSON.stringify(res.body)).toBe(200);
+      expect(res.body.model).toBe(MINI);
+      expect(sent(gw)).toEqual(['native', MINI]);
+      expect(performance.now() - started).toBeLessThan(2000);
+    });
+  });
+
+  describe('UPSTREAM_TIMEOUT_MS raised for a model whose answers take longer than the default', () => {
+    let gw: TestGateway;
+    let carol: Tenant;
+    beforeAll(async () => {
+      // 1000 (60 s) raised to 1500 (90 s) because answers take 1200 (72 s); the deadline stays 2000.
+      gw = await startTestGateway({ env: { ...SCALED_DEFAULTS, UPSTREAM_TIMEOUT_MS: '1500' } });
+      carol = await gw.tenants.create();
+    });
+    afterAll(async () => {
+      await gw?.close();
+    });
+    beforeEach(() => gw.stub.reset());
+
+    it('lets the primary answer in 1200 ms', async () => {
+      gw.stub.configure({ latencyMs: 1200 });
+      const res = await ask(carol);
+      expect({ status: res.status, sent: sent(gw) }).toEqual({ status: 200, sent: [SONNET] });
+    });
   });
 });
