@@ -229,8 +229,10 @@ export class UpstreamCaller {
       context,
     );
     const { iterator, first } = won.value;
-    // Only a native chain's stream is asked which model answered (one parse of its first event).
-    const reported = won.plan.chain && !first.done ? modelOfChunk(first.value) : undefined;
+    // One parse of the first event per stream, as json() reads its answer: every stream shows the
+    // upstream's own name (a dated one too), so a live stream and its cache replay carry the same
+    // x-gateway-model. Pricing is untouched: answeredModel() heeds the name only for a native chain.
+    const reported = first.done ? undefined : modelOfChunk(first.value);
     const pricedModel = answeredModel(won.plan, reported);
     return { model: headerSafeModel(reported, pricedModel), pricedModel, iterator, first, startedAt: won.startedAt };
   }

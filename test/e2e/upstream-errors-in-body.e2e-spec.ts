@@ -393,6 +393,34 @@ describe('the model a call is priced as, and the one it shows', () => {
     expect(usage.body.spend.map((s) => [s.model, s.requests])).toEqual([[MINI, 3]]);
   });
 
+  // API.md: x-gateway-model is the model that answered. A single model's live stream showed the
+  // routed name while its chunks, a JSON call and the stream's own cache replay all showed the
+  // dated one: a replay did not carry the header its original did.
+  it('a single-model stream answered under a dated name shows it live and replayed, as a JSON call does, priced as the routed model', async () => {
+    const t = await gw.tenants.create({ userBudgetUsd: 1 });
+    gw.stub.configure({ omitCost: true, answerModel: DATED });
+    // Named by the caller without fallbacks: asked alone, not as a native chain.
+    const body = { model: MINI, temperature: 0, stream_options: { include_usage: true }, messages: [{ role: 'user', content: unique('dated stream') }] };
+    const miss = await sse(gw, t.key, body);
+    expect(miss.headers.get('x-gateway-cache')).toBe('miss');
+    expect((JSON.parse(miss.events[0] ?? '{}') as { model: string }).model).toBe(DATED);
+    expect(miss.headers.get('x-gateway-model')).toBe(DATED);
+    const hit = await sse(gw, t.key, body);
+    expect(hit.headers.get('x-gateway-cache')).toBe('hit');
+    expect(hit.headers.get('x-gateway-model')).toBe(DATED);
+    const json = await t.api.post<Completion>('/v1/chat/completions', { model: MINI, messages: [{ role: 'user', content: unique('dated json') }] });
+    expect(json.headers.get('x-gateway-model')).toBe(DATED);
+    const rows = await ledgerRows(gw, 'user', t.userId);
+    expect(rows.map((r) => [r.model, r.cost_source])).toEqual([
+      [MINI, 'pricing_table'],
+      [MINI, 'cache'],
+      [MINI, 'pricing_table'],
+    ]);
+    for (const row of rows.filter((r) => r.cost_source === 'pricing_table')) {
+      expect(BigInt(row.cost_nanos)).toBe(miniCost(row.prompt_tokens, row.completion_tokens));
+    }
+  });
+
   it('an answer naming a model no header can carry is answered, and shows the model asked for (JSON and native stream)', async () => {
     const t = await gw.tenants.create({ userBudgetUsd: 1 });
     gw.stub.configure({ answerModel: 'openai/gpt-4o-mini-模型', models: { [SONNET]: { status: 503 } } });
