@@ -90,6 +90,7 @@ const MAX_BACKOFF_MS = 5000;
 const POOL_CLOSE_WAIT_MS = 500;
 /** A count of hits is closed at this many (a new row opens), so its token sums stay far inside `integer`. */
 const MAX_HITS_PER_ROW = 10_000;
+/** Nor does a count take a hit that would take its prompt plus completion tokens past this (a new row opens). */
 const MAX_TOKENS_PER_ROW = 1_000_000_000;
 const FLUSH: BudgetStatement = { name: 'gatehouse_budget_flush', text: FLUSH_SQL };
 
@@ -212,14 +213,20 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
   recordCacheHit(hit: CacheHitEntry): void {
     const second = Math.floor(hit.at.getTime() / 1000);
     const group = `${hit.keyId ?? ''}\n${hit.userId}\n${hit.departmentId}\n${hit.model}\n${hit.taskType ?? ''}\n${hit.door}\n${second}`;
+    const tokens = hit.promptTokens + hit.completionTokens;
     const open = this.openHits.get(group);
     if (open !== undefined) {
       const row = open.row;
-      row.cache_hits += 1;
-      row.prompt_tokens += hit.promptTokens;
-      row.completion_tokens += hit.completionTokens;
-      if (row.cache_hits >= MAX_HITS_PER_ROW || row.prompt_tokens + row.completion_tokens >= MAX_TOKENS_PER_ROW) this.closeHits(open.charge);
-      return;
+      // Checked before adding: a hit that would take the sums past the bound goes into a new row,
+      // as summing first could pass `integer`, and the flush would set the whole count aside.
+      if (row.prompt_tokens + row.completion_tokens + tokens <= MAX_TOKENS_PER_ROW) {
+        row.cache_hits += 1;
+        row.prompt_tokens += hit.promptTokens;
+        row.completion_tokens += hit.completionTokens;
+        if (row.cache_hits >= MAX_HITS_PER_ROW || row.prompt_tokens + row.completion_tokens >= MAX_TOKENS_PER_ROW) this.closeHits(open.charge);
+        return;
+      }
+      this.closeHits(open.charge);
     }
     const row = {
       charge_id: randomUUID(),
@@ -242,8 +249,13 @@ export class BudgetWriter implements OnModuleInit, OnApplicationShutdown {
       created_at: isoTime(hit.at.getTime()),
       cache_hits: 1,
     };
-    const charge: PendingCharge = { release: undefined, rows: [row], hitGroup: group };
-    this.openHits.set(group, { charge, row });
+    const charge: PendingCharge = { release: undefined, rows: [row], hitGroup: undefined };
+    // A hit at the bound on its own gets a row to itself, closed at once: each column still fits
+    // (BudgetService caps a hit's counts at `integer`), and no later hit can push it past.
+    if (tokens < MAX_TOKENS_PER_ROW) {
+      charge.hitGroup = group;
+      this.openHits.set(group, { charge, row });
+    }
     this.enqueue(charge);
   }
 

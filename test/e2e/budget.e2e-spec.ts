@@ -481,3 +481,52 @@ describe('budgets, costs and spend over HTTP (stub upstream, PGlite)', () => {
     });
   });
 });
+
+// Why: a count of cache hits is one ledger row, and its token sums are `integer` columns. A
+// cached answer reporting a huge prompt (here 1.5e9 tokens, more than a count row takes) once
+// made two hits in the same second sum past `integer`: the flush rejected the row, set it aside,
+// and those hits vanished from /v1/usage and /admin/spend. Each such hit now gets a row of its own.
+describe('cache hits of an answer with a huge token count', () => {
+  let gw: TestGateway;
+  beforeAll(async () => {
+    // Stored every 5 s (the views store at once): the hits meet in one open count, as under load.
+    gw = await startTestGateway({ env: { BUDGET_FLUSH_MS: '5000' } });
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+
+  it('are all counted in the reports, with all their tokens', async () => {
+    const t = await gw.tenants.create({});
+    const huge = 1_500_000_000;
+    gw.stub.script = (_req, _body, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(
+        JSON.stringify({
+          id: 'x',
+          object: 'chat.completion',
+          created: 1,
+          model: MINI,
+          choices: [{ index: 0, message: { role: 'assistant', content: 'ok' }, finish_reason: 'stop' }],
+          usage: { prompt_tokens: huge, completion_tokens: 1, total_tokens: huge + 1, cost: 0.001 },
+        }),
+      );
+      return true;
+    };
+    const body = { model: MINI, messages: [{ role: 'user', content: 'same' }], max_tokens: 5, temperature: 0 };
+    const caches: Array<string | null> = [];
+    // One miss, then four hits within a few ms: at least two share a second, whatever the clock.
+    for (let i = 0; i < 5; i++) {
+      const r = await t.api.post('/v1/chat/completions', body);
+      expect(r.status).toBe(200);
+      caches.push(r.headers.get('x-gateway-cache'));
+    }
+    expect(caches.filter((c) => c === 'hit')).toHaveLength(4);
+
+    const usage = await t.api.get<{ spend: Array<{ requests: number; prompt_tokens: number; completion_tokens: number }> }>('/v1/usage');
+    expect(usage.body.spend).toHaveLength(1);
+    expect(usage.body.spend[0]).toMatchObject({ requests: 5, prompt_tokens: 5 * huge, completion_tokens: 5 });
+    const spend = await gw.admin.get<{ data: Array<{ user_id: string; requests: number }> }>('/admin/spend?group_by=user');
+    expect(spend.body.data.find((d) => d.user_id === t.userId)?.requests).toBe(5);
+  });
+});
