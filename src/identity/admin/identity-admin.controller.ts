@@ -1,5 +1,5 @@
 import { Body, Controller, Delete, Get, HttpCode, Param, Patch, Post, Query } from '@nestjs/common';
-import { ApiBody, ApiTags } from '@nestjs/swagger';
+import { ApiBody, ApiQuery, ApiTags } from '@nestjs/swagger';
 import { KnownQuery } from '../../core/known-query.js';
 import { pathUuid, queryUuid } from '../../core/validate.js';
 import { AdminOnly } from '../auth.guard.js';
@@ -49,6 +49,8 @@ export class IdentityAdminController {
 
   @Get('users')
   @KnownQuery('department_id')
+  // Without it Swagger marks the @Query filter required, and a generated client could never list everyone.
+  @ApiQuery({ name: 'department_id', required: false, format: 'uuid', description: 'only the users of this department' })
   async listUsers(@Query('department_id') departmentId?: string) {
     const filter = queryUuid(departmentId, 'department_id');
     return { object: 'list', data: (await this.identity.listUsers(filter)).map(userView) };
@@ -73,6 +75,7 @@ export class IdentityAdminController {
 
   @Get('keys')
   @KnownQuery('user_id')
+  @ApiQuery({ name: 'user_id', required: false, format: 'uuid', description: 'only the keys of this user' })
   async listKeys(@Query('user_id') userId?: string) {
     const filter = queryUuid(userId, 'user_id');
     return { object: 'list', data: (await this.identity.listKeys(filter)).map(keyView) };

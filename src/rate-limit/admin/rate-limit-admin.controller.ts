@@ -4,7 +4,7 @@ import { pathUuid } from '../../core/validate.js';
 import { AdminOnly, CurrentPrincipal } from '../../identity/auth.guard.js';
 import type { Principal } from '../../identity/principal.js';
 import { RateLimitOverrides } from '../rate-limit-overrides.service.js';
-import { parseScope, PutRateLimitDto, rateLimitView, type RateLimitViewDto } from './rate-limit-admin.dto.js';
+import { parseScope, PutRateLimitDto, rateLimitView, RateLimitViewDto } from './rate-limit-admin.dto.js';
 
 @ApiTags('admin: rate limits')
 @AdminOnly()
@@ -15,7 +15,7 @@ export class RateLimitAdminController {
   @Get(':scope/:id')
   @ApiOperation({ summary: 'The limit in force for a key, user or department (override or configured default)' })
   @ApiParam({ name: 'scope', enum: ['keys', 'users', 'departments'] })
-  @ApiOkResponse({ type: PutRateLimitDto })
+  @ApiOkResponse({ type: RateLimitViewDto })
   async get(@Param('scope') scope: string, @Param('id') id: string): Promise<RateLimitViewDto> {
     const s = parseScope(scope);
     return rateLimitView(await this.overrides.view(s, pathUuid(id, s)));
@@ -25,6 +25,7 @@ export class RateLimitAdminController {
   @ApiOperation({ summary: 'Override the limit of a key, user or department' })
   @ApiParam({ name: 'scope', enum: ['keys', 'users', 'departments'] })
   @ApiBody({ type: PutRateLimitDto })
+  @ApiOkResponse({ type: RateLimitViewDto })
   async put(
     @Param('scope') scope: string,
     @Param('id') id: string,
@@ -40,6 +41,7 @@ export class RateLimitAdminController {
   @HttpCode(200)
   @ApiOperation({ summary: 'Remove an override: the configured default applies again' })
   @ApiParam({ name: 'scope', enum: ['keys', 'users', 'departments'] })
+  @ApiOkResponse({ type: RateLimitViewDto })
   async remove(@Param('scope') scope: string, @Param('id') id: string): Promise<RateLimitViewDto> {
     const s = parseScope(scope);
     return rateLimitView(await this.overrides.remove(s, pathUuid(id, s)));

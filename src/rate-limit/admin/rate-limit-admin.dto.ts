@@ -14,8 +14,9 @@ export function parseScope(value: string): LimitScope {
 
 export class PutRateLimitDto {
   @ApiProperty({ example: 600, description: 'requests per minute' }) requests_per_minute!: number;
-  @ApiPropertyOptional({ example: 200000, nullable: true, description: 'tokens per minute; null or absent = no token limit' }) tokens_per_minute?:
-    number | null;
+  // `type` spelled out: reflection sees `number | null` as Object.
+  @ApiPropertyOptional({ example: 200000, nullable: true, type: Number, description: 'tokens per minute; null or absent = no token limit' })
+  tokens_per_minute?: number | null;
 
   static parse(raw: unknown): Limit {
     const body = asBody(raw);

@@ -1,6 +1,6 @@
 import { Body, Controller, Get, HttpCode, type OnModuleInit, Param, Post, Put, Query } from '@nestjs/common';
 import { HttpAdapterHost } from '@nestjs/core';
-import { ApiBody, ApiOkResponse, ApiOperation, ApiQuery, ApiTags } from '@nestjs/swagger';
+import { ApiBody, ApiCreatedResponse, ApiOkResponse, ApiOperation, ApiQuery, ApiTags } from '@nestjs/swagger';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { GatewayError } from '../../core/errors.js';
 import { KnownQuery } from '../../core/known-query.js';
@@ -120,7 +120,8 @@ export class RoutingAdminController implements OnModuleInit {
   @Post('rollback/:version')
   @ApiOperation({ summary: 'Restore an earlier version as a new version (history is never rewritten)' })
   @ApiBody({ type: RollbackDto, required: false })
-  @ApiOkResponse({ type: RoutingTableDto })
+  // A rollback writes a new version, so it keeps the POST default of 201; the document must say 201, not 200.
+  @ApiCreatedResponse({ type: RoutingTableDto })
   async rollback(@CurrentPrincipal() admin: Principal, @Param('version') version: string, @Body() body: unknown) {
     const target = pathVersion(version);
     const { basedOn, comment } = RollbackDto.parse(body);

@@ -1,5 +1,6 @@
-import { Body, Controller, Delete, Get, Param, Put } from '@nestjs/common';
+import { Body, Controller, createParamDecorator, Delete, type ExecutionContext, Get, Put } from '@nestjs/common';
 import { ApiBody, ApiOperation, ApiParam, ApiTags } from '@nestjs/swagger';
+import type { FastifyRequest } from 'fastify';
 import { GatewayError } from '../../../core/errors.js';
 import { AdminOnly, CurrentPrincipal } from '../../../identity/auth.guard.js';
 import type { Principal } from '../../../identity/principal.js';
@@ -13,6 +14,17 @@ function modelParam(value: string | undefined): string {
     throw new GatewayError('invalid_value', 'The path must end with a model id, e.g. /admin/pricing/openai/gpt-4o-mini.', { param: 'model' });
   return model;
 }
+
+/**
+ * Swagger writes the `*` route as `/admin/pricing/{path}`, so the document names the parameter
+ * `path`. The handlers read the wildcard through WildcardPath rather than @Param('*'), which Swagger
+ * would also document, as a `*` parameter no path has.
+ */
+const MODEL_PARAM = { name: 'path', description: 'model id, slash included, e.g. openai/gpt-4o-mini' };
+const WildcardPath = createParamDecorator(
+  (_data: unknown, context: ExecutionContext): string | undefined =>
+    context.switchToHttp().getRequest<FastifyRequest<{ Params: { '*'?: string } }>>().params['*'],
+);
 
 @ApiTags('admin: pricing')
 @AdminOnly()
@@ -28,23 +40,23 @@ export class PricingAdminController {
   }
 
   @Get('*')
-  @ApiParam({ name: '*', description: 'model id, e.g. openai/gpt-4o-mini' })
-  get(@Param('*') model: string) {
+  @ApiParam(MODEL_PARAM)
+  get(@WildcardPath() model: string) {
     return priceView(this.pricing.entryFor(modelParam(model)));
   }
 
   @Put('*')
   @ApiOperation({ summary: 'Override the per-token price of one model (takes precedence over upstream and static prices)' })
-  @ApiParam({ name: '*', description: 'model id, e.g. openai/gpt-4o-mini' })
+  @ApiParam(MODEL_PARAM)
   @ApiBody({ type: PutPriceDto })
-  async set(@Param('*') model: string, @Body() body: unknown, @CurrentPrincipal() principal: Principal) {
+  async set(@WildcardPath() model: string, @Body() body: unknown, @CurrentPrincipal() principal: Principal) {
     return priceView(await this.pricing.setOverride(modelParam(model), PutPriceDto.parse(body), principal.userId));
   }
 
   @Delete('*')
   @ApiOperation({ summary: 'Remove an override; the upstream or static price applies again' })
-  @ApiParam({ name: '*', description: 'model id, e.g. openai/gpt-4o-mini' })
-  async remove(@Param('*') model: string) {
+  @ApiParam(MODEL_PARAM)
+  async remove(@WildcardPath() model: string) {
     return priceView(await this.pricing.deleteOverride(modelParam(model)));
   }
 }
