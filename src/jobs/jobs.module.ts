@@ -19,8 +19,9 @@ import { Jobs1764400005000 } from './migrations/1764400005000-jobs.js';
 import { JobsEnqueued1764400005100 } from './migrations/1764400005100-jobs-enqueued.js';
 import { JobsDeadLetteredAt1764400005200 } from './migrations/1764400005200-jobs-dead-lettered-at.js';
 import { JobsFinishedIndex1764400005300 } from './migrations/1764400005300-jobs-finished-index.js';
+import { JobsDeadListIndex1764400005400 } from './migrations/1764400005400-jobs-dead-list-index.js';
 
-export const JOBS_MIGRATIONS = [Jobs1764400005000, JobsEnqueued1764400005100, JobsDeadLetteredAt1764400005200, JobsFinishedIndex1764400005300];
+export const JOBS_MIGRATIONS = [Jobs1764400005000, JobsEnqueued1764400005100, JobsDeadLetteredAt1764400005200, JobsFinishedIndex1764400005300, JobsDeadListIndex1764400005400];
 
 // The processor ends a job (completed, failed or dead-lettered) within JOBS_MAX_ATTEMPTS tries;
 // these extra tries are only for failures of the bookkeeping itself (the database away).

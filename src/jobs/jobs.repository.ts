@@ -235,8 +235,8 @@ export class JobsRepository {
   }
 
   /**
-   * The job failed for good; `deadLettered` puts it in the dead-letter queue, at `completed_at`,
-   * which `dead_lettered_at` keeps after an admin retry clears it (deadListPlace). A try's failure
+   * The job failed for good; `deadLettered` puts it in the dead-letter queue. Its place there is
+   * `dead_lettered_at`, set the first time only (see listDead for why it never moves). A try's failure
    * names its `attempt`, and changes nothing once another try took the job over (complete() alike):
    * a try whose heartbeat went stale while it lived (its database connection hung) must not end the
    * job under the takeover, whose charged result would then be thrown away. Without `attempt` (the
@@ -246,7 +246,7 @@ export class JobsRepository {
   async fail(id: string, error: ErrorBody, deadLettered: boolean, now: Date, attempt?: number, counted = true): Promise<JobRecord | undefined> {
     const rows = await this.changed(
       `UPDATE jobs SET status = 'failed', error = $2::jsonb, dead_lettered = $3, completed_at = $4, updated_at = $4,
-                       dead_lettered_at = CASE WHEN $3 THEN $4 ELSE dead_lettered_at END,
+                       dead_lettered_at = CASE WHEN $3 THEN COALESCE(dead_lettered_at, $4) ELSE dead_lettered_at END,
                        attempts = CASE WHEN $5 THEN attempts ELSE GREATEST(attempts - 1, 0) END
         WHERE id = $1 AND ${UNFINISHED} AND ($6::integer IS NULL OR (status = 'running' AND attempts = $6))
         RETURNING *`,
@@ -268,17 +268,24 @@ export class JobsRepository {
   }
 
   /**
-   * Newest first, by `completed_at` (for a job in the dead-letter queue, the moment it was
-   * dead-lettered), after the place `before` (deadListPlace) when given.
+   * Newest first by `dead_lettered_at`, the moment a job first entered the dead-letter queue, after
+   * the place `before` (deadListPlace) when given. The order and the cursor must use the same
+   * column, and that column must never change: `before` is only an id, and the usual way through
+   * the list (read a page, retry its jobs, ask for the page after the last id) dead-letters some of
+   * those jobs again at once while the upstream still refuses. Were a job to move to the top when
+   * dead-lettered again (its new `completed_at`), the next page would start at the top again and
+   * repeat the jobs already handled, or, with the cursor at its old place but the list ordered by
+   * the new one, skip the jobs between. So a job dead-lettered anew keeps its first place (its
+   * `completed_at` and `error` still say when and why it failed last), and an admin's pass through
+   * the list sees every job once; the next pass from the top finds those that failed again.
    */
   async listDead(limit: number, before: { completedAt: Date; id: string } | undefined): Promise<JobRecord[]> {
     const rows = before
-      ? await this.db.query<Row[]>(`SELECT * FROM jobs WHERE dead_lettered AND (completed_at, id) < ($2, $3) ORDER BY completed_at DESC, id DESC LIMIT $1`, [
-          limit,
-          before.completedAt,
-          before.id,
-        ])
-      : await this.db.query<Row[]>(`SELECT * FROM jobs WHERE dead_lettered ORDER BY completed_at DESC, id DESC LIMIT $1`, [limit]);
+      ? await this.db.query<Row[]>(
+          `SELECT * FROM jobs WHERE dead_lettered AND (dead_lettered_at, id) < ($2, $3) ORDER BY dead_lettered_at DESC, id DESC LIMIT $1`,
+          [limit, before.completedAt, before.id],
+        )
+      : await this.db.query<Row[]>(`SELECT * FROM jobs WHERE dead_lettered ORDER BY dead_lettered_at DESC, id DESC LIMIT $1`, [limit]);
     return rows.map(toRecord);
   }
 

@@ -26,6 +26,11 @@ describe('migrations on PostgreSQL, replicas starting together', () => {
         `SELECT i.indisvalid AS valid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'jobs_finished_idx'`,
       );
       expect(index).toEqual([{ valid: true }]);
+      // The dead-letter list's index replaced the one ordered by completed_at.
+      const dead = await replicas[2].dataSource.query<Array<{ name: string; valid: boolean }>>(
+        `SELECT c.relname AS name, i.indisvalid AS valid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname IN ('jobs_dead_idx', 'jobs_dead_list_idx')`,
+      );
+      expect(dead).toEqual([{ name: 'jobs_dead_list_idx', valid: true }]);
     } finally {
       await Promise.all(opened.map((o) => o.close()));
       await db.drop();

@@ -89,6 +89,35 @@ describe.each(DB_KINDS)('dead-letter paging on %s', (kind) => {
     expect(ids(await jobs.listDead(2, j3.id))).toEqual([j1.id, j0.id]);
   });
 
+  it('keeps a retried job that is dead-lettered again at its first place, so the next page neither repeats nor skips', async () => {
+    // Later than every other job of this file, so these lead the list from the top.
+    const base = Date.now() + 3_600_000;
+    const dead: JobRecord[] = [];
+    for (let i = 0; i < 4; i += 1) dead.push(await failedJob(new Date(base + i * 1000)));
+    const [k0, k1, k2, k3] = dead as [JobRecord, JobRecord, JobRecord, JobRecord];
+    expect(ids(await jobs.listDead(2, undefined))).toEqual([k3.id, k2.id]);
+
+    // The admin retries the page; the upstream still refuses, and both are dead-lettered again,
+    // later than anything else in the list.
+    for (const job of [k3, k2]) {
+      await jobs.retryDead(job.id);
+      const again = new Date(base + 10_000);
+      const started = await repo.start(job.id, again, new Date(again.getTime() - 30_000));
+      if (typeof started !== 'object') throw new Error('retried job not started');
+      expect(await repo.fail(job.id, UPSTREAM_500, true, again, started.job.attempts)).toMatchObject({ deadLettered: true, completedAt: again });
+    }
+
+    const second = await jobs.listDead(2, k2.id);
+    expect(ids(second)).toEqual([k1.id, k0.id]);
+    // Still listed, where they first were: a pass from the top sees each job once.
+    expect(ids(await jobs.listDead(4, undefined))).toEqual([k3.id, k2.id, k1.id, k0.id]);
+    expect(ids(await jobs.listDead(2, k3.id))).toEqual([k2.id, k1.id]);
+
+    // A job dead-lettered for the first time still leads the list.
+    const newest = await failedJob(new Date(base + 20_000));
+    expect(ids(await jobs.listDead(2, undefined))).toEqual([newest.id, k3.id]);
+  });
+
   it('still refuses a `before` that never was in the dead-letter queue', async () => {
     const failedForGood = await failedJob(new Date(), false);
     const { job: queued } = await repo.insert(newJob(), new Date());

@@ -5,7 +5,7 @@ import type { MigrationInterface, QueryRunner } from 'typeorm';
  * dead-letter queue, but an admin retry clears it (the job is queued again), so the job's place
  * in the queue's order would be lost: `GET /admin/queue/dead?before=<id>` names the last job of
  * the previous page, which the admin may have retried or discarded meanwhile, and paging must
- * still continue after it. This column is set whenever a job is dead-lettered and never cleared.
+ * still continue after it. This column is set when a job is first dead-lettered and never changed (1764400005400).
  * Jobs dead-lettered now get it from `completed_at`; those retried before this migration have
  * no known place (NULL), and a `before` naming one is refused as before.
  */
