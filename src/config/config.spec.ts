@@ -35,6 +35,31 @@ describe('loadConfig', () => {
     expect(String((error as Error).message)).not.toContain('hunter2');
   });
 
+  // Left to listen(), a bad HOST failed the start only after the database was opened (initdb'd on a
+  // fresh DATA_DIR) and an admin key generated, as "getaddrinfo ENOTFOUND", naming no variable.
+  it('refuses a HOST that is neither an IP address nor a host name, with the other problems', () => {
+    const problemsOf = (env: Record<string, string>): string[] => {
+      try {
+        loadConfig(env, '/srv');
+        return [];
+      } catch (e) {
+        return (e as ConfigError).problems;
+      }
+    };
+    const both = problemsOf({ HOST: 'not a host', PORT: 'eighty' });
+    expect(both.filter((p) => p.startsWith('HOST '))).toEqual(['HOST must be an IP address (such as 0.0.0.0, 127.0.0.1 or ::) or a host name, got "not a host"']);
+    expect(both.some((p) => p.startsWith('PORT '))).toBe(true);
+    for (const bad of ['999.1.1.1', '10.0.0', '[::]', 'gate_house:8080', '-leading.example', 'a..b']) {
+      expect(problemsOf({ HOST: bad }), bad).toHaveLength(1);
+    }
+    expect(problemsOf({ HOST: '[::]' })[0]).toContain('without brackets');
+    for (const good of ['0.0.0.0', '127.0.0.1', '::', '::1', 'fe80::1%eth0', 'localhost', 'gatehouse.internal.', 'api_1', 'my-host.example.com']) {
+      expect(problemsOf({ HOST: good }), good).toEqual([]);
+      expect(loadConfig({ HOST: good }).host).toBe(good);
+    }
+    expect(loadConfig({}).host).toBe('0.0.0.0');
+  });
+
   it('refuses upstream header values an HTTP request cannot carry, naming the variable and never the key', () => {
     const problemsOf = (env: Record<string, string>): string[] => {
       try {

@@ -334,6 +334,28 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
     }
     return entries;
   };
+  // Checked here, not left to listen(): that comes after the database is opened (initdb'd and
+  // migrated on a fresh DATA_DIR) and the first admin key is generated, and its "getaddrinfo
+  // ENOTFOUND" names no variable. Names are not resolved (loading stays synchronous, and a name
+  // the resolver cannot find yet is listen's to report), only their syntax (RFC 1123, plus the
+  // underscores container DNS names may carry) is checked; an all-numeric last label is an IPv4
+  // literal gone wrong (999.1.1.1), not a name.
+  const listenHost = (): string => {
+    const v = str('HOST');
+    if (v === undefined) return '0.0.0.0';
+    const name = v.endsWith('.') ? v.slice(0, -1) : v;
+    const labels = name.split('.');
+    const isName =
+      name.length > 0 &&
+      name.length <= 253 &&
+      labels.every((label) => /^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$/i.test(label)) &&
+      !/^\d+$/.test(labels[labels.length - 1] ?? '');
+    if (isIP(v) === 0 && !isName) {
+      const hint = v.startsWith('[') ? ' (write an IPv6 address without brackets, e.g. ::)' : '';
+      problems.push(`HOST must be an IP address (such as 0.0.0.0, 127.0.0.1 or ::) or a host name, got "${v}"${hint}`);
+    }
+    return v;
+  };
   const usdPerToken = (name: ConfigVariable, fallback: string): string => {
     const v = str(name);
     if (v === undefined) return fallback;
@@ -448,7 +470,7 @@ export function loadConfig(env: Env, cwd = process.cwd()): AppConfig {
 
   const config: AppConfig = {
     role,
-    host: str('HOST') ?? '0.0.0.0',
+    host: listenHost(),
     port: int('PORT', 8080, 0, 65535),
     bodyLimitBytes: int('BODY_LIMIT_BYTES', 4 * 1024 * 1024, 1024, 512 * 1024 * 1024),
     trustProxy: trustProxy(),

@@ -1,7 +1,9 @@
 import { Injectable, type OnApplicationBootstrap, Optional } from '@nestjs/common';
 import type { Logger } from 'pino';
+import { DataSource } from 'typeorm';
 import { AuditService } from '../audit/audit.service.js';
 import { AppConfig } from '../config/config.js';
+import { Clock } from '../core/clock.js';
 import { AppLogger } from '../core/logger.js';
 import { IdentityService } from './identity.service.js';
 
@@ -9,6 +11,12 @@ import { IdentityService } from './identity.service.js';
  * Makes sure an admin can get in on a fresh install (API.md "Bootstrap"): ADMIN_API_KEY is
  * stored (hashed) as an admin key; without it, the embedded default generates one and prints it
  * once to stdout, outside the JSON log, so it never lands in a log pipeline.
+ *
+ * The generated key is stored while the app initialises, before the server listens, but printed
+ * only once the start has succeeded (`announceGeneratedKey`); a start that fails after storing it
+ * (a port already taken, most often) revokes it (`withdrawGeneratedKey`). Otherwise the install's
+ * only admin key would be one shown by a start that died, and the next, successful start would
+ * find it active and show none.
  *
  * Setting a new ADMIN_API_KEY rotates it: the start with the new secret revokes the keys earlier
  * values left behind (docs/operations.md "Rotating ADMIN_API_KEY").
@@ -18,10 +26,14 @@ export class IdentityBootstrapService implements OnApplicationBootstrap {
   /** Set when this start generated a key; tests and the demo read it from here, not from logs. */
   generatedAdminKey: string | undefined;
 
+  private generatedKeyId: string | undefined;
+
   constructor(
     private readonly identity: IdentityService,
     private readonly config: AppConfig,
     private readonly appLogger: AppLogger,
+    private readonly dataSource: DataSource,
+    private readonly clock: Clock,
     // Global AuditModule; absent only where a test builds identity alone.
     @Optional() private readonly audit?: AuditService,
   ) {}
@@ -40,11 +52,44 @@ export class IdentityBootstrapService implements OnApplicationBootstrap {
     }
     const { entity, key } = await this.identity.createKey({ userId: admin.id, name: 'bootstrap (generated on first start)' });
     this.generatedAdminKey = key;
+    this.generatedKeyId = entity.id;
     this.recordCreated(entity.id, entity.prefix, 'first start without ADMIN_API_KEY: generated');
-    logger.warn('Generated the first admin API key; it is printed once on stdout and stored only as a hash.');
+  }
+
+  /** Prints the key this start generated, if any: called once the gateway listens. */
+  announceGeneratedKey(): void {
+    const key = this.generatedAdminKey;
+    if (key === undefined) return;
+    this.appLogger.logger
+      .child({ context: 'IdentityBootstrap' })
+      .warn('Generated the first admin API key; it is printed once on stdout and stored only as a hash.');
     process.stdout.write(
       `\n${'='.repeat(72)}\n  Gatehouse admin API key (shown once, stored only as a hash):\n\n    ${key}\n\n  Use it as "Authorization: Bearer <key>". Set ADMIN_API_KEY to choose your own.\n${'='.repeat(72)}\n\n`,
     );
+  }
+
+  /**
+   * Revokes the key this start generated, for a start that failed before announcing it: nobody has
+   * seen it, so the next start must generate (and show) another. Without the last-admin-key guard
+   * of an admin's revocation, which would refuse exactly this: it is the install's only admin key.
+   */
+  async withdrawGeneratedKey(): Promise<void> {
+    const id = this.generatedKeyId;
+    if (id === undefined) return;
+    this.generatedKeyId = undefined;
+    this.generatedAdminKey = undefined;
+    const rows = await this.dataSource.query<Array<{ prefix: string }>>(
+      `WITH changed AS (UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING prefix) SELECT prefix FROM changed`,
+      [id, this.clock.now()],
+    );
+    const prefix = rows[0]?.prefix;
+    if (prefix === undefined) return;
+    this.audit?.record({
+      action: 'bootstrap.revoke_key',
+      targetType: 'keys',
+      targetId: id,
+      details: { actor: 'system:bootstrap', reason: 'start failed before the generated key was shown', prefix },
+    });
   }
 
   private async ensureEnvKey(userId: string, key: string, logger: Logger): Promise<void> {

@@ -1,11 +1,15 @@
 import { mkdtemp, rm } from 'node:fs/promises';
+import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import OpenAI from 'openai';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import type { AuditListDto } from '../../src/audit/admin/audit-admin.dto.js';
 import { loadConfig } from '../../src/config/config.js';
 import { createLogger } from '../../src/core/logger.js';
 import { createGateway, type Gateway } from '../../src/gateway.js';
+import { pgliteTarget } from '../support/databases.js';
+import { ApiClient, pollUntil } from '../support/gateway.js';
 
 /**
  * What a newcomer gets from `npm start` with no environment at all: embedded PGlite under
@@ -76,5 +80,65 @@ describe('the embedded default (no database server, no upstream key, no admin ke
     expect(list.status).toBe(200);
     const body = (await list.json()) as { data: Array<{ name: string }> };
     expect(body.data.map((d) => d.name)).toContain('Persisted');
+  });
+});
+
+/**
+ * The most common first-start failure of `npm start` is a port already taken (8080 is popular).
+ * The admin key is generated while the app initialises, before it listens: a start that then dies
+ * must neither show it nor leave it active, or the next, successful start would find an admin key
+ * and show none, and the install's only admin key would be one printed above an EADDRINUSE.
+ */
+describe('a first start that fails after generating the admin key', () => {
+  let dataDir: string;
+  let blocker: Server;
+  let blockedPort: number;
+  let gateway: Gateway | undefined;
+
+  beforeAll(async () => {
+    dataDir = await mkdtemp(join(tmpdir(), 'gatehouse-embedded-failed-start-'));
+    blocker = createServer();
+    await new Promise<void>((resolve) => blocker.listen(0, '127.0.0.1', resolve));
+    blockedPort = (blocker.address() as { port: number }).port;
+  });
+  afterAll(async () => {
+    await gateway?.close();
+    await new Promise((resolve) => blocker.close(resolve));
+    await rm(dataDir, { recursive: true, force: true });
+  });
+
+  // The run's migrated template instead of initdb: the key is generated all the same.
+  const start = async (port: number) => {
+    const target = await pgliteTarget();
+    return createGateway(loadConfig({ DATA_DIR: dataDir, PORT: String(port), HOST: '127.0.0.1', LOG_LEVEL: 'silent', AUDIT_FLUSH_MS: '20' }), {
+      logger: createLogger('silent'),
+      databaseTarget: { driver: 'pglite', dataDir, template: 'template' in target ? target.template : undefined },
+    });
+  };
+
+  it('prints no key, and the next start generates and shows the one that works', async () => {
+    const stdout = vi.spyOn(process.stdout, 'write');
+    try {
+      await expect(start(blockedPort)).rejects.toThrow(/EADDRINUSE/);
+      expect(stdout.mock.calls.map(([chunk]) => String(chunk)).join('')).not.toContain('gh-');
+    } finally {
+      stdout.mockRestore();
+    }
+
+    // The user frees the port, or picks another one, and starts again.
+    gateway = await start(0);
+    const key = gateway.generatedAdminKey;
+    expect(key).toMatch(/^gh-/);
+    const admin = new ApiClient(gateway.url, key);
+    const keys = await admin.get<{ data: Array<{ prefix: string; revoked_at: string | null }> }>('/admin/keys');
+    expect(keys.status).toBe(200);
+    // The failed start's key was stored, and is revoked: nobody ever saw it.
+    expect(keys.body.data.map((k) => k.revoked_at === null)).toEqual([false, true]);
+    const revoked = await pollUntil(async () => {
+      const res = await admin.get<AuditListDto>('/admin/audit?action=bootstrap.revoke_key');
+      expect(res.body.data).toHaveLength(1);
+      return res.body.data[0];
+    });
+    expect(revoked).toMatchObject({ target_id: expect.any(String), details: { actor: 'system:bootstrap', prefix: keys.body.data[0]?.prefix } });
   });
 });

@@ -65,6 +65,30 @@ describe('the embedded database in DATA_DIR', () => {
     }
   });
 
+  // A DATA_DIR typo (`.` run from a repository, $HOME, a volume of other files): PGlite's initdb
+  // would spread some twenty PostgreSQL entries (base/, pg_wal/, postgresql.conf...) among the
+  // user's files and write over any sharing those names. PostgreSQL's initdb refuses it too.
+  it('refuses a DATA_DIR that holds other files and no database, naming it, and leaves it as it was', async () => {
+    const project = join(base, `case-${++next}`, 'project');
+    mkdirSync(join(project, 'src'), { recursive: true });
+    writeFileSync(join(project, 'README.md'), 'my project\n');
+    writeFileSync(join(project, 'src', 'app.js'), 'console.log(1)\n');
+    await expect(start(project)).rejects.toThrow(`PGlite data directory ${project} is not empty and holds no database`);
+    expect(readdirSync(project).sort()).toEqual(['README.md', 'src']);
+  });
+
+  it('takes a directory that is empty but for what a volume or a repository puts there', async () => {
+    const dataDir = join(base, `case-${++next}`, 'data');
+    mkdirSync(join(dataDir, 'lost+found'), { recursive: true });
+    writeFileSync(join(dataDir, '.gitkeep'), '');
+    const db = await start(dataDir);
+    try {
+      await expect(db.query('SELECT count(*)::int AS n FROM migrations')).resolves.toEqual([{ n: (DATABASE_CONTENT.migrations as unknown[]).length }]);
+    } finally {
+      await db.close();
+    }
+  });
+
   it('refuses DATA_DIR to a second process while the first lives, and takes over once it is gone', async () => {
     const dataDir = existingDataDir();
     const lock = join(dataDir, 'gatehouse.lock');

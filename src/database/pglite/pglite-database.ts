@@ -15,7 +15,7 @@
  * cheaper than initdb, and the migrations have already run.
  */
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -23,7 +23,10 @@ import { PGlite } from '@electric-sql/pglite';
 import { withPgliteSession } from './pglite-pg-driver.js';
 
 export interface OpenPgliteOptions {
-  /** A directory (created when missing; data persists across restarts) or `'memory://'`. */
+  /**
+   * A directory (created when missing; data persists across restarts) or `'memory://'`. A directory
+   * that holds files but no database is refused (see `assertDataDir`).
+   */
   dataDir: string;
   /**
    * A tarball from `dumpPgliteTemplate` to start from instead of running initdb. For a directory
@@ -57,8 +60,14 @@ export async function openPglite(opts: OpenPgliteOptions): Promise<PGlite> {
   const dir = resolve(opts.dataDir.startsWith('file:') ? fileURLToPath(opts.dataDir) : opts.dataDir);
   // PGlite's NodeFS only creates the last path segment itself.
   mkdirSync(dir, { recursive: true });
+  // Before the lock, whose file would be the first thing written among someone else's. A lock
+  // already there makes the directory ours: its owner may be midway through initdb, and only the
+  // lock can tell whether it lives.
+  if (!existsSync(lockPathOf(dir))) assertDataDir(dir);
   const lock = await lockDataDir(dir);
   try {
+    // Again under the lock: what a first start that died mid-initdb left is no database either.
+    assertDataDir(dir);
     const load = opts.loadDataDir && !existsSync(join(dir, 'PG_VERSION')) ? opts.loadDataDir : undefined;
     const db = await PGlite.create(dir, { startParams: START_PARAMS, ...(load ? { loadDataDir: load } : {}) });
     // A template dumped from a directory holds that directory's lock file, with its owner's token,
@@ -70,6 +79,30 @@ export async function openPglite(opts: OpenPgliteOptions): Promise<PGlite> {
     lock.release();
     throw error;
   }
+}
+
+/**
+ * Entries an empty directory may still hold: a volume's root (`lost+found`), a placeholder kept in
+ * a repository, Finder's. Our own lock file (and a takeover's temp file) is passed over too.
+ */
+const IGNORED_ENTRIES = new Set(['lost+found', '.gitkeep', '.keep', '.DS_Store']);
+
+/**
+ * Refuses a directory that holds files but no database (no PG_VERSION): PGlite's initdb would
+ * spread some twenty PostgreSQL entries (base/, global/, pg_wal/, postgresql.conf...) among them
+ * and write over any that share those names. A DATA_DIR typo (`.` in a repository, `$HOME`, a
+ * volume of other files) ends here. PostgreSQL's own initdb refuses the same way.
+ * (test/integration/pglite-data-dir.int-spec.ts)
+ */
+function assertDataDir(dir: string): void {
+  if (existsSync(join(dir, 'PG_VERSION'))) return;
+  const foreign = readdirSync(dir).filter((entry) => !IGNORED_ENTRIES.has(entry) && entry !== LOCK_FILE && !entry.startsWith(`${LOCK_FILE}.`));
+  if (foreign.length === 0) return;
+  const shown = foreign.slice(0, 3).join(', ') + (foreign.length > 3 ? `, … (${foreign.length} entries)` : '');
+  throw new Error(
+    `PGlite data directory ${dir} is not empty and holds no database (no PG_VERSION; it has ${shown}). ` +
+      'Point DATA_DIR at an empty or new directory; if an earlier first start was interrupted here, empty this one.',
+  );
 }
 
 /**
