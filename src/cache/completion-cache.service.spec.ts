@@ -4,7 +4,7 @@ import type { CacheTicket } from './completion-cache.service.js';
 import { encodeCacheEntry } from './cache-entry.js';
 import { MemoryResponseCache } from './memory-response-cache.js';
 import { assembleCompletion } from './stream-replay.js';
-import type { CacheLookup } from './response-cache.js';
+import type { CacheLookup, ResponseCache } from './response-cache.js';
 import { testCall, testCompletion, testCompletionCache, testRoute as route } from './testing/completion-cache.fixtures.js';
 
 const answer = testCompletion('hi');
@@ -221,6 +221,51 @@ describe('CompletionCache singleflight (in process)', () => {
     const tools = await cache.open({ ...call(), body: { messages: [{ role: 'user', content: 'x' }], tools: [{ type: 'function' }] } }, route);
     expect(tools.status).toBe('bypass');
     expect(tools.fills).toBe(false);
+  });
+});
+
+// DELETE /admin/cache while an identical call is with the upstream: the answer it brings back may
+// be just what the admin purged, and storing it would undo the purge for the whole TTL.
+describe('CompletionCache purge while a fill is in flight', () => {
+  it('does not store an answer whose call began before a purge, yet hands it to the callers waiting for it', async () => {
+    const { cache, call } = setup();
+    const leader = await cache.open(call(), route);
+    const followers = Array.from({ length: 3 }, () => cache.open(call(), route));
+    await cache.invalidate({ model: 'm' });
+    await leader.fill(JSON.stringify(answer), answer);
+    const tickets = await Promise.all(followers);
+    expect(tickets.map((t) => t.status)).toEqual(['hit', 'hit', 'hit']);
+    expect(tickets[0]?.hit?.completion.choices[0]?.message.content).toBe('hi');
+    expect(cache.inFlight).toBe(0);
+    const after = await cache.open(call(), route);
+    expect(after.status).toBe('miss');
+    // That one began after the purge: its answer is stored as usual.
+    await after.fill(JSON.stringify(answer), answer);
+    expect((await cache.open(call(), route)).status).toBe('hit');
+  });
+
+  it('frees the fill lock with the answer handed over, for waiters on other instances', async () => {
+    const { cache, call, store } = setup();
+    const release = vi.spyOn(store as ResponseCache, 'release');
+    const leader = await cache.open(call(), route);
+    await cache.invalidate({});
+    await leader.fill(JSON.stringify(answer), answer);
+    expect(release).toHaveBeenCalledTimes(1);
+    expect(release.mock.calls[0]?.[2]).toContain('"hi"');
+    expect(await store.peek(release.mock.calls[0]?.[0] ?? '')).toEqual({ kind: 'free' });
+  });
+
+  it('does not store a fill in flight across a purge the store heard of (another instance’s)', async () => {
+    const store = new MemoryResponseCache(new SystemClock(), 100, 100_000);
+    let heard: () => void = () => undefined;
+    store.onPurge = (listener) => {
+      heard = listener;
+    };
+    const { cache, call } = setup(5000, store);
+    const leader = await cache.open(call(), route);
+    heard();
+    await leader.fill(JSON.stringify(answer), answer);
+    expect((await cache.open(call(), route)).status).toBe('miss');
   });
 });
 

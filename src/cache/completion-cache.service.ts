@@ -94,6 +94,20 @@ export class CompletionCache {
    * the very text it was decoded from.
    */
   private readonly decoded = new ExpiringEntries<{ entry: string; answer: CachedAnswer }>(DECODED_MAX_ENTRIES, DECODED_MAX_CHARS);
+  /**
+   * Bumped by every purge this instance makes, and every one the store hears of from another
+   * instance (or may have missed: `onPurge`). A fill compares it with its value when its miss
+   * began: an answer generated across a purge may be just what the admin purged (a bad batch, a
+   * model changed behind the same id), so it goes to the callers waiting for it but is not
+   * stored, or the purge would be undone as soon as the call ends. Any purge counts, whatever
+   * its filter: purges are rare, and voiding an unrelated fill costs one more upstream call for
+   * that key, where matching filters would need the filters kept, and sent between instances.
+   * Across instances (Redis) this relies on the store's flush announcement, published before the
+   * delete runs: a fill of another instance that reaches Redis before that instance has heard it
+   * (well under a millisecond, or longer while its subscriber reconnects, after which it counts
+   * as a purge) can still be stored.
+   */
+  private purges = 0;
   private readonly logger: Logger;
   private readonly ttlSeconds: number;
   private readonly waitMs: number;
@@ -106,6 +120,9 @@ export class CompletionCache {
     this.logger = appLogger.logger.child({ context: 'Cache' });
     this.ttlSeconds = config.cache.defaultTtlSeconds;
     this.waitMs = config.cache.waitMs;
+    store.onPurge(() => {
+      this.purges++;
+    });
   }
 
   /** Identical requests currently waiting on a leader in this instance (for tests and metrics). */
@@ -134,6 +151,8 @@ export class CompletionCache {
   async invalidate(filter: CacheFilter): Promise<number> {
     const unavailable = (cause?: unknown) => new GatewayError('unavailable', 'The cache store is unreachable; nothing was deleted.', { cause });
     if (!this.store.available()) throw unavailable();
+    // Before the delete: a fill of this instance that lands while it runs is voided too.
+    this.purges++;
     // Not needed for correctness (a changed entry is decoded anew); the memory is.
     this.decoded.clear();
     try {
@@ -250,13 +269,12 @@ export class CompletionCache {
    */
   private miss(plan: CachePlan, tags: CacheTags, lead: { flight: (body: string | undefined) => void; token: string | undefined } | undefined): CacheTicket {
     let settled = false;
+    const generation = this.purges;
     const abandon = () => {
       if (settled) return;
       settled = true;
       lead?.flight(undefined);
-      if (lead?.token !== undefined) {
-        this.store.release(plan.key, lead.token).catch((error: unknown) => this.logger.debug({ err: (error as Error).message }, 'cache lock release failed'));
-      }
+      if (lead?.token !== undefined) this.release(plan.key, lead.token, undefined);
     };
     const fill = async (raw: string, completion: ChatCompletion, recordedModel?: string) => {
       if (settled) return;
@@ -275,6 +293,12 @@ export class CompletionCache {
       settled = true;
       const entry = encodeCacheEntry(raw, completion, recordedModel);
       lead?.flight(entry);
+      if (generation !== this.purges) {
+        // Purged while it was generated (see `purges`): not stored, but its waiters get it,
+        // here through the flight and on other instances through the store's handoff.
+        if (lead?.token !== undefined) this.release(plan.key, lead.token, entry);
+        return;
+      }
       const models = completion.model && !tags.models.includes(completion.model) ? [...tags.models, completion.model] : tags.models;
       try {
         await this.store.store(plan.key, entry, plan.ttlMs, { ...tags, models }, lead?.token);
@@ -296,6 +320,10 @@ export class CompletionCache {
       },
       abandon,
     };
+  }
+
+  private release(key: string, token: string, handoff: string | undefined): void {
+    this.store.release(key, token, handoff).catch((error: unknown) => this.logger.debug({ err: (error as Error).message }, 'cache lock release failed'));
   }
 }
 

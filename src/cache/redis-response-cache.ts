@@ -21,8 +21,9 @@ return {3}`,
   'cache-lookup',
 );
 
-// Returns {1, body} when the answer landed, {3} while the lock is held (renewing the waiter's
-// mark for the lock's lifetime: an earlier announcement consumed it), {4} when it is gone.
+// Returns {1, body} when the answer landed (or, KEYS[4], was handed over by a leader that may
+// not store it), {3} while the lock is held (renewing the waiter's mark for the lock's lifetime:
+// an earlier announcement consumed it), {4} when it is gone.
 const PEEK = new LuaScript(
   `local v = redis.call('HGET', KEYS[1], 'b')
 if v then return {1, v} end
@@ -31,6 +32,8 @@ if t > 0 then
   redis.call('SET', KEYS[3], '1', 'PX', t)
   return {3}
 end
+local h = redis.call('GET', KEYS[4])
+if h then return {1, h} end
 return {4}`,
   'cache-peek',
 );
@@ -94,11 +97,15 @@ return deleted`,
 );
 
 // Compare-and-delete: a leader whose lock expired must not free the lock of the one after it.
-// Waiting instances are told, so that one of them leads at once instead of at its next poll.
+// Waiting instances are told, so that one of them leads at once instead of at its next poll, or
+// takes the answer handed over (ARGV[4], for ARGV[5] ms; only written when someone waits).
 const RELEASE = new LuaScript(
   `if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  if redis.call('DEL', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+  if redis.call('DEL', KEYS[2]) == 1 then
+    if ARGV[4] then redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5]) end
+    redis.call('PUBLISH', ARGV[2], ARGV[3])
+  end
   return 1
 end
 return 0`,
@@ -106,6 +113,11 @@ return 0`,
 );
 
 const DELETE_BATCH = 500;
+/**
+ * How long an answer handed over to waiters stays readable: they are woken by its announcement,
+ * or look again within 500 ms without it. Kept short because it is an answer a purge voided.
+ */
+const HANDOFF_MS = 2_000;
 
 /** The subscriber connection as the cache sees it: its state, and (a RespClient) its events. */
 export interface NearListener {
@@ -114,8 +126,9 @@ export interface NearListener {
 }
 
 /**
- * Published on the landed channel after a delete: every instance drops its near copies. Cache
- * keys are hex digests, so no landed key can be mistaken for it.
+ * Published on the landed channel before a delete (every instance stops storing the fills it
+ * has in flight: `onPurge`) and, with near copies, after it too (every instance drops its
+ * copies). Cache keys are hex digests, so no landed key can be mistaken for it.
  */
 export const NEAR_FLUSH = '*flush';
 
@@ -141,7 +154,8 @@ export function nearOptions(clock: Clock, cache: { nearMs: number; maxEntries: n
 /**
  * The shared cache of every instance. Keys: `<prefix>cache:e:<hash>` (entry: a hash of the body
  * and its owner, see STORE), `cache:l:<hash>` (singleflight fill lock, with a random token),
- * `cache:w:<hash>` (another instance waits for this fill), `cache:i:{u|d|m}:<id>` (sorted sets
+ * `cache:w:<hash>` (another instance waits for this fill), `cache:h:<hash>` (an answer a purge
+ * kept out of the cache, handed to those waiting for it), `cache:i:{u|d|m}:<id>` (sorted sets
  * of entry keys by user, department and model, scored by expiry, for `DELETE /admin/cache`). A
  * fill or release that finds a waiter publishes the hash on `<prefix>cache:landed`; `landed()`
  * takes those messages (RedisConnections.subscriber) and `watch()` hands them to the waiting
@@ -153,7 +167,8 @@ export function nearOptions(clock: Clock, cache: { nearMs: number; maxEntries: n
  * trip. A delete (`DELETE /admin/cache`) drops them everywhere: the instance that deletes
  * publishes NEAR_FLUSH, and every instance, itself included, drops all its copies when it hears
  * it. Copies are only used while the subscriber connection is up, and dropped whenever it goes
- * down or comes back, because a delete published meanwhile was not heard.
+ * down or comes back, because a delete published meanwhile was not heard. Each of those drops
+ * is also reported to `onPurge`: a fill in flight across it is not stored.
  */
 export class RedisResponseCache extends ResponseCache {
   readonly driver: StoreDriver = 'redis';
@@ -168,6 +183,7 @@ export class RedisResponseCache extends ResponseCache {
   private nearEpoch = 0;
   /** key → near copy body, bounded by count and characters; the oldest copy goes first. */
   private readonly nearCopies: ExpiringEntries<string> | undefined;
+  private readonly purgeListeners: Array<() => void> = [];
 
   constructor(
     private readonly client: RedisCommands,
@@ -210,7 +226,10 @@ export class RedisResponseCache extends ResponseCache {
   }
 
   async peek(key: string): Promise<CachePeek> {
-    const [code, body] = (await this.guard(PEEK.run(this.client, [this.entryKey(key), this.lockKey(key), this.waitKey(key)], []))) as [number, string | undefined];
+    const [code, body] = (await this.guard(PEEK.run(this.client, [this.entryKey(key), this.lockKey(key), this.waitKey(key), this.handoffKey(key)], []))) as [
+      number,
+      string | undefined,
+    ];
     if (code === 1) return { kind: 'hit', body: body ?? '' };
     return code === 3 ? { kind: 'wait' } : { kind: 'free' };
   }
@@ -234,8 +253,9 @@ export class RedisResponseCache extends ResponseCache {
     this.keepNear(key, body, ttlMs);
   }
 
-  async release(key: string, token: string): Promise<boolean> {
-    return (await this.guard(RELEASE.run(this.client, [this.lockKey(key), this.waitKey(key)], [token, this.landedChannel, key]))) === 1;
+  async release(key: string, token: string, handoff?: string): Promise<boolean> {
+    const args = handoff === undefined ? [token, this.landedChannel, key] : [token, this.landedChannel, key, handoff, HANDOFF_MS];
+    return (await this.guard(RELEASE.run(this.client, [this.lockKey(key), this.waitKey(key), this.handoffKey(key)], args))) === 1;
   }
 
   /** Hands over the subscriber connection (RedisConnections.subscriber) that calls `landed`. */
@@ -274,8 +294,11 @@ export class RedisResponseCache extends ResponseCache {
 
   async invalidate(filter: CacheFilter): Promise<number> {
     // Near copies carry no tags, so a delete of any kind drops them all, here and (published
-    // once the entries are gone from Redis) on every other instance.
+    // once the entries are gone from Redis) on every other instance. Published before the delete
+    // too, near copies or not: other instances then stop storing fills that began before it,
+    // which a delete that scans for a while would otherwise miss or be undone by.
     this.clearNear();
+    await this.guard(this.client.call('PUBLISH', this.landedChannel, NEAR_FLUSH));
     const deleted = await this.deleteMatching(filter);
     if (this.near) await this.guard(this.client.call('PUBLISH', this.landedChannel, NEAR_FLUSH));
     return deleted;
@@ -349,9 +372,15 @@ export class RedisResponseCache extends ResponseCache {
     if (near && ttlMs > 0) this.nearCopies?.set(key, body, body.length, near.clock.nowMs() + Math.min(ttlMs, near.maxAgeMs));
   }
 
+  override onPurge(listener: () => void): void {
+    this.purgeListeners.push(listener);
+  }
+
+  /** Every drop is a purge this instance heard of, made, or may have missed (see the class doc). */
   private clearNear(): void {
     this.nearEpoch++;
     this.nearCopies?.clear();
+    for (const listener of this.purgeListeners) listener();
   }
 
   private entryKey(key: string): string {
@@ -362,6 +391,9 @@ export class RedisResponseCache extends ResponseCache {
   }
   private waitKey(key: string): string {
     return `${this.ns}w:${key}`;
+  }
+  private handoffKey(key: string): string {
+    return `${this.ns}h:${key}`;
   }
   private indexKey(kind: 'u' | 'd' | 'm', id: string): string {
     return `${this.ns}i:${kind}:${id}`;

@@ -50,8 +50,14 @@ export abstract class ResponseCache {
    */
   abstract store(key: string, body: string, ttlMs: number, tags: CacheTags, token?: string): Promise<void>;
 
-  /** Releases the lock only if `token` still holds it (a slow leader must not free a successor's lock). */
-  abstract release(key: string, token: string): Promise<boolean>;
+  /**
+   * Releases the lock only if `token` still holds it (a slow leader must not free a successor's lock).
+   * `handoff`: an answer that must not be stored (a purge happened while it was generated) but
+   * that other instances waiting on this lock get from `peek`, briefly, instead of calling the
+   * upstream again. Drivers without other instances (memory) may ignore it: the waiters of this
+   * instance get it from CompletionCache itself.
+   */
+  abstract release(key: string, token: string, handoff?: string): Promise<boolean>;
 
   /** Deletes the matching entries; returns how many were deleted. */
   abstract invalidate(filter: CacheFilter): Promise<number>;
@@ -69,5 +75,15 @@ export abstract class ResponseCache {
    */
   watch(_key: string): { landed: Promise<void>; cancel(): void } | undefined {
     return undefined;
+  }
+
+  /**
+   * `listener` is called whenever entries may have been deleted: by another instance's purge
+   * (heard before its delete runs), while such a purge could not be heard, or by this instance's
+   * `invalidate`. A fill that started before must not be stored. Drivers without other
+   * instances (memory) never call it: CompletionCache counts its own purges.
+   */
+  onPurge(_listener: () => void): void {
+    // Nothing to hear.
   }
 }

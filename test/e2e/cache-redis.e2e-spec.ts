@@ -134,7 +134,30 @@ describe('response cache on Redis, shared by two instances', () => {
     expect(await a.admin.delete('/admin/cache')).toMatchObject({ status: 200 });
     const [l, f] = await Promise.all([leader, follower]);
     expect([l.status, f.status]).toEqual([200, 200]);
-    expect({ upstreamCalls: a.stub.hits, follower: cacheOf(f) }).toEqual({ upstreamCalls: 1, follower: 'hit' });
+    expect({ upstreamCalls: a.stub.hits, follower: cacheOf(f), sameAnswer: f.body.id === l.body.id }).toEqual({
+      upstreamCalls: 1,
+      follower: 'hit',
+      sameAnswer: true,
+    });
+    // B got that answer handed over, but it was generated across the purge: it is stored nowhere.
+    a.stub.configure({ latencyMs: 0 });
+    expect(cacheOf(await ask(aliceOnB, content))).toBe('miss');
+    expect(a.stub.hits).toBe(2);
+  });
+
+  // A purge on one instance while the other waits for the upstream: what comes back was generated
+  // across the purge (a bad batch, a model changed behind the same id), and stored it would undo
+  // the purge for the whole TTL, on every instance.
+  it('keeps out of the cache an answer whose call began before a purge made on the other instance', async () => {
+    a.stub.configure({ latencyMs: 800 });
+    const content = prompt('purged-elsewhere');
+    const inFlight = ask(alice.api, content);
+    await pollUntil(() => expect(a.stub.hits).toBe(1));
+    expect(await b.admin.delete(`/admin/cache?user_id=${alice.userId}`)).toMatchObject({ status: 200 });
+    expect((await inFlight).status).toBe(200);
+    a.stub.configure({ latencyMs: 0 });
+    expect(cacheOf(await ask(alice.api, content))).toBe('miss');
+    expect(cacheOf(await ask(aliceOnB, content))).toBe('hit');
   });
 
   it('reports Redis, cache and rate limits up in /health/ready', async () => {

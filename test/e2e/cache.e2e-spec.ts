@@ -331,6 +331,35 @@ describe('response cache (memory driver, one instance)', () => {
       expect(cacheOf(await ask(bob, p3))).toBe('miss');
     });
 
+    // An admin purges a model's answers (a bad batch from the upstream, a model changed behind the
+    // same id) while an identical call is with the upstream: what that call brings back is what
+    // was being generated across the purge. Stored, it would be served for the whole TTL as if
+    // the purge had never happened; the callers already waiting for it still get it.
+    it('keeps out of the cache an answer whose call began before the purge; the calls waiting for it still get it', async () => {
+      gw.stub.configure({ latencyMs: 800 });
+      const content = prompt('purged-in-flight');
+      const model = { model: 'openai/gpt-4o-mini' };
+      const leader = ask(alice, content, model);
+      await pollUntil(() => expect(gw.stub.hits).toBe(1), 5_000, 5);
+      const follower = ask(alice, content, model);
+
+      const purge = await gw.admin.delete('/admin/cache?model=openai/gpt-4o-mini');
+      expect(purge.status).toBe(200);
+
+      const [l, f] = await Promise.all([leader, follower]);
+      expect([l.status, f.status]).toEqual([200, 200]);
+      expect({ follower: cacheOf(f), sameAnswer: f.body.id === l.body.id, upstreamCalls: gw.stub.hits }).toEqual({
+        follower: 'hit',
+        sameAnswer: true,
+        upstreamCalls: 1,
+      });
+      // Asked again once the purge has answered: from the upstream, not the cache.
+      gw.stub.configure({ latencyMs: 0 });
+      expect(cacheOf(await ask(alice, content, model))).toBe('miss');
+      expect(gw.stub.hits).toBe(2);
+      expect(cacheOf(await ask(alice, content, model))).toBe('hit');
+    });
+
     it('does not count an entry that had already expired as deleted (as on Redis)', async () => {
       // Its only entry: the other tests' live ones would be counted.
       const carol = await gw.tenants.create();

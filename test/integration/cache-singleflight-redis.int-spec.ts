@@ -54,7 +54,7 @@ describe('singleflight across instances on Redis: waiters are told when the answ
       void watching?.landed.then(() => (wakes += 1));
       return watching;
     };
-    return { cache: testCompletionCache(store, 5000), peeks: () => peeks, wakes: () => wakes, connections };
+    return { cache: testCompletionCache(store, 5000), store, peeks: () => peeks, wakes: () => wakes, connections };
   }
 
   it.each([
@@ -104,6 +104,62 @@ describe('singleflight across instances on Redis: waiters are told when the answ
     expect(await store.release('k-released', quitter.token)).toBe(true);
 
     await pollUntil(() => expect(heard).toEqual(['k-waited', 'k-released']));
+  });
+
+  // A purge while the leader is with the upstream: its answer may be what the admin purged, so
+  // it is stored nowhere, but the instance waiting for it still gets it instead of asking again.
+  it('hands an answer a purge kept out of the cache to the instance waiting for it, and stores it nowhere', async () => {
+    const prefix = uniqueRedisPrefix('landed');
+    const a = await instance(prefix, true);
+    const b = await instance(prefix, true);
+    const leader = await a.cache.open(call(), route);
+    const waiting = b.cache.open(call(), route);
+    await sleep(LEADER_WORKS_MS);
+    await a.cache.invalidate({});
+    await leader.fill(JSON.stringify(answer), answer);
+    const ticket = await waiting;
+    expect(ticket.status).toBe('hit');
+    expect(ticket.hit?.completion.choices[0]?.message.content).toBe('landed');
+    expect(b.wakes()).toBe(1);
+    for (const cache of [a.cache, b.cache]) {
+      const next = await cache.open(call(), route);
+      expect(next.status).toBe('miss');
+      next.abandon();
+    }
+  });
+
+  it('does not store a fill that was in flight when another instance purged', async () => {
+    const prefix = uniqueRedisPrefix('landed');
+    const a = await instance(prefix, true);
+    const b = await instance(prefix, true);
+    let heard = 0;
+    a.store.onPurge(() => (heard += 1));
+    const leader = await a.cache.open(call(), route);
+    await b.cache.invalidate({ userId: 'u' });
+    // Announced before B's delete ran; A hears it on its own connection.
+    await pollUntil(() => expect(heard).toBe(1));
+    await leader.fill(JSON.stringify(answer), answer);
+    await sentCommandsRan(a.connections);
+    expect((await b.cache.open(call(), route)).status).toBe('miss');
+  });
+
+  it('writes a handed-over answer only when another instance waits for it', async () => {
+    const prefix = uniqueRedisPrefix('landed');
+    const connections = await openTestRedis(prefix);
+    opened.push(connections);
+    const store = new RedisResponseCache(connections.shared(), prefix, createLogger('silent'));
+    const alone = await store.lookup('k-alone', 5000);
+    if (alone.kind !== 'lead') throw new Error(`expected to lead, got ${alone.kind}`);
+    expect(await store.release('k-alone', alone.token, 'purged')).toBe(true);
+    expect(await store.peek('k-alone')).toEqual({ kind: 'free' });
+
+    const waited = await store.lookup('k-waited', 5000);
+    if (waited.kind !== 'lead') throw new Error(`expected to lead, got ${waited.kind}`);
+    expect((await store.lookup('k-waited', 5000)).kind).toBe('wait');
+    expect(await store.release('k-waited', waited.token, 'purged')).toBe(true);
+    expect(await store.peek('k-waited')).toEqual({ kind: 'hit', body: 'purged' });
+    // Only waiters look there: a new caller finds no entry, and leads.
+    expect((await store.lookup('k-waited', 5000)).kind).toBe('lead');
   });
 
   it('lets a waiter lead at once when the leader gives up', async () => {
