@@ -1,5 +1,8 @@
 import { describe, expect, it } from 'vitest';
-import { describeUpstreamError, errorEventFailure, jsonResult, UpstreamFailure, withholdUpstreamKey } from './llm-client.js';
+import { describeUpstreamError, eventFailure, jsonResult, UpstreamFailure, withholdUpstreamKey } from './llm-client.js';
+
+/** A stream event's text as both drivers read it: parsed, then eventFailure. */
+const errorEventFailure = (data: string) => eventFailure(JSON.parse(data));
 
 function thrown(work: () => unknown): UpstreamFailure {
   try {
@@ -47,7 +50,7 @@ describe('jsonResult: errors inside a 200', () => {
   });
 });
 
-describe('errorEventFailure: SSE events that report an error', () => {
+describe('eventFailure: SSE events that report an error', () => {
   it('reads the error event OpenRouter sends in a 200 stream', () => {
     const event = {
       id: 'g',

@@ -181,23 +181,6 @@ export function failureOf(view: UpstreamErrorView, status: number, retryAfterMs?
 }
 
 /**
- * A stream event that reports a failure: an `error` object, or a choice finished as "error" (how
- * OpenRouter ends a stream whose provider failed mid-generation), as inBandFailure. Only an event
- * holding the text `"error"` is parsed: inside a JSON string a quote is always escaped, so content
- * that merely mentions errors does not match, and the hot path pays one substring search per event.
- */
-export function errorEventFailure(data: string): UpstreamFailure | undefined {
-  if (!data.includes('"error"')) return undefined;
-  let event: unknown;
-  try {
-    event = JSON.parse(data);
-  } catch {
-    return undefined;
-  }
-  return eventFailure(event);
-}
-
-/**
  * A stream frame named `event: error` (how some providers report a failure in a 200 stream, its
  * data `{"message":…}` rather than the `{"error":…}` of OpenRouter's): an error object in it is
  * read as inBandFailure reads one; otherwise the upstream failing, a 502 with the data's message.

@@ -5,7 +5,7 @@ import { SseParser } from '../../libs/openai-contract/src/index.js';
 import {
   abortFailure,
   describeUpstreamError,
-  errorEventFailure,
+  eventFailure,
   failureOf,
   jsonResult,
   LlmClient,
@@ -313,17 +313,8 @@ class SseRelay extends SignalledHandler {
             if (this.controller?.paused) this.controller.resume();
             return;
           }
-          if (!looksLikeJsonObject(data)) throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not a JSON object');
-          // An error event (OpenRouter's provider failures inside a 200): the failure it names. As the
-          // first event it is retried or falls back; later, the pipeline ends the stream with it.
-          const reported = errorEventFailure(data);
-          if (reported) throw reported;
-          if (first) {
-            // No chunk can lack the text "choices"; one that has it is not parsed here (the pipeline
-            // parses the first event anyway, for its model).
-            if (!data.includes('"choices"')) throw notAChunkFailure();
-            first = false;
-          }
+          checkEvent(data, first);
+          first = false;
           yield data;
           if (this.queue.length === 0 && this.controller?.paused) this.controller.resume();
         }
@@ -350,23 +341,38 @@ class SseRelay extends SignalledHandler {
 }
 
 /**
- * The cheap half of validating an event: it opens and closes like an object. That catches what
- * upstreams actually send broken (an event cut off, an HTML or text error page inside a 200
- * stream) for two character reads, where JSON.parse of every event would cost a parse per chunk
- * on the hot path; the events the pipeline reads anyway (model, usage) are parsed in full there.
- * Before the first event the failure is retried or falls back; after it, the client gets an SSE
- * error event.
+ * Every event is parsed, as the SDK driver parses it (checkedEvent there), so both drivers refuse
+ * the same events: one that is not JSON, or not an object, is bad_response (before the first event
+ * retried or falling back; after it, the client gets an SSE error event and the stream is neither
+ * recorded as ok nor stored for replay); one that reports a failure (OpenRouter's provider errors
+ * inside a 200, eventFailure) is that failure; a first one without a `choices` list is no answer.
+ *
+ * Why a full parse on the hot path: checking only the first and last characters let through an
+ * event framed like an object but broken inside (a trailing comma, say), which was relayed,
+ * recorded as ok and stored for replay. Measured (2 cores, Node 24, a 297-byte OpenRouter
+ * chunk): JSON.parse ≈ 0.75 µs; a bare relay on loopback (this driver, StreamTracker and one
+ * write per event, 16 streams, one event per upstream packet) went from ≈ 5.6-6.9 to ≈ 6.7-7.5 µs
+ * of CPU per event (+0.6-1.1 µs, +9-20%, three runs), about what StreamTracker's own parse per
+ * event costs a streamed miss (5.7-7.2% of it, BENCHMARKS.md). Not small, but nothing cheaper
+ * catches the class: a JSON grammar scan written in JS measured 0.5-0.9× the parse, for a second
+ * grammar to keep equal to V8's. The parsed event also answers the error and `choices` checks (a
+ * substring search each before, and a second parse of an event holding `"error"`). StreamTracker's
+ * parse cannot stand in for this one: without a cache fill it skips most events, and an event it
+ * refused would leave this generator suspended, its upstream request never ended.
  */
-function looksLikeJsonObject(data: string): boolean {
-  let start = 0;
-  let end = data.length - 1;
-  while (start <= end && isJsonSpace(data.charCodeAt(start))) start += 1;
-  while (end >= start && isJsonSpace(data.charCodeAt(end))) end -= 1;
-  return end > start && data.charCodeAt(start) === 123 /* { */ && data.charCodeAt(end) === 125; /* } */
-}
-
-function isJsonSpace(code: number): boolean {
-  return code === 32 || code === 10 || code === 13 || code === 9;
+function checkEvent(data: string, first: boolean): void {
+  let event: unknown;
+  try {
+    event = JSON.parse(data);
+  } catch {
+    throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not JSON');
+  }
+  if (typeof event !== 'object' || event === null || Array.isArray(event)) {
+    throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not a JSON object');
+  }
+  const reported = eventFailure(event);
+  if (reported) throw reported;
+  if (first && !Array.isArray((event as { choices?: unknown }).choices)) throw notAChunkFailure();
 }
 
 function httpFailure(status: number, text: string, headers: IncomingHttpHeaders): UpstreamFailure {

@@ -198,6 +198,69 @@ describe.each(DRIVERS)('upstream driver parity (%s driver)', (driver) => {
       expect(events.at(-1)).toBe('[DONE]');
     });
 
+    // An event framed like a JSON object but broken inside (here a trailing comma). The undici
+    // driver once checked only its first and last characters: it relayed the broken text as a
+    // chunk, recorded the stream as ok and stored it for idempotent replay, where the SDK driver
+    // ended the stream as a bad response. Every event is parsed by both drivers now.
+    const BROKEN = '{"id":"chatcmpl-s","choices":[{"index":0,"delta":{"content":"a"}},]}';
+
+    it('an event mid-stream that is not JSON is never relayed: an upstream_bad_response error event, recorded as bad_response', async () => {
+      gw.stub.script = (_req, body, res) => {
+        const model = String(body.model);
+        res.writeHead(200, { 'content-type': 'text/event-stream' });
+        res.end(chunk(model, { role: 'assistant', content: '' }, null) + `data: ${BROKEN}\n\n` + chunk(model, {}, 'stop') + 'data: [DONE]\n\n');
+        return true;
+      };
+      const t = await gw.tenants.create({ userBudgetUsd: 1 });
+      const { status, events, text } = await postSse(gw, t.key, { model: MINI, stream: true, messages: [{ role: 'user', content: unique('broken event') }] });
+      expect(status).toBe(200);
+      expect(text).not.toContain(BROKEN);
+      // Every event the caller got is JSON (hasErrorEvent parses each).
+      expect(hasErrorEvent(events), text).toBe(true);
+      expect((JSON.parse(events.at(-2) ?? '{}') as ErrorBody).error.code).toBe('upstream_bad_response');
+      expect(events.at(-1)).toBe('[DONE]');
+      await pollUntil(async () => expect(await ledgerRows(gw, 'user', t.userId)).toHaveLength(1));
+      expect((await ledgerRows(gw, 'user', t.userId))[0]?.outcome).toBe('bad_response');
+    });
+
+    it('a stream with an event that is not JSON is not stored under an idempotency-key: a repeat asks the upstream again', async () => {
+      gw.stub.script = (_req, body, res) => {
+        const model = String(body.model);
+        res.writeHead(200, { 'content-type': 'text/event-stream' });
+        res.end(chunk(model, { role: 'assistant', content: '' }, null) + `data: ${BROKEN}\n\n` + 'data: [DONE]\n\n');
+        return true;
+      };
+      const t = await gw.tenants.create();
+      const key = `idem-${randomBytes(4).toString('hex')}`;
+      const send = () =>
+        fetch(`${gw.url}/v1/chat/completions`, {
+          method: 'POST',
+          headers: { authorization: `Bearer ${t.key}`, 'content-type': 'application/json', 'idempotency-key': key },
+          body: JSON.stringify({ model: MINI, stream: true, messages: [{ role: 'user', content: `broken idem ${key}` }] }),
+        });
+      await (await send()).text();
+      const again = await send();
+      expect(await again.text()).not.toContain(BROKEN);
+      expect(again.headers.get('idempotent-replayed')).toBeNull();
+      expect(gw.stub.hits).toBe(2);
+    });
+
+    it('a first event framed like JSON but not JSON is a failed attempt, retried, never relayed', async () => {
+      gw.stub.script = (_req, _body, res) => {
+        if (gw.stub.hits > 1) return false; // the stub answers the retry
+        res.writeHead(200, { 'content-type': 'text/event-stream' });
+        res.end(`data: ${BROKEN}\n\ndata: [DONE]\n\n`);
+        return true;
+      };
+      const t = await gw.tenants.create();
+      const content = unique('broken first');
+      const { status, events, text } = await postSse(gw, t.key, { model: MINI, stream: true, messages: [{ role: 'user', content }] });
+      expect(status).toBe(200);
+      expect(text).not.toContain(BROKEN);
+      expect(contentOf(events)).toBe(`Mock reply to: ${content}`);
+      expect(gw.stub.hits).toBe(2);
+    });
+
     it("a finished stream is charged the upstream's reported cost", async () => {
       const t = await gw.tenants.create({ userBudgetUsd: 1 });
       const { status, events } = await postSse(gw, t.key, { model: MINI, stream: true, messages: [{ role: 'user', content: unique('usage please') }] });

@@ -289,6 +289,17 @@ describe('stub upstream: streaming', () => {
     expect(parseChunks(frames).map((c) => c.choices[0]?.delta.content ?? '').join('')).toBe(EXPECTED_CONTENT);
   });
 
+  it('malformedAfterChunks sends one broken frame framed like an object after N frames, then the rest', async () => {
+    stub.configure({ malformedAfterChunks: 2 });
+    const { frames, ended } = await readSse(await chat({ model: 'm', messages: MESSAGES, stream: true }));
+    expect(ended).toBe(true);
+    expect(frames.at(-1)).toBe('[DONE]');
+    const broken = frames[2] ?? '';
+    expect(broken.startsWith('{') && broken.endsWith('}')).toBe(true);
+    expect(() => JSON.parse(broken) as unknown).toThrow(SyntaxError);
+    expect(parseChunks([...frames.slice(0, 2), ...frames.slice(3)]).map((c) => c.choices[0]?.delta.content ?? '').join('')).toBe(EXPECTED_CONTENT);
+  });
+
   for (const chunkDelayMs of [0, 5]) {
     it(`cutAfterChunks drops the connection after N frames without [DONE] (chunkDelayMs ${chunkDelayMs})`, async () => {
       stub.configure({ cutAfterChunks: 3, chunkDelayMs });

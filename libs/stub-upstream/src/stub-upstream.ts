@@ -58,6 +58,12 @@ export interface StubFaults {
    */
   errorAfterChunks?: number;
   /**
+   * SSE: after N `data:` frames (the role frame counts), one frame that opens and closes like a JSON
+   * object but is broken inside (a trailing comma), then the rest of the stream as usual. What a
+   * relay that checks only an event's outline would pass on to its client.
+   */
+  malformedAfterChunks?: number;
+  /**
    * With `errorAfterChunks`, JSON only: the error sits inside the choice (`choices[0].error`)
    * and the body has no top-level `error`, the other shape OpenRouter gives a provider's failure.
    */
@@ -227,6 +233,7 @@ const NUMERIC_FAULTS = [
   'completionTokens',
   'wordBytes',
   'errorAfterChunks',
+  'malformedAfterChunks',
   'processingMs',
 ] as const;
 const BOOLEAN_FAULTS = ['malformedJson', 'emptyAnswer', 'omitCost', 'errorInBody', 'errorInChoice', 'flagged', 'errorNull', 'invalidModelId'] as const;
@@ -1048,6 +1055,9 @@ class StubUpstreamServer implements StubUpstream {
     } else {
       frames.push(`${head}{"index":0,"delta":{},"finish_reason":"${completion.finishReason}"}]}\n\n`);
       if (includeUsage) frames.push(`${head}],"usage":${JSON.stringify(buildUsage(model, completion, faults.omitCost))}}\n\n`);
+    }
+    if (faults.malformedAfterChunks !== undefined) {
+      frames.splice(Math.min(Math.floor(faults.malformedAfterChunks), frames.length), 0, `${head}{"index":0,"delta":{"content":"x"},"finish_reason":null},]}\n\n`);
     }
     frames.push(SSE_DONE);
 

@@ -363,6 +363,15 @@ export function llmClientContract(name: string, make: LlmClientFactory): void {
         expect(events).toEqual([]);
       });
 
+      // Framed like an object ({…}) but broken inside: an outline check alone would relay it.
+      it('an event mid-stream that is not JSON yields the events before it, then fails as bad_response', async () => {
+        stub.configure({ malformedAfterChunks: 2 });
+        const events: string[] = [];
+        const failure = await failureOf(client().stream(call(streamBody())).then((s) => drain(s, events)));
+        expect(failure.kind).toBe('bad_response');
+        expect(events.map(parse).map((c) => c.choices?.[0].delta?.content)).toEqual(['', 'Mock ']);
+      });
+
       for (const chunkDelayMs of [0, 30]) {
         it(`a stream cut mid-way yields the events before the cut, then fails with kind cut (chunkDelayMs ${chunkDelayMs})`, async () => {
           stub.configure({ cutAfterChunks: 3, chunkDelayMs });
