@@ -166,7 +166,7 @@ export class JobProcessor implements JobHandler {
       await this.workerLost(started.job);
       return;
     }
-    const heartbeat = this.heartbeat(started.job.id);
+    const heartbeat = this.heartbeat(started.job.id, started.job.attempts);
     try {
       await this.runTry(started.job, started.key, signal);
     } catch (error) {
@@ -234,7 +234,7 @@ export class JobProcessor implements JobHandler {
    * other delivery takes it over and the sweep leaves it alone. Best effort: a try is never failed
    * for a missed beat (three in a row only let another worker run the job again).
    */
-  private heartbeat(jobId: string): NodeJS.Timeout {
+  private heartbeat(jobId: string, attempt: number): NodeJS.Timeout {
     let beating = false;
     let warned = false;
     const timer = setInterval(() => {
@@ -242,7 +242,7 @@ export class JobProcessor implements JobHandler {
       if (beating) return;
       beating = true;
       this.repo
-        .heartbeat(jobId, this.clock.now())
+        .heartbeat(jobId, this.clock.now(), attempt)
         .catch((error: unknown) => {
           if (warned) return;
           warned = true;

@@ -178,9 +178,14 @@ export class JobsRepository {
     return current[0]?.status === 'running' ? 'running_elsewhere' : undefined;
   }
 
-  /** A live try says so, keeping its job from being taken over (start) or requeued (the sweep). */
-  async heartbeat(id: string, now: Date): Promise<void> {
-    await this.db.query(`UPDATE jobs SET updated_at = $2 WHERE id = $1 AND status = 'running'`, [id, now]);
+  /**
+   * A live try says so, keeping its job from being taken over (start) or requeued (the sweep).
+   * Only while the job is still its own `attempt`, as fail() and complete(): a try whose job was
+   * taken over (its beats had stopped reaching the database) must not keep the takeover's row
+   * fresh after the takeover died, or the job would stay running until this try gave up.
+   */
+  async heartbeat(id: string, now: Date, attempt: number): Promise<void> {
+    await this.db.query(`UPDATE jobs SET updated_at = $2 WHERE id = $1 AND status = 'running' AND attempts = $3`, [id, now, attempt]);
   }
 
   /**

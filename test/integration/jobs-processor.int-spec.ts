@@ -219,6 +219,33 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
     expect(await updatedAt(job.id)).toBe(finishedAt);
   });
 
+  it('a try whose job was taken over no longer keeps the row fresh: a dead takeover is found stale', async () => {
+    const { job } = await repo.insert(newJob(), clock.now());
+    const old = held();
+    const timing = { heartbeatMs: 20, staleMs: 30_000 };
+    const oldRun = processor(old.completions, timing).run(job.id, new AbortController().signal);
+    await until(() => old.completions.calls.length === 1);
+    // Its beats stop reaching the database for 30 s, and another delivery takes the job over.
+    repo.heartbeatsFail = true;
+    const takeover = held();
+    let takeoverRun: Promise<void> | undefined;
+    try {
+      await db.dataSource.query(`UPDATE jobs SET updated_at = $2 WHERE id = $1`, [job.id, new Date(clock.nowMs() - 31_000)]);
+      takeoverRun = processor(takeover.completions, { heartbeatMs: 60_000, staleMs: 30_000 }).run(job.id, new AbortController().signal);
+      await until(() => takeover.completions.calls.length === 1);
+    } finally {
+      repo.heartbeatsFail = false;
+    }
+    // The takeover's process dies here (it never beats again); the old try's beats reach the database again.
+    const diedAt = new Date(clock.nowMs() - 31_000);
+    await db.dataSource.query(`UPDATE jobs SET updated_at = $2 WHERE id = $1`, [job.id, diedAt]);
+    await sleep(200);
+    expect(await updatedAt(job.id)).toBe(diedAt.getTime());
+    old.release();
+    takeover.release();
+    await Promise.all([oldRun.catch(() => undefined), takeoverRun]);
+  });
+
   it('never fails a try for a heartbeat that could not be written', async () => {
     const upstream = new FakeCompletions(() => sleep(200).then(() => outcomeWith('fine')));
     const { job } = await repo.insert(newJob(), clock.now());
