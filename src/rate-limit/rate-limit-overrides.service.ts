@@ -54,7 +54,7 @@ export class RateLimitOverrides implements OnModuleInit, OnApplicationShutdown {
   }
 
   async onModuleInit(): Promise<void> {
-    await this.reload();
+    await this.reload(await this.readStamp());
     this.timer = setInterval(() => void this.refresh(), this.config.routing.refreshMs);
     this.timer.unref();
   }
@@ -121,33 +121,40 @@ export class RateLimitOverrides implements OnModuleInit, OnApplicationShutdown {
 
   private async pollOnce(): Promise<void> {
     try {
-      const [row] = await this.dataSource.query<Array<{ n: number; at: Date | null }>>(
-        'SELECT count(*)::int AS n, max(updated_at) AS at FROM rate_limit_overrides',
-      );
-      if (row && stampOf(row) !== this.stamp) await this.reload();
+      const stamp = await this.readStamp();
+      if (stamp !== this.stamp) await this.reload(stamp);
     } catch (error) {
       // Keep enforcing the limits we have; a database blip must not lift them.
       this.logger.warn({ err: (error as Error).message }, 'rate-limit override refresh failed; keeping current limits');
     }
   }
 
-  private async reload(): Promise<void> {
+  /**
+   * What changes whenever the table does: its row count and its latest change, to the
+   * microsecond the database keeps. A Date holds milliseconds only, so two PUTs within one
+   * millisecond on either side of a poll left the stamp as it was, and the second one unseen
+   * until some later change (test/integration/rate-limit-overrides-stamp.int-spec.ts).
+   */
+  private async readStamp(): Promise<string> {
+    const [row] = await this.dataSource.query<Array<{ stamp: string }>>(
+      `SELECT count(*)::int || '|' || coalesce((extract(epoch FROM max(updated_at)) * 1000000)::bigint::text, '') AS stamp FROM rate_limit_overrides`,
+    );
+    return row?.stamp ?? '';
+  }
+
+  /**
+   * `stamp` was read before the rows: a change between the two reads makes the next poll's stamp
+   * differ again, so it is read once more rather than missed.
+   */
+  private async reload(stamp: string): Promise<void> {
     const rows = await this.dataSource.query<OverrideRow[]>('SELECT * FROM rate_limit_overrides');
     const next = new Map<string, Limit>();
-    let at: Date | null = null;
-    for (const row of rows) {
-      next.set(`${row.scope}:${row.subject_id}`, toLimit(row));
-      if (at === null || new Date(row.updated_at) > at) at = new Date(row.updated_at);
-    }
+    for (const row of rows) next.set(`${row.scope}:${row.subject_id}`, toLimit(row));
     this.snapshot = next;
-    this.stamp = stampOf({ n: rows.length, at });
+    this.stamp = stamp;
   }
 }
 
 function toLimit(row: OverrideRow): Limit {
   return { requestsPerMinute: Number(row.requests_per_minute), tokensPerMinute: row.tokens_per_minute === null ? undefined : Number(row.tokens_per_minute) };
-}
-
-function stampOf(row: { n: number; at: Date | null }): string {
-  return `${Number(row.n)}|${row.at === null ? '' : new Date(row.at).getTime()}`;
 }
