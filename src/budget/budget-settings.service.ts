@@ -64,7 +64,12 @@ export class BudgetSettingsService {
        ON CONFLICT (scope, scope_id) DO UPDATE SET limit_nanos = EXCLUDED.limit_nanos, updated_at = EXCLUDED.updated_at
        RETURNING ${BUDGET_COLUMNS}`;
     const params = [scope, id, limitNanos.toString(), period, start.toISOString(), now.toISOString()];
-    const exists = (await this.dataSource.query<unknown[]>('SELECT 1 FROM budgets WHERE scope = $1 AND scope_id = $2::uuid', [scope, id])).length > 0;
+    // An existing row only takes the new limit: one statement, no lock.
+    const updated = await this.dataSource.query<BudgetRow[]>(
+      `WITH changed AS (UPDATE budgets SET limit_nanos = $3::bigint, updated_at = $4::timestamptz WHERE scope = $1 AND scope_id = $2::uuid RETURNING ${BUDGET_COLUMNS})
+       SELECT * FROM changed`,
+      [scope, id, limitNanos.toString(), now.toISOString()],
+    );
     // A new row starts holding what reservations still hold on its scope (requests in flight and
     // every lease, taken with or without a budget: RESERVE_SQL records each with its worst case on
     // both scopes): their settles and releases will take it off this row. No reservation may
@@ -74,13 +79,15 @@ export class BudgetSettingsService {
     // reservations table is locked for those few milliseconds (reserve and flush wait, and take
     // their lock before they read the budgets). Only for a new row, which no reservation
     // statement can hold a lock on, so the two cannot deadlock; an existing row keeps its
-    // `reserved`.
-    const rows = exists
-      ? await this.dataSource.query<BudgetRow[]>(upsert, params)
-      : await this.dataSource.transaction(async (manager) => {
-          await manager.query('LOCK TABLE budget_reservations IN SHARE ROW EXCLUSIVE MODE');
-          return manager.query<BudgetRow[]>(upsert, params);
-        });
+    // `reserved`. Whether the row exists is what the UPDATE above found, not a read before it:
+    // a row deleted between such a read and the upsert was inserted anew without the lock.
+    const rows =
+      updated.length > 0
+        ? updated
+        : await this.dataSource.transaction(async (manager) => {
+            await manager.query('LOCK TABLE budget_reservations IN SHARE ROW EXCLUSIVE MODE');
+            return manager.query<BudgetRow[]>(upsert, params);
+          });
     const row: BudgetRow | undefined = rows[0];
     if (!row) throw new Error('budget upsert returned no row');
     // The upsert changes only the limit of an existing budget; a new period is set apart.
