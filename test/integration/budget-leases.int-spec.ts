@@ -175,7 +175,7 @@ describe.each(DB_KINDS)('budget leases on %s', (db) => {
     const query = ds.query.bind(ds);
     let inWindow: number | undefined;
     const spy = vi.spyOn(ds, 'query').mockImplementation(async (...args: Parameters<typeof query>) => {
-      if (typeof args[0] === 'string' && args[0].trimStart().startsWith('INSERT INTO budgets')) {
+      if (typeof args[0] === 'string' && args[0].includes('UPDATE budgets SET limit_nanos')) {
         spy.mockRestore();
         inWindow = (await t.api.post('/v1/chat/completions', REQUEST, FRESH)).status;
       }
