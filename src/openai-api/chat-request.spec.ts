@@ -62,3 +62,51 @@ describe('parseChatRequest: sampling parameters', () => {
     }
   });
 });
+
+// OpenAI answers these with a 400; relayed blindly, what the caller saw depended on the upstream
+// (and a fallback chain would send the bad request to every model in turn).
+describe('parseChatRequest: message roles', () => {
+  const refusedMessages = (list: unknown[]) => refusal({ messages: list });
+
+  // A one-element array is wrapped: it.each would spread it into the role itself.
+  it.each(['wizard', '', 'User', 'tools', 5, true, {}, [['user']]])('refuses role %j with 400 invalid_value, param messages[i].role', (role) => {
+    const list = [
+      { role: 'user', content: 'x' },
+      { role, content: 'x' },
+    ];
+    expect(refusedMessages(list)).toEqual({ code: 'invalid_value', param: 'messages[1].role' });
+  });
+
+  it('treats a missing (or null) role as a missing field', () => {
+    expect(refusedMessages([{ content: 'x' }])).toEqual({ code: 'missing_field', param: 'messages[0].role' });
+    expect(refusedMessages([{ role: null, content: 'x' }])).toEqual({ code: 'missing_field', param: 'messages[0].role' });
+  });
+
+  it('accepts every role OpenAI accepts, including the deprecated function', () => {
+    const all = [
+      { role: 'system', content: 's' },
+      { role: 'developer', content: 'd' },
+      { role: 'user', content: 'u' },
+      { role: 'assistant', content: null, tool_calls: [{ id: 'c1', type: 'function', function: { name: 'f', arguments: '{}' } }] },
+      { role: 'tool', tool_call_id: 'c1', content: 'done' },
+      { role: 'assistant', content: null, function_call: { name: 'g', arguments: '{}' } },
+      { role: 'function', name: 'g', content: '{}' },
+    ];
+    expect(() => parseChatRequest({ messages: all })).not.toThrow();
+  });
+
+  it('requires a tool message to name the call it answers with a string tool_call_id', () => {
+    expect(refusedMessages([{ role: 'tool', content: 'done' }])).toEqual({ code: 'missing_field', param: 'messages[0].tool_call_id' });
+    expect(refusedMessages([{ role: 'tool', tool_call_id: null, content: 'done' }])).toEqual({ code: 'missing_field', param: 'messages[0].tool_call_id' });
+    expect(refusedMessages([{ role: 'tool', tool_call_id: 7, content: 'done' }])).toEqual({ code: 'invalid_value', param: 'messages[0].tool_call_id' });
+  });
+
+  it('leaves other role-specific rules to the upstream (OpenRouter is more lenient than OpenAI)', () => {
+    // An assistant turn without content or tool calls, a function message without a name, a tool
+    // message that answers no earlier call: some providers behind OpenRouter take them.
+    for (const m of [{ role: 'assistant' }, { role: 'function', content: '{}' }, { role: 'user', content: 'x', name: 'alice' }]) {
+      expect(() => parseChatRequest({ messages: [m] }), JSON.stringify(m)).not.toThrow();
+    }
+    expect(() => parseChatRequest({ messages: [{ role: 'tool', tool_call_id: 'orphan', content: 'x' }] })).not.toThrow();
+  });
+});

@@ -29,8 +29,37 @@ export function parseChatRequest(raw: unknown): ChatCompletionRequest {
       throw new GatewayError('invalid_value', `'messages[${i}]' must be an object.`, { param: `messages[${i}]` });
     }
     const { role, content } = m as { role?: unknown; content?: unknown };
-    if (typeof role !== 'string' || role === '') {
-      throw new GatewayError('invalid_value', `'messages[${i}].role' must be a string.`, { param: `messages[${i}].role` });
+    // OpenAI refuses any other role, and what a caller saw for one depended on the upstream (and
+    // a fallback chain tried every model). Only the rules every provider shares are checked here:
+    // OpenRouter takes more than OpenAI (an assistant turn without content, a nameless function
+    // message, a tool message answering no earlier call), so those stay the upstream's call.
+    switch (role) {
+      case 'system':
+      case 'developer':
+      case 'user':
+      case 'assistant':
+      case 'function':
+        break;
+      case 'tool': {
+        // Without it the result cannot be matched to the call it answers.
+        const id = (m as { tool_call_id?: unknown }).tool_call_id;
+        if (id === undefined || id === null) {
+          throw new GatewayError('missing_field', `Missing required parameter: 'messages[${i}].tool_call_id'.`, { param: `messages[${i}].tool_call_id` });
+        }
+        if (typeof id !== 'string') {
+          throw new GatewayError('invalid_value', `Invalid type for 'messages[${i}].tool_call_id': expected a string.`, {
+            param: `messages[${i}].tool_call_id`,
+          });
+        }
+        break;
+      }
+      case undefined:
+      case null:
+        throw new GatewayError('missing_field', `Missing required parameter: 'messages[${i}].role'.`, { param: `messages[${i}].role` });
+      default:
+        throw new GatewayError('invalid_value', `'messages[${i}].role' must be one of 'system', 'developer', 'user', 'assistant', 'tool' or 'function'.`, {
+          param: `messages[${i}].role`,
+        });
     }
     // Text, a list of parts, or null (an assistant turn that only calls tools).
     if (content !== undefined && content !== null && typeof content !== 'string' && !Array.isArray(content)) {

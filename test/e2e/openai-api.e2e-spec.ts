@@ -261,9 +261,17 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
       expect((err as InstanceType<typeof OpenAI.APIError>).param).toBe('max_tokens');
       const wrongType = await alice.api.post('/v1/chat/completions', { messages: 'hello' });
       expect(wrongType.body).toMatchObject({ error: { param: 'messages' } });
+      // OpenAI refuses these too; relayed, the answer depended on the upstream.
+      const noRole = await alice.api.post('/v1/chat/completions', { messages: [{ content: 'x' }] });
+      expect(noRole).toMatchObject({ status: 400, body: { error: { type: 'invalid_request_error', code: 'missing_field', param: 'messages[0].role' } } });
+      const noCallId = await alice.api.post('/v1/chat/completions', { messages: [{ role: 'tool', content: 'done' }] });
+      expect(noCallId).toMatchObject({ status: 400, body: { error: { code: 'missing_field', param: 'messages[0].tool_call_id' } } });
+      // The async door validates as the sync one: no job is made for a request that cannot run.
+      const asyncRole = await alice.api.post('/v1/chat/completions', { messages: [{ role: 'wizard', content: 'x' }] }, { prefer: 'respond-async' });
+      expect(asyncRole).toMatchObject({ status: 400, body: { error: { code: 'invalid_value', param: 'messages[0].role' } } });
     });
 
-    it('400 naming the field for wrong types of content, tools, response_format, user and stream_options, sampling values out of range and a callback_url without respond-async, before the upstream or the budget', async () => {
+    it('400 naming the field for unknown roles, wrong types of content, tool_call_id, tools, response_format, user and stream_options, sampling values out of range and a callback_url without respond-async, before the upstream or the budget', async () => {
       // Requests in the caller's own ledger: a refused call must not appear there.
       const ledgered = async () => (await alice.api.get<{ spend: Array<{ requests: number }> }>('/v1/usage')).body.spend.reduce((n, s) => n + s.requests, 0);
       const before = await ledgered();
@@ -271,6 +279,9 @@ describe('OpenAI API through the gateway (official SDK, stub upstream, PGlite)',
       for (const [body, param] of [
         [{ messages: [{ role: 'user', content: 5 }] }, 'messages[0].content'],
         [{ messages: [message, { role: 'user', content: { text: 'x' } }] }, 'messages[1].content'],
+        [{ messages: [{ role: 'wizard', content: 'x' }] }, 'messages[0].role'],
+        [{ messages: [message, { role: 5, content: 'x' }] }, 'messages[1].role'],
+        [{ messages: [message, { role: 'tool', tool_call_id: 7, content: 'done' }] }, 'messages[1].tool_call_id'],
         [{ messages: [message], tools: 'search' }, 'tools'],
         [{ messages: [message], tools: [5] }, 'tools[0]'],
         [{ messages: [message], response_format: 'json' }, 'response_format'],
