@@ -350,14 +350,19 @@ describe('UpstreamCaller: OpenRouter native fallback', () => {
     expect(attempts[0]?.chain).toEqual([PRIMARY, FALLBACK]);
   });
 
-  it('after a native request that timed out waiting on its primary, asks the fallback alone, not the primary again', async () => {
-    const llm = new ScriptedLlm({ [PRIMARY]: ['hang'] });
-    const attempts: Attempt[] = [];
+  it('after a native request that timed out, asks the fallback alone first and the primary last', async () => {
     const config = { ...native, UPSTREAM_TIMEOUT_MS: '100', UPSTREAM_DEADLINE_MS: '60000' };
-    const { model } = await caller(llm, fakeEnv(), config).json(call(), route([PRIMARY, FALLBACK]), attempts);
-    expect(model).toBe(FALLBACK);
-    expect(llm.calls.map((c) => ('models' in c.body ? 'native' : c.body.model))).toEqual(['native', FALLBACK]);
+    const sent = (llm: ScriptedLlm) => llm.calls.map((c) => ('models' in c.body ? 'native' : c.body.model));
+    // The primary hangs: the fallback answers, and the primary is not waited on a second time.
+    const hung = new ScriptedLlm({ [PRIMARY]: ['hang'] });
+    const attempts: Attempt[] = [];
+    expect((await caller(hung, fakeEnv(), config).json(call(), route([PRIMARY, FALLBACK]), attempts)).model).toBe(FALLBACK);
+    expect(sent(hung)).toEqual(['native', FALLBACK]);
     expect(summary(attempts)).toEqual([`${PRIMARY}#1:timeout`, `${FALLBACK}#1:ok:counted`]);
+    // The primary failed fast inside the chain and the fallback hung: the primary still gets its turn.
+    const slowFallback = new ScriptedLlm({ [PRIMARY]: [http(503), 'ok'], [FALLBACK]: ['hang'] });
+    expect((await caller(slowFallback, fakeEnv(), config).json(call(), route([PRIMARY, FALLBACK]), [])).model).toBe(PRIMARY);
+    expect(sent(slowFallback)).toEqual(['native', FALLBACK, PRIMARY]);
   });
 
   it('sends a single model plainly', async () => {

@@ -308,9 +308,13 @@ export class UpstreamCaller {
             const action = failureAction(failure, p < plans.length - 1);
             if (action === 'stop' || deadline.signal.aborted || deadline.expired || callersModelUnknown(route, plan, failure)) break chain;
             if (action === 'next_model') {
-              // OpenRouter walks a native chain on errors, not on slowness: a chain that timed out
-              // was waiting on its first model, which is then not asked again alone.
-              if (plan.chain !== undefined && failure.kind === 'timeout') p++;
+              // A native chain that timed out was waiting on a slow member, and which one the
+              // gateway cannot tell: most likely its first (OpenRouter moves on from a member that
+              // fails, and asks the first first), yet possibly a fallback after the first failed
+              // fast. So the fallbacks are asked alone first and the first model last, if the
+              // deadline leaves time: a hung primary no longer spends the deadline a second time,
+              // and one that only failed for a moment still gets its turn.
+              if (plan.chain !== undefined && failure.kind === 'timeout' && p + 2 < plans.length) plans.push(...plans.splice(p + 1, 1));
               continue chain;
             }
             const delay = this.policy.delayBeforeRetry(tryNumber, failure);

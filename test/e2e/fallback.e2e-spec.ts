@@ -385,7 +385,7 @@ describe('an attempt may take up to UPSTREAM_TIMEOUT_MS (shipped defaults scaled
       expect({ status: res.status, sent: sent(gw) }).toEqual({ status: 200, sent: ['native'] });
     });
 
-    it('a native request that times out hands over to the fallback alone: its primary, which it waited on, is not asked again', async () => {
+    it('a native request that times out hands over to the fallback alone: its primary, most likely what it waited on, is asked last', async () => {
       gw.stub.configure({ models: { [SONNET]: { hangMs: 30_000 } } });
       const started = performance.now();
       const res = await ask(carol);
@@ -393,6 +393,30 @@ describe('an attempt may take up to UPSTREAM_TIMEOUT_MS (shipped defaults scaled
       expect(res.body.model).toBe(MINI);
       expect(sent(gw)).toEqual(['native', MINI]);
       expect(performance.now() - started).toBeLessThan(2000);
+    });
+  });
+
+  // OpenRouter walks a chain past a member that fails, so a chain that timed out may have waited
+  // on its fallback after the primary failed fast: the primary, asked last, still answers when
+  // the deadline leaves time for it (at the shipped 2 × the timeout it does not: 504).
+  describe('with native fallback and a deadline of three attempts', () => {
+    let gw: TestGateway;
+    let carol: Tenant;
+    beforeAll(async () => {
+      gw = await startTestGateway({ env: { ...SCALED_DEFAULTS, UPSTREAM_NATIVE_FALLBACK: 'true', UPSTREAM_DEADLINE_MS: '3500' } });
+      carol = await gw.tenants.create();
+    });
+    afterAll(async () => {
+      await gw?.close();
+    });
+    beforeEach(() => gw.stub.reset());
+
+    it('a primary rate limited for a moment, then a hung fallback: the primary alone answers last', async () => {
+      gw.stub.configure({ models: { [SONNET]: { status: 429, failTimes: 1 }, [MINI]: { hangMs: 30_000 } } });
+      const res = await ask(carol);
+      expect(res.status, JSON.stringify(res.body)).toBe(200);
+      expect(res.body.model).toBe(SONNET);
+      expect(sent(gw)).toEqual(['native', MINI, SONNET]);
     });
   });
 
