@@ -26,6 +26,13 @@ export interface StatusCounts {
 
 // Transitions only ever move forward from the states named in each WHERE, so a repeated
 // delivery or a late writer can never turn a finished job back into an unfinished one.
+/**
+ * A dead-lettered job's place in the dead-letter list: when it was first dead-lettered, or, for
+ * one dead-lettered by an instance older than migration 1764400005200, when it failed. The same
+ * expression as the index jobs_dead_list_idx (migration 1764400005400), which serves the list.
+ */
+const DEAD_PLACE = 'COALESCE(dead_lettered_at, completed_at)';
+
 const UNFINISHED = `status IN ('queued', 'running')`;
 
 /** Job records in SQL that runs unchanged on PostgreSQL and PGlite. */
@@ -283,14 +290,16 @@ export class JobsRepository {
    * the new one, skip the jobs between. So a job dead-lettered anew keeps its first place (its
    * `completed_at` and `error` still say when and why it failed last), and an admin's pass through
    * the list sees every job once; the next pass from the top finds those that failed again.
+   * A job dead-lettered by an instance older than migration 1764400005200 (a rolling upgrade) has
+   * no `dead_lettered_at`: its `completed_at` is its place (DEAD_PLACE), not the top of the list.
    */
   async listDead(limit: number, before: { completedAt: Date; id: string } | undefined): Promise<JobRecord[]> {
     const rows = before
       ? await this.db.query<Row[]>(
-          `SELECT * FROM jobs WHERE dead_lettered AND (dead_lettered_at, id) < ($2, $3) ORDER BY dead_lettered_at DESC, id DESC LIMIT $1`,
+          `SELECT * FROM jobs WHERE dead_lettered AND (${DEAD_PLACE}, id) < ($2, $3) ORDER BY ${DEAD_PLACE} DESC, id DESC LIMIT $1`,
           [limit, before.completedAt, before.id],
         )
-      : await this.db.query<Row[]>(`SELECT * FROM jobs WHERE dead_lettered ORDER BY dead_lettered_at DESC, id DESC LIMIT $1`, [limit]);
+      : await this.db.query<Row[]>(`SELECT * FROM jobs WHERE dead_lettered ORDER BY ${DEAD_PLACE} DESC, id DESC LIMIT $1`, [limit]);
     return rows.map(toRecord);
   }
 
@@ -300,12 +309,13 @@ export class JobsRepository {
    * Undefined for a job that never was dead-lettered, or no job at all.
    */
   async deadListPlace(id: string): Promise<{ completedAt: Date; id: string } | undefined> {
-    const rows = await this.db.query<Array<{ id: string; dead_lettered_at: Date | string | null }>>(
-      `SELECT id, dead_lettered_at FROM jobs WHERE id = $1 AND dead_lettered_at IS NOT NULL`,
+    // A job retried before 1764400005200 has no known place (NULL); one still dead-lettered has its completed_at.
+    const rows = await this.db.query<Array<{ id: string; place: Date | string | null }>>(
+      `SELECT id, CASE WHEN dead_lettered THEN ${DEAD_PLACE} ELSE dead_lettered_at END AS place FROM jobs WHERE id = $1`,
       [id],
     );
     const row = rows[0];
-    return row?.dead_lettered_at ? { completedAt: toDate(row.dead_lettered_at), id: row.id } : undefined;
+    return row?.place ? { completedAt: toDate(row.place), id: row.id } : undefined;
   }
 
   async findDead(id: string): Promise<JobRecord | undefined> {
