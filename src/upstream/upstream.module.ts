@@ -26,7 +26,9 @@ async function createRuntime(config: AppConfig, logger: AppLogger['logger']): Pr
     // Imported only when used, like the SDK driver below: a module loaded is memory kept for the
     // life of the process (docs/operations.md "Memory").
     const { startStubUpstream } = await import('../../libs/stub-upstream/src/index.js');
-    mockServer = await startStubUpstream({ host: '127.0.0.1', port: 0, recordRequests: false });
+    // knownModelsOnly: a model id OpenRouter would refuse (a typo) is refused here too, so the
+    // newcomer's demo does not answer and bill what production will answer 400 model_not_found.
+    mockServer = await startStubUpstream({ host: '127.0.0.1', port: 0, recordRequests: false, knownModelsOnly: true });
     baseUrl = mockServer.url;
     apiKey = 'mock-upstream-no-key';
     logger.warn(

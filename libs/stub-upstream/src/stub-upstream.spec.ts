@@ -226,6 +226,65 @@ describe('stub upstream: JSON answers', () => {
     expect(body.data.map((m) => m.id)).not.toContain('default');
     expect(body.data).toHaveLength(Object.keys(STUB_PRICES).length - 1);
   });
+
+  // OpenRouter's costs are clean decimals; a float product (24 × 2.5e-6 = 0.00006000000000000001)
+  // would reach the gateway's ledger and every test that compares a cost as that drift.
+  it('reports usage.cost as the clean decimal, not a float product', async () => {
+    expect(stubCost('openai/gpt-4o', 24, 0)).toBe(0.00006);
+    expect(stubCost('anthropic/claude-3.5-sonnet', 3, 3)).toBe(0.000054);
+    expect(stubCost('anthropic/claude-3-haiku', 12, 3)).toBe(0.00000675);
+    expect(stubCost('mistralai/mistral-7b-instruct', 1000, 0)).toBe(0.00003);
+    expect(stubCost('meta-llama/llama-3.1-8b-instruct', 24, 0)).toBe(0.00000048);
+    const res = await chat({ model: 'anthropic/claude-3.5-sonnet', messages: [{ role: 'user', content: 'x' }], max_tokens: 3 });
+    const body = await json<ChatCompletion>(res);
+    expect([body.usage.prompt_tokens, body.usage.completion_tokens]).toEqual([1, 3]);
+    expect(body.usage.cost).toBe(0.000048);
+  });
+});
+
+// The gateway's built-in mock runs with knownModelsOnly, so a newcomer's typo is refused as
+// OpenRouter refuses it (and the gateway answers 400 model_not_found), not answered and billed.
+describe('stub upstream: knownModelsOnly', () => {
+  let strict: StubUpstream;
+  beforeEach(async () => {
+    strict = await startStubUpstream({ knownModelsOnly: true });
+  });
+  afterEach(async () => {
+    await strict.close();
+  });
+  const ask = (body: Record<string, unknown>) =>
+    fetch(`${strict.url}/chat/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+
+  it("refuses an id GET /models does not list with OpenRouter's 400, a `models` list naming one as a whole", async () => {
+    const typo = await ask({ model: 'foo/bar-9000', messages: MESSAGES });
+    expect(typo.status).toBe(400);
+    expect(await typo.json()).toEqual({ error: { code: 400, message: 'foo/bar-9000 is not a valid model ID' } });
+    const listed = await ask({ model: 'openai/gpt-4o-mini', models: ['openai/gpt-4o-mini', 'foo/bar-9000'], messages: MESSAGES, stream: true });
+    expect(listed.status).toBe(400);
+    expect(await listed.json()).toMatchObject({ error: { message: 'foo/bar-9000 is not a valid model ID' } });
+    // Neither the price table's `default` nor a bare name is an id OpenRouter lists.
+    for (const model of ['default', 'gpt-4o-mini']) expect((await ask({ model, messages: MESSAGES })).status).toBe(400);
+  });
+
+  it('answers every id GET /models lists, as before', async () => {
+    const listed = await json<{ data: { id: string }[] }>(await fetch(`${strict.url}/models`));
+    expect(listed.data.length).toBeGreaterThan(0);
+    for (const { id } of listed.data) {
+      const res = await ask({ model: id, messages: MESSAGES });
+      expect(res.status, id).toBe(200);
+      expect((await json<ChatCompletion>(res)).model).toBe(id);
+    }
+    // A listed id with a variant suffix, as OpenRouter takes on any model; not an unlisted one.
+    expect((await ask({ model: 'openai/gpt-4o-mini:nitro', messages: MESSAGES })).status).toBe(200);
+    expect((await ask({ model: 'foo/bar-9000:free', messages: MESSAGES })).status).toBe(400);
+    // The invalidModelId fault still refuses a listed id.
+    strict.configure({ models: { 'openai/gpt-4o': { invalidModelId: true } } });
+    expect((await ask({ model: 'openai/gpt-4o', messages: MESSAGES })).status).toBe(400);
+  });
+
+  it('is off by default: any model name is answered', async () => {
+    expect((await chat({ model: 'foo/bar-9000', messages: MESSAGES })).status).toBe(200);
+  });
 });
 
 describe('stub upstream: streaming', () => {

@@ -140,6 +140,13 @@ export interface StubUpstreamOptions {
   config?: StubConfig;
   /** Default true; the benchmark turns it off so recording costs nothing. */
   recordRequests?: boolean;
+  /**
+   * Default false (tests name arbitrary models). True: any id GET /models does not list (the
+   * {@link STUB_PRICES} entries but `default`) is refused as OpenRouter refuses an id it does not
+   * know, exactly as the `invalidModelId` fault does, its `models` list as a whole. The gateway's
+   * built-in mock turns it on, so a typo fails there as it will against OpenRouter.
+   */
+  knownModelsOnly?: boolean;
 }
 
 export interface StubPrice {
@@ -171,6 +178,9 @@ export const STUB_PRICES: Record<string, StubPrice> = Object.freeze({
 });
 
 const DEFAULT_PRICE_KEY = 'default';
+
+/** The ids GET /models advertises: under `knownModelsOnly`, the only ones a request may name. */
+const CATALOG: ReadonlySet<string> = new Set(Object.keys(STUB_PRICES).filter((id) => id !== DEFAULT_PRICE_KEY));
 
 /** Context length advertised by GET /v1/models (the stub does not enforce it). */
 const CONTEXT_LENGTHS: Readonly<Record<string, number>> = {
@@ -206,10 +216,21 @@ export function stubPrice(model: string): StubPrice {
   return PRICE_INDEX.get(model) ?? STUB_DEFAULT_PRICE;
 }
 
+/** A listed id, or one with a variant suffix OpenRouter accepts on any model (`:nitro`, `:floor`, `:free`…). */
+function inCatalog(model: string): boolean {
+  const colon = model.indexOf(':');
+  return CATALOG.has(colon === -1 ? model : model.slice(0, colon));
+}
+
+/** Picodollars per USD: every stub price is a whole number of them. */
+const PICOS = 1e12;
+
 /** The `usage.cost` the stub reports for the given token counts. */
 export function stubCost(model: string, promptTokens: number, completionTokens: number): number {
   const price = stubPrice(model);
-  return promptTokens * price.prompt + completionTokens * price.completion;
+  // Whole picodollars summed, then one division: the clean decimal OpenRouter sends (0.00006 for
+  // 24 tokens at 2.5e-6), not a float product's drift (0.00006000000000000001).
+  return (promptTokens * Math.round(price.prompt * PICOS) + completionTokens * Math.round(price.completion * PICOS)) / PICOS;
 }
 
 /** Per-token price as OpenRouter prints it: a plain decimal string, never exponent notation. */
@@ -571,14 +592,12 @@ const MODELS_PATHS: ReadonlySet<string> = new Set(['/v1/models', '/models', '/ap
 
 /** Built once: the model list never changes at run time. */
 const MODELS_BODY = JSON.stringify({
-  data: Object.entries(STUB_PRICES)
-    .filter(([id]) => id !== DEFAULT_PRICE_KEY)
-    .map(([id, price]) => ({
-      id,
-      name: `Stub ${id}`,
-      pricing: { prompt: decimalString(price.prompt), completion: decimalString(price.completion) },
-      context_length: CONTEXT_LENGTHS[id] ?? DEFAULT_CONTEXT_LENGTH,
-    })),
+  data: [...CATALOG].map((id) => ({
+    id,
+    name: `Stub ${id}`,
+    pricing: { prompt: decimalString(STUB_PRICES[id].prompt), completion: decimalString(STUB_PRICES[id].completion) },
+    context_length: CONTEXT_LENGTHS[id] ?? DEFAULT_CONTEXT_LENGTH,
+  })),
 });
 
 function sendBody(res: ServerResponse, status: number, body: string, contentType: string): void {
@@ -731,7 +750,10 @@ class StubUpstreamServer implements StubUpstream {
     if (!error) this.streamsFinished++;
   };
 
-  constructor(private readonly record: boolean) {
+  constructor(
+    private readonly record: boolean,
+    private readonly knownModelsOnly: boolean,
+  ) {
     this.server = createServer(
       {
         // Above the usual 60s client idle timeouts so benchmark keep-alive sockets are reused
@@ -869,7 +891,7 @@ class StubUpstreamServer implements StubUpstream {
 
     const { candidates } = chat;
     // OpenRouter checks every id before routing: one it does not know refuses the whole request.
-    const invalid = this.config.invalidIds ? candidates.find((m) => this.faultsFor(m).invalidModelId === true) : undefined;
+    const invalid = this.knownModelsOnly || this.config.invalidIds ? this.unknownModel(candidates) : undefined;
     if (invalid !== undefined) {
       sendBody(res, 400, JSON.stringify({ error: openRouterError(400, `${invalid} is not a valid model ID`, invalid, false) }), JSON_TYPE);
       return;
@@ -916,6 +938,14 @@ class StubUpstreamServer implements StubUpstream {
 
   private faultsFor(model: string): Readonly<StubFaults> {
     return this.config.perModel.get(model) ?? this.config.global;
+  }
+
+  /** The first candidate OpenRouter would not know: outside the catalog (knownModelsOnly) or set `invalidModelId`. */
+  private unknownModel(candidates: readonly string[]): string | undefined {
+    for (const model of candidates) {
+      if ((this.knownModelsOnly && !inCatalog(model)) || (this.config.invalidIds && this.faultsFor(model).invalidModelId === true)) return model;
+    }
+    return undefined;
   }
 
   /** The error status this request must get from `model`, or 0; consumes a failTimes slot. */
@@ -1104,7 +1134,7 @@ function cutAfter(res: ServerResponse, data: string): void {
 
 /** Starts a stub upstream on loopback (port 0 = any free port) and resolves once it is listening. */
 export async function startStubUpstream(opts: StubUpstreamOptions = {}): Promise<StubUpstream> {
-  const stub = new StubUpstreamServer(opts.recordRequests ?? true);
+  const stub = new StubUpstreamServer(opts.recordRequests ?? true, opts.knownModelsOnly ?? false);
   if (opts.config) stub.configure(opts.config);
   await stub.listen(opts.port ?? 0, opts.host ?? '127.0.0.1');
   return stub;
