@@ -152,9 +152,12 @@ export class CompletionService {
     // What the upstream said the stream used when it reported its failure (its error event's usage).
     let failedUsage: Attempt['usage'];
     try {
+      const events = opened.events;
       let next = opened.first;
       while (!next.done) {
-        const isUsageOnly = tracker.observe(next.value);
+        // The driver's parse of this very event (matched to the payload: the first was read ahead),
+        // so the tracker does not parse it again.
+        const isUsageOnly = tracker.observe(next.value, events.parsed?.(next.value));
         if (!isUsageOnly || clientWantsUsage) sink.event(next.value);
         // A client far behind the upstream: pull nothing more until its socket drains, so the rest
         // waits upstream (TCP back-pressure), not in this process. The wait also ends when the client

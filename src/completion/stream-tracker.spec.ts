@@ -1,4 +1,4 @@
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { readUsage, SseParser, type Usage } from '../../libs/openai-contract/src/index.js';
 import { startStubUpstream, type StubUpstream } from '../../libs/stub-upstream/src/index.js';
 import { assembleCompletion } from '../cache/stream-replay.js';
@@ -151,6 +151,28 @@ describe('StreamTracker', () => {
     const { view } = track(cut, assemble);
     expect(view).toEqual(reference(cut));
     expect(view.contentChars).toBe(reasoning.join('').length + 'I cannot.'.length + '{"q":"x"}'.length);
+  });
+
+  // The upstream driver parsed every event already to check it: the tracker reads that parse, so a
+  // streamed miss parses each event once, not once in the driver and again here.
+  it.each([true, false])('reads the parse the driver hands it without parsing the event again, exactly as its own parse (assemble=%s)', (assemble) => {
+    const payloads = shapes['usage: null in every chunk, then a usage-only chunk'] ?? [];
+    const parsed = payloads.map((p) => JSON.parse(p) as object);
+    const copies = structuredClone(parsed);
+    const tracker = new StreamTracker(assemble);
+    const parse = vi.spyOn(JSON, 'parse');
+    let usageOnly: boolean[];
+    try {
+      usageOnly = payloads.map((p, i) => tracker.observe(p, parsed[i]));
+      expect(parse).not.toHaveBeenCalled();
+    } finally {
+      parse.mockRestore();
+    }
+    const view = { model: tracker.model, usage: tracker.usage, contentChars: tracker.contentChars, usageOnly };
+    expect(view).toEqual(reference(payloads));
+    expect(tracker.completion()).toEqual(assemble ? assembleCompletion(payloads) : undefined);
+    // Read only: the same objects are the driver's, and the caller read the first one's model.
+    expect(parsed).toEqual(copies);
   });
 
   it('stops assembling once the stream cannot be replayed, and still reads it exactly', () => {

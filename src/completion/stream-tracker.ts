@@ -11,11 +11,13 @@ const PENDING_MAX_CHARS = 64 * 1024;
  * Reads what a stream produced, parsing each event at most once: the usage when the upstream
  * reports it, the model, and a content count (the budget's estimate for a stream without usage).
  *
- * With `assemble` (the cache will store the answer) every event is parsed once and handed to a
- * StreamAssembler, so the cache fill reuses the parse. Without it (or once the stream turned out
- * not to be replayable) only the events that must be read are parsed: those that may carry a
- * non-null `usage`, and the first ones until one names the model; the rest are counted lazily,
- * which a stream that reports its usage never needs.
+ * An event the driver parsed already (both drivers parse every one to check it) is read from that
+ * parse, never parsed again; this is how a streamed miss runs. Otherwise: with `assemble` (the
+ * cache will store the answer) every event is parsed once and handed to a StreamAssembler, so the
+ * cache fill reuses the parse. Without it (or once the stream turned out not to be replayable)
+ * only the events that must be read are parsed: those that may carry a non-null `usage`, and the
+ * first ones until one names the model; the rest are counted lazily, which a stream that reports
+ * its usage never needs.
  */
 export class StreamTracker {
   usage: Usage | undefined;
@@ -35,21 +37,27 @@ export class StreamTracker {
     return this.chars;
   }
 
-  /** Returns true when the payload is the usage-only chunk (no choices). */
-  observe(payload: string): boolean {
+  /**
+   * Returns true when the payload is the usage-only chunk (no choices). `parsed`: the payload's
+   * parse when the driver made one (UpstreamEvents.parsed), read and kept (the assembler keeps the
+   * first as its answer's head) but never changed: its other readers see the same object.
+   */
+  observe(payload: string, parsed?: object): boolean {
     const assembler = this.assembler;
-    if (assembler === undefined && this.model !== undefined && !mayCarryUsage(payload)) {
-      this.pending.push(payload);
-      this.pendingChars += payload.length;
-      if (this.pendingChars > PENDING_MAX_CHARS) this.countPending();
-      return false;
-    }
-    let chunk: unknown;
-    try {
-      chunk = JSON.parse(payload);
-    } catch {
-      this.stopAssembling();
-      return false;
+    let chunk: unknown = parsed;
+    if (chunk === undefined) {
+      if (assembler === undefined && this.model !== undefined && !mayCarryUsage(payload)) {
+        this.pending.push(payload);
+        this.pendingChars += payload.length;
+        if (this.pendingChars > PENDING_MAX_CHARS) this.countPending();
+        return false;
+      }
+      try {
+        chunk = JSON.parse(payload);
+      } catch {
+        this.stopAssembling();
+        return false;
+      }
     }
     if (assembler !== undefined && !assembler.add(chunk)) this.stopAssembling();
     if (typeof chunk !== 'object' || chunk === null) return false;

@@ -79,6 +79,36 @@ class ScriptedLlm extends LlmClient {
   }
 }
 
+/** A driver as the real ones are: it hands out its parse of the event it yielded last (UpstreamEvents.parsed). */
+class ParsingLlm extends LlmClient {
+  constructor(private readonly chunks: object[]) {
+    super();
+  }
+
+  complete(): Promise<UpstreamJsonResult> {
+    return Promise.reject(new Error('streams only'));
+  }
+
+  stream(): Promise<UpstreamEvents> {
+    const chunks = this.chunks;
+    let payload: string | undefined;
+    let chunk: object | undefined;
+    const iterator = (async function* () {
+      for (const c of chunks) {
+        await Promise.resolve();
+        payload = JSON.stringify(c);
+        chunk = c;
+        yield payload;
+      }
+    })();
+    return Promise.resolve({ [Symbol.asyncIterator]: () => iterator, parsed: (p: string) => (p === payload ? chunk : undefined) });
+  }
+
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
 function hang(signal: AbortSignal): Promise<never> {
   return new Promise((_, reject) => signal.addEventListener('abort', () => reject(abortFailure(signal)), { once: true }));
 }
@@ -443,6 +473,26 @@ describe('UpstreamCaller: the model a call is priced as, and the one it shows', 
     const opened = await caller(stream, fakeEnv(), native).stream(call(), route([PRIMARY, FALLBACK]), []);
     expect(opened.model).toBe(DATED);
     expect(opened.pricedModel).toBe(FALLBACK);
+  });
+
+  // The drivers parse every event to check it; the first event's model is read from that parse,
+  // not from a second one (a streamed miss parsed its first event three times).
+  it("shows a stream's model from the parse its driver made of the first event, without parsing it again", async () => {
+    const chunks = [
+      { model: DATED, choices: [{ index: 0, delta: { content: 'a' }, finish_reason: null }] },
+      { model: DATED, choices: [{ index: 0, delta: {}, finish_reason: 'stop' }] },
+    ];
+    const parse = vi.spyOn(JSON, 'parse');
+    try {
+      const opened = await caller(new ParsingLlm(chunks), fakeEnv()).stream(call(), route([FALLBACK]), []);
+      expect(opened).toMatchObject({ model: DATED, pricedModel: FALLBACK });
+      const first = opened.first.value as string;
+      expect(parse.mock.calls.filter(([text]) => text === first)).toEqual([]);
+      // Handed on with the stream, for the pipeline to read the same parse.
+      expect(opened.events.parsed?.(first)).toBe(chunks[0]);
+    } finally {
+      parse.mockRestore();
+    }
   });
 
   it('never shows a name a response header cannot carry: the model asked for instead', async () => {

@@ -3,7 +3,7 @@ import { readUsage, type Usage } from '../../libs/openai-contract/src/index.js';
 import { AppConfig } from '../config/config.js';
 import { GatewayError } from '../core/errors.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
-import { LlmClient, UpstreamFailure, type UpstreamJsonResult } from '../upstream/llm-client.js';
+import { LlmClient, type UpstreamEvents, UpstreamFailure, type UpstreamJsonResult } from '../upstream/llm-client.js';
 import { RetryPolicy, type RetryEnv, SYSTEM_RETRY_ENV } from '../upstream/retry-policy.js';
 import { failureAction, isUnknownModel, upstreamToGatewayError } from '../upstream/upstream-errors.js';
 import type { CompletionCall } from './completion.types.js';
@@ -38,6 +38,8 @@ export interface OpenedStream {
   iterator: AsyncIterator<string>;
   /** The first event, already read: proof the upstream is really answering. */
   first: IteratorResult<string>;
+  /** What `iterator` reads: its `parsed` hands over the driver's parse of each event, so it is not parsed again. */
+  events: UpstreamEvents;
   startedAt: number;
 }
 
@@ -223,18 +225,19 @@ export class UpstreamCaller {
         const first = await iterator.next();
         // [DONE] straight away is no answer: relayed, the caller would get a 200 with nothing in it.
         if (first.done === true) throw new UpstreamFailure('bad_response', 'upstream stream ended without an event');
-        return { iterator, first };
+        return { events, iterator, first };
       },
       gate,
       context,
     );
-    const { iterator, first } = won.value;
-    // One parse of the first event per stream, as json() reads its answer: every stream shows the
-    // upstream's own name (a dated one too), so a live stream and its cache replay carry the same
-    // x-gateway-model. Pricing is untouched: answeredModel() heeds the name only for a native chain.
-    const reported = first.done ? undefined : modelOfChunk(first.value);
+    const { events, iterator, first } = won.value;
+    // The first event's model, as json() reads its answer's: every stream shows the upstream's own
+    // name (a dated one too), so a live stream and its cache replay carry the same x-gateway-model.
+    // Read from the driver's parse when it hands one over. Pricing is untouched: answeredModel()
+    // heeds the name only for a native chain.
+    const reported = first.done ? undefined : modelOfChunk(first.value, events.parsed?.(first.value));
     const pricedModel = answeredModel(won.plan, reported);
-    return { model: headerSafeModel(reported, pricedModel), pricedModel, iterator, first, startedAt: won.startedAt };
+    return { model: headerSafeModel(reported, pricedModel), pricedModel, iterator, first, events, startedAt: won.startedAt };
   }
 
   private body(call: CompletionCall, route: ResolvedRoute, plan: Plan, stream: boolean): Record<string, unknown> {
@@ -400,13 +403,17 @@ export function headerSafeModel(name: string | undefined, fallback: string): str
   return name.charCodeAt(0) === 0x20 || name.charCodeAt(name.length - 1) === 0x20 ? fallback : name;
 }
 
-function modelOfChunk(payload: string): string | undefined {
-  try {
-    const model = (JSON.parse(payload) as { model?: unknown }).model;
-    return typeof model === 'string' && model !== '' ? model : undefined;
-  } catch {
-    return undefined;
+function modelOfChunk(payload: string, parsed: object | undefined): string | undefined {
+  let chunk: unknown = parsed;
+  if (chunk === undefined) {
+    try {
+      chunk = JSON.parse(payload);
+    } catch {
+      return undefined;
+    }
   }
+  const model = (chunk as { model?: unknown } | null)?.model;
+  return typeof model === 'string' && model !== '' ? model : undefined;
 }
 
 /** The last cause decides the answer: it is the most recent word from the upstream. */

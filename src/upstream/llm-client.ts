@@ -18,7 +18,48 @@ export interface UpstreamJsonResult {
  * An upstream stream that has answered 200: its SSE `data` payloads as they arrive, `[DONE]`
  * excluded. Iteration throws `UpstreamFailure` when the stream breaks before `[DONE]`.
  */
-export type UpstreamEvents = AsyncIterable<string>;
+export interface UpstreamEvents extends AsyncIterable<string> {
+  /**
+   * The driver's own parse of `payload` when it is the event the iteration yielded last (both
+   * drivers parse every event to check it), else undefined, and then the reader parses it itself,
+   * as it must for a source without this (the tests' doubles). It spares a streamed miss a second
+   * and third JSON.parse of its events (BENCHMARKS.md, session 29). Matched to the payload asked
+   * about, so a reader that holds an event back (the first, read before the rest) never gets
+   * another's parse. Shared and read only: the caller, the pipeline's tracker and the cache's
+   * StreamAssembler (which keeps the first as its answer's head) all read the same object.
+   */
+  parsed?(payload: string): object | undefined;
+}
+
+/**
+ * How a driver hands its stream out: the events `read` yields, and the parse of the one it yielded
+ * last (UpstreamEvents.parsed), which `read` records with `yielding` right before each yield.
+ */
+export class DriverEvents implements UpstreamEvents {
+  private payload: string | undefined = undefined;
+  private event: object | undefined = undefined;
+  private readonly iterator: AsyncIterator<string>;
+
+  constructor(read: (events: DriverEvents) => AsyncIterator<string>) {
+    this.iterator = read(this);
+  }
+
+  [Symbol.asyncIterator](): AsyncIterator<string> {
+    return this.iterator;
+  }
+
+  /** `event` is the parse of `payload`, about to be yielded; returns `payload`. */
+  yielding(payload: string, event: object): string {
+    this.payload = payload;
+    this.event = event;
+    return payload;
+  }
+
+  parsed(payload: string): object | undefined {
+    // The same string in the common case: a pointer comparison.
+    return payload === this.payload ? this.event : undefined;
+  }
+}
 
 export type UpstreamFailureKind = 'http' | 'timeout' | 'connection' | 'bad_response' | 'cut' | 'aborted';
 

@@ -3,6 +3,7 @@ import { Agent, errors as undiciErrors, fetch as undiciFetch } from 'undici';
 import { SseParser } from '../../libs/openai-contract/src/index.js';
 import {
   abortFailure,
+  DriverEvents,
   eventFailure,
   failureOf,
   jsonResult,
@@ -92,7 +93,7 @@ export class OpenAiSdkLlmClient extends LlmClient {
     } catch (error) {
       throw toFailure(error, call.signal);
     }
-    return events(response, call.signal);
+    return new DriverEvents((out) => events(response, call.signal, out));
   }
 
   async close(): Promise<void> {
@@ -106,9 +107,10 @@ export class OpenAiSdkLlmClient extends LlmClient {
  * `error`, or a choice finished as "error": eventFailure; a frame named `event: error`), the first
  * one a chunk (it has `choices`). The stream is complete only with its
  * `[DONE]`: ending without it is a cut (or the abort that ended it). `[DONE]` straight away yields
- * nothing, for the caller to refuse as no answer.
+ * nothing, for the caller to refuse as no answer. Each payload goes through `out` with the parse
+ * that checked it, which the pipeline reads rather than parsing the event again.
  */
-async function* events(response: Response, signal: AbortSignal): AsyncGenerator<string> {
+async function* events(response: Response, signal: AbortSignal, out: DriverEvents): AsyncGenerator<string> {
   const body = response.body;
   if (body === null) throw new UpstreamFailure('cut', 'upstream stream ended before [DONE]');
   const reader = (body as ReadableStream<Uint8Array>).getReader();
@@ -136,8 +138,9 @@ async function* events(response: Response, signal: AbortSignal): AsyncGenerator<
           return;
         }
         if (names?.[i] === 'error') throw namedErrorEventFailure(data);
-        yield checkedEvent(data, first);
+        const event = checkedEvent(data, first);
         first = false;
+        yield out.yielding(data, event);
       }
     }
   } finally {
@@ -152,7 +155,7 @@ async function* events(response: Response, signal: AbortSignal): AsyncGenerator<
   throw new UpstreamFailure('cut', 'upstream stream ended before [DONE]');
 }
 
-function checkedEvent(data: string, first: boolean): string {
+function checkedEvent(data: string, first: boolean): object {
   let event: unknown;
   try {
     event = JSON.parse(data);
@@ -167,7 +170,7 @@ function checkedEvent(data: string, first: boolean): string {
   const reported = eventFailure(event);
   if (reported) throw reported;
   if (first && !Array.isArray((event as { choices?: unknown }).choices)) throw notAChunkFailure();
-  return data;
+  return event;
 }
 
 async function drain(reader: ReadableStreamDefaultReader<Uint8Array>): Promise<void> {

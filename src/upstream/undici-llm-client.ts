@@ -5,6 +5,7 @@ import { SseParser } from '../../libs/openai-contract/src/index.js';
 import {
   abortFailure,
   describeUpstreamError,
+  DriverEvents,
   eventFailure,
   failureOf,
   jsonResult,
@@ -101,7 +102,7 @@ export class UndiciLlmClient extends LlmClient {
       });
       throw httpFailure(statusCode, text, relay.headers);
     }
-    return relay.events();
+    return new DriverEvents((events) => relay.events(events));
   }
 
   async close(): Promise<void> {
@@ -296,7 +297,8 @@ class SseRelay extends SignalledHandler {
     return Buffer.concat(this.errorBody).toString('utf8');
   }
 
-  async *events(): AsyncGenerator<string> {
+  /** Yields each payload through `out`, which keeps its parse for the readers (UpstreamEvents.parsed). */
+  async *events(out: DriverEvents): AsyncGenerator<string> {
     let first = true;
     try {
       for (;;) {
@@ -313,9 +315,9 @@ class SseRelay extends SignalledHandler {
             if (this.controller?.paused) this.controller.resume();
             return;
           }
-          checkEvent(data, first);
+          const event = checkEvent(data, first);
           first = false;
-          yield data;
+          yield out.yielding(data, event);
           if (this.queue.length === 0 && this.controller?.paused) this.controller.resume();
         }
         if (this.error) throw streamFailure(this.error, this.signal);
@@ -358,9 +360,11 @@ class SseRelay extends SignalledHandler {
  * grammar to keep equal to V8's. The parsed event also answers the error and `choices` checks (a
  * substring search each before, and a second parse of an event holding `"error"`). StreamTracker's
  * parse cannot stand in for this one: without a cache fill it skips most events, and an event it
- * refused would leave this generator suspended, its upstream request never ended.
+ * refused would leave this generator suspended, its upstream request never ended. The other way
+ * round it does: the event is handed on with its payload (DriverEvents), and the caller and
+ * StreamTracker read it rather than parsing the event again.
  */
-function checkEvent(data: string, first: boolean): void {
+function checkEvent(data: string, first: boolean): object {
   let event: unknown;
   try {
     event = JSON.parse(data);
@@ -373,6 +377,7 @@ function checkEvent(data: string, first: boolean): void {
   const reported = eventFailure(event);
   if (reported) throw reported;
   if (first && !Array.isArray((event as { choices?: unknown }).choices)) throw notAChunkFailure();
+  return event;
 }
 
 function httpFailure(status: number, text: string, headers: IncomingHttpHeaders): UpstreamFailure {
