@@ -3,14 +3,13 @@ import { Agent, errors as undiciErrors, fetch as undiciFetch } from 'undici';
 import { SseParser } from '../../libs/openai-contract/src/index.js';
 import {
   abortFailure,
+  checkStreamEvent,
   DriverEvents,
-  eventFailure,
   failureOf,
   jsonResult,
   LlmClient,
   MAX_BYTES_AFTER_DONE,
   namedErrorEventFailure,
-  notAChunkFailure,
   parseRetryAfter,
   readUpstreamError,
   type UpstreamCall,
@@ -138,7 +137,7 @@ async function* events(response: Response, signal: AbortSignal, out: DriverEvent
           return;
         }
         if (names?.[i] === 'error') throw namedErrorEventFailure(data);
-        const event = checkedEvent(data, first);
+        const event = checkStreamEvent(data, first);
         first = false;
         yield out.yielding(data, event);
       }
@@ -153,24 +152,6 @@ async function* events(response: Response, signal: AbortSignal, out: DriverEvent
   }
   if (signal.aborted) throw abortFailure(signal);
   throw new UpstreamFailure('cut', 'upstream stream ended before [DONE]');
-}
-
-function checkedEvent(data: string, first: boolean): object {
-  let event: unknown;
-  try {
-    event = JSON.parse(data);
-  } catch {
-    throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not JSON');
-  }
-  if (typeof event !== 'object' || event === null || Array.isArray(event)) {
-    throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not a JSON object');
-  }
-  // An error event (OpenRouter's provider failures inside a 200): the failure it names. As the
-  // first event it is retried or falls back; later, the pipeline ends the stream with it.
-  const reported = eventFailure(event);
-  if (reported) throw reported;
-  if (first && !Array.isArray((event as { choices?: unknown }).choices)) throw notAChunkFailure();
-  return event;
 }
 
 async function drain(reader: ReadableStreamDefaultReader<Uint8Array>): Promise<void> {

@@ -6,7 +6,6 @@ import {
   abortFailure,
   describeUpstreamError,
   DriverEvents,
-  eventFailure,
   failureOf,
   jsonResult,
   LlmClient,
@@ -14,7 +13,7 @@ import {
   MAX_ERROR_BODY_BYTES,
   MAX_UPSTREAM_BODY_BYTES,
   namedErrorEventFailure,
-  notAChunkFailure,
+  checkStreamEvent,
   parseRetryAfter,
   type UpstreamCall,
   type UpstreamEvents,
@@ -315,7 +314,7 @@ class SseRelay extends SignalledHandler {
             if (this.controller?.paused) this.controller.resume();
             return;
           }
-          const event = checkEvent(data, first);
+          const event = checkStreamEvent(data, first);
           first = false;
           yield out.yielding(data, event);
           if (this.queue.length === 0 && this.controller?.paused) this.controller.resume();
@@ -340,44 +339,6 @@ class SseRelay extends SignalledHandler {
     this.wake = undefined;
     wake?.();
   }
-}
-
-/**
- * Every event is parsed, as the SDK driver parses it (checkedEvent there), so both drivers refuse
- * the same events: one that is not JSON, or not an object, is bad_response (before the first event
- * retried or falling back; after it, the client gets an SSE error event and the stream is neither
- * recorded as ok nor stored for replay); one that reports a failure (OpenRouter's provider errors
- * inside a 200, eventFailure) is that failure; a first one without a `choices` list is no answer.
- *
- * Why a full parse on the hot path: checking only the first and last characters let through an
- * event framed like an object but broken inside (a trailing comma, say), which was relayed,
- * recorded as ok and stored for replay. Measured (2 cores, Node 24, a 297-byte OpenRouter
- * chunk): JSON.parse ≈ 0.75 µs; a bare relay on loopback (this driver, StreamTracker and one
- * write per event, 16 streams, one event per upstream packet) went from ≈ 5.6-6.9 to ≈ 6.7-7.5 µs
- * of CPU per event (+0.6-1.1 µs, +9-20%, three runs), about what StreamTracker's own parse per
- * event costs a streamed miss (5.7-7.2% of it, BENCHMARKS.md). Not small, but nothing cheaper
- * catches the class: a JSON grammar scan written in JS measured 0.5-0.9× the parse, for a second
- * grammar to keep equal to V8's. The parsed event also answers the error and `choices` checks (a
- * substring search each before, and a second parse of an event holding `"error"`). StreamTracker's
- * parse cannot stand in for this one: without a cache fill it skips most events, and an event it
- * refused would leave this generator suspended, its upstream request never ended. The other way
- * round it does: the event is handed on with its payload (DriverEvents), and the caller and
- * StreamTracker read it rather than parsing the event again.
- */
-function checkEvent(data: string, first: boolean): object {
-  let event: unknown;
-  try {
-    event = JSON.parse(data);
-  } catch {
-    throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not JSON');
-  }
-  if (typeof event !== 'object' || event === null || Array.isArray(event)) {
-    throw new UpstreamFailure('bad_response', 'upstream sent a stream event that is not a JSON object');
-  }
-  const reported = eventFailure(event);
-  if (reported) throw reported;
-  if (first && !Array.isArray((event as { choices?: unknown }).choices)) throw notAChunkFailure();
-  return event;
 }
 
 function httpFailure(status: number, text: string, headers: IncomingHttpHeaders): UpstreamFailure {
