@@ -1,9 +1,7 @@
 import { Injectable, type OnApplicationBootstrap, Optional } from '@nestjs/common';
 import type { Logger } from 'pino';
-import { DataSource } from 'typeorm';
 import { AuditService } from '../audit/audit.service.js';
 import { AppConfig } from '../config/config.js';
-import { Clock } from '../core/clock.js';
 import { AppLogger } from '../core/logger.js';
 import { IdentityService } from './identity.service.js';
 
@@ -26,14 +24,12 @@ export class IdentityBootstrapService implements OnApplicationBootstrap {
   /** Set when this start generated a key; tests and the demo read it from here, not from logs. */
   generatedAdminKey: string | undefined;
 
-  private generatedKeyId: string | undefined;
+  private generated: { id: string; prefix: string } | undefined;
 
   constructor(
     private readonly identity: IdentityService,
     private readonly config: AppConfig,
     private readonly appLogger: AppLogger,
-    private readonly dataSource: DataSource,
-    private readonly clock: Clock,
     // Global AuditModule; absent only where a test builds identity alone.
     @Optional() private readonly audit?: AuditService,
   ) {}
@@ -52,7 +48,7 @@ export class IdentityBootstrapService implements OnApplicationBootstrap {
     }
     const { entity, key } = await this.identity.createKey({ userId: admin.id, name: 'bootstrap (generated on first start)' });
     this.generatedAdminKey = key;
-    this.generatedKeyId = entity.id;
+    this.generated = { id: entity.id, prefix: entity.prefix };
     this.recordCreated(entity.id, entity.prefix, 'first start without ADMIN_API_KEY: generated');
   }
 
@@ -74,16 +70,12 @@ export class IdentityBootstrapService implements OnApplicationBootstrap {
    * of an admin's revocation, which would refuse exactly this: it is the install's only admin key.
    */
   async withdrawGeneratedKey(): Promise<void> {
-    const id = this.generatedKeyId;
-    if (id === undefined) return;
-    this.generatedKeyId = undefined;
+    const generated = this.generated;
+    if (generated === undefined) return;
+    this.generated = undefined;
     this.generatedAdminKey = undefined;
-    const rows = await this.dataSource.query<Array<{ prefix: string }>>(
-      `WITH changed AS (UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING prefix) SELECT prefix FROM changed`,
-      [id, this.clock.now()],
-    );
-    const prefix = rows[0]?.prefix;
-    if (prefix === undefined) return;
+    if (!(await this.identity.withdrawUnshownKey(generated.id))) return;
+    const { id, prefix } = generated;
     this.audit?.record({
       action: 'bootstrap.revoke_key',
       targetType: 'keys',

@@ -352,7 +352,18 @@ export class IdentityService {
   }
 
   /**
-   * Every revocation, the admin API's and a rotation's: one conditional update, so that instances
+   * Revokes a key nobody was ever shown (the one a failed first start generated), without
+   * revokeKey's last-admin rule, which would refuse exactly this: it is the install's only admin
+   * key, and the next start must generate (and show) another. True when this call revoked it.
+   */
+  async withdrawUnshownKey(id: string): Promise<boolean> {
+    const revoked = await this.markRevoked(id, this.dataSource);
+    this.forgetCachedKeys();
+    return revoked;
+  }
+
+  /**
+   * Every revocation, the admin API's, a rotation's and a failed start's: one conditional update, so that instances
    * revoking the same key at once revoke it once (one audit row from a rotation, not one per
    * replica). Run under the admin guard, which drops the key cache once it commits.
    */
