@@ -155,9 +155,8 @@ export class CompletionService {
       const events = opened.events;
       let next = opened.first;
       while (!next.done) {
-        // The driver's parse of this very event (matched to the payload: the first was read ahead),
-        // so the tracker does not parse it again.
-        const isUsageOnly = tracker.observe(next.value, events.parsed?.(next.value));
+        // The driver's parse of this very event, so the tracker does not parse it again.
+        const isUsageOnly = tracker.observe(events.parsed(next.value));
         if (!isUsageOnly || clientWantsUsage) sink.event(next.value);
         // A client far behind the upstream: pull nothing more until its socket drains, so the rest
         // waits upstream (TCP back-pressure), not in this process. The wait also ends when the client

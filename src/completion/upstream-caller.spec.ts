@@ -3,7 +3,7 @@ import type { ChatCompletion } from '../../libs/openai-contract/src/index.js';
 import { loadConfig } from '../config/config.js';
 import { GatewayError } from '../core/errors.js';
 import type { ResolvedRoute } from '../routing/routing-table.js';
-import { abortFailure, LlmClient, type UpstreamCall, type UpstreamEvents, type UpstreamJsonResult, UpstreamFailure } from '../upstream/llm-client.js';
+import { abortFailure, DriverEvents, LlmClient, type UpstreamCall, type UpstreamEvents, type UpstreamJsonResult, UpstreamFailure } from '../upstream/llm-client.js';
 import type { RetryEnv } from '../upstream/retry-policy.js';
 import type { CompletionCall } from './completion.types.js';
 import { type Attempt, UpstreamCaller } from './upstream-caller.js';
@@ -56,22 +56,28 @@ class ScriptedLlm extends LlmClient {
     if (reply instanceof UpstreamFailure) throw reply;
     if (reply === 'hang') return hang(call.signal);
     const signal = call.signal;
+    // Handed out as the drivers do, each event with its parse (UpstreamEvents.parsed).
     if (reply === 'silent') {
-      return (async function* () {
-        await hang(signal);
-        yield '{}';
-      })();
+      return new DriverEvents((out) =>
+        (async function* () {
+          await hang(signal);
+          yield out.yielding('{}', {});
+        })(),
+      );
     }
     const cutAfter = typeof reply === 'object' && 'streamCutAfter' in reply ? reply.streamCutAfter : Infinity;
     const named = typeof reply === 'object' && 'reportAs' in reply ? reply.reportAs : model;
-    return (async function* () {
-      for (let i = 0; i < 3; i++) {
-        // A real relay awaits the socket between events.
-        await Promise.resolve();
-        if (i >= cutAfter) throw new UpstreamFailure('cut', 'cut');
-        yield JSON.stringify({ model: named, choices: [{ index: 0, delta: { content: `w${i}` } }] });
-      }
-    })();
+    return new DriverEvents((out) =>
+      (async function* () {
+        for (let i = 0; i < 3; i++) {
+          // A real relay awaits the socket between events.
+          await Promise.resolve();
+          if (i >= cutAfter) throw new UpstreamFailure('cut', 'cut');
+          const chunk = { model: named, choices: [{ index: 0, delta: { content: `w${i}` } }] };
+          yield out.yielding(JSON.stringify(chunk), chunk);
+        }
+      })(),
+    );
   }
 
   close(): Promise<void> {
@@ -79,7 +85,7 @@ class ScriptedLlm extends LlmClient {
   }
 }
 
-/** A driver as the real ones are: it hands out its parse of the event it yielded last (UpstreamEvents.parsed). */
+/** A driver that streams the given chunks, each handed out with the very object it was serialised from. */
 class ParsingLlm extends LlmClient {
   constructor(private readonly chunks: object[]) {
     super();
@@ -91,17 +97,16 @@ class ParsingLlm extends LlmClient {
 
   stream(): Promise<UpstreamEvents> {
     const chunks = this.chunks;
-    let payload: string | undefined;
-    let chunk: object | undefined;
-    const iterator = (async function* () {
-      for (const c of chunks) {
-        await Promise.resolve();
-        payload = JSON.stringify(c);
-        chunk = c;
-        yield payload;
-      }
-    })();
-    return Promise.resolve({ [Symbol.asyncIterator]: () => iterator, parsed: (p: string) => (p === payload ? chunk : undefined) });
+    return Promise.resolve(
+      new DriverEvents((out) =>
+        (async function* () {
+          for (const c of chunks) {
+            await Promise.resolve();
+            yield out.yielding(JSON.stringify(c), c);
+          }
+        })(),
+      ),
+    );
   }
 
   close(): Promise<void> {
@@ -489,7 +494,7 @@ describe('UpstreamCaller: the model a call is priced as, and the one it shows', 
       const first = opened.first.value as string;
       expect(parse.mock.calls.filter(([text]) => text === first)).toEqual([]);
       // Handed on with the stream, for the pipeline to read the same parse.
-      expect(opened.events.parsed?.(first)).toBe(chunks[0]);
+      expect(opened.events.parsed(first)).toBe(chunks[0]);
     } finally {
       parse.mockRestore();
     }

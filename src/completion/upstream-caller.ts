@@ -233,9 +233,9 @@ export class UpstreamCaller {
     const { events, iterator, first } = won.value;
     // The first event's model, as json() reads its answer's: every stream shows the upstream's own
     // name (a dated one too), so a live stream and its cache replay carry the same x-gateway-model.
-    // Read from the driver's parse when it hands one over. Pricing is untouched: answeredModel()
-    // heeds the name only for a native chain.
-    const reported = first.done ? undefined : modelOfChunk(first.value, events.parsed?.(first.value));
+    // Read from the driver's parse. Pricing is untouched: answeredModel() heeds the name only for
+    // a native chain.
+    const reported = first.done ? undefined : modelOfChunk(events.parsed(first.value));
     const pricedModel = answeredModel(won.plan, reported);
     return { model: headerSafeModel(reported, pricedModel), pricedModel, iterator, first, events, startedAt: won.startedAt };
   }
@@ -403,16 +403,8 @@ export function headerSafeModel(name: string | undefined, fallback: string): str
   return name.charCodeAt(0) === 0x20 || name.charCodeAt(name.length - 1) === 0x20 ? fallback : name;
 }
 
-function modelOfChunk(payload: string, parsed: object | undefined): string | undefined {
-  let chunk: unknown = parsed;
-  if (chunk === undefined) {
-    try {
-      chunk = JSON.parse(payload);
-    } catch {
-      return undefined;
-    }
-  }
-  const model = (chunk as { model?: unknown } | null)?.model;
+function modelOfChunk(chunk: object): string | undefined {
+  const model = (chunk as { model?: unknown }).model;
   return typeof model === 'string' && model !== '' ? model : undefined;
 }
 

@@ -16,24 +16,24 @@ export interface UpstreamJsonResult {
 
 /**
  * An upstream stream that has answered 200: its SSE `data` payloads as they arrive, `[DONE]`
- * excluded. Iteration throws `UpstreamFailure` when the stream breaks before `[DONE]`.
+ * excluded. Iteration throws `UpstreamFailure` when the stream breaks before `[DONE]`. Every
+ * payload it yields is a JSON object: both drivers parse each event to check it and refuse any
+ * other (checkStreamEvent).
  */
 export interface UpstreamEvents extends AsyncIterable<string> {
   /**
-   * The driver's own parse of `payload` when it is the event the iteration yielded last (both
-   * drivers parse every event to check it), else undefined, and then the reader parses it itself,
-   * as it must for a source without this (the tests' doubles). It spares a streamed miss a second
-   * and third JSON.parse of its events (BENCHMARKS.md, session 29). Matched to the payload asked
-   * about, so a reader that holds an event back (the first, read before the rest) never gets
-   * another's parse. Shared and read only: the caller, the pipeline's tracker and the cache's
-   * StreamAssembler (which keeps the first as its answer's head) all read the same object.
+   * The parse of a payload this stream yielded. For the one it yielded last, the driver's own
+   * parse, so a streamed miss parses each event once, not again in the caller and the pipeline's
+   * tracker (BENCHMARKS.md, session 29); an earlier one (held back by a reader) is parsed again,
+   * so a reader never gets another event's parse. Shared and read only: the caller, the tracker
+   * and the cache's StreamAssembler (which keeps the first as its answer's head) read the same object.
    */
-  parsed?(payload: string): object | undefined;
+  parsed(payload: string): object;
 }
 
 /**
- * How a driver hands its stream out: the events `read` yields, and the parse of the one it yielded
- * last (UpstreamEvents.parsed), which `read` records with `yielding` right before each yield.
+ * How a driver (or a test's double) hands its stream out: the events `read` yields, and the parse
+ * of the one it yielded last, which `read` records with `yielding` right before each yield.
  */
 export class DriverEvents implements UpstreamEvents {
   private payload: string | undefined = undefined;
@@ -55,9 +55,10 @@ export class DriverEvents implements UpstreamEvents {
     return payload;
   }
 
-  parsed(payload: string): object | undefined {
+  parsed(payload: string): object {
     // The same string in the common case: a pointer comparison.
-    return payload === this.payload ? this.event : undefined;
+    if (payload === this.payload && this.event !== undefined) return this.event;
+    return JSON.parse(payload) as object;
   }
 }
 
@@ -258,11 +259,10 @@ export function notAChunkFailure(): UpstreamFailure {
  * event costs a streamed miss (5.7-7.2% of it, BENCHMARKS.md). Not small, but nothing cheaper
  * catches the class: a JSON grammar scan written in JS measured 0.5-0.9× the parse, for a second
  * grammar to keep equal to V8's. The parsed event also answers the error and `choices` checks (a
- * substring search each before, and a second parse of an event holding `"error"`). StreamTracker's
- * parse cannot stand in for this one: without a cache fill it skips most events, and an event it
- * refused would leave a driver's generator suspended, its upstream request never ended. The other way
- * round it does: the event is handed on with its payload (DriverEvents), and the caller and
- * StreamTracker read it rather than parsing the event again.
+ * substring search each before, and a second parse of an event holding `"error"`), and is handed
+ * on with its payload (DriverEvents): the caller and StreamTracker read it rather than parsing the
+ * event again. The check belongs here, not in a reader: an event a reader refused would leave the
+ * driver's generator suspended, its upstream request never ended.
  */
 export function checkStreamEvent(data: string, first: boolean): object {
   let event: unknown;
