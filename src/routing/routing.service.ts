@@ -27,7 +27,9 @@ export interface TableChange {
 export class RoutingService implements OnModuleInit, OnApplicationShutdown {
   private current!: CompiledTable;
   private timer: NodeJS.Timeout | undefined;
-  private refreshing: Promise<void> | undefined;
+  /** The poll running now, and the one callers who asked during it wait for (refresh). */
+  private polling: Promise<void> | undefined;
+  private nextPoll: Promise<void> | undefined;
 
   constructor(
     private readonly versions: RoutingVersionsRepository,
@@ -41,7 +43,10 @@ export class RoutingService implements OnModuleInit, OnApplicationShutdown {
     const latest = await this.versions.latest();
     if (!latest) throw new Error('routing_versions is empty after seeding');
     this.install(latest);
-    this.timer = setInterval(() => void this.refresh(), this.config.routing.refreshMs);
+    // The timer needs no fresher poll than one already running.
+    this.timer = setInterval(() => {
+      if (this.polling === undefined) void this.startPoll();
+    }, this.config.routing.refreshMs);
     this.timer.unref();
   }
 
@@ -53,12 +58,28 @@ export class RoutingService implements OnModuleInit, OnApplicationShutdown {
     return this.current.table;
   }
 
-  /** Checks for a newer version now; safe to call concurrently (one query in flight). */
+  /**
+   * Checks for a newer version with a poll that starts after this call: a reader that must see
+   * every change committed before it asked (the admin GETs, whose version the next PUT sends) must
+   * not be handed a poll already in flight, whose `max(version)` may predate that change (another
+   * instance's PUT answered meanwhile). Callers that arrive while a poll runs share the one poll
+   * that follows it, so at most two queries are ever in flight or waiting.
+   */
   refresh(): Promise<void> {
-    this.refreshing ??= this.pollOnce().finally(() => {
-      this.refreshing = undefined;
+    if (this.polling === undefined) return this.startPoll();
+    this.nextPoll ??= this.polling.then(() => {
+      this.nextPoll = undefined;
+      return this.startPoll();
     });
-    return this.refreshing;
+    return this.nextPoll;
+  }
+
+  private startPoll(): Promise<void> {
+    const poll = this.pollOnce().finally(() => {
+      if (this.polling === poll) this.polling = undefined;
+    });
+    this.polling = poll;
+    return poll;
   }
 
   private async pollOnce(): Promise<void> {
