@@ -80,6 +80,17 @@ export const ERROR_TABLE = {
   internal_error: { status: 500, type: 'api_error' },
 } as const satisfies Record<ErrorCode, { status: number; type: ErrorType }>;
 
+/**
+ * Answered with `x-should-retry: false`, which the official OpenAI SDKs obey (they otherwise retry
+ * every 5xx twice): failures the gateway has already retried as far as it would, where a client's
+ * repeat only multiplies the upstream's load and the caller's wait. The gateway's key or credit
+ * refused (the gateway stops at once: every model would fail the same way), and a 504 (the
+ * upstream deadline, or the upstream's own timeout after the retries, spent): the SDK's two
+ * retries made a hung upstream cost the caller three deadlines. Other 502s stay retryable: an
+ * upstream 5xx or rate limit may have passed seconds later.
+ */
+export const NO_CLIENT_RETRY: ReadonlySet<ErrorCode> = new Set<ErrorCode>(['upstream_auth', 'upstream_insufficient_credits', 'upstream_timeout']);
+
 export interface GatewayErrorOptions {
   param?: string | null;
   /** Response headers that belong to this error (retry-after on 429, …). */

@@ -1,7 +1,7 @@
 import { type ArgumentsHost, Catch, type ExceptionFilter, HttpException } from '@nestjs/common';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
-import { GatewayError, isGatewayError } from './errors.js';
+import { GatewayError, isGatewayError, NO_CLIENT_RETRY } from './errors.js';
 import { LogThrottle } from './log-throttle.js';
 
 /**
@@ -158,6 +158,7 @@ export function sendError(reply: FastifyReply, request: FastifyRequest, error: u
   }
   if (reply.sent || reply.raw.headersSent) return;
   if (gatewayError.headers) void reply.headers(gatewayError.headers);
+  if (NO_CLIENT_RETRY.has(gatewayError.code)) void reply.header('x-should-retry', 'false');
   void reply.status(gatewayError.status).header('content-type', 'application/json; charset=utf-8').send(gatewayError.toEnvelope());
 }
 
