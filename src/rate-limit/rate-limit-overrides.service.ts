@@ -29,6 +29,9 @@ interface OverrideRow {
   updated_by: string;
 }
 
+/** Held by every override change while it commits (RateLimitOverrides.change). */
+const OVERRIDES_CHANGE_LOCK = 7_263_101;
+
 const SUBJECT_TABLE: Record<LimitScope, string> = { key: 'api_keys', user: 'users', department: 'departments' };
 
 /**
@@ -96,7 +99,7 @@ export class RateLimitOverrides implements OnModuleInit, OnApplicationShutdown {
 
   async put(scope: LimitScope, id: string, limit: Limit, actor: string): Promise<LimitView> {
     await this.mustExist(scope, id);
-    await this.dataSource.query(
+    await this.change(
       `INSERT INTO rate_limit_overrides (scope, subject_id, requests_per_minute, tokens_per_minute, updated_by)
        VALUES ($1, $2, $3, $4, $5)
        ON CONFLICT (scope, subject_id) DO UPDATE SET requests_per_minute = EXCLUDED.requests_per_minute,
@@ -109,9 +112,23 @@ export class RateLimitOverrides implements OnModuleInit, OnApplicationShutdown {
 
   async remove(scope: LimitScope, id: string): Promise<LimitView> {
     await this.mustExist(scope, id);
-    await this.dataSource.query('DELETE FROM rate_limit_overrides WHERE scope = $1 AND subject_id = $2', [scope, id]);
+    await this.change('DELETE FROM rate_limit_overrides WHERE scope = $1 AND subject_id = $2', [scope, id]);
     this.snapshot.delete(`${scope}:${id}`);
     return this.view(scope, id);
+  }
+
+  /**
+   * One change, made while no other change is in progress on any instance (a transaction-scoped
+   * advisory lock), so changes take their `updated_at` in the order they commit. The poll's stamp
+   * (readStamp) relies on that: a change that took its time before another but committed after it,
+   * with a poll between the two commits, left the stamp as that poll saw it, and the change unseen
+   * by the other instances until some later one (test/e2e/rate-limit-overrides-commit-order).
+   */
+  private async change(statement: string, parameters: unknown[]): Promise<void> {
+    await this.dataSource.transaction(async (manager) => {
+      await manager.query('SELECT pg_advisory_xact_lock($1)', [OVERRIDES_CHANGE_LOCK]);
+      await manager.query(statement, parameters);
+    });
   }
 
   private async mustExist(scope: LimitScope, id: string): Promise<void> {
@@ -131,7 +148,7 @@ export class RateLimitOverrides implements OnModuleInit, OnApplicationShutdown {
 
   /**
    * What changes whenever the table does: its row count and its latest change, to the
-   * microsecond the database keeps. A Date holds milliseconds only, so two PUTs within one
+   * microsecond the database keeps (changes are serialised, so their times follow their commits). A Date holds milliseconds only, so two PUTs within one
    * millisecond on either side of a poll left the stamp as it was, and the second one unseen
    * until some later change (test/integration/rate-limit-overrides-stamp.int-spec.ts).
    */
