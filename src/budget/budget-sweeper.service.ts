@@ -4,7 +4,7 @@ import { DataSource } from 'typeorm';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
 import { AppLogger } from '../core/logger.js';
-import { SWEEP_SQL } from './budget-sql.js';
+import { RELEASE_REQUESTS_SQL, SWEEP_SQL } from './budget-sql.js';
 
 /**
  * Releases reservations an instance left behind when it died between reserve and settle.
@@ -46,6 +46,22 @@ export class BudgetSweeper implements OnModuleInit, OnApplicationShutdown {
       this.running = undefined;
     });
     return this.running;
+  }
+
+  /**
+   * Releases now the exact reservations the given requests of one user still hold, known to be
+   * over though their holder never said so (a job's tries before the one that took it over from
+   * a dead worker); returns how many. Without this they held the budget until the sweep, and the
+   * takeover's own reserve was refused (402) on a budget that could cover it.
+   */
+  async releaseRequests(requestIds: readonly string[], userId: string): Promise<number> {
+    if (requestIds.length === 0) return 0;
+    const [row] = await this.dataSource.query<Array<{ released: string | number }>>(RELEASE_REQUESTS_SQL, [
+      requestIds,
+      this.clock.now().toISOString(),
+      userId,
+    ]);
+    return Number(row?.released ?? 0);
   }
 
   private async sweepOnce(): Promise<number> {

@@ -3,6 +3,7 @@ import { Inject, Injectable, Optional } from '@nestjs/common';
 import type { Logger } from 'pino';
 import type { ErrorBody } from '../../libs/openai-contract/src/index.js';
 import { AuditService } from '../audit/audit.service.js';
+import { BudgetSweeper } from '../budget/budget-sweeper.service.js';
 import { CompletionService } from '../completion/completion.service.js';
 import type { CompletionCall, JsonOutcome } from '../completion/completion.types.js';
 import { AppConfig } from '../config/config.js';
@@ -122,6 +123,7 @@ export class JobProcessor implements JobHandler {
     private readonly completions: CompletionService,
     private readonly callbacks: JobCallbacks,
     private readonly audit: AuditService,
+    private readonly budgets: BudgetSweeper,
     private readonly config: AppConfig,
     private readonly clock: Clock,
     appLogger: AppLogger,
@@ -166,6 +168,7 @@ export class JobProcessor implements JobHandler {
       await this.workerLost(started.job);
       return;
     }
+    if (started.job.attempts > 1) await this.releaseEarlierTries(started.job);
     const heartbeat = this.heartbeat(started.job.id, started.job.attempts);
     try {
       await this.runTry(started.job, started.key, signal);
@@ -174,6 +177,25 @@ export class JobProcessor implements JobHandler {
       throw error;
     } finally {
       clearInterval(heartbeat);
+    }
+  }
+
+  /**
+   * An earlier try of this job is over, whether or not it said so: a try whose worker died
+   * (SIGKILL, OOM, a crash of the embedded process) left its reservation held until the budget
+   * sweeper's TTL (10 min), and this try, reserving the same worst case on top, was refused 402 on
+   * a budget that could cover the job once: a permanent failure, not even dead-lettered. Released
+   * here, uncharged, as the sweep would (an earlier try that ended normally holds nothing, and
+   * this finds nothing). A database that cannot do it now leaves them to the sweep.
+   */
+  private async releaseEarlierTries(job: JobRecord): Promise<void> {
+    const earlier: string[] = [];
+    for (let attempt = 1; attempt < job.attempts; attempt++) earlier.push(tryRequestId({ id: job.id, attempts: attempt }));
+    try {
+      const released = await this.budgets.releaseRequests(earlier, job.userId);
+      if (released > 0) this.logger.warn({ jobId: job.id, released }, "released the budget holds of this job's earlier tries, which ended without settling");
+    } catch (error) {
+      this.logger.warn({ jobId: job.id, err: (error as Error).message }, "could not release this job's earlier tries' budget holds; the sweep will");
     }
   }
 
@@ -383,6 +405,6 @@ export class JobProcessor implements JobHandler {
 }
 
 /** One id per try: each try is its own reservation, ledger entry and audit row. */
-function tryRequestId(job: JobRecord): string {
+function tryRequestId(job: Pick<JobRecord, 'id' | 'attempts'>): string {
   return `job-${job.id}-${job.attempts}`;
 }

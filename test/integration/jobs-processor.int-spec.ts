@@ -18,6 +18,7 @@ import type { JobRecord, NewJob } from '../../src/jobs/job.types.js';
 import { JobsRepository } from '../../src/jobs/jobs.repository.js';
 import { DB_KINDS } from '../support/databases.js';
 import { type JobsTestDatabase, newJobFor, openJobsTestDatabase } from '../support/jobs-database.js';
+import { BudgetSweeper } from '../../src/budget/budget-sweeper.service.js';
 
 const clock = new SystemClock();
 const logger = { logger: createLogger('silent') };
@@ -93,7 +94,7 @@ describe.each(DB_KINDS)('job tries on %s', (kind) => {
 
   function processor(completions: FakeCompletions, timing?: JobRunTiming): JobProcessor {
     const callbacks = { notify: () => undefined } as unknown as JobCallbacks;
-    return new JobProcessor(repo, completions as unknown as CompletionService, callbacks, audit, config, clock, logger, timing);
+    return new JobProcessor(repo, completions as unknown as CompletionService, callbacks, audit, new BudgetSweeper(db.dataSource, config, clock, logger), config, clock, logger, timing);
   }
 
   async function updatedAt(id: string): Promise<number> {

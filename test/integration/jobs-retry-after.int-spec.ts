@@ -13,6 +13,7 @@ import { UpstreamFailure } from '../../src/upstream/llm-client.js';
 import { upstreamToGatewayError } from '../../src/upstream/upstream-errors.js';
 import { DB_KINDS } from '../support/databases.js';
 import { type JobsTestDatabase, newJobFor, openJobsTestDatabase } from '../support/jobs-database.js';
+import { BudgetSweeper } from '../../src/budget/budget-sweeper.service.js';
 
 // Before: the upstream rate-limited the gateway with retry-after: 30, and the job made
 // all its tries within about a second and went to the dead-letter queue. The pipeline answers an
@@ -51,7 +52,7 @@ describe.each(DB_KINDS)('a job the upstream rate-limits, on %s', (kind) => {
     // The upstream caller made its own tries and gave up: the mapping the pipeline throws.
     const completions = { complete: () => Promise.reject(upstreamToGatewayError(failure, MODEL, { attempts: 2 })) } as unknown as CompletionService;
     const callbacks = { notify: () => undefined } as unknown as JobCallbacks;
-    const processor = new JobProcessor(repo, completions, callbacks, audit, config, clock, logger);
+    const processor = new JobProcessor(repo, completions, callbacks, audit, new BudgetSweeper(opened.db.dataSource, config, clock, logger), config, clock, logger);
     const { job } = await repo.insert(newJobFor(opened.principal, { requestId: 'req-retry-after' }), clock.now());
     const error: unknown = await processor.run(job.id, new AbortController().signal).catch((e: unknown) => e);
     expect(error).toBeInstanceOf(RetryJobError);
