@@ -1,4 +1,5 @@
 import 'reflect-metadata';
+import type { IncomingMessage } from 'node:http';
 import type { INestApplicationContext } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
 import { FastifyAdapter, type NestFastifyApplication } from '@nestjs/platform-fastify';
@@ -13,6 +14,7 @@ import { GatewayError } from './core/errors.js';
 import { OpenAiErrorFilter, sendError, toGatewayError } from './core/http-errors.js';
 import { createLogger, PinoNestLogger, requestLineLogger } from './core/logger.js';
 import { requestIdFor } from './core/request-id.js';
+import { originForm } from './core/origin-form.js';
 import { type DatabaseTarget, openDatabase } from './database/data-source.js';
 import { IdentityBootstrapService } from './identity/identity-bootstrap.service.js';
 import { ShutdownService } from './lifecycle/shutdown.service.js';
@@ -87,6 +89,8 @@ export async function createGateway(config: AppConfig, options: GatewayOptions =
     // Errors Fastify answers before routing (a URL it cannot decode, a path parameter over its
     // length limit) skip the hooks and the filter: rendered here as every other error is.
     frameworkErrors: (error: FastifyError, request: FastifyRequest, reply: FastifyReply) => frameworkError(error, request, reply, errorLogger, marks),
+    // An absolute-form target (`POST http://host/admin/keys`) is read as its origin form everywhere.
+    rewriteUrl: (raw: IncomingMessage) => originForm(raw.url ?? '/'),
   });
   let app: NestFastifyApplication;
   try {
