@@ -160,11 +160,17 @@ export class AuditRepository {
    * Recomputes the chain over a seq range (dates are turned into the seq range they cover).
    * Reads the head first: every row at or below it was committed with it, so concurrent writers
    * never make a healthy chain look broken. Without an upper bound, the last row must also be the
-   * one the head names, which catches a deleted tail.
+   * one the head names, which catches a deleted tail, and no row may lie past the head: the writer
+   * moves the head in the transaction that adds rows, so a committed row beyond it was added
+   * behind the writer's back (a plain INSERT, which the append-only trigger allows), and would be
+   * listed by GET /admin/audit while the chain it claims to extend held. Read with the head in one
+   * statement, so one snapshot: a writer's commit adds both or neither.
    */
   async verify(range: AuditVerifyRange): Promise<AuditVerifyResult> {
-    const headRows = await this.dataSource.query<Array<{ seq: string; hash: string }>>('SELECT seq, hash FROM audit_chain_head WHERE id = 1');
-    const head = headRows[0] ?? { seq: '0', hash: GENESIS_HASH };
+    const headRows = await this.dataSource.query<Array<{ seq: string; hash: string; beyond: string | null }>>(
+      'SELECT seq, hash, (SELECT min(e.seq) FROM audit_events e WHERE e.seq > h.seq) AS beyond FROM audit_chain_head h WHERE id = 1',
+    );
+    const head = headRows[0] ?? { seq: '0', hash: GENESIS_HASH, beyond: null };
     const headView = { seq: Number(head.seq), hash: head.hash };
     let lower = range.fromSeq ?? '1';
     let upper = head.seq;
@@ -221,6 +227,7 @@ export class AuditRepository {
     if (openEnded && head.seq !== '0' && compareSeq(lower, head.seq) <= 0 && (lastSeq !== head.seq || expectedPrev !== head.hash)) {
       return { ok: false, checked, first_break: Number(head.seq), head: headView };
     }
+    if (openEnded && head.beyond !== null) return { ok: false, checked, first_break: Number(head.beyond), head: headView };
     return { ok: true, checked, first_break: null, head: headView };
   }
 }
