@@ -36,8 +36,18 @@ export interface CacheTicket {
 }
 
 /** The in-process half of singleflight: every identical request of this instance awaits one promise. */
+/**
+ * What a leader settles its flight with, and hands over to other instances' waiters, when it
+ * answered but its answer cannot be stored (a stream whose deltas a replay cannot render:
+ * `reasoning_details`, `annotations`, `images`). Its followers then go on at once, together, as
+ * plain misses: handed the lead one after the other, as after a failure, each would have waited
+ * for the one before it, whose answer could not be stored either. Never an entry (entries begin
+ * with their header line).
+ */
+const UNSTORABLE = '\u0000unstorable';
+
 class Flight {
-  /** The stored entry, or undefined when the leader gave up without an answer. */
+  /** The stored entry, UNSTORABLE, or undefined when the leader gave up without an answer. */
   readonly done: Promise<string | undefined>;
   settle!: (body: string | undefined) => void;
   constructor() {
@@ -177,6 +187,7 @@ export class CompletionCache {
         // The leader is taking too long: go on alone (and still store what we get).
         return this.miss(plan, tags, undefined);
       }
+      if (outcome === UNSTORABLE) return this.miss(plan, tags, undefined);
       // An entry (never the text 'timeout' or 'aborted': it starts with its header line).
       if (outcome !== undefined) return this.hit(outcome, plan, tags);
       // The leader gave up without an answer. Its followers resume one after the other in this
@@ -202,7 +213,7 @@ export class CompletionCache {
         const found = await this.store.lookup(plan.key, this.waitMs);
         if (found.kind === 'hit') {
           finish(found.body);
-          return this.hit(found.body, plan, tags);
+          return found.body === UNSTORABLE ? this.miss(plan, tags, undefined) : this.hit(found.body, plan, tags);
         }
         if (found.kind === 'lead') return this.miss(plan, tags, { flight: finish, token: found.token });
         if (found.kind === 'miss') return this.miss(plan, tags, { flight: finish, token: undefined });
@@ -216,7 +227,7 @@ export class CompletionCache {
         }
         if (outcome === 'timeout') return this.miss(plan, tags, { flight: finish, token: undefined });
         finish(outcome.body);
-        return this.hit(outcome.body, plan, tags);
+        return outcome.body === UNSTORABLE ? this.miss(plan, tags, undefined) : this.hit(outcome.body, plan, tags);
       }
     } catch (error) {
       finish(undefined);
@@ -276,6 +287,12 @@ export class CompletionCache {
       lead?.flight(undefined);
       if (lead?.token !== undefined) this.release(plan.key, lead.token, undefined);
     };
+    const unstorable = () => {
+      if (settled) return;
+      settled = true;
+      lead?.flight(UNSTORABLE);
+      if (lead?.token !== undefined) this.release(plan.key, lead.token, UNSTORABLE);
+    };
     const fill = async (raw: string, completion: ChatCompletion, recordedModel?: string) => {
       if (settled) return;
       // Stored only if every replay can render it (a choice without a message would fail each stream
@@ -313,7 +330,9 @@ export class CompletionCache {
       fill,
       fillFromStream: (completion, recordedModel) => {
         if (!completion) {
-          abandon();
+          // Without `write` nothing was assembled: a follower that may store leads next, as usual.
+          if (plan.write) unstorable();
+          else abandon();
           return Promise.resolve();
         }
         return fill(JSON.stringify(completion), completion, recordedModel);
