@@ -233,16 +233,18 @@ WITH mine AS MATERIALIZED (
 )
 SELECT count(*) AS renewed FROM renewed`;
 
+/** $1 request ids (text array), $2 user id: a row when any of them still holds an exact reservation. */
+export const HELD_BY_SQL = `SELECT 1 FROM budget_reservations WHERE request_id = ANY($1::text[]) AND user_id = $2::uuid LIMIT 1`;
+
 /**
  * Sweep: releases reservations not renewed for BUDGET_RESERVATION_TTL_MS (RENEW_SQL): left by an
  * instance that died between reserve and settle. Their cost is unknown and not charged.
  *
  * $1 cutoff, $2 now.
  */
-/** Deletes the reservations `where` picks and takes what they held off their budgets' `reserved`. */
-const releaseSql = (where: string, now: string): string => `
+export const SWEEP_SQL = `
 WITH released AS (
-  DELETE FROM budget_reservations WHERE ${where}
+  DELETE FROM budget_reservations WHERE created_at < $1::timestamptz
   RETURNING user_id, department_id, user_nanos, department_nanos
 ), amounts AS MATERIALIZED (
   SELECT 'user'::text AS scope, user_id AS scope_id, sum(user_nanos)::bigint AS nanos FROM released WHERE user_nanos > 0 GROUP BY user_id
@@ -254,24 +256,9 @@ WITH released AS (
    ORDER BY b.scope, b.scope_id
      FOR UPDATE OF b
 ), freed AS (
-  UPDATE budgets b SET reserved_nanos = GREATEST(0::bigint, b.reserved_nanos - l.nanos), updated_at = ${now}::timestamptz
+  UPDATE budgets b SET reserved_nanos = GREATEST(0::bigint, b.reserved_nanos - l.nanos), updated_at = $2::timestamptz
     FROM locked l
    WHERE b.scope = l.scope AND b.scope_id = l.scope_id
   RETURNING b.scope
 )
 SELECT (SELECT count(*) FROM released) AS released, (SELECT count(*) FROM freed) AS budgets`;
-
-export const SWEEP_SQL = releaseSql('created_at < $1::timestamptz', '$2');
-
-/**
- * Releases the exact reservations of the given requests, whoever holds them: those of a job's
- * earlier tries, when a try takes over a job whose worker died (JobProcessor). Their cost is
- * unknown and not charged, as the sweeper's. A settle that comes later anyway (a worker that was
- * only cut off from the database) finds no row and only adds its cost, as after a sweep.
- *
- * Only the given user's: a caller picks its own request ids (`x-request-id`), so one could name
- * another's job try.
- *
- * $1 request ids (text array), $2 now, $3 user id.
- */
-export const RELEASE_REQUESTS_SQL = releaseSql('request_id = ANY($1::text[]) AND user_id = $3::uuid', '$2');

@@ -4,7 +4,7 @@ import { DataSource } from 'typeorm';
 import { AppConfig } from '../config/config.js';
 import { Clock } from '../core/clock.js';
 import { AppLogger } from '../core/logger.js';
-import { RELEASE_REQUESTS_SQL, SWEEP_SQL } from './budget-sql.js';
+import { HELD_BY_SQL, SWEEP_SQL } from './budget-sql.js';
 
 /**
  * Releases reservations an instance left behind when it died between reserve and settle.
@@ -28,7 +28,8 @@ export class BudgetSweeper implements OnModuleInit, OnApplicationShutdown {
     this.logger = appLogger.logger.child({ context: 'BudgetSweeper' });
   }
 
-  onModuleInit(): void {
+  async onModuleInit(): Promise<void> {
+    if (this.config.database.driver === 'pglite') await this.releaseAllAtStart();
     this.timer = setInterval(() => {
       this.sweep().catch((error: unknown) => this.logger.warn({ err: (error as Error).message }, 'budget sweep failed; will retry'));
     }, this.config.budget.sweepIntervalMs);
@@ -49,26 +50,40 @@ export class BudgetSweeper implements OnModuleInit, OnApplicationShutdown {
   }
 
   /**
-   * Releases now the exact reservations the given requests of one user still hold, known to be
-   * over though their holder never said so (a job's tries before the one that took it over from
-   * a dead worker); returns how many. Without this they held the budget until the sweep, and the
-   * takeover's own reserve was refused (402) on a budget that could cover it.
+   * Only on the embedded database, at start: it belongs to this process alone (its data dir is
+   * locked), so every hold found then was left by the process before it, which died between
+   * reserve and settle (SIGKILL, OOM, power loss). Released now, not one TTL later, before a job
+   * it left running runs again and is refused on its own dead try's hold.
    */
-  async releaseRequests(requestIds: readonly string[], userId: string): Promise<number> {
-    if (requestIds.length === 0) return 0;
-    const [row] = await this.dataSource.query<Array<{ released: string | number }>>(RELEASE_REQUESTS_SQL, [
-      requestIds,
-      this.clock.now().toISOString(),
-      userId,
-    ]);
+  async releaseAllAtStart(): Promise<number> {
+    const released = await this.release(this.clock.now());
+    if (released > 0) this.logger.warn({ released }, 'released budget reservations left by the previous process');
+    return released;
+  }
+
+  /** Releases the reservations not renewed since `cutoff`; returns how many. */
+  private async release(cutoff: Date): Promise<number> {
+    const [row] = await this.dataSource.query<Array<{ released: string | number }>>(SWEEP_SQL, [cutoff.toISOString(), this.clock.now().toISOString()]);
     return Number(row?.released ?? 0);
+  }
+
+  /**
+   * Whether any of the given requests of one user still holds an exact reservation: a job's
+   * earlier try whose worker died before it settled, until it is swept (JobProcessor waits for
+   * that rather than failing its next try 402 on the dead try's hold). Request ids are the
+   * caller's to choose, so a caller can only make its own job wait a little longer, never free
+   * anyone's hold.
+   */
+  async holds(requestIds: readonly string[], userId: string): Promise<boolean> {
+    if (requestIds.length === 0) return false;
+    const rows = await this.dataSource.query<unknown[]>(HELD_BY_SQL, [requestIds, userId]);
+    return rows.length > 0;
   }
 
   private async sweepOnce(): Promise<number> {
     const now = this.clock.now();
     const cutoff = new Date(now.getTime() - this.config.budget.reservationTtlMs);
-    const [row] = await this.dataSource.query<Array<{ released: string | number }>>(SWEEP_SQL, [cutoff.toISOString(), now.toISOString()]);
-    const released = Number(row?.released ?? 0);
+    const released = await this.release(cutoff);
     if (released > 0) this.logger.warn({ released, olderThan: cutoff.toISOString() }, 'released budget reservations orphaned by a crashed instance');
     return released;
   }

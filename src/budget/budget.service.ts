@@ -207,7 +207,7 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
       models: route.models,
       prices,
     };
-    return this.hold(reservation, principal.userId, principal.departmentId, call.requestId, amountNanos, amountNanos);
+    return this.hold(reservation, principal.userId, principal.departmentId, call.requestId, amountNanos, amountNanos, call.door !== 'job');
   }
 
   /**
@@ -233,7 +233,9 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
       try {
         this.writer.assertAccepting();
         // A lease asked for here is sized on the call's worst case, as reserve's would be.
-        topUps.push(await this.hold({ attempt: index, amountNanos: cost }, userId, departmentId, reservation.requestId, cost, reservation.amountNanos));
+        topUps.push(
+          await this.hold({ attempt: index, amountNanos: cost }, userId, departmentId, reservation.requestId, cost, reservation.amountNanos, reservation.door !== 'job'),
+        );
       } catch (error) {
         this.logger.info({ reqId: reservation.requestId, err: (error as Error).message }, 'the budget cannot hold another attempt; not retrying');
         return false;
@@ -245,7 +247,11 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
 
   /**
    * Holds `amountNanos` for `base` (a reservation, or a top-up of one): a draw on the pair's lease
-   * (one asked for is `perRequest` × BUDGET_LEASE_REQUESTS), else one exact reservation.
+   * (one asked for is `perRequest` × BUDGET_LEASE_REQUESTS), else one exact reservation. A job's
+   * try (`leased` false) always holds exactly, under its own request id: a worker that dies
+   * mid-try leaves a hold its job's next try can tell apart from the budget being spent
+   * (JobProcessor waits for the sweep then), where a lease's would only show as a 402. A job is
+   * not waited on by a caller, so the statement it pays for costs no one latency.
    */
   private async hold<B>(
     base: B,
@@ -254,8 +260,9 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
     requestId: string,
     amountNanos: Nanos,
     perRequest: Nanos,
+    leased: boolean,
   ): Promise<B & { id: string; held: boolean; lease?: Lease }> {
-    if (amountNanos > 0n) {
+    if (leased && amountNanos > 0n) {
       const lease = await this.leases.drawOrAsk(userId, departmentId, amountNanos, () => this.askLease(userId, departmentId, amountNanos, perRequest));
       if (lease) {
         this.metrics?.budgetHold('lease', 'granted');

@@ -168,7 +168,6 @@ export class JobProcessor implements JobHandler {
       await this.workerLost(started.job);
       return;
     }
-    if (started.job.attempts > 1) await this.releaseEarlierTries(started.job);
     const heartbeat = this.heartbeat(started.job.id, started.job.attempts);
     try {
       await this.runTry(started.job, started.key, signal);
@@ -177,25 +176,6 @@ export class JobProcessor implements JobHandler {
       throw error;
     } finally {
       clearInterval(heartbeat);
-    }
-  }
-
-  /**
-   * An earlier try of this job is over, whether or not it said so: a try whose worker died
-   * (SIGKILL, OOM, a crash of the embedded process) left its reservation held until the budget
-   * sweeper's TTL (10 min), and this try, reserving the same worst case on top, was refused 402 on
-   * a budget that could cover the job once: a permanent failure, not even dead-lettered. Released
-   * here, uncharged, as the sweep would (an earlier try that ended normally holds nothing, and
-   * this finds nothing). A database that cannot do it now leaves them to the sweep.
-   */
-  private async releaseEarlierTries(job: JobRecord): Promise<void> {
-    const earlier: string[] = [];
-    for (let attempt = 1; attempt < job.attempts; attempt++) earlier.push(tryRequestId({ id: job.id, attempts: attempt }));
-    try {
-      const released = await this.budgets.releaseRequests(earlier, job.userId);
-      if (released > 0) this.logger.warn({ jobId: job.id, released }, "released the budget holds of this job's earlier tries, which ended without settling");
-    } catch (error) {
-      this.logger.warn({ jobId: job.id, err: (error as Error).message }, "could not release this job's earlier tries' budget holds; the sweep will");
     }
   }
 
@@ -346,6 +326,17 @@ export class JobProcessor implements JobHandler {
     }
     const gatewayError = toGatewayError(error);
     const body = gatewayError.toEnvelope().error;
+    if (gatewayError.code === 'budget_exceeded' && (await this.earlierTryHolds(job))) {
+      // Refused on its own dead try's hold (its worker died before it settled; the sweep releases
+      // it within BUDGET_RESERVATION_TTL_MS): waits for that, this try not counted, instead of
+      // failing for good on a budget that can cover it. Never by freeing the hold early: a worker
+      // that was only cut off from the database may still be running that try.
+      await this.repo.retryLater(job.id, body, this.clock.now(), job.attempts, false);
+      const delayMs = this.config.jobs.backoffMaxMs;
+      this.logger.info({ jobId: job.id, attempt: job.attempts, retryInMs: delayMs }, "job's budget is held by an earlier try that never settled; will try again once it is released");
+      // Not a try for the queue either: the wait may take several of these.
+      throw new RecheckJobError(delayMs, gatewayError.message);
+    }
     if (!isTransient(gatewayError)) {
       // A refused key or exhausted credit is the operator's to fix, not the request's: no more
       // tries, but dead-lettered, so an admin can retry the jobs once the account works again.
@@ -363,6 +354,18 @@ export class JobProcessor implements JobHandler {
       throw new RetryJobError(delayMs, gatewayError.message);
     }
     this.finished(await this.repo.fail(job.id, body, true, this.clock.now(), job.attempts), `dead_lettered:${gatewayError.code}`);
+  }
+
+  /** Whether an earlier try of this job still holds budget (it ended without settling). */
+  private async earlierTryHolds(job: JobRecord): Promise<boolean> {
+    const earlier: string[] = [];
+    for (let attempt = 1; attempt < job.attempts; attempt++) earlier.push(tryRequestId({ id: job.id, attempts: attempt }));
+    try {
+      return await this.budgets.holds(earlier, job.userId);
+    } catch {
+      // Not knowable now: the 402 stands, as it would have without this check.
+      return false;
+    }
   }
 
   /**

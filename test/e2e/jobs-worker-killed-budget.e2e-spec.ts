@@ -10,11 +10,14 @@ import { REDIS_URL } from '../support/databases.js';
 import { pollUntil, startTestGateway, startWorker, type Tenant, type TestGateway } from '../support/gateway.js';
 import { dropRedisKeys, uniqueRedisPrefix } from '../support/redis.js';
 
-// A worker SIGKILLed mid-try leaves its try's budget reservation behind (the sweeper frees it only
-// after BUDGET_RESERVATION_TTL_MS, 10 min). Another worker takes the job over once the dead run's
-// heartbeat is stale (30 s), and its try reserves the worst case again: with the dead try's hold
-// still counted, a user whose budget covers the job once (not twice) had the job failed for good
-// with 402 budget_exceeded, not even dead-lettered, having spent nothing.
+// A worker SIGKILLed mid-try leaves its try's budget hold behind, until the sweeper releases it
+// (BUDGET_RESERVATION_TTL_MS after its last renewal). Another worker takes the job over once the
+// dead run's heartbeat is stale (30 s), and its try reserves the worst case again. With the dead
+// try's hold still counted, a user whose budget covers the job once (not twice) had the job failed
+// for good with 402 budget_exceeded, not even dead-lettered, having spent nothing; one whose dead
+// try had drawn on a lease (room for 32 worst cases) was refused by that lease's hold the same way.
+// The takeover must wait for the dead hold's release and then complete, never free it early (a
+// worker only cut off from the database may still be running its try).
 
 const ASYNC = { prefer: 'respond-async' };
 const FRESH = { 'cache-control': 'no-cache, no-store' };
@@ -34,18 +37,27 @@ describe('a BullMQ worker process killed (SIGKILL) in the middle of a job', () =
     REDIS_URL,
     REDIS_KEY_PREFIX: uniqueRedisPrefix('jobs-kill'),
     UPSTREAM_RETRY_ATTEMPTS: '1',
+    // A dead hold is swept 30 s after its last renewal (the TTL must exceed the deadline and the
+    // lease), and a try refused on it asks again every second.
+    UPSTREAM_TIMEOUT_MS: '20000',
+    UPSTREAM_DEADLINE_MS: '20000',
+    BUDGET_RESERVATION_TTL_MS: '30000',
+    BUDGET_SWEEP_INTERVAL_MS: '500',
+    JOBS_BACKOFF_MAX_MS: '1000',
   };
   let api: TestGateway;
   let survivor: WorkerProcess | undefined;
   let doomed: ChildProcess | undefined;
-  let alice: Tenant;
+  /** Room for the job 1.5 times over (its try holds exactly), and 32.5 times (room for a lease of 32). */
+  let tight: Tenant;
+  let roomy: Tenant;
   let worst: bigint;
 
   beforeAll(async () => {
     api = await startTestGateway({ db: 'postgres', env: { ...env, GATEHOUSE_ROLE: 'api' } });
     worst = worstCaseNanos(api, { messages: REQUEST.messages }, [MODEL], MAX_TOKENS);
-    // Room for this job one and a half times over: enough for it, not for it twice.
-    alice = await api.tenants.create({ userBudgetUsd: formatUsd((worst * 3n) / 2n), period: 'total' });
+    tight = await api.tenants.create({ userBudgetUsd: formatUsd((worst * 3n) / 2n), period: 'total' });
+    roomy = await api.tenants.create({ userBudgetUsd: formatUsd((worst * 65n) / 2n), period: 'total' });
   });
   afterAll(async () => {
     doomed?.kill('SIGKILL');
@@ -54,12 +66,15 @@ describe('a BullMQ worker process killed (SIGKILL) in the middle of a job', () =
     await dropRedisKeys(env.REDIS_KEY_PREFIX as string);
   });
 
-  it('the job a surviving worker takes over completes; the dead try does not leave its budget held against it', { timeout: 180_000 }, async () => {
-    // The first try hangs at the upstream until its worker is killed.
+  it('the jobs a surviving worker takes over complete once the dead tries\' holds are released', { timeout: 240_000 }, async () => {
+    // The first tries hang at the upstream until their worker is killed.
     api.stub.configure({ latencyMs: 120_000 });
-    const submit = await alice.api.post<JobBody>('/v1/chat/completions', REQUEST, { ...ASYNC, ...FRESH });
-    expect(submit.status).toBe(202);
-    const id = submit.body.id;
+    const ids: Record<string, string> = {};
+    for (const [name, tenant] of [['tight', tight], ['roomy', roomy]] as const) {
+      const submit = await tenant.api.post<JobBody>('/v1/chat/completions', REQUEST, { ...ASYNC, ...FRESH });
+      expect(submit.status).toBe(202);
+      ids[name] = submit.body.id;
+    }
 
     // A real worker process (the shipped bundle, GATEHOUSE_ROLE=worker) on the same PostgreSQL and Redis.
     // Only its death matters here (what it leaves behind); the surviving worker below runs src/.
@@ -78,8 +93,9 @@ describe('a BullMQ worker process killed (SIGKILL) in the middle of a job', () =
     doomed = spawn(process.execPath, [BUNDLE], { env: childEnv, stdio: 'ignore' });
     await pollUntil(
       async () => {
-        expect(api.stub.hits).toBe(1);
-        expect((await alice.api.get<JobBody>(`/v1/jobs/${id}`)).body.status).toBe('running');
+        expect(api.stub.hits).toBe(2);
+        expect((await tight.api.get<JobBody>(`/v1/jobs/${ids.tight}`)).body.status).toBe('running');
+        expect((await roomy.api.get<JobBody>(`/v1/jobs/${ids.roomy}`)).body.status).toBe('running');
       },
       60_000,
       100,
@@ -88,24 +104,30 @@ describe('a BullMQ worker process killed (SIGKILL) in the middle of a job', () =
     await new Promise((resolve) => doomed?.once('exit', resolve));
     doomed = undefined;
 
-    // The upstream is healthy again; another worker takes the job over once the dead run is stale.
+    // The upstream is healthy again; another worker takes the jobs over once the dead run is stale.
     api.stub.configure({});
     survivor = await startWorker(api, env);
-    const job = await pollUntil(
-      async () => {
-        const res = await alice.api.get<JobBody>(`/v1/jobs/${id}`);
-        expect(['completed', 'failed']).toContain(res.body.status);
-        return res.body;
-      },
-      150_000,
-      250,
-    );
-    const [held] = await dataSourceOf(api).query<Array<{ n: string }>>(`SELECT count(*) AS n FROM budget_reservations WHERE request_id LIKE $1`, [`job-${id}-%`]);
-    expect({ status: job.status, dead_lettered: job.dead_lettered, error: job.error?.code ?? null, heldByDeadTries: Number(held?.n) }).toEqual({
-      status: 'completed',
-      dead_lettered: false,
-      error: null,
-      heldByDeadTries: 0,
-    });
+    const outcome = async (tenant: Tenant, id: string) => {
+      const job = await pollUntil(
+        async () => {
+          const res = await tenant.api.get<JobBody>(`/v1/jobs/${id}`);
+          expect(['completed', 'failed']).toContain(res.body.status);
+          return res.body;
+        },
+        180_000,
+        250,
+      );
+      return { status: job.status, dead_lettered: job.dead_lettered, error: job.error?.code ?? null };
+    };
+    const done = { status: 'completed', dead_lettered: false, error: null };
+    expect({ tight: await outcome(tight, ids.tight), roomy: await outcome(roomy, ids.roomy) }).toEqual({ tight: done, roomy: done });
+    // Each charged once (its completed try), and nothing held any more.
+    const ds = dataSourceOf(api);
+    const held = await ds.query<Array<{ n: string }>>(`SELECT count(*) AS n FROM budget_reservations WHERE user_id = ANY($1::uuid[])`, [[tight.userId, roomy.userId]]);
+    expect(Number(held[0]?.n)).toBe(0);
+    const charged = await ds.query<Array<{ request_id: string }>>(`SELECT request_id FROM usage_ledger WHERE user_id = ANY($1::uuid[]) ORDER BY request_id`, [
+      [tight.userId, roomy.userId],
+    ]);
+    expect(charged.map((r) => r.request_id).sort()).toEqual([`job-${ids.tight}-2`, `job-${ids.roomy}-2`].sort());
   });
 });
