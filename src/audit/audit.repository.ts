@@ -163,7 +163,8 @@ export class AuditRepository {
    * one the head names, which catches a deleted tail, and no row may lie past the head: the writer
    * moves the head in the transaction that adds rows, so a committed row beyond it was added
    * behind the writer's back (a plain INSERT, which the append-only trigger allows), and would be
-   * listed by GET /admin/audit while the chain it claims to extend held. Read with the head in one
+   * listed by GET /admin/audit while the chain it claims to extend held: a break of any range that
+   * holds it, open-ended or not. Read with the head in one
    * statement, so one snapshot: a writer's commit adds both or neither.
    */
   async verify(range: AuditVerifyRange): Promise<AuditVerifyResult> {
@@ -174,6 +175,8 @@ export class AuditRepository {
     const headView = { seq: Number(head.seq), hash: head.hash };
     let lower = range.fromSeq ?? '1';
     let upper = head.seq;
+    // The range as asked, before it is cut at the head: a row past the head inside it is a break.
+    let asked = range.toSeq;
     if (range.toSeq !== undefined && compareSeq(range.toSeq, upper) < 0) upper = range.toSeq;
     if (range.from !== undefined) {
       const [row] = await this.dataSource.query<Array<{ seq: string | null }>>('SELECT min(seq) AS seq FROM audit_events WHERE at >= $1', [
@@ -192,6 +195,7 @@ export class AuditRepository {
         range.to.toISOString(),
       ]);
       if (row?.seq == null) return { ok: true, checked: 0, first_break: null, head: headView };
+      if (asked === undefined || compareSeq(row.seq, asked) < 0) asked = row.seq;
       if (compareSeq(row.seq, upper) < 0) upper = row.seq;
     }
     const openEnded = range.toSeq === undefined && range.to === undefined;
@@ -227,7 +231,10 @@ export class AuditRepository {
     if (openEnded && head.seq !== '0' && compareSeq(lower, head.seq) <= 0 && (lastSeq !== head.seq || expectedPrev !== head.hash)) {
       return { ok: false, checked, first_break: Number(head.seq), head: headView };
     }
-    if (openEnded && head.beyond !== null) return { ok: false, checked, first_break: Number(head.beyond), head: headView };
+    const beyond = head.beyond;
+    if (beyond !== null && compareSeq(beyond, lower) >= 0 && (asked === undefined || compareSeq(beyond, asked) <= 0)) {
+      return { ok: false, checked, first_break: Number(beyond), head: headView };
+    }
     return { ok: true, checked, first_break: null, head: headView };
   }
 }

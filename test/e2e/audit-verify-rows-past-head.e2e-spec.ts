@@ -52,3 +52,43 @@ describe('a row inserted behind the writer (PGlite)', () => {
     });
   });
 });
+
+describe('a row inserted behind the writer, verified over a range that holds it (PGlite)', () => {
+  let gw: TestGateway;
+  let forgedSeq: number;
+  let startedAt: string;
+
+  beforeAll(async () => {
+    gw = await startTestGateway({ env: { AUDIT_FLUSH_MS: '20' } });
+    startedAt = new Date(Date.now() - 60_000).toISOString();
+    await gw.admin.post('/admin/departments', { name: 'before-the-forgery' });
+    expect(await gw.gateway.app.get(AuditService).flush()).toBe(true);
+    const ds = gw.gateway.app.get(DataSource);
+    const [forged] = await ds.query<Array<{ seq: string }>>(
+      `INSERT INTO audit_events (id, at, action, target_type, target_id, status, details, prev_hash, hash)
+       VALUES ($1, now(), 'DELETE /admin/keys/:id', 'keys', 'someone-elses-key', 200, '{}'::jsonb, 'not-a-hash', 'not-a-hash')
+       RETURNING seq`,
+      [randomUUID()],
+    );
+    forgedSeq = Number(forged?.seq);
+    const listed = await gw.admin.get<AuditListDto>('/admin/audit?limit=1');
+    expect(listed.body.data[0]?.seq).toBe(forgedSeq);
+    expect((await gw.admin.get<AuditVerifyDto>('/admin/audit/verify')).body).toMatchObject({ ok: false, first_break: forgedSeq });
+  });
+  afterAll(async () => {
+    await gw?.close();
+  });
+
+  it('verify?from=1&to=<the forged seq> does not call that range intact', async () => {
+    const verdict = await gw.admin.get<AuditVerifyDto>(`/admin/audit/verify?from=1&to=${forgedSeq}`);
+    expect(verdict.status).toBe(200);
+    expect(verdict.body, 'the range names a listed row outside the chain, yet verify says it holds').toMatchObject({ ok: false, first_break: forgedSeq });
+  });
+
+  it('verify over a date range that contains the forged row does not call it intact', async () => {
+    const to = new Date(Date.now() + 60_000).toISOString();
+    const verdict = await gw.admin.get<AuditVerifyDto>(`/admin/audit/verify?from=${encodeURIComponent(startedAt)}&to=${encodeURIComponent(to)}`);
+    expect(verdict.status).toBe(200);
+    expect(verdict.body).toMatchObject({ ok: false, first_break: forgedSeq });
+  });
+});
