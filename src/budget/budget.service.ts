@@ -374,7 +374,7 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
     let total = 0n;
     let tokens = 0;
     const rows = attempts.map((attempt, index): LedgerEntry => {
-      const charge = this.charge(attempt, index === attempts.length - 1 ? options.producedChars : undefined, reservation, total, held);
+      const charge = this.charge(attempt, index === attempts.length - 1 ? options.producedBytes : undefined, reservation, total, held);
       total += BigInt(charge.cost_nanos);
       tokens += charge.prompt_tokens + charge.completion_tokens;
       return {
@@ -607,7 +607,7 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
    * `charged`: what the call's earlier attempts cost, which an estimate must leave room for;
    * `held`: what the call holds, its worst case and its top-ups.
    */
-  private charge(attempt: ChargedAttempt, producedChars: number | undefined, reservation: Reservation, charged: Nanos, held: Nanos): AttemptCharge {
+  private charge(attempt: ChargedAttempt, producedBytes: number | undefined, reservation: Reservation, charged: Nanos, held: Nanos): AttemptCharge {
     // At the price the call was admitted at (its worst case was reckoned with it), not one an
     // override or the hourly /models refresh set while it ran: raised, that would take one admitted
     // call past its budget. The upstream's own usage.cost, what it billed, is taken as it is.
@@ -635,16 +635,16 @@ export class BudgetService implements OnModuleInit, BeforeApplicationShutdown, O
         cost_source: source,
       };
     }
-    if (producedChars !== undefined) {
+    if (producedBytes !== undefined) {
       // Output reached the client but the upstream never said what it cost (a cut stream):
-      // charge the prompt estimate plus what was produced, at this model's price. Characters ÷ 3
+      // charge the prompt estimate plus what was produced, at this model's price. UTF-8 bytes ÷ 3
       // is deliberately high (English runs ~4 per token), so a call cut near its cap came out
       // above the cap the upstream was sent, and above its reservation: one such stream spent a
       // budget 55% past its limit (test/integration/budget.int-spec.ts, cut streams). The upstream cannot produce more than the
       // cap, and a guess must not charge more than the worst case the call was admitted for (a
       // price raised since the reservation included).
       const prompt = reservation.promptTokens;
-      const completion = Math.min(producedTokens(producedChars), reservation.completionTokens);
+      const completion = Math.min(producedTokens(producedBytes), reservation.completionTokens);
       const cost = costOf({ prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }, price).nanos;
       const room = held > charged ? held - charged : 0n;
       return {

@@ -84,9 +84,9 @@ export interface Settlement {
 export interface SettleOptions {
   /**
    * The last attempt delivered output (a JSON answer, or a stream that opened): when it has no
-   * usage (a cut stream, an upstream that reports none), it is charged for these characters.
+   * usage (a cut stream, an upstream that reports none), it is charged for these UTF-8 bytes.
    */
-  producedChars?: number;
+  producedBytes?: number;
 }
 
 /** A budget as stored. bigint columns arrive from pg as strings. */

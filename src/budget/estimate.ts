@@ -40,11 +40,12 @@ export function reservedCompletionTokens(body: ChatCompletionRequest, maxTokens:
 }
 
 /**
- * Tokens for text an upstream produced but never counted (a cut stream), on the same high side:
- * above the real count, so the caller charges at most the completion tokens it reserved for.
+ * Tokens for text an upstream produced but never counted (a cut stream), from its UTF-8 bytes as
+ * the prompt's are, on the same high side: above the real count, so the caller charges at most
+ * the completion tokens it reserved for.
  */
-export function producedTokens(chars: number): number {
-  return Math.ceil(Math.max(0, chars) / BYTES_PER_TOKEN);
+export function producedTokens(bytes: number): number {
+  return Math.ceil(Math.max(0, bytes) / BYTES_PER_TOKEN);
 }
 
 function walk(value: unknown, tally: { bytes: number; images: number }): void {

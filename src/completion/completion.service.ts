@@ -23,7 +23,7 @@ import {
   type PacedStreamSink,
   type StreamSink,
 } from './completion.types.js';
-import { producedChars, StreamTracker } from './stream-tracker.js';
+import { producedBytes, StreamTracker } from './stream-tracker.js';
 import { requestedMaxTokens } from './upstream-body.js';
 import { answeredModel, asFailure, type Attempt, headerSafeModel, type OpenedStream, type RetryGate, UpstreamCaller } from './upstream-caller.js';
 
@@ -92,8 +92,8 @@ export class CompletionService {
     const { model, result } = value;
     const { costNanos, tokens } = this.settleOrAbandon(cached, () => {
       // Read only without usage: content, reasoning, refusal and tool-call arguments all cost tokens.
-      const produced = result.completion.choices.reduce((n, c) => n + producedChars(c.message), 0);
-      return this.budget.settle(reservation, attempts, { producedChars: produced });
+      const produced = result.completion.choices.reduce((n, c) => n + producedBytes(c.message), 0);
+      return this.budget.settle(reservation, attempts, { producedBytes: produced });
     });
     const meta = this.meta(route, model, cached.status);
     // The cost header needs the settlement; the rest waits until the caller has its answer.
@@ -205,7 +205,7 @@ export class CompletionService {
     // Ended, cut or abandoned: charged for what was produced (usage if reported, else an estimate).
     // The characters matter only without usage; counting them would parse events the tracker skipped.
     const { costNanos, tokens } = this.settleOrAbandon(cached, () =>
-      this.budget.settle(reservation, attempts, { producedChars: usage ? undefined : tracker.contentChars }),
+      this.budget.settle(reservation, attempts, { producedBytes: usage ? undefined : tracker.contentBytes }),
     );
     // The tokens charged, not only those reported: a stream cut before its usage frame counts too.
     // Counted before the cache fill's wait, so the caller's next request already sees them.

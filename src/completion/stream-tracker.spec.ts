@@ -8,7 +8,7 @@ import { StreamTracker } from './stream-tracker.js';
 function reference(payloads: readonly string[]) {
   let model: string | undefined;
   let usage: Usage | undefined;
-  let contentChars = 0;
+  let contentBytes = 0;
   const usageOnly: boolean[] = [];
   for (const payload of payloads) {
     const chunk = JSON.parse(payload) as { model?: unknown; choices?: unknown; usage?: unknown };
@@ -18,14 +18,14 @@ function reference(payloads: readonly string[]) {
         const delta = choice?.delta;
         if (typeof delta !== 'object' || delta === null) continue;
         // What the model produced, whichever field carries it: text, reasoning, a refusal, tool-call arguments.
-        for (const field of ['content', 'reasoning', 'refusal']) {
+        for (const field of ['content', 'reasoning', 'reasoning_content', 'refusal']) {
           const text = delta[field];
-          if (typeof text === 'string') contentChars += text.length;
+          if (typeof text === 'string') contentBytes += Buffer.byteLength(text);
         }
         if (Array.isArray(delta.tool_calls)) {
           for (const call of delta.tool_calls as Array<{ function?: { arguments?: unknown } } | null>) {
             const args = call?.function?.arguments;
-            if (typeof args === 'string') contentChars += args.length;
+            if (typeof args === 'string') contentBytes += Buffer.byteLength(args);
           }
         }
       }
@@ -34,14 +34,14 @@ function reference(payloads: readonly string[]) {
     if (found) usage = found;
     usageOnly.push(found !== undefined && Array.isArray(chunk.choices) && chunk.choices.length === 0);
   }
-  return { model, usage, contentChars, usageOnly };
+  return { model, usage, contentBytes, usageOnly };
 }
 
 /** Every event handed over parsed, as the drivers hand them (each one a JSON object: they refuse any other). */
 function track(payloads: readonly string[], assemble: boolean) {
   const tracker = new StreamTracker(assemble);
   const usageOnly = payloads.map((p) => tracker.observe(JSON.parse(p) as object));
-  return { tracker, view: { model: tracker.model, usage: tracker.usage, contentChars: tracker.contentChars, usageOnly } };
+  return { tracker, view: { model: tracker.model, usage: tracker.usage, contentBytes: tracker.contentBytes, usageOnly } };
 }
 
 const USAGE = { prompt_tokens: 7, completion_tokens: 3, total_tokens: 10, cost: 0.00001 };
@@ -85,7 +85,7 @@ describe('StreamTracker', () => {
         expect(view).toEqual(reference(payloads));
         expect(view.usage?.total_tokens).toBe(10);
         expect(view.model).toBe('openai/gpt-4o-mini');
-        expect(view.contentChars).toBe(words.join('').length + (shape.startsWith('usage in the last') ? 1 : 0));
+        expect(view.contentBytes).toBe(Buffer.byteLength(words.join('')) + (shape.startsWith('usage in the last') ? 1 : 0));
         // Assembled only when asked to, and then exactly what assembling the raw payloads gives.
         expect(tracker.completion()).toEqual(assemble ? assembleCompletion(payloads) : undefined);
       });
@@ -104,7 +104,7 @@ describe('StreamTracker', () => {
     const { tracker, view } = track(cut, assemble);
     expect(view).toEqual(reference(cut));
     expect(view.usage).toBeUndefined();
-    expect(view.contentChars).toBe(words.join('').length);
+    expect(view.contentBytes).toBe(Buffer.byteLength(words.join('')));
     expect(tracker.completion()).toBeUndefined();
   });
 
@@ -117,7 +117,7 @@ describe('StreamTracker', () => {
     const { tracker, view } = track(payloads, assemble);
     expect(view).toEqual(reference(payloads));
     expect(view.usage).toEqual(USAGE);
-    expect(view.contentChars).toBe(2 + words.join('').length);
+    expect(view.contentBytes).toBe(2 + Buffer.byteLength(words.join('')));
     expect(tracker.completion()).toBeUndefined();
   });
 
@@ -126,13 +126,15 @@ describe('StreamTracker', () => {
     const cut = [
       chunk({ usage: null }, { role: 'assistant', content: '' }),
       ...reasoning.map((r) => chunk({ usage: null }, { role: 'assistant', content: '', reasoning: r })),
+      // DeepSeek's and vLLM's name for it.
+      chunk({ usage: null }, { reasoning_content: 'Ünd so. ' }),
       chunk({ usage: null }, { refusal: 'I cannot.' }),
       chunk({ usage: null }, { tool_calls: [{ index: 0, id: 't', type: 'function', function: { name: 'lookup', arguments: '{"q":' } }] }),
       chunk({ usage: null }, { tool_calls: [{ index: 0, function: { arguments: '"x"}' } }] }),
     ];
     const { view } = track(cut, assemble);
     expect(view).toEqual(reference(cut));
-    expect(view.contentChars).toBe(reasoning.join('').length + 'I cannot.'.length + '{"q":"x"}'.length);
+    expect(view.contentBytes).toBe(reasoning.join('').length + Buffer.byteLength('Ünd so. ') + 'I cannot.'.length + '{"q":"x"}'.length);
   });
 
   // The upstream driver parsed every event already to check it: the tracker reads that parse, so a
@@ -150,7 +152,7 @@ describe('StreamTracker', () => {
     } finally {
       parse.mockRestore();
     }
-    const view = { model: tracker.model, usage: tracker.usage, contentChars: tracker.contentChars, usageOnly };
+    const view = { model: tracker.model, usage: tracker.usage, contentBytes: tracker.contentBytes, usageOnly };
     expect(view).toEqual(reference(payloads));
     expect(tracker.completion()).toEqual(assemble ? assembleCompletion(payloads) : undefined);
     // Read only: the same objects are the driver's, and the caller read the first one's model.

@@ -11,7 +11,7 @@ import { StreamAssembler } from '../cache/stream-replay.js';
 export class StreamTracker {
   usage: Usage | undefined;
   model: string | undefined;
-  contentChars = 0;
+  contentBytes = 0;
   private assembler: StreamAssembler | undefined;
 
   constructor(assemble: boolean) {
@@ -28,7 +28,7 @@ export class StreamTracker {
     if (this.assembler !== undefined && !this.assembler.add(chunk)) this.assembler = undefined;
     const { model, choices } = chunk as { model?: unknown; choices?: unknown };
     if (typeof model === 'string') this.model = model;
-    this.contentChars += contentOf(choices);
+    this.contentBytes += contentOf(choices);
     const usage = (chunk as { usage?: unknown }).usage ? readUsage(chunk) : undefined;
     if (usage) this.usage = usage;
     return usage !== undefined && Array.isArray(choices) && choices.length === 0;
@@ -48,28 +48,38 @@ function contentOf(choices: unknown): number {
   let n = 0;
   for (const choice of choices as unknown[]) {
     if (typeof choice !== 'object' || choice === null) continue;
-    n += producedChars((choice as { delta?: unknown }).delta);
+    n += producedBytes((choice as { delta?: unknown }).delta);
   }
   return n;
 }
 
 /**
- * Characters a model produced in one message or delta, whichever field carries them: `content`,
- * `reasoning` (a thinking model's stream may be nothing else for a long while), `refusal`, and
- * the arguments of tool calls. What the budget estimates completion tokens from when the upstream
- * reports no usage (a cut stream; a JSON answer without usage).
+ * UTF-8 bytes of what a model produced in one message or delta, whichever field carries it:
+ * `content`, `reasoning` (OpenRouter's; a thinking model's stream may be nothing else for a long
+ * while), `reasoning_content` (DeepSeek's, vLLM's and other OpenAI-compatible servers'),
+ * `refusal`, and the arguments of tool calls. What the budget estimates completion tokens from
+ * when the upstream reports no usage (a cut stream; a JSON answer without usage), at the prompt
+ * estimate's bytes ÷ 3: counted in UTF-16 units, CJK text (3 bytes, about a token, a character)
+ * was charged a third of what it produced.
  */
-export function producedChars(part: unknown): number {
+export function producedBytes(part: unknown): number {
   if (typeof part !== 'object' || part === null) return 0;
-  const { content, reasoning, refusal, tool_calls: toolCalls } = part as { content?: unknown; reasoning?: unknown; refusal?: unknown; tool_calls?: unknown };
+  const {
+    content,
+    reasoning,
+    reasoning_content: reasoningContent,
+    refusal,
+    tool_calls: toolCalls,
+  } = part as { content?: unknown; reasoning?: unknown; reasoning_content?: unknown; refusal?: unknown; tool_calls?: unknown };
   let n = 0;
-  if (typeof content === 'string') n += content.length;
-  if (typeof reasoning === 'string') n += reasoning.length;
-  if (typeof refusal === 'string') n += refusal.length;
+  if (typeof content === 'string') n += Buffer.byteLength(content);
+  if (typeof reasoning === 'string') n += Buffer.byteLength(reasoning);
+  if (typeof reasoningContent === 'string') n += Buffer.byteLength(reasoningContent);
+  if (typeof refusal === 'string') n += Buffer.byteLength(refusal);
   if (Array.isArray(toolCalls)) {
     for (const call of toolCalls as unknown[]) {
       const args = (call as { function?: { arguments?: unknown } } | null)?.function?.arguments;
-      if (typeof args === 'string') n += args.length;
+      if (typeof args === 'string') n += Buffer.byteLength(args);
     }
   }
   return n;

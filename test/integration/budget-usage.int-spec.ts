@@ -112,7 +112,7 @@ describe.each(DB_KINDS)('usage the gateway cannot take as it is, on %s', (db) =>
     const route = { models: [MODEL], maxTokens: MAX_TOKENS, ruleTaskType: 'general' };
     const reservation = await budget.reserve({ principal, requestId: 'hand-made', door: 'chat', body: { messages: [{ role: 'user', content: 'hi' }] } }, route);
     const usage = { prompt_tokens: 10.5, completion_tokens: -3, total_tokens: 7.5 };
-    const { costNanos: cost } = budget.settle(reservation, [{ model: MODEL, ok: true, status: 200, failure: undefined, usage }], { producedChars: CONTENT.length });
+    const { costNanos: cost } = budget.settle(reservation, [{ model: MODEL, ok: true, status: 200, failure: undefined, usage }], { producedBytes: CONTENT.length });
     expect(cost).toBeGreaterThan(0n);
     const rows = await ledgerRows(gw, 'user', t.userId);
     expect(rows.map((r) => [r.cost_source, r.cost_nanos])).toEqual([['estimate', cost.toString()]]);
@@ -137,7 +137,7 @@ describe.each(DB_KINDS)('usage the gateway cannot take as it is, on %s', (db) =>
     const reservation = await budget.reserve({ principal, requestId: 'price-raised', door: 'chat', body: { messages: [{ role: 'user', content: 'hi' }] } }, route);
     expect((await gw.admin.put(`/admin/pricing/${model}`, { prompt: '0.01', completion: '0.01' })).status).toBe(200);
     const cut = { model, ok: false, status: 200, failure: 'upstream_cut', usage: undefined };
-    const { costNanos: cost } = budget.settle(reservation, [cut], { producedChars: 30 });
+    const { costNanos: cost } = budget.settle(reservation, [cut], { producedBytes: 30 });
     // At the price it was admitted at (no override then: the fallback price), never past its worst case.
     const admitted = gw.gateway.app.get(PricingService).fallback;
     expect(cost).toBe(tokensCost(reservation.promptTokens, admitted.prompt) + tokensCost(10, admitted.completion));
