@@ -30,14 +30,7 @@ describe('a row inserted behind the writer (PGlite)', () => {
     const clean = await gw.admin.get<AuditVerifyDto>('/admin/audit/verify');
     expect(clean.body).toMatchObject({ ok: true, first_break: null });
 
-    // An ordinary INSERT: no trigger disabled, no superuser needed.
-    const ds = gw.gateway.app.get(DataSource);
-    const [forged] = await ds.query<Array<{ seq: string }>>(
-      `INSERT INTO audit_events (id, at, action, target_type, target_id, status, details, prev_hash, hash)
-       VALUES ($1, now(), 'DELETE /admin/keys/:id', 'keys', 'someone-elses-key', 200, '{}'::jsonb, 'not-a-hash', 'not-a-hash')
-       RETURNING seq`,
-      [randomUUID()],
-    );
+    const forged = await forgeRow(gw);
 
     // The admin API shows the row as the newest event...
     const listed = await gw.admin.get<AuditListDto>('/admin/audit?limit=1');
@@ -63,14 +56,8 @@ describe('a row inserted behind the writer, verified over a range that holds it 
     startedAt = new Date(Date.now() - 60_000).toISOString();
     await gw.admin.post('/admin/departments', { name: 'before-the-forgery' });
     expect(await gw.gateway.app.get(AuditService).flush()).toBe(true);
-    const ds = gw.gateway.app.get(DataSource);
-    const [forged] = await ds.query<Array<{ seq: string }>>(
-      `INSERT INTO audit_events (id, at, action, target_type, target_id, status, details, prev_hash, hash)
-       VALUES ($1, now(), 'DELETE /admin/keys/:id', 'keys', 'someone-elses-key', 200, '{}'::jsonb, 'not-a-hash', 'not-a-hash')
-       RETURNING seq`,
-      [randomUUID()],
-    );
-    forgedSeq = Number(forged?.seq);
+    const forged = await forgeRow(gw);
+    forgedSeq = Number(forged.seq);
     const listed = await gw.admin.get<AuditListDto>('/admin/audit?limit=1');
     expect(listed.body.data[0]?.seq).toBe(forgedSeq);
     expect((await gw.admin.get<AuditVerifyDto>('/admin/audit/verify')).body).toMatchObject({ ok: false, first_break: forgedSeq });
@@ -92,3 +79,15 @@ describe('a row inserted behind the writer, verified over a range that holds it 
     expect(verdict.body).toMatchObject({ ok: false, first_break: forgedSeq });
   });
 });
+
+/** An ordinary INSERT with the gateway's own credentials: no trigger disabled, no superuser needed. */
+async function forgeRow(gw: TestGateway): Promise<{ seq: string }> {
+  const [forged] = await gw.gateway.app.get(DataSource).query<Array<{ seq: string }>>(
+    `INSERT INTO audit_events (id, at, action, target_type, target_id, status, details, prev_hash, hash)
+     VALUES ($1, now(), 'DELETE /admin/keys/:id', 'keys', 'someone-elses-key', 200, '{}'::jsonb, 'not-a-hash', 'not-a-hash')
+     RETURNING seq`,
+    [randomUUID()],
+  );
+  if (!forged) throw new Error('the INSERT returned no row');
+  return forged;
+}
