@@ -47,7 +47,6 @@ export class CacheModule {
           provide: ResponseCache,
           useFactory: (redis: RedisConnections, logger: AppLogger, clock: Clock) => {
             const cache = new RedisResponseCache(redis.shared(), redis.keyPrefix, logger.logger.child({ context: 'Cache' }), nearOptions(clock, config.cache));
-            cache.watchConnection(redis.shared());
             cache.listenWith(redis.subscriber(cache.landedChannel, (key) => cache.landed(key), 'cache-landed'));
             return cache;
           },

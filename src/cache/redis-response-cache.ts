@@ -113,9 +113,6 @@ return 0`,
 );
 
 const DELETE_BATCH = 500;
-/** Fill locks remembered for release after an outage (RedisResponseCache.orphanedLocks). */
-const MAX_ORPHANED_LOCKS = 10_000;
-const ORPHAN_RETRY_MS = 1_000;
 /**
  * How long an answer handed over to waiters stays readable: they are woken by its announcement,
  * or look again within 500 ms without it. Kept short because it is an answer a purge voided.
@@ -187,16 +184,6 @@ export class RedisResponseCache extends ResponseCache {
   /** key → near copy body, bounded by count and characters; the oldest copy goes first. */
   private readonly nearCopies: ExpiringEntries<string> | undefined;
   private readonly purgeListeners: Array<() => void> = [];
-  /**
-   * Fill locks this instance took whose fill and release both failed to reach Redis (key → token):
-   * nothing else frees them before they expire (CACHE_WAIT_MS), and until then every identical
-   * call, on every instance, waits on a lock no call holds. Released once Redis answers again: at
-   * the next lookup, and when the subscriber connection is back. Compare-and-delete, so a lock
-   * that expired and was taken by another call meanwhile is left alone.
-   */
-  private readonly orphanedLocks = new Map<string, string>();
-  private releasingOrphans: Promise<void> | undefined;
-  private orphanRetry: NodeJS.Timeout | undefined;
 
   constructor(
     private readonly client: RedisCommands,
@@ -219,7 +206,6 @@ export class RedisResponseCache extends ResponseCache {
   }
 
   private async lookupRemote(key: string, lockMs: number): Promise<CacheLookup> {
-    if (this.orphanedLocks.size > 0) await this.releaseOrphanedLocks();
     const token = lockMs > 0 ? randomUUID() : '';
     const epoch = this.nearEpoch;
     const reply = await this.guard(LOOKUP.run(this.client, [this.entryKey(key), this.lockKey(key), this.waitKey(key)], [Math.max(0, Math.ceil(lockMs)), token]));
@@ -256,87 +242,20 @@ export class RedisResponseCache extends ResponseCache {
     const indexKeys = [this.indexKey('u', tags.userId), this.indexKey('d', tags.departmentId), ...tags.models.map((m) => this.indexKey('m', m))];
     // Nobody reads the reply, and a fill never fails a request: where the connection can skip
     // it, Redis sends none, which spares the gateway a wakeup per miss (BENCHMARKS.md, session 8).
-    try {
-      await this.guard(
-        STORE.fire(
-          this.client,
-          [this.entryKey(key), this.lockKey(key), this.waitKey(key), ...indexKeys],
-          [body, Math.ceil(ttlMs), token ?? '', this.landedChannel, key, tags.userId, tags.departmentId, ...tags.models],
-        ),
-      );
-    } catch (error) {
-      if (token !== undefined) this.orphaned(key, token);
-      throw error;
-    }
+    await this.guard(
+      STORE.fire(
+        this.client,
+        [this.entryKey(key), this.lockKey(key), this.waitKey(key), ...indexKeys],
+        [body, Math.ceil(ttlMs), token ?? '', this.landedChannel, key, tags.userId, tags.departmentId, ...tags.models],
+      ),
+    );
     // Only what was sent to Redis: a copy of a fill that failed would answer what nobody else can.
     this.keepNear(key, body, ttlMs);
   }
 
   async release(key: string, token: string, handoff?: string): Promise<boolean> {
     const args = handoff === undefined ? [token, this.landedChannel, key] : [token, this.landedChannel, key, handoff, HANDOFF_MS];
-    try {
-      return (await this.guard(RELEASE.run(this.client, [this.lockKey(key), this.waitKey(key), this.handoffKey(key)], args))) === 1;
-    } catch (error) {
-      this.orphaned(key, token);
-      throw error;
-    }
-  }
-
-  private orphaned(key: string, token: string): void {
-    // Bounded: past it the oldest are left to expire, as all were before.
-    if (this.orphanedLocks.size >= MAX_ORPHANED_LOCKS) {
-      const oldest = this.orphanedLocks.keys().next().value;
-      if (oldest !== undefined) this.orphanedLocks.delete(oldest);
-    }
-    this.orphanedLocks.set(key, token);
-    this.retryOrphansLater();
-  }
-
-  /**
-   * Asks again every ORPHAN_RETRY_MS while any are left: the connection's return is also heard
-   * (watchConnection), but a failure recorded just after it, with no lookup to follow, would
-   * otherwise wait for the next outage.
-   */
-  private retryOrphansLater(): void {
-    if (this.orphanRetry !== undefined) return;
-    this.orphanRetry = setTimeout(() => {
-      this.orphanRetry = undefined;
-      void this.releaseOrphanedLocks().then(() => {
-        // 'end': closed for good (shutdown); nothing will answer any more.
-        if (this.orphanedLocks.size > 0 && this.client.status !== 'end') this.retryOrphansLater();
-      });
-    }, ORPHAN_RETRY_MS);
-    this.orphanRetry.unref();
-  }
-
-  /** One pass at a time; a lock whose release fails again stays for the next. */
-  private releaseOrphanedLocks(): Promise<void> {
-    this.releasingOrphans ??= (async () => {
-      try {
-        for (const [key, token] of [...this.orphanedLocks]) {
-          if (this.client.status !== 'ready') return;
-          try {
-            await this.guard(RELEASE.run(this.client, [this.lockKey(key), this.waitKey(key), this.handoffKey(key)], [token, this.landedChannel, key]));
-            if (this.orphanedLocks.get(key) === token) this.orphanedLocks.delete(key);
-          } catch {
-            return;
-          }
-        }
-      } finally {
-        this.releasingOrphans = undefined;
-      }
-    })();
-    return this.releasingOrphans;
-  }
-
-  /**
-   * The commands' own connection comes back: fill locks orphaned while it was away are released
-   * (the subscriber's return alone may come first, while commands still fail).
-   */
-  watchConnection(connection: NearListener): void {
-    connection.on?.('ready', () => {
-      if (this.orphanedLocks.size > 0) void this.releaseOrphanedLocks();
-    });
+    return (await this.guard(RELEASE.run(this.client, [this.lockKey(key), this.waitKey(key), this.handoffKey(key)], args))) === 1;
   }
 
   /** Hands over the subscriber connection (RedisConnections.subscriber) that calls `landed`. */
@@ -344,10 +263,7 @@ export class RedisResponseCache extends ResponseCache {
     this.listener = listener;
     // A delete published while it was down went unheard: the near copies may be stale.
     listener.on?.('close', () => this.clearNear());
-    listener.on?.('ready', () => {
-      this.clearNear();
-      if (this.orphanedLocks.size > 0) void this.releaseOrphanedLocks();
-    });
+    listener.on?.('ready', () => this.clearNear());
   }
 
   override watch(key: string): { landed: Promise<void>; cancel(): void } | undefined {
