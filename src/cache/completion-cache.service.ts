@@ -281,18 +281,14 @@ export class CompletionCache {
   private miss(plan: CachePlan, tags: CacheTags, lead: { flight: (body: string | undefined) => void; token: string | undefined } | undefined): CacheTicket {
     let settled = false;
     const generation = this.purges;
-    const abandon = () => {
+    // Ends the flight without storing: `undefined` (gave up: the lead passes on) or UNSTORABLE.
+    const endUnstored = (outcome: typeof UNSTORABLE | undefined) => {
       if (settled) return;
       settled = true;
-      lead?.flight(undefined);
-      if (lead?.token !== undefined) this.release(plan.key, lead.token, undefined);
+      lead?.flight(outcome);
+      if (lead?.token !== undefined) this.release(plan.key, lead.token, outcome);
     };
-    const unstorable = () => {
-      if (settled) return;
-      settled = true;
-      lead?.flight(UNSTORABLE);
-      if (lead?.token !== undefined) this.release(plan.key, lead.token, UNSTORABLE);
-    };
+    const abandon = () => endUnstored(undefined);
     const fill = async (raw: string, completion: ChatCompletion, recordedModel?: string) => {
       if (settled) return;
       // Stored only if every replay can render it (a choice without a message would fail each stream
@@ -331,7 +327,7 @@ export class CompletionCache {
       fillFromStream: (completion, recordedModel) => {
         if (!completion) {
           // Without `write` nothing was assembled: a follower that may store leads next, as usual.
-          if (plan.write) unstorable();
+          if (plan.write) endUnstored(UNSTORABLE);
           else abandon();
           return Promise.resolve();
         }
